@@ -1,0 +1,139 @@
+//! The paravirtual channel between the guest kernel and the VMM.
+//!
+//! The guest fills a [`PvRequest`] in its own memory (below 4 GiB, 8-byte aligned)
+//! and writes its guest-physical address with a 32-bit `out` to
+//! [`PV_CHANNEL_PORT`](crate::ports::PV_CHANNEL_PORT). The VMM reads it, acts,
+//! and writes `status` back before the vCPU resumes: a request is synchronous.
+//! Typed messages ([`PvMessage`]) are encoded into the fixed request so the port
+//! protocol never changes when a message is added.
+
+/// Request kinds (`PvRequest::kind`).
+pub mod kind {
+    /// Start every secondary vCPU (sent once by vCPU 0). No arguments.
+    pub const START_CPUS: u32 = 1;
+    /// A user task finished a workload: [`super::WorkloadReport`].
+    pub const REPORT: u32 = 2;
+}
+
+/// `PvRequest::status` values written by the VMM.
+pub mod status {
+    /// Not handled yet (the guest writes this before sending).
+    pub const PENDING: u32 = 0;
+    /// Handled.
+    pub const OK: u32 = 1;
+    /// The VMM rejected the request (unknown kind, bad arguments).
+    pub const REJECTED: u32 = 2;
+}
+
+/// One request: a kind, a status the VMM writes, and six argument words.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[repr(C, align(8))]
+pub struct PvRequest {
+    /// One of [`kind`].
+    pub kind: u32,
+    /// One of [`status`]; written by the VMM.
+    pub status: u32,
+    /// Arguments; meaning depends on `kind`.
+    pub args: [u64; 6],
+}
+
+const _: () = assert!(core::mem::size_of::<PvRequest>() == 56);
+crate::byte_valued!(PvRequest);
+
+/// The result of one user task's workload.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WorkloadReport {
+    /// vCPU the task ran on.
+    pub cpu: u32,
+    /// [`crate::workload::WorkloadKind`] as `u32`.
+    pub workload: u32,
+    /// Index of the first page of the task's share.
+    pub first_page: u64,
+    /// Pages the task touched.
+    pub pages: u64,
+    /// Checksum the task computed from memory.
+    pub checksum: u64,
+    /// Page faults the guest kernel handled for the task.
+    pub faults: u64,
+    /// TSC cycles the workload took (user code, faults included).
+    pub cycles: u64,
+}
+
+/// A decoded request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PvMessage {
+    /// See [`kind::START_CPUS`].
+    StartCpus,
+    /// See [`kind::REPORT`].
+    Report(WorkloadReport),
+}
+
+/// A request the VMM cannot decode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnknownKind(pub u32);
+
+impl PvRequest {
+    /// [`PvMessage::StartCpus`] as a request.
+    pub const fn start_cpus() -> PvRequest {
+        PvRequest { kind: kind::START_CPUS, status: status::PENDING, args: [0; 6] }
+    }
+
+    /// Encodes a message.
+    pub fn encode(msg: &PvMessage) -> PvRequest {
+        match msg {
+            PvMessage::StartCpus => Self::start_cpus(),
+            PvMessage::Report(r) => PvRequest {
+                kind: kind::REPORT,
+                status: status::PENDING,
+                args: [
+                    (u64::from(r.workload) << 32) | u64::from(r.cpu),
+                    r.first_page,
+                    r.pages,
+                    r.checksum,
+                    r.faults,
+                    r.cycles,
+                ],
+            },
+        }
+    }
+
+    /// Decodes the message.
+    pub fn decode(&self) -> Result<PvMessage, UnknownKind> {
+        match self.kind {
+            kind::START_CPUS => Ok(PvMessage::StartCpus),
+            kind::REPORT => Ok(PvMessage::Report(WorkloadReport {
+                cpu: (self.args[0] & 0xffff_ffff) as u32,
+                workload: (self.args[0] >> 32) as u32,
+                first_page: self.args[1],
+                pages: self.args[2],
+                checksum: self.args[3],
+                faults: self.args[4],
+                cycles: self.args[5],
+            })),
+            other => Err(UnknownKind(other)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_round_trips() {
+        let r = WorkloadReport {
+            cpu: 3,
+            workload: 1,
+            first_page: 10,
+            pages: 99,
+            checksum: 0xdead_beef_cafe_f00d,
+            faults: 99,
+            cycles: 12345,
+        };
+        let req = PvRequest::encode(&PvMessage::Report(r));
+        assert_eq!(req.decode(), Ok(PvMessage::Report(r)));
+        assert_eq!(PvRequest::start_cpus().decode(), Ok(PvMessage::StartCpus));
+        let bad = PvRequest { kind: 77, ..Default::default() };
+        assert_eq!(bad.decode(), Err(UnknownKind(77)));
+    }
+}

@@ -1,0 +1,323 @@
+//! Built-in guest workloads: the command line that selects them, how the pages are
+//! shared between vCPUs, the page order, the values written and the checksum.
+//!
+//! The guest computes the checksum by touching memory; the host (and the guest, as a
+//! self-check) computes the same value with [`expected_checksum`] without touching
+//! anything, so a lost, stale or misplaced page shows as a mismatch.
+//!
+//! Command line: space-separated `key=value` words.
+//! - `workload=hello|touch|triple-fault` (default `hello`)
+//! - `pages=N` (touch; default 256), `pattern=seq|rand` (default `seq`),
+//!   `write=0|1` (default 1), `seed=N` (default 1).
+
+use crate::layout::{PAGE_SIZE, USER_WORK_MAX_SIZE};
+
+/// Which workload the user tasks run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum WorkloadKind {
+    /// Print a greeting from user mode and exit.
+    Hello = 0,
+    /// Touch pages of a demand-zero region and checksum them.
+    Touch = 1,
+    /// The kernel deliberately triple-faults (tests the VMM's crash report).
+    TripleFault = 2,
+}
+
+impl WorkloadKind {
+    /// From the `u32` in [`crate::syscall::TaskArgs`].
+    pub fn from_raw(raw: u32) -> Option<WorkloadKind> {
+        [WorkloadKind::Hello, WorkloadKind::Touch, WorkloadKind::TripleFault]
+            .into_iter()
+            .find(|k| *k as u32 == raw)
+    }
+
+    /// Name on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            WorkloadKind::Hello => "hello",
+            WorkloadKind::Touch => "touch",
+            WorkloadKind::TripleFault => "triple-fault",
+        }
+    }
+}
+
+/// Order in which a task touches its pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Pattern {
+    /// Ascending.
+    Seq = 0,
+    /// A seeded pseudo-random permutation ([`PageOrder`]).
+    Rand = 1,
+}
+
+/// A parsed command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkloadConfig {
+    /// The workload.
+    pub kind: WorkloadKind,
+    /// Pages touched in total (all tasks).
+    pub pages: u64,
+    /// Page order.
+    pub pattern: Pattern,
+    /// Write a value to each page, or only read.
+    pub write: bool,
+    /// Seed of the order and values.
+    pub seed: u64,
+}
+
+impl Default for WorkloadConfig {
+    fn default() -> Self {
+        WorkloadConfig { kind: WorkloadKind::Hello, pages: 256, pattern: Pattern::Seq, write: true, seed: 1 }
+    }
+}
+
+/// Largest `pages=` value: the touch region's size.
+pub const MAX_TOUCH_PAGES: u64 = USER_WORK_MAX_SIZE / PAGE_SIZE;
+
+/// Why a command line was rejected. `Display` gives the message a user reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CmdlineError<'a> {
+    /// A word without `=`.
+    NotKeyValue(&'a str),
+    /// A key this kernel does not know.
+    UnknownKey(&'a str),
+    /// A value that does not fit its key.
+    BadValue {
+        /// The key.
+        key: &'a str,
+        /// The value.
+        value: &'a str,
+        /// What is accepted.
+        expected: &'static str,
+    },
+}
+
+impl core::fmt::Display for CmdlineError<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            CmdlineError::NotKeyValue(w) => write!(f, "`{w}` is not of the form key=value"),
+            CmdlineError::UnknownKey(k) => write!(
+                f,
+                "unknown key `{k}` (known: workload, pages, pattern, write, seed)"
+            ),
+            CmdlineError::BadValue { key, value, expected } => {
+                write!(f, "bad value `{value}` for `{key}`: expected {expected}")
+            }
+        }
+    }
+}
+
+fn parse_u64(s: &str) -> Option<u64> {
+    if let Some(hex) = s.strip_prefix("0x") {
+        u64::from_str_radix(hex, 16).ok()
+    } else {
+        s.parse().ok()
+    }
+}
+
+/// Parses a command line (see the module documentation).
+pub fn parse_cmdline(cmdline: &str) -> Result<WorkloadConfig, CmdlineError<'_>> {
+    let mut cfg = WorkloadConfig::default();
+    for word in cmdline.split_ascii_whitespace() {
+        let (key, value) = word.split_once('=').ok_or(CmdlineError::NotKeyValue(word))?;
+        let bad = |expected| CmdlineError::BadValue { key, value, expected };
+        match key {
+            "workload" => {
+                cfg.kind = match value {
+                    "hello" => WorkloadKind::Hello,
+                    "touch" => WorkloadKind::Touch,
+                    "triple-fault" => WorkloadKind::TripleFault,
+                    _ => return Err(bad("hello, touch or triple-fault")),
+                }
+            }
+            "pages" => {
+                cfg.pages = parse_u64(value)
+                    .filter(|p| (1..=MAX_TOUCH_PAGES).contains(p))
+                    .ok_or(bad("a page count from 1 to 16777216"))?
+            }
+            "pattern" => {
+                cfg.pattern = match value {
+                    "seq" => Pattern::Seq,
+                    "rand" => Pattern::Rand,
+                    _ => return Err(bad("seq or rand")),
+                }
+            }
+            "write" => {
+                cfg.write = match value {
+                    "0" => false,
+                    "1" => true,
+                    _ => return Err(bad("0 or 1")),
+                }
+            }
+            "seed" => cfg.seed = parse_u64(value).ok_or(bad("an unsigned integer"))?,
+            _ => return Err(CmdlineError::UnknownKey(key)),
+        }
+    }
+    Ok(cfg)
+}
+
+/// The share `(first_page, pages)` of `cpu` when `total` pages are split over
+/// `cpus` tasks: contiguous, sizes differing by at most one.
+pub fn share(total: u64, cpus: u32, cpu: u32) -> (u64, u64) {
+    let cpus = u64::from(cpus.max(1));
+    let cpu = u64::from(cpu);
+    let base = total / cpus;
+    let extra = total % cpus;
+    let first = cpu * base + cpu.min(extra);
+    let len = base + u64::from(cpu < extra);
+    (first, len)
+}
+
+/// SplitMix64 finaliser: a cheap, well-mixed 64-bit hash.
+pub const fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// The value the `touch` workload writes into global page `page`.
+pub const fn page_value(seed: u64, page: u64) -> u64 {
+    mix64(seed ^ page.wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1
+}
+
+/// Byte offset inside the page where the value of global page `page` lives:
+/// different pages use different words, so a page mapped at the wrong place shows.
+pub const fn value_offset(page: u64) -> u64 {
+    (page % (PAGE_SIZE / 8)) * 8
+}
+
+/// Folds one (page, value read) pair into a checksum.
+pub const fn fold(sum: u64, page: u64, value: u64) -> u64 {
+    mix64(sum ^ page ^ value.rotate_left(17))
+}
+
+/// Visits `0 .. n` in a seeded pseudo-random order without memory: a full-period
+/// LCG modulo the next power of two, skipping values `>= n` (cycle walking).
+#[derive(Debug, Clone)]
+pub struct PageOrder {
+    n: u64,
+    mask: u64,
+    state: u64,
+    increment: u64,
+    emitted: u64,
+    pattern: Pattern,
+}
+
+impl PageOrder {
+    /// The order of `n` pages for a pattern and seed.
+    pub fn new(n: u64, pattern: Pattern, seed: u64) -> PageOrder {
+        let mask = n.max(1).next_power_of_two() - 1;
+        PageOrder {
+            n,
+            mask,
+            state: mix64(seed) & mask,
+            // Odd increment and multiplier = 1 mod 4: full period (Hull-Dobell).
+            increment: (mix64(seed.wrapping_add(1)) | 1) & mask.max(1),
+            emitted: 0,
+            pattern,
+        }
+    }
+}
+
+impl Iterator for PageOrder {
+    type Item = u64;
+
+    fn next(&mut self) -> Option<u64> {
+        if self.emitted == self.n {
+            return None;
+        }
+        let out = match self.pattern {
+            Pattern::Seq => self.emitted,
+            Pattern::Rand => loop {
+                let v = self.state;
+                self.state = (self.state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(self.increment)) & self.mask;
+                if v < self.n {
+                    break v;
+                }
+            },
+        };
+        self.emitted += 1;
+        Some(out)
+    }
+}
+
+/// The checksum a task with share `(first_page, pages)` must report: the fold of
+/// the values it reads back, in its page order.
+pub fn expected_checksum(first_page: u64, pages: u64, pattern: Pattern, write: bool, seed: u64) -> u64 {
+    PageOrder::new(pages, pattern, seed ^ first_page).fold(0, |sum, i| {
+        let page = first_page + i;
+        fold(sum, page, if write { page_value(seed, page) } else { 0 })
+    })
+}
+
+/// Combines per-task checksums into the VM's total (order independent).
+pub fn combine(total: u64, task: u64) -> u64 {
+    total.wrapping_add(task)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_defaults_and_values() {
+        assert_eq!(parse_cmdline(""), Ok(WorkloadConfig::default()));
+        let c = parse_cmdline("workload=touch pages=0x10 pattern=rand write=0 seed=7").unwrap();
+        assert_eq!(c.kind, WorkloadKind::Touch);
+        assert_eq!((c.pages, c.pattern, c.write, c.seed), (16, Pattern::Rand, false, 7));
+    }
+
+    #[test]
+    fn rejects_bad_words_with_a_useful_message() {
+        assert_eq!(parse_cmdline("oops"), Err(CmdlineError::NotKeyValue("oops")));
+        assert_eq!(parse_cmdline("color=red"), Err(CmdlineError::UnknownKey("color")));
+        let e = parse_cmdline("pages=0").unwrap_err();
+        assert_eq!(e.to_string(), "bad value `0` for `pages`: expected a page count from 1 to 16777216");
+        assert!(parse_cmdline("pattern=zigzag").is_err());
+        assert!(parse_cmdline("write=yes").is_err());
+    }
+
+    #[test]
+    fn shares_cover_all_pages_once() {
+        for total in [1u64, 7, 10, 10000] {
+            for cpus in 1..=8 {
+                let mut next = 0;
+                for cpu in 0..cpus {
+                    let (first, len) = share(total, cpus, cpu);
+                    assert_eq!(first, next);
+                    next += len;
+                }
+                assert_eq!(next, total);
+            }
+        }
+    }
+
+    #[test]
+    fn rand_order_is_a_permutation() {
+        for n in [1u64, 2, 3, 100, 1000, 4097] {
+            let mut seen = vec![false; n as usize];
+            let order: Vec<u64> = PageOrder::new(n, Pattern::Rand, 42).collect();
+            assert_eq!(order.len() as u64, n);
+            for p in order {
+                assert!(!seen[p as usize], "page {p} twice");
+                seen[p as usize] = true;
+            }
+        }
+        let seq: Vec<u64> = PageOrder::new(5, Pattern::Seq, 42).collect();
+        assert_eq!(seq, [0, 1, 2, 3, 4]);
+        let a: Vec<u64> = PageOrder::new(1000, Pattern::Rand, 1).collect();
+        let b: Vec<u64> = PageOrder::new(1000, Pattern::Rand, 2).collect();
+        assert_ne!(a, b, "the seed changes the order");
+        assert_ne!(a, (0..1000).collect::<Vec<_>>(), "rand is not sequential");
+    }
+
+    #[test]
+    fn checksum_depends_on_every_value() {
+        let good = expected_checksum(0, 64, Pattern::Rand, true, 9);
+        assert_ne!(good, expected_checksum(0, 64, Pattern::Rand, false, 9));
+        assert_ne!(good, expected_checksum(1, 64, Pattern::Rand, true, 9));
+        assert_ne!(good, expected_checksum(0, 64, Pattern::Seq, true, 9));
+    }
+}
