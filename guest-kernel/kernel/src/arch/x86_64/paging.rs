@@ -1,0 +1,136 @@
+//! x86_64 4-level page tables. Page-table frames are reached through the
+//! kernel's identity map (physical == virtual for all RAM, PML4 slot 0).
+
+use crate::mm::fault::FaultFlags;
+use crate::mm::frame;
+use crate::mm::{NoMemory, Perms};
+
+const PRESENT: u64 = 1 << 0;
+const WRITABLE: u64 = 1 << 1;
+const USER: u64 = 1 << 2;
+const ACCESSED: u64 = 1 << 5;
+const DIRTY: u64 = 1 << 6;
+const HUGE: u64 = 1 << 7;
+const ADDR_MASK: u64 = 0x000F_FFFF_FFFF_F000;
+const ENTRIES: usize = 512;
+const LARGE_PAGE: u64 = crate::abi::layout::LARGE_PAGE_SIZE;
+
+/// Intermediate entries allow everything; the leaf decides.
+const TABLE_FLAGS: u64 = PRESENT | WRITABLE | USER | ACCESSED;
+
+type Table = [u64; ENTRIES];
+
+/// The table in frame `pa`.
+///
+/// # Safety
+/// `pa` must be a page-table frame owned by the caller's address space (or the
+/// kernel's), identity-mapped, with no other live reference to it.
+unsafe fn table<'a>(pa: u64) -> &'a mut Table {
+    // SAFETY: per the caller's contract.
+    unsafe { &mut *(pa as *mut Table) }
+}
+
+fn new_table() -> Result<u64, NoMemory> {
+    frame::alloc_zeroed().ok_or(NoMemory)
+}
+
+/// The next-level table of `entry`, created if absent.
+fn next_level(entry: &mut u64, flags: u64) -> Result<u64, NoMemory> {
+    if *entry & PRESENT == 0 {
+        *entry = new_table()? | flags;
+    }
+    Ok(*entry & ADDR_MASK)
+}
+
+fn index(va: u64, level: u32) -> usize {
+    ((va >> (12 + 9 * level)) & 0x1FF) as usize
+}
+
+/// Builds the kernel's tables: an identity map, 2 MiB supervisor pages, of
+/// every `(start, len)` range, all below 512 GiB (PML4 slot 0). Returns the PML4.
+pub fn build_kernel_tables(ranges: impl Iterator<Item = (u64, u64)>) -> Result<u64, NoMemory> {
+    let pml4 = new_table()?;
+    // SAFETY: the frames are fresh and owned here; nobody else uses them yet.
+    let pml4_t = unsafe { table(pml4) };
+    let pdpt = next_level(&mut pml4_t[0], PRESENT | WRITABLE | ACCESSED)?;
+    // SAFETY: as above.
+    let pdpt_t = unsafe { table(pdpt) };
+    for (start, len) in ranges {
+        let mut addr = start & !(LARGE_PAGE - 1);
+        let end = start.saturating_add(len).min(1 << 39);
+        while addr < end {
+            let pd = next_level(&mut pdpt_t[index(addr, 2)], PRESENT | WRITABLE | ACCESSED)?;
+            // SAFETY: as above.
+            let pd_t = unsafe { table(pd) };
+            pd_t[index(addr, 1)] = addr | PRESENT | WRITABLE | HUGE | ACCESSED | DIRTY;
+            addr += LARGE_PAGE;
+        }
+    }
+    Ok(pml4)
+}
+
+/// A new top-level table for a user address space, sharing the kernel's slot 0
+/// (the supervisor-only identity map) with every other space.
+pub fn new_user_root(kernel_root: u64) -> Result<u64, NoMemory> {
+    let root = new_table()?;
+    // SAFETY: `root` is fresh; the kernel PML4 is only read.
+    unsafe { table(root)[0] = table(kernel_root)[0] };
+    Ok(root)
+}
+
+/// Maps the 4 KiB page at `va` to frame `pa` in `root`, creating tables.
+pub fn map_4k(root: u64, va: u64, pa: u64, perms: Perms) -> Result<(), NoMemory> {
+    let mut t = root;
+    for level in (1..=3).rev() {
+        // SAFETY: `root` and the tables below it belong to the caller's space.
+        let entry = unsafe { &mut table(t)[index(va, level)] };
+        t = next_level(entry, TABLE_FLAGS)?;
+    }
+    let mut leaf = pa | PRESENT | ACCESSED;
+    if perms.write {
+        leaf |= WRITABLE | DIRTY;
+    }
+    if perms.user {
+        leaf |= USER;
+    }
+    // No NX: EFER.NXE is left alone in this version, so `perms.exec` is not enforced.
+    // SAFETY: as above.
+    unsafe { table(t)[index(va, 0)] = leaf };
+    Ok(())
+}
+
+/// Whether `va` is mapped present, user-accessible (and writable if `write`).
+pub fn is_user_mapped(root: u64, va: u64, write: bool) -> bool {
+    let mut t = root;
+    for level in (0..=3).rev() {
+        // SAFETY: read-only walk of the caller's tables.
+        let entry = unsafe { table(t)[index(va, level)] };
+        if entry & PRESENT == 0 || entry & USER == 0 || (write && entry & WRITABLE == 0) {
+            return false;
+        }
+        if level == 0 {
+            return true;
+        }
+        t = entry & ADDR_MASK;
+    }
+    false
+}
+
+/// Switches to the address space `root`.
+///
+/// # Safety
+/// `root` must come from [`build_kernel_tables`] or [`new_user_root`].
+pub unsafe fn switch_to(root: u64) {
+    // SAFETY: every such root maps the kernel (slot 0).
+    unsafe { super::cpu::write_cr3(root) };
+}
+
+/// The neutral flags of a #PF error code.
+pub fn fault_flags(error_code: u64) -> FaultFlags {
+    FaultFlags {
+        present: error_code & (1 << 0) != 0,
+        write: error_code & (1 << 1) != 0,
+        user: error_code & (1 << 2) != 0,
+        instruction: error_code & (1 << 4) != 0,
+    }
+}

@@ -1,0 +1,45 @@
+//! Decodes a trap and hands it to the generic code: system calls, page faults,
+//! other exceptions.
+
+use super::entry::TrapFrame;
+use super::{cpu, paging, syscall};
+
+const PAGE_FAULT: u64 = 14;
+
+fn exception_name(vector: u64) -> &'static str {
+    const NAMES: [&str; 21] = [
+        "#DE", "#DB", "NMI", "#BP", "#OF", "#BR", "#UD", "#NM", "#DF", "#MF(old)", "#TS", "#NP", "#SS", "#GP", "#PF",
+        "reserved", "#MF", "#AC", "#MC", "#XM", "#VE",
+    ];
+    NAMES.get(vector as usize).copied().unwrap_or("exception")
+}
+
+/// Called by `trap_common` with the saved state; returning resumes it (iretq).
+pub extern "C" fn trap_handler(frame: &mut TrapFrame) {
+    if syscall::is_syscall(frame) {
+        let call = syscall::args(frame);
+        let result = crate::syscalls::dispatch(call.nr, call.args);
+        syscall::set_result(frame, result);
+        return;
+    }
+    if frame.vector == PAGE_FAULT {
+        let addr = cpu::cr2();
+        if frame.from_user() {
+            // Returns only if the page is now mapped.
+            crate::task::page_fault(addr, paging::fault_flags(frame.error_code), frame.rip);
+            return;
+        }
+        panic!("kernel page fault at {addr:#x}, rip {:#x}, error code {:#x}", frame.rip, frame.error_code);
+    }
+    let name = exception_name(frame.vector);
+    if frame.from_user() {
+        crate::task::kill(format_args!(
+            "exception {name} (vector {}), error code {:#x}, rip {:#x}",
+            frame.vector, frame.error_code, frame.rip
+        ));
+    }
+    panic!(
+        "exception {name} (vector {}) in kernel, error code {:#x}, rip {:#x}, rsp {:#x}",
+        frame.vector, frame.error_code, frame.rip, frame.rsp
+    );
+}

@@ -1,0 +1,135 @@
+//! The bundled user program. It runs natively at CPL3 (unlike the kernel, which
+//! is emulated), so all workload work happens here; the kernel only serves page
+//! faults and a few system calls.
+#![no_std]
+#![no_main]
+#![deny(clippy::undocumented_unsafe_blocks)]
+#![deny(unsafe_op_in_unsafe_fn)]
+
+use core::ptr::{read_volatile, write_volatile};
+use vmm_abi::layout::PAGE_SIZE;
+use vmm_abi::syscall::{TaskArgs, UserReport, SYS_EXIT, SYS_REPORT, SYS_WRITE};
+use vmm_abi::workload::{fold, page_value, value_offset, PageOrder, Pattern, WorkloadKind};
+
+// Entry: RDI = &TaskArgs, RSP = USER_STACK_TOP (16-byte aligned), so a plain
+// `call` gives user_main the SysV-aligned stack it expects.
+core::arch::global_asm!(
+    ".section .text._start, \"ax\"",
+    ".global _start",
+    "_start:",
+    "xor ebp, ebp",
+    "call {main}",
+    "ud2",
+    main = sym user_main,
+);
+
+/// One system call. The entry instruction is `int3` (see abi::syscall).
+fn syscall(nr: u64, a0: u64, a1: u64) -> i64 {
+    let ret: i64;
+    // SAFETY: `int3` enters the kernel's system-call gate, which reads RAX/RDI/RSI,
+    // writes RAX and preserves every other register; the arguments it reads
+    // through pointers are validated by the kernel.
+    unsafe {
+        core::arch::asm!("int3", inlateout("rax") nr as i64 => ret, in("rdi") a0, in("rsi") a1, in("rdx") 0u64);
+    }
+    ret
+}
+
+fn exit(code: u64) -> ! {
+    syscall(SYS_EXIT, code, 0);
+    // SYS_EXIT does not return; if it ever did, trap rather than run on.
+    loop {
+        core::hint::spin_loop();
+    }
+}
+
+fn write(bytes: &[u8]) {
+    syscall(SYS_WRITE, bytes.as_ptr() as u64, bytes.len() as u64);
+}
+
+fn rdtsc() -> u64 {
+    let lo: u32;
+    let hi: u32;
+    // SAFETY: rdtsc reads the time-stamp counter; no memory access.
+    unsafe { core::arch::asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack)) };
+    (u64::from(hi) << 32) | u64::from(lo)
+}
+
+/// Appends the decimal digits of `n` to `buf` at `*len`.
+fn push_decimal(buf: &mut [u8], len: &mut usize, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for &d in &digits[i..] {
+        if *len < buf.len() {
+            buf[*len] = d;
+            *len += 1;
+        }
+    }
+}
+
+fn hello(args: &TaskArgs) -> UserReport {
+    let mut buf = [0u8; 64];
+    let prefix = b"hello from user mode on cpu ";
+    buf[..prefix.len()].copy_from_slice(prefix);
+    let mut len = prefix.len();
+    push_decimal(&mut buf, &mut len, u64::from(args.cpu));
+    buf[len] = b'\n';
+    write(&buf[..len + 1]);
+    UserReport { checksum: 0, pages: 0, cycles: 0 }
+}
+
+fn touch(args: &TaskArgs) -> UserReport {
+    let pattern = match args.pattern {
+        0 => Pattern::Seq,
+        1 => Pattern::Rand,
+        _ => exit(1),
+    };
+    let (first, pages, seed) = (args.first_page, args.pages, args.seed);
+    let addr = |page: u64| (args.work_base + page * PAGE_SIZE + value_offset(page)) as *mut u64;
+    let start = rdtsc();
+    for i in PageOrder::new(pages, pattern, seed ^ first) {
+        let page = first + i;
+        if args.write != 0 {
+            // SAFETY: the page lies in the task's demand-zero work region
+            // (work_base + [first, first + pages) pages), which the kernel maps
+            // on first touch.
+            unsafe { write_volatile(addr(page), page_value(seed, page)) };
+        } else {
+            // SAFETY: as above; a read faults in a zero page.
+            unsafe { read_volatile(addr(page)) };
+        }
+    }
+    let mut sum = 0;
+    for i in PageOrder::new(pages, pattern, seed ^ first) {
+        let page = first + i;
+        // SAFETY: as above; the page is mapped by the first pass.
+        let value = unsafe { read_volatile(addr(page)) };
+        sum = fold(sum, page, value);
+    }
+    UserReport { checksum: sum, pages, cycles: rdtsc().wrapping_sub(start) }
+}
+
+extern "C" fn user_main(args: *const TaskArgs) -> ! {
+    // SAFETY: the kernel maps a TaskArgs read-only at RDI before entry.
+    let args = unsafe { &*args };
+    let report = match WorkloadKind::from_raw(args.workload) {
+        Some(WorkloadKind::Hello) => hello(args),
+        Some(WorkloadKind::Touch) => touch(args),
+        _ => exit(1),
+    };
+    syscall(SYS_REPORT, &report as *const UserReport as u64, 0);
+    exit(0)
+}
+
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    exit(1)
+}
