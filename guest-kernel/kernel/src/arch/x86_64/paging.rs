@@ -58,12 +58,17 @@ pub fn build_kernel_tables(ranges: impl Iterator<Item = (u64, u64)>) -> Result<u
     for (start, len) in ranges {
         let mut addr = start & !(LARGE_PAGE - 1);
         let end = start.saturating_add(len).min(1 << 39);
+        // One page directory (1 GiB) at a time: the inner loop is a plain store,
+        // which matters when every instruction is emulated.
         while addr < end {
             let pd = next_level(&mut pdpt_t[index(addr, 2)], PRESENT | WRITABLE | ACCESSED)?;
             // SAFETY: as above.
             let pd_t = unsafe { table(pd) };
-            pd_t[index(addr, 1)] = addr | PRESENT | WRITABLE | HUGE | ACCESSED | DIRTY;
-            addr += LARGE_PAGE;
+            let chunk_end = end.min((addr | ((1 << 30) - 1)) + 1);
+            while addr < chunk_end {
+                pd_t[index(addr, 1)] = addr | PRESENT | WRITABLE | HUGE | ACCESSED | DIRTY;
+                addr += LARGE_PAGE;
+            }
         }
     }
     Ok(pml4)
