@@ -1,0 +1,809 @@
+//! The retry core: turns one userfault into one outcome.
+//!
+//! Per guest page it keeps a state byte (`Missing -> InFlight -> Present`, and
+//! `Removed` after a REMOVE event). A fault claims its page (and, for cheap bulk
+//! sources, a run of Missing neighbours) by compare-and-swap, fetches it from the
+//! [`PageSource`], and fills it with UFFDIO_COPY or UFFDIO_ZEROPAGE, which wake
+//! every thread blocked on the filled range. The core never zero-fills a page
+//! whose source failed, and never spins: a `Retry` is waited for on the source's
+//! [`Notifier`](crate::source::Notifier).
+
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::source::{FetchOutcome, PageSource, RetryReason, SourceError};
+use crate::uffd::{CopyError, Uffd};
+
+/// Errors of building a core.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CoreError {
+    /// The region is empty, unaligned or overflows.
+    #[error("region host [{host_base:#x}, +{size:#x}) guest offset {guest_offset:#x} is invalid: {why}; give a non-empty, page-aligned region")]
+    BadRegion {
+        /// Host start address.
+        host_base: u64,
+        /// Size in bytes.
+        size: u64,
+        /// Guest offset of the start.
+        guest_offset: u64,
+        /// What is wrong.
+        why: &'static str,
+    },
+    /// The fault-around window is not a power of two.
+    #[error("fault_around = {0} pages is not a power of two; use 0 (off), 1, 2, 4, ... 512")]
+    BadFaultAround(usize),
+}
+
+/// Why a fault failed. The faulting thread stays blocked; the VMM must pause
+/// the VM and report this error (the page was NOT zero-filled).
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum FaultError {
+    /// The source cannot provide the page.
+    #[error("guest page {guest_addr:#x} (host {host_addr:#x}) cannot be provided by page source {source_name}: {source}; the page was not zero-filled, pause the VM and fix or replace the source")]
+    Source {
+        /// Guest offset of the page.
+        guest_addr: u64,
+        /// Host address of the page.
+        host_addr: u64,
+        /// Name of the source.
+        source_name: String,
+        /// The source's error.
+        source: SourceError,
+    },
+    /// The fault address is outside the region of this core.
+    #[error("fault at host address {addr:#x} is outside every registered guest memory region; the VMM registered memory it does not track")]
+    OutOfRegion {
+        /// The faulting host address.
+        addr: u64,
+    },
+    /// UFFDIO_COPY/ZEROPAGE failed for a reason that retrying does not fix.
+    #[error("filling guest page {guest_addr:#x} (host {host_addr:#x}) failed: {message}; the guest memory mapping was probably unmapped or the VMM is exiting")]
+    Fill {
+        /// Guest offset of the page.
+        guest_addr: u64,
+        /// Host address of the page.
+        host_addr: u64,
+        /// The userfaultfd error text.
+        message: String,
+    },
+}
+
+/// State of one guest page, as the core last saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum PageState {
+    /// Never provided: fetch it from the source.
+    Missing = 0,
+    /// A fetch and fill are in progress.
+    InFlight = 1,
+    /// Mapped.
+    Present = 2,
+    /// Dropped by madvise(DONTNEED): the next fault maps a zero page (anonymous
+    /// memory semantics) unless [`AfterRemove::Refetch`].
+    Removed = 3,
+}
+
+impl PageState {
+    fn from_u8(v: u8) -> PageState {
+        match v {
+            1 => PageState::InFlight,
+            2 => PageState::Present,
+            3 => PageState::Removed,
+            _ => PageState::Missing,
+        }
+    }
+}
+
+/// What a REMOVE event means for the next fault on a page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AfterRemove {
+    /// Map a zero page, as anonymous memory reads zero after MADV_DONTNEED.
+    #[default]
+    Zero,
+    /// Fetch the page from the source again.
+    Refetch,
+}
+
+/// Tuning of a core.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CoreConfig {
+    /// Fault-around window in pages (power of two; 0 or 1 = off). Used only
+    /// when the source is `bulk_cheap()`.
+    pub fault_around: usize,
+    /// What a REMOVE event means.
+    pub after_remove: AfterRemove,
+}
+
+impl Default for CoreConfig {
+    fn default() -> Self {
+        CoreConfig { fault_around: 16, after_remove: AfterRemove::Zero }
+    }
+}
+
+/// A registered region of guest memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Region {
+    /// Host virtual address of the start.
+    pub host_base: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// Guest offset (in the source's address space) of the start.
+    pub guest_offset: u64,
+}
+
+/// How a fault was resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResolvedBy {
+    /// UFFDIO_COPY of source data.
+    Copy,
+    /// UFFDIO_ZEROPAGE.
+    ZeroPage,
+    /// The page was already mapped (duplicate event or EEXIST); a WAKE was sent.
+    AlreadyPresent,
+    /// Another handler thread is filling it; its fill wakes this fault.
+    InFlightElsewhere,
+}
+
+/// The result of one attempt at a fault.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FaultOutcome {
+    /// The faulting page is mapped (`pages` filled by this attempt, neighbours included).
+    Resolved {
+        /// Pages filled.
+        pages: usize,
+        /// How.
+        by: ResolvedBy,
+    },
+    /// Not now: wait for the source's notifier (or, for `MappingChanged`, read
+    /// pending events) and try again.
+    Retry(RetryReason),
+    /// Cannot be resolved; see [`FaultError`].
+    Failed(FaultError),
+}
+
+/// A finished fault as seen by a blocking caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FaultReport {
+    /// The last outcome.
+    pub outcome: FaultOutcome,
+    /// Attempts after the first.
+    pub retries: u32,
+    /// Time from the first attempt to the last.
+    pub latency: Duration,
+}
+
+const LATENCY_BUCKETS: usize = 24;
+
+/// A snapshot of a core's counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Stats {
+    /// Name of the page source.
+    pub source: String,
+    /// Faults completed (resolved), retries included once.
+    pub faults: u64,
+    /// Resolution attempts (first tries and retries).
+    pub attempts: u64,
+    /// Retry attempts.
+    pub retries_total: u64,
+    /// Most retries a single fault needed.
+    pub retries_max: u64,
+    /// Attempts that ended in `Failed`.
+    pub failures: u64,
+    /// Pages filled with UFFDIO_COPY.
+    pub pages_copied: u64,
+    /// Pages filled with UFFDIO_ZEROPAGE.
+    pub pages_zeroed: u64,
+    /// Of the filled pages, neighbours filled by fault-around.
+    pub fault_around_pages: u64,
+    /// `fetch` calls made to the source.
+    pub fetches: u64,
+    /// Faults on pages already mapped (duplicate events), answered with WAKE.
+    pub already_present: u64,
+    /// EEXIST answers from the kernel.
+    pub eexist: u64,
+    /// EAGAIN answers from the kernel.
+    pub eagain: u64,
+    /// Pages the core thought present but the kernel did not (healed by re-fetch).
+    pub stale_present: u64,
+    /// REMOVE events applied.
+    pub removes: u64,
+    /// Pages marked removed.
+    pub pages_removed: u64,
+    /// Fault latency histogram: bucket `i` counts faults of `[2^i, 2^(i+1))` us
+    /// (bucket 0 includes < 1 us, the last bucket everything longer).
+    pub latency_us_log2: Vec<u64>,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    faults: AtomicU64,
+    attempts: AtomicU64,
+    retries_total: AtomicU64,
+    retries_max: AtomicU64,
+    failures: AtomicU64,
+    pages_copied: AtomicU64,
+    pages_zeroed: AtomicU64,
+    fault_around_pages: AtomicU64,
+    fetches: AtomicU64,
+    already_present: AtomicU64,
+    eexist: AtomicU64,
+    eagain: AtomicU64,
+    stale_present: AtomicU64,
+    removes: AtomicU64,
+    pages_removed: AtomicU64,
+    latency: [AtomicU64; LATENCY_BUCKETS],
+}
+
+fn bump(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+/// The retry core of one region.
+#[derive(Debug)]
+pub struct RetryCore {
+    region: Region,
+    page_size: u64,
+    ps: usize,
+    config: CoreConfig,
+    states: Box<[AtomicU8]>,
+    source: Arc<dyn PageSource>,
+    counters: Counters,
+}
+
+impl RetryCore {
+    /// A core for `region`, every page Missing.
+    pub fn new(region: Region, source: Arc<dyn PageSource>, config: CoreConfig) -> Result<RetryCore, CoreError> {
+        let ps_usize = crate::page_size();
+        let ps = ps_usize as u64;
+        let bad = |why| CoreError::BadRegion {
+            host_base: region.host_base,
+            size: region.size,
+            guest_offset: region.guest_offset,
+            why,
+        };
+        if region.size == 0 {
+            return Err(bad("empty"));
+        }
+        if region.host_base % ps != 0 || region.size % ps != 0 || region.guest_offset % ps != 0 {
+            return Err(bad("not page aligned"));
+        }
+        if region.host_base.checked_add(region.size).is_none() || region.guest_offset.checked_add(region.size).is_none() {
+            return Err(bad("overflows the address space"));
+        }
+        let pages = usize::try_from(region.size / ps).map_err(|_| bad("too large"))?;
+        if config.fault_around > 1 && !config.fault_around.is_power_of_two() || config.fault_around > 512 {
+            return Err(CoreError::BadFaultAround(config.fault_around));
+        }
+        // One byte per page: 16 MiB of state for 64 GiB of 4 KiB pages.
+        let states = (0..pages).map(|_| AtomicU8::new(PageState::Missing as u8)).collect();
+        Ok(RetryCore { region, page_size: ps, ps: ps_usize, config, states, source, counters: Counters::default() })
+    }
+
+    /// The region.
+    pub fn region(&self) -> Region {
+        self.region
+    }
+
+    /// The page source.
+    pub fn source(&self) -> &Arc<dyn PageSource> {
+        &self.source
+    }
+
+    /// Whether `addr` is inside the region.
+    pub fn contains(&self, addr: u64) -> bool {
+        addr >= self.region.host_base && addr - self.region.host_base < self.region.size
+    }
+
+    /// The core's view of the page holding host address `addr`.
+    pub fn page_state(&self, addr: u64) -> Option<PageState> {
+        let idx = self.index(addr)?;
+        Some(PageState::from_u8(self.states[idx].load(Ordering::Acquire)))
+    }
+
+    fn index(&self, addr: u64) -> Option<usize> {
+        if !self.contains(addr) {
+            return None;
+        }
+        usize::try_from((addr - self.region.host_base) / self.page_size).ok()
+    }
+
+    fn host(&self, idx: usize) -> u64 {
+        self.region.host_base + idx as u64 * self.page_size
+    }
+
+    fn guest(&self, idx: usize) -> u64 {
+        self.region.guest_offset + idx as u64 * self.page_size
+    }
+
+    fn claim(&self, idx: usize, from: PageState) -> bool {
+        self.states[idx]
+            .compare_exchange(from as u8, PageState::InFlight as u8, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    fn set(&self, range: std::ops::Range<usize>, to: PageState) {
+        for s in &self.states[range] {
+            s.store(to as u8, Ordering::Release);
+        }
+    }
+
+    /// Whether the kernel has the page mapped (mincore), used only to tell a
+    /// duplicate event from a stale Present state (REMOVE races).
+    fn kernel_has_page(&self, idx: usize) -> bool {
+        let mut vec = [0u8; 1];
+        let addr = self.host(idx) as *mut libc::c_void;
+        // SAFETY: mincore only reads page tables for this page-aligned address
+        // of our registered region and writes one byte into `vec`.
+        let ret = unsafe { libc::mincore(addr, self.ps, vec.as_mut_ptr()) };
+        ret == 0 && vec[0] & 1 != 0
+    }
+
+    /// One attempt at the fault on host address `addr`. Never blocks on the
+    /// source beyond its own `fetch` call.
+    pub fn resolve(&self, uffd: &Uffd, addr: u64) -> FaultOutcome {
+        bump(&self.counters.attempts, 1);
+        let out = self.resolve_inner(uffd, addr);
+        if matches!(out, FaultOutcome::Failed(_)) {
+            bump(&self.counters.failures, 1);
+        }
+        out
+    }
+
+    fn resolve_inner(&self, uffd: &Uffd, addr: u64) -> FaultOutcome {
+        let Some(idx) = self.index(addr) else {
+            return FaultOutcome::Failed(FaultError::OutOfRegion { addr });
+        };
+        loop {
+            match PageState::from_u8(self.states[idx].load(Ordering::Acquire)) {
+                PageState::InFlight => {
+                    return FaultOutcome::Resolved { pages: 0, by: ResolvedBy::InFlightElsewhere }
+                }
+                PageState::Present => {
+                    if self.kernel_has_page(idx) {
+                        // A second vCPU's event for a page already filled: the fill
+                        // woke it, a WAKE covers the case it queued just after.
+                        bump(&self.counters.already_present, 1);
+                        let _ = uffd.wake(self.host(idx), self.page_size);
+                        return FaultOutcome::Resolved { pages: 0, by: ResolvedBy::AlreadyPresent };
+                    }
+                    bump(&self.counters.stale_present, 1);
+                    let _ = self.states[idx].compare_exchange(
+                        PageState::Present as u8,
+                        PageState::Missing as u8,
+                        Ordering::AcqRel,
+                        Ordering::Acquire,
+                    );
+                }
+                PageState::Removed if self.config.after_remove == AfterRemove::Zero => {
+                    if self.claim(idx, PageState::Removed) {
+                        return self.fill_zero(uffd, idx, idx, idx + 1);
+                    }
+                }
+                PageState::Removed => {
+                    let _ = self.states[idx].compare_exchange(
+                        PageState::Removed as u8,
+                        PageState::Missing as u8,
+                        Ordering::AcqRel,
+                        Ordering::Acquire,
+                    );
+                }
+                PageState::Missing => {
+                    if self.claim(idx, PageState::Missing) {
+                        return self.fetch_and_fill(uffd, idx, self.source.bulk_cheap());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Claims the run of Missing neighbours of `idx` (already claimed) inside
+    /// the aligned fault-around window.
+    fn claim_run(&self, idx: usize) -> (usize, usize) {
+        let w = self.config.fault_around;
+        if w <= 1 {
+            return (idx, idx + 1);
+        }
+        let start = idx & !(w - 1);
+        let end = (start + w).min(self.states.len());
+        let mut lo = idx;
+        while lo > start && self.claim(lo - 1, PageState::Missing) {
+            lo -= 1;
+        }
+        let mut hi = idx + 1;
+        while hi < end && self.claim(hi, PageState::Missing) {
+            hi += 1;
+        }
+        (lo, hi)
+    }
+
+    fn fetch_and_fill(&self, uffd: &Uffd, idx: usize, around: bool) -> FaultOutcome {
+        let (lo, hi) = if around { self.claim_run(idx) } else { (idx, idx + 1) };
+        let ps = self.ps;
+        let mut buf = vec![0u8; (hi - lo) * ps];
+        bump(&self.counters.fetches, 1);
+        match self.source.fetch(self.guest(lo), &mut buf) {
+            FetchOutcome::Ready => self.fill_copy(uffd, idx, lo, hi, &buf),
+            FetchOutcome::Zero => self.fill_zero(uffd, idx, lo, hi),
+            FetchOutcome::Retry(reason) => {
+                self.set(lo..hi, PageState::Missing);
+                if hi - lo > 1 && self.claim(idx, PageState::Missing) {
+                    // A neighbour may be the one not ready: the faulting page alone.
+                    return self.fetch_and_fill(uffd, idx, false);
+                }
+                FaultOutcome::Retry(reason)
+            }
+            FetchOutcome::Failed(e) => {
+                self.set(lo..hi, PageState::Missing);
+                if hi - lo > 1 && self.claim(idx, PageState::Missing) {
+                    // A neighbour may be the bad one: the faulting page alone.
+                    return self.fetch_and_fill(uffd, idx, false);
+                }
+                FaultOutcome::Failed(FaultError::Source {
+                    guest_addr: self.guest(idx),
+                    host_addr: self.host(idx),
+                    source_name: self.source.name().to_owned(),
+                    source: e,
+                })
+            }
+        }
+    }
+
+    fn fill_copy(&self, uffd: &Uffd, idx: usize, lo: usize, hi: usize, buf: &[u8]) -> FaultOutcome {
+        let ps = self.ps;
+        self.fill(idx, lo, hi, ResolvedBy::Copy, |i| {
+            uffd.copy(self.host(i), &buf[(i - lo) * ps..], false)
+        }, uffd)
+    }
+
+    fn fill_zero(&self, uffd: &Uffd, idx: usize, lo: usize, hi: usize) -> FaultOutcome {
+        self.fill(idx, lo, hi, ResolvedBy::ZeroPage, |i| {
+            uffd.zeropage(self.host(i), (hi - i) as u64 * self.page_size, false)
+        }, uffd)
+    }
+
+    /// Fills the claimed run `[lo, hi)` (which contains `idx`) from page `i` on
+    /// with `op(i)`, skipping pages the kernel already has. Every filled or
+    /// found page becomes Present; the rest go back to Missing.
+    fn fill(
+        &self,
+        idx: usize,
+        lo: usize,
+        hi: usize,
+        by: ResolvedBy,
+        op: impl Fn(usize) -> Result<usize, CopyError>,
+        uffd: &Uffd,
+    ) -> FaultOutcome {
+        let ps = self.ps;
+        let mut i = lo;
+        let mut filled = 0usize;
+        // Whether the faulting page is mapped now, and whether we mapped it.
+        let mut fault_done = false;
+        let mut own = false;
+        let mut result = None;
+        while i < hi {
+            match op(i) {
+                Ok(_) => {
+                    self.set(i..hi, PageState::Present);
+                    filled += hi - i;
+                    if (i..hi).contains(&idx) {
+                        fault_done = true;
+                        own = true;
+                    }
+                    i = hi;
+                }
+                Err(CopyError::Again { copied }) if copied >= ps => {
+                    // Partial: the kernel stopped at a page that exists; go on after it.
+                    bump(&self.counters.eagain, 1);
+                    let k = (copied / ps).min(hi - i);
+                    self.set(i..i + k, PageState::Present);
+                    filled += k;
+                    if (i..i + k).contains(&idx) {
+                        fault_done = true;
+                        own = true;
+                    }
+                    i += k;
+                }
+                Err(CopyError::Exists) => {
+                    bump(&self.counters.eexist, 1);
+                    self.set(i..i + 1, PageState::Present);
+                    if i == idx {
+                        // Someone else mapped it; make sure our faulter is awake.
+                        let _ = uffd.wake(self.host(i), self.page_size);
+                        fault_done = true;
+                    }
+                    i += 1;
+                }
+                Err(CopyError::Again { .. }) => {
+                    // mm changing (a REMOVE is pending): events must be read first.
+                    bump(&self.counters.eagain, 1);
+                    result = Some(FaultOutcome::Retry(RetryReason::MappingChanged));
+                    break;
+                }
+                Err(e) => {
+                    result = Some(FaultOutcome::Failed(FaultError::Fill {
+                        guest_addr: self.guest(idx),
+                        host_addr: self.host(idx),
+                        message: e.to_string(),
+                    }));
+                    break;
+                }
+            }
+        }
+        if i < hi {
+            self.set(i..hi, PageState::Missing);
+        }
+        let counter = if by == ResolvedBy::Copy { &self.counters.pages_copied } else { &self.counters.pages_zeroed };
+        // pages_* last: tests wait on them to know the attempt is fully counted.
+        bump(&self.counters.fault_around_pages, (filled - usize::from(own)) as u64);
+        bump(counter, filled as u64);
+        match result {
+            Some(r) if !fault_done => r,
+            _ if own => FaultOutcome::Resolved { pages: filled, by },
+            _ => FaultOutcome::Resolved { pages: filled, by: ResolvedBy::AlreadyPresent },
+        }
+    }
+
+    /// Resolves `addr`, waiting on the source's notifier between attempts, until
+    /// resolved, failed, or `deadline` (then `Retry(TimedOut)`; call again to
+    /// keep waiting, e.g. after checking a stop flag). `MappingChanged` is
+    /// retried after 1 ms: someone else must be reading the uffd events.
+    pub fn resolve_waiting(&self, uffd: &Uffd, addr: u64, deadline: Instant) -> FaultReport {
+        let start = Instant::now();
+        let mut retries = 0u32;
+        loop {
+            let seen = self.source.notifier().generation();
+            let outcome = self.resolve(uffd, addr);
+            let reason = match outcome {
+                FaultOutcome::Retry(r) => r,
+                FaultOutcome::Resolved { .. } => {
+                    self.record_fault(retries, start.elapsed());
+                    return FaultReport { outcome, retries, latency: start.elapsed() };
+                }
+                FaultOutcome::Failed(_) => return FaultReport { outcome, retries, latency: start.elapsed() },
+            };
+            let now = Instant::now();
+            let woke = if now >= deadline {
+                false
+            } else if reason == RetryReason::MappingChanged {
+                std::thread::sleep(Duration::from_millis(1).min(deadline - now));
+                true
+            } else {
+                self.source.notifier().wait_past(seen, deadline - now)
+            };
+            if !woke {
+                return FaultReport {
+                    outcome: FaultOutcome::Retry(RetryReason::TimedOut),
+                    retries,
+                    latency: start.elapsed(),
+                };
+            }
+            retries += 1;
+            self.note_retry();
+        }
+    }
+
+    /// Counts one retry attempt (the next `resolve` of a pending fault).
+    pub fn note_retry(&self) {
+        bump(&self.counters.retries_total, 1);
+    }
+
+    /// Records a completed fault: its retries and latency.
+    pub fn record_fault(&self, retries: u32, latency: Duration) {
+        bump(&self.counters.faults, 1);
+        self.counters.retries_max.fetch_max(u64::from(retries), Ordering::Relaxed);
+        let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX).max(1);
+        let bucket = (63 - us.leading_zeros() as usize).min(LATENCY_BUCKETS - 1);
+        bump(&self.counters.latency[bucket], 1);
+    }
+
+    /// Applies a REMOVE event: pages of `[start, end)` in this region are gone.
+    pub fn handle_remove(&self, start: u64, end: u64) {
+        let lo = start.max(self.region.host_base);
+        let hi = end.min(self.region.host_base + self.region.size);
+        if lo >= hi {
+            return;
+        }
+        bump(&self.counters.removes, 1);
+        let page = |a: u64| usize::try_from(a).unwrap_or(usize::MAX);
+        let first = page((lo - self.region.host_base) / self.page_size);
+        let last = page((hi - self.region.host_base).div_ceil(self.page_size)).min(self.states.len());
+        let to = match self.config.after_remove {
+            AfterRemove::Zero => PageState::Removed,
+            AfterRemove::Refetch => PageState::Missing,
+        };
+        // An in-flight fill racing with this may still mark a page Present; the
+        // next fault on it finds it unmapped (mincore) and heals the state.
+        self.set(first..last, to);
+        bump(&self.counters.pages_removed, (last - first) as u64);
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> Stats {
+        let c = &self.counters;
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Stats {
+            source: self.source.name().to_owned(),
+            faults: g(&c.faults),
+            attempts: g(&c.attempts),
+            retries_total: g(&c.retries_total),
+            retries_max: g(&c.retries_max),
+            failures: g(&c.failures),
+            pages_copied: g(&c.pages_copied),
+            pages_zeroed: g(&c.pages_zeroed),
+            fault_around_pages: g(&c.fault_around_pages),
+            fetches: g(&c.fetches),
+            already_present: g(&c.already_present),
+            eexist: g(&c.eexist),
+            eagain: g(&c.eagain),
+            stale_present: g(&c.stale_present),
+            removes: g(&c.removes),
+            pages_removed: g(&c.pages_removed),
+            latency_us_log2: c.latency.iter().map(g).collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::cast_possible_truncation)] // test sizes are small
+mod tests {
+    use super::*;
+    use crate::mmap::AnonMapping;
+    use crate::source::{FileSource, Rule, TestSource, ZeroSource};
+    use crate::testutil::{pattern, ps, PatternFile};
+    use crate::uffd::{Features, RegisterMode};
+
+    /// A registered mapping driven directly (no handler thread, no faults): the
+    /// core can fill pages nobody waits on, which is enough to test its logic.
+    struct Direct {
+        map: AnonMapping,
+        uffd: Uffd,
+        core: RetryCore,
+        src: Arc<TestSource>,
+        _file: PatternFile,
+    }
+
+    fn direct(pages: u64, config: CoreConfig) -> Direct {
+        let file = PatternFile::new(pages);
+        let inner = Arc::new(FileSource::open(&file.0, 0).expect("pattern file"));
+        let src = Arc::new(TestSource::new(inner).expect("eventfd"));
+        let map = AnonMapping::new((pages * ps()) as usize).expect("mmap");
+        // No EVENT_REMOVE: madvise must not wait for an event reader here.
+        let uffd = Uffd::new(Features::NONE, Features::NONE).expect("uffd");
+        uffd.register(map.addr(), map.len() as u64, RegisterMode::MISSING).expect("register");
+        let region = Region { host_base: map.addr(), size: map.len() as u64, guest_offset: 0 };
+        let core = RetryCore::new(region, src.clone(), config).expect("core");
+        Direct { map, uffd, core, src, _file: file }
+    }
+
+    impl Direct {
+        fn addr(&self, page: u64) -> u64 {
+            self.map.addr() + page * ps()
+        }
+        fn byte(&self, page: u64, off: u64) -> u8 {
+            // SAFETY: only called on pages the test has filled.
+            unsafe { std::ptr::read_volatile((self.addr(page) + off) as *const u8) }
+        }
+    }
+
+    const OFF: CoreConfig = CoreConfig { fault_around: 0, after_remove: AfterRemove::Zero };
+
+    #[test]
+    fn resolve_copies_then_dedups_duplicates() {
+        let d = direct(4, OFF);
+        let out = d.core.resolve(&d.uffd, d.addr(1) + 17);
+        assert_eq!(out, FaultOutcome::Resolved { pages: 1, by: ResolvedBy::Copy });
+        assert_eq!(d.byte(1, 17), pattern(1, 17));
+        assert_eq!(d.core.page_state(d.addr(1)), Some(PageState::Present));
+        // A second vCPU's event for the same page: no second fetch.
+        let out = d.core.resolve(&d.uffd, d.addr(1));
+        assert_eq!(out, FaultOutcome::Resolved { pages: 0, by: ResolvedBy::AlreadyPresent });
+        assert_eq!(d.src.fetches_of(ps()), 1);
+    }
+
+    #[test]
+    fn eexist_counts_as_resolved() {
+        let d = direct(4, OFF);
+        d.uffd.copy(d.addr(2), &vec![0x11; ps() as usize], false).expect("populate");
+        let out = d.core.resolve(&d.uffd, d.addr(2));
+        assert_eq!(out, FaultOutcome::Resolved { pages: 0, by: ResolvedBy::AlreadyPresent });
+        assert_eq!(d.byte(2, 0), 0x11);
+        assert_eq!(d.core.stats().eexist, 1);
+        assert_eq!(d.core.page_state(d.addr(2)), Some(PageState::Present));
+    }
+
+    #[test]
+    fn stale_present_state_is_healed() {
+        let d = direct(2, OFF);
+        d.core.resolve(&d.uffd, d.addr(0));
+        // Dropped without a REMOVE event (feature not negotiated): state is stale.
+        d.map.discard(0, ps() as usize).expect("madvise");
+        assert_eq!(d.core.page_state(d.addr(0)), Some(PageState::Present));
+        let out = d.core.resolve(&d.uffd, d.addr(0));
+        assert_eq!(out, FaultOutcome::Resolved { pages: 1, by: ResolvedBy::Copy });
+        assert_eq!(d.byte(0, 3), pattern(0, 3));
+        assert_eq!(d.core.stats().stale_present, 1);
+    }
+
+    #[test]
+    fn failure_names_the_page_and_maps_nothing() {
+        let d = direct(4, OFF);
+        d.src.set_rule(3 * ps(), Rule::Fail("checksum mismatch".into()));
+        let FaultOutcome::Failed(e) = d.core.resolve(&d.uffd, d.addr(3)) else { panic!("expected failure") };
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "guest page {:#x} (host {:#x}) cannot be provided by page source test: injected failure at guest offset {:#x}: checksum mismatch; the page was not zero-filled, pause the VM and fix or replace the source",
+                3 * ps(),
+                d.addr(3),
+                3 * ps()
+            )
+        );
+        assert_eq!(d.core.page_state(d.addr(3)), Some(PageState::Missing));
+        assert!(!d.core.kernel_has_page(3), "a failed page must stay unmapped");
+        assert_eq!(d.core.stats().failures, 1);
+        let out = d.core.resolve(&d.uffd, d.map.addr() + d.map.len() as u64);
+        assert!(matches!(out, FaultOutcome::Failed(FaultError::OutOfRegion { .. })));
+    }
+
+    #[test]
+    fn resolve_waiting_times_out_then_wakes_on_release() {
+        let d = direct(4, OFF);
+        d.src.set_rule(0, Rule::Hold);
+        let soon = Instant::now() + Duration::from_millis(20);
+        let r = d.core.resolve_waiting(&d.uffd, d.addr(0), soon);
+        assert_eq!(r.outcome, FaultOutcome::Retry(RetryReason::TimedOut));
+        assert_eq!(d.src.fetches_of(0), 1, "waiting must not poll the source");
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(20));
+                d.src.release(0);
+            });
+            let r = d.core.resolve_waiting(&d.uffd, d.addr(0), Instant::now() + Duration::from_secs(5));
+            assert_eq!(r.outcome, FaultOutcome::Resolved { pages: 1, by: ResolvedBy::Copy });
+            assert_eq!(r.retries, 1);
+        });
+        d.src.set_rule(ps(), Rule::RetryTimes(5));
+        let r = d.core.resolve_waiting(&d.uffd, d.addr(1), Instant::now() + Duration::from_secs(5));
+        assert_eq!(r.retries, 5);
+        let s = d.core.stats();
+        assert_eq!((s.retries_max, s.retries_total, s.faults), (5, 6, 2));
+    }
+
+    #[test]
+    fn removed_pages_are_zero_or_refetched() {
+        let d = direct(4, OFF);
+        d.core.resolve(&d.uffd, d.addr(1));
+        d.map.discard(ps() as usize, ps() as usize).expect("madvise");
+        d.core.handle_remove(d.addr(1), d.addr(2));
+        let out = d.core.resolve(&d.uffd, d.addr(1));
+        assert_eq!(out, FaultOutcome::Resolved { pages: 1, by: ResolvedBy::ZeroPage });
+        assert_eq!(d.byte(1, 0), 0);
+        // Out-of-region removes are ignored.
+        d.core.handle_remove(0, 4096);
+        assert_eq!(d.core.stats().removes, 1);
+    }
+
+    #[test]
+    fn config_and_region_errors() {
+        let src: Arc<dyn PageSource> = Arc::new(ZeroSource::new().expect("eventfd"));
+        let r = Region { host_base: 0x1000, size: 0x3000, guest_offset: 0 };
+        let err = RetryCore::new(Region { size: 0x1001, ..r }, src.clone(), OFF).expect_err("unaligned");
+        assert_eq!(err.to_string(), "region host [0x1000, +0x1001) guest offset 0x0 is invalid: not page aligned; give a non-empty, page-aligned region");
+        let bad = CoreConfig { fault_around: 12, ..OFF };
+        let err = RetryCore::new(r, src, bad).expect_err("window");
+        assert!(err.to_string().starts_with("fault_around = 12 pages is not a power of two"));
+    }
+
+    #[test]
+    fn stats_serialize() {
+        let d = direct(1, OFF);
+        d.core.record_fault(0, Duration::from_micros(48));
+        let s = d.core.stats();
+        assert_eq!(s.latency_us_log2[5], 1, "48 us falls in [32, 64)");
+        let json = serde_json::to_string(&s).expect("serialize");
+        assert!(json.contains("\"faults\":1") && json.contains("\"source\":\"test\""), "{json}");
+    }
+}

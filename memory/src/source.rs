@@ -1,0 +1,477 @@
+//! The page-source seam: where the contents of guest pages come from.
+//!
+//! A source answers one question per run of pages: here is the data (`Ready`),
+//! it is all zero (`Zero`), not yet (`Retry`, and it will call its [`Notifier`]
+//! when that may have changed), or never (`Failed`).
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// Why a fault could not be resolved yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RetryReason {
+    /// The source does not have the page yet (e.g. still downloading).
+    NotReady,
+    /// The page is held back on purpose (tests, migration ordering).
+    Held,
+    /// UFFDIO_COPY returned EAGAIN: the address space is changing; read pending
+    /// events, then retry.
+    MappingChanged,
+    /// A bounded wait for the source ended before it notified.
+    TimedOut,
+}
+
+/// Errors of page sources.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum SourceError {
+    /// The memory file could not be opened or inspected.
+    #[error("cannot open memory file {path}: {message}; check the path and its permissions")]
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// The OS error text.
+        message: String,
+    },
+    /// Reading from the memory file failed.
+    #[error("reading {len} bytes at offset {offset:#x} of memory file {path} failed: {message} (errno {errno:?}); the snapshot file may be truncated or on failing storage")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// File offset of the read.
+        offset: u64,
+        /// Bytes requested.
+        len: usize,
+        /// errno, if the OS gave one.
+        errno: Option<i32>,
+        /// The OS error text.
+        message: String,
+    },
+    /// A failure injected by [`TestSource`].
+    #[error("injected failure at guest offset {offset:#x}: {message}")]
+    Injected {
+        /// Guest offset of the failing page.
+        offset: u64,
+        /// The configured message.
+        message: String,
+    },
+    /// The buffer given to `fetch` is not page sized or aligned.
+    #[error("fetch buffer of {len} bytes at guest offset {offset:#x} is not a page multiple; this is a retry-core bug")]
+    BadRequest {
+        /// Guest offset.
+        offset: u64,
+        /// Buffer length.
+        len: usize,
+    },
+}
+
+/// The answer of a source for one run of pages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FetchOutcome {
+    /// `buf` holds the pages.
+    Ready,
+    /// The pages are all zero: the core maps zero pages and copies nothing.
+    Zero,
+    /// Not available yet; the source will [`Notifier::notify`] when it may be.
+    Retry(RetryReason),
+    /// The pages cannot be provided. Never zero-filled by the core.
+    Failed(SourceError),
+}
+
+/// Where the contents of guest pages come from.
+pub trait PageSource: Send + Sync + std::fmt::Debug {
+    /// A short name for statistics and errors.
+    fn name(&self) -> &str;
+    /// Fills `buf` (a multiple of the page size) with guest memory starting at
+    /// guest offset `offset` (page aligned).
+    fn fetch(&self, offset: u64, buf: &mut [u8]) -> FetchOutcome;
+    /// Whether reading several consecutive pages costs about as much as one
+    /// (enables fault-around).
+    fn bulk_cheap(&self) -> bool;
+    /// Notified whenever a page that returned `Retry` may have become available.
+    fn notifier(&self) -> &Notifier;
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panicking holder cannot leave these counters inconsistent.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Wakes whoever waits for a source to make progress.
+///
+/// Two ways to wait, both real sleeps: a blocking [`Notifier::wait_past`] on a
+/// generation counter (condvar), or polling [`Notifier::as_raw_fd`] (an eventfd,
+/// so an event loop can wait for the uffd, a stop signal and sources at once).
+#[derive(Debug)]
+pub struct Notifier {
+    generation: Mutex<u64>,
+    cond: Condvar,
+    event: EventFd,
+}
+
+impl Notifier {
+    /// Creates a notifier.
+    pub fn new() -> io::Result<Notifier> {
+        Ok(Notifier {
+            generation: Mutex::new(0),
+            cond: Condvar::new(),
+            event: EventFd::new(EFD_NONBLOCK)?,
+        })
+    }
+
+    /// The current generation; read it before a fetch, wait past it after a Retry.
+    pub fn generation(&self) -> u64 {
+        *lock(&self.generation)
+    }
+
+    /// Signals that something may have become available.
+    pub fn notify(&self) {
+        let mut g = lock(&self.generation);
+        *g += 1;
+        self.cond.notify_all();
+        // Only fails if the counter would overflow, i.e. it is already readable.
+        let _ = self.event.write(1);
+    }
+
+    /// Waits until the generation moves past `seen` or `timeout` elapses.
+    /// Returns whether it moved.
+    pub fn wait_past(&self, seen: u64, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut g = lock(&self.generation);
+        while *g == seen {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            g = self
+                .cond
+                .wait_timeout(g, deadline - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        true
+    }
+
+    /// Clears the eventfd after it polled readable (call before retrying, so a
+    /// notify that races with the retry keeps it readable).
+    pub fn clear_event(&self) {
+        let _ = self.event.read();
+    }
+}
+
+impl AsRawFd for Notifier {
+    fn as_raw_fd(&self) -> RawFd {
+        self.event.as_raw_fd()
+    }
+}
+
+fn check_buf(offset: u64, buf: &[u8]) -> Option<FetchOutcome> {
+    let ps = crate::page_size();
+    if buf.is_empty() || buf.len() % ps != 0 || offset % ps as u64 != 0 {
+        return Some(FetchOutcome::Failed(SourceError::BadRequest { offset, len: buf.len() }));
+    }
+    None
+}
+
+/// Every page is zero (fresh VM).
+#[derive(Debug)]
+pub struct ZeroSource {
+    notifier: Notifier,
+}
+
+impl ZeroSource {
+    /// Creates a zero source.
+    pub fn new() -> io::Result<ZeroSource> {
+        Ok(ZeroSource { notifier: Notifier::new()? })
+    }
+}
+
+impl PageSource for ZeroSource {
+    fn name(&self) -> &str {
+        "zero"
+    }
+    fn fetch(&self, offset: u64, buf: &mut [u8]) -> FetchOutcome {
+        check_buf(offset, buf).unwrap_or(FetchOutcome::Zero)
+    }
+    fn bulk_cheap(&self) -> bool {
+        true
+    }
+    fn notifier(&self) -> &Notifier {
+        &self.notifier
+    }
+}
+
+/// Pages read from a memory file (snapshot restore): guest offset `o` is file
+/// offset `base + o`; pages beyond the end of the file are zero.
+#[derive(Debug)]
+pub struct FileSource {
+    file: File,
+    path: PathBuf,
+    base: u64,
+    file_len: u64,
+    name: String,
+    notifier: Notifier,
+}
+
+impl FileSource {
+    /// Opens `path`; guest offset 0 is at file offset `base`.
+    pub fn open(path: &Path, base: u64) -> Result<FileSource, SourceError> {
+        let open_err = |e: io::Error| SourceError::Open { path: path.to_owned(), message: e.to_string() };
+        let file = File::open(path).map_err(open_err)?;
+        let file_len = file.metadata().map_err(open_err)?.len();
+        Ok(FileSource {
+            file,
+            path: path.to_owned(),
+            base,
+            file_len,
+            name: format!("file:{}", path.display()),
+            notifier: Notifier::new().map_err(open_err)?,
+        })
+    }
+}
+
+impl PageSource for FileSource {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn fetch(&self, offset: u64, buf: &mut [u8]) -> FetchOutcome {
+        if let Some(bad) = check_buf(offset, buf) {
+            return bad;
+        }
+        let start = self.base.saturating_add(offset);
+        let in_file = self.file_len.saturating_sub(start);
+        let n = usize::try_from(in_file).unwrap_or(usize::MAX).min(buf.len());
+        if n == 0 {
+            return FetchOutcome::Zero;
+        }
+        let (head, tail) = buf.split_at_mut(n);
+        if let Err(e) = self.file.read_exact_at(head, start) {
+            return FetchOutcome::Failed(SourceError::Io {
+                path: self.path.clone(),
+                offset: start,
+                len: n,
+                errno: e.raw_os_error(),
+                message: e.to_string(),
+            });
+        }
+        tail.fill(0);
+        FetchOutcome::Ready
+    }
+
+    fn bulk_cheap(&self) -> bool {
+        true
+    }
+
+    fn notifier(&self) -> &Notifier {
+        &self.notifier
+    }
+}
+
+/// A per-page behaviour of [`TestSource`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rule {
+    /// Sleep this long, then serve from the inner source.
+    Delay(Duration),
+    /// Fail with this message.
+    Fail(String),
+    /// Answer `Retry(NotReady)` this many more times (notifying each time), then serve.
+    RetryTimes(u32),
+    /// Answer `Retry(Held)` until [`TestSource::release`].
+    Hold,
+}
+
+/// Wraps a source with per-page rules and counters, for tests.
+#[derive(Debug)]
+pub struct TestSource {
+    inner: Arc<dyn PageSource>,
+    rules: Mutex<HashMap<u64, Rule>>,
+    fetches: Mutex<HashMap<u64, u32>>,
+    fetch_calls: AtomicU64,
+    notifier: Notifier,
+}
+
+impl TestSource {
+    /// Wraps `inner`.
+    pub fn new(inner: Arc<dyn PageSource>) -> io::Result<TestSource> {
+        Ok(TestSource {
+            inner,
+            rules: Mutex::new(HashMap::new()),
+            fetches: Mutex::new(HashMap::new()),
+            fetch_calls: AtomicU64::new(0),
+            notifier: Notifier::new()?,
+        })
+    }
+
+    /// Sets the rule of the page at guest offset `page` (page aligned).
+    pub fn set_rule(&self, page: u64, rule: Rule) {
+        lock(&self.rules).insert(page, rule);
+    }
+
+    /// Removes the rule of `page` and notifies waiters.
+    pub fn clear_rule(&self, page: u64) {
+        lock(&self.rules).remove(&page);
+        self.notifier.notify();
+    }
+
+    /// Releases a held page (same as [`TestSource::clear_rule`]).
+    pub fn release(&self, page: u64) {
+        self.clear_rule(page);
+    }
+
+    /// How many times the page at guest offset `page` was part of a fetch.
+    pub fn fetches_of(&self, page: u64) -> u32 {
+        lock(&self.fetches).get(&page).copied().unwrap_or(0)
+    }
+
+    /// Number of `fetch` calls (a fault-around run counts once).
+    pub fn fetch_calls(&self) -> u64 {
+        self.fetch_calls.load(Ordering::Relaxed)
+    }
+
+    /// The largest per-page fetch count (1 means no page was fetched twice).
+    pub fn max_fetches_per_page(&self) -> u32 {
+        lock(&self.fetches).values().copied().max().unwrap_or(0)
+    }
+}
+
+impl PageSource for TestSource {
+    fn name(&self) -> &str {
+        "test"
+    }
+
+    fn fetch(&self, offset: u64, buf: &mut [u8]) -> FetchOutcome {
+        if let Some(bad) = check_buf(offset, buf) {
+            return bad;
+        }
+        self.fetch_calls.fetch_add(1, Ordering::Relaxed);
+        let ps = crate::page_size() as u64;
+        let pages = buf.len() as u64 / ps;
+        {
+            let mut f = lock(&self.fetches);
+            for i in 0..pages {
+                *f.entry(offset + i * ps).or_insert(0) += 1;
+            }
+        }
+        let mut delay = Duration::ZERO;
+        {
+            let mut rules = lock(&self.rules);
+            for i in 0..pages {
+                let page = offset + i * ps;
+                match rules.get_mut(&page) {
+                    None => {}
+                    Some(Rule::Delay(d)) => delay = delay.max(*d),
+                    Some(Rule::Fail(m)) => {
+                        return FetchOutcome::Failed(SourceError::Injected { offset: page, message: m.clone() })
+                    }
+                    Some(Rule::Hold) => return FetchOutcome::Retry(RetryReason::Held),
+                    Some(Rule::RetryTimes(n)) => {
+                        if *n == 0 {
+                            rules.remove(&page);
+                        } else {
+                            *n -= 1;
+                            drop(rules);
+                            // "Available soon": tell the waiter to come back.
+                            self.notifier.notify();
+                            return FetchOutcome::Retry(RetryReason::NotReady);
+                        }
+                    }
+                }
+            }
+        }
+        if !delay.is_zero() {
+            std::thread::sleep(delay);
+        }
+        self.inner.fetch(offset, buf)
+    }
+
+    fn bulk_cheap(&self) -> bool {
+        self.inner.bulk_cheap()
+    }
+
+    fn notifier(&self) -> &Notifier {
+        &self.notifier
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::cast_possible_truncation)] // test sizes are small
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn ps() -> usize {
+        crate::page_size()
+    }
+
+    #[test]
+    fn zero_source_is_zero_and_checks_buffers() {
+        let z = ZeroSource::new().expect("eventfd");
+        let mut buf = vec![1u8; ps()];
+        assert_eq!(z.fetch(0, &mut buf), FetchOutcome::Zero);
+        let mut odd = vec![0u8; 100];
+        assert!(matches!(z.fetch(0, &mut odd), FetchOutcome::Failed(SourceError::BadRequest { .. })));
+    }
+
+    #[test]
+    fn file_source_reads_base_offset_and_zero_tail() {
+        let dir = std::env::temp_dir().join(format!("vmm-memory-fs-{}", std::process::id()));
+        let mut f = File::create(&dir).expect("create temp file");
+        let ps = ps();
+        // One header page, then 1.5 guest pages of data.
+        let mut data = vec![0xEEu8; ps];
+        data.extend(std::iter::repeat_n(7u8, ps + ps / 2));
+        f.write_all(&data).expect("write");
+        drop(f);
+        let s = FileSource::open(&dir, ps as u64).expect("open");
+        let mut buf = vec![0xFFu8; 2 * ps];
+        assert_eq!(s.fetch(0, &mut buf), FetchOutcome::Ready);
+        assert!(buf[..ps + ps / 2].iter().all(|&b| b == 7));
+        assert!(buf[ps + ps / 2..].iter().all(|&b| b == 0));
+        let mut buf = vec![0u8; ps];
+        assert_eq!(s.fetch(4 * ps as u64, &mut buf), FetchOutcome::Zero);
+        std::fs::remove_file(&dir).expect("cleanup");
+        let err = FileSource::open(&dir, 0).expect_err("file is gone");
+        assert!(err.to_string().contains("cannot open memory file"), "{err}");
+    }
+
+    #[test]
+    fn test_source_rules() {
+        let t = TestSource::new(Arc::new(ZeroSource::new().expect("eventfd"))).expect("eventfd");
+        let ps = ps() as u64;
+        let mut buf = vec![0u8; crate::page_size()];
+        t.set_rule(0, Rule::RetryTimes(2));
+        let g = t.notifier().generation();
+        assert_eq!(t.fetch(0, &mut buf), FetchOutcome::Retry(RetryReason::NotReady));
+        assert!(t.notifier().wait_past(g, Duration::ZERO), "retry notifies");
+        assert_eq!(t.fetch(0, &mut buf), FetchOutcome::Retry(RetryReason::NotReady));
+        assert_eq!(t.fetch(0, &mut buf), FetchOutcome::Zero);
+        assert_eq!(t.fetches_of(0), 3);
+
+        t.set_rule(ps, Rule::Fail("disk on fire".into()));
+        let out = t.fetch(ps, &mut buf);
+        let FetchOutcome::Failed(e) = out else { panic!("expected failure, got {out:?}") };
+        assert_eq!(e.to_string(), format!("injected failure at guest offset {ps:#x}: disk on fire"));
+
+        t.set_rule(2 * ps, Rule::Hold);
+        assert_eq!(t.fetch(2 * ps, &mut buf), FetchOutcome::Retry(RetryReason::Held));
+        let g = t.notifier().generation();
+        assert!(!t.notifier().wait_past(g, Duration::from_millis(10)));
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(20));
+                t.release(2 * ps);
+            });
+            assert!(t.notifier().wait_past(g, Duration::from_secs(10)), "release wakes");
+        });
+        assert_eq!(t.fetch(2 * ps, &mut buf), FetchOutcome::Zero);
+    }
+}
