@@ -658,7 +658,7 @@ mod tests {
     /// A registered mapping driven directly (no handler thread, no faults): the
     /// core can fill pages nobody waits on, which is enough to test its logic.
     struct Direct {
-        map: AnonMapping,
+        map: Arc<AnonMapping>,
         uffd: Uffd,
         core: RetryCore,
         src: Arc<TestSource>,
@@ -666,12 +666,16 @@ mod tests {
     }
 
     fn direct(pages: u64, config: CoreConfig) -> Direct {
+        direct_with(pages, config, Features::NONE)
+    }
+
+    fn direct_with(pages: u64, config: CoreConfig, features: Features) -> Direct {
         let file = PatternFile::new(pages);
         let inner = Arc::new(FileSource::open(&file.0, 0).expect("pattern file"));
         let src = Arc::new(TestSource::new(inner).expect("eventfd"));
-        let map = AnonMapping::new((pages * ps()) as usize).expect("mmap");
-        // No EVENT_REMOVE: madvise must not wait for an event reader here.
-        let uffd = Uffd::new(Features::NONE, Features::NONE).expect("uffd");
+        let map = Arc::new(AnonMapping::new((pages * ps()) as usize).expect("mmap"));
+        // Without EVENT_REMOVE madvise does not wait for an event reader.
+        let uffd = Uffd::new(features, Features::NONE).expect("uffd");
         uffd.register(map.addr(), map.len() as u64, RegisterMode::MISSING).expect("register");
         let region = Region { host_base: map.addr(), size: map.len() as u64, guest_offset: 0 };
         let core = RetryCore::new(region, src.clone(), config).expect("core");
@@ -784,6 +788,28 @@ mod tests {
         // Out-of-region removes are ignored.
         d.core.handle_remove(0, 4096);
         assert_eq!(d.core.stats().removes, 1);
+    }
+
+    #[test]
+    fn copy_during_remove_is_retried_as_mapping_changed() {
+        let d = direct_with(4, OFF, Features::EVENT_REMOVE);
+        d.core.resolve(&d.uffd, d.addr(0));
+        let m = d.map.clone();
+        let t = std::thread::spawn(move || m.discard(0, crate::page_size()));
+        // The REMOVE is queued (and the mm marked changing) before it is readable.
+        let mut pfd = libc::pollfd { fd: std::os::fd::AsRawFd::as_raw_fd(&d.uffd), events: libc::POLLIN, revents: 0 };
+        // SAFETY: `pfd` is a valid pollfd for the call.
+        assert_eq!(unsafe { libc::poll(&mut pfd, 1, 5000) }, 1, "no REMOVE event");
+        let out = d.core.resolve(&d.uffd, d.addr(2));
+        assert_eq!(out, FaultOutcome::Retry(RetryReason::MappingChanged));
+        assert_eq!(d.core.page_state(d.addr(2)), Some(PageState::Missing));
+        let ev = d.uffd.read_event().expect("read");
+        assert_eq!(ev, Some(crate::uffd::Event::Remove { start: d.addr(0), end: d.addr(1) }));
+        t.join().expect("madvise thread").expect("madvise");
+        let out = d.core.resolve(&d.uffd, d.addr(2));
+        assert_eq!(out, FaultOutcome::Resolved { pages: 1, by: ResolvedBy::Copy });
+        assert_eq!(d.byte(2, 5), pattern(2, 5));
+        assert_eq!(d.core.stats().eagain, 1);
     }
 
     #[test]
