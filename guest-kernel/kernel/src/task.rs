@@ -162,12 +162,14 @@ pub fn prepare_user_range(addr: u64, len: u64, write: bool) -> bool {
     true
 }
 
+#[cold]
 fn out_of_memory(cpu: u32, addr: u64) -> ! {
     kprintln!("guest-kernel: cpu {cpu} out of page frames (fault at {addr:#x})");
     arch::exit_vm(ExitCode::OutOfMemory)
 }
 
 /// Kills the current task (a failure) with a reason.
+#[cold]
 pub fn kill(reason: core::fmt::Arguments<'_>) -> ! {
     let cpu = current().cpu;
     kprintln!("guest-kernel: cpu {cpu} task killed: {reason}");

@@ -60,8 +60,9 @@ impl AddressSpace {
         Ok(())
     }
 
-    /// The region containing `addr`.
+    /// The region containing `addr`. Newest first: the regions added last (the
+    /// work area) take most faults.
     pub fn find(&self, addr: u64) -> Option<&Vma> {
-        self.vmas.iter().find(|v| v.start <= addr && addr < v.end)
+        self.vmas.iter().rev().find(|v| v.start <= addr && addr < v.end)
     }
 }

@@ -15,7 +15,19 @@ fn exception_name(vector: u64) -> &'static str {
 }
 
 /// Called by `trap_common` with the saved state; returning resumes it (iretq).
+/// The hot path, a user page fault, is tested first and kept small: every
+/// instruction here is emulated.
 pub extern "C" fn trap_handler(frame: &mut TrapFrame) {
+    if frame.vector == PAGE_FAULT && frame.from_user() {
+        // Returns only if the page is now mapped.
+        crate::task::page_fault(cpu::cr2(), paging::fault_flags(frame.error_code), frame.rip);
+        return;
+    }
+    other_trap(frame);
+}
+
+#[inline(never)]
+fn other_trap(frame: &mut TrapFrame) {
     if syscall::is_syscall(frame) {
         let call = syscall::args(frame);
         let result = crate::syscalls::dispatch(call.nr, call.args);
@@ -24,11 +36,6 @@ pub extern "C" fn trap_handler(frame: &mut TrapFrame) {
     }
     if frame.vector == PAGE_FAULT {
         let addr = cpu::cr2();
-        if frame.from_user() {
-            // Returns only if the page is now mapped.
-            crate::task::page_fault(addr, paging::fault_flags(frame.error_code), frame.rip);
-            return;
-        }
         panic!("kernel page fault at {addr:#x}, rip {:#x}, error code {:#x}", frame.rip, frame.error_code);
     }
     let name = exception_name(frame.vector);
