@@ -21,7 +21,7 @@ pub struct SyscallArgs {
 
 /// Whether a trap is a system call.
 pub fn is_syscall(frame: &TrapFrame) -> bool {
-    frame.vector == ENTRY_VECTOR as u64 && frame.from_user()
+    frame.vector == ENTRY_VECTOR as u64 && frame.is_user_mode()
 }
 
 /// The call in `frame` (RAX = number, RDI/RSI/RDX = arguments).

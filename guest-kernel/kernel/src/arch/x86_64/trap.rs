@@ -18,7 +18,7 @@ fn exception_name(vector: u64) -> &'static str {
 /// The hot path, a user page fault, is tested first and kept small: every
 /// instruction here is emulated.
 pub extern "C" fn trap_handler(frame: &mut TrapFrame) {
-    if frame.vector == PAGE_FAULT && frame.from_user() {
+    if frame.vector == PAGE_FAULT && frame.is_user_mode() {
         // Returns only if the page is now mapped.
         crate::task::page_fault(cpu::cr2(), paging::fault_flags(frame.error_code), frame.rip);
         return;
@@ -39,7 +39,7 @@ fn other_trap(frame: &mut TrapFrame) {
         panic!("kernel page fault at {addr:#x}, rip {:#x}, error code {:#x}", frame.rip, frame.error_code);
     }
     let name = exception_name(frame.vector);
-    if frame.from_user() {
+    if frame.is_user_mode() {
         crate::task::kill(format_args!(
             "exception {name} (vector {}), error code {:#x}, rip {:#x}",
             frame.vector, frame.error_code, frame.rip
