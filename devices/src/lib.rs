@@ -1,1 +1,30 @@
+//! Devices of the microVM: a 16550 serial console, a debug-exit port and the
+//! paravirtual channel between the guest kernel and the VMM.
+//!
+//! Devices are port-I/O devices on a `vm_device::device_manager::IoManager`. They
+//! never block a vCPU: what the VMM must act on (the guest asked to exit, to start
+//! its other vCPUs, reported a result) leaves them as a [`DeviceEvent`] through a
+//! [`DeviceEventSink`].
 
+pub mod debug_exit;
+pub mod pv_channel;
+pub mod serial;
+
+use abi::pv::WorkloadReport;
+use std::sync::Arc;
+
+/// Something a device tells the VMM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceEvent {
+    /// The guest wrote this exit code to the debug-exit port.
+    GuestExit(u32),
+    /// The guest kernel asks for its secondary vCPUs to be started.
+    StartCpus,
+    /// A user task reported a workload result.
+    Report(WorkloadReport),
+    /// The guest sent a request the VMM rejected (logged, the VM goes on).
+    BadRequest(String),
+}
+
+/// Where devices send their events (the VMM's controller).
+pub type DeviceEventSink = Arc<dyn Fn(DeviceEvent) + Send + Sync>;

@@ -1,1 +1,23 @@
+//! A minimal KVM VMM whose microVMs boot the bundled guest kernel.
+//!
+//! Layers, from the outside in: [`config`] (typed configuration, the one door for
+//! the CLI, files and tests), [`vm`] (KVM VM, devices, controller), [`vcpu`]
+//! (the vCPU state machine and kick), [`exit`] (what each KVM exit does),
+//! [`loader`] and [`memory`] (guest image and RAM), [`arch`] (x86_64 entry state).
 
+pub mod arch;
+pub mod config;
+pub mod exit;
+pub mod guest;
+pub mod loader;
+pub mod memory;
+pub mod vcpu;
+pub mod vm;
+
+pub use config::{ConfigError, KernelSource, VmConfig};
+pub use vm::{GuestEnd, RunOutcome, Vm, VmError, VmOptions};
+
+/// Builds and runs a VM with `config` until it ends.
+pub fn run_vm(config: &VmConfig, options: VmOptions) -> Result<RunOutcome, VmError> {
+    Vm::new(config, options)?.run()
+}

@@ -1,1 +1,142 @@
-fn main(){}
+//! `vmm`: the command line. Thin: it turns flags into a [`VmConfig`], runs the VM
+//! and prints what happened.
+
+use abi::exit::ExitCode;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode as ProcessExit;
+use std::time::Duration;
+use vmm::config::ConfigFile;
+use vmm::vm::{verify_reports, EXIT_BAD_RESULT, EXIT_VMM_ERROR};
+use vmm::{GuestEnd, VmConfig, VmOptions};
+
+#[derive(Parser, Debug)]
+#[command(name = "vmm", version, about = "A minimal KVM VMM for lazily backed microVMs")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Boot a microVM (the bundled guest kernel unless --kernel is given).
+    Run(RunArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// Guest kernel ELF (x86_64, loaded at its physical addresses).
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Number of vCPUs (1 to 8).
+    #[arg(long)]
+    vcpus: Option<u32>,
+    /// Guest memory size, e.g. 256M or 4G.
+    #[arg(long)]
+    mem: Option<String>,
+    /// Guest kernel command line, e.g. "workload=touch pages=1000 pattern=rand".
+    #[arg(long)]
+    cmdline: Option<String>,
+    /// TOML file with any of: kernel, vcpus, mem, cmdline (flags override it).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Give up after this many seconds (exit code 11).
+    #[arg(long)]
+    timeout: Option<f64>,
+}
+
+fn main() -> ProcessExit {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let code = match cli.command {
+        Command::Run(args) => run(args),
+    };
+    ProcessExit::from(u8::try_from(code).unwrap_or(1))
+}
+
+fn config_from(args: &RunArgs) -> Result<VmConfig, vmm::ConfigError> {
+    let mut file = ConfigFile::defaults();
+    if let Some(path) = &args.config {
+        file = file.overridden_by(ConfigFile::load(path)?);
+    }
+    let flags = ConfigFile {
+        kernel: args.kernel.clone(),
+        vcpus: args.vcpus,
+        mem: args.mem.clone(),
+        cmdline: args.cmdline.clone(),
+    };
+    VmConfig::try_from(file.overridden_by(flags))
+}
+
+fn run(args: RunArgs) -> i32 {
+    let config = match config_from(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("vmm: error: {e}");
+            return EXIT_VMM_ERROR;
+        }
+    };
+    let timeout = match args.timeout {
+        Some(s) if !(s.is_finite() && s > 0.0) => {
+            eprintln!("vmm: error: --timeout must be a positive number of seconds");
+            return EXIT_VMM_ERROR;
+        }
+        s => s.map(Duration::from_secs_f64),
+    };
+    let options = VmOptions { stdin: true, timeout, ..Default::default() };
+    let outcome = match vmm::run_vm(&config, options) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("vmm: error: {e}");
+            return EXIT_VMM_ERROR;
+        }
+    };
+
+    for r in &outcome.reports {
+        println!(
+            "vmm: cpu{} workload result: pages {}..{} checksum {:#018x} guest faults {} ({} Mcycles)",
+            r.cpu,
+            r.first_page,
+            r.first_page + r.pages,
+            r.checksum,
+            r.faults,
+            r.cycles / 1_000_000
+        );
+    }
+    for msg in &outcome.bad_requests {
+        eprintln!("vmm: warning: rejected guest request: {msg}");
+    }
+    let mut code = outcome.exit_code();
+    match &outcome.end {
+        GuestEnd::Exited(raw) => {
+            let what = ExitCode::from_raw(*raw).map_or("unknown exit code", ExitCode::describe);
+            println!("vmm: guest exited with code {raw} ({what})");
+        }
+        GuestEnd::Crashed(s) => {
+            let rip = s.rip.map_or("unknown".to_string(), |r| format!("{r:#x}"));
+            eprintln!("vmm: error: guest crashed on vCPU {}: {} at RIP {rip}", s.cpu, s.reason);
+        }
+        GuestEnd::TimedOut(t) => eprintln!("vmm: error: the guest did not finish within {t:?}"),
+    }
+    if code == 0 {
+        match verify_reports(&config, &outcome) {
+            Ok(Some(sum)) => println!("vmm: workload checksum {sum:#018x} verified on the host"),
+            Ok(None) => {}
+            Err(e) => {
+                eprintln!("vmm: error: workload result is wrong: {e}");
+                code = EXIT_BAD_RESULT;
+            }
+        }
+    }
+    let first = outcome.first_output.map_or("-".into(), |d| format!("{:.1} ms", d.as_secs_f64() * 1e3));
+    println!(
+        "vmm: first guest output after {first}, total {:.1} ms",
+        outcome.elapsed.as_secs_f64() * 1e3
+    );
+    code
+}

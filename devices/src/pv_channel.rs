@@ -1,0 +1,128 @@
+//! The paravirtual channel (see [`abi::pv`]): the guest writes the guest-physical
+//! address of a [`PvRequest`] to [`abi::ports::PV_CHANNEL_PORT`]; the device reads
+//! it from guest memory, turns it into a [`DeviceEvent`] and writes the status back.
+//! A bad address or an unknown kind is answered with `REJECTED`; it never
+//! panics the VMM, whatever the guest writes.
+
+use crate::{DeviceEvent, DeviceEventSink};
+use abi::pv::{status, PvMessage, PvRequest};
+use vm_device::bus::{PioAddress, PioAddressOffset};
+use vm_device::MutDevicePio;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+/// The channel device.
+pub struct PvChannel {
+    mem: GuestMemoryMmap,
+    sink: DeviceEventSink,
+}
+
+impl std::fmt::Debug for PvChannel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PvChannel").finish_non_exhaustive()
+    }
+}
+
+impl PvChannel {
+    /// A channel over guest memory `mem` reporting to `sink`.
+    pub fn new(mem: GuestMemoryMmap, sink: DeviceEventSink) -> Self {
+        PvChannel { mem, sink }
+    }
+
+    /// Handles the request at `gpa`; returns the status written back.
+    fn handle(&self, gpa: u64) -> u32 {
+        let addr = GuestAddress(gpa);
+        let req: PvRequest = match self.mem.read_obj(addr) {
+            Ok(r) => r,
+            Err(e) => {
+                (self.sink)(DeviceEvent::BadRequest(format!(
+                    "paravirtual request at {gpa:#x} is not in guest memory: {e}"
+                )));
+                return status::REJECTED;
+            }
+        };
+        let status = match req.decode() {
+            Ok(PvMessage::StartCpus) => {
+                (self.sink)(DeviceEvent::StartCpus);
+                status::OK
+            }
+            Ok(PvMessage::Report(r)) => {
+                (self.sink)(DeviceEvent::Report(r));
+                status::OK
+            }
+            Err(k) => {
+                (self.sink)(DeviceEvent::BadRequest(format!(
+                    "unknown paravirtual request kind {} at {gpa:#x}",
+                    k.0
+                )));
+                status::REJECTED
+            }
+        };
+        // `status` is the second u32 of the request.
+        let _ = self.mem.write_obj(status, GuestAddress(gpa.wrapping_add(4)));
+        status
+    }
+}
+
+impl MutDevicePio for PvChannel {
+    fn pio_read(&mut self, _base: PioAddress, _offset: PioAddressOffset, data: &mut [u8]) {
+        data.fill(0);
+    }
+
+    fn pio_write(&mut self, _base: PioAddress, _offset: PioAddressOffset, data: &[u8]) {
+        if data.len() != 4 {
+            (self.sink)(DeviceEvent::BadRequest(format!(
+                "paravirtual doorbell written with {} bytes; use a 32-bit out",
+                data.len()
+            )));
+            return;
+        }
+        let mut raw = [0u8; 4];
+        raw.copy_from_slice(data);
+        self.handle(u64::from(u32::from_le_bytes(raw)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use abi::pv::WorkloadReport;
+    use std::sync::{Arc, Mutex};
+
+    fn setup() -> (PvChannel, GuestMemoryMmap, Arc<Mutex<Vec<DeviceEvent>>>) {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        let dev = PvChannel::new(mem.clone(), Arc::new(move |e| s.lock().unwrap().push(e)));
+        (dev, mem, seen)
+    }
+
+    #[test]
+    fn report_is_forwarded_and_acknowledged() {
+        let (mut dev, mem, seen) = setup();
+        let r = WorkloadReport { cpu: 1, workload: 1, first_page: 5, pages: 5, checksum: 77, faults: 5, cycles: 9 };
+        mem.write_obj(PvRequest::encode(&PvMessage::Report(r)), GuestAddress(0x1000)).unwrap();
+        dev.pio_write(PioAddress(abi::ports::PV_CHANNEL_PORT), 0, &0x1000u32.to_le_bytes());
+        assert_eq!(*seen.lock().unwrap(), [DeviceEvent::Report(r)]);
+        let back: PvRequest = mem.read_obj(GuestAddress(0x1000)).unwrap();
+        assert_eq!(back.status, status::OK);
+    }
+
+    #[test]
+    fn hostile_requests_are_rejected_without_panicking() {
+        let (mut dev, mem, seen) = setup();
+        // Outside guest memory.
+        dev.pio_write(PioAddress(abi::ports::PV_CHANNEL_PORT), 0, &0xffff_fff0u32.to_le_bytes());
+        // Unknown kind.
+        mem.write_obj(PvRequest { kind: 99, ..Default::default() }, GuestAddress(0x2000)).unwrap();
+        dev.pio_write(PioAddress(abi::ports::PV_CHANNEL_PORT), 0, &0x2000u32.to_le_bytes());
+        // Straddling the end of memory.
+        dev.pio_write(PioAddress(abi::ports::PV_CHANNEL_PORT), 0, &0xfff0u32.to_le_bytes());
+        // Wrong width.
+        dev.pio_write(PioAddress(abi::ports::PV_CHANNEL_PORT), 0, &[1]);
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 4);
+        assert!(seen.iter().all(|e| matches!(e, DeviceEvent::BadRequest(_))));
+        let back: PvRequest = mem.read_obj(GuestAddress(0x2000)).unwrap();
+        assert_eq!(back.status, status::REJECTED);
+    }
+}

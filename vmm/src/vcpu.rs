@@ -1,0 +1,419 @@
+//! The vCPU as a state machine (`Running` / `Paused` / `Exited`) on its own
+//! thread, controlled over a channel, woken out of `KVM_RUN` by a kick.
+//!
+//! Kick: set `kvm_run.immediate_exit`, fence, `pthread_kill` with a real-time
+//! signal whose handler does nothing. A vCPU inside `KVM_RUN` leaves it with
+//! EINTR; one about to enter returns at once because of `immediate_exit`. The
+//! requester re-kicks until the vCPU acknowledges, because a single signal can be
+//! absorbed while the thread is in user space. A vCPU blocked in the host kernel
+//! on a guest page may only leave once that page is served (see
+//! `docs/boot-protocol.md` and PLATFORM notes): requesters never assume a bounded
+//! ack time without the page source making progress.
+
+use crate::exit::{handle_exit, Exit, ExitAction, StopReason};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use std::sync::atomic::{fence, AtomicU64, AtomicU8, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
+use std::sync::{Arc, Mutex, Once};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use vm_device::device_manager::IoManager;
+
+/// Errors of vCPU control.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    /// The thread could not be started.
+    #[error("cannot start the thread of vCPU {cpu}: {source}")]
+    Spawn {
+        /// vCPU index.
+        cpu: u32,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The kick signal handler could not be installed.
+    #[error("cannot install the vCPU kick signal handler: {0}")]
+    Signal(vmm_sys_util::errno::Error),
+    /// The vCPU did not acknowledge in time.
+    #[error("vCPU {cpu} did not acknowledge `{request}` within {waited:?}; it may be blocked on a guest page that no source serves")]
+    NoAck {
+        /// vCPU index.
+        cpu: u32,
+        /// The request.
+        request: &'static str,
+        /// How long we waited.
+        waited: Duration,
+    },
+    /// The vCPU thread has ended.
+    #[error("vCPU {0} has already exited")]
+    Gone(u32),
+}
+
+/// The state of a vCPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VcpuState {
+    /// Running guest code (or about to).
+    Running,
+    /// Not running; waits for a request.
+    Paused,
+    /// Done; the thread ends.
+    Exited,
+}
+
+/// A closure run on the vCPU thread with its `VcpuFd` (state save, tests...).
+pub type VcpuFn = Box<dyn FnOnce(&mut VcpuFd) + Send>;
+
+/// A request to a vCPU.
+pub enum VcpuRequest {
+    /// Stop running the guest, wait for `Resume`.
+    Pause,
+    /// Run the guest again.
+    Resume,
+    /// End the thread.
+    Stop,
+    /// Run a closure on the vCPU thread, between two guest entries.
+    Run(VcpuFn),
+}
+
+impl VcpuRequest {
+    fn name(&self) -> &'static str {
+        match self {
+            VcpuRequest::Pause => "pause",
+            VcpuRequest::Resume => "resume",
+            VcpuRequest::Stop => "stop",
+            VcpuRequest::Run(_) => "run",
+        }
+    }
+}
+
+impl std::fmt::Debug for VcpuRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What a vCPU tells the VM on its own (not an acknowledgement).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VcpuStopped {
+    /// vCPU index.
+    pub cpu: u32,
+    /// Why it stopped.
+    pub reason: StopReason,
+    /// Guest RIP at the stop, when the registers could be read.
+    pub rip: Option<u64>,
+}
+
+/// Per-vCPU counters.
+#[derive(Debug, Default)]
+pub struct VcpuStats {
+    /// KVM_RUN returns.
+    pub exits: AtomicU64,
+    /// Port I/O exits.
+    pub io_exits: AtomicU64,
+    /// Kicks that took the vCPU out of the guest (EINTR / immediate exit).
+    pub interruptions: AtomicU64,
+}
+
+/// A snapshot of [`VcpuStats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct VcpuStatsSnapshot {
+    /// vCPU index.
+    pub cpu: u32,
+    /// KVM_RUN returns.
+    pub exits: u64,
+    /// Port I/O exits.
+    pub io_exits: u64,
+    /// Interruptions by kicks.
+    pub interruptions: u64,
+}
+
+/// The kick target: `kvm_run.immediate_exit` and the thread, while both live.
+struct KickTarget {
+    immediate_exit: *mut u8,
+    thread: libc::pthread_t,
+}
+
+/// Kicks a vCPU out of `KVM_RUN`.
+#[derive(Default)]
+pub struct Kick {
+    // `None` before the thread starts and after it has dropped its `VcpuFd`.
+    target: Mutex<Option<KickTarget>>,
+}
+
+// SAFETY: the raw pointer is only dereferenced under the mutex, while the vCPU
+// thread guarantees the `kvm_run` mapping it points into is alive (it clears the
+// target under the same mutex before dropping its `VcpuFd`).
+unsafe impl Send for Kick {}
+// SAFETY: as above; all access goes through the mutex.
+unsafe impl Sync for Kick {}
+
+impl std::fmt::Debug for Kick {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Kick").finish_non_exhaustive()
+    }
+}
+
+/// The real-time signal used for kicks.
+pub fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+extern "C" fn noop_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Installs the do-nothing kick handler (without SA_RESTART, so KVM_RUN returns EINTR).
+pub fn install_kick_handler() -> Result<(), VcpuError> {
+    static ONCE: Once = Once::new();
+    let mut result = Ok(());
+    ONCE.call_once(|| {
+        result = vmm_sys_util::signal::register_signal_handler(kick_signal(), noop_handler);
+    });
+    result.map_err(VcpuError::Signal)
+}
+
+impl Kick {
+    fn immediate_exit(target: &KickTarget) -> &AtomicU8 {
+        // SAFETY: `immediate_exit` points into the vCPU's mapped `kvm_run`, valid
+        // while the target is set (see `Kick`); a u8 is always aligned; KVM and
+        // this module only access the byte atomically (kvm-ioctls never touches it).
+        unsafe { AtomicU8::from_ptr(target.immediate_exit) }
+    }
+
+    /// Kicks the vCPU; `false` if its thread is not running.
+    pub fn kick(&self) -> bool {
+        let Ok(guard) = self.target.lock() else { return false };
+        let Some(target) = guard.as_ref() else { return false };
+        Self::immediate_exit(target).store(1, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        // SAFETY: `thread` is a live thread: the target is cleared before it ends.
+        unsafe { libc::pthread_kill(target.thread, kick_signal()) };
+        true
+    }
+
+    fn clear_immediate_exit(&self) {
+        if let Ok(guard) = self.target.lock() {
+            if let Some(t) = guard.as_ref() {
+                Self::immediate_exit(t).store(0, Ordering::SeqCst);
+            }
+        }
+    }
+
+    fn set_target(&self, target: Option<KickTarget>) {
+        if let Ok(mut guard) = self.target.lock() {
+            *guard = target;
+        }
+    }
+}
+
+/// Where a vCPU reports that it stopped on its own.
+pub type StopSink = Arc<dyn Fn(VcpuStopped) + Send + Sync>;
+
+/// The VM's side of a vCPU thread.
+#[derive(Debug)]
+pub struct VcpuHandle {
+    cpu: u32,
+    tx: Sender<(u64, VcpuRequest)>,
+    acks: Receiver<(u64, VcpuState)>,
+    next_id: u64,
+    kick: Arc<Kick>,
+    stats: Arc<VcpuStats>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// How often an unacknowledged request is kicked again.
+const REKICK: Duration = Duration::from_millis(2);
+
+impl VcpuHandle {
+    /// Starts the thread of `fd` in `initial` state (`Running` or `Paused`).
+    pub fn spawn(
+        cpu: u32,
+        fd: VcpuFd,
+        bus: Arc<IoManager>,
+        initial: VcpuState,
+        on_stop: StopSink,
+    ) -> Result<VcpuHandle, VcpuError> {
+        install_kick_handler()?;
+        let (tx, rx) = mpsc::channel();
+        let (ack_tx, acks) = mpsc::channel();
+        let kick = Arc::new(Kick::default());
+        let stats = Arc::new(VcpuStats::default());
+        let mut vcpu = VcpuThread { cpu, fd, bus, rx, acks: ack_tx, kick: kick.clone(), stats: stats.clone(), on_stop };
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu{cpu}"))
+            .spawn(move || vcpu.run(initial))
+            .map_err(|source| VcpuError::Spawn { cpu, source })?;
+        Ok(VcpuHandle { cpu, tx, acks, next_id: 0, kick, stats, thread: Some(thread) })
+    }
+
+    /// The vCPU index.
+    pub fn cpu(&self) -> u32 {
+        self.cpu
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> VcpuStatsSnapshot {
+        VcpuStatsSnapshot {
+            cpu: self.cpu,
+            exits: self.stats.exits.load(Ordering::Relaxed),
+            io_exits: self.stats.io_exits.load(Ordering::Relaxed),
+            interruptions: self.stats.interruptions.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Kicks the vCPU out of the guest without a request (it re-enters).
+    pub fn kick(&self) -> bool {
+        self.kick.kick()
+    }
+
+    /// Sends a request and kicks, without waiting.
+    pub fn send(&mut self, req: VcpuRequest) -> Result<u64, VcpuError> {
+        self.next_id += 1;
+        let id = self.next_id;
+        self.tx.send((id, req)).map_err(|_| VcpuError::Gone(self.cpu))?;
+        self.kick.kick();
+        Ok(id)
+    }
+
+    /// Waits for the acknowledgement of request `id`, re-kicking meanwhile.
+    pub fn wait_ack(&mut self, id: u64, request: &'static str, timeout: Duration) -> Result<VcpuState, VcpuError> {
+        let start = Instant::now();
+        loop {
+            match self.acks.recv_timeout(REKICK) {
+                Ok((ack_id, state)) if ack_id == id => return Ok(state),
+                Ok(_) => {} // a late ack of an earlier request
+                Err(RecvTimeoutError::Timeout) => {
+                    if start.elapsed() >= timeout {
+                        return Err(VcpuError::NoAck { cpu: self.cpu, request, waited: start.elapsed() });
+                    }
+                    self.kick.kick();
+                }
+                Err(RecvTimeoutError::Disconnected) => return Err(VcpuError::Gone(self.cpu)),
+            }
+        }
+    }
+
+    /// Sends a request and waits for its acknowledgement.
+    pub fn request(&mut self, req: VcpuRequest, timeout: Duration) -> Result<VcpuState, VcpuError> {
+        let name = req.name();
+        let id = self.send(req)?;
+        self.wait_ack(id, name, timeout)
+    }
+
+    /// Stops the thread and joins it. A vCPU that already ended is fine.
+    pub fn stop(&mut self, timeout: Duration) -> Result<(), VcpuError> {
+        match self.request(VcpuRequest::Stop, timeout) {
+            Ok(_) | Err(VcpuError::Gone(_)) => {}
+            Err(e) => return Err(e),
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        Ok(())
+    }
+}
+
+struct VcpuThread {
+    cpu: u32,
+    fd: VcpuFd,
+    bus: Arc<IoManager>,
+    rx: Receiver<(u64, VcpuRequest)>,
+    acks: Sender<(u64, VcpuState)>,
+    kick: Arc<Kick>,
+    stats: Arc<VcpuStats>,
+    on_stop: StopSink,
+}
+
+impl VcpuThread {
+    fn run(&mut self, initial: VcpuState) {
+        let immediate_exit = &mut self.fd.get_kvm_run().immediate_exit as *mut u8;
+        // SAFETY: pthread_self has no preconditions.
+        let thread = unsafe { libc::pthread_self() };
+        self.kick.set_target(Some(KickTarget { immediate_exit, thread }));
+
+        let mut state = initial;
+        while state != VcpuState::Exited {
+            state = match state {
+                VcpuState::Paused => match self.rx.recv() {
+                    Ok((id, req)) => self.handle_request(id, req, state),
+                    Err(_) => VcpuState::Exited,
+                },
+                VcpuState::Running => match self.rx.try_recv() {
+                    Ok((id, req)) => self.handle_request(id, req, state),
+                    Err(TryRecvError::Disconnected) => VcpuState::Exited,
+                    Err(TryRecvError::Empty) => self.run_guest(),
+                },
+                VcpuState::Exited => VcpuState::Exited,
+            };
+        }
+        // The kvm_run mapping goes away with the VcpuFd: no kick may touch it after.
+        self.kick.set_target(None);
+    }
+
+    fn handle_request(&mut self, id: u64, req: VcpuRequest, state: VcpuState) -> VcpuState {
+        let next = match req {
+            VcpuRequest::Pause => VcpuState::Paused,
+            VcpuRequest::Resume => VcpuState::Running,
+            VcpuRequest::Stop => VcpuState::Exited,
+            VcpuRequest::Run(f) => {
+                f(&mut self.fd);
+                state
+            }
+        };
+        let _ = self.acks.send((id, next));
+        next
+    }
+
+    /// One guest entry; returns the next state.
+    fn run_guest(&mut self) -> VcpuState {
+        self.stats.exits.fetch_add(1, Ordering::Relaxed);
+        let action = match self.fd.run() {
+            Ok(VcpuExit::InternalError) => None,
+            Ok(exit) => Some(handle_exit(convert(exit, &self.stats), &self.bus)),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                Some(handle_exit(Exit::Interrupted, &self.bus))
+            }
+            Err(e) => Some(handle_exit(Exit::Other(format!("KVM_RUN failed: {e}")), &self.bus)),
+        };
+        let action = action.unwrap_or_else(|| {
+            let run = self.fd.get_kvm_run();
+            // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is
+            // the active member of the exit union.
+            let suberror = unsafe { run.__bindgen_anon_1.internal.suberror };
+            handle_exit(Exit::InternalError { suberror }, &self.bus)
+        });
+        match action {
+            ExitAction::Continue => VcpuState::Running,
+            ExitAction::Interrupted => {
+                self.stats.interruptions.fetch_add(1, Ordering::Relaxed);
+                self.kick.clear_immediate_exit();
+                VcpuState::Running
+            }
+            ExitAction::Stop(reason) => {
+                let rip = self.fd.get_regs().ok().map(|r| r.rip);
+                (self.on_stop)(VcpuStopped { cpu: self.cpu, reason, rip });
+                // Stay around for requests (state dumps, the final Stop).
+                VcpuState::Paused
+            }
+        }
+    }
+}
+
+fn convert<'a>(exit: VcpuExit<'a>, stats: &VcpuStats) -> Exit<'a> {
+    match exit {
+        VcpuExit::IoIn(port, data) => {
+            stats.io_exits.fetch_add(1, Ordering::Relaxed);
+            Exit::IoIn { port, data }
+        }
+        VcpuExit::IoOut(port, data) => {
+            stats.io_exits.fetch_add(1, Ordering::Relaxed);
+            Exit::IoOut { port, data }
+        }
+        VcpuExit::MmioRead(addr, data) => Exit::MmioRead { addr, data },
+        VcpuExit::MmioWrite(addr, _) => Exit::MmioWrite { addr },
+        VcpuExit::Intr => Exit::Interrupted,
+        VcpuExit::Hlt => Exit::Hlt,
+        VcpuExit::Shutdown => Exit::Shutdown,
+        VcpuExit::FailEntry(reason, _) => Exit::FailEntry { reason },
+        VcpuExit::SystemEvent(kind, _) => Exit::SystemEvent { kind },
+        VcpuExit::InternalError => Exit::InternalError { suberror: 0 },
+        other => Exit::Other(format!("{other:?}")),
+    }
+}

@@ -1,0 +1,490 @@
+//! A microVM: KVM VM, guest memory, devices, vCPU threads, and the controller
+//! that runs them until the guest exits.
+
+use crate::arch::x86_64::{cpu, paging};
+use crate::config::{KernelSource, VmConfig};
+use crate::loader::{self, LoaderError};
+use crate::memory::{self, MemoryError};
+use crate::vcpu::{StopSink, VcpuError, VcpuHandle, VcpuState, VcpuStatsSnapshot, VcpuStopped};
+use abi::exit::ExitCode;
+use abi::ports::{DEBUG_EXIT_PORT, PV_CHANNEL_PORT, SERIAL_PORT, SERIAL_PORT_LEN};
+use abi::pv::WorkloadReport;
+use abi::workload::{self, WorkloadKind};
+use devices::debug_exit::DebugExit;
+use devices::pv_channel::PvChannel;
+use devices::serial::{SerialConsole, SerialOutput};
+use devices::{DeviceEvent, DeviceEventSink};
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use kvm_bindings::{kvm_mp_state, kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+use vm_device::bus::{PioAddress, PioRange};
+use vm_device::device_manager::{IoManager, PioManager};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// Errors setting up or running a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// /dev/kvm is missing.
+    #[error("cannot open /dev/kvm: it does not exist; this machine has no KVM (load the kvm module, or run on a host with virtualization)")]
+    NoKvm,
+    /// /dev/kvm is not accessible.
+    #[error("cannot open /dev/kvm: permission denied; run as root or add your user to the `kvm` group")]
+    KvmPermission,
+    /// /dev/kvm failed otherwise.
+    #[error("cannot open /dev/kvm: {0}")]
+    KvmOpen(kvm_ioctls::Error),
+    /// KVM API version mismatch.
+    #[error("KVM API version {0} is not supported (need 12); the host kernel is too old or unusual")]
+    KvmApiVersion(i32),
+    /// A needed capability is missing.
+    #[error("KVM lacks the {0} capability; a Linux host of 4.14 or newer is needed")]
+    MissingCap(&'static str),
+    /// A KVM ioctl failed.
+    #[error("KVM {what} failed: {source}")]
+    Kvm {
+        /// The operation.
+        what: &'static str,
+        /// Why.
+        source: kvm_ioctls::Error,
+    },
+    /// The kernel file cannot be read.
+    #[error("cannot read kernel file {path}: {source}")]
+    KernelFile {
+        /// The path.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Guest memory.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// Loading the guest.
+    #[error(transparent)]
+    Loader(#[from] LoaderError),
+    /// Boot tables.
+    #[error(transparent)]
+    Paging(#[from] paging::PagingError),
+    /// vCPU control.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// Devices / event loop.
+    #[error("device setup failed: {0}")]
+    Device(String),
+}
+
+/// How a VM run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuestEnd {
+    /// The guest wrote this code to the debug-exit port.
+    Exited(u32),
+    /// A vCPU stopped on an exit the guest cannot recover from.
+    Crashed(VcpuStopped),
+    /// `VmOptions::timeout` passed first.
+    TimedOut(Duration),
+}
+
+/// Process exit code when a vCPU crashed (triple fault, emulator error...).
+pub const EXIT_CRASHED: i32 = 10;
+/// Process exit code when the run timed out.
+pub const EXIT_TIMED_OUT: i32 = 11;
+/// Process exit code when the host-side check of a workload result failed.
+pub const EXIT_BAD_RESULT: i32 = 12;
+/// Process exit code for VMM errors (configuration, KVM, loading).
+pub const EXIT_VMM_ERROR: i32 = 64;
+
+/// The result of a run.
+#[derive(Debug, Clone)]
+pub struct RunOutcome {
+    /// How it ended.
+    pub end: GuestEnd,
+    /// Workload reports received from the guest, by vCPU.
+    pub reports: Vec<WorkloadReport>,
+    /// Time from the start of VM creation to the guest's first console byte.
+    pub first_output: Option<Duration>,
+    /// Time from the start of VM creation to the end of the run.
+    pub elapsed: Duration,
+    /// Per-vCPU counters.
+    pub vcpu_stats: Vec<VcpuStatsSnapshot>,
+    /// Requests the guest sent that the VMM rejected.
+    pub bad_requests: Vec<String>,
+}
+
+impl RunOutcome {
+    /// The combined checksum of all reports.
+    pub fn checksum(&self) -> u64 {
+        self.reports.iter().fold(0, |t, r| workload::combine(t, r.checksum))
+    }
+
+    /// The exit code the `vmm` process uses.
+    pub fn exit_code(&self) -> i32 {
+        match &self.end {
+            GuestEnd::Exited(code) => i32::try_from(*code).unwrap_or(ExitCode::Failure as i32),
+            GuestEnd::Crashed(_) => EXIT_CRASHED,
+            GuestEnd::TimedOut(_) => EXIT_TIMED_OUT,
+        }
+    }
+}
+
+/// Run-time options that are not part of the VM's configuration.
+#[derive(Debug, Clone)]
+pub struct VmOptions {
+    /// Where the console goes.
+    pub serial: SerialOutput,
+    /// Feed the host's stdin to the console.
+    pub stdin: bool,
+    /// Give up after this long (a guard against hangs, not a performance goal).
+    pub timeout: Option<Duration>,
+}
+
+impl Default for VmOptions {
+    fn default() -> Self {
+        VmOptions { serial: SerialOutput::Stdout, stdin: false, timeout: None }
+    }
+}
+
+/// Events reaching the controller.
+#[derive(Debug)]
+enum VmEvent {
+    Device(DeviceEvent),
+    VcpuStopped(VcpuStopped),
+}
+
+/// A built, not yet running VM.
+pub struct Vm {
+    config: VmConfig,
+    options: VmOptions,
+    // Kept alive while the vCPUs run: the memslots point into this mapping.
+    _mem: GuestMemoryMmap,
+    _vm_fd: VmFd,
+    vcpu_fds: Vec<VcpuFd>,
+    bus: Arc<IoManager>,
+    serial: Arc<Mutex<SerialConsole>>,
+    events_rx: Receiver<VmEvent>,
+    events_tx: Sender<VmEvent>,
+    events_fd: Arc<EventFd>,
+    first_output: Arc<OnceLock<Instant>>,
+    created: Instant,
+}
+
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+/// Opens /dev/kvm and checks the API and the capabilities the VMM relies on.
+pub fn open_kvm() -> Result<Kvm, VmError> {
+    let kvm = Kvm::new().map_err(|e| match e.errno() {
+        libc::ENOENT => VmError::NoKvm,
+        libc::EACCES | libc::EPERM => VmError::KvmPermission,
+        _ => VmError::KvmOpen(e),
+    })?;
+    let v = kvm.get_api_version();
+    if v != 12 {
+        return Err(VmError::KvmApiVersion(v));
+    }
+    for (cap, name) in [
+        (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+        (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+        (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+        (Cap::Pit2, "KVM_CAP_PIT2"),
+        (Cap::Irqfd, "KVM_CAP_IRQFD"),
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(VmError::MissingCap(name));
+        }
+    }
+    Ok(kvm)
+}
+
+impl Vm {
+    /// Creates the VM: KVM objects, memory, devices, the loaded guest, vCPUs.
+    pub fn new(config: &VmConfig, options: VmOptions) -> Result<Vm, VmError> {
+        let created = Instant::now();
+        config.validate().map_err(|e| VmError::Device(e.to_string()))?;
+        let kernel_image = match &config.kernel {
+            KernelSource::Bundled => std::borrow::Cow::Borrowed(crate::guest::KERNEL),
+            KernelSource::File(p) => std::borrow::Cow::Owned(
+                std::fs::read(p).map_err(|source| VmError::KernelFile { path: p.display().to_string(), source })?,
+            ),
+        };
+
+        let kvm = open_kvm()?;
+        let vm_fd = kvm.create_vm().map_err(kvm_err("VM creation"))?;
+        vm_fd.set_tss_address(0xfffb_d000).map_err(kvm_err("TSS address setup"))?;
+        vm_fd.create_irq_chip().map_err(kvm_err("irqchip creation"))?;
+        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+        vm_fd.create_pit2(pit).map_err(kvm_err("PIT creation"))?;
+
+        let mem = memory::create_guest_memory(config.mem_size)?;
+        memory::register_memslots(&vm_fd, &mem)?;
+        paging::write_boot_tables(&mem)?;
+        let (entry, _kernel_end) = loader::load_kernel(&mem, config.mem_size, &kernel_image)?;
+        let module = loader::load_module(&mem, crate::guest::USER)?;
+        let info = loader::boot_info(config.mem_size, config.vcpus, &config.cmdline, module)?;
+        loader::write_boot_info(&mem, &info)?;
+
+        // Devices.
+        let (events_tx, events_rx) = mpsc::channel();
+        let events_fd = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Device(e.to_string()))?);
+        let sink: DeviceEventSink = {
+            let tx = Mutex::new(events_tx.clone());
+            let fd = events_fd.clone();
+            Arc::new(move |ev| {
+                if let Ok(tx) = tx.lock() {
+                    let _ = tx.send(VmEvent::Device(ev));
+                }
+                let _ = fd.write(1);
+            })
+        };
+        let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Device(e.to_string()))?;
+        vm_fd.register_irqfd(&serial_irq, 4).map_err(kvm_err("serial irqfd registration"))?;
+        let first_output = Arc::new(OnceLock::new());
+        let serial = Arc::new(Mutex::new(SerialConsole::with_first_output(
+            serial_irq,
+            options.serial.clone(),
+            first_output.clone(),
+        )));
+        let mut bus = IoManager::new();
+        let range = |base, len| PioRange::new(PioAddress(base), len).map_err(|e| VmError::Device(format!("{e:?}")));
+        bus.register_pio(range(SERIAL_PORT, SERIAL_PORT_LEN)?, serial.clone())
+            .map_err(|e| VmError::Device(format!("serial: {e:?}")))?;
+        bus.register_pio(range(DEBUG_EXIT_PORT, 4)?, Arc::new(Mutex::new(DebugExit::new(sink.clone()))))
+            .map_err(|e| VmError::Device(format!("debug-exit: {e:?}")))?;
+        bus.register_pio(range(PV_CHANNEL_PORT, 4)?, Arc::new(Mutex::new(PvChannel::new(mem.clone(), sink))))
+            .map_err(|e| VmError::Device(format!("pv channel: {e:?}")))?;
+
+        // vCPUs.
+        let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("CPUID query"))?;
+        let mut vcpu_fds = Vec::new();
+        for i in 0..config.vcpus {
+            let fd = vm_fd.create_vcpu(u64::from(i)).map_err(kvm_err("vCPU creation"))?;
+            let mut cpuid = supported.clone();
+            cpu::patch_cpuid(&mut cpuid, i, config.vcpus);
+            fd.set_cpuid2(&cpuid).map_err(kvm_err("CPUID setup"))?;
+            let sregs = fd.get_sregs().map_err(kvm_err("sregs read"))?;
+            fd.set_sregs(&cpu::long_mode_sregs(sregs)).map_err(kvm_err("sregs setup"))?;
+            fd.set_regs(&cpu::entry_regs(entry, i)).map_err(kvm_err("register setup"))?;
+            fd.set_fpu(&cpu::initial_fpu()).map_err(kvm_err("FPU setup"))?;
+            // With the in-kernel LAPIC, secondary vCPUs would wait for INIT/SIPI;
+            // they are started directly in long mode instead (see abi::boot).
+            fd.set_mp_state(kvm_mp_state { mp_state: KVM_MP_STATE_RUNNABLE })
+                .map_err(kvm_err("MP state setup"))?;
+            vcpu_fds.push(fd);
+        }
+
+        Ok(Vm {
+            config: config.clone(),
+            options,
+            _mem: mem,
+            _vm_fd: vm_fd,
+            vcpu_fds,
+            bus: Arc::new(bus),
+            serial,
+            events_rx,
+            events_tx,
+            events_fd,
+            first_output,
+            created,
+        })
+    }
+
+    /// Runs the VM until the guest exits, a vCPU crashes or the timeout passes.
+    pub fn run(mut self) -> Result<RunOutcome, VmError> {
+        let on_stop: StopSink = {
+            let tx = Mutex::new(self.events_tx.clone());
+            let fd = self.events_fd.clone();
+            Arc::new(move |s| {
+                if let Ok(tx) = tx.lock() {
+                    let _ = tx.send(VmEvent::VcpuStopped(s));
+                }
+                let _ = fd.write(1);
+            })
+        };
+        let mut handles = Vec::new();
+        for (i, fd) in (0u32..).zip(self.vcpu_fds.drain(..)) {
+            // Only the bootstrap vCPU runs at first (see abi::boot).
+            let initial = if i == 0 { VcpuState::Running } else { VcpuState::Paused };
+            handles.push(VcpuHandle::spawn(i, fd, self.bus.clone(), initial, on_stop.clone())?);
+        }
+
+        let controller = Arc::new(Mutex::new(Controller {
+            events_fd: self.events_fd.clone(),
+            events_rx: std::mem::replace(&mut self.events_rx, mpsc::channel().1),
+            handles,
+            end: None,
+            reports: Vec::new(),
+            bad_requests: Vec::new(),
+            started_cpus: false,
+        }));
+        let mut em: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
+            EventManager::new().map_err(|e| VmError::Device(format!("event manager: {e:?}")))?;
+        em.add_subscriber(controller.clone());
+        if self.options.stdin {
+            em.add_subscriber(Arc::new(Mutex::new(StdinInput { serial: self.serial.clone() })));
+        }
+
+        let deadline = self.options.timeout.map(|t| Instant::now() + t);
+        let end = loop {
+            if let Some(end) = controller.lock().map_err(|_| VmError::Device("controller poisoned".into()))?.end.clone() {
+                break end;
+            }
+            if let Some(d) = deadline {
+                if Instant::now() >= d {
+                    break GuestEnd::TimedOut(self.options.timeout.unwrap_or_default());
+                }
+            }
+            em.run_with_timeout(100).map_err(|e| VmError::Device(format!("event loop: {e:?}")))?;
+        };
+
+        let mut c = controller.lock().map_err(|_| VmError::Device("controller poisoned".into()))?;
+        let vcpu_stats = c.handles.iter().map(VcpuHandle::stats).collect();
+        for h in &mut c.handles {
+            // A vCPU that cannot be stopped (blocked on a page nobody serves) is
+            // left behind rather than hanging the VMM.
+            if let Err(e) = h.stop(Duration::from_secs(2)) {
+                tracing::warn!("{e}");
+            }
+        }
+        let mut reports = std::mem::take(&mut c.reports);
+        reports.sort_by_key(|r| r.cpu);
+        Ok(RunOutcome {
+            end,
+            reports,
+            first_output: self.first_output.get().map(|t| t.duration_since(self.created)),
+            elapsed: self.created.elapsed(),
+            vcpu_stats,
+            bad_requests: std::mem::take(&mut c.bad_requests),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+}
+
+/// Acts on device and vCPU events; the state of the running VM.
+struct Controller {
+    events_fd: Arc<EventFd>,
+    events_rx: Receiver<VmEvent>,
+    handles: Vec<VcpuHandle>,
+    end: Option<GuestEnd>,
+    reports: Vec<WorkloadReport>,
+    bad_requests: Vec<String>,
+    started_cpus: bool,
+}
+
+impl Controller {
+    fn handle(&mut self, ev: VmEvent) {
+        match ev {
+            VmEvent::Device(DeviceEvent::GuestExit(code)) => {
+                self.end.get_or_insert(GuestEnd::Exited(code));
+            }
+            VmEvent::Device(DeviceEvent::StartCpus) if !self.started_cpus => {
+                self.started_cpus = true;
+                for h in self.handles.iter_mut().skip(1) {
+                    if let Err(e) = h.send(crate::vcpu::VcpuRequest::Resume) {
+                        tracing::warn!("cannot start vCPU {}: {e}", h.cpu());
+                    }
+                }
+            }
+            VmEvent::Device(DeviceEvent::StartCpus) => {
+                self.bad_requests.push("the guest asked to start its vCPUs twice".into());
+            }
+            VmEvent::Device(DeviceEvent::Report(r)) => self.reports.push(r),
+            VmEvent::Device(DeviceEvent::BadRequest(msg)) => {
+                tracing::warn!("{msg}");
+                self.bad_requests.push(msg);
+            }
+            VmEvent::VcpuStopped(s) => {
+                self.end.get_or_insert(GuestEnd::Crashed(s));
+            }
+        }
+    }
+}
+
+impl MutEventSubscriber for Controller {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.events_fd.read();
+        while let Ok(ev) = self.events_rx.try_recv() {
+            self.handle(ev);
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&*self.events_fd, EventSet::IN)) {
+            tracing::error!("cannot watch VM events: {e:?}");
+        }
+    }
+}
+
+/// Feeds the host's stdin to the serial console.
+struct StdinInput {
+    serial: Arc<Mutex<SerialConsole>>,
+}
+
+impl MutEventSubscriber for StdinInput {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let mut buf = [0u8; 64];
+        let n = std::io::stdin().lock().read(&mut buf).unwrap_or(0);
+        if n == 0 || events.event_set().contains(EventSet::HANG_UP) {
+            // EOF: stop watching, or epoll would report it forever.
+            let _ = ops.remove(Events::empty_raw(std::io::stdin().as_raw_fd()));
+            return;
+        }
+        if let Ok(mut s) = self.serial.lock() {
+            s.enqueue_input(&buf[..n]);
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        let _ = ops.add(Events::new_raw(std::io::stdin().as_raw_fd(), EventSet::IN));
+    }
+}
+
+/// The host's check of the workload results against the command line, for the
+/// bundled kernel: `Ok(None)` when there is nothing to check.
+pub fn verify_reports(config: &VmConfig, outcome: &RunOutcome) -> Result<Option<u64>, String> {
+    if config.kernel != KernelSource::Bundled {
+        return Ok(None);
+    }
+    let wl = workload::parse_cmdline(&config.cmdline).map_err(|e| e.to_string())?;
+    if wl.kind != WorkloadKind::Touch {
+        return Ok(None);
+    }
+    let mut total = 0;
+    for cpu in 0..config.vcpus {
+        let (first, pages) = workload::share(wl.pages, config.vcpus, cpu);
+        let expected = workload::expected_checksum(first, pages, wl.pattern, wl.write, wl.seed);
+        let r = outcome
+            .reports
+            .iter()
+            .find(|r| r.cpu == cpu)
+            .ok_or_else(|| format!("vCPU {cpu} sent no workload report"))?;
+        if (r.first_page, r.pages) != (first, pages) {
+            return Err(format!(
+                "vCPU {cpu} touched pages {}..{} instead of {first}..{}",
+                r.first_page,
+                r.first_page + r.pages,
+                first + pages
+            ));
+        }
+        if r.checksum != expected {
+            return Err(format!("vCPU {cpu} checksum {:#018x}, expected {expected:#018x}", r.checksum));
+        }
+        total = workload::combine(total, expected);
+    }
+    Ok(Some(total))
+}
