@@ -160,12 +160,13 @@ impl BootInfo {
     /// Sets the command line; `false` if it is longer than [`CMDLINE_MAX`].
     pub fn set_cmdline(&mut self, cmdline: &str) -> bool {
         let bytes = cmdline.as_bytes();
+        let Ok(len) = u32::try_from(bytes.len()) else { return false };
         if bytes.len() > CMDLINE_MAX {
             return false;
         }
         self.cmdline = [0; CMDLINE_MAX];
         self.cmdline[..bytes.len()].copy_from_slice(bytes);
-        self.cmdline_len = bytes.len() as u32;
+        self.cmdline_len = len;
         true
     }
 

@@ -97,7 +97,7 @@ pub const USER_STACK_SIZE: u64 = 1 << 20;
 pub const USER_SPACE_END: u64 = 0x0000_8000_0000_0000;
 
 const _: () = assert!(USER_WORK_BASE + USER_WORK_MAX_SIZE <= USER_STACK_TOP - USER_STACK_SIZE);
-const _: () = assert!(MODULE_START % LARGE_PAGE_SIZE == 0 && FREE_RAM_START % LARGE_PAGE_SIZE == 0);
+const _: () = assert!(MODULE_START.is_multiple_of(LARGE_PAGE_SIZE) && FREE_RAM_START.is_multiple_of(LARGE_PAGE_SIZE));
 const _: () = assert!(MIN_MEM_SIZE > FREE_RAM_START);
 
 #[cfg(test)]

@@ -15,6 +15,7 @@
 //! - [`syscall`]: the guest's system-call numbers and the user task entry
 //!   arguments, shared by the guest kernel and its user programs.
 #![cfg_attr(not(any(feature = "host", test)), no_std)]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::cast_possible_truncation))]
 
 pub mod boot;
 pub mod exit;

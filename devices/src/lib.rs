@@ -5,6 +5,7 @@
 //! never block a vCPU: what the VMM must act on (the guest asked to exit, to start
 //! its other vCPUs, reported a result) leaves them as a [`DeviceEvent`] through a
 //! [`DeviceEventSink`].
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::cast_possible_truncation))]
 
 pub mod debug_exit;
 pub mod pv_channel;

@@ -10,6 +10,9 @@ const CR0_PG: u64 = 1 << 31;
 const CR4_PAE: u64 = 1 << 5;
 const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
+#[allow(clippy::cast_possible_truncation)] // 23, checked by the assertion below
+const BOOT_GDT_LIMIT: u16 = (BOOT_GDT_ENTRIES * 8 - 1) as u16;
+const _: () = assert!(BOOT_GDT_ENTRIES * 8 - 1 <= u16::MAX as u64);
 
 fn segment(selector: u16, code: bool) -> kvm_segment {
     kvm_segment {
@@ -37,7 +40,7 @@ pub fn long_mode_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
     sregs.gs = data;
     sregs.ss = data;
     sregs.gdt.base = BOOT_GDT_START;
-    sregs.gdt.limit = (BOOT_GDT_ENTRIES * 8 - 1) as u16;
+    sregs.gdt.limit = BOOT_GDT_LIMIT;
     sregs.idt.base = 0;
     sregs.idt.limit = 0;
     sregs.cr3 = BOOT_PML4_START;
