@@ -36,6 +36,15 @@ pub enum ConfigError {
     /// The bundled kernel would reject the command line.
     #[error("the bundled guest kernel rejects the command line: {0}")]
     BadCmdline(String),
+    /// A `--mem-backend` value that does not parse.
+    #[error("invalid memory backend `{0}`: use `anon` (plain memory, the default), `zero` (demand-zero through userfaultfd) or `file:PATH[,offset=N]` (pages read from a memory file)")]
+    BadMemBackend(String),
+    /// A fault-around window that is not a power of two in range.
+    #[error("fault-around window {0} pages is invalid: use 0 (off) or a power of two up to {MAX_FAULT_AROUND}")]
+    BadFaultAround(u32),
+    /// Fault-around asked for plain anonymous memory.
+    #[error("fault-around needs a lazily backed memory: add --mem-backend zero or --mem-backend file:PATH")]
+    FaultAroundWithoutBackend,
     /// A config file that cannot be read or parsed.
     #[error("cannot use config file {path}: {reason}")]
     File {
@@ -56,6 +65,84 @@ pub enum KernelSource {
     File(PathBuf),
 }
 
+/// Largest fault-around window, in pages (2 MiB of 4 KiB pages).
+pub const MAX_FAULT_AROUND: u32 = 512;
+/// Fault-around default for the `file` backend: one 64 KiB read costs about as
+/// much as one 4 KiB read, and it saves up to 15 userfault round trips.
+pub const DEFAULT_FILE_FAULT_AROUND: u32 = 16;
+
+/// What backs guest RAM.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum MemBackend {
+    /// Plain anonymous memory, no userfaultfd (the kernel zero-fills).
+    #[default]
+    Anon,
+    /// Demand-zero pages served through userfaultfd by the retry core.
+    Zero,
+    /// Pages read from a memory file indexed by guest-physical address:
+    /// guest address `a` is file offset `offset + a`; beyond EOF reads zero.
+    File {
+        /// The memory file.
+        path: PathBuf,
+        /// File offset of guest-physical address 0.
+        offset: u64,
+    },
+}
+
+impl MemBackend {
+    /// Whether guest RAM goes through userfaultfd.
+    pub fn is_lazy(&self) -> bool {
+        *self != MemBackend::Anon
+    }
+
+    /// The fault-around window used when none is configured: 16 for a file
+    /// (see [`DEFAULT_FILE_FAULT_AROUND`]), off otherwise (a zero page costs
+    /// nothing to fetch, and one fault per page keeps the counts exact).
+    pub fn default_fault_around(&self) -> u32 {
+        match self {
+            MemBackend::File { .. } => DEFAULT_FILE_FAULT_AROUND,
+            MemBackend::Anon | MemBackend::Zero => 0,
+        }
+    }
+}
+
+impl std::str::FromStr for MemBackend {
+    type Err = ConfigError;
+
+    /// Parses `anon`, `zero`, `file:PATH` or `file:PATH,offset=N` (N with an
+    /// optional K/M/G suffix).
+    fn from_str(s: &str) -> Result<MemBackend, ConfigError> {
+        let bad = || ConfigError::BadMemBackend(s.to_string());
+        match s.trim() {
+            "anon" => Ok(MemBackend::Anon),
+            "zero" => Ok(MemBackend::Zero),
+            t => {
+                let spec = t.strip_prefix("file:").ok_or_else(bad)?;
+                // The last `,offset=` splits, so paths may contain commas.
+                let (path, offset) = match spec.rsplit_once(",offset=") {
+                    Some((p, o)) => (p, parse_size(o).map_err(|_| bad())?),
+                    None => (spec, 0),
+                };
+                if path.is_empty() {
+                    return Err(bad());
+                }
+                Ok(MemBackend::File { path: PathBuf::from(path), offset })
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for MemBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MemBackend::Anon => f.write_str("anon"),
+            MemBackend::Zero => f.write_str("zero"),
+            MemBackend::File { path, offset: 0 } => write!(f, "file:{}", path.display()),
+            MemBackend::File { path, offset } => write!(f, "file:{},offset={offset}", path.display()),
+        }
+    }
+}
+
 /// A validated VM configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmConfig {
@@ -67,6 +154,52 @@ pub struct VmConfig {
     pub mem_size: u64,
     /// Kernel command line.
     pub cmdline: String,
+}
+
+/// How guest RAM is backed. Kept apart from [`VmConfig`] (whose struct literal
+/// other crates build) and passed to [`crate::run_vm_with_memory`].
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct MemoryConfig {
+    /// What backs guest RAM.
+    pub backend: MemBackend,
+    /// Fault-around window in pages (0 = off); `None` = the backend's default.
+    pub fault_around: Option<u32>,
+}
+
+impl MemoryConfig {
+    /// Lazily backed RAM from `backend` with its default fault-around.
+    pub fn lazy(backend: MemBackend) -> MemoryConfig {
+        MemoryConfig { backend, fault_around: None }
+    }
+
+    /// The fault-around window in effect (pages, 0 = off).
+    pub fn effective_fault_around(&self) -> u32 {
+        self.fault_around.unwrap_or_else(|| self.backend.default_fault_around())
+    }
+
+    /// Checks the fault-around window against the backend.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(w) = self.fault_around {
+            if w != 0 && (!w.is_power_of_two() || w > MAX_FAULT_AROUND) {
+                return Err(ConfigError::BadFaultAround(w));
+            }
+            if !self.backend.is_lazy() && w != 0 {
+                return Err(ConfigError::FaultAroundWithoutBackend);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl TryFrom<&ConfigFile> for MemoryConfig {
+    type Error = ConfigError;
+
+    fn try_from(f: &ConfigFile) -> Result<Self, ConfigError> {
+        let backend = f.mem_backend.as_deref().map_or(Ok(MemBackend::Anon), str::parse)?;
+        let cfg = MemoryConfig { backend, fault_around: f.fault_around };
+        cfg.validate()?;
+        Ok(cfg)
+    }
 }
 
 /// A configuration as written in a file: every field optional.
@@ -81,6 +214,10 @@ pub struct ConfigFile {
     pub mem: Option<String>,
     /// Command line.
     pub cmdline: Option<String>,
+    /// Memory backend (`"anon"`, `"zero"`, `"file:PATH,offset=N"`).
+    pub mem_backend: Option<String>,
+    /// Fault-around window in pages.
+    pub fault_around: Option<u32>,
 }
 
 impl ConfigFile {
@@ -103,6 +240,8 @@ impl ConfigFile {
             vcpus: other.vcpus.or(self.vcpus),
             mem: other.mem.or(self.mem),
             cmdline: other.cmdline.or(self.cmdline),
+            mem_backend: other.mem_backend.or(self.mem_backend),
+            fault_around: other.fault_around.or(self.fault_around),
         }
     }
 
@@ -220,5 +359,55 @@ mod tests {
         let c = VmConfig::try_from(ConfigFile::defaults().overridden_by(f)).unwrap();
         assert_eq!((c.vcpus, c.mem_size), (2, 1 << 30));
         assert!(ConfigFile::parse("vcpu = 2", "t").is_err(), "unknown keys are rejected");
+        let m = MemoryConfig::try_from(&ConfigFile::defaults()).unwrap();
+        assert_eq!(m, MemoryConfig::default(), "anon stays the default");
+        let f = ConfigFile::parse("mem_backend = \"zero\"\nfault_around = 4", "t").unwrap();
+        let m = MemoryConfig::try_from(&ConfigFile::defaults().overridden_by(f)).unwrap();
+        assert_eq!((m.backend, m.fault_around), (MemBackend::Zero, Some(4)));
+        let f = ConfigFile::parse("mem_backend = \"disk\"", "t").unwrap();
+        assert!(matches!(MemoryConfig::try_from(&f), Err(ConfigError::BadMemBackend(_))));
+    }
+
+    #[test]
+    fn mem_backends_parse() {
+        assert_eq!("anon".parse(), Ok(MemBackend::Anon));
+        assert_eq!("zero".parse(), Ok(MemBackend::Zero));
+        assert_eq!(
+            "file:/snap/mem".parse(),
+            Ok(MemBackend::File { path: "/snap/mem".into(), offset: 0 })
+        );
+        assert_eq!(
+            "file:/a,b/mem,offset=4K".parse(),
+            Ok(MemBackend::File { path: "/a,b/mem".into(), offset: 4096 })
+        );
+        for bad in ["", "ram", "file:", "file:,offset=1", "file:/m,offset=x", "File:/m"] {
+            let e = bad.parse::<MemBackend>().unwrap_err();
+            assert!(matches!(e, ConfigError::BadMemBackend(_)), "{bad}");
+            assert!(e.to_string().contains("file:PATH[,offset=N]"), "{e}");
+        }
+        let b = MemBackend::File { path: "/m".into(), offset: 8192 };
+        assert_eq!(b.to_string().parse(), Ok(b));
+    }
+
+    #[test]
+    fn fault_around_is_checked() {
+        let mut c = MemoryConfig::lazy(MemBackend::Zero);
+        assert_eq!(c.effective_fault_around(), 0);
+        for ok in [0, 1, 16, 512] {
+            c.fault_around = Some(ok);
+            assert_eq!(c.validate(), Ok(()));
+        }
+        for bad in [3, 1024] {
+            c.fault_around = Some(bad);
+            assert_eq!(c.validate(), Err(ConfigError::BadFaultAround(bad)));
+        }
+        c.backend = MemBackend::File { path: "/m".into(), offset: 0 };
+        c.fault_around = None;
+        assert_eq!(c.effective_fault_around(), DEFAULT_FILE_FAULT_AROUND);
+        c.backend = MemBackend::Anon;
+        c.fault_around = Some(16);
+        assert_eq!(c.validate(), Err(ConfigError::FaultAroundWithoutBackend));
+        c.fault_around = Some(0);
+        assert_eq!(c.validate(), Ok(()));
     }
 }

@@ -4,20 +4,27 @@
 //! the CLI, files and tests), [`vm`] (KVM VM, devices, controller), [`vcpu`]
 //! (the vCPU state machine and kick), [`exit`] (what each KVM exit does),
 //! [`loader`] and [`memory`] (guest image and RAM), [`arch`] (x86_64 entry state).
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::cast_possible_truncation))]
 
 pub mod arch;
 pub mod config;
 pub mod exit;
 pub mod guest;
+pub mod lazy;
 pub mod loader;
 pub mod memory;
 pub mod vcpu;
 pub mod vm;
 
-pub use config::{ConfigError, KernelSource, VmConfig};
+pub use config::{ConfigError, KernelSource, MemBackend, MemoryConfig, VmConfig};
 pub use vm::{GuestEnd, RunOutcome, Vm, VmError, VmOptions};
 
 /// Builds and runs a VM with `config` until it ends.
 pub fn run_vm(config: &VmConfig, options: VmOptions) -> Result<RunOutcome, VmError> {
     Vm::new(config, options)?.run()
+}
+
+/// [`run_vm`] with guest RAM backed as `memory` says (e.g. through userfaultfd).
+pub fn run_vm_with_memory(config: &VmConfig, memory: &MemoryConfig, options: VmOptions) -> Result<RunOutcome, VmError> {
+    Vm::with_memory(config, memory, options)?.run()
 }

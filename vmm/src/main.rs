@@ -8,7 +8,7 @@ use std::process::ExitCode as ProcessExit;
 use std::time::Duration;
 use vmm::config::ConfigFile;
 use vmm::vm::{verify_reports, EXIT_BAD_RESULT, EXIT_VMM_ERROR};
-use vmm::{GuestEnd, VmConfig, VmOptions};
+use vmm::{GuestEnd, MemoryConfig, VmConfig, VmOptions};
 
 #[derive(Parser, Debug)]
 #[command(name = "vmm", version, about = "A minimal KVM VMM for lazily backed microVMs")]
@@ -37,7 +37,19 @@ struct RunArgs {
     /// Guest kernel command line, e.g. "workload=touch pages=1000 pattern=rand".
     #[arg(long)]
     cmdline: Option<String>,
-    /// TOML file with any of: kernel, vcpus, mem, cmdline (flags override it).
+    /// What backs guest RAM: `anon` (plain memory, default), `zero` (demand-zero
+    /// pages served through userfaultfd) or `file:PATH[,offset=N]` (pages read
+    /// on first touch from a memory file indexed by guest-physical address).
+    #[arg(long, value_name = "BACKEND")]
+    mem_backend: Option<String>,
+    /// Fault-around window in pages for a lazy backend: 0 (off) or a power of
+    /// two up to 512. Default: 16 for `file`, 0 for `zero`.
+    #[arg(long, value_name = "PAGES")]
+    fault_around: Option<u32>,
+    /// Write run statistics (vCPUs, retry core, fault latency) as JSON to FILE, or `-` for stdout.
+    #[arg(long, value_name = "FILE")]
+    stats: Option<PathBuf>,
+    /// TOML file with any of: kernel, vcpus, mem, cmdline, mem_backend, fault_around (flags override it).
     #[arg(long)]
     config: Option<PathBuf>,
     /// Give up after this many seconds (exit code 11).
@@ -59,7 +71,7 @@ fn main() -> ProcessExit {
     ProcessExit::from(u8::try_from(code).unwrap_or(1))
 }
 
-fn config_from(args: &RunArgs) -> Result<VmConfig, vmm::ConfigError> {
+fn config_from(args: &RunArgs) -> Result<(VmConfig, MemoryConfig), vmm::ConfigError> {
     let mut file = ConfigFile::defaults();
     if let Some(path) = &args.config {
         file = file.overridden_by(ConfigFile::load(path)?);
@@ -69,12 +81,16 @@ fn config_from(args: &RunArgs) -> Result<VmConfig, vmm::ConfigError> {
         vcpus: args.vcpus,
         mem: args.mem.clone(),
         cmdline: args.cmdline.clone(),
+        mem_backend: args.mem_backend.clone(),
+        fault_around: args.fault_around,
     };
-    VmConfig::try_from(file.overridden_by(flags))
+    let file = file.overridden_by(flags);
+    let memory = MemoryConfig::try_from(&file)?;
+    Ok((VmConfig::try_from(file)?, memory))
 }
 
 fn run(args: RunArgs) -> i32 {
-    let config = match config_from(&args) {
+    let (config, memory) = match config_from(&args) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("vmm: error: {e}");
@@ -89,7 +105,7 @@ fn run(args: RunArgs) -> i32 {
         s => s.map(Duration::from_secs_f64),
     };
     let options = VmOptions { stdin: true, timeout, ..Default::default() };
-    let outcome = match vmm::run_vm(&config, options) {
+    let outcome = match vmm::run_vm_with_memory(&config, &memory, options) {
         Ok(o) => o,
         Err(e) => {
             eprintln!("vmm: error: {e}");
@@ -122,6 +138,7 @@ fn run(args: RunArgs) -> i32 {
             eprintln!("vmm: error: guest crashed on vCPU {}: {} at RIP {rip}", s.cpu, s.reason);
         }
         GuestEnd::TimedOut(t) => eprintln!("vmm: error: the guest did not finish within {t:?}"),
+        GuestEnd::MemoryFault(msg) => eprintln!("vmm: error: the VM was stopped: {msg}"),
     }
     if code == 0 {
         match verify_reports(&config, &outcome) {
@@ -133,10 +150,36 @@ fn run(args: RunArgs) -> i32 {
             }
         }
     }
+    if let Some(m) = &outcome.memory {
+        let t = &m.total;
+        println!(
+            "vmm: memory {}: {} faults served ({} zero pages, {} copied, {} by fault-around), {} retries",
+            m.backend, t.faults, t.pages_zeroed, t.pages_copied, t.fault_around_pages, t.retries_total
+        );
+    }
+    if let Some(path) = &args.stats {
+        if let Err(e) = write_stats(path, &outcome) {
+            eprintln!("vmm: error: cannot write statistics to {}: {e}", path.display());
+            if code == 0 {
+                code = EXIT_VMM_ERROR;
+            }
+        }
+    }
     let first = outcome.first_output.map_or("-".into(), |d| format!("{:.1} ms", d.as_secs_f64() * 1e3));
     println!(
         "vmm: first guest output after {first}, total {:.1} ms",
         outcome.elapsed.as_secs_f64() * 1e3
     );
     code
+}
+
+/// Writes the run's statistics as JSON to `path` (`-` = stdout).
+fn write_stats(path: &std::path::Path, outcome: &vmm::RunOutcome) -> std::io::Result<()> {
+    let json = serde_json::to_string_pretty(&outcome.stats_json()).map_err(std::io::Error::other)?;
+    if path.as_os_str() == "-" {
+        println!("{json}");
+        Ok(())
+    } else {
+        std::fs::write(path, json + "\n")
+    }
 }

@@ -2,7 +2,8 @@
 //! that runs them until the guest exits.
 
 use crate::arch::x86_64::{cpu, paging};
-use crate::config::{KernelSource, VmConfig};
+use crate::config::{KernelSource, MemoryConfig, VmConfig};
+use crate::lazy::{LazyError, LazyMemory, MemoryStats};
 use crate::loader::{self, LoaderError};
 use crate::memory::{self, MemoryError};
 use crate::vcpu::{StopSink, VcpuError, VcpuHandle, VcpuState, VcpuStatsSnapshot, VcpuStopped};
@@ -74,6 +75,9 @@ pub enum VmError {
     /// vCPU control.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    /// Lazily backed guest memory.
+    #[error(transparent)]
+    Lazy(#[from] LazyError),
     /// Devices / event loop.
     #[error("device setup failed: {0}")]
     Device(String),
@@ -88,6 +92,20 @@ pub enum GuestEnd {
     Crashed(VcpuStopped),
     /// `VmOptions::timeout` passed first.
     TimedOut(Duration),
+    /// A guest page could not be served by the memory backend (the page was not
+    /// zero-filled; the VM was stopped). The message names the page and the cause.
+    MemoryFault(String),
+}
+
+impl std::fmt::Display for GuestEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GuestEnd::Exited(code) => write!(f, "exited with code {code}"),
+            GuestEnd::Crashed(s) => write!(f, "crashed on vCPU {}: {}", s.cpu, s.reason),
+            GuestEnd::TimedOut(t) => write!(f, "timed out after {t:?}"),
+            GuestEnd::MemoryFault(m) => write!(f, "memory fault: {m}"),
+        }
+    }
 }
 
 /// Process exit code when a vCPU crashed (triple fault, emulator error...).
@@ -96,6 +114,8 @@ pub const EXIT_CRASHED: i32 = 10;
 pub const EXIT_TIMED_OUT: i32 = 11;
 /// Process exit code when the host-side check of a workload result failed.
 pub const EXIT_BAD_RESULT: i32 = 12;
+/// Process exit code when guest memory could not be served (memory backend failure).
+pub const EXIT_MEMORY_FAULT: i32 = 13;
 /// Process exit code for VMM errors (configuration, KVM, loading).
 pub const EXIT_VMM_ERROR: i32 = 64;
 
@@ -114,6 +134,8 @@ pub struct RunOutcome {
     pub vcpu_stats: Vec<VcpuStatsSnapshot>,
     /// Requests the guest sent that the VMM rejected.
     pub bad_requests: Vec<String>,
+    /// Retry-core statistics, when guest RAM is lazily backed.
+    pub memory: Option<MemoryStats>,
 }
 
 impl RunOutcome {
@@ -128,7 +150,21 @@ impl RunOutcome {
             GuestEnd::Exited(code) => i32::try_from(*code).unwrap_or(ExitCode::Failure as i32),
             GuestEnd::Crashed(_) => EXIT_CRASHED,
             GuestEnd::TimedOut(_) => EXIT_TIMED_OUT,
+            GuestEnd::MemoryFault(_) => EXIT_MEMORY_FAULT,
         }
+    }
+
+    /// The run's statistics as JSON (`vmm run --stats`).
+    pub fn stats_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "end": self.end.to_string(),
+            "exit_code": self.exit_code(),
+            "elapsed_ms": self.elapsed.as_secs_f64() * 1e3,
+            "first_output_ms": self.first_output.map(|d| d.as_secs_f64() * 1e3),
+            "checksum": format!("{:#018x}", self.checksum()),
+            "vcpus": self.vcpu_stats,
+            "memory": self.memory,
+        })
     }
 }
 
@@ -160,6 +196,8 @@ enum VmEvent {
 pub struct Vm {
     config: VmConfig,
     options: VmOptions,
+    // Declared before `_mem` so it drops first: its handler fills pages of that mapping.
+    lazy: Option<LazyMemory>,
     // Kept alive while the vCPUs run: the memslots point into this mapping.
     _mem: GuestMemoryMmap,
     _vm_fd: VmFd,
@@ -211,8 +249,14 @@ pub fn open_kvm() -> Result<Kvm, VmError> {
 impl Vm {
     /// Creates the VM: KVM objects, memory, devices, the loaded guest, vCPUs.
     pub fn new(config: &VmConfig, options: VmOptions) -> Result<Vm, VmError> {
+        Self::with_memory(config, &MemoryConfig::default(), options)
+    }
+
+    /// [`Vm::new`] with guest RAM backed as `memory` says.
+    pub fn with_memory(config: &VmConfig, memory: &MemoryConfig, options: VmOptions) -> Result<Vm, VmError> {
         let created = Instant::now();
         config.validate().map_err(|e| VmError::Device(e.to_string()))?;
+        memory.validate().map_err(|e| VmError::Device(e.to_string()))?;
         let kernel_image = match &config.kernel {
             KernelSource::Bundled => std::borrow::Cow::Borrowed(crate::guest::KERNEL),
             KernelSource::File(p) => std::borrow::Cow::Owned(
@@ -234,6 +278,9 @@ impl Vm {
         let module = loader::load_module(&mem, crate::guest::USER)?;
         let info = loader::boot_info(config.mem_size, config.vcpus, &config.cmdline, module)?;
         loader::write_boot_info(&mem, &info)?;
+        // Only now, with every page the VMM writes present, may RAM be handed to
+        // userfaultfd: a VMM write to a missing page would block this thread.
+        let lazy = LazyMemory::start(&mem, &memory.backend, memory.effective_fault_around())?;
 
         // Devices.
         let (events_tx, events_rx) = mpsc::channel();
@@ -287,6 +334,7 @@ impl Vm {
         Ok(Vm {
             config: config.clone(),
             options,
+            lazy,
             _mem: mem,
             _vm_fd: vm_fd,
             vcpu_fds,
@@ -340,6 +388,9 @@ impl Vm {
             if let Some(end) = controller.lock().map_err(|_| VmError::Device("controller poisoned".into()))?.end.clone() {
                 break end;
             }
+            if let Some(end) = self.memory_failure() {
+                break end;
+            }
             if let Some(d) = deadline {
                 if Instant::now() >= d {
                     break GuestEnd::TimedOut(self.options.timeout.unwrap_or_default());
@@ -350,13 +401,36 @@ impl Vm {
 
         let mut c = controller.lock().map_err(|_| VmError::Device("controller poisoned".into()))?;
         let vcpu_stats = c.handles.iter().map(VcpuHandle::stats).collect();
+        // A vCPU blocked on a page that cannot be served ignores kicks (a
+        // kernel-mode access spins, PLATFORM.md): do not wait long for it.
+        let memory_fault = matches!(end, GuestEnd::MemoryFault(_));
+        let patience = if memory_fault { Duration::from_millis(300) } else { Duration::from_secs(2) };
+        let mut stuck = Vec::new();
         for h in &mut c.handles {
-            // A vCPU that cannot be stopped (blocked on a page nobody serves) is
-            // left behind rather than hanging the VMM.
-            if let Err(e) = h.stop(Duration::from_secs(2)) {
-                tracing::warn!("{e}");
+            if let Err(e) = h.stop(patience) {
+                stuck.push((h.cpu(), e));
             }
         }
+        if let (false, Some(lazy)) = (stuck.is_empty(), &self.lazy) {
+            // The run is over and its results are void: unregistering wakes the
+            // stuck vCPUs (their page reads as zero), so they can see the stop.
+            lazy.release_blocked();
+            stuck.retain_mut(|(cpu, e)| match c.handles.iter_mut().find(|h| h.cpu() == *cpu).map(|h| h.stop(Duration::from_secs(2))) {
+                Some(Err(again)) => {
+                    *e = again;
+                    true
+                }
+                _ => false,
+            });
+        }
+        for (_, e) in stuck {
+            // Left behind rather than hanging the VMM.
+            tracing::warn!("{e}");
+        }
+        let memory = self.lazy.as_mut().map(|l| {
+            l.stop();
+            l.stats()
+        });
         let mut reports = std::mem::take(&mut c.reports);
         reports.sort_by_key(|r| r.cpu);
         Ok(RunOutcome {
@@ -366,7 +440,19 @@ impl Vm {
             elapsed: self.created.elapsed(),
             vcpu_stats,
             bad_requests: std::mem::take(&mut c.bad_requests),
+            memory,
         })
+    }
+
+    /// The end of the run if the memory backend failed: never let the guest go
+    /// on past a page that could not be provided.
+    fn memory_failure(&self) -> Option<GuestEnd> {
+        let lazy = self.lazy.as_ref()?;
+        if let Some(first) = lazy.failures().first() {
+            return Some(GuestEnd::MemoryFault(first.to_string()));
+        }
+        lazy.handler_died()
+            .then(|| GuestEnd::MemoryFault("the userfault handler stopped; guest pages can no longer be served".into()))
     }
 
     /// The configuration.
