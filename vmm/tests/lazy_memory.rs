@@ -101,3 +101,34 @@ fn file_backend_serves_pages_from_the_file() {
     assert!(m.total.fault_around_pages > 0, "{:?}", m.total);
     assert!(m.total.fetches < m.total.pages_copied, "{:?}", m.total);
 }
+
+#[test]
+fn source_failure_stops_the_vm_with_a_clear_error() {
+    let cfg = config(1, "128M");
+    let path = std::env::temp_dir().join(format!("vmm-lazy-bad-{}.img", std::process::id()));
+    let file = TempFile(path);
+    let f = std::fs::File::create(&file.0).unwrap();
+    f.set_len(cfg.mem_size).unwrap();
+    let mem = MemoryConfig { backend: MemBackend::File { path: file.0.clone(), offset: 0 }, fault_around: Some(0) };
+    let buf = Arc::new(Mutex::new(Vec::new()));
+    let options = VmOptions {
+        serial: SerialOutput::Capture(buf.clone()),
+        stdin: false,
+        timeout: Some(Duration::from_secs(120)),
+    };
+    let vm = vmm::Vm::with_memory(&cfg, &mem, options).unwrap();
+    // The source opened a file of the memory's size; cut it under the VM, so
+    // reads of pages the guest has not touched yet fail (unexpected EOF).
+    f.set_len(0).unwrap();
+    let outcome = vm.run().unwrap();
+    let msg = match &outcome.end {
+        vmm::GuestEnd::MemoryFault(msg) => msg.clone(),
+        other => panic!("expected a memory fault, got {other:?}"),
+    };
+    eprintln!("memory fault: {msg}");
+    assert_eq!(outcome.exit_code(), vmm::vm::EXIT_MEMORY_FAULT);
+    assert!(msg.contains("guest page 0x") && msg.contains("file:") && msg.contains("not zero-filled"), "{msg}");
+    let m = outcome.memory.as_ref().expect("memory statistics");
+    assert!(!m.failures.is_empty());
+    assert_eq!(m.total.pages_copied + m.total.pages_zeroed, m.total.faults, "the failed page was not filled");
+}
