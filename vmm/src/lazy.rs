@@ -29,7 +29,7 @@ pub enum LazyError {
         source: ::memory::UffdError,
     },
     /// The page source cannot be opened.
-    #[error("cannot open the memory backend: {0}; check the path given to --mem-backend file:PATH")]
+    #[error("cannot open the memory backend (--mem-backend file:PATH): {0}")]
     Source(#[from] ::memory::SourceError),
     /// An eventfd for the source could not be created.
     #[error("cannot create the page source's eventfd: {0}; raise the process's file descriptor limit")]

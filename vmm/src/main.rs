@@ -43,7 +43,7 @@ struct RunArgs {
     #[arg(long, value_name = "BACKEND")]
     mem_backend: Option<String>,
     /// Fault-around window in pages for a lazy backend: 0 (off) or a power of
-    /// two up to 512. Default: 16 for `file`, 0 for `zero`.
+    /// two up to 512. Default: 16 (one fill of 16 pages costs about one page).
     #[arg(long, value_name = "PAGES")]
     fault_around: Option<u32>,
     /// Write run statistics (vCPUs, retry core, fault latency) as JSON to FILE, or `-` for stdout.
@@ -157,6 +157,12 @@ fn run(args: RunArgs) -> i32 {
             m.backend, t.faults, t.pages_zeroed, t.pages_copied, t.fault_around_pages, t.retries_total
         );
     }
+    let first = outcome.first_output.map_or("-".into(), |d| format!("{:.1} ms", d.as_secs_f64() * 1e3));
+    println!(
+        "vmm: first guest output after {first}, total {:.1} ms",
+        outcome.elapsed.as_secs_f64() * 1e3
+    );
+    // Last, so that with `--stats -` the JSON is the tail of stdout.
     if let Some(path) = &args.stats {
         if let Err(e) = write_stats(path, &outcome) {
             eprintln!("vmm: error: cannot write statistics to {}: {e}", path.display());
@@ -165,11 +171,6 @@ fn run(args: RunArgs) -> i32 {
             }
         }
     }
-    let first = outcome.first_output.map_or("-".into(), |d| format!("{:.1} ms", d.as_secs_f64() * 1e3));
-    println!(
-        "vmm: first guest output after {first}, total {:.1} ms",
-        outcome.elapsed.as_secs_f64() * 1e3
-    );
     code
 }
 

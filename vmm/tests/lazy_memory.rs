@@ -94,7 +94,7 @@ fn file_backend_serves_pages_from_the_file() {
     check_verified(&cfg, &outcome, &console);
     let m = outcome.memory.as_ref().expect("memory statistics");
     assert!(m.backend.starts_with("file:"), "{}", m.backend);
-    assert_eq!(m.fault_around, vmm::config::DEFAULT_FILE_FAULT_AROUND);
+    assert_eq!(m.fault_around, vmm::config::DEFAULT_FAULT_AROUND);
     assert!(m.failures.is_empty(), "{:?}", m.failures);
     // Every touched page came from the file, most of them by fault-around.
     assert!(m.total.pages_copied >= PAGES, "{:?}", m.total);
