@@ -33,7 +33,14 @@ fn main() {
     let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(&guest)
-        .args(["build", "--release", "--offline", "--locked", "--target", GUEST_TARGET])
+        .args([
+            "build",
+            "--release",
+            "--offline",
+            "--locked",
+            "--target",
+            GUEST_TARGET,
+        ])
         .arg("--target-dir")
         .arg(&target_dir);
     // The outer build's settings must not leak into the guest build: RUSTFLAGS would
@@ -55,9 +62,14 @@ fn main() {
             cmd.env_remove(&k);
         }
     }
-    let status = cmd.status().unwrap_or_else(|e| panic!("cannot run cargo to build the guest kernel: {e}"));
+    let status = cmd
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run cargo to build the guest kernel: {e}"));
     if !status.success() {
-        panic!("building the guest kernel in {} failed ({status}); see the errors above", guest.display());
+        panic!(
+            "building the guest kernel in {} failed ({status}); see the errors above",
+            guest.display()
+        );
     }
 
     let out = PathBuf::from(env::var("OUT_DIR").expect("set by cargo"));

@@ -90,9 +90,8 @@ pub struct BootInfo {
 
 const _: () = assert!(core::mem::size_of::<MemRegion>() == 24);
 const _: () = assert!(core::mem::size_of::<Module>() == 16);
-const _: () = assert!(
-    core::mem::size_of::<BootInfo>() == 8 + 4 * 4 + 16 + 24 * MAX_MEM_REGIONS + CMDLINE_MAX
-);
+const _: () =
+    assert!(core::mem::size_of::<BootInfo>() == 8 + 4 * 4 + 16 + 24 * MAX_MEM_REGIONS + CMDLINE_MAX);
 const _: () = assert!(core::mem::size_of::<BootInfo>() as u64 <= crate::layout::PAGE_SIZE);
 
 crate::byte_valued!(MemRegion, Module, BootInfo);
@@ -152,7 +151,12 @@ impl BootInfo {
         if n >= MAX_MEM_REGIONS {
             return false;
         }
-        self.mem_regions[n] = MemRegion { start, len, kind: kind as u32, reserved: 0 };
+        self.mem_regions[n] = MemRegion {
+            start,
+            len,
+            kind: kind as u32,
+            reserved: 0,
+        };
         self.mem_region_count += 1;
         true
     }
@@ -160,7 +164,9 @@ impl BootInfo {
     /// Sets the command line; `false` if it is longer than [`CMDLINE_MAX`].
     pub fn set_cmdline(&mut self, cmdline: &str) -> bool {
         let bytes = cmdline.as_bytes();
-        let Ok(len) = u32::try_from(bytes.len()) else { return false };
+        let Ok(len) = u32::try_from(bytes.len()) else {
+            return false;
+        };
         if bytes.len() > CMDLINE_MAX {
             return false;
         }
@@ -183,7 +189,10 @@ mod tests {
 
     #[test]
     fn boot_info_round_trip_and_validation() {
-        let mut b = BootInfo { cpu_count: 2, ..Default::default() };
+        let mut b = BootInfo {
+            cpu_count: 2,
+            ..Default::default()
+        };
         assert!(b.set_cmdline("workload=hello"));
         assert!(b.push_region(0x100_0000, 0x100_0000, MemKind::Usable));
         assert_eq!(b.validate(), Ok(()));
@@ -200,7 +209,10 @@ mod tests {
 
     #[test]
     fn cmdline_and_region_capacity_are_enforced() {
-        let mut b = BootInfo { cpu_count: 1, ..Default::default() };
+        let mut b = BootInfo {
+            cpu_count: 1,
+            ..Default::default()
+        };
         assert!(!b.set_cmdline(&"x".repeat(CMDLINE_MAX + 1)));
         for i in 0..MAX_MEM_REGIONS as u64 {
             assert!(b.push_region(i << 30, 1 << 20, MemKind::Usable));

@@ -97,7 +97,8 @@ pub const USER_STACK_SIZE: u64 = 1 << 20;
 pub const USER_SPACE_END: u64 = 0x0000_8000_0000_0000;
 
 const _: () = assert!(USER_WORK_BASE + USER_WORK_MAX_SIZE <= USER_STACK_TOP - USER_STACK_SIZE);
-const _: () = assert!(MODULE_START.is_multiple_of(LARGE_PAGE_SIZE) && FREE_RAM_START.is_multiple_of(LARGE_PAGE_SIZE));
+const _: () =
+    assert!(MODULE_START.is_multiple_of(LARGE_PAGE_SIZE) && FREE_RAM_START.is_multiple_of(LARGE_PAGE_SIZE));
 const _: () = assert!(MIN_MEM_SIZE > FREE_RAM_START);
 
 #[cfg(test)]
@@ -107,7 +108,10 @@ mod tests {
     #[test]
     fn ram_ranges_split_at_the_mmio_hole() {
         assert_eq!(ram_ranges(64 << 20), [(0, 64 << 20), (HIGH_RAM_START, 0)]);
-        assert_eq!(ram_ranges(MMIO_GAP_START), [(0, MMIO_GAP_START), (HIGH_RAM_START, 0)]);
+        assert_eq!(
+            ram_ranges(MMIO_GAP_START),
+            [(0, MMIO_GAP_START), (HIGH_RAM_START, 0)]
+        );
         assert_eq!(
             ram_ranges(4 << 30),
             [(0, MMIO_GAP_START), (HIGH_RAM_START, 1 << 30)]

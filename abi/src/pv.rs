@@ -75,7 +75,11 @@ pub struct UnknownKind(pub u32);
 impl PvRequest {
     /// [`PvMessage::StartCpus`] as a request.
     pub const fn start_cpus() -> PvRequest {
-        PvRequest { kind: kind::START_CPUS, status: status::PENDING, args: [0; 6] }
+        PvRequest {
+            kind: kind::START_CPUS,
+            status: status::PENDING,
+            args: [0; 6],
+        }
     }
 
     /// Encodes a message.
@@ -133,7 +137,10 @@ mod tests {
         let req = PvRequest::encode(&PvMessage::Report(r));
         assert_eq!(req.decode(), Ok(PvMessage::Report(r)));
         assert_eq!(PvRequest::start_cpus().decode(), Ok(PvMessage::StartCpus));
-        let bad = PvRequest { kind: 77, ..Default::default() };
+        let bad = PvRequest {
+            kind: 77,
+            ..Default::default()
+        };
         assert_eq!(bad.decode(), Err(UnknownKind(77)));
     }
 }

@@ -27,9 +27,13 @@ pub enum WorkloadKind {
 impl WorkloadKind {
     /// From the `u32` in [`crate::syscall::TaskArgs`].
     pub fn from_raw(raw: u32) -> Option<WorkloadKind> {
-        [WorkloadKind::Hello, WorkloadKind::Touch, WorkloadKind::TripleFault]
-            .into_iter()
-            .find(|k| *k as u32 == raw)
+        [
+            WorkloadKind::Hello,
+            WorkloadKind::Touch,
+            WorkloadKind::TripleFault,
+        ]
+        .into_iter()
+        .find(|k| *k as u32 == raw)
     }
 
     /// Name on the command line.
@@ -69,7 +73,13 @@ pub struct WorkloadConfig {
 
 impl Default for WorkloadConfig {
     fn default() -> Self {
-        WorkloadConfig { kind: WorkloadKind::Hello, pages: 256, pattern: Pattern::Seq, write: true, seed: 1 }
+        WorkloadConfig {
+            kind: WorkloadKind::Hello,
+            pages: 256,
+            pattern: Pattern::Seq,
+            write: true,
+            seed: 1,
+        }
     }
 }
 
@@ -232,7 +242,11 @@ impl Iterator for PageOrder {
             Pattern::Seq => self.emitted,
             Pattern::Rand => loop {
                 let v = self.state;
-                self.state = (self.state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(self.increment)) & self.mask;
+                self.state = (self
+                    .state
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(self.increment))
+                    & self.mask;
                 if v < self.n {
                     break v;
                 }
@@ -266,7 +280,10 @@ mod tests {
         assert_eq!(parse_cmdline(""), Ok(WorkloadConfig::default()));
         let c = parse_cmdline("workload=touch pages=0x10 pattern=rand write=0 seed=7").unwrap();
         assert_eq!(c.kind, WorkloadKind::Touch);
-        assert_eq!((c.pages, c.pattern, c.write, c.seed), (16, Pattern::Rand, false, 7));
+        assert_eq!(
+            (c.pages, c.pattern, c.write, c.seed),
+            (16, Pattern::Rand, false, 7)
+        );
     }
 
     #[test]
@@ -274,7 +291,10 @@ mod tests {
         assert_eq!(parse_cmdline("oops"), Err(CmdlineError::NotKeyValue("oops")));
         assert_eq!(parse_cmdline("color=red"), Err(CmdlineError::UnknownKey("color")));
         let e = parse_cmdline("pages=0").unwrap_err();
-        assert_eq!(e.to_string(), "bad value `0` for `pages`: expected a page count from 1 to 16777216");
+        assert_eq!(
+            e.to_string(),
+            "bad value `0` for `pages`: expected a page count from 1 to 16777216"
+        );
         assert!(parse_cmdline("pattern=zigzag").is_err());
         assert!(parse_cmdline("write=yes").is_err());
     }

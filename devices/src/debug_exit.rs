@@ -49,6 +49,9 @@ mod tests {
         let mut dev = DebugExit::new(Arc::new(move |e| s.lock().unwrap().push(e)));
         dev.pio_write(PioAddress(abi::ports::DEBUG_EXIT_PORT), 0, &3u32.to_le_bytes());
         dev.pio_write(PioAddress(abi::ports::DEBUG_EXIT_PORT), 0, &[1]);
-        assert_eq!(*seen.lock().unwrap(), [DeviceEvent::GuestExit(3), DeviceEvent::GuestExit(1)]);
+        assert_eq!(
+            *seen.lock().unwrap(),
+            [DeviceEvent::GuestExit(3), DeviceEvent::GuestExit(1)]
+        );
     }
 }

@@ -99,9 +99,22 @@ mod tests {
     #[test]
     fn report_is_forwarded_and_acknowledged() {
         let (mut dev, mem, seen) = setup();
-        let r = WorkloadReport { cpu: 1, workload: 1, first_page: 5, pages: 5, checksum: 77, faults: 5, cycles: 9 };
-        mem.write_obj(PvRequest::encode(&PvMessage::Report(r)), GuestAddress(0x1000)).unwrap();
-        dev.pio_write(PioAddress(abi::ports::PV_CHANNEL_PORT), 0, &0x1000u32.to_le_bytes());
+        let r = WorkloadReport {
+            cpu: 1,
+            workload: 1,
+            first_page: 5,
+            pages: 5,
+            checksum: 77,
+            faults: 5,
+            cycles: 9,
+        };
+        mem.write_obj(PvRequest::encode(&PvMessage::Report(r)), GuestAddress(0x1000))
+            .unwrap();
+        dev.pio_write(
+            PioAddress(abi::ports::PV_CHANNEL_PORT),
+            0,
+            &0x1000u32.to_le_bytes(),
+        );
         assert_eq!(*seen.lock().unwrap(), [DeviceEvent::Report(r)]);
         let back: PvRequest = mem.read_obj(GuestAddress(0x1000)).unwrap();
         assert_eq!(back.status, status::OK);
@@ -111,12 +124,31 @@ mod tests {
     fn hostile_requests_are_rejected_without_panicking() {
         let (mut dev, mem, seen) = setup();
         // Outside guest memory.
-        dev.pio_write(PioAddress(abi::ports::PV_CHANNEL_PORT), 0, &0xffff_fff0u32.to_le_bytes());
+        dev.pio_write(
+            PioAddress(abi::ports::PV_CHANNEL_PORT),
+            0,
+            &0xffff_fff0u32.to_le_bytes(),
+        );
         // Unknown kind.
-        mem.write_obj(PvRequest { kind: 99, ..Default::default() }, GuestAddress(0x2000)).unwrap();
-        dev.pio_write(PioAddress(abi::ports::PV_CHANNEL_PORT), 0, &0x2000u32.to_le_bytes());
+        mem.write_obj(
+            PvRequest {
+                kind: 99,
+                ..Default::default()
+            },
+            GuestAddress(0x2000),
+        )
+        .unwrap();
+        dev.pio_write(
+            PioAddress(abi::ports::PV_CHANNEL_PORT),
+            0,
+            &0x2000u32.to_le_bytes(),
+        );
         // Straddling the end of memory.
-        dev.pio_write(PioAddress(abi::ports::PV_CHANNEL_PORT), 0, &0xfff0u32.to_le_bytes());
+        dev.pio_write(
+            PioAddress(abi::ports::PV_CHANNEL_PORT),
+            0,
+            &0xfff0u32.to_le_bytes(),
+        );
         // Wrong width.
         dev.pio_write(PioAddress(abi::ports::PV_CHANNEL_PORT), 0, &[1]);
         let seen = seen.lock().unwrap();

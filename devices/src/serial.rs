@@ -53,7 +53,9 @@ impl Write for SerialWriter {
                 Ok(buf.len())
             }
             SerialOutput::Capture(b) => {
-                b.lock().map_err(|_| io::Error::other("capture buffer poisoned"))?.extend_from_slice(buf);
+                b.lock()
+                    .map_err(|_| io::Error::other("capture buffer poisoned"))?
+                    .extend_from_slice(buf);
                 Ok(buf.len())
             }
         }
@@ -81,7 +83,9 @@ impl SerialConsole {
 
     /// Like [`SerialConsole::new`], recording the time of the first output byte.
     pub fn with_first_output(irq: EventFd, out: SerialOutput, first_output: Arc<OnceLock<Instant>>) -> Self {
-        SerialConsole { uart: Serial::new(EventFdTrigger(irq), SerialWriter { out, first_output }) }
+        SerialConsole {
+            uart: Serial::new(EventFdTrigger(irq), SerialWriter { out, first_output }),
+        }
     }
 
     /// Queues host input for the guest; returns how many bytes fit in the FIFO.

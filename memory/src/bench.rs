@@ -39,7 +39,11 @@ pub fn raw_uffd_round_trip(pages: usize) -> Result<Duration, BenchError> {
             .name("uffd-bench".into())
             .spawn(move || -> Result<(), UffdError> {
                 let page = vec![0x5Au8; ps];
-                let mut pfd = libc::pollfd { fd: std::os::fd::AsRawFd::as_raw_fd(&*uffd), events: libc::POLLIN, revents: 0 };
+                let mut pfd = libc::pollfd {
+                    fd: std::os::fd::AsRawFd::as_raw_fd(&*uffd),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
                 while !done.load(Ordering::Acquire) {
                     // 10 ms timeout: the only reason to wake without an event is `done`.
                     // SAFETY: `pfd` is a valid pollfd for the duration of the call.
@@ -73,7 +77,10 @@ mod tests {
     #[test]
     fn raw_round_trip_measures_something() {
         let d = super::raw_uffd_round_trip(64).expect("benchmark runs");
-        assert!(d > std::time::Duration::ZERO && d < std::time::Duration::from_millis(50), "{d:?}");
+        assert!(
+            d > std::time::Duration::ZERO && d < std::time::Duration::from_millis(50),
+            "{d:?}"
+        );
         eprintln!("raw userfault round trip: {d:?} per fault");
     }
 }

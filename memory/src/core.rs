@@ -119,7 +119,10 @@ pub struct CoreConfig {
 
 impl Default for CoreConfig {
     fn default() -> Self {
-        CoreConfig { fault_around: 16, after_remove: AfterRemove::Zero }
+        CoreConfig {
+            fault_around: 16,
+            after_remove: AfterRemove::Zero,
+        }
     }
 }
 
@@ -255,7 +258,11 @@ pub struct RetryCore {
 
 impl RetryCore {
     /// A core for `region`, every page Missing.
-    pub fn new(region: Region, source: Arc<dyn PageSource>, config: CoreConfig) -> Result<RetryCore, CoreError> {
+    pub fn new(
+        region: Region,
+        source: Arc<dyn PageSource>,
+        config: CoreConfig,
+    ) -> Result<RetryCore, CoreError> {
         let ps_usize = crate::page_size();
         let ps = ps_usize as u64;
         let bad = |why| CoreError::BadRegion {
@@ -270,7 +277,9 @@ impl RetryCore {
         if region.host_base % ps != 0 || region.size % ps != 0 || region.guest_offset % ps != 0 {
             return Err(bad("not page aligned"));
         }
-        if region.host_base.checked_add(region.size).is_none() || region.guest_offset.checked_add(region.size).is_none() {
+        if region.host_base.checked_add(region.size).is_none()
+            || region.guest_offset.checked_add(region.size).is_none()
+        {
             return Err(bad("overflows the address space"));
         }
         let pages = usize::try_from(region.size / ps).map_err(|_| bad("too large"))?;
@@ -278,8 +287,18 @@ impl RetryCore {
             return Err(CoreError::BadFaultAround(config.fault_around));
         }
         // One byte per page: 16 MiB of state for 64 GiB of 4 KiB pages.
-        let states = (0..pages).map(|_| AtomicU8::new(PageState::Missing as u8)).collect();
-        Ok(RetryCore { region, page_size: ps, ps: ps_usize, config, states, source, counters: Counters::default() })
+        let states = (0..pages)
+            .map(|_| AtomicU8::new(PageState::Missing as u8))
+            .collect();
+        Ok(RetryCore {
+            region,
+            page_size: ps,
+            ps: ps_usize,
+            config,
+            states,
+            source,
+            counters: Counters::default(),
+        })
     }
 
     /// The region.
@@ -320,7 +339,12 @@ impl RetryCore {
 
     fn claim(&self, idx: usize, from: PageState) -> bool {
         self.states[idx]
-            .compare_exchange(from as u8, PageState::InFlight as u8, Ordering::AcqRel, Ordering::Acquire)
+            .compare_exchange(
+                from as u8,
+                PageState::InFlight as u8,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
             .is_ok()
     }
 
@@ -359,7 +383,10 @@ impl RetryCore {
         loop {
             match PageState::from_u8(self.states[idx].load(Ordering::Acquire)) {
                 PageState::InFlight => {
-                    return FaultOutcome::Resolved { pages: 0, by: ResolvedBy::InFlightElsewhere }
+                    return FaultOutcome::Resolved {
+                        pages: 0,
+                        by: ResolvedBy::InFlightElsewhere,
+                    }
                 }
                 PageState::Present => {
                     if self.kernel_has_page(idx) {
@@ -367,7 +394,10 @@ impl RetryCore {
                         // woke it, a WAKE covers the case it queued just after.
                         bump(&self.counters.already_present, 1);
                         let _ = uffd.wake(self.host(idx), self.page_size);
-                        return FaultOutcome::Resolved { pages: 0, by: ResolvedBy::AlreadyPresent };
+                        return FaultOutcome::Resolved {
+                            pages: 0,
+                            by: ResolvedBy::AlreadyPresent,
+                        };
                     }
                     bump(&self.counters.stale_present, 1);
                     let _ = self.states[idx].compare_exchange(
@@ -420,7 +450,11 @@ impl RetryCore {
     }
 
     fn fetch_and_fill(&self, uffd: &Uffd, idx: usize, around: bool) -> FaultOutcome {
-        let (lo, hi) = if around { self.claim_run(idx) } else { (idx, idx + 1) };
+        let (lo, hi) = if around {
+            self.claim_run(idx)
+        } else {
+            (idx, idx + 1)
+        };
         let ps = self.ps;
         let mut buf = vec![0u8; (hi - lo) * ps];
         bump(&self.counters.fetches, 1);
@@ -453,15 +487,25 @@ impl RetryCore {
 
     fn fill_copy(&self, uffd: &Uffd, idx: usize, lo: usize, hi: usize, buf: &[u8]) -> FaultOutcome {
         let ps = self.ps;
-        self.fill(idx, lo, hi, ResolvedBy::Copy, |i| {
-            uffd.copy(self.host(i), &buf[(i - lo) * ps..], false)
-        }, uffd)
+        self.fill(
+            idx,
+            lo,
+            hi,
+            ResolvedBy::Copy,
+            |i| uffd.copy(self.host(i), &buf[(i - lo) * ps..], false),
+            uffd,
+        )
     }
 
     fn fill_zero(&self, uffd: &Uffd, idx: usize, lo: usize, hi: usize) -> FaultOutcome {
-        self.fill(idx, lo, hi, ResolvedBy::ZeroPage, |i| {
-            uffd.zeropage(self.host(i), (hi - i) as u64 * self.page_size, false)
-        }, uffd)
+        self.fill(
+            idx,
+            lo,
+            hi,
+            ResolvedBy::ZeroPage,
+            |i| uffd.zeropage(self.host(i), (hi - i) as u64 * self.page_size, false),
+            uffd,
+        )
     }
 
     /// Fills the claimed run `[lo, hi)` (which contains `idx`) from page `i` on
@@ -535,14 +579,24 @@ impl RetryCore {
         if i < hi {
             self.set(i..hi, PageState::Missing);
         }
-        let counter = if by == ResolvedBy::Copy { &self.counters.pages_copied } else { &self.counters.pages_zeroed };
+        let counter = if by == ResolvedBy::Copy {
+            &self.counters.pages_copied
+        } else {
+            &self.counters.pages_zeroed
+        };
         // pages_* last: tests wait on them to know the attempt is fully counted.
-        bump(&self.counters.fault_around_pages, (filled - usize::from(own)) as u64);
+        bump(
+            &self.counters.fault_around_pages,
+            (filled - usize::from(own)) as u64,
+        );
         bump(counter, filled as u64);
         match result {
             Some(r) if !fault_done => r,
             _ if own => FaultOutcome::Resolved { pages: filled, by },
-            _ => FaultOutcome::Resolved { pages: filled, by: ResolvedBy::AlreadyPresent },
+            _ => FaultOutcome::Resolved {
+                pages: filled,
+                by: ResolvedBy::AlreadyPresent,
+            },
         }
     }
 
@@ -560,9 +614,19 @@ impl RetryCore {
                 FaultOutcome::Retry(r) => r,
                 FaultOutcome::Resolved { .. } => {
                     self.record_fault(retries, start.elapsed());
-                    return FaultReport { outcome, retries, latency: start.elapsed() };
+                    return FaultReport {
+                        outcome,
+                        retries,
+                        latency: start.elapsed(),
+                    };
                 }
-                FaultOutcome::Failed(_) => return FaultReport { outcome, retries, latency: start.elapsed() },
+                FaultOutcome::Failed(_) => {
+                    return FaultReport {
+                        outcome,
+                        retries,
+                        latency: start.elapsed(),
+                    }
+                }
             };
             let now = Instant::now();
             let woke = if now >= deadline {
@@ -593,7 +657,9 @@ impl RetryCore {
     /// Records a completed fault: its retries and latency.
     pub fn record_fault(&self, retries: u32, latency: Duration) {
         bump(&self.counters.faults, 1);
-        self.counters.retries_max.fetch_max(u64::from(retries), Ordering::Relaxed);
+        self.counters
+            .retries_max
+            .fetch_max(u64::from(retries), Ordering::Relaxed);
         let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX).max(1);
         let bucket = (63 - us.leading_zeros() as usize).min(LATENCY_BUCKETS - 1);
         bump(&self.counters.latency[bucket], 1);
@@ -676,10 +742,21 @@ mod tests {
         let map = Arc::new(AnonMapping::new((pages * ps()) as usize).expect("mmap"));
         // Without EVENT_REMOVE madvise does not wait for an event reader.
         let uffd = Uffd::new(features, Features::NONE).expect("uffd");
-        uffd.register(map.addr(), map.len() as u64, RegisterMode::MISSING).expect("register");
-        let region = Region { host_base: map.addr(), size: map.len() as u64, guest_offset: 0 };
+        uffd.register(map.addr(), map.len() as u64, RegisterMode::MISSING)
+            .expect("register");
+        let region = Region {
+            host_base: map.addr(),
+            size: map.len() as u64,
+            guest_offset: 0,
+        };
         let core = RetryCore::new(region, src.clone(), config).expect("core");
-        Direct { map, uffd, core, src, _file: file }
+        Direct {
+            map,
+            uffd,
+            core,
+            src,
+            _file: file,
+        }
     }
 
     impl Direct {
@@ -692,27 +769,50 @@ mod tests {
         }
     }
 
-    const OFF: CoreConfig = CoreConfig { fault_around: 0, after_remove: AfterRemove::Zero };
+    const OFF: CoreConfig = CoreConfig {
+        fault_around: 0,
+        after_remove: AfterRemove::Zero,
+    };
 
     #[test]
     fn resolve_copies_then_dedups_duplicates() {
         let d = direct(4, OFF);
         let out = d.core.resolve(&d.uffd, d.addr(1) + 17);
-        assert_eq!(out, FaultOutcome::Resolved { pages: 1, by: ResolvedBy::Copy });
+        assert_eq!(
+            out,
+            FaultOutcome::Resolved {
+                pages: 1,
+                by: ResolvedBy::Copy
+            }
+        );
         assert_eq!(d.byte(1, 17), pattern(1, 17));
         assert_eq!(d.core.page_state(d.addr(1)), Some(PageState::Present));
         // A second vCPU's event for the same page: no second fetch.
         let out = d.core.resolve(&d.uffd, d.addr(1));
-        assert_eq!(out, FaultOutcome::Resolved { pages: 0, by: ResolvedBy::AlreadyPresent });
+        assert_eq!(
+            out,
+            FaultOutcome::Resolved {
+                pages: 0,
+                by: ResolvedBy::AlreadyPresent
+            }
+        );
         assert_eq!(d.src.fetches_of(ps()), 1);
     }
 
     #[test]
     fn eexist_counts_as_resolved() {
         let d = direct(4, OFF);
-        d.uffd.copy(d.addr(2), &vec![0x11; ps() as usize], false).expect("populate");
+        d.uffd
+            .copy(d.addr(2), &vec![0x11; ps() as usize], false)
+            .expect("populate");
         let out = d.core.resolve(&d.uffd, d.addr(2));
-        assert_eq!(out, FaultOutcome::Resolved { pages: 0, by: ResolvedBy::AlreadyPresent });
+        assert_eq!(
+            out,
+            FaultOutcome::Resolved {
+                pages: 0,
+                by: ResolvedBy::AlreadyPresent
+            }
+        );
         assert_eq!(d.byte(2, 0), 0x11);
         assert_eq!(d.core.stats().eexist, 1);
         assert_eq!(d.core.page_state(d.addr(2)), Some(PageState::Present));
@@ -726,7 +826,13 @@ mod tests {
         d.map.discard(0, ps() as usize).expect("madvise");
         assert_eq!(d.core.page_state(d.addr(0)), Some(PageState::Present));
         let out = d.core.resolve(&d.uffd, d.addr(0));
-        assert_eq!(out, FaultOutcome::Resolved { pages: 1, by: ResolvedBy::Copy });
+        assert_eq!(
+            out,
+            FaultOutcome::Resolved {
+                pages: 1,
+                by: ResolvedBy::Copy
+            }
+        );
         assert_eq!(d.byte(0, 3), pattern(0, 3));
         assert_eq!(d.core.stats().stale_present, 1);
     }
@@ -735,7 +841,9 @@ mod tests {
     fn failure_names_the_page_and_maps_nothing() {
         let d = direct(4, OFF);
         d.src.set_rule(3 * ps(), Rule::Fail("checksum mismatch".into()));
-        let FaultOutcome::Failed(e) = d.core.resolve(&d.uffd, d.addr(3)) else { panic!("expected failure") };
+        let FaultOutcome::Failed(e) = d.core.resolve(&d.uffd, d.addr(3)) else {
+            panic!("expected failure")
+        };
         assert_eq!(
             e.to_string(),
             format!(
@@ -749,7 +857,10 @@ mod tests {
         assert!(!d.core.kernel_has_page(3), "a failed page must stay unmapped");
         assert_eq!(d.core.stats().failures, 1);
         let out = d.core.resolve(&d.uffd, d.map.addr() + d.map.len() as u64);
-        assert!(matches!(out, FaultOutcome::Failed(FaultError::OutOfRegion { .. })));
+        assert!(matches!(
+            out,
+            FaultOutcome::Failed(FaultError::OutOfRegion { .. })
+        ));
     }
 
     #[test]
@@ -765,12 +876,22 @@ mod tests {
                 std::thread::sleep(Duration::from_millis(20));
                 d.src.release(0);
             });
-            let r = d.core.resolve_waiting(&d.uffd, d.addr(0), Instant::now() + Duration::from_secs(5));
-            assert_eq!(r.outcome, FaultOutcome::Resolved { pages: 1, by: ResolvedBy::Copy });
+            let r = d
+                .core
+                .resolve_waiting(&d.uffd, d.addr(0), Instant::now() + Duration::from_secs(5));
+            assert_eq!(
+                r.outcome,
+                FaultOutcome::Resolved {
+                    pages: 1,
+                    by: ResolvedBy::Copy
+                }
+            );
             assert_eq!(r.retries, 1);
         });
         d.src.set_rule(ps(), Rule::RetryTimes(5));
-        let r = d.core.resolve_waiting(&d.uffd, d.addr(1), Instant::now() + Duration::from_secs(5));
+        let r = d
+            .core
+            .resolve_waiting(&d.uffd, d.addr(1), Instant::now() + Duration::from_secs(5));
         assert_eq!(r.retries, 5);
         let s = d.core.stats();
         assert_eq!((s.retries_max, s.retries_total, s.faults), (5, 6, 2));
@@ -783,7 +904,13 @@ mod tests {
         d.map.discard(ps() as usize, ps() as usize).expect("madvise");
         d.core.handle_remove(d.addr(1), d.addr(2));
         let out = d.core.resolve(&d.uffd, d.addr(1));
-        assert_eq!(out, FaultOutcome::Resolved { pages: 1, by: ResolvedBy::ZeroPage });
+        assert_eq!(
+            out,
+            FaultOutcome::Resolved {
+                pages: 1,
+                by: ResolvedBy::ZeroPage
+            }
+        );
         assert_eq!(d.byte(1, 0), 0);
         // Out-of-region removes are ignored.
         d.core.handle_remove(0, 4096);
@@ -797,17 +924,33 @@ mod tests {
         let m = d.map.clone();
         let t = std::thread::spawn(move || m.discard(0, crate::page_size()));
         // The REMOVE is queued (and the mm marked changing) before it is readable.
-        let mut pfd = libc::pollfd { fd: std::os::fd::AsRawFd::as_raw_fd(&d.uffd), events: libc::POLLIN, revents: 0 };
+        let mut pfd = libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(&d.uffd),
+            events: libc::POLLIN,
+            revents: 0,
+        };
         // SAFETY: `pfd` is a valid pollfd for the call.
         assert_eq!(unsafe { libc::poll(&mut pfd, 1, 5000) }, 1, "no REMOVE event");
         let out = d.core.resolve(&d.uffd, d.addr(2));
         assert_eq!(out, FaultOutcome::Retry(RetryReason::MappingChanged));
         assert_eq!(d.core.page_state(d.addr(2)), Some(PageState::Missing));
         let ev = d.uffd.read_event().expect("read");
-        assert_eq!(ev, Some(crate::uffd::Event::Remove { start: d.addr(0), end: d.addr(1) }));
+        assert_eq!(
+            ev,
+            Some(crate::uffd::Event::Remove {
+                start: d.addr(0),
+                end: d.addr(1)
+            })
+        );
         t.join().expect("madvise thread").expect("madvise");
         let out = d.core.resolve(&d.uffd, d.addr(2));
-        assert_eq!(out, FaultOutcome::Resolved { pages: 1, by: ResolvedBy::Copy });
+        assert_eq!(
+            out,
+            FaultOutcome::Resolved {
+                pages: 1,
+                by: ResolvedBy::Copy
+            }
+        );
         assert_eq!(d.byte(2, 5), pattern(2, 5));
         assert_eq!(d.core.stats().eagain, 1);
     }
@@ -815,12 +958,21 @@ mod tests {
     #[test]
     fn config_and_region_errors() {
         let src: Arc<dyn PageSource> = Arc::new(ZeroSource::new().expect("eventfd"));
-        let r = Region { host_base: 0x1000, size: 0x3000, guest_offset: 0 };
+        let r = Region {
+            host_base: 0x1000,
+            size: 0x3000,
+            guest_offset: 0,
+        };
         let err = RetryCore::new(Region { size: 0x1001, ..r }, src.clone(), OFF).expect_err("unaligned");
         assert_eq!(err.to_string(), "region host [0x1000, +0x1001) guest offset 0x0 is invalid: not page aligned; give a non-empty, page-aligned region");
-        let bad = CoreConfig { fault_around: 12, ..OFF };
+        let bad = CoreConfig {
+            fault_around: 12,
+            ..OFF
+        };
         let err = RetryCore::new(r, src, bad).expect_err("window");
-        assert!(err.to_string().starts_with("fault_around = 12 pages is not a power of two"));
+        assert!(err
+            .to_string()
+            .starts_with("fault_around = 12 pages is not a power of two"));
     }
 
     #[test]
@@ -830,6 +982,9 @@ mod tests {
         let s = d.core.stats();
         assert_eq!(s.latency_us_log2[5], 1, "48 us falls in [32, 64)");
         let json = serde_json::to_string(&s).expect("serialize");
-        assert!(json.contains("\"faults\":1") && json.contains("\"source\":\"test\""), "{json}");
+        assert!(
+            json.contains("\"faults\":1") && json.contains("\"source\":\"test\""),
+            "{json}"
+        );
     }
 }

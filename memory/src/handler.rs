@@ -76,7 +76,11 @@ impl HandlerControl {
 
     /// Every fault that failed so far (the VMM pauses the VM and reports these).
     pub fn failures(&self) -> Vec<FaultError> {
-        self.shared.failures.lock().unwrap_or_else(PoisonError::into_inner).clone()
+        self.shared
+            .failures
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Faults waiting for a source (retry or failed).
@@ -86,7 +90,10 @@ impl HandlerControl {
 
     /// PAGEFAULT events read, and how many of them merged into a parked fault.
     pub fn events(&self) -> (u64, u64) {
-        (self.shared.events.load(Ordering::Relaxed), self.shared.merged.load(Ordering::Relaxed))
+        (
+            self.shared.events.load(Ordering::Relaxed),
+            self.shared.merged.load(Ordering::Relaxed),
+        )
     }
 
     /// The cores (for statistics).
@@ -110,14 +117,21 @@ impl FaultHandler {
             for b in &cores[i + 1..] {
                 let (ra, rb) = (a.region(), b.region());
                 if ra.host_base < rb.host_base + rb.size && rb.host_base < ra.host_base + ra.size {
-                    return Err(HandlerError::Overlap { a: ra.host_base, b: rb.host_base });
+                    return Err(HandlerError::Overlap {
+                        a: ra.host_base,
+                        b: rb.host_base,
+                    });
                 }
             }
         }
         let stop = EventFd::new(EFD_NONBLOCK).map_err(HandlerError::EventFd)?;
         Ok(FaultHandler {
             uffd,
-            control: HandlerControl { stop: Arc::new(stop), shared: Arc::default(), cores },
+            control: HandlerControl {
+                stop: Arc::new(stop),
+                shared: Arc::default(),
+                cores,
+            },
             pending: HashMap::new(),
         })
     }
@@ -132,8 +146,16 @@ impl FaultHandler {
     pub fn run_until_stopped(&mut self) -> Result<(), HandlerError> {
         let cores = self.control.cores.clone();
         let mut fds = vec![
-            libc::pollfd { fd: self.uffd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-            libc::pollfd { fd: self.control.stop.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd {
+                fd: self.uffd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: self.control.stop.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
         ];
         fds.extend(cores.iter().map(|c| libc::pollfd {
             fd: c.source().notifier().as_raw_fd(),
@@ -144,7 +166,15 @@ impl FaultHandler {
             // A pending MappingChanged is cleared by the REMOVE reader's thread
             // right after we read its event, with no further wake-up for us:
             // re-check after 1 ms. Everything else sleeps until an fd is ready.
-            let timeout = if self.pending.values().any(|p| p.reason == Some(RetryReason::MappingChanged)) { 1 } else { -1 };
+            let timeout = if self
+                .pending
+                .values()
+                .any(|p| p.reason == Some(RetryReason::MappingChanged))
+            {
+                1
+            } else {
+                -1
+            };
             for f in fds.iter_mut() {
                 f.revents = 0;
             }
@@ -193,7 +223,14 @@ impl FaultHandler {
                     self.record_failure(FaultError::OutOfRegion { addr });
                     return;
                 };
-                let mut p = Pending { core: ci, addr: page, first: Instant::now(), retries: 0, reason: None, failed: false };
+                let mut p = Pending {
+                    core: ci,
+                    addr: page,
+                    first: Instant::now(),
+                    retries: 0,
+                    reason: None,
+                    failed: false,
+                };
                 if !self.attempt(&cores[ci], &mut p) {
                     self.pending.insert(page, p);
                 }
@@ -205,7 +242,10 @@ impl FaultHandler {
             }
             Event::Unknown(code) => tracing::warn!(code, "ignoring unknown userfaultfd event"),
         }
-        self.control.shared.pending.store(self.pending.len() as u64, Ordering::Relaxed);
+        self.control
+            .shared
+            .pending
+            .store(self.pending.len() as u64, Ordering::Relaxed);
     }
 
     /// One attempt; returns whether the fault is finished.
@@ -233,7 +273,12 @@ impl FaultHandler {
     }
 
     fn record_failure(&self, e: FaultError) {
-        self.control.shared.failures.lock().unwrap_or_else(PoisonError::into_inner).push(e);
+        self.control
+            .shared
+            .failures
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(e);
     }
 
     fn retry_pending(&mut self, cores: &[Arc<RetryCore>], due: &[bool]) {
@@ -248,7 +293,10 @@ impl FaultHandler {
             !self.attempt(&cores[p.core], p)
         });
         self.pending = pending;
-        self.control.shared.pending.store(self.pending.len() as u64, Ordering::Relaxed);
+        self.control
+            .shared
+            .pending
+            .store(self.pending.len() as u64, Ordering::Relaxed);
     }
 }
 
@@ -269,7 +317,10 @@ mod tests {
         (f, Arc::new(TestSource::new(inner).expect("test source")))
     }
 
-    const NO_AROUND: CoreConfig = CoreConfig { fault_around: 0, after_remove: AfterRemove::Zero };
+    const NO_AROUND: CoreConfig = CoreConfig {
+        fault_around: 0,
+        after_remove: AfterRemove::Zero,
+    };
 
     #[test]
     fn zero_source_sequential_and_random() {
@@ -359,7 +410,11 @@ mod tests {
         assert!(!done.load(Ordering::Acquire), "held page was served");
         let calls = src.fetch_calls();
         std::thread::sleep(Duration::from_millis(50));
-        assert_eq!(src.fetch_calls(), calls, "a held page must be waited for, not polled");
+        assert_eq!(
+            src.fetch_calls(),
+            calls,
+            "a held page must be waited for, not polled"
+        );
         src.release(2 * ps());
         assert_eq!(join_within(held, "released page"), pattern(2, 3));
         wait_for("no parked fault", || fx.control.pending() == 0);
@@ -374,8 +429,14 @@ mod tests {
         wait_for("the failure to be reported", || !fx.control.failures().is_empty());
         let failures = fx.control.failures();
         let msg = failures[0].to_string();
-        assert!(msg.starts_with(&format!("guest page {:#x} (host {:#x})", 3 * ps(), fx.addr(3))), "{msg}");
-        assert!(msg.contains("sector unreadable") && msg.contains("not zero-filled"), "{msg}");
+        assert!(
+            msg.starts_with(&format!("guest page {:#x} (host {:#x})", 3 * ps(), fx.addr(3))),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("sector unreadable") && msg.contains("not zero-filled"),
+            "{msg}"
+        );
         std::thread::sleep(Duration::from_millis(30));
         assert!(!t.is_finished(), "the toucher must stay blocked");
         assert_eq!(fx.core.page_state(fx.addr(3)), Some(PageState::Missing));
@@ -388,7 +449,10 @@ mod tests {
     #[test]
     fn fault_around_needs_fewer_events_than_pages() {
         let (_f, src) = file_source(64);
-        let config = CoreConfig { fault_around: 16, after_remove: AfterRemove::Zero };
+        let config = CoreConfig {
+            fault_around: 16,
+            after_remove: AfterRemove::Zero,
+        };
         let fx = Fixture::start(64, src.clone(), config);
         for p in 0..64 {
             assert_eq!(fx.read(p, p), pattern(p, p));
@@ -406,11 +470,16 @@ mod tests {
     fn fault_around_skips_present_and_bad_neighbours() {
         let (_f, src) = file_source(32);
         src.set_rule(25 * ps(), Rule::Fail("bad neighbour".into()));
-        let config = CoreConfig { fault_around: 16, after_remove: AfterRemove::Zero };
+        let config = CoreConfig {
+            fault_around: 16,
+            after_remove: AfterRemove::Zero,
+        };
         let fx = Fixture::start(32, src.clone(), config);
         // Page 4 mapped behind the core's back: the run copy stops there (EAGAIN
         // with a partial count), EEXIST on it, and the rest is copied.
-        fx.uffd.copy(fx.addr(4), &vec![0xEE; ps() as usize], false).expect("populate");
+        fx.uffd
+            .copy(fx.addr(4), &vec![0xEE; ps() as usize], false)
+            .expect("populate");
         assert_eq!(fx.read(2, 1), pattern(2, 1));
         assert_eq!(fx.read(4, 1), 0xEE, "an existing page must not be overwritten");
         assert_eq!(fx.read(6, 1), pattern(6, 1));
@@ -420,7 +489,10 @@ mod tests {
         assert_eq!(fx.control.events().0, 1);
         // A failing neighbour in the window: the faulting page alone is served.
         assert_eq!(fx.read(20, 1), pattern(20, 1));
-        assert!(fx.control.failures().is_empty(), "a bad neighbour must not fail the fault");
+        assert!(
+            fx.control.failures().is_empty(),
+            "a bad neighbour must not fail the fault"
+        );
         assert_eq!(fx.core.page_state(fx.addr(21)), Some(PageState::Missing));
     }
 
@@ -431,12 +503,17 @@ mod tests {
         assert_eq!(fx.read(1, 0), pattern(1, 0));
         fx.map.discard(ps() as usize, ps() as usize).expect("madvise");
         // madvise returns once the event is read, maybe before it is applied.
-        wait_for("the REMOVE to apply", || fx.core.page_state(fx.addr(1)) == Some(PageState::Removed));
+        wait_for("the REMOVE to apply", || {
+            fx.core.page_state(fx.addr(1)) == Some(PageState::Removed)
+        });
         assert_eq!(fx.read(1, 0), 0, "DONTNEED memory reads zero");
         assert_eq!(src.fetches_of(ps()), 1);
 
         let (_f2, src2) = file_source(8);
-        let refetch = CoreConfig { fault_around: 0, after_remove: AfterRemove::Refetch };
+        let refetch = CoreConfig {
+            fault_around: 0,
+            after_remove: AfterRemove::Refetch,
+        };
         let fx2 = Fixture::start(8, src2.clone(), refetch);
         assert_eq!(fx2.read(1, 0), pattern(1, 0));
         fx2.map.discard(ps() as usize, ps() as usize).expect("madvise");
@@ -448,9 +525,16 @@ mod tests {
     #[test]
     fn overlapping_regions_are_refused() {
         let src: Arc<dyn crate::source::PageSource> = Arc::new(ZeroSource::new().expect("eventfd"));
-        let r = crate::core::Region { host_base: 0x10_0000, size: 0x4000, guest_offset: 0 };
+        let r = crate::core::Region {
+            host_base: 0x10_0000,
+            size: 0x4000,
+            guest_offset: 0,
+        };
         let a = Arc::new(RetryCore::new(r, src.clone(), NO_AROUND).expect("core"));
-        let r2 = crate::core::Region { host_base: 0x10_2000, ..r };
+        let r2 = crate::core::Region {
+            host_base: 0x10_2000,
+            ..r
+        };
         let b = Arc::new(RetryCore::new(r2, src, NO_AROUND).expect("core"));
         let uffd = Arc::new(Uffd::for_guest_memory().expect("uffd"));
         let err = FaultHandler::new(uffd, vec![a, b]).expect_err("overlap");

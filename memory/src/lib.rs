@@ -20,14 +20,13 @@ pub mod uffd;
 mod testutil;
 
 pub use crate::core::{
-    AfterRemove, CoreConfig, CoreError, FaultError, FaultOutcome, FaultReport, PageState, Region,
-    ResolvedBy, RetryCore, Stats,
+    AfterRemove, CoreConfig, CoreError, FaultError, FaultOutcome, FaultReport, PageState, Region, ResolvedBy,
+    RetryCore, Stats,
 };
 pub use crate::handler::{FaultHandler, HandlerControl, HandlerError};
 pub use crate::mmap::AnonMapping;
 pub use crate::source::{
-    FetchOutcome, FileSource, Notifier, PageSource, RetryReason, Rule, SourceError, TestSource,
-    ZeroSource,
+    FetchOutcome, FileSource, Notifier, PageSource, RetryReason, Rule, SourceError, TestSource, ZeroSource,
 };
 pub use crate::uffd::{CopyError, Event, FaultFlags, Features, OpenMethod, RegisterMode, Uffd, UffdError};
 

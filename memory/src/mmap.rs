@@ -65,7 +65,13 @@ impl AnonMapping {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
         // SAFETY: the range lies inside our own mapping; DONTNEED only drops pages.
-        let ret = unsafe { libc::madvise(self.addr.cast::<u8>().add(offset).cast(), len, libc::MADV_DONTNEED) };
+        let ret = unsafe {
+            libc::madvise(
+                self.addr.cast::<u8>().add(offset).cast(),
+                len,
+                libc::MADV_DONTNEED,
+            )
+        };
         if ret < 0 {
             return Err(io::Error::last_os_error());
         }

@@ -176,7 +176,10 @@ impl AsRawFd for Notifier {
 fn check_buf(offset: u64, buf: &[u8]) -> Option<FetchOutcome> {
     let ps = crate::page_size();
     if buf.is_empty() || buf.len() % ps != 0 || offset % ps as u64 != 0 {
-        return Some(FetchOutcome::Failed(SourceError::BadRequest { offset, len: buf.len() }));
+        return Some(FetchOutcome::Failed(SourceError::BadRequest {
+            offset,
+            len: buf.len(),
+        }));
     }
     None
 }
@@ -190,7 +193,9 @@ pub struct ZeroSource {
 impl ZeroSource {
     /// Creates a zero source.
     pub fn new() -> io::Result<ZeroSource> {
-        Ok(ZeroSource { notifier: Notifier::new()? })
+        Ok(ZeroSource {
+            notifier: Notifier::new()?,
+        })
     }
 }
 
@@ -224,7 +229,10 @@ pub struct FileSource {
 impl FileSource {
     /// Opens `path`; guest offset 0 is at file offset `base`.
     pub fn open(path: &Path, base: u64) -> Result<FileSource, SourceError> {
-        let open_err = |e: io::Error| SourceError::Open { path: path.to_owned(), message: e.to_string() };
+        let open_err = |e: io::Error| SourceError::Open {
+            path: path.to_owned(),
+            message: e.to_string(),
+        };
         let file = File::open(path).map_err(open_err)?;
         let file_len = file.metadata().map_err(open_err)?.len();
         Ok(FileSource {
@@ -370,7 +378,10 @@ impl PageSource for TestSource {
                     None => {}
                     Some(Rule::Delay(d)) => delay = delay.max(*d),
                     Some(Rule::Fail(m)) => {
-                        return FetchOutcome::Failed(SourceError::Injected { offset: page, message: m.clone() })
+                        return FetchOutcome::Failed(SourceError::Injected {
+                            offset: page,
+                            message: m.clone(),
+                        })
                     }
                     Some(Rule::Hold) => return FetchOutcome::Retry(RetryReason::Held),
                     Some(Rule::RetryTimes(n)) => {
@@ -418,7 +429,10 @@ mod tests {
         let mut buf = vec![1u8; ps()];
         assert_eq!(z.fetch(0, &mut buf), FetchOutcome::Zero);
         let mut odd = vec![0u8; 100];
-        assert!(matches!(z.fetch(0, &mut odd), FetchOutcome::Failed(SourceError::BadRequest { .. })));
+        assert!(matches!(
+            z.fetch(0, &mut odd),
+            FetchOutcome::Failed(SourceError::BadRequest { .. })
+        ));
     }
 
     #[test]
@@ -458,8 +472,13 @@ mod tests {
 
         t.set_rule(ps, Rule::Fail("disk on fire".into()));
         let out = t.fetch(ps, &mut buf);
-        let FetchOutcome::Failed(e) = out else { panic!("expected failure, got {out:?}") };
-        assert_eq!(e.to_string(), format!("injected failure at guest offset {ps:#x}: disk on fire"));
+        let FetchOutcome::Failed(e) = out else {
+            panic!("expected failure, got {out:?}")
+        };
+        assert_eq!(
+            e.to_string(),
+            format!("injected failure at guest offset {ps:#x}: disk on fire")
+        );
 
         t.set_rule(2 * ps, Rule::Hold);
         assert_eq!(t.fetch(2 * ps, &mut buf), FetchOutcome::Retry(RetryReason::Held));
@@ -470,7 +489,10 @@ mod tests {
                 std::thread::sleep(Duration::from_millis(20));
                 t.release(2 * ps);
             });
-            assert!(t.notifier().wait_past(g, Duration::from_secs(10)), "release wakes");
+            assert!(
+                t.notifier().wait_past(g, Duration::from_secs(10)),
+                "release wakes"
+            );
         });
         assert_eq!(t.fetch(2 * ps, &mut buf), FetchOutcome::Zero);
     }

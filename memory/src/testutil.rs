@@ -64,14 +64,25 @@ impl Fixture {
     pub fn start(pages: u64, source: Arc<dyn PageSource>, config: CoreConfig) -> Fixture {
         let map = Arc::new(AnonMapping::new((pages * ps()) as usize).expect("mmap"));
         let uffd = Arc::new(Uffd::for_guest_memory().expect("userfaultfd"));
-        uffd.register(map.addr(), map.len() as u64, RegisterMode::MISSING).expect("register");
+        uffd.register(map.addr(), map.len() as u64, RegisterMode::MISSING)
+            .expect("register");
         assert!(uffd.features().contains(Features::EVENT_REMOVE));
-        let region = Region { host_base: map.addr(), size: map.len() as u64, guest_offset: 0 };
+        let region = Region {
+            host_base: map.addr(),
+            size: map.len() as u64,
+            guest_offset: 0,
+        };
         let core = Arc::new(RetryCore::new(region, source, config).expect("core"));
         let mut handler = FaultHandler::new(uffd.clone(), vec![core.clone()]).expect("handler");
         let control = handler.control();
         let thread = std::thread::spawn(move || handler.run_until_stopped().expect("handler loop"));
-        Fixture { map, uffd, core, control, thread: Some(thread) }
+        Fixture {
+            map,
+            uffd,
+            core,
+            control,
+            thread: Some(thread),
+        }
     }
 
     pub fn addr(&self, page: u64) -> u64 {

@@ -332,9 +332,7 @@ fn open_device() -> io::Result<OwnedFd> {
         .open("/dev/userfaultfd")?;
     let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
     // SAFETY: USERFAULTFD_IOC_NEW takes its flags by value and returns a new fd.
-    let ret = unsafe {
-        ioctl_with_val(&dev, USERFAULTFD_IOC_NEW as libc::c_ulong, flags as libc::c_ulong)
-    };
+    let ret = unsafe { ioctl_with_val(&dev, USERFAULTFD_IOC_NEW as libc::c_ulong, flags as libc::c_ulong) };
     if ret < 0 {
         return Err(errno());
     }
@@ -352,7 +350,11 @@ fn open_with(method: OpenMethod) -> io::Result<OwnedFd> {
 /// UFFDIO_API on a fresh descriptor. The kernel refuses a second handshake, so
 /// probing what is available needs its own throwaway descriptor.
 fn handshake(fd: &OwnedFd, features: u64) -> io::Result<UffdioApi> {
-    let mut api = UffdioApi { api: UFFD_API, features, ioctls: 0 };
+    let mut api = UffdioApi {
+        api: UFFD_API,
+        features,
+        ioctls: 0,
+    };
     // SAFETY: `api` is a valid, writable uffdio_api that lives across the call.
     let ret = unsafe { ioctl_with_mut_ref(fd, UFFDIO_API as libc::c_ulong, &mut api) };
     if ret < 0 {
@@ -378,20 +380,25 @@ impl Uffd {
 
     /// The usual VMM setup: REMOVE events required, thread ids if available.
     pub fn for_guest_memory() -> Result<Uffd, UffdError> {
-        Self::new(Features::EVENT_REMOVE, Features::THREAD_ID | Features::MISSING_SHMEM)
+        Self::new(
+            Features::EVENT_REMOVE,
+            Features::THREAD_ID | Features::MISSING_SHMEM,
+        )
     }
 
     /// Opens through one specific `method` (tests, or to force the device path).
-    pub fn open(
-        method: OpenMethod,
-        required: Features,
-        optional: Features,
-    ) -> Result<Uffd, UffdError> {
+    pub fn open(method: OpenMethod, required: Features, optional: Features) -> Result<Uffd, UffdError> {
         let create_err = |e: io::Error| {
             let other = || io::Error::other("not tried");
             match method {
-                OpenMethod::Syscall => UffdError::Create { syscall: e, dev: other() },
-                OpenMethod::Device => UffdError::Create { syscall: other(), dev: e },
+                OpenMethod::Syscall => UffdError::Create {
+                    syscall: e,
+                    dev: other(),
+                },
+                OpenMethod::Device => UffdError::Create {
+                    syscall: other(),
+                    dev: e,
+                },
             }
         };
         let probe = open_with(method).map_err(create_err)?;
@@ -406,7 +413,12 @@ impl Uffd {
         let wanted = required | (optional & available);
         let fd = open_with(method).map_err(create_err)?;
         handshake(&fd, wanted.0).map_err(UffdError::Api)?;
-        Ok(Uffd { fd, features: wanted, available, opened_via: method })
+        Ok(Uffd {
+            fd,
+            features: wanted,
+            available,
+            opened_via: method,
+        })
     }
 
     /// Features negotiated on this descriptor.
@@ -430,18 +442,32 @@ impl Uffd {
         // kernel only reads it. The ioctl changes no memory we reference.
         let ret = unsafe { ioctl_with_ref(&self.fd, req as libc::c_ulong, &range) };
         if ret < 0 {
-            return Err(UffdError::Range { op, start, len, source: errno() });
+            return Err(UffdError::Range {
+                op,
+                start,
+                len,
+                source: errno(),
+            });
         }
         Ok(())
     }
 
     /// Registers `[start, start+len)` (page aligned) and returns the ioctls valid on it.
     pub fn register(&self, start: u64, len: u64, mode: RegisterMode) -> Result<RangeIoctls, UffdError> {
-        let mut reg = UffdioRegister { range: UffdioRange { start, len }, mode: mode.0, ioctls: 0 };
+        let mut reg = UffdioRegister {
+            range: UffdioRange { start, len },
+            mode: mode.0,
+            ioctls: 0,
+        };
         // SAFETY: `reg` is a valid, writable uffdio_register that lives across the call.
         let ret = unsafe { ioctl_with_mut_ref(&self.fd, UFFDIO_REGISTER as libc::c_ulong, &mut reg) };
         if ret < 0 {
-            return Err(UffdError::Range { op: "UFFDIO_REGISTER", start, len, source: errno() });
+            return Err(UffdError::Range {
+                op: "UFFDIO_REGISTER",
+                start,
+                len,
+                source: errno(),
+            });
         }
         Ok(RangeIoctls(reg.ioctls))
     }
@@ -478,7 +504,11 @@ impl Uffd {
     pub fn zeropage(&self, start: u64, len: u64, dontwake: bool) -> Result<usize, CopyError> {
         let mut z = UffdioZeropage {
             range: UffdioRange { start, len },
-            mode: if dontwake { UFFDIO_ZEROPAGE_MODE_DONTWAKE } else { 0 },
+            mode: if dontwake {
+                UFFDIO_ZEROPAGE_MODE_DONTWAKE
+            } else {
+                0
+            },
             zeropage: 0,
         };
         // SAFETY: `z` is a valid uffdio_zeropage that lives across the call; the
@@ -536,7 +566,10 @@ impl Uffd {
                     thread_id,
                 }
             }
-            UFFD_EVENT_REMOVE => Event::Remove { start: word(0), end: word(1) },
+            UFFD_EVENT_REMOVE => Event::Remove {
+                start: word(0),
+                end: word(1),
+            },
             other => Event::Unknown(other),
         }
     }
@@ -586,7 +619,11 @@ mod tests {
                 return ev;
             }
             assert!(Instant::now() < deadline, "no userfaultfd event within 5 s");
-            let mut pfd = libc::pollfd { fd: u.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+            let mut pfd = libc::pollfd {
+                fd: u.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
             // SAFETY: `pfd` is a valid pollfd for the call.
             unsafe { libc::poll(&mut pfd, 1, 100) };
         }
@@ -602,7 +639,9 @@ mod tests {
     fn setup(pages: u64) -> (AnonMapping, Uffd) {
         let map = AnonMapping::new((pages * ps()) as usize).expect("mmap");
         let u = Uffd::new(Features::EVENT_REMOVE, Features::THREAD_ID).expect("userfaultfd");
-        let ioctls = u.register(map.addr(), map.len() as u64, RegisterMode::MISSING).expect("register");
+        let ioctls = u
+            .register(map.addr(), map.len() as u64, RegisterMode::MISSING)
+            .expect("register");
         assert!(ioctls.copy() && ioctls.zeropage() && ioctls.wake(), "{ioctls:?}");
         (map, u)
     }
@@ -616,7 +655,11 @@ mod tests {
             assert!(u.available_features().contains(u.features()));
         }
         let err = Uffd::new(Features(1 << 62), Features::NONE).expect_err("bogus feature");
-        assert!(err.to_string().contains("are required but this kernel only offers"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("are required but this kernel only offers"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -624,7 +667,14 @@ mod tests {
         let (map, u) = setup(2);
         let base = map.addr();
         let t = read_byte(base + 100);
-        let Event::PageFault { addr, flags, thread_id } = next_event(&u) else { panic!("not a fault") };
+        let Event::PageFault {
+            addr,
+            flags,
+            thread_id,
+        } = next_event(&u)
+        else {
+            panic!("not a fault")
+        };
         assert_eq!(addr, base);
         assert!(!flags.write);
         assert!(thread_id.is_some_and(|t| t > 0));
@@ -638,7 +688,9 @@ mod tests {
             // SAFETY: the mapping outlives the join below.
             unsafe { std::ptr::write_volatile(second as *mut u8, 9) };
         });
-        let Event::PageFault { addr, flags, .. } = next_event(&u) else { panic!("not a fault") };
+        let Event::PageFault { addr, flags, .. } = next_event(&u) else {
+            panic!("not a fault")
+        };
         assert_eq!(addr, second);
         assert!(flags.write);
         assert_eq!(u.zeropage(second, ps(), false).expect("zeropage"), ps() as usize);
@@ -666,7 +718,10 @@ mod tests {
         assert!(matches!(next_event(&u), Event::PageFault { .. }));
         u.copy(base, &vec![3u8; ps() as usize], true).expect("copy");
         std::thread::sleep(Duration::from_millis(50));
-        assert!(!done.load(Ordering::Acquire), "DONTWAKE must leave the faulter asleep");
+        assert!(
+            !done.load(Ordering::Acquire),
+            "DONTWAKE must leave the faulter asleep"
+        );
         u.wake(base, ps()).expect("wake");
         assert_eq!(t.join().expect("reader"), 3);
     }
@@ -675,17 +730,27 @@ mod tests {
     fn remove_event_on_dontneed() {
         let (map, u) = setup(4);
         let base = map.addr();
-        u.copy(base, &vec![1u8; 4 * ps() as usize], false).expect("populate");
+        u.copy(base, &vec![1u8; 4 * ps() as usize], false)
+            .expect("populate");
         let map = Arc::new(map);
         let m = map.clone();
         // DONTNEED blocks until the REMOVE event is read, so it runs on its own thread.
         let t = std::thread::spawn(move || m.discard(crate::page_size(), 2 * crate::page_size()));
-        assert_eq!(next_event(&u), Event::Remove { start: base + ps(), end: base + 3 * ps() });
+        assert_eq!(
+            next_event(&u),
+            Event::Remove {
+                start: base + ps(),
+                end: base + 3 * ps()
+            }
+        );
         t.join().expect("madvise thread").expect("madvise");
         // The dropped page faults again.
         let r = read_byte(base + ps());
         let ev = next_event(&u);
-        assert!(matches!(ev, Event::PageFault { addr, .. } if addr == base + ps()), "{ev:?}");
+        assert!(
+            matches!(ev, Event::PageFault { addr, .. } if addr == base + ps()),
+            "{ev:?}"
+        );
         u.zeropage(base + ps(), ps(), false).expect("zeropage");
         assert_eq!(r.join().expect("reader"), 0);
     }
@@ -693,9 +758,14 @@ mod tests {
     #[test]
     fn range_errors_name_the_range() {
         let (map, u) = setup(1);
-        let err = u.register(map.addr() + 1, 10, RegisterMode::MISSING).expect_err("unaligned");
+        let err = u
+            .register(map.addr() + 1, 10, RegisterMode::MISSING)
+            .expect_err("unaligned");
         assert!(err.to_string().starts_with("UFFDIO_REGISTER of ["), "{err}");
         u.unregister(map.addr(), map.len() as u64).expect("unregister");
-        assert!(matches!(u.copy(map.addr(), &vec![0u8; map.len()], false), Err(CopyError::NoMapping)));
+        assert!(matches!(
+            u.copy(map.addr(), &vec![0u8; map.len()], false),
+            Err(CopyError::NoMapping)
+        ));
     }
 }

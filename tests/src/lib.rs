@@ -24,29 +24,73 @@ pub fn config(vcpus: u32, mem: &str, cmdline: &str) -> VmConfig {
         vcpus,
         mem_size: vmm::config::parse_size(mem).unwrap(),
         cmdline: cmdline.into(),
+        memory: Default::default(),
     }
 }
 
-/// Boots `config` and waits for the end (at most 120 s: a guard against hangs).
-pub fn boot(config: &VmConfig) -> Run {
+/// Options capturing the console into the returned buffer, with a 120 s guard
+/// against hangs (not a performance goal).
+pub fn capture_options() -> (VmOptions, Arc<Mutex<Vec<u8>>>) {
     let buf = Arc::new(Mutex::new(Vec::new()));
     let options = VmOptions {
         serial: SerialOutput::Capture(buf.clone()),
         stdin: false,
         timeout: Some(Duration::from_secs(120)),
     };
-    let outcome = vmm::run_vm(config, options).unwrap_or_else(|e| panic!("VM failed: {e}"));
-    let console = String::from_utf8_lossy(&buf.lock().unwrap()).into_owned();
+    (options, buf)
+}
+
+/// Runs a built VM to its end.
+pub fn run(vm: vmm::Vm, console: &Mutex<Vec<u8>>) -> Run {
+    let outcome = vm.run().unwrap_or_else(|e| panic!("VM failed: {e}"));
+    let console = String::from_utf8_lossy(&console.lock().unwrap()).into_owned();
     Run { outcome, console }
+}
+
+/// Boots `config` and waits for the end.
+pub fn boot(config: &VmConfig) -> Run {
+    let (options, buf) = capture_options();
+    let vm = vmm::Vm::new(config, options).unwrap_or_else(|e| panic!("VM setup failed: {e}"));
+    run(vm, &buf)
+}
+
+/// Removes the file on drop.
+#[derive(Debug)]
+pub struct TempFile(pub std::path::PathBuf);
+
+impl TempFile {
+    /// A sparse file of `len` zero bytes in the temp directory.
+    pub fn zeros(name: &str, len: u64) -> TempFile {
+        let path = std::env::temp_dir().join(format!("vmm-test-{}-{name}", std::process::id()));
+        std::fs::File::create(&path).unwrap().set_len(len).unwrap();
+        TempFile(path)
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// The checksum each vCPU must report for a touch workload, computed here
 /// without touching memory: `(cpu, first_page, pages, checksum)`.
-pub fn expected_touch(vcpus: u32, pages: u64, pattern: Pattern, write: bool, seed: u64) -> Vec<(u32, u64, u64, u64)> {
+pub fn expected_touch(
+    vcpus: u32,
+    pages: u64,
+    pattern: Pattern,
+    write: bool,
+    seed: u64,
+) -> Vec<(u32, u64, u64, u64)> {
     (0..vcpus)
         .map(|cpu| {
             let (first, n) = workload::share(pages, vcpus, cpu);
-            (cpu, first, n, workload::expected_checksum(first, n, pattern, write, seed))
+            (
+                cpu,
+                first,
+                n,
+                workload::expected_checksum(first, n, pattern, write, seed),
+            )
         })
         .collect()
 }

@@ -1,4 +1,5 @@
 //! Boot the bundled guest kernel on real KVM and check what it reports.
+#![allow(clippy::unwrap_used)]
 
 use abi::workload::Pattern;
 use vmm::GuestEnd;
@@ -9,10 +10,17 @@ fn assert_touch(vcpus: u32, mem: &str, pages: u64, pattern: Pattern, write: bool
         Pattern::Seq => "seq",
         Pattern::Rand => "rand",
     };
-    let cmdline = format!("workload=touch pages={pages} pattern={pat} write={} seed={seed}", u8::from(write));
+    let cmdline = format!(
+        "workload=touch pages={pages} pattern={pat} write={} seed={seed}",
+        u8::from(write)
+    );
     let run = boot(&config(vcpus, mem, &cmdline));
     assert_eq!(run.outcome.end, GuestEnd::Exited(0), "console:\n{}", run.console);
-    assert!(run.console.starts_with("guest-kernel: booting on"), "banner missing:\n{}", run.console);
+    assert!(
+        run.console.starts_with("guest-kernel: booting on"),
+        "banner missing:\n{}",
+        run.console
+    );
 
     let expected = expected_touch(vcpus, pages, pattern, write, seed);
     assert_eq!(run.outcome.reports.len(), vcpus as usize, "one report per vCPU");
@@ -20,7 +28,11 @@ fn assert_touch(vcpus: u32, mem: &str, pages: u64, pattern: Pattern, write: bool
         assert_eq!((r.cpu, r.first_page, r.pages), (cpu, first, n));
         assert_eq!(r.checksum, sum, "vCPU {cpu} checksum");
         // Every page of the share was demand-faulted once; the stack adds one.
-        assert!(r.faults >= n && r.faults <= n + 2, "vCPU {cpu}: {} faults for {n} pages", r.faults);
+        assert!(
+            r.faults >= n && r.faults <= n + 2,
+            "vCPU {cpu}: {} faults for {n} pages",
+            r.faults
+        );
     }
 }
 
@@ -49,7 +61,12 @@ fn hello_runs_in_user_mode_on_every_vcpu() {
     let run = boot(&config(3, "128M", "workload=hello"));
     assert_eq!(run.outcome.end, GuestEnd::Exited(0), "console:\n{}", run.console);
     for cpu in 0..3 {
-        assert!(run.console.contains(&format!("hello from user mode on cpu {cpu}")), "{}", run.console);
+        assert!(
+            run.console
+                .contains(&format!("hello from user mode on cpu {cpu}")),
+            "{}",
+            run.console
+        );
     }
 }
 
@@ -61,7 +78,10 @@ fn triple_fault_is_reported_with_rip() {
     };
     assert_eq!(stop.reason, vmm::exit::StopReason::TripleFault);
     let rip = stop.rip.expect("RIP read after the shutdown exit");
-    assert!((abi::layout::KERNEL_START..abi::layout::MODULE_START).contains(&rip), "RIP {rip:#x}");
+    assert!(
+        (abi::layout::KERNEL_START..abi::layout::MODULE_START).contains(&rip),
+        "RIP {rip:#x}"
+    );
     assert_eq!(run.outcome.exit_code(), vmm::vm::EXIT_CRASHED);
 }
 
@@ -75,6 +95,13 @@ fn guest_rejects_a_bad_command_line_itself() {
     cfg.kernel = vmm::KernelSource::File(path.clone());
     let run = boot(&cfg);
     let _ = std::fs::remove_file(&path);
-    assert_eq!(run.outcome.end, GuestEnd::Exited(abi::exit::ExitCode::BadCmdline as u32));
-    assert!(run.console.contains("bad value `lots` for `pages`"), "{}", run.console);
+    assert_eq!(
+        run.outcome.end,
+        GuestEnd::Exited(abi::exit::ExitCode::BadCmdline as u32)
+    );
+    assert!(
+        run.console.contains("bad value `lots` for `pages`"),
+        "{}",
+        run.console
+    );
 }

@@ -40,7 +40,9 @@ pub enum ConfigError {
     #[error("invalid memory backend `{0}`: use `anon` (plain memory, the default), `zero` (demand-zero through userfaultfd) or `file:PATH[,offset=N]` (pages read from a memory file)")]
     BadMemBackend(String),
     /// A fault-around window that is not a power of two in range.
-    #[error("fault-around window {0} pages is invalid: use 0 (off) or a power of two up to {MAX_FAULT_AROUND}")]
+    #[error(
+        "fault-around window {0} pages is invalid: use 0 (off) or a power of two up to {MAX_FAULT_AROUND}"
+    )]
     BadFaultAround(u32),
     /// Fault-around asked for plain anonymous memory.
     #[error("fault-around needs a lazily backed memory: add --mem-backend zero or --mem-backend file:PATH")]
@@ -127,7 +129,10 @@ impl std::str::FromStr for MemBackend {
                 if path.is_empty() {
                     return Err(bad());
                 }
-                Ok(MemBackend::File { path: PathBuf::from(path), offset })
+                Ok(MemBackend::File {
+                    path: PathBuf::from(path),
+                    offset,
+                })
             }
         }
     }
@@ -155,10 +160,11 @@ pub struct VmConfig {
     pub mem_size: u64,
     /// Kernel command line.
     pub cmdline: String,
+    /// How guest RAM is backed.
+    pub memory: MemoryConfig,
 }
 
-/// How guest RAM is backed. Kept apart from [`VmConfig`] (whose struct literal
-/// other crates build) and passed to [`crate::run_vm_with_memory`].
+/// How guest RAM is backed.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct MemoryConfig {
     /// What backs guest RAM.
@@ -170,12 +176,16 @@ pub struct MemoryConfig {
 impl MemoryConfig {
     /// Lazily backed RAM from `backend` with its default fault-around.
     pub fn lazy(backend: MemBackend) -> MemoryConfig {
-        MemoryConfig { backend, fault_around: None }
+        MemoryConfig {
+            backend,
+            fault_around: None,
+        }
     }
 
     /// The fault-around window in effect (pages, 0 = off).
     pub fn effective_fault_around(&self) -> u32 {
-        self.fault_around.unwrap_or_else(|| self.backend.default_fault_around())
+        self.fault_around
+            .unwrap_or_else(|| self.backend.default_fault_around())
     }
 
     /// Checks the fault-around window against the backend.
@@ -196,8 +206,14 @@ impl TryFrom<&ConfigFile> for MemoryConfig {
     type Error = ConfigError;
 
     fn try_from(f: &ConfigFile) -> Result<Self, ConfigError> {
-        let backend = f.mem_backend.as_deref().map_or(Ok(MemBackend::Anon), str::parse)?;
-        let cfg = MemoryConfig { backend, fault_around: f.fault_around };
+        let backend = f
+            .mem_backend
+            .as_deref()
+            .map_or(Ok(MemBackend::Anon), str::parse)?;
+        let cfg = MemoryConfig {
+            backend,
+            fault_around: f.fault_around,
+        };
         cfg.validate()?;
         Ok(cfg)
     }
@@ -224,13 +240,18 @@ pub struct ConfigFile {
 impl ConfigFile {
     /// Parses TOML text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<ConfigFile, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::File { path: origin.into(), reason: e.to_string() })
+        toml::from_str(text).map_err(|e| ConfigError::File {
+            path: origin.into(),
+            reason: e.to_string(),
+        })
     }
 
     /// Reads a TOML file.
     pub fn load(path: &std::path::Path) -> Result<ConfigFile, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError::File { path: path.display().to_string(), reason: e.to_string() })?;
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
         Self::parse(&text, &path.display().to_string())
     }
 
@@ -257,11 +278,18 @@ impl TryFrom<ConfigFile> for VmConfig {
     type Error = ConfigError;
 
     fn try_from(f: ConfigFile) -> Result<Self, ConfigError> {
+        let memory = MemoryConfig::try_from(&f)?;
         let kernel = f.kernel.map_or(KernelSource::Bundled, KernelSource::File);
         let vcpus = f.vcpus.unwrap_or(1);
         let mem_size = parse_size(f.mem.as_deref().unwrap_or("256M"))?;
         let cmdline = f.cmdline.unwrap_or_default();
-        let cfg = VmConfig { kernel, vcpus, mem_size, cmdline };
+        let cfg = VmConfig {
+            kernel,
+            vcpus,
+            mem_size,
+            cmdline,
+            memory,
+        };
         cfg.validate()?;
         Ok(cfg)
     }
@@ -290,9 +318,10 @@ impl VmConfig {
             return Err(ConfigError::CmdlineTooLong(self.cmdline.len()));
         }
         if self.kernel == KernelSource::Bundled {
-            abi::workload::parse_cmdline(&self.cmdline).map_err(|e| ConfigError::BadCmdline(e.to_string()))?;
+            abi::workload::parse_cmdline(&self.cmdline)
+                .map_err(|e| ConfigError::BadCmdline(e.to_string()))?;
         }
-        Ok(())
+        self.memory.validate()
     }
 }
 
@@ -339,19 +368,29 @@ mod tests {
     fn bad_values_have_clear_messages() {
         let mut c = VmConfig::bundled_default().unwrap();
         c.mem_size = 0;
-        assert_eq!(c.validate().unwrap_err().to_string(), "memory size must not be zero; use at least 64 MiB");
+        assert_eq!(
+            c.validate().unwrap_err().to_string(),
+            "memory size must not be zero; use at least 64 MiB"
+        );
         c.mem_size = (256 << 20) + 1;
         assert!(matches!(c.validate(), Err(ConfigError::MemoryNotAligned(_))));
         c.mem_size = 128 << 30;
         assert!(matches!(c.validate(), Err(ConfigError::MemoryTooLarge(_))));
         c.mem_size = 256 << 20;
         c.vcpus = 9;
-        assert_eq!(c.validate().unwrap_err().to_string(), "vCPU count 9 is out of range: use 1 to 8");
+        assert_eq!(
+            c.validate().unwrap_err().to_string(),
+            "vCPU count 9 is out of range: use 1 to 8"
+        );
         c.vcpus = 1;
         c.cmdline = "workload=dance".into();
         assert!(matches!(c.validate(), Err(ConfigError::BadCmdline(_))));
         c.kernel = KernelSource::File("/k".into());
-        assert_eq!(c.validate(), Ok(()), "a custom kernel's command line is its own business");
+        assert_eq!(
+            c.validate(),
+            Ok(()),
+            "a custom kernel's command line is its own business"
+        );
     }
 
     #[test]
@@ -359,14 +398,20 @@ mod tests {
         let f = ConfigFile::parse("vcpus = 2\nmem = \"1G\"", "t").unwrap();
         let c = VmConfig::try_from(ConfigFile::defaults().overridden_by(f)).unwrap();
         assert_eq!((c.vcpus, c.mem_size), (2, 1 << 30));
-        assert!(ConfigFile::parse("vcpu = 2", "t").is_err(), "unknown keys are rejected");
+        assert!(
+            ConfigFile::parse("vcpu = 2", "t").is_err(),
+            "unknown keys are rejected"
+        );
         let m = MemoryConfig::try_from(&ConfigFile::defaults()).unwrap();
         assert_eq!(m, MemoryConfig::default(), "anon stays the default");
         let f = ConfigFile::parse("mem_backend = \"zero\"\nfault_around = 4", "t").unwrap();
         let m = MemoryConfig::try_from(&ConfigFile::defaults().overridden_by(f)).unwrap();
         assert_eq!((m.backend, m.fault_around), (MemBackend::Zero, Some(4)));
         let f = ConfigFile::parse("mem_backend = \"disk\"", "t").unwrap();
-        assert!(matches!(MemoryConfig::try_from(&f), Err(ConfigError::BadMemBackend(_))));
+        assert!(matches!(
+            MemoryConfig::try_from(&f),
+            Err(ConfigError::BadMemBackend(_))
+        ));
     }
 
     #[test]
@@ -375,18 +420,34 @@ mod tests {
         assert_eq!("zero".parse(), Ok(MemBackend::Zero));
         assert_eq!(
             "file:/snap/mem".parse(),
-            Ok(MemBackend::File { path: "/snap/mem".into(), offset: 0 })
+            Ok(MemBackend::File {
+                path: "/snap/mem".into(),
+                offset: 0
+            })
         );
         assert_eq!(
             "file:/a,b/mem,offset=4K".parse(),
-            Ok(MemBackend::File { path: "/a,b/mem".into(), offset: 4096 })
+            Ok(MemBackend::File {
+                path: "/a,b/mem".into(),
+                offset: 4096
+            })
         );
-        for bad in ["", "ram", "file:", "file:,offset=1", "file:/m,offset=x", "File:/m"] {
+        for bad in [
+            "",
+            "ram",
+            "file:",
+            "file:,offset=1",
+            "file:/m,offset=x",
+            "File:/m",
+        ] {
             let e = bad.parse::<MemBackend>().unwrap_err();
             assert!(matches!(e, ConfigError::BadMemBackend(_)), "{bad}");
             assert!(e.to_string().contains("file:PATH[,offset=N]"), "{e}");
         }
-        let b = MemBackend::File { path: "/m".into(), offset: 8192 };
+        let b = MemBackend::File {
+            path: "/m".into(),
+            offset: 8192,
+        };
         assert_eq!(b.to_string().parse(), Ok(b));
     }
 
@@ -403,7 +464,10 @@ mod tests {
             c.fault_around = Some(bad);
             assert_eq!(c.validate(), Err(ConfigError::BadFaultAround(bad)));
         }
-        c.backend = MemBackend::File { path: "/m".into(), offset: 0 };
+        c.backend = MemBackend::File {
+            path: "/m".into(),
+            offset: 0,
+        };
         c.fault_around = None;
         assert_eq!(c.effective_fault_around(), DEFAULT_FAULT_AROUND);
         c.backend = MemBackend::Anon;

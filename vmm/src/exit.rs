@@ -90,7 +90,10 @@ impl fmt::Display for StopReason {
         match self {
             StopReason::TripleFault => write!(f, "triple fault (KVM_EXIT_SHUTDOWN)"),
             StopReason::InternalError { suberror: 1 } => {
-                write!(f, "KVM internal error, suberror 1: the instruction emulator refused an instruction")
+                write!(
+                    f,
+                    "KVM internal error, suberror 1: the instruction emulator refused an instruction"
+                )
             }
             StopReason::InternalError { suberror } => write!(f, "KVM internal error, suberror {suberror}"),
             StopReason::FailEntry { reason } => write!(f, "VM entry failed (hardware reason {reason:#x})"),
@@ -169,17 +172,36 @@ mod tests {
     fn bus() -> (IoManager, Arc<Mutex<Latch>>) {
         let dev = Arc::new(Mutex::new(Latch::default()));
         let mut bus = IoManager::new();
-        bus.register_pio(PioRange::new(PioAddress(0x3f8), 8).unwrap(), dev.clone()).unwrap();
+        bus.register_pio(PioRange::new(PioAddress(0x3f8), 8).unwrap(), dev.clone())
+            .unwrap();
         (bus, dev)
     }
 
     #[test]
     fn port_io_reaches_the_device() {
         let (bus, dev) = bus();
-        assert_eq!(handle_exit(Exit::IoOut { port: 0x3fa, data: &[7] }, &bus), ExitAction::Continue);
+        assert_eq!(
+            handle_exit(
+                Exit::IoOut {
+                    port: 0x3fa,
+                    data: &[7]
+                },
+                &bus
+            ),
+            ExitAction::Continue
+        );
         assert_eq!(dev.lock().unwrap().0, [(2, vec![7])]);
         let mut b = [0u8; 1];
-        assert_eq!(handle_exit(Exit::IoIn { port: 0x3fd, data: &mut b }, &bus), ExitAction::Continue);
+        assert_eq!(
+            handle_exit(
+                Exit::IoIn {
+                    port: 0x3fd,
+                    data: &mut b
+                },
+                &bus
+            ),
+            ExitAction::Continue
+        );
         assert_eq!(b, [0x45]);
     }
 
@@ -187,15 +209,36 @@ mod tests {
     fn unclaimed_ports_read_all_ones() {
         let (bus, _) = bus();
         let mut b = [0u8; 2];
-        assert_eq!(handle_exit(Exit::IoIn { port: 0x60, data: &mut b }, &bus), ExitAction::Continue);
+        assert_eq!(
+            handle_exit(
+                Exit::IoIn {
+                    port: 0x60,
+                    data: &mut b
+                },
+                &bus
+            ),
+            ExitAction::Continue
+        );
         assert_eq!(b, [0xff, 0xff]);
-        assert_eq!(handle_exit(Exit::IoOut { port: 0x80, data: &[1] }, &bus), ExitAction::Continue);
+        assert_eq!(
+            handle_exit(
+                Exit::IoOut {
+                    port: 0x80,
+                    data: &[1]
+                },
+                &bus
+            ),
+            ExitAction::Continue
+        );
     }
 
     #[test]
     fn fatal_exits_stop_the_vcpu_with_a_reason() {
         let (bus, _) = bus();
-        assert_eq!(handle_exit(Exit::Shutdown, &bus), ExitAction::Stop(StopReason::TripleFault));
+        assert_eq!(
+            handle_exit(Exit::Shutdown, &bus),
+            ExitAction::Stop(StopReason::TripleFault)
+        );
         let a = handle_exit(Exit::InternalError { suberror: 1 }, &bus);
         let ExitAction::Stop(r) = a else { panic!("{a:?}") };
         assert!(r.to_string().contains("emulator refused"));

@@ -10,8 +10,8 @@
 
 use crate::config::MemBackend;
 use ::memory::{
-    CoreConfig, FaultError, FaultHandler, FileSource, HandlerControl, HandlerError, PageSource, Region, RegisterMode,
-    RetryCore, Stats, Uffd, ZeroSource,
+    CoreConfig, FaultError, FaultHandler, FileSource, HandlerControl, HandlerError, PageSource, Region,
+    RegisterMode, RetryCore, Stats, Uffd, ZeroSource,
 };
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -87,22 +87,37 @@ fn open_source(backend: &MemBackend) -> Result<Option<Arc<dyn PageSource>>, Lazy
 impl LazyMemory {
     /// Registers every region of `mem` and starts the handler thread; `None`
     /// for [`MemBackend::Anon`]. Call after the loader wrote guest memory.
-    pub fn start(mem: &GuestMemoryMmap, backend: &MemBackend, fault_around: u32) -> Result<Option<LazyMemory>, LazyError> {
+    pub fn start(
+        mem: &GuestMemoryMmap,
+        backend: &MemBackend,
+        fault_around: u32,
+    ) -> Result<Option<LazyMemory>, LazyError> {
         let Some(source) = open_source(backend)? else {
             return Ok(None);
         };
-        let uffd = Arc::new(
-            Uffd::for_guest_memory().map_err(|source| LazyError::Uffd { backend: backend.to_string(), source })?,
-        );
-        let config = CoreConfig { fault_around: fault_around as usize, ..CoreConfig::default() };
+        let uffd = Arc::new(Uffd::for_guest_memory().map_err(|source| LazyError::Uffd {
+            backend: backend.to_string(),
+            source,
+        })?);
+        let config = CoreConfig {
+            fault_around: fault_around as usize,
+            ..CoreConfig::default()
+        };
         let mut cores = Vec::new();
         let mut regions = Vec::new();
         for r in mem.iter() {
             // The source is indexed by guest-physical address.
-            let region = Region { host_base: r.as_ptr() as u64, size: r.len(), guest_offset: r.start_addr().raw_value() };
+            let region = Region {
+                host_base: r.as_ptr() as u64,
+                size: r.len(),
+                guest_offset: r.start_addr().raw_value(),
+            };
             cores.push(Arc::new(RetryCore::new(region, source.clone(), config)?));
             uffd.register(region.host_base, region.size, RegisterMode::MISSING)
-                .map_err(|source| LazyError::Uffd { backend: backend.to_string(), source })?;
+                .map_err(|source| LazyError::Uffd {
+                    backend: backend.to_string(),
+                    source,
+                })?;
             regions.push(region);
         }
         let mut handler = FaultHandler::new(uffd.clone(), cores)?;
@@ -223,8 +238,20 @@ mod tests {
 
     #[test]
     fn merge_sums_and_keeps_the_max() {
-        let a = Stats { source: "zero".into(), faults: 2, retries_max: 3, latency_us_log2: vec![1, 2], ..Stats::default() };
-        let b = Stats { source: "zero".into(), faults: 5, retries_max: 1, latency_us_log2: vec![0, 1, 4], ..Stats::default() };
+        let a = Stats {
+            source: "zero".into(),
+            faults: 2,
+            retries_max: 3,
+            latency_us_log2: vec![1, 2],
+            ..Stats::default()
+        };
+        let b = Stats {
+            source: "zero".into(),
+            faults: 5,
+            retries_max: 1,
+            latency_us_log2: vec![0, 1, 4],
+            ..Stats::default()
+        };
         let t = merge(&[a, b]);
         assert_eq!((t.faults, t.retries_max, t.source.as_str()), (7, 3, "zero"));
         assert_eq!(t.latency_us_log2, vec![1, 3, 4]);
@@ -239,8 +266,14 @@ mod tests {
     #[test]
     fn missing_file_is_a_clear_error() {
         let mem = crate::memory::create_guest_memory(64 << 20).unwrap();
-        let b = MemBackend::File { path: "/nonexistent/vmm-mem".into(), offset: 0 };
+        let b = MemBackend::File {
+            path: "/nonexistent/vmm-mem".into(),
+            offset: 0,
+        };
         let e = LazyMemory::start(&mem, &b, 16).unwrap_err().to_string();
-        assert!(e.contains("/nonexistent/vmm-mem") && e.contains("--mem-backend"), "{e}");
+        assert!(
+            e.contains("/nonexistent/vmm-mem") && e.contains("--mem-backend"),
+            "{e}"
+        );
     }
 }

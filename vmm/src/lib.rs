@@ -23,8 +23,3 @@ pub use vm::{GuestEnd, RunOutcome, Vm, VmError, VmOptions};
 pub fn run_vm(config: &VmConfig, options: VmOptions) -> Result<RunOutcome, VmError> {
     Vm::new(config, options)?.run()
 }
-
-/// [`run_vm`] with guest RAM backed as `memory` says (e.g. through userfaultfd).
-pub fn run_vm_with_memory(config: &VmConfig, memory: &MemoryConfig, options: VmOptions) -> Result<RunOutcome, VmError> {
-    Vm::with_memory(config, memory, options)?.run()
-}

@@ -3,7 +3,8 @@
 
 use abi::boot::{BootInfo, MemKind, Module};
 use abi::layout::{
-    ram_ranges, BOOT_INFO_START, FREE_RAM_START, KERNEL_START, LOW_RESERVED_END, MODULE_MAX_SIZE, MODULE_START,
+    ram_ranges, BOOT_INFO_START, FREE_RAM_START, KERNEL_START, LOW_RESERVED_END, MODULE_MAX_SIZE,
+    MODULE_START,
 };
 use linux_loader::elf::{Elf64_Ehdr, Elf64_Phdr, PT_LOAD};
 use linux_loader::loader::{Elf, KernelLoader};
@@ -101,15 +102,28 @@ pub fn inspect_elf(image: &[u8], what: &'static str) -> Result<ElfInfo, LoaderEr
         return Err(LoaderError::NotElf { what });
     }
     let malformed = |detail: String| LoaderError::Malformed { what, detail };
-    let ehdr: Elf64_Ehdr = read_pod(image, 0)
-        .ok_or_else(|| malformed(format!("file is {} bytes, shorter than an ELF header", image.len())))?;
+    let ehdr: Elf64_Ehdr = read_pod(image, 0).ok_or_else(|| {
+        malformed(format!(
+            "file is {} bytes, shorter than an ELF header",
+            image.len()
+        ))
+    })?;
     let (class, data) = (ehdr.e_ident[4], ehdr.e_ident[5]);
     if class != 2 || data != 1 || ehdr.e_machine != EM_X86_64 || ehdr.e_type != ET_EXEC {
-        return Err(LoaderError::WrongArch { what, class, data, machine: ehdr.e_machine, etype: ehdr.e_type });
+        return Err(LoaderError::WrongArch {
+            what,
+            class,
+            data,
+            machine: ehdr.e_machine,
+            etype: ehdr.e_type,
+        });
     }
     let phsz = std::mem::size_of::<Elf64_Phdr>();
     if usize::from(ehdr.e_phentsize) != phsz {
-        return Err(malformed(format!("program header size {} (expected {phsz})", ehdr.e_phentsize)));
+        return Err(malformed(format!(
+            "program header size {} (expected {phsz})",
+            ehdr.e_phentsize
+        )));
     }
     let mut segments = Vec::new();
     for i in 0..usize::from(ehdr.e_phnum) {
@@ -131,7 +145,10 @@ pub fn inspect_elf(image: &[u8], what: &'static str) -> Result<ElfInfo, LoaderEr
     if segments.is_empty() {
         return Err(malformed("no loadable segment".into()));
     }
-    Ok(ElfInfo { entry: ehdr.e_entry, segments })
+    Ok(ElfInfo {
+        entry: ehdr.e_entry,
+        segments,
+    })
 }
 
 /// Loads the kernel; returns its entry point and the end of its image.
@@ -142,14 +159,27 @@ pub fn load_kernel(mem: &GuestMemoryMmap, mem_size: u64, image: &[u8]) -> Result
     for &(start, len) in &info.segments {
         let seg_end = start.saturating_add(len);
         if start < KERNEL_START || seg_end > MODULE_START || seg_end > ram_end {
-            return Err(LoaderError::KernelDoesNotFit { start, end: seg_end, mem_size });
+            return Err(LoaderError::KernelDoesNotFit {
+                start,
+                end: seg_end,
+                mem_size,
+            });
         }
         end = end.max(seg_end);
     }
-    if !info.segments.iter().any(|&(s, l)| (s..s + l).contains(&info.entry)) {
+    if !info
+        .segments
+        .iter()
+        .any(|&(s, l)| (s..s + l).contains(&info.entry))
+    {
         return Err(LoaderError::BadEntry(info.entry));
     }
-    let result = Elf::load(mem, None, &mut Cursor::new(image), Some(GuestAddress(KERNEL_START)))?;
+    let result = Elf::load(
+        mem,
+        None,
+        &mut Cursor::new(image),
+        Some(GuestAddress(KERNEL_START)),
+    )?;
     Ok((result.kernel_load.0, end))
 }
 
@@ -160,19 +190,38 @@ pub fn load_module(mem: &GuestMemoryMmap, image: &[u8]) -> Result<Module, Loader
         return Err(LoaderError::ModuleTooLarge(image.len()));
     }
     mem.write_slice(image, GuestAddress(MODULE_START))
-        .map_err(|source| LoaderError::Write { what: "the user program", source })?;
-    Ok(Module { start: MODULE_START, len: image.len() as u64 })
+        .map_err(|source| LoaderError::Write {
+            what: "the user program",
+            source,
+        })?;
+    Ok(Module {
+        start: MODULE_START,
+        len: image.len() as u64,
+    })
 }
 
 /// Builds the boot information: memory map, command line, vCPU count, module.
-pub fn boot_info(mem_size: u64, cpu_count: u32, cmdline: &str, module: Module) -> Result<BootInfo, LoaderError> {
-    let mut info = BootInfo { cpu_count, user_image: module, ..Default::default() };
+pub fn boot_info(
+    mem_size: u64,
+    cpu_count: u32,
+    cmdline: &str,
+    module: Module,
+) -> Result<BootInfo, LoaderError> {
+    let mut info = BootInfo {
+        cpu_count,
+        user_image: module,
+        ..Default::default()
+    };
     if !info.set_cmdline(cmdline) {
         return Err(LoaderError::BootInfo("command line too long"));
     }
     let [(low_start, low_len), (high_start, high_len)] = ram_ranges(mem_size);
     let ok = info.push_region(low_start, LOW_RESERVED_END, MemKind::Reserved)
-        && info.push_region(LOW_RESERVED_END, FREE_RAM_START - LOW_RESERVED_END, MemKind::Reserved)
+        && info.push_region(
+            LOW_RESERVED_END,
+            FREE_RAM_START - LOW_RESERVED_END,
+            MemKind::Reserved,
+        )
         && info.push_region(FREE_RAM_START, low_len - FREE_RAM_START, MemKind::Usable)
         && (high_len == 0 || info.push_region(high_start, high_len, MemKind::Usable));
     if !ok {
@@ -184,7 +233,10 @@ pub fn boot_info(mem_size: u64, cpu_count: u32, cmdline: &str, module: Module) -
 /// Writes the boot information to its page.
 pub fn write_boot_info(mem: &GuestMemoryMmap, info: &BootInfo) -> Result<(), LoaderError> {
     mem.write_obj(*info, GuestAddress(BOOT_INFO_START))
-        .map_err(|source| LoaderError::Write { what: "the boot information", source })
+        .map_err(|source| LoaderError::Write {
+            what: "the boot information",
+            source,
+        })
 }
 
 #[cfg(test)]
@@ -239,26 +291,51 @@ mod tests {
     #[test]
     fn rejects_bad_images() {
         let m = mem();
-        assert!(matches!(load_kernel(&m, 64 << 20, b"#!/bin/sh\n"), Err(LoaderError::NotElf { .. })));
+        assert!(matches!(
+            load_kernel(&m, 64 << 20, b"#!/bin/sh\n"),
+            Err(LoaderError::NotElf { .. })
+        ));
         let arm = tiny_elf(KERNEL_START, 0x1000, 183);
         let e = load_kernel(&m, 64 << 20, &arm).unwrap_err();
         assert!(e.to_string().contains("not a 64-bit little-endian x86_64"), "{e}");
         let truncated = &tiny_elf(KERNEL_START, 0x1000, EM_X86_64)[..100];
-        assert!(matches!(load_kernel(&m, 64 << 20, truncated), Err(LoaderError::Malformed { .. })));
+        assert!(matches!(
+            load_kernel(&m, 64 << 20, truncated),
+            Err(LoaderError::Malformed { .. })
+        ));
         let huge = tiny_elf(KERNEL_START, MODULE_START, EM_X86_64);
         let e = load_kernel(&m, 64 << 20, &huge).unwrap_err();
         assert!(matches!(e, LoaderError::KernelDoesNotFit { .. }), "{e}");
         let low = tiny_elf(0x1000, 0x1000, EM_X86_64);
-        assert!(matches!(load_kernel(&m, 64 << 20, &low), Err(LoaderError::KernelDoesNotFit { .. })));
+        assert!(matches!(
+            load_kernel(&m, 64 << 20, &low),
+            Err(LoaderError::KernelDoesNotFit { .. })
+        ));
     }
 
     #[test]
     fn boot_info_memory_map() {
-        let info = boot_info(4 << 30, 4, "workload=hello", Module { start: MODULE_START, len: 10 }).unwrap();
+        let info = boot_info(
+            4 << 30,
+            4,
+            "workload=hello",
+            Module {
+                start: MODULE_START,
+                len: 10,
+            },
+        )
+        .unwrap();
         assert_eq!(info.validate(), Ok(()));
-        let usable: Vec<_> = info.regions().iter().filter(|r| r.kind == MemKind::Usable as u32).collect();
+        let usable: Vec<_> = info
+            .regions()
+            .iter()
+            .filter(|r| r.kind == MemKind::Usable as u32)
+            .collect();
         assert_eq!(usable.len(), 2);
-        assert_eq!((usable[0].start, usable[0].start + usable[0].len), (FREE_RAM_START, MMIO_GAP_START));
+        assert_eq!(
+            (usable[0].start, usable[0].start + usable[0].len),
+            (FREE_RAM_START, MMIO_GAP_START)
+        );
         assert_eq!((usable[1].start, usable[1].len), (HIGH_RAM_START, 1 << 30));
         let total: u64 = info.regions().iter().map(|r| r.len).sum();
         assert_eq!(total, 4 << 30);

@@ -8,7 +8,7 @@ use std::process::ExitCode as ProcessExit;
 use std::time::Duration;
 use vmm::config::ConfigFile;
 use vmm::vm::{verify_reports, EXIT_BAD_RESULT, EXIT_VMM_ERROR};
-use vmm::{GuestEnd, MemoryConfig, VmConfig, VmOptions};
+use vmm::{GuestEnd, VmConfig, VmOptions};
 
 #[derive(Parser, Debug)]
 #[command(name = "vmm", version, about = "A minimal KVM VMM for lazily backed microVMs")]
@@ -71,7 +71,7 @@ fn main() -> ProcessExit {
     ProcessExit::from(u8::try_from(code).unwrap_or(1))
 }
 
-fn config_from(args: &RunArgs) -> Result<(VmConfig, MemoryConfig), vmm::ConfigError> {
+fn config_from(args: &RunArgs) -> Result<VmConfig, vmm::ConfigError> {
     let mut file = ConfigFile::defaults();
     if let Some(path) = &args.config {
         file = file.overridden_by(ConfigFile::load(path)?);
@@ -84,13 +84,11 @@ fn config_from(args: &RunArgs) -> Result<(VmConfig, MemoryConfig), vmm::ConfigEr
         mem_backend: args.mem_backend.clone(),
         fault_around: args.fault_around,
     };
-    let file = file.overridden_by(flags);
-    let memory = MemoryConfig::try_from(&file)?;
-    Ok((VmConfig::try_from(file)?, memory))
+    VmConfig::try_from(file.overridden_by(flags))
 }
 
 fn run(args: RunArgs) -> i32 {
-    let (config, memory) = match config_from(&args) {
+    let config = match config_from(&args) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("vmm: error: {e}");
@@ -104,8 +102,12 @@ fn run(args: RunArgs) -> i32 {
         }
         s => s.map(Duration::from_secs_f64),
     };
-    let options = VmOptions { stdin: true, timeout, ..Default::default() };
-    let outcome = match vmm::run_vm_with_memory(&config, &memory, options) {
+    let options = VmOptions {
+        stdin: true,
+        timeout,
+        ..Default::default()
+    };
+    let outcome = match vmm::run_vm(&config, options) {
         Ok(o) => o,
         Err(e) => {
             eprintln!("vmm: error: {e}");
@@ -135,7 +137,10 @@ fn run(args: RunArgs) -> i32 {
         }
         GuestEnd::Crashed(s) => {
             let rip = s.rip.map_or("unknown".to_string(), |r| format!("{r:#x}"));
-            eprintln!("vmm: error: guest crashed on vCPU {}: {} at RIP {rip}", s.cpu, s.reason);
+            eprintln!(
+                "vmm: error: guest crashed on vCPU {}: {} at RIP {rip}",
+                s.cpu, s.reason
+            );
         }
         GuestEnd::TimedOut(t) => eprintln!("vmm: error: the guest did not finish within {t:?}"),
         GuestEnd::MemoryFault(msg) => eprintln!("vmm: error: the VM was stopped: {msg}"),
@@ -157,7 +162,9 @@ fn run(args: RunArgs) -> i32 {
             m.backend, t.faults, t.pages_zeroed, t.pages_copied, t.fault_around_pages, t.retries_total
         );
     }
-    let first = outcome.first_output.map_or("-".into(), |d| format!("{:.1} ms", d.as_secs_f64() * 1e3));
+    let first = outcome
+        .first_output
+        .map_or("-".into(), |d| format!("{:.1} ms", d.as_secs_f64() * 1e3));
     println!(
         "vmm: first guest output after {first}, total {:.1} ms",
         outcome.elapsed.as_secs_f64() * 1e3

@@ -33,11 +33,19 @@ pub enum MemoryError {
 
 /// Maps `mem_size` bytes of guest RAM laid out by [`ram_ranges`].
 pub fn create_guest_memory(mem_size: u64) -> Result<GuestMemoryMmap, MemoryError> {
-    let map_err = |reason: String| MemoryError::Map { size: mem_size, reason };
+    let map_err = |reason: String| MemoryError::Map {
+        size: mem_size,
+        reason,
+    };
     let ranges: Vec<(GuestAddress, usize)> = ram_ranges(mem_size)
         .into_iter()
         .filter(|&(_, len)| len > 0)
-        .map(|(start, len)| Ok((GuestAddress(start), usize::try_from(len).map_err(|e| map_err(e.to_string()))?)))
+        .map(|(start, len)| {
+            Ok((
+                GuestAddress(start),
+                usize::try_from(len).map_err(|e| map_err(e.to_string()))?,
+            ))
+        })
         .collect::<Result<_, MemoryError>>()?;
     GuestMemoryMmap::from_ranges(&ranges).map_err(|e| map_err(e.to_string()))
 }
@@ -56,8 +64,12 @@ pub fn register_memslots(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), MemoryE
         };
         // SAFETY: the host range belongs to `mem`'s mapping, which the caller keeps
         // alive (the VM holds a clone) for as long as the VM can run.
-        unsafe { vm.set_user_memory_region(region_desc) }
-            .map_err(|source| MemoryError::Slot { slot, gpa, size, source })?;
+        unsafe { vm.set_user_memory_region(region_desc) }.map_err(|source| MemoryError::Slot {
+            slot,
+            gpa,
+            size,
+            source,
+        })?;
     }
     Ok(())
 }

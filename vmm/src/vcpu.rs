@@ -179,8 +179,12 @@ impl Kick {
 
     /// Kicks the vCPU; `false` if its thread is not running.
     pub fn kick(&self) -> bool {
-        let Ok(guard) = self.target.lock() else { return false };
-        let Some(target) = guard.as_ref() else { return false };
+        let Ok(guard) = self.target.lock() else {
+            return false;
+        };
+        let Some(target) = guard.as_ref() else {
+            return false;
+        };
         Self::immediate_exit(target).store(1, Ordering::SeqCst);
         fence(Ordering::SeqCst);
         // SAFETY: `thread` is a live thread: the target is cleared before it ends.
@@ -235,12 +239,29 @@ impl VcpuHandle {
         let (ack_tx, acks) = mpsc::channel();
         let kick = Arc::new(Kick::default());
         let stats = Arc::new(VcpuStats::default());
-        let mut vcpu = VcpuThread { cpu, fd, bus, rx, acks: ack_tx, kick: kick.clone(), stats: stats.clone(), on_stop };
+        let mut vcpu = VcpuThread {
+            cpu,
+            fd,
+            bus,
+            rx,
+            acks: ack_tx,
+            kick: kick.clone(),
+            stats: stats.clone(),
+            on_stop,
+        };
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{cpu}"))
             .spawn(move || vcpu.run(initial))
             .map_err(|source| VcpuError::Spawn { cpu, source })?;
-        Ok(VcpuHandle { cpu, tx, acks, next_id: 0, kick, stats, thread: Some(thread) })
+        Ok(VcpuHandle {
+            cpu,
+            tx,
+            acks,
+            next_id: 0,
+            kick,
+            stats,
+            thread: Some(thread),
+        })
     }
 
     /// The vCPU index.
@@ -273,7 +294,12 @@ impl VcpuHandle {
     }
 
     /// Waits for the acknowledgement of request `id`, re-kicking meanwhile.
-    pub fn wait_ack(&mut self, id: u64, request: &'static str, timeout: Duration) -> Result<VcpuState, VcpuError> {
+    pub fn wait_ack(
+        &mut self,
+        id: u64,
+        request: &'static str,
+        timeout: Duration,
+    ) -> Result<VcpuState, VcpuError> {
         let start = Instant::now();
         loop {
             match self.acks.recv_timeout(REKICK) {
@@ -281,7 +307,11 @@ impl VcpuHandle {
                 Ok(_) => {} // a late ack of an earlier request
                 Err(RecvTimeoutError::Timeout) => {
                     if start.elapsed() >= timeout {
-                        return Err(VcpuError::NoAck { cpu: self.cpu, request, waited: start.elapsed() });
+                        return Err(VcpuError::NoAck {
+                            cpu: self.cpu,
+                            request,
+                            waited: start.elapsed(),
+                        });
                     }
                     self.kick.kick();
                 }
@@ -326,7 +356,10 @@ impl VcpuThread {
         let immediate_exit = &mut self.fd.get_kvm_run().immediate_exit as *mut u8;
         // SAFETY: pthread_self has no preconditions.
         let thread = unsafe { libc::pthread_self() };
-        self.kick.set_target(Some(KickTarget { immediate_exit, thread }));
+        self.kick.set_target(Some(KickTarget {
+            immediate_exit,
+            thread,
+        }));
 
         let mut state = initial;
         while state != VcpuState::Exited {
@@ -370,7 +403,10 @@ impl VcpuThread {
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 Some(handle_exit(Exit::Interrupted, &self.bus))
             }
-            Err(e) => Some(handle_exit(Exit::Other(format!("KVM_RUN failed: {e}")), &self.bus)),
+            Err(e) => Some(handle_exit(
+                Exit::Other(format!("KVM_RUN failed: {e}")),
+                &self.bus,
+            )),
         };
         let action = action.unwrap_or_else(|| {
             let run = self.fd.get_kvm_run();
@@ -388,7 +424,11 @@ impl VcpuThread {
             }
             ExitAction::Stop(reason) => {
                 let rip = self.fd.get_regs().ok().map(|r| r.rip);
-                (self.on_stop)(VcpuStopped { cpu: self.cpu, reason, rip });
+                (self.on_stop)(VcpuStopped {
+                    cpu: self.cpu,
+                    reason,
+                    rip,
+                });
                 // Stay around for requests (state dumps, the final Stop).
                 VcpuState::Paused
             }

@@ -2,7 +2,7 @@
 //! that runs them until the guest exits.
 
 use crate::arch::x86_64::{cpu, paging};
-use crate::config::{KernelSource, MemoryConfig, VmConfig};
+use crate::config::{KernelSource, VmConfig};
 use crate::lazy::{LazyError, LazyMemory, MemoryStats};
 use crate::loader::{self, LoaderError};
 use crate::memory::{self, MemoryError};
@@ -16,7 +16,9 @@ use devices::pv_channel::PvChannel;
 use devices::serial::{SerialConsole, SerialOutput};
 use devices::{DeviceEvent, DeviceEventSink};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
-use kvm_bindings::{kvm_mp_state, kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_mp_state, kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use std::io::Read;
 use std::os::fd::AsRawFd;
@@ -141,7 +143,9 @@ pub struct RunOutcome {
 impl RunOutcome {
     /// The combined checksum of all reports.
     pub fn checksum(&self) -> u64 {
-        self.reports.iter().fold(0, |t, r| workload::combine(t, r.checksum))
+        self.reports
+            .iter()
+            .fold(0, |t, r| workload::combine(t, r.checksum))
     }
 
     /// The exit code the `vmm` process uses.
@@ -181,7 +185,11 @@ pub struct VmOptions {
 
 impl Default for VmOptions {
     fn default() -> Self {
-        VmOptions { serial: SerialOutput::Stdout, stdin: false, timeout: None }
+        VmOptions {
+            serial: SerialOutput::Stdout,
+            stdin: false,
+            timeout: None,
+        }
     }
 }
 
@@ -213,7 +221,9 @@ pub struct Vm {
 
 impl std::fmt::Debug for Vm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Vm").field("config", &self.config).finish_non_exhaustive()
+        f.debug_struct("Vm")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
     }
 }
 
@@ -249,26 +259,29 @@ pub fn open_kvm() -> Result<Kvm, VmError> {
 impl Vm {
     /// Creates the VM: KVM objects, memory, devices, the loaded guest, vCPUs.
     pub fn new(config: &VmConfig, options: VmOptions) -> Result<Vm, VmError> {
-        Self::with_memory(config, &MemoryConfig::default(), options)
-    }
-
-    /// [`Vm::new`] with guest RAM backed as `memory` says.
-    pub fn with_memory(config: &VmConfig, memory: &MemoryConfig, options: VmOptions) -> Result<Vm, VmError> {
         let created = Instant::now();
         config.validate().map_err(|e| VmError::Device(e.to_string()))?;
-        memory.validate().map_err(|e| VmError::Device(e.to_string()))?;
+        let memory = &config.memory;
         let kernel_image = match &config.kernel {
             KernelSource::Bundled => std::borrow::Cow::Borrowed(crate::guest::KERNEL),
-            KernelSource::File(p) => std::borrow::Cow::Owned(
-                std::fs::read(p).map_err(|source| VmError::KernelFile { path: p.display().to_string(), source })?,
-            ),
+            KernelSource::File(p) => {
+                std::borrow::Cow::Owned(std::fs::read(p).map_err(|source| VmError::KernelFile {
+                    path: p.display().to_string(),
+                    source,
+                })?)
+            }
         };
 
         let kvm = open_kvm()?;
         let vm_fd = kvm.create_vm().map_err(kvm_err("VM creation"))?;
-        vm_fd.set_tss_address(0xfffb_d000).map_err(kvm_err("TSS address setup"))?;
+        vm_fd
+            .set_tss_address(0xfffb_d000)
+            .map_err(kvm_err("TSS address setup"))?;
         vm_fd.create_irq_chip().map_err(kvm_err("irqchip creation"))?;
-        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
         vm_fd.create_pit2(pit).map_err(kvm_err("PIT creation"))?;
 
         let mem = memory::create_guest_memory(config.mem_size)?;
@@ -296,7 +309,9 @@ impl Vm {
             })
         };
         let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Device(e.to_string()))?;
-        vm_fd.register_irqfd(&serial_irq, 4).map_err(kvm_err("serial irqfd registration"))?;
+        vm_fd
+            .register_irqfd(&serial_irq, 4)
+            .map_err(kvm_err("serial irqfd registration"))?;
         let first_output = Arc::new(OnceLock::new());
         let serial = Arc::new(Mutex::new(SerialConsole::with_first_output(
             serial_irq,
@@ -304,30 +319,45 @@ impl Vm {
             first_output.clone(),
         )));
         let mut bus = IoManager::new();
-        let range = |base, len| PioRange::new(PioAddress(base), len).map_err(|e| VmError::Device(format!("{e:?}")));
+        let range =
+            |base, len| PioRange::new(PioAddress(base), len).map_err(|e| VmError::Device(format!("{e:?}")));
         bus.register_pio(range(SERIAL_PORT, SERIAL_PORT_LEN)?, serial.clone())
             .map_err(|e| VmError::Device(format!("serial: {e:?}")))?;
-        bus.register_pio(range(DEBUG_EXIT_PORT, 4)?, Arc::new(Mutex::new(DebugExit::new(sink.clone()))))
-            .map_err(|e| VmError::Device(format!("debug-exit: {e:?}")))?;
-        bus.register_pio(range(PV_CHANNEL_PORT, 4)?, Arc::new(Mutex::new(PvChannel::new(mem.clone(), sink))))
-            .map_err(|e| VmError::Device(format!("pv channel: {e:?}")))?;
+        bus.register_pio(
+            range(DEBUG_EXIT_PORT, 4)?,
+            Arc::new(Mutex::new(DebugExit::new(sink.clone()))),
+        )
+        .map_err(|e| VmError::Device(format!("debug-exit: {e:?}")))?;
+        bus.register_pio(
+            range(PV_CHANNEL_PORT, 4)?,
+            Arc::new(Mutex::new(PvChannel::new(mem.clone(), sink))),
+        )
+        .map_err(|e| VmError::Device(format!("pv channel: {e:?}")))?;
 
         // vCPUs.
-        let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("CPUID query"))?;
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("CPUID query"))?;
         let mut vcpu_fds = Vec::new();
         for i in 0..config.vcpus {
-            let fd = vm_fd.create_vcpu(u64::from(i)).map_err(kvm_err("vCPU creation"))?;
+            let fd = vm_fd
+                .create_vcpu(u64::from(i))
+                .map_err(kvm_err("vCPU creation"))?;
             let mut cpuid = supported.clone();
             cpu::patch_cpuid(&mut cpuid, i, config.vcpus);
             fd.set_cpuid2(&cpuid).map_err(kvm_err("CPUID setup"))?;
             let sregs = fd.get_sregs().map_err(kvm_err("sregs read"))?;
-            fd.set_sregs(&cpu::long_mode_sregs(sregs)).map_err(kvm_err("sregs setup"))?;
-            fd.set_regs(&cpu::entry_regs(entry, i)).map_err(kvm_err("register setup"))?;
+            fd.set_sregs(&cpu::long_mode_sregs(sregs))
+                .map_err(kvm_err("sregs setup"))?;
+            fd.set_regs(&cpu::entry_regs(entry, i))
+                .map_err(kvm_err("register setup"))?;
             fd.set_fpu(&cpu::initial_fpu()).map_err(kvm_err("FPU setup"))?;
             // With the in-kernel LAPIC, secondary vCPUs would wait for INIT/SIPI;
             // they are started directly in long mode instead (see abi::boot).
-            fd.set_mp_state(kvm_mp_state { mp_state: KVM_MP_STATE_RUNNABLE })
-                .map_err(kvm_err("MP state setup"))?;
+            fd.set_mp_state(kvm_mp_state {
+                mp_state: KVM_MP_STATE_RUNNABLE,
+            })
+            .map_err(kvm_err("MP state setup"))?;
             vcpu_fds.push(fd);
         }
 
@@ -363,8 +393,18 @@ impl Vm {
         let mut handles = Vec::new();
         for (i, fd) in (0u32..).zip(self.vcpu_fds.drain(..)) {
             // Only the bootstrap vCPU runs at first (see abi::boot).
-            let initial = if i == 0 { VcpuState::Running } else { VcpuState::Paused };
-            handles.push(VcpuHandle::spawn(i, fd, self.bus.clone(), initial, on_stop.clone())?);
+            let initial = if i == 0 {
+                VcpuState::Running
+            } else {
+                VcpuState::Paused
+            };
+            handles.push(VcpuHandle::spawn(
+                i,
+                fd,
+                self.bus.clone(),
+                initial,
+                on_stop.clone(),
+            )?);
         }
 
         let controller = Arc::new(Mutex::new(Controller {
@@ -380,12 +420,19 @@ impl Vm {
             EventManager::new().map_err(|e| VmError::Device(format!("event manager: {e:?}")))?;
         em.add_subscriber(controller.clone());
         if self.options.stdin {
-            em.add_subscriber(Arc::new(Mutex::new(StdinInput { serial: self.serial.clone() })));
+            em.add_subscriber(Arc::new(Mutex::new(StdinInput {
+                serial: self.serial.clone(),
+            })));
         }
 
         let deadline = self.options.timeout.map(|t| Instant::now() + t);
         let end = loop {
-            if let Some(end) = controller.lock().map_err(|_| VmError::Device("controller poisoned".into()))?.end.clone() {
+            if let Some(end) = controller
+                .lock()
+                .map_err(|_| VmError::Device("controller poisoned".into()))?
+                .end
+                .clone()
+            {
                 break end;
             }
             if let Some(end) = self.memory_failure() {
@@ -396,15 +443,22 @@ impl Vm {
                     break GuestEnd::TimedOut(self.options.timeout.unwrap_or_default());
                 }
             }
-            em.run_with_timeout(100).map_err(|e| VmError::Device(format!("event loop: {e:?}")))?;
+            em.run_with_timeout(100)
+                .map_err(|e| VmError::Device(format!("event loop: {e:?}")))?;
         };
 
-        let mut c = controller.lock().map_err(|_| VmError::Device("controller poisoned".into()))?;
+        let mut c = controller
+            .lock()
+            .map_err(|_| VmError::Device("controller poisoned".into()))?;
         let vcpu_stats = c.handles.iter().map(VcpuHandle::stats).collect();
         // A vCPU blocked on a page that cannot be served ignores kicks (a
         // kernel-mode access spins, PLATFORM.md): do not wait long for it.
         let memory_fault = matches!(end, GuestEnd::MemoryFault(_));
-        let patience = if memory_fault { Duration::from_millis(300) } else { Duration::from_secs(2) };
+        let patience = if memory_fault {
+            Duration::from_millis(300)
+        } else {
+            Duration::from_secs(2)
+        };
         let mut stuck = Vec::new();
         for h in &mut c.handles {
             if let Err(e) = h.stop(patience) {
@@ -415,12 +469,19 @@ impl Vm {
             // The run is over and its results are void: unregistering wakes the
             // stuck vCPUs (their page reads as zero), so they can see the stop.
             lazy.release_blocked();
-            stuck.retain_mut(|(cpu, e)| match c.handles.iter_mut().find(|h| h.cpu() == *cpu).map(|h| h.stop(Duration::from_secs(2))) {
-                Some(Err(again)) => {
-                    *e = again;
-                    true
+            stuck.retain_mut(|(cpu, e)| {
+                match c
+                    .handles
+                    .iter_mut()
+                    .find(|h| h.cpu() == *cpu)
+                    .map(|h| h.stop(Duration::from_secs(2)))
+                {
+                    Some(Err(again)) => {
+                        *e = again;
+                        true
+                    }
+                    _ => false,
                 }
-                _ => false,
             });
         }
         for (_, e) in stuck {
@@ -451,8 +512,9 @@ impl Vm {
         if let Some(first) = lazy.failures().first() {
             return Some(GuestEnd::MemoryFault(first.to_string()));
         }
-        lazy.handler_died()
-            .then(|| GuestEnd::MemoryFault("the userfault handler stopped; guest pages can no longer be served".into()))
+        lazy.handler_died().then(|| {
+            GuestEnd::MemoryFault("the userfault handler stopped; guest pages can no longer be served".into())
+        })
     }
 
     /// The configuration.
@@ -487,7 +549,8 @@ impl Controller {
                 }
             }
             VmEvent::Device(DeviceEvent::StartCpus) => {
-                self.bad_requests.push("the guest asked to start its vCPUs twice".into());
+                self.bad_requests
+                    .push("the guest asked to start its vCPUs twice".into());
             }
             VmEvent::Device(DeviceEvent::Report(r)) => self.reports.push(r),
             VmEvent::Device(DeviceEvent::BadRequest(msg)) => {
@@ -568,7 +631,10 @@ pub fn verify_reports(config: &VmConfig, outcome: &RunOutcome) -> Result<Option<
             ));
         }
         if r.checksum != expected {
-            return Err(format!("vCPU {cpu} checksum {:#018x}, expected {expected:#018x}", r.checksum));
+            return Err(format!(
+                "vCPU {cpu} checksum {:#018x}, expected {expected:#018x}",
+                r.checksum
+            ));
         }
         total = workload::combine(total, expected);
     }

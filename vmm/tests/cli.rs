@@ -1,5 +1,6 @@
 //! The `vmm` command line: the default run, and every error case giving its
 //! message and a non-zero exit code.
+#![allow(clippy::unwrap_used)]
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -36,14 +37,28 @@ fn default_run_boots_the_bundled_guest() {
 
 fn assert_error(args: &[&str], code: i32, message: &str) {
     let o = vmm(args);
-    assert_eq!(o.status.code(), Some(code), "args {args:?}: {}{}", stdout(&o), stderr(&o));
-    assert!(stderr(&o).contains(message), "args {args:?}: expected `{message}` in:\n{}", stderr(&o));
+    assert_eq!(
+        o.status.code(),
+        Some(code),
+        "args {args:?}: {}{}",
+        stdout(&o),
+        stderr(&o)
+    );
+    assert!(
+        stderr(&o).contains(message),
+        "args {args:?}: expected `{message}` in:\n{}",
+        stderr(&o)
+    );
 }
 
 #[test]
 fn bad_memory_sizes() {
     assert_error(&["run", "--mem", "0"], 64, "memory size must not be zero");
-    assert_error(&["run", "--mem", "100000"], 64, "not a multiple of the 4 KiB page size");
+    assert_error(
+        &["run", "--mem", "100000"],
+        64,
+        "not a multiple of the 4 KiB page size",
+    );
     assert_error(&["run", "--mem", "1M"], 64, "too small");
     assert_error(&["run", "--mem", "128G"], 64, "too large: at most 64 GiB");
     assert_error(&["run", "--mem", "plenty"], 64, "invalid memory size `plenty`");
@@ -51,24 +66,48 @@ fn bad_memory_sizes() {
 
 #[test]
 fn bad_vcpu_counts() {
-    assert_error(&["run", "--vcpus", "0"], 64, "vCPU count 0 is out of range: use 1 to 8");
+    assert_error(
+        &["run", "--vcpus", "0"],
+        64,
+        "vCPU count 0 is out of range: use 1 to 8",
+    );
     assert_error(&["run", "--vcpus", "9"], 64, "vCPU count 9 is out of range");
 }
 
 #[test]
 fn bad_command_line_is_caught_before_boot() {
-    assert_error(&["run", "--cmdline", "workload=dance"], 64, "bad value `dance` for `workload`");
+    assert_error(
+        &["run", "--cmdline", "workload=dance"],
+        64,
+        "bad value `dance` for `workload`",
+    );
 }
 
 #[test]
 fn bad_kernel_files() {
-    assert_error(&["run", "--kernel", "/nonexistent/kernel"], 64, "cannot read kernel file /nonexistent/kernel");
+    assert_error(
+        &["run", "--kernel", "/nonexistent/kernel"],
+        64,
+        "cannot read kernel file /nonexistent/kernel",
+    );
     let text = temp("text", b"this is not a kernel\n");
-    assert_error(&["run", "--kernel", text.to_str().unwrap()], 64, "is not an ELF file");
+    assert_error(
+        &["run", "--kernel", text.to_str().unwrap()],
+        64,
+        "is not an ELF file",
+    );
     // A real x86_64 ELF, but position-independent (ET_DYN): not loadable here.
-    assert_error(&["run", "--kernel", "/bin/true"], 64, "not a 64-bit little-endian x86_64 executable ELF");
+    assert_error(
+        &["run", "--kernel", "/bin/true"],
+        64,
+        "not a 64-bit little-endian x86_64 executable ELF",
+    );
     let truncated = temp("trunc", &vmm::guest::KERNEL[..200]);
-    assert_error(&["run", "--kernel", truncated.to_str().unwrap()], 64, "truncated or malformed ELF");
+    assert_error(
+        &["run", "--kernel", truncated.to_str().unwrap()],
+        64,
+        "truncated or malformed ELF",
+    );
     // The user program is linked at 512 GiB: far outside the kernel area.
     let user = temp("user", vmm::guest::USER);
     assert_error(&["run", "--kernel", user.to_str().unwrap()], 64, "does not fit");
@@ -79,7 +118,11 @@ fn bad_kernel_files() {
 
 #[test]
 fn triple_fault_reports_rip_and_reason() {
-    assert_error(&["run", "--cmdline", "workload=triple-fault"], 10, "triple fault (KVM_EXIT_SHUTDOWN) at RIP 0x");
+    assert_error(
+        &["run", "--cmdline", "workload=triple-fault"],
+        10,
+        "triple fault (KVM_EXIT_SHUTDOWN) at RIP 0x",
+    );
 }
 
 #[test]
@@ -93,7 +136,10 @@ fn guest_out_of_memory_is_its_exit_code() {
 /// Runs `vmm run` inside a private mount namespace after `setup` (shell) changed /dev.
 fn in_mount_namespace(setup: &str) -> Output {
     let script = format!("{setup} && exec {VMM} run");
-    Command::new("unshare").args(["-m", "--propagation", "private", "sh", "-c", &script]).output().expect("unshare")
+    Command::new("unshare")
+        .args(["-m", "--propagation", "private", "sh", "-c", &script])
+        .output()
+        .expect("unshare")
 }
 
 fn is_root() -> bool {
@@ -103,10 +149,17 @@ fn is_root() -> bool {
 
 #[test]
 fn missing_kvm_device() {
-    assert!(is_root(), "this test hides /dev/kvm in a mount namespace and needs root (CI runs as root)");
+    assert!(
+        is_root(),
+        "this test hides /dev/kvm in a mount namespace and needs root (CI runs as root)"
+    );
     let o = in_mount_namespace("mount -t tmpfs none /dev");
     assert_eq!(o.status.code(), Some(64), "{}", stderr(&o));
-    assert!(stderr(&o).contains("/dev/kvm: it does not exist"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("/dev/kvm: it does not exist"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]
@@ -120,7 +173,10 @@ fn kvm_api_not_usable() {
 
 #[test]
 fn kvm_permission_denied() {
-    assert!(is_root(), "needs root to switch to an unprivileged user (CI runs as root)");
+    assert!(
+        is_root(),
+        "needs root to switch to an unprivileged user (CI runs as root)"
+    );
     // A copy in the temp dir: the build tree may be under a directory the
     // unprivileged user cannot enter.
     let copy = std::env::temp_dir().join(format!("vmm-cli-{}-copy", std::process::id()));
@@ -133,5 +189,9 @@ fn kvm_permission_denied() {
         .expect("setpriv");
     let _ = std::fs::remove_file(&copy);
     assert_eq!(o.status.code(), Some(64), "{}", stderr(&o));
-    assert!(stderr(&o).contains("permission denied; run as root or add your user to the `kvm` group"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("permission denied; run as root or add your user to the `kvm` group"),
+        "{}",
+        stderr(&o)
+    );
 }

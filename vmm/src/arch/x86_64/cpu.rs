@@ -1,6 +1,9 @@
 //! vCPU register state for the long-mode entry of `abi::boot`, and CPUID.
 
-use abi::layout::{BOOT_CODE_SELECTOR, BOOT_DATA_SELECTOR, BOOT_GDT_ENTRIES, BOOT_GDT_START, BOOT_INFO_START, BOOT_PML4_START};
+use abi::layout::{
+    BOOT_CODE_SELECTOR, BOOT_DATA_SELECTOR, BOOT_GDT_ENTRIES, BOOT_GDT_START, BOOT_INFO_START,
+    BOOT_PML4_START,
+};
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs, CpuId};
 
 const CR0_PE: u64 = 1 << 0;
@@ -63,7 +66,11 @@ pub fn entry_regs(entry: u64, cpu: u32) -> kvm_regs {
 
 /// FPU state at reset (x87 control word, MXCSR defaults).
 pub fn initial_fpu() -> kvm_fpu {
-    kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() }
+    kvm_fpu {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    }
 }
 
 /// Adapts KVM's supported CPUID for one vCPU: its APIC ID in leaf 1 and leaf 0xB.
