@@ -80,6 +80,9 @@ pub enum VmError {
     /// Lazily backed guest memory.
     #[error(transparent)]
     Lazy(#[from] LazyError),
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     /// Devices / event loop.
     #[error("device setup failed: {0}")]
     Device(String),
@@ -260,7 +263,7 @@ impl Vm {
     /// Creates the VM: KVM objects, memory, devices, the loaded guest, vCPUs.
     pub fn new(config: &VmConfig, options: VmOptions) -> Result<Vm, VmError> {
         let created = Instant::now();
-        config.validate().map_err(|e| VmError::Device(e.to_string()))?;
+        config.validate()?;
         let memory = &config.memory;
         let kernel_image = match &config.kernel {
             KernelSource::Bundled => std::borrow::Cow::Borrowed(crate::guest::KERNEL),
