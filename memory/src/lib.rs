@@ -6,8 +6,11 @@
 //! - [`core`]: the retry core: per-page state, dedup, fault-around, outcomes;
 //! - [`source`]: the page-source seam (zero, memory file, test wrapper) and its notifier.
 //!
+//! [`affinity`] places threads (the handler's CPU decides the round-trip cost).
+//!
 //! See `docs/retry-core.md` for the design.
 
+pub mod affinity;
 pub mod bench;
 pub mod core;
 pub mod handler;
@@ -19,11 +22,12 @@ pub mod uffd;
 #[allow(clippy::cast_possible_truncation)] // test sizes are small
 mod testutil;
 
+pub use crate::affinity::{current_cpu, pin_current_thread};
 pub use crate::core::{
     AfterRemove, CoreConfig, CoreError, FaultError, FaultOutcome, FaultReport, PageState, Region, ResolvedBy,
     RetryCore, Stats,
 };
-pub use crate::handler::{FaultHandler, HandlerControl, HandlerError};
+pub use crate::handler::{BlockedFault, FaultHandler, HandlerControl, HandlerError, ThreadStats};
 pub use crate::mmap::AnonMapping;
 pub use crate::source::{
     FetchOutcome, FileSource, Notifier, PageSource, RetryReason, Rule, SourceError, TestSource, ZeroSource,

@@ -4,13 +4,13 @@
 //! it is all zero (`Zero`), not yet (`Retry`, and it will call its [`Notifier`]
 //! when that may have changed), or never (`Failed`).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -298,12 +298,19 @@ pub enum Rule {
 }
 
 /// Wraps a source with per-page rules and counters, for tests.
+///
+/// A gate ([`TestSource::close_gate`]) holds every page without an explicit
+/// rule, so a test can stop all guest memory at once and open it later.
 #[derive(Debug)]
 pub struct TestSource {
     inner: Arc<dyn PageSource>,
     rules: Mutex<HashMap<u64, Rule>>,
     fetches: Mutex<HashMap<u64, u32>>,
     fetch_calls: AtomicU64,
+    gate_closed: AtomicBool,
+    /// Pages whose last single-page fetch answered `Retry(Held)`.
+    held: Mutex<BTreeSet<u64>>,
+    held_fetches: AtomicU64,
     notifier: Notifier,
 }
 
@@ -315,8 +322,45 @@ impl TestSource {
             rules: Mutex::new(HashMap::new()),
             fetches: Mutex::new(HashMap::new()),
             fetch_calls: AtomicU64::new(0),
+            gate_closed: AtomicBool::new(false),
+            held: Mutex::new(BTreeSet::new()),
+            held_fetches: AtomicU64::new(0),
             notifier: Notifier::new()?,
         })
+    }
+
+    /// Closes the gate: from now on every fetch touching a page without an
+    /// explicit rule answers `Retry(Held)` (the core parks the fault and sleeps,
+    /// no polling) until [`TestSource::open_gate`].
+    pub fn close_gate(&self) {
+        self.gate_closed.store(true, Ordering::SeqCst);
+    }
+
+    /// Opens the gate and notifies, so parked faults are retried and served.
+    pub fn open_gate(&self) {
+        // Open before notifying: a retry woken by this notify must see it open.
+        self.gate_closed.store(false, Ordering::SeqCst);
+        self.notifier.notify();
+    }
+
+    /// Whether the gate is closed.
+    pub fn gate_closed(&self) -> bool {
+        self.gate_closed.load(Ordering::SeqCst)
+    }
+
+    /// Guest offsets (sorted) of pages currently refused with `Retry(Held)`
+    /// (by a `Hold` rule or the closed gate), i.e. the faults the core parked.
+    /// Only single-page fetches count: a refused fault-around run is followed
+    /// by a fetch of the faulting page alone, so its neighbours (which nobody
+    /// waits for) are not listed. A page leaves the list when a later fetch of
+    /// it is answered otherwise.
+    pub fn held_pages(&self) -> Vec<u64> {
+        lock(&self.held).iter().copied().collect()
+    }
+
+    /// Number of `fetch` calls answered `Retry(Held)` so far (runs included).
+    pub fn held_fetches(&self) -> u64 {
+        self.held_fetches.load(Ordering::Relaxed)
     }
 
     /// Sets the rule of the page at guest offset `page` (page aligned).
@@ -370,26 +414,55 @@ impl PageSource for TestSource {
             }
         }
         let mut delay = Duration::ZERO;
+        let held = |refused: bool| {
+            let mut h = lock(&self.held);
+            if refused {
+                self.held_fetches.fetch_add(1, Ordering::Relaxed);
+                if pages == 1 {
+                    h.insert(offset);
+                }
+            } else if !h.is_empty() {
+                for i in 0..pages {
+                    h.remove(&(offset + i * ps));
+                }
+            }
+        };
         {
             let mut rules = lock(&self.rules);
+            // Read under the rules lock; open_gate's notify follows its store,
+            // so a refusal racing with it is retried, never lost.
+            let gate_closed = self.gate_closed.load(Ordering::SeqCst);
             for i in 0..pages {
                 let page = offset + i * ps;
                 match rules.get_mut(&page) {
+                    None if gate_closed => {
+                        drop(rules);
+                        held(true);
+                        return FetchOutcome::Retry(RetryReason::Held);
+                    }
                     None => {}
                     Some(Rule::Delay(d)) => delay = delay.max(*d),
                     Some(Rule::Fail(m)) => {
+                        let message = m.clone();
+                        drop(rules);
+                        held(false);
                         return FetchOutcome::Failed(SourceError::Injected {
                             offset: page,
-                            message: m.clone(),
-                        })
+                            message,
+                        });
                     }
-                    Some(Rule::Hold) => return FetchOutcome::Retry(RetryReason::Held),
+                    Some(Rule::Hold) => {
+                        drop(rules);
+                        held(true);
+                        return FetchOutcome::Retry(RetryReason::Held);
+                    }
                     Some(Rule::RetryTimes(n)) => {
                         if *n == 0 {
                             rules.remove(&page);
                         } else {
                             *n -= 1;
                             drop(rules);
+                            held(false);
                             // "Available soon": tell the waiter to come back.
                             self.notifier.notify();
                             return FetchOutcome::Retry(RetryReason::NotReady);
@@ -398,6 +471,7 @@ impl PageSource for TestSource {
                 }
             }
         }
+        held(false);
         if !delay.is_zero() {
             std::thread::sleep(delay);
         }
@@ -495,5 +569,36 @@ mod tests {
             );
         });
         assert_eq!(t.fetch(2 * ps, &mut buf), FetchOutcome::Zero);
+    }
+
+    #[test]
+    fn test_source_gate_holds_pages_without_rules() {
+        let t = TestSource::new(Arc::new(ZeroSource::new().expect("eventfd"))).expect("eventfd");
+        let ps = ps() as u64;
+        let mut one = vec![0u8; crate::page_size()];
+        let mut run = vec![0u8; 4 * crate::page_size()];
+        t.set_rule(ps, Rule::Fail("explicit".into()));
+        t.set_rule(2 * ps, Rule::Delay(Duration::from_millis(1)));
+        t.close_gate();
+        assert!(t.gate_closed());
+        assert_eq!(t.fetch(0, &mut one), FetchOutcome::Retry(RetryReason::Held));
+        // Explicit rules still apply behind a closed gate.
+        assert!(matches!(t.fetch(ps, &mut one), FetchOutcome::Failed(_)));
+        assert_eq!(t.fetch(2 * ps, &mut one), FetchOutcome::Zero);
+        // A refused run lists nothing: the core retries the faulting page alone.
+        assert_eq!(t.fetch(4 * ps, &mut run), FetchOutcome::Retry(RetryReason::Held));
+        assert_eq!(t.held_pages(), vec![0]);
+        assert_eq!(t.held_fetches(), 2);
+        let g = t.notifier().generation();
+        t.open_gate();
+        assert!(t.notifier().wait_past(g, Duration::ZERO), "opening notifies");
+        assert_eq!(t.fetch(0, &mut one), FetchOutcome::Zero);
+        assert!(t.held_pages().is_empty());
+        t.set_rule(3 * ps, Rule::Hold);
+        assert_eq!(t.fetch(3 * ps, &mut one), FetchOutcome::Retry(RetryReason::Held));
+        assert_eq!(t.held_pages(), vec![3 * ps]);
+        t.release(3 * ps);
+        assert_eq!(t.fetch(3 * ps, &mut one), FetchOutcome::Zero);
+        assert!(t.held_pages().is_empty());
     }
 }

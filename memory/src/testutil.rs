@@ -62,6 +62,16 @@ pub struct Fixture {
 
 impl Fixture {
     pub fn start(pages: u64, source: Arc<dyn PageSource>, config: CoreConfig) -> Fixture {
+        Self::start_at(pages, source, config, 0)
+    }
+
+    /// Like `start`, with the region at `guest_offset` in the source.
+    pub fn start_at(
+        pages: u64,
+        source: Arc<dyn PageSource>,
+        config: CoreConfig,
+        guest_offset: u64,
+    ) -> Fixture {
         let map = Arc::new(AnonMapping::new((pages * ps()) as usize).expect("mmap"));
         let uffd = Arc::new(Uffd::for_guest_memory().expect("userfaultfd"));
         uffd.register(map.addr(), map.len() as u64, RegisterMode::MISSING)
@@ -70,7 +80,7 @@ impl Fixture {
         let region = Region {
             host_base: map.addr(),
             size: map.len() as u64,
-            guest_offset: 0,
+            guest_offset,
         };
         let core = Arc::new(RetryCore::new(region, source, config).expect("core"));
         let mut handler = FaultHandler::new(uffd.clone(), vec![core.clone()]).expect("handler");
@@ -114,6 +124,13 @@ impl Drop for Fixture {
             let _ = t.join();
         }
     }
+}
+
+/// The calling thread's id, as userfaultfd reports it.
+pub fn gettid() -> u32 {
+    // SAFETY: gettid takes no arguments and cannot fail.
+    let tid = unsafe { libc::gettid() };
+    u32::try_from(tid).expect("positive tid")
 }
 
 /// Waits up to 5 s for `cond`.
