@@ -33,17 +33,44 @@ pub struct TaskArgs {
     pub pattern: u32,
     /// 1 if the workload writes.
     pub write: u32,
-    /// Global index of the task's first page.
+    /// Global index of the task's first page ([`crate::workload::TaskPlan`]).
     pub first_page: u64,
-    /// Number of pages in the task's share.
+    /// Number of pages the task touches.
     pub pages: u64,
-    /// Seed of the page order and of the values written.
+    /// Seed of the values written.
     pub seed: u64,
     /// Virtual address of global page 0 ([`USER_WORK_BASE`](crate::layout::USER_WORK_BASE)).
     pub work_base: u64,
+    /// Seed of the task's page order ([`crate::workload::TaskPlan::order_seed`]).
+    pub order_seed: u64,
+    /// 1 if the kernel mapped the work region before entry (`populate=1`).
+    pub populate: u32,
+    /// 1 if the work region is backed by frames shared with the other tasks (`shared=1`).
+    pub shared: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<TaskArgs>() == 48);
+impl TaskArgs {
+    /// The task's plan.
+    pub fn plan(&self) -> crate::workload::TaskPlan {
+        crate::workload::TaskPlan {
+            first_page: self.first_page,
+            pages: self.pages,
+            order_seed: self.order_seed,
+        }
+    }
+
+    /// The task's page order pattern (anything but `Rand` reads as `Seq`).
+    pub fn pattern(&self) -> crate::workload::Pattern {
+        use crate::workload::Pattern;
+        if self.pattern == Pattern::Rand as u32 {
+            Pattern::Rand
+        } else {
+            Pattern::Seq
+        }
+    }
+}
+
+const _: () = assert!(core::mem::size_of::<TaskArgs>() == 64);
 
 /// What a user task reports with [`SYS_REPORT`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -1,14 +1,22 @@
-//! Built-in guest workloads: the command line that selects them, how the pages are
-//! shared between vCPUs, the page order, the values written and the checksum.
+//! Built-in guest workloads: the command line that selects them, which pages each
+//! task touches ([`task_plan`]), the page order, the values written and the checksum.
 //!
 //! The guest computes the checksum by touching memory; the host (and the guest, as a
-//! self-check) computes the same value with [`expected_checksum`] without touching
-//! anything, so a lost, stale or misplaced page shows as a mismatch.
+//! self-check) computes the same value with [`expected_task_checksum`] without
+//! touching anything, so a lost, stale or misplaced page shows as a mismatch.
 //!
 //! Command line: space-separated `key=value` words.
 //! - `workload=hello|touch|triple-fault` (default `hello`)
 //! - `pages=N` (touch; default 256), `pattern=seq|rand` (default `seq`),
 //!   `write=0|1` (default 1), `seed=N` (default 1).
+//! - `populate=0|1` (touch; default 0): 1 = the kernel maps every page of the
+//!   task's work region before entering user mode (like `MAP_POPULATE`), so the
+//!   user loop takes no guest page fault; on a lazily backed host each first
+//!   access is then only a stage-2 fault taken from guest user mode.
+//! - `shared=0|1` (touch; default 0): 1 = every task touches all `pages` pages,
+//!   each in its own order, and all tasks map the same guest-physical frames
+//!   (several vCPUs fault the same pages concurrently). 0 = the pages are split
+//!   over the tasks ([`share`]).
 
 use crate::layout::{PAGE_SIZE, USER_WORK_MAX_SIZE};
 
@@ -69,6 +77,10 @@ pub struct WorkloadConfig {
     pub write: bool,
     /// Seed of the order and values.
     pub seed: u64,
+    /// Map the work region at task creation (no guest faults in the user loop).
+    pub populate: bool,
+    /// All tasks touch all pages, backed by the same guest-physical frames.
+    pub shared: bool,
 }
 
 impl Default for WorkloadConfig {
@@ -79,6 +91,8 @@ impl Default for WorkloadConfig {
             pattern: Pattern::Seq,
             write: true,
             seed: 1,
+            populate: false,
+            shared: false,
         }
     }
 }
@@ -110,7 +124,7 @@ impl core::fmt::Display for CmdlineError<'_> {
             CmdlineError::NotKeyValue(w) => write!(f, "`{w}` is not of the form key=value"),
             CmdlineError::UnknownKey(k) => write!(
                 f,
-                "unknown key `{k}` (known: workload, pages, pattern, write, seed)"
+                "unknown key `{k}` (known: workload, pages, pattern, write, seed, populate, shared)"
             ),
             CmdlineError::BadValue { key, value, expected } => {
                 write!(f, "bad value `{value}` for `{key}`: expected {expected}")
@@ -124,6 +138,14 @@ fn parse_u64(s: &str) -> Option<u64> {
         u64::from_str_radix(hex, 16).ok()
     } else {
         s.parse().ok()
+    }
+}
+
+fn parse_bool(s: &str) -> Option<bool> {
+    match s {
+        "0" => Some(false),
+        "1" => Some(true),
+        _ => None,
     }
 }
 
@@ -154,13 +176,9 @@ pub fn parse_cmdline(cmdline: &str) -> Result<WorkloadConfig, CmdlineError<'_>> 
                     _ => return Err(bad("seq or rand")),
                 }
             }
-            "write" => {
-                cfg.write = match value {
-                    "0" => false,
-                    "1" => true,
-                    _ => return Err(bad("0 or 1")),
-                }
-            }
+            "write" => cfg.write = parse_bool(value).ok_or(bad("0 or 1"))?,
+            "populate" => cfg.populate = parse_bool(value).ok_or(bad("0 or 1"))?,
+            "shared" => cfg.shared = parse_bool(value).ok_or(bad("0 or 1"))?,
             "seed" => cfg.seed = parse_u64(value).ok_or(bad("an unsigned integer"))?,
             _ => return Err(CmdlineError::UnknownKey(key)),
         }
@@ -257,13 +275,79 @@ impl Iterator for PageOrder {
     }
 }
 
-/// The checksum a task with share `(first_page, pages)` must report: the fold of
-/// the values it reads back, in its page order.
+/// What one task of the `touch` workload does: global pages
+/// `first_page .. first_page + pages`, visited in `PageOrder::new(pages, pattern,
+/// order_seed)` (offsets from `first_page`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TaskPlan {
+    /// Global index of the first page.
+    pub first_page: u64,
+    /// Number of pages.
+    pub pages: u64,
+    /// Seed of the task's page order (values always use the workload's seed).
+    pub order_seed: u64,
+}
+
+impl TaskPlan {
+    /// The task's page order (offsets from `first_page`).
+    pub fn order(&self, pattern: Pattern) -> PageOrder {
+        PageOrder::new(self.pages, pattern, self.order_seed)
+    }
+
+    /// The checksum the task must report: the fold of the values it reads back,
+    /// in its page order. Values depend only on the page (not on the task), so
+    /// tasks sharing pages read back consistent values.
+    pub fn checksum(&self, pattern: Pattern, write: bool, seed: u64) -> u64 {
+        self.order(pattern).fold(0, |sum, i| {
+            let page = self.first_page + i;
+            fold(sum, page, if write { page_value(seed, page) } else { 0 })
+        })
+    }
+}
+
+/// What task `cpu` of `cpus` does under `cfg` (no pages unless `touch`).
+/// `shared=0`: its [`share`], ordered by `seed ^ first_page`. `shared=1`: all
+/// pages, ordered by a seed mixed with the cpu, so the tasks reach the same
+/// pages at different times.
+pub fn task_plan(cfg: &WorkloadConfig, cpus: u32, cpu: u32) -> TaskPlan {
+    if cfg.kind != WorkloadKind::Touch {
+        return TaskPlan {
+            first_page: 0,
+            pages: 0,
+            order_seed: cfg.seed,
+        };
+    }
+    if cfg.shared {
+        let order_seed = cfg.seed ^ mix64(u64::from(cpu).wrapping_add(0x5348_4152_4544));
+        TaskPlan {
+            first_page: 0,
+            pages: cfg.pages,
+            order_seed,
+        }
+    } else {
+        let (first_page, pages) = share(cfg.pages, cpus, cpu);
+        TaskPlan {
+            first_page,
+            pages,
+            order_seed: cfg.seed ^ first_page,
+        }
+    }
+}
+
+/// The checksum task `cpu` of `cpus` must report under `cfg`.
+pub fn expected_task_checksum(cfg: &WorkloadConfig, cpus: u32, cpu: u32) -> u64 {
+    task_plan(cfg, cpus, cpu).checksum(cfg.pattern, cfg.write, cfg.seed)
+}
+
+/// The checksum of a non-shared task with share `(first_page, pages)`; same as
+/// [`expected_task_checksum`] for that task.
 pub fn expected_checksum(first_page: u64, pages: u64, pattern: Pattern, write: bool, seed: u64) -> u64 {
-    PageOrder::new(pages, pattern, seed ^ first_page).fold(0, |sum, i| {
-        let page = first_page + i;
-        fold(sum, page, if write { page_value(seed, page) } else { 0 })
-    })
+    TaskPlan {
+        first_page,
+        pages,
+        order_seed: seed ^ first_page,
+    }
+    .checksum(pattern, write, seed)
 }
 
 /// Combines per-task checksums into the VM's total (order independent).
@@ -297,6 +381,78 @@ mod tests {
         );
         assert!(parse_cmdline("pattern=zigzag").is_err());
         assert!(parse_cmdline("write=yes").is_err());
+        assert!(parse_cmdline("populate=2").is_err());
+        assert!(parse_cmdline("shared=true").is_err());
+    }
+
+    #[test]
+    fn parses_populate_and_shared() {
+        let d = WorkloadConfig::default();
+        assert!(!d.populate && !d.shared);
+        let c = parse_cmdline("workload=touch populate=1 shared=1").unwrap();
+        assert!(c.populate && c.shared);
+        let c = parse_cmdline("workload=touch populate=0 shared=0").unwrap();
+        assert!(!c.populate && !c.shared);
+    }
+
+    fn touch(pages: u64, shared: bool) -> WorkloadConfig {
+        WorkloadConfig {
+            kind: WorkloadKind::Touch,
+            pages,
+            pattern: Pattern::Rand,
+            shared,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn unshared_plan_is_the_share_and_keeps_old_checksums() {
+        let cfg = touch(1000, false);
+        for cpu in 0..3 {
+            let p = task_plan(&cfg, 3, cpu);
+            let (first, n) = share(1000, 3, cpu);
+            assert_eq!(
+                (p.first_page, p.pages, p.order_seed),
+                (first, n, cfg.seed ^ first)
+            );
+            assert_eq!(
+                expected_task_checksum(&cfg, 3, cpu),
+                expected_checksum(first, n, Pattern::Rand, true, cfg.seed)
+            );
+        }
+        let hello = WorkloadConfig::default();
+        assert_eq!(task_plan(&hello, 2, 1).pages, 0);
+    }
+
+    #[test]
+    fn shared_plans_cover_all_pages_in_different_orders() {
+        let cfg = touch(500, true);
+        let orders: Vec<Vec<u64>> = (0..4)
+            .map(|cpu| {
+                let p = task_plan(&cfg, 4, cpu);
+                assert_eq!((p.first_page, p.pages), (0, 500));
+                p.order(cfg.pattern).collect()
+            })
+            .collect();
+        for o in &orders {
+            let mut sorted = o.clone();
+            sorted.sort_unstable();
+            assert_eq!(sorted, (0..500).collect::<Vec<_>>());
+        }
+        assert_ne!(orders[0], orders[1], "each task has its own order");
+        assert_ne!(orders[1], orders[2]);
+        // Different orders over the same values: different checksums.
+        assert_ne!(
+            expected_task_checksum(&cfg, 4, 0),
+            expected_task_checksum(&cfg, 4, 1)
+        );
+        // With write=0 every page reads zero whatever the order.
+        let ro = WorkloadConfig { write: false, ..cfg };
+        let p = task_plan(&ro, 4, 2);
+        assert_eq!(
+            expected_task_checksum(&ro, 4, 2),
+            p.order(Pattern::Rand).fold(0, |s, i| fold(s, i, 0))
+        );
     }
 
     #[test]

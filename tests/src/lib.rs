@@ -36,6 +36,7 @@ pub fn capture_options() -> (VmOptions, Arc<Mutex<Vec<u8>>>) {
         serial: SerialOutput::Capture(buf.clone()),
         stdin: false,
         timeout: Some(Duration::from_secs(120)),
+        ..VmOptions::default()
     };
     (options, buf)
 }
@@ -73,8 +74,10 @@ impl Drop for TempFile {
     }
 }
 
-/// The checksum each vCPU must report for a touch workload, computed here
-/// without touching memory: `(cpu, first_page, pages, checksum)`.
+/// The checksum each vCPU must report for a touch workload with the default
+/// options (`populate` does not change it; for `shared=1` use
+/// `abi::workload::task_plan` directly), computed here without touching memory:
+/// `(cpu, first_page, pages, checksum)`.
 pub fn expected_touch(
     vcpus: u32,
     pages: u64,
@@ -82,15 +85,19 @@ pub fn expected_touch(
     write: bool,
     seed: u64,
 ) -> Vec<(u32, u64, u64, u64)> {
+    let cfg = workload::WorkloadConfig {
+        kind: workload::WorkloadKind::Touch,
+        pages,
+        pattern,
+        write,
+        seed,
+        ..Default::default()
+    };
     (0..vcpus)
         .map(|cpu| {
-            let (first, n) = workload::share(pages, vcpus, cpu);
-            (
-                cpu,
-                first,
-                n,
-                workload::expected_checksum(first, n, pattern, write, seed),
-            )
+            let plan = workload::task_plan(&cfg, vcpus, cpu);
+            let sum = plan.checksum(pattern, write, seed);
+            (cpu, plan.first_page, plan.pages, sum)
         })
         .collect()
 }

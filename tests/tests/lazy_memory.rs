@@ -57,6 +57,17 @@ fn zero_backend(vcpus: u32) {
     let json = run.outcome.stats_json();
     assert_eq!(json["memory"]["total"]["faults"], m.total.faults);
     assert_eq!(json["vcpus"].as_array().map(Vec::len), Some(vcpus as usize));
+    // Every vCPU's own userfaults are charged to it (thread ids from the uffd).
+    for v in &run.outcome.vcpu_stats {
+        let share = PAGES / u64::from(vcpus);
+        assert!(
+            v.stage2_faults >= share,
+            "vCPU {} took {} stage-2 faults",
+            v.cpu,
+            v.stage2_faults
+        );
+        assert!(v.stage2_blocked_us > 0);
+    }
 }
 
 #[test]

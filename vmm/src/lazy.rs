@@ -45,6 +45,8 @@ pub enum LazyError {
     Thread(std::io::Error),
 }
 
+pub use ::memory::BlockedFault;
+
 /// Statistics of lazily backed memory, for `--stats`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct MemoryStats {
@@ -87,13 +89,18 @@ fn open_source(backend: &MemBackend) -> Result<Option<Arc<dyn PageSource>>, Lazy
 impl LazyMemory {
     /// Registers every region of `mem` and starts the handler thread; `None`
     /// for [`MemBackend::Anon`]. Call after the loader wrote guest memory.
+    /// `source` replaces the backend's own page source (tests, custom sources);
+    /// the backend must still be lazy.
     pub fn start(
         mem: &GuestMemoryMmap,
         backend: &MemBackend,
         fault_around: u32,
+        source: Option<Arc<dyn PageSource>>,
     ) -> Result<Option<LazyMemory>, LazyError> {
-        let Some(source) = open_source(backend)? else {
-            return Ok(None);
+        let source = match (open_source(backend)?, source) {
+            (None, _) => return Ok(None),
+            (Some(_), Some(custom)) => custom,
+            (Some(own), None) => own,
         };
         let uffd = Arc::new(Uffd::for_guest_memory().map_err(|source| LazyError::Uffd {
             backend: backend.to_string(),
@@ -140,6 +147,17 @@ impl LazyMemory {
             regions,
             thread: Some(thread),
         }))
+    }
+
+    /// Stage-2 fault accounting per faulting thread (gettid).
+    pub fn per_thread(&self) -> std::collections::HashMap<u32, ::memory::ThreadStats> {
+        self.control.per_thread()
+    }
+
+    /// A function listing the blocked faults, for the controller thread.
+    pub fn blocked_fn(&self) -> crate::controller::BlockedFn {
+        let control = self.control.clone();
+        Box::new(move || blocked_faults(&control))
     }
 
     /// Faults that could not be served (the VM must not go on).
@@ -232,6 +250,11 @@ pub fn merge(stats: &[Stats]) -> Stats {
     t
 }
 
+/// The faults `control`'s handler holds.
+fn blocked_faults(control: &HandlerControl) -> Vec<BlockedFault> {
+    control.blocked()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -260,7 +283,9 @@ mod tests {
     #[test]
     fn anon_needs_no_handler() {
         let mem = crate::memory::create_guest_memory(64 << 20).unwrap();
-        assert!(LazyMemory::start(&mem, &MemBackend::Anon, 0).unwrap().is_none());
+        assert!(LazyMemory::start(&mem, &MemBackend::Anon, 0, None)
+            .unwrap()
+            .is_none());
     }
 
     #[test]
@@ -270,7 +295,7 @@ mod tests {
             path: "/nonexistent/vmm-mem".into(),
             offset: 0,
         };
-        let e = LazyMemory::start(&mem, &b, 16).unwrap_err().to_string();
+        let e = LazyMemory::start(&mem, &b, 16, None).unwrap_err().to_string();
         assert!(
             e.contains("/nonexistent/vmm-mem") && e.contains("--mem-backend"),
             "{e}"

@@ -8,15 +8,18 @@
 
 pub mod arch;
 pub mod config;
+pub mod controller;
 pub mod exit;
 pub mod guest;
 pub mod lazy;
 pub mod loader;
 pub mod memory;
+pub mod signals;
 pub mod vcpu;
 pub mod vm;
 
 pub use config::{ConfigError, KernelSource, MemBackend, MemoryConfig, VmConfig};
+pub use controller::{ControlError, PauseReport, RunningVm, VcpuPause};
 pub use vm::{GuestEnd, RunOutcome, Vm, VmError, VmOptions};
 
 /// Builds and runs a VM with `config` until it ends.

@@ -58,6 +58,12 @@ struct RunArgs {
 }
 
 fn main() -> ProcessExit {
+    // Before any thread starts, so that every thread inherits the mask and the
+    // controller alone receives these signals (through a signalfd).
+    if let Err(e) = vmm::signals::block_shutdown_signals() {
+        eprintln!("vmm: error: cannot block SIGINT/SIGTERM for a clean shutdown: {e}");
+        return ProcessExit::from(64);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
@@ -105,6 +111,7 @@ fn run(args: RunArgs) -> i32 {
     let options = VmOptions {
         stdin: true,
         timeout,
+        shutdown_signals: true,
         ..Default::default()
     };
     let outcome = match vmm::run_vm(&config, options) {
@@ -144,6 +151,8 @@ fn run(args: RunArgs) -> i32 {
         }
         GuestEnd::TimedOut(t) => eprintln!("vmm: error: the guest did not finish within {t:?}"),
         GuestEnd::MemoryFault(msg) => eprintln!("vmm: error: the VM was stopped: {msg}"),
+        GuestEnd::Stopped => eprintln!("vmm: the VM was stopped on request"),
+        GuestEnd::Signal(sig) => eprintln!("vmm: shut down cleanly on signal {sig}"),
     }
     if code == 0 {
         match verify_reports(&config, &outcome) {

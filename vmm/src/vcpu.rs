@@ -12,7 +12,7 @@
 
 use crate::exit::{handle_exit, Exit, ExitAction, StopReason};
 use kvm_ioctls::{VcpuExit, VcpuFd};
-use std::sync::atomic::{fence, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{fence, AtomicI32, AtomicU64, AtomicU8, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::{Arc, Mutex, Once};
 use std::thread::JoinHandle;
@@ -111,6 +111,9 @@ pub struct VcpuStats {
     pub io_exits: AtomicU64,
     /// Kicks that took the vCPU out of the guest (EINTR / immediate exit).
     pub interruptions: AtomicU64,
+    /// Kernel thread id of the vCPU thread (0 until it starts): userfault
+    /// events name the faulting thread, so this maps a blocked fault to its vCPU.
+    pub tid: AtomicI32,
 }
 
 /// A snapshot of [`VcpuStats`].
@@ -124,6 +127,12 @@ pub struct VcpuStatsSnapshot {
     pub io_exits: u64,
     /// Interruptions by kicks.
     pub interruptions: u64,
+    /// Stage-2 faults (userfaults) of this vCPU's thread served by the retry core.
+    pub stage2_faults: u64,
+    /// Retries of those faults.
+    pub stage2_retries: u64,
+    /// Time this vCPU spent blocked in them, in microseconds.
+    pub stage2_blocked_us: u64,
 }
 
 /// The kick target: `kvm_run.immediate_exit` and the thread, while both live.
@@ -269,6 +278,13 @@ impl VcpuHandle {
         self.cpu
     }
 
+    /// Kernel thread id of the vCPU thread, once it runs.
+    pub fn tid(&self) -> Option<u32> {
+        u32::try_from(self.stats.tid.load(Ordering::Acquire))
+            .ok()
+            .filter(|&t| t != 0)
+    }
+
     /// Counters.
     pub fn stats(&self) -> VcpuStatsSnapshot {
         VcpuStatsSnapshot {
@@ -276,6 +292,7 @@ impl VcpuHandle {
             exits: self.stats.exits.load(Ordering::Relaxed),
             io_exits: self.stats.io_exits.load(Ordering::Relaxed),
             interruptions: self.stats.interruptions.load(Ordering::Relaxed),
+            ..Default::default()
         }
     }
 
@@ -291,6 +308,21 @@ impl VcpuHandle {
         self.tx.send((id, req)).map_err(|_| VcpuError::Gone(self.cpu))?;
         self.kick.kick();
         Ok(id)
+    }
+
+    /// Waits up to `wait` for the acknowledgement of request `id`; `None` if it
+    /// has not come (the caller decides whether to kick again).
+    pub fn poll_ack(&mut self, id: u64, wait: Duration) -> Result<Option<VcpuState>, VcpuError> {
+        let deadline = Instant::now() + wait;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.acks.recv_timeout(left) {
+                Ok((ack_id, state)) if ack_id == id => return Ok(Some(state)),
+                Ok(_) => {} // a late ack of an earlier request
+                Err(RecvTimeoutError::Timeout) => return Ok(None),
+                Err(RecvTimeoutError::Disconnected) => return Err(VcpuError::Gone(self.cpu)),
+            }
+        }
     }
 
     /// Waits for the acknowledgement of request `id`, re-kicking meanwhile.
@@ -356,6 +388,9 @@ impl VcpuThread {
         let immediate_exit = &mut self.fd.get_kvm_run().immediate_exit as *mut u8;
         // SAFETY: pthread_self has no preconditions.
         let thread = unsafe { libc::pthread_self() };
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::gettid() };
+        self.stats.tid.store(tid, Ordering::Release);
         self.kick.set_target(Some(KickTarget {
             immediate_exit,
             thread,

@@ -3,10 +3,11 @@
 
 use crate::arch::x86_64::{cpu, paging};
 use crate::config::{KernelSource, VmConfig};
+use crate::controller::{self, BlockedFn, EventSender, RunningVm, VmEvent};
 use crate::lazy::{LazyError, LazyMemory, MemoryStats};
 use crate::loader::{self, LoaderError};
 use crate::memory::{self, MemoryError};
-use crate::vcpu::{StopSink, VcpuError, VcpuHandle, VcpuState, VcpuStatsSnapshot, VcpuStopped};
+use crate::vcpu::{VcpuError, VcpuHandle, VcpuStatsSnapshot, VcpuStopped};
 use abi::exit::ExitCode;
 use abi::ports::{DEBUG_EXIT_PORT, PV_CHANNEL_PORT, SERIAL_PORT, SERIAL_PORT_LEN};
 use abi::pv::WorkloadReport;
@@ -14,21 +15,17 @@ use abi::workload::{self, WorkloadKind};
 use devices::debug_exit::DebugExit;
 use devices::pv_channel::PvChannel;
 use devices::serial::{SerialConsole, SerialOutput};
-use devices::{DeviceEvent, DeviceEventSink};
-use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use devices::DeviceEventSink;
 use kvm_bindings::{
     kvm_mp_state, kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
-use std::io::Read;
-use std::os::fd::AsRawFd;
-use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::mpsc::{self, Receiver};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use vm_device::bus::{PioAddress, PioRange};
 use vm_device::device_manager::{IoManager, PioManager};
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Errors setting up or running a VM.
@@ -100,6 +97,10 @@ pub enum GuestEnd {
     /// A guest page could not be served by the memory backend (the page was not
     /// zero-filled; the VM was stopped). The message names the page and the cause.
     MemoryFault(String),
+    /// A control request stopped the run.
+    Stopped,
+    /// A shutdown signal (SIGINT, SIGTERM, SIGHUP) ended the run.
+    Signal(i32),
 }
 
 impl std::fmt::Display for GuestEnd {
@@ -109,6 +110,8 @@ impl std::fmt::Display for GuestEnd {
             GuestEnd::Crashed(s) => write!(f, "crashed on vCPU {}: {}", s.cpu, s.reason),
             GuestEnd::TimedOut(t) => write!(f, "timed out after {t:?}"),
             GuestEnd::MemoryFault(m) => write!(f, "memory fault: {m}"),
+            GuestEnd::Stopped => write!(f, "stopped on request"),
+            GuestEnd::Signal(sig) => write!(f, "ended by signal {sig}"),
         }
     }
 }
@@ -121,6 +124,8 @@ pub const EXIT_TIMED_OUT: i32 = 11;
 pub const EXIT_BAD_RESULT: i32 = 12;
 /// Process exit code when guest memory could not be served (memory backend failure).
 pub const EXIT_MEMORY_FAULT: i32 = 13;
+/// Process exit code when a control request stopped the run.
+pub const EXIT_STOPPED: i32 = 14;
 /// Process exit code for VMM errors (configuration, KVM, loading).
 pub const EXIT_VMM_ERROR: i32 = 64;
 
@@ -158,6 +163,8 @@ impl RunOutcome {
             GuestEnd::Crashed(_) => EXIT_CRASHED,
             GuestEnd::TimedOut(_) => EXIT_TIMED_OUT,
             GuestEnd::MemoryFault(_) => EXIT_MEMORY_FAULT,
+            GuestEnd::Stopped => EXIT_STOPPED,
+            GuestEnd::Signal(sig) => 128 + sig,
         }
     }
 
@@ -184,6 +191,22 @@ pub struct VmOptions {
     pub stdin: bool,
     /// Give up after this long (a guard against hangs, not a performance goal).
     pub timeout: Option<Duration>,
+    /// End the run cleanly on SIGINT/SIGTERM/SIGHUP (read with a signalfd; the
+    /// caller must have blocked them with `signals::block_shutdown_signals`).
+    pub shutdown_signals: bool,
+    /// Serve lazily backed memory from this source instead of the backend's
+    /// own (tests hold, delay or fail pages with `memory::TestSource`).
+    pub page_source: Option<CustomSource>,
+}
+
+/// A page source given at run time (see [`VmOptions::page_source`]).
+#[derive(Clone)]
+pub struct CustomSource(pub Arc<dyn ::memory::PageSource>);
+
+impl std::fmt::Debug for CustomSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CustomSource({})", self.0.name())
+    }
 }
 
 impl Default for VmOptions {
@@ -192,32 +215,26 @@ impl Default for VmOptions {
             serial: SerialOutput::Stdout,
             stdin: false,
             timeout: None,
+            shutdown_signals: false,
+            page_source: None,
         }
     }
-}
-
-/// Events reaching the controller.
-#[derive(Debug)]
-enum VmEvent {
-    Device(DeviceEvent),
-    VcpuStopped(VcpuStopped),
 }
 
 /// A built, not yet running VM.
 pub struct Vm {
     config: VmConfig,
-    options: VmOptions,
+    pub(crate) options: VmOptions,
     // Declared before `_mem` so it drops first: its handler fills pages of that mapping.
     lazy: Option<LazyMemory>,
     // Kept alive while the vCPUs run: the memslots point into this mapping.
     _mem: GuestMemoryMmap,
     _vm_fd: VmFd,
-    vcpu_fds: Vec<VcpuFd>,
-    bus: Arc<IoManager>,
-    serial: Arc<Mutex<SerialConsole>>,
+    pub(crate) vcpu_fds: Vec<VcpuFd>,
+    pub(crate) bus: Arc<IoManager>,
+    pub(crate) serial: Arc<Mutex<SerialConsole>>,
     events_rx: Receiver<VmEvent>,
-    events_tx: Sender<VmEvent>,
-    events_fd: Arc<EventFd>,
+    pub(crate) events: EventSender,
     first_output: Arc<OnceLock<Instant>>,
     created: Instant,
 }
@@ -296,19 +313,21 @@ impl Vm {
         loader::write_boot_info(&mem, &info)?;
         // Only now, with every page the VMM writes present, may RAM be handed to
         // userfaultfd: a VMM write to a missing page would block this thread.
-        let lazy = LazyMemory::start(&mem, &memory.backend, memory.effective_fault_around())?;
+        let lazy = LazyMemory::start(
+            &mem,
+            &memory.backend,
+            memory.effective_fault_around(),
+            options.page_source.as_ref().map(|s| s.0.clone()),
+        )?;
 
         // Devices.
         let (events_tx, events_rx) = mpsc::channel();
         let events_fd = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Device(e.to_string()))?);
+        let events = EventSender::new(events_tx, events_fd);
         let sink: DeviceEventSink = {
-            let tx = Mutex::new(events_tx.clone());
-            let fd = events_fd.clone();
+            let events = events.clone();
             Arc::new(move |ev| {
-                if let Ok(tx) = tx.lock() {
-                    let _ = tx.send(VmEvent::Device(ev));
-                }
-                let _ = fd.write(1);
+                events.send(VmEvent::Device(ev));
             })
         };
         let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Device(e.to_string()))?;
@@ -374,96 +393,47 @@ impl Vm {
             bus: Arc::new(bus),
             serial,
             events_rx,
-            events_tx,
-            events_fd,
+            events,
             first_output,
             created,
         })
     }
 
-    /// Runs the VM until the guest exits, a vCPU crashes or the timeout passes.
-    pub fn run(mut self) -> Result<RunOutcome, VmError> {
-        let on_stop: StopSink = {
-            let tx = Mutex::new(self.events_tx.clone());
-            let fd = self.events_fd.clone();
-            Arc::new(move |s| {
-                if let Ok(tx) = tx.lock() {
-                    let _ = tx.send(VmEvent::VcpuStopped(s));
-                }
-                let _ = fd.write(1);
-            })
-        };
-        let mut handles = Vec::new();
-        for (i, fd) in (0u32..).zip(self.vcpu_fds.drain(..)) {
-            // Only the bootstrap vCPU runs at first (see abi::boot).
-            let initial = if i == 0 {
-                VcpuState::Running
-            } else {
-                VcpuState::Paused
-            };
-            handles.push(VcpuHandle::spawn(
-                i,
-                fd,
-                self.bus.clone(),
-                initial,
-                on_stop.clone(),
-            )?);
+    /// Starts the vCPUs and the controller; the VM can then be paused, resumed,
+    /// kicked and stopped through the returned handle.
+    pub fn start(self) -> Result<RunningVm, VmError> {
+        controller::start(self)
+    }
+
+    /// Runs the VM until the guest exits, a vCPU crashes, a shutdown signal
+    /// arrives or the timeout passes.
+    pub fn run(self) -> Result<RunOutcome, VmError> {
+        self.start()?.wait()
+    }
+
+    pub(crate) fn take_events_rx(&mut self) -> Receiver<VmEvent> {
+        std::mem::replace(&mut self.events_rx, mpsc::channel().1)
+    }
+
+    /// Lists the faults blocked in the userfault handler (none without lazy memory).
+    pub(crate) fn blocked_faults_fn(&self) -> BlockedFn {
+        match &self.lazy {
+            Some(lazy) => lazy.blocked_fn(),
+            None => Box::new(Vec::new),
         }
+    }
 
-        let controller = Arc::new(Mutex::new(Controller {
-            events_fd: self.events_fd.clone(),
-            events_rx: std::mem::replace(&mut self.events_rx, mpsc::channel().1),
-            handles,
-            end: None,
-            reports: Vec::new(),
-            bad_requests: Vec::new(),
-            started_cpus: false,
-        }));
-        let mut em: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
-            EventManager::new().map_err(|e| VmError::Device(format!("event manager: {e:?}")))?;
-        em.add_subscriber(controller.clone());
-        if self.options.stdin {
-            em.add_subscriber(Arc::new(Mutex::new(StdinInput {
-                serial: self.serial.clone(),
-            })));
-        }
-
-        let deadline = self.options.timeout.map(|t| Instant::now() + t);
-        let end = loop {
-            if let Some(end) = controller
-                .lock()
-                .map_err(|_| VmError::Device("controller poisoned".into()))?
-                .end
-                .clone()
-            {
-                break end;
-            }
-            if let Some(end) = self.memory_failure() {
-                break end;
-            }
-            if let Some(d) = deadline {
-                if Instant::now() >= d {
-                    break GuestEnd::TimedOut(self.options.timeout.unwrap_or_default());
-                }
-            }
-            em.run_with_timeout(100)
-                .map_err(|e| VmError::Device(format!("event loop: {e:?}")))?;
-        };
-
-        let mut c = controller
-            .lock()
-            .map_err(|_| VmError::Device("controller poisoned".into()))?;
-        let vcpu_stats = c.handles.iter().map(VcpuHandle::stats).collect();
+    /// Stops and joins every vCPU at the end of a run.
+    pub(crate) fn stop_vcpus(&self, handles: &mut [VcpuHandle], end: &GuestEnd) {
         // A vCPU blocked on a page that cannot be served ignores kicks (a
         // kernel-mode access spins, PLATFORM.md): do not wait long for it.
-        let memory_fault = matches!(end, GuestEnd::MemoryFault(_));
-        let patience = if memory_fault {
+        let patience = if matches!(end, GuestEnd::MemoryFault(_)) {
             Duration::from_millis(300)
         } else {
             Duration::from_secs(2)
         };
         let mut stuck = Vec::new();
-        for h in &mut c.handles {
+        for h in handles.iter_mut() {
             if let Err(e) = h.stop(patience) {
                 stuck.push((h.cpu(), e));
             }
@@ -473,8 +443,7 @@ impl Vm {
             // stuck vCPUs (their page reads as zero), so they can see the stop.
             lazy.release_blocked();
             stuck.retain_mut(|(cpu, e)| {
-                match c
-                    .handles
+                match handles
                     .iter_mut()
                     .find(|h| h.cpu() == *cpu)
                     .map(|h| h.stop(Duration::from_secs(2)))
@@ -491,26 +460,46 @@ impl Vm {
             // Left behind rather than hanging the VMM.
             tracing::warn!("{e}");
         }
+    }
+
+    /// The outcome of a finished run (stops the fault handler).
+    pub(crate) fn outcome(
+        &mut self,
+        end: GuestEnd,
+        reports: Vec<WorkloadReport>,
+        vcpu_stats: Vec<(VcpuStatsSnapshot, Option<u32>)>,
+        bad_requests: Vec<String>,
+    ) -> RunOutcome {
+        let per_thread = self.lazy.as_ref().map(LazyMemory::per_thread).unwrap_or_default();
+        let vcpu_stats = vcpu_stats
+            .into_iter()
+            .map(|(mut s, tid)| {
+                if let Some(t) = tid.and_then(|t| per_thread.get(&t)) {
+                    s.stage2_faults = t.faults;
+                    s.stage2_retries = t.retries;
+                    s.stage2_blocked_us = t.blocked_ns / 1000;
+                }
+                s
+            })
+            .collect();
         let memory = self.lazy.as_mut().map(|l| {
             l.stop();
             l.stats()
         });
-        let mut reports = std::mem::take(&mut c.reports);
-        reports.sort_by_key(|r| r.cpu);
-        Ok(RunOutcome {
+        RunOutcome {
             end,
             reports,
             first_output: self.first_output.get().map(|t| t.duration_since(self.created)),
             elapsed: self.created.elapsed(),
             vcpu_stats,
-            bad_requests: std::mem::take(&mut c.bad_requests),
+            bad_requests,
             memory,
-        })
+        }
     }
 
     /// The end of the run if the memory backend failed: never let the guest go
     /// on past a page that could not be provided.
-    fn memory_failure(&self) -> Option<GuestEnd> {
+    pub(crate) fn memory_failure(&self) -> Option<GuestEnd> {
         let lazy = self.lazy.as_ref()?;
         if let Some(first) = lazy.failures().first() {
             return Some(GuestEnd::MemoryFault(first.to_string()));
@@ -526,86 +515,6 @@ impl Vm {
     }
 }
 
-/// Acts on device and vCPU events; the state of the running VM.
-struct Controller {
-    events_fd: Arc<EventFd>,
-    events_rx: Receiver<VmEvent>,
-    handles: Vec<VcpuHandle>,
-    end: Option<GuestEnd>,
-    reports: Vec<WorkloadReport>,
-    bad_requests: Vec<String>,
-    started_cpus: bool,
-}
-
-impl Controller {
-    fn handle(&mut self, ev: VmEvent) {
-        match ev {
-            VmEvent::Device(DeviceEvent::GuestExit(code)) => {
-                self.end.get_or_insert(GuestEnd::Exited(code));
-            }
-            VmEvent::Device(DeviceEvent::StartCpus) if !self.started_cpus => {
-                self.started_cpus = true;
-                for h in self.handles.iter_mut().skip(1) {
-                    if let Err(e) = h.send(crate::vcpu::VcpuRequest::Resume) {
-                        tracing::warn!("cannot start vCPU {}: {e}", h.cpu());
-                    }
-                }
-            }
-            VmEvent::Device(DeviceEvent::StartCpus) => {
-                self.bad_requests
-                    .push("the guest asked to start its vCPUs twice".into());
-            }
-            VmEvent::Device(DeviceEvent::Report(r)) => self.reports.push(r),
-            VmEvent::Device(DeviceEvent::BadRequest(msg)) => {
-                tracing::warn!("{msg}");
-                self.bad_requests.push(msg);
-            }
-            VmEvent::VcpuStopped(s) => {
-                self.end.get_or_insert(GuestEnd::Crashed(s));
-            }
-        }
-    }
-}
-
-impl MutEventSubscriber for Controller {
-    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
-        let _ = self.events_fd.read();
-        while let Ok(ev) = self.events_rx.try_recv() {
-            self.handle(ev);
-        }
-    }
-
-    fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&*self.events_fd, EventSet::IN)) {
-            tracing::error!("cannot watch VM events: {e:?}");
-        }
-    }
-}
-
-/// Feeds the host's stdin to the serial console.
-struct StdinInput {
-    serial: Arc<Mutex<SerialConsole>>,
-}
-
-impl MutEventSubscriber for StdinInput {
-    fn process(&mut self, events: Events, ops: &mut EventOps) {
-        let mut buf = [0u8; 64];
-        let n = std::io::stdin().lock().read(&mut buf).unwrap_or(0);
-        if n == 0 || events.event_set().contains(EventSet::HANG_UP) {
-            // EOF: stop watching, or epoll would report it forever.
-            let _ = ops.remove(Events::empty_raw(std::io::stdin().as_raw_fd()));
-            return;
-        }
-        if let Ok(mut s) = self.serial.lock() {
-            s.enqueue_input(&buf[..n]);
-        }
-    }
-
-    fn init(&mut self, ops: &mut EventOps) {
-        let _ = ops.add(Events::new_raw(std::io::stdin().as_raw_fd(), EventSet::IN));
-    }
-}
-
 /// The host's check of the workload results against the command line, for the
 /// bundled kernel: `Ok(None)` when there is nothing to check.
 pub fn verify_reports(config: &VmConfig, outcome: &RunOutcome) -> Result<Option<u64>, String> {
@@ -618,8 +527,9 @@ pub fn verify_reports(config: &VmConfig, outcome: &RunOutcome) -> Result<Option<
     }
     let mut total = 0;
     for cpu in 0..config.vcpus {
-        let (first, pages) = workload::share(wl.pages, config.vcpus, cpu);
-        let expected = workload::expected_checksum(first, pages, wl.pattern, wl.write, wl.seed);
+        let plan = workload::task_plan(&wl, config.vcpus, cpu);
+        let (first, pages) = (plan.first_page, plan.pages);
+        let expected = plan.checksum(wl.pattern, wl.write, wl.seed);
         let r = outcome
             .reports
             .iter()

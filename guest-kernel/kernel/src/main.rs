@@ -138,6 +138,9 @@ fn boot_cpu(info: &'static BootInfo) {
         Some(start) => mm::heap::init(start, HEAP_PAGES * PAGE_SIZE),
         None => fail(ExitCode::OutOfMemory, format_args!("guest-kernel: out of memory for the heap")),
     }
+    if config.kind == WorkloadKind::Touch && config.shared && mm::shared::init(config.pages).is_err() {
+        fail(ExitCode::OutOfMemory, format_args!("guest-kernel: out of memory for the shared page table"));
+    }
     kprintln!("guest-kernel: {} MiB of free frames", free >> 20);
     arch::idt::init();
 

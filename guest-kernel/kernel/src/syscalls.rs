@@ -3,7 +3,6 @@
 
 use crate::abi::pv::{status, PvMessage, WorkloadReport};
 use crate::abi::syscall::{UserReport, EFAULT, EINVAL, SYS_EXIT, SYS_REPORT, SYS_WRITE};
-use crate::abi::workload::expected_checksum;
 use crate::task;
 
 /// Longest SYS_WRITE, to bound time spent in the (emulated) kernel.
@@ -52,7 +51,8 @@ fn report(ptr: u64) -> i64 {
     if crate::pv::send(&PvMessage::Report(report)) != status::OK {
         kprintln!("guest-kernel: cpu {} the VMM rejected the report", a.cpu);
     }
-    let expected = expected_checksum(a.first_page, a.pages, task::pattern(&a), a.write != 0, a.seed);
+    // The plan in the args is task_plan's, so this is expected_task_checksum.
+    let expected = a.plan().checksum(a.pattern(), a.write != 0, a.seed);
     let ok = user.checksum == expected && user.pages == a.pages;
     t.checksum_ok = Some(ok);
     if ok {

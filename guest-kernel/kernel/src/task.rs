@@ -7,14 +7,17 @@ use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, Ordering};
 
 use crate::abi::boot::MAX_VCPUS;
 use crate::abi::exit::ExitCode;
-use crate::abi::layout::{PAGE_SIZE, USER_ARGS_ADDR, USER_STACK_SIZE, USER_STACK_TOP, USER_WORK_BASE};
+use crate::abi::layout::{
+    LARGE_PAGE_SIZE, PAGE_SIZE, USER_ARGS_ADDR, USER_STACK_SIZE, USER_STACK_TOP, USER_WORK_BASE,
+};
 use crate::abi::syscall::TaskArgs;
-use crate::abi::workload::{share, Pattern};
+use crate::abi::workload::task_plan;
 use crate::arch;
 use crate::loader::{self, LoadError};
 use crate::mm::fault::{self, FaultFlags, FaultMapper, FaultOutcome};
 use crate::mm::vma::{AddressSpace, Vma, VmaKind};
-use crate::mm::{frame, NoMemory, Perms};
+use crate::mm::frame::{self, RunAlloc};
+use crate::mm::{shared as shared_frames, NoMemory, Perms};
 use crate::Shared;
 
 /// A user task.
@@ -46,6 +49,11 @@ impl FaultMapper for FrameMapper {
         let pa = frame::alloc_zeroed().ok_or(NoMemory)?;
         arch::paging::map_4k(root, va, pa, perms)
     }
+
+    fn map_shared_page(&mut self, root: u64, va: u64, index: u64, perms: Perms) -> Result<(), NoMemory> {
+        let pa = shared_frames::frame(index)?;
+        arch::paging::map_4k(root, va, pa, perms)
+    }
 }
 
 /// Why a task could not be created.
@@ -72,10 +80,8 @@ pub fn create(cpu: u32, shared: &Shared) -> Result<Box<Task>, CreateError> {
     let mut space = AddressSpace::new(root);
     let entry = loader::load(&mut space, shared.module, shared.module_pa).map_err(CreateError::Load)?;
 
-    let (first_page, pages) = match cfg.kind {
-        crate::abi::workload::WorkloadKind::Touch => share(cfg.pages, shared.cpu_count, cpu),
-        _ => (0, 0),
-    };
+    let plan = task_plan(cfg, shared.cpu_count, cpu);
+    let (first_page, pages) = (plan.first_page, plan.pages);
     let args = TaskArgs {
         workload: cfg.kind as u32,
         cpu,
@@ -85,6 +91,9 @@ pub fn create(cpu: u32, shared: &Shared) -> Result<Box<Task>, CreateError> {
         pages,
         seed: cfg.seed,
         work_base: USER_WORK_BASE,
+        order_seed: plan.order_seed,
+        populate: u32::from(cfg.populate),
+        shared: u32::from(cfg.shared),
     };
     let args_pa = frame::alloc_zeroed().ok_or(NoMemory)?;
     // SAFETY: a fresh identity-mapped frame we own; TaskArgs fits in a page.
@@ -100,10 +109,50 @@ pub fn create(cpu: u32, shared: &Shared) -> Result<Box<Task>, CreateError> {
     }
     if pages > 0 {
         let start = USER_WORK_BASE + first_page * PAGE_SIZE;
-        let vma = Vma { start, end: start + pages * PAGE_SIZE, perms: USER_RW, kind: VmaKind::AnonZero };
+        let kind = if cfg.shared { VmaKind::Shared { first_page } } else { VmaKind::AnonZero };
+        let vma = Vma { start, end: start + pages * PAGE_SIZE, perms: USER_RW, kind };
         space.add(vma).map_err(|_| CreateError::BadLayout)?;
+        if cfg.populate {
+            populate(root, start, pages, cfg.shared.then_some(first_page))?;
+        }
     }
     Ok(Box::new(Task { cpu, space, args, entry, faults: 0, checksum_ok: None }))
+}
+
+/// Maps all `pages` pages from `start` now (`populate=1`), so the user loop takes
+/// no guest fault. Runs at CPL0, where every instruction is emulated: the tables
+/// are walked once per 2 MiB block, frames come in contiguous runs and are not
+/// touched (never-used frames read as zero). `shared` is the global index of the
+/// first page if the region is backed by the shared table.
+fn populate(root: u64, start: u64, pages: u64, shared: Option<u64>) -> Result<(), NoMemory> {
+    let end = start + pages * PAGE_SIZE;
+    let mut run = RunAlloc::default();
+    let mut va = start;
+    while va < end {
+        let block_end = end.min((va | (LARGE_PAGE_SIZE - 1)) + 1);
+        let n = (block_end - va) / PAGE_SIZE;
+        match shared {
+            None => {
+                // Runs may span blocks: ask for everything still unmapped.
+                let mut left = (end - va) / PAGE_SIZE;
+                arch::paging::map_block_runs(root, va, n, USER_RW, |max| {
+                    let (pa, count) = run.take_run(max, left).ok_or(NoMemory)?;
+                    left -= count;
+                    Ok((pa, count))
+                })?;
+            }
+            Some(first_page) => {
+                // One lock per block; only the block's missing pages get frames,
+                // and a run never outlives the block (other tasks fill the next ones).
+                let index = first_page + (va - start) / PAGE_SIZE;
+                let mut table = shared_frames::lock();
+                arch::paging::map_block(root, va, n, USER_RW, |i| table.get_or_alloc(index + i, &mut run, n - i))?;
+                run.release();
+            }
+        }
+        va = block_end;
+    }
+    Ok(())
 }
 
 /// Makes `task` this CPU's current task and enters it. Never returns.
@@ -196,9 +245,4 @@ fn finish(success: bool) -> ! {
         arch::exit_vm(if failed { ExitCode::Failure } else { ExitCode::Success })
     }
     arch::cpu::halt_forever()
-}
-
-/// The pattern of a task's arguments.
-pub fn pattern(args: &TaskArgs) -> Pattern {
-    if args.pattern == Pattern::Rand as u32 { Pattern::Rand } else { Pattern::Seq }
 }

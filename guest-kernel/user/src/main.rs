@@ -9,7 +9,7 @@
 use core::ptr::{read_volatile, write_volatile};
 use vmm_abi::layout::PAGE_SIZE;
 use vmm_abi::syscall::{TaskArgs, UserReport, SYS_EXIT, SYS_REPORT, SYS_WRITE};
-use vmm_abi::workload::{fold, page_value, value_offset, PageOrder, Pattern, WorkloadKind};
+use vmm_abi::workload::{fold, page_value, value_offset, Pattern, WorkloadKind};
 
 // Entry: RDI = &TaskArgs, RSP = USER_STACK_TOP (16-byte aligned), so a plain
 // `call` gives user_main the SysV-aligned stack it expects.
@@ -75,14 +75,23 @@ fn push_decimal(buf: &mut [u8], len: &mut usize, mut n: u64) {
     }
 }
 
-fn hello(args: &TaskArgs) -> UserReport {
+/// Prints `<prefix><cpu><suffix>` (at most 64 bytes).
+fn write_cpu_line(prefix: &[u8], cpu: u32, suffix: &[u8]) {
     let mut buf = [0u8; 64];
-    let prefix = b"hello from user mode on cpu ";
     buf[..prefix.len()].copy_from_slice(prefix);
     let mut len = prefix.len();
-    push_decimal(&mut buf, &mut len, u64::from(args.cpu));
-    buf[len] = b'\n';
-    write(&buf[..len + 1]);
+    push_decimal(&mut buf, &mut len, u64::from(cpu));
+    for &b in suffix {
+        if len < buf.len() {
+            buf[len] = b;
+            len += 1;
+        }
+    }
+    write(&buf[..len]);
+}
+
+fn hello(args: &TaskArgs) -> UserReport {
+    write_cpu_line(b"hello from user mode on cpu ", args.cpu, b"\n");
     UserReport { checksum: 0, pages: 0, cycles: 0 }
 }
 
@@ -92,29 +101,35 @@ fn touch(args: &TaskArgs) -> UserReport {
         1 => Pattern::Rand,
         _ => exit(1),
     };
-    let (first, pages, seed) = (args.first_page, args.pages, args.seed);
+    // The kernel built the args from abi::workload::task_plan.
+    let plan = args.plan();
+    let (first, seed) = (plan.first_page, args.seed);
     let addr = |page: u64| (args.work_base + page * PAGE_SIZE + value_offset(page)) as *mut u64;
+    // Tests wait for this line to know the loop has begun; nothing is printed
+    // inside the timed loop.
+    write_cpu_line(b"touch: cpu ", args.cpu, b" start\n");
     let start = rdtsc();
-    for i in PageOrder::new(pages, pattern, seed ^ first) {
+    for i in plan.order(pattern) {
         let page = first + i;
         if args.write != 0 {
-            // SAFETY: the page lies in the task's demand-zero work region
-            // (work_base + [first, first + pages) pages), which the kernel maps
-            // on first touch.
+            // SAFETY: the page lies in the task's work region (work_base +
+            // [first, first + pages) pages), which the kernel maps on first
+            // touch (or before entry with populate=1). With shared=1 other tasks
+            // write the same value at the same offset, so the race is benign.
             unsafe { write_volatile(addr(page), page_value(seed, page)) };
         } else {
-            // SAFETY: as above; a read faults in a zero page.
+            // SAFETY: as above; a read of a fresh page reads zero.
             unsafe { read_volatile(addr(page)) };
         }
     }
     let mut sum = 0;
-    for i in PageOrder::new(pages, pattern, seed ^ first) {
+    for i in plan.order(pattern) {
         let page = first + i;
         // SAFETY: as above; the page is mapped by the first pass.
         let value = unsafe { read_volatile(addr(page)) };
         sum = fold(sum, page, value);
     }
-    UserReport { checksum: sum, pages, cycles: rdtsc().wrapping_sub(start) }
+    UserReport { checksum: sum, pages: plan.pages, cycles: rdtsc().wrapping_sub(start) }
 }
 
 extern "C" fn user_main(args: *const TaskArgs) -> ! {

@@ -37,6 +37,9 @@ pub enum FaultOutcome {
 pub trait FaultMapper {
     /// Maps a zero-filled frame at page `va` of the space with page-table `root`.
     fn map_zero_page(&mut self, root: u64, va: u64, perms: Perms) -> Result<(), NoMemory>;
+    /// Maps the shared frame of global page `index` (allocated zero-filled on
+    /// first use by any task) at page `va`.
+    fn map_shared_page(&mut self, root: u64, va: u64, index: u64, perms: Perms) -> Result<(), NoMemory>;
 }
 
 /// Handles a fault at `addr` in `space`.
@@ -50,12 +53,17 @@ pub fn handle(space: &AddressSpace, addr: u64, flags: FaultFlags, mapper: &mut i
     if flags.present || !allowed {
         return FaultOutcome::SigSegv;
     }
-    match vma.kind {
-        VmaKind::AnonZero => match mapper.map_zero_page(space.root, addr & !(PAGE_SIZE - 1), perms) {
-            Ok(()) => FaultOutcome::Mapped,
-            Err(NoMemory) => FaultOutcome::Oom,
-        },
+    let page = addr & !(PAGE_SIZE - 1);
+    let mapped = match vma.kind {
+        VmaKind::AnonZero => mapper.map_zero_page(space.root, page, perms),
+        VmaKind::Shared { first_page } => {
+            mapper.map_shared_page(space.root, page, first_page + (page - vma.start) / PAGE_SIZE, perms)
+        }
         // Mapped eagerly: a missing page there is not ours to fill.
-        VmaKind::Image | VmaKind::Args => FaultOutcome::SigSegv,
+        VmaKind::Image | VmaKind::Args => return FaultOutcome::SigSegv,
+    };
+    match mapped {
+        Ok(()) => FaultOutcome::Mapped,
+        Err(NoMemory) => FaultOutcome::Oom,
     }
 }

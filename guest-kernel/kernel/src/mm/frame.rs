@@ -104,6 +104,80 @@ pub fn alloc_zeroed() -> Option<u64> {
     Some(f.addr)
 }
 
+/// Up to `max` (at least 1) physically contiguous zero frames: `(first, count)`.
+/// Never-used frames first (known zero, left untouched); else one recycled,
+/// zeroed frame.
+pub fn alloc_run(max: u64) -> Option<(u64, u64)> {
+    {
+        let mut a = FRAMES.lock();
+        while a.current < a.count {
+            let (_, end) = a.ranges[a.current];
+            let n = ((end - a.next) / PAGE_SIZE).min(max.max(1));
+            if n > 0 {
+                let addr = a.next;
+                a.next += n * PAGE_SIZE;
+                a.used += n;
+                return Some((addr, n));
+            }
+            a.current += 1;
+            if a.current < a.count {
+                a.next = a.ranges[a.current].0;
+            }
+        }
+    }
+    alloc_zeroed().map(|pa| (pa, 1))
+}
+
+/// Hands out zero frames from contiguous runs: one allocator call (and lock)
+/// per run instead of per frame, for populating many pages at once.
+#[derive(Debug, Default)]
+pub struct RunAlloc {
+    next: u64,
+    left: u64,
+}
+
+impl RunAlloc {
+    /// One frame; `want` (at least 1) is how many more the caller may still need,
+    /// the size of the run taken when this one is used up.
+    #[inline(always)]
+    pub fn take(&mut self, want: u64) -> Option<u64> {
+        if self.left == 0 {
+            let (pa, n) = alloc_run(want)?;
+            self.next = pa;
+            self.left = n;
+        }
+        let pa = self.next;
+        self.next += PAGE_SIZE;
+        self.left -= 1;
+        Some(pa)
+    }
+
+    /// Up to `max` (at least 1) contiguous frames `(first, count)` at once; `want`
+    /// as in [`RunAlloc::take`].
+    pub fn take_run(&mut self, max: u64, want: u64) -> Option<(u64, u64)> {
+        if self.left == 0 {
+            let (pa, n) = alloc_run(want)?;
+            self.next = pa;
+            self.left = n;
+        }
+        let count = self.left.min(max.max(1));
+        let pa = self.next;
+        self.next += count * PAGE_SIZE;
+        self.left -= count;
+        Some((pa, count))
+    }
+
+    /// Gives the frames not taken back to the allocator.
+    pub fn release(&mut self) {
+        while self.left > 0 {
+            // SAFETY: taken from the allocator by this run, never handed out.
+            unsafe { free(self.next) };
+            self.next += PAGE_SIZE;
+            self.left -= 1;
+        }
+    }
+}
+
 /// `n` physically contiguous zero frames (never recycled ones), e.g. for the heap.
 pub fn alloc_contiguous(n: u64) -> Option<u64> {
     FRAMES.lock().bump(n)
@@ -113,7 +187,6 @@ pub fn alloc_contiguous(n: u64) -> Option<u64> {
 ///
 /// # Safety
 /// `addr` must come from this allocator and no longer be mapped or referenced.
-#[allow(dead_code)]
 pub unsafe fn free(addr: u64) {
     let mut a = FRAMES.lock();
     // SAFETY: the caller gives the frame back; we own it now.

@@ -5,6 +5,7 @@
 pub mod fault;
 pub mod frame;
 pub mod heap;
+pub mod shared;
 pub mod vma;
 
 /// No page frame left.

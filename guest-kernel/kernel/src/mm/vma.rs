@@ -9,6 +9,9 @@ use super::Perms;
 pub enum VmaKind {
     /// Demand-zero anonymous memory (stack, work area): frames on first touch.
     AnonZero,
+    /// The `shared=1` work area: global page `first_page + (va - start) / 4K` is
+    /// backed by the frame in the table shared by all tasks (`mm::shared`).
+    Shared { first_page: u64 },
     /// A segment of the user program, mapped eagerly by the loader.
     Image,
     /// The task's argument page, mapped eagerly.

@@ -83,15 +83,20 @@ pub fn new_user_root(kernel_root: u64) -> Result<u64, NoMemory> {
     Ok(root)
 }
 
-/// Maps the 4 KiB page at `va` to frame `pa` in `root`, creating tables.
-pub fn map_4k(root: u64, va: u64, pa: u64, perms: Perms) -> Result<(), NoMemory> {
+/// The leaf table (level 1) covering `va` in `root`, created if absent.
+fn leaf_table(root: u64, va: u64) -> Result<u64, NoMemory> {
     let mut t = root;
     for level in (1..=3).rev() {
         // SAFETY: `root` and the tables below it belong to the caller's space.
         let entry = unsafe { &mut table(t)[index(va, level)] };
         t = next_level(entry, TABLE_FLAGS)?;
     }
-    let mut leaf = pa | PRESENT | ACCESSED;
+    Ok(t)
+}
+
+fn leaf_flags(perms: Perms) -> u64 {
+    // A and D preset: the CPU need not set them on first access.
+    let mut leaf = PRESENT | ACCESSED;
     if perms.write {
         leaf |= WRITABLE | DIRTY;
     }
@@ -99,8 +104,68 @@ pub fn map_4k(root: u64, va: u64, pa: u64, perms: Perms) -> Result<(), NoMemory>
         leaf |= USER;
     }
     // No NX: EFER.NXE is left alone in this version, so `perms.exec` is not enforced.
-    // SAFETY: as above.
-    unsafe { table(t)[index(va, 0)] = leaf };
+    leaf
+}
+
+/// Maps the 4 KiB page at `va` to frame `pa` in `root`, creating tables.
+pub fn map_4k(root: u64, va: u64, pa: u64, perms: Perms) -> Result<(), NoMemory> {
+    let t = leaf_table(root, va)?;
+    // SAFETY: a leaf table of the caller's space.
+    unsafe { table(t)[index(va, 0)] = pa | leaf_flags(perms) };
+    Ok(())
+}
+
+/// The leaf entries of the `n` pages from `va`, which must lie in one 2 MiB
+/// block (one leaf table), tables created if absent.
+fn block_entries<'a>(root: u64, va: u64, n: u64) -> Result<&'a mut [u64], NoMemory> {
+    let t = leaf_table(root, va)?;
+    let first = index(va, 0);
+    // SAFETY: a leaf table of the caller's space; no other reference to it here.
+    let pt = unsafe { table(t) };
+    match pt.get_mut(first..first + n as usize) {
+        Some(entries) => Ok(entries),
+        None => panic!("{n} pages from {va:#x} cross a 2 MiB block"),
+    }
+}
+
+/// Maps the `n` pages from `va` (in one 2 MiB block) to the frames `frame(i)`.
+/// The tables are walked once per block: every instruction here is emulated.
+pub fn map_block(
+    root: u64,
+    va: u64,
+    n: u64,
+    perms: Perms,
+    mut frame: impl FnMut(u64) -> Result<u64, NoMemory>,
+) -> Result<(), NoMemory> {
+    let flags = leaf_flags(perms);
+    for (i, entry) in (0u64..).zip(block_entries(root, va, n)?.iter_mut()) {
+        *entry = frame(i)? | flags;
+    }
+    Ok(())
+}
+
+/// Maps the `n` pages from `va` (in one 2 MiB block) to runs of contiguous
+/// frames: `run(max)` gives `(first frame, count)` with `1 <= count <= max`.
+/// The inner loop is a store and an add per page (every instruction is emulated).
+pub fn map_block_runs(
+    root: u64,
+    va: u64,
+    n: u64,
+    perms: Perms,
+    mut run: impl FnMut(u64) -> Result<(u64, u64), NoMemory>,
+) -> Result<(), NoMemory> {
+    let flags = leaf_flags(perms);
+    let mut entries = block_entries(root, va, n)?;
+    while !entries.is_empty() {
+        let (pa, count) = run(entries.len() as u64)?;
+        let (now, rest) = entries.split_at_mut((count as usize).clamp(1, entries.len()));
+        let mut leaf = pa | flags;
+        for entry in now {
+            *entry = leaf;
+            leaf += crate::abi::layout::PAGE_SIZE;
+        }
+        entries = rest;
+    }
     Ok(())
 }
 

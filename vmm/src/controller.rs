@@ -1,0 +1,575 @@
+//! The controller of a running VM, on its own thread: an event-manager loop that
+//! acts on device events (guest exit, start of the secondary vCPUs, reports), on
+//! vCPUs that stop on their own, on shutdown signals, and on control requests
+//! (pause, resume, kick, stats, run on a vCPU, stop) from a [`RunningVm`].
+//!
+//! Pausing follows the fault design of this project: a vCPU blocked in a guest
+//! page fault at stage 2 may be unable to leave `KVM_RUN` until the page is
+//! served (on this project's KVM, any guest kernel-mode access; see
+//! `docs/vcpu.md`). So a pause completes when every vCPU has either
+//! acknowledged it or is known to be blocked in a userfault: such a vCPU cannot
+//! run guest code, and it honours the pause on its way out of the fault.
+
+use crate::lazy::BlockedFault;
+use crate::signals::ShutdownSignals;
+use crate::vcpu::{VcpuError, VcpuFn, VcpuHandle, VcpuRequest, VcpuState, VcpuStatsSnapshot, VcpuStopped};
+use crate::vm::{GuestEnd, RunOutcome, Vm, VmError};
+use devices::serial::SerialConsole;
+use devices::DeviceEvent;
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+/// Errors of control requests.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The VM has already ended.
+    #[error("the VM has already ended")]
+    Ended,
+    /// No such vCPU.
+    #[error("there is no vCPU {0}")]
+    NoSuchVcpu(u32),
+    /// Pause while paused.
+    #[error("the VM is already paused")]
+    AlreadyPaused,
+    /// Resume while running.
+    #[error("the VM is not paused")]
+    NotPaused,
+    /// A vCPU neither acknowledged nor is blocked in a fault.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+}
+
+/// How a vCPU stands after a pause.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VcpuPause {
+    /// Acknowledged: out of the guest, waiting.
+    Paused,
+    /// Not started by the guest yet (waits for `START_CPUS`).
+    NotStarted,
+    /// Blocked in a stage-2 fault on this guest-physical page; it cannot run
+    /// guest code and will pause as soon as the page is served.
+    BlockedInFault {
+        /// Guest-physical address of the page.
+        guest_addr: u64,
+    },
+    /// The vCPU has stopped for good.
+    Exited,
+}
+
+/// The result of a pause.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PauseReport {
+    /// State of each vCPU, by index.
+    pub vcpus: Vec<VcpuPause>,
+    /// How long the pause took.
+    pub took: Duration,
+}
+
+/// Statistics of a running VM.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LiveStats {
+    /// Per-vCPU counters.
+    pub vcpus: Vec<VcpuStatsSnapshot>,
+    /// Faults currently blocked in the userfault handler.
+    pub blocked_faults: usize,
+}
+
+/// A request to the controller.
+pub(crate) enum ControlRequest {
+    Pause(Sender<Result<PauseReport, ControlError>>),
+    Resume(Sender<Result<(), ControlError>>),
+    Kick(Option<u32>),
+    Stats(Sender<LiveStats>),
+    RunOnVcpu(u32, VcpuFn, Sender<Result<(), ControlError>>),
+    Stop,
+}
+
+/// Events reaching the controller.
+pub(crate) enum VmEvent {
+    Device(DeviceEvent),
+    VcpuStopped(VcpuStopped),
+    Control(ControlRequest),
+}
+
+/// Posts events to the controller: a channel plus an eventfd its loop watches.
+#[derive(Clone)]
+pub(crate) struct EventSender {
+    tx: Arc<Mutex<Sender<VmEvent>>>,
+    fd: Arc<EventFd>,
+}
+
+impl EventSender {
+    pub(crate) fn new(tx: Sender<VmEvent>, fd: Arc<EventFd>) -> EventSender {
+        EventSender {
+            tx: Arc::new(Mutex::new(tx)),
+            fd,
+        }
+    }
+
+    /// `false` if the controller is gone.
+    pub(crate) fn send(&self, ev: VmEvent) -> bool {
+        let sent = self.tx.lock().map(|tx| tx.send(ev).is_ok()).unwrap_or(false);
+        let _ = self.fd.write(1);
+        sent
+    }
+}
+
+/// How long a pause or resume may take for vCPUs that are neither acknowledging
+/// nor blocked in a fault (a guard, far above the measured latency).
+const ACK_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long vCPUs get to acknowledge before those blocked in a userfault are
+/// taken as blocked rather than waited for.
+const BLOCKED_GRACE: Duration = Duration::from_millis(20);
+/// How often unacknowledged vCPUs are kicked again while waiting.
+const REKICK: Duration = Duration::from_millis(2);
+
+/// A VM whose vCPUs and controller run.
+pub struct RunningVm {
+    events: EventSender,
+    thread: JoinHandle<Result<RunOutcome, VmError>>,
+}
+
+impl std::fmt::Debug for RunningVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunningVm").finish_non_exhaustive()
+    }
+}
+
+impl RunningVm {
+    fn ask<T>(&self, make: impl FnOnce(Sender<T>) -> ControlRequest) -> Result<T, ControlError> {
+        let (tx, rx) = mpsc::channel();
+        if !self.events.send(VmEvent::Control(make(tx))) {
+            return Err(ControlError::Ended);
+        }
+        rx.recv().map_err(|_| ControlError::Ended)
+    }
+
+    /// Pauses every vCPU (see the module documentation for vCPUs blocked in faults).
+    pub fn pause(&self) -> Result<PauseReport, ControlError> {
+        self.ask(ControlRequest::Pause)?
+    }
+
+    /// Resumes the vCPUs the guest has started.
+    pub fn resume(&self) -> Result<(), ControlError> {
+        self.ask(ControlRequest::Resume)?
+    }
+
+    /// Kicks one vCPU, or all, out of the guest without a request (they re-enter).
+    pub fn kick(&self, cpu: Option<u32>) -> Result<(), ControlError> {
+        if self.events.send(VmEvent::Control(ControlRequest::Kick(cpu))) {
+            Ok(())
+        } else {
+            Err(ControlError::Ended)
+        }
+    }
+
+    /// Counters of the running VM.
+    pub fn stats(&self) -> Result<LiveStats, ControlError> {
+        self.ask(ControlRequest::Stats)
+    }
+
+    /// Runs `f` on vCPU `cpu`'s thread between two guest entries and waits for
+    /// it. A vCPU blocked in a fault runs it once its page is served.
+    pub fn run_on_vcpu(&self, cpu: u32, f: VcpuFn) -> Result<(), ControlError> {
+        self.ask(|tx| ControlRequest::RunOnVcpu(cpu, f, tx))?
+    }
+
+    /// Ends the run (the guest is stopped where it is).
+    pub fn stop(&self) {
+        self.events.send(VmEvent::Control(ControlRequest::Stop));
+    }
+
+    /// Whether the run has ended.
+    pub fn is_finished(&self) -> bool {
+        self.thread.is_finished()
+    }
+
+    /// Waits for the end of the run.
+    pub fn wait(self) -> Result<RunOutcome, VmError> {
+        self.thread
+            .join()
+            .unwrap_or_else(|_| Err(VmError::Device("the VM controller thread panicked".into())))
+    }
+}
+
+/// Starts the vCPUs and the controller thread.
+pub(crate) fn start(mut vm: Vm) -> Result<RunningVm, VmError> {
+    let events = vm.events.clone();
+    let on_stop = {
+        let events = events.clone();
+        Arc::new(move |s| {
+            events.send(VmEvent::VcpuStopped(s));
+        })
+    };
+    let mut handles = Vec::new();
+    for (i, fd) in (0u32..).zip(vm.vcpu_fds.drain(..)) {
+        // Only the bootstrap vCPU runs at first (see abi::boot).
+        let initial = if i == 0 {
+            VcpuState::Running
+        } else {
+            VcpuState::Paused
+        };
+        handles.push(VcpuHandle::spawn(
+            i,
+            fd,
+            vm.bus.clone(),
+            initial,
+            on_stop.clone(),
+        )?);
+    }
+    let mut started = vec![false; handles.len()];
+    if let Some(s) = started.first_mut() {
+        *s = true;
+    }
+    let thread = std::thread::Builder::new()
+        .name("vmm-controller".into())
+        .spawn(move || run_loop(vm, handles, started))
+        .map_err(|e| VmError::Device(format!("cannot start the controller thread: {e}")))?;
+    Ok(RunningVm { events, thread })
+}
+
+fn run_loop(mut vm: Vm, handles: Vec<VcpuHandle>, started: Vec<bool>) -> Result<RunOutcome, VmError> {
+    let poisoned = || VmError::Device("controller poisoned".into());
+    let controller = Arc::new(Mutex::new(Controller {
+        events_fd: vm.events.fd.clone(),
+        events_rx: vm.take_events_rx(),
+        handles,
+        started,
+        paused: false,
+        end: None,
+        reports: Vec::new(),
+        bad_requests: Vec::new(),
+        blocked: vm.blocked_faults_fn(),
+    }));
+    let mut em: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
+        EventManager::new().map_err(|e| VmError::Device(format!("event manager: {e:?}")))?;
+    em.add_subscriber(controller.clone());
+    if vm.options.stdin {
+        em.add_subscriber(Arc::new(Mutex::new(StdinInput {
+            serial: vm.serial.clone(),
+        })));
+    }
+    if vm.options.shutdown_signals {
+        let signals = ShutdownSignals::new().map_err(|e| VmError::Device(e.to_string()))?;
+        em.add_subscriber(Arc::new(Mutex::new(SignalInput {
+            signals,
+            controller: controller.clone(),
+        })));
+    }
+
+    let deadline = vm.options.timeout.map(|t| Instant::now() + t);
+    let end = loop {
+        if let Some(end) = controller.lock().map_err(|_| poisoned())?.end.clone() {
+            break end;
+        }
+        if let Some(end) = vm.memory_failure() {
+            break end;
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            break GuestEnd::TimedOut(vm.options.timeout.unwrap_or_default());
+        }
+        em.run_with_timeout(100)
+            .map_err(|e| VmError::Device(format!("event loop: {e:?}")))?;
+    };
+
+    let mut c = controller.lock().map_err(|_| poisoned())?;
+    let vcpu_stats: Vec<_> = c.handles.iter().map(|h| (h.stats(), h.tid())).collect();
+    vm.stop_vcpus(&mut c.handles, &end);
+    let mut reports = std::mem::take(&mut c.reports);
+    reports.sort_by_key(|r| r.cpu);
+    Ok(vm.outcome(end, reports, vcpu_stats, std::mem::take(&mut c.bad_requests)))
+}
+
+/// Faults blocked in the userfault handler, as `(thread id, guest address)`.
+pub(crate) type BlockedFn = Box<dyn Fn() -> Vec<BlockedFault> + Send>;
+
+/// The state of the running VM that events and requests act on.
+struct Controller {
+    events_fd: Arc<EventFd>,
+    events_rx: Receiver<VmEvent>,
+    handles: Vec<VcpuHandle>,
+    /// vCPUs the guest has started (the others wait for `START_CPUS`).
+    started: Vec<bool>,
+    paused: bool,
+    end: Option<GuestEnd>,
+    reports: Vec<abi::pv::WorkloadReport>,
+    bad_requests: Vec<String>,
+    blocked: BlockedFn,
+}
+
+/// Where an outstanding request to a vCPU stands.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Ack {
+    Waiting(u64),
+    Done(VcpuState),
+    Blocked(u64),
+    Gone,
+}
+
+impl Controller {
+    fn handle(&mut self, ev: VmEvent) {
+        match ev {
+            VmEvent::Device(DeviceEvent::GuestExit(code)) => {
+                self.end.get_or_insert(GuestEnd::Exited(code));
+            }
+            VmEvent::Device(DeviceEvent::StartCpus) if !self.started.iter().skip(1).any(|&s| s) => {
+                for i in 1..self.handles.len() {
+                    self.started[i] = true;
+                    // While the VM is paused they start with the next resume.
+                    if !self.paused {
+                        if let Err(e) = self.handles[i].send(VcpuRequest::Resume) {
+                            tracing::warn!("cannot start vCPU {i}: {e}");
+                        }
+                    }
+                }
+            }
+            VmEvent::Device(DeviceEvent::StartCpus) => {
+                self.bad_requests
+                    .push("the guest asked to start its vCPUs twice".into());
+            }
+            VmEvent::Device(DeviceEvent::Report(r)) => self.reports.push(r),
+            VmEvent::Device(DeviceEvent::BadRequest(msg)) => {
+                tracing::warn!("{msg}");
+                self.bad_requests.push(msg);
+            }
+            VmEvent::VcpuStopped(s) => {
+                self.end.get_or_insert(GuestEnd::Crashed(s));
+            }
+            VmEvent::Control(req) => self.control(req),
+        }
+    }
+
+    fn control(&mut self, req: ControlRequest) {
+        match req {
+            ControlRequest::Pause(reply) => {
+                let _ = reply.send(self.pause());
+            }
+            ControlRequest::Resume(reply) => {
+                let _ = reply.send(self.resume());
+            }
+            ControlRequest::Kick(cpu) => {
+                for h in self.handles.iter().filter(|h| cpu.is_none_or(|c| c == h.cpu())) {
+                    h.kick();
+                }
+            }
+            ControlRequest::Stats(reply) => {
+                let _ = reply.send(LiveStats {
+                    vcpus: self.handles.iter().map(VcpuHandle::stats).collect(),
+                    blocked_faults: (self.blocked)().len(),
+                });
+            }
+            ControlRequest::RunOnVcpu(cpu, f, reply) => {
+                let _ = reply.send(self.run_on_vcpu(cpu, f));
+            }
+            ControlRequest::Stop => {
+                self.end.get_or_insert(GuestEnd::Stopped);
+            }
+        }
+    }
+
+    /// The guest page a vCPU is blocked on, if the userfault handler holds a
+    /// fault of its thread.
+    fn blocked_page(&self, blocked: &[BlockedFault], i: usize) -> Option<u64> {
+        let tid = self.handles[i].tid()?;
+        blocked
+            .iter()
+            .find(|b| b.tid == Some(tid))
+            .map(|b| b.guest_offset)
+    }
+
+    /// Sends `make()` to the vCPUs in `targets` and waits until each has
+    /// acknowledged or is blocked in a fault (which then reports the page).
+    fn request_all(
+        &mut self,
+        targets: &[bool],
+        name: &'static str,
+        make: impl Fn() -> VcpuRequest,
+    ) -> Result<Vec<Ack>, ControlError> {
+        let mut acks: Vec<Ack> = Vec::with_capacity(self.handles.len());
+        for (i, h) in self.handles.iter_mut().enumerate() {
+            acks.push(if targets[i] {
+                h.send(make()).map_or(Ack::Gone, Ack::Waiting)
+            } else {
+                Ack::Done(VcpuState::Paused)
+            });
+        }
+        let start = Instant::now();
+        loop {
+            for (i, ack) in acks.iter_mut().enumerate() {
+                if let Ack::Waiting(id) | Ack::Blocked(id) = *ack {
+                    match self.handles[i].poll_ack(id, Duration::ZERO) {
+                        Ok(Some(state)) => *ack = Ack::Done(state),
+                        Ok(None) => {}
+                        Err(_) => *ack = Ack::Gone,
+                    }
+                }
+            }
+            let pending = |a: &Ack| matches!(a, Ack::Waiting(_) | Ack::Blocked(_));
+            if !acks.iter().any(pending) {
+                return Ok(acks);
+            }
+            // A vCPU in an interruptible fault wait acknowledges within the grace
+            // period; one that has not and is blocked in a userfault cannot leave
+            // KVM_RUN before its page comes, and honours the request then.
+            if start.elapsed() >= BLOCKED_GRACE {
+                let blocked = (self.blocked)();
+                for (i, ack) in acks.iter_mut().enumerate() {
+                    if let Ack::Waiting(id) = *ack {
+                        if self.blocked_page(&blocked, i).is_some() {
+                            *ack = Ack::Blocked(id);
+                        }
+                    }
+                }
+                if !acks.iter().any(|a| matches!(a, Ack::Waiting(_))) {
+                    return Ok(acks);
+                }
+            }
+            if let Some(i) = acks.iter().position(|a| matches!(a, Ack::Waiting(_))) {
+                if start.elapsed() >= ACK_TIMEOUT {
+                    let cpu = self.handles[i].cpu();
+                    return Err(VcpuError::NoAck {
+                        cpu,
+                        request: name,
+                        waited: start.elapsed(),
+                    }
+                    .into());
+                }
+            }
+            for (h, a) in self.handles.iter().zip(&acks) {
+                if pending(a) {
+                    h.kick();
+                }
+            }
+            if let Some((i, Ack::Waiting(id) | Ack::Blocked(id))) = acks
+                .iter()
+                .enumerate()
+                .find(|(_, a)| pending(a))
+                .map(|(i, a)| (i, *a))
+            {
+                if let Ok(Some(state)) = self.handles[i].poll_ack(id, REKICK) {
+                    acks[i] = Ack::Done(state);
+                }
+            }
+        }
+    }
+
+    fn pause(&mut self) -> Result<PauseReport, ControlError> {
+        if self.end.is_some() {
+            return Err(ControlError::Ended);
+        }
+        if self.paused {
+            return Err(ControlError::AlreadyPaused);
+        }
+        let start = Instant::now();
+        let targets = self.started.clone();
+        let acks = self.request_all(&targets, "pause", || VcpuRequest::Pause)?;
+        self.paused = true;
+        let blocked = (self.blocked)();
+        let vcpus = acks
+            .iter()
+            .enumerate()
+            .map(|(i, a)| match a {
+                _ if !self.started[i] => VcpuPause::NotStarted,
+                Ack::Done(VcpuState::Exited) | Ack::Gone => VcpuPause::Exited,
+                Ack::Blocked(_) | Ack::Waiting(_) => VcpuPause::BlockedInFault {
+                    guest_addr: self.blocked_page(&blocked, i).unwrap_or(u64::MAX),
+                },
+                Ack::Done(_) => VcpuPause::Paused,
+            })
+            .collect();
+        Ok(PauseReport {
+            vcpus,
+            took: start.elapsed(),
+        })
+    }
+
+    fn resume(&mut self) -> Result<(), ControlError> {
+        if self.end.is_some() {
+            return Err(ControlError::Ended);
+        }
+        if !self.paused {
+            return Err(ControlError::NotPaused);
+        }
+        let targets = self.started.clone();
+        self.request_all(&targets, "resume", || VcpuRequest::Resume)?;
+        self.paused = false;
+        Ok(())
+    }
+
+    fn run_on_vcpu(&mut self, cpu: u32, f: VcpuFn) -> Result<(), ControlError> {
+        let h = self
+            .handles
+            .get_mut(cpu as usize)
+            .ok_or(ControlError::NoSuchVcpu(cpu))?;
+        h.request(VcpuRequest::Run(f), ACK_TIMEOUT)?;
+        Ok(())
+    }
+}
+
+impl MutEventSubscriber for Controller {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.events_fd.read();
+        while let Ok(ev) = self.events_rx.try_recv() {
+            self.handle(ev);
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&*self.events_fd, EventSet::IN)) {
+            tracing::error!("cannot watch VM events: {e:?}");
+        }
+    }
+}
+
+/// Ends the run on SIGINT, SIGTERM or SIGHUP.
+struct SignalInput {
+    signals: ShutdownSignals,
+    controller: Arc<Mutex<Controller>>,
+}
+
+impl MutEventSubscriber for SignalInput {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        if let Some(sig) = self.signals.read() {
+            if let Ok(mut c) = self.controller.lock() {
+                c.end.get_or_insert(GuestEnd::Signal(sig));
+            }
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.signals, EventSet::IN)) {
+            tracing::error!("cannot watch shutdown signals: {e:?}");
+        }
+    }
+}
+
+/// Feeds the host's stdin to the serial console.
+struct StdinInput {
+    serial: Arc<Mutex<SerialConsole>>,
+}
+
+impl MutEventSubscriber for StdinInput {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let mut buf = [0u8; 64];
+        let n = std::io::stdin().lock().read(&mut buf).unwrap_or(0);
+        if n == 0 || events.event_set().contains(EventSet::HANG_UP) {
+            // EOF: stop watching, or epoll would report it forever.
+            let _ = ops.remove(Events::empty_raw(std::io::stdin().as_raw_fd()));
+            return;
+        }
+        if let Ok(mut s) = self.serial.lock() {
+            s.enqueue_input(&buf[..n]);
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        let _ = ops.add(Events::new_raw(std::io::stdin().as_raw_fd(), EventSet::IN));
+    }
+}
