@@ -153,3 +153,37 @@ fn source_failure_stops_the_vm_with_a_clear_error() {
         "the failed page was not filled"
     );
 }
+
+#[test]
+fn vcpus_faulting_the_same_pages_get_each_page_filled_once() {
+    // shared=1: the four tasks touch the same guest-physical frames, each in its
+    // own order; populate=1: the first touch of each frame is a stage-2 fault.
+    let shared = 1500;
+    let mut cfg = config(
+        4,
+        "256M",
+        &format!("workload=touch pages={shared} pattern=rand shared=1 populate=1"),
+    );
+    cfg.memory = MemoryConfig {
+        backend: MemBackend::Zero,
+        fault_around: Some(0),
+    };
+    let run = boot(&cfg);
+    check_verified(&cfg, &run);
+    assert!(
+        run.outcome.reports.iter().all(|r| r.pages == shared),
+        "every task touched every page"
+    );
+    let m = run.outcome.memory.as_ref().expect("memory statistics");
+    // 4 x 1500 touches, but only the distinct pages (plus the guest kernel's own,
+    // a few hundred) are filled: concurrent faults on a page are served once.
+    let filled = m.total.pages_zeroed + m.total.pages_copied;
+    assert!(filled >= shared, "{:?}", m.total);
+    assert!(
+        filled < shared + 1000,
+        "pages filled more than once? {:?}",
+        m.total
+    );
+    let charged: u64 = run.outcome.vcpu_stats.iter().map(|v| v.stage2_faults).sum();
+    assert!(charged >= shared, "per-vCPU stage-2 faults: {charged}");
+}

@@ -7,6 +7,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::cast_possible_truncation))]
 
 pub mod arch;
+pub mod bench;
 pub mod config;
 pub mod controller;
 pub mod exit;

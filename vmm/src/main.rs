@@ -21,6 +21,26 @@ struct Cli {
 enum Command {
     /// Boot a microVM (the bundled guest kernel unless --kernel is given).
     Run(RunArgs),
+    /// Benchmarks, each with its baseline measured in the same run.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchCommand {
+    /// Stage-2 fault cost through the retry core vs the raw userfaultfd round
+    /// trip, and fault-around on sequential restore from a file.
+    Fault {
+        /// Pages each guest run touches.
+        #[arg(long, default_value_t = 20000)]
+        pages: u64,
+        /// Runs of each case (median and spread are reported).
+        #[arg(long, default_value_t = 3)]
+        repeats: u32,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -73,6 +93,7 @@ fn main() -> ProcessExit {
     let cli = Cli::parse();
     let code = match cli.command {
         Command::Run(args) => run(args),
+        Command::Bench(b) => bench(b),
     };
     ProcessExit::from(u8::try_from(code).unwrap_or(1))
 }
@@ -198,5 +219,38 @@ fn write_stats(path: &std::path::Path, outcome: &vmm::RunOutcome) -> std::io::Re
         Ok(())
     } else {
         std::fs::write(path, json + "\n")
+    }
+}
+
+fn bench(cmd: BenchCommand) -> i32 {
+    match cmd {
+        BenchCommand::Fault { pages, repeats, json } => {
+            if pages == 0 || repeats == 0 {
+                eprintln!("vmm: error: --pages and --repeats must be at least 1");
+                return EXIT_VMM_ERROR;
+            }
+            let opts = vmm::bench::FaultBenchOptions { pages, repeats };
+            let mut progress = |what: &str| eprintln!("vmm bench: {what}...");
+            match vmm::bench::fault(opts, &mut progress) {
+                Ok(r) if json => match serde_json::to_string_pretty(&r) {
+                    Ok(s) => {
+                        println!("{s}");
+                        0
+                    }
+                    Err(e) => {
+                        eprintln!("vmm: error: cannot encode the results: {e}");
+                        EXIT_VMM_ERROR
+                    }
+                },
+                Ok(r) => {
+                    print!("{r}");
+                    0
+                }
+                Err(e) => {
+                    eprintln!("vmm: error: {e}");
+                    EXIT_VMM_ERROR
+                }
+            }
+        }
     }
 }

@@ -146,6 +146,8 @@ pub struct RunOutcome {
     pub bad_requests: Vec<String>,
     /// Retry-core statistics, when guest RAM is lazily backed.
     pub memory: Option<MemoryStats>,
+    /// The guest's TSC frequency in kHz (converts reported cycles to time).
+    pub tsc_khz: Option<u32>,
 }
 
 impl RunOutcome {
@@ -237,6 +239,7 @@ pub struct Vm {
     pub(crate) events: EventSender,
     first_output: Arc<OnceLock<Instant>>,
     created: Instant,
+    tsc_khz: Option<u32>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -361,6 +364,7 @@ impl Vm {
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("CPUID query"))?;
         let mut vcpu_fds = Vec::new();
+        let mut tsc_khz = None;
         for i in 0..config.vcpus {
             let fd = vm_fd
                 .create_vcpu(u64::from(i))
@@ -380,6 +384,9 @@ impl Vm {
                 mp_state: KVM_MP_STATE_RUNNABLE,
             })
             .map_err(kvm_err("MP state setup"))?;
+            if tsc_khz.is_none() {
+                tsc_khz = fd.get_tsc_khz().ok();
+            }
             vcpu_fds.push(fd);
         }
 
@@ -396,6 +403,7 @@ impl Vm {
             events,
             first_output,
             created,
+            tsc_khz,
         })
     }
 
@@ -494,6 +502,7 @@ impl Vm {
             vcpu_stats,
             bad_requests,
             memory,
+            tsc_khz: self.tsc_khz,
         }
     }
 

@@ -195,3 +195,24 @@ fn kvm_permission_denied() {
         stderr(&o)
     );
 }
+
+#[test]
+fn bench_fault_reports_every_figure() {
+    // A smoke run: the figures exist and are positive (their values belong to the
+    // benchmark, not to a test).
+    let o = vmm(&["bench", "fault", "--pages", "300", "--repeats", "1", "--json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    for key in [
+        "raw_uffd",
+        "anon_rand",
+        "zero_rand",
+        "zero_seq",
+        "file_seq_no_fault_around",
+    ] {
+        let median = v[key]["median_us"].as_f64().unwrap_or(-1.0);
+        assert!(median > 0.0, "{key}: {}", v[key]);
+    }
+    assert!(v["ratio_rand"].as_f64().unwrap_or(0.0) > 0.0);
+    assert_eq!(v["file_seq_fault_around"].as_array().map(Vec::len), Some(2));
+}
