@@ -158,3 +158,40 @@ fn stop_with_a_fault_held_forever() {
     let outcome = vm.wait().unwrap();
     assert_eq!(outcome.end, GuestEnd::Stopped);
 }
+
+#[test]
+fn failed_source_pauses_the_vm_and_a_repair_lets_it_finish() {
+    let cfg = lazy_touch(1, "workload=touch pages=20000 pattern=rand populate=1");
+    let file = vmm_tests::TempFile::zeros("repairable.img", cfg.mem_size);
+    let source = Arc::new(memory::FileSource::open(&file.0, 0).unwrap());
+    let (mut options, console) = capture_options();
+    options.page_source = Some(CustomSource(source.clone()));
+    options.on_memory_fault = vmm::vm::MemoryFaultPolicy::Pause;
+    let vm = vmm::Vm::new(&cfg, options).unwrap().start().unwrap();
+    wait_until("the user loop to start", || {
+        console_text(&console).contains("touch: cpu 0 start")
+    });
+
+    // Break the source under the running guest: reads now fail (EOF).
+    let f = std::fs::OpenOptions::new().write(true).open(&file.0).unwrap();
+    f.set_len(0).unwrap();
+    wait_until("the failure to pause the VM", || {
+        vm.stats().unwrap().memory_fault.is_some()
+    });
+    let stats = vm.stats().unwrap();
+    assert!(stats.paused);
+    let msg = stats.memory_fault.unwrap();
+    assert!(
+        msg.contains("guest page 0x") && msg.contains("not zero-filled"),
+        "{msg}"
+    );
+    assert!(matches!(vm.pause(), Err(vmm::ControlError::AlreadyPaused)));
+
+    // Repair it and tell the core: the parked fault is retried and served with
+    // the file's data; the guest then finishes with the right checksums.
+    f.set_len(cfg.mem_size).unwrap();
+    memory::PageSource::notifier(&*source).notify();
+    vm.resume().unwrap();
+    let outcome = finish_ok(&cfg, vm, &console);
+    assert!(outcome.memory.unwrap().total.pages_copied >= 20000);
+}

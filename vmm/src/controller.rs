@@ -13,7 +13,7 @@
 use crate::lazy::BlockedFault;
 use crate::signals::ShutdownSignals;
 use crate::vcpu::{VcpuError, VcpuFn, VcpuHandle, VcpuRequest, VcpuState, VcpuStatsSnapshot, VcpuStopped};
-use crate::vm::{GuestEnd, RunOutcome, Vm, VmError};
+use crate::vm::{GuestEnd, MemoryFaultPolicy, RunOutcome, Vm, VmError};
 use devices::serial::SerialConsole;
 use devices::DeviceEvent;
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
@@ -79,6 +79,10 @@ pub struct LiveStats {
     pub vcpus: Vec<VcpuStatsSnapshot>,
     /// Faults currently blocked in the userfault handler.
     pub blocked_faults: usize,
+    /// Whether the VM is paused.
+    pub paused: bool,
+    /// The last page-source failure, which paused the VM.
+    pub memory_fault: Option<String>,
 }
 
 /// A request to the controller.
@@ -243,6 +247,7 @@ fn run_loop(mut vm: Vm, handles: Vec<VcpuHandle>, started: Vec<bool>) -> Result<
         handles,
         started,
         paused: false,
+        memory_fault: None,
         end: None,
         reports: Vec::new(),
         bad_requests: Vec::new(),
@@ -265,12 +270,31 @@ fn run_loop(mut vm: Vm, handles: Vec<VcpuHandle>, started: Vec<bool>) -> Result<
     }
 
     let deadline = vm.options.timeout.map(|t| Instant::now() + t);
+    let mut failures_seen = 0;
     let end = loop {
         if let Some(end) = controller.lock().map_err(|_| poisoned())?.end.clone() {
             break end;
         }
-        if let Some(end) = vm.memory_failure() {
-            break end;
+        let (failures, handler_died) = vm.memory_failures();
+        if handler_died {
+            break GuestEnd::MemoryFault(
+                "the userfault handler stopped; guest pages can no longer be served".into(),
+            );
+        }
+        if failures.len() > failures_seen {
+            failures_seen = failures.len();
+            let msg = failures.last().cloned().unwrap_or_default();
+            let mut c = controller.lock().map_err(|_| poisoned())?;
+            // Stop the guest where it is: its page is never zero-filled.
+            if !c.paused {
+                if let Err(e) = c.pause() {
+                    tracing::warn!("cannot pause after a memory fault: {e}");
+                }
+            }
+            c.memory_fault = Some(msg.clone());
+            if vm.options.on_memory_fault == MemoryFaultPolicy::End {
+                break GuestEnd::MemoryFault(msg);
+            }
         }
         if deadline.is_some_and(|d| Instant::now() >= d) {
             break GuestEnd::TimedOut(vm.options.timeout.unwrap_or_default());
@@ -298,6 +322,8 @@ struct Controller {
     /// vCPUs the guest has started (the others wait for `START_CPUS`).
     started: Vec<bool>,
     paused: bool,
+    /// The last page-source failure (the VM was paused for it).
+    memory_fault: Option<String>,
     end: Option<GuestEnd>,
     reports: Vec<abi::pv::WorkloadReport>,
     bad_requests: Vec<String>,
@@ -363,6 +389,8 @@ impl Controller {
                 let _ = reply.send(LiveStats {
                     vcpus: self.handles.iter().map(VcpuHandle::stats).collect(),
                     blocked_faults: (self.blocked)().len(),
+                    paused: self.paused,
+                    memory_fault: self.memory_fault.clone(),
                 });
             }
             ControlRequest::RunOnVcpu(cpu, f, reply) => {
@@ -500,6 +528,9 @@ impl Controller {
         let targets = self.started.clone();
         self.request_all(&targets, "resume", || VcpuRequest::Resume)?;
         self.paused = false;
+        // The caller chose to go on (a repaired source serves the parked fault;
+        // a new failure pauses the VM again).
+        self.memory_fault = None;
         Ok(())
     }
 

@@ -196,9 +196,23 @@ pub struct VmOptions {
     /// End the run cleanly on SIGINT/SIGTERM/SIGHUP (read with a signalfd; the
     /// caller must have blocked them with `signals::block_shutdown_signals`).
     pub shutdown_signals: bool,
+    /// What to do when a page source fails: the VM is paused either way (the
+    /// page is never zero-filled); `End` then ends the run with the error.
+    pub on_memory_fault: MemoryFaultPolicy,
     /// Serve lazily backed memory from this source instead of the backend's
     /// own (tests hold, delay or fail pages with `memory::TestSource`).
     pub page_source: Option<CustomSource>,
+}
+
+/// See [`VmOptions::on_memory_fault`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MemoryFaultPolicy {
+    /// Pause, then end the run with [`GuestEnd::MemoryFault`] (the CLI).
+    #[default]
+    End,
+    /// Pause and stay paused: the caller may repair the source (which then
+    /// notifies, so the parked fault is retried) and resume.
+    Pause,
 }
 
 /// A page source given at run time (see [`VmOptions::page_source`]).
@@ -219,6 +233,7 @@ impl Default for VmOptions {
             timeout: None,
             shutdown_signals: false,
             page_source: None,
+            on_memory_fault: MemoryFaultPolicy::End,
         }
     }
 }
@@ -508,14 +523,16 @@ impl Vm {
 
     /// The end of the run if the memory backend failed: never let the guest go
     /// on past a page that could not be provided.
-    pub(crate) fn memory_failure(&self) -> Option<GuestEnd> {
-        let lazy = self.lazy.as_ref()?;
-        if let Some(first) = lazy.failures().first() {
-            return Some(GuestEnd::MemoryFault(first.to_string()));
+    /// Every fault failure so far (the list only grows), and whether the
+    /// handler itself is gone, which no repair can fix.
+    pub(crate) fn memory_failures(&self) -> (Vec<String>, bool) {
+        match &self.lazy {
+            Some(lazy) => (
+                lazy.failures().iter().map(ToString::to_string).collect(),
+                lazy.handler_died(),
+            ),
+            None => (Vec::new(), false),
         }
-        lazy.handler_died().then(|| {
-            GuestEnd::MemoryFault("the userfault handler stopped; guest pages can no longer be served".into())
-        })
     }
 
     /// The configuration.
