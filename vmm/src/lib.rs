@@ -16,6 +16,7 @@ pub mod lazy;
 pub mod loader;
 pub mod memory;
 pub mod signals;
+pub mod stress;
 pub mod vcpu;
 pub mod vm;
 

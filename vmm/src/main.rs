@@ -24,6 +24,28 @@ enum Command {
     /// Benchmarks, each with its baseline measured in the same run.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Seeded fault stress: VMs over lazily backed memory under kick, pause and
+    /// hold storms, every page verified; non-zero exit on any error or stall.
+    Stress(StressArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct StressArgs {
+    /// How long to run, in seconds.
+    #[arg(long, default_value_t = 60.0)]
+    seconds: f64,
+    /// Seed: the same seed gives the same runs and event schedule.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// vCPUs per VM (1 to 8).
+    #[arg(long, default_value_t = 2)]
+    vcpus: u32,
+    /// Guest memory per VM.
+    #[arg(long, default_value = "512M")]
+    mem: String,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -94,6 +116,7 @@ fn main() -> ProcessExit {
     let code = match cli.command {
         Command::Run(args) => run(args),
         Command::Bench(b) => bench(b),
+        Command::Stress(a) => stress(a),
     };
     ProcessExit::from(u8::try_from(code).unwrap_or(1))
 }
@@ -252,5 +275,50 @@ fn bench(cmd: BenchCommand) -> i32 {
                 }
             }
         }
+    }
+}
+
+fn stress(a: StressArgs) -> i32 {
+    let mem_size = match vmm::config::parse_size(&a.mem) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("vmm: error: {e}");
+            return EXIT_VMM_ERROR;
+        }
+    };
+    let positive = a.seconds.is_finite() && a.seconds > 0.0;
+    if !positive || !(1..=abi::boot::MAX_VCPUS).contains(&a.vcpus) {
+        eprintln!(
+            "vmm: error: --seconds must be positive and --vcpus 1 to {}",
+            abi::boot::MAX_VCPUS
+        );
+        return EXIT_VMM_ERROR;
+    }
+    let opts = vmm::stress::StressOptions {
+        seconds: a.seconds,
+        seed: a.seed,
+        vcpus: a.vcpus,
+        mem_size,
+        ..Default::default()
+    };
+    let report = match vmm::stress::run(opts, &mut |line| eprintln!("vmm stress: {line}")) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("vmm: error: {e}");
+            return EXIT_VMM_ERROR;
+        }
+    };
+    if a.json {
+        match serde_json::to_string_pretty(&report) {
+            Ok(s) => println!("{s}"),
+            Err(e) => eprintln!("vmm: error: cannot encode the report: {e}"),
+        }
+    } else {
+        print!("{report}");
+    }
+    if report.ok() {
+        0
+    } else {
+        1
     }
 }

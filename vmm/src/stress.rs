@@ -1,0 +1,470 @@
+//! `vmm stress`: a reproducible fault stress run. VMs run the bundled guest's
+//! `touch` workload one after another over lazily backed memory, with seeded
+//! parameters, while a storm thread injects seeded events: kick bursts,
+//! pause/resume cycles and holds of every page (the source answers "retry,
+//! held" until the hold ends); the page source itself answers "retry" and
+//! delays at seeded pages. Every run's checksums are verified (a lost, stale or
+//! zero page shows), and a watchdog reports a run that makes no progress, with
+//! its state, instead of hanging.
+//!
+//! The same seed gives the same runs and the same schedule of injected events
+//! (their timing relative to the guest's progress still varies).
+
+use crate::config::{MemBackend, MemoryConfig, VmConfig};
+use crate::vm::{verify_reports, CustomSource, GuestEnd, VmOptions};
+use crate::{KernelSource, RunningVm};
+use abi::workload::mix64;
+use devices::serial::SerialOutput;
+use memory::{FetchOutcome, Notifier, PageSource, RetryReason, ZeroSource};
+use serde::Serialize;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Errors that stop a stress run from starting or continuing.
+#[derive(Debug, thiserror::Error)]
+pub enum StressError {
+    /// A VM could not be built.
+    #[error("cannot build a stress VM: {0}")]
+    Vm(#[from] crate::VmError),
+    /// The page source could not be created.
+    #[error("cannot create the stress page source: {0}; raise the file descriptor limit")]
+    Source(std::io::Error),
+}
+
+/// Options of `vmm stress`.
+#[derive(Debug, Clone, Copy)]
+pub struct StressOptions {
+    /// How long to keep starting runs.
+    pub seconds: f64,
+    /// Seed of everything random.
+    pub seed: u64,
+    /// vCPUs per VM.
+    pub vcpus: u32,
+    /// Guest memory per VM in bytes.
+    pub mem_size: u64,
+    /// A run making no progress this long is a stall.
+    pub stall_after: Duration,
+}
+
+impl Default for StressOptions {
+    fn default() -> Self {
+        StressOptions {
+            seconds: 10.0,
+            seed: 1,
+            vcpus: 2,
+            mem_size: 512 << 20,
+            stall_after: Duration::from_secs(30),
+        }
+    }
+}
+
+/// An injected event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum StormEvent {
+    /// Kick every vCPU this many times.
+    Kicks(u32),
+    /// Pause, stay paused this many milliseconds, resume.
+    PauseResume(u32),
+    /// Hold every page for this many milliseconds.
+    Hold(u32),
+}
+
+/// One VM run of a stress session.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunPlan {
+    /// The guest command line.
+    pub cmdline: String,
+    /// Fault-around window.
+    pub fault_around: u32,
+    /// Injected events, at milliseconds after the start.
+    pub schedule: Vec<(u32, StormEvent)>,
+}
+
+/// Totals of a stress session.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StressReport {
+    /// The seed.
+    pub seed: u64,
+    /// VM runs completed.
+    pub runs: u64,
+    /// Stage-2 faults (userfaults) served by the retry core.
+    pub stage2_faults: u64,
+    /// Guest (stage-1) page faults handled by the guest kernel.
+    pub guest_faults: u64,
+    /// Retries of stage-2 faults.
+    pub retries: u64,
+    /// Most retries of one stage-2 fault.
+    pub max_retries_per_fault: u64,
+    /// Times a kick or request took a vCPU out of `KVM_RUN`.
+    pub interruptions: u64,
+    /// Injected events by kind.
+    pub kicks: u64,
+    /// Pause/resume cycles.
+    pub pauses: u64,
+    /// Holds of all pages.
+    pub holds: u64,
+    /// Source answers "retry" injected.
+    pub injected_retries: u64,
+    /// Wrong checksums, bad exits: anything lost, stale or zero.
+    pub integrity_errors: Vec<String>,
+    /// Runs that made no progress, with their state.
+    pub stalls: Vec<String>,
+    /// The plan of the first runs (for reproduction).
+    pub plans: Vec<RunPlan>,
+}
+
+impl StressReport {
+    /// No integrity error and no stall.
+    pub fn ok(&self) -> bool {
+        self.integrity_errors.is_empty() && self.stalls.is_empty()
+    }
+
+    /// Faults across both stages.
+    pub fn total_faults(&self) -> u64 {
+        self.stage2_faults + self.guest_faults
+    }
+}
+
+/// A deterministic random stream (SplitMix64).
+#[derive(Debug, Clone)]
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        mix64(self.0)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+/// The plan of run `index` of a session with `seed`.
+pub fn plan(seed: u64, index: u64, vcpus: u32) -> RunPlan {
+    let mut rng = Rng(mix64(seed ^ index.wrapping_mul(0x5851_f42d_4c95_7f2d)));
+    let pages = 500 + rng.below(5500);
+    let pattern = if rng.below(2) == 0 { "seq" } else { "rand" };
+    let write = rng.below(4) != 0;
+    let shared = vcpus > 1 && rng.below(3) == 0;
+    let populate = rng.below(2) == 0;
+    let fault_around = [0, 0, 16][usize::try_from(rng.below(3)).unwrap_or(0)];
+    let cmdline = format!(
+        "workload=touch pages={pages} pattern={pattern} write={} shared={} populate={} seed={}",
+        u8::from(write),
+        u8::from(shared),
+        u8::from(populate),
+        rng.below(1 << 20)
+    );
+    let mut schedule: Vec<(u32, StormEvent)> = (0..4 + rng.below(12))
+        .map(|_| {
+            let at = u32::try_from(rng.below(1500)).unwrap_or(0);
+            let ev = match rng.below(3) {
+                0 => StormEvent::Kicks(1 + u32::try_from(rng.below(500)).unwrap_or(0)),
+                1 => StormEvent::PauseResume(u32::try_from(rng.below(20)).unwrap_or(0)),
+                _ => StormEvent::Hold(u32::try_from(rng.below(50)).unwrap_or(0)),
+            };
+            (at, ev)
+        })
+        .collect();
+    schedule.sort_by_key(|&(at, _)| at);
+    RunPlan {
+        cmdline,
+        fault_around,
+        schedule,
+    }
+}
+
+/// A zero source that answers "retry" (then serves) and delays at seeded pages,
+/// and can hold every page.
+#[derive(Debug)]
+pub struct ChaosSource {
+    inner: ZeroSource,
+    seed: u64,
+    attempts: Mutex<HashMap<u64, u32>>,
+    held: AtomicBool,
+    fetches: AtomicU64,
+    injected_retries: AtomicU64,
+}
+
+impl ChaosSource {
+    /// A source seeded with `seed`.
+    pub fn new(seed: u64) -> std::io::Result<ChaosSource> {
+        Ok(ChaosSource {
+            inner: ZeroSource::new()?,
+            seed,
+            attempts: Mutex::new(HashMap::new()),
+            held: AtomicBool::new(false),
+            fetches: AtomicU64::new(0),
+            injected_retries: AtomicU64::new(0),
+        })
+    }
+
+    /// Holds every page until [`ChaosSource::release`].
+    pub fn hold(&self) {
+        self.held.store(true, Ordering::SeqCst);
+    }
+
+    /// Ends a hold; parked faults are retried.
+    pub fn release(&self) {
+        self.held.store(false, Ordering::SeqCst);
+        self.inner.notifier().notify();
+    }
+
+    /// Fetch calls so far (progress for the watchdog).
+    pub fn fetches(&self) -> u64 {
+        self.fetches.load(Ordering::Relaxed)
+    }
+}
+
+impl PageSource for ChaosSource {
+    fn name(&self) -> &str {
+        "chaos"
+    }
+
+    fn fetch(&self, offset: u64, buf: &mut [u8]) -> FetchOutcome {
+        self.fetches.fetch_add(1, Ordering::Relaxed);
+        if self.held.load(Ordering::SeqCst) {
+            return FetchOutcome::Retry(RetryReason::Held);
+        }
+        let attempt = {
+            let mut a = self
+                .attempts
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let n = a.entry(offset).or_insert(0);
+            *n += 1;
+            *n
+        };
+        let h = mix64(self.seed ^ offset);
+        // About 1 page in 16 answers "not ready" 1 to 3 times before it serves.
+        if h.is_multiple_of(16) && u64::from(attempt) <= 1 + (h >> 8) % 3 {
+            self.injected_retries.fetch_add(1, Ordering::Relaxed);
+            // Available soon: the waiter comes back at once.
+            self.inner.notifier().notify();
+            return FetchOutcome::Retry(RetryReason::NotReady);
+        }
+        // About 1 page in 64 is slow (up to 300 us).
+        if (h >> 16).is_multiple_of(64) {
+            std::thread::sleep(Duration::from_micros((h >> 24) % 300));
+        }
+        self.inner.fetch(offset, buf)
+    }
+
+    fn bulk_cheap(&self) -> bool {
+        true
+    }
+
+    fn notifier(&self) -> &Notifier {
+        self.inner.notifier()
+    }
+}
+
+/// Runs a stress session; `progress` receives a line per run.
+pub fn run(opts: StressOptions, progress: &mut dyn FnMut(&str)) -> Result<StressReport, StressError> {
+    let start = Instant::now();
+    let mut report = StressReport {
+        seed: opts.seed,
+        ..StressReport::default()
+    };
+    let mut index = 0;
+    while start.elapsed().as_secs_f64() < opts.seconds {
+        let plan = plan(opts.seed, index, opts.vcpus);
+        run_one(&opts, index, &plan, &mut report)?;
+        progress(&format!(
+            "run {index}: {} ({} events) -> {} faults so far, {} errors",
+            plan.cmdline,
+            plan.schedule.len(),
+            report.total_faults(),
+            report.integrity_errors.len() + report.stalls.len()
+        ));
+        if report.plans.len() < 16 {
+            report.plans.push(plan);
+        }
+        index += 1;
+        if !report.stalls.is_empty() {
+            break;
+        }
+    }
+    Ok(report)
+}
+
+fn run_one(
+    opts: &StressOptions,
+    index: u64,
+    plan: &RunPlan,
+    report: &mut StressReport,
+) -> Result<(), StressError> {
+    let cfg = VmConfig {
+        kernel: KernelSource::Bundled,
+        vcpus: opts.vcpus,
+        mem_size: opts.mem_size,
+        cmdline: plan.cmdline.clone(),
+        memory: MemoryConfig {
+            backend: MemBackend::Zero,
+            fault_around: Some(plan.fault_around),
+        },
+    };
+    let source = Arc::new(ChaosSource::new(opts.seed ^ index).map_err(StressError::Source)?);
+    let console = Arc::new(Mutex::new(Vec::new()));
+    let options = VmOptions {
+        serial: SerialOutput::Capture(console.clone()),
+        page_source: Some(CustomSource(source.clone())),
+        ..VmOptions::default()
+    };
+    let vm = Arc::new(crate::Vm::new(&cfg, options)?.start()?);
+
+    let storm = {
+        let (vm, source, schedule) = (vm.clone(), source.clone(), plan.schedule.clone());
+        std::thread::spawn(move || storm(&vm, &source, &schedule))
+    };
+    // Watchdog: progress is source fetches plus vCPU exits.
+    let mut last = (u64::MAX, Instant::now());
+    let mut stall = None;
+    while !vm.is_finished() {
+        std::thread::sleep(Duration::from_millis(100));
+        let Ok(stats) = vm.stats() else { break };
+        let now = source.fetches() + stats.vcpus.iter().map(|v| v.exits).sum::<u64>();
+        if now != last.0 {
+            last = (now, Instant::now());
+        } else if last.1.elapsed() >= opts.stall_after && !stats.paused {
+            stall = Some(format!(
+                "run {index} ({}): no progress for {:?}; vCPUs {:?}; {} faults blocked in the handler",
+                plan.cmdline, opts.stall_after, stats.vcpus, stats.blocked_faults
+            ));
+            vm.stop();
+            break;
+        }
+    }
+    let (kicks, pauses, holds) = storm.join().unwrap_or_default();
+    let vm = Arc::try_unwrap(vm).map_err(|_| crate::VmError::Device("storm thread kept the VM".into()))?;
+    let outcome = vm.wait()?;
+    report.runs += 1;
+    report.kicks += kicks;
+    report.pauses += pauses;
+    report.holds += holds;
+    report.injected_retries += source.injected_retries.load(Ordering::Relaxed);
+    report.interruptions += outcome.vcpu_stats.iter().map(|v| v.interruptions).sum::<u64>();
+    report.guest_faults += outcome.reports.iter().map(|r| r.faults).sum::<u64>();
+    if let Some(m) = &outcome.memory {
+        report.stage2_faults += m.total.faults;
+        report.retries += m.total.retries_total;
+        report.max_retries_per_fault = report.max_retries_per_fault.max(m.total.retries_max);
+    }
+    if let Some(s) = stall {
+        report.stalls.push(s);
+        return Ok(());
+    }
+    let text = || {
+        console
+            .lock()
+            .map(|c| String::from_utf8_lossy(&c).into_owned())
+            .unwrap_or_default()
+    };
+    if outcome.end != GuestEnd::Exited(0) {
+        report.integrity_errors.push(format!(
+            "run {index} ({}): {}\n{}",
+            plan.cmdline,
+            outcome.end,
+            text()
+        ));
+    } else if let Err(e) = verify_reports(&cfg, &outcome) {
+        report
+            .integrity_errors
+            .push(format!("run {index} ({}): {e}", plan.cmdline));
+    }
+    Ok(())
+}
+
+/// Executes a schedule until the VM ends; returns (kicks, pauses, holds) done.
+fn storm(vm: &RunningVm, source: &ChaosSource, schedule: &[(u32, StormEvent)]) -> (u64, u64, u64) {
+    let start = Instant::now();
+    let (mut kicks, mut pauses, mut holds) = (0, 0, 0);
+    for &(at, ev) in schedule {
+        let due = Duration::from_millis(u64::from(at));
+        while start.elapsed() < due {
+            if vm.is_finished() {
+                return (kicks, pauses, holds);
+            }
+            std::thread::sleep(Duration::from_millis(1).min(due - start.elapsed()));
+        }
+        match ev {
+            StormEvent::Kicks(n) => {
+                for _ in 0..n {
+                    if vm.kick(None).is_err() {
+                        return (kicks, pauses, holds);
+                    }
+                    kicks += 1;
+                }
+            }
+            StormEvent::PauseResume(ms) => {
+                if vm.pause().is_err() {
+                    return (kicks, pauses, holds);
+                }
+                std::thread::sleep(Duration::from_millis(u64::from(ms)));
+                if vm.resume().is_err() {
+                    return (kicks, pauses, holds);
+                }
+                pauses += 1;
+            }
+            StormEvent::Hold(ms) => {
+                source.hold();
+                std::thread::sleep(Duration::from_millis(u64::from(ms)));
+                source.release();
+                holds += 1;
+            }
+        }
+    }
+    (kicks, pauses, holds)
+}
+
+impl std::fmt::Display for StressReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "stress: seed {}, {} runs", self.seed, self.runs)?;
+        writeln!(
+            f,
+            "  faults: {} stage-2 (userfaults) + {} guest = {}",
+            self.stage2_faults,
+            self.guest_faults,
+            self.total_faults()
+        )?;
+        writeln!(
+            f,
+            "  retries: {} (max {} for one fault, {} injected by the source)",
+            self.retries, self.max_retries_per_fault, self.injected_retries
+        )?;
+        writeln!(
+            f,
+            "  storms: {} kicks, {} pause/resume cycles, {} holds; {} vCPU interruptions",
+            self.kicks, self.pauses, self.holds, self.interruptions
+        )?;
+        writeln!(
+            f,
+            "  integrity errors: {}, stalls: {}",
+            self.integrity_errors.len(),
+            self.stalls.len()
+        )?;
+        for e in self.integrity_errors.iter().chain(&self.stalls) {
+            writeln!(f, "  ERROR {e}")?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plans_are_reproducible_and_vary() {
+        assert_eq!(format!("{:?}", plan(7, 3, 2)), format!("{:?}", plan(7, 3, 2)));
+        assert_ne!(format!("{:?}", plan(7, 3, 2)), format!("{:?}", plan(8, 3, 2)));
+        assert_ne!(format!("{:?}", plan(7, 3, 2)), format!("{:?}", plan(7, 4, 2)));
+        let p = plan(1, 0, 1);
+        assert!(!p.cmdline.contains("shared=1"), "one vCPU never shares");
+        assert!(p.schedule.windows(2).all(|w| w[0].0 <= w[1].0));
+        abi::workload::parse_cmdline(&p.cmdline).unwrap();
+    }
+}
