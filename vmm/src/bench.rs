@@ -143,10 +143,22 @@ fn pattern_name(rand: bool) -> &'static str {
 
 /// One guest run; microseconds per touched page as timed by the guest.
 fn guest_touch(pages: u64, rand: bool, memory: MemoryConfig) -> Result<f64, BenchError> {
+    let (outcome, khz) = guest_touch_run(1, pages, rand, memory)?;
+    let cycles: u64 = outcome.reports.iter().map(|r| r.cycles).sum();
+    Ok(cycles as f64 / f64::from(khz) * 1e3 / pages as f64)
+}
+
+/// One guest run of `pages` populated pages over `vcpus`; the outcome and the TSC kHz.
+fn guest_touch_run(
+    vcpus: u32,
+    pages: u64,
+    rand: bool,
+    memory: MemoryConfig,
+) -> Result<(crate::RunOutcome, u32), BenchError> {
     let mem_size = (pages * abi::layout::PAGE_SIZE * 2 + (128 << 20)).next_multiple_of(2 << 20);
     let cfg = VmConfig {
         kernel: KernelSource::Bundled,
-        vcpus: 1,
+        vcpus,
         mem_size,
         cmdline: format!(
             "workload=touch pages={pages} pattern={} populate=1 write=1",
@@ -173,8 +185,7 @@ fn guest_touch(pages: u64, rand: bool, memory: MemoryConfig) -> Result<f64, Benc
     }
     verify_reports(&cfg, &outcome).map_err(bad)?;
     let khz = outcome.tsc_khz.filter(|&k| k > 0).ok_or(BenchError::NoTsc)?;
-    let cycles: u64 = outcome.reports.iter().map(|r| r.cycles).sum();
-    Ok(cycles as f64 / f64::from(khz) * 1e3 / pages as f64)
+    Ok((outcome, khz))
 }
 
 fn repeat(n: u32, mut f: impl FnMut() -> Result<f64, BenchError>) -> Result<Figure, BenchError> {
@@ -353,5 +364,219 @@ mod tests {
         assert_eq!((f.median_us, f.min_us, f.max_us), (2.0, 1.0, 3.0));
         assert_eq!(Figure::of(vec![1.0, 3.0]).median_us, 2.0);
         assert!((Figure::of(vec![4.0]).per_second() - 250_000.0).abs() < 1e-6);
+    }
+}
+
+/// Options of `vmm bench boot`.
+#[derive(Debug, Clone, Copy)]
+pub struct BootBenchOptions {
+    /// Boots per case.
+    pub repeats: u32,
+}
+
+/// Results of `vmm bench boot`, in milliseconds (the `median_us` field of each
+/// figure holds milliseconds here).
+#[derive(Debug, Clone, Serialize)]
+pub struct BootBench {
+    /// Boots per case.
+    pub repeats: u32,
+    /// Baseline: open /dev/kvm, create a VM with irqchip and one vCPU.
+    pub kvm_setup_ms: Figure,
+    /// VM creation to the guest's first console byte (1 vCPU, 256 MiB, `hello`).
+    pub first_output_ms: Figure,
+    /// VM creation to the guest's exit.
+    pub total_ms: Figure,
+    /// Whole run of `hello` by vCPU count.
+    pub total_by_vcpus: Vec<(u32, Figure)>,
+}
+
+/// The baseline of a boot: the KVM objects alone.
+fn kvm_setup_ms() -> Result<f64, BenchError> {
+    let kvm_err = |what| move |source| crate::VmError::Kvm { what, source };
+    let start = std::time::Instant::now();
+    let kvm = crate::vm::open_kvm()?;
+    let vm = kvm.create_vm().map_err(kvm_err("VM creation"))?;
+    vm.create_irq_chip().map_err(kvm_err("irqchip creation"))?;
+    let _vcpu = vm.create_vcpu(0).map_err(kvm_err("vCPU creation"))?;
+    Ok(start.elapsed().as_secs_f64() * 1e3)
+}
+
+fn hello(vcpus: u32) -> Result<crate::RunOutcome, BenchError> {
+    let cfg = VmConfig {
+        kernel: KernelSource::Bundled,
+        vcpus,
+        mem_size: 256 << 20,
+        cmdline: "workload=hello".into(),
+        memory: MemoryConfig::default(),
+    };
+    let options = VmOptions {
+        serial: SerialOutput::Capture(Arc::new(Mutex::new(Vec::new()))),
+        timeout: Some(Duration::from_secs(60)),
+        ..VmOptions::default()
+    };
+    let outcome = crate::run_vm(&cfg, options)?;
+    if outcome.end != GuestEnd::Exited(0) {
+        return Err(BenchError::BadRun {
+            end: outcome.end.to_string(),
+            console: String::new(),
+        });
+    }
+    Ok(outcome)
+}
+
+/// Runs `vmm bench boot`.
+pub fn boot(opts: BootBenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BootBench, BenchError> {
+    let n = opts.repeats.max(1);
+    progress("KVM setup baseline");
+    let kvm_setup_ms = repeat(n, kvm_setup_ms)?;
+    progress("boots of the bundled guest");
+    let mut first = Vec::new();
+    let mut total = Vec::new();
+    for _ in 0..n {
+        let o = hello(1)?;
+        first.push(o.first_output.unwrap_or_default().as_secs_f64() * 1e3);
+        total.push(o.elapsed.as_secs_f64() * 1e3);
+    }
+    let mut total_by_vcpus = Vec::new();
+    for vcpus in [1, 2, 4, 8] {
+        progress(&format!("boots with {vcpus} vCPUs"));
+        total_by_vcpus.push((
+            vcpus,
+            repeat(n, || Ok(hello(vcpus)?.elapsed.as_secs_f64() * 1e3))?,
+        ));
+    }
+    Ok(BootBench {
+        repeats: n,
+        kvm_setup_ms,
+        first_output_ms: Figure::of(first),
+        total_ms: Figure::of(total),
+        total_by_vcpus,
+    })
+}
+
+impl std::fmt::Display for BootBench {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let row = |f: &mut std::fmt::Formatter<'_>, name: &str, x: &Figure| {
+            writeln!(
+                f,
+                "  {name:<52} {:>8.2} ms ({:.2}-{:.2})",
+                x.median_us, x.min_us, x.max_us
+            )
+        };
+        writeln!(f, "boot benchmark: median of {} boots (min-max)", self.repeats)?;
+        row(f, "baseline: /dev/kvm, VM, irqchip, one vCPU", &self.kvm_setup_ms)?;
+        row(
+            f,
+            "VM creation to the guest's first console line",
+            &self.first_output_ms,
+        )?;
+        row(
+            f,
+            "VM creation to the guest's exit (hello, 1 vCPU)",
+            &self.total_ms,
+        )?;
+        for (v, x) in &self.total_by_vcpus {
+            row(f, &format!("hello on {v} vCPUs, whole run"), x)?;
+        }
+        Ok(())
+    }
+}
+
+/// Stage-2 fault throughput by vCPU count (demand_paging_test style).
+#[derive(Debug, Clone, Serialize)]
+pub struct Scaling {
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Pages per second over all vCPUs.
+    pub pages_per_sec: f64,
+    /// Pages per second of each vCPU.
+    pub per_vcpu: Vec<f64>,
+}
+
+/// Touches `pages` populated pages through the retry core with 1, 2 and 4 vCPUs.
+pub fn scaling(pages: u64, progress: &mut dyn FnMut(&str)) -> Result<Vec<Scaling>, BenchError> {
+    let mut out = Vec::new();
+    for vcpus in [1u32, 2, 4] {
+        progress(&format!("stage-2 fault throughput with {vcpus} vCPUs"));
+        let memory = MemoryConfig {
+            backend: MemBackend::Zero,
+            fault_around: Some(0),
+        };
+        let (o, khz) = guest_touch_run(vcpus, pages, true, memory)?;
+        let secs = |cycles: u64| cycles as f64 / f64::from(khz) / 1e3;
+        let per_vcpu: Vec<f64> = o
+            .reports
+            .iter()
+            .map(|r| r.pages as f64 / secs(r.cycles))
+            .collect();
+        let slowest = o.reports.iter().map(|r| secs(r.cycles)).fold(0.0, f64::max);
+        out.push(Scaling {
+            vcpus,
+            pages_per_sec: pages as f64 / slowest,
+            per_vcpu,
+        });
+    }
+    Ok(out)
+}
+
+/// Everything `vmm bench all` measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct AllBench {
+    /// `vmm bench boot`.
+    pub boot: BootBench,
+    /// `vmm bench fault`.
+    pub fault: FaultBench,
+    /// Throughput by vCPU count.
+    pub scaling: Vec<Scaling>,
+    /// Stage-2 fault latency histogram of one run (power-of-two microsecond buckets).
+    pub latency_us_log2: Vec<u64>,
+}
+
+/// Runs `vmm bench all`.
+pub fn all(fault_opts: FaultBenchOptions, progress: &mut dyn FnMut(&str)) -> Result<AllBench, BenchError> {
+    let boot = boot(
+        BootBenchOptions {
+            repeats: fault_opts.repeats.max(5),
+        },
+        progress,
+    )?;
+    let fault = fault(fault_opts, progress)?;
+    let scaling = scaling(fault_opts.pages, progress)?;
+    progress("stage-2 fault latency histogram");
+    let memory = MemoryConfig {
+        backend: MemBackend::Zero,
+        fault_around: Some(0),
+    };
+    let (o, _) = guest_touch_run(1, fault_opts.pages, true, memory)?;
+    let latency_us_log2 = o
+        .memory
+        .map(|m| m.total.latency_us_log2.to_vec())
+        .unwrap_or_default();
+    Ok(AllBench {
+        boot,
+        fault,
+        scaling,
+        latency_us_log2,
+    })
+}
+
+impl std::fmt::Display for AllBench {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}{}", self.boot, self.fault)?;
+        writeln!(
+            f,
+            "stage-2 fault throughput by vCPU count (demand_paging_test style):"
+        )?;
+        for s in &self.scaling {
+            let per: Vec<String> = s.per_vcpu.iter().map(|p| format!("{p:.0}")).collect();
+            writeln!(
+                f,
+                "  {} vCPUs: {:.0} pages/s overall; per vCPU: {}",
+                s.vcpus,
+                s.pages_per_sec,
+                per.join(", ")
+            )?;
+        }
+        Ok(())
     }
 }

@@ -15,6 +15,7 @@ pub mod guest;
 pub mod lazy;
 pub mod loader;
 pub mod memory;
+pub mod plot;
 pub mod signals;
 pub mod stress;
 pub mod vcpu;

@@ -48,20 +48,36 @@ struct StressArgs {
     json: bool,
 }
 
+/// Options shared by the benchmarks.
+#[derive(clap::Args, Debug)]
+struct BenchArgs {
+    /// Pages each guest run touches.
+    #[arg(long, default_value_t = 20000)]
+    pages: u64,
+    /// Runs of each case (median and spread are reported).
+    #[arg(long, default_value_t = 3)]
+    repeats: u32,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
 #[derive(Subcommand, Debug)]
 enum BenchCommand {
+    /// Boot time to the guest's first line and whole runs by vCPU count, next
+    /// to the cost of the KVM objects alone.
+    Boot(BenchArgs),
     /// Stage-2 fault cost through the retry core vs the raw userfaultfd round
     /// trip, and fault-around on sequential restore from a file.
-    Fault {
-        /// Pages each guest run touches.
-        #[arg(long, default_value_t = 20000)]
-        pages: u64,
-        /// Runs of each case (median and spread are reported).
-        #[arg(long, default_value_t = 3)]
-        repeats: u32,
-        /// Print JSON instead of a table.
+    Fault(BenchArgs),
+    /// Everything, plus throughput by vCPU count and the fault latency
+    /// histogram; `--plot DIR` writes SVG charts.
+    All {
+        #[command(flatten)]
+        args: BenchArgs,
+        /// Folder for the charts.
         #[arg(long)]
-        json: bool,
+        plot: Option<PathBuf>,
     },
 }
 
@@ -245,37 +261,63 @@ fn write_stats(path: &std::path::Path, outcome: &vmm::RunOutcome) -> std::io::Re
     }
 }
 
-fn bench(cmd: BenchCommand) -> i32 {
-    match cmd {
-        BenchCommand::Fault { pages, repeats, json } => {
-            if pages == 0 || repeats == 0 {
-                eprintln!("vmm: error: --pages and --repeats must be at least 1");
+fn print_result<T: serde::Serialize + std::fmt::Display>(r: &T, json: bool) -> i32 {
+    if json {
+        match serde_json::to_string_pretty(r) {
+            Ok(s) => println!("{s}"),
+            Err(e) => {
+                eprintln!("vmm: error: cannot encode the results: {e}");
                 return EXIT_VMM_ERROR;
             }
-            let opts = vmm::bench::FaultBenchOptions { pages, repeats };
-            let mut progress = |what: &str| eprintln!("vmm bench: {what}...");
-            match vmm::bench::fault(opts, &mut progress) {
-                Ok(r) if json => match serde_json::to_string_pretty(&r) {
-                    Ok(s) => {
-                        println!("{s}");
-                        0
+        }
+    } else {
+        print!("{r}");
+    }
+    0
+}
+
+fn bench(cmd: BenchCommand) -> i32 {
+    let args = match &cmd {
+        BenchCommand::Boot(a) | BenchCommand::Fault(a) | BenchCommand::All { args: a, .. } => a,
+    };
+    if args.pages == 0 || args.repeats == 0 {
+        eprintln!("vmm: error: --pages and --repeats must be at least 1");
+        return EXIT_VMM_ERROR;
+    }
+    let fault_opts = vmm::bench::FaultBenchOptions {
+        pages: args.pages,
+        repeats: args.repeats,
+    };
+    let mut progress = |what: &str| eprintln!("vmm bench: {what}...");
+    let result = match &cmd {
+        BenchCommand::Boot(a) => {
+            vmm::bench::boot(vmm::bench::BootBenchOptions { repeats: a.repeats }, &mut progress)
+                .map(|r| print_result(&r, a.json))
+        }
+        BenchCommand::Fault(a) => {
+            vmm::bench::fault(fault_opts, &mut progress).map(|r| print_result(&r, a.json))
+        }
+        BenchCommand::All { args: a, plot } => vmm::bench::all(fault_opts, &mut progress).map(|r| {
+            if let Some(dir) = plot {
+                match vmm::plot::write_all(&r, dir) {
+                    Ok(files) => {
+                        for f in files {
+                            eprintln!("vmm bench: wrote {}", f.display());
+                        }
                     }
                     Err(e) => {
-                        eprintln!("vmm: error: cannot encode the results: {e}");
-                        EXIT_VMM_ERROR
+                        eprintln!("vmm: error: {e}");
+                        return EXIT_VMM_ERROR;
                     }
-                },
-                Ok(r) => {
-                    print!("{r}");
-                    0
-                }
-                Err(e) => {
-                    eprintln!("vmm: error: {e}");
-                    EXIT_VMM_ERROR
                 }
             }
-        }
-    }
+            print_result(&r, a.json)
+        }),
+    };
+    result.unwrap_or_else(|e| {
+        eprintln!("vmm: error: {e}");
+        EXIT_VMM_ERROR
+    })
 }
 
 fn stress(a: StressArgs) -> i32 {

@@ -216,3 +216,33 @@ fn bench_fault_reports_every_figure() {
     assert!(v["ratio_rand"].as_f64().unwrap_or(0.0) > 0.0);
     assert_eq!(v["file_seq_fault_around"].as_array().map(Vec::len), Some(2));
 }
+
+#[test]
+fn bench_all_writes_charts() {
+    let dir = std::env::temp_dir().join(format!("vmm-cli-{}-plots", std::process::id()));
+    let o = vmm(&[
+        "bench",
+        "all",
+        "--pages",
+        "200",
+        "--repeats",
+        "1",
+        "--json",
+        "--plot",
+        dir.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(v["boot"]["first_output_ms"]["median_us"].as_f64().unwrap_or(0.0) > 0.0);
+    assert_eq!(v["scaling"].as_array().map(Vec::len), Some(3));
+    for chart in [
+        "fault_cost.svg",
+        "fault_latency_histogram.svg",
+        "throughput_vs_vcpus.svg",
+        "boot_time.svg",
+    ] {
+        let svg = std::fs::read_to_string(dir.join(chart)).unwrap();
+        assert!(svg.starts_with("<svg") && svg.contains("<rect"), "{chart}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
