@@ -89,6 +89,13 @@ pub const USER_ARGS_ADDR: u64 = 0x0000_00F0_0000_0000;
 pub const USER_WORK_BASE: u64 = 0x0000_0100_0000_0000;
 /// Largest `touch` region (64 GiB of virtual space, far more than any guest RAM).
 pub const USER_WORK_MAX_SIZE: u64 = 64 << 30;
+/// The slow page store, mapped read-only in every task: store page `i` at
+/// `USER_STORE_BASE + i * PAGE_SIZE` (see [`crate::pv::store`]).
+pub const USER_STORE_BASE: u64 = 0x0000_0200_0000_0000;
+/// A demand-zero scratch region of every task (tests, benchmark, userfaultfd).
+pub const USER_ANON_BASE: u64 = 0x0000_0300_0000_0000;
+/// Size of the scratch region (64 MiB).
+pub const USER_ANON_SIZE: u64 = 64 << 20;
 /// Top of the user stack (exclusive).
 pub const USER_STACK_TOP: u64 = 0x0000_7000_0000_0000;
 /// Size of the demand-zero user stack.
@@ -96,7 +103,9 @@ pub const USER_STACK_SIZE: u64 = 1 << 20;
 /// End of user space (exclusive).
 pub const USER_SPACE_END: u64 = 0x0000_8000_0000_0000;
 
-const _: () = assert!(USER_WORK_BASE + USER_WORK_MAX_SIZE <= USER_STACK_TOP - USER_STACK_SIZE);
+const _: () = assert!(USER_WORK_BASE + USER_WORK_MAX_SIZE <= USER_STORE_BASE);
+const _: () = assert!(USER_STORE_BASE + (1 << 30) <= USER_ANON_BASE);
+const _: () = assert!(USER_ANON_BASE + USER_ANON_SIZE <= USER_STACK_TOP - USER_STACK_SIZE);
 const _: () =
     assert!(MODULE_START.is_multiple_of(LARGE_PAGE_SIZE) && FREE_RAM_START.is_multiple_of(LARGE_PAGE_SIZE));
 const _: () = assert!(MIN_MEM_SIZE > FREE_RAM_START);

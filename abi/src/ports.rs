@@ -11,3 +11,7 @@ pub const DEBUG_EXIT_PORT: u16 = 0xF4;
 /// [`crate::pv::PvRequest`] (below 4 GiB) hands it to the VMM, which has completed
 /// it (written `status`) when the `out` instruction retires.
 pub const PV_CHANNEL_PORT: u16 = 0x510;
+/// Page-store device (see [`crate::pv::store`]): a 32-bit `out` of the
+/// guest-physical address of a [`crate::pv::PvRequest`] of a `store` kind. The
+/// device acknowledges at once and answers reads later, asynchronously.
+pub const PAGE_STORE_PORT: u16 = 0x518;

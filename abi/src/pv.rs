@@ -119,6 +119,80 @@ impl PvRequest {
     }
 }
 
+/// The slow page store and the guest statistics, on their own port
+/// ([`PAGE_STORE_PORT`](crate::ports::PAGE_STORE_PORT)) so the channel's
+/// messages stay as they are. Same [`PvRequest`] layout; `status` is written
+/// before the `out` retires, but a READ is only *accepted* then: the data comes
+/// later.
+///
+/// Protocol: the guest sends `INIT` once with a completion area (an array of
+/// [`SLOTS`] `u64` words in guest RAM, zeroed by the guest). `READ` asks for
+/// store page `args[0]` to be written into the guest frame at `args[1]`; the
+/// guest picks a free slot `args[2]` and a non-zero request id `args[3]`, and
+/// `args[4]` is the delay in microseconds. After that delay a host thread fills
+/// the frame with [`word`]s and then stores the request id into
+/// `completion[slot]` (release order): the guest polls the area (timer tick,
+/// idle loop) and wakes the waiters. `STATS` hands the guest's fault statistics
+/// ([`GuestStats`], `args` = gpa of it) to the VMM.
+pub mod store {
+    /// Set up: `args[0]` = gpa of the completion area ([`SLOTS`] u64 words).
+    pub const INIT: u32 = 0x100;
+    /// Read a page: `[index, dest_gpa, slot, request_id, delay_us]`.
+    pub const READ: u32 = 0x101;
+    /// Guest statistics: `args[0]` = gpa of a [`GuestStats`].
+    pub const STATS: u32 = 0x102;
+    /// Number of completion slots (outstanding reads).
+    pub const SLOTS: usize = 64;
+    /// Pages in the store.
+    pub const PAGES: u64 = 4096;
+
+    /// Word `k` (0..512) of store page `index`: deterministic, so both sides
+    /// can check any byte without storing anything.
+    pub const fn word(index: u64, k: u64) -> u64 {
+        crate::workload::page_value(0x5354_4f52_4500 ^ index, k)
+    }
+
+    /// Buckets of the retries-per-fault histogram: 0, 1, 2, 3, 4-7, 8-15, 16-31, 32+.
+    pub const HIST_BUCKETS: usize = 8;
+
+    /// Bucket of a retry count.
+    pub const fn hist_bucket(retries: u64) -> usize {
+        match retries {
+            0..=3 => retries as usize,
+            4..=7 => 4,
+            8..=15 => 5,
+            16..=31 => 6,
+            _ => 7,
+        }
+    }
+
+    /// Fault statistics of the guest kernel (all tasks, all vCPUs).
+    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+    #[repr(C)]
+    pub struct GuestStats {
+        /// Page faults handled (every entry, retries included).
+        pub faults: u64,
+        /// Faults that were retries (`TRIED`) of an earlier one.
+        pub retries: u64,
+        /// Most retries one fault needed.
+        pub max_retries: u64,
+        /// Completed faults by retry count ([`hist_bucket`]).
+        pub retry_hist: [u64; HIST_BUCKETS],
+        /// Fault waits ended by a signal (the task ran its handler first).
+        pub signal_interruptions: u64,
+        /// Faults delivered to an in-guest userfaultfd handler.
+        pub userfaults: u64,
+        /// Page-store reads sent to the VMM.
+        pub store_reads: u64,
+        /// Timer ticks (all vCPUs).
+        pub ticks: u64,
+        /// Context switches.
+        pub switches: u64,
+    }
+    const _: () = assert!(core::mem::size_of::<GuestStats>() == 8 * (HIST_BUCKETS + 8));
+    crate::byte_valued!(GuestStats);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,6 +14,86 @@ pub const SYS_WRITE: u64 = 1;
 /// figures (faults) and forwards it to the VMM. Returns 0.
 pub const SYS_REPORT: u64 = 2;
 
+/// `yield()`: lets the other tasks of this vCPU run. Returns 0. Also the
+/// empty system call of the fault benchmark.
+pub const SYS_YIELD: u64 = 3;
+/// `sleep(ms)`: sleeps (interruptibly) for about `ms` milliseconds (timer ticks).
+pub const SYS_SLEEP: u64 = 4;
+/// `spawn(role, arg, cpu)`: a new task running this program with `TaskArgs::role`
+/// and `arg`, on vCPU `cpu` (`u64::MAX` = this one). Returns its id.
+pub const SYS_SPAWN: u64 = 5;
+/// `wait(tid)`: waits for a task this one spawned; returns its [`status`].
+pub const SYS_WAIT: u64 = 6;
+/// `kill(tid, sig)`: sends a signal. Returns 0.
+pub const SYS_KILL: u64 = 7;
+/// `sigaction(sig, handler, restorer)`: `handler` 0 = default, 1 = ignore, else
+/// `extern "C" fn(sig)`, which returns into `restorer` (calls SYS_SIGRETURN).
+pub const SYS_SIGACTION: u64 = 8;
+/// `sigmask(new)`: sets the blocked mask (bit `sig`); returns the old one.
+pub const SYS_SIGMASK: u64 = 9;
+/// `sigreturn()`: from the restorer, with RSP where the handler returned.
+pub const SYS_SIGRETURN: u64 = 10;
+/// `getpid()`: the task id.
+pub const SYS_GETPID: u64 = 11;
+/// `uffd_register(start, len)`: registers a range of the task's own anonymous
+/// memory with a new in-guest userfaultfd; returns its id.
+pub const SYS_UFFD_REGISTER: u64 = 12;
+/// `uffd_read(id, msg_ptr)`: waits for a fault message ([`UffdMsg`]). Returns 0.
+pub const SYS_UFFD_READ: u64 = 13;
+/// `uffd_copy(id, addr, src)`: resolves page `addr` with the page at `src`
+/// (`src` 0 = a zero page) and wakes the waiters. Returns 0.
+pub const SYS_UFFD_COPY: u64 = 14;
+/// `stats(ptr)`: copies the kernel's [`GuestStats`](crate::pv::store::GuestStats).
+pub const SYS_STATS: u64 = 15;
+/// `sum(ptr, len)`: the wrapping sum of the u64 words of a user buffer, read by
+/// the kernel (a kernel-mode access to user memory, like copy_from_user).
+pub const SYS_SUM: u64 = 16;
+
+/// Signal numbers (Linux's).
+pub mod sig {
+    /// Bus error: the page cannot be provided (userfaultfd handler died).
+    pub const SIGBUS: u64 = 7;
+    /// Kill (cannot be caught, blocked or ignored).
+    pub const SIGKILL: u64 = 9;
+    /// User signal 1.
+    pub const SIGUSR1: u64 = 10;
+    /// Segmentation fault.
+    pub const SIGSEGV: u64 = 11;
+    /// User signal 2.
+    pub const SIGUSR2: u64 = 12;
+    /// Terminate.
+    pub const SIGTERM: u64 = 15;
+    /// Continue a stopped task.
+    pub const SIGCONT: u64 = 18;
+    /// Stop (cannot be caught, blocked or ignored).
+    pub const SIGSTOP: u64 = 19;
+    /// Highest signal number.
+    pub const MAX: u64 = 31;
+}
+
+/// `wait` results: the exit code, or `KILLED | sig` for a task a signal ended.
+pub mod status {
+    /// Added to the signal number of a task a signal ended.
+    pub const KILLED: i64 = 0x100;
+}
+
+/// A userfault message.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct UffdMsg {
+    /// Page-aligned faulting address (in the registering task's space).
+    pub addr: u64,
+    /// Id of the faulting task.
+    pub tid: u64,
+}
+
+/// Error: interrupted.
+pub const EINTR: i64 = -4;
+/// Error: no such task.
+pub const ESRCH: i64 = -3;
+/// Error: out of resources.
+pub const EAGAIN: i64 = -11;
+
 /// Error: bad argument (pointer outside user space, unknown number, ...).
 pub const EINVAL: i64 = -22;
 /// Error: bad user address.
@@ -47,7 +127,23 @@ pub struct TaskArgs {
     pub populate: u32,
     /// 1 if the work region is backed by frames shared with the other tasks (`shared=1`).
     pub shared: u32,
+    /// What the task runs: 0 = the workload; else the `role` given to
+    /// [`SYS_SPAWN`] (or [`ROLE_TEST`] for the test runner).
+    pub role: u64,
+    /// Argument of the role.
+    pub arg: u64,
+    /// Test selected by `test=` ([`crate::workload::TESTS`] index, `u64::MAX` = all).
+    pub test: u64,
+    /// Task id.
+    pub tid: u64,
 }
+
+/// `TaskArgs::role` of the in-guest test runner (`test=`).
+pub const ROLE_TEST: u64 = 1;
+/// `TaskArgs::role` of the fault benchmark (`test=bench-fault`).
+pub const ROLE_BENCH: u64 = 2;
+/// Roles from here on are chosen by the spawning user program.
+pub const ROLE_USER: u64 = 16;
 
 impl TaskArgs {
     /// The task's plan.
@@ -70,7 +166,7 @@ impl TaskArgs {
     }
 }
 
-const _: () = assert!(core::mem::size_of::<TaskArgs>() == 64);
+const _: () = assert!(core::mem::size_of::<TaskArgs>() == 96);
 
 /// What a user task reports with [`SYS_REPORT`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

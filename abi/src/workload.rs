@@ -81,7 +81,31 @@ pub struct WorkloadConfig {
     pub populate: bool,
     /// All tasks touch all pages, backed by the same guest-physical frames.
     pub shared: bool,
+    /// `test=NAME|all`: run the in-guest test suite instead of the workload
+    /// (index into [`TESTS`], `u64::MAX` = all).
+    pub test: Option<u64>,
+    /// `store_delay_us=N`: how long the VMM's page store takes per page.
+    pub store_delay_us: u64,
+    /// `tasks=N` (hello only): tasks per vCPU, preemptively scheduled.
+    pub tasks: u32,
 }
+
+/// The in-guest tests, in the order `test=all` runs them.
+pub const TESTS: &[&str] = &[
+    "demand-zero",
+    "preempt",
+    "store",
+    "store-retries",
+    "signal-handler",
+    "signal-in-fault",
+    "fatal-in-fault",
+    "stop-cont-in-fault",
+    "kernel-fault-signal",
+    "uffd",
+    "uffd-handler-death",
+    "smp",
+    "bench-fault",
+];
 
 impl Default for WorkloadConfig {
     fn default() -> Self {
@@ -93,6 +117,9 @@ impl Default for WorkloadConfig {
             seed: 1,
             populate: false,
             shared: false,
+            test: None,
+            store_delay_us: 20_000,
+            tasks: 1,
         }
     }
 }
@@ -124,7 +151,7 @@ impl core::fmt::Display for CmdlineError<'_> {
             CmdlineError::NotKeyValue(w) => write!(f, "`{w}` is not of the form key=value"),
             CmdlineError::UnknownKey(k) => write!(
                 f,
-                "unknown key `{k}` (known: workload, pages, pattern, write, seed, populate, shared)"
+                "unknown key `{k}` (known: workload, pages, pattern, write, seed, populate, shared, test, store_delay_us, tasks)"
             ),
             CmdlineError::BadValue { key, value, expected } => {
                 write!(f, "bad value `{value}` for `{key}`: expected {expected}")
@@ -180,6 +207,23 @@ pub fn parse_cmdline(cmdline: &str) -> Result<WorkloadConfig, CmdlineError<'_>> 
             "populate" => cfg.populate = parse_bool(value).ok_or(bad("0 or 1"))?,
             "shared" => cfg.shared = parse_bool(value).ok_or(bad("0 or 1"))?,
             "seed" => cfg.seed = parse_u64(value).ok_or(bad("an unsigned integer"))?,
+            "test" => {
+                cfg.test = if value == "all" {
+                    Some(u64::MAX)
+                } else {
+                    Some(TESTS.iter().position(|t| *t == value).ok_or(bad("all or a test name"))? as u64)
+                }
+            }
+            "store_delay_us" => {
+                cfg.store_delay_us = parse_u64(value)
+                    .filter(|d| *d <= 10_000_000)
+                    .ok_or(bad("microseconds up to 10000000"))?
+            }
+            "tasks" => {
+                cfg.tasks = parse_u64(value)
+                    .filter(|t| (1..=8).contains(t))
+                    .ok_or(bad("1 to 8"))? as u32
+            }
             _ => return Err(CmdlineError::UnknownKey(key)),
         }
     }
@@ -383,6 +427,15 @@ mod tests {
         assert!(parse_cmdline("write=yes").is_err());
         assert!(parse_cmdline("populate=2").is_err());
         assert!(parse_cmdline("shared=true").is_err());
+    }
+
+    #[test]
+    fn parses_test_suite_keys() {
+        let c = parse_cmdline("test=all store_delay_us=500 tasks=3").unwrap();
+        assert_eq!((c.test, c.store_delay_us, c.tasks), (Some(u64::MAX), 500, 3));
+        assert_eq!(parse_cmdline("test=store").unwrap().test, Some(2));
+        assert!(parse_cmdline("test=nope").is_err());
+        assert!(parse_cmdline("tasks=0").is_err());
     }
 
     #[test]

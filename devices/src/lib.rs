@@ -8,6 +8,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::cast_possible_truncation))]
 
 pub mod debug_exit;
+pub mod page_store;
 pub mod pv_channel;
 pub mod serial;
 

@@ -148,6 +148,8 @@ pub struct RunOutcome {
     pub memory: Option<MemoryStats>,
     /// The guest's TSC frequency in kHz (converts reported cycles to time).
     pub tsc_khz: Option<u32>,
+    /// Guest kernel fault statistics (page-store device, `abi::pv::store::STATS`).
+    pub guest_stats: Option<abi::pv::store::GuestStats>,
 }
 
 impl RunOutcome {
@@ -180,6 +182,13 @@ impl RunOutcome {
             "checksum": format!("{:#018x}", self.checksum()),
             "vcpus": self.vcpu_stats,
             "memory": self.memory,
+            // Guest kernel's own (stage-1) fault figures, next to the host's.
+            "guest": self.guest_stats.map(|g| serde_json::json!({
+                "faults": g.faults, "retries": g.retries, "max_retries": g.max_retries,
+                "retry_hist": g.retry_hist, "signal_interruptions": g.signal_interruptions,
+                "userfaults": g.userfaults, "store_reads": g.store_reads,
+                "ticks": g.ticks, "switches": g.switches,
+            })),
         })
     }
 }
@@ -255,6 +264,8 @@ pub struct Vm {
     first_output: Arc<OnceLock<Instant>>,
     created: Instant,
     tsc_khz: Option<u32>,
+    // Filled by the page-store device when the guest sends its statistics.
+    guest_stats: devices::page_store::GuestStatsCell,
 }
 
 impl std::fmt::Debug for Vm {
@@ -370,9 +381,15 @@ impl Vm {
         .map_err(|e| VmError::Device(format!("debug-exit: {e:?}")))?;
         bus.register_pio(
             range(PV_CHANNEL_PORT, 4)?,
-            Arc::new(Mutex::new(PvChannel::new(mem.clone(), sink))),
+            Arc::new(Mutex::new(PvChannel::new(mem.clone(), sink.clone()))),
         )
         .map_err(|e| VmError::Device(format!("pv channel: {e:?}")))?;
+        // The guest kernel's slow page store (answers asynchronously) and stats.
+        let guest_stats = devices::page_store::GuestStatsCell::default();
+        let store = devices::page_store::PageStore::new(mem.clone(), sink, guest_stats.clone())
+            .map_err(|e| VmError::Device(format!("page store: {e}")))?;
+        bus.register_pio(range(abi::ports::PAGE_STORE_PORT, 4)?, Arc::new(Mutex::new(store)))
+            .map_err(|e| VmError::Device(format!("page store: {e:?}")))?;
 
         // vCPUs.
         let supported = kvm
@@ -419,6 +436,7 @@ impl Vm {
             first_output,
             created,
             tsc_khz,
+            guest_stats,
         })
     }
 
@@ -518,6 +536,7 @@ impl Vm {
             bad_requests,
             memory,
             tsc_khz: self.tsc_khz,
+            guest_stats: self.guest_stats.lock().ok().and_then(|g| *g),
         }
     }
 

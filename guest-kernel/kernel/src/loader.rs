@@ -90,10 +90,10 @@ pub fn load(space: &mut AddressSpace, image: &[u8], image_pa: u64) -> Result<u64
         let start_page = vaddr & !(PAGE_SIZE - 1);
         let end_page = end.next_multiple_of(PAGE_SIZE);
         space
-            .add(Vma { start: start_page, end: end_page, perms, kind: VmaKind::Image })
+            .add(Vma::new(start_page, end_page, perms, VmaKind::Image))
             .map_err(|e| match e {
                 VmaError::Overlap => LoadError::Overlap,
-                VmaError::BadRange => LoadError::BadSegment,
+                VmaError::BadRange | VmaError::NotAnon => LoadError::BadSegment,
             })?;
         entry_ok |= perms.exec && (vaddr..end).contains(&entry);
         let shareable = !perms.write && offset % PAGE_SIZE == vaddr % PAGE_SIZE;

@@ -25,8 +25,7 @@ mod pv;
 mod sync;
 mod syscalls;
 mod task;
-
-use core::sync::atomic::Ordering;
+mod uffd;
 
 use vmm_abi as abi;
 
@@ -52,7 +51,7 @@ pub struct Shared {
     pub module_pa: u64,
 }
 
-static SHARED: SetOnce<Shared> = SetOnce::new();
+pub(crate) static SHARED: SetOnce<Shared> = SetOnce::new();
 
 /// Prints an error and ends the VM with `code`.
 fn fail(code: ExitCode, args: core::fmt::Arguments<'_>) -> ! {
@@ -77,13 +76,27 @@ pub extern "C" fn kmain(boot_info: u64, cpu: u64) -> ! {
     // SAFETY: the kernel tables identity-map all RAM, including this code, stack
     // and data.
     unsafe { arch::paging::switch_to(shared.kernel_root) };
-    match task::create(cpu, shared) {
-        Ok(t) => task::run(t),
-        Err(task::CreateError::NoMemory) => {
-            fail(ExitCode::OutOfMemory, format_args!("guest-kernel: cpu {cpu} out of memory creating its task"))
+    // The workload: `tasks` tasks per vCPU; the test suite: one runner on vCPU 0,
+    // which spawns the rest (the other vCPUs idle until then).
+    let cfg = &shared.config;
+    let (roles, tasks) = match cfg.test {
+        Some(_) if cpu == 0 => (abi::syscall::ROLE_TEST, 1),
+        Some(_) => (0, 0),
+        None => (0, cfg.tasks),
+    };
+    for k in 0..tasks {
+        let slots = if cfg.kind == WorkloadKind::Touch { shared.cpu_count } else { shared.cpu_count * cfg.tasks };
+        let slot = if cfg.kind == WorkloadKind::Touch { cpu } else { cpu * cfg.tasks + k };
+        let spec = task::Spec { cpu, slot, slots, role: roles, arg: 0, parent: usize::MAX, top_level: true };
+        match task::create(spec, shared) {
+            Ok(_) => {}
+            Err(task::CreateError::NoMemory) => {
+                fail(ExitCode::OutOfMemory, format_args!("guest-kernel: cpu {cpu} out of memory creating its task"))
+            }
+            Err(e) => fail(ExitCode::Panic, format_args!("guest-kernel: cpu {cpu} cannot create its task: {e:?}")),
         }
-        Err(e) => fail(ExitCode::Panic, format_args!("guest-kernel: cpu {cpu} cannot create its task: {e:?}")),
     }
+    task::start_cpu(cpu)
 }
 
 /// vCPU 0: console, boot information, command line, memory, shared tables.
@@ -141,11 +154,19 @@ fn boot_cpu(info: &'static BootInfo) {
     if config.kind == WorkloadKind::Touch && config.shared && mm::shared::init(config.pages).is_err() {
         fail(ExitCode::OutOfMemory, format_args!("guest-kernel: out of memory for the shared page table"));
     }
+    if arch::apic::needs_mmio() && arch::paging::map_mmio_2m(kernel_root, abi::layout::LAPIC_START).is_err() {
+        fail(ExitCode::OutOfMemory, format_args!("guest-kernel: out of memory mapping the APIC"));
+    }
+    if config.kind == WorkloadKind::Touch && config.tasks != 1 {
+        fail(ExitCode::BadCmdline, format_args!("guest-kernel: bad command line: tasks= is for hello and tests"));
+    }
+    mm::store::init(config.store_delay_us);
+    arch::entry::set_user_preemptible(config.test.is_some() || config.tasks > 1);
+    task::expect_top_level(if config.test.is_some() { 1 } else { info.cpu_count * config.tasks });
     kprintln!("guest-kernel: {} MiB of free frames", free >> 20);
     arch::idt::init();
 
     let shared = Shared { config, cpu_count: info.cpu_count, kernel_root, module: image, module_pa: module.start };
-    task::RUNNING.store(info.cpu_count, Ordering::SeqCst);
     if SHARED.set(shared).is_err() {
         panic!("boot state set twice");
     }

@@ -1,39 +1,179 @@
 //! System-call implementations (abi::syscall). The entry mechanism is arch's
 //! business (arch/x86_64/syscall.rs); this is the generic part.
+//!
+//! A call that must wait queues the task and asks for a restart: the task's
+//! RIP goes back to its `int3`, and the call runs again from the start when the
+//! task is woken (after any signal handler: like SA_RESTART).
 
+use crate::abi::layout::PAGE_SIZE;
 use crate::abi::pv::{status, PvMessage, WorkloadReport};
-use crate::abi::syscall::{UserReport, EFAULT, EINVAL, SYS_EXIT, SYS_REPORT, SYS_WRITE};
-use crate::task;
+use crate::abi::syscall::*;
+use crate::arch::entry::TrapFrame;
+use crate::arch::syscall as entry;
+use crate::task::{self, UserAccess};
 
 /// Longest SYS_WRITE, to bound time spent in the (emulated) kernel.
 const MAX_WRITE: u64 = 4096;
+/// Longest SYS_SUM.
+const MAX_SUM: u64 = 16 * PAGE_SIZE;
 
-/// Runs call `nr`; the result goes to the task's RAX.
-pub fn dispatch(nr: u64, args: [u64; 3]) -> i64 {
-    match nr {
-        SYS_EXIT => task::exit(args[0]),
-        SYS_WRITE => write(args[0], args[1]),
-        SYS_REPORT => report(args[0]),
-        _ => EINVAL,
+enum Ret {
+    Value(i64),
+    /// Run the call again when the task next runs.
+    Restart,
+    /// The frame was set by the call (sigreturn).
+    Frame,
+}
+
+impl From<UserAccess> for Ret {
+    fn from(e: UserAccess) -> Ret {
+        match e {
+            UserAccess::Fault => Ret::Value(EFAULT),
+            UserAccess::Restart => Ret::Restart,
+        }
     }
 }
 
-fn write(ptr: u64, len: u64) -> i64 {
+/// Runs the call in `frame` and stores its result (or restarts it).
+pub fn dispatch(frame: &mut TrapFrame) {
+    let call = entry::args(frame);
+    let [a0, a1, a2] = call.args;
+    let ret = match call.nr {
+        SYS_EXIT => task::exit(a0),
+        SYS_WRITE => write(a0, a1),
+        SYS_REPORT => report(a0),
+        SYS_YIELD => Ret::Value(0),
+        SYS_GETPID => Ret::Value(task::current_tid() as i64),
+        SYS_SLEEP => {
+            // The result is set now: a woken sleep returns to after the call.
+            entry::set_result(frame, 0);
+            task::sleep_current(task::SLEEP_KEY, a0.max(1));
+            Ret::Frame
+        }
+        SYS_SPAWN => spawn(a0, a1, a2),
+        SYS_WAIT => match task::wait_child(a0 as usize) {
+            Some(Ok(st)) => Ret::Value(st),
+            Some(Err(())) => Ret::Value(ESRCH),
+            None => Ret::Restart,
+        },
+        SYS_KILL => Ret::Value(if task::send_signal(a0 as usize, a1) { 0 } else { ESRCH }),
+        SYS_SIGACTION => {
+            let t = task::current();
+            match t.handlers.get_mut(a0 as usize) {
+                Some(h) if a0 != sig::SIGKILL && a0 != sig::SIGSTOP && a0 != 0 => {
+                    *h = a1;
+                    t.restorers[a0 as usize] = a2;
+                    Ret::Value(0)
+                }
+                _ => Ret::Value(EINVAL),
+            }
+        }
+        SYS_SIGMASK => Ret::Value(task::set_blocked(a0) as i64),
+        SYS_SIGRETURN => {
+            if !task::sigreturn(frame) {
+                task::kill(format_args!("bad signal frame"));
+            }
+            Ret::Frame
+        }
+        SYS_UFFD_REGISTER => uffd_register(a0, a1),
+        SYS_UFFD_READ => uffd_read(a0, a1),
+        SYS_UFFD_COPY => match task::uffd_copy(a0 as u32, a1, a2) {
+            Ok(()) => Ret::Value(0),
+            Err(e) => e.into(),
+        },
+        SYS_STATS => stats(a0),
+        SYS_SUM => sum(a0, a1),
+        _ => Ret::Value(EINVAL),
+    };
+    match ret {
+        Ret::Value(v) => entry::set_result(frame, v),
+        Ret::Restart => entry::restart(frame),
+        Ret::Frame => {}
+    }
+}
+
+fn write(ptr: u64, len: u64) -> Ret {
     let len = len.min(MAX_WRITE);
-    if !task::prepare_user_range(ptr, len, false) {
-        return EFAULT;
+    if let Err(e) = task::prepare_user_range(ptr, len, false) {
+        return e.into();
     }
     // SAFETY: the range is mapped user memory of the current task (checked above),
     // visible in the current address space; user code is not running meanwhile.
     let bytes = unsafe { core::slice::from_raw_parts(ptr as *const u8, len as usize) };
     crate::print::bytes(bytes);
-    len as i64
+    Ret::Value(len as i64)
 }
 
-fn report(ptr: u64) -> i64 {
+fn sum(ptr: u64, len: u64) -> Ret {
+    let len = len.min(MAX_SUM) & !7;
+    if let Err(e) = task::prepare_user_range(ptr, len, false) {
+        return e.into();
+    }
+    let mut total = 0u64;
+    for i in 0..len / 8 {
+        // SAFETY: as in `write`; read_unaligned copes with any user alignment.
+        total = total.wrapping_add(unsafe { core::ptr::read_unaligned((ptr + i * 8) as *const u64) });
+    }
+    Ret::Value(total as i64)
+}
+
+fn spawn(role: u64, arg: u64, cpu: u64) -> Ret {
+    let Some(shared) = crate::SHARED.get() else { return Ret::Value(EINVAL) };
+    let me = task::current();
+    let cpu = if cpu == u64::MAX { me.cpu } else { cpu as u32 };
+    if cpu >= shared.cpu_count || role < ROLE_USER {
+        return Ret::Value(EINVAL);
+    }
+    let spec = task::Spec { cpu, slot: 0, slots: 1, role, arg, parent: me.tid, top_level: false };
+    match task::create(spec, shared) {
+        Ok(tid) => Ret::Value(tid as i64),
+        Err(_) => Ret::Value(EAGAIN),
+    }
+}
+
+fn uffd_register(start: u64, len: u64) -> Ret {
+    let t = task::current();
+    let Some(end) = start.checked_add(len) else { return Ret::Value(EINVAL) };
+    let Some(id) = crate::uffd::create(t.tid, t.space.root, start, end) else { return Ret::Value(EAGAIN) };
+    match t.space.register_uffd(start, end, id) {
+        Ok(()) => Ret::Value(i64::from(id)),
+        Err(_) => Ret::Value(EINVAL),
+    }
+}
+
+fn uffd_read(id: u64, ptr: u64) -> Ret {
+    let size = core::mem::size_of::<UffdMsg>() as u64;
+    if let Err(e) = task::prepare_user_range(ptr, size, true) {
+        return e.into();
+    }
+    let tid = task::current_tid();
+    let id = id as u32;
+    match crate::uffd::read(id, tid, || task::sleep_current(crate::uffd::read_key(id), 0)) {
+        crate::uffd::Read::Msg(m) => {
+            // SAFETY: mapped, writable user memory of the current task (checked above).
+            unsafe { core::ptr::write_unaligned(ptr as *mut UffdMsg, m) };
+            Ret::Value(0)
+        }
+        crate::uffd::Read::Empty => Ret::Restart,
+        crate::uffd::Read::Invalid => Ret::Value(EINVAL),
+    }
+}
+
+fn stats(ptr: u64) -> Ret {
+    let s = task::guest_stats();
+    let size = core::mem::size_of_val(&s) as u64;
+    if let Err(e) = task::prepare_user_range(ptr, size, true) {
+        return e.into();
+    }
+    // SAFETY: mapped, writable user memory of the current task (checked above).
+    unsafe { core::ptr::write_unaligned(ptr as *mut crate::abi::pv::store::GuestStats, s) };
+    Ret::Value(0)
+}
+
+fn report(ptr: u64) -> Ret {
     let size = core::mem::size_of::<UserReport>() as u64;
-    if !task::prepare_user_range(ptr, size, false) {
-        return EFAULT;
+    if let Err(e) = task::prepare_user_range(ptr, size, false) {
+        return e.into();
     }
     // SAFETY: as in `write`; read_unaligned copes with any user alignment.
     let user = unsafe { core::ptr::read_unaligned(ptr as *const UserReport) };
@@ -63,5 +203,5 @@ fn report(ptr: u64) -> i64 {
             a.cpu, user.checksum, expected, user.pages, a.pages
         );
     }
-    0
+    Ret::Value(0)
 }

@@ -1,59 +1,614 @@
-//! User tasks. This version runs exactly one task per CPU, to completion, with
-//! interrupts off; the task lives in a per-CPU "current" slot so a scheduler can
-//! later keep several per CPU and switch between them.
+//! Tasks, the scheduler, wait queues, signals and the arch-facing fault path.
+//!
+//! Tasks are pinned to a vCPU; each vCPU round-robins its runnable tasks on the
+//! timer tick. The kernel is "stackless" per task: a task's whole kernel state
+//! while it is not running is its saved user register frame (`ctx`). A task
+//! that must wait (page fault on a slow page, `wait`, `uffd_read`, ...) is put
+//! on a wait queue and the CPU switches to another task by popping that task's
+//! frame; when woken, the task resumes in user mode, at the faulting
+//! instruction (it re-faults: the retry, with TRIED) or at its `int3` (the
+//! system call restarts). So every kernel path is short, interrupts stay off in
+//! the kernel (they are on in user mode and in the idle loop only), and one
+//! kernel stack per vCPU suffices.
+//!
+//! Scheduler state that other CPUs change (state, signals, wait key) lives in
+//! [`SCHED`] under one spinlock; the rest of a task ([`Task`]) is only touched
+//! by the CPU it is pinned to.
 
 use alloc::boxed::Box;
-use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 
 use crate::abi::boot::MAX_VCPUS;
 use crate::abi::exit::ExitCode;
 use crate::abi::layout::{
-    LARGE_PAGE_SIZE, PAGE_SIZE, USER_ARGS_ADDR, USER_STACK_SIZE, USER_STACK_TOP, USER_WORK_BASE,
+    LARGE_PAGE_SIZE, PAGE_SIZE, USER_ANON_BASE, USER_ANON_SIZE, USER_ARGS_ADDR, USER_SPACE_END, USER_SPACE_START,
+    USER_STACK_SIZE, USER_STACK_TOP, USER_STORE_BASE, USER_WORK_BASE,
 };
-use crate::abi::syscall::TaskArgs;
+use crate::abi::pv::store::PAGES as STORE_PAGES;
+use crate::abi::syscall::{sig, status, TaskArgs};
 use crate::abi::workload::task_plan;
 use crate::arch;
+use crate::arch::entry::TrapFrame;
 use crate::loader::{self, LoadError};
-use crate::mm::fault::{self, FaultFlags, FaultMapper, FaultOutcome};
-use crate::mm::vma::{AddressSpace, Vma, VmaKind};
+use crate::mm::core::{flags, handle_mm_fault, FaultEnv, PageState, RetryTracker, VmFault};
 use crate::mm::frame::{self, RunAlloc};
+use crate::mm::vma::{AddressSpace, Vma, VmaKind};
 use crate::mm::{shared as shared_frames, NoMemory, Perms};
+use crate::sync::{SpinGuard, SpinLock};
 use crate::Shared;
 
-/// A user task.
+/// Most tasks over the VM's life (ids are not reused).
+pub const MAX_TASKS: usize = 64;
+const NONE: usize = usize::MAX;
+const CPUS: usize = MAX_VCPUS as usize;
+
+/// Wait key of a timed sleep.
+pub const SLEEP_KEY: u64 = 2;
+/// Wait key of `wait(tid)`.
+const fn child_key(tid: usize) -> u64 {
+    0x1000 + tid as u64
+}
+
+/// Fault statistics (reported to the VMM, `abi::pv::store::GuestStats`).
+pub mod stats {
+    use core::sync::atomic::AtomicU64;
+    pub static FAULTS: AtomicU64 = AtomicU64::new(0);
+    pub static RETRIES: AtomicU64 = AtomicU64::new(0);
+    pub static MAX_RETRIES: AtomicU64 = AtomicU64::new(0);
+    pub static HIST: [AtomicU64; 8] = [const { AtomicU64::new(0) }; 8];
+    pub static SIGNAL_INTERRUPTIONS: AtomicU64 = AtomicU64::new(0);
+    pub static USERFAULTS: AtomicU64 = AtomicU64::new(0);
+    pub static TICKS: AtomicU64 = AtomicU64::new(0);
+    pub static SWITCHES: AtomicU64 = AtomicU64::new(0);
+}
+
+/// The statistics as the ABI struct.
+pub fn guest_stats() -> crate::abi::pv::store::GuestStats {
+    use stats::*;
+    let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    crate::abi::pv::store::GuestStats {
+        faults: r(&FAULTS),
+        retries: r(&RETRIES),
+        max_retries: r(&MAX_RETRIES),
+        retry_hist: core::array::from_fn(|i| r(&HIST[i])),
+        signal_interruptions: r(&SIGNAL_INTERRUPTIONS),
+        userfaults: r(&USERFAULTS),
+        store_reads: r(&crate::mm::store::READS),
+        ticks: r(&TICKS),
+        switches: r(&SWITCHES),
+    }
+}
+
+/// A task's private part (touched only by its CPU).
 #[derive(Debug)]
 pub struct Task {
+    pub tid: usize,
     pub cpu: u32,
     pub space: AddressSpace,
     pub args: TaskArgs,
-    pub entry: u64,
-    /// Page faults handled for the task (including ones the kernel took on its
-    /// behalf while reading system-call arguments).
+    /// Saved user registers while not running.
+    pub ctx: TrapFrame,
+    /// Signal handlers (0 default, 1 ignore) and their restorers.
+    pub handlers: [u64; 32],
+    pub restorers: [u64; 32],
+    /// Page faults completed for the task (kernel accesses included).
     pub faults: u64,
+    pub retry: RetryTracker,
     /// Checksum verdict of its SYS_REPORT, if it reported.
     pub checksum_ok: Option<bool>,
 }
 
-/// Each CPU's running task (null before it has one).
-static CURRENT: [AtomicPtr<Task>; MAX_VCPUS as usize] = [const { AtomicPtr::new(core::ptr::null_mut()) }; MAX_VCPUS as usize];
-/// Tasks not finished yet (set by the boot CPU before starting the others).
-pub static RUNNING: AtomicU32 = AtomicU32::new(0);
-/// Whether any task failed.
-static FAILED: AtomicBool = AtomicBool::new(false);
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Free,
+    Runnable,
+    Sleeping,
+    Dead,
+}
 
-/// Maps fresh zero frames for the fault handler.
-struct FrameMapper;
+/// What other CPUs may change, under [`SCHED`].
+#[derive(Debug, Clone, Copy)]
+struct Sched {
+    state: State,
+    cpu: u32,
+    stopped: bool,
+    key: u64,
+    interruptible: bool,
+    fault_wait: bool,
+    wake_at: u64,
+    pending: u64,
+    blocked: u64,
+    parent: usize,
+    exit: i64,
+    /// Counts for the VM's verdict (workload tasks, the test runner).
+    top_level: bool,
+    /// Must have reported a matching checksum (workload tasks).
+    needs_report: bool,
+}
 
-impl FaultMapper for FrameMapper {
-    fn map_zero_page(&mut self, root: u64, va: u64, perms: Perms) -> Result<(), NoMemory> {
+const FREE: Sched = Sched {
+    state: State::Free,
+    cpu: 0,
+    stopped: false,
+    key: 0,
+    interruptible: false,
+    fault_wait: false,
+    wake_at: 0,
+    pending: 0,
+    blocked: 0,
+    parent: NONE,
+    exit: 0,
+    top_level: false,
+    needs_report: false,
+};
+
+struct Table {
+    t: [Sched; MAX_TASKS],
+    count: usize,
+    live_top: u32,
+    failed: bool,
+}
+
+static SCHED: SpinLock<Table> = SpinLock::new(Table { t: [FREE; MAX_TASKS], count: 0, live_top: 0, failed: false });
+static TASKS: [AtomicPtr<Task>; MAX_TASKS] = [const { AtomicPtr::new(core::ptr::null_mut()) }; MAX_TASKS];
+/// Each CPU's running task (NONE = idle).
+static CURRENT: [AtomicUsize; CPUS] = [const { AtomicUsize::new(NONE) }; CPUS];
+/// The CPU must look at its run queue on the way back to user mode.
+static RESCHED: [AtomicBool; CPUS] = [const { AtomicBool::new(false) }; CPUS];
+/// The task has a signal or state change to look at.
+static ATTN: [AtomicBool; MAX_TASKS] = [const { AtomicBool::new(false) }; MAX_TASKS];
+/// Per-task address-space locks (page-table changes).
+static MM_LOCKS: [SpinLock<()>; MAX_TASKS] = [const { SpinLock::new(()) }; MAX_TASKS];
+/// Ticks of CPU 0 since boot.
+static JIFFIES: AtomicU64 = AtomicU64::new(0);
+
+fn bit(s: u64) -> u64 {
+    1 << (s & 63)
+}
+const UNBLOCKABLE: u64 = (1 << sig::SIGKILL) | (1 << sig::SIGSTOP);
+
+fn this_cpu() -> usize {
+    arch::entry::current_cpu().expect("kernel code on an unknown stack") as usize
+}
+
+/// Task `tid`'s private part.
+///
+/// Only its own CPU calls this (tasks are pinned), and traps on a CPU do not
+/// nest except the idle loop's tick, which touches no task: one reference at a time.
+fn task_mut(tid: usize) -> &'static mut Task {
+    let ptr = TASKS[tid].load(Ordering::Acquire);
+    assert!(!ptr.is_null(), "no task {tid}");
+    // SAFETY: set once from a leaked Box before the task is runnable; see above.
+    unsafe { &mut *ptr }
+}
+
+/// The current task's id.
+pub fn current_tid() -> usize {
+    CURRENT[this_cpu()].load(Ordering::Relaxed)
+}
+
+/// This CPU's task.
+pub fn current() -> &'static mut Task {
+    task_mut(current_tid())
+}
+
+/// Maps fresh zero frames and store/shared/userfault pages for the fault core.
+struct Env {
+    tid: usize,
+    guard: Option<SpinGuard<'static, ()>>,
+}
+
+impl FaultEnv for Env {
+    fn map_zero(&mut self, root: u64, va: u64, perms: Perms) -> Result<(), NoMemory> {
         let pa = frame::alloc_zeroed().ok_or(NoMemory)?;
         arch::paging::map_4k(root, va, pa, perms)
     }
 
-    fn map_shared_page(&mut self, root: u64, va: u64, index: u64, perms: Perms) -> Result<(), NoMemory> {
+    fn map_shared(&mut self, root: u64, va: u64, index: u64, perms: Perms) -> Result<(), NoMemory> {
         let pa = shared_frames::frame(index)?;
         arch::paging::map_4k(root, va, pa, perms)
     }
+
+    fn map_frame(&mut self, root: u64, va: u64, pa: u64, perms: Perms) -> Result<(), NoMemory> {
+        arch::paging::map_4k(root, va, pa, perms)
+    }
+
+    fn store_page(&mut self, index: u64, f: u32) -> PageState {
+        let tid = self.tid;
+        crate::mm::store::page(index, || {
+            sleep_on(tid, crate::mm::store::WAIT_KEY, f & flags::INTERRUPTIBLE != 0, true, 0);
+        })
+    }
+
+    fn userfault(&mut self, id: u32, va: u64, f: u32) -> PageState {
+        let tid = self.tid;
+        crate::uffd::fault(id, va, tid, || {
+            sleep_on(tid, crate::uffd::fault_key(id), f & flags::INTERRUPTIBLE != 0, true, 0);
+        })
+    }
+
+    fn signal_pending(&mut self, f: u32) -> bool {
+        let s = SCHED.lock();
+        let t = &s.t[self.tid];
+        let fatal = t.pending & bit(sig::SIGKILL) != 0;
+        fatal || (f & flags::INTERRUPTIBLE != 0 && t.pending & !t.blocked != 0)
+    }
+
+    fn unlock_mm(&mut self) {
+        self.guard = None;
+    }
+}
+
+/// Queues `tid` (the current task of this CPU) on wait queue `key`, unless a
+/// signal that would end the wait is already pending. `wake_at` (ticks, 0 =
+/// none) bounds the sleep.
+fn sleep_on(tid: usize, key: u64, interruptible: bool, fault: bool, wake_at: u64) {
+    let mut s = SCHED.lock();
+    let t = &mut s.t[tid];
+    let deliverable = t.pending & (!t.blocked | UNBLOCKABLE);
+    if t.pending & bit(sig::SIGKILL) != 0 || (interruptible && deliverable != 0) {
+        return;
+    }
+    t.state = State::Sleeping;
+    t.key = key;
+    t.interruptible = interruptible;
+    t.fault_wait = fault;
+    t.wake_at = wake_at;
+    RESCHED[t.cpu as usize].store(true, Ordering::Relaxed);
+}
+
+/// Wakes every task waiting on `key` (any CPU; they run at their CPU's next
+/// tick or idle-loop pass).
+pub fn wake_all(key: u64) {
+    let mut s = SCHED.lock();
+    let n = s.count;
+    for t in &mut s.t[..n] {
+        if t.state == State::Sleeping && t.key == key {
+            t.state = State::Runnable;
+        }
+    }
+}
+
+/// Sleeps the current task interruptibly on `key` (system calls; the caller
+/// restarts or completes the call).
+pub fn sleep_current(key: u64, ms: u64) {
+    let wake_at = if ms > 0 { JIFFIES.load(Ordering::Relaxed) + ms.div_ceil(arch::apic::TICK_MS).max(1) } else { 0 };
+    sleep_on(current_tid(), key, true, false, wake_at);
+}
+
+/// Sleeps until `tid` (a child of the current task) ends; its status if it has.
+pub fn wait_child(tid: usize) -> Option<Result<i64, ()>> {
+    let me = current_tid();
+    {
+        let s = SCHED.lock();
+        let Some(t) = s.t.get(tid) else { return Some(Err(())) };
+        if t.parent != me {
+            return Some(Err(()));
+        }
+        if t.state == State::Dead {
+            return Some(Ok(t.exit));
+        }
+    }
+    sleep_on(me, child_key(tid), true, false, 0);
+    None
+}
+
+/// Sends signal `s` to task `tid`.
+pub fn send_signal(tid: usize, s: u64) -> bool {
+    if s == 0 || s > sig::MAX {
+        return false;
+    }
+    let mut table = SCHED.lock();
+    let Some(t) = table.t.get_mut(tid) else { return false };
+    if matches!(t.state, State::Free | State::Dead) {
+        return false;
+    }
+    match s {
+        sig::SIGCONT => {
+            t.stopped = false;
+            t.pending &= !bit(sig::SIGSTOP);
+        }
+        sig::SIGSTOP => t.stopped = true,
+        _ => {
+            t.pending |= bit(s);
+            let fatal = s == sig::SIGKILL;
+            if fatal {
+                t.stopped = false;
+            }
+            if t.state == State::Sleeping && (fatal || (t.interruptible && t.blocked & bit(s) == 0)) {
+                t.state = State::Runnable;
+                if t.fault_wait {
+                    stats::SIGNAL_INTERRUPTIONS.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+    ATTN[tid].store(true, Ordering::Release);
+    true
+}
+
+/// Sets the current task's blocked mask; returns the old one.
+pub fn set_blocked(mask: u64) -> u64 {
+    let tid = current_tid();
+    let mut s = SCHED.lock();
+    let old = s.t[tid].blocked;
+    s.t[tid].blocked = mask & !UNBLOCKABLE;
+    ATTN[tid].store(true, Ordering::Relaxed);
+    old
+}
+
+fn runnable(tid: usize) -> bool {
+    let s = SCHED.lock();
+    s.t[tid].state == State::Runnable && !s.t[tid].stopped
+}
+
+/// The next runnable task of `cpu` after `after` (round robin), if any.
+fn pick(cpu: usize, after: usize) -> Option<usize> {
+    let s = SCHED.lock();
+    let n = s.count;
+    let start = if after == NONE { 0 } else { after + 1 };
+    (0..n)
+        .map(|i| (start + i) % n)
+        .find(|&i| s.t[i].cpu as usize == cpu && s.t[i].state == State::Runnable && !s.t[i].stopped)
+}
+
+/// The way back to user mode after any trap: a cheap check, then signals and
+/// scheduling if something happened.
+pub fn return_to_user(frame: &mut TrapFrame) {
+    let cpu = this_cpu();
+    let tid = CURRENT[cpu].load(Ordering::Relaxed);
+    if !RESCHED[cpu].load(Ordering::Relaxed) && !ATTN[tid].load(Ordering::Acquire) {
+        return;
+    }
+    slow_return(cpu, tid, frame, false);
+}
+
+#[inline(never)]
+fn slow_return(cpu: usize, tid: usize, frame: &mut TrapFrame, preempt: bool) {
+    RESCHED[cpu].store(false, Ordering::Relaxed);
+    deliver_signals(tid, frame);
+    if runnable(tid) && !preempt {
+        return;
+    }
+    match pick(cpu, tid) {
+        Some(next) if next == tid => return,
+        _ => {}
+    }
+    task_mut(tid).ctx = *frame;
+    switch_away(cpu, tid)
+}
+
+/// Runs the next runnable task of this CPU (after `prev`), idling until there
+/// is one. Abandons the kernel stack. Never returns.
+fn switch_away(cpu: usize, prev: usize) -> ! {
+    let mut after = prev;
+    loop {
+        if let Some(next) = pick(cpu, after) {
+            CURRENT[cpu].store(next, Ordering::Relaxed);
+            stats::SWITCHES.fetch_add(1, Ordering::Relaxed);
+            let t = task_mut(next);
+            // SAFETY: the root comes from new_user_root, which shares the kernel map.
+            unsafe { arch::paging::switch_to(t.space.root) };
+            let mut ctx = t.ctx;
+            deliver_signals(next, &mut ctx);
+            if runnable(next) {
+                let t = task_mut(next);
+                t.ctx = ctx;
+                // SAFETY: a user frame of this task (built by `create` or saved
+                // at a trap, signal changes sanitized), its space is loaded; the
+                // Box outlives the iretq.
+                unsafe { arch::entry::enter_frame(&t.ctx) }
+            }
+            task_mut(next).ctx = ctx;
+            after = next;
+            continue;
+        }
+        CURRENT[cpu].store(NONE, Ordering::Relaxed);
+        after = NONE;
+        arch::idle_wait();
+        crate::mm::store::poll();
+    }
+}
+
+/// Delivers the current task's deliverable signals onto `frame` (its user
+/// state): handlers get a signal frame, default actions kill or stop.
+fn deliver_signals(tid: usize, frame: &mut TrapFrame) {
+    ATTN[tid].store(false, Ordering::Relaxed);
+    loop {
+        let s = {
+            let mut table = SCHED.lock();
+            let t = &mut table.t[tid];
+            if t.state != State::Runnable || t.stopped {
+                return;
+            }
+            let ready = t.pending & (!t.blocked | UNBLOCKABLE);
+            if ready == 0 {
+                return;
+            }
+            let s = u64::from(ready.trailing_zeros());
+            t.pending &= !bit(s);
+            s
+        };
+        let task = task_mut(tid);
+        let handler = task.handlers[s as usize];
+        match (s, handler) {
+            (sig::SIGKILL, _) | (_, 0) if s != sig::SIGCONT => exit_task(status::KILLED | s as i64),
+            (_, 1) | (sig::SIGCONT, _) => {}
+            _ => {
+                if !push_signal_frame(task, s, handler, frame) {
+                    exit_task(status::KILLED | sig::SIGSEGV as i64)
+                }
+                // One handler at a time: it runs with `s` blocked.
+                return;
+            }
+        }
+    }
+}
+
+/// Saved by a signal delivery on the user stack, restored by sigreturn.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct SigFrame {
+    restorer: u64,
+    regs: TrapFrame,
+    blocked: u64,
+}
+
+fn push_signal_frame(task: &mut Task, s: u64, handler: u64, frame: &mut TrapFrame) -> bool {
+    let size = core::mem::size_of::<SigFrame>() as u64;
+    // Below the red zone, 16-aligned, then -8 as if the restorer was `call`ed.
+    let Some(sp) = frame.rsp.checked_sub(128 + size).map(|a| (a & !15) - 8) else { return false };
+    if prepare_user_range(sp, size, true).is_err() {
+        return false;
+    }
+    let blocked = {
+        let mut table = SCHED.lock();
+        let old = table.t[task.tid].blocked;
+        table.t[task.tid].blocked |= bit(s);
+        old
+    };
+    let sf = SigFrame { restorer: task.restorers[s as usize], regs: *frame, blocked };
+    // SAFETY: the range is mapped user memory of the current task, writable
+    // (checked above), in the loaded address space.
+    unsafe { core::ptr::write_unaligned(sp as *mut SigFrame, sf) };
+    frame.rip = handler;
+    frame.rsp = sp;
+    frame.rdi = s;
+    true
+}
+
+/// SYS_SIGRETURN: restores the state saved by the signal delivery.
+pub fn sigreturn(frame: &mut TrapFrame) -> bool {
+    // The handler's `ret` popped the restorer's address.
+    let sp = frame.rsp.wrapping_sub(8);
+    let size = core::mem::size_of::<SigFrame>() as u64;
+    if prepare_user_range(sp, size, false).is_err() {
+        return false;
+    }
+    // SAFETY: mapped user memory of the current task (checked above).
+    let sf = unsafe { core::ptr::read_unaligned(sp as *const SigFrame) };
+    let user = |a: u64| (USER_SPACE_START..USER_SPACE_END).contains(&a);
+    if !user(sf.regs.rip) || !user(sf.regs.rsp) {
+        return false;
+    }
+    *frame = sf.regs;
+    frame.sanitize_user();
+    let tid = current_tid();
+    SCHED.lock().t[tid].blocked = sf.blocked & !UNBLOCKABLE;
+    ATTN[tid].store(true, Ordering::Relaxed);
+    true
+}
+
+/// The timer tick (any mode): store completions, timed sleepers, preemption.
+pub fn tick(frame: &mut TrapFrame) {
+    let cpu = this_cpu();
+    stats::TICKS.fetch_add(1, Ordering::Relaxed);
+    let now = if cpu == 0 { JIFFIES.fetch_add(1, Ordering::Relaxed) + 1 } else { JIFFIES.load(Ordering::Relaxed) };
+    crate::mm::store::poll();
+    let cur = CURRENT[cpu].load(Ordering::Relaxed);
+    let others = {
+        let mut s = SCHED.lock();
+        let n = s.count;
+        let mut others = false;
+        for (i, t) in s.t[..n].iter_mut().enumerate() {
+            if t.cpu as usize != cpu {
+                continue;
+            }
+            if t.state == State::Sleeping && t.wake_at != 0 && t.wake_at <= now {
+                t.state = State::Runnable;
+                t.wake_at = 0;
+            }
+            others |= i != cur && t.state == State::Runnable && !t.stopped;
+        }
+        others
+    };
+    if !frame.is_user_mode() || cur == NONE {
+        return; // the idle loop picks
+    }
+    if others {
+        slow_return(cpu, cur, frame, true);
+    } else {
+        return_to_user(frame);
+    }
+}
+
+/// A user page fault (`hw` = present/write/fetch flags from the error code).
+pub fn page_fault(frame: &mut TrapFrame, addr: u64, hw: u32) {
+    let tid = current_tid();
+    let task = task_mut(tid);
+    let f = hw | flags::USER_FAULT | task.retry.begin(addr);
+    let outcome = fault(task, addr, f);
+    match outcome {
+        VmFault::Done | VmFault::Retry => {}
+        VmFault::SigSegv => {
+            task.retry.end();
+            kill(format_args!("segfault at {addr:#x} rip {:#x}", frame.rip))
+        }
+        VmFault::SigBus => {
+            task.retry.end();
+            send_signal(tid, sig::SIGBUS);
+        }
+        VmFault::Oom => out_of_memory(task.cpu, addr),
+    }
+    return_to_user(frame);
+}
+
+/// One pass of the fault core for `task`, with statistics.
+fn fault(task: &mut Task, addr: u64, f: u32) -> VmFault {
+    stats::FAULTS.fetch_add(1, Ordering::Relaxed);
+    if f & flags::TRIED != 0 {
+        stats::RETRIES.fetch_add(1, Ordering::Relaxed);
+    }
+    let mut env = Env { tid: task.tid, guard: Some(MM_LOCKS[task.tid].lock()) };
+    let outcome = handle_mm_fault(&task.space, addr, f, &mut env);
+    drop(env);
+    if outcome == VmFault::Done {
+        task.faults += 1;
+        let retries = task.retry.end();
+        if retries > 0 {
+            stats::MAX_RETRIES.fetch_max(retries, Ordering::Relaxed);
+        }
+        stats::HIST[crate::mm::core::retry_bucket(retries)].fetch_add(1, Ordering::Relaxed);
+    }
+    outcome
+}
+
+/// Why a user range could not be made accessible to the kernel.
+pub enum UserAccess {
+    /// Not valid user memory (or the page can never come): -EFAULT.
+    Fault,
+    /// The task must wait for a page (queued): restart the system call.
+    Restart,
+}
+
+/// Makes `[addr, addr + len)` of the current task accessible to the kernel,
+/// faulting pages in with KERNEL_UACCESS flags: only a fatal signal ends a
+/// wait, and a wait restarts the system call (no busy loop, see
+/// docs/guest-kernel.md).
+pub fn prepare_user_range(addr: u64, len: u64, write: bool) -> Result<(), UserAccess> {
+    let Some(end) = addr.checked_add(len) else { return Err(UserAccess::Fault) };
+    if addr < USER_SPACE_START || end > USER_SPACE_END {
+        return Err(UserAccess::Fault);
+    }
+    let task = current();
+    let mut page = addr & !(PAGE_SIZE - 1);
+    while page < end {
+        if !arch::paging::is_user_mapped(task.space.root, page, write) {
+            let w = if write { flags::WRITE } else { 0 };
+            let f = flags::KERNEL_UACCESS | w | task.retry.begin(page);
+            match fault(task, page, f) {
+                VmFault::Done => {}
+                VmFault::Retry => return Err(UserAccess::Restart),
+                VmFault::SigSegv | VmFault::SigBus => {
+                    task.retry.end();
+                    return Err(UserAccess::Fault);
+                }
+                VmFault::Oom => out_of_memory(task.cpu, page),
+            }
+        }
+        page += PAGE_SIZE;
+    }
+    Ok(())
 }
 
 /// Why a task could not be created.
@@ -62,6 +617,7 @@ pub enum CreateError {
     NoMemory,
     Load(#[allow(dead_code)] LoadError),
     BadLayout,
+    TooMany,
 }
 
 impl From<NoMemory> for CreateError {
@@ -73,18 +629,40 @@ impl From<NoMemory> for CreateError {
 const USER_RW: Perms = Perms { write: true, exec: false, user: true };
 const USER_RO: Perms = Perms { write: false, exec: false, user: true };
 
-/// Builds `cpu`'s task: the program, its argument page, stack and work regions.
-pub fn create(cpu: u32, shared: &Shared) -> Result<Box<Task>, CreateError> {
+/// What a new task runs.
+#[derive(Debug, Clone, Copy)]
+pub struct Spec {
+    pub cpu: u32,
+    /// Index among the workload tasks (`task_plan`'s cpu), for role 0.
+    pub slot: u32,
+    pub slots: u32,
+    pub role: u64,
+    pub arg: u64,
+    pub parent: usize,
+    pub top_level: bool,
+}
+
+/// Creates a task and makes it runnable on `spec.cpu`; returns its id.
+pub fn create(spec: Spec, shared: &Shared) -> Result<usize, CreateError> {
+    let tid = {
+        let mut s = SCHED.lock();
+        if s.count >= MAX_TASKS {
+            return Err(CreateError::TooMany);
+        }
+        s.count += 1;
+        s.count - 1
+    };
     let cfg = &shared.config;
     let root = arch::paging::new_user_root(shared.kernel_root)?;
     let mut space = AddressSpace::new(root);
     let entry = loader::load(&mut space, shared.module, shared.module_pa).map_err(CreateError::Load)?;
 
-    let plan = task_plan(cfg, shared.cpu_count, cpu);
-    let (first_page, pages) = (plan.first_page, plan.pages);
+    let workload = spec.role == 0;
+    let plan = task_plan(cfg, spec.slots, spec.slot);
+    let (first_page, pages) = if workload { (plan.first_page, plan.pages) } else { (0, 0) };
     let args = TaskArgs {
         workload: cfg.kind as u32,
-        cpu,
+        cpu: spec.cpu,
         pattern: cfg.pattern as u32,
         write: u32::from(cfg.write),
         first_page,
@@ -94,15 +672,22 @@ pub fn create(cpu: u32, shared: &Shared) -> Result<Box<Task>, CreateError> {
         order_seed: plan.order_seed,
         populate: u32::from(cfg.populate),
         shared: u32::from(cfg.shared),
+        role: spec.role,
+        arg: spec.arg,
+        test: cfg.test.unwrap_or(u64::MAX),
+        tid: tid as u64,
     };
     let args_pa = frame::alloc_zeroed().ok_or(NoMemory)?;
     // SAFETY: a fresh identity-mapped frame we own; TaskArgs fits in a page.
     unsafe { core::ptr::write(args_pa as *mut TaskArgs, args) };
     arch::paging::map_4k(root, USER_ARGS_ADDR, args_pa, USER_RO)?;
 
+    let store_end = USER_STORE_BASE + STORE_PAGES * PAGE_SIZE;
     let regions = [
-        Vma { start: USER_ARGS_ADDR, end: USER_ARGS_ADDR + PAGE_SIZE, perms: USER_RO, kind: VmaKind::Args },
-        Vma { start: USER_STACK_TOP - USER_STACK_SIZE, end: USER_STACK_TOP, perms: USER_RW, kind: VmaKind::AnonZero },
+        Vma::new(USER_ARGS_ADDR, USER_ARGS_ADDR + PAGE_SIZE, USER_RO, VmaKind::Args),
+        Vma::new(USER_STACK_TOP - USER_STACK_SIZE, USER_STACK_TOP, USER_RW, VmaKind::AnonZero),
+        Vma::new(USER_STORE_BASE, store_end, USER_RO, VmaKind::Store { first_page: 0 }),
+        Vma::new(USER_ANON_BASE, USER_ANON_BASE + USER_ANON_SIZE, USER_RW, VmaKind::AnonZero),
     ];
     for vma in regions {
         space.add(vma).map_err(|_| CreateError::BadLayout)?;
@@ -110,13 +695,34 @@ pub fn create(cpu: u32, shared: &Shared) -> Result<Box<Task>, CreateError> {
     if pages > 0 {
         let start = USER_WORK_BASE + first_page * PAGE_SIZE;
         let kind = if cfg.shared { VmaKind::Shared { first_page } } else { VmaKind::AnonZero };
-        let vma = Vma { start, end: start + pages * PAGE_SIZE, perms: USER_RW, kind };
-        space.add(vma).map_err(|_| CreateError::BadLayout)?;
+        space.add(Vma::new(start, start + pages * PAGE_SIZE, USER_RW, kind)).map_err(|_| CreateError::BadLayout)?;
         if cfg.populate {
             populate(root, start, pages, cfg.shared.then_some(first_page))?;
         }
     }
-    Ok(Box::new(Task { cpu, space, args, entry, faults: 0, checksum_ok: None }))
+    let task = Box::new(Task {
+        tid,
+        cpu: spec.cpu,
+        space,
+        args,
+        ctx: TrapFrame::new_user(entry, USER_STACK_TOP, USER_ARGS_ADDR),
+        handlers: [0; 32],
+        restorers: [0; 32],
+        faults: 0,
+        retry: RetryTracker::default(),
+        checksum_ok: None,
+    });
+    TASKS[tid].store(Box::into_raw(task), Ordering::Release);
+    let mut s = SCHED.lock();
+    s.t[tid] = Sched {
+        state: State::Runnable,
+        cpu: spec.cpu,
+        parent: spec.parent,
+        top_level: spec.top_level,
+        needs_report: workload,
+        ..FREE
+    };
+    Ok(tid)
 }
 
 /// Maps all `pages` pages from `start` now (`populate=1`), so the user loop takes
@@ -155,60 +761,39 @@ fn populate(root: u64, start: u64, pages: u64, shared: Option<u64>) -> Result<()
     Ok(())
 }
 
-/// Makes `task` this CPU's current task and enters it. Never returns.
-pub fn run(task: Box<Task>) -> ! {
-    let cpu = task.cpu as usize;
-    let (root, entry) = (task.space.root, task.entry);
-    CURRENT[cpu].store(Box::into_raw(task), Ordering::Relaxed);
-    // SAFETY: the root comes from new_user_root, which shares the kernel map.
-    unsafe { arch::paging::switch_to(root) };
-    arch::entry::enter_user(entry, USER_STACK_TOP, USER_ARGS_ADDR)
+/// Sets the number of top-level tasks the VM waits for (boot CPU, before the
+/// other CPUs start: a fast CPU must not see itself as the last one).
+pub fn expect_top_level(n: u32) {
+    SCHED.lock().live_top = n;
 }
 
-/// This CPU's task. Traps do not nest (interrupts are off; a kernel fault
-/// panics), so only one reference exists at a time.
-pub fn current() -> &'static mut Task {
-    let cpu = arch::entry::current_cpu().expect("trap on an unknown stack");
-    let ptr = CURRENT[cpu as usize].load(Ordering::Relaxed);
-    assert!(!ptr.is_null(), "trap from user mode with no current task");
-    // SAFETY: set by `run` from a leaked Box, used only by this CPU, and traps do
-    // not nest, so this is the only live reference.
-    unsafe { &mut *ptr }
+/// Starts this CPU's scheduling (after boot): runs its tasks, or idles. Never
+/// returns.
+pub fn start_cpu(cpu: u32) -> ! {
+    switch_away(cpu as usize, NONE)
 }
 
-/// A user page fault; returns only if the access can be retried.
-pub fn page_fault(addr: u64, flags: FaultFlags, rip: u64) {
-    let task = current();
-    match fault::handle(&task.space, addr, flags, &mut FrameMapper) {
-        FaultOutcome::Mapped => task.faults += 1,
-        FaultOutcome::SigSegv => kill(format_args!("segfault at {addr:#x} rip {rip:#x}")),
-        FaultOutcome::Oom => out_of_memory(task.cpu, addr),
+/// Resolves page `addr` of uffd `id` with a copy of the current task's page
+/// at `src` (0 = zero page).
+pub fn uffd_copy(id: u32, addr: u64, src: u64) -> Result<(), UserAccess> {
+    let Some((owner, root, page)) = crate::uffd::target(id, addr) else { return Err(UserAccess::Fault) };
+    if src != 0 {
+        prepare_user_range(src, PAGE_SIZE, false)?;
     }
-}
-
-/// Makes `[addr, addr + len)` of the current task readable by the kernel
-/// (faulting in demand-zero pages), for system-call arguments. `false` if the
-/// range is not valid user memory.
-pub fn prepare_user_range(addr: u64, len: u64, write: bool) -> bool {
-    use crate::abi::layout::{USER_SPACE_END, USER_SPACE_START};
-    let Some(end) = addr.checked_add(len) else { return false };
-    if addr < USER_SPACE_START || end > USER_SPACE_END {
-        return false;
+    let pa = frame::alloc_zeroed().ok_or(UserAccess::Fault)?;
+    if src != 0 {
+        // SAFETY: `src` is a mapped page of the current task (checked above) and
+        // `pa` a fresh identity-mapped frame we own.
+        unsafe { core::ptr::copy_nonoverlapping(src as *const u8, pa as *mut u8, PAGE_SIZE as usize) };
     }
-    let task = current();
-    let mut page = addr & !(PAGE_SIZE - 1);
-    while page < end {
-        if !arch::paging::is_user_mapped(task.space.root, page, write) {
-            let flags = FaultFlags { present: false, write, user: true, instruction: false };
-            match fault::handle(&task.space, page, flags, &mut FrameMapper) {
-                FaultOutcome::Mapped => task.faults += 1,
-                FaultOutcome::SigSegv => return false,
-                FaultOutcome::Oom => out_of_memory(task.cpu, page),
-            }
+    {
+        let _mm = MM_LOCKS[owner].lock();
+        if !arch::paging::is_user_mapped(root, page, false) {
+            arch::paging::map_4k(root, page, pa, USER_RW).map_err(|_| UserAccess::Fault)?;
         }
-        page += PAGE_SIZE;
     }
-    true
+    crate::uffd::resolved(id, page);
+    Ok(())
 }
 
 #[cold]
@@ -217,32 +802,53 @@ fn out_of_memory(cpu: u32, addr: u64) -> ! {
     arch::exit_vm(ExitCode::OutOfMemory)
 }
 
-/// Kills the current task (a failure) with a reason.
+/// Kills the current task (SIGSEGV, a failure) with a reason.
 #[cold]
 pub fn kill(reason: core::fmt::Arguments<'_>) -> ! {
     let cpu = current().cpu;
     kprintln!("guest-kernel: cpu {cpu} task killed: {reason}");
-    finish(false)
+    exit_task(status::KILLED | sig::SIGSEGV as i64)
 }
 
-/// Ends the current task with exit `code`.
+/// Ends the current task with exit `code` (SYS_EXIT).
 pub fn exit(code: u64) -> ! {
-    let task = current();
-    let ok = code == 0 && task.checksum_ok == Some(true);
-    kprintln!("guest-kernel: cpu {} task exited with code {code} ({} faults)", task.cpu, task.faults);
-    finish(ok)
+    exit_task(code as i64)
 }
 
-/// This CPU is done. The last CPU to finish ends the VM with the verdict; the
-/// others halt for good.
-fn finish(success: bool) -> ! {
-    if !success {
-        FAILED.store(true, Ordering::SeqCst);
+/// Ends the current task with `status`: wakes its parent, kills the uffds it
+/// handled, and ends the VM when the last top-level task is gone.
+pub fn exit_task(st: i64) -> ! {
+    let cpu = this_cpu();
+    let tid = CURRENT[cpu].load(Ordering::Relaxed);
+    let task = task_mut(tid);
+    let (top, last, failed) = {
+        let mut s = SCHED.lock();
+        let needs_report = s.t[tid].needs_report;
+        let t = &mut s.t[tid];
+        t.state = State::Dead;
+        t.exit = st;
+        let top = t.top_level;
+        let ok = st == 0 && (!needs_report || task.checksum_ok == Some(true));
+        if top {
+            s.live_top -= 1;
+            s.failed |= !ok;
+        }
+        (top, s.live_top == 0, s.failed)
+    };
+    wake_all(child_key(tid));
+    crate::uffd::task_died(tid);
+    if top {
+        if st & status::KILLED != 0 {
+            kprintln!("guest-kernel: cpu {} task {tid} ended by signal {}", task.cpu, st & 0xff);
+        } else {
+            kprintln!("guest-kernel: cpu {} task exited with code {st} ({} faults)", task.cpu, task.faults);
+        }
     }
-    if RUNNING.fetch_sub(1, Ordering::AcqRel) == 1 {
-        let failed = FAILED.load(Ordering::SeqCst);
+    if top && last {
+        let stats = guest_stats();
+        crate::pv::send_store(crate::abi::pv::store::STATS, [&stats as *const _ as u64, 0, 0, 0, 0, 0]);
         kprintln!("guest-kernel: all tasks done: {}", if failed { "FAILURE" } else { "success" });
         arch::exit_vm(if failed { ExitCode::Failure } else { ExitCode::Success })
     }
-    arch::cpu::halt_forever()
+    switch_away(cpu, tid)
 }

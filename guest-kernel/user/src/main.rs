@@ -8,7 +8,9 @@
 
 use core::ptr::{read_volatile, write_volatile};
 use vmm_abi::layout::PAGE_SIZE;
-use vmm_abi::syscall::{TaskArgs, UserReport, SYS_EXIT, SYS_REPORT, SYS_WRITE};
+use vmm_abi::syscall::{TaskArgs, UserReport, ROLE_TEST, SYS_EXIT, SYS_REPORT, SYS_WRITE};
+
+mod suite;
 use vmm_abi::workload::{fold, page_value, value_offset, Pattern, WorkloadKind};
 
 // Entry: RDI = &TaskArgs, RSP = USER_STACK_TOP (16-byte aligned), so a plain
@@ -25,12 +27,17 @@ core::arch::global_asm!(
 
 /// One system call. The entry instruction is `int3` (see abi::syscall).
 fn syscall(nr: u64, a0: u64, a1: u64) -> i64 {
+    syscall3(nr, a0, a1, 0)
+}
+
+/// A system call with three arguments.
+fn syscall3(nr: u64, a0: u64, a1: u64, a2: u64) -> i64 {
     let ret: i64;
     // SAFETY: `int3` enters the kernel's system-call gate, which reads RAX/RDI/RSI,
     // writes RAX and preserves every other register; the arguments it reads
     // through pointers are validated by the kernel.
     unsafe {
-        core::arch::asm!("int3", inlateout("rax") nr as i64 => ret, in("rdi") a0, in("rsi") a1, in("rdx") 0u64);
+        core::arch::asm!("int3", inlateout("rax") nr as i64 => ret, in("rdi") a0, in("rsi") a1, in("rdx") a2);
     }
     ret
 }
@@ -135,6 +142,12 @@ fn touch(args: &TaskArgs) -> UserReport {
 extern "C" fn user_main(args: *const TaskArgs) -> ! {
     // SAFETY: the kernel maps a TaskArgs read-only at RDI before entry.
     let args = unsafe { &*args };
+    if args.role == ROLE_TEST {
+        exit(suite::run(args))
+    }
+    if args.role != 0 {
+        exit(suite::child(args))
+    }
     let report = match WorkloadKind::from_raw(args.workload) {
         Some(WorkloadKind::Hello) => hello(args),
         Some(WorkloadKind::Touch) => touch(args),

@@ -1,21 +1,17 @@
-//! Generic memory management: frames, kernel heap, address-space regions and the
-//! page-fault policy. Architecture details (page-table format, error codes) stay
-//! in arch; this code sees physical frames through the kernel's identity map.
+//! Generic memory management: frames, kernel heap, the fault core (regions and
+//! `handle_mm_fault`), the slow page store. Architecture details (page-table
+//! format, error codes) stay in arch; this code sees physical frames through the
+//! kernel's identity map.
 
-pub mod fault;
+pub mod core;
 pub mod frame;
 pub mod heap;
 pub mod shared;
-pub mod vma;
+pub mod store;
 
-/// No page frame left.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct NoMemory;
+pub use self::core::{NoMemory, Perms};
 
-/// Access rights of a mapping, in neutral form.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Perms {
-    pub write: bool,
-    pub exec: bool,
-    pub user: bool,
+/// Regions, as the rest of the kernel names them.
+pub mod vma {
+    pub use super::core::{AddressSpace, Vma, VmaError, VmaKind};
 }

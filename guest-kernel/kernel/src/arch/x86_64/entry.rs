@@ -59,12 +59,18 @@ pub fn current_cpu() -> Option<u32> {
     (index < u64::from(MAX_VCPUS)).then_some(index as u32)
 }
 
-/// The registers an exception entry saves, lowest address first. Only the
-/// caller-saved registers are saved: the handler is a normal `extern "C"`
-/// function that preserves the others, and every instruction here is emulated.
-#[derive(Debug)]
+/// The registers a trap entry saves, lowest address first: all general
+/// registers, since a trap may switch to another task (whose saved frame is
+/// then popped instead).
+#[derive(Debug, Clone, Copy, Default)]
 #[repr(C)]
 pub struct TrapFrame {
+    pub r15: u64,
+    pub r14: u64,
+    pub r13: u64,
+    pub r12: u64,
+    pub rbp: u64,
+    pub rbx: u64,
     pub r11: u64,
     pub r10: u64,
     pub r9: u64,
@@ -90,8 +96,8 @@ impl TrapFrame {
     }
 }
 
-/// Number of stubs (the exception vectors).
-pub const STUB_COUNT: usize = 32;
+/// Number of stubs: the exception vectors, the timer and the APIC spurious vector.
+pub const STUB_COUNT: usize = 48;
 /// Every stub is aligned to this many bytes, so stub `v` is at `trap_stubs + v * STUB_ALIGN`.
 pub const STUB_ALIGN: u64 = 16;
 
@@ -105,10 +111,10 @@ pub fn stub_address(vector: usize) -> u64 {
     trap_stubs as *const () as u64 + vector as u64 * STUB_ALIGN
 }
 
-// One stub per exception vector: push a zero error code where the CPU pushes
-// none, push the vector, then save the scratch registers and call the handler.
-// The CPU aligns RSP to 16 before pushing its 5 words; 5 + 2 + 9 = 16 words keeps
-// RSP 16-byte aligned at the call.
+// One stub per vector: push a zero error code where the CPU pushes none, push
+// the vector, then save the general registers and call the handler. The CPU
+// aligns RSP to 16 before pushing its 5 words; 5 + 2 + 15 = 22 words keeps RSP
+// 16-byte aligned at the call.
 global_asm!(
     ".section .text.trap, \"ax\"",
     ".macro TRAP_STUB vec",
@@ -123,7 +129,7 @@ global_asm!(
     ".balign 16",
     ".global trap_stubs",
     "trap_stubs:",
-    ".irp vec, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31",
+    ".irp vec, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31,32,33,34,35,36,37,38,39,40,41,42,43,44,45,46,47",
     "TRAP_STUB \\vec",
     ".endr",
     "trap_common:",
@@ -136,9 +142,23 @@ global_asm!(
     "push r9",
     "push r10",
     "push r11",
+    "push rbx",
+    "push rbp",
+    "push r12",
+    "push r13",
+    "push r14",
+    "push r15",
     "cld",
     "mov rdi, rsp",
     "call {handler}",
+    ".global trap_return",
+    "trap_return:",
+    "pop r15",
+    "pop r14",
+    "pop r13",
+    "pop r12",
+    "pop rbp",
+    "pop rbx",
     "pop r11",
     "pop r10",
     "pop r9",
@@ -153,42 +173,58 @@ global_asm!(
     handler = sym super::trap::trap_handler,
 );
 
-/// Enters user mode at `rip` with `rsp` and RDI = `arg`, interrupts off, all
-/// other registers zero. Never returns: the CPU comes back through a trap.
-pub fn enter_user(rip: u64, rsp: u64, arg: u64) -> ! {
-    // RFLAGS: only the reserved bit 1; IF stays clear in this version.
-    const RFLAGS: u64 = 0x2;
-    // SAFETY: builds an iretq frame for CPL3 with the GDT's user selectors; the
-    // current address space maps `rip` user-executable (the loader checked it).
-    unsafe {
-        asm!(
-            "push {ss}",
-            "push {rsp}",
-            "push {rflags}",
-            "push {cs}",
-            "push {rip}",
-            "xor eax, eax",
-            "xor ebx, ebx",
-            "xor ecx, ecx",
-            "xor edx, edx",
-            "xor esi, esi",
-            "xor ebp, ebp",
-            "xor r8d, r8d",
-            "xor r9d, r9d",
-            "xor r10d, r10d",
-            "xor r11d, r11d",
-            "xor r12d, r12d",
-            "xor r13d, r13d",
-            "xor r14d, r14d",
-            "xor r15d, r15d",
-            "iretq",
-            ss = in(reg) u64::from(super::gdt::USER_DATA_SELECTOR),
-            rsp = in(reg) rsp,
-            rflags = const RFLAGS,
-            cs = in(reg) u64::from(super::gdt::USER_CODE_SELECTOR),
-            rip = in(reg) rip,
-            in("rdi") arg,
-            options(noreturn),
-        )
+/// Resumes the saved state `frame` (a task's user context): pops it as the
+/// trap exit path does and `iretq`s. The current kernel stack is abandoned
+/// (the next trap starts again at the top, TSS.RSP0). Never returns.
+///
+/// # Safety
+/// `frame` must be a user-mode frame (CS/SS user selectors) whose RIP is mapped
+/// in the current address space, and must stay valid until the `iretq`.
+pub unsafe fn enter_frame(frame: *const TrapFrame) -> ! {
+    // SAFETY: per the caller; after the iretq nothing of the kernel stack is live.
+    unsafe { asm!("mov rsp, {}", "jmp trap_return", in(reg) frame, options(noreturn)) }
+}
+
+impl TrapFrame {
+    /// The initial user state of a task: RIP = `rip`, RSP = `rsp`, RDI = `arg`,
+    /// interrupts on (user mode is preemptible), other registers zero.
+    pub fn new_user(rip: u64, rsp: u64, arg: u64) -> TrapFrame {
+        TrapFrame {
+            rip,
+            rsp,
+            rdi: arg,
+            cs: u64::from(super::gdt::USER_CODE_SELECTOR),
+            ss: u64::from(super::gdt::USER_DATA_SELECTOR),
+            rflags: user_rflags(),
+            ..TrapFrame::default()
+        }
     }
+
+    /// Makes the frame safe to `iretq` to after user code chose its values
+    /// (sigreturn): user selectors, IF on, only arithmetic flags from the user.
+    pub fn sanitize_user(&mut self) {
+        // CF PF AF ZF SF DF OF: what user code may set.
+        const USER_FLAGS: u64 = 0xCD5;
+        self.cs = u64::from(super::gdt::USER_CODE_SELECTOR);
+        self.ss = u64::from(super::gdt::USER_DATA_SELECTOR);
+        self.rflags = (self.rflags & USER_FLAGS) | user_rflags();
+    }
+}
+
+/// RFLAGS of user mode: the reserved bit 1, and IF if user mode is preemptible.
+static USER_RFLAGS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0x2);
+
+fn user_rflags() -> u64 {
+    USER_RFLAGS.load(core::sync::atomic::Ordering::Relaxed)
+}
+
+/// Whether user mode runs with interrupts on (boot CPU, before any task).
+///
+/// Off unless several tasks share a vCPU: with IF=1, KVM handles a stage-2
+/// fault on a missing host page as an *async page fault* (an artificial halt
+/// while a kworker faults the page in), so the VMM's userfaults would no
+/// longer be taken, and blocked, on the vCPU thread. With IF=0 in user mode the
+/// tick is only taken in the idle loop, which is all one task per vCPU needs.
+pub fn set_user_preemptible(on: bool) {
+    USER_RFLAGS.store(if on { 0x202 } else { 0x2 }, core::sync::atomic::Ordering::Relaxed);
 }

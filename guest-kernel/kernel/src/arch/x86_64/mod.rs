@@ -1,5 +1,6 @@
 //! x86_64: entry, descriptor tables, paging, port I/O, the system-call entry.
 
+pub mod apic;
 pub mod cpu;
 pub mod entry;
 pub mod gdt;
@@ -24,6 +25,15 @@ pub fn init_cpu(cpu: u32) {
     cpu::setup_control_registers();
     gdt::init(cpu, entry::kernel_stack_top(cpu));
     idt::load();
+    apic::init_cpu();
+}
+
+/// Waits for an interrupt with interrupts enabled, then masks them again: the
+/// idle loop (the tick arrives on this kernel stack).
+pub fn idle_wait() {
+    // SAFETY: sti; hlt sleeps until the next interrupt (sti's shadow covers the
+    // hlt, so none is lost in between); cli restores the kernel's IF=0.
+    unsafe { core::arch::asm!("sti", "hlt", "cli", options(nomem, nostack)) };
 }
 
 /// Deliberately triple-faults: an empty IDT turns the first exception into a

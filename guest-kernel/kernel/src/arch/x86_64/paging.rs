@@ -1,7 +1,6 @@
 //! x86_64 4-level page tables. Page-table frames are reached through the
 //! kernel's identity map (physical == virtual for all RAM, PML4 slot 0).
 
-use crate::mm::fault::FaultFlags;
 use crate::mm::frame;
 use crate::mm::{NoMemory, Perms};
 
@@ -72,6 +71,23 @@ pub fn build_kernel_tables(ranges: impl Iterator<Item = (u64, u64)>) -> Result<u
         }
     }
     Ok(pml4)
+}
+
+/// Maps the 2 MiB block at `pa` (MMIO, e.g. the xAPIC page) uncached,
+/// supervisor only, in the kernel tables `root` (shared by every space).
+pub fn map_mmio_2m(root: u64, pa: u64) -> Result<(), NoMemory> {
+    const PWT: u64 = 1 << 3;
+    const PCD: u64 = 1 << 4;
+    let pa = pa & !(LARGE_PAGE - 1);
+    let mut t = root;
+    for level in [3, 2] {
+        // SAFETY: the kernel's own tables, built at boot; no other CPU runs yet.
+        let entry = unsafe { &mut table(t)[index(pa, level)] };
+        t = next_level(entry, PRESENT | WRITABLE | ACCESSED)?;
+    }
+    // SAFETY: as above.
+    unsafe { table(t)[index(pa, 1)] = pa | PRESENT | WRITABLE | HUGE | ACCESSED | DIRTY | PWT | PCD };
+    Ok(())
 }
 
 /// A new top-level table for a user address space, sharing the kernel's slot 0
@@ -195,12 +211,18 @@ pub unsafe fn switch_to(root: u64) {
     unsafe { super::cpu::write_cr3(root) };
 }
 
-/// The neutral flags of a #PF error code.
-pub fn fault_flags(error_code: u64) -> FaultFlags {
-    FaultFlags {
-        present: error_code & (1 << 0) != 0,
-        write: error_code & (1 << 1) != 0,
-        user: error_code & (1 << 2) != 0,
-        instruction: error_code & (1 << 4) != 0,
+/// The fault-core flags of a #PF error code (present, write, fetch).
+pub fn fault_flags(error_code: u64) -> u32 {
+    use crate::mm::core::flags;
+    let mut f = 0;
+    if error_code & (1 << 0) != 0 {
+        f |= flags::PRESENT;
     }
+    if error_code & (1 << 1) != 0 {
+        f |= flags::WRITE;
+    }
+    if error_code & (1 << 4) != 0 {
+        f |= flags::INSTRUCTION;
+    }
+    f
 }

@@ -33,3 +33,10 @@ pub fn args(frame: &TrapFrame) -> SyscallArgs {
 pub fn set_result(frame: &mut TrapFrame, value: i64) {
     frame.rax = value as u64;
 }
+
+/// Makes the task execute the system call again when it next runs (restart
+/// after a wait): the saved RIP goes back over the one-byte `int3`; RAX and the
+/// argument registers still hold the call.
+pub fn restart(frame: &mut TrapFrame) {
+    frame.rip -= 1;
+}

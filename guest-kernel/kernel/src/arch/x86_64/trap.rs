@@ -1,8 +1,8 @@
 //! Decodes a trap and hands it to the generic code: system calls, page faults,
-//! other exceptions.
+//! the timer, other exceptions.
 
 use super::entry::TrapFrame;
-use super::{cpu, paging, syscall};
+use super::{apic, cpu, paging, syscall};
 
 const PAGE_FAULT: u64 = 14;
 
@@ -14,13 +14,13 @@ fn exception_name(vector: u64) -> &'static str {
     NAMES.get(vector as usize).copied().unwrap_or("exception")
 }
 
-/// Called by `trap_common` with the saved state; returning resumes it (iretq).
+/// Called by `trap_common` with the saved state; returning resumes it (iretq),
+/// unless the generic code switched to another task (it then never returns).
 /// The hot path, a user page fault, is tested first and kept small: every
 /// instruction here is emulated.
 pub extern "C" fn trap_handler(frame: &mut TrapFrame) {
     if frame.vector == PAGE_FAULT && frame.is_user_mode() {
-        // Returns only if the page is now mapped.
-        crate::task::page_fault(cpu::cr2(), paging::fault_flags(frame.error_code), frame.rip);
+        crate::task::page_fault(frame, cpu::cr2(), paging::fault_flags(frame.error_code));
         return;
     }
     other_trap(frame);
@@ -29,9 +29,16 @@ pub extern "C" fn trap_handler(frame: &mut TrapFrame) {
 #[inline(never)]
 fn other_trap(frame: &mut TrapFrame) {
     if syscall::is_syscall(frame) {
-        let call = syscall::args(frame);
-        let result = crate::syscalls::dispatch(call.nr, call.args);
-        syscall::set_result(frame, result);
+        crate::syscalls::dispatch(frame);
+        crate::task::return_to_user(frame);
+        return;
+    }
+    if frame.vector == apic::TIMER_VECTOR {
+        apic::eoi();
+        crate::task::tick(frame);
+        return;
+    }
+    if frame.vector == apic::SPURIOUS_VECTOR {
         return;
     }
     if frame.vector == PAGE_FAULT {

@@ -1,0 +1,369 @@
+//! The in-guest test suite (`test=all` / `test=NAME`): the runner (role
+//! ROLE_TEST, on vCPU 0) runs each test and prints `guest-test: NAME ... ok` or
+//! `FAILED`; its exit code (0 = all passed) becomes the VM's verdict. Tests
+//! spawn child tasks (roles below) running this same program.
+
+use core::ptr::{read_volatile, write_volatile};
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use vmm_abi::layout::{PAGE_SIZE, USER_ANON_BASE, USER_STORE_BASE};
+use vmm_abi::pv::store::{word, GuestStats};
+use vmm_abi::syscall::*;
+use vmm_abi::workload::{mix64, TESTS};
+
+use crate::{push_decimal, rdtsc, syscall, syscall3, write};
+
+const R_SPIN: u64 = ROLE_USER;
+/// Reads store page `arg`; with a SIGUSR1 handler installed. Exit: handler
+/// runs (capped at 99) if the data is right, 100 if not.
+const R_SIG_FAULT: u64 = ROLE_USER + 1;
+/// Reads store page `arg`, no handler. Exit 0 if the data is right.
+const R_PLAIN_FAULT: u64 = ROLE_USER + 2;
+/// SYS_SUM over store page `arg` (a kernel-mode fault) with a SIGUSR1 handler.
+/// Exit 0 if the sum is right and the handler ran.
+const R_KSUM: u64 = ROLE_USER + 3;
+/// Registers a userfaultfd range and spawns its handler (`arg`: 0 = normal,
+/// 1 = the handler dies without answering, 2 = handler on another vCPU).
+const R_UFFD_OWNER: u64 = ROLE_USER + 4;
+/// Serves userfaultfd `arg & 0xffff` (`arg >> 16` = mode).
+const R_UFFD_HANDLER: u64 = ROLE_USER + 5;
+/// Touches anonymous pages and reads two store pages (`arg`); exit 0 if right.
+const R_TOUCH: u64 = ROLE_USER + 6;
+
+static HANDLED: AtomicU64 = AtomicU64::new(0);
+
+core::arch::global_asm!(
+    ".global sig_restorer",
+    "sig_restorer:",
+    "mov eax, {nr}",
+    "int3",
+    "ud2",
+    nr = const SYS_SIGRETURN,
+);
+
+extern "C" {
+    fn sig_restorer();
+}
+
+extern "C" fn on_signal(_sig: u64) {
+    HANDLED.fetch_add(1, Ordering::Relaxed);
+}
+
+fn install(sig: u64) {
+    syscall3(SYS_SIGACTION, sig, on_signal as *const () as u64, sig_restorer as *const () as u64);
+}
+
+fn sleep(ms: u64) {
+    syscall(SYS_SLEEP, ms, 0);
+}
+
+fn spawn(role: u64, arg: u64, cpu: u64) -> i64 {
+    syscall3(SYS_SPAWN, role, arg, cpu)
+}
+
+fn wait(tid: i64) -> i64 {
+    syscall(SYS_WAIT, tid as u64, 0)
+}
+
+fn kill(tid: i64, sig: u64) -> i64 {
+    syscall(SYS_KILL, tid as u64, sig)
+}
+
+fn stats() -> GuestStats {
+    let mut s = GuestStats::default();
+    syscall(SYS_STATS, &mut s as *mut GuestStats as u64, 0);
+    s
+}
+
+/// Whether store page `i`, read from user mode, holds the store's data.
+fn store_page_ok(i: u64) -> bool {
+    let base = USER_STORE_BASE + i * PAGE_SIZE;
+    [0u64, 1, 300, 511].iter().all(|&k| {
+        // SAFETY: the store region is mapped (on demand) read-only in every task.
+        let v = unsafe { read_volatile((base + k * 8) as *const u64) };
+        v == word(i, k)
+    })
+}
+
+fn uffd_word(addr: u64, k: u64) -> u64 {
+    mix64(addr ^ (k << 3)) | 1
+}
+
+struct Line {
+    buf: [u8; 160],
+    len: usize,
+}
+
+impl Line {
+    fn new() -> Line {
+        Line { buf: [0; 160], len: 0 }
+    }
+    fn s(&mut self, t: &str) -> &mut Line {
+        for &b in t.as_bytes() {
+            if self.len < self.buf.len() {
+                self.buf[self.len] = b;
+                self.len += 1;
+            }
+        }
+        self
+    }
+    fn n(&mut self, v: u64) -> &mut Line {
+        push_decimal(&mut self.buf, &mut self.len, v);
+        self
+    }
+    fn print(&mut self) {
+        self.s("\n");
+        write(&self.buf[..self.len]);
+    }
+}
+
+/// The runner: every selected test, then the verdict.
+pub fn run(args: &TaskArgs) -> u64 {
+    let mut failed = 0;
+    for (i, name) in TESTS.iter().enumerate() {
+        if args.test != u64::MAX && args.test != i as u64 {
+            continue;
+        }
+        let ok = match *name {
+            "demand-zero" => demand_zero(),
+            "preempt" => preempt(),
+            "store" => store(),
+            "store-retries" => store_retries(),
+            "signal-handler" => signal_handler(),
+            "signal-in-fault" => signal_in_fault(),
+            "fatal-in-fault" => fatal_in_fault(),
+            "stop-cont-in-fault" => stop_cont_in_fault(),
+            "kernel-fault-signal" => kernel_fault_signal(),
+            "uffd" => wait(spawn(R_UFFD_OWNER, 0, u64::MAX)) == 0,
+            "uffd-handler-death" => wait(spawn(R_UFFD_OWNER, 1, u64::MAX)) == status::KILLED | sig::SIGBUS as i64,
+            "smp" => smp(),
+            "bench-fault" => bench_fault(),
+            _ => false,
+        };
+        Line::new().s("guest-test: ").s(name).s(" ... ").s(if ok { "ok" } else { "FAILED" }).print();
+        failed += u64::from(!ok);
+    }
+    let s = stats();
+    Line::new()
+        .s("guest-test: stats faults ")
+        .n(s.faults)
+        .s(" retries ")
+        .n(s.retries)
+        .s(" max-retries ")
+        .n(s.max_retries)
+        .s(" signal-interruptions ")
+        .n(s.signal_interruptions)
+        .s(" userfaults ")
+        .n(s.userfaults)
+        .print();
+    Line::new().s("guest-test: ").s(if failed == 0 { "all passed" } else { "FAILURES" }).print();
+    u64::from(failed != 0)
+}
+
+fn demand_zero() -> bool {
+    let before = stats().faults;
+    let base = USER_ANON_BASE;
+    for i in 0..64 {
+        // SAFETY: the scratch region is demand-zero memory of this task.
+        unsafe {
+            if read_volatile((base + i * PAGE_SIZE + 8) as *const u64) != 0 {
+                return false;
+            }
+            write_volatile((base + i * PAGE_SIZE) as *mut u64, i + 1);
+        }
+    }
+    // SAFETY: as above, now mapped.
+    let ok = (0..64).all(|i| unsafe { read_volatile((base + i * PAGE_SIZE) as *const u64) } == i + 1);
+    ok && stats().faults >= before + 64
+}
+
+fn preempt() -> bool {
+    // The spinner never enters the kernel: only the timer gets us back.
+    let t = spawn(R_SPIN, 0, u64::MAX);
+    sleep(30);
+    syscall(SYS_YIELD, 0, 0);
+    t >= 0 && kill(t, sig::SIGKILL) == 0 && wait(t) == status::KILLED | sig::SIGKILL as i64
+}
+
+fn store() -> bool {
+    (0..4).all(store_page_ok) && stats().store_reads >= 4
+}
+
+fn store_retries() -> bool {
+    // Signals interrupt the wait again and again: each one is a Retry.
+    let t = spawn(R_SIG_FAULT, 100, u64::MAX);
+    for _ in 0..4 {
+        sleep(20);
+        kill(t, sig::SIGUSR1);
+    }
+    let code = wait(t);
+    (2..100).contains(&code) && stats().max_retries >= 2
+}
+
+fn signal_handler() -> bool {
+    install(sig::SIGUSR2);
+    let before = HANDLED.load(Ordering::Relaxed);
+    let me = syscall(SYS_GETPID, 0, 0);
+    // Blocked: stays pending; unblocked: runs on the way back from sigmask.
+    syscall(SYS_SIGMASK, 1 << sig::SIGUSR2, 0);
+    kill(me, sig::SIGUSR2);
+    let blocked_ok = HANDLED.load(Ordering::Relaxed) == before;
+    syscall(SYS_SIGMASK, 0, 0);
+    blocked_ok && HANDLED.load(Ordering::Relaxed) == before + 1
+}
+
+fn signal_in_fault() -> bool {
+    let t = spawn(R_SIG_FAULT, 101, u64::MAX);
+    sleep(20);
+    kill(t, sig::SIGUSR1);
+    let code = wait(t);
+    (1..100).contains(&code)
+}
+
+fn fatal_in_fault() -> bool {
+    let t = spawn(R_PLAIN_FAULT, 102, u64::MAX);
+    sleep(20);
+    kill(t, sig::SIGTERM);
+    wait(t) == status::KILLED | sig::SIGTERM as i64
+}
+
+fn stop_cont_in_fault() -> bool {
+    let t = spawn(R_PLAIN_FAULT, 103, u64::MAX);
+    sleep(20);
+    kill(t, sig::SIGSTOP);
+    // The page arrives while the task is stopped.
+    let delay_ms = 400;
+    sleep(delay_ms);
+    kill(t, sig::SIGCONT);
+    wait(t) == 0
+}
+
+fn kernel_fault_signal() -> bool {
+    let t = spawn(R_KSUM, 104, u64::MAX);
+    sleep(20);
+    kill(t, sig::SIGUSR1);
+    wait(t) == 0
+}
+
+fn smp() -> bool {
+    let mut tids = [-1i64; 8];
+    for (cpu, t) in tids.iter_mut().enumerate() {
+        *t = spawn(R_TOUCH, 200 + 2 * cpu as u64, cpu as u64);
+        if *t < 0 {
+            break;
+        }
+    }
+    let uffd = wait(spawn(R_UFFD_OWNER, 2, u64::MAX)) == 0;
+    tids.iter().filter(|t| **t >= 0).all(|t| wait(*t) == 0) && uffd
+}
+
+fn bench_fault() -> bool {
+    const N: u64 = 200;
+    let start = rdtsc();
+    for _ in 0..N {
+        syscall(SYS_YIELD, 0, 0);
+    }
+    let sys = (rdtsc() - start) / N;
+    let base = USER_ANON_BASE + (32 << 20);
+    let start = rdtsc();
+    for i in 0..N {
+        // SAFETY: fresh demand-zero pages of the scratch region.
+        unsafe { write_volatile((base + i * PAGE_SIZE) as *mut u64, 1) };
+    }
+    let fault = (rdtsc() - start) / N;
+    Line::new()
+        .s("guest-bench: empty syscall ")
+        .n(sys)
+        .s(" cycles, demand-zero fault ")
+        .n(fault)
+        .s(" cycles, ratio x100 ")
+        .n(fault * 100 / sys.max(1))
+        .print();
+    true
+}
+
+/// A spawned task.
+pub fn child(args: &TaskArgs) -> u64 {
+    match args.role {
+        R_SPIN => loop {
+            core::hint::spin_loop();
+        },
+        R_SIG_FAULT => {
+            install(sig::SIGUSR1);
+            let ok = store_page_ok(args.arg);
+            if ok {
+                HANDLED.load(Ordering::Relaxed).min(99)
+            } else {
+                100
+            }
+        }
+        R_PLAIN_FAULT => u64::from(!store_page_ok(args.arg)),
+        R_KSUM => {
+            install(sig::SIGUSR1);
+            let i = args.arg;
+            let sum = syscall(SYS_SUM, USER_STORE_BASE + i * PAGE_SIZE, PAGE_SIZE) as u64;
+            let want = (0..512).fold(0u64, |s, k| s.wrapping_add(word(i, k)));
+            u64::from(sum != want || HANDLED.load(Ordering::Relaxed) == 0)
+        }
+        R_UFFD_OWNER => uffd_owner(args),
+        R_UFFD_HANDLER => uffd_handler(args.arg & 0xffff, args.arg >> 16),
+        R_TOUCH => {
+            let base = USER_ANON_BASE;
+            for i in 0..100 {
+                // SAFETY: demand-zero scratch memory of this task.
+                unsafe { write_volatile((base + i * PAGE_SIZE) as *mut u64, i ^ args.tid) };
+            }
+            // SAFETY: as above.
+            let anon = (0..100).all(|i| unsafe { read_volatile((base + i * PAGE_SIZE) as *const u64) } == i ^ args.tid);
+            u64::from(!(anon && store_page_ok(args.arg) && store_page_ok(args.arg + 1)))
+        }
+        _ => 1,
+    }
+}
+
+fn uffd_owner(args: &TaskArgs) -> u64 {
+    const PAGES: u64 = 4;
+    let start = USER_ANON_BASE + (16 << 20);
+    let id = syscall(SYS_UFFD_REGISTER, start, PAGES * PAGE_SIZE);
+    if id <= 0 {
+        return 10;
+    }
+    let mode = args.arg;
+    let cpu = if mode == 2 { u64::from(args.cpu) + 1 } else { u64::MAX };
+    let mut h = spawn(R_UFFD_HANDLER, id as u64 | (mode << 16), cpu);
+    if h < 0 && mode == 2 {
+        h = spawn(R_UFFD_HANDLER, id as u64, u64::MAX); // one vCPU only
+    }
+    if h < 0 {
+        return 11;
+    }
+    for i in 0..PAGES {
+        let page = start + i * PAGE_SIZE;
+        for k in [0u64, 5, 511] {
+            // SAFETY: registered anonymous memory of this task: the handler
+            // provides the page (or we get SIGBUS).
+            if unsafe { read_volatile((page + k * 8) as *const u64) } != uffd_word(page, k) {
+                return 12;
+            }
+        }
+    }
+    kill(h, sig::SIGKILL);
+    0
+}
+
+fn uffd_handler(id: u64, mode: u64) -> u64 {
+    let mut page = [0u64; 512];
+    loop {
+        let mut msg = UffdMsg::default();
+        if syscall(SYS_UFFD_READ, id, &mut msg as *mut UffdMsg as u64) != 0 {
+            return 20;
+        }
+        if mode == 1 {
+            return 0; // dies without answering: the owner must get SIGBUS
+        }
+        for (k, w) in page.iter_mut().enumerate() {
+            *w = uffd_word(msg.addr, k as u64);
+        }
+        syscall3(SYS_UFFD_COPY, id, msg.addr, page.as_ptr() as u64);
+    }
+}
