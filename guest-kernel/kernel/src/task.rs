@@ -50,12 +50,10 @@ const fn child_key(tid: usize) -> u64 {
 }
 
 /// Fault statistics (reported to the VMM, `abi::pv::store::GuestStats`).
+/// The per-fault figures are counted per task (no shared cache line, no
+/// locked instruction on the fault path) and summed when asked.
 pub mod stats {
     use core::sync::atomic::AtomicU64;
-    pub static FAULTS: AtomicU64 = AtomicU64::new(0);
-    pub static RETRIES: AtomicU64 = AtomicU64::new(0);
-    pub static MAX_RETRIES: AtomicU64 = AtomicU64::new(0);
-    pub static HIST: [AtomicU64; 8] = [const { AtomicU64::new(0) }; 8];
     pub static SIGNAL_INTERRUPTIONS: AtomicU64 = AtomicU64::new(0);
     pub static USERFAULTS: AtomicU64 = AtomicU64::new(0);
     pub static TICKS: AtomicU64 = AtomicU64::new(0);
@@ -66,17 +64,42 @@ pub mod stats {
 pub fn guest_stats() -> crate::abi::pv::store::GuestStats {
     use stats::*;
     let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let mut f = FaultStats::default();
+    for slot in &TASKS {
+        let ptr = slot.load(Ordering::Acquire);
+        if ptr.is_null() {
+            continue;
+        }
+        // SAFETY: tasks are never freed; the counters are plain words another
+        // CPU may be updating (a slightly stale sum is fine).
+        let t = unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*ptr).fstats)) };
+        f.faults += t.faults;
+        f.retries += t.retries;
+        f.max_retries = f.max_retries.max(t.max_retries);
+        for (a, b) in f.hist.iter_mut().zip(t.hist) {
+            *a += b;
+        }
+    }
     crate::abi::pv::store::GuestStats {
-        faults: r(&FAULTS),
-        retries: r(&RETRIES),
-        max_retries: r(&MAX_RETRIES),
-        retry_hist: core::array::from_fn(|i| r(&HIST[i])),
+        faults: f.faults,
+        retries: f.retries,
+        max_retries: f.max_retries,
+        retry_hist: f.hist,
         signal_interruptions: r(&SIGNAL_INTERRUPTIONS),
         userfaults: r(&USERFAULTS),
         store_reads: r(&crate::mm::store::READS),
         ticks: r(&TICKS),
         switches: r(&SWITCHES),
     }
+}
+
+/// Fault figures of one task.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FaultStats {
+    faults: u64,
+    retries: u64,
+    max_retries: u64,
+    hist: [u64; 8],
 }
 
 /// A task's private part (touched only by its CPU).
@@ -94,6 +117,11 @@ pub struct Task {
     /// Page faults completed for the task (kernel accesses included).
     pub faults: u64,
     pub retry: RetryTracker,
+    fstats: FaultStats,
+    /// Fast-path state of the task's own demand-zero faults: a batch of
+    /// never-used frames and the last leaf table.
+    frames: RunAlloc,
+    leaf: arch::paging::LeafCache,
     /// Checksum verdict of its SYS_REPORT, if it reported.
     pub checksum_ok: Option<bool>,
 }
@@ -193,15 +221,20 @@ pub fn current() -> &'static mut Task {
 }
 
 /// Maps fresh zero frames and store/shared/userfault pages for the fault core.
-struct Env {
+struct Env<'a> {
     tid: usize,
     guard: Option<SpinGuard<'static, ()>>,
+    frames: &'a mut RunAlloc,
+    leaf: &'a mut arch::paging::LeafCache,
 }
 
-impl FaultEnv for Env {
+/// Frames a task takes from the allocator at once for its demand-zero faults.
+const FRAME_BATCH: u64 = 16;
+
+impl FaultEnv for Env<'_> {
     fn map_zero(&mut self, root: u64, va: u64, perms: Perms) -> Result<(), NoMemory> {
-        let pa = frame::alloc_zeroed().ok_or(NoMemory)?;
-        arch::paging::map_4k(root, va, pa, perms)
+        let pa = self.frames.take(FRAME_BATCH).ok_or(NoMemory)?;
+        arch::paging::map_4k_cached(self.leaf, root, va, pa, perms)
     }
 
     fn map_shared(&mut self, root: u64, va: u64, index: u64, perms: Perms) -> Result<(), NoMemory> {
@@ -555,20 +588,24 @@ pub fn page_fault(frame: &mut TrapFrame, addr: u64, hw: u32) {
 
 /// One pass of the fault core for `task`, with statistics.
 fn fault(task: &mut Task, addr: u64, f: u32) -> VmFault {
-    stats::FAULTS.fetch_add(1, Ordering::Relaxed);
+    task.fstats.faults += 1;
     if f & flags::TRIED != 0 {
-        stats::RETRIES.fetch_add(1, Ordering::Relaxed);
+        task.fstats.retries += 1;
     }
-    let mut env = Env { tid: task.tid, guard: Some(MM_LOCKS[task.tid].lock()) };
+    let mut env = Env {
+        tid: task.tid,
+        guard: Some(MM_LOCKS[task.tid].lock()),
+        frames: &mut task.frames,
+        leaf: &mut task.leaf,
+    };
     let outcome = handle_mm_fault(&task.space, addr, f, &mut env);
     drop(env);
     if outcome == VmFault::Done {
         task.faults += 1;
         let retries = task.retry.end();
-        if retries > 0 {
-            stats::MAX_RETRIES.fetch_max(retries, Ordering::Relaxed);
-        }
-        stats::HIST[crate::mm::core::retry_bucket(retries)].fetch_add(1, Ordering::Relaxed);
+        let st = &mut task.fstats;
+        st.max_retries = st.max_retries.max(retries);
+        st.hist[crate::mm::core::retry_bucket(retries)] += 1;
     }
     outcome
 }
@@ -710,6 +747,9 @@ pub fn create(spec: Spec, shared: &Shared) -> Result<usize, CreateError> {
         restorers: [0; 32],
         faults: 0,
         retry: RetryTracker::default(),
+        fstats: FaultStats::default(),
+        frames: RunAlloc::default(),
+        leaf: arch::paging::LeafCache::default(),
         checksum_ok: None,
     });
     TASKS[tid].store(Box::into_raw(task), Ordering::Release);

@@ -123,6 +123,27 @@ fn leaf_flags(perms: Perms) -> u64 {
     leaf
 }
 
+/// A cache of the leaf table of the last 2 MiB block a space faulted in: the
+/// next demand-zero fault in the same block writes its entry directly instead
+/// of walking four levels (every instruction and memory operand is emulated).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LeafCache {
+    block: u64,
+    table: u64,
+}
+
+/// Like [`map_4k`], through `cache` (which must only be used with `root`).
+pub fn map_4k_cached(cache: &mut LeafCache, root: u64, va: u64, pa: u64, perms: Perms) -> Result<(), NoMemory> {
+    let block = va & !(LARGE_PAGE - 1);
+    if cache.table == 0 || cache.block != block {
+        cache.table = leaf_table(root, va)?;
+        cache.block = block;
+    }
+    // SAFETY: a leaf table of the caller's space (tables are never freed).
+    unsafe { table(cache.table)[index(va, 0)] = pa | leaf_flags(perms) };
+    Ok(())
+}
+
 /// Maps the 4 KiB page at `va` to frame `pa` in `root`, creating tables.
 pub fn map_4k(root: u64, va: u64, pa: u64, perms: Perms) -> Result<(), NoMemory> {
     let t = leaf_table(root, va)?;
