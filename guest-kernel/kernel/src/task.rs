@@ -305,7 +305,8 @@ pub fn wake_all(key: u64) {
 /// Sleeps the current task interruptibly on `key` (system calls; the caller
 /// restarts or completes the call).
 pub fn sleep_current(key: u64, ms: u64) {
-    let wake_at = if ms > 0 { JIFFIES.load(Ordering::Relaxed) + ms.div_ceil(arch::apic::TICK_MS).max(1) } else { 0 };
+    // +1: the next tick may be just about to come; sleep at least `ms`.
+    let wake_at = if ms > 0 { JIFFIES.load(Ordering::Relaxed) + ms.div_ceil(arch::apic::TICK_MS) + 1 } else { 0 };
     sleep_on(current_tid(), key, true, false, wake_at);
 }
 

@@ -193,6 +193,8 @@ fn store_retries() -> bool {
     // Signals interrupt the wait again and again (each one is a Retry) until
     // the page arrives and the task exits.
     let t = spawn(R_SIG_FAULT, 100, u64::MAX);
+    // Let it install its handler and start waiting first.
+    sleep(20);
     let mut sent = 0;
     while sent < 100 {
         sleep(10);
