@@ -121,12 +121,15 @@ pub struct AddressSpace {
     /// Architecture page-table root (physical address).
     pub root: u64,
     vmas: Vec<Vma>,
+    /// Some range is registered with a userfaultfd: another task (its handler)
+    /// may then change these page tables, so faults must take the lock.
+    pub shared_tables: bool,
 }
 
 impl AddressSpace {
     /// An empty space with page-table root `root`.
     pub fn new(root: u64) -> Self {
-        AddressSpace { root, vmas: Vec::new() }
+        AddressSpace { root, vmas: Vec::new(), shared_tables: false }
     }
 
     /// Adds a region.
@@ -159,6 +162,7 @@ impl AddressSpace {
             .position(|v| v.start <= start && end <= v.end && v.kind == VmaKind::AnonZero && v.uffd == 0)
             .ok_or(VmaError::NotAnon)?;
         let v = self.vmas.remove(i);
+        self.shared_tables = true;
         for (s, e, u) in [(v.start, start, 0), (start, end, id), (end, v.end, 0)] {
             if s < e {
                 self.vmas.push(Vma { start: s, end: e, uffd: u, ..v });
