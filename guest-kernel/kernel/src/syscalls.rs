@@ -136,7 +136,10 @@ fn uffd_register(start: u64, len: u64) -> Ret {
     let Some(end) = start.checked_add(len) else { return Ret::Value(EINVAL) };
     let Some(id) = crate::uffd::create(t.tid, t.space.root, start, end) else { return Ret::Value(EAGAIN) };
     match t.space.register_uffd(start, end, id) {
-        Ok(()) => Ret::Value(i64::from(id)),
+        Ok(()) => {
+            task::forget_fast_region(t);
+            Ret::Value(i64::from(id))
+        }
         Err(_) => Ret::Value(EINVAL),
     }
 }

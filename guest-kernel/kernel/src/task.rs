@@ -122,6 +122,9 @@ pub struct Task {
     /// never-used frames and the last leaf table.
     frames: RunAlloc,
     leaf: arch::paging::LeafCache,
+    /// The writable demand-zero region (no uffd) of the last fault the core
+    /// resolved: `[start, end)`, perms. A cache of the core's decision.
+    fast: (u64, u64, Perms),
     /// Checksum verdict of its SYS_REPORT, if it reported.
     pub checksum_ok: Option<bool>,
 }
@@ -570,6 +573,27 @@ pub fn tick(frame: &mut TrapFrame) {
 pub fn page_fault(frame: &mut TrapFrame, addr: u64, hw: u32) {
     let tid = current_tid();
     let task = task_mut(tid);
+    // Fast path (every instruction is emulated): a missing page of the
+    // demand-zero region the core served last, a frame left in the batch and
+    // the leaf table cached. Exactly what the core would do, minus the lookups.
+    if hw & !flags::WRITE == 0 && task.fast.0 <= addr && addr < task.fast.1 && task.retry.page == u64::MAX {
+        if let Some(pa) = task.frames.take_cached() {
+            if arch::paging::map_4k_if_cached(&task.leaf, addr & !(PAGE_SIZE - 1), pa, task.fast.2) {
+                task.faults += 1;
+                task.fstats.faults += 1;
+                task.fstats.hist[0] += 1;
+                return_to_user(frame);
+                return;
+            }
+            task.frames.untake(pa);
+        }
+    }
+    page_fault_slow(task, frame, addr, hw);
+}
+
+#[inline(never)]
+fn page_fault_slow(task: &mut Task, frame: &mut TrapFrame, addr: u64, hw: u32) {
+    let tid = task.tid;
     let f = hw | flags::USER_FAULT | task.retry.begin(addr);
     let outcome = fault(task, addr, f);
     match outcome {
@@ -604,6 +628,12 @@ fn fault(task: &mut Task, addr: u64, f: u32) -> VmFault {
     let outcome = handle_mm_fault(&task.space, addr, f, &mut env);
     drop(env);
     if outcome == VmFault::Done {
+        // Remember a writable demand-zero region for the fast path.
+        if let Some(v) = task.space.find(addr) {
+            if v.kind == VmaKind::AnonZero && v.uffd == 0 && v.perms.write && v.perms.user && !task.space.shared_tables {
+                task.fast = (v.start, v.end, v.perms);
+            }
+        }
         task.faults += 1;
         let retries = task.retry.end();
         let st = &mut task.fstats;
@@ -753,6 +783,7 @@ pub fn create(spec: Spec, shared: &Shared) -> Result<usize, CreateError> {
         fstats: FaultStats::default(),
         frames: RunAlloc::default(),
         leaf: arch::paging::LeafCache::default(),
+        fast: (0, 0, USER_RW),
         checksum_ok: None,
     });
     TASKS[tid].store(Box::into_raw(task), Ordering::Release);
@@ -814,6 +845,11 @@ pub fn expect_top_level(n: u32) {
 /// returns.
 pub fn start_cpu(cpu: u32) -> ! {
     switch_away(cpu as usize, NONE)
+}
+
+/// Forgets the fast-path region (its ranges may now belong to a uffd).
+pub fn forget_fast_region(task: &mut Task) {
+    task.fast = (0, 0, USER_RW);
 }
 
 /// Resolves page `addr` of uffd `id` with a copy of the current task's page

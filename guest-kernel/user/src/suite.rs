@@ -203,8 +203,11 @@ fn store_retries() -> bool {
         }
         sent += 1;
     }
+    // One signal during the wait already makes two retries (after the
+    // handler, after the completion); guest time may run slow on a loaded
+    // host, so more signals are likely but not certain.
     let code = wait(t);
-    (2..100).contains(&code) && stats().max_retries >= 2
+    (1..100).contains(&code) && stats().max_retries >= 2
 }
 
 fn signal_handler() -> bool {

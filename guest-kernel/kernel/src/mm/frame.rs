@@ -152,6 +152,25 @@ impl RunAlloc {
         Some(pa)
     }
 
+    /// A frame of the current run, if any is left (no allocator call).
+    #[inline(always)]
+    pub fn take_cached(&mut self) -> Option<u64> {
+        if self.left == 0 {
+            return None;
+        }
+        let pa = self.next;
+        self.next += PAGE_SIZE;
+        self.left -= 1;
+        Some(pa)
+    }
+
+    /// Gives back the frame [`RunAlloc::take_cached`] just returned.
+    #[inline(always)]
+    pub fn untake(&mut self, pa: u64) {
+        self.next = pa;
+        self.left += 1;
+    }
+
     /// Up to `max` (at least 1) contiguous frames `(first, count)` at once; `want`
     /// as in [`RunAlloc::take`].
     pub fn take_run(&mut self, max: u64, want: u64) -> Option<(u64, u64)> {

@@ -132,6 +132,18 @@ pub struct LeafCache {
     table: u64,
 }
 
+/// The fast path of [`map_4k_cached`]: maps only if `va` is in the cached
+/// block (`false`: nothing done, take the slow path).
+#[inline(always)]
+pub fn map_4k_if_cached(cache: &LeafCache, va: u64, pa: u64, perms: Perms) -> bool {
+    if cache.table == 0 || cache.block != va & !(LARGE_PAGE - 1) {
+        return false;
+    }
+    // SAFETY: a leaf table of the space the cache belongs to (never freed).
+    unsafe { table(cache.table)[index(va, 0)] = pa | leaf_flags(perms) };
+    true
+}
+
 /// Like [`map_4k`], through `cache` (which must only be used with `root`).
 pub fn map_4k_cached(cache: &mut LeafCache, root: u64, va: u64, pa: u64, perms: Perms) -> Result<(), NoMemory> {
     let block = va & !(LARGE_PAGE - 1);
