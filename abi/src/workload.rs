@@ -103,6 +103,7 @@ pub const TESTS: &[&str] = &[
     "kernel-fault-signal",
     "uffd",
     "uffd-handler-death",
+    "uffd-signal",
     "smp",
     "bench-fault",
 ];

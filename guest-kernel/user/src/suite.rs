@@ -136,6 +136,7 @@ pub fn run(args: &TaskArgs) -> u64 {
             "kernel-fault-signal" => kernel_fault_signal(),
             "uffd" => wait(spawn(R_UFFD_OWNER, 0, u64::MAX)) == 0,
             "uffd-handler-death" => wait(spawn(R_UFFD_OWNER, 1, u64::MAX)) == status::KILLED | sig::SIGBUS as i64,
+            "uffd-signal" => uffd_signal(),
             "smp" => smp(),
             "bench-fault" => bench_fault(),
             _ => false,
@@ -255,6 +256,14 @@ fn kernel_fault_signal() -> bool {
     wait(t) == 0
 }
 
+fn uffd_signal() -> bool {
+    // The handler answers slowly; a signal arrives while the owner waits.
+    let t = spawn(R_UFFD_OWNER, 3, u64::MAX);
+    sleep(30);
+    kill(t, sig::SIGUSR1);
+    wait(t) == 0
+}
+
 fn smp() -> bool {
     let mut tids = [-1i64; 8];
     for (cpu, t) in tids.iter_mut().enumerate() {
@@ -354,6 +363,9 @@ fn uffd_owner(args: &TaskArgs) -> u64 {
         return 10;
     }
     let mode = args.arg;
+    if mode == 3 {
+        install(sig::SIGUSR1);
+    }
     let cpu = if mode == 2 { u64::from(args.cpu) + 1 } else { u64::MAX };
     let mut h = spawn(R_UFFD_HANDLER, id as u64 | (mode << 16), cpu);
     if h < 0 && mode == 2 {
@@ -373,7 +385,14 @@ fn uffd_owner(args: &TaskArgs) -> u64 {
         }
     }
     kill(h, sig::SIGKILL);
-    0
+    // Mode 3: the signal must have been handled (during a wait, or late).
+    for _ in 0..100 {
+        if mode != 3 || HANDLED.load(Ordering::Relaxed) != 0 {
+            return 0;
+        }
+        sleep(10);
+    }
+    13
 }
 
 fn uffd_handler(id: u64, mode: u64) -> u64 {
@@ -385,6 +404,9 @@ fn uffd_handler(id: u64, mode: u64) -> u64 {
         }
         if mode == 1 {
             return 0; // dies without answering: the owner must get SIGBUS
+        }
+        if mode == 3 {
+            sleep(100); // a slow handler: the owner's wait gets a signal
         }
         for (k, w) in page.iter_mut().enumerate() {
             *w = uffd_word(msg.addr, k as u64);
