@@ -158,7 +158,10 @@ pub mod store {
     /// Bucket of a retry count.
     pub const fn hist_bucket(retries: u64) -> usize {
         match retries {
-            0..=3 => retries as usize,
+            0 => 0,
+            1 => 1,
+            2 => 2,
+            3 => 3,
             4..=7 => 4,
             8..=15 => 5,
             16..=31 => 6,

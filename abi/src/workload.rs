@@ -222,8 +222,9 @@ pub fn parse_cmdline(cmdline: &str) -> Result<WorkloadConfig, CmdlineError<'_>> 
             }
             "tasks" => {
                 cfg.tasks = parse_u64(value)
+                    .and_then(|t| u32::try_from(t).ok())
                     .filter(|t| (1..=8).contains(t))
-                    .ok_or(bad("1 to 8"))? as u32
+                    .ok_or(bad("1 to 8"))?
             }
             _ => return Err(CmdlineError::UnknownKey(key)),
         }

@@ -79,7 +79,7 @@ impl PageStore {
                 let valid = a[0] < store::PAGES
                     && a[1] % PAGE_SIZE == 0
                     && self.mem.read_obj::<u64>(GuestAddress(a[1].wrapping_add(PAGE_SIZE - 8))).is_ok()
-                    && (a[2] as usize) < store::SLOTS
+                    && usize::try_from(a[2]).is_ok_and(|slot| slot < store::SLOTS)
                     && a[3] != 0;
                 let delay = Duration::from_micros(a[4].min(10_000_000));
                 valid
@@ -134,7 +134,8 @@ fn worker(mem: &GuestMemoryMmap, completion: &Mutex<Option<u64>>, rx: &Receiver<
 }
 
 fn serve(mem: &GuestMemoryMmap, completion: &Mutex<Option<u64>>, r: &Read) {
-    let mut page = [0u8; PAGE_SIZE as usize];
+    let mut page = [0u8; 4096];
+    const _: () = assert!(PAGE_SIZE == 4096);
     for (k, chunk) in page.chunks_exact_mut(8).enumerate() {
         chunk.copy_from_slice(&store::word(r.index, k as u64).to_le_bytes());
     }

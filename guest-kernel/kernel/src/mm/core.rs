@@ -267,7 +267,10 @@ fn wait_for<E: FaultEnv>(env: &mut E, flags: u32, get: impl FnOnce(&mut E) -> Pa
 /// Histogram bucket of a retry count: 0, 1, 2, 3, 4-7, 8-15, 16-31, 32+.
 pub const fn retry_bucket(retries: u64) -> usize {
     match retries {
-        0..=3 => retries as usize,
+        0 => 0,
+        1 => 1,
+        2 => 2,
+        3 => 3,
         4..=7 => 4,
         8..=15 => 5,
         16..=31 => 6,
