@@ -8,6 +8,8 @@ use std::time::Instant;
 use vm_device::bus::{PioAddress, PioAddressOffset};
 use vm_device::MutDevicePio;
 use vm_superio::serial::NoEvents;
+/// The UART state saved in snapshots.
+pub use vm_superio::serial::SerialState;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -88,6 +90,24 @@ impl SerialConsole {
         }
     }
 
+    /// Like [`SerialConsole::with_first_output`], with the UART's registers and
+    /// receive FIFO taken from a snapshot.
+    pub fn from_state(
+        irq: EventFd,
+        out: SerialOutput,
+        first_output: Arc<OnceLock<Instant>>,
+        state: &SerialState,
+    ) -> Result<Self, String> {
+        let uart = Serial::from_state(state, EventFdTrigger(irq), NoEvents, SerialWriter { out, first_output })
+            .map_err(|e| format!("{e:?}"))?;
+        Ok(SerialConsole { uart })
+    }
+
+    /// The UART's registers and receive FIFO (for snapshots).
+    pub fn state(&self) -> SerialState {
+        self.uart.state()
+    }
+
     /// Queues host input for the guest; returns how many bytes fit in the FIFO.
     pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
         self.uart.enqueue_raw_bytes(bytes).unwrap_or(0)
@@ -127,5 +147,22 @@ mod tests {
         let mut lsr = [0u8];
         con.pio_read(PioAddress(abi::ports::SERIAL_PORT), 5, &mut lsr);
         assert_ne!(lsr[0] & 0x20, 0);
+    }
+
+    #[test]
+    fn state_round_trips() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut con = SerialConsole::new(irq, SerialOutput::Capture(Arc::default()));
+        con.pio_write(PioAddress(abi::ports::SERIAL_PORT), 7, &[0x5a]); // scratch
+        con.enqueue_input(b"ab");
+        let state = con.state();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let back =
+            SerialConsole::from_state(irq, SerialOutput::Capture(Arc::default()), Arc::default(), &state).unwrap();
+        assert_eq!(back.state(), state);
+        let mut too_much = state;
+        too_much.in_buffer = vec![0; 1000];
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        assert!(SerialConsole::from_state(irq, SerialOutput::Stdout, Arc::default(), &too_much).is_err());
     }
 }

@@ -12,6 +12,7 @@
 
 use crate::lazy::BlockedFault;
 use crate::signals::ShutdownSignals;
+use crate::snapshot::{self, AfterSnapshot, SaveCtx, SnapshotError, SnapshotInfo};
 use crate::vcpu::{VcpuError, VcpuFn, VcpuHandle, VcpuRequest, VcpuState, VcpuStatsSnapshot, VcpuStopped};
 use crate::vm::{GuestEnd, MemoryFaultPolicy, RunOutcome, Vm, VmError};
 use devices::serial::SerialConsole;
@@ -19,6 +20,8 @@ use devices::DeviceEvent;
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use std::io::Read;
 use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -92,6 +95,7 @@ pub(crate) enum ControlRequest {
     Kick(Option<u32>),
     Stats(Sender<LiveStats>),
     RunOnVcpu(u32, VcpuFn, Sender<Result<(), ControlError>>),
+    Snapshot(PathBuf, AfterSnapshot, Sender<Result<SnapshotInfo, SnapshotError>>),
     Stop,
 }
 
@@ -140,6 +144,55 @@ pub struct RunningVm {
     thread: JoinHandle<Result<RunOutcome, VmError>>,
 }
 
+/// A cloneable handle on a running VM's controller, for other threads (the
+/// control socket): the requests of [`RunningVm`] without `wait`.
+#[derive(Clone)]
+pub struct VmHandle {
+    events: EventSender,
+}
+
+impl std::fmt::Debug for VmHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmHandle").finish_non_exhaustive()
+    }
+}
+
+impl VmHandle {
+    fn ask<T>(&self, make: impl FnOnce(Sender<T>) -> ControlRequest) -> Result<T, ControlError> {
+        let (tx, rx) = mpsc::channel();
+        if !self.events.send(VmEvent::Control(make(tx))) {
+            return Err(ControlError::Ended);
+        }
+        rx.recv().map_err(|_| ControlError::Ended)
+    }
+
+    /// See [`RunningVm::pause`].
+    pub fn pause(&self) -> Result<PauseReport, ControlError> {
+        self.ask(ControlRequest::Pause)?
+    }
+
+    /// See [`RunningVm::resume`].
+    pub fn resume(&self) -> Result<(), ControlError> {
+        self.ask(ControlRequest::Resume)?
+    }
+
+    /// See [`RunningVm::stats`].
+    pub fn stats(&self) -> Result<LiveStats, ControlError> {
+        self.ask(ControlRequest::Stats)
+    }
+
+    /// See [`RunningVm::snapshot`].
+    pub fn snapshot(&self, dir: &Path, after: AfterSnapshot) -> Result<SnapshotInfo, SnapshotError> {
+        self.ask(|tx| ControlRequest::Snapshot(dir.to_owned(), after, tx))
+            .map_err(|e| SnapshotError::Control(e.to_string()))?
+    }
+
+    /// See [`RunningVm::stop`].
+    pub fn stop(&self) {
+        self.events.send(VmEvent::Control(ControlRequest::Stop));
+    }
+}
+
 impl std::fmt::Debug for RunningVm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RunningVm").finish_non_exhaustive()
@@ -185,6 +238,21 @@ impl RunningVm {
         self.ask(|tx| ControlRequest::RunOnVcpu(cpu, f, tx))?
     }
 
+    /// Pauses the VM (if running), saves a snapshot to `dir` (see
+    /// `docs/snapshot.md`), then resumes, stays paused or ends the run as
+    /// `after` says. Lazily backed memory is fetched in full first, so the
+    /// snapshot does not depend on the page source.
+    pub fn snapshot(&self, dir: &Path, after: AfterSnapshot) -> Result<SnapshotInfo, SnapshotError> {
+        self.handle().snapshot(dir, after)
+    }
+
+    /// A cloneable handle for other threads.
+    pub fn handle(&self) -> VmHandle {
+        VmHandle {
+            events: self.events.clone(),
+        }
+    }
+
     /// Ends the run (the guest is stopped where it is).
     pub fn stop(&self) {
         self.events.send(VmEvent::Control(ControlRequest::Stop));
@@ -213,9 +281,20 @@ pub(crate) fn start(mut vm: Vm) -> Result<RunningVm, VmError> {
         })
     };
     let mut handles = Vec::new();
+    // Only the bootstrap vCPU runs at first (see abi::boot); a restored VM
+    // runs the vCPUs the guest had started.
+    let (started, reports) = match vm.restored.take() {
+        Some(r) => r,
+        None => {
+            let mut s = vec![false; vm.vcpu_fds.len()];
+            if let Some(first) = s.first_mut() {
+                *first = true;
+            }
+            (s, Vec::new())
+        }
+    };
     for (i, fd) in (0u32..).zip(vm.vcpu_fds.drain(..)) {
-        // Only the bootstrap vCPU runs at first (see abi::boot).
-        let initial = if i == 0 {
+        let initial = if started.get(i as usize).copied().unwrap_or(false) {
             VcpuState::Running
         } else {
             VcpuState::Paused
@@ -228,18 +307,19 @@ pub(crate) fn start(mut vm: Vm) -> Result<RunningVm, VmError> {
             on_stop.clone(),
         )?);
     }
-    let mut started = vec![false; handles.len()];
-    if let Some(s) = started.first_mut() {
-        *s = true;
-    }
     let thread = std::thread::Builder::new()
         .name("vmm-controller".into())
-        .spawn(move || run_loop(vm, handles, started))
+        .spawn(move || run_loop(vm, handles, started, reports))
         .map_err(|e| VmError::Device(format!("cannot start the controller thread: {e}")))?;
     Ok(RunningVm { events, thread })
 }
 
-fn run_loop(mut vm: Vm, handles: Vec<VcpuHandle>, started: Vec<bool>) -> Result<RunOutcome, VmError> {
+fn run_loop(
+    mut vm: Vm,
+    handles: Vec<VcpuHandle>,
+    started: Vec<bool>,
+    reports: Vec<abi::pv::WorkloadReport>,
+) -> Result<RunOutcome, VmError> {
     let poisoned = || VmError::Device("controller poisoned".into());
     let controller = Arc::new(Mutex::new(Controller {
         events_fd: vm.events.fd.clone(),
@@ -249,9 +329,10 @@ fn run_loop(mut vm: Vm, handles: Vec<VcpuHandle>, started: Vec<bool>) -> Result<
         paused: false,
         memory_fault: None,
         end: None,
-        reports: Vec::new(),
+        reports,
         bad_requests: Vec::new(),
         blocked: vm.blocked_faults_fn(),
+        save: vm.save_ctx(),
     }));
     let mut em: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
         EventManager::new().map_err(|e| VmError::Device(format!("event manager: {e:?}")))?;
@@ -328,6 +409,7 @@ struct Controller {
     reports: Vec<abi::pv::WorkloadReport>,
     bad_requests: Vec<String>,
     blocked: BlockedFn,
+    save: SaveCtx,
 }
 
 /// Where an outstanding request to a vCPU stands.
@@ -396,10 +478,85 @@ impl Controller {
             ControlRequest::RunOnVcpu(cpu, f, reply) => {
                 let _ = reply.send(self.run_on_vcpu(cpu, f));
             }
+            ControlRequest::Snapshot(dir, after, reply) => {
+                let _ = reply.send(self.snapshot(&dir, after));
+            }
             ControlRequest::Stop => {
                 self.end.get_or_insert(GuestEnd::Stopped);
             }
         }
+    }
+
+    fn snapshot(&mut self, dir: &Path, after: AfterSnapshot) -> Result<SnapshotInfo, SnapshotError> {
+        let control = |e: ControlError| SnapshotError::Control(e.to_string());
+        if self.end.is_some() {
+            return Err(control(ControlError::Ended));
+        }
+        let start = Instant::now();
+        let was_paused = self.paused;
+        if !was_paused {
+            self.pause().map_err(control)?;
+        }
+        let result = self.save_to(dir, start);
+        let resume = match after {
+            AfterSnapshot::Resume => true,
+            AfterSnapshot::Restore => !was_paused,
+            AfterSnapshot::Pause => false,
+            // A failed snapshot leaves the VM as it was.
+            AfterSnapshot::Stop => result.is_err() && !was_paused,
+        };
+        if after == AfterSnapshot::Stop && result.is_ok() {
+            self.end.get_or_insert(GuestEnd::Stopped);
+        } else if resume && self.paused {
+            self.resume().map_err(control)?;
+        }
+        result
+    }
+
+    /// Saves the paused VM.
+    fn save_to(&mut self, dir: &Path, start: Instant) -> Result<SnapshotInfo, SnapshotError> {
+        if let Some(m) = &self.save.materializer {
+            m.run(&AtomicBool::new(false), &AtomicU64::new(0))
+                .map_err(|e| SnapshotError::Control(format!("guest memory cannot be fetched in full: {e}")))?;
+        }
+        let msrs = Arc::new(snapshot::msr_index_list()?);
+        let mut vcpus = Vec::new();
+        for h in &mut self.handles {
+            let (tx, rx) = mpsc::channel();
+            let msrs = msrs.clone();
+            let f: VcpuFn = Box::new(move |fd| {
+                let _ = tx.send(snapshot::save_vcpu(fd, &msrs));
+            });
+            h.request(VcpuRequest::Run(f), ACK_TIMEOUT)
+                .map_err(|e| SnapshotError::Control(e.to_string()))?;
+            vcpus.push(rx.recv().map_err(|_| {
+                SnapshotError::Control(format!("vCPU {} did not return its state", h.cpu()))
+            })??);
+        }
+        let (irqchip, pit, clock) = snapshot::save_vm(&self.save.vm_fd)?;
+        let serial = self
+            .save
+            .serial
+            .lock()
+            .map_err(|_| SnapshotError::Control("the serial console is poisoned".into()))?
+            .state();
+        let state = snapshot::VmState {
+            config: snapshot::config_state(&self.save.config),
+            vcpus,
+            irqchip,
+            pit,
+            clock,
+            serial: (&serial).into(),
+            started: self.started.clone(),
+            reports: self.reports.iter().map(Into::into).collect(),
+        };
+        let manifest = snapshot::write_snapshot(dir, &state, &self.save.mem)?;
+        Ok(SnapshotInfo {
+            dir: dir.to_owned(),
+            memory_bytes: manifest.memory.extents.iter().map(|e| e.len).sum(),
+            extents: manifest.memory.extents.len(),
+            took_ms: start.elapsed().as_secs_f64() * 1e3,
+        })
     }
 
     /// The guest page a vCPU is blocked on, if the userfault handler holds a

@@ -10,10 +10,13 @@
 
 use crate::config::MemBackend;
 use ::memory::{
-    CoreConfig, FaultError, FaultHandler, FileSource, HandlerControl, HandlerError, PageSource, Region,
-    RegisterMode, RetryCore, Stats, Uffd, ZeroSource,
+    CoreConfig, FaultError, FaultHandler, FaultOutcome, FileSource, HandlerControl, HandlerError, PageSource,
+    PageState, Region, RegisterMode, RetryCore, RetryReason, Stats, Uffd, ZeroSource,
 };
+use abi::layout::{ram_ranges, PAGE_SIZE};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use std::thread::JoinHandle;
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
@@ -75,6 +78,68 @@ pub struct LazyMemory {
     control: HandlerControl,
     regions: Vec<Region>,
     thread: Option<JoinHandle<Result<(), HandlerError>>>,
+    /// Guest-physical ranges `(gpa, len)` the source holds data for.
+    data_ranges: Arc<Vec<(u64, u64)>>,
+    prefetch: Option<Prefetch>,
+}
+
+/// A running background prefetch.
+#[derive(Debug)]
+struct Prefetch {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<()>,
+    pages: Arc<AtomicU64>,
+}
+
+/// Fetches every missing page of the source's data ranges through the retry
+/// cores, as a fault would (so it races safely with the handler: the cores'
+/// page claims decide who fills a page). Used by the background prefetch of a
+/// lazy restore and before a snapshot of lazily backed memory, whose pages
+/// not yet fetched would otherwise be missing from it.
+#[derive(Debug, Clone)]
+pub struct Materializer {
+    uffd: Arc<Uffd>,
+    cores: Vec<Arc<RetryCore>>,
+    ranges: Arc<Vec<(u64, u64)>>,
+}
+
+impl Materializer {
+    /// Fetches the missing pages; returns how many faults it resolved. Stops
+    /// early (`Ok`) when `stop` is set, fails on a page the source cannot give.
+    pub fn run(&self, stop: &AtomicBool, done: &AtomicU64) -> Result<(), String> {
+        for &(gpa, len) in self.ranges.iter() {
+            let mut a = gpa;
+            while a < gpa + len {
+                if stop.load(Ordering::Relaxed) {
+                    return Ok(());
+                }
+                let Some((core, host)) = self.cores.iter().find_map(|c| {
+                    let r = c.region();
+                    (a >= r.guest_offset && a - r.guest_offset < r.size)
+                        .then(|| (c, r.host_base + (a - r.guest_offset)))
+                }) else {
+                    a += PAGE_SIZE;
+                    continue;
+                };
+                if core.page_state(host) == Some(PageState::Missing) {
+                    loop {
+                        let report = core.resolve_waiting(&self.uffd, host, Instant::now() + Duration::from_millis(100));
+                        match report.outcome {
+                            FaultOutcome::Resolved { .. } => break,
+                            FaultOutcome::Failed(e) => return Err(e.to_string()),
+                            FaultOutcome::Retry(RetryReason::TimedOut) if stop.load(Ordering::Relaxed) => {
+                                return Ok(())
+                            }
+                            FaultOutcome::Retry(_) => {}
+                        }
+                    }
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+                a += PAGE_SIZE;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Opens the page source of `backend` (`None` for plain anonymous memory).
@@ -139,6 +204,19 @@ impl LazyMemory {
                 r
             })
             .map_err(LazyError::Thread)?;
+        // A memory file holds data up to its end; a zero source holds none.
+        let data_ranges = match backend {
+            MemBackend::File { path, offset } => {
+                let file_len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+                let data_end = file_len.saturating_sub(*offset);
+                ram_ranges(mem.iter().map(GuestMemoryRegion::len).sum())
+                    .into_iter()
+                    .filter(|&(a, _)| a < data_end)
+                    .map(|(a, l)| (a, l.min(data_end - a)))
+                    .collect()
+            }
+            _ => Vec::new(),
+        };
         Ok(Some(LazyMemory {
             backend: backend.to_string(),
             fault_around,
@@ -146,7 +224,49 @@ impl LazyMemory {
             control,
             regions,
             thread: Some(thread),
+            data_ranges: Arc::new(data_ranges),
+            prefetch: None,
         }))
+    }
+
+    /// Sets the guest-physical ranges `(gpa, len)` the source holds data for
+    /// (prefetch and snapshots fetch those; the rest reads as zero).
+    pub fn set_data_ranges(&mut self, ranges: Vec<(u64, u64)>) {
+        self.data_ranges = Arc::new(ranges);
+    }
+
+    /// See [`Materializer`].
+    pub fn materializer(&self) -> Materializer {
+        Materializer {
+            uffd: self.uffd.clone(),
+            cores: self.control.cores().to_vec(),
+            ranges: self.data_ranges.clone(),
+        }
+    }
+
+    /// Starts a background thread that fetches every page of the data ranges
+    /// not fetched yet, ahead of the guest's faults.
+    pub fn start_prefetch(&mut self) -> Result<(), LazyError> {
+        let m = self.materializer();
+        let stop = Arc::new(AtomicBool::new(false));
+        let pages = Arc::new(AtomicU64::new(0));
+        let (s, p) = (stop.clone(), pages.clone());
+        let thread = std::thread::Builder::new()
+            .name("prefetch".into())
+            .spawn(move || {
+                if let Err(e) = m.run(&s, &p) {
+                    // The faulting vCPU reports it too; prefetch just stops.
+                    tracing::warn!("prefetch stopped: {e}");
+                }
+            })
+            .map_err(LazyError::Thread)?;
+        self.prefetch = Some(Prefetch { stop, thread, pages });
+        Ok(())
+    }
+
+    /// Pages the background prefetch fetched so far (fault-around included in one).
+    pub fn prefetched(&self) -> u64 {
+        self.prefetch.as_ref().map_or(0, |p| p.pages.load(Ordering::Relaxed))
     }
 
     /// Stage-2 fault accounting per faulting thread (gettid).
@@ -199,6 +319,11 @@ impl LazyMemory {
 
     /// Stops the handler thread and waits for it.
     pub fn stop(&mut self) {
+        // The prefetch fills pages through the handler's cores: it goes first.
+        if let Some(p) = self.prefetch.take() {
+            p.stop.store(true, Ordering::Relaxed);
+            let _ = p.thread.join();
+        }
         self.control.stop();
         if let Some(t) = self.thread.take() {
             match t.join() {

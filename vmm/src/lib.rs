@@ -9,6 +9,7 @@
 pub mod arch;
 pub mod bench;
 pub mod config;
+pub mod control;
 pub mod controller;
 pub mod exit;
 pub mod guest;
@@ -17,6 +18,8 @@ pub mod loader;
 pub mod memory;
 pub mod plot;
 pub mod signals;
+pub mod snapshot;
+pub mod snapshot_source;
 pub mod stress;
 pub mod vcpu;
 pub mod vm;

@@ -3,7 +3,7 @@
 
 use abi::exit::ExitCode;
 use clap::{Parser, Subcommand};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode as ProcessExit;
 use std::time::Duration;
 use vmm::config::ConfigFile;
@@ -21,6 +21,10 @@ struct Cli {
 enum Command {
     /// Boot a microVM (the bundled guest kernel unless --kernel is given).
     Run(RunArgs),
+    /// Send a request to the control socket of a `vmm run --control PATH`.
+    Ctl(CtlArgs),
+    /// Restore a microVM from a snapshot directory; the guest continues where it was.
+    Restore(RestoreArgs),
     /// Benchmarks, each with its baseline measured in the same run.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -113,6 +117,69 @@ struct RunArgs {
     /// Give up after this many seconds (exit code 11).
     #[arg(long)]
     timeout: Option<f64>,
+    /// Serve a Unix control socket at PATH (`vmm ctl PATH ...`; JSON lines, see docs/snapshot.md).
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
+struct CtlArgs {
+    /// The control socket of the running VMM.
+    socket: PathBuf,
+    #[command(subcommand)]
+    request: CtlRequest,
+}
+
+#[derive(Subcommand, Debug)]
+enum CtlRequest {
+    /// Pause every vCPU.
+    Pause,
+    /// Resume the vCPUs.
+    Resume,
+    /// Print live statistics (JSON).
+    Stats,
+    /// Pause, save a snapshot to DIR, then go back to how the VM was
+    /// (or --resume / --stop / --pause).
+    Snapshot {
+        /// The snapshot directory (created; an older snapshot there is replaced).
+        #[arg(long, value_name = "DIR")]
+        to: PathBuf,
+        /// Resume the VM afterwards, even if it was paused.
+        #[arg(long, conflicts_with_all = ["stop", "pause"])]
+        resume: bool,
+        /// End the run once the snapshot is written.
+        #[arg(long, conflicts_with = "pause")]
+        stop: bool,
+        /// Stay paused afterwards.
+        #[arg(long)]
+        pause: bool,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct RestoreArgs {
+    /// The snapshot directory (written by `vmm ctl PATH snapshot --to DIR`).
+    #[arg(long, value_name = "DIR")]
+    from: PathBuf,
+    /// Serve guest memory lazily from the snapshot through the retry core
+    /// (start at once; pages are read on first touch, with fault-around).
+    #[arg(long)]
+    lazy: bool,
+    /// With --lazy: fetch the remaining pages in a background thread.
+    #[arg(long, requires = "lazy")]
+    prefetch: bool,
+    /// With --lazy: fault-around window in pages (0 = off, power of two up to 512).
+    #[arg(long, value_name = "PAGES", requires = "lazy")]
+    fault_around: Option<u32>,
+    /// Write run statistics as JSON to FILE, or `-` for stdout.
+    #[arg(long, value_name = "FILE")]
+    stats: Option<PathBuf>,
+    /// Give up after this many seconds (exit code 11).
+    #[arg(long)]
+    timeout: Option<f64>,
+    /// Serve a Unix control socket at PATH.
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
 }
 
 fn main() -> ProcessExit {
@@ -131,6 +198,8 @@ fn main() -> ProcessExit {
     let cli = Cli::parse();
     let code = match cli.command {
         Command::Run(args) => run(args),
+        Command::Ctl(args) => ctl(args),
+        Command::Restore(args) => restore(args),
         Command::Bench(b) => bench(b),
         Command::Stress(a) => stress(a),
     };
@@ -174,14 +243,120 @@ fn run(args: RunArgs) -> i32 {
         shutdown_signals: true,
         ..Default::default()
     };
-    let outcome = match vmm::run_vm(&config, options) {
+    let outcome = match run_with_control(vmm::Vm::new(&config, options), args.control.as_deref()) {
         Ok(o) => o,
         Err(e) => {
             eprintln!("vmm: error: {e}");
             return EXIT_VMM_ERROR;
         }
     };
+    report(&config, &outcome, args.stats.as_deref())
+}
 
+/// Starts a built VM, serves the control socket while it runs, waits for the end.
+fn run_with_control(
+    vm: Result<vmm::Vm, vmm::VmError>,
+    control: Option<&Path>,
+) -> Result<vmm::RunOutcome, String> {
+    let running = vm.map_err(|e| e.to_string())?.start().map_err(|e| e.to_string())?;
+    let server = match control {
+        Some(path) => match vmm::control::ControlServer::start(path, running.handle()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                running.stop();
+                let _ = running.wait();
+                return Err(e.to_string());
+            }
+        },
+        None => None,
+    };
+    let outcome = running.wait().map_err(|e| e.to_string());
+    drop(server);
+    outcome
+}
+
+fn parse_timeout(t: Option<f64>) -> Result<Option<Duration>, i32> {
+    match t {
+        Some(s) if !(s.is_finite() && s > 0.0) => {
+            eprintln!("vmm: error: --timeout must be a positive number of seconds");
+            Err(EXIT_VMM_ERROR)
+        }
+        s => Ok(s.map(Duration::from_secs_f64)),
+    }
+}
+
+fn restore(args: RestoreArgs) -> i32 {
+    let timeout = match parse_timeout(args.timeout) {
+        Ok(t) => t,
+        Err(code) => return code,
+    };
+    let options = VmOptions {
+        stdin: true,
+        timeout,
+        shutdown_signals: true,
+        ..Default::default()
+    };
+    let how = vmm::vm::RestoreOptions {
+        lazy: args.lazy,
+        prefetch: args.prefetch,
+        fault_around: args.fault_around,
+    };
+    let start = std::time::Instant::now();
+    let vm = match vmm::Vm::restore(&args.from, &how, options) {
+        Ok(vm) => vm,
+        Err(e) => {
+            eprintln!("vmm: error: {e}");
+            return EXIT_VMM_ERROR;
+        }
+    };
+    let config = vm.config().clone();
+    eprintln!(
+        "vmm: restored from {} in {:.1} ms ({} memory)",
+        args.from.display(),
+        start.elapsed().as_secs_f64() * 1e3,
+        if args.lazy { "lazy" } else { "eager" }
+    );
+    match run_with_control(Ok(vm), args.control.as_deref()) {
+        Ok(outcome) => report(&config, &outcome, args.stats.as_deref()),
+        Err(e) => {
+            eprintln!("vmm: error: {e}");
+            EXIT_VMM_ERROR
+        }
+    }
+}
+
+fn ctl(args: CtlArgs) -> i32 {
+    use vmm::control::Request;
+    use vmm::snapshot::AfterSnapshot;
+    let req = match args.request {
+        CtlRequest::Pause => Request::Pause {},
+        CtlRequest::Resume => Request::Resume {},
+        CtlRequest::Stats => Request::Stats {},
+        CtlRequest::Snapshot { to, resume, stop, pause } => Request::Snapshot {
+            // Relative to the caller, not to the VMM's working directory.
+            to: std::path::absolute(&to).unwrap_or(to),
+            then: match (resume, stop, pause) {
+                (true, _, _) => AfterSnapshot::Resume,
+                (_, true, _) => AfterSnapshot::Stop,
+                (_, _, true) => AfterSnapshot::Pause,
+                _ => AfterSnapshot::Restore,
+            },
+        },
+    };
+    match vmm::control::request(&args.socket, &req) {
+        Ok(v) => {
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_else(|_| v.to_string()));
+            0
+        }
+        Err(e) => {
+            eprintln!("vmm: error: {e}");
+            1
+        }
+    }
+}
+
+/// Prints how the run went and checks the workload; returns the exit code.
+fn report(config: &VmConfig, outcome: &vmm::RunOutcome, stats: Option<&Path>) -> i32 {
     for r in &outcome.reports {
         println!(
             "vmm: cpu{} workload result: pages {}..{} checksum {:#018x} guest faults {} ({} Mcycles)",
@@ -215,7 +390,7 @@ fn run(args: RunArgs) -> i32 {
         GuestEnd::Signal(sig) => eprintln!("vmm: shut down cleanly on signal {sig}"),
     }
     if code == 0 {
-        match verify_reports(&config, &outcome) {
+        match verify_reports(config, outcome) {
             Ok(Some(sum)) => println!("vmm: workload checksum {sum:#018x} verified on the host"),
             Ok(None) => {}
             Err(e) => {
@@ -239,8 +414,8 @@ fn run(args: RunArgs) -> i32 {
         outcome.elapsed.as_secs_f64() * 1e3
     );
     // Last, so that with `--stats -` the JSON is the tail of stdout.
-    if let Some(path) = &args.stats {
-        if let Err(e) = write_stats(path, &outcome) {
+    if let Some(path) = stats {
+        if let Err(e) = write_stats(path, outcome) {
             eprintln!("vmm: error: cannot write statistics to {}: {e}", path.display());
             if code == 0 {
                 code = EXIT_VMM_ERROR;
@@ -284,19 +459,14 @@ fn bench(cmd: BenchCommand) -> i32 {
         eprintln!("vmm: error: --pages and --repeats must be at least 1");
         return EXIT_VMM_ERROR;
     }
-    let fault_opts = vmm::bench::FaultBenchOptions {
-        pages: args.pages,
-        repeats: args.repeats,
-    };
+    let fault_opts = vmm::bench::FaultBenchOptions { pages: args.pages, repeats: args.repeats };
     let mut progress = |what: &str| eprintln!("vmm bench: {what}...");
     let result = match &cmd {
         BenchCommand::Boot(a) => {
             vmm::bench::boot(vmm::bench::BootBenchOptions { repeats: a.repeats }, &mut progress)
                 .map(|r| print_result(&r, a.json))
         }
-        BenchCommand::Fault(a) => {
-            vmm::bench::fault(fault_opts, &mut progress).map(|r| print_result(&r, a.json))
-        }
+        BenchCommand::Fault(a) => vmm::bench::fault(fault_opts, &mut progress).map(|r| print_result(&r, a.json)),
         BenchCommand::All { args: a, plot } => vmm::bench::all(fault_opts, &mut progress).map(|r| {
             if let Some(dir) = plot {
                 match vmm::plot::write_all(&r, dir) {
@@ -330,10 +500,7 @@ fn stress(a: StressArgs) -> i32 {
     };
     let positive = a.seconds.is_finite() && a.seconds > 0.0;
     if !positive || !(1..=abi::boot::MAX_VCPUS).contains(&a.vcpus) {
-        eprintln!(
-            "vmm: error: --seconds must be positive and --vcpus 1 to {}",
-            abi::boot::MAX_VCPUS
-        );
+        eprintln!("vmm: error: --seconds must be positive and --vcpus 1 to {}", abi::boot::MAX_VCPUS);
         return EXIT_VMM_ERROR;
     }
     let opts = vmm::stress::StressOptions {

@@ -2,7 +2,9 @@
 //! that runs them until the guest exits.
 
 use crate::arch::x86_64::{cpu, paging};
-use crate::config::{KernelSource, VmConfig};
+use crate::config::{KernelSource, MemoryConfig, VmConfig};
+use crate::snapshot::Snapshot;
+use crate::snapshot_source::SnapshotSource;
 use crate::controller::{self, BlockedFn, EventSender, RunningVm, VmEvent};
 use crate::lazy::{LazyError, LazyMemory, MemoryStats};
 use crate::loader::{self, LoaderError};
@@ -83,6 +85,9 @@ pub enum VmError {
     /// Devices / event loop.
     #[error("device setup failed: {0}")]
     Device(String),
+    /// A snapshot cannot be restored.
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
 }
 
 /// How a VM run ended.
@@ -247,6 +252,18 @@ impl Default for VmOptions {
     }
 }
 
+/// How [`Vm::restore`] brings guest memory back.
+#[derive(Debug, Clone, Default)]
+pub struct RestoreOptions {
+    /// Serve memory lazily from the snapshot's memory file through the retry
+    /// core (each extent checked on first use) instead of copying it in.
+    pub lazy: bool,
+    /// With `lazy`: a background thread fetches the remaining pages.
+    pub prefetch: bool,
+    /// With `lazy`: fault-around window (`None` = default).
+    pub fault_around: Option<u32>,
+}
+
 /// A built, not yet running VM.
 pub struct Vm {
     config: VmConfig,
@@ -255,8 +272,10 @@ pub struct Vm {
     lazy: Option<LazyMemory>,
     // Kept alive while the vCPUs run: the memslots point into this mapping.
     _mem: GuestMemoryMmap,
-    _vm_fd: VmFd,
+    vm_fd: Arc<VmFd>,
     pub(crate) vcpu_fds: Vec<VcpuFd>,
+    /// A restored VM's started vCPUs and reports received before its snapshot.
+    pub(crate) restored: Option<(Vec<bool>, Vec<WorkloadReport>)>,
     pub(crate) bus: Arc<IoManager>,
     pub(crate) serial: Arc<Mutex<SerialConsole>>,
     events_rx: Receiver<VmEvent>,
@@ -308,12 +327,47 @@ pub fn open_kvm() -> Result<Kvm, VmError> {
 impl Vm {
     /// Creates the VM: KVM objects, memory, devices, the loaded guest, vCPUs.
     pub fn new(config: &VmConfig, options: VmOptions) -> Result<Vm, VmError> {
+        Self::build(config, options, None, false)
+    }
+
+    /// Builds the VM saved in snapshot directory `dir` (see `docs/snapshot.md`):
+    /// same configuration and memory layout, KVM and device state restored
+    /// before any vCPU runs, no kernel loaded. Every file is checked first; an
+    /// eager restore also checks every memory extent while copying it in.
+    pub fn restore(dir: &std::path::Path, how: &RestoreOptions, options: VmOptions) -> Result<Vm, VmError> {
+        let created = Instant::now();
+        let snap = Snapshot::open(dir)?;
+        let memory = if how.lazy {
+            MemoryConfig {
+                backend: crate::config::MemBackend::File {
+                    path: snap.memory_path(),
+                    offset: 0,
+                },
+                fault_around: how.fault_around,
+            }
+        } else {
+            MemoryConfig::default()
+        };
+        let config = snap.config(memory)?;
+        let mut vm = Self::build(&config, options, Some(&snap), how.prefetch)?;
+        vm.created = created;
+        Ok(vm)
+    }
+
+    fn build(
+        config: &VmConfig,
+        options: VmOptions,
+        restore: Option<&Snapshot>,
+        prefetch: bool,
+    ) -> Result<Vm, VmError> {
         let created = Instant::now();
         config.validate()?;
         let memory = &config.memory;
-        let kernel_image = match &config.kernel {
-            KernelSource::Bundled => std::borrow::Cow::Borrowed(crate::guest::KERNEL),
-            KernelSource::File(p) => {
+        let kernel_image = match (&config.kernel, restore) {
+            // A restored guest's kernel is in its memory already.
+            (_, Some(_)) => std::borrow::Cow::Borrowed(&[][..]),
+            (KernelSource::Bundled, None) => std::borrow::Cow::Borrowed(crate::guest::KERNEL),
+            (KernelSource::File(p), None) => {
                 std::borrow::Cow::Owned(std::fs::read(p).map_err(|source| VmError::KernelFile {
                     path: p.display().to_string(),
                     source,
@@ -335,19 +389,45 @@ impl Vm {
 
         let mem = memory::create_guest_memory(config.mem_size)?;
         memory::register_memslots(&vm_fd, &mem)?;
-        paging::write_boot_tables(&mem)?;
-        let (entry, _kernel_end) = loader::load_kernel(&mem, config.mem_size, &kernel_image)?;
-        let module = loader::load_module(&mem, crate::guest::USER)?;
-        let info = loader::boot_info(config.mem_size, config.vcpus, &config.cmdline, module)?;
-        loader::write_boot_info(&mem, &info)?;
+        let mut entry = 0;
+        let mut snapshot_source = None;
+        match restore {
+            None => {
+                paging::write_boot_tables(&mem)?;
+                let (e, _kernel_end) = loader::load_kernel(&mem, config.mem_size, &kernel_image)?;
+                entry = e;
+                let module = loader::load_module(&mem, crate::guest::USER)?;
+                let info = loader::boot_info(config.mem_size, config.vcpus, &config.cmdline, module)?;
+                loader::write_boot_info(&mem, &info)?;
+            }
+            Some(snap) if memory.backend.is_lazy() => {
+                let src = SnapshotSource::open(snap).map_err(LazyError::Source)?;
+                snapshot_source = Some(Arc::new(src));
+            }
+            Some(snap) => snap.fill_memory(&mem)?,
+        }
         // Only now, with every page the VMM writes present, may RAM be handed to
         // userfaultfd: a VMM write to a missing page would block this thread.
-        let lazy = LazyMemory::start(
+        let custom = options.page_source.as_ref().map(|s| s.0.clone());
+        let mut lazy = LazyMemory::start(
             &mem,
             &memory.backend,
             memory.effective_fault_around(),
-            options.page_source.as_ref().map(|s| s.0.clone()),
+            custom.or_else(|| {
+                snapshot_source
+                    .clone()
+                    .map(|s| s as Arc<dyn ::memory::PageSource>)
+            }),
         )?;
+        if let (Some(l), Some(src)) = (lazy.as_mut(), &snapshot_source) {
+            l.set_data_ranges(src.data_ranges());
+            if prefetch {
+                l.start_prefetch()?;
+            }
+        }
+        if let Some(snap) = restore {
+            crate::snapshot::restore_vm(&vm_fd, &snap.state)?;
+        }
 
         // Devices.
         let (events_tx, events_rx) = mpsc::channel();
@@ -364,11 +444,16 @@ impl Vm {
             .register_irqfd(&serial_irq, 4)
             .map_err(kvm_err("serial irqfd registration"))?;
         let first_output = Arc::new(OnceLock::new());
-        let serial = Arc::new(Mutex::new(SerialConsole::with_first_output(
-            serial_irq,
-            options.serial.clone(),
-            first_output.clone(),
-        )));
+        let serial = Arc::new(Mutex::new(match restore {
+            None => SerialConsole::with_first_output(serial_irq, options.serial.clone(), first_output.clone()),
+            Some(snap) => SerialConsole::from_state(
+                serial_irq,
+                options.serial.clone(),
+                first_output.clone(),
+                &snap.state.serial.to_state(),
+            )
+            .map_err(|e| VmError::Device(format!("serial state from the snapshot: {e}")))?,
+        }));
         let mut bus = IoManager::new();
         let range =
             |base, len| PioRange::new(PioAddress(base), len).map_err(|e| VmError::Device(format!("{e:?}")));
@@ -404,6 +489,17 @@ impl Vm {
             let mut cpuid = supported.clone();
             cpu::patch_cpuid(&mut cpuid, i, config.vcpus);
             fd.set_cpuid2(&cpuid).map_err(kvm_err("CPUID setup"))?;
+            if let Some(snap) = restore {
+                let state = snap.state.vcpus.get(i as usize).ok_or_else(|| {
+                    VmError::Device(format!("the snapshot has no state for vCPU {i}"))
+                })?;
+                crate::snapshot::restore_vcpu(&fd, state)?;
+                if tsc_khz.is_none() {
+                    tsc_khz = fd.get_tsc_khz().ok();
+                }
+                vcpu_fds.push(fd);
+                continue;
+            }
             let sregs = fd.get_sregs().map_err(kvm_err("sregs read"))?;
             fd.set_sregs(&cpu::long_mode_sregs(sregs))
                 .map_err(kvm_err("sregs setup"))?;
@@ -427,8 +523,12 @@ impl Vm {
             options,
             lazy,
             _mem: mem,
-            _vm_fd: vm_fd,
+            vm_fd: Arc::new(vm_fd),
             vcpu_fds,
+            restored: restore.map(|s| {
+                let reports = s.state.reports.iter().map(WorkloadReport::from).collect();
+                (s.state.started.clone(), reports)
+            }),
             bus: Arc::new(bus),
             serial,
             events_rx,
@@ -551,6 +651,17 @@ impl Vm {
                 lazy.handler_died(),
             ),
             None => (Vec::new(), false),
+        }
+    }
+
+    /// What the controller needs to save a snapshot.
+    pub(crate) fn save_ctx(&self) -> crate::snapshot::SaveCtx {
+        crate::snapshot::SaveCtx {
+            vm_fd: self.vm_fd.clone(),
+            mem: self._mem.clone(),
+            serial: self.serial.clone(),
+            config: self.config.clone(),
+            materializer: self.lazy.as_ref().map(LazyMemory::materializer),
         }
     }
 

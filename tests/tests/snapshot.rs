@@ -1,0 +1,298 @@
+//! Snapshot and restore on real KVM: a guest workload is snapshotted mid-run,
+//! restored eagerly and lazily (and in a chain), and completes with the right
+//! checksums; bad snapshot files are refused before the guest runs.
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use vmm::snapshot::{self, AfterSnapshot, SnapshotError};
+use vmm::vm::{verify_reports, RestoreOptions};
+use vmm::{GuestEnd, RunningVm, Vm, VmConfig, VmError};
+use vmm_tests::{capture_options, config};
+
+/// A temporary directory, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!("vmm-snap-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn touch_cfg(mem: &str, pages: u64) -> VmConfig {
+    config(2, mem, &format!("workload=touch pages={pages} pattern=rand"))
+}
+
+fn console_text(c: &Mutex<Vec<u8>>) -> String {
+    String::from_utf8_lossy(&c.lock().unwrap()).into_owned()
+}
+
+fn wait_for(console: &Mutex<Vec<u8>>, what: &str) {
+    let start = Instant::now();
+    while !console_text(console).contains(what) {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no `{what}` in:\n{}",
+            console_text(console)
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Boots `cfg`, waits until the workload runs, snapshots it to `dir` and stops.
+fn snapshot_mid_run(cfg: &VmConfig, dir: &Path) -> vmm::snapshot::SnapshotInfo {
+    let (options, console) = capture_options();
+    let vm = Vm::new(cfg, options).unwrap().start().unwrap();
+    wait_for(&console, "touch: cpu 0 start");
+    std::thread::sleep(Duration::from_millis(50));
+    let info = vm.snapshot(dir, AfterSnapshot::Stop).unwrap();
+    let outcome = vm.wait().unwrap();
+    assert_eq!(outcome.end, GuestEnd::Stopped);
+    assert!(info.memory_bytes > 0 && info.extents > 0, "{info:?}");
+    info
+}
+
+fn restore(dir: &Path, how: &RestoreOptions) -> (RunningVm, VmConfig, Arc<Mutex<Vec<u8>>>) {
+    let (options, console) = capture_options();
+    let vm = Vm::restore(dir, how, options).unwrap_or_else(|e| panic!("restore failed: {e}"));
+    let cfg = vm.config().clone();
+    (vm.start().unwrap(), cfg, console)
+}
+
+fn finish(vm: RunningVm, cfg: &VmConfig, console: &Mutex<Vec<u8>>) -> vmm::RunOutcome {
+    let outcome = vm.wait().unwrap();
+    let text = console_text(console);
+    assert_eq!(outcome.end, GuestEnd::Exited(0), "console:\n{text}");
+    let sum = verify_reports(cfg, &outcome);
+    assert!(matches!(sum, Ok(Some(_))), "{sum:?}, console:\n{text}");
+    outcome
+}
+
+fn lazy(prefetch: bool) -> RestoreOptions {
+    RestoreOptions {
+        lazy: true,
+        prefetch,
+        fault_around: None,
+    }
+}
+
+#[test]
+fn restore_eagerly_and_lazily_and_finish_the_workload() {
+    let cfg = touch_cfg("512M", 20000);
+    let dir = TempDir::new("basic");
+    snapshot_mid_run(&cfg, &dir.0);
+
+    let (vm, rcfg, console) = restore(&dir.0, &RestoreOptions::default());
+    assert_eq!(rcfg.cmdline, cfg.cmdline);
+    let out = finish(vm, &rcfg, &console);
+    assert!(out.memory.is_none(), "eager restore uses plain memory");
+    // The restored guest resumes: it does not boot again.
+    assert!(!console_text(&console).contains("booting"), "{}", console_text(&console));
+
+    let (vm, rcfg, console) = restore(&dir.0, &lazy(false));
+    let out = finish(vm, &rcfg, &console);
+    let m = out.memory.unwrap();
+    assert!(m.backend.starts_with("file:"), "{}", m.backend);
+    assert!(m.total.pages_copied > 0 && m.failures.is_empty(), "{m:?}");
+
+    let (vm, rcfg, console) = restore(&dir.0, &lazy(true));
+    finish(vm, &rcfg, &console);
+}
+
+#[test]
+fn a_chain_of_snapshots_and_restores() {
+    let cfg = touch_cfg("512M", 20000);
+    let a = TempDir::new("chain-a");
+    let b = TempDir::new("chain-b");
+    let c = TempDir::new("chain-c");
+    snapshot_mid_run(&cfg, &a.0);
+    // Lazy restore, run a while, snapshot again: pages not fetched yet must
+    // still be in the new snapshot.
+    let (vm, _, _console) = restore(&a.0, &lazy(false));
+    std::thread::sleep(Duration::from_millis(300));
+    vm.snapshot(&b.0, AfterSnapshot::Stop).unwrap();
+    assert_eq!(vm.wait().unwrap().end, GuestEnd::Stopped);
+    // Eager restore, snapshot again and keep running (resume).
+    let (vm, rcfg, console) = restore(&b.0, &RestoreOptions::default());
+    std::thread::sleep(Duration::from_millis(200));
+    let _ = vm.snapshot(&c.0, AfterSnapshot::Restore);
+    finish(vm, &rcfg, &console);
+    // The last snapshot finishes too, lazily with prefetch.
+    if c.0.join("manifest.json").exists() {
+        let (vm, rcfg, console) = restore(&c.0, &lazy(true));
+        finish(vm, &rcfg, &console);
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+fn restore_err(dir: &Path, how: &RestoreOptions) -> SnapshotError {
+    match Vm::restore(dir, how, capture_options().0) {
+        Ok(_) => panic!("restore of a bad snapshot succeeded"),
+        Err(VmError::Snapshot(e)) => e,
+        Err(e) => panic!("unexpected error: {e}"),
+    }
+}
+
+#[test]
+fn bad_snapshots_are_refused_before_the_guest_runs() {
+    let cfg = touch_cfg("256M", 3000);
+    let good = TempDir::new("bad-good");
+    snapshot_mid_run(&cfg, &good.0);
+    let eager = RestoreOptions::default();
+    let case = |name: &str, damage: &dyn Fn(&Path)| {
+        let d = TempDir::new(name);
+        copy_dir(&good.0, &d.0);
+        damage(&d.0);
+        d
+    };
+
+    let e = restore_err(Path::new("/nonexistent/vmm-snapshot"), &eager);
+    assert!(matches!(e, SnapshotError::Missing { .. }), "{e}");
+
+    for file in ["manifest.json", "state.json", "memory.bin"] {
+        let d = case("missing", &|p: &Path| std::fs::remove_file(p.join(file)).unwrap());
+        let e = restore_err(&d.0, &eager);
+        assert!(matches!(e, SnapshotError::Missing { .. }), "{file}: {e}");
+        assert!(e.to_string().contains(file), "{e}");
+    }
+
+    let d = case("trunc-mem", &|p: &Path| {
+        let f = std::fs::OpenOptions::new().write(true).open(p.join("memory.bin")).unwrap();
+        let len = f.metadata().unwrap().len();
+        f.set_len(len / 2).unwrap();
+    });
+    let e = restore_err(&d.0, &lazy(false));
+    assert!(matches!(e, SnapshotError::Truncated { .. }), "{e}");
+
+    let d = case("trunc-state", &|p: &Path| {
+        let s = std::fs::read(p.join("state.json")).unwrap();
+        std::fs::write(p.join("state.json"), &s[..s.len() - 10]).unwrap();
+    });
+    let e = restore_err(&d.0, &eager);
+    assert!(matches!(e, SnapshotError::Truncated { .. }), "{e}");
+
+    let d = case("corrupt-state", &|p: &Path| {
+        let mut s = std::fs::read(p.join("state.json")).unwrap();
+        let i = s.len() / 2;
+        s[i] ^= 0x01;
+        std::fs::write(p.join("state.json"), &s).unwrap();
+    });
+    let e = restore_err(&d.0, &eager);
+    assert!(matches!(e, SnapshotError::Checksum { .. }), "{e}");
+    assert!(e.to_string().contains("corrupted"), "{e}");
+
+    let d = case("version", &|p: &Path| {
+        let m = std::fs::read_to_string(p.join("manifest.json")).unwrap();
+        std::fs::write(p.join("manifest.json"), m.replace("\"version\": 1", "\"version\": 2")).unwrap();
+    });
+    let e = restore_err(&d.0, &eager);
+    assert!(matches!(e, SnapshotError::WrongVersion { found: 2, .. }), "{e}");
+
+    let d = case("garbage-manifest", &|p: &Path| {
+        std::fs::write(p.join("manifest.json"), b"\x7fELF not json").unwrap();
+    });
+    let e = restore_err(&d.0, &eager);
+    assert!(matches!(e, SnapshotError::Malformed { .. }), "{e}");
+
+    // A memory file from a VM with another RAM size.
+    let other = TempDir::new("bad-other");
+    snapshot_mid_run(&touch_cfg("128M", 1000), &other.0);
+    let d = case("mismatch", &|p: &Path| {
+        std::fs::copy(other.0.join("memory.bin"), p.join("memory.bin")).unwrap();
+    });
+    let e = restore_err(&d.0, &eager);
+    assert!(matches!(e, SnapshotError::Truncated { .. }), "{e}");
+    // A state file from it, with a manifest naming its checksum: the state
+    // does not fit the memory file.
+    let d = case("mismatch-state", &|p: &Path| {
+        std::fs::copy(other.0.join("state.json"), p.join("state.json")).unwrap();
+        let mine = snapshot::read_manifest(p).unwrap();
+        let mut theirs = snapshot::read_manifest(&other.0).unwrap();
+        theirs.memory = mine.memory;
+        snapshot::write_manifest(p, &theirs).unwrap();
+    });
+    let e = restore_err(&d.0, &eager);
+    assert!(matches!(e, SnapshotError::Mismatch { .. }), "{e}");
+
+    // A corrupted memory extent: eager restore refuses it up front; a lazy one
+    // refuses the page when the guest needs it, pausing and ending the run
+    // instead of mapping bad data.
+    let d = case("corrupt-mem", &|p: &Path| {
+        let m = snapshot::read_manifest(p).unwrap();
+        let f = std::fs::OpenOptions::new().write(true).open(p.join("memory.bin")).unwrap();
+        use std::os::unix::fs::FileExt;
+        // Every extent, so that whatever the guest touches next is bad.
+        for e in &m.memory.extents {
+            f.write_all_at(b"\xde\xad\xbe\xef", e.gpa + 8).unwrap();
+        }
+    });
+    let e = restore_err(&d.0, &eager);
+    assert!(matches!(e, SnapshotError::Checksum { .. }), "{e}");
+    let (vm, _, _) = restore(&d.0, &lazy(false));
+    let out = vm.wait().unwrap();
+    match &out.end {
+        GuestEnd::MemoryFault(m) => assert!(m.contains("checksum mismatch"), "{m}"),
+        other => panic!("a corrupted lazy snapshot ran to {other:?}"),
+    }
+}
+
+/// Time from `Vm::restore` to running vCPUs, lazily, for a small and a large
+/// guest with the same workload: it must not grow with memory size.
+#[test]
+fn lazy_restore_time_does_not_grow_with_memory_size() {
+    let mut figures = Vec::new();
+    for mem in ["64M", "4G"] {
+        let dir = TempDir::new(&format!("size-{mem}"));
+        snapshot_mid_run(&touch_cfg(mem, 4000), &dir.0);
+        let mut best = Duration::MAX;
+        let mut best_eager = Duration::MAX;
+        for _ in 0..3 {
+            for lazy_mode in [true, false] {
+                let how = RestoreOptions {
+                    lazy: lazy_mode,
+                    ..Default::default()
+                };
+                let t = Instant::now();
+                let vm = Vm::restore(&dir.0, &how, capture_options().0).unwrap().start().unwrap();
+                let took = t.elapsed();
+                vm.stop();
+                let _ = vm.wait();
+                if lazy_mode {
+                    best = best.min(took);
+                } else {
+                    best_eager = best_eager.min(took);
+                }
+            }
+        }
+        eprintln!("restore of a {mem} guest to running vCPUs: lazy {best:?}, eager {best_eager:?}");
+        figures.push(best);
+    }
+    // A guard against work proportional to memory size (touching or reading
+    // 4 GiB takes seconds), not the figure itself, which is measured on a
+    // release build (docs/snapshot.md): 4 GiB needs a second KVM memory slot
+    // (RAM above the MMIO hole) at a fixed ~4 ms each here, and this debug
+    // build runs in parallel with other tests.
+    assert!(
+        figures[1] <= figures[0].mul_f64(1.2) + Duration::from_millis(100),
+        "lazy restore: 64M {:?}, 4G {:?}",
+        figures[0],
+        figures[1]
+    );
+}

@@ -1,0 +1,363 @@
+//! The control socket of `vmm run --control PATH`: a Unix stream socket served
+//! by a thread that forwards requests to the running VM's controller.
+//!
+//! Protocol (`docs/snapshot.md`): one JSON object per line in each direction.
+//! Requests: `{"cmd":"pause"}`, `{"cmd":"resume"}`, `{"cmd":"stats"}`,
+//! `{"cmd":"snapshot","to":"DIR","then":"restore|resume|pause|stop"}`.
+//! Responses: `{"ok":true,"result":...}` or `{"ok":false,"error":"..."}`.
+//! Any input, however malformed, gets an error response (a line longer than
+//! [`MAX_LINE`] closes the connection after it); nothing crashes the VMM.
+
+use crate::controller::VmHandle;
+use crate::snapshot::AfterSnapshot;
+use serde::{Deserialize, Serialize};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// Longest request line accepted.
+pub const MAX_LINE: usize = 64 * 1024;
+
+/// Errors of the control socket.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlSocketError {
+    /// The path is taken by something that is not a stale socket.
+    #[error("cannot create control socket {0}: the path exists and is not a socket; choose another --control path")]
+    PathTaken(PathBuf),
+    /// Another VMM listens there.
+    #[error("cannot create control socket {0}: another process is listening on it; choose another --control path")]
+    InUse(PathBuf),
+    /// Socket IO.
+    #[error("control socket {path}: {what} failed: {source}")]
+    Io {
+        /// The socket.
+        path: PathBuf,
+        /// What was done.
+        what: &'static str,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The VMM answered with an error.
+    #[error("the VMM refused the request: {0}")]
+    Refused(String),
+    /// The answer was not valid.
+    #[error("the VMM's answer is not valid: {0}")]
+    BadAnswer(String),
+}
+
+/// A request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    // Empty struct variants, not unit ones: serde ignores unknown fields of
+    // unit variants even with `deny_unknown_fields`.
+    /// Pause every vCPU.
+    Pause {},
+    /// Resume.
+    Resume {},
+    /// Live statistics.
+    Stats {},
+    /// Snapshot to a directory.
+    Snapshot {
+        /// The directory.
+        to: PathBuf,
+        /// What to do after it (default: back to how the VM was).
+        #[serde(default)]
+        then: AfterSnapshot,
+    },
+}
+
+/// A response.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Response {
+    /// Whether the request succeeded.
+    pub ok: bool,
+    /// Its result.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Response {
+    fn ok(result: serde_json::Value) -> Response {
+        Response {
+            ok: true,
+            result: Some(result),
+            error: None,
+        }
+    }
+
+    fn err(msg: impl Into<String>) -> Response {
+        Response {
+            ok: false,
+            result: None,
+            error: Some(msg.into()),
+        }
+    }
+}
+
+/// Decodes one request line; the error is the message sent back.
+pub fn decode(line: &[u8]) -> Result<Request, String> {
+    if line.len() > MAX_LINE {
+        return Err(format!("request longer than {MAX_LINE} bytes"));
+    }
+    let text = std::str::from_utf8(line).map_err(|_| "request is not UTF-8".to_string())?;
+    serde_json::from_str(text.trim()).map_err(|e| {
+        format!(
+            "bad request: {e}; send one JSON object per line, e.g. {{\"cmd\":\"pause\"}} (cmd: pause, resume, stats, snapshot)"
+        )
+    })
+}
+
+/// Carries out a request on the VM.
+pub fn execute(vm: &VmHandle, req: &Request) -> Response {
+    let json = |v: Result<serde_json::Value, serde_json::Error>| match v {
+        Ok(v) => Response::ok(v),
+        Err(e) => Response::err(format!("cannot encode the result: {e}")),
+    };
+    match req {
+        Request::Pause {} => match vm.pause() {
+            Ok(r) => Response::ok(serde_json::json!({
+                "took_ms": r.took.as_secs_f64() * 1e3,
+                "vcpus": r.vcpus.iter().map(|v| format!("{v:?}")).collect::<Vec<_>>(),
+            })),
+            Err(e) => Response::err(e.to_string()),
+        },
+        Request::Resume {} => match vm.resume() {
+            Ok(()) => Response::ok(serde_json::Value::Null),
+            Err(e) => Response::err(e.to_string()),
+        },
+        Request::Stats {} => match vm.stats() {
+            Ok(s) => json(serde_json::to_value(s)),
+            Err(e) => Response::err(e.to_string()),
+        },
+        Request::Snapshot { to, then } => match vm.snapshot(to, *then) {
+            Ok(info) => json(serde_json::to_value(info)),
+            Err(e) => Response::err(e.to_string()),
+        },
+    }
+}
+
+/// The socket's server thread; stops (and removes the socket) on drop.
+#[derive(Debug)]
+pub struct ControlServer {
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+fn io_err<'a>(path: &'a Path, what: &'static str) -> impl FnOnce(std::io::Error) -> ControlSocketError + 'a {
+    move |source| ControlSocketError::Io {
+        path: path.to_owned(),
+        what,
+        source,
+    }
+}
+
+impl ControlServer {
+    /// Binds `path` (replacing a stale socket nobody listens on) and serves it.
+    pub fn start(path: &Path, vm: VmHandle) -> Result<ControlServer, ControlSocketError> {
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            if !meta.file_type().is_socket() {
+                return Err(ControlSocketError::PathTaken(path.to_owned()));
+            }
+            if UnixStream::connect(path).is_ok() {
+                return Err(ControlSocketError::InUse(path.to_owned()));
+            }
+            std::fs::remove_file(path).map_err(io_err(path, "removing the stale socket"))?;
+        }
+        let listener = UnixListener::bind(path).map_err(io_err(path, "bind"))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(io_err(path, "setting non-blocking mode"))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("vmm-control".into())
+            .spawn(move || serve(&listener, &vm, &s))
+            .map_err(io_err(path, "starting the server thread"))?;
+        Ok(ControlServer {
+            path: path.to_owned(),
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn serve(listener: &UnixListener, vm: &VmHandle, stop: &AtomicBool) {
+    while !stop.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                let vm = vm.clone();
+                // One thread per client: a slow client does not block others.
+                let spawned = std::thread::Builder::new()
+                    .name("vmm-control-client".into())
+                    .spawn(move || serve_client(stream, &vm));
+                if let Err(e) = spawned {
+                    tracing::warn!("control socket: cannot serve a client: {e}");
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => {
+                tracing::warn!("control socket: accept failed: {e}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+/// Answers each request line of one client until it hangs up.
+pub fn serve_client(stream: UnixStream, vm: &VmHandle) {
+    let _ = stream.set_nonblocking(false);
+    let Ok(mut out) = stream.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(stream);
+    loop {
+        let mut line = Vec::new();
+        // Read one byte past the limit to tell a long line from a full one.
+        match reader.by_ref().take(MAX_LINE as u64 + 1).read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let too_long = line.len() > MAX_LINE;
+        let resp = if too_long {
+            Response::err(format!("request longer than {MAX_LINE} bytes; connection closed"))
+        } else if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        } else {
+            match decode(&line) {
+                Ok(req) => execute(vm, &req),
+                Err(msg) => Response::err(msg),
+            }
+        };
+        let mut text = serde_json::to_string(&resp)
+            .unwrap_or_else(|_| "{\"ok\":false,\"error\":\"cannot encode the response\"}".into());
+        text.push('\n');
+        if out.write_all(text.as_bytes()).is_err() || too_long {
+            return;
+        }
+    }
+}
+
+/// Sends one request to the socket at `path` and returns the result (`ctl`).
+pub fn request(path: &Path, req: &Request) -> Result<serde_json::Value, ControlSocketError> {
+    let mut stream = UnixStream::connect(path).map_err(io_err(path, "connect"))?;
+    let mut line = serde_json::to_string(req).map_err(|e| ControlSocketError::BadAnswer(e.to_string()))?;
+    line.push('\n');
+    stream.write_all(line.as_bytes()).map_err(io_err(path, "send"))?;
+    let mut answer = String::new();
+    BufReader::new(stream)
+        .take(64 << 20)
+        .read_line(&mut answer)
+        .map_err(io_err(path, "receive"))?;
+    let resp: Response =
+        serde_json::from_str(answer.trim()).map_err(|e| ControlSocketError::BadAnswer(format!("{e}: `{answer}`")))?;
+    if resp.ok {
+        Ok(resp.result.unwrap_or(serde_json::Value::Null))
+    } else {
+        Err(ControlSocketError::Refused(
+            resp.error.unwrap_or_else(|| "no reason given".into()),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_decode() {
+        assert_eq!(decode(br#"{"cmd":"pause"}"#), Ok(Request::Pause {}));
+        assert_eq!(decode(b" {\"cmd\":\"stats\"}\n"), Ok(Request::Stats {}));
+        assert_eq!(
+            decode(br#"{"cmd":"snapshot","to":"/s","then":"stop"}"#),
+            Ok(Request::Snapshot {
+                to: "/s".into(),
+                then: AfterSnapshot::Stop
+            })
+        );
+        assert_eq!(
+            decode(br#"{"cmd":"snapshot","to":"/s"}"#),
+            Ok(Request::Snapshot {
+                to: "/s".into(),
+                then: AfterSnapshot::Restore
+            })
+        );
+        let r = Request::Snapshot {
+            to: "/x".into(),
+            then: AfterSnapshot::Resume,
+        };
+        assert_eq!(decode(serde_json::to_string(&r).unwrap().as_bytes()), Ok(r));
+    }
+
+    #[test]
+    fn hostile_input_is_an_error_not_a_crash() {
+        let long = vec![b'{'; MAX_LINE + 1];
+        let deep = "[".repeat(100_000);
+        let cases: Vec<&[u8]> = vec![
+            b"",
+            b"\xff\xfe\x00",
+            b"null",
+            b"[]",
+            b"{}",
+            b"{\"cmd\":\"reboot\"}",
+            b"{\"cmd\":\"pause\",\"extra\":1}",
+            b"{\"cmd\":\"snapshot\"}",
+            b"{\"cmd\":\"snapshot\",\"to\":5}",
+            b"{\"cmd\":\"snapshot\",\"to\":\"/s\",\"then\":\"explode\"}",
+            b"{\"cmd\":",
+            b"\"pause\"",
+            b"{\"cmd\":\"pause\"}{\"cmd\":\"pause\"}",
+            &long,
+            deep.as_bytes(),
+        ];
+        for c in cases {
+            let e = decode(c).unwrap_err();
+            assert!(!e.is_empty());
+        }
+        // Pseudo-random bytes and mutations of a valid request.
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let valid = br#"{"cmd":"snapshot","to":"/s","then":"resume"}"#;
+        for _ in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let mut m = valid.to_vec();
+            let pos = (x as usize) % m.len();
+            m[pos] = (x >> 32) as u8;
+            if x & 1 == 0 {
+                m.truncate((x >> 8) as usize % m.len());
+            }
+            let _ = decode(&m);
+        }
+    }
+
+    #[test]
+    fn responses_encode_as_documented() {
+        let ok = serde_json::to_string(&Response::ok(serde_json::json!({"a": 1}))).unwrap();
+        assert_eq!(ok, r#"{"ok":true,"result":{"a":1}}"#);
+        let err = serde_json::to_string(&Response::err("no")).unwrap();
+        assert_eq!(err, r#"{"ok":false,"error":"no"}"#);
+    }
+}
