@@ -90,6 +90,10 @@ pub fn read(id: u32, tid: usize, sleep: impl FnOnce()) -> Read {
     if u.handler == usize::MAX {
         u.handler = tid;
     }
+    // The owner is gone: nothing more will come.
+    if u.dead && u.queue.is_empty() {
+        return Read::Invalid;
+    }
     if u.queue.is_empty() {
         sleep();
         return Read::Empty;
