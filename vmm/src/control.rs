@@ -30,7 +30,9 @@ pub enum ControlSocketError {
     #[error("cannot create control socket {0}: the path exists and is not a socket; choose another --control path")]
     PathTaken(PathBuf),
     /// Another VMM listens there.
-    #[error("cannot create control socket {0}: another process is listening on it; choose another --control path")]
+    #[error(
+        "cannot create control socket {0}: another process is listening on it; choose another --control path"
+    )]
     InUse(PathBuf),
     /// Socket IO.
     #[error("control socket {path}: {what} failed: {source}")]
@@ -236,7 +238,11 @@ pub fn serve_client(stream: UnixStream, vm: &VmHandle) {
     loop {
         let mut line = Vec::new();
         // Read one byte past the limit to tell a long line from a full one.
-        match reader.by_ref().take(MAX_LINE as u64 + 1).read_until(b'\n', &mut line) {
+        match reader
+            .by_ref()
+            .take(MAX_LINE as u64 + 1)
+            .read_until(b'\n', &mut line)
+        {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }
@@ -271,8 +277,8 @@ pub fn request(path: &Path, req: &Request) -> Result<serde_json::Value, ControlS
         .take(64 << 20)
         .read_line(&mut answer)
         .map_err(io_err(path, "receive"))?;
-    let resp: Response =
-        serde_json::from_str(answer.trim()).map_err(|e| ControlSocketError::BadAnswer(format!("{e}: `{answer}`")))?;
+    let resp: Response = serde_json::from_str(answer.trim())
+        .map_err(|e| ControlSocketError::BadAnswer(format!("{e}: `{answer}`")))?;
     if resp.ok {
         Ok(resp.result.unwrap_or(serde_json::Value::Null))
     } else {

@@ -95,7 +95,11 @@ pub(crate) enum ControlRequest {
     Kick(Option<u32>),
     Stats(Sender<LiveStats>),
     RunOnVcpu(u32, VcpuFn, Sender<Result<(), ControlError>>),
-    Snapshot(PathBuf, AfterSnapshot, Sender<Result<SnapshotInfo, SnapshotError>>),
+    Snapshot(
+        PathBuf,
+        AfterSnapshot,
+        Sender<Result<SnapshotInfo, SnapshotError>>,
+    ),
     Stop,
 }
 
@@ -516,8 +520,9 @@ impl Controller {
     /// Saves the paused VM.
     fn save_to(&mut self, dir: &Path, start: Instant) -> Result<SnapshotInfo, SnapshotError> {
         if let Some(m) = &self.save.materializer {
-            m.run(&AtomicBool::new(false), &AtomicU64::new(0))
-                .map_err(|e| SnapshotError::Control(format!("guest memory cannot be fetched in full: {e}")))?;
+            m.run(&AtomicBool::new(false), &AtomicU64::new(0)).map_err(|e| {
+                SnapshotError::Control(format!("guest memory cannot be fetched in full: {e}"))
+            })?;
         }
         let msrs = Arc::new(snapshot::msr_index_list()?);
         let mut vcpus = Vec::new();

@@ -16,8 +16,8 @@ use ::memory::{
 use abi::layout::{ram_ranges, PAGE_SIZE};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 /// Errors setting up lazily backed memory.
@@ -123,7 +123,11 @@ impl Materializer {
                 };
                 if core.page_state(host) == Some(PageState::Missing) {
                     loop {
-                        let report = core.resolve_waiting(&self.uffd, host, Instant::now() + Duration::from_millis(100));
+                        let report = core.resolve_waiting(
+                            &self.uffd,
+                            host,
+                            Instant::now() + Duration::from_millis(100),
+                        );
                         match report.outcome {
                             FaultOutcome::Resolved { .. } => break,
                             FaultOutcome::Failed(e) => return Err(e.to_string()),
@@ -266,7 +270,9 @@ impl LazyMemory {
 
     /// Pages the background prefetch fetched so far (fault-around included in one).
     pub fn prefetched(&self) -> u64 {
-        self.prefetch.as_ref().map_or(0, |p| p.pages.load(Ordering::Relaxed))
+        self.prefetch
+            .as_ref()
+            .map_or(0, |p| p.pages.load(Ordering::Relaxed))
     }
 
     /// Stage-2 fault accounting per faulting thread (gettid).

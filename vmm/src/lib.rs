@@ -21,6 +21,7 @@ pub mod signals;
 pub mod snapshot;
 pub mod snapshot_source;
 pub mod stress;
+pub mod uffd_backend;
 pub mod vcpu;
 pub mod vm;
 

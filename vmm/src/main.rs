@@ -74,6 +74,9 @@ enum BenchCommand {
     /// Stage-2 fault cost through the retry core vs the raw userfaultfd round
     /// trip, and fault-around on sequential restore from a file.
     Fault(BenchArgs),
+    /// The guest kernel's demand-zero fault against its empty system-call
+    /// round trip, measured in the same guest run.
+    GuestFault(BenchArgs),
     /// Everything, plus throughput by vCPU count and the fault latency
     /// histogram; `--plot DIR` writes SVG charts.
     All {
@@ -258,7 +261,10 @@ fn run_with_control(
     vm: Result<vmm::Vm, vmm::VmError>,
     control: Option<&Path>,
 ) -> Result<vmm::RunOutcome, String> {
-    let running = vm.map_err(|e| e.to_string())?.start().map_err(|e| e.to_string())?;
+    let running = vm
+        .map_err(|e| e.to_string())?
+        .start()
+        .map_err(|e| e.to_string())?;
     let server = match control {
         Some(path) => match vmm::control::ControlServer::start(path, running.handle()) {
             Ok(s) => Some(s),
@@ -332,7 +338,12 @@ fn ctl(args: CtlArgs) -> i32 {
         CtlRequest::Pause => Request::Pause {},
         CtlRequest::Resume => Request::Resume {},
         CtlRequest::Stats => Request::Stats {},
-        CtlRequest::Snapshot { to, resume, stop, pause } => Request::Snapshot {
+        CtlRequest::Snapshot {
+            to,
+            resume,
+            stop,
+            pause,
+        } => Request::Snapshot {
             // Relative to the caller, not to the VMM's working directory.
             to: std::path::absolute(&to).unwrap_or(to),
             then: match (resume, stop, pause) {
@@ -345,7 +356,10 @@ fn ctl(args: CtlArgs) -> i32 {
     };
     match vmm::control::request(&args.socket, &req) {
         Ok(v) => {
-            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_else(|_| v.to_string()));
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&v).unwrap_or_else(|_| v.to_string())
+            );
             0
         }
         Err(e) => {
@@ -453,20 +467,31 @@ fn print_result<T: serde::Serialize + std::fmt::Display>(r: &T, json: bool) -> i
 
 fn bench(cmd: BenchCommand) -> i32 {
     let args = match &cmd {
-        BenchCommand::Boot(a) | BenchCommand::Fault(a) | BenchCommand::All { args: a, .. } => a,
+        BenchCommand::Boot(a)
+        | BenchCommand::Fault(a)
+        | BenchCommand::GuestFault(a)
+        | BenchCommand::All { args: a, .. } => a,
     };
     if args.pages == 0 || args.repeats == 0 {
         eprintln!("vmm: error: --pages and --repeats must be at least 1");
         return EXIT_VMM_ERROR;
     }
-    let fault_opts = vmm::bench::FaultBenchOptions { pages: args.pages, repeats: args.repeats };
+    let fault_opts = vmm::bench::FaultBenchOptions {
+        pages: args.pages,
+        repeats: args.repeats,
+    };
     let mut progress = |what: &str| eprintln!("vmm bench: {what}...");
     let result = match &cmd {
         BenchCommand::Boot(a) => {
             vmm::bench::boot(vmm::bench::BootBenchOptions { repeats: a.repeats }, &mut progress)
                 .map(|r| print_result(&r, a.json))
         }
-        BenchCommand::Fault(a) => vmm::bench::fault(fault_opts, &mut progress).map(|r| print_result(&r, a.json)),
+        BenchCommand::GuestFault(a) => {
+            vmm::bench::guest_fault(a.repeats, &mut progress).map(|r| print_result(&r, a.json))
+        }
+        BenchCommand::Fault(a) => {
+            vmm::bench::fault(fault_opts, &mut progress).map(|r| print_result(&r, a.json))
+        }
         BenchCommand::All { args: a, plot } => vmm::bench::all(fault_opts, &mut progress).map(|r| {
             if let Some(dir) = plot {
                 match vmm::plot::write_all(&r, dir) {
@@ -500,7 +525,10 @@ fn stress(a: StressArgs) -> i32 {
     };
     let positive = a.seconds.is_finite() && a.seconds > 0.0;
     if !positive || !(1..=abi::boot::MAX_VCPUS).contains(&a.vcpus) {
-        eprintln!("vmm: error: --seconds must be positive and --vcpus 1 to {}", abi::boot::MAX_VCPUS);
+        eprintln!(
+            "vmm: error: --seconds must be positive and --vcpus 1 to {}",
+            abi::boot::MAX_VCPUS
+        );
         return EXIT_VMM_ERROR;
     }
     let opts = vmm::stress::StressOptions {

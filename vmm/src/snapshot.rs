@@ -106,7 +106,9 @@ pub enum SnapshotError {
         found: u32,
     },
     /// The files do not belong together or do not fit the VM they describe.
-    #[error("snapshot {dir} is inconsistent: {reason}; its files do not belong together, take the snapshot again")]
+    #[error(
+        "snapshot {dir} is inconsistent: {reason}; its files do not belong together, take the snapshot again"
+    )]
     Mismatch {
         /// The directory.
         dir: PathBuf,
@@ -511,7 +513,8 @@ fn read_msrs(fd: &VcpuFd, indices: &[u32]) -> Result<Vec<(u32, u64)>, SnapshotEr
                 ..Default::default()
             })
             .collect();
-        let mut msrs = Msrs::from_entries(&entries).map_err(|e| SnapshotError::Control(format!("MSR list: {e:?}")))?;
+        let mut msrs =
+            Msrs::from_entries(&entries).map_err(|e| SnapshotError::Control(format!("MSR list: {e:?}")))?;
         let n = fd.get_msrs(&mut msrs).map_err(save_err("MSR read"))?;
         out.extend(msrs.as_slice().iter().take(n).map(|e| (e.index, e.data)));
         rest = rest.get(n + 1..).unwrap_or_default();
@@ -527,7 +530,9 @@ pub fn msr_index_list() -> Result<Vec<u32>, SnapshotError> {
 }
 
 /// Reads the VM-wide state: irqchip (PIC master, slave, IOAPIC), PIT, clock.
-pub fn save_vm(vm: &VmFd) -> Result<(Vec<kvm_irqchip>, kvm_pit_state2, Option<kvm_clock_data>), SnapshotError> {
+pub fn save_vm(
+    vm: &VmFd,
+) -> Result<(Vec<kvm_irqchip>, kvm_pit_state2, Option<kvm_clock_data>), SnapshotError> {
     let mut chips = Vec::new();
     for id in [KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQCHIP_IOAPIC] {
         let mut chip = kvm_irqchip {
@@ -563,7 +568,8 @@ pub fn restore_vm(vm: &VmFd, state: &VmState) -> Result<(), SnapshotError> {
 /// Restores one vCPU (CPUID already set). Order as in Firecracker: sregs
 /// (EFER, APIC base) before the LAPIC and MSRs, events last.
 pub fn restore_vcpu(fd: &VcpuFd, s: &CpuState) -> Result<(), SnapshotError> {
-    fd.set_mp_state(s.mp_state).map_err(restore_err("MP state write"))?;
+    fd.set_mp_state(s.mp_state)
+        .map_err(restore_err("MP state write"))?;
     fd.set_regs(&s.regs).map_err(restore_err("register write"))?;
     fd.set_sregs(&s.sregs).map_err(restore_err("sregs write"))?;
     fd.set_fpu(&s.fpu.to_kvm()).map_err(restore_err("FPU write"))?;
@@ -576,7 +582,8 @@ pub fn restore_vcpu(fd: &VcpuFd, s: &CpuState) -> Result<(), SnapshotError> {
         fd.set_xcrs(x).map_err(restore_err("XCR write"))?;
     }
     if let Some(d) = &s.debugregs {
-        fd.set_debug_regs(d).map_err(restore_err("debug register write"))?;
+        fd.set_debug_regs(d)
+            .map_err(restore_err("debug register write"))?;
     }
     fd.set_lapic(&s.lapic).map_err(restore_err("LAPIC write"))?;
     let entries: Vec<kvm_msr_entry> = s
@@ -590,7 +597,8 @@ pub fn restore_vcpu(fd: &VcpuFd, s: &CpuState) -> Result<(), SnapshotError> {
         .collect();
     let mut rest = entries.as_slice();
     while !rest.is_empty() {
-        let msrs = Msrs::from_entries(rest).map_err(|e| SnapshotError::Control(format!("MSR list: {e:?}")))?;
+        let msrs =
+            Msrs::from_entries(rest).map_err(|e| SnapshotError::Control(format!("MSR list: {e:?}")))?;
         let n = fd.set_msrs(&msrs).map_err(restore_err("MSR write"))?;
         if let Some(bad) = rest.get(n) {
             // Read from this KVM's own list: one it refuses now is host specific.
@@ -598,7 +606,8 @@ pub fn restore_vcpu(fd: &VcpuFd, s: &CpuState) -> Result<(), SnapshotError> {
         }
         rest = rest.get(n + 1..).unwrap_or_default();
     }
-    fd.set_vcpu_events(&s.events).map_err(restore_err("vCPU events write"))?;
+    fd.set_vcpu_events(&s.events)
+        .map_err(restore_err("vCPU events write"))?;
     Ok(())
 }
 
@@ -655,7 +664,8 @@ pub fn ram_end(mem_size: u64) -> u64 {
 pub fn write_memory(path: &Path, mem: &GuestMemoryMmap, mem_size: u64) -> Result<MemoryEntry, SnapshotError> {
     let file = File::create(path).map_err(io_err(path, "creating the memory file"))?;
     let len = ram_end(mem_size);
-    file.set_len(len).map_err(io_err(path, "sizing the memory file"))?;
+    file.set_len(len)
+        .map_err(io_err(path, "sizing the memory file"))?;
     let pagemap_path = Path::new("/proc/self/pagemap");
     let pagemap = File::open(pagemap_path).map_err(io_err(pagemap_path, "opening"))?;
     let mut extents: Vec<Extent> = Vec::new();
@@ -667,7 +677,8 @@ pub fn write_memory(path: &Path, mem: &GuestMemoryMmap, mem_size: u64) -> Result
         // SAFETY: `host..host + size` is the region's live mapping (kept by `mem`);
         // the vCPUs are paused, so nothing writes it while we read; only pages that
         // exist are read, so no read faults into a userfault handler.
-        let bytes = unsafe { std::slice::from_raw_parts(host as *const u8, usize::try_from(size).unwrap_or(0)) };
+        let bytes =
+            unsafe { std::slice::from_raw_parts(host as *const u8, usize::try_from(size).unwrap_or(0)) };
         for (i, _) in exists.iter().enumerate().filter(|(_, e)| **e) {
             let off = i * PAGE;
             let page = &bytes[off..off + PAGE];
@@ -677,14 +688,22 @@ pub fn write_memory(path: &Path, mem: &GuestMemoryMmap, mem_size: u64) -> Result
             let gpa = gpa0 + off as u64;
             match extents.last_mut() {
                 Some(e) if e.end() == gpa && !gpa.is_multiple_of(EXTENT_MAX) => e.len += PAGE_SIZE,
-                _ => extents.push(Extent { gpa, len: PAGE_SIZE, crc32: 0 }),
+                _ => extents.push(Extent {
+                    gpa,
+                    len: PAGE_SIZE,
+                    crc32: 0,
+                }),
             }
         }
-        for e in extents.iter_mut().filter(|e| e.gpa >= gpa0 && e.gpa < gpa0 + size) {
+        for e in extents
+            .iter_mut()
+            .filter(|e| e.gpa >= gpa0 && e.gpa < gpa0 + size)
+        {
             let off = usize::try_from(e.gpa - gpa0).unwrap_or(0);
             let data = &bytes[off..off + usize::try_from(e.len).unwrap_or(0)];
             e.crc32 = crc32fast::hash(data);
-            file.write_all_at(data, e.gpa).map_err(io_err(path, "writing the memory file"))?;
+            file.write_all_at(data, e.gpa)
+                .map_err(io_err(path, "writing the memory file"))?;
         }
     }
     file.sync_all().map_err(io_err(path, "syncing the memory file"))?;
@@ -801,10 +820,11 @@ impl Snapshot {
         let mpath = dir.join(MANIFEST);
         let text = read_limited(&mpath, STATE_MAX, dir, MANIFEST)?;
         // The magic and version first, so that another version is named as such.
-        let head: serde_json::Value = serde_json::from_slice(&text).map_err(|e| SnapshotError::Malformed {
-            path: mpath.clone(),
-            reason: e.to_string(),
-        })?;
+        let head: serde_json::Value =
+            serde_json::from_slice(&text).map_err(|e| SnapshotError::Malformed {
+                path: mpath.clone(),
+                reason: e.to_string(),
+            })?;
         if head.get("magic").and_then(|m| m.as_str()) != Some(MAGIC) {
             return Err(SnapshotError::Malformed {
                 path: mpath,
@@ -1026,7 +1046,10 @@ mod tests {
         f.fpr[7][0] = 1;
         let s = FpuState::from(&f);
         let back = s.to_kvm();
-        assert_eq!((back.fcw, back.mxcsr, back.xmm[3][5], back.fpr[7][0]), (0x37f, 0x1f80, 9, 1));
+        assert_eq!(
+            (back.fcw, back.mxcsr, back.xmm[3][5], back.fpr[7][0]),
+            (0x37f, 0x1f80, 9, 1)
+        );
     }
 
     #[test]
@@ -1041,7 +1064,10 @@ mod tests {
         let e = Snapshot::open(&dir).unwrap_err();
         assert!(matches!(e, SnapshotError::WrongVersion { found: 99, .. }), "{e}");
         std::fs::write(dir.join(MANIFEST), b"\x00garbage").unwrap();
-        assert!(matches!(Snapshot::open(&dir), Err(SnapshotError::Malformed { .. })));
+        assert!(matches!(
+            Snapshot::open(&dir),
+            Err(SnapshotError::Malformed { .. })
+        ));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

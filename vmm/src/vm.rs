@@ -3,12 +3,12 @@
 
 use crate::arch::x86_64::{cpu, paging};
 use crate::config::{KernelSource, MemoryConfig, VmConfig};
-use crate::snapshot::Snapshot;
-use crate::snapshot_source::SnapshotSource;
 use crate::controller::{self, BlockedFn, EventSender, RunningVm, VmEvent};
 use crate::lazy::{LazyError, LazyMemory, MemoryStats};
 use crate::loader::{self, LoaderError};
 use crate::memory::{self, MemoryError};
+use crate::snapshot::Snapshot;
+use crate::snapshot_source::SnapshotSource;
 use crate::vcpu::{VcpuError, VcpuHandle, VcpuStatsSnapshot, VcpuStopped};
 use abi::exit::ExitCode;
 use abi::ports::{DEBUG_EXIT_PORT, PV_CHANNEL_PORT, SERIAL_PORT, SERIAL_PORT_LEN};
@@ -85,6 +85,9 @@ pub enum VmError {
     /// Devices / event loop.
     #[error("device setup failed: {0}")]
     Device(String),
+    /// The external page-fault handler cannot be reached.
+    #[error(transparent)]
+    UffdBackend(#[from] crate::uffd_backend::UffdBackendError),
     /// A snapshot cannot be restored.
     #[error(transparent)]
     Snapshot(#[from] crate::snapshot::SnapshotError),
@@ -262,6 +265,9 @@ pub struct RestoreOptions {
     pub prefetch: bool,
     /// With `lazy`: fault-around window (`None` = default).
     pub fault_around: Option<u32>,
+    /// Hand guest memory to an external page-fault handler listening on this
+    /// Unix socket (Firecracker's UFFD handshake, `uffd_backend`) instead.
+    pub uffd_socket: Option<std::path::PathBuf>,
 }
 
 /// A built, not yet running VM.
@@ -270,6 +276,8 @@ pub struct Vm {
     pub(crate) options: VmOptions,
     // Declared before `_mem` so it drops first: its handler fills pages of that mapping.
     lazy: Option<LazyMemory>,
+    // The userfaultfd handed to an external handler: open while memory lives.
+    _external_uffd: Option<::memory::Uffd>,
     // Kept alive while the vCPUs run: the memslots point into this mapping.
     _mem: GuestMemoryMmap,
     vm_fd: Arc<VmFd>,
@@ -327,7 +335,7 @@ pub fn open_kvm() -> Result<Kvm, VmError> {
 impl Vm {
     /// Creates the VM: KVM objects, memory, devices, the loaded guest, vCPUs.
     pub fn new(config: &VmConfig, options: VmOptions) -> Result<Vm, VmError> {
-        Self::build(config, options, None, false)
+        Self::build(config, options, None)
     }
 
     /// Builds the VM saved in snapshot directory `dir` (see `docs/snapshot.md`):
@@ -337,7 +345,7 @@ impl Vm {
     pub fn restore(dir: &std::path::Path, how: &RestoreOptions, options: VmOptions) -> Result<Vm, VmError> {
         let created = Instant::now();
         let snap = Snapshot::open(dir)?;
-        let memory = if how.lazy {
+        let memory = if how.lazy && how.uffd_socket.is_none() {
             MemoryConfig {
                 backend: crate::config::MemBackend::File {
                     path: snap.memory_path(),
@@ -349,7 +357,7 @@ impl Vm {
             MemoryConfig::default()
         };
         let config = snap.config(memory)?;
-        let mut vm = Self::build(&config, options, Some(&snap), how.prefetch)?;
+        let mut vm = Self::build(&config, options, Some((&snap, how)))?;
         vm.created = created;
         Ok(vm)
     }
@@ -357,9 +365,11 @@ impl Vm {
     fn build(
         config: &VmConfig,
         options: VmOptions,
-        restore: Option<&Snapshot>,
-        prefetch: bool,
+        restoring: Option<(&Snapshot, &RestoreOptions)>,
     ) -> Result<Vm, VmError> {
+        let restore = restoring.map(|(s, _)| s);
+        let prefetch = restoring.is_some_and(|(_, h)| h.prefetch);
+        let uffd_socket = restoring.and_then(|(_, h)| h.uffd_socket.as_deref());
         let created = Instant::now();
         config.validate()?;
         let memory = &config.memory;
@@ -400,6 +410,8 @@ impl Vm {
                 let info = loader::boot_info(config.mem_size, config.vcpus, &config.cmdline, module)?;
                 loader::write_boot_info(&mem, &info)?;
             }
+            // The external handler serves every page (see below).
+            Some(_) if uffd_socket.is_some() => {}
             Some(snap) if memory.backend.is_lazy() => {
                 let src = SnapshotSource::open(snap).map_err(LazyError::Source)?;
                 snapshot_source = Some(Arc::new(src));
@@ -425,6 +437,10 @@ impl Vm {
                 l.start_prefetch()?;
             }
         }
+        let external_uffd = match uffd_socket {
+            Some(path) => Some(crate::uffd_backend::hand_over(&mem, path)?),
+            None => None,
+        };
         if let Some(snap) = restore {
             crate::snapshot::restore_vm(&vm_fd, &snap.state)?;
         }
@@ -445,7 +461,9 @@ impl Vm {
             .map_err(kvm_err("serial irqfd registration"))?;
         let first_output = Arc::new(OnceLock::new());
         let serial = Arc::new(Mutex::new(match restore {
-            None => SerialConsole::with_first_output(serial_irq, options.serial.clone(), first_output.clone()),
+            None => {
+                SerialConsole::with_first_output(serial_irq, options.serial.clone(), first_output.clone())
+            }
             Some(snap) => SerialConsole::from_state(
                 serial_irq,
                 options.serial.clone(),
@@ -473,8 +491,11 @@ impl Vm {
         let guest_stats = devices::page_store::GuestStatsCell::default();
         let store = devices::page_store::PageStore::new(mem.clone(), sink, guest_stats.clone())
             .map_err(|e| VmError::Device(format!("page store: {e}")))?;
-        bus.register_pio(range(abi::ports::PAGE_STORE_PORT, 4)?, Arc::new(Mutex::new(store)))
-            .map_err(|e| VmError::Device(format!("page store: {e:?}")))?;
+        bus.register_pio(
+            range(abi::ports::PAGE_STORE_PORT, 4)?,
+            Arc::new(Mutex::new(store)),
+        )
+        .map_err(|e| VmError::Device(format!("page store: {e:?}")))?;
 
         // vCPUs.
         let supported = kvm
@@ -490,9 +511,11 @@ impl Vm {
             cpu::patch_cpuid(&mut cpuid, i, config.vcpus);
             fd.set_cpuid2(&cpuid).map_err(kvm_err("CPUID setup"))?;
             if let Some(snap) = restore {
-                let state = snap.state.vcpus.get(i as usize).ok_or_else(|| {
-                    VmError::Device(format!("the snapshot has no state for vCPU {i}"))
-                })?;
+                let state = snap
+                    .state
+                    .vcpus
+                    .get(i as usize)
+                    .ok_or_else(|| VmError::Device(format!("the snapshot has no state for vCPU {i}")))?;
                 crate::snapshot::restore_vcpu(&fd, state)?;
                 if tsc_khz.is_none() {
                     tsc_khz = fd.get_tsc_khz().ok();
@@ -522,6 +545,7 @@ impl Vm {
             config: config.clone(),
             options,
             lazy,
+            _external_uffd: external_uffd,
             _mem: mem,
             vm_fd: Arc::new(vm_fd),
             vcpu_fds,

@@ -246,3 +246,14 @@ fn bench_all_writes_charts() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn bench_guest_fault_reports_both_figures() {
+    let o = vmm(&["bench", "guest-fault", "--repeats", "1", "--json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    for key in ["syscall", "demand_zero_fault"] {
+        assert!(v[key]["median_us"].as_f64().unwrap_or(0.0) > 0.0, "{key}: {v}");
+    }
+    assert!(v["ratio"].as_f64().unwrap_or(0.0) > 0.0);
+}

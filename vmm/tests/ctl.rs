@@ -12,7 +12,12 @@ use std::time::{Duration, Instant};
 const VMM: &str = env!("CARGO_BIN_EXE_vmm");
 
 fn ctl(sock: &Path, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(VMM).arg("ctl").arg(sock).args(args).output().unwrap();
+    let out = Command::new(VMM)
+        .arg("ctl")
+        .arg(sock)
+        .args(args)
+        .output()
+        .unwrap();
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -59,7 +64,8 @@ fn control_socket_snapshot_and_restore() {
 
     // A hostile client gets errors, and the VMM keeps serving.
     let mut s = UnixStream::connect(&sock).unwrap();
-    s.write_all(b"{\"cmd\":\"reboot\"}\n\xff\xfe\nnull\n{\"cmd\":\"stats\"}\n").unwrap();
+    s.write_all(b"{\"cmd\":\"reboot\"}\n\xff\xfe\nnull\n{\"cmd\":\"stats\"}\n")
+        .unwrap();
     let mut r = BufReader::new(s.try_clone().unwrap());
     let mut answers = Vec::new();
     for _ in 0..4 {
@@ -67,7 +73,12 @@ fn control_socket_snapshot_and_restore() {
         r.read_line(&mut a).unwrap();
         answers.push(a);
     }
-    assert!(answers[..3].iter().all(|a| a.starts_with("{\"ok\":false,\"error\":")), "{answers:?}");
+    assert!(
+        answers[..3]
+            .iter()
+            .all(|a| a.starts_with("{\"ok\":false,\"error\":")),
+        "{answers:?}"
+    );
     assert!(answers[3].starts_with("{\"ok\":true"), "{answers:?}");
     s.write_all(&vec![b'x'; 70 * 1024]).unwrap();
     s.write_all(b"\n").unwrap();
@@ -91,7 +102,12 @@ fn control_socket_snapshot_and_restore() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "{stdout} {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("verified on the host"), "{stdout}");
 
     let out = Command::new(VMM)
@@ -101,5 +117,138 @@ fn control_socket_snapshot_and_restore() {
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a (complete) snapshot"));
+    let _ = std::fs::remove_dir_all(&base);
+}
+
+/// A minimal external page-fault handler written against Firecracker's
+/// handshake: receive the JSON mappings and the userfaultfd, then answer each
+/// PAGEFAULT with UFFDIO_COPY from the memory file at `offset + (addr - base)`.
+fn firecracker_style_handler(listener: std::os::unix::net::UnixListener, memfile: std::path::PathBuf) -> u64 {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+    let (stream, _) = listener.accept().unwrap();
+    let mut buf = vec![0u8; 4096];
+    let (n, uffd) = stream.recv_with_fd(&mut buf).unwrap();
+    let uffd = uffd.expect("the userfaultfd comes with the mappings");
+    let maps: Vec<serde_json::Value> = serde_json::from_slice(&buf[..n]).unwrap();
+    let maps: Vec<(u64, u64, u64)> = maps
+        .iter()
+        .map(|m| {
+            assert_eq!(m["page_size"].as_u64(), Some(4096));
+            (
+                m["base_host_virt_addr"].as_u64().unwrap(),
+                m["size"].as_u64().unwrap(),
+                m["offset"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let mem = std::fs::File::open(memfile).unwrap();
+    let mut page = vec![0u8; 4096];
+    let mut served = 0;
+    loop {
+        let mut pfd = libc::pollfd {
+            fd: uffd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let r = unsafe { libc::poll(&mut pfd, 1, 2000) };
+        if r == 0 {
+            return served; // the VM ended (or is idle): done
+        }
+        let mut msg = [0u8; 32];
+        // SAFETY: reads at most 32 bytes into `msg`.
+        let n = unsafe { libc::read(uffd.as_raw_fd(), msg.as_mut_ptr().cast(), 32) };
+        if n != 32 || msg[0] != 0x12 {
+            continue;
+        }
+        let addr = u64::from_le_bytes(msg[16..24].try_into().unwrap()) & !4095;
+        let &(base, _, offset) = maps.iter().find(|&&(b, s, _)| addr >= b && addr < b + s).unwrap();
+        page.fill(0);
+        let _ = mem.read_at(&mut page, offset + (addr - base));
+        #[repr(C)]
+        struct UffdioCopy {
+            dst: u64,
+            src: u64,
+            len: u64,
+            mode: u64,
+            copy: i64,
+        }
+        let mut copy = UffdioCopy {
+            dst: addr,
+            src: page.as_ptr() as u64,
+            len: 4096,
+            mode: 0,
+            copy: 0,
+        };
+        // SAFETY: UFFDIO_COPY with a valid struct; `page` outlives the call.
+        unsafe { libc::ioctl(uffd.as_raw_fd(), 0xC028_AA03, &mut copy) };
+        served += 1;
+    }
+}
+
+#[test]
+fn external_firecracker_style_handler_serves_a_restore() {
+    let base = std::env::temp_dir().join(format!("vmm-uffd-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    std::fs::create_dir_all(&base).unwrap();
+    let sock = base.join("ctl.sock");
+    let snap = base.join("snap");
+    let mut child = Command::new(VMM)
+        .args(["run", "--vcpus", "2", "--mem", "256M", "--timeout", "120"])
+        .arg("--cmdline")
+        .arg("workload=touch pages=6000 pattern=rand")
+        .arg("--control")
+        .arg(&sock)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("touch: cpu 0 start") {
+        line.clear();
+        assert!(out.read_line(&mut line).unwrap() > 0, "vmm ended early");
+    }
+    while !sock.exists() {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let (ok, _, err) = ctl(&sock, &["snapshot", "--to", snap.to_str().unwrap(), "--stop"]);
+    assert!(ok, "{err}");
+    assert_eq!(child.wait().unwrap().code(), Some(14));
+
+    let handler_sock = base.join("uffd.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&handler_sock).unwrap();
+    let memfile = snap.join("memory.bin");
+    let handler = std::thread::spawn(move || firecracker_style_handler(listener, memfile));
+    let out = Command::new(VMM)
+        .args(["restore", "--timeout", "120", "--from"])
+        .arg(&snap)
+        .arg("--mem-backend")
+        .arg(format!("uffd:{}", handler_sock.display()))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("verified on the host"), "{stdout}");
+    let served = handler.join().unwrap();
+    assert!(served > 100, "the external handler served {served} faults");
+
+    let out = Command::new(VMM)
+        .args(["restore", "--from"])
+        .arg(&snap)
+        .args(["--mem-backend", "uffd:/nonexistent/sock"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("start the handler first"));
     let _ = std::fs::remove_dir_all(&base);
 }
