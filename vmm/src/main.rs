@@ -174,6 +174,11 @@ struct RestoreArgs {
     /// With --lazy: fault-around window in pages (0 = off, power of two up to 512).
     #[arg(long, value_name = "PAGES", requires = "lazy")]
     fault_around: Option<u32>,
+    /// `uffd:SOCKET`: hand guest memory to an external page-fault handler
+    /// (Firecracker's UFFD handshake: JSON mappings + the userfaultfd over SOCKET);
+    /// region offsets are guest-physical addresses in DIR/memory.bin.
+    #[arg(long, value_name = "uffd:SOCKET", conflicts_with = "lazy")]
+    mem_backend: Option<String>,
     /// Write run statistics as JSON to FILE, or `-` for stdout.
     #[arg(long, value_name = "FILE")]
     stats: Option<PathBuf>,
@@ -306,6 +311,14 @@ fn restore(args: RestoreArgs) -> i32 {
         lazy: args.lazy,
         prefetch: args.prefetch,
         fault_around: args.fault_around,
+        uffd_socket: match args.mem_backend.as_deref().map(|b| b.strip_prefix("uffd:")) {
+            None => None,
+            Some(Some(path)) if !path.is_empty() => Some(PathBuf::from(path)),
+            Some(_) => {
+                eprintln!("vmm: error: vmm restore --mem-backend takes uffd:SOCKET (or use --lazy)");
+                return EXIT_VMM_ERROR;
+            }
+        },
     };
     let start = std::time::Instant::now();
     let vm = match vmm::Vm::restore(&args.from, &how, options) {
