@@ -496,6 +496,14 @@ impl Controller {
         if self.end.is_some() {
             return Err(control(ControlError::Ended));
         }
+        if self.save.external_memory {
+            return Err(SnapshotError::Control(
+                "guest memory is served by an external page-fault handler (--mem-backend uffd:SOCKET); \
+                 pages it has not served yet are not in this process: take snapshots of VMs whose memory \
+                 this VMM holds"
+                    .into(),
+            ));
+        }
         let start = Instant::now();
         let was_paused = self.paused;
         if !was_paused {

@@ -104,8 +104,9 @@ pub struct Materializer {
 }
 
 impl Materializer {
-    /// Fetches the missing pages; returns how many faults it resolved. Stops
-    /// early (`Ok`) when `stop` is set, fails on a page the source cannot give.
+    /// Fetches the missing pages, counting the faults it resolved in `done`
+    /// (a fault-around run is one). Stops early (`Ok`) when `stop` is set;
+    /// fails on a page the source cannot give.
     pub fn run(&self, stop: &AtomicBool, done: &AtomicU64) -> Result<(), String> {
         for &(gpa, len) in self.ranges.iter() {
             let mut a = gpa;

@@ -467,6 +467,9 @@ pub(crate) struct SaveCtx {
     pub(crate) config: VmConfig,
     /// For lazily backed memory: fetches the pages not fetched yet.
     pub(crate) materializer: Option<crate::lazy::Materializer>,
+    /// Memory is served by an external page-fault handler: pages it has not
+    /// served yet are not in this process, so a snapshot would lose them.
+    pub(crate) external_memory: bool,
 }
 
 /// Reads the state of one (paused) vCPU on its own thread. KVM completes a

@@ -686,6 +686,7 @@ impl Vm {
             serial: self.serial.clone(),
             config: self.config.clone(),
             materializer: self.lazy.as_ref().map(LazyMemory::materializer),
+            external_memory: self._external_uffd.is_some(),
         }
     }
 
