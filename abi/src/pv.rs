@@ -141,6 +141,16 @@ pub mod store {
     pub const READ: u32 = 0x101;
     /// Guest statistics: `args[0]` = gpa of a [`GuestStats`].
     pub const STATS: u32 = 0x102;
+    /// Hold reads of page `args[0]`: the device queues them (accepted, status
+    /// OK, not answered) until [`RELEASE`] of that page, instead of answering
+    /// after their delay. Lets a test keep a fault waiting as long as it needs,
+    /// whatever the host's speed. At most [`MAX_HELD_PAGES`] pages at once.
+    pub const HOLD: u32 = 0x103;
+    /// Release page `args[0]`: its held reads are answered now (no delay), and
+    /// later reads of it are answered after their delay again.
+    pub const RELEASE: u32 = 0x104;
+    /// Pages that can be held at once.
+    pub const MAX_HELD_PAGES: usize = 16;
     /// Number of completion slots (outstanding reads).
     pub const SLOTS: usize = 64;
     /// Pages in the store.

@@ -48,6 +48,19 @@ pub const SYS_STATS: u64 = 15;
 /// `sum(ptr, len)`: the wrapping sum of the u64 words of a user buffer, read by
 /// the kernel (a kernel-mode access to user memory, like copy_from_user).
 pub const SYS_SUM: u64 = 16;
+/// `store_ctl(op, arg)`: page-store test control ([`store_ctl`]), so tests
+/// wait for states instead of racing the store's delay.
+pub const SYS_STORE_CTL: u64 = 17;
+
+/// Operations of `SYS_STORE_CTL`.
+pub mod store_ctl {
+    /// Hold the reads of store page `arg` (`abi::pv::store::HOLD`). Returns 0.
+    pub const HOLD: u64 = 0;
+    /// Release store page `arg`: its held reads complete now. Returns 0.
+    pub const RELEASE: u64 = 1;
+    /// Whether task `arg` sleeps in a page-fault wait on the store: 1 or 0.
+    pub const WAITING: u64 = 2;
+}
 
 /// Signal numbers (Linux's).
 pub mod sig {

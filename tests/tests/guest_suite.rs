@@ -14,11 +14,16 @@ use vmm_tests::{boot, config};
 #[allow(dead_code, clippy::manual_is_multiple_of)]
 mod fault_core;
 
-/// The suite's page-store delay: long enough that signals land during waits.
+/// The suite with the store's longest delay the stress tool uses. The tests
+/// hold the pages they wait on (no race against the delay), so any delay works.
 const CMDLINE: &str = "test=all store_delay_us=100000";
 
 fn run_suite(vcpus: u32) {
-    let run = boot(&config(vcpus, "256M", CMDLINE));
+    run_suite_with(vcpus, CMDLINE);
+}
+
+fn run_suite_with(vcpus: u32, cmdline: &str) {
+    let run = boot(&config(vcpus, "256M", cmdline));
     for name in TESTS {
         let line = format!("guest-test: {name} ... ok");
         assert!(run.console.contains(&line), "`{line}` missing:\n{}", run.console);
@@ -27,8 +32,9 @@ fn run_suite(vcpus: u32) {
     assert_eq!(run.outcome.end, GuestEnd::Exited(0), "console:\n{}", run.console);
     // The guest's figures reach the VMM's outcome and `--stats` JSON.
     let g = run.outcome.guest_stats.expect("guest statistics");
-    assert!(g.max_retries >= 2, "{g:?}");
-    assert!(g.retries >= g.max_retries && g.signal_interruptions >= 2, "{g:?}");
+    // store-retries: four signals in one held wait; signal-in-fault: one.
+    assert!(g.max_retries >= 4, "{g:?}");
+    assert!(g.retries >= g.max_retries && g.signal_interruptions >= 5, "{g:?}");
     assert!(g.userfaults >= 4 && g.store_reads >= 8, "{g:?}");
     let completed: u64 = g.retry_hist.iter().sum();
     assert!(completed > 0 && completed <= g.faults, "{g:?}");
@@ -51,6 +57,13 @@ fn guest_suite_four_vcpus() {
     run_suite(4);
 }
 
+/// Pages answered at once: the signal tests still find their tasks waiting
+/// (held pages), so they pass without any delay to race.
+#[test]
+fn guest_suite_without_store_delay() {
+    run_suite_with(2, "test=all store_delay_us=0");
+}
+
 #[test]
 fn one_test_by_name_and_bad_names_are_refused() {
     let run = boot(&config(2, "128M", "test=uffd-handler-death store_delay_us=1000"));
@@ -63,11 +76,12 @@ fn one_test_by_name_and_bad_names_are_refused() {
     assert!(err.to_string().contains("expected all or a test name"), "{err}");
 }
 
-/// The guest measures a demand-zero fault against an empty system call in one
-/// run (`test=bench-fault`, medians); `vmm bench guest-fault` reports it. The
-/// figures belong to the benchmark: this only checks that both are measured.
+/// The figure: a demand-zero fault against an empty system call,
+/// measured by the guest in one run (`test=bench-fault`, medians). Measured
+/// here ~1.45x; the assertion is a regression guard with room for host load
+/// (before the fast path it was ~2.2x).
 #[test]
-fn guest_fault_benchmark_reports_both_figures() {
+fn demand_zero_fault_costs_about_an_empty_system_call() {
     let run = boot(&config(1, "128M", "test=bench-fault"));
     assert_eq!(run.outcome.end, GuestEnd::Exited(0), "console:\n{}", run.console);
     let line = run
@@ -75,8 +89,9 @@ fn guest_fault_benchmark_reports_both_figures() {
         .lines()
         .find(|l| l.starts_with("guest-bench:"))
         .expect("bench line");
-    let b = vmm::bench::parse_guest_bench(line).expect("a well-formed bench line");
-    assert!(b.0 > 0 && b.1 > 0, "{line}");
+    eprintln!("{line}");
+    let ratio: u64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(ratio < 200, "{line}");
 }
 
 #[test]

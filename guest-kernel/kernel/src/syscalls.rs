@@ -83,6 +83,12 @@ pub fn dispatch(frame: &mut TrapFrame) {
         },
         SYS_STATS => stats(a0),
         SYS_SUM => sum(a0, a1),
+        SYS_STORE_CTL => Ret::Value(match a0 {
+            store_ctl::HOLD => crate::mm::store::hold(a1, true),
+            store_ctl::RELEASE => crate::mm::store::hold(a1, false),
+            store_ctl::WAITING => i64::from(task::in_store_wait(a1 as usize)),
+            _ => EINVAL,
+        }),
         _ => Ret::Value(EINVAL),
     };
     match ret {

@@ -364,6 +364,12 @@ pub fn send_signal(tid: usize, s: u64) -> bool {
     true
 }
 
+/// Whether task `tid` sleeps in a page-fault wait on the page store.
+pub fn in_store_wait(tid: usize) -> bool {
+    let s = SCHED.lock();
+    s.t.get(tid).is_some_and(|t| t.state == State::Sleeping && t.fault_wait && t.key == crate::mm::store::WAIT_KEY)
+}
+
 /// Sets the current task's blocked mask; returns the old one.
 pub fn set_blocked(mask: u64) -> u64 {
     let tid = current_tid();

@@ -20,7 +20,7 @@ const R_SIG_FAULT: u64 = ROLE_USER + 1;
 /// Reads store page `arg`, no handler. Exit 0 if the data is right.
 const R_PLAIN_FAULT: u64 = ROLE_USER + 2;
 /// SYS_SUM over store page `arg` (a kernel-mode fault) with a SIGUSR1 handler.
-/// Exit 0 if the sum is right and the handler ran.
+/// Exit 0 if the sum is right and the handler ran once, before the sum.
 const R_KSUM: u64 = ROLE_USER + 3;
 /// Registers a userfaultfd range and spawns its handler (`arg`: 0 = normal,
 /// 1 = the handler dies without answering, 2 = handler on another vCPU).
@@ -67,6 +67,63 @@ fn wait(tid: i64) -> i64 {
 
 fn kill(tid: i64, sig: u64) -> i64 {
     syscall(SYS_KILL, tid as u64, sig)
+}
+
+/// Holds (`on`) or releases store page `page` in the VMM's device.
+fn hold(page: u64, on: bool) -> bool {
+    let op = if on { store_ctl::HOLD } else { store_ctl::RELEASE };
+    syscall(SYS_STORE_CTL, op, page) == 0
+}
+
+/// Whether task `t` sleeps in a page-fault wait on the store.
+fn store_waiting(t: i64) -> bool {
+    t >= 0 && syscall(SYS_STORE_CTL, store_ctl::WAITING, t as u64) == 1
+}
+
+/// Polls `cond` a tick at a time until it holds. Every state waited for here
+/// comes from an event (a task reaching a wait, a release), never from time;
+/// the bound only turns a broken kernel into a failure instead of a hang.
+fn until(mut cond: impl FnMut() -> bool) -> bool {
+    for _ in 0..20_000 {
+        if cond() {
+            return true;
+        }
+        sleep(1);
+    }
+    false
+}
+
+/// Holds store page `page`, spawns `role` reading it and waits until the task
+/// sleeps in the store wait: the wait lasts until `hold(page, false)`, however
+/// fast or loaded the host. None (page released, task gone) if it never does.
+fn held_fault(role: u64, page: u64) -> Option<i64> {
+    if !hold(page, true) {
+        return None;
+    }
+    let t = spawn(role, page, u64::MAX);
+    if t >= 0 && until(|| store_waiting(t)) {
+        return Some(t);
+    }
+    hold(page, false);
+    if t >= 0 {
+        kill(t, sig::SIGKILL);
+        wait(t);
+    }
+    None
+}
+
+/// Sends `n` signals `s` to task `t`, which waits on a held store page: each
+/// must end the wait (the handler runs, the fault is retried and waits again).
+fn interrupt_store_wait(t: i64, s: u64, n: u64) -> bool {
+    let before = stats().signal_interruptions;
+    for _ in 0..n {
+        // The kill wakes the task at once (it was waiting); waiting again
+        // means it ran the handler and retried the fault.
+        if kill(t, s) != 0 || store_waiting(t) || !until(|| store_waiting(t)) {
+            return false;
+        }
+    }
+    stats().signal_interruptions == before + n
 }
 
 fn stats() -> GuestStats {
@@ -193,22 +250,16 @@ fn store() -> bool {
 fn store_retries() -> bool {
     // Signals interrupt the wait again and again (each one is a Retry) until
     // the page arrives and the task exits.
-    let t = spawn(R_SIG_FAULT, 100, u64::MAX);
-    // Let it install its handler and start waiting first.
-    sleep(20);
-    let mut sent = 0;
-    while sent < 100 {
-        sleep(10);
-        if kill(t, sig::SIGUSR1) != 0 {
-            break;
-        }
-        sent += 1;
-    }
-    // One signal during the wait already makes two retries (after the
-    // handler, after the completion); guest time may run slow on a loaded
-    // host, so more signals are likely but not certain.
+    const PAGE: u64 = 100;
+    const SIGNALS: u64 = 4;
+    let Some(t) = held_fault(R_SIG_FAULT, PAGE) else { return false };
+    let interrupted = interrupt_store_wait(t, sig::SIGUSR1, SIGNALS);
+    hold(PAGE, false);
+    // The handler ran once per signal, the data is right; the fault was
+    // retried after each signal and after the completion (the first handler
+    // may fault on a fresh page itself, which starts a new count).
     let code = wait(t);
-    (1..100).contains(&code) && stats().max_retries >= 2
+    interrupted && code == SIGNALS as i64 && stats().max_retries >= SIGNALS
 }
 
 fn signal_handler() -> bool {
@@ -224,36 +275,50 @@ fn signal_handler() -> bool {
 }
 
 fn signal_in_fault() -> bool {
-    let t = spawn(R_SIG_FAULT, 101, u64::MAX);
-    sleep(20);
-    kill(t, sig::SIGUSR1);
+    const PAGE: u64 = 101;
+    let Some(t) = held_fault(R_SIG_FAULT, PAGE) else { return false };
+    let interrupted = interrupt_store_wait(t, sig::SIGUSR1, 1);
+    hold(PAGE, false);
+    // Handler ran once, then the retried fault got the right data.
     let code = wait(t);
-    (1..100).contains(&code)
+    interrupted && code == 1
 }
 
 fn fatal_in_fault() -> bool {
-    let t = spawn(R_PLAIN_FAULT, 102, u64::MAX);
-    sleep(20);
-    kill(t, sig::SIGTERM);
-    wait(t) == status::KILLED | sig::SIGTERM as i64
+    const PAGE: u64 = 102;
+    let Some(t) = held_fault(R_PLAIN_FAULT, PAGE) else { return false };
+    // The page is still held: only the signal can end the wait, and it must
+    // kill the task (no handler), not hand it a page.
+    let killed = kill(t, sig::SIGTERM) == 0 && wait(t) == status::KILLED | sig::SIGTERM as i64;
+    hold(PAGE, false);
+    // The read the dead task started still fills the cache with the data
+    // (no zero page in its place).
+    killed && store_page_ok(PAGE)
 }
 
 fn stop_cont_in_fault() -> bool {
-    let t = spawn(R_PLAIN_FAULT, 103, u64::MAX);
-    sleep(20);
-    kill(t, sig::SIGSTOP);
-    // The page arrives while the task is stopped.
-    let delay_ms = 400;
-    sleep(delay_ms);
+    const PAGE: u64 = 103;
+    let Some(t) = held_fault(R_PLAIN_FAULT, PAGE) else { return false };
+    // A stop does not end the wait.
+    let stopped = kill(t, sig::SIGSTOP) == 0 && store_waiting(t);
+    hold(PAGE, false);
+    // The page arrives while the task is stopped: the completion wakes it,
+    // it stays stopped until the SIGCONT, then finishes with the right data.
+    let woke = until(|| !store_waiting(t));
     kill(t, sig::SIGCONT);
-    wait(t) == 0
+    wait(t) == 0 && stopped && woke
 }
 
 fn kernel_fault_signal() -> bool {
-    let t = spawn(R_KSUM, 104, u64::MAX);
-    sleep(20);
-    kill(t, sig::SIGUSR1);
-    wait(t) == 0
+    const PAGE: u64 = 104;
+    let Some(t) = held_fault(R_KSUM, PAGE) else { return false };
+    // A kernel-mode access waits uninterruptibly (only a fatal signal ends
+    // it): the signal stays pending and the task keeps waiting.
+    let before = stats().signal_interruptions;
+    let kept = kill(t, sig::SIGUSR1) == 0 && store_waiting(t) && stats().signal_interruptions == before;
+    hold(PAGE, false);
+    // Then the handler runs before the restarted call, whose sum is right.
+    wait(t) == 0 && kept
 }
 
 fn uffd_signal() -> bool {
@@ -330,14 +395,8 @@ pub fn child(args: &TaskArgs) -> u64 {
             let i = args.arg;
             let sum = syscall(SYS_SUM, USER_STORE_BASE + i * PAGE_SIZE, PAGE_SIZE) as u64;
             let want = (0..512).fold(0u64, |s, k| s.wrapping_add(word(i, k)));
-            // Should the signal come late (a loaded host), it still must come.
-            for _ in 0..100 {
-                if HANDLED.load(Ordering::Relaxed) != 0 {
-                    break;
-                }
-                sleep(10);
-            }
-            u64::from(sum != want || HANDLED.load(Ordering::Relaxed) == 0)
+            // The signal came during the wait: handled before the call restarted.
+            u64::from(sum != want || HANDLED.load(Ordering::Relaxed) != 1)
         }
         R_UFFD_OWNER => uffd_owner(args),
         R_UFFD_HANDLER => uffd_handler(args.arg & 0xffff, args.arg >> 16),

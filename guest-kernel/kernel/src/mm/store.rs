@@ -93,6 +93,16 @@ pub fn page(index: u64, sleep: impl FnOnce()) -> PageState {
     }
 }
 
+/// Holds (`on`) or releases store page `index` in the VMM's device
+/// (`store::HOLD` / `store::RELEASE`, for the test suite): 0 or EINVAL.
+pub fn hold(index: u64, on: bool) -> i64 {
+    let kind = if on { store::HOLD } else { store::RELEASE };
+    if index >= PAGES || crate::pv::send_store(kind, [index, 0, 0, 0, 0, 0]) != status::OK {
+        return crate::abi::syscall::EINVAL;
+    }
+    0
+}
+
 /// Notices completed reads (timer tick, idle loop); wakes the waiters.
 pub fn poll() {
     if IN_FLIGHT.load(Ordering::Acquire) == 0 {
