@@ -212,7 +212,12 @@ pub fn parse_cmdline(cmdline: &str) -> Result<WorkloadConfig, CmdlineError<'_>> 
                 cfg.test = if value == "all" {
                     Some(u64::MAX)
                 } else {
-                    Some(TESTS.iter().position(|t| *t == value).ok_or(bad("all or a test name"))? as u64)
+                    Some(
+                        TESTS
+                            .iter()
+                            .position(|t| *t == value)
+                            .ok_or(bad("all or a test name"))? as u64,
+                    )
                 }
             }
             "store_delay_us" => {

@@ -260,7 +260,19 @@ pub fn serve_client(stream: UnixStream, vm: &VmHandle) {
         let mut text = serde_json::to_string(&resp)
             .unwrap_or_else(|_| "{\"ok\":false,\"error\":\"cannot encode the response\"}".into());
         text.push('\n');
-        if out.write_all(text.as_bytes()).is_err() || too_long {
+        if out.write_all(text.as_bytes()).is_err() {
+            return;
+        }
+        if too_long {
+            // Closing with the rest of the line unread would reset the
+            // connection and could destroy the answer before the client reads
+            // it: end our side, then discard what the client still sends
+            // (bounded in size and time).
+            let _ = out.shutdown(std::net::Shutdown::Write);
+            let _ = reader
+                .get_ref()
+                .set_read_timeout(Some(std::time::Duration::from_secs(1)));
+            let _ = std::io::copy(&mut reader.take(16 << 20), &mut std::io::sink());
             return;
         }
     }

@@ -138,7 +138,7 @@ impl EventSender {
 const ACK_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long vCPUs get to acknowledge before those blocked in a userfault are
 /// taken as blocked rather than waited for.
-const BLOCKED_GRACE: Duration = Duration::from_millis(20);
+const BLOCKED_GRACE: Duration = Duration::from_millis(100);
 /// How often unacknowledged vCPUs are kicked again while waiting.
 const REKICK: Duration = Duration::from_millis(2);
 

@@ -77,6 +77,9 @@ enum BenchCommand {
     /// The guest kernel's demand-zero fault against its empty system-call
     /// round trip, measured in the same guest run.
     GuestFault(BenchArgs),
+    /// Snapshot restore to running vCPUs for 64 MiB, 1 GiB and 4 GiB guests,
+    /// lazily (memory through the retry core) and eagerly.
+    Restore(BenchArgs),
     /// Everything, plus throughput by vCPU count and the fault latency
     /// histogram; `--plot DIR` writes SVG charts.
     All {
@@ -483,6 +486,7 @@ fn bench(cmd: BenchCommand) -> i32 {
         BenchCommand::Boot(a)
         | BenchCommand::Fault(a)
         | BenchCommand::GuestFault(a)
+        | BenchCommand::Restore(a)
         | BenchCommand::All { args: a, .. } => a,
     };
     if args.pages == 0 || args.repeats == 0 {
@@ -498,6 +502,9 @@ fn bench(cmd: BenchCommand) -> i32 {
         BenchCommand::Boot(a) => {
             vmm::bench::boot(vmm::bench::BootBenchOptions { repeats: a.repeats }, &mut progress)
                 .map(|r| print_result(&r, a.json))
+        }
+        BenchCommand::Restore(a) => {
+            vmm::bench::restore(a.repeats, &mut progress).map(|r| print_result(&r, a.json))
         }
         BenchCommand::GuestFault(a) => {
             vmm::bench::guest_fault(a.repeats, &mut progress).map(|r| print_result(&r, a.json))

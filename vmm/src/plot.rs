@@ -142,5 +142,19 @@ pub fn write_all(b: &AllBench, dir: &Path) -> Result<Vec<PathBuf>> {
     let p = dir.join("boot_time.svg");
     bars(&p, "Whole run of the hello guest", "milliseconds", &boots)?;
     files.push(p);
+    let restore: Vec<(String, f64)> = b
+        .restore
+        .sizes
+        .iter()
+        .flat_map(|r| {
+            [
+                (format!("{} MiB, lazy", r.mem_mib), r.lazy_ms.median_us),
+                (format!("{} MiB, eager", r.mem_mib), r.eager_ms.median_us),
+            ]
+        })
+        .collect();
+    let p = dir.join("restore_time_vs_memory.svg");
+    bars(&p, "Snapshot restore to running vCPUs", "milliseconds", &restore)?;
+    files.push(p);
     Ok(files)
 }

@@ -93,6 +93,14 @@ pub struct StressReport {
     pub stage2_faults: u64,
     /// Guest (stage-1) page faults handled by the guest kernel.
     pub guest_faults: u64,
+    /// Retries of guest faults (slow page store, in-guest userfaultfd).
+    pub guest_retries: u64,
+    /// Guest fault waits interrupted by signals.
+    pub guest_signal_interruptions: u64,
+    /// In-guest userfaults.
+    pub guest_userfaults: u64,
+    /// Runs of the guest's own test suite.
+    pub suite_runs: u64,
     /// Retries of stage-2 faults.
     pub retries: u64,
     /// Most retries of one stage-2 fault.
@@ -145,19 +153,28 @@ impl Rng {
 /// The plan of run `index` of a session with `seed`.
 pub fn plan(seed: u64, index: u64, vcpus: u32) -> RunPlan {
     let mut rng = Rng(mix64(seed ^ index.wrapping_mul(0x5851_f42d_4c95_7f2d)));
+    // One run in four is the guest's own test suite: stage-1 faults retried on a
+    // slow page store, in-guest userfaultfd handlers, signals (handled, fatal,
+    // stop/continue) during fault waits, all over lazily backed memory.
+    let suite = rng.below(4) == 0;
+    let store_delay_us = 500 + rng.below(20_000);
     let pages = 500 + rng.below(5500);
     let pattern = if rng.below(2) == 0 { "seq" } else { "rand" };
     let write = rng.below(4) != 0;
     let shared = vcpus > 1 && rng.below(3) == 0;
     let populate = rng.below(2) == 0;
     let fault_around = [0, 0, 16][usize::try_from(rng.below(3)).unwrap_or(0)];
-    let cmdline = format!(
-        "workload=touch pages={pages} pattern={pattern} write={} shared={} populate={} seed={}",
-        u8::from(write),
-        u8::from(shared),
-        u8::from(populate),
-        rng.below(1 << 20)
-    );
+    let cmdline = if suite {
+        format!("test=all store_delay_us={store_delay_us}")
+    } else {
+        format!(
+            "workload=touch pages={pages} pattern={pattern} write={} shared={} populate={} seed={}",
+            u8::from(write),
+            u8::from(shared),
+            u8::from(populate),
+            rng.below(1 << 20)
+        )
+    };
     let mut schedule: Vec<(u32, StormEvent)> = (0..4 + rng.below(12))
         .map(|_| {
             let at = u32::try_from(rng.below(1500)).unwrap_or(0);
@@ -347,7 +364,19 @@ fn run_one(
     report.holds += holds;
     report.injected_retries += source.injected_retries.load(Ordering::Relaxed);
     report.interruptions += outcome.vcpu_stats.iter().map(|v| v.interruptions).sum::<u64>();
-    report.guest_faults += outcome.reports.iter().map(|r| r.faults).sum::<u64>();
+    match &outcome.guest_stats {
+        Some(g) => {
+            report.guest_faults += g.faults;
+            report.guest_retries += g.retries;
+            report.guest_signal_interruptions += g.signal_interruptions;
+            report.guest_userfaults += g.userfaults;
+            report.max_retries_per_fault = report.max_retries_per_fault.max(g.max_retries);
+        }
+        None => report.guest_faults += outcome.reports.iter().map(|r| r.faults).sum::<u64>(),
+    }
+    if plan.cmdline.starts_with("test=") {
+        report.suite_runs += 1;
+    }
     if let Some(m) = &outcome.memory {
         report.stage2_faults += m.total.faults;
         report.retries += m.total.retries_total;
@@ -432,8 +461,13 @@ impl std::fmt::Display for StressReport {
         )?;
         writeln!(
             f,
-            "  retries: {} (max {} for one fault, {} injected by the source)",
-            self.retries, self.max_retries_per_fault, self.injected_retries
+            "  retries: {} stage-2 ({} injected by the source), {} guest; max {} for one fault",
+            self.retries, self.injected_retries, self.guest_retries, self.max_retries_per_fault
+        )?;
+        writeln!(
+            f,
+            "  guest: {} suite runs, {} fault waits interrupted by signals, {} in-guest userfaults",
+            self.suite_runs, self.guest_signal_interruptions, self.guest_userfaults
         )?;
         writeln!(
             f,

@@ -100,7 +100,13 @@ pub struct Vma {
 impl Vma {
     /// A region without userfaultfd.
     pub const fn new(start: u64, end: u64, perms: Perms, kind: VmaKind) -> Vma {
-        Vma { start, end, perms, kind, uffd: 0 }
+        Vma {
+            start,
+            end,
+            perms,
+            kind,
+            uffd: 0,
+        }
     }
 }
 
@@ -129,7 +135,11 @@ pub struct AddressSpace {
 impl AddressSpace {
     /// An empty space with page-table root `root`.
     pub fn new(root: u64) -> Self {
-        AddressSpace { root, vmas: Vec::new(), shared_tables: false }
+        AddressSpace {
+            root,
+            vmas: Vec::new(),
+            shared_tables: false,
+        }
     }
 
     /// Adds a region.
@@ -165,7 +175,12 @@ impl AddressSpace {
         self.shared_tables = true;
         for (s, e, u) in [(v.start, start, 0), (start, end, id), (end, v.end, 0)] {
             if s < e {
-                self.vmas.push(Vma { start: s, end: e, uffd: u, ..v });
+                self.vmas.push(Vma {
+                    start: s,
+                    end: e,
+                    uffd: u,
+                    ..v
+                });
             }
         }
         Ok(())
@@ -245,7 +260,11 @@ pub fn handle_mm_fault(space: &AddressSpace, addr: u64, flags: u32, env: &mut im
 
 /// The frame `get` provides, or the outcome to return: a pending signal or a
 /// needed wait gives `Retry` (lock dropped), a gone source `SigBus`.
-fn wait_for<E: FaultEnv>(env: &mut E, flags: u32, get: impl FnOnce(&mut E) -> PageState) -> Result<u64, VmFault> {
+fn wait_for<E: FaultEnv>(
+    env: &mut E,
+    flags: u32,
+    get: impl FnOnce(&mut E) -> PageState,
+) -> Result<u64, VmFault> {
     if flags & flags::ALLOW_RETRY == 0 {
         // This kernel never waits with the lock held.
         return Err(VmFault::SigBus);
@@ -291,7 +310,10 @@ pub struct RetryTracker {
 
 impl Default for RetryTracker {
     fn default() -> Self {
-        RetryTracker { page: u64::MAX, retries: 0 }
+        RetryTracker {
+            page: u64::MAX,
+            retries: 0,
+        }
     }
 }
 
