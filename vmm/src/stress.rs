@@ -69,6 +69,9 @@ pub enum StormEvent {
     PauseResume(u32),
     /// Hold every page for this many milliseconds.
     Hold(u32),
+    /// Snapshot the running VM (it goes on); after the run the snapshot is
+    /// restored lazily and must finish with the same checksums.
+    Snapshot,
 }
 
 /// One VM run of a stress session.
@@ -113,6 +116,8 @@ pub struct StressReport {
     pub pauses: u64,
     /// Holds of all pages.
     pub holds: u64,
+    /// Snapshots taken mid-run and restored lazily to completion.
+    pub snapshot_restores: u64,
     /// Source answers "retry" injected.
     pub injected_retries: u64,
     /// Wrong checksums, bad exits: anything lost, stale or zero.
@@ -186,6 +191,11 @@ pub fn plan(seed: u64, index: u64, vcpus: u32) -> RunPlan {
             (at, ev)
         })
         .collect();
+    // The page store's in-flight reads are not part of a snapshot (see
+    // docs/snapshot.md), so only touch runs are snapshotted.
+    if !suite && rng.below(3) == 0 {
+        schedule.push((u32::try_from(rng.below(1000)).unwrap_or(0), StormEvent::Snapshot));
+    }
     schedule.sort_by_key(|&(at, _)| at);
     RunPlan {
         cmdline,
@@ -333,9 +343,12 @@ fn run_one(
     };
     let vm = Arc::new(crate::Vm::new(&cfg, options)?.start()?);
 
+    let snapshot_dir = std::env::temp_dir().join(format!("vmm-stress-{}-{index}", std::process::id()));
+    let snapshot = Arc::new(Mutex::new(None));
     let storm = {
         let (vm, source, schedule) = (vm.clone(), source.clone(), plan.schedule.clone());
-        std::thread::spawn(move || storm(&vm, &source, &schedule))
+        let (dir, slot) = (snapshot_dir.clone(), snapshot.clone());
+        std::thread::spawn(move || storm(&vm, &source, &schedule, &dir, &slot))
     };
     // Watchdog: progress is source fetches plus vCPU exits.
     let mut last = (u64::MAX, Instant::now());
@@ -404,11 +417,60 @@ fn run_one(
             .integrity_errors
             .push(format!("run {index} ({}): {e}", plan.cmdline));
     }
+    let taken = snapshot.lock().map(|mut slot| slot.take()).unwrap_or(None);
+    match taken {
+        Some(Ok(())) => {
+            if let Err(e) = restore_to_completion(&cfg, &snapshot_dir) {
+                report.integrity_errors.push(format!(
+                    "run {index} ({}), restored from its snapshot: {e}",
+                    plan.cmdline
+                ));
+            }
+            report.snapshot_restores += 1;
+        }
+        Some(Err(e)) => report
+            .integrity_errors
+            .push(format!("run {index} ({}): snapshot failed: {e}", plan.cmdline)),
+        None => {}
+    }
+    let _ = std::fs::remove_dir_all(&snapshot_dir);
     Ok(())
 }
 
+/// Restores a snapshot lazily and runs it to the end; the guest must finish
+/// with the checksums of `cfg`.
+fn restore_to_completion(cfg: &VmConfig, dir: &std::path::Path) -> Result<(), String> {
+    let console = Arc::new(Mutex::new(Vec::new()));
+    let options = VmOptions {
+        serial: SerialOutput::Capture(console.clone()),
+        timeout: Some(Duration::from_secs(120)),
+        ..VmOptions::default()
+    };
+    let how = crate::vm::RestoreOptions {
+        lazy: true,
+        ..Default::default()
+    };
+    let outcome = crate::Vm::restore(dir, &how, options)
+        .and_then(crate::Vm::run)
+        .map_err(|e| e.to_string())?;
+    if outcome.end != GuestEnd::Exited(0) {
+        let text = console
+            .lock()
+            .map(|c| String::from_utf8_lossy(&c).into_owned())
+            .unwrap_or_default();
+        return Err(format!("{}\n{text}", outcome.end));
+    }
+    verify_reports(cfg, &outcome).map(|_| ())
+}
+
 /// Executes a schedule until the VM ends; returns (kicks, pauses, holds) done.
-fn storm(vm: &RunningVm, source: &ChaosSource, schedule: &[(u32, StormEvent)]) -> (u64, u64, u64) {
+fn storm(
+    vm: &RunningVm,
+    source: &ChaosSource,
+    schedule: &[(u32, StormEvent)],
+    snapshot_dir: &std::path::Path,
+    snapshot: &Mutex<Option<Result<(), String>>>,
+) -> (u64, u64, u64) {
     let start = Instant::now();
     let (mut kicks, mut pauses, mut holds) = (0, 0, 0);
     for &(at, ev) in schedule {
@@ -444,6 +506,15 @@ fn storm(vm: &RunningVm, source: &ChaosSource, schedule: &[(u32, StormEvent)]) -
                 source.release();
                 holds += 1;
             }
+            StormEvent::Snapshot => {
+                let r = vm.snapshot(snapshot_dir, crate::snapshot::AfterSnapshot::Restore);
+                if vm.is_finished() {
+                    return (kicks, pauses, holds);
+                }
+                if let Ok(mut slot) = snapshot.lock() {
+                    *slot = Some(r.map(|_| ()).map_err(|e| e.to_string()));
+                }
+            }
         }
     }
     (kicks, pauses, holds)
@@ -471,8 +542,8 @@ impl std::fmt::Display for StressReport {
         )?;
         writeln!(
             f,
-            "  storms: {} kicks, {} pause/resume cycles, {} holds; {} vCPU interruptions",
-            self.kicks, self.pauses, self.holds, self.interruptions
+            "  storms: {} kicks, {} pause/resume cycles, {} holds, {} snapshots restored; {} vCPU interruptions",
+            self.kicks, self.pauses, self.holds, self.snapshot_restores, self.interruptions
         )?;
         writeln!(
             f,
