@@ -10,6 +10,9 @@ use vmm::GuestEnd;
 use vmm_tests::{boot, config};
 
 // The guest keeps `%` for the project's minimum Rust (see its main.rs).
+// The included file names the ABI as `crate::abi`, as in the guest kernel.
+#[allow(clippy::single_component_path_imports)]
+use abi;
 #[path = "../../guest-kernel/kernel/src/mm/core.rs"]
 #[allow(dead_code, clippy::manual_is_multiple_of)]
 mod fault_core;

@@ -283,18 +283,10 @@ fn wait_for<E: FaultEnv>(
     }
 }
 
-/// Histogram bucket of a retry count: 0, 1, 2, 3, 4-7, 8-15, 16-31, 32+.
+/// Histogram bucket of a retry count (the buckets the VMM reports, defined in
+/// the ABI).
 pub const fn retry_bucket(retries: u64) -> usize {
-    match retries {
-        0 => 0,
-        1 => 1,
-        2 => 2,
-        3 => 3,
-        4..=7 => 4,
-        8..=15 => 5,
-        16..=31 => 6,
-        _ => 7,
-    }
+    crate::abi::pv::store::hist_bucket(retries)
 }
 
 /// Per-fault retry bookkeeping of one task: the arch handler calls
