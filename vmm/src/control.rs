@@ -72,6 +72,12 @@ pub enum Request {
         #[serde(default)]
         then: AfterSnapshot,
     },
+    /// Post-copy live migration to `unix:PATH` or `tcp:ADDR:PORT`
+    /// (answered when every page is sent; docs/migration.md).
+    Migrate {
+        /// The destination (`vmm receive --listen ...`).
+        to: String,
+    },
 }
 
 /// A response.
@@ -114,7 +120,7 @@ pub fn decode(line: &[u8]) -> Result<Request, String> {
     let text = std::str::from_utf8(line).map_err(|_| "request is not UTF-8".to_string())?;
     serde_json::from_str(text.trim()).map_err(|e| {
         format!(
-            "bad request: {e}; send one JSON object per line, e.g. {{\"cmd\":\"pause\"}} (cmd: pause, resume, stats, snapshot)"
+            "bad request: {e}; send one JSON object per line, e.g. {{\"cmd\":\"pause\"}} (cmd: pause, resume, stats, snapshot, migrate)"
         )
     })
 }
@@ -143,6 +149,10 @@ pub fn execute(vm: &VmHandle, req: &Request) -> Response {
         },
         Request::Snapshot { to, then } => match vm.snapshot(to, *then) {
             Ok(info) => json(serde_json::to_value(info)),
+            Err(e) => Response::err(e.to_string()),
+        },
+        Request::Migrate { to } => match to.parse().and_then(|to| vm.migrate(&to)) {
+            Ok(summary) => json(serde_json::to_value(summary)),
             Err(e) => Response::err(e.to_string()),
         },
     }

@@ -11,6 +11,7 @@
 //! run guest code, and it honours the pause on its way out of the fault.
 
 use crate::lazy::BlockedFault;
+use crate::migration::{Endpoint, MigrationError, SourceSummary};
 use crate::signals::ShutdownSignals;
 use crate::snapshot::{self, AfterSnapshot, SaveCtx, SnapshotError, SnapshotInfo};
 use crate::vcpu::{VcpuError, VcpuFn, VcpuHandle, VcpuRequest, VcpuState, VcpuStatsSnapshot, VcpuStopped};
@@ -44,6 +45,9 @@ pub enum ControlError {
     /// Resume while running.
     #[error("the VM is not paused")]
     NotPaused,
+    /// Resume while the VM migrates.
+    #[error("the VM is migrating; it can be resumed here only if the migration fails")]
+    Migrating,
     /// A vCPU neither acknowledged nor is blocked in a fault.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
@@ -100,6 +104,9 @@ pub(crate) enum ControlRequest {
         AfterSnapshot,
         Sender<Result<SnapshotInfo, SnapshotError>>,
     ),
+    Migrate(Endpoint, Sender<Result<SourceSummary, MigrationError>>),
+    /// The outgoing migration ended (the summary, or why it failed).
+    MigrationEnded(Result<SourceSummary, String>),
     Stop,
 }
 
@@ -191,6 +198,15 @@ impl VmHandle {
             .map_err(|e| SnapshotError::Control(e.to_string()))?
     }
 
+    /// Post-copy migration to `to` (`docs/migration.md`): pauses, sends the
+    /// state, serves and pushes the pages; returns when every page is sent.
+    /// The run then ends with [`GuestEnd::Migrated`]; on failure the VM stays
+    /// paused here and can be resumed.
+    pub fn migrate(&self, to: &Endpoint) -> Result<SourceSummary, MigrationError> {
+        self.ask(|tx| ControlRequest::Migrate(to.clone(), tx))
+            .map_err(|e| MigrationError::Control(e.to_string()))?
+    }
+
     /// See [`RunningVm::stop`].
     pub fn stop(&self) {
         self.events.send(VmEvent::Control(ControlRequest::Stop));
@@ -248,6 +264,11 @@ impl RunningVm {
     /// snapshot does not depend on the page source.
     pub fn snapshot(&self, dir: &Path, after: AfterSnapshot) -> Result<SnapshotInfo, SnapshotError> {
         self.handle().snapshot(dir, after)
+    }
+
+    /// See [`VmHandle::migrate`].
+    pub fn migrate(&self, to: &Endpoint) -> Result<SourceSummary, MigrationError> {
+        self.handle().migrate(to)
     }
 
     /// A cloneable handle for other threads.
@@ -337,6 +358,8 @@ fn run_loop(
         bad_requests: Vec::new(),
         blocked: vm.blocked_faults_fn(),
         save: vm.save_ctx(),
+        events: vm.events.clone(),
+        migrating: false,
     }));
     let mut em: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
         EventManager::new().map_err(|e| VmError::Device(format!("event manager: {e:?}")))?;
@@ -414,6 +437,9 @@ struct Controller {
     bad_requests: Vec<String>,
     blocked: BlockedFn,
     save: SaveCtx,
+    events: EventSender,
+    /// An outgoing migration runs: the VM must stay paused.
+    migrating: bool,
 }
 
 /// Where an outstanding request to a vCPU stands.
@@ -485,8 +511,78 @@ impl Controller {
             ControlRequest::Snapshot(dir, after, reply) => {
                 let _ = reply.send(self.snapshot(&dir, after));
             }
+            ControlRequest::Migrate(to, reply) => {
+                if let Err(e) = self.migrate(&to, reply.clone()) {
+                    let _ = reply.send(Err(e));
+                }
+            }
+            ControlRequest::MigrationEnded(r) => {
+                self.migrating = false;
+                match r {
+                    Ok(s) => {
+                        self.end.get_or_insert(GuestEnd::Migrated(format!(
+                            "{} data pages ({} pushed, {} requested), downtime {:.1} ms, total {:.1} ms",
+                            s.data_pages, s.pages_pushed, s.pages_requested, s.downtime_ms, s.total_ms
+                        )));
+                    }
+                    // The whole VM is still here, paused: it can be resumed.
+                    Err(e) => tracing::error!("migration failed, the VM stays paused here: {e}"),
+                }
+            }
             ControlRequest::Stop => {
                 self.end.get_or_insert(GuestEnd::Stopped);
+            }
+        }
+    }
+
+    /// Pauses, sends the state and extents, and leaves the pages to a thread.
+    fn migrate(
+        &mut self,
+        to: &Endpoint,
+        reply: Sender<Result<SourceSummary, MigrationError>>,
+    ) -> Result<(), MigrationError> {
+        let refuse = |m: String| MigrationError::Control(m);
+        if self.end.is_some() {
+            return Err(refuse(ControlError::Ended.to_string()));
+        }
+        if self.migrating {
+            return Err(refuse("a migration is already running".into()));
+        }
+        if self.save.external_memory {
+            return Err(refuse(
+                "guest memory is served by an external page-fault handler; migrate VMs whose memory this VMM holds"
+                    .into(),
+            ));
+        }
+        let paused_at = Instant::now();
+        let was_paused = self.paused;
+        if !was_paused {
+            self.pause().map_err(|e| refuse(e.to_string()))?;
+        }
+        let out = self
+            .capture_state()
+            .map_err(MigrationError::from)
+            .and_then(|state| Ok((state, snapshot::data_extents(&self.save.mem)?)))
+            .and_then(|(state, extents)| {
+                crate::migration::Outgoing::connect(to, &state, extents, self.save.mem.clone(), paused_at)
+            });
+        match out {
+            Ok(out) => {
+                let events = self.events.clone();
+                out.spawn(
+                    move |r| {
+                        events.send(VmEvent::Control(ControlRequest::MigrationEnded(r)));
+                    },
+                    reply,
+                )?;
+                self.migrating = true;
+                Ok(())
+            }
+            Err(e) => {
+                if !was_paused && self.paused {
+                    let _ = self.resume();
+                }
+                Err(e)
             }
         }
     }
@@ -527,6 +623,19 @@ impl Controller {
 
     /// Saves the paused VM.
     fn save_to(&mut self, dir: &Path, start: Instant) -> Result<SnapshotInfo, SnapshotError> {
+        let state = self.capture_state()?;
+        let manifest = snapshot::write_snapshot(dir, &state, &self.save.mem)?;
+        Ok(SnapshotInfo {
+            dir: dir.to_owned(),
+            memory_bytes: manifest.memory.extents.iter().map(|e| e.len).sum(),
+            extents: manifest.memory.extents.len(),
+            took_ms: start.elapsed().as_secs_f64() * 1e3,
+        })
+    }
+
+    /// The state of the paused VM (for a snapshot or a migration); lazily
+    /// backed memory is fetched in full first.
+    fn capture_state(&mut self) -> Result<snapshot::VmState, SnapshotError> {
         if let Some(m) = &self.save.materializer {
             m.run(&AtomicBool::new(false), &AtomicU64::new(0)).map_err(|e| {
                 SnapshotError::Control(format!("guest memory cannot be fetched in full: {e}"))
@@ -563,13 +672,7 @@ impl Controller {
             started: self.started.clone(),
             reports: self.reports.iter().map(Into::into).collect(),
         };
-        let manifest = snapshot::write_snapshot(dir, &state, &self.save.mem)?;
-        Ok(SnapshotInfo {
-            dir: dir.to_owned(),
-            memory_bytes: manifest.memory.extents.iter().map(|e| e.len).sum(),
-            extents: manifest.memory.extents.len(),
-            took_ms: start.elapsed().as_secs_f64() * 1e3,
-        })
+        Ok(state)
     }
 
     /// The guest page a vCPU is blocked on, if the userfault handler holds a
@@ -694,6 +797,9 @@ impl Controller {
         }
         if !self.paused {
             return Err(ControlError::NotPaused);
+        }
+        if self.migrating {
+            return Err(ControlError::Migrating);
         }
         let targets = self.started.clone();
         self.request_all(&targets, "resume", || VcpuRequest::Resume)?;

@@ -147,6 +147,33 @@ impl Materializer {
     }
 }
 
+impl Materializer {
+    /// Resolves guest page `gpa` through its retry core if it is still
+    /// missing (a migrated page that just arrived). Gives up quietly after a
+    /// few seconds: the page then stays with the source and a fault fetches it.
+    pub fn resolve_page(&self, gpa: u64) -> Result<(), String> {
+        let Some((core, host)) = self.cores.iter().find_map(|c| {
+            let r = c.region();
+            (gpa >= r.guest_offset && gpa - r.guest_offset < r.size)
+                .then(|| (c, r.host_base + (gpa - r.guest_offset)))
+        }) else {
+            return Err(format!("guest page {gpa:#x} is outside guest RAM"));
+        };
+        for _ in 0..50 {
+            if core.page_state(host) != Some(PageState::Missing) {
+                return Ok(());
+            }
+            let report = core.resolve_waiting(&self.uffd, host, Instant::now() + Duration::from_millis(100));
+            match report.outcome {
+                FaultOutcome::Resolved { .. } => return Ok(()),
+                FaultOutcome::Failed(e) => return Err(e.to_string()),
+                FaultOutcome::Retry(_) => {}
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Opens the page source of `backend` (`None` for plain anonymous memory).
 fn open_source(backend: &MemBackend) -> Result<Option<Arc<dyn PageSource>>, LazyError> {
     Ok(match backend {

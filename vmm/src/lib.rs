@@ -16,6 +16,7 @@ pub mod guest;
 pub mod lazy;
 pub mod loader;
 pub mod memory;
+pub mod migration;
 pub mod plot;
 pub mod signals;
 pub mod snapshot;

@@ -25,6 +25,9 @@ enum Command {
     Ctl(CtlArgs),
     /// Restore a microVM from a snapshot directory; the guest continues where it was.
     Restore(RestoreArgs),
+    /// Receive a VM by post-copy live migration (`vmm ctl SRC migrate --to ...`)
+    /// and run it until its guest exits.
+    Receive(ReceiveArgs),
     /// Benchmarks, each with its baseline measured in the same run.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -160,6 +163,34 @@ enum CtlRequest {
         #[arg(long)]
         pause: bool,
     },
+    /// Post-copy live migration: pause, send the state to the destination
+    /// (`vmm receive --listen ...`), which resumes at once, then send every
+    /// page; this VMM's run then ends with exit code 0.
+    Migrate {
+        /// unix:PATH or tcp:ADDR:PORT.
+        #[arg(long, value_name = "ADDR")]
+        to: String,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct ReceiveArgs {
+    /// Where to listen: unix:PATH or tcp:ADDR:PORT.
+    #[arg(long, value_name = "ADDR")]
+    listen: String,
+    /// Write run and migration statistics as JSON to FILE, or `-` for stdout.
+    #[arg(long, value_name = "FILE")]
+    stats: Option<PathBuf>,
+    /// Give up after this many seconds (exit code 11).
+    #[arg(long)]
+    timeout: Option<f64>,
+    /// If the source is lost mid-migration: seconds the paused VM is kept
+    /// before the run ends with exit code 13.
+    #[arg(long, default_value_t = 5.0)]
+    lost_wait: f64,
+    /// Serve a Unix control socket at PATH once the VM runs.
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -211,6 +242,7 @@ fn main() -> ProcessExit {
         Command::Run(args) => run(args),
         Command::Ctl(args) => ctl(args),
         Command::Restore(args) => restore(args),
+        Command::Receive(args) => receive(args),
         Command::Bench(b) => bench(b),
         Command::Stress(a) => stress(a),
     };
@@ -347,6 +379,85 @@ fn restore(args: RestoreArgs) -> i32 {
     }
 }
 
+fn receive(args: ReceiveArgs) -> i32 {
+    use vmm::migration::{Endpoint, Listener, ReceiveOptions};
+    let timeout = match parse_timeout(args.timeout) {
+        Ok(t) => t,
+        Err(code) => return code,
+    };
+    if !(args.lost_wait.is_finite() && args.lost_wait >= 0.0) {
+        eprintln!("vmm: error: --lost-wait must be a non-negative number of seconds");
+        return EXIT_VMM_ERROR;
+    }
+    let listener = match args.listen.parse::<Endpoint>().and_then(|e| Listener::bind(&e)) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("vmm: error: {e}");
+            return EXIT_VMM_ERROR;
+        }
+    };
+    if let Ok(at) = listener.endpoint() {
+        eprintln!("vmm: waiting for a migration on {at}");
+    }
+    let options = ReceiveOptions {
+        vm: VmOptions {
+            stdin: true,
+            timeout,
+            shutdown_signals: true,
+            ..Default::default()
+        },
+        lost_wait: Duration::from_secs_f64(args.lost_wait),
+    };
+    let mut server = None;
+    let out = vmm::migration::receive(&listener, options, |h| {
+        eprintln!("vmm: the migrated VM runs here");
+        if let Some(path) = &args.control {
+            match vmm::control::ControlServer::start(path, h.clone()) {
+                Ok(s) => server = Some(s),
+                Err(e) => eprintln!("vmm: warning: {e}"),
+            }
+        }
+    });
+    drop(server);
+    let out = match out {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("vmm: error: {e}");
+            return EXIT_VMM_ERROR;
+        }
+    };
+    let st = &out.stats;
+    println!(
+        "vmm: migration: downtime {:.1} ms, total {:.1} ms, {} data pages: {} requested ({} answered), {} pushed, {} bytes; page-request latency p50 <{} us p99 <{} us; vCPUs blocked {} us",
+        st.downtime_ms, st.total_ms, st.data_pages, st.pages_requested, st.pages_answered, st.pages_pushed,
+        st.bytes, st.latency_p50_us, st.latency_p99_us, st.vcpu_blocked_us
+    );
+    let mut code = report(&out.config, &out.run, None);
+    if let Some(lost) = &out.lost {
+        eprintln!(
+            "vmm: error: the migration source was lost before every page arrived: {lost}; the VM was paused \
+             (no missing page was zero-filled); the source still holds the whole VM: resume it there with `vmm ctl SOCKET resume`"
+        );
+        code = vmm::vm::EXIT_MEMORY_FAULT;
+    }
+    if let Some(path) = &args.stats {
+        let mut json = out.run.stats_json();
+        json["migration"] = serde_json::to_value(st).unwrap_or_default();
+        json["migration"]["lost"] = serde_json::json!(out.lost);
+        let text = serde_json::to_string_pretty(&json).unwrap_or_default();
+        let r = if path.as_os_str() == "-" {
+            println!("{text}");
+            Ok(())
+        } else {
+            std::fs::write(path, text + "\n")
+        };
+        if let Err(e) = r {
+            eprintln!("vmm: error: cannot write statistics to {}: {e}", path.display());
+        }
+    }
+    code
+}
+
 fn ctl(args: CtlArgs) -> i32 {
     use vmm::control::Request;
     use vmm::snapshot::AfterSnapshot;
@@ -354,6 +465,7 @@ fn ctl(args: CtlArgs) -> i32 {
         CtlRequest::Pause => Request::Pause {},
         CtlRequest::Resume => Request::Resume {},
         CtlRequest::Stats => Request::Stats {},
+        CtlRequest::Migrate { to } => Request::Migrate { to },
         CtlRequest::Snapshot {
             to,
             resume,
@@ -417,9 +529,11 @@ fn report(config: &VmConfig, outcome: &vmm::RunOutcome, stats: Option<&Path>) ->
         GuestEnd::TimedOut(t) => eprintln!("vmm: error: the guest did not finish within {t:?}"),
         GuestEnd::MemoryFault(msg) => eprintln!("vmm: error: the VM was stopped: {msg}"),
         GuestEnd::Stopped => eprintln!("vmm: the VM was stopped on request"),
+        GuestEnd::Migrated(s) => println!("vmm: the VM migrated: {s}"),
         GuestEnd::Signal(sig) => eprintln!("vmm: shut down cleanly on signal {sig}"),
     }
-    if code == 0 {
+    // A migrated VM's workload finishes on the destination.
+    if code == 0 && !matches!(outcome.end, GuestEnd::Migrated(_)) {
         match verify_reports(config, outcome) {
             Ok(Some(sum)) => println!("vmm: workload checksum {sum:#018x} verified on the host"),
             Ok(None) => {}

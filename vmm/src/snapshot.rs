@@ -27,7 +27,7 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Address, Bytes, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 /// The format version this VMM writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
@@ -660,15 +660,11 @@ pub fn ram_end(mem_size: u64) -> u64 {
         .unwrap_or(0)
 }
 
-/// Writes guest memory as a sparse file; returns the manifest entry.
-/// Pages that do not exist in the host mapping (never touched, or not yet
-/// fetched by a lazy source: call `LazyMemory`'s materializer first) and
-/// all-zero pages are holes.
-pub fn write_memory(path: &Path, mem: &GuestMemoryMmap, mem_size: u64) -> Result<MemoryEntry, SnapshotError> {
-    let file = File::create(path).map_err(io_err(path, "creating the memory file"))?;
-    let len = ram_end(mem_size);
-    file.set_len(len)
-        .map_err(io_err(path, "sizing the memory file"))?;
+/// The guest-physical extents of `mem` that hold data, each with its CRC32:
+/// pages that exist in the host mapping and are not all zero (everything
+/// else reads as zero). Pages not yet fetched by a lazy source do not exist:
+/// call `LazyMemory`'s materializer first. The vCPUs must be paused.
+pub fn data_extents(mem: &GuestMemoryMmap) -> Result<Vec<Extent>, SnapshotError> {
     let pagemap_path = Path::new("/proc/self/pagemap");
     let pagemap = File::open(pagemap_path).map_err(io_err(pagemap_path, "opening"))?;
     let mut extents: Vec<Extent> = Vec::new();
@@ -682,6 +678,7 @@ pub fn write_memory(path: &Path, mem: &GuestMemoryMmap, mem_size: u64) -> Result
         // exist are read, so no read faults into a userfault handler.
         let bytes =
             unsafe { std::slice::from_raw_parts(host as *const u8, usize::try_from(size).unwrap_or(0)) };
+        let first = extents.len();
         for (i, _) in exists.iter().enumerate().filter(|(_, e)| **e) {
             let off = i * PAGE;
             let page = &bytes[off..off + PAGE];
@@ -698,16 +695,29 @@ pub fn write_memory(path: &Path, mem: &GuestMemoryMmap, mem_size: u64) -> Result
                 }),
             }
         }
-        for e in extents
-            .iter_mut()
-            .filter(|e| e.gpa >= gpa0 && e.gpa < gpa0 + size)
-        {
+        for e in &mut extents[first..] {
             let off = usize::try_from(e.gpa - gpa0).unwrap_or(0);
-            let data = &bytes[off..off + usize::try_from(e.len).unwrap_or(0)];
-            e.crc32 = crc32fast::hash(data);
-            file.write_all_at(data, e.gpa)
-                .map_err(io_err(path, "writing the memory file"))?;
+            e.crc32 = crc32fast::hash(&bytes[off..off + usize::try_from(e.len).unwrap_or(0)]);
         }
+    }
+    Ok(extents)
+}
+
+/// Writes guest memory as a sparse file; returns the manifest entry.
+/// Only [`data_extents`] are written; the rest are holes.
+pub fn write_memory(path: &Path, mem: &GuestMemoryMmap, mem_size: u64) -> Result<MemoryEntry, SnapshotError> {
+    let file = File::create(path).map_err(io_err(path, "creating the memory file"))?;
+    let len = ram_end(mem_size);
+    file.set_len(len)
+        .map_err(io_err(path, "sizing the memory file"))?;
+    let extents = data_extents(mem)?;
+    let mut buf = vec![0u8; usize::try_from(EXTENT_MAX).unwrap_or(1 << 20)];
+    for e in &extents {
+        let data = &mut buf[..usize::try_from(e.len).unwrap_or(0)];
+        mem.read_slice(data, vm_memory::GuestAddress(e.gpa))
+            .map_err(|err| SnapshotError::Control(format!("reading guest memory at {:#x}: {err}", e.gpa)))?;
+        file.write_all_at(data, e.gpa)
+            .map_err(io_err(path, "writing the memory file"))?;
     }
     file.sync_all().map_err(io_err(path, "syncing the memory file"))?;
     Ok(MemoryEntry {
@@ -890,7 +900,8 @@ impl Snapshot {
         }
     }
 
-    fn check_consistency(&self) -> Result<(), SnapshotError> {
+    /// Checks the state and the extents against each other (not the files).
+    fn check_state(&self) -> Result<(), SnapshotError> {
         let s = &self.state;
         let m = &self.manifest.memory;
         let n = s.config.vcpus as usize;
@@ -924,14 +935,15 @@ impl Snapshot {
         for e in &m.extents {
             let in_ram = ranges
                 .iter()
-                .any(|&(a, l)| e.gpa >= a && e.end() <= a + l && e.gpa.checked_add(e.len).is_some());
-            let ok = e.len > 0
+                .any(|&(a, l)| e.gpa >= a && e.gpa.checked_add(e.len).is_some_and(|end| end <= a + l));
+            // `in_ram` first: it proves gpa + len does not overflow.
+            let ok = in_ram
+                && e.len > 0
                 && e.gpa % PAGE_SIZE == 0
                 && e.len % PAGE_SIZE == 0
                 && e.len <= EXTENT_MAX
                 && e.gpa / EXTENT_MAX == (e.gpa + e.len - 1) / EXTENT_MAX
-                && e.gpa >= prev_end
-                && in_ram;
+                && e.gpa >= prev_end;
             if !ok {
                 return Err(self.mismatch(format!(
                     "memory extent {:#x}+{:#x} is out of order, unaligned or outside RAM",
@@ -940,6 +952,46 @@ impl Snapshot {
             }
             prev_end = e.end();
         }
+        Ok(())
+    }
+
+    /// A snapshot received over a migration stream: `state.json`'s content
+    /// and the data extents, checked as [`Snapshot::open`] checks a
+    /// directory (but there is no memory file).
+    pub fn from_parts(state_json: &[u8], extents: Vec<Extent>) -> Result<Snapshot, SnapshotError> {
+        let path = PathBuf::from("<migration stream>");
+        let state: VmState = serde_json::from_slice(state_json).map_err(|e| SnapshotError::Malformed {
+            path: path.join(STATE),
+            reason: e.to_string(),
+        })?;
+        let mem_size = state.config.mem_size;
+        let snap = Snapshot {
+            dir: path,
+            manifest: Manifest {
+                magic: MAGIC.into(),
+                version: FORMAT_VERSION,
+                writer: String::new(),
+                state: FileEntry {
+                    name: STATE.into(),
+                    len: state_json.len() as u64,
+                    crc32: crc32fast::hash(state_json),
+                },
+                memory: MemoryEntry {
+                    name: MEMORY.into(),
+                    len: ram_end(mem_size),
+                    mem_size,
+                    extents,
+                },
+            },
+            state,
+        };
+        snap.check_state()?;
+        Ok(snap)
+    }
+
+    fn check_consistency(&self) -> Result<(), SnapshotError> {
+        self.check_state()?;
+        let m = &self.manifest.memory;
         let mpath = self.memory_path();
         let found = std::fs::metadata(&mpath)
             .map_err(|e| match e.kind() {

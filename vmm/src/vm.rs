@@ -107,6 +107,8 @@ pub enum GuestEnd {
     MemoryFault(String),
     /// A control request stopped the run.
     Stopped,
+    /// The VM migrated to another VMM (`vmm ctl PATH migrate`); the summary.
+    Migrated(String),
     /// A shutdown signal (SIGINT, SIGTERM, SIGHUP) ended the run.
     Signal(i32),
 }
@@ -119,6 +121,7 @@ impl std::fmt::Display for GuestEnd {
             GuestEnd::TimedOut(t) => write!(f, "timed out after {t:?}"),
             GuestEnd::MemoryFault(m) => write!(f, "memory fault: {m}"),
             GuestEnd::Stopped => write!(f, "stopped on request"),
+            GuestEnd::Migrated(s) => write!(f, "migrated: {s}"),
             GuestEnd::Signal(sig) => write!(f, "ended by signal {sig}"),
         }
     }
@@ -176,6 +179,7 @@ impl RunOutcome {
             GuestEnd::TimedOut(_) => EXIT_TIMED_OUT,
             GuestEnd::MemoryFault(_) => EXIT_MEMORY_FAULT,
             GuestEnd::Stopped => EXIT_STOPPED,
+            GuestEnd::Migrated(_) => 0,
             GuestEnd::Signal(sig) => 128 + sig,
         }
     }
@@ -362,6 +366,32 @@ impl Vm {
         Ok(vm)
     }
 
+    /// Builds a VM received by a post-copy migration: `snap` is the received
+    /// state and extents (no memory file); guest RAM is served by `source`
+    /// through the retry core, one page at a time.
+    pub fn from_migration(
+        snap: &Snapshot,
+        source: Arc<dyn ::memory::PageSource>,
+        mut options: VmOptions,
+    ) -> Result<Vm, VmError> {
+        let memory = MemoryConfig {
+            backend: crate::config::MemBackend::Zero,
+            fault_around: Some(0),
+        };
+        let config = snap.config(memory)?;
+        options.page_source = Some(CustomSource(source));
+        let how = RestoreOptions {
+            lazy: true,
+            ..Default::default()
+        };
+        Self::build(&config, options, Some((snap, &how)))
+    }
+
+    /// Fetches pages through the retry cores (lazily backed memory only).
+    pub fn materializer(&self) -> Option<crate::lazy::Materializer> {
+        self.lazy.as_ref().map(LazyMemory::materializer)
+    }
+
     fn build(
         config: &VmConfig,
         options: VmOptions,
@@ -412,6 +442,8 @@ impl Vm {
             }
             // The external handler serves every page (see below).
             Some(_) if uffd_socket.is_some() => {}
+            // A custom source (a migration's) serves every page.
+            Some(_) if options.page_source.is_some() && memory.backend.is_lazy() => {}
             Some(snap) if memory.backend.is_lazy() => {
                 let src = SnapshotSource::open(snap).map_err(LazyError::Source)?;
                 snapshot_source = Some(Arc::new(src));
@@ -431,6 +463,16 @@ impl Vm {
                     .map(|s| s as Arc<dyn ::memory::PageSource>)
             }),
         )?;
+        if let (Some(l), Some(snap), true) = (lazy.as_mut(), restore, options.page_source.is_some()) {
+            l.set_data_ranges(
+                snap.manifest
+                    .memory
+                    .extents
+                    .iter()
+                    .map(|e| (e.gpa, e.len))
+                    .collect(),
+            );
+        }
         if let (Some(l), Some(src)) = (lazy.as_mut(), &snapshot_source) {
             l.set_data_ranges(src.data_ranges());
             if prefetch {

@@ -1,0 +1,1178 @@
+//! Post-copy live migration (`docs/migration.md`).
+//!
+//! The source pauses, sends the VM state (the content of a snapshot's
+//! `state.json`) and the guest-physical extents that hold data, then serves
+//! page requests and pushes the remaining data pages in the background,
+//! requests first. The destination builds the VM from that state with its
+//! memory served lazily by a [`RemoteSource`] through the retry core and
+//! resumes at once. A page it does not have is never zero-filled: if the
+//! connection dies, faults on missing data pages stay parked (`Retry(Held)`)
+//! and the VM is paused.
+
+use crate::controller::{ControlError, VmHandle};
+use crate::lazy::Materializer;
+use crate::snapshot::{Extent, Snapshot, SnapshotError, VmState};
+use crate::vm::{RunOutcome, Vm, VmError, VmOptions};
+use ::memory::{FetchOutcome, Notifier, PageSource, RetryReason, SourceError};
+use std::collections::HashMap;
+use std::io::{BufWriter, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Sender, TryRecvError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+/// Stream magic, sent by both ends first.
+pub const MAGIC: [u8; 8] = *b"VMMMIGR\0";
+/// Protocol version.
+pub const VERSION: u32 = 1;
+/// Guest page size.
+pub const PAGE: usize = 4096;
+/// [`PAGE`] as a `u64`.
+const PAGE64: u64 = 4096;
+/// Length of a page message: address and data.
+const PAGE_MSG: u32 = 8 + 4096;
+/// Largest state message.
+pub const MAX_STATE: u32 = 64 << 20;
+/// Largest number of extents in one message.
+pub const MAX_EXTENTS: u32 = 1 << 20;
+
+const T_STATE: u8 = 1;
+const T_EXTENTS: u8 = 2;
+const T_PAGE_REQUESTED: u8 = 3;
+const T_PAGE_PUSHED: u8 = 4;
+const T_DONE: u8 = 5;
+const T_REQUEST: u8 = 16;
+const T_RESEND: u8 = 17;
+const T_RESUMED: u8 = 18;
+const T_COMPLETE: u8 = 19;
+
+/// Errors of a migration.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    /// The address does not parse.
+    #[error("bad migration address `{0}`: use unix:PATH or tcp:ADDR:PORT")]
+    BadEndpoint(String),
+    /// Socket IO.
+    #[error("migration connection: {what} failed: {source}; check that `vmm receive --listen` runs at that address")]
+    Io {
+        /// What was done.
+        what: &'static str,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The peer sent something that is not this protocol.
+    #[error("the migration stream is malformed: {0}; run the same vmm on both ends (a corrupted or hostile stream is refused)")]
+    Protocol(String),
+    /// Another protocol version.
+    #[error("the peer speaks migration protocol version {0}; this vmm speaks version {VERSION}: run the same vmm on both ends")]
+    Version(u32),
+    /// The received state does not fit.
+    #[error("the migrated VM state cannot be used: {0}")]
+    Snapshot(#[from] SnapshotError),
+    /// The destination VM cannot be built.
+    #[error("the destination VM cannot be built: {0}")]
+    Vm(#[from] VmError),
+    /// The VM cannot migrate now.
+    #[error("cannot migrate: {0}")]
+    Control(String),
+}
+
+fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> MigrationError {
+    move |source| MigrationError::Io { what, source }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Counters and maps stay consistent even if a holder panicked.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Where a migration goes: `unix:PATH` or `tcp:ADDR:PORT`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Endpoint {
+    /// A Unix stream socket.
+    Unix(PathBuf),
+    /// A TCP address.
+    Tcp(String),
+}
+
+impl std::str::FromStr for Endpoint {
+    type Err = MigrationError;
+    fn from_str(s: &str) -> Result<Endpoint, MigrationError> {
+        match s.split_once(':') {
+            Some(("unix", p)) if !p.is_empty() => Ok(Endpoint::Unix(p.into())),
+            Some(("tcp", a))
+                if a.rsplit_once(':')
+                    .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok()) =>
+            {
+                Ok(Endpoint::Tcp(a.into()))
+            }
+            _ => Err(MigrationError::BadEndpoint(s.into())),
+        }
+    }
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Endpoint::Unix(p) => write!(f, "unix:{}", p.display()),
+            Endpoint::Tcp(a) => write!(f, "tcp:{a}"),
+        }
+    }
+}
+
+/// A connection of either kind.
+#[derive(Debug)]
+pub enum Conn {
+    /// Unix.
+    Unix(UnixStream),
+    /// TCP.
+    Tcp(TcpStream),
+}
+
+impl Conn {
+    /// Connects to `to`.
+    pub fn connect(to: &Endpoint) -> Result<Conn, MigrationError> {
+        Ok(match to {
+            Endpoint::Unix(p) => Conn::Unix(UnixStream::connect(p).map_err(io("connect"))?),
+            Endpoint::Tcp(a) => {
+                let s = TcpStream::connect(a).map_err(io("connect"))?;
+                // Page requests are small and latency bound.
+                s.set_nodelay(true).map_err(io("setting TCP_NODELAY"))?;
+                Conn::Tcp(s)
+            }
+        })
+    }
+
+    fn try_clone(&self) -> Result<Conn, MigrationError> {
+        Ok(match self {
+            Conn::Unix(s) => Conn::Unix(s.try_clone().map_err(io("cloning the socket"))?),
+            Conn::Tcp(s) => Conn::Tcp(s.try_clone().map_err(io("cloning the socket"))?),
+        })
+    }
+
+    fn shutdown(&self) {
+        let _ = match self {
+            Conn::Unix(s) => s.shutdown(Shutdown::Both),
+            Conn::Tcp(s) => s.shutdown(Shutdown::Both),
+        };
+    }
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Unix(s) => s.read(buf),
+            Conn::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Unix(s) => s.write(buf),
+            Conn::Tcp(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Conn::Unix(s) => s.flush(),
+            Conn::Tcp(s) => s.flush(),
+        }
+    }
+}
+
+/// A listening destination socket.
+#[derive(Debug)]
+pub enum Listener {
+    /// Unix (the socket file is removed on drop).
+    Unix(UnixListener, PathBuf),
+    /// TCP.
+    Tcp(TcpListener),
+}
+
+impl Listener {
+    /// Binds `at` (a stale Unix socket file is replaced).
+    pub fn bind(at: &Endpoint) -> Result<Listener, MigrationError> {
+        Ok(match at {
+            Endpoint::Unix(p) => {
+                if UnixStream::connect(p).is_err() {
+                    let _ = std::fs::remove_file(p);
+                }
+                Listener::Unix(UnixListener::bind(p).map_err(io("bind"))?, p.clone())
+            }
+            Endpoint::Tcp(a) => Listener::Tcp(TcpListener::bind(a).map_err(io("bind"))?),
+        })
+    }
+
+    /// The address to give the source (the real port for `tcp:...:0`).
+    pub fn endpoint(&self) -> Result<Endpoint, MigrationError> {
+        Ok(match self {
+            Listener::Unix(_, p) => Endpoint::Unix(p.clone()),
+            Listener::Tcp(l) => Endpoint::Tcp(l.local_addr().map_err(io("local address"))?.to_string()),
+        })
+    }
+
+    fn accept(&self) -> Result<Conn, MigrationError> {
+        Ok(match self {
+            Listener::Unix(l, _) => Conn::Unix(l.accept().map_err(io("accept"))?.0),
+            Listener::Tcp(l) => {
+                let s = l.accept().map_err(io("accept"))?.0;
+                s.set_nodelay(true).map_err(io("setting TCP_NODELAY"))?;
+                Conn::Tcp(s)
+            }
+        })
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, p) = self {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+// ---------------------------------------------------------------- wire format
+
+/// One message of the stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// Source: `state.json`'s content.
+    State(Vec<u8>),
+    /// Source: the guest-physical extents that hold data `(gpa, len)`.
+    Extents(Vec<(u64, u64)>),
+    /// Source: one page, answering a request (`requested`) or pushed.
+    Page {
+        /// Guest-physical address.
+        gpa: u64,
+        /// An answer to a request rather than a push.
+        requested: bool,
+        /// [`PAGE`] bytes.
+        data: Vec<u8>,
+    },
+    /// Source: every data page was sent.
+    Done {
+        /// Pages pushed.
+        pushed: u64,
+        /// Pages sent as answers.
+        requested: u64,
+        /// Pause to the destination's `Resumed`, as the source measured it.
+        downtime_us: u64,
+    },
+    /// Destination: send this page (ignored if already sent).
+    Request(u64),
+    /// Destination: send this page again (a fill failed after the data was taken).
+    Resend(u64),
+    /// Destination: the VM runs here.
+    Resumed,
+    /// Destination: every page arrived.
+    Complete,
+}
+
+/// Writes the stream header.
+pub fn write_header(w: &mut impl Write) -> std::io::Result<()> {
+    w.write_all(&MAGIC)?;
+    w.write_all(&VERSION.to_le_bytes())
+}
+
+/// Reads and checks the stream header.
+pub fn read_header(r: &mut impl Read) -> Result<(), MigrationError> {
+    let mut h = [0u8; 12];
+    r.read_exact(&mut h).map_err(io("reading the stream header"))?;
+    if h[..8] != MAGIC {
+        return Err(MigrationError::Protocol("no migration stream magic".into()));
+    }
+    let mut v = [0u8; 4];
+    v.copy_from_slice(&h[8..]);
+    match u32::from_le_bytes(v) {
+        VERSION => Ok(()),
+        other => Err(MigrationError::Version(other)),
+    }
+}
+
+fn frame(w: &mut impl Write, kind: u8, parts: &[&[u8]]) -> std::io::Result<()> {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    let len = u32::try_from(len).map_err(std::io::Error::other)?;
+    w.write_all(&[kind])?;
+    w.write_all(&len.to_le_bytes())?;
+    for p in parts {
+        w.write_all(p)?;
+    }
+    Ok(())
+}
+
+/// Writes one message.
+pub fn encode(w: &mut impl Write, m: &Message) -> std::io::Result<()> {
+    match m {
+        Message::State(s) => frame(w, T_STATE, &[s]),
+        Message::Extents(e) => {
+            let b: Vec<u8> = e
+                .iter()
+                .flat_map(|(g, l)| g.to_le_bytes().into_iter().chain(l.to_le_bytes()))
+                .collect();
+            frame(w, T_EXTENTS, &[&b])
+        }
+        Message::Page { gpa, requested, data } => {
+            let kind = if *requested {
+                T_PAGE_REQUESTED
+            } else {
+                T_PAGE_PUSHED
+            };
+            frame(w, kind, &[&gpa.to_le_bytes(), data])
+        }
+        Message::Done {
+            pushed,
+            requested,
+            downtime_us,
+        } => frame(
+            w,
+            T_DONE,
+            &[
+                &pushed.to_le_bytes(),
+                &requested.to_le_bytes(),
+                &downtime_us.to_le_bytes(),
+            ],
+        ),
+        Message::Request(g) => frame(w, T_REQUEST, &[&g.to_le_bytes()]),
+        Message::Resend(g) => frame(w, T_RESEND, &[&g.to_le_bytes()]),
+        Message::Resumed => frame(w, T_RESUMED, &[]),
+        Message::Complete => frame(w, T_COMPLETE, &[]),
+    }
+}
+
+fn u64_at(b: &[u8], i: usize) -> u64 {
+    let mut w = [0u8; 8];
+    w.copy_from_slice(&b[i * 8..i * 8 + 8]);
+    u64::from_le_bytes(w)
+}
+
+/// Reads one message; lengths are checked against the type before anything
+/// is allocated, so a hostile length cannot exhaust memory.
+pub fn decode(r: &mut impl Read) -> Result<Message, MigrationError> {
+    let mut h = [0u8; 5];
+    r.read_exact(&mut h).map_err(io("reading a message"))?;
+    let kind = h[0];
+    let len = u32::from_le_bytes([h[1], h[2], h[3], h[4]]);
+    let ok = match kind {
+        T_STATE => len <= MAX_STATE,
+        T_EXTENTS => len % 16 == 0 && len / 16 <= MAX_EXTENTS,
+        T_PAGE_REQUESTED | T_PAGE_PUSHED => len == PAGE_MSG,
+        T_DONE => len == 24,
+        T_REQUEST | T_RESEND => len == 8,
+        T_RESUMED | T_COMPLETE => len == 0,
+        other => return Err(MigrationError::Protocol(format!("unknown message type {other}"))),
+    };
+    if !ok {
+        return Err(MigrationError::Protocol(format!(
+            "message type {kind} with a bad length of {len} bytes"
+        )));
+    }
+    let mut b = vec![0u8; len as usize];
+    r.read_exact(&mut b).map_err(io("reading a message"))?;
+    Ok(match kind {
+        T_STATE => Message::State(b),
+        T_EXTENTS => Message::Extents(
+            (0..b.len() / 16)
+                .map(|i| (u64_at(&b, 2 * i), u64_at(&b, 2 * i + 1)))
+                .collect(),
+        ),
+        T_PAGE_REQUESTED | T_PAGE_PUSHED => {
+            let gpa = u64_at(&b, 0);
+            if !gpa.is_multiple_of(PAGE64) {
+                return Err(MigrationError::Protocol(format!(
+                    "page address {gpa:#x} is not aligned"
+                )));
+            }
+            Message::Page {
+                gpa,
+                requested: kind == T_PAGE_REQUESTED,
+                data: b[8..].to_vec(),
+            }
+        }
+        T_DONE => Message::Done {
+            pushed: u64_at(&b, 0),
+            requested: u64_at(&b, 1),
+            downtime_us: u64_at(&b, 2),
+        },
+        T_REQUEST | T_RESEND => {
+            let gpa = u64_at(&b, 0);
+            if !gpa.is_multiple_of(PAGE64) {
+                return Err(MigrationError::Protocol(format!(
+                    "requested address {gpa:#x} is not aligned"
+                )));
+            }
+            if kind == T_REQUEST {
+                Message::Request(gpa)
+            } else {
+                Message::Resend(gpa)
+            }
+        }
+        T_RESUMED => Message::Resumed,
+        _ => Message::Complete,
+    })
+}
+
+// ---------------------------------------------------------------- source side
+
+/// What the source sent, printed by `vmm run` and returned to `vmm ctl migrate`.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct SourceSummary {
+    /// Pause to the destination's `Resumed` (includes one network trip).
+    pub downtime_ms: f64,
+    /// Pause to the destination's `Complete`.
+    pub total_ms: f64,
+    /// Data pages.
+    pub data_pages: u64,
+    /// Pages sent in the background.
+    pub pages_pushed: u64,
+    /// Pages sent as answers to requests.
+    pub pages_requested: u64,
+    /// Requests for pages already sent (not sent again).
+    pub requests_already_sent: u64,
+    /// Pages sent again on the destination's `Resend`.
+    pub pages_resent: u64,
+    /// Bytes written.
+    pub bytes_sent: u64,
+}
+
+/// A source connected to its destination, the state already sent.
+#[derive(Debug)]
+pub struct Outgoing {
+    conn: Conn,
+    mem: GuestMemoryMmap,
+    extents: Vec<Extent>,
+    ram_end: u64,
+    paused_at: Instant,
+    bytes: u64,
+}
+
+impl Outgoing {
+    /// Connects to `to` and sends the header, the state and the extents.
+    pub fn connect(
+        to: &Endpoint,
+        state: &VmState,
+        extents: Vec<Extent>,
+        mem: GuestMemoryMmap,
+        paused_at: Instant,
+    ) -> Result<Outgoing, MigrationError> {
+        let mut conn = Conn::connect(to)?;
+        let json = serde_json::to_vec(state).map_err(|e| MigrationError::Control(e.to_string()))?;
+        let mut w = BufWriter::new(conn.try_clone()?);
+        write_header(&mut w).map_err(io("sending the header"))?;
+        encode(&mut w, &Message::State(json.clone())).map_err(io("sending the state"))?;
+        let pairs = extents.iter().map(|e| (e.gpa, e.len)).collect();
+        encode(&mut w, &Message::Extents(pairs)).map_err(io("sending the extents"))?;
+        w.flush().map_err(io("sending the state"))?;
+        read_header(&mut conn)?;
+        let ram_end = crate::snapshot::ram_end(state.config.mem_size);
+        Ok(Outgoing {
+            conn,
+            mem,
+            bytes: 12 + 5 + json.len() as u64 + 5 + 16 * extents.len() as u64,
+            extents,
+            ram_end,
+            paused_at,
+        })
+    }
+
+    /// Serves requests and pushes every data page on a new thread; calls
+    /// `on_end(ok)` and sends the result to `reply` at the end.
+    pub fn spawn(
+        self,
+        on_end: impl FnOnce(Result<SourceSummary, String>) + Send + 'static,
+        reply: Sender<Result<SourceSummary, MigrationError>>,
+    ) -> Result<(), MigrationError> {
+        std::thread::Builder::new()
+            .name("migration-out".into())
+            .spawn(move || {
+                let r = self.run();
+                on_end(r.as_ref().map(Clone::clone).map_err(ToString::to_string));
+                let _ = reply.send(r);
+            })
+            .map_err(io("starting the migration thread"))?;
+        Ok(())
+    }
+
+    fn run(mut self) -> Result<SourceSummary, MigrationError> {
+        let mut reader = self.conn.try_clone()?;
+        let (tx, rx) = mpsc::channel();
+        // Requests are read on their own thread so that the push loop can
+        // check them between every page without blocking.
+        std::thread::Builder::new()
+            .name("migration-requests".into())
+            .spawn(move || loop {
+                let m = decode(&mut reader);
+                let stop = m.is_err();
+                if tx.send(m).is_err() || stop {
+                    break;
+                }
+            })
+            .map_err(io("starting the request reader"))?;
+        let pages_total = usize::try_from(self.ram_end / PAGE64).unwrap_or(0);
+        // 0: no data, 1: data not sent, 2: sent.
+        let mut sent = vec![0u8; pages_total];
+        let mut order = Vec::new();
+        for e in &self.extents {
+            let mut g = e.gpa;
+            while g < e.end() {
+                if let Some(s) = sent.get_mut(usize::try_from(g / PAGE64).unwrap_or(usize::MAX)) {
+                    *s = 1;
+                    order.push(g);
+                }
+                g += PAGE64;
+            }
+        }
+        let mut s = SourceSummary {
+            data_pages: order.len() as u64,
+            ..Default::default()
+        };
+        let conn = self.conn.try_clone()?;
+        let mut w = BufWriter::with_capacity(64 << 10, conn);
+        let mut next = 0;
+        let mut done_sent = false;
+        let mut resumed: Option<Instant> = None;
+        let mut buf = vec![0u8; PAGE];
+        loop {
+            let msg = if next < order.len() || !done_sent {
+                match rx.try_recv() {
+                    Ok(m) => Some(m),
+                    Err(TryRecvError::Empty) => None,
+                    Err(TryRecvError::Disconnected) => {
+                        return Err(MigrationError::Protocol("the request reader ended".into()))
+                    }
+                }
+            } else {
+                match rx.recv_timeout(Duration::from_millis(100)) {
+                    Ok(m) => Some(m),
+                    Err(mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => {
+                        return Err(MigrationError::Protocol("the request reader ended".into()))
+                    }
+                }
+            };
+            if let Some(m) = msg {
+                match m? {
+                    Message::Request(gpa) | Message::Resend(gpa) if self.slot(&sent, gpa) == 0 => {
+                        return Err(MigrationError::Protocol(format!(
+                            "the destination asked for page {gpa:#x}, which holds no data or is outside guest RAM"
+                        )))
+                    }
+                    Message::Request(gpa) if self.slot(&sent, gpa) == 2 => s.requests_already_sent += 1,
+                    m @ (Message::Request(_) | Message::Resend(_)) => {
+                        let (Message::Request(gpa) | Message::Resend(gpa)) = m else { continue };
+                        if matches!(m, Message::Resend(_)) {
+                            s.pages_resent += 1;
+                        } else {
+                            s.pages_requested += 1;
+                        }
+                        self.send_page(&mut w, &mut buf, &mut sent, gpa, true)?;
+                        // An answer must not wait behind buffered pushes.
+                        w.flush().map_err(io("sending a page"))?;
+                    }
+                    Message::Resumed => resumed = Some(Instant::now()),
+                    Message::Complete => {
+                        w.flush().map_err(io("flushing"))?;
+                        s.downtime_ms = resumed.map_or(0.0, |r| (r - self.paused_at).as_secs_f64() * 1e3);
+                        s.total_ms = self.paused_at.elapsed().as_secs_f64() * 1e3;
+                        s.bytes_sent = self.bytes;
+                        return Ok(s);
+                    }
+                    other => {
+                        return Err(MigrationError::Protocol(format!(
+                            "unexpected message from the destination: {other:?}"
+                        )))
+                    }
+                }
+                continue;
+            }
+            if next < order.len() {
+                let gpa = order[next];
+                next += 1;
+                if self.slot(&sent, gpa) == 1 {
+                    s.pages_pushed += 1;
+                    self.send_page(&mut w, &mut buf, &mut sent, gpa, false)?;
+                }
+            } else if !done_sent {
+                let downtime_us = resumed.map_or(0, |r| {
+                    u64::try_from((r - self.paused_at).as_micros()).unwrap_or(u64::MAX)
+                });
+                let done = Message::Done {
+                    pushed: s.pages_pushed,
+                    requested: s.pages_requested,
+                    downtime_us,
+                };
+                encode(&mut w, &done).map_err(io("sending Done"))?;
+                w.flush().map_err(io("sending Done"))?;
+                self.bytes += 29;
+                done_sent = true;
+            }
+        }
+    }
+
+    fn slot(&self, sent: &[u8], gpa: u64) -> u8 {
+        usize::try_from(gpa / PAGE64)
+            .ok()
+            .and_then(|i| sent.get(i))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    fn send_page(
+        &mut self,
+        w: &mut impl Write,
+        buf: &mut [u8],
+        sent: &mut [u8],
+        gpa: u64,
+        requested: bool,
+    ) -> Result<(), MigrationError> {
+        // The VM is paused here: its memory does not change.
+        self.mem
+            .read_slice(buf, GuestAddress(gpa))
+            .map_err(|e| MigrationError::Control(format!("reading guest page {gpa:#x}: {e}")))?;
+        let m = Message::Page {
+            gpa,
+            requested,
+            data: buf.to_vec(),
+        };
+        encode(w, &m).map_err(io("sending a page"))?;
+        self.bytes += 5 + 8 + PAGE64;
+        if let Some(s) = usize::try_from(gpa / PAGE64).ok().and_then(|i| sent.get_mut(i)) {
+            *s = 2;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Outgoing {
+    fn drop(&mut self) {
+        // Ends the request reader too.
+        self.conn.shutdown();
+    }
+}
+
+// ---------------------------------------------------------------- destination side
+
+enum Slot {
+    Requested(Instant),
+    Arrived(Vec<u8>),
+    Taken,
+}
+
+#[derive(Default)]
+struct Counters {
+    requested: u64,
+    resends: u64,
+    pushed: u64,
+    answered: u64,
+    requests_met_by_push: u64,
+    duplicates: u64,
+    bytes: u64,
+    held_after_loss: u64,
+    latency_us_log2: Vec<u64>,
+}
+
+/// The destination's page source: data pages come from the source over the
+/// connection, the rest are zero. See the module documentation.
+pub struct RemoteSource {
+    name: String,
+    notifier: Notifier,
+    extents: Vec<(u64, u64)>,
+    writer: Mutex<Conn>,
+    slots: Mutex<HashMap<u64, Slot>>,
+    counters: Mutex<Counters>,
+    lost: Mutex<Option<String>>,
+    complete: AtomicBool,
+}
+
+impl std::fmt::Debug for RemoteSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteSource")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RemoteSource {
+    fn new(name: String, extents: Vec<(u64, u64)>, writer: Conn) -> Result<RemoteSource, MigrationError> {
+        Ok(RemoteSource {
+            name,
+            notifier: Notifier::new().map_err(io("creating an eventfd"))?,
+            extents,
+            writer: Mutex::new(writer),
+            slots: Mutex::new(HashMap::new()),
+            counters: Mutex::new(Counters::default()),
+            lost: Mutex::new(None),
+            complete: AtomicBool::new(false),
+        })
+    }
+
+    fn is_data(&self, gpa: u64) -> bool {
+        let i = self.extents.partition_point(|&(g, _)| g <= gpa);
+        i > 0 && self.extents.get(i - 1).is_some_and(|&(g, l)| gpa < g + l)
+    }
+
+    fn send(&self, m: &Message) -> bool {
+        let mut w = lock(&self.writer);
+        let ok = encode(&mut *w, m).and_then(|()| w.flush()).is_ok();
+        if !ok {
+            self.set_lost("sending a page request failed".into());
+        }
+        ok
+    }
+
+    fn set_lost(&self, why: String) {
+        if self.complete.load(Ordering::Acquire) {
+            return;
+        }
+        lock(&self.lost).get_or_insert(why);
+        // Parked faults are retried and now answer Held for good.
+        self.notifier.notify();
+    }
+
+    /// Why the connection to the source was lost before every page arrived.
+    pub fn lost(&self) -> Option<String> {
+        lock(&self.lost).clone()
+    }
+
+    /// Stores an arriving page: `None` for a duplicate, else whether a fault
+    /// had asked for it; `Err` for a page the source may not send.
+    fn arrive(&self, gpa: u64, requested: bool, data: Vec<u8>) -> Result<Option<bool>, MigrationError> {
+        if !self.is_data(gpa) {
+            return Err(MigrationError::Protocol(format!(
+                "the source sent page {gpa:#x}, outside the data it announced"
+            )));
+        }
+        let mut c = lock(&self.counters);
+        c.bytes += 5 + 8 + PAGE64;
+        if requested {
+            c.answered += 1;
+        } else {
+            c.pushed += 1;
+        }
+        let mut slots = lock(&self.slots);
+        let mut asked = false;
+        match slots.get(&gpa) {
+            Some(Slot::Arrived(_) | Slot::Taken) => {
+                c.duplicates += 1;
+                return Ok(None);
+            }
+            Some(Slot::Requested(t)) => {
+                asked = true;
+                let us = u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX).max(1);
+                let b = (63 - us.leading_zeros()) as usize;
+                if c.latency_us_log2.len() <= b {
+                    c.latency_us_log2.resize(b + 1, 0);
+                }
+                c.latency_us_log2[b] += 1;
+                if !requested {
+                    c.requests_met_by_push += 1;
+                }
+            }
+            None => {}
+        }
+        slots.insert(gpa, Slot::Arrived(data));
+        Ok(Some(asked))
+    }
+}
+
+impl PageSource for RemoteSource {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn fetch(&self, offset: u64, buf: &mut [u8]) -> FetchOutcome {
+        if buf.len() != PAGE {
+            // bulk_cheap() is false: the core asks one page at a time.
+            return FetchOutcome::Failed(SourceError::BadRequest {
+                offset,
+                len: buf.len(),
+            });
+        }
+        if !self.is_data(offset) {
+            return FetchOutcome::Zero;
+        }
+        let lost = lock(&self.lost).is_some();
+        let mut slots = lock(&self.slots);
+        let ask = match slots.get_mut(&offset) {
+            Some(slot @ Slot::Arrived(_)) => {
+                if let Slot::Arrived(d) = std::mem::replace(slot, Slot::Taken) {
+                    buf.copy_from_slice(&d);
+                }
+                return FetchOutcome::Ready;
+            }
+            Some(Slot::Requested(_)) => None,
+            Some(Slot::Taken) => Some(Message::Resend(offset)),
+            None => Some(Message::Request(offset)),
+        };
+        if lost {
+            // Lock order: counters before slots (as in `arrive`).
+            drop(slots);
+            lock(&self.counters).held_after_loss += 1;
+            // Never a zero page for a page not received: the fault stays parked.
+            return FetchOutcome::Retry(RetryReason::Held);
+        }
+        if let Some(m) = ask {
+            slots.insert(offset, Slot::Requested(Instant::now()));
+            drop(slots);
+            let mut c = lock(&self.counters);
+            if matches!(m, Message::Resend(_)) {
+                c.resends += 1;
+            } else {
+                c.requested += 1;
+            }
+            drop(c);
+            if !self.send(&m) {
+                return FetchOutcome::Retry(RetryReason::Held);
+            }
+        }
+        FetchOutcome::Retry(RetryReason::NotReady)
+    }
+
+    fn bulk_cheap(&self) -> bool {
+        false
+    }
+
+    fn notifier(&self) -> &Notifier {
+        &self.notifier
+    }
+}
+
+/// The destination's figures (`vmm receive --stats`).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct DestStats {
+    /// Source pause to the destination's `Resumed` as the source measured it
+    /// (0 when the migration did not complete).
+    pub downtime_ms: f64,
+    /// State received to vCPUs started, here.
+    pub resume_ms: f64,
+    /// Connection accepted to the last page.
+    pub total_ms: f64,
+    /// Data pages announced.
+    pub data_pages: u64,
+    /// Pages this side requested.
+    pub pages_requested: u64,
+    /// Pages received as answers.
+    pub pages_answered: u64,
+    /// Pages received from the background push.
+    pub pages_pushed: u64,
+    /// Requested pages that arrived by the push first.
+    pub requests_met_by_push: u64,
+    /// Pages asked again after a failed fill.
+    pub resends: u64,
+    /// Pages received twice (dropped).
+    pub duplicates: u64,
+    /// Bytes of page messages received.
+    pub bytes: u64,
+    /// Request to arrival, bucket `i` = `[2^i, 2^(i+1))` us.
+    pub latency_us_log2: Vec<u64>,
+    /// Upper bound of the bucket holding the median / 99th percentile, us.
+    pub latency_p50_us: u64,
+    /// See `latency_p50_us`.
+    pub latency_p99_us: u64,
+    /// vCPU time blocked in stage-2 faults, all vCPUs.
+    pub vcpu_blocked_us: u64,
+    /// Faults answered Held after the connection was lost.
+    pub held_after_loss: u64,
+}
+
+/// The percentile `p` (0..1) of a log2 histogram, as its bucket's upper bound in us.
+pub fn percentile_us(hist: &[u64], p: f64) -> u64 {
+    let total: u64 = hist.iter().sum();
+    if total == 0 {
+        return 0;
+    }
+    let mut seen = 0;
+    for (i, n) in hist.iter().enumerate() {
+        seen += n;
+        if seen as f64 >= p * total as f64 {
+            return 1u64 << (i + 1).min(63);
+        }
+    }
+    0
+}
+
+/// Options of [`receive`].
+#[derive(Debug, Clone)]
+pub struct ReceiveOptions {
+    /// The VM's run-time options (the memory-fault policy is forced to `Pause`).
+    pub vm: VmOptions,
+    /// After the source is lost: how long the paused VM is kept before the run ends.
+    pub lost_wait: Duration,
+}
+
+/// The end of a received VM.
+#[derive(Debug)]
+pub struct ReceiveOutcome {
+    /// The run.
+    pub run: RunOutcome,
+    /// The VM's configuration (for `verify_reports`).
+    pub config: crate::VmConfig,
+    /// Figures.
+    pub stats: DestStats,
+    /// The source was lost before every page arrived (the VM was paused).
+    pub lost: Option<String>,
+    /// The VM was paused because of it.
+    pub paused_on_loss: bool,
+}
+
+/// Accepts one migration on `listener`, runs the VM until it ends.
+/// `on_resumed` is called with a handle once the vCPUs run.
+pub fn receive(
+    listener: &Listener,
+    options: ReceiveOptions,
+    on_resumed: impl FnOnce(&VmHandle),
+) -> Result<ReceiveOutcome, MigrationError> {
+    let mut conn = listener.accept()?;
+    let accepted = Instant::now();
+    read_header(&mut conn)?;
+    write_header(&mut conn).map_err(io("sending the header"))?;
+    let Message::State(state) = decode(&mut conn)? else {
+        return Err(MigrationError::Protocol(
+            "the first message is not the VM state".into(),
+        ));
+    };
+    let Message::Extents(pairs) = decode(&mut conn)? else {
+        return Err(MigrationError::Protocol(
+            "the second message is not the extent list".into(),
+        ));
+    };
+    let got_state = Instant::now();
+    let extents: Vec<Extent> = pairs
+        .iter()
+        .map(|&(gpa, len)| Extent { gpa, len, crc32: 0 })
+        .collect();
+    // Checks every extent: aligned, sorted, inside RAM, at most EXTENT_MAX.
+    let snap = Snapshot::from_parts(&state, extents)?;
+    let data_pages: u64 = pairs.iter().map(|&(_, l)| l / PAGE64).sum();
+    let src = Arc::new(RemoteSource::new("migration".into(), pairs, conn.try_clone()?)?);
+    let mut vm_options = options.vm.clone();
+    vm_options.on_memory_fault = crate::vm::MemoryFaultPolicy::Pause;
+    let vm = Vm::from_migration(&snap, src.clone(), vm_options)?;
+    let config = vm.config().clone();
+    let materializer = vm
+        .materializer()
+        .ok_or_else(|| MigrationError::Control("the destination memory is not lazily backed".into()))?;
+    let running = vm.start()?;
+    let resume_ms = got_state.elapsed().as_secs_f64() * 1e3;
+    src.send(&Message::Resumed);
+    on_resumed(&running.handle());
+
+    let done_at = Arc::new(Mutex::new(None::<(Instant, u64)>));
+    let receiver = {
+        let (src, done_at) = (src.clone(), done_at.clone());
+        let mut reader = conn.try_clone()?;
+        std::thread::Builder::new()
+            .name("migration-in".into())
+            .spawn(move || {
+                if let Err(e) = receive_pages(&src, &mut reader, &materializer, &done_at) {
+                    src.set_lost(e.to_string());
+                }
+            })
+            .map_err(io("starting the receiver thread"))?
+    };
+
+    let mut lost_deadline = None;
+    let mut paused_on_loss = false;
+    while !running.is_finished() {
+        if let (None, Some(_)) = (lost_deadline, src.lost()) {
+            paused_on_loss = match running.pause() {
+                Ok(_) | Err(ControlError::AlreadyPaused) => true,
+                Err(e) => {
+                    tracing::warn!("cannot pause after losing the source: {e}");
+                    false
+                }
+            };
+            lost_deadline = Some(Instant::now() + options.lost_wait);
+        }
+        if lost_deadline.is_some_and(|d| Instant::now() >= d) {
+            running.stop();
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let run = running.wait()?;
+    conn.shutdown();
+    let _ = receiver.join();
+    let c = lock(&src.counters);
+    let done = *lock(&done_at);
+    let stats = DestStats {
+        downtime_ms: done.map_or(0.0, |(_, us)| us as f64 / 1e3),
+        resume_ms,
+        total_ms: done.map_or(0.0, |(t, _)| (t - accepted).as_secs_f64() * 1e3),
+        data_pages,
+        pages_requested: c.requested,
+        pages_answered: c.answered,
+        pages_pushed: c.pushed,
+        requests_met_by_push: c.requests_met_by_push,
+        resends: c.resends,
+        duplicates: c.duplicates,
+        bytes: c.bytes,
+        latency_p50_us: percentile_us(&c.latency_us_log2, 0.5),
+        latency_p99_us: percentile_us(&c.latency_us_log2, 0.99),
+        latency_us_log2: c.latency_us_log2.clone(),
+        vcpu_blocked_us: run.vcpu_stats.iter().map(|v| v.stage2_blocked_us).sum(),
+        held_after_loss: c.held_after_loss,
+    };
+    drop(c);
+    Ok(ReceiveOutcome {
+        run,
+        config,
+        stats,
+        lost: src.lost(),
+        paused_on_loss,
+    })
+}
+
+fn receive_pages(
+    src: &RemoteSource,
+    r: &mut Conn,
+    m: &Materializer,
+    done_at: &Mutex<Option<(Instant, u64)>>,
+) -> Result<(), MigrationError> {
+    loop {
+        match decode(r)? {
+            Message::Page { gpa, requested, data } => {
+                if let Some(asked) = src.arrive(gpa, requested, data)? {
+                    // Placed now: the retry core claims the page and copies it.
+                    if let Err(e) = m.resolve_page(gpa) {
+                        tracing::warn!("placing migrated page {gpa:#x}: {e}");
+                    }
+                    // A fault parked on it is retried (the copy may have lost
+                    // the claim to the handler's own attempt, which then saw
+                    // no data yet).
+                    if asked {
+                        src.notifier.notify();
+                    }
+                }
+            }
+            Message::Done { downtime_us, .. } => {
+                src.complete.store(true, Ordering::Release);
+                *lock(done_at) = Some((Instant::now(), downtime_us));
+                src.send(&Message::Complete);
+                return Ok(());
+            }
+            other => {
+                return Err(MigrationError::Protocol(format!(
+                    "unexpected message from the source: {other:?}"
+                )))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Vec<u8> {
+        let mut b = Vec::new();
+        write_header(&mut b).unwrap();
+        for m in [
+            Message::State(b"{\"x\":1}".to_vec()),
+            Message::Extents(vec![(0, 4096), (0x10000, 8192)]),
+            Message::Page {
+                gpa: 0x1000,
+                requested: true,
+                data: vec![7; PAGE],
+            },
+            Message::Request(0x2000),
+            Message::Resend(0x3000),
+            Message::Resumed,
+            Message::Done {
+                pushed: 1,
+                requested: 2,
+                downtime_us: 3,
+            },
+            Message::Complete,
+        ] {
+            encode(&mut b, &m).unwrap();
+        }
+        b
+    }
+
+    fn decode_all(b: &[u8]) -> Result<Vec<Message>, MigrationError> {
+        let mut r = std::io::Cursor::new(b);
+        read_header(&mut r)?;
+        let mut out = Vec::new();
+        while (r.position() as usize) < b.len() {
+            out.push(decode(&mut r)?);
+        }
+        Ok(out)
+    }
+
+    #[test]
+    fn round_trip() {
+        let m = decode_all(&sample()).unwrap();
+        assert_eq!(m.len(), 8);
+        assert_eq!(m[3], Message::Request(0x2000));
+    }
+
+    #[test]
+    fn bad_magic_version_and_lengths_are_errors() {
+        let mut b = sample();
+        b[0] ^= 1;
+        assert!(matches!(decode_all(&b), Err(MigrationError::Protocol(_))));
+        let mut b = sample();
+        b[8] = 2;
+        assert!(matches!(decode_all(&b), Err(MigrationError::Version(2))));
+        // A huge state length is refused before any allocation.
+        let mut r = std::io::Cursor::new(vec![T_STATE, 0xff, 0xff, 0xff, 0xff]);
+        assert!(matches!(decode(&mut r), Err(MigrationError::Protocol(_))));
+        let mut r = std::io::Cursor::new(vec![T_REQUEST, 8, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]);
+        assert!(
+            matches!(decode(&mut r), Err(MigrationError::Protocol(_))),
+            "unaligned"
+        );
+        let mut r = std::io::Cursor::new(vec![99, 0, 0, 0, 0]);
+        assert!(matches!(decode(&mut r), Err(MigrationError::Protocol(_))));
+    }
+
+    #[test]
+    fn truncations_and_random_mutations_never_panic() {
+        let good = sample();
+        for n in 0..good.len() {
+            let _ = decode_all(&good[..n]);
+        }
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut rnd = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..20000 {
+            let mut b = good.clone();
+            for _ in 0..1 + rnd() % 4 {
+                let i = (rnd() % b.len() as u64) as usize;
+                b[i] = rnd() as u8;
+            }
+            let _ = decode_all(&b);
+        }
+    }
+
+    #[test]
+    fn endpoints_parse() {
+        assert_eq!(
+            "unix:/a/b".parse::<Endpoint>().unwrap(),
+            Endpoint::Unix("/a/b".into())
+        );
+        assert_eq!(
+            "tcp:127.0.0.1:80".parse::<Endpoint>().unwrap(),
+            Endpoint::Tcp("127.0.0.1:80".into())
+        );
+        for bad in ["", "unix:", "tcp:1.2.3.4", "tcp::5", "udp:x:1", "tcp:h:99999"] {
+            assert!(bad.parse::<Endpoint>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn percentiles_of_a_log2_histogram() {
+        assert_eq!(percentile_us(&[], 0.5), 0);
+        assert_eq!(percentile_us(&[0, 10, 0, 1], 0.5), 4);
+        assert_eq!(percentile_us(&[0, 10, 0, 1], 0.99), 16);
+    }
+}
