@@ -508,6 +508,14 @@ fn storm(
             }
             StormEvent::Snapshot => {
                 let r = vm.snapshot(snapshot_dir, crate::snapshot::AfterSnapshot::Restore);
+                if r.is_err() {
+                    // The guest may have exited just before the request: then
+                    // the run ends at once and there is nothing to snapshot.
+                    let t = Instant::now();
+                    while !vm.is_finished() && t.elapsed() < Duration::from_secs(2) {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                }
                 if vm.is_finished() {
                     return (kicks, pauses, holds);
                 }
