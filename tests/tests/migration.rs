@@ -66,7 +66,9 @@ fn migrate_and_finish(listen: Endpoint) {
     // Long enough for thousands of data pages, so that the guest faults on
     // some before the push reaches them.
     let src = source(&cfg, Duration::from_millis(400));
-    let summary = src.migrate(&to).unwrap();
+    // The push waits 300 ms, so that the guest's first touches of migrated
+    // pages are served by requests.
+    let summary = src.migrate(&to, Duration::from_millis(300)).unwrap();
     let end = src.wait().unwrap().end;
     assert!(matches!(end, GuestEnd::Migrated(_)), "{end:?}");
     let out = dest.join().unwrap();
@@ -142,7 +144,7 @@ fn losing_the_source_pauses_the_destination_and_the_source_resumes() {
     // The state and about a hundred pages, then the connection dies.
     cutting_proxy(front.clone(), Endpoint::Unix(back), 400 << 10);
     let src = source(&cfg, Duration::from_millis(50));
-    let err = src.migrate(&Endpoint::Unix(front)).unwrap_err();
+    let err = src.migrate(&Endpoint::Unix(front), Duration::ZERO).unwrap_err();
     let out = dest.join().unwrap();
     let lost = out.lost.clone().unwrap_or_default();
     assert!(

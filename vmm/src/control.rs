@@ -77,6 +77,9 @@ pub enum Request {
     Migrate {
         /// The destination (`vmm receive --listen ...`).
         to: String,
+        /// Milliseconds before the background push starts (0: at once).
+        #[serde(default)]
+        push_delay_ms: u64,
     },
 }
 
@@ -151,7 +154,10 @@ pub fn execute(vm: &VmHandle, req: &Request) -> Response {
             Ok(info) => json(serde_json::to_value(info)),
             Err(e) => Response::err(e.to_string()),
         },
-        Request::Migrate { to } => match to.parse().and_then(|to| vm.migrate(&to)) {
+        Request::Migrate { to, push_delay_ms } => match to
+            .parse()
+            .and_then(|to| vm.migrate(&to, Duration::from_millis(*push_delay_ms)))
+        {
             Ok(summary) => json(serde_json::to_value(summary)),
             Err(e) => Response::err(e.to_string()),
         },

@@ -104,7 +104,7 @@ pub(crate) enum ControlRequest {
         AfterSnapshot,
         Sender<Result<SnapshotInfo, SnapshotError>>,
     ),
-    Migrate(Endpoint, Sender<Result<SourceSummary, MigrationError>>),
+    Migrate(Endpoint, Duration, Sender<Result<SourceSummary, MigrationError>>),
     /// The outgoing migration ended (the summary, or why it failed).
     MigrationEnded(Result<SourceSummary, String>),
     Stop,
@@ -202,8 +202,10 @@ impl VmHandle {
     /// state, serves and pushes the pages; returns when every page is sent.
     /// The run then ends with [`GuestEnd::Migrated`]; on failure the VM stays
     /// paused here and can be resumed.
-    pub fn migrate(&self, to: &Endpoint) -> Result<SourceSummary, MigrationError> {
-        self.ask(|tx| ControlRequest::Migrate(to.clone(), tx))
+    /// `push_delay` holds the background push back (pure demand paging
+    /// first: an experiment knob; zero normally).
+    pub fn migrate(&self, to: &Endpoint, push_delay: Duration) -> Result<SourceSummary, MigrationError> {
+        self.ask(|tx| ControlRequest::Migrate(to.clone(), push_delay, tx))
             .map_err(|e| MigrationError::Control(e.to_string()))?
     }
 
@@ -267,8 +269,8 @@ impl RunningVm {
     }
 
     /// See [`VmHandle::migrate`].
-    pub fn migrate(&self, to: &Endpoint) -> Result<SourceSummary, MigrationError> {
-        self.handle().migrate(to)
+    pub fn migrate(&self, to: &Endpoint, push_delay: Duration) -> Result<SourceSummary, MigrationError> {
+        self.handle().migrate(to, push_delay)
     }
 
     /// A cloneable handle for other threads.
@@ -511,8 +513,8 @@ impl Controller {
             ControlRequest::Snapshot(dir, after, reply) => {
                 let _ = reply.send(self.snapshot(&dir, after));
             }
-            ControlRequest::Migrate(to, reply) => {
-                if let Err(e) = self.migrate(&to, reply.clone()) {
+            ControlRequest::Migrate(to, push_delay, reply) => {
+                if let Err(e) = self.migrate(&to, push_delay, reply.clone()) {
                     let _ = reply.send(Err(e));
                 }
             }
@@ -539,6 +541,7 @@ impl Controller {
     fn migrate(
         &mut self,
         to: &Endpoint,
+        push_delay: Duration,
         reply: Sender<Result<SourceSummary, MigrationError>>,
     ) -> Result<(), MigrationError> {
         let refuse = |m: String| MigrationError::Control(m);
@@ -564,7 +567,14 @@ impl Controller {
             .map_err(MigrationError::from)
             .and_then(|state| Ok((state, snapshot::data_extents(&self.save.mem)?)))
             .and_then(|(state, extents)| {
-                crate::migration::Outgoing::connect(to, &state, extents, self.save.mem.clone(), paused_at)
+                crate::migration::Outgoing::connect(
+                    to,
+                    &state,
+                    extents,
+                    self.save.mem.clone(),
+                    paused_at,
+                    push_delay,
+                )
             });
         match out {
             Ok(out) => {

@@ -83,6 +83,9 @@ enum BenchCommand {
     /// Snapshot restore to running vCPUs for 64 MiB, 1 GiB and 4 GiB guests,
     /// lazily (memory through the retry core) and eagerly.
     Restore(BenchArgs),
+    /// Post-copy live migration of a running 1 GiB guest over loopback:
+    /// downtime, total time, page-request latency p50/p99 during the push.
+    Migrate(BenchArgs),
     /// Everything, plus throughput by vCPU count and the fault latency
     /// histogram; `--plot DIR` writes SVG charts.
     All {
@@ -170,6 +173,10 @@ enum CtlRequest {
         /// unix:PATH or tcp:ADDR:PORT.
         #[arg(long, value_name = "ADDR")]
         to: String,
+        /// Hold the background push back this many milliseconds (pages move
+        /// on demand only until then; for experiments).
+        #[arg(long, value_name = "MS", default_value_t = 0)]
+        push_delay_ms: u64,
     },
 }
 
@@ -465,7 +472,7 @@ fn ctl(args: CtlArgs) -> i32 {
         CtlRequest::Pause => Request::Pause {},
         CtlRequest::Resume => Request::Resume {},
         CtlRequest::Stats => Request::Stats {},
-        CtlRequest::Migrate { to } => Request::Migrate { to },
+        CtlRequest::Migrate { to, push_delay_ms } => Request::Migrate { to, push_delay_ms },
         CtlRequest::Snapshot {
             to,
             resume,
@@ -601,6 +608,7 @@ fn bench(cmd: BenchCommand) -> i32 {
         | BenchCommand::Fault(a)
         | BenchCommand::GuestFault(a)
         | BenchCommand::Restore(a)
+        | BenchCommand::Migrate(a)
         | BenchCommand::All { args: a, .. } => a,
     };
     if args.pages == 0 || args.repeats == 0 {
@@ -619,6 +627,9 @@ fn bench(cmd: BenchCommand) -> i32 {
         }
         BenchCommand::Restore(a) => {
             vmm::bench::restore(a.repeats, &mut progress).map(|r| print_result(&r, a.json))
+        }
+        BenchCommand::Migrate(a) => {
+            vmm::bench::migrate(a.repeats, &mut progress).map(|r| print_result(&r, a.json))
         }
         BenchCommand::GuestFault(a) => {
             vmm::bench::guest_fault(a.repeats, &mut progress).map(|r| print_result(&r, a.json))

@@ -448,6 +448,7 @@ pub struct Outgoing {
     extents: Vec<Extent>,
     ram_end: u64,
     paused_at: Instant,
+    push_delay: Duration,
     bytes: u64,
 }
 
@@ -459,6 +460,7 @@ impl Outgoing {
         extents: Vec<Extent>,
         mem: GuestMemoryMmap,
         paused_at: Instant,
+        push_delay: Duration,
     ) -> Result<Outgoing, MigrationError> {
         let mut conn = Conn::connect(to)?;
         let json = serde_json::to_vec(state).map_err(|e| MigrationError::Control(e.to_string()))?;
@@ -477,6 +479,7 @@ impl Outgoing {
             extents,
             ram_end,
             paused_at,
+            push_delay,
         })
     }
 
@@ -537,8 +540,10 @@ impl Outgoing {
         let mut done_sent = false;
         let mut resumed: Option<Instant> = None;
         let mut buf = vec![0u8; PAGE];
+        let push_from = Instant::now() + self.push_delay;
         loop {
-            let msg = if next < order.len() || !done_sent {
+            let pushing = Instant::now() >= push_from;
+            let msg = if pushing && (next < order.len() || !done_sent) {
                 match rx.try_recv() {
                     Ok(m) => Some(m),
                     Err(TryRecvError::Empty) => None,
@@ -547,7 +552,15 @@ impl Outgoing {
                     }
                 }
             } else {
-                match rx.recv_timeout(Duration::from_millis(100)) {
+                // Only requests to serve: sleep until one comes or the push may start.
+                let wait = if pushing {
+                    Duration::from_millis(100)
+                } else {
+                    push_from
+                        .saturating_duration_since(Instant::now())
+                        .clamp(Duration::from_millis(1), Duration::from_millis(100))
+                };
+                match rx.recv_timeout(wait) {
                     Ok(m) => Some(m),
                     Err(mpsc::RecvTimeoutError::Timeout) => None,
                     Err(mpsc::RecvTimeoutError::Disconnected) => {
@@ -588,6 +601,9 @@ impl Outgoing {
                         )))
                     }
                 }
+                continue;
+            }
+            if !pushing {
                 continue;
             }
             if next < order.len() {
