@@ -35,9 +35,11 @@ fn run_suite_with(vcpus: u32, cmdline: &str) {
     assert_eq!(run.outcome.end, GuestEnd::Exited(0), "console:\n{}", run.console);
     // The guest's figures reach the VMM's outcome and `--stats` JSON.
     let g = run.outcome.guest_stats.expect("guest statistics");
-    // store-retries: four signals in one held wait; signal-in-fault: one.
-    assert!(g.max_retries >= 4, "{g:?}");
-    assert!(g.retries >= g.max_retries && g.signal_interruptions >= 5, "{g:?}");
+    // store-retries: four signals in one held wait (five retries); signal-in-fault:
+    // one (two). The per-fault maximum depends on whether a handler faults on a
+    // fresh stack page (which starts a new count), so only its floor is checked.
+    assert!(g.max_retries >= 2, "{g:?}");
+    assert!(g.retries >= 7 && g.retries >= g.max_retries && g.signal_interruptions >= 5, "{g:?}");
     assert!(g.userfaults >= 4 && g.store_reads >= 8, "{g:?}");
     let completed: u64 = g.retry_hist.iter().sum();
     assert!(completed > 0 && completed <= g.faults, "{g:?}");
