@@ -1171,6 +1171,36 @@ mod tests {
     }
 
     #[test]
+    fn remote_source_requests_once_serves_arrivals_and_holds_after_loss() {
+        let (ours, mut peer) = UnixStream::pair().unwrap();
+        let src = RemoteSource::new("t".into(), vec![(0x1000, 0x2000)], Conn::Unix(ours)).unwrap();
+        let mut buf = vec![0xffu8; PAGE];
+        // Outside the data: a zero page, nothing asked.
+        assert_eq!(src.fetch(0x8000, &mut buf), FetchOutcome::Zero);
+        // A data page: one request, however often the core retries.
+        for _ in 0..3 {
+            assert_eq!(
+                src.fetch(0x1000, &mut buf),
+                FetchOutcome::Retry(RetryReason::NotReady)
+            );
+        }
+        assert_eq!(decode(&mut peer).unwrap(), Message::Request(0x1000));
+        assert_eq!(src.arrive(0x1000, true, vec![5; PAGE]).unwrap(), Some(true));
+        assert_eq!(src.fetch(0x1000, &mut buf), FetchOutcome::Ready);
+        assert!(buf.iter().all(|&b| b == 5));
+        // A duplicate is dropped; a page outside the data is refused.
+        assert_eq!(src.arrive(0x1000, false, vec![6; PAGE]).unwrap(), None);
+        assert!(src.arrive(0x9000, false, vec![6; PAGE]).is_err());
+        // After a loss, a page not received is held, never zero.
+        src.set_lost("cut".into());
+        assert_eq!(
+            src.fetch(0x2000, &mut buf),
+            FetchOutcome::Retry(RetryReason::Held)
+        );
+        assert_eq!(src.lost().as_deref(), Some("cut"));
+    }
+
+    #[test]
     fn endpoints_parse() {
         assert_eq!(
             "unix:/a/b".parse::<Endpoint>().unwrap(),
