@@ -37,6 +37,8 @@ const PAGE64: u64 = 4096;
 const PAGE_MSG: u32 = 8 + 4096;
 /// Largest state message.
 pub const MAX_STATE: u32 = 64 << 20;
+/// How long the source waits for the destination's header.
+const HEADER_WAIT: Duration = Duration::from_secs(10);
 /// Largest number of extents in one message.
 pub const MAX_EXTENTS: u32 = 1 << 20;
 
@@ -152,6 +154,14 @@ impl Conn {
             Conn::Unix(s) => Conn::Unix(s.try_clone().map_err(io("cloning the socket"))?),
             Conn::Tcp(s) => Conn::Tcp(s.try_clone().map_err(io("cloning the socket"))?),
         })
+    }
+
+    fn set_read_timeout(&self, t: Option<Duration>) -> Result<(), MigrationError> {
+        match self {
+            Conn::Unix(s) => s.set_read_timeout(t),
+            Conn::Tcp(s) => s.set_read_timeout(t),
+        }
+        .map_err(io("setting a read timeout"))
     }
 
     fn shutdown(&self) {
@@ -470,7 +480,11 @@ impl Outgoing {
         let pairs = extents.iter().map(|e| (e.gpa, e.len)).collect();
         encode(&mut w, &Message::Extents(pairs)).map_err(io("sending the extents"))?;
         w.flush().map_err(io("sending the state"))?;
+        // The source's controller waits here with the VM paused: a peer that
+        // never answers must not hold it forever.
+        conn.set_read_timeout(Some(HEADER_WAIT))?;
         read_header(&mut conn)?;
+        conn.set_read_timeout(None)?;
         let ram_end = crate::snapshot::ram_end(state.config.mem_size);
         Ok(Outgoing {
             conn,
