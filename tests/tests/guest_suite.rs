@@ -39,7 +39,10 @@ fn run_suite_with(vcpus: u32, cmdline: &str) {
     // one (two). The per-fault maximum depends on whether a handler faults on a
     // fresh stack page (which starts a new count), so only its floor is checked.
     assert!(g.max_retries >= 2, "{g:?}");
-    assert!(g.retries >= 7 && g.retries >= g.max_retries && g.signal_interruptions >= 5, "{g:?}");
+    assert!(
+        g.retries >= 7 && g.retries >= g.max_retries && g.signal_interruptions >= 5,
+        "{g:?}"
+    );
     assert!(g.userfaults >= 4 && g.store_reads >= 8, "{g:?}");
     let completed: u64 = g.retry_hist.iter().sum();
     assert!(completed > 0 && completed <= g.faults, "{g:?}");
