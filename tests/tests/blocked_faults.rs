@@ -82,6 +82,7 @@ fn pause_completes_while_a_kernel_mode_access_is_blocked() {
     });
 
     let report = vm.pause().unwrap();
+    eprintln!("pause with a kernel-mode fault pending took {:?}", report.took);
     match report.vcpus[0] {
         VcpuPause::BlockedInFault { guest_addr } => {
             assert!(guest_addr < cfg.mem_size, "{guest_addr:#x}");
@@ -126,6 +127,7 @@ fn user_mode_fault_is_interrupted_by_pause_and_retried() {
 
     for _ in 0..5 {
         let report = vm.pause().unwrap();
+        eprintln!("pause with a user-mode fault pending took {:?}", report.took);
         assert_eq!(
             report.vcpus[0],
             VcpuPause::Paused,
