@@ -11,6 +11,7 @@
 //! (their timing relative to the guest's progress still varies).
 
 use crate::config::{MemBackend, MemoryConfig, VmConfig};
+use crate::migration::{Endpoint, Listener, ReceiveOptions, ReceiveOutcome};
 use crate::vm::{verify_reports, CustomSource, GuestEnd, VmOptions};
 use crate::{KernelSource, RunningVm};
 use abi::workload::mix64;
@@ -28,6 +29,9 @@ pub enum StressError {
     /// A VM could not be built.
     #[error("cannot build a stress VM: {0}")]
     Vm(#[from] crate::VmError),
+    /// A migration destination could not listen.
+    #[error("cannot listen for a migration storm: {0}")]
+    Migration(String),
     /// The page source could not be created.
     #[error("cannot create the stress page source: {0}; raise the file descriptor limit")]
     Source(std::io::Error),
@@ -72,6 +76,9 @@ pub enum StormEvent {
     /// Snapshot the running VM (it goes on); after the run the snapshot is
     /// restored lazily and must finish with the same checksums.
     Snapshot,
+    /// Migrate the running VM (post-copy, loopback Unix socket) to a
+    /// destination VM in this process, which must finish with the checksums.
+    Migrate,
 }
 
 /// One VM run of a stress session.
@@ -118,6 +125,8 @@ pub struct StressReport {
     pub holds: u64,
     /// Snapshots taken mid-run and restored lazily to completion.
     pub snapshot_restores: u64,
+    /// Post-copy migrations mid-run, the destination run to completion.
+    pub migrations: u64,
     /// Source answers "retry" injected.
     pub injected_retries: u64,
     /// Wrong checksums, bad exits: anything lost, stale or zero.
@@ -195,6 +204,9 @@ pub fn plan(seed: u64, index: u64, vcpus: u32) -> RunPlan {
     // docs/snapshot.md), so only touch runs are snapshotted.
     if !suite && rng.below(3) == 0 {
         schedule.push((u32::try_from(rng.below(1000)).unwrap_or(0), StormEvent::Snapshot));
+    }
+    if !suite && rng.below(4) == 0 {
+        schedule.push((u32::try_from(rng.below(1500)).unwrap_or(0), StormEvent::Migrate));
     }
     schedule.sort_by_key(|&(at, _)| at);
     RunPlan {
@@ -345,10 +357,19 @@ fn run_one(
 
     let snapshot_dir = std::env::temp_dir().join(format!("vmm-stress-{}-{index}", std::process::id()));
     let snapshot = Arc::new(Mutex::new(None));
+    let sock = std::env::temp_dir().join(format!("vmm-stress-{}-{index}.sock", std::process::id()));
+    let migrate_to = Endpoint::Unix(sock);
+    let migrated = Arc::new(Mutex::new(None));
+    let destination = if plan.schedule.iter().any(|&(_, e)| e == StormEvent::Migrate) {
+        Some(Destination::listen(&migrate_to)?)
+    } else {
+        None
+    };
     let storm = {
         let (vm, source, schedule) = (vm.clone(), source.clone(), plan.schedule.clone());
         let (dir, slot) = (snapshot_dir.clone(), snapshot.clone());
-        std::thread::spawn(move || storm(&vm, &source, &schedule, &dir, &slot))
+        let (to, mslot) = (migrate_to.clone(), migrated.clone());
+        std::thread::spawn(move || storm(&vm, &source, &schedule, &dir, &slot, &to, &mslot))
     };
     // Watchdog: progress is source fetches plus vCPU exits.
     let mut last = (u64::MAX, Instant::now());
@@ -395,6 +416,10 @@ fn run_one(
         report.retries += m.total.retries_total;
         report.max_retries_per_fault = report.max_retries_per_fault.max(m.total.retries_max);
     }
+    let migration = migrated.lock().map(|mut slot| slot.take()).unwrap_or(None);
+    // The destination's run, when the VM moved there (the listener is released
+    // otherwise).
+    let moved = destination.map(|d| d.finish(&migrate_to, matches!(migration, Some(Ok(())))));
     if let Some(s) = stall {
         report.stalls.push(s);
         return Ok(());
@@ -405,7 +430,30 @@ fn run_one(
             .map(|c| String::from_utf8_lossy(&c).into_owned())
             .unwrap_or_default()
     };
-    if outcome.end != GuestEnd::Exited(0) {
+    if let Some(Err(e)) = &migration {
+        report
+            .integrity_errors
+            .push(format!("run {index} ({}): migration failed: {e}", plan.cmdline));
+    }
+    if let Some(Some(dest)) = moved {
+        report.migrations += 1;
+        match dest {
+            Ok(out) if out.run.end == GuestEnd::Exited(0) => {
+                if let Err(e) = verify_reports(&out.config, &out.run) {
+                    report
+                        .integrity_errors
+                        .push(format!("run {index} ({}), after migration: {e}", plan.cmdline));
+                }
+            }
+            Ok(out) => report.integrity_errors.push(format!(
+                "run {index} ({}), after migration: {} (lost: {:?})",
+                plan.cmdline, out.run.end, out.lost
+            )),
+            Err(e) => report
+                .integrity_errors
+                .push(format!("run {index} ({}), destination: {e}", plan.cmdline)),
+        }
+    } else if outcome.end != GuestEnd::Exited(0) {
         report.integrity_errors.push(format!(
             "run {index} ({}): {}\n{}",
             plan.cmdline,
@@ -470,6 +518,8 @@ fn storm(
     schedule: &[(u32, StormEvent)],
     snapshot_dir: &std::path::Path,
     snapshot: &Mutex<Option<Result<(), String>>>,
+    migrate_to: &Endpoint,
+    migrated: &Mutex<Option<Result<(), String>>>,
 ) -> (u64, u64, u64) {
     let start = Instant::now();
     let (mut kicks, mut pauses, mut holds) = (0, 0, 0);
@@ -523,6 +573,29 @@ fn storm(
                     *slot = Some(r.map(|_| ()).map_err(|e| e.to_string()));
                 }
             }
+            StormEvent::Migrate => {
+                let r = vm.migrate(migrate_to, Duration::ZERO);
+                let ok = r.is_ok();
+                if !ok {
+                    let t = Instant::now();
+                    while !vm.is_finished() && t.elapsed() < Duration::from_secs(2) {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    if vm.is_finished() {
+                        // The guest exited before the migration began.
+                        return (kicks, pauses, holds);
+                    }
+                    // A failed migration leaves the source paused with its
+                    // whole VM: it goes on here.
+                    let _ = vm.resume();
+                }
+                if let Ok(mut slot) = migrated.lock() {
+                    *slot = Some(r.map(|_| ()).map_err(|e| e.to_string()));
+                }
+                if ok {
+                    return (kicks, pauses, holds);
+                }
+            }
         }
     }
     (kicks, pauses, holds)
@@ -550,8 +623,8 @@ impl std::fmt::Display for StressReport {
         )?;
         writeln!(
             f,
-            "  storms: {} kicks, {} pause/resume cycles, {} holds, {} snapshots restored; {} vCPU interruptions",
-            self.kicks, self.pauses, self.holds, self.snapshot_restores, self.interruptions
+            "  storms: {} kicks, {} pause/resume cycles, {} holds, {} snapshots restored, {} migrations; {} vCPU interruptions",
+            self.kicks, self.pauses, self.holds, self.snapshot_restores, self.migrations, self.interruptions
         )?;
         writeln!(
             f,
@@ -579,5 +652,47 @@ mod tests {
         assert!(!p.cmdline.contains("shared=1"), "one vCPU never shares");
         assert!(p.schedule.windows(2).all(|w| w[0].0 <= w[1].0));
         abi::workload::parse_cmdline(&p.cmdline).unwrap();
+    }
+}
+
+/// The destination of a migration storm: a VM received in this process.
+struct Destination {
+    thread: std::thread::JoinHandle<Result<ReceiveOutcome, crate::migration::MigrationError>>,
+}
+
+impl Destination {
+    /// Listens on `at` and receives at most one VM on a thread.
+    fn listen(at: &Endpoint) -> Result<Destination, StressError> {
+        let listener = Listener::bind(at).map_err(|e| StressError::Migration(e.to_string()))?;
+        let thread = std::thread::spawn(move || {
+            let opts = ReceiveOptions {
+                vm: VmOptions {
+                    serial: SerialOutput::Capture(Arc::new(Mutex::new(Vec::new()))),
+                    timeout: Some(Duration::from_secs(120)),
+                    ..VmOptions::default()
+                },
+                lost_wait: Duration::from_secs(1),
+            };
+            crate::migration::receive(&listener, opts, |_| {})
+        });
+        Ok(Destination { thread })
+    }
+
+    /// The destination's outcome if the VM moved; otherwise releases the
+    /// waiting listener (a connection that sends nothing) and returns `None`.
+    fn finish(self, at: &Endpoint, moved: bool) -> Option<Result<ReceiveOutcome, String>> {
+        if !moved {
+            if let Endpoint::Unix(path) = at {
+                drop(std::os::unix::net::UnixStream::connect(path));
+            }
+        }
+        let r = self
+            .thread
+            .join()
+            .map_err(|_| "the destination thread panicked".to_string());
+        if let Endpoint::Unix(path) = at {
+            let _ = std::fs::remove_file(path);
+        }
+        moved.then(|| r.and_then(|o| o.map_err(|e| e.to_string())))
     }
 }
