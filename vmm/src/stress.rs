@@ -639,22 +639,6 @@ impl std::fmt::Display for StressReport {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn plans_are_reproducible_and_vary() {
-        assert_eq!(format!("{:?}", plan(7, 3, 2)), format!("{:?}", plan(7, 3, 2)));
-        assert_ne!(format!("{:?}", plan(7, 3, 2)), format!("{:?}", plan(8, 3, 2)));
-        assert_ne!(format!("{:?}", plan(7, 3, 2)), format!("{:?}", plan(7, 4, 2)));
-        let p = plan(1, 0, 1);
-        assert!(!p.cmdline.contains("shared=1"), "one vCPU never shares");
-        assert!(p.schedule.windows(2).all(|w| w[0].0 <= w[1].0));
-        abi::workload::parse_cmdline(&p.cmdline).unwrap();
-    }
-}
-
 /// The destination of a migration storm: a VM received in this process.
 struct Destination {
     thread: std::thread::JoinHandle<Result<ReceiveOutcome, crate::migration::MigrationError>>,
@@ -694,5 +678,21 @@ impl Destination {
             let _ = std::fs::remove_file(path);
         }
         moved.then(|| r.and_then(|o| o.map_err(|e| e.to_string())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plans_are_reproducible_and_vary() {
+        assert_eq!(format!("{:?}", plan(7, 3, 2)), format!("{:?}", plan(7, 3, 2)));
+        assert_ne!(format!("{:?}", plan(7, 3, 2)), format!("{:?}", plan(8, 3, 2)));
+        assert_ne!(format!("{:?}", plan(7, 3, 2)), format!("{:?}", plan(7, 4, 2)));
+        let p = plan(1, 0, 1);
+        assert!(!p.cmdline.contains("shared=1"), "one vCPU never shares");
+        assert!(p.schedule.windows(2).all(|w| w[0].0 <= w[1].0));
+        abi::workload::parse_cmdline(&p.cmdline).unwrap();
     }
 }
