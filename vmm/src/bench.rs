@@ -530,6 +530,8 @@ pub struct AllBench {
     pub guest_fault: GuestFaultBench,
     /// `vmm bench restore`.
     pub restore: RestoreBench,
+    /// `vmm bench migrate` (one migration).
+    pub migrate: MigrateBench,
     /// Throughput by vCPU count.
     pub scaling: Vec<Scaling>,
     /// Stage-2 fault latency histogram of one run (power-of-two microsecond buckets).
@@ -547,6 +549,7 @@ pub fn all(fault_opts: FaultBenchOptions, progress: &mut dyn FnMut(&str)) -> Res
     let fault = fault(fault_opts, progress)?;
     let guest_fault = guest_fault(fault_opts.repeats, progress)?;
     let restore = restore(fault_opts.repeats.max(5), progress)?;
+    let migrate = migrate(1, progress)?;
     let scaling = scaling(fault_opts.pages, progress)?;
     progress("stage-2 fault latency histogram");
     let memory = MemoryConfig {
@@ -563,6 +566,7 @@ pub fn all(fault_opts: FaultBenchOptions, progress: &mut dyn FnMut(&str)) -> Res
         fault,
         guest_fault,
         restore,
+        migrate,
         scaling,
         latency_us_log2,
     })
@@ -572,8 +576,8 @@ impl std::fmt::Display for AllBench {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{}{}{}{}",
-            self.boot, self.fault, self.guest_fault, self.restore
+            "{}{}{}{}{}",
+            self.boot, self.fault, self.guest_fault, self.restore, self.migrate
         )?;
         writeln!(
             f,
