@@ -359,6 +359,7 @@ fn run_loop(
         reports,
         bad_requests: Vec::new(),
         blocked: vm.blocked_faults_fn(),
+        deferred: Vec::new(),
         save: vm.save_ctx(),
         events: vm.events.clone(),
         migrating: false,
@@ -438,6 +439,8 @@ struct Controller {
     reports: Vec<abi::pv::WorkloadReport>,
     bad_requests: Vec<String>,
     blocked: BlockedFn,
+    /// Control requests that arrived while the state was being captured.
+    deferred: Vec<ControlRequest>,
     save: SaveCtx,
     events: EventSender,
     /// An outgoing migration runs: the VM must stay paused.
@@ -646,6 +649,18 @@ impl Controller {
     /// The state of the paused VM (for a snapshot or a migration); lazily
     /// backed memory is fetched in full first.
     fn capture_state(&mut self) -> Result<snapshot::VmState, SnapshotError> {
+        // What the vCPUs posted before they paused (a workload report,
+        // START_CPUS) is part of the state: handle it first. Control requests
+        // wait until the capture is over.
+        while let Ok(ev) = self.events_rx.try_recv() {
+            match ev {
+                VmEvent::Control(req) => self.deferred.push(req),
+                ev => self.handle(ev),
+            }
+        }
+        if !self.deferred.is_empty() {
+            let _ = self.events_fd.write(1);
+        }
         if let Some(m) = &self.save.materializer {
             m.run(&AtomicBool::new(false), &AtomicU64::new(0)).map_err(|e| {
                 SnapshotError::Control(format!("guest memory cannot be fetched in full: {e}"))
@@ -832,6 +847,9 @@ impl Controller {
 
 impl MutEventSubscriber for Controller {
     fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        for req in std::mem::take(&mut self.deferred) {
+            self.control(req);
+        }
         let _ = self.events_fd.read();
         while let Ok(ev) = self.events_rx.try_recv() {
             self.handle(ev);
