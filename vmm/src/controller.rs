@@ -151,7 +151,7 @@ const REKICK: Duration = Duration::from_millis(2);
 
 /// A VM whose vCPUs and controller run.
 pub struct RunningVm {
-    events: EventSender,
+    handle: VmHandle,
     thread: JoinHandle<Result<RunOutcome, VmError>>,
 }
 
@@ -177,22 +177,40 @@ impl VmHandle {
         rx.recv().map_err(|_| ControlError::Ended)
     }
 
-    /// See [`RunningVm::pause`].
+    /// Pauses every vCPU (see the module documentation for vCPUs blocked in faults).
     pub fn pause(&self) -> Result<PauseReport, ControlError> {
         self.ask(ControlRequest::Pause)?
     }
 
-    /// See [`RunningVm::resume`].
+    /// Resumes the vCPUs the guest has started.
     pub fn resume(&self) -> Result<(), ControlError> {
         self.ask(ControlRequest::Resume)?
     }
 
-    /// See [`RunningVm::stats`].
+    /// Counters of the running VM.
     pub fn stats(&self) -> Result<LiveStats, ControlError> {
         self.ask(ControlRequest::Stats)
     }
 
-    /// See [`RunningVm::snapshot`].
+    /// Kicks one vCPU, or all, out of the guest without a request (they re-enter).
+    pub fn kick(&self, cpu: Option<u32>) -> Result<(), ControlError> {
+        if self.events.send(VmEvent::Control(ControlRequest::Kick(cpu))) {
+            Ok(())
+        } else {
+            Err(ControlError::Ended)
+        }
+    }
+
+    /// Runs `f` on vCPU `cpu`'s thread between two guest entries and waits for
+    /// it. A vCPU blocked in a fault runs it once its page is served.
+    pub fn run_on_vcpu(&self, cpu: u32, f: VcpuFn) -> Result<(), ControlError> {
+        self.ask(|tx| ControlRequest::RunOnVcpu(cpu, f, tx))?
+    }
+
+    /// Pauses the VM (if running), saves a snapshot to `dir` (see
+    /// `docs/snapshot.md`), then resumes, stays paused or ends the run as
+    /// `after` says. Lazily backed memory is fetched in full first, so the
+    /// snapshot does not depend on the page source.
     pub fn snapshot(&self, dir: &Path, after: AfterSnapshot) -> Result<SnapshotInfo, SnapshotError> {
         self.ask(|tx| ControlRequest::Snapshot(dir.to_owned(), after, tx))
             .map_err(|e| SnapshotError::Control(e.to_string()))?
@@ -209,7 +227,7 @@ impl VmHandle {
             .map_err(|e| MigrationError::Control(e.to_string()))?
     }
 
-    /// See [`RunningVm::stop`].
+    /// Ends the run (the guest is stopped where it is).
     pub fn stop(&self) {
         self.events.send(VmEvent::Control(ControlRequest::Stop));
     }
@@ -221,68 +239,19 @@ impl std::fmt::Debug for RunningVm {
     }
 }
 
+impl std::ops::Deref for RunningVm {
+    type Target = VmHandle;
+
+    /// The requests ([`VmHandle`]) are available on the `RunningVm` itself.
+    fn deref(&self) -> &VmHandle {
+        &self.handle
+    }
+}
+
 impl RunningVm {
-    fn ask<T>(&self, make: impl FnOnce(Sender<T>) -> ControlRequest) -> Result<T, ControlError> {
-        let (tx, rx) = mpsc::channel();
-        if !self.events.send(VmEvent::Control(make(tx))) {
-            return Err(ControlError::Ended);
-        }
-        rx.recv().map_err(|_| ControlError::Ended)
-    }
-
-    /// Pauses every vCPU (see the module documentation for vCPUs blocked in faults).
-    pub fn pause(&self) -> Result<PauseReport, ControlError> {
-        self.ask(ControlRequest::Pause)?
-    }
-
-    /// Resumes the vCPUs the guest has started.
-    pub fn resume(&self) -> Result<(), ControlError> {
-        self.ask(ControlRequest::Resume)?
-    }
-
-    /// Kicks one vCPU, or all, out of the guest without a request (they re-enter).
-    pub fn kick(&self, cpu: Option<u32>) -> Result<(), ControlError> {
-        if self.events.send(VmEvent::Control(ControlRequest::Kick(cpu))) {
-            Ok(())
-        } else {
-            Err(ControlError::Ended)
-        }
-    }
-
-    /// Counters of the running VM.
-    pub fn stats(&self) -> Result<LiveStats, ControlError> {
-        self.ask(ControlRequest::Stats)
-    }
-
-    /// Runs `f` on vCPU `cpu`'s thread between two guest entries and waits for
-    /// it. A vCPU blocked in a fault runs it once its page is served.
-    pub fn run_on_vcpu(&self, cpu: u32, f: VcpuFn) -> Result<(), ControlError> {
-        self.ask(|tx| ControlRequest::RunOnVcpu(cpu, f, tx))?
-    }
-
-    /// Pauses the VM (if running), saves a snapshot to `dir` (see
-    /// `docs/snapshot.md`), then resumes, stays paused or ends the run as
-    /// `after` says. Lazily backed memory is fetched in full first, so the
-    /// snapshot does not depend on the page source.
-    pub fn snapshot(&self, dir: &Path, after: AfterSnapshot) -> Result<SnapshotInfo, SnapshotError> {
-        self.handle().snapshot(dir, after)
-    }
-
-    /// See [`VmHandle::migrate`].
-    pub fn migrate(&self, to: &Endpoint, push_delay: Duration) -> Result<SourceSummary, MigrationError> {
-        self.handle().migrate(to, push_delay)
-    }
-
     /// A cloneable handle for other threads.
     pub fn handle(&self) -> VmHandle {
-        VmHandle {
-            events: self.events.clone(),
-        }
-    }
-
-    /// Ends the run (the guest is stopped where it is).
-    pub fn stop(&self) {
-        self.events.send(VmEvent::Control(ControlRequest::Stop));
+        self.handle.clone()
     }
 
     /// Whether the run has ended.
@@ -338,7 +307,10 @@ pub(crate) fn start(mut vm: Vm) -> Result<RunningVm, VmError> {
         .name("vmm-controller".into())
         .spawn(move || run_loop(vm, handles, started, reports))
         .map_err(|e| VmError::Device(format!("cannot start the controller thread: {e}")))?;
-    Ok(RunningVm { events, thread })
+    Ok(RunningVm {
+        handle: VmHandle { events },
+        thread,
+    })
 }
 
 fn run_loop(
