@@ -734,13 +734,36 @@ fn snapshot_mid_run(mem_size: u64, dir: &std::path::Path) -> Result<u64, BenchEr
         cmdline: "workload=touch pages=4000 pattern=rand".into(),
         memory: MemoryConfig::default(),
     };
+    let (vm, console) = start_touch(&cfg, Duration::from_secs(120))?;
+    let text = || {
+        console
+            .lock()
+            .map(|c| String::from_utf8_lossy(&c).into_owned())
+            .unwrap_or_default()
+    };
+    let info = vm
+        .snapshot(dir, crate::snapshot::AfterSnapshot::Stop)
+        .map_err(|e| BenchError::BadRun {
+            end: e.to_string(),
+            console: text(),
+        })?;
+    let _ = vm.wait()?;
+    Ok(info.memory_bytes)
+}
+
+/// A captured guest console.
+type Console = Arc<Mutex<Vec<u8>>>;
+
+/// Starts `cfg` (a `touch` workload) with the console captured and waits until
+/// the guest's user loop has begun (`touch: cpu 0 start`).
+fn start_touch(cfg: &VmConfig, timeout: Duration) -> Result<(crate::RunningVm, Console), BenchError> {
     let console = Arc::new(Mutex::new(Vec::new()));
     let options = VmOptions {
         serial: SerialOutput::Capture(console.clone()),
-        timeout: Some(Duration::from_secs(120)),
+        timeout: Some(timeout),
         ..VmOptions::default()
     };
-    let vm = crate::Vm::new(&cfg, options)?.start()?;
+    let vm = crate::Vm::new(cfg, options)?.start()?;
     let text = || {
         console
             .lock()
@@ -755,18 +778,14 @@ fn snapshot_mid_run(mem_size: u64, dir: &std::path::Path) -> Result<u64, BenchEr
                 .wait()
                 .map(|o| o.end.to_string())
                 .unwrap_or_else(|e| e.to_string());
-            return Err(BenchError::BadRun { end, console: text() });
+            return Err(BenchError::BadRun {
+                end: format!("the guest did not start its workload ({end})"),
+                console: text(),
+            });
         }
         std::thread::sleep(Duration::from_millis(2));
     }
-    let info = vm
-        .snapshot(dir, crate::snapshot::AfterSnapshot::Stop)
-        .map_err(|e| BenchError::BadRun {
-            end: e.to_string(),
-            console: text(),
-        })?;
-    let _ = vm.wait()?;
-    Ok(info.memory_bytes)
+    Ok((vm, console))
 }
 
 /// Runs `vmm bench restore`: time from `Vm::restore` to running vCPUs for a
@@ -917,31 +936,7 @@ pub fn migrate(repeats: u32, progress: &mut dyn FnMut(&str)) -> Result<MigrateBe
             };
             crate::migration::receive(&listener, opts, |_| {})
         });
-        let console = Arc::new(Mutex::new(Vec::new()));
-        let options = VmOptions {
-            serial: SerialOutput::Capture(console.clone()),
-            timeout: Some(Duration::from_secs(300)),
-            ..VmOptions::default()
-        };
-        let vm = crate::Vm::new(&cfg, options)?.start()?;
-        let text = || {
-            console
-                .lock()
-                .map(|c| String::from_utf8_lossy(&c).into_owned())
-                .unwrap_or_default()
-        };
-        let start = std::time::Instant::now();
-        while !text().contains("touch: cpu 0 start") {
-            if vm.is_finished() || start.elapsed() > Duration::from_secs(60) {
-                vm.stop();
-                let _ = vm.wait();
-                return Err(bad(format!(
-                    "the source guest did not start its workload: {}",
-                    text()
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
+        let (vm, _console) = start_touch(&cfg, Duration::from_secs(300))?;
         // Let the guest fill a good part of its memory first.
         std::thread::sleep(Duration::from_millis(4000));
         let summary = vm
