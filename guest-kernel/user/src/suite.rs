@@ -116,10 +116,14 @@ fn held_fault(role: u64, page: u64) -> Option<i64> {
 /// must end the wait (the handler runs, the fault is retried and waits again).
 fn interrupt_store_wait(t: i64, s: u64, n: u64) -> bool {
     let before = stats().signal_interruptions;
-    for _ in 0..n {
-        // The kill wakes the task at once (it was waiting); waiting again
-        // means it ran the handler and retried the fault.
-        if kill(t, s) != 0 || store_waiting(t) || !until(|| store_waiting(t)) {
+    for i in 1..=n {
+        // The signal interrupts the wait (counted when the task, possibly on
+        // another vCPU, wakes); waiting again means it ran the handler and
+        // retried the fault.
+        if kill(t, s) != 0
+            || !until(|| stats().signal_interruptions >= before + i)
+            || !until(|| store_waiting(t))
+        {
             return false;
         }
     }
