@@ -15,6 +15,11 @@ pub mod serial;
 use abi::pv::WorkloadReport;
 use std::sync::Arc;
 
+/// Guest RAM as the VMM maps it. Writes through vm-memory (devices, the
+/// loader, a restore) set bits in a per-region dirty bitmap, which pre-copy
+/// migration adds to KVM's dirty log of the guest's own writes.
+pub type GuestRam = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
+
 /// Something a device tells the VMM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DeviceEvent {

@@ -10,6 +10,7 @@
 //! Nothing here trusts the guest: bad addresses and slots are rejected (and
 //! logged once through the event sink), never panic.
 
+use crate::GuestRam;
 use crate::{DeviceEvent, DeviceEventSink};
 use abi::layout::PAGE_SIZE;
 use abi::pv::store::{self, GuestStats};
@@ -19,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use vm_device::bus::{PioAddress, PioAddressOffset};
 use vm_device::MutDevicePio;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 /// The latest statistics the guest sent (shared with the VMM's outcome).
 pub type GuestStatsCell = Arc<Mutex<Option<GuestStats>>>;
@@ -41,7 +42,7 @@ struct Held {
 
 /// The page-store device.
 pub struct PageStore {
-    mem: GuestMemoryMmap,
+    mem: GuestRam,
     sink: DeviceEventSink,
     completion: Arc<Mutex<Option<u64>>>,
     tx: Sender<Read>,
@@ -58,7 +59,7 @@ impl std::fmt::Debug for PageStore {
 impl PageStore {
     /// A store over guest memory `mem`; statistics land in `stats`. Starts the
     /// worker thread, which ends when the device is dropped.
-    pub fn new(mem: GuestMemoryMmap, sink: DeviceEventSink, stats: GuestStatsCell) -> std::io::Result<Self> {
+    pub fn new(mem: GuestRam, sink: DeviceEventSink, stats: GuestStatsCell) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel();
         let completion = Arc::new(Mutex::new(None));
         let (m, c) = (mem.clone(), completion.clone());
@@ -168,7 +169,7 @@ impl PageStore {
 }
 
 /// Serves reads in deadline order (delays may differ per request).
-fn worker(mem: &GuestMemoryMmap, completion: &Mutex<Option<u64>>, rx: &Receiver<Read>) {
+fn worker(mem: &GuestRam, completion: &Mutex<Option<u64>>, rx: &Receiver<Read>) {
     let mut queue: Vec<Read> = Vec::new();
     loop {
         let now = Instant::now();
@@ -192,7 +193,7 @@ fn worker(mem: &GuestMemoryMmap, completion: &Mutex<Option<u64>>, rx: &Receiver<
     }
 }
 
-fn serve(mem: &GuestMemoryMmap, completion: &Mutex<Option<u64>>, r: &Read) {
+fn serve(mem: &GuestRam, completion: &Mutex<Option<u64>>, r: &Read) {
     let mut page = [0u8; 4096];
     const _: () = assert!(PAGE_SIZE == 4096);
     for (k, chunk) in page.chunks_exact_mut(8).enumerate() {
@@ -232,7 +233,7 @@ mod tests {
 
     #[test]
     fn read_is_answered_later_with_the_page_and_the_id() {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let mem = GuestRam::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
         let stats: GuestStatsCell = Arc::default();
         let mut dev = PageStore::new(mem.clone(), Arc::new(|_| {}), stats.clone()).unwrap();
         let init = PvRequest {
@@ -314,7 +315,7 @@ mod tests {
         assert_eq!(stats.lock().unwrap().unwrap().faults, 3);
     }
 
-    fn send(dev: &mut PageStore, mem: &GuestMemoryMmap, kind: u32, args: [u64; 6]) -> u32 {
+    fn send(dev: &mut PageStore, mem: &GuestRam, kind: u32, args: [u64; 6]) -> u32 {
         mem.write_obj(
             PvRequest {
                 kind,
@@ -332,7 +333,7 @@ mod tests {
         mem.read_obj::<PvRequest>(GuestAddress(0x100)).unwrap().status
     }
 
-    fn wait_for_id(mem: &GuestMemoryMmap, slot: u64, id: u64) {
+    fn wait_for_id(mem: &GuestRam, slot: u64, id: u64) {
         let start = Instant::now();
         while mem.read_obj::<u64>(GuestAddress(0x1000 + slot * 8)).unwrap() != id {
             assert!(
@@ -345,7 +346,7 @@ mod tests {
 
     #[test]
     fn held_reads_wait_for_the_release_and_others_do_not() {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let mem = GuestRam::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
         let mut dev = PageStore::new(mem.clone(), Arc::new(|_| {}), Arc::default()).unwrap();
         assert_eq!(
             send(&mut dev, &mem, store::INIT, [0x1000, 0, 0, 0, 0, 0]),

@@ -4,15 +4,16 @@
 //! A bad address or an unknown kind is answered with `REJECTED`; it never
 //! panics the VMM, whatever the guest writes.
 
+use crate::GuestRam;
 use crate::{DeviceEvent, DeviceEventSink};
 use abi::pv::{status, PvMessage, PvRequest};
 use vm_device::bus::{PioAddress, PioAddressOffset};
 use vm_device::MutDevicePio;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 /// The channel device.
 pub struct PvChannel {
-    mem: GuestMemoryMmap,
+    mem: GuestRam,
     sink: DeviceEventSink,
 }
 
@@ -24,7 +25,7 @@ impl std::fmt::Debug for PvChannel {
 
 impl PvChannel {
     /// A channel over guest memory `mem` reporting to `sink`.
-    pub fn new(mem: GuestMemoryMmap, sink: DeviceEventSink) -> Self {
+    pub fn new(mem: GuestRam, sink: DeviceEventSink) -> Self {
         PvChannel { mem, sink }
     }
 
@@ -88,8 +89,8 @@ mod tests {
     use abi::pv::WorkloadReport;
     use std::sync::{Arc, Mutex};
 
-    fn setup() -> (PvChannel, GuestMemoryMmap, Arc<Mutex<Vec<DeviceEvent>>>) {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+    fn setup() -> (PvChannel, GuestRam, Arc<Mutex<Vec<DeviceEvent>>>) {
+        let mem = GuestRam::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let s = seen.clone();
         let dev = PvChannel::new(mem.clone(), Arc::new(move |e| s.lock().unwrap().push(e)));

@@ -875,7 +875,13 @@ impl std::fmt::Display for RestoreBench {
 /// One run of `vmm bench migrate`.
 #[derive(Debug, Clone, Serialize)]
 pub struct MigrateRun {
-    /// Data pages sent.
+    /// Pre-copy rounds asked for (0: pure post-copy).
+    pub precopy_rounds: u32,
+    /// Pages sent while the VM ran, all rounds.
+    pub precopy_pages: u64,
+    /// Start of the migration to the switchover.
+    pub precopy_ms: f64,
+    /// Data pages sent after the switchover.
     pub data_pages: u64,
     /// Source pause to the destination running (source's clock, one trip included).
     pub downtime_ms: f64,
@@ -903,9 +909,14 @@ pub struct MigrateBench {
     pub runs: Vec<MigrateRun>,
 }
 
+/// Pre-copy rounds of the `vmm bench migrate` runs: pure post-copy, then
+/// three pre-copy rounds first.
+const MIGRATE_ROUNDS: [u32; 2] = [0, 3];
+
 /// Runs `vmm bench migrate`: a 1 GiB guest touching pages is migrated
-/// mid-run over loopback, `repeats` times; the workload must finish on the
-/// destination with the right checksums.
+/// mid-run over loopback, `repeats` times without and with pre-copy
+/// (interleaved); the workload must finish on the destination with the right
+/// checksums.
 pub fn migrate(repeats: u32, progress: &mut dyn FnMut(&str)) -> Result<MigrateBench, BenchError> {
     use crate::migration::{Endpoint, Listener, ReceiveOptions};
     let mem_mib = 1024;
@@ -917,8 +928,11 @@ pub fn migrate(repeats: u32, progress: &mut dyn FnMut(&str)) -> Result<MigrateBe
         memory: MemoryConfig::default(),
     };
     let mut runs = Vec::new();
-    for i in 0..repeats.max(1) {
-        progress(&format!("migration {} of a {mem_mib} MiB guest", i + 1));
+    for (i, precopy_rounds) in (0..repeats.max(1)).flat_map(|i| MIGRATE_ROUNDS.map(|r| (i, r))) {
+        progress(&format!(
+            "migration {} of a {mem_mib} MiB guest, {precopy_rounds} pre-copy rounds",
+            i + 1
+        ));
         let bad = |end: String| BenchError::BadRun {
             end,
             console: String::new(),
@@ -933,6 +947,7 @@ pub fn migrate(repeats: u32, progress: &mut dyn FnMut(&str)) -> Result<MigrateBe
                     ..VmOptions::default()
                 },
                 lost_wait: Duration::from_secs(1),
+                progress: Default::default(),
             };
             crate::migration::receive(&listener, opts, |_| {})
         });
@@ -940,7 +955,13 @@ pub fn migrate(repeats: u32, progress: &mut dyn FnMut(&str)) -> Result<MigrateBe
         // Let the guest fill a good part of its memory first.
         std::thread::sleep(Duration::from_millis(4000));
         let summary = vm
-            .migrate(&Endpoint::Unix(sock), Duration::ZERO)
+            .migrate(
+                &Endpoint::Unix(sock),
+                &crate::migration::MigrateOptions {
+                    precopy_rounds,
+                    ..Default::default()
+                },
+            )
             .map_err(|e| bad(e.to_string()))?;
         let _ = vm.wait()?;
         let out = dest
@@ -953,6 +974,9 @@ pub fn migrate(repeats: u32, progress: &mut dyn FnMut(&str)) -> Result<MigrateBe
         }
         let s = &out.stats;
         runs.push(MigrateRun {
+            precopy_rounds,
+            precopy_pages: summary.precopy_pages,
+            precopy_ms: summary.precopy_ms,
             data_pages: summary.data_pages,
             downtime_ms: summary.downtime_ms,
             total_ms: summary.total_ms,
@@ -970,13 +994,22 @@ impl std::fmt::Display for MigrateBench {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(
             f,
-            "migrate benchmark: post-copy migration of a running {} MiB guest over a loopback Unix socket",
+            "migrate benchmark: live migration of a running {} MiB guest over a loopback Unix socket",
             self.mem_mib
         )?;
         for r in &self.runs {
+            if r.precopy_rounds == 0 {
+                write!(f, "  post-copy only:                              ")?;
+            } else {
+                write!(
+                    f,
+                    "  {} pre-copy rounds: {:>7} pages in {:>6.1} ms, then",
+                    r.precopy_rounds, r.precopy_pages, r.precopy_ms
+                )?;
+            }
             writeln!(
                 f,
-                "  {:>7} data pages: downtime {:>6.1} ms, total {:>7.1} ms, {} requested / {} pushed, request latency p50 <{} us p99 <{} us, vCPUs blocked {:.1} ms",
+                " {:>7} post-copy pages: downtime {:>6.1} ms, total {:>7.1} ms, {} requested / {} pushed, request latency p50 <{} us p99 <{} us, vCPUs blocked {:.1} ms",
                 r.data_pages,
                 r.downtime_ms,
                 r.total_ms,

@@ -9,6 +9,7 @@
 //! [`MAX_LINE`] closes the connection after it); nothing crashes the VMM.
 
 use crate::controller::VmHandle;
+use crate::migration::MigrateOptions;
 use crate::snapshot::AfterSnapshot;
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -80,6 +81,19 @@ pub enum Request {
         /// Milliseconds before the background push starts (0: at once).
         #[serde(default)]
         push_delay_ms: u64,
+        /// Pre-copy rounds with KVM dirty logging before the switchover.
+        #[serde(default)]
+        precopy_rounds: u32,
+        /// Resume an interrupted post-copy with a destination that waits
+        /// for it (`recover`).
+        #[serde(default)]
+        resume: bool,
+    },
+    /// Destination whose source was lost mid post-copy: listen at `from`
+    /// for the source to resume the migration (answered once listening).
+    Recover {
+        /// `unix:PATH` or `tcp:ADDR:PORT`.
+        from: String,
     },
 }
 
@@ -123,7 +137,7 @@ pub fn decode(line: &[u8]) -> Result<Request, String> {
     let text = std::str::from_utf8(line).map_err(|_| "request is not UTF-8".to_string())?;
     serde_json::from_str(text.trim()).map_err(|e| {
         format!(
-            "bad request: {e}; send one JSON object per line, e.g. {{\"cmd\":\"pause\"}} (cmd: pause, resume, stats, snapshot, migrate)"
+            "bad request: {e}; send one JSON object per line, e.g. {{\"cmd\":\"pause\"}} (cmd: pause, resume, stats, snapshot, migrate, recover)"
         )
     })
 }
@@ -154,11 +168,24 @@ pub fn execute(vm: &VmHandle, req: &Request) -> Response {
             Ok(info) => json(serde_json::to_value(info)),
             Err(e) => Response::err(e.to_string()),
         },
-        Request::Migrate { to, push_delay_ms } => match to
-            .parse()
-            .and_then(|to| vm.migrate(&to, Duration::from_millis(*push_delay_ms)))
-        {
-            Ok(summary) => json(serde_json::to_value(summary)),
+        Request::Migrate {
+            to,
+            push_delay_ms,
+            precopy_rounds,
+            resume,
+        } => {
+            let options = MigrateOptions {
+                push_delay: Duration::from_millis(*push_delay_ms),
+                precopy_rounds: *precopy_rounds,
+                resume: *resume,
+            };
+            match to.parse().and_then(|to| vm.migrate(&to, &options)) {
+                Ok(summary) => json(serde_json::to_value(summary)),
+                Err(e) => Response::err(e.to_string()),
+            }
+        }
+        Request::Recover { from } => match from.parse().and_then(|from| vm.recover(&from)) {
+            Ok(at) => Response::ok(serde_json::json!({ "listening": at.to_string() })),
             Err(e) => Response::err(e.to_string()),
         },
     }

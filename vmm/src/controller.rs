@@ -11,7 +11,9 @@
 //! run guest code, and it honours the pause on its way out of the fault.
 
 use crate::lazy::BlockedFault;
-use crate::migration::{Endpoint, MigrationError, SourceSummary};
+use crate::migration::{
+    Endpoint, Failure, MigrateOptions, MigrationError, RecoverRequest, Resumable, SourceSummary,
+};
 use crate::signals::ShutdownSignals;
 use crate::snapshot::{self, AfterSnapshot, SaveCtx, SnapshotError, SnapshotInfo};
 use crate::vcpu::{VcpuError, VcpuFn, VcpuHandle, VcpuRequest, VcpuState, VcpuStatsSnapshot, VcpuStopped};
@@ -104,9 +106,19 @@ pub(crate) enum ControlRequest {
         AfterSnapshot,
         Sender<Result<SnapshotInfo, SnapshotError>>,
     ),
-    Migrate(Endpoint, Duration, Sender<Result<SourceSummary, MigrationError>>),
+    Migrate(
+        Endpoint,
+        MigrateOptions,
+        Sender<Result<SourceSummary, MigrationError>>,
+    ),
+    /// Pre-copy is over: pause and capture the state for post-copy.
+    Switchover(Sender<Result<(snapshot::VmState, Instant), String>>),
     /// The outgoing migration ended (the summary, or why it failed).
-    MigrationEnded(Result<SourceSummary, String>),
+    MigrationEnded(Result<SourceSummary, Failure>),
+    /// Destination: wait for the lost source to resume the migration.
+    Recover(Endpoint, Sender<Result<Endpoint, MigrationError>>),
+    /// Destination: where `Recover` requests go (set by `migration::receive`).
+    SetRecoverHook(Sender<RecoverRequest>),
     Stop,
 }
 
@@ -222,9 +234,24 @@ impl VmHandle {
     /// paused here and can be resumed.
     /// `push_delay` holds the background push back (pure demand paging
     /// first: an experiment knob; zero normally).
-    pub fn migrate(&self, to: &Endpoint, push_delay: Duration) -> Result<SourceSummary, MigrationError> {
-        self.ask(|tx| ControlRequest::Migrate(to.clone(), push_delay, tx))
+    /// With pre-copy rounds the VM runs until the switchover.
+    pub fn migrate(&self, to: &Endpoint, options: &MigrateOptions) -> Result<SourceSummary, MigrationError> {
+        self.ask(|tx| ControlRequest::Migrate(to.clone(), options.clone(), tx))
             .map_err(|e| MigrationError::Control(e.to_string()))?
+    }
+
+    /// On the destination of a post-copy migration whose source was lost:
+    /// listens at `from` for the source to resume it (`migrate` with
+    /// `resume`); returns the address once listening. The paused VM
+    /// resumes when the source is back (`docs/migration.md`).
+    pub fn recover(&self, from: &Endpoint) -> Result<Endpoint, MigrationError> {
+        self.ask(|tx| ControlRequest::Recover(from.clone(), tx))
+            .map_err(|e| MigrationError::Control(e.to_string()))?
+    }
+
+    pub(crate) fn set_recover_hook(&self, hook: Sender<RecoverRequest>) {
+        self.events
+            .send(VmEvent::Control(ControlRequest::SetRecoverHook(hook)));
     }
 
     /// Ends the run (the guest is stopped where it is).
@@ -334,7 +361,9 @@ fn run_loop(
         deferred: Vec::new(),
         save: vm.save_ctx(),
         events: vm.events.clone(),
-        migrating: false,
+        migration: Phase::Idle,
+        resumable: None,
+        recover_hook: None,
     }));
     let mut em: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
         EventManager::new().map_err(|e| VmError::Device(format!("event manager: {e:?}")))?;
@@ -415,8 +444,22 @@ struct Controller {
     deferred: Vec<ControlRequest>,
     save: SaveCtx,
     events: EventSender,
-    /// An outgoing migration runs: the VM must stay paused.
-    migrating: bool,
+    /// Where an outgoing migration stands.
+    migration: Phase,
+    /// A post-copy that failed and can be resumed (`migrate --resume`).
+    resumable: Option<Resumable>,
+    /// Destination: where `recover` requests go.
+    recover_hook: Option<Sender<RecoverRequest>>,
+}
+
+/// Where an outgoing migration stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Idle,
+    /// The VM runs while pages are copied.
+    Precopy,
+    /// The destination may run the VM: it must stay paused here.
+    Postcopy,
 }
 
 /// Where an outstanding request to a vCPU stands.
@@ -488,42 +531,77 @@ impl Controller {
             ControlRequest::Snapshot(dir, after, reply) => {
                 let _ = reply.send(self.snapshot(&dir, after));
             }
-            ControlRequest::Migrate(to, push_delay, reply) => {
-                if let Err(e) = self.migrate(&to, push_delay, reply.clone()) {
+            ControlRequest::Migrate(to, options, reply) => {
+                if let Err(e) = self.migrate(&to, &options, reply.clone()) {
                     let _ = reply.send(Err(e));
                 }
             }
+            ControlRequest::Switchover(reply) => {
+                let _ = reply.send(self.switchover());
+            }
             ControlRequest::MigrationEnded(r) => {
-                self.migrating = false;
+                self.migration = Phase::Idle;
                 match r {
                     Ok(s) => {
+                        self.resumable = None;
                         self.end.get_or_insert(GuestEnd::Migrated(format!(
-                            "{} data pages ({} pushed, {} requested), downtime {:.1} ms, total {:.1} ms",
-                            s.data_pages, s.pages_pushed, s.pages_requested, s.downtime_ms, s.total_ms
+                            "{} post-copy pages ({} pushed, {} requested) after {} pre-copy pages, downtime {:.1} ms, total {:.1} ms",
+                            s.data_pages, s.pages_pushed, s.pages_requested, s.precopy_pages, s.downtime_ms, s.total_ms
                         )));
                     }
-                    // The whole VM is still here, paused: it can be resumed.
-                    Err(e) => tracing::error!("migration failed, the VM stays paused here: {e}"),
+                    // The whole VM is still here: it can be resumed here, or
+                    // (post-copy) the migration resumed with the destination.
+                    Err(f) => {
+                        if self.paused {
+                            tracing::error!("migration failed, the VM stays paused here: {}", f.message);
+                            if f.resumable.is_some() {
+                                self.resumable = f.resumable;
+                            }
+                        } else {
+                            tracing::error!(
+                                "migration failed during pre-copy, the VM runs on here: {}",
+                                f.message
+                            );
+                        }
+                    }
                 }
             }
+            ControlRequest::Recover(from, reply) => match &self.recover_hook {
+                Some(hook) => {
+                    if let Err(mpsc::SendError(r)) = hook.send(RecoverRequest { from, reply }) {
+                        let _ = r.reply.send(Err(MigrationError::Control(
+                            "the migration has already ended here".into(),
+                        )));
+                    }
+                }
+                None => {
+                    let _ = reply.send(Err(MigrationError::Control(
+                        "this VM is not the destination of a migration: `recover` is for a `vmm receive` whose source was lost"
+                            .into(),
+                    )));
+                }
+            },
+            ControlRequest::SetRecoverHook(hook) => self.recover_hook = Some(hook),
             ControlRequest::Stop => {
                 self.end.get_or_insert(GuestEnd::Stopped);
             }
         }
     }
 
-    /// Pauses, sends the state and extents, and leaves the pages to a thread.
+    /// Pauses, sends the state and extents, and leaves the pages to a thread
+    /// (with pre-copy, the thread copies pages first and asks for the
+    /// switchover; with `resume`, it goes on with an interrupted post-copy).
     fn migrate(
         &mut self,
         to: &Endpoint,
-        push_delay: Duration,
+        options: &MigrateOptions,
         reply: Sender<Result<SourceSummary, MigrationError>>,
     ) -> Result<(), MigrationError> {
         let refuse = |m: String| MigrationError::Control(m);
         if self.end.is_some() {
             return Err(refuse(ControlError::Ended.to_string()));
         }
-        if self.migrating {
+        if self.migration != Phase::Idle {
             return Err(refuse("a migration is already running".into()));
         }
         if self.save.external_memory {
@@ -531,6 +609,49 @@ impl Controller {
                 "guest memory is served by an external page-fault handler; migrate VMs whose memory this VMM holds"
                     .into(),
             ));
+        }
+        let events = self.events.clone();
+        let on_end = move |r| {
+            events.send(VmEvent::Control(ControlRequest::MigrationEnded(r)));
+        };
+        if options.resume {
+            let Some(from) = self.resumable.clone().filter(|_| self.paused) else {
+                return Err(refuse(
+                    "there is no interrupted post-copy to resume here (it completed, never started, or the VM was resumed here)"
+                        .into(),
+                ));
+            };
+            let out = crate::migration::Outgoing::resume(
+                to,
+                &from,
+                self.save.mem.clone(),
+                self.save.config.mem_size,
+                options.push_delay,
+            )?;
+            out.spawn(on_end, reply)?;
+            self.migration = Phase::Postcopy;
+            return Ok(());
+        }
+        if options.precopy_rounds > 0 {
+            let events = self.events.clone();
+            let ctx = crate::migration::PrecopyCtx {
+                vm_fd: self.save.vm_fd.clone(),
+                mem: self.save.mem.clone(),
+                mem_size: self.save.config.mem_size,
+                materializer: self.save.materializer.clone(),
+                switchover: Box::new(move || {
+                    let (tx, rx) = mpsc::channel();
+                    if !events.send(VmEvent::Control(ControlRequest::Switchover(tx))) {
+                        return Err("the VM ended during pre-copy".into());
+                    }
+                    rx.recv()
+                        .map_err(|_| "the VM ended during pre-copy".to_string())?
+                }),
+            };
+            crate::migration::spawn_precopy(to.clone(), options.clone(), ctx, on_end, reply)?;
+            self.resumable = None;
+            self.migration = Phase::Precopy;
+            return Ok(());
         }
         let paused_at = Instant::now();
         let was_paused = self.paused;
@@ -548,19 +669,14 @@ impl Controller {
                     extents,
                     self.save.mem.clone(),
                     paused_at,
-                    push_delay,
+                    options.push_delay,
                 )
             });
         match out {
             Ok(out) => {
-                let events = self.events.clone();
-                out.spawn(
-                    move |r| {
-                        events.send(VmEvent::Control(ControlRequest::MigrationEnded(r)));
-                    },
-                    reply,
-                )?;
-                self.migrating = true;
+                out.spawn(on_end, reply)?;
+                self.resumable = None;
+                self.migration = Phase::Postcopy;
                 Ok(())
             }
             Err(e) => {
@@ -568,6 +684,31 @@ impl Controller {
                     let _ = self.resume();
                 }
                 Err(e)
+            }
+        }
+    }
+
+    /// Pauses the VM at the end of pre-copy and captures its state; from
+    /// here on it must stay paused (the destination may run it).
+    fn switchover(&mut self) -> Result<(snapshot::VmState, Instant), String> {
+        if self.end.is_some() {
+            return Err(ControlError::Ended.to_string());
+        }
+        let paused_at = Instant::now();
+        let was_paused = self.paused;
+        if !was_paused {
+            self.pause().map_err(|e| e.to_string())?;
+        }
+        match self.capture_state() {
+            Ok(state) => {
+                self.migration = Phase::Postcopy;
+                Ok((state, paused_at))
+            }
+            Err(e) => {
+                if !was_paused && self.paused {
+                    let _ = self.resume();
+                }
+                Err(e.to_string())
             }
         }
     }
@@ -795,12 +936,15 @@ impl Controller {
         if !self.paused {
             return Err(ControlError::NotPaused);
         }
-        if self.migrating {
+        if self.migration == Phase::Postcopy {
             return Err(ControlError::Migrating);
         }
         let targets = self.started.clone();
         self.request_all(&targets, "resume", || VcpuRequest::Resume)?;
         self.paused = false;
+        // The VM goes on here: its memory changes, an interrupted post-copy
+        // can no longer be resumed.
+        self.resumable = None;
         // The caller chose to go on (a repaired source serves the parked fault;
         // a new failure pauses the VM again).
         self.memory_fault = None;

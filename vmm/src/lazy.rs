@@ -14,11 +14,12 @@ use ::memory::{
     PageState, Region, RegisterMode, RetryCore, RetryReason, Stats, Uffd, ZeroSource,
 };
 use abi::layout::{ram_ranges, PAGE_SIZE};
+use devices::GuestRam;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 
 /// Errors setting up lazily backed memory.
 #[derive(Debug, thiserror::Error)]
@@ -189,7 +190,7 @@ impl LazyMemory {
     /// `source` replaces the backend's own page source (tests, custom sources);
     /// the backend must still be lazy.
     pub fn start(
-        mem: &GuestMemoryMmap,
+        mem: &GuestRam,
         backend: &MemBackend,
         fault_around: u32,
         source: Option<Arc<dyn PageSource>>,

@@ -27,7 +27,7 @@ pub mod vcpu;
 pub mod vm;
 
 pub use config::{ConfigError, KernelSource, MemBackend, MemoryConfig, VmConfig};
-pub use controller::{ControlError, PauseReport, RunningVm, VcpuPause};
+pub use controller::{ControlError, PauseReport, RunningVm, VcpuPause, VmHandle};
 pub use vm::{GuestEnd, RunOutcome, Vm, VmError, VmOptions};
 
 /// Builds and runs a VM with `config` until it ends.

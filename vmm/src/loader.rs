@@ -6,10 +6,11 @@ use abi::layout::{
     ram_ranges, BOOT_INFO_START, FREE_RAM_START, KERNEL_START, LOW_RESERVED_END, MODULE_MAX_SIZE,
     MODULE_START,
 };
+use devices::GuestRam;
 use linux_loader::elf::{Elf64_Ehdr, Elf64_Phdr, PT_LOAD};
 use linux_loader::loader::{Elf, KernelLoader};
 use std::io::Cursor;
-use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{ByteValued, Bytes, GuestAddress};
 
 /// Errors loading the guest.
 #[derive(Debug, thiserror::Error)]
@@ -152,7 +153,7 @@ pub fn inspect_elf(image: &[u8], what: &'static str) -> Result<ElfInfo, LoaderEr
 }
 
 /// Loads the kernel; returns its entry point and the end of its image.
-pub fn load_kernel(mem: &GuestMemoryMmap, mem_size: u64, image: &[u8]) -> Result<(u64, u64), LoaderError> {
+pub fn load_kernel(mem: &GuestRam, mem_size: u64, image: &[u8]) -> Result<(u64, u64), LoaderError> {
     let info = inspect_elf(image, "the kernel")?;
     let ram_end = ram_ranges(mem_size)[0].1;
     let mut end = 0;
@@ -184,7 +185,7 @@ pub fn load_kernel(mem: &GuestMemoryMmap, mem_size: u64, image: &[u8]) -> Result
 }
 
 /// Copies the user program into the module area.
-pub fn load_module(mem: &GuestMemoryMmap, image: &[u8]) -> Result<Module, LoaderError> {
+pub fn load_module(mem: &GuestRam, image: &[u8]) -> Result<Module, LoaderError> {
     inspect_elf(image, "the user program")?;
     if image.len() as u64 > MODULE_MAX_SIZE {
         return Err(LoaderError::ModuleTooLarge(image.len()));
@@ -231,7 +232,7 @@ pub fn boot_info(
 }
 
 /// Writes the boot information to its page.
-pub fn write_boot_info(mem: &GuestMemoryMmap, info: &BootInfo) -> Result<(), LoaderError> {
+pub fn write_boot_info(mem: &GuestRam, info: &BootInfo) -> Result<(), LoaderError> {
     mem.write_obj(*info, GuestAddress(BOOT_INFO_START))
         .map_err(|source| LoaderError::Write {
             what: "the boot information",
@@ -275,8 +276,8 @@ mod tests {
         v
     }
 
-    fn mem() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap()
+    fn mem() -> GuestRam {
+        GuestRam::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap()
     }
 
     #[test]

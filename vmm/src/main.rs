@@ -3,6 +3,7 @@
 
 use abi::exit::ExitCode;
 use clap::{Parser, Subcommand};
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode as ProcessExit;
 use std::time::Duration;
@@ -83,8 +84,9 @@ enum BenchCommand {
     /// Snapshot restore to running vCPUs for 64 MiB, 1 GiB and 4 GiB guests,
     /// lazily (memory through the retry core) and eagerly.
     Restore(BenchArgs),
-    /// Post-copy live migration of a running 1 GiB guest over loopback:
-    /// downtime, total time, page-request latency p50/p99 during the push.
+    /// Live migration of a running 1 GiB guest over loopback, post-copy only
+    /// and after 3 pre-copy rounds: downtime, total time, page-request
+    /// latency p50/p99 during the push.
     Migrate(BenchArgs),
     /// Everything, plus throughput by vCPU count and the fault latency
     /// histogram; `--plot DIR` writes SVG charts.
@@ -177,6 +179,23 @@ enum CtlRequest {
         /// on demand only until then; for experiments).
         #[arg(long, value_name = "MS", default_value_t = 0)]
         push_delay_ms: u64,
+        /// Copy pages while the VM runs first, in N rounds (KVM dirty log):
+        /// the first copies every data page, each later one the pages
+        /// written meanwhile; post-copy then sends only the last round's.
+        #[arg(long, value_name = "N", default_value_t = 0, conflicts_with = "resume")]
+        precopy_rounds: u32,
+        /// Resume an interrupted post-copy: the destination waits for it
+        /// (`vmm ctl DEST recover --from ADDR`), ADDR is the same.
+        #[arg(long)]
+        resume: bool,
+    },
+    /// On the destination of a post-copy whose source or connection was
+    /// lost (the VM is paused there): listen at ADDR for the source, which
+    /// resumes the migration with `vmm ctl SRC migrate --to ADDR --resume`.
+    Recover {
+        /// unix:PATH or tcp:ADDR:PORT.
+        #[arg(long, value_name = "ADDR")]
+        from: String,
     },
 }
 
@@ -191,9 +210,10 @@ struct ReceiveArgs {
     /// Give up after this many seconds (exit code 11).
     #[arg(long)]
     timeout: Option<f64>,
-    /// If the source is lost mid-migration: seconds the paused VM is kept
+    /// If the source is lost mid-migration: seconds the paused VM waits for
+    /// `vmm ctl DEST recover` (and, after one, for the source to come back)
     /// before the run ends with exit code 13.
-    #[arg(long, default_value_t = 5.0)]
+    #[arg(long, default_value_t = 60.0)]
     lost_wait: f64,
     /// Serve a Unix control socket at PATH once the VM runs.
     #[arg(long, value_name = "PATH")]
@@ -414,7 +434,11 @@ fn receive(args: ReceiveArgs) -> i32 {
             ..Default::default()
         },
         lost_wait: Duration::from_secs_f64(args.lost_wait),
+        progress: Default::default(),
     };
+    let bar = std::io::stderr()
+        .is_terminal()
+        .then(|| progress_bar(options.progress.clone()));
     let mut server = None;
     let out = vmm::migration::receive(&listener, options, |h| {
         eprintln!("vmm: the migrated VM runs here");
@@ -426,6 +450,10 @@ fn receive(args: ReceiveArgs) -> i32 {
         }
     });
     drop(server);
+    if let Some((stop, t)) = bar {
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = t.join();
+    }
     let out = match out {
         Ok(o) => o,
         Err(e) => {
@@ -435,15 +463,16 @@ fn receive(args: ReceiveArgs) -> i32 {
     };
     let st = &out.stats;
     println!(
-        "vmm: migration: downtime {:.1} ms, total {:.1} ms, {} data pages: {} requested ({} answered), {} pushed, {} bytes; page-request latency p50 <{} us p99 <{} us; vCPUs blocked {} us",
-        st.downtime_ms, st.total_ms, st.data_pages, st.pages_requested, st.pages_answered, st.pages_pushed,
-        st.bytes, st.latency_p50_us, st.latency_p99_us, st.vcpu_blocked_us
+        "vmm: migration: downtime {:.1} ms, total {:.1} ms, {} pre-copy pages ({} kept), {} post-copy pages: {} requested ({} answered), {} pushed, {} bytes; page-request latency p50 <{} us p99 <{} us; vCPUs blocked {} us; {} recoveries",
+        st.downtime_ms, st.total_ms, st.precopy_pages, st.precopy_kept, st.data_pages, st.pages_requested, st.pages_answered, st.pages_pushed,
+        st.bytes, st.latency_p50_us, st.latency_p99_us, st.vcpu_blocked_us, st.recoveries
     );
     let mut code = report(&out.config, &out.run, None);
     if let Some(lost) = &out.lost {
         eprintln!(
             "vmm: error: the migration source was lost before every page arrived: {lost}; the VM was paused \
-             (no missing page was zero-filled); the source still holds the whole VM: resume it there with `vmm ctl SOCKET resume`"
+             (no missing page was zero-filled); the source still holds the whole VM: resume it there with `vmm ctl SOCKET resume`, or, while this VM waits, \
+             resume the migration (`vmm ctl DEST recover --from ADDR`, then `vmm ctl SRC migrate --to ADDR --resume`)"
         );
         code = vmm::vm::EXIT_MEMORY_FAULT;
     }
@@ -465,6 +494,42 @@ fn receive(args: ReceiveArgs) -> i32 {
     code
 }
 
+/// Draws the incoming migration's progress on the terminal until `stop`.
+fn progress_bar(
+    p: std::sync::Arc<vmm::migration::Progress>,
+) -> (
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    std::thread::JoinHandle<()>,
+) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let s = stop.clone();
+    let t = std::thread::spawn(move || {
+        let bar = indicatif::ProgressBar::new(0);
+        let style = indicatif::ProgressStyle::with_template(
+            "{spinner} {msg} [{bar:30}] {pos}/{len} pages ({percent}%), {elapsed}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> ");
+        bar.set_style(style);
+        while !s.load(Relaxed) {
+            let data = p.data_pages.load(Relaxed);
+            bar.set_length(data.max(1));
+            bar.set_position(p.received.load(Relaxed).min(data));
+            bar.set_message(if p.lost.load(Relaxed) {
+                "source lost, VM paused: `vmm ctl DEST recover --from ADDR`".to_string()
+            } else if p.running.load(Relaxed) {
+                "post-copy".to_string()
+            } else {
+                format!("pre-copy: {} pages", p.precopy_pages.load(Relaxed))
+            });
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bar.finish_and_clear();
+    });
+    (stop, t)
+}
+
 fn ctl(args: CtlArgs) -> i32 {
     use vmm::control::Request;
     use vmm::snapshot::AfterSnapshot;
@@ -472,7 +537,18 @@ fn ctl(args: CtlArgs) -> i32 {
         CtlRequest::Pause => Request::Pause {},
         CtlRequest::Resume => Request::Resume {},
         CtlRequest::Stats => Request::Stats {},
-        CtlRequest::Migrate { to, push_delay_ms } => Request::Migrate { to, push_delay_ms },
+        CtlRequest::Migrate {
+            to,
+            push_delay_ms,
+            precopy_rounds,
+            resume,
+        } => Request::Migrate {
+            to,
+            push_delay_ms,
+            precopy_rounds,
+            resume,
+        },
+        CtlRequest::Recover { from } => Request::Recover { from },
         CtlRequest::Snapshot {
             to,
             resume,

@@ -11,24 +11,27 @@
 
 use crate::controller::{ControlError, VmHandle};
 use crate::lazy::Materializer;
+use crate::memory::DirtyTracker;
 use crate::snapshot::{Extent, Snapshot, SnapshotError, VmState};
 use crate::vm::{RunOutcome, Vm, VmError, VmOptions};
 use ::memory::{FetchOutcome, Notifier, PageSource, RetryReason, SourceError};
+use devices::GuestRam;
+use kvm_ioctls::VmFd;
 use std::collections::HashMap;
 use std::io::{BufWriter, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Sender, TryRecvError};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 /// Stream magic, sent by both ends first.
 pub const MAGIC: [u8; 8] = *b"VMMMIGR\0";
 /// Protocol version.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Guest page size.
 pub const PAGE: usize = 4096;
 /// [`PAGE`] as a `u64`.
@@ -47,10 +50,17 @@ const T_EXTENTS: u8 = 2;
 const T_PAGE_REQUESTED: u8 = 3;
 const T_PAGE_PUSHED: u8 = 4;
 const T_DONE: u8 = 5;
+const T_PRECOPY_BEGIN: u8 = 6;
+const T_PRECOPY_PAGE: u8 = 7;
+const T_RESUME: u8 = 8;
 const T_REQUEST: u8 = 16;
 const T_RESEND: u8 = 17;
 const T_RESUMED: u8 = 18;
 const T_COMPLETE: u8 = 19;
+const T_NEED: u8 = 20;
+
+/// Largest `Need` bitmap: one bit per page of the largest guest (64 GiB).
+pub const MAX_NEED: u32 = 1 << 21;
 
 /// Errors of a migration.
 #[derive(Debug, thiserror::Error)]
@@ -227,6 +237,38 @@ impl Listener {
         })
     }
 
+    fn set_nonblocking(&self) -> Result<(), MigrationError> {
+        match self {
+            Listener::Unix(l, _) => l.set_nonblocking(true),
+            Listener::Tcp(l) => l.set_nonblocking(true),
+        }
+        .map_err(io("setting non-blocking mode"))
+    }
+
+    /// A connection if one is waiting (after [`set_nonblocking`](Self::set_nonblocking)).
+    fn try_accept(&self) -> Result<Option<Conn>, MigrationError> {
+        let r = match self {
+            Listener::Unix(l, _) => l.accept().map(|(s, _)| Conn::Unix(s)),
+            Listener::Tcp(l) => l.accept().and_then(|(s, _)| {
+                s.set_nodelay(true)?;
+                Ok(Conn::Tcp(s))
+            }),
+        };
+        match r {
+            Ok(c) => {
+                // The accepted socket may inherit non-blocking mode.
+                match &c {
+                    Conn::Unix(s) => s.set_nonblocking(false),
+                    Conn::Tcp(s) => s.set_nonblocking(false),
+                }
+                .map_err(io("setting blocking mode"))?;
+                Ok(Some(c))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(io("accept")(e)),
+        }
+    }
+
     fn accept(&self) -> Result<Conn, MigrationError> {
         Ok(match self {
             Listener::Unix(l, _) => Conn::Unix(l.accept().map_err(io("accept"))?.0),
@@ -274,6 +316,26 @@ pub enum Message {
         /// Pause to the destination's `Resumed`, as the source measured it.
         downtime_us: u64,
     },
+    /// Source: pre-copy begins; the guest has `mem_size` bytes of RAM.
+    PrecopyBegin {
+        /// The guest's RAM size (the later state must agree).
+        mem_size: u64,
+    },
+    /// Source: a page copied while the VM runs; sent again in a later round
+    /// if the guest writes it meanwhile.
+    PrecopyPage {
+        /// Guest-physical address.
+        gpa: u64,
+        /// [`PAGE`] bytes.
+        data: Vec<u8>,
+    },
+    /// Source: the first message of a connection that resumes an interrupted
+    /// post-copy (`vmm ctl DEST recover`).
+    Resume,
+    /// Destination: the answer to `Resume`: bit `i` (LSB first) is set when
+    /// the `i`-th data page, in the order of the announced extents, is still
+    /// missing here.
+    Need(Vec<u8>),
     /// Destination: send this page (ignored if already sent).
     Request(u64),
     /// Destination: send this page again (a fill failed after the data was taken).
@@ -348,6 +410,10 @@ pub fn encode(w: &mut impl Write, m: &Message) -> std::io::Result<()> {
                 &downtime_us.to_le_bytes(),
             ],
         ),
+        Message::PrecopyBegin { mem_size } => frame(w, T_PRECOPY_BEGIN, &[&mem_size.to_le_bytes()]),
+        Message::PrecopyPage { gpa, data } => frame(w, T_PRECOPY_PAGE, &[&gpa.to_le_bytes(), data]),
+        Message::Resume => frame(w, T_RESUME, &[]),
+        Message::Need(bits) => frame(w, T_NEED, &[bits]),
         Message::Request(g) => frame(w, T_REQUEST, &[&g.to_le_bytes()]),
         Message::Resend(g) => frame(w, T_RESEND, &[&g.to_le_bytes()]),
         Message::Resumed => frame(w, T_RESUMED, &[]),
@@ -371,10 +437,11 @@ pub fn decode(r: &mut impl Read) -> Result<Message, MigrationError> {
     let ok = match kind {
         T_STATE => len <= MAX_STATE,
         T_EXTENTS => len % 16 == 0 && len / 16 <= MAX_EXTENTS,
-        T_PAGE_REQUESTED | T_PAGE_PUSHED => len == PAGE_MSG,
+        T_PAGE_REQUESTED | T_PAGE_PUSHED | T_PRECOPY_PAGE => len == PAGE_MSG,
         T_DONE => len == 24,
-        T_REQUEST | T_RESEND => len == 8,
-        T_RESUMED | T_COMPLETE => len == 0,
+        T_REQUEST | T_RESEND | T_PRECOPY_BEGIN => len == 8,
+        T_RESUMED | T_COMPLETE | T_RESUME => len == 0,
+        T_NEED => len <= MAX_NEED,
         other => return Err(MigrationError::Protocol(format!("unknown message type {other}"))),
     };
     if !ok {
@@ -391,19 +458,29 @@ pub fn decode(r: &mut impl Read) -> Result<Message, MigrationError> {
                 .map(|i| (u64_at(&b, 2 * i), u64_at(&b, 2 * i + 1)))
                 .collect(),
         ),
-        T_PAGE_REQUESTED | T_PAGE_PUSHED => {
+        T_PAGE_REQUESTED | T_PAGE_PUSHED | T_PRECOPY_PAGE => {
             let gpa = u64_at(&b, 0);
             if !gpa.is_multiple_of(PAGE64) {
                 return Err(MigrationError::Protocol(format!(
                     "page address {gpa:#x} is not aligned"
                 )));
             }
-            Message::Page {
-                gpa,
-                requested: kind == T_PAGE_REQUESTED,
-                data: b[8..].to_vec(),
+            let data = b[8..].to_vec();
+            if kind == T_PRECOPY_PAGE {
+                Message::PrecopyPage { gpa, data }
+            } else {
+                Message::Page {
+                    gpa,
+                    requested: kind == T_PAGE_REQUESTED,
+                    data,
+                }
             }
         }
+        T_PRECOPY_BEGIN => Message::PrecopyBegin {
+            mem_size: u64_at(&b, 0),
+        },
+        T_RESUME => Message::Resume,
+        T_NEED => Message::Need(b),
         T_DONE => Message::Done {
             pushed: u64_at(&b, 0),
             requested: u64_at(&b, 1),
@@ -429,6 +506,21 @@ pub fn decode(r: &mut impl Read) -> Result<Message, MigrationError> {
 
 // ---------------------------------------------------------------- source side
 
+/// How to migrate (`vmm ctl SRC migrate`).
+#[derive(Debug, Clone, Default)]
+pub struct MigrateOptions {
+    /// Hold the background push back this long (pages move on demand only
+    /// until then; an experiment knob, zero normally).
+    pub push_delay: Duration,
+    /// Pre-copy rounds before the switchover (0: pure post-copy). The first
+    /// round copies every data page while the VM runs; each later one copies
+    /// again the pages the guest wrote meanwhile (KVM dirty log).
+    pub precopy_rounds: u32,
+    /// Resume an interrupted post-copy with a destination that waits for it
+    /// (`vmm ctl DEST recover --from ADDR`, then this with `--to ADDR`).
+    pub resume: bool,
+}
+
 /// What the source sent, printed by `vmm run` and returned to `vmm ctl migrate`.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct SourceSummary {
@@ -436,7 +528,8 @@ pub struct SourceSummary {
     pub downtime_ms: f64,
     /// Pause to the destination's `Complete`.
     pub total_ms: f64,
-    /// Data pages.
+    /// Data pages left for post-copy (all of them without pre-copy; the
+    /// pages still missing at the destination when resuming).
     pub data_pages: u64,
     /// Pages sent in the background.
     pub pages_pushed: u64,
@@ -448,18 +541,99 @@ pub struct SourceSummary {
     pub pages_resent: u64,
     /// Bytes written.
     pub bytes_sent: u64,
+    /// Pre-copy rounds done.
+    pub precopy_rounds: u32,
+    /// Pages sent while the VM ran (every round).
+    pub precopy_pages: u64,
+    /// Pages found written after each round (the last one at the switchover:
+    /// the post-copy set).
+    pub precopy_dirty: Vec<u64>,
+    /// Start of the migration to the switchover.
+    pub precopy_ms: f64,
+    /// This run resumed an interrupted post-copy.
+    pub resumed: bool,
+}
+
+/// Why a migration failed, and whether it can be resumed.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    /// What happened.
+    pub message: String,
+    /// Set once the destination may have resumed the VM: a destination that
+    /// waits for it (`recover`) can get the rest with `migrate --resume`.
+    pub resumable: Option<Resumable>,
+}
+
+/// What a source keeps to resume an interrupted post-copy.
+#[derive(Debug, Clone)]
+pub struct Resumable {
+    /// The post-copy data extents sent to the destination.
+    pub extents: Vec<Extent>,
+    /// When the VM was paused for the switchover.
+    pub paused_at: Instant,
+    /// When the destination said it runs the VM, if it did.
+    pub resumed_at: Option<Instant>,
+}
+
+/// A `recover` request, from the controller to [`receive`].
+#[derive(Debug)]
+pub struct RecoverRequest {
+    /// Where to wait for the source.
+    pub from: Endpoint,
+    /// The address once listening, or why not.
+    pub reply: Sender<Result<Endpoint, MigrationError>>,
+}
+
+/// Connects to `to` and exchanges the stream headers.
+fn handshake(to: &Endpoint) -> Result<Conn, MigrationError> {
+    let mut conn = Conn::connect(to)?;
+    write_header(&mut conn).map_err(io("sending the header"))?;
+    // The source may wait here with the VM paused: a peer that never
+    // answers must not hold it forever.
+    conn.set_read_timeout(Some(HEADER_WAIT))?;
+    read_header(&mut conn)?;
+    conn.set_read_timeout(None)?;
+    Ok(conn)
+}
+
+/// The guest-physical pages of `extents`, in order.
+fn extent_pages(extents: &[Extent]) -> impl Iterator<Item = u64> + '_ {
+    extents.iter().flat_map(|e| (e.gpa..e.end()).step_by(PAGE))
+}
+
+/// Extents (within one [`EXTENT_MAX`](crate::snapshot::EXTENT_MAX) block
+/// each) covering the ascending page addresses `pages`.
+fn extents_of(pages: &[u64]) -> Vec<Extent> {
+    let mut out: Vec<Extent> = Vec::new();
+    for &gpa in pages {
+        match out.last_mut() {
+            Some(e) if e.end() == gpa && !gpa.is_multiple_of(crate::snapshot::EXTENT_MAX) => e.len += PAGE64,
+            _ => out.push(Extent {
+                gpa,
+                len: PAGE64,
+                crc32: 0,
+            }),
+        }
+    }
+    out
 }
 
 /// A source connected to its destination, the state already sent.
 #[derive(Debug)]
 pub struct Outgoing {
     conn: Conn,
-    mem: GuestMemoryMmap,
+    mem: GuestRam,
     extents: Vec<Extent>,
-    ram_end: u64,
     paused_at: Instant,
+    /// The destination's `Resumed` arrived.
+    resumed_at: Option<Instant>,
     push_delay: Duration,
     bytes: u64,
+    /// Pages to push, in order.
+    order: Vec<u64>,
+    /// Per guest page: 0 no data, 1 data not sent, 2 sent.
+    sent: Vec<u8>,
+    summary: SourceSummary,
 }
 
 impl Outgoing {
@@ -468,54 +642,179 @@ impl Outgoing {
         to: &Endpoint,
         state: &VmState,
         extents: Vec<Extent>,
-        mem: GuestMemoryMmap,
+        mem: GuestRam,
         paused_at: Instant,
         push_delay: Duration,
     ) -> Result<Outgoing, MigrationError> {
-        let mut conn = Conn::connect(to)?;
+        let conn = handshake(to)?;
+        Outgoing::postcopy(
+            conn,
+            12,
+            state,
+            extents,
+            mem,
+            paused_at,
+            push_delay,
+            SourceSummary::default(),
+        )
+    }
+
+    /// Sends the state and the extents on a connection whose headers (and
+    /// pre-copy: `bytes` so far) went already.
+    #[allow(clippy::too_many_arguments)]
+    fn postcopy(
+        conn: Conn,
+        bytes: u64,
+        state: &VmState,
+        extents: Vec<Extent>,
+        mem: GuestRam,
+        paused_at: Instant,
+        push_delay: Duration,
+        summary: SourceSummary,
+    ) -> Result<Outgoing, MigrationError> {
         let json = serde_json::to_vec(state).map_err(|e| MigrationError::Control(e.to_string()))?;
         let mut w = BufWriter::new(conn.try_clone()?);
-        write_header(&mut w).map_err(io("sending the header"))?;
         encode(&mut w, &Message::State(json.clone())).map_err(io("sending the state"))?;
         let pairs = extents.iter().map(|e| (e.gpa, e.len)).collect();
         encode(&mut w, &Message::Extents(pairs)).map_err(io("sending the extents"))?;
         w.flush().map_err(io("sending the state"))?;
-        // The source's controller waits here with the VM paused: a peer that
-        // never answers must not hold it forever.
-        conn.set_read_timeout(Some(HEADER_WAIT))?;
-        read_header(&mut conn)?;
-        conn.set_read_timeout(None)?;
         let ram_end = crate::snapshot::ram_end(state.config.mem_size);
-        Ok(Outgoing {
+        let mut out = Outgoing::new(conn, mem, extents, ram_end, paused_at, push_delay, summary);
+        out.bytes += bytes + 5 + json.len() as u64 + 5 + 16 * out.extents.len() as u64;
+        let order: Vec<u64> = extent_pages(&out.extents).collect();
+        for &g in &order {
+            out.mark(g, 1);
+        }
+        out.summary.data_pages = order.len() as u64;
+        out.order = order;
+        Ok(out)
+    }
+
+    /// Reconnects to a destination that waits for the rest of an interrupted
+    /// post-copy (`vmm ctl DEST recover --from to`) and learns which pages
+    /// it still misses. The VM must still be paused as it was.
+    pub fn resume(
+        to: &Endpoint,
+        from: &Resumable,
+        mem: GuestRam,
+        mem_size: u64,
+        push_delay: Duration,
+    ) -> Result<Outgoing, MigrationError> {
+        let mut conn = handshake(to)?;
+        encode(&mut conn, &Message::Resume).map_err(io("asking to resume"))?;
+        conn.set_read_timeout(Some(HEADER_WAIT))?;
+        let Message::Need(bits) = decode(&mut conn)? else {
+            return Err(MigrationError::Protocol(
+                "the destination did not say which pages it misses (is it waiting with `vmm ctl DEST recover`?)"
+                    .into(),
+            ));
+        };
+        conn.set_read_timeout(None)?;
+        let pages: Vec<u64> = extent_pages(&from.extents).collect();
+        if bits.len() != pages.len().div_ceil(8) {
+            return Err(MigrationError::Protocol(format!(
+                "the destination's list of missing pages has {} bytes for {} data pages: it is not the destination of this migration",
+                bits.len(),
+                pages.len()
+            )));
+        }
+        let ram_end = crate::snapshot::ram_end(mem_size);
+        let summary = SourceSummary {
+            resumed: true,
+            ..Default::default()
+        };
+        let mut out = Outgoing::new(
             conn,
             mem,
-            bytes: 12 + 5 + json.len() as u64 + 5 + 16 * extents.len() as u64,
-            extents,
+            from.extents.clone(),
             ram_end,
-            paused_at,
+            from.paused_at,
             push_delay,
-        })
+            summary,
+        );
+        out.resumed_at = from.resumed_at;
+        out.bytes = 12 + 5 + 5 + bits.len() as u64;
+        let mut order = Vec::new();
+        for (i, &g) in pages.iter().enumerate() {
+            // The pages the destination has count as sent: a request for one
+            // (a fill that failed) comes as `Resend`.
+            if bits[i / 8] & (1 << (i % 8)) != 0 {
+                out.mark(g, 1);
+                order.push(g);
+            } else {
+                out.mark(g, 2);
+            }
+        }
+        out.summary.data_pages = order.len() as u64;
+        out.order = order;
+        Ok(out)
+    }
+
+    fn new(
+        conn: Conn,
+        mem: GuestRam,
+        extents: Vec<Extent>,
+        ram_end: u64,
+        paused_at: Instant,
+        push_delay: Duration,
+        summary: SourceSummary,
+    ) -> Outgoing {
+        Outgoing {
+            conn,
+            mem,
+            extents,
+            paused_at,
+            resumed_at: None,
+            push_delay,
+            bytes: 0,
+            order: Vec::new(),
+            sent: vec![0u8; usize::try_from(ram_end / PAGE64).unwrap_or(0)],
+            summary,
+        }
+    }
+
+    fn mark(&mut self, gpa: u64, v: u8) {
+        if let Some(s) = usize::try_from(gpa / PAGE64)
+            .ok()
+            .and_then(|i| self.sent.get_mut(i))
+        {
+            *s = v;
+        }
     }
 
     /// Serves requests and pushes every data page on a new thread; calls
-    /// `on_end(ok)` and sends the result to `reply` at the end.
+    /// `on_end` and sends the result to `reply` at the end.
     pub fn spawn(
         self,
-        on_end: impl FnOnce(Result<SourceSummary, String>) + Send + 'static,
+        on_end: impl FnOnce(Result<SourceSummary, Failure>) + Send + 'static,
         reply: Sender<Result<SourceSummary, MigrationError>>,
     ) -> Result<(), MigrationError> {
         std::thread::Builder::new()
             .name("migration-out".into())
             .spawn(move || {
-                let r = self.run();
-                on_end(r.as_ref().map(Clone::clone).map_err(ToString::to_string));
-                let _ = reply.send(r);
+                let r = self.serve();
+                finish(r, on_end, &reply);
             })
             .map_err(io("starting the migration thread"))?;
         Ok(())
     }
 
-    fn run(mut self) -> Result<SourceSummary, MigrationError> {
+    /// Serves requests and pushes every data page; on failure says whether
+    /// the destination may resume it.
+    pub fn serve(mut self) -> Result<SourceSummary, Box<Stopped>> {
+        self.run().map_err(|error| {
+            Box::new(Stopped {
+                error,
+                resumable: Some(Resumable {
+                    extents: self.extents.clone(),
+                    paused_at: self.paused_at,
+                    resumed_at: self.resumed_at,
+                }),
+            })
+        })
+    }
+
+    fn run(&mut self) -> Result<SourceSummary, MigrationError> {
         let mut reader = self.conn.try_clone()?;
         let (tx, rx) = mpsc::channel();
         // Requests are read on their own thread so that the push loop can
@@ -530,34 +829,20 @@ impl Outgoing {
                 }
             })
             .map_err(io("starting the request reader"))?;
-        let pages_total = usize::try_from(self.ram_end / PAGE64).unwrap_or(0);
-        // 0: no data, 1: data not sent, 2: sent.
-        let mut sent = vec![0u8; pages_total];
-        let mut order = Vec::new();
-        for e in &self.extents {
-            let mut g = e.gpa;
-            while g < e.end() {
-                if let Some(s) = sent.get_mut(usize::try_from(g / PAGE64).unwrap_or(usize::MAX)) {
-                    *s = 1;
-                    order.push(g);
-                }
-                g += PAGE64;
-            }
-        }
-        let mut s = SourceSummary {
-            data_pages: order.len() as u64,
-            ..Default::default()
-        };
+        let order = std::mem::take(&mut self.order);
         let conn = self.conn.try_clone()?;
         let mut w = BufWriter::with_capacity(64 << 10, conn);
         let mut next = 0;
         let mut done_sent = false;
-        let mut resumed: Option<Instant> = None;
         let mut buf = vec![0u8; PAGE];
         let push_from = Instant::now() + self.push_delay;
         loop {
             let pushing = Instant::now() >= push_from;
-            let msg = if pushing && (next < order.len() || !done_sent) {
+            // `Done` carries the downtime: it waits for `Resumed` (which a
+            // resumed post-copy's destination does not send again).
+            let may_end = self.resumed_at.is_some() || self.summary.resumed;
+            let work = next < order.len() || (!done_sent && may_end);
+            let msg = if pushing && work {
                 match rx.try_recv() {
                     Ok(m) => Some(m),
                     Err(TryRecvError::Empty) => None,
@@ -584,27 +869,30 @@ impl Outgoing {
             };
             if let Some(m) = msg {
                 match m? {
-                    Message::Request(gpa) | Message::Resend(gpa) if self.slot(&sent, gpa) == 0 => {
+                    Message::Request(gpa) | Message::Resend(gpa) if self.slot(gpa) == 0 => {
                         return Err(MigrationError::Protocol(format!(
                             "the destination asked for page {gpa:#x}, which holds no data or is outside guest RAM"
                         )))
                     }
-                    Message::Request(gpa) if self.slot(&sent, gpa) == 2 => s.requests_already_sent += 1,
+                    Message::Request(gpa) if self.slot(gpa) == 2 => self.summary.requests_already_sent += 1,
                     m @ (Message::Request(_) | Message::Resend(_)) => {
                         let (Message::Request(gpa) | Message::Resend(gpa)) = m else { continue };
                         if matches!(m, Message::Resend(_)) {
-                            s.pages_resent += 1;
+                            self.summary.pages_resent += 1;
                         } else {
-                            s.pages_requested += 1;
+                            self.summary.pages_requested += 1;
                         }
-                        self.send_page(&mut w, &mut buf, &mut sent, gpa, true)?;
+                        self.send_page(&mut w, &mut buf, gpa, true)?;
                         // An answer must not wait behind buffered pushes.
                         w.flush().map_err(io("sending a page"))?;
                     }
-                    Message::Resumed => resumed = Some(Instant::now()),
+                    Message::Resumed => self.resumed_at = Some(Instant::now()),
                     Message::Complete => {
                         w.flush().map_err(io("flushing"))?;
-                        s.downtime_ms = resumed.map_or(0.0, |r| (r - self.paused_at).as_secs_f64() * 1e3);
+                        let mut s = std::mem::take(&mut self.summary);
+                        s.downtime_ms = self
+                            .resumed_at
+                            .map_or(0.0, |r| (r - self.paused_at).as_secs_f64() * 1e3);
                         s.total_ms = self.paused_at.elapsed().as_secs_f64() * 1e3;
                         s.bytes_sent = self.bytes;
                         return Ok(s);
@@ -623,17 +911,17 @@ impl Outgoing {
             if next < order.len() {
                 let gpa = order[next];
                 next += 1;
-                if self.slot(&sent, gpa) == 1 {
-                    s.pages_pushed += 1;
-                    self.send_page(&mut w, &mut buf, &mut sent, gpa, false)?;
+                if self.slot(gpa) == 1 {
+                    self.summary.pages_pushed += 1;
+                    self.send_page(&mut w, &mut buf, gpa, false)?;
                 }
-            } else if !done_sent {
-                let downtime_us = resumed.map_or(0, |r| {
+            } else if !done_sent && may_end {
+                let downtime_us = self.resumed_at.map_or(0, |r| {
                     u64::try_from((r - self.paused_at).as_micros()).unwrap_or(u64::MAX)
                 });
                 let done = Message::Done {
-                    pushed: s.pages_pushed,
-                    requested: s.pages_requested,
+                    pushed: self.summary.pages_pushed,
+                    requested: self.summary.pages_requested,
                     downtime_us,
                 };
                 encode(&mut w, &done).map_err(io("sending Done"))?;
@@ -644,10 +932,10 @@ impl Outgoing {
         }
     }
 
-    fn slot(&self, sent: &[u8], gpa: u64) -> u8 {
+    fn slot(&self, gpa: u64) -> u8 {
         usize::try_from(gpa / PAGE64)
             .ok()
-            .and_then(|i| sent.get(i))
+            .and_then(|i| self.sent.get(i))
             .copied()
             .unwrap_or(0)
     }
@@ -656,7 +944,6 @@ impl Outgoing {
         &mut self,
         w: &mut impl Write,
         buf: &mut [u8],
-        sent: &mut [u8],
         gpa: u64,
         requested: bool,
     ) -> Result<(), MigrationError> {
@@ -671,9 +958,7 @@ impl Outgoing {
         };
         encode(w, &m).map_err(io("sending a page"))?;
         self.bytes += 5 + 8 + PAGE64;
-        if let Some(s) = usize::try_from(gpa / PAGE64).ok().and_then(|i| sent.get_mut(i)) {
-            *s = 2;
-        }
+        self.mark(gpa, 2);
         Ok(())
     }
 }
@@ -683,6 +968,188 @@ impl Drop for Outgoing {
         // Ends the request reader too.
         self.conn.shutdown();
     }
+}
+
+/// A migration that stopped before the end.
+#[derive(Debug)]
+pub struct Stopped {
+    /// Why.
+    pub error: MigrationError,
+    /// Whether (and how) the destination may resume it.
+    pub resumable: Option<Resumable>,
+}
+
+/// Reports a migration's end to the controller (`on_end`) and the requester.
+fn finish(
+    r: Result<SourceSummary, Box<Stopped>>,
+    on_end: impl FnOnce(Result<SourceSummary, Failure>),
+    reply: &Sender<Result<SourceSummary, MigrationError>>,
+) {
+    match r {
+        Ok(s) => {
+            on_end(Ok(s.clone()));
+            let _ = reply.send(Ok(s));
+        }
+        Err(stopped) => {
+            let Stopped { error, resumable } = *stopped;
+            on_end(Err(Failure {
+                message: error.to_string(),
+                resumable,
+            }));
+            let _ = reply.send(Err(error));
+        }
+    }
+}
+
+/// What a pre-copy migration needs from the source VM.
+pub struct PrecopyCtx {
+    /// The VM (its memory slots get dirty logging).
+    pub vm_fd: Arc<VmFd>,
+    /// Guest RAM.
+    pub mem: GuestRam,
+    /// The guest's RAM size.
+    pub mem_size: u64,
+    /// Fetches lazily backed memory in full first (pages the guest never
+    /// wrote would otherwise be missing from the copy).
+    pub materializer: Option<Materializer>,
+    /// Pauses the VM and captures its state (on the controller).
+    pub switchover: Box<dyn FnOnce() -> Result<(VmState, Instant), String> + Send>,
+}
+
+impl std::fmt::Debug for PrecopyCtx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PrecopyCtx")
+            .field("mem_size", &self.mem_size)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Pre-copy rounds, switchover, then post-copy, on a new thread (the VM runs
+/// meanwhile); `on_end` and `reply` as for [`Outgoing::spawn`].
+pub fn spawn_precopy(
+    to: Endpoint,
+    options: MigrateOptions,
+    ctx: PrecopyCtx,
+    on_end: impl FnOnce(Result<SourceSummary, Failure>) + Send + 'static,
+    reply: Sender<Result<SourceSummary, MigrationError>>,
+) -> Result<(), MigrationError> {
+    std::thread::Builder::new()
+        .name("migration-out".into())
+        .spawn(move || {
+            let r = precopy(&to, &options, ctx).and_then(Outgoing::serve);
+            finish(r, on_end, &reply);
+        })
+        .map_err(io("starting the migration thread"))?;
+    Ok(())
+}
+
+fn precopy(to: &Endpoint, options: &MigrateOptions, ctx: PrecopyCtx) -> Result<Outgoing, Box<Stopped>> {
+    let start = Instant::now();
+    let early = |error: MigrationError| {
+        Box::new(Stopped {
+            error,
+            resumable: None,
+        })
+    };
+    if let Some(m) = &ctx.materializer {
+        m.run(&AtomicBool::new(false), &AtomicU64::new(0)).map_err(|e| {
+            early(MigrationError::Control(format!(
+                "guest memory cannot be fetched in full: {e}"
+            )))
+        })?;
+    }
+    let conn = handshake(to).map_err(early)?;
+    let mut w = BufWriter::with_capacity(64 << 10, conn.try_clone().map_err(early)?);
+    let mut summary = SourceSummary::default();
+    let mut bytes = 12 + 13;
+    encode(
+        &mut w,
+        &Message::PrecopyBegin {
+            mem_size: ctx.mem_size,
+        },
+    )
+    .map_err(|e| early(io("starting pre-copy")(e)))?;
+    // Logging starts before the first copy: a page written while (or after)
+    // it is copied is copied again.
+    let tracker = DirtyTracker::start(ctx.vm_fd.clone(), ctx.mem.clone())
+        .map_err(|e| early(MigrationError::Control(e.to_string())))?;
+    let mut buf = vec![0u8; PAGE];
+    // Volatile copies: the guest may be writing the page (it is then in the
+    // next round's log). A rewritten page goes even if now zero: the
+    // destination may hold an older copy.
+    let mut send = |w: &mut BufWriter<Conn>, gpa: u64, summary: &mut SourceSummary, skip_zero: bool| {
+        ctx.mem
+            .read_slice(&mut buf, GuestAddress(gpa))
+            .map_err(|e| MigrationError::Control(format!("reading guest page {gpa:#x}: {e}")))?;
+        if skip_zero && buf.iter().all(|&b| b == 0) {
+            return Ok(());
+        }
+        encode(
+            w,
+            &Message::PrecopyPage {
+                gpa,
+                data: buf.clone(),
+            },
+        )
+        .map_err(io("sending a page"))?;
+        summary.precopy_pages += 1;
+        Ok::<_, MigrationError>(())
+    };
+    // Round 1: every page that exists and holds data.
+    for gpa in crate::snapshot::existing_guest_pages(&ctx.mem).map_err(|e| early(e.into()))? {
+        send(&mut w, gpa, &mut summary, true).map_err(early)?;
+    }
+    summary.precopy_rounds = 1;
+    // Later rounds: what the guest wrote meanwhile.
+    while summary.precopy_rounds < options.precopy_rounds {
+        let dirty = tracker
+            .take()
+            .map_err(|e| early(MigrationError::Control(e.to_string())))?;
+        summary.precopy_dirty.push(dirty.len() as u64);
+        summary.precopy_rounds += 1;
+        for &gpa in &dirty {
+            send(&mut w, gpa, &mut summary, false).map_err(early)?;
+        }
+        if dirty.is_empty() {
+            break;
+        }
+    }
+    w.flush().map_err(|e| early(io("sending pages")(e)))?;
+    drop(w);
+    bytes += summary.precopy_pages * (5 + 8 + PAGE64);
+    summary.precopy_ms = start.elapsed().as_secs_f64() * 1e3;
+    let (state, paused_at) = (ctx.switchover)().map_err(|e| early(MigrationError::Control(e)))?;
+    // The VM is paused: what it wrote since the last round is the post-copy set.
+    let mut tracker = tracker;
+    let dirty = tracker
+        .take()
+        .map_err(|e| early(MigrationError::Control(e.to_string())))?;
+    if let Err(e) = tracker.stop() {
+        tracing::warn!("{e}");
+    }
+    summary.precopy_dirty.push(dirty.len() as u64);
+    let extents = extents_of(&dirty);
+    let resumable = Resumable {
+        extents: extents.clone(),
+        paused_at,
+        resumed_at: None,
+    };
+    Outgoing::postcopy(
+        conn,
+        bytes,
+        &state,
+        extents,
+        ctx.mem,
+        paused_at,
+        options.push_delay,
+        summary,
+    )
+    .map_err(|error| {
+        Box::new(Stopped {
+            error,
+            resumable: Some(resumable),
+        })
+    })
 }
 
 // ---------------------------------------------------------------- destination side
@@ -706,17 +1173,40 @@ struct Counters {
     latency_us_log2: Vec<u64>,
 }
 
-/// The destination's page source: data pages come from the source over the
-/// connection, the rest are zero. See the module documentation.
+/// Where an incoming migration stands, for a progress display; updated
+/// while [`receive`] runs.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Pages received during pre-copy (a page sent in several rounds counts
+    /// each time).
+    pub precopy_pages: AtomicU64,
+    /// Data pages left for post-copy (0 until the state arrived).
+    pub data_pages: AtomicU64,
+    /// Post-copy pages received so far (pushed or answered).
+    pub received: AtomicU64,
+    /// The VM runs here.
+    pub running: AtomicBool,
+    /// Every page arrived.
+    pub complete: AtomicBool,
+    /// The source is lost (the VM is paused until `recover`).
+    pub lost: AtomicBool,
+}
+
+/// The destination's page source: post-copy data pages come from the source
+/// over the connection, pages copied in pre-copy (and not written since)
+/// from memory, the rest are zero. See the module documentation.
 pub struct RemoteSource {
     name: String,
     notifier: Notifier,
     extents: Vec<(u64, u64)>,
     writer: Mutex<Conn>,
     slots: Mutex<HashMap<u64, Slot>>,
+    /// Pre-copied pages not placed yet.
+    precopied: Mutex<HashMap<u64, Vec<u8>>>,
     counters: Mutex<Counters>,
     lost: Mutex<Option<String>>,
     complete: AtomicBool,
+    progress: Arc<Progress>,
 }
 
 impl std::fmt::Debug for RemoteSource {
@@ -728,16 +1218,24 @@ impl std::fmt::Debug for RemoteSource {
 }
 
 impl RemoteSource {
-    fn new(name: String, extents: Vec<(u64, u64)>, writer: Conn) -> Result<RemoteSource, MigrationError> {
+    fn new(
+        name: String,
+        extents: Vec<(u64, u64)>,
+        writer: Conn,
+        precopied: HashMap<u64, Vec<u8>>,
+        progress: Arc<Progress>,
+    ) -> Result<RemoteSource, MigrationError> {
         Ok(RemoteSource {
             name,
             notifier: Notifier::new().map_err(io("creating an eventfd"))?,
             extents,
             writer: Mutex::new(writer),
             slots: Mutex::new(HashMap::new()),
+            precopied: Mutex::new(precopied),
             counters: Mutex::new(Counters::default()),
             lost: Mutex::new(None),
             complete: AtomicBool::new(false),
+            progress,
         })
     }
 
@@ -760,13 +1258,52 @@ impl RemoteSource {
             return;
         }
         lock(&self.lost).get_or_insert(why);
-        // Parked faults are retried and now answer Held for good.
+        self.progress.lost.store(true, Ordering::Release);
+        // Parked faults are retried and now answer Held until a recovery.
         self.notifier.notify();
     }
 
     /// Why the connection to the source was lost before every page arrived.
     pub fn lost(&self) -> Option<String> {
         lock(&self.lost).clone()
+    }
+
+    /// Bit `i` set: the `i`-th data page (extent order) has not arrived.
+    fn need(&self) -> Vec<u8> {
+        let slots = lock(&self.slots);
+        let pages = self.extents.iter().flat_map(|&(g, l)| (g..g + l).step_by(PAGE));
+        let mut bits = Vec::new();
+        for (i, gpa) in pages.enumerate() {
+            if i % 8 == 0 {
+                bits.push(0u8);
+            }
+            if !matches!(slots.get(&gpa), Some(Slot::Arrived(_) | Slot::Taken)) {
+                if let Some(b) = bits.last_mut() {
+                    *b |= 1 << (i % 8);
+                }
+            }
+        }
+        bits
+    }
+
+    /// Goes on with a source that came back on `conn` (after [`need`](Self::need)
+    /// went to it): the pages faults asked for before are asked again.
+    fn reconnect(&self, conn: Conn) {
+        *lock(&self.writer) = conn;
+        *lock(&self.lost) = None;
+        self.progress.lost.store(false, Ordering::Release);
+        let asked: Vec<u64> = lock(&self.slots)
+            .iter()
+            .filter(|(_, s)| matches!(s, Slot::Requested(_)))
+            .map(|(&g, _)| g)
+            .collect();
+        for gpa in asked {
+            if !self.send(&Message::Request(gpa)) {
+                break;
+            }
+        }
+        // Faults parked as Held ask again.
+        self.notifier.notify();
     }
 
     /// Stores an arriving page: `None` for a duplicate, else whether a fault
@@ -806,6 +1343,7 @@ impl RemoteSource {
             None => {}
         }
         slots.insert(gpa, Slot::Arrived(data));
+        self.progress.received.fetch_add(1, Ordering::Relaxed);
         Ok(Some(asked))
     }
 }
@@ -824,7 +1362,14 @@ impl PageSource for RemoteSource {
             });
         }
         if !self.is_data(offset) {
-            return FetchOutcome::Zero;
+            // Kept until placed: a fill that fails (EAGAIN) fetches again.
+            return match lock(&self.precopied).get(&offset) {
+                Some(d) => {
+                    buf.copy_from_slice(d);
+                    FetchOutcome::Ready
+                }
+                None => FetchOutcome::Zero,
+            };
         }
         let lost = lock(&self.lost).is_some();
         let mut slots = lock(&self.slots);
@@ -882,7 +1427,11 @@ pub struct DestStats {
     pub resume_ms: f64,
     /// Connection accepted to the last page.
     pub total_ms: f64,
-    /// Data pages announced.
+    /// Pages received during pre-copy (each round's copy counts).
+    pub precopy_pages: u64,
+    /// Distinct pre-copied pages kept (not written again before the switchover).
+    pub precopy_kept: u64,
+    /// Data pages announced for post-copy.
     pub data_pages: u64,
     /// Pages this side requested.
     pub pages_requested: u64,
@@ -906,8 +1455,10 @@ pub struct DestStats {
     pub latency_p99_us: u64,
     /// vCPU time blocked in stage-2 faults, all vCPUs.
     pub vcpu_blocked_us: u64,
-    /// Faults answered Held after the connection was lost.
+    /// Faults answered Held while the source was lost.
     pub held_after_loss: u64,
+    /// Times the source was lost and came back (`recover`).
+    pub recoveries: u32,
 }
 
 /// The percentile `p` (0..1) of a log2 histogram, as its bucket's upper bound in us.
@@ -931,8 +1482,12 @@ pub fn percentile_us(hist: &[u64], p: f64) -> u64 {
 pub struct ReceiveOptions {
     /// The VM's run-time options (the memory-fault policy is forced to `Pause`).
     pub vm: VmOptions,
-    /// After the source is lost: how long the paused VM is kept before the run ends.
+    /// After the source is lost: how long the paused VM waits for a
+    /// `recover` (and, after one, for the source to come back) before the
+    /// run ends.
     pub lost_wait: Duration,
+    /// Updated as pages arrive.
+    pub progress: Arc<Progress>,
 }
 
 /// The end of a received VM.
@@ -950,6 +1505,67 @@ pub struct ReceiveOutcome {
     pub paused_on_loss: bool,
 }
 
+/// What arrives before post-copy.
+struct Prelude {
+    /// `state.json`.
+    state: Vec<u8>,
+    /// The RAM size announced for pre-copy.
+    mem_size: Option<u64>,
+    /// The pre-copied pages (the last copy of each).
+    pages: HashMap<u64, Vec<u8>>,
+}
+
+/// Reads the pre-copy pages (if the source sends any) up to the state.
+fn receive_precopy(conn: &mut Conn, progress: &Progress) -> Result<Prelude, MigrationError> {
+    let mut precopied = HashMap::new();
+    let mem_size = match decode(conn)? {
+        Message::State(state) => {
+            return Ok(Prelude {
+                state,
+                mem_size: None,
+                pages: precopied,
+            })
+        }
+        Message::PrecopyBegin { mem_size } if mem_size <= abi::layout::MAX_MEM_SIZE => mem_size,
+        Message::PrecopyBegin { mem_size } => {
+            return Err(MigrationError::Protocol(format!(
+                "the source announced {mem_size} bytes of guest RAM, more than the largest guest"
+            )))
+        }
+        _ => {
+            return Err(MigrationError::Protocol(
+                "the first message is neither the VM state nor the start of pre-copy".into(),
+            ))
+        }
+    };
+    let ranges = abi::layout::ram_ranges(mem_size);
+    loop {
+        match decode(conn)? {
+            Message::PrecopyPage { gpa, data } => {
+                if !ranges.iter().any(|&(s, l)| gpa >= s && gpa - s < l) {
+                    return Err(MigrationError::Protocol(format!(
+                        "the source sent page {gpa:#x}, outside guest RAM"
+                    )));
+                }
+                precopied.insert(gpa, data);
+                progress.precopy_pages.fetch_add(1, Ordering::Relaxed);
+            }
+            Message::State(state) => {
+                return Ok(Prelude {
+                    state,
+                    mem_size: Some(mem_size),
+                    pages: precopied,
+                })
+            }
+            other => {
+                return Err(MigrationError::Protocol(format!(
+                    "unexpected message during pre-copy: {other:?}"
+                )))
+            }
+        }
+    }
+}
+
 /// Accepts one migration on `listener`, runs the VM until it ends.
 /// `on_resumed` is called with a handle once the vCPUs run.
 pub fn receive(
@@ -961,14 +1577,15 @@ pub fn receive(
     let accepted = Instant::now();
     read_header(&mut conn)?;
     write_header(&mut conn).map_err(io("sending the header"))?;
-    let Message::State(state) = decode(&mut conn)? else {
-        return Err(MigrationError::Protocol(
-            "the first message is not the VM state".into(),
-        ));
-    };
+    let progress = options.progress.clone();
+    let Prelude {
+        state,
+        mem_size: precopy_mem,
+        pages: mut precopied,
+    } = receive_precopy(&mut conn, &progress)?;
     let Message::Extents(pairs) = decode(&mut conn)? else {
         return Err(MigrationError::Protocol(
-            "the second message is not the extent list".into(),
+            "the message after the state is not the extent list".into(),
         ));
     };
     let got_state = Instant::now();
@@ -978,8 +1595,30 @@ pub fn receive(
         .collect();
     // Checks every extent: aligned, sorted, inside RAM, at most EXTENT_MAX.
     let snap = Snapshot::from_parts(&state, extents)?;
+    if precopy_mem.is_some_and(|m| m != snap.state.config.mem_size) {
+        return Err(MigrationError::Protocol(
+            "the VM state's RAM size differs from the one announced for pre-copy".into(),
+        ));
+    }
     let data_pages: u64 = pairs.iter().map(|&(_, l)| l / PAGE64).sum();
-    let src = Arc::new(RemoteSource::new("migration".into(), pairs, conn.try_clone()?)?);
+    let precopy_pages = progress.precopy_pages.load(Ordering::Relaxed);
+    // Pages written after their last pre-copy come again in post-copy.
+    for &(g, l) in &pairs {
+        for gpa in (g..g + l).step_by(PAGE) {
+            precopied.remove(&gpa);
+        }
+    }
+    let precopy_kept = precopied.len() as u64;
+    let mut to_place: Vec<u64> = precopied.keys().copied().collect();
+    to_place.sort_unstable();
+    progress.data_pages.store(data_pages, Ordering::Relaxed);
+    let src = Arc::new(RemoteSource::new(
+        "migration".into(),
+        pairs,
+        conn.try_clone()?,
+        precopied,
+        progress.clone(),
+    )?);
     let mut vm_options = options.vm.clone();
     vm_options.on_memory_fault = crate::vm::MemoryFaultPolicy::Pause;
     let vm = Vm::from_migration(&snap, src.clone(), vm_options)?;
@@ -990,34 +1629,100 @@ pub fn receive(
     let running = vm.start()?;
     let resume_ms = got_state.elapsed().as_secs_f64() * 1e3;
     src.send(&Message::Resumed);
+    progress.running.store(true, Ordering::Release);
+    let (recover_tx, recover_rx) = mpsc::channel();
+    running.set_recover_hook(recover_tx);
     on_resumed(&running.handle());
 
+    // Pre-copied pages are placed in the background (a fault on one is
+    // served from memory at once meanwhile).
+    let placer = {
+        let (src, m) = (src.clone(), materializer.clone());
+        std::thread::Builder::new()
+            .name("migration-place".into())
+            .spawn(move || {
+                for gpa in to_place {
+                    if let Err(e) = m.resolve_page(gpa) {
+                        tracing::warn!("placing pre-copied page {gpa:#x}: {e}");
+                    }
+                    lock(&src.precopied).remove(&gpa);
+                }
+            })
+            .map_err(io("starting the placer thread"))?
+    };
     let done_at = Arc::new(Mutex::new(None::<(Instant, u64)>));
-    let receiver = {
-        let (src, done_at) = (src.clone(), done_at.clone());
+    let spawn_receiver = |conn: &Conn| {
+        let (src, done_at, m) = (src.clone(), done_at.clone(), materializer.clone());
         let mut reader = conn.try_clone()?;
         std::thread::Builder::new()
             .name("migration-in".into())
             .spawn(move || {
-                if let Err(e) = receive_pages(&src, &mut reader, &materializer, &done_at) {
+                if let Err(e) = receive_pages(&src, &mut reader, &m, &done_at) {
                     src.set_lost(e.to_string());
                 }
             })
-            .map_err(io("starting the receiver thread"))?
+            .map_err(io("starting the receiver thread"))
     };
+    let mut receiver = spawn_receiver(&conn)?;
 
     let mut lost_deadline = None;
     let mut paused_on_loss = false;
+    let mut recoveries = 0;
+    let mut waiting: Option<Listener> = None;
     while !running.is_finished() {
         if let (None, Some(_)) = (lost_deadline, src.lost()) {
             paused_on_loss = match running.pause() {
-                Ok(_) | Err(ControlError::AlreadyPaused) => true,
+                Ok(_) => true,
+                Err(ControlError::AlreadyPaused) => paused_on_loss,
                 Err(e) => {
                     tracing::warn!("cannot pause after losing the source: {e}");
                     false
                 }
             };
             lost_deadline = Some(Instant::now() + options.lost_wait);
+        }
+        while let Ok(req) = recover_rx.try_recv() {
+            let r = match src.lost() {
+                None => Err(MigrationError::Control(
+                    "the migration is not interrupted: there is nothing to recover".into(),
+                )),
+                Some(_) => Listener::bind(&req.from).and_then(|l| {
+                    l.set_nonblocking()?;
+                    let at = l.endpoint()?;
+                    waiting = Some(l);
+                    // The operator now starts the source's side.
+                    lost_deadline = Some(Instant::now() + options.lost_wait);
+                    Ok(at)
+                }),
+            };
+            let _ = req.reply.send(r);
+        }
+        let back = waiting.as_ref().map(|l| l.try_accept());
+        match back {
+            Some(Ok(Some(new))) => match resume_with(&src, new) {
+                Ok(new) => {
+                    conn.shutdown();
+                    let _ = receiver.join();
+                    conn = new;
+                    // Answers go to the new connection before anything can
+                    // arrive on it (a `Done` is answered at once).
+                    src.reconnect(conn.try_clone()?);
+                    receiver = spawn_receiver(&conn)?;
+                    waiting = None;
+                    lost_deadline = None;
+                    recoveries += 1;
+                    if paused_on_loss {
+                        match running.resume() {
+                            Ok(()) => paused_on_loss = false,
+                            Err(e) => tracing::warn!("cannot resume after the source came back: {e}"),
+                        }
+                    }
+                    tracing::info!("the migration source is back");
+                }
+                Err(e) => tracing::warn!("a peer connected to resume the migration but failed: {e}"),
+            },
+            Some(Err(e)) => tracing::warn!("waiting for the source to come back: {e}"),
+            _ => {}
         }
         if lost_deadline.is_some_and(|d| Instant::now() >= d) {
             running.stop();
@@ -1027,12 +1732,18 @@ pub fn receive(
     let run = running.wait()?;
     conn.shutdown();
     let _ = receiver.join();
+    let _ = placer.join();
+    progress
+        .complete
+        .store(src.complete.load(Ordering::Acquire), Ordering::Release);
     let c = lock(&src.counters);
     let done = *lock(&done_at);
     let stats = DestStats {
         downtime_ms: done.map_or(0.0, |(_, us)| us as f64 / 1e3),
         resume_ms,
         total_ms: done.map_or(0.0, |(t, _)| (t - accepted).as_secs_f64() * 1e3),
+        precopy_pages,
+        precopy_kept,
         data_pages,
         pages_requested: c.requested,
         pages_answered: c.answered,
@@ -1046,6 +1757,7 @@ pub fn receive(
         latency_us_log2: c.latency_us_log2.clone(),
         vcpu_blocked_us: run.vcpu_stats.iter().map(|v| v.stage2_blocked_us).sum(),
         held_after_loss: c.held_after_loss,
+        recoveries,
     };
     drop(c);
     Ok(ReceiveOutcome {
@@ -1055,6 +1767,25 @@ pub fn receive(
         lost: src.lost(),
         paused_on_loss,
     })
+}
+
+/// The handshake with a source that comes back: headers, its `Resume`, and
+/// the list of pages still missing here.
+fn resume_with(src: &RemoteSource, mut conn: Conn) -> Result<Conn, MigrationError> {
+    conn.set_read_timeout(Some(HEADER_WAIT))?;
+    read_header(&mut conn)?;
+    write_header(&mut conn).map_err(io("sending the header"))?;
+    match decode(&mut conn)? {
+        Message::Resume => {}
+        other => {
+            return Err(MigrationError::Protocol(format!(
+                "expected the source to resume the migration, got {other:?}"
+            )))
+        }
+    }
+    conn.set_read_timeout(None)?;
+    encode(&mut conn, &Message::Need(src.need())).map_err(io("sending the missing pages"))?;
+    Ok(conn)
 }
 
 fn receive_pages(
@@ -1118,6 +1849,13 @@ mod tests {
                 downtime_us: 3,
             },
             Message::Complete,
+            Message::PrecopyBegin { mem_size: 256 << 20 },
+            Message::PrecopyPage {
+                gpa: 0x5000,
+                data: vec![9; PAGE],
+            },
+            Message::Resume,
+            Message::Need(vec![0b1010, 1]),
         ] {
             encode(&mut b, &m).unwrap();
         }
@@ -1137,8 +1875,10 @@ mod tests {
     #[test]
     fn round_trip() {
         let m = decode_all(&sample()).unwrap();
-        assert_eq!(m.len(), 8);
+        assert_eq!(m.len(), 12);
         assert_eq!(m[3], Message::Request(0x2000));
+        assert_eq!(m[11], Message::Need(vec![0b1010, 1]));
+        assert!(matches!(&m[9], Message::PrecopyPage { gpa: 0x5000, data } if data[0] == 9));
     }
 
     #[test]
@@ -1147,8 +1887,8 @@ mod tests {
         b[0] ^= 1;
         assert!(matches!(decode_all(&b), Err(MigrationError::Protocol(_))));
         let mut b = sample();
-        b[8] = 2;
-        assert!(matches!(decode_all(&b), Err(MigrationError::Version(2))));
+        b[8] = 1;
+        assert!(matches!(decode_all(&b), Err(MigrationError::Version(1))));
         // A huge state length is refused before any allocation.
         let mut r = std::io::Cursor::new(vec![T_STATE, 0xff, 0xff, 0xff, 0xff]);
         assert!(matches!(decode(&mut r), Err(MigrationError::Protocol(_))));
@@ -1157,6 +1897,9 @@ mod tests {
             matches!(decode(&mut r), Err(MigrationError::Protocol(_))),
             "unaligned"
         );
+        // A `Need` longer than one bit per page of the largest guest.
+        let mut r = std::io::Cursor::new([&[T_NEED][..], &(MAX_NEED + 1).to_le_bytes()].concat());
+        assert!(matches!(decode(&mut r), Err(MigrationError::Protocol(_))));
         let mut r = std::io::Cursor::new(vec![99, 0, 0, 0, 0]);
         assert!(matches!(decode(&mut r), Err(MigrationError::Protocol(_))));
     }
@@ -1187,7 +1930,14 @@ mod tests {
     #[test]
     fn remote_source_requests_once_serves_arrivals_and_holds_after_loss() {
         let (ours, mut peer) = UnixStream::pair().unwrap();
-        let src = RemoteSource::new("t".into(), vec![(0x1000, 0x2000)], Conn::Unix(ours)).unwrap();
+        let src = RemoteSource::new(
+            "t".into(),
+            vec![(0x1000, 0x2000)],
+            Conn::Unix(ours),
+            HashMap::new(),
+            Arc::default(),
+        )
+        .unwrap();
         let mut buf = vec![0xffu8; PAGE];
         // Outside the data: a zero page, nothing asked.
         assert_eq!(src.fetch(0x8000, &mut buf), FetchOutcome::Zero);

@@ -16,6 +16,7 @@ use crate::config::{KernelSource, MemoryConfig, VmConfig};
 use abi::layout::{ram_ranges, PAGE_SIZE};
 use abi::pv::WorkloadReport;
 use devices::serial::SerialState;
+use devices::GuestRam;
 use kvm_bindings::{
     kvm_clock_data, kvm_debugregs, kvm_fpu, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
     kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs, KVM_IRQCHIP_IOAPIC,
@@ -27,7 +28,7 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use vm_memory::{Address, Bytes, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Address, Bytes, GuestMemoryBackend, GuestMemoryRegion};
 
 /// The format version this VMM writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
@@ -462,7 +463,7 @@ pub enum AfterSnapshot {
 /// What the controller needs from the VM to save it.
 pub(crate) struct SaveCtx {
     pub(crate) vm_fd: std::sync::Arc<VmFd>,
-    pub(crate) mem: GuestMemoryMmap,
+    pub(crate) mem: GuestRam,
     pub(crate) serial: std::sync::Arc<std::sync::Mutex<devices::serial::SerialConsole>>,
     pub(crate) config: VmConfig,
     /// For lazily backed memory: fetches the pages not fetched yet.
@@ -664,7 +665,7 @@ pub fn ram_end(mem_size: u64) -> u64 {
 /// pages that exist in the host mapping and are not all zero (everything
 /// else reads as zero). Pages not yet fetched by a lazy source do not exist:
 /// call `LazyMemory`'s materializer first. The vCPUs must be paused.
-pub fn data_extents(mem: &GuestMemoryMmap) -> Result<Vec<Extent>, SnapshotError> {
+pub fn data_extents(mem: &GuestRam) -> Result<Vec<Extent>, SnapshotError> {
     let pagemap_path = Path::new("/proc/self/pagemap");
     let pagemap = File::open(pagemap_path).map_err(io_err(pagemap_path, "opening"))?;
     let mut extents: Vec<Extent> = Vec::new();
@@ -703,9 +704,31 @@ pub fn data_extents(mem: &GuestMemoryMmap) -> Result<Vec<Extent>, SnapshotError>
     Ok(extents)
 }
 
+/// The guest-physical addresses of the pages of `mem` that exist in this
+/// process (touched at least once), ascending. Reads only the page map, never
+/// guest memory, so it is safe while the VM runs.
+pub fn existing_guest_pages(mem: &GuestRam) -> Result<Vec<u64>, SnapshotError> {
+    let pagemap_path = Path::new("/proc/self/pagemap");
+    let pagemap = File::open(pagemap_path).map_err(io_err(pagemap_path, "opening"))?;
+    let mut out = Vec::new();
+    for r in mem.iter() {
+        let gpa0 = r.start_addr().raw_value();
+        let exists =
+            existing_pages(&pagemap, r.as_ptr() as u64, r.len()).map_err(io_err(pagemap_path, "reading"))?;
+        out.extend(
+            exists
+                .iter()
+                .enumerate()
+                .filter(|(_, e)| **e)
+                .map(|(i, _)| gpa0 + i as u64 * PAGE_SIZE),
+        );
+    }
+    Ok(out)
+}
+
 /// Writes guest memory as a sparse file; returns the manifest entry.
 /// Only [`data_extents`] are written; the rest are holes.
-pub fn write_memory(path: &Path, mem: &GuestMemoryMmap, mem_size: u64) -> Result<MemoryEntry, SnapshotError> {
+pub fn write_memory(path: &Path, mem: &GuestRam, mem_size: u64) -> Result<MemoryEntry, SnapshotError> {
     let file = File::create(path).map_err(io_err(path, "creating the memory file"))?;
     let len = ram_end(mem_size);
     file.set_len(len)
@@ -730,7 +753,7 @@ pub fn write_memory(path: &Path, mem: &GuestMemoryMmap, mem_size: u64) -> Result
 
 /// Writes a snapshot directory from a state and the guest memory. The
 /// manifest goes last (by rename): a directory without it is incomplete.
-pub fn write_snapshot(dir: &Path, state: &VmState, mem: &GuestMemoryMmap) -> Result<Manifest, SnapshotError> {
+pub fn write_snapshot(dir: &Path, state: &VmState, mem: &GuestRam) -> Result<Manifest, SnapshotError> {
     std::fs::create_dir_all(dir).map_err(io_err(dir, "creating the snapshot directory"))?;
     let manifest_path = dir.join(MANIFEST);
     match std::fs::remove_file(&manifest_path) {
@@ -1045,7 +1068,7 @@ impl Snapshot {
     }
 
     /// Copies the saved memory into `mem` (eager restore), checking each extent.
-    pub fn fill_memory(&self, mem: &GuestMemoryMmap) -> Result<(), SnapshotError> {
+    pub fn fill_memory(&self, mem: &GuestRam) -> Result<(), SnapshotError> {
         let path = self.memory_path();
         let f = File::open(&path).map_err(io_err(&path, "opening"))?;
         for e in &self.manifest.memory.extents {

@@ -574,7 +574,7 @@ fn storm(
                 }
             }
             StormEvent::Migrate => {
-                let r = vm.migrate(migrate_to, Duration::ZERO);
+                let r = vm.migrate(migrate_to, &crate::migration::MigrateOptions::default());
                 let ok = r.is_ok();
                 if !ok {
                     let t = Instant::now();
@@ -656,6 +656,7 @@ impl Destination {
                     ..VmOptions::default()
                 },
                 lost_wait: Duration::from_secs(1),
+                progress: Default::default(),
             };
             crate::migration::receive(&listener, opts, |_| {})
         });

@@ -9,11 +9,12 @@
 //! Firecracker versions. From then on the handler alone resolves faults.
 
 use ::memory::{RegisterMode, Uffd};
+use devices::GuestRam;
 use serde::Serialize;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 /// Errors handing guest memory to an external handler.
@@ -50,7 +51,7 @@ pub struct Mapping {
 }
 
 /// The mappings of `mem` (memory file indexed by guest-physical address).
-pub fn mappings(mem: &GuestMemoryMmap) -> Vec<Mapping> {
+pub fn mappings(mem: &GuestRam) -> Vec<Mapping> {
     mem.iter()
         .map(|r| Mapping {
             base_host_virt_addr: r.as_ptr() as u64,
@@ -64,7 +65,7 @@ pub fn mappings(mem: &GuestMemoryMmap) -> Vec<Mapping> {
 
 /// Registers guest RAM and sends it to the handler at `socket`. The returned
 /// userfaultfd must live as long as the guest memory.
-pub fn hand_over(mem: &GuestMemoryMmap, socket: &Path) -> Result<Uffd, UffdBackendError> {
+pub fn hand_over(mem: &GuestRam, socket: &Path) -> Result<Uffd, UffdBackendError> {
     let sock_err = |what| {
         move |source| UffdBackendError::Socket {
             path: socket.to_owned(),

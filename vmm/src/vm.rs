@@ -18,6 +18,7 @@ use devices::debug_exit::DebugExit;
 use devices::pv_channel::PvChannel;
 use devices::serial::{SerialConsole, SerialOutput};
 use devices::DeviceEventSink;
+use devices::GuestRam;
 use kvm_bindings::{
     kvm_mp_state, kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE, KVM_PIT_SPEAKER_DUMMY,
 };
@@ -27,7 +28,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use vm_device::bus::{PioAddress, PioRange};
 use vm_device::device_manager::{IoManager, PioManager};
-use vm_memory::GuestMemoryMmap;
+
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Errors setting up or running a VM.
@@ -283,7 +284,7 @@ pub struct Vm {
     // The userfaultfd handed to an external handler: open while memory lives.
     _external_uffd: Option<::memory::Uffd>,
     // Kept alive while the vCPUs run: the memslots point into this mapping.
-    _mem: GuestMemoryMmap,
+    _mem: GuestRam,
     vm_fd: Arc<VmFd>,
     pub(crate) vcpu_fds: Vec<VcpuFd>,
     /// A restored VM's started vCPUs and reports received before its snapshot.

@@ -5,7 +5,8 @@ use abi::layout::{
     BOOT_GDT_START, BOOT_PDPT_START, BOOT_PD_COUNT, BOOT_PD_START, BOOT_PML4_START, LARGE_PAGE_SIZE,
     PAGE_SIZE,
 };
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use devices::GuestRam;
+use vm_memory::{Bytes, GuestAddress};
 
 /// Errors writing boot structures.
 #[derive(Debug, thiserror::Error)]
@@ -29,12 +30,7 @@ const LARGE: u64 = 1 << 7;
 /// Boot GDT entries: null, 64-bit code (DPL 0), data.
 pub const BOOT_GDT: [u64; 3] = [0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff];
 
-fn write_u64s(
-    mem: &GuestMemoryMmap,
-    base: u64,
-    values: &[u64],
-    what: &'static str,
-) -> Result<(), PagingError> {
+fn write_u64s(mem: &GuestRam, base: u64, values: &[u64], what: &'static str) -> Result<(), PagingError> {
     let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
     mem.write_slice(&bytes, GuestAddress(base))
         .map_err(|source| PagingError::Write {
@@ -45,7 +41,7 @@ fn write_u64s(
 }
 
 /// Writes the boot GDT and the identity map of the first 4 GiB (2 MiB pages).
-pub fn write_boot_tables(mem: &GuestMemoryMmap) -> Result<(), PagingError> {
+pub fn write_boot_tables(mem: &GuestRam) -> Result<(), PagingError> {
     write_u64s(mem, BOOT_GDT_START, &BOOT_GDT, "GDT")?;
     write_u64s(
         mem,
@@ -69,7 +65,7 @@ mod tests {
 
     #[test]
     fn tables_identity_map_4g() {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let mem = GuestRam::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
         write_boot_tables(&mem).unwrap();
         let pml4: u64 = mem.read_obj(GuestAddress(BOOT_PML4_START)).unwrap();
         assert_eq!(pml4 & !0xfff, BOOT_PDPT_START);
@@ -87,7 +83,7 @@ mod tests {
 
     #[test]
     fn too_small_memory_is_an_error() {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
+        let mem = GuestRam::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
         assert!(write_boot_tables(&mem).is_err());
     }
 }
