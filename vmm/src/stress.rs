@@ -76,9 +76,13 @@ pub enum StormEvent {
     /// Snapshot the running VM (it goes on); after the run the snapshot is
     /// restored lazily and must finish with the same checksums.
     Snapshot,
-    /// Migrate the running VM (post-copy, loopback Unix socket) to a
-    /// destination VM in this process, which must finish with the checksums.
-    Migrate,
+    /// Migrate the running VM (loopback Unix socket; pre-copy rounds with
+    /// dirty logging first, 0 to 3, then post-copy) to a destination VM in
+    /// this process, which must finish with the checksums.
+    Migrate {
+        /// Pre-copy rounds (0: post-copy only).
+        precopy_rounds: u32,
+    },
 }
 
 /// One VM run of a stress session.
@@ -206,7 +210,11 @@ pub fn plan(seed: u64, index: u64, vcpus: u32) -> RunPlan {
         schedule.push((u32::try_from(rng.below(1000)).unwrap_or(0), StormEvent::Snapshot));
     }
     if !suite && rng.below(4) == 0 {
-        schedule.push((u32::try_from(rng.below(1500)).unwrap_or(0), StormEvent::Migrate));
+        let precopy_rounds = u32::try_from(rng.below(4)).unwrap_or(0);
+        schedule.push((
+            u32::try_from(rng.below(1500)).unwrap_or(0),
+            StormEvent::Migrate { precopy_rounds },
+        ));
     }
     schedule.sort_by_key(|&(at, _)| at);
     RunPlan {
@@ -360,7 +368,11 @@ fn run_one(
     let sock = std::env::temp_dir().join(format!("vmm-stress-{}-{index}.sock", std::process::id()));
     let migrate_to = Endpoint::Unix(sock);
     let migrated = Arc::new(Mutex::new(None));
-    let destination = if plan.schedule.iter().any(|&(_, e)| e == StormEvent::Migrate) {
+    let destination = if plan
+        .schedule
+        .iter()
+        .any(|&(_, e)| matches!(e, StormEvent::Migrate { .. }))
+    {
         Some(Destination::listen(&migrate_to)?)
     } else {
         None
@@ -573,8 +585,12 @@ fn storm(
                     *slot = Some(r.map(|_| ()).map_err(|e| e.to_string()));
                 }
             }
-            StormEvent::Migrate => {
-                let r = vm.migrate(migrate_to, &crate::migration::MigrateOptions::default());
+            StormEvent::Migrate { precopy_rounds } => {
+                let options = crate::migration::MigrateOptions {
+                    precopy_rounds,
+                    ..Default::default()
+                };
+                let r = vm.migrate(migrate_to, &options);
                 let ok = r.is_ok();
                 if !ok {
                     let t = Instant::now();
