@@ -126,30 +126,48 @@ fn migrate_a_running_workload_over_tcp() {
     migrate_and_finish(Endpoint::Tcp("127.0.0.1:0".into()));
 }
 
-/// Forwards between one client of `front` and `back`, and cuts both ways
-/// once `limit` bytes went from the client to `back`.
+/// Forwards the source's two connections (pages, then answers) from `front`
+/// to `back`, and cuts all of them once `limit` bytes went from the source
+/// to `back` on the first.
 fn cutting_proxy(front: PathBuf, back: Endpoint, limit: usize) {
     let l = UnixListener::bind(&front).unwrap();
+    let Endpoint::Unix(back) = back else { panic!() };
     std::thread::spawn(move || {
-        let (mut a, _) = l.accept().unwrap();
-        let Endpoint::Unix(b) = back else { panic!() };
-        let mut b = UnixStream::connect(b).unwrap();
-        let (mut a2, mut b2) = (a.try_clone().unwrap(), b.try_clone().unwrap());
-        let back_to_front = std::thread::spawn(move || {
-            let _ = std::io::copy(&mut b2, &mut a2);
-        });
-        let mut buf = vec![0u8; 4096];
-        let mut sent = 0;
-        while sent < limit {
-            let n = a.read(&mut buf).unwrap_or(0);
-            if n == 0 || b.write_all(&buf[..n]).is_err() {
-                break;
+        let cut = std::sync::Arc::new(Mutex::new(Vec::<UnixStream>::new()));
+        let mut threads = Vec::new();
+        for i in 0..2 {
+            let Ok((mut a, _)) = l.accept() else { break };
+            let mut b = UnixStream::connect(&back).unwrap();
+            {
+                let mut c = cut.lock().unwrap();
+                c.push(a.try_clone().unwrap());
+                c.push(b.try_clone().unwrap());
             }
-            sent += n;
+            let (mut a2, mut b2) = (a.try_clone().unwrap(), b.try_clone().unwrap());
+            threads.push(std::thread::spawn(move || {
+                let _ = std::io::copy(&mut b2, &mut a2);
+            }));
+            let cut = cut.clone();
+            threads.push(std::thread::spawn(move || {
+                let mut buf = vec![0u8; 4096];
+                let mut sent = 0;
+                while i > 0 || sent < limit {
+                    let n = a.read(&mut buf).unwrap_or(0);
+                    if n == 0 || b.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                    sent += n;
+                }
+                if i == 0 {
+                    for s in cut.lock().unwrap().iter() {
+                        let _ = s.shutdown(std::net::Shutdown::Both);
+                    }
+                }
+            }));
         }
-        let _ = a.shutdown(std::net::Shutdown::Both);
-        let _ = b.shutdown(std::net::Shutdown::Both);
-        let _ = back_to_front.join();
+        for t in threads {
+            let _ = t.join();
+        }
         let _ = std::fs::remove_file(&front);
     });
 }

@@ -53,6 +53,7 @@ const T_DONE: u8 = 5;
 const T_PRECOPY_BEGIN: u8 = 6;
 const T_PRECOPY_PAGE: u8 = 7;
 const T_RESUME: u8 = 8;
+const T_PREEMPT: u8 = 9;
 const T_REQUEST: u8 = 16;
 const T_RESEND: u8 = 17;
 const T_RESUMED: u8 = 18;
@@ -332,6 +333,9 @@ pub enum Message {
     /// Source: the first message of a connection that resumes an interrupted
     /// post-copy (`vmm ctl DEST recover`).
     Resume,
+    /// Source: the first message of the answer channel, a second connection
+    /// that carries only answers to page requests (QEMU's postcopy-preempt).
+    Preempt,
     /// Destination: the answer to `Resume`: bit `i` (LSB first) is set when
     /// the `i`-th data page, in the order of the announced extents, is still
     /// missing here.
@@ -413,6 +417,7 @@ pub fn encode(w: &mut impl Write, m: &Message) -> std::io::Result<()> {
         Message::PrecopyBegin { mem_size } => frame(w, T_PRECOPY_BEGIN, &[&mem_size.to_le_bytes()]),
         Message::PrecopyPage { gpa, data } => frame(w, T_PRECOPY_PAGE, &[&gpa.to_le_bytes(), data]),
         Message::Resume => frame(w, T_RESUME, &[]),
+        Message::Preempt => frame(w, T_PREEMPT, &[]),
         Message::Need(bits) => frame(w, T_NEED, &[bits]),
         Message::Request(g) => frame(w, T_REQUEST, &[&g.to_le_bytes()]),
         Message::Resend(g) => frame(w, T_RESEND, &[&g.to_le_bytes()]),
@@ -440,7 +445,7 @@ pub fn decode(r: &mut impl Read) -> Result<Message, MigrationError> {
         T_PAGE_REQUESTED | T_PAGE_PUSHED | T_PRECOPY_PAGE => len == PAGE_MSG,
         T_DONE => len == 24,
         T_REQUEST | T_RESEND | T_PRECOPY_BEGIN => len == 8,
-        T_RESUMED | T_COMPLETE | T_RESUME => len == 0,
+        T_RESUMED | T_COMPLETE | T_RESUME | T_PREEMPT => len == 0,
         T_NEED => len <= MAX_NEED,
         other => return Err(MigrationError::Protocol(format!("unknown message type {other}"))),
     };
@@ -480,6 +485,7 @@ pub fn decode(r: &mut impl Read) -> Result<Message, MigrationError> {
             mem_size: u64_at(&b, 0),
         },
         T_RESUME => Message::Resume,
+        T_PREEMPT => Message::Preempt,
         T_NEED => Message::Need(b),
         T_DONE => Message::Done {
             pushed: u64_at(&b, 0),
@@ -596,6 +602,15 @@ fn handshake(to: &Endpoint) -> Result<Conn, MigrationError> {
     Ok(conn)
 }
 
+/// Opens the answer channel: answers to page requests go on their own
+/// connection, so they never queue behind pushed pages already in the main
+/// connection's buffers (QEMU's postcopy-preempt).
+fn open_answers(to: &Endpoint) -> Result<Conn, MigrationError> {
+    let mut c = handshake(to)?;
+    encode(&mut c, &Message::Preempt).map_err(io("opening the answer channel"))?;
+    Ok(c)
+}
+
 /// The guest-physical pages of `extents`, in order.
 fn extent_pages(extents: &[Extent]) -> impl Iterator<Item = u64> + '_ {
     extents.iter().flat_map(|e| (e.gpa..e.end()).step_by(PAGE))
@@ -622,6 +637,8 @@ fn extents_of(pages: &[u64]) -> Vec<Extent> {
 #[derive(Debug)]
 pub struct Outgoing {
     conn: Conn,
+    /// The answer channel.
+    answers: Conn,
     mem: GuestRam,
     extents: Vec<Extent>,
     paused_at: Instant,
@@ -648,6 +665,7 @@ impl Outgoing {
     ) -> Result<Outgoing, MigrationError> {
         let conn = handshake(to)?;
         Outgoing::postcopy(
+            to,
             conn,
             12,
             state,
@@ -663,6 +681,7 @@ impl Outgoing {
     /// pre-copy: `bytes` so far) went already.
     #[allow(clippy::too_many_arguments)]
     fn postcopy(
+        to: &Endpoint,
         conn: Conn,
         bytes: u64,
         state: &VmState,
@@ -678,9 +697,12 @@ impl Outgoing {
         let pairs = extents.iter().map(|e| (e.gpa, e.len)).collect();
         encode(&mut w, &Message::Extents(pairs)).map_err(io("sending the extents"))?;
         w.flush().map_err(io("sending the state"))?;
+        let answers = open_answers(to)?;
         let ram_end = crate::snapshot::ram_end(state.config.mem_size);
-        let mut out = Outgoing::new(conn, mem, extents, ram_end, paused_at, push_delay, summary);
-        out.bytes += bytes + 5 + json.len() as u64 + 5 + 16 * out.extents.len() as u64;
+        let mut out = Outgoing::new(
+            conn, answers, mem, extents, ram_end, paused_at, push_delay, summary,
+        );
+        out.bytes += bytes + 5 + json.len() as u64 + 5 + 16 * out.extents.len() as u64 + 12 + 5;
         let order: Vec<u64> = extent_pages(&out.extents).collect();
         for &g in &order {
             out.mark(g, 1);
@@ -718,6 +740,7 @@ impl Outgoing {
                 pages.len()
             )));
         }
+        let answers = open_answers(to)?;
         let ram_end = crate::snapshot::ram_end(mem_size);
         let summary = SourceSummary {
             resumed: true,
@@ -725,6 +748,7 @@ impl Outgoing {
         };
         let mut out = Outgoing::new(
             conn,
+            answers,
             mem,
             from.extents.clone(),
             ram_end,
@@ -733,7 +757,7 @@ impl Outgoing {
             summary,
         );
         out.resumed_at = from.resumed_at;
-        out.bytes = 12 + 5 + 5 + bits.len() as u64;
+        out.bytes = 12 + 5 + 5 + bits.len() as u64 + 12 + 5;
         let mut order = Vec::new();
         for (i, &g) in pages.iter().enumerate() {
             // The pages the destination has count as sent: a request for one
@@ -750,8 +774,10 @@ impl Outgoing {
         Ok(out)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn new(
         conn: Conn,
+        answers: Conn,
         mem: GuestRam,
         extents: Vec<Extent>,
         ram_end: u64,
@@ -761,6 +787,7 @@ impl Outgoing {
     ) -> Outgoing {
         Outgoing {
             conn,
+            answers,
             mem,
             extents,
             paused_at,
@@ -832,6 +859,7 @@ impl Outgoing {
         let order = std::mem::take(&mut self.order);
         let conn = self.conn.try_clone()?;
         let mut w = BufWriter::with_capacity(64 << 10, conn);
+        let mut answers = BufWriter::with_capacity(8 << 10, self.answers.try_clone()?);
         let mut next = 0;
         let mut done_sent = false;
         let mut buf = vec![0u8; PAGE];
@@ -882,9 +910,10 @@ impl Outgoing {
                         } else {
                             self.summary.pages_requested += 1;
                         }
-                        self.send_page(&mut w, &mut buf, gpa, true)?;
-                        // An answer must not wait behind buffered pushes.
-                        w.flush().map_err(io("sending a page"))?;
+                        // On the answer channel, flushed at once: it never
+                        // waits behind pushes.
+                        self.send_page(&mut answers, &mut buf, gpa, true)?;
+                        answers.flush().map_err(io("sending a page"))?;
                     }
                     Message::Resumed => self.resumed_at = Some(Instant::now()),
                     Message::Complete => {
@@ -967,6 +996,7 @@ impl Drop for Outgoing {
     fn drop(&mut self) {
         // Ends the request reader too.
         self.conn.shutdown();
+        self.answers.shutdown();
     }
 }
 
@@ -1135,6 +1165,7 @@ fn precopy(to: &Endpoint, options: &MigrateOptions, ctx: PrecopyCtx) -> Result<O
         resumed_at: None,
     };
     Outgoing::postcopy(
+        to,
         conn,
         bytes,
         &state,
@@ -1589,6 +1620,7 @@ pub fn receive(
         ));
     };
     let got_state = Instant::now();
+    let answers = accept_answers(listener)?;
     let extents: Vec<Extent> = pairs
         .iter()
         .map(|&(gpa, len)| Extent { gpa, len, crc32: 0 })
@@ -1664,6 +1696,8 @@ pub fn receive(
             .map_err(io("starting the receiver thread"))
     };
     let mut receiver = spawn_receiver(&conn)?;
+    let mut answers_receiver = spawn_receiver(&answers)?;
+    let mut answers = answers;
 
     let mut lost_deadline = None;
     let mut paused_on_loss = false;
@@ -1699,15 +1733,23 @@ pub fn receive(
         }
         let back = waiting.as_ref().map(|l| l.try_accept());
         match back {
-            Some(Ok(Some(new))) => match resume_with(&src, new) {
-                Ok(new) => {
+            Some(Ok(Some(new))) => match waiting
+                .as_ref()
+                .map_or(Err(MigrationError::Control("no listener".into())), |l| {
+                    resume_with(&src, new, l)
+                }) {
+                Ok((new, new_answers)) => {
                     conn.shutdown();
+                    answers.shutdown();
                     let _ = receiver.join();
+                    let _ = answers_receiver.join();
                     conn = new;
-                    // Answers go to the new connection before anything can
-                    // arrive on it (a `Done` is answered at once).
+                    answers = new_answers;
+                    // Requests and `Complete` go to the new connection before
+                    // anything can arrive on it (a `Done` is answered at once).
                     src.reconnect(conn.try_clone()?);
                     receiver = spawn_receiver(&conn)?;
+                    answers_receiver = spawn_receiver(&answers)?;
                     waiting = None;
                     lost_deadline = None;
                     recoveries += 1;
@@ -1731,7 +1773,9 @@ pub fn receive(
     }
     let run = running.wait()?;
     conn.shutdown();
+    answers.shutdown();
     let _ = receiver.join();
+    let _ = answers_receiver.join();
     let _ = placer.join();
     progress
         .complete
@@ -1769,9 +1813,46 @@ pub fn receive(
     })
 }
 
-/// The handshake with a source that comes back: headers, its `Resume`, and
-/// the list of pages still missing here.
-fn resume_with(src: &RemoteSource, mut conn: Conn) -> Result<Conn, MigrationError> {
+/// Accepts the source's answer channel on `listener` (its second
+/// connection, opened right after the extents or the `Need` list).
+fn accept_answers(listener: &Listener) -> Result<Conn, MigrationError> {
+    listener.set_nonblocking()?;
+    let deadline = Instant::now() + HEADER_WAIT;
+    let mut c = loop {
+        if let Some(c) = listener.try_accept()? {
+            break c;
+        }
+        if Instant::now() >= deadline {
+            return Err(MigrationError::Protocol(
+                "the source did not open its answer channel".into(),
+            ));
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    };
+    c.set_read_timeout(Some(HEADER_WAIT))?;
+    read_header(&mut c)?;
+    write_header(&mut c).map_err(io("sending the header"))?;
+    match decode(&mut c)? {
+        Message::Preempt => {}
+        other => {
+            return Err(MigrationError::Protocol(format!(
+                "expected the source's answer channel, got {other:?}"
+            )))
+        }
+    }
+    c.set_read_timeout(None)?;
+    Ok(c)
+}
+
+/// The handshake with a source that comes back: headers, its `Resume`, the
+/// list of pages still missing here, and its new answer channel.
+fn resume_with(src: &RemoteSource, conn: Conn, listener: &Listener) -> Result<(Conn, Conn), MigrationError> {
+    let conn = resume_main(src, conn)?;
+    let answers = accept_answers(listener)?;
+    Ok((conn, answers))
+}
+
+fn resume_main(src: &RemoteSource, mut conn: Conn) -> Result<Conn, MigrationError> {
     conn.set_read_timeout(Some(HEADER_WAIT))?;
     read_header(&mut conn)?;
     write_header(&mut conn).map_err(io("sending the header"))?;
@@ -1856,6 +1937,7 @@ mod tests {
             },
             Message::Resume,
             Message::Need(vec![0b1010, 1]),
+            Message::Preempt,
         ] {
             encode(&mut b, &m).unwrap();
         }
@@ -1875,7 +1957,8 @@ mod tests {
     #[test]
     fn round_trip() {
         let m = decode_all(&sample()).unwrap();
-        assert_eq!(m.len(), 12);
+        assert_eq!(m.len(), 13);
+        assert_eq!(m[12], Message::Preempt);
         assert_eq!(m[3], Message::Request(0x2000));
         assert_eq!(m[11], Message::Need(vec![0b1010, 1]));
         assert!(matches!(&m[9], Message::PrecopyPage { gpa: 0x5000, data } if data[0] == 9));
