@@ -505,24 +505,43 @@ fn progress_bar(
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let s = stop.clone();
     let t = std::thread::spawn(move || {
-        let bar = indicatif::ProgressBar::new(0);
-        let style = indicatif::ProgressStyle::with_template(
+        let bar = indicatif::ProgressBar::new_spinner();
+        let spinner = indicatif::ProgressStyle::with_template("{spinner} {msg} {elapsed}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner());
+        let pages = indicatif::ProgressStyle::with_template(
             "{spinner} {msg} [{bar:30}] {pos}/{len} pages ({percent}%), {elapsed}",
         )
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
         .progress_chars("=> ");
-        bar.set_style(style);
+        bar.set_style(spinner);
+        bar.set_message("waiting for the source");
+        let mut counting = false;
         while !s.load(Relaxed) {
-            let data = p.data_pages.load(Relaxed);
-            bar.set_length(data.max(1));
-            bar.set_position(p.received.load(Relaxed).min(data));
+            if p.complete.load(Relaxed) {
+                bar.finish_with_message(format!(
+                    "migration complete: {} pre-copy and {} post-copy pages",
+                    p.precopy_pages.load(Relaxed),
+                    p.data_pages.load(Relaxed)
+                ));
+                return;
+            }
+            if p.running.load(Relaxed) && !counting {
+                counting = true;
+                bar.set_style(pages.clone());
+                bar.set_length(p.data_pages.load(Relaxed));
+            }
+            bar.set_position(p.received.load(Relaxed));
+            let precopy = p.precopy_pages.load(Relaxed);
             bar.set_message(if p.lost.load(Relaxed) {
                 "source lost, VM paused: `vmm ctl DEST recover --from ADDR`".to_string()
-            } else if p.running.load(Relaxed) {
+            } else if counting {
                 "post-copy".to_string()
+            } else if precopy > 0 {
+                format!("pre-copy: {precopy} pages received")
             } else {
-                format!("pre-copy: {} pages", p.precopy_pages.load(Relaxed))
+                "waiting for the source".to_string()
             });
+            bar.tick();
             std::thread::sleep(Duration::from_millis(100));
         }
         bar.finish_and_clear();

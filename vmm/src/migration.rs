@@ -1893,6 +1893,7 @@ fn receive_pages(
             }
             Message::Done { downtime_us, .. } => {
                 src.complete.store(true, Ordering::Release);
+                src.progress.complete.store(true, Ordering::Release);
                 *lock(done_at) = Some((Instant::now(), downtime_us));
                 src.send(&Message::Complete);
                 return Ok(());

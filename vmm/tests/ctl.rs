@@ -1,9 +1,10 @@
 //! `vmm run --control`, `vmm ctl` and `vmm restore` as processes: pause,
 //! resume, stats, a hostile client, a snapshot that stops the run, and a lazy
-//! restore that finishes the workload with the right checksum.
+//! restore that finishes the workload with the right checksum; a migration
+//! with pre-copy rounds between two processes.
 #![allow(clippy::unwrap_used)]
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -250,5 +251,86 @@ fn external_firecracker_style_handler_serves_a_restore() {
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("start the handler first"));
+    let _ = std::fs::remove_dir_all(&base);
+}
+
+/// Waits until `path` exists.
+fn wait_for_file(path: &Path) {
+    let start = Instant::now();
+    while !path.exists() {
+        assert!(start.elapsed() < Duration::from_secs(20), "no {}", path.display());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn ctl_migrate_with_precopy_rounds_between_two_processes() {
+    let base = std::env::temp_dir().join(format!("vmm-ctl-mig-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    std::fs::create_dir_all(&base).unwrap();
+    let (src_sock, dst, dst_sock) = (
+        base.join("src.sock"),
+        base.join("dst.sock"),
+        base.join("dst-ctl.sock"),
+    );
+    let dst_addr = format!("unix:{}", dst.display());
+    let receiver = Command::new(VMM)
+        .args(["receive", "--timeout", "120", "--listen", &dst_addr, "--control"])
+        .arg(&dst_sock)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut source = Command::new(VMM)
+        .args(["run", "--vcpus", "2", "--mem", "256M", "--timeout", "120"])
+        .arg("--cmdline")
+        .arg("workload=touch pages=20000 pattern=rand")
+        .arg("--control")
+        .arg(&src_sock)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(source.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("touch: cpu 0 start") {
+        line.clear();
+        assert!(out.read_line(&mut line).unwrap() > 0, "vmm ended early");
+    }
+    wait_for_file(&src_sock);
+    wait_for_file(&dst);
+
+    // Requests that do not fit this VM are errors that say why.
+    let (ok, _, err) = ctl(&src_sock, &["recover", "--from", "unix:/nonexistent/x.sock"]);
+    assert!(!ok && err.contains("not the destination of a migration"), "{err}");
+    let (ok, _, err) = ctl(&src_sock, &["migrate", "--to", &dst_addr, "--resume"]);
+    assert!(!ok && err.contains("no interrupted post-copy"), "{err}");
+
+    let (ok, stdout, err) = ctl(
+        &src_sock,
+        &["migrate", "--to", &dst_addr, "--precopy-rounds", "2"],
+    );
+    assert!(ok, "{stdout} {err}");
+    let summary: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert!(summary["precopy_pages"].as_u64().unwrap() > 0, "{summary}");
+    assert!(summary["precopy_rounds"].as_u64().unwrap() >= 1, "{summary}");
+    let src_out = source.wait_with_output().unwrap();
+    let mut src_stdout = line;
+    out.read_to_string(&mut src_stdout).unwrap();
+    assert_eq!(src_out.status.code(), Some(0), "{src_stdout}");
+    assert!(src_stdout.contains("the VM migrated"), "{src_stdout}");
+
+    let dst_out = receiver.wait_with_output().unwrap();
+    let dst_stdout = String::from_utf8_lossy(&dst_out.stdout);
+    assert_eq!(
+        dst_out.status.code(),
+        Some(0),
+        "{dst_stdout} {}",
+        String::from_utf8_lossy(&dst_out.stderr)
+    );
+    assert!(dst_stdout.contains("verified on the host"), "{dst_stdout}");
+    assert!(dst_stdout.contains("pre-copy pages"), "{dst_stdout}");
     let _ = std::fs::remove_dir_all(&base);
 }
