@@ -334,3 +334,68 @@ fn ctl_migrate_with_precopy_rounds_between_two_processes() {
     assert!(dst_stdout.contains("pre-copy pages"), "{dst_stdout}");
     let _ = std::fs::remove_dir_all(&base);
 }
+
+#[test]
+fn a_killed_source_leaves_the_destination_paused_and_it_ends_with_13() {
+    let base = std::env::temp_dir().join(format!("vmm-ctl-kill-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    std::fs::create_dir_all(&base).unwrap();
+    let (src_sock, dst) = (base.join("src.sock"), base.join("dst.sock"));
+    let dst_addr = format!("unix:{}", dst.display());
+    let receiver = Command::new(VMM)
+        .args([
+            "receive",
+            "--timeout",
+            "120",
+            "--lost-wait",
+            "1",
+            "--listen",
+            &dst_addr,
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut source = Command::new(VMM)
+        .args(["run", "--vcpus", "2", "--mem", "256M", "--timeout", "120"])
+        .arg("--cmdline")
+        .arg("workload=touch pages=20000 pattern=rand")
+        .arg("--control")
+        .arg(&src_sock)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(source.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("touch: cpu 0 start") {
+        line.clear();
+        assert!(out.read_line(&mut line).unwrap() > 0, "vmm ended early");
+    }
+    wait_for_file(&src_sock);
+    wait_for_file(&dst);
+    // The push waits 10 s: the destination runs on demand paging when the
+    // source dies.
+    let migrate = Command::new(VMM)
+        .arg("ctl")
+        .arg(&src_sock)
+        .args(["migrate", "--to", &dst_addr, "--push-delay-ms", "10000"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    source.kill().unwrap();
+    let _ = source.wait();
+    let _ = migrate.wait_with_output();
+    let dst_out = receiver.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&dst_out.stderr);
+    assert_eq!(dst_out.status.code(), Some(13), "{stderr}");
+    assert!(
+        stderr.contains("source was lost") && stderr.contains("no missing page was zero-filled"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&base);
+}
