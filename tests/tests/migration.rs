@@ -58,7 +58,7 @@ fn destination_with_handle(
     handle: mpsc::Sender<vmm::VmHandle>,
 ) -> std::thread::JoinHandle<migration::ReceiveOutcome> {
     std::thread::spawn(move || {
-        let (vm, _console) = capture_options();
+        let (vm, console) = capture_options();
         let opts = ReceiveOptions {
             vm: vmm::VmOptions {
                 timeout: Some(Duration::from_secs(120)),
@@ -67,10 +67,18 @@ fn destination_with_handle(
             lost_wait,
             progress: Default::default(),
         };
-        migration::receive(&listener, opts, |h| {
+        let out = migration::receive(&listener, opts, |h| {
             let _ = handle.send(h.clone());
         })
-        .unwrap()
+        .unwrap();
+        // The guest's own account of a failure is on its console.
+        if !matches!(out.run.end, GuestEnd::Exited(0) | GuestEnd::Migrated(_)) {
+            eprintln!(
+                "destination console:\n{}",
+                String::from_utf8_lossy(&console.lock().unwrap())
+            );
+        }
+        out
     })
 }
 
@@ -303,4 +311,38 @@ fn recover_after_a_lost_connection_completes_the_migration() {
         "{s:?}"
     );
     assert!(s.pages_pushed + s.pages_answered > summary.data_pages, "{s:?}");
+}
+
+#[test]
+fn a_vm_received_with_precopy_migrates_again_at_once() {
+    let cfg = touch_cfg();
+    let lb = Listener::bind(&Endpoint::Unix(sock("chain-b"))).unwrap();
+    let lc = Listener::bind(&Endpoint::Unix(sock("chain-c"))).unwrap();
+    let (to_b, to_c) = (lb.endpoint().unwrap(), lc.endpoint().unwrap());
+    let (htx, hrx) = mpsc::channel();
+    let b = destination_with_handle(lb, Duration::from_secs(1), htx);
+    let c = destination(lc, Duration::from_secs(1));
+    let a = source(&cfg, Duration::from_millis(300));
+    let options = MigrateOptions {
+        precopy_rounds: 2,
+        ..Default::default()
+    };
+    let first = a.migrate(&to_b, &options).unwrap();
+    assert!(matches!(a.wait().unwrap().end, GuestEnd::Migrated(_)));
+    // B moves on while it may still be placing what A pre-copied.
+    let bh = hrx.recv_timeout(Duration::from_secs(60)).unwrap();
+    let second = bh.migrate(&to_c, &options);
+    let out_b = b.join().unwrap();
+    let second = second.unwrap_or_else(|e| panic!("{e}: B ended with {:?}", out_b.run.end));
+    assert!(
+        matches!(out_b.run.end, GuestEnd::Migrated(_)),
+        "{:?}",
+        out_b.run.end
+    );
+    let out_c = c.join().unwrap();
+    eprintln!("{first:?}\n{second:?}\n{:?}", out_c.stats);
+    assert_eq!(out_c.run.end, GuestEnd::Exited(0), "{:?}", out_c.lost);
+    let sum = verify_reports(&out_c.config, &out_c.run);
+    assert!(matches!(sum, Ok(Some(_))), "{sum:?}");
+    assert!(second.precopy_pages > 0, "{second:?}");
 }

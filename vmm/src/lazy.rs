@@ -95,8 +95,9 @@ struct Prefetch {
 /// Fetches every missing page of the source's data ranges through the retry
 /// cores, as a fault would (so it races safely with the handler: the cores'
 /// page claims decide who fills a page). Used by the background prefetch of a
-/// lazy restore and before a snapshot of lazily backed memory, whose pages
-/// not yet fetched would otherwise be missing from it.
+/// lazy restore and before a snapshot or migration of lazily backed memory,
+/// whose pages not yet fetched (or still being filled) would otherwise be
+/// missing from it.
 #[derive(Debug, Clone)]
 pub struct Materializer {
     uffd: Arc<Uffd>,
@@ -123,23 +124,34 @@ impl Materializer {
                     a += PAGE_SIZE;
                     continue;
                 };
-                if core.page_state(host) == Some(PageState::Missing) {
-                    loop {
-                        let report = core.resolve_waiting(
-                            &self.uffd,
-                            host,
-                            Instant::now() + Duration::from_millis(100),
-                        );
-                        match report.outcome {
-                            FaultOutcome::Resolved { .. } => break,
-                            FaultOutcome::Failed(e) => return Err(e.to_string()),
-                            FaultOutcome::Retry(RetryReason::TimedOut) if stop.load(Ordering::Relaxed) => {
-                                return Ok(())
-                            }
-                            FaultOutcome::Retry(_) => {}
+                loop {
+                    match core.page_state(host) {
+                        Some(PageState::Missing) => {
+                            let report = core.resolve_waiting(
+                                &self.uffd,
+                                host,
+                                Instant::now() + Duration::from_millis(100),
+                            );
+                            match report.outcome {
+                                FaultOutcome::Resolved { .. } => done.fetch_add(1, Ordering::Relaxed),
+                                FaultOutcome::Failed(e) => return Err(e.to_string()),
+                                FaultOutcome::Retry(RetryReason::TimedOut)
+                                    if stop.load(Ordering::Relaxed) =>
+                                {
+                                    return Ok(())
+                                }
+                                FaultOutcome::Retry(_) => 0,
+                            };
                         }
+                        // Another thread is filling it: its data is not in
+                        // memory yet, and whoever reads memory next (a
+                        // snapshot, a migration) must see it. Fills never wait
+                        // for a vCPU, so this is short.
+                        Some(PageState::InFlight) if !stop.load(Ordering::Relaxed) => {
+                            std::thread::sleep(Duration::from_micros(50));
+                        }
+                        _ => break,
                     }
-                    done.fetch_add(1, Ordering::Relaxed);
                 }
                 a += PAGE_SIZE;
             }
@@ -149,6 +161,16 @@ impl Materializer {
 }
 
 impl Materializer {
+    /// Whether guest page `gpa` is mapped (not missing, not being filled).
+    pub fn is_present(&self, gpa: u64) -> bool {
+        self.cores.iter().any(|c| {
+            let r = c.region();
+            gpa >= r.guest_offset
+                && gpa - r.guest_offset < r.size
+                && c.page_state(r.host_base + (gpa - r.guest_offset)) == Some(PageState::Present)
+        })
+    }
+
     /// Resolves guest page `gpa` through its retry core if it is still
     /// missing (a migrated page that just arrived). Gives up quietly after a
     /// few seconds: the page then stays with the source and a fault fetches it.

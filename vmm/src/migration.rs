@@ -1643,6 +1643,20 @@ pub fn receive(
     let precopy_kept = precopied.len() as u64;
     let mut to_place: Vec<u64> = precopied.keys().copied().collect();
     to_place.sort_unstable();
+    // The VM's data ranges cover the kept pre-copied pages too, so that
+    // fetching its memory in full (a snapshot, a further migration) gets
+    // the ones not placed yet.
+    let snap = if to_place.is_empty() {
+        snap
+    } else {
+        let mut all: Vec<u64> = pairs
+            .iter()
+            .flat_map(|&(g, l)| (g..g + l).step_by(PAGE))
+            .chain(to_place.iter().copied())
+            .collect();
+        all.sort_unstable();
+        Snapshot::from_parts(&state, extents_of(&all))?
+    };
     progress.data_pages.store(data_pages, Ordering::Relaxed);
     let src = Arc::new(RemoteSource::new(
         "migration".into(),
@@ -1677,7 +1691,12 @@ pub fn receive(
                     if let Err(e) = m.resolve_page(gpa) {
                         tracing::warn!("placing pre-copied page {gpa:#x}: {e}");
                     }
-                    lock(&src.precopied).remove(&gpa);
+                    // Dropped only once mapped: a fault's fill that is still
+                    // in flight may not have fetched it yet (the copy then
+                    // stays until the VM ends).
+                    if m.is_present(gpa) {
+                        lock(&src.precopied).remove(&gpa);
+                    }
                 }
             })
             .map_err(io("starting the placer thread"))?
