@@ -42,6 +42,19 @@ pub fn current_cpu() -> Option<usize> {
     usize::try_from(cpu).ok()
 }
 
+/// Where to put a lone vCPU thread and the fault handler together: the CPU
+/// the calling thread runs on now if its affinity allows it (so concurrent
+/// VMMs spread over the host), else the first allowed CPU; `None` if the
+/// kernel does not say. On a 1-CPU host this is that CPU, where both threads
+/// run anyway.
+pub fn colocation_cpu() -> Option<usize> {
+    let allowed = allowed_cpus().ok()?;
+    match current_cpu() {
+        Some(c) if allowed.contains(&c) => Some(c),
+        _ => allowed.first().copied(),
+    }
+}
+
 /// The CPUs the calling thread may run on (its affinity mask), ascending.
 pub fn allowed_cpus() -> io::Result<Vec<usize>> {
     // SAFETY: cpu_set_t is a plain bit array; all zeroes is the empty set.

@@ -197,7 +197,8 @@ pub struct Stats {
     pub failures: u64,
     /// Pages filled with UFFDIO_COPY.
     pub pages_copied: u64,
-    /// Pages filled with UFFDIO_ZEROPAGE.
+    /// Pages filled with zeros: UFFDIO_ZEROPAGE, or for the page of a write
+    /// fault a UFFDIO_COPY of a zeroed page (see [`RetryCore::resolve_access`]).
     pub pages_zeroed: u64,
     /// Of the filled pages, neighbours filled by fault-around.
     pub fault_around_pages: u64,
@@ -254,6 +255,8 @@ pub struct RetryCore {
     states: Box<[AtomicU8]>,
     source: Arc<dyn PageSource>,
     counters: Counters,
+    /// One zeroed page: the UFFDIO_COPY source of a write fault on a zero page.
+    zero_page: Box<[u8]>,
 }
 
 impl RetryCore {
@@ -298,6 +301,7 @@ impl RetryCore {
             states,
             source,
             counters: Counters::default(),
+            zero_page: vec![0u8; ps_usize].into_boxed_slice(),
         })
     }
 
@@ -368,15 +372,26 @@ impl RetryCore {
     /// One attempt at the fault on host address `addr`. Never blocks on the
     /// source beyond its own `fetch` call.
     pub fn resolve(&self, uffd: &Uffd, addr: u64) -> FaultOutcome {
+        self.resolve_access(uffd, addr, false)
+    }
+
+    /// [`RetryCore::resolve`] for a fault whose access is a `write` (the
+    /// event's write flag). A page that reads as zero is then filled with a
+    /// UFFDIO_COPY of a zeroed page rather than UFFDIO_ZEROPAGE: the shared
+    /// zero page is read-only, so the write would take a second, copy-on-write
+    /// fault, whose MMU-notifier invalidation also makes KVM retry its stage-2
+    /// fault (about 25 us per fault on this platform, see docs/retry-core.md).
+    /// Fault-around neighbours are still mapped to the zero page.
+    pub fn resolve_access(&self, uffd: &Uffd, addr: u64, write: bool) -> FaultOutcome {
         bump(&self.counters.attempts, 1);
-        let out = self.resolve_inner(uffd, addr);
+        let out = self.resolve_inner(uffd, addr, write);
         if matches!(out, FaultOutcome::Failed(_)) {
             bump(&self.counters.failures, 1);
         }
         out
     }
 
-    fn resolve_inner(&self, uffd: &Uffd, addr: u64) -> FaultOutcome {
+    fn resolve_inner(&self, uffd: &Uffd, addr: u64, write: bool) -> FaultOutcome {
         let Some(idx) = self.index(addr) else {
             return FaultOutcome::Failed(FaultError::OutOfRegion { addr });
         };
@@ -409,7 +424,7 @@ impl RetryCore {
                 }
                 PageState::Removed if self.config.after_remove == AfterRemove::Zero => {
                     if self.claim(idx, PageState::Removed) {
-                        return self.fill_zero(uffd, idx, idx, idx + 1);
+                        return self.fill_zero(uffd, idx, idx, idx + 1, write);
                     }
                 }
                 PageState::Removed => {
@@ -422,7 +437,7 @@ impl RetryCore {
                 }
                 PageState::Missing => {
                     if self.claim(idx, PageState::Missing) {
-                        return self.fetch_and_fill(uffd, idx, self.source.bulk_cheap());
+                        return self.fetch_and_fill(uffd, idx, self.source.bulk_cheap(), write);
                     }
                 }
             }
@@ -449,7 +464,7 @@ impl RetryCore {
         (lo, hi)
     }
 
-    fn fetch_and_fill(&self, uffd: &Uffd, idx: usize, around: bool) -> FaultOutcome {
+    fn fetch_and_fill(&self, uffd: &Uffd, idx: usize, around: bool, write: bool) -> FaultOutcome {
         let (lo, hi) = if around {
             self.claim_run(idx)
         } else {
@@ -460,12 +475,12 @@ impl RetryCore {
         bump(&self.counters.fetches, 1);
         match self.source.fetch(self.guest(lo), &mut buf) {
             FetchOutcome::Ready => self.fill_copy(uffd, idx, lo, hi, &buf),
-            FetchOutcome::Zero => self.fill_zero(uffd, idx, lo, hi),
+            FetchOutcome::Zero => self.fill_zero(uffd, idx, lo, hi, write),
             FetchOutcome::Retry(reason) => {
                 self.set(lo..hi, PageState::Missing);
                 if hi - lo > 1 && self.claim(idx, PageState::Missing) {
                     // A neighbour may be the one not ready: the faulting page alone.
-                    return self.fetch_and_fill(uffd, idx, false);
+                    return self.fetch_and_fill(uffd, idx, false, write);
                 }
                 FaultOutcome::Retry(reason)
             }
@@ -473,7 +488,7 @@ impl RetryCore {
                 self.set(lo..hi, PageState::Missing);
                 if hi - lo > 1 && self.claim(idx, PageState::Missing) {
                     // A neighbour may be the bad one: the faulting page alone.
-                    return self.fetch_and_fill(uffd, idx, false);
+                    return self.fetch_and_fill(uffd, idx, false, write);
                 }
                 FaultOutcome::Failed(FaultError::Source {
                     guest_addr: self.guest(idx),
@@ -497,20 +512,29 @@ impl RetryCore {
         )
     }
 
-    fn fill_zero(&self, uffd: &Uffd, idx: usize, lo: usize, hi: usize) -> FaultOutcome {
+    /// Zero-fills `[lo, hi)`; with `write`, page `idx` by a copy of a zeroed
+    /// page (see [`RetryCore::resolve_access`]) and its neighbours by ZEROPAGE.
+    fn fill_zero(&self, uffd: &Uffd, idx: usize, lo: usize, hi: usize, write: bool) -> FaultOutcome {
         self.fill(
             idx,
             lo,
             hi,
             ResolvedBy::ZeroPage,
-            |i| uffd.zeropage(self.host(i), (hi - i) as u64 * self.page_size, false),
+            |i| {
+                if write && i == idx {
+                    return uffd.copy(self.host(i), &self.zero_page, false);
+                }
+                let end = if write && i < idx { idx } else { hi };
+                uffd.zeropage(self.host(i), (end - i) as u64 * self.page_size, false)
+            },
             uffd,
         )
     }
 
     /// Fills the claimed run `[lo, hi)` (which contains `idx`) from page `i` on
-    /// with `op(i)`, skipping pages the kernel already has. Every filled or
-    /// found page becomes Present; the rest go back to Missing.
+    /// with `op(i)` (which returns the bytes it filled from page `i`, at least
+    /// one page), skipping pages the kernel already has. Every filled or found
+    /// page becomes Present; the rest go back to Missing.
     fn fill(
         &self,
         idx: usize,
@@ -529,14 +553,15 @@ impl RetryCore {
         let mut result = None;
         while i < hi {
             match op(i) {
-                Ok(_) => {
-                    self.set(i..hi, PageState::Present);
-                    filled += hi - i;
-                    if (i..hi).contains(&idx) {
+                Ok(n) => {
+                    let k = (n / ps).clamp(1, hi - i);
+                    self.set(i..i + k, PageState::Present);
+                    filled += k;
+                    if (i..i + k).contains(&idx) {
                         fault_done = true;
                         own = true;
                     }
-                    i = hi;
+                    i += k;
                 }
                 Err(CopyError::Again { copied }) if copied >= ps => {
                     // Partial: the kernel stopped at a page that exists; go on after it.
@@ -953,6 +978,61 @@ mod tests {
         );
         assert_eq!(d.byte(2, 5), pattern(2, 5));
         assert_eq!(d.core.stats().eagain, 1);
+    }
+
+    /// The page frame number mapped at `addr` (0 when unknown, e.g. unprivileged).
+    fn pfn(addr: u64) -> u64 {
+        use std::os::unix::fs::FileExt;
+        let mut b = [0u8; 8];
+        let f = std::fs::File::open("/proc/self/pagemap").expect("pagemap");
+        f.read_exact_at(&mut b, addr / ps() * 8).expect("pagemap entry");
+        u64::from_ne_bytes(b) & ((1 << 55) - 1)
+    }
+
+    #[test]
+    fn write_fault_on_a_zero_page_gets_its_own_page() {
+        let src: Arc<dyn PageSource> = Arc::new(ZeroSource::new().expect("eventfd"));
+        let map = AnonMapping::new((8 * ps()) as usize).expect("mmap");
+        let uffd = Uffd::new(Features::NONE, Features::NONE).expect("uffd");
+        uffd.register(map.addr(), map.len() as u64, RegisterMode::MISSING)
+            .expect("register");
+        let region = Region {
+            host_base: map.addr(),
+            size: map.len() as u64,
+            guest_offset: 0,
+        };
+        let around = CoreConfig {
+            fault_around: 4,
+            ..OFF
+        };
+        let core = RetryCore::new(region, src, around).expect("core");
+        let at = |p: u64| map.addr() + p * ps();
+        assert!(matches!(
+            core.resolve_access(&uffd, at(5), true),
+            FaultOutcome::Resolved {
+                pages: 4,
+                by: ResolvedBy::ZeroPage
+            }
+        ));
+        assert!(matches!(
+            core.resolve_access(&uffd, at(1), false),
+            FaultOutcome::Resolved { pages: 4, .. }
+        ));
+        for p in 0..8 {
+            assert_eq!(core.page_state(at(p)), Some(PageState::Present), "page {p}");
+            // SAFETY: every page of `map` is mapped now.
+            assert_eq!(unsafe { std::ptr::read_volatile(at(p) as *const u8) }, 0);
+        }
+        let s = core.stats();
+        assert_eq!((s.pages_zeroed, s.pages_copied, s.fault_around_pages), (8, 0, 6));
+        let zero = pfn(at(0));
+        if zero != 0 {
+            // Neighbours and read faults share the zero page; the written page does not.
+            for p in [0, 1, 2, 3, 4, 6, 7] {
+                assert_eq!(pfn(at(p)), zero, "page {p}");
+            }
+            assert_ne!(pfn(at(5)), zero, "the write fault's page must be writable");
+        }
     }
 
     #[test]

@@ -97,6 +97,8 @@ struct Pending {
     failed: bool,
     failure: Option<FaultError>,
     waiters: Vec<Waiter>,
+    /// Some waiter's access is a write (see [`RetryCore::resolve_access`]).
+    write: bool,
 }
 
 /// What [`HandlerControl::blocked`] and [`HandlerControl::per_thread`] read:
@@ -343,11 +345,16 @@ impl FaultHandler {
 
     fn on_event(&mut self, cores: &[Arc<RetryCore>], ev: Event) {
         match ev {
-            Event::PageFault { addr, thread_id, .. } => {
+            Event::PageFault {
+                addr,
+                thread_id,
+                flags,
+            } => {
                 self.control.shared.events.fetch_add(1, Ordering::Relaxed);
                 let page = addr & !(crate::page_size() as u64 - 1);
                 if let Some(p) = self.pending.get_mut(&page) {
                     self.control.shared.merged.fetch_add(1, Ordering::Relaxed);
+                    p.write |= flags.write;
                     // A thread faulting again (after a signal) keeps its first
                     // `since`; its second event must not count as a second fault.
                     if thread_id.is_none() || !p.waiters.iter().any(|w| w.tid == thread_id) {
@@ -381,6 +388,7 @@ impl FaultHandler {
                         since: now,
                         retries_at_join: 0,
                     }],
+                    write: flags.write,
                 };
                 // Visible as "in progress" while the source works on it.
                 p.publish(&self.control.shared, false);
@@ -405,7 +413,7 @@ impl FaultHandler {
 
     /// One attempt; returns whether the fault is finished.
     fn attempt(&self, core: &RetryCore, p: &mut Pending) -> bool {
-        match core.resolve(&self.uffd, p.addr) {
+        match core.resolve_access(&self.uffd, p.addr, p.write) {
             FaultOutcome::Resolved { .. } => {
                 core.record_fault(p.retries, p.first.elapsed());
                 true

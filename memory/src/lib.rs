@@ -22,7 +22,7 @@ pub mod uffd;
 #[allow(clippy::cast_possible_truncation)] // test sizes are small
 mod testutil;
 
-pub use crate::affinity::{current_cpu, pin_current_thread};
+pub use crate::affinity::{colocation_cpu, current_cpu, pin_current_thread};
 pub use crate::core::{
     AfterRemove, CoreConfig, CoreError, FaultError, FaultOutcome, FaultReport, PageState, Region, ResolvedBy,
     RetryCore, Stats,

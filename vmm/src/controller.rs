@@ -328,6 +328,7 @@ pub(crate) fn start(mut vm: Vm) -> Result<RunningVm, VmError> {
             vm.bus.clone(),
             initial,
             on_stop.clone(),
+            if i == 0 { vm.fault_cpu } else { None },
         )?);
     }
     let thread = std::thread::Builder::new()

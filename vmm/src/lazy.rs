@@ -210,12 +210,14 @@ impl LazyMemory {
     /// Registers every region of `mem` and starts the handler thread; `None`
     /// for [`MemBackend::Anon`]. Call after the loader wrote guest memory.
     /// `source` replaces the backend's own page source (tests, custom sources);
-    /// the backend must still be lazy.
+    /// the backend must still be lazy. `handler_cpu` pins the handler thread
+    /// (the VMM puts it on the CPU of a lone vCPU, see `docs/retry-core.md`).
     pub fn start(
         mem: &GuestRam,
         backend: &MemBackend,
         fault_around: u32,
         source: Option<Arc<dyn PageSource>>,
+        handler_cpu: Option<usize>,
     ) -> Result<Option<LazyMemory>, LazyError> {
         let source = match (open_source(backend)?, source) {
             (None, _) => return Ok(None),
@@ -252,6 +254,12 @@ impl LazyMemory {
         let thread = std::thread::Builder::new()
             .name("uffd-handler".into())
             .spawn(move || {
+                if let Some(cpu) = handler_cpu {
+                    // Only slower if it fails: the scheduler places the thread.
+                    if let Err(e) = ::memory::pin_current_thread(cpu) {
+                        tracing::warn!("the userfault handler stays unpinned: {e}");
+                    }
+                }
                 let r = handler.run_until_stopped();
                 if let Err(e) = &r {
                     tracing::error!("the userfault handler stopped: {e}");
@@ -465,7 +473,7 @@ mod tests {
     #[test]
     fn anon_needs_no_handler() {
         let mem = crate::memory::create_guest_memory(64 << 20).unwrap();
-        assert!(LazyMemory::start(&mem, &MemBackend::Anon, 0, None)
+        assert!(LazyMemory::start(&mem, &MemBackend::Anon, 0, None, None)
             .unwrap()
             .is_none());
     }
@@ -477,7 +485,9 @@ mod tests {
             path: "/nonexistent/vmm-mem".into(),
             offset: 0,
         };
-        let e = LazyMemory::start(&mem, &b, 16, None).unwrap_err().to_string();
+        let e = LazyMemory::start(&mem, &b, 16, None, None)
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("/nonexistent/vmm-mem") && e.contains("--mem-backend"),
             "{e}"

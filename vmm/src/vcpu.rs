@@ -235,13 +235,15 @@ pub struct VcpuHandle {
 const REKICK: Duration = Duration::from_millis(2);
 
 impl VcpuHandle {
-    /// Starts the thread of `fd` in `initial` state (`Running` or `Paused`).
+    /// Starts the thread of `fd` in `initial` state (`Running` or `Paused`),
+    /// pinned to CPU `pin` if given.
     pub fn spawn(
         cpu: u32,
         fd: VcpuFd,
         bus: Arc<IoManager>,
         initial: VcpuState,
         on_stop: StopSink,
+        pin: Option<usize>,
     ) -> Result<VcpuHandle, VcpuError> {
         install_kick_handler()?;
         let (tx, rx) = mpsc::channel();
@@ -257,6 +259,7 @@ impl VcpuHandle {
             kick: kick.clone(),
             stats: stats.clone(),
             on_stop,
+            pin,
         };
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{cpu}"))
@@ -381,6 +384,8 @@ struct VcpuThread {
     kick: Arc<Kick>,
     stats: Arc<VcpuStats>,
     on_stop: StopSink,
+    /// The CPU to pin this thread to (shared with the fault handler).
+    pin: Option<usize>,
 }
 
 impl VcpuThread {
@@ -391,6 +396,12 @@ impl VcpuThread {
         // SAFETY: gettid has no preconditions.
         let tid = unsafe { libc::gettid() };
         self.stats.tid.store(tid, Ordering::Release);
+        if let Some(c) = self.pin {
+            // Only slower if it fails: the scheduler places the thread.
+            if let Err(e) = ::memory::pin_current_thread(c) {
+                tracing::warn!(cpu = self.cpu, "vCPU thread stays unpinned: {e}");
+            }
+        }
         self.kick.set_target(Some(KickTarget {
             immediate_exit,
             thread,

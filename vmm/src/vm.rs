@@ -296,6 +296,8 @@ pub struct Vm {
     first_output: Arc<OnceLock<Instant>>,
     created: Instant,
     tsc_khz: Option<u32>,
+    /// The CPU vCPU 0 and the fault handler share (a lone vCPU with lazy memory).
+    pub(crate) fault_cpu: Option<usize>,
     // Filled by the page-store device when the guest sends its statistics.
     guest_stats: devices::page_store::GuestStatsCell,
 }
@@ -454,6 +456,16 @@ impl Vm {
         // Only now, with every page the VMM writes present, may RAM be handed to
         // userfaultfd: a VMM write to a missing page would block this thread.
         let custom = options.page_source.as_ref().map(|s| s.0.clone());
+        // A stage-2 userfault blocks the vCPU thread until the handler fills the
+        // page: on one CPU the two hand over directly, across CPUs each fault
+        // pays two remote wake-ups (docs/retry-core.md, "Thread placement").
+        // With several vCPUs the handler stays unpinned: on a vCPU's CPU it
+        // would wait behind that running vCPU while another one's fault waits.
+        let fault_cpu = if config.vcpus == 1 {
+            ::memory::colocation_cpu()
+        } else {
+            None
+        };
         let mut lazy = LazyMemory::start(
             &mem,
             &memory.backend,
@@ -463,7 +475,9 @@ impl Vm {
                     .clone()
                     .map(|s| s as Arc<dyn ::memory::PageSource>)
             }),
+            fault_cpu,
         )?;
+        let fault_cpu = fault_cpu.filter(|_| lazy.is_some());
         if let (Some(l), Some(snap), true) = (lazy.as_mut(), restore, options.page_source.is_some()) {
             l.set_data_ranges(
                 snap.manifest
@@ -603,6 +617,7 @@ impl Vm {
             first_output,
             created,
             tsc_khz,
+            fault_cpu,
             guest_stats,
         })
     }
