@@ -55,6 +55,102 @@ pub fn raw_uffd_round_trip_pinned(pages: usize, same_cpu: bool) -> Result<Durati
         .map_err(|_| BenchError::Thread("the toucher panicked".into()))?
 }
 
+/// The minimal handler of the baselines: one thread that polls the
+/// userfaultfd and answers every page fault with one UFFDIO_COPY of a page of
+/// 0x5A bytes; nothing else (no tracking, no source, no statistics).
+#[derive(Debug)]
+pub struct MinimalHandler {
+    done: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Result<(), BenchError>>>,
+}
+
+impl MinimalHandler {
+    /// Starts serving `[base, base + len)` of `uffd` (registered by the
+    /// caller), pinned to `cpu` if given; returns once the thread is placed.
+    pub fn start(
+        uffd: Arc<Uffd>,
+        base: u64,
+        len: u64,
+        cpu: Option<usize>,
+    ) -> Result<MinimalHandler, BenchError> {
+        let done = Arc::new(AtomicBool::new(false));
+        let (placed_tx, placed_rx) = std::sync::mpsc::channel();
+        let thread = {
+            let done = done.clone();
+            std::thread::Builder::new()
+                .name("uffd-bench".into())
+                .spawn(move || -> Result<(), BenchError> {
+                    let placed = cpu.map_or(Ok(()), crate::affinity::pin_current_thread);
+                    let failed = placed.is_err();
+                    let _ = placed_tx.send(placed);
+                    if failed {
+                        return Ok(());
+                    }
+                    serve(&uffd, base, len, &done)
+                })
+                .map_err(|e| BenchError::Thread(e.to_string()))?
+        };
+        let mut h = MinimalHandler {
+            done,
+            thread: Some(thread),
+        };
+        // Touch only once the handler is where it was asked to be.
+        let placed = placed_rx
+            .recv()
+            .map_err(|_| BenchError::Thread("the handler ended before starting".into()));
+        if let Err(e) = placed.and_then(|r| r.map_err(BenchError::Pin)) {
+            let _ = h.stop();
+            return Err(e);
+        }
+        Ok(h)
+    }
+
+    /// Stops the thread; its error if it failed.
+    pub fn stop(&mut self) -> Result<(), BenchError> {
+        self.done.store(true, Ordering::Release);
+        match self.thread.take() {
+            Some(t) => t.join().map_err(|_| BenchError::Thread("panicked".into()))?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for MinimalHandler {
+    fn drop(&mut self) {
+        let _ = self.stop();
+    }
+}
+
+fn serve(uffd: &Uffd, base: u64, len: u64, done: &AtomicBool) -> Result<(), BenchError> {
+    let ps = crate::page_size();
+    let page = vec![0x5Au8; ps];
+    let mut pfd = libc::pollfd {
+        fd: std::os::fd::AsRawFd::as_raw_fd(uffd),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    while !done.load(Ordering::Acquire) {
+        // 10 ms timeout: the only reason to wake without an event is `done`.
+        // SAFETY: `pfd` is a valid pollfd for the duration of the call.
+        unsafe { libc::poll(&mut pfd, 1, 10) };
+        loop {
+            match uffd.read_event() {
+                Ok(Some(Event::PageFault { addr, .. })) => {
+                    let _ = uffd.copy(addr & !(ps as u64 - 1), &page, false);
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(e) => {
+                    // Unregistering wakes the toucher, which must not hang on us.
+                    let _ = uffd.unregister(base, len);
+                    return Err(e.into());
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// `cpus`: (toucher = calling thread, handler) to pin to.
 fn round_trip(pages: usize, cpus: Option<(usize, usize)>) -> Result<Duration, BenchError> {
     if let Some((toucher, _)) = cpus {
@@ -65,58 +161,7 @@ fn round_trip(pages: usize, cpus: Option<(usize, usize)>) -> Result<Duration, Be
     let map = AnonMapping::new(pages * ps).map_err(|e| BenchError::Map(pages, e))?;
     let uffd = Arc::new(Uffd::new(Features::NONE, Features::NONE)?);
     uffd.register(map.addr(), map.len() as u64, RegisterMode::MISSING)?;
-    let done = Arc::new(AtomicBool::new(false));
-    let (placed_tx, placed_rx) = std::sync::mpsc::channel();
-    let handler = {
-        let (uffd, done) = (uffd.clone(), done.clone());
-        let (base, len) = (map.addr(), map.len() as u64);
-        std::thread::Builder::new()
-            .name("uffd-bench".into())
-            .spawn(move || -> Result<(), BenchError> {
-                let placed = cpus.map_or(Ok(()), |(_, cpu)| crate::affinity::pin_current_thread(cpu));
-                let failed = placed.is_err();
-                let _ = placed_tx.send(placed);
-                if failed {
-                    return Ok(());
-                }
-                let page = vec![0x5Au8; ps];
-                let mut pfd = libc::pollfd {
-                    fd: std::os::fd::AsRawFd::as_raw_fd(&*uffd),
-                    events: libc::POLLIN,
-                    revents: 0,
-                };
-                while !done.load(Ordering::Acquire) {
-                    // 10 ms timeout: the only reason to wake without an event is `done`.
-                    // SAFETY: `pfd` is a valid pollfd for the duration of the call.
-                    unsafe { libc::poll(&mut pfd, 1, 10) };
-                    loop {
-                        match uffd.read_event() {
-                            Ok(Some(Event::PageFault { addr, .. })) => {
-                                let _ = uffd.copy(addr & !(ps as u64 - 1), &page, false);
-                            }
-                            Ok(Some(_)) => {}
-                            Ok(None) => break,
-                            Err(e) => {
-                                // Unregistering wakes the toucher, which must not hang on us.
-                                let _ = uffd.unregister(base, len);
-                                return Err(e.into());
-                            }
-                        }
-                    }
-                }
-                Ok(())
-            })
-            .map_err(|e| BenchError::Thread(e.to_string()))?
-    };
-    // Touch only once the handler is where it was asked to be.
-    let placed = placed_rx
-        .recv()
-        .map_err(|_| BenchError::Thread("the handler ended before starting".into()));
-    if let Err(e) = placed.and_then(|r| r.map_err(BenchError::Pin)) {
-        done.store(true, Ordering::Release);
-        let _ = handler.join();
-        return Err(e);
-    }
+    let mut handler = MinimalHandler::start(uffd, map.addr(), map.len() as u64, cpus.map(|(_, h)| h))?;
     let start = Instant::now();
     for i in 0..pages {
         // SAFETY: the address is inside `map`, which lives until the end of this
@@ -124,10 +169,7 @@ fn round_trip(pages: usize, cpus: Option<(usize, usize)>) -> Result<Duration, Be
         unsafe { std::ptr::read_volatile(map.ptr().add(i * ps)) };
     }
     let elapsed = start.elapsed();
-    done.store(true, Ordering::Release);
-    handler
-        .join()
-        .map_err(|_| BenchError::Thread("panicked".into()))??;
+    handler.stop()?;
     Ok(elapsed / u32::try_from(pages).unwrap_or(u32::MAX))
 }
 

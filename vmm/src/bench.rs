@@ -44,6 +44,9 @@ pub enum BenchError {
         /// Why.
         source: std::io::Error,
     },
+    /// The minimal-VM baseline failed.
+    #[error("{0}")]
+    MinimalVm(#[from] crate::arch::x86_64::minimal::MinimalVmError),
     /// No TSC frequency to convert guest cycles.
     #[error("KVM does not report the guest TSC frequency; cannot time the guest loop")]
     NoTsc,
@@ -115,6 +118,12 @@ pub struct FaultBench {
     pub raw_uffd_same_cpu: Option<Figure>,
     /// Raw round trip with toucher and handler on different CPUs.
     pub raw_uffd_cross_cpu: Option<Figure>,
+    /// A minimal VM (no kernel, no VMM: a user-mode loop entered directly,
+    /// the raw round trip's handler on the vCPU's CPU) touching its pages
+    /// through the same kind of stage-2 userfault.
+    pub minimal_vm_rand: Figure,
+    /// `zero_rand / minimal_vm_rand`: what this VMM adds to a stage-2 userfault.
+    pub ratio_to_minimal_vm: f64,
     /// Guest random touches over anonymous memory (stage-2 fault without userfault).
     pub anon_rand: Figure,
     /// Guest random touches, every page a userfault served by the retry core.
@@ -239,6 +248,10 @@ pub fn fault(opts: FaultBenchOptions, progress: &mut dyn FnMut(&str)) -> Result<
     let raw_uffd = raw(n, pages, None)?;
     let raw_uffd_same_cpu = raw(n, pages, Some(true)).ok();
     let raw_uffd_cross_cpu = raw(n, pages, Some(false)).ok();
+    progress("a minimal VM's stage-2 userfaults");
+    let minimal_vm_rand = repeat(n, || {
+        Ok(crate::arch::x86_64::minimal::stage2_touch(pages)?.as_secs_f64() * 1e6)
+    })?;
     progress("guest random touches over anonymous memory");
     let anon_rand = repeat(n, || guest_touch(pages, true, MemoryConfig::default()))?;
     progress("guest random touches through the retry core");
@@ -269,6 +282,8 @@ pub fn fault(opts: FaultBenchOptions, progress: &mut dyn FnMut(&str)) -> Result<
         pages,
         repeats: n,
         ratio_rand: zero_rand.median_us / raw_uffd.median_us,
+        ratio_to_minimal_vm: zero_rand.median_us / minimal_vm_rand.median_us,
+        minimal_vm_rand,
         ratio_seq: zero_seq.median_us / raw_uffd.median_us,
         fault_around_speedup: file_seq_no_fault_around.median_us / best,
         raw_uffd,
@@ -312,6 +327,11 @@ impl std::fmt::Display for FaultBench {
         }
         row(
             f,
+            "minimal VM (no VMM), stage-2 userfault, minimal handler",
+            &self.minimal_vm_rand,
+        )?;
+        row(
+            f,
             "guest rand touch, anonymous memory (no userfault)",
             &self.anon_rand,
         )?;
@@ -327,8 +347,11 @@ impl std::fmt::Display for FaultBench {
         )?;
         writeln!(
             f,
-            "  ratio to the raw round trip: rand {:.2}x, seq {:.2}x",
-            self.ratio_rand, self.ratio_seq
+            "  ratio to the raw round trip: rand {:.2}x, seq {:.2}x (the minimal VM's: {:.2}x); to the minimal VM: rand {:.2}x",
+            self.ratio_rand,
+            self.ratio_seq,
+            self.minimal_vm_rand.median_us / self.raw_uffd.median_us,
+            self.ratio_to_minimal_vm
         )?;
         row(
             f,

@@ -205,6 +205,7 @@ fn bench_fault_reports_every_figure() {
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     for key in [
         "raw_uffd",
+        "minimal_vm_rand",
         "anon_rand",
         "zero_rand",
         "zero_seq",
@@ -214,6 +215,7 @@ fn bench_fault_reports_every_figure() {
         assert!(median > 0.0, "{key}: {}", v[key]);
     }
     assert!(v["ratio_rand"].as_f64().unwrap_or(0.0) > 0.0);
+    assert!(v["ratio_to_minimal_vm"].as_f64().unwrap_or(0.0) > 0.0);
     assert_eq!(v["file_seq_fault_around"].as_array().map(Vec::len), Some(2));
 }
 
