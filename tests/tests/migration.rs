@@ -237,6 +237,8 @@ fn migrate_with_precopy_rounds_sends_only_the_last_writes_after_the_switchover()
         "{summary:?}"
     );
     assert!(summary.precopy_pages > 0, "{summary:?}");
+    // The workload writes throughout: the dirty log saw some of it.
+    assert!(summary.precopy_dirty.iter().sum::<u64>() > 0, "{summary:?}");
     assert_eq!(s.precopy_pages, summary.precopy_pages);
     assert!(s.precopy_kept > 0 && s.precopy_kept <= s.precopy_pages, "{s:?}");
     // One dirty count per later round and one at the switchover, which is
@@ -287,6 +289,17 @@ fn recover_after_a_lost_connection_completes_the_migration() {
         dh.stats().unwrap().paused,
         "the destination runs without its source"
     );
+    // It may not run, nor be copied, while pages are missing.
+    let e = dh.resume().unwrap_err().to_string();
+    assert!(e.contains("source is lost"), "{e}");
+    let e = dh
+        .snapshot(
+            &std::env::temp_dir().join("vmm-mig-never"),
+            vmm::snapshot::AfterSnapshot::Pause,
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("source is lost"), "{e}");
     let options = MigrateOptions {
         resume: true,
         ..Default::default()

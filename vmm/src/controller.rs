@@ -24,7 +24,7 @@ use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, Subscrib
 use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -50,6 +50,9 @@ pub enum ControlError {
     /// Resume while the VM migrates.
     #[error("the VM is migrating; it can be resumed here only if the migration fails")]
     Migrating,
+    /// Resume (or snapshot, migrate) a destination whose source is lost.
+    #[error("this VM's migration source is lost and holds pages it never sent: resume the migration (`vmm ctl DEST recover --from ADDR`, then `vmm ctl SRC migrate --to ADDR --resume`), or resume the VM on the source")]
+    SourceLost,
     /// A vCPU neither acknowledged nor is blocked in a fault.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
@@ -118,7 +121,7 @@ pub(crate) enum ControlRequest {
     /// Destination: wait for the lost source to resume the migration.
     Recover(Endpoint, Sender<Result<Endpoint, MigrationError>>),
     /// Destination: where `Recover` requests go (set by `migration::receive`).
-    SetRecoverHook(Sender<RecoverRequest>),
+    SetRecoverHook(Sender<RecoverRequest>, Arc<AtomicBool>),
     Stop,
 }
 
@@ -249,9 +252,11 @@ impl VmHandle {
             .map_err(|e| MigrationError::Control(e.to_string()))?
     }
 
-    pub(crate) fn set_recover_hook(&self, hook: Sender<RecoverRequest>) {
+    /// `lost` is set while the source is lost: the VM must not run, and its
+    /// memory cannot be fetched in full.
+    pub(crate) fn set_recover_hook(&self, hook: Sender<RecoverRequest>, lost: Arc<AtomicBool>) {
         self.events
-            .send(VmEvent::Control(ControlRequest::SetRecoverHook(hook)));
+            .send(VmEvent::Control(ControlRequest::SetRecoverHook(hook, lost)));
     }
 
     /// Ends the run (the guest is stopped where it is).
@@ -365,6 +370,7 @@ fn run_loop(
         migration: Phase::Idle,
         resumable: None,
         recover_hook: None,
+        source_lost: Arc::new(AtomicBool::new(false)),
     }));
     let mut em: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
         EventManager::new().map_err(|e| VmError::Device(format!("event manager: {e:?}")))?;
@@ -451,6 +457,8 @@ struct Controller {
     resumable: Option<Resumable>,
     /// Destination: where `recover` requests go.
     recover_hook: Option<Sender<RecoverRequest>>,
+    /// Destination: set while the migration source is lost.
+    source_lost: Arc<AtomicBool>,
 }
 
 /// Where an outgoing migration stands.
@@ -582,7 +590,10 @@ impl Controller {
                     )));
                 }
             },
-            ControlRequest::SetRecoverHook(hook) => self.recover_hook = Some(hook),
+            ControlRequest::SetRecoverHook(hook, lost) => {
+                self.recover_hook = Some(hook);
+                self.source_lost = lost;
+            }
             ControlRequest::Stop => {
                 self.end.get_or_insert(GuestEnd::Stopped);
             }
@@ -604,6 +615,14 @@ impl Controller {
         }
         if self.migration != Phase::Idle {
             return Err(refuse("a migration is already running".into()));
+        }
+        if self.source_lost.load(Ordering::Acquire) {
+            return Err(refuse(ControlError::SourceLost.to_string()));
+        }
+        if options.resume && options.precopy_rounds > 0 {
+            return Err(refuse(
+                "--resume continues an interrupted post-copy; it takes no pre-copy rounds".into(),
+            ));
         }
         if self.save.external_memory {
             return Err(refuse(
@@ -640,6 +659,7 @@ impl Controller {
                 mem: self.save.mem.clone(),
                 mem_size: self.save.config.mem_size,
                 materializer: self.save.materializer.clone(),
+                stop: self.source_lost.clone(),
                 switchover: Box::new(move || {
                     let (tx, rx) = mpsc::channel();
                     if !events.send(VmEvent::Control(ControlRequest::Switchover(tx))) {
@@ -776,9 +796,13 @@ impl Controller {
             let _ = self.events_fd.write(1);
         }
         if let Some(m) = &self.save.materializer {
-            m.run(&AtomicBool::new(false), &AtomicU64::new(0)).map_err(|e| {
+            m.run(&self.source_lost, &AtomicU64::new(0)).map_err(|e| {
                 SnapshotError::Control(format!("guest memory cannot be fetched in full: {e}"))
             })?;
+            // Stopped early: a page its lost migration source holds is missing.
+            if self.source_lost.load(Ordering::Acquire) {
+                return Err(SnapshotError::Control(ControlError::SourceLost.to_string()));
+            }
         }
         let msrs = Arc::new(snapshot::msr_index_list()?);
         let mut vcpus = Vec::new();
@@ -939,6 +963,9 @@ impl Controller {
         }
         if self.migration == Phase::Postcopy {
             return Err(ControlError::Migrating);
+        }
+        if self.source_lost.load(Ordering::Acquire) {
+            return Err(ControlError::SourceLost);
         }
         let targets = self.started.clone();
         self.request_all(&targets, "resume", || VcpuRequest::Resume)?;

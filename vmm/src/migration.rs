@@ -42,6 +42,8 @@ const PAGE_MSG: u32 = 8 + 4096;
 pub const MAX_STATE: u32 = 64 << 20;
 /// How long the source waits for the destination's header.
 const HEADER_WAIT: Duration = Duration::from_secs(10);
+/// A peer that takes nothing for this long is gone (a write fails).
+const WRITE_WAIT: Duration = Duration::from_secs(30);
 /// Largest number of extents in one message.
 pub const MAX_EXTENTS: u32 = 1 << 20;
 
@@ -149,15 +151,32 @@ pub enum Conn {
 impl Conn {
     /// Connects to `to`.
     pub fn connect(to: &Endpoint) -> Result<Conn, MigrationError> {
-        Ok(match to {
+        let c = match to {
             Endpoint::Unix(p) => Conn::Unix(UnixStream::connect(p).map_err(io("connect"))?),
             Endpoint::Tcp(a) => {
-                let s = TcpStream::connect(a).map_err(io("connect"))?;
+                use std::net::ToSocketAddrs;
+                let addr = a
+                    .to_socket_addrs()
+                    .map_err(io("resolving the address"))?
+                    .next()
+                    .ok_or_else(|| MigrationError::BadEndpoint(format!("tcp:{a}")))?;
+                // The source's controller may wait here: never for long.
+                let s = TcpStream::connect_timeout(&addr, HEADER_WAIT).map_err(io("connect"))?;
                 // Page requests are small and latency bound.
                 s.set_nodelay(true).map_err(io("setting TCP_NODELAY"))?;
                 Conn::Tcp(s)
             }
-        })
+        };
+        c.set_write_timeout(Some(WRITE_WAIT))?;
+        Ok(c)
+    }
+
+    fn set_write_timeout(&self, t: Option<Duration>) -> Result<(), MigrationError> {
+        match self {
+            Conn::Unix(s) => s.set_write_timeout(t),
+            Conn::Tcp(s) => s.set_write_timeout(t),
+        }
+        .map_err(io("setting a write timeout"))
     }
 
     fn try_clone(&self) -> Result<Conn, MigrationError> {
@@ -263,6 +282,7 @@ impl Listener {
                     Conn::Tcp(s) => s.set_nonblocking(false),
                 }
                 .map_err(io("setting blocking mode"))?;
+                c.set_write_timeout(Some(WRITE_WAIT))?;
                 Ok(Some(c))
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
@@ -271,14 +291,16 @@ impl Listener {
     }
 
     fn accept(&self) -> Result<Conn, MigrationError> {
-        Ok(match self {
+        let c = match self {
             Listener::Unix(l, _) => Conn::Unix(l.accept().map_err(io("accept"))?.0),
             Listener::Tcp(l) => {
                 let s = l.accept().map_err(io("accept"))?.0;
                 s.set_nodelay(true).map_err(io("setting TCP_NODELAY"))?;
                 Conn::Tcp(s)
             }
-        })
+        };
+        c.set_write_timeout(Some(WRITE_WAIT))?;
+        Ok(c)
     }
 }
 
@@ -1042,6 +1064,9 @@ pub struct PrecopyCtx {
     /// Fetches lazily backed memory in full first (pages the guest never
     /// wrote would otherwise be missing from the copy).
     pub materializer: Option<Materializer>,
+    /// Set when the VM's own (incoming) migration source is lost: its
+    /// memory cannot be fetched in full then.
+    pub stop: Arc<AtomicBool>,
     /// Pauses the VM and captures its state (on the controller).
     pub switchover: Box<dyn FnOnce() -> Result<(VmState, Instant), String> + Send>,
 }
@@ -1082,11 +1107,16 @@ fn precopy(to: &Endpoint, options: &MigrateOptions, ctx: PrecopyCtx) -> Result<O
         })
     };
     if let Some(m) = &ctx.materializer {
-        m.run(&AtomicBool::new(false), &AtomicU64::new(0)).map_err(|e| {
+        m.run(&ctx.stop, &AtomicU64::new(0)).map_err(|e| {
             early(MigrationError::Control(format!(
                 "guest memory cannot be fetched in full: {e}"
             )))
         })?;
+        if ctx.stop.load(Ordering::Acquire) {
+            return Err(early(MigrationError::Control(
+                crate::ControlError::SourceLost.to_string(),
+            )));
+        }
     }
     let conn = handshake(to).map_err(early)?;
     let mut w = BufWriter::with_capacity(64 << 10, conn.try_clone().map_err(early)?);
@@ -1219,8 +1249,10 @@ pub struct Progress {
     pub running: AtomicBool,
     /// Every page arrived.
     pub complete: AtomicBool,
-    /// The source is lost (the VM is paused until `recover`).
-    pub lost: AtomicBool,
+    /// The source is lost (the VM is paused until `recover`); shared with
+    /// the VM's controller, which refuses to resume, snapshot or migrate it
+    /// meanwhile.
+    pub lost: Arc<AtomicBool>,
 }
 
 /// The destination's page source: post-copy data pages come from the source
@@ -1238,6 +1270,9 @@ pub struct RemoteSource {
     lost: Mutex<Option<String>>,
     complete: AtomicBool,
     progress: Arc<Progress>,
+    /// Post-copy data pages announced, and how many arrived.
+    data_pages: u64,
+    arrived: AtomicU64,
 }
 
 impl std::fmt::Debug for RemoteSource {
@@ -1256,6 +1291,7 @@ impl RemoteSource {
         precopied: HashMap<u64, Vec<u8>>,
         progress: Arc<Progress>,
     ) -> Result<RemoteSource, MigrationError> {
+        let data_pages = extents.iter().map(|&(_, l)| l / PAGE64).sum();
         Ok(RemoteSource {
             name,
             notifier: Notifier::new().map_err(io("creating an eventfd"))?,
@@ -1267,6 +1303,8 @@ impl RemoteSource {
             lost: Mutex::new(None),
             complete: AtomicBool::new(false),
             progress,
+            data_pages,
+            arrived: AtomicU64::new(0),
         })
     }
 
@@ -1297,6 +1335,11 @@ impl RemoteSource {
     /// Why the connection to the source was lost before every page arrived.
     pub fn lost(&self) -> Option<String> {
         lock(&self.lost).clone()
+    }
+
+    /// Every post-copy data page has arrived.
+    fn all_arrived(&self) -> bool {
+        self.arrived.load(Ordering::Acquire) >= self.data_pages
     }
 
     /// Bit `i` set: the `i`-th data page (extent order) has not arrived.
@@ -1374,6 +1417,7 @@ impl RemoteSource {
             None => {}
         }
         slots.insert(gpa, Slot::Arrived(data));
+        self.arrived.fetch_add(1, Ordering::AcqRel);
         self.progress.received.fetch_add(1, Ordering::Relaxed);
         Ok(Some(asked))
     }
@@ -1677,7 +1721,7 @@ pub fn receive(
     src.send(&Message::Resumed);
     progress.running.store(true, Ordering::Release);
     let (recover_tx, recover_rx) = mpsc::channel();
-    running.set_recover_hook(recover_tx);
+    running.set_recover_hook(recover_tx, progress.lost.clone());
     on_resumed(&running.handle());
 
     // Pre-copied pages are placed in the background (a fault on one is
@@ -1724,6 +1768,10 @@ pub fn receive(
     let mut waiting: Option<Listener> = None;
     while !running.is_finished() {
         if let (None, Some(_)) = (lost_deadline, src.lost()) {
+            // Both connections go: the source must see the failure too (and
+            // keep its VM resumable) even if only one of them broke.
+            conn.shutdown();
+            answers.shutdown();
             paused_on_loss = match running.pause() {
                 Ok(_) => true,
                 Err(ControlError::AlreadyPaused) => paused_on_loss,
@@ -1752,36 +1800,44 @@ pub fn receive(
         }
         let back = waiting.as_ref().map(|l| l.try_accept());
         match back {
-            Some(Ok(Some(new))) => match waiting
-                .as_ref()
-                .map_or(Err(MigrationError::Control("no listener".into())), |l| {
-                    resume_with(&src, new, l)
-                }) {
-                Ok((new, new_answers)) => {
-                    conn.shutdown();
-                    answers.shutdown();
-                    let _ = receiver.join();
-                    let _ = answers_receiver.join();
-                    conn = new;
-                    answers = new_answers;
-                    // Requests and `Complete` go to the new connection before
-                    // anything can arrive on it (a `Done` is answered at once).
-                    src.reconnect(conn.try_clone()?);
-                    receiver = spawn_receiver(&conn)?;
-                    answers_receiver = spawn_receiver(&answers)?;
-                    waiting = None;
-                    lost_deadline = None;
-                    recoveries += 1;
-                    if paused_on_loss {
-                        match running.resume() {
-                            Ok(()) => paused_on_loss = false,
-                            Err(e) => tracing::warn!("cannot resume after the source came back: {e}"),
+            Some(Ok(Some(new))) => {
+                match waiting
+                    .as_ref()
+                    .map_or(Err(MigrationError::Control("no listener".into())), |l| {
+                        // Nothing may arrive on the old connections once `Need`
+                        // is computed (a page would come twice).
+                        conn.shutdown();
+                        answers.shutdown();
+                        std::mem::replace(&mut receiver, std::thread::spawn(|| ()))
+                            .join()
+                            .ok();
+                        std::mem::replace(&mut answers_receiver, std::thread::spawn(|| ()))
+                            .join()
+                            .ok();
+                        resume_with(&src, new, l)
+                    }) {
+                    Ok((new, new_answers)) => {
+                        conn = new;
+                        answers = new_answers;
+                        // Requests and `Complete` go to the new connection before
+                        // anything can arrive on it (a `Done` is answered at once).
+                        src.reconnect(conn.try_clone()?);
+                        receiver = spawn_receiver(&conn)?;
+                        answers_receiver = spawn_receiver(&answers)?;
+                        waiting = None;
+                        lost_deadline = None;
+                        recoveries += 1;
+                        if paused_on_loss {
+                            match running.resume() {
+                                Ok(()) => paused_on_loss = false,
+                                Err(e) => tracing::warn!("cannot resume after the source came back: {e}"),
+                            }
                         }
+                        tracing::info!("the migration source is back");
                     }
-                    tracing::info!("the migration source is back");
+                    Err(e) => tracing::warn!("a peer connected to resume the migration but failed: {e}"),
                 }
-                Err(e) => tracing::warn!("a peer connected to resume the migration but failed: {e}"),
-            },
+            }
             Some(Err(e)) => tracing::warn!("waiting for the source to come back: {e}"),
             _ => {}
         }
@@ -1911,6 +1967,22 @@ fn receive_pages(
                 }
             }
             Message::Done { downtime_us, .. } => {
+                // Answers still on the answer channel arrive first: the
+                // source may end only once every page is here.
+                let deadline = Instant::now() + HEADER_WAIT;
+                while !src.all_arrived() {
+                    if let Some(why) = src.lost() {
+                        return Err(MigrationError::Protocol(format!(
+                            "pages were missing at the end of the migration: {why}"
+                        )));
+                    }
+                    if Instant::now() >= deadline {
+                        return Err(MigrationError::Protocol(
+                            "the source said every page was sent, but some never arrived".into(),
+                        ));
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
                 src.complete.store(true, Ordering::Release);
                 src.progress.complete.store(true, Ordering::Release);
                 *lock(done_at) = Some((Instant::now(), downtime_us));

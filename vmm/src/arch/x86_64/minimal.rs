@@ -78,7 +78,11 @@ fn put(low: &mut [u8], at: usize, v: u64) {
 pub fn stage2_touch(pages: u64) -> Result<Duration, MinimalVmError> {
     // At most the mapped GiB; not a multiple of 7919, so every page is written.
     let pages = pages.clamp(1, 512 * 512);
-    let pages = if pages.is_multiple_of(7919) { pages + 1 } else { pages };
+    let pages = if pages.is_multiple_of(7919) {
+        pages + 1
+    } else {
+        pages
+    };
     let cpu = ::memory::colocation_cpu();
     std::thread::Builder::new()
         .name("minimal-vcpu".into())
@@ -113,22 +117,26 @@ fn run(pages: u64, cpu: Option<usize>) -> Result<Duration, MinimalVmError> {
         // VM and its vCPU (locals drop in reverse order).
         unsafe { vm.set_user_memory_region(region) }.map_err(kvm("KVM_SET_USER_MEMORY_REGION"))?;
     }
-    // SAFETY: `low` is a private mapping of LOW_SIZE bytes that nothing else
-    // references yet (no vCPU exists).
-    let l = unsafe { std::slice::from_raw_parts_mut(low.ptr(), LOW_SIZE) };
-    // Identity-mapped 2 MiB user pages: 0 (tables and code), the test
-    // region's first GiB, and the MMIO page at 3 GiB.
-    put(l, PML4, 0x2000 | TABLE);
-    put(l, 0x2000, 0x3000 | TABLE);
-    put(l, 0x2008, 0x4000 | TABLE);
-    put(l, 0x2018, 0x5000 | TABLE);
-    put(l, 0x3000, BIG_PAGE);
-    for (i, at) in (0x4000..0x5000).step_by(8).enumerate() {
-        put(l, at, (TEST_GPA + ((i as u64) << 21)) | BIG_PAGE);
+    {
+        // SAFETY: `low` is a private mapping of LOW_SIZE bytes, registered as
+        // slot 0 but not yet used by anyone: no vCPU exists. The slice ends
+        // with this block, before the vCPU (which sets accessed/dirty bits in
+        // these tables) is created.
+        let l = unsafe { std::slice::from_raw_parts_mut(low.ptr(), LOW_SIZE) };
+        // Identity-mapped 2 MiB user pages: 0 (tables and code), the test
+        // region's first GiB, and the MMIO page at 3 GiB.
+        put(l, PML4, 0x2000 | TABLE);
+        put(l, 0x2000, 0x3000 | TABLE);
+        put(l, 0x2008, 0x4000 | TABLE);
+        put(l, 0x2018, 0x5000 | TABLE);
+        put(l, 0x3000, BIG_PAGE);
+        for (i, at) in (0x4000..0x5000).step_by(8).enumerate() {
+            put(l, at, (TEST_GPA + ((i as u64) << 21)) | BIG_PAGE);
+        }
+        put(l, 0x5000, DONE_GPA | BIG_PAGE);
+        let code = usize::try_from(CODE_GPA).unwrap_or(0);
+        l[code..code + LOOP.len()].copy_from_slice(&LOOP);
     }
-    put(l, 0x5000, DONE_GPA | BIG_PAGE);
-    let code = usize::try_from(CODE_GPA).unwrap_or(0);
-    l[code..code + LOOP.len()].copy_from_slice(&LOOP);
 
     let vcpu = vm.create_vcpu(0).map_err(kvm("KVM_CREATE_VCPU"))?;
     let cpuid = kvm_fd
