@@ -72,7 +72,7 @@ pub enum MigrationError {
     #[error("bad migration address `{0}`: use unix:PATH or tcp:ADDR:PORT")]
     BadEndpoint(String),
     /// Socket IO.
-    #[error("migration connection: {what} failed: {source}; check that `vmm receive --listen` runs at that address")]
+    #[error("migration connection: {what} failed: {source}; check the address and the peer (`vmm receive --listen` on a destination, `vmm ctl DEST recover` before `migrate --resume`)")]
     Io {
         /// What was done.
         what: &'static str,
@@ -1889,59 +1889,50 @@ pub fn receive(
 }
 
 /// Accepts the source's answer channel on `listener` (its second
-/// connection, opened right after the extents or the `Need` list).
+/// connection, opened right after the extents or the `Need` list); a
+/// connection that is not one is dropped.
 fn accept_answers(listener: &Listener) -> Result<Conn, MigrationError> {
     listener.set_nonblocking()?;
     let deadline = Instant::now() + HEADER_WAIT;
-    let mut c = loop {
-        if let Some(c) = listener.try_accept()? {
-            break c;
-        }
-        if Instant::now() >= deadline {
-            return Err(MigrationError::Protocol(
-                "the source did not open its answer channel".into(),
-            ));
-        }
-        std::thread::sleep(Duration::from_micros(200));
-    };
-    c.set_read_timeout(Some(HEADER_WAIT))?;
-    read_header(&mut c)?;
-    write_header(&mut c).map_err(io("sending the header"))?;
-    match decode(&mut c)? {
-        Message::Preempt => {}
-        other => {
-            return Err(MigrationError::Protocol(format!(
-                "expected the source's answer channel, got {other:?}"
-            )))
+    let mut last = None;
+    while Instant::now() < deadline {
+        match listener.try_accept()? {
+            Some(mut c) => match greet(&mut c, &Message::Preempt, "its answer channel") {
+                Ok(()) => return Ok(c),
+                Err(e) => last = Some(e),
+            },
+            None => std::thread::sleep(Duration::from_micros(200)),
         }
     }
-    c.set_read_timeout(None)?;
-    Ok(c)
+    Err(last.unwrap_or_else(|| MigrationError::Protocol("the source did not open its answer channel".into())))
+}
+
+/// Exchanges headers on a new connection and checks that its first message
+/// is `expect` (the source opening `what`).
+fn greet(conn: &mut Conn, expect: &Message, what: &str) -> Result<(), MigrationError> {
+    conn.set_read_timeout(Some(HEADER_WAIT))?;
+    read_header(conn)?;
+    write_header(conn).map_err(io("sending the header"))?;
+    let m = decode(conn)?;
+    if &m != expect {
+        return Err(MigrationError::Protocol(format!(
+            "expected the source to open {what}, got {m:?}"
+        )));
+    }
+    conn.set_read_timeout(None)
 }
 
 /// The handshake with a source that comes back: headers, its `Resume`, the
 /// list of pages still missing here, and its new answer channel.
-fn resume_with(src: &RemoteSource, conn: Conn, listener: &Listener) -> Result<(Conn, Conn), MigrationError> {
-    let conn = resume_main(src, conn)?;
+fn resume_with(
+    src: &RemoteSource,
+    mut conn: Conn,
+    listener: &Listener,
+) -> Result<(Conn, Conn), MigrationError> {
+    greet(&mut conn, &Message::Resume, "the resumption of the migration")?;
+    encode(&mut conn, &Message::Need(src.need())).map_err(io("sending the missing pages"))?;
     let answers = accept_answers(listener)?;
     Ok((conn, answers))
-}
-
-fn resume_main(src: &RemoteSource, mut conn: Conn) -> Result<Conn, MigrationError> {
-    conn.set_read_timeout(Some(HEADER_WAIT))?;
-    read_header(&mut conn)?;
-    write_header(&mut conn).map_err(io("sending the header"))?;
-    match decode(&mut conn)? {
-        Message::Resume => {}
-        other => {
-            return Err(MigrationError::Protocol(format!(
-                "expected the source to resume the migration, got {other:?}"
-            )))
-        }
-    }
-    conn.set_read_timeout(None)?;
-    encode(&mut conn, &Message::Need(src.need())).map_err(io("sending the missing pages"))?;
-    Ok(conn)
 }
 
 fn receive_pages(

@@ -7,7 +7,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const VMM: &str = env!("CARGO_BIN_EXE_vmm");
@@ -26,22 +26,18 @@ fn ctl(sock: &Path, args: &[&str]) -> (bool, String, String) {
     )
 }
 
-#[test]
-fn control_socket_snapshot_and_restore() {
-    let base = std::env::temp_dir().join(format!("vmm-ctl-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&base);
-    std::fs::create_dir_all(&base).unwrap();
-    let sock = base.join("ctl.sock");
-    let snap = base.join("snap");
+/// `vmm run` of a 2-vCPU touch workload with a control socket at `sock`,
+/// once its workload runs: the child, its stdout and the line it stopped at.
+fn touch_source(sock: &Path, stderr: Stdio) -> (Child, BufReader<ChildStdout>, String) {
     let mut child = Command::new(VMM)
         .args(["run", "--vcpus", "2", "--mem", "256M", "--timeout", "120"])
         .arg("--cmdline")
         .arg("workload=touch pages=20000 pattern=rand")
         .arg("--control")
-        .arg(&sock)
+        .arg(sock)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stderr(stderr)
         .spawn()
         .unwrap();
     let mut out = BufReader::new(child.stdout.take().unwrap());
@@ -50,11 +46,18 @@ fn control_socket_snapshot_and_restore() {
         line.clear();
         assert!(out.read_line(&mut line).unwrap() > 0, "vmm ended early");
     }
-    let start = Instant::now();
-    while !sock.exists() {
-        assert!(start.elapsed() < Duration::from_secs(10), "no control socket");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_for_file(sock);
+    (child, out, line)
+}
+
+#[test]
+fn control_socket_snapshot_and_restore() {
+    let base = std::env::temp_dir().join(format!("vmm-ctl-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    std::fs::create_dir_all(&base).unwrap();
+    let sock = base.join("ctl.sock");
+    let snap = base.join("snap");
+    let (mut child, _out, _) = touch_source(&sock, Stdio::piped());
 
     let (ok, stdout, err) = ctl(&sock, &["stats"]);
     assert!(ok && stdout.contains("\"paused\": false"), "{stdout} {err}");
@@ -282,24 +285,7 @@ fn ctl_migrate_with_precopy_rounds_between_two_processes() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut source = Command::new(VMM)
-        .args(["run", "--vcpus", "2", "--mem", "256M", "--timeout", "120"])
-        .arg("--cmdline")
-        .arg("workload=touch pages=20000 pattern=rand")
-        .arg("--control")
-        .arg(&src_sock)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(source.stdout.take().unwrap());
-    let mut line = String::new();
-    while !line.contains("touch: cpu 0 start") {
-        line.clear();
-        assert!(out.read_line(&mut line).unwrap() > 0, "vmm ended early");
-    }
-    wait_for_file(&src_sock);
+    let (source, mut out, line) = touch_source(&src_sock, Stdio::piped());
     wait_for_file(&dst);
 
     // Requests that do not fit this VM are errors that say why.
@@ -357,24 +343,7 @@ fn a_killed_source_leaves_the_destination_paused_and_it_ends_with_13() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut source = Command::new(VMM)
-        .args(["run", "--vcpus", "2", "--mem", "256M", "--timeout", "120"])
-        .arg("--cmdline")
-        .arg("workload=touch pages=20000 pattern=rand")
-        .arg("--control")
-        .arg(&src_sock)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(source.stdout.take().unwrap());
-    let mut line = String::new();
-    while !line.contains("touch: cpu 0 start") {
-        line.clear();
-        assert!(out.read_line(&mut line).unwrap() > 0, "vmm ended early");
-    }
-    wait_for_file(&src_sock);
+    let (mut source, _out, _) = touch_source(&src_sock, Stdio::null());
     wait_for_file(&dst);
     // The push waits 10 s: the destination runs on demand paging when the
     // source dies.
