@@ -120,8 +120,10 @@ fn user_mode_fault_is_interrupted_by_pause_and_retried() {
         console_text(&console).contains("touch: cpu 0 start")
     });
     source.close_gate();
-    wait_until("a user-mode fault to block", || {
-        vm.stats().unwrap().blocked_faults > 0
+    // Held by the gate, not merely in progress: a fault fetched just before
+    // the gate closed completes, and the vCPU goes on to the next page.
+    wait_until("a user-mode fault to be held", || {
+        !source.held_pages().is_empty() && vm.stats().unwrap().blocked_faults > 0
     });
     let before = vm.stats().unwrap().vcpus[0].interruptions;
 
