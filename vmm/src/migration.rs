@@ -2131,6 +2131,68 @@ mod tests {
     }
 
     #[test]
+    fn precopied_pages_need_list_and_reconnect() {
+        let (ours, mut peer) = UnixStream::pair().unwrap();
+        let pre = HashMap::from([(0x8000, vec![7u8; PAGE])]);
+        let progress = Arc::new(Progress::default());
+        // Post-copy data: pages 0x1000..0x4000 (three); 0x8000 was pre-copied.
+        let src = RemoteSource::new(
+            "t".into(),
+            vec![(0x1000, 0x3000)],
+            Conn::Unix(ours),
+            pre,
+            progress.clone(),
+        )
+        .unwrap();
+        let mut buf = vec![0u8; PAGE];
+        // A pre-copied page is served from memory, and again (a fill may fail)
+        // until it is placed; other pages outside the post-copy data are zero.
+        for _ in 0..2 {
+            assert_eq!(src.fetch(0x8000, &mut buf), FetchOutcome::Ready);
+            assert!(buf.iter().all(|&b| b == 7));
+        }
+        assert_eq!(src.fetch(0x9000, &mut buf), FetchOutcome::Zero);
+        // The first page arrives, the second is asked for, then the source is lost.
+        assert_eq!(src.arrive(0x1000, false, vec![1; PAGE]).unwrap(), Some(false));
+        assert_eq!(
+            src.fetch(0x2000, &mut buf),
+            FetchOutcome::Retry(RetryReason::NotReady)
+        );
+        assert_eq!(decode(&mut peer).unwrap(), Message::Request(0x2000));
+        assert!(!src.all_arrived());
+        src.set_lost("cut".into());
+        assert!(progress.lost.load(Ordering::Acquire));
+        // Missing: the second and third pages (bits 1 and 2).
+        assert_eq!(src.need(), vec![0b110]);
+        // A new connection: the waiting fault's page is asked for again.
+        let (ours2, mut peer2) = UnixStream::pair().unwrap();
+        src.reconnect(Conn::Unix(ours2));
+        assert!(src.lost().is_none() && !progress.lost.load(Ordering::Acquire));
+        assert_eq!(decode(&mut peer2).unwrap(), Message::Request(0x2000));
+        assert_eq!(src.arrive(0x2000, true, vec![2; PAGE]).unwrap(), Some(true));
+        assert_eq!(src.arrive(0x3000, false, vec![3; PAGE]).unwrap(), Some(false));
+        assert!(src.all_arrived());
+        assert_eq!(src.need(), vec![0]);
+    }
+
+    #[test]
+    fn extents_cover_pages_within_one_block_each() {
+        let e = extents_of(&[0x1000, 0x2000, 0x4000, 0xf_f000, 0x10_0000, 0x10_1000]);
+        let pairs: Vec<_> = e.iter().map(|e| (e.gpa, e.len)).collect();
+        // Contiguous runs merge, but never across a 1 MiB block boundary.
+        assert_eq!(
+            pairs,
+            vec![
+                (0x1000, 0x2000),
+                (0x4000, 0x1000),
+                (0xf_f000, 0x1000),
+                (0x10_0000, 0x2000)
+            ]
+        );
+        assert_eq!(extent_pages(&e).count(), 6);
+    }
+
+    #[test]
     fn endpoints_parse() {
         assert_eq!(
             "unix:/a/b".parse::<Endpoint>().unwrap(),
