@@ -6,8 +6,6 @@
 //! recovers and the migration completes.
 #![allow(clippy::unwrap_used)]
 
-use std::io::{Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::mpsc;
 use std::sync::Mutex;
@@ -134,52 +132,6 @@ fn migrate_a_running_workload_over_tcp() {
     migrate_and_finish(Endpoint::Tcp("127.0.0.1:0".into()));
 }
 
-/// Forwards the source's two connections (pages, then answers) from `front`
-/// to `back`, and cuts all of them once `limit` bytes went from the source
-/// to `back` on the first.
-fn cutting_proxy(front: PathBuf, back: Endpoint, limit: usize) {
-    let l = UnixListener::bind(&front).unwrap();
-    let Endpoint::Unix(back) = back else { panic!() };
-    std::thread::spawn(move || {
-        let cut = std::sync::Arc::new(Mutex::new(Vec::<UnixStream>::new()));
-        let mut threads = Vec::new();
-        for i in 0..2 {
-            let Ok((mut a, _)) = l.accept() else { break };
-            let mut b = UnixStream::connect(&back).unwrap();
-            {
-                let mut c = cut.lock().unwrap();
-                c.push(a.try_clone().unwrap());
-                c.push(b.try_clone().unwrap());
-            }
-            let (mut a2, mut b2) = (a.try_clone().unwrap(), b.try_clone().unwrap());
-            threads.push(std::thread::spawn(move || {
-                let _ = std::io::copy(&mut b2, &mut a2);
-            }));
-            let cut = cut.clone();
-            threads.push(std::thread::spawn(move || {
-                let mut buf = vec![0u8; 4096];
-                let mut sent = 0;
-                while i > 0 || sent < limit {
-                    let n = a.read(&mut buf).unwrap_or(0);
-                    if n == 0 || b.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                    sent += n;
-                }
-                if i == 0 {
-                    for s in cut.lock().unwrap().iter() {
-                        let _ = s.shutdown(std::net::Shutdown::Both);
-                    }
-                }
-            }));
-        }
-        for t in threads {
-            let _ = t.join();
-        }
-        let _ = std::fs::remove_file(&front);
-    });
-}
-
 #[test]
 fn losing_the_source_pauses_the_destination_and_the_source_resumes() {
     let cfg = touch_cfg();
@@ -188,7 +140,7 @@ fn losing_the_source_pauses_the_destination_and_the_source_resumes() {
     let listener = Listener::bind(&Endpoint::Unix(back.clone())).unwrap();
     let dest = destination(listener, Duration::from_millis(500));
     // The state and about a hundred pages, then the connection dies.
-    cutting_proxy(front.clone(), Endpoint::Unix(back), 400 << 10);
+    vmm::stress::cutting_proxy(&front, &back, 400 << 10).unwrap();
     let src = source(&cfg, Duration::from_millis(50));
     let err = src
         .migrate(&Endpoint::Unix(front), &MigrateOptions::default())
@@ -268,7 +220,7 @@ fn recover_after_a_lost_connection_completes_the_migration() {
     let (htx, hrx) = mpsc::channel();
     let dest = destination_with_handle(listener, Duration::from_secs(30), htx);
     // The state and about a hundred pages, then the connection dies.
-    cutting_proxy(front.clone(), Endpoint::Unix(back), 400 << 10);
+    vmm::stress::cutting_proxy(&front, &back, 400 << 10).unwrap();
     let src = source(&cfg, Duration::from_millis(50));
     let err = src
         .migrate(&Endpoint::Unix(front), &MigrateOptions::default())

@@ -94,6 +94,10 @@ pub enum MigrationError {
     /// The VM cannot migrate now.
     #[error("cannot migrate: {0}")]
     Control(String),
+    /// `recover` on a destination whose migration is not interrupted (it may
+    /// have every page already).
+    #[error("the migration is not interrupted: there is nothing to recover")]
+    NotInterrupted,
 }
 
 fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> MigrationError {
@@ -1784,9 +1788,7 @@ pub fn receive(
         }
         while let Ok(req) = recover_rx.try_recv() {
             let r = match src.lost() {
-                None => Err(MigrationError::Control(
-                    "the migration is not interrupted: there is nothing to recover".into(),
-                )),
+                None => Err(MigrationError::NotInterrupted),
                 Some(_) => Listener::bind(&req.from).and_then(|l| {
                     l.set_nonblocking()?;
                     let at = l.endpoint()?;

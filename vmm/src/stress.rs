@@ -13,12 +13,13 @@
 use crate::config::{MemBackend, MemoryConfig, VmConfig};
 use crate::migration::{Endpoint, Listener, ReceiveOptions, ReceiveOutcome};
 use crate::vm::{verify_reports, CustomSource, GuestEnd, VmOptions};
-use crate::{KernelSource, RunningVm};
+use crate::{KernelSource, RunningVm, VmHandle};
 use abi::workload::mix64;
 use devices::serial::SerialOutput;
 use memory::{FetchOutcome, Notifier, PageSource, RetryReason, ZeroSource};
 use serde::Serialize;
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -82,6 +83,10 @@ pub enum StormEvent {
     Migrate {
         /// Pre-copy rounds (0: post-copy only).
         precopy_rounds: u32,
+        /// Cut both connections once this many KiB went to the destination
+        /// (0: never); if the destination runs the VM by then, the
+        /// migration is resumed (`recover`, then `migrate --resume`).
+        cut_after_kib: u32,
     },
 }
 
@@ -131,6 +136,8 @@ pub struct StressReport {
     pub snapshot_restores: u64,
     /// Post-copy migrations mid-run, the destination run to completion.
     pub migrations: u64,
+    /// Of those, migrations whose connections were cut and that were resumed.
+    pub migration_recoveries: u64,
     /// Source answers "retry" injected.
     pub injected_retries: u64,
     /// Wrong checksums, bad exits: anything lost, stale or zero.
@@ -211,9 +218,17 @@ pub fn plan(seed: u64, index: u64, vcpus: u32) -> RunPlan {
     }
     if !suite && rng.below(4) == 0 {
         let precopy_rounds = u32::try_from(rng.below(4)).unwrap_or(0);
+        let cut_after_kib = if rng.below(3) == 0 {
+            u32::try_from(64 + rng.below(4096)).unwrap_or(0)
+        } else {
+            0
+        };
         schedule.push((
             u32::try_from(rng.below(1500)).unwrap_or(0),
-            StormEvent::Migrate { precopy_rounds },
+            StormEvent::Migrate {
+                precopy_rounds,
+                cut_after_kib,
+            },
         ));
     }
     schedule.sort_by_key(|&(at, _)| at);
@@ -365,23 +380,35 @@ fn run_one(
 
     let snapshot_dir = std::env::temp_dir().join(format!("vmm-stress-{}-{index}", std::process::id()));
     let snapshot = Arc::new(Mutex::new(None));
-    let sock = std::env::temp_dir().join(format!("vmm-stress-{}-{index}.sock", std::process::id()));
-    let migrate_to = Endpoint::Unix(sock);
-    let migrated = Arc::new(Mutex::new(None));
-    let destination = if plan
+    let sock = |what: &str| {
+        Endpoint::Unix(
+            std::env::temp_dir().join(format!("vmm-stress-{}-{index}-{what}.sock", std::process::id())),
+        )
+    };
+    let migrate_to = sock("dst");
+    let (destination, handle) = if plan
         .schedule
         .iter()
         .any(|&(_, e)| matches!(e, StormEvent::Migrate { .. }))
     {
-        Some(Destination::listen(&migrate_to)?)
+        let (d, h) = Destination::listen(&migrate_to)?;
+        (Some(d), Some(h))
     } else {
-        None
+        (None, None)
     };
+    let rig = Arc::new(MigrationRig {
+        to: migrate_to.clone(),
+        front: sock("front"),
+        again: sock("again"),
+        handle: Mutex::new(handle),
+        result: Mutex::new(None),
+        recovered: AtomicBool::new(false),
+    });
     let storm = {
         let (vm, source, schedule) = (vm.clone(), source.clone(), plan.schedule.clone());
         let (dir, slot) = (snapshot_dir.clone(), snapshot.clone());
-        let (to, mslot) = (migrate_to.clone(), migrated.clone());
-        std::thread::spawn(move || storm(&vm, &source, &schedule, &dir, &slot, &to, &mslot))
+        let rig = rig.clone();
+        std::thread::spawn(move || storm(&vm, &source, &schedule, &dir, &slot, &rig))
     };
     // Watchdog: progress is source fetches plus vCPU exits.
     let mut last = (u64::MAX, Instant::now());
@@ -428,9 +455,18 @@ fn run_one(
         report.retries += m.total.retries_total;
         report.max_retries_per_fault = report.max_retries_per_fault.max(m.total.retries_max);
     }
-    let migration = migrated.lock().map(|mut slot| slot.take()).unwrap_or(None);
+    let migration = rig.result.lock().map(|mut slot| slot.take()).unwrap_or(None);
+    for e in [&rig.front, &rig.again] {
+        if let Endpoint::Unix(p) = e {
+            let _ = std::fs::remove_file(p);
+        }
+    }
     // The destination's run, when the VM moved there (the listener is released
     // otherwise).
+    let dest_console = destination
+        .as_ref()
+        .map(|d| d.console.clone())
+        .unwrap_or_default();
     let moved = destination.map(|d| d.finish(&migrate_to, matches!(migration, Some(Ok(())))));
     if let Some(s) = stall {
         report.stalls.push(s);
@@ -449,6 +485,9 @@ fn run_one(
     }
     if let Some(Some(dest)) = moved {
         report.migrations += 1;
+        if rig.recovered.load(Ordering::Relaxed) {
+            report.migration_recoveries += 1;
+        }
         match dest {
             Ok(out) if out.run.end == GuestEnd::Exited(0) => {
                 if let Err(e) = verify_reports(&out.config, &out.run) {
@@ -458,8 +497,13 @@ fn run_one(
                 }
             }
             Ok(out) => report.integrity_errors.push(format!(
-                "run {index} ({}), after migration: {} (lost: {:?})",
-                plan.cmdline, out.run.end, out.lost
+                "run {index} ({}), after migration: {} (lost: {:?}); destination {:?}; memory {:?}; console:\n{}",
+                plan.cmdline,
+                out.run.end,
+                out.lost,
+                out.stats,
+                out.run.memory.as_ref().map(|m| &m.total),
+                console_of(&dest_console)
             )),
             Err(e) => report
                 .integrity_errors
@@ -530,8 +574,7 @@ fn storm(
     schedule: &[(u32, StormEvent)],
     snapshot_dir: &std::path::Path,
     snapshot: &Mutex<Option<Result<(), String>>>,
-    migrate_to: &Endpoint,
-    migrated: &Mutex<Option<Result<(), String>>>,
+    rig: &MigrationRig,
 ) -> (u64, u64, u64) {
     let start = Instant::now();
     let (mut kicks, mut pauses, mut holds) = (0, 0, 0);
@@ -585,12 +628,39 @@ fn storm(
                     *slot = Some(r.map(|_| ()).map_err(|e| e.to_string()));
                 }
             }
-            StormEvent::Migrate { precopy_rounds } => {
+            StormEvent::Migrate {
+                precopy_rounds,
+                cut_after_kib,
+            } => {
                 let options = crate::migration::MigrateOptions {
                     precopy_rounds,
                     ..Default::default()
                 };
-                let r = vm.migrate(migrate_to, &options);
+                let to = match (cut_after_kib, &rig.front, &rig.to) {
+                    (1.., Endpoint::Unix(front), Endpoint::Unix(back)) => {
+                        let limit = usize::try_from(cut_after_kib).unwrap_or(0) << 10;
+                        match cutting_proxy(front, back, limit) {
+                            Ok(()) => &rig.front,
+                            Err(_) => &rig.to,
+                        }
+                    }
+                    _ => &rig.to,
+                };
+                let mut r = vm.migrate(to, &options).map(|_| ());
+                // A cut before the destination ran the VM is no error: the
+                // VM goes on here (a `None` result).
+                let mut expected_failure = false;
+                if r.is_err() && to == &rig.front {
+                    // Cut: if the destination runs the VM, resume the migration.
+                    let handle = rig.handle.lock().ok().and_then(|mut h| h.take());
+                    match handle.and_then(|h| h.recv_timeout(Duration::from_secs(10)).ok()) {
+                        Some(h) => {
+                            r = resume_migration(&h, vm, &rig.again);
+                            rig.recovered.store(r.is_ok(), Ordering::Relaxed);
+                        }
+                        None => expected_failure = true,
+                    }
+                }
                 let ok = r.is_ok();
                 if !ok {
                     let t = Instant::now();
@@ -605,8 +675,8 @@ fn storm(
                     // whole VM: it goes on here.
                     let _ = vm.resume();
                 }
-                if let Ok(mut slot) = migrated.lock() {
-                    *slot = Some(r.map(|_| ()).map_err(|e| e.to_string()));
+                if let Ok(mut slot) = rig.result.lock() {
+                    *slot = (!expected_failure).then(|| r.map_err(|e| e.to_string()));
                 }
                 if ok {
                     return (kicks, pauses, holds);
@@ -639,8 +709,14 @@ impl std::fmt::Display for StressReport {
         )?;
         writeln!(
             f,
-            "  storms: {} kicks, {} pause/resume cycles, {} holds, {} snapshots restored, {} migrations; {} vCPU interruptions",
-            self.kicks, self.pauses, self.holds, self.snapshot_restores, self.migrations, self.interruptions
+            "  storms: {} kicks, {} pause/resume cycles, {} holds, {} snapshots restored, {} migrations ({} resumed after a cut); {} vCPU interruptions",
+            self.kicks,
+            self.pauses,
+            self.holds,
+            self.snapshot_restores,
+            self.migrations,
+            self.migration_recoveries,
+            self.interruptions
         )?;
         writeln!(
             f,
@@ -658,25 +734,141 @@ impl std::fmt::Display for StressReport {
 /// The destination of a migration storm: a VM received in this process.
 struct Destination {
     thread: std::thread::JoinHandle<Result<ReceiveOutcome, crate::migration::MigrationError>>,
+    console: Arc<Mutex<Vec<u8>>>,
+}
+
+fn console_of(c: &Mutex<Vec<u8>>) -> String {
+    c.lock()
+        .map(|c| String::from_utf8_lossy(&c).into_owned())
+        .unwrap_or_default()
+}
+
+/// What a migration storm needs: where the destination listens, where a
+/// cutting proxy and a recovery listen, the destination VM's handle once it
+/// runs, and the outcome.
+struct MigrationRig {
+    to: Endpoint,
+    front: Endpoint,
+    again: Endpoint,
+    handle: Mutex<Option<std::sync::mpsc::Receiver<VmHandle>>>,
+    result: Mutex<Option<Result<(), String>>>,
+    recovered: AtomicBool,
+}
+
+/// After a cut: asks the destination to wait for the source at `again`
+/// (retrying until it has seen the loss) and resumes the migration there.
+/// A destination that got every page before the cut (only the source's
+/// `Complete` was lost) runs on: the source's VM is stopped then.
+fn resume_migration(
+    dest: &VmHandle,
+    src: &RunningVm,
+    again: &Endpoint,
+) -> Result<(), crate::migration::MigrationError> {
+    use crate::migration::MigrationError;
+    let start = Instant::now();
+    let at = loop {
+        match dest.recover(again) {
+            Ok(at) => break at,
+            Err(MigrationError::NotInterrupted) if start.elapsed() >= Duration::from_secs(1) => {
+                src.stop();
+                return Ok(());
+            }
+            // The destination may not have seen the loss yet.
+            Err(_) if start.elapsed() < Duration::from_secs(5) => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    let options = crate::migration::MigrateOptions {
+        resume: true,
+        ..Default::default()
+    };
+    src.migrate(&at, &options).map(|_| ())
+}
+
+/// Forwards the connections made to `front` (a migration's main
+/// connection, then its answer channel) to `back`, and cuts all of them
+/// once `limit` bytes went to `back` on the first: a network failure in the
+/// middle of a migration, for tests and storms.
+pub fn cutting_proxy(front: &Path, back: &Path, limit: usize) -> std::io::Result<()> {
+    use std::io::{Read, Write};
+    use std::os::unix::net::{UnixListener, UnixStream};
+    let _ = std::fs::remove_file(front);
+    let l = UnixListener::bind(front)?;
+    let back = back.to_owned();
+    std::thread::spawn(move || {
+        let open: Arc<Mutex<Vec<UnixStream>>> = Arc::default();
+        let cut = |open: &Mutex<Vec<UnixStream>>| {
+            for s in open
+                .lock()
+                .map(|v| v.iter().filter_map(|s| s.try_clone().ok()).collect())
+                .unwrap_or_else(|_| Vec::new())
+            {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+        };
+        let mut threads = Vec::new();
+        for first in [true, false] {
+            let Ok((a, _)) = l.accept() else { break };
+            let Ok(b) = UnixStream::connect(&back) else { break };
+            let clones = (a.try_clone(), b.try_clone(), a.try_clone(), b.try_clone());
+            let (Ok(a2), Ok(b2), Ok(a3), Ok(b3)) = clones else {
+                break;
+            };
+            if let Ok(mut v) = open.lock() {
+                v.extend([a3, b3]);
+            }
+            let (mut from_back, mut to_front) = (b2, a2);
+            threads.push(std::thread::spawn(move || {
+                let _ = std::io::copy(&mut from_back, &mut to_front);
+            }));
+            let (mut a, mut b, open) = (a, b, open.clone());
+            threads.push(std::thread::spawn(move || {
+                let mut buf = vec![0u8; 4096];
+                let mut sent = 0;
+                while !first || sent < limit {
+                    match a.read(&mut buf) {
+                        Ok(n) if n > 0 && b.write_all(&buf[..n]).is_ok() => sent += n,
+                        _ => break,
+                    }
+                }
+                if first {
+                    cut(&open);
+                }
+            }));
+        }
+        for t in threads {
+            let _ = t.join();
+        }
+    });
+    Ok(())
 }
 
 impl Destination {
-    /// Listens on `at` and receives at most one VM on a thread.
-    fn listen(at: &Endpoint) -> Result<Destination, StressError> {
+    /// Listens on `at` and receives at most one VM on a thread; the VM's
+    /// handle comes on the channel once it runs.
+    fn listen(at: &Endpoint) -> Result<(Destination, std::sync::mpsc::Receiver<VmHandle>), StressError> {
         let listener = Listener::bind(at).map_err(|e| StressError::Migration(e.to_string()))?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let console = Arc::new(Mutex::new(Vec::new()));
+        let serial = SerialOutput::Capture(console.clone());
         let thread = std::thread::spawn(move || {
             let opts = ReceiveOptions {
                 vm: VmOptions {
-                    serial: SerialOutput::Capture(Arc::new(Mutex::new(Vec::new()))),
+                    serial,
                     timeout: Some(Duration::from_secs(120)),
                     ..VmOptions::default()
                 },
-                lost_wait: Duration::from_secs(1),
+                // Time for the storm to resume a cut migration.
+                lost_wait: Duration::from_secs(10),
                 progress: Default::default(),
             };
-            crate::migration::receive(&listener, opts, |_| {})
+            crate::migration::receive(&listener, opts, |h| {
+                let _ = tx.send(h.clone());
+            })
         });
-        Ok(Destination { thread })
+        Ok((Destination { thread, console }, rx))
     }
 
     /// The destination's outcome if the VM moved; otherwise releases the
