@@ -1341,6 +1341,13 @@ impl RemoteSource {
         lock(&self.lost).clone()
     }
 
+    /// Page `gpa` is mapped: its data can go.
+    fn placed(&self, gpa: u64) {
+        if let Some(slot @ Slot::Arrived(_)) = lock(&self.slots).get_mut(&gpa) {
+            *slot = Slot::Taken;
+        }
+    }
+
     /// Every post-copy data page has arrived.
     fn all_arrived(&self) -> bool {
         self.arrived.load(Ordering::Acquire) >= self.data_pages
@@ -1453,10 +1460,10 @@ impl PageSource for RemoteSource {
         let lost = lock(&self.lost).is_some();
         let mut slots = lock(&self.slots);
         let ask = match slots.get_mut(&offset) {
-            Some(slot @ Slot::Arrived(_)) => {
-                if let Slot::Arrived(d) = std::mem::replace(slot, Slot::Taken) {
-                    buf.copy_from_slice(&d);
-                }
+            // Kept until mapped (`placed`): a fill that fails fetches again,
+            // even after the source has gone.
+            Some(Slot::Arrived(d)) => {
+                buf.copy_from_slice(d);
                 return FetchOutcome::Ready;
             }
             Some(Slot::Requested(_)) => None,
@@ -1950,6 +1957,9 @@ fn receive_pages(
                     // Placed now: the retry core claims the page and copies it.
                     if let Err(e) = m.resolve_page(gpa) {
                         tracing::warn!("placing migrated page {gpa:#x}: {e}");
+                    }
+                    if m.is_present(gpa) {
+                        src.placed(gpa);
                     }
                     // A fault parked on it is retried (the copy may have lost
                     // the claim to the handler's own attempt, which then saw
