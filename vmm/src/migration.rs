@@ -1737,14 +1737,21 @@ pub fn receive(
 
     // Pre-copied pages are placed in the background (a fault on one is
     // served from memory at once meanwhile).
+    // Cleared when the VM ends: its memory is no longer to be filled.
+    let placing = Arc::new(AtomicBool::new(true));
     let placer = {
-        let (src, m) = (src.clone(), materializer.clone());
+        let (src, m, placing) = (src.clone(), materializer.clone(), placing.clone());
         std::thread::Builder::new()
             .name("migration-place".into())
             .spawn(move || {
                 for gpa in to_place {
+                    if !placing.load(Ordering::Acquire) {
+                        break;
+                    }
                     if let Err(e) = m.resolve_page(gpa) {
-                        tracing::warn!("placing pre-copied page {gpa:#x}: {e}");
+                        if placing.load(Ordering::Acquire) {
+                            tracing::warn!("placing pre-copied page {gpa:#x}: {e}");
+                        }
                     }
                     // Dropped only once mapped: a fault's fill that is still
                     // in flight may not have fetched it yet (the copy then
@@ -1855,6 +1862,7 @@ pub fn receive(
         }
         std::thread::sleep(Duration::from_millis(5));
     }
+    placing.store(false, Ordering::Release);
     let run = running.wait()?;
     conn.shutdown();
     answers.shutdown();
