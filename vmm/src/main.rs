@@ -26,7 +26,7 @@ enum Command {
     Ctl(CtlArgs),
     /// Restore a microVM from a snapshot directory; the guest continues where it was.
     Restore(RestoreArgs),
-    /// Receive a VM by post-copy live migration (`vmm ctl SRC migrate --to ...`)
+    /// Receive a VM by live migration (`vmm ctl SRC migrate --to ...`)
     /// and run it until its guest exits.
     Receive(ReceiveArgs),
     /// Benchmarks, each with its baseline measured in the same run.
@@ -168,9 +168,10 @@ enum CtlRequest {
         #[arg(long)]
         pause: bool,
     },
-    /// Post-copy live migration: pause, send the state to the destination
-    /// (`vmm receive --listen ...`), which resumes at once, then send every
-    /// page; this VMM's run then ends with exit code 0.
+    /// Live migration: optional pre-copy rounds while the VM runs, then
+    /// pause, send the state to the destination (`vmm receive --listen
+    /// ...`), which resumes at once, then send the remaining pages
+    /// (post-copy); this VMM's run then ends with exit code 0.
     Migrate {
         /// unix:PATH or tcp:ADDR:PORT.
         #[arg(long, value_name = "ADDR")]
