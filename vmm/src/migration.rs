@@ -1776,8 +1776,8 @@ pub fn receive(
             })
             .map_err(io("starting the receiver thread"))
     };
-    let mut receiver = spawn_receiver(&conn)?;
-    let mut answers_receiver = spawn_receiver(&answers)?;
+    // One receiver per connection.
+    let mut receivers = vec![spawn_receiver(&conn)?, spawn_receiver(&answers)?];
     let mut answers = answers;
 
     let mut lost_deadline = None;
@@ -1824,12 +1824,9 @@ pub fn receive(
                         // is computed (a page would come twice).
                         conn.shutdown();
                         answers.shutdown();
-                        std::mem::replace(&mut receiver, std::thread::spawn(|| ()))
-                            .join()
-                            .ok();
-                        std::mem::replace(&mut answers_receiver, std::thread::spawn(|| ()))
-                            .join()
-                            .ok();
+                        for r in receivers.drain(..) {
+                            let _ = r.join();
+                        }
                         resume_with(&src, new, l)
                     }) {
                     Ok((new, new_answers)) => {
@@ -1838,8 +1835,7 @@ pub fn receive(
                         // Requests and `Complete` go to the new connection before
                         // anything can arrive on it (a `Done` is answered at once).
                         src.reconnect(conn.try_clone()?);
-                        receiver = spawn_receiver(&conn)?;
-                        answers_receiver = spawn_receiver(&answers)?;
+                        receivers = vec![spawn_receiver(&conn)?, spawn_receiver(&answers)?];
                         waiting = None;
                         lost_deadline = None;
                         recoveries += 1;
@@ -1866,8 +1862,9 @@ pub fn receive(
     let run = running.wait()?;
     conn.shutdown();
     answers.shutdown();
-    let _ = receiver.join();
-    let _ = answers_receiver.join();
+    for r in receivers {
+        let _ = r.join();
+    }
     let _ = placer.join();
     progress
         .complete
