@@ -613,11 +613,16 @@ fn storm(
             }
             StormEvent::Snapshot => {
                 let r = vm.snapshot(snapshot_dir, crate::snapshot::AfterSnapshot::Restore);
+                let ended = crate::ControlError::Ended.to_string();
+                if r.as_ref().is_err_and(|e| e.to_string().contains(&ended)) {
+                    // The guest exited just before the request: the run ends
+                    // (its vCPUs may take a while to stop on a loaded host)
+                    // and there is nothing to snapshot.
+                    return (kicks, pauses, holds);
+                }
                 if r.is_err() {
-                    // The guest may have exited just before the request: then
-                    // the run ends at once and there is nothing to snapshot.
                     let t = Instant::now();
-                    while !vm.is_finished() && t.elapsed() < Duration::from_secs(2) {
+                    while !vm.is_finished() && t.elapsed() < Duration::from_secs(10) {
                         std::thread::sleep(Duration::from_millis(5));
                     }
                 }
