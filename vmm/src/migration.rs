@@ -842,14 +842,7 @@ impl Outgoing {
         on_end: impl FnOnce(Result<SourceSummary, Failure>) + Send + 'static,
         reply: Sender<Result<SourceSummary, MigrationError>>,
     ) -> Result<(), MigrationError> {
-        std::thread::Builder::new()
-            .name("migration-out".into())
-            .spawn(move || {
-                let r = self.serve();
-                finish(r, on_end, &reply);
-            })
-            .map_err(io("starting the migration thread"))?;
-        Ok(())
+        spawn_out(move || self.serve(), on_end, reply)
     }
 
     /// Serves requests and pushes every data page; on failure says whether
@@ -1092,12 +1085,23 @@ pub fn spawn_precopy(
     on_end: impl FnOnce(Result<SourceSummary, Failure>) + Send + 'static,
     reply: Sender<Result<SourceSummary, MigrationError>>,
 ) -> Result<(), MigrationError> {
+    spawn_out(
+        move || precopy(&to, &options, ctx).and_then(Outgoing::serve),
+        on_end,
+        reply,
+    )
+}
+
+/// Runs an outgoing migration on the `migration-out` thread and reports its
+/// end ([`finish`]).
+fn spawn_out(
+    work: impl FnOnce() -> Result<SourceSummary, Box<Stopped>> + Send + 'static,
+    on_end: impl FnOnce(Result<SourceSummary, Failure>) + Send + 'static,
+    reply: Sender<Result<SourceSummary, MigrationError>>,
+) -> Result<(), MigrationError> {
     std::thread::Builder::new()
         .name("migration-out".into())
-        .spawn(move || {
-            let r = precopy(&to, &options, ctx).and_then(Outgoing::serve);
-            finish(r, on_end, &reply);
-        })
+        .spawn(move || finish(work(), on_end, &reply))
         .map_err(io("starting the migration thread"))?;
     Ok(())
 }
