@@ -195,7 +195,7 @@ pub fn run(args: &TaskArgs) -> u64 {
             "fatal-in-fault" => fatal_in_fault(),
             "stop-cont-in-fault" => stop_cont_in_fault(),
             "kernel-fault-signal" => kernel_fault_signal(),
-            "uffd" => wait(spawn(R_UFFD_OWNER, 0, u64::MAX)) == 0,
+            "uffd" => owner_ok("uffd", wait(spawn(R_UFFD_OWNER, 0, u64::MAX))),
             "uffd-handler-death" => wait(spawn(R_UFFD_OWNER, 1, u64::MAX)) == status::KILLED | sig::SIGBUS as i64,
             "uffd-signal" => uffd_signal(),
             "smp" => smp(),
@@ -329,10 +329,33 @@ fn kernel_fault_signal() -> bool {
 
 fn uffd_signal() -> bool {
     // The handler answers slowly; a signal arrives while the owner waits.
+    let before = stats().userfaults;
     let t = spawn(R_UFFD_OWNER, 3, u64::MAX);
-    sleep(30);
+    // Only once the owner waits on its first userfault (its handler is
+    // installed by then): a fixed delay lost the race to a host pause or hold
+    // in `vmm stress` (the signal killed the owner before it installed it).
+    for _ in 0..500 {
+        if stats().userfaults > before {
+            break;
+        }
+        sleep(10);
+    }
     kill(t, sig::SIGUSR1);
-    wait(t) == 0
+    owner_ok("uffd-signal", wait(t))
+}
+
+/// Whether a userfaultfd owner task ended well; says how it ended if not
+/// (see `uffd_owner` for its codes).
+fn owner_ok(test: &str, status: i64) -> bool {
+    if status != 0 {
+        Line::new()
+            .s("guest-test: ")
+            .s(test)
+            .s(": owner task ended with status ")
+            .n(status as u64)
+            .print();
+    }
+    status == 0
 }
 
 fn smp() -> bool {
