@@ -50,6 +50,26 @@ fn touch_source(sock: &Path, stderr: Stdio) -> (Child, BufReader<ChildStdout>, S
     (child, out, line)
 }
 
+/// `vmm restore --from snap` with `extra` flags finishes the workload with
+/// the checksums verified on the host.
+fn restore_verified(snap: &Path, extra: &[&str]) {
+    let out = Command::new(VMM)
+        .args(["restore", "--timeout", "120", "--from"])
+        .arg(snap)
+        .args(extra)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("verified on the host"), "{stdout}");
+}
+
 #[test]
 fn control_socket_snapshot_and_restore() {
     let base = std::env::temp_dir().join(format!("vmm-ctl-{}", std::process::id()));
@@ -99,20 +119,7 @@ fn control_socket_snapshot_and_restore() {
     assert_eq!(status.code(), Some(14), "a snapshot with --stop ends the run");
     assert!(!sock.exists(), "the socket is removed at the end");
 
-    let out = Command::new(VMM)
-        .args(["restore", "--lazy", "--prefetch", "--timeout", "120", "--from"])
-        .arg(&snap)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{stdout} {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(stdout.contains("verified on the host"), "{stdout}");
+    restore_verified(&snap, &["--lazy", "--prefetch"]);
 
     let out = Command::new(VMM)
         .args(["restore", "--from"])
@@ -227,22 +234,8 @@ fn external_firecracker_style_handler_serves_a_restore() {
     let listener = std::os::unix::net::UnixListener::bind(&handler_sock).unwrap();
     let memfile = snap.join("memory.bin");
     let handler = std::thread::spawn(move || firecracker_style_handler(listener, memfile));
-    let out = Command::new(VMM)
-        .args(["restore", "--timeout", "120", "--from"])
-        .arg(&snap)
-        .arg("--mem-backend")
-        .arg(format!("uffd:{}", handler_sock.display()))
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{stdout} {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(stdout.contains("verified on the host"), "{stdout}");
+    let backend = format!("uffd:{}", handler_sock.display());
+    restore_verified(&snap, &["--mem-backend", &backend]);
     let served = handler.join().unwrap();
     assert!(served > 100, "the external handler served {served} faults");
 
