@@ -42,6 +42,7 @@ crate::byte_valued!(PvRequest);
 
 /// The result of one user task's workload.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct WorkloadReport {
     /// vCPU the task ran on.
     pub cpu: u32,
@@ -181,6 +182,7 @@ pub mod store {
 
     /// Fault statistics of the guest kernel (all tasks, all vCPUs).
     #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+    #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
     #[repr(C)]
     pub struct GuestStats {
         /// Page faults handled (every entry, retries included).
