@@ -54,6 +54,9 @@ pub const MMIO_GAP_START: u64 = 0xC000_0000;
 pub const IOAPIC_START: u64 = 0xFEC0_0000;
 /// Local APIC registers (in-kernel irqchip).
 pub const LAPIC_START: u64 = 0xFEE0_0000;
+/// The three pages KVM needs for the task-state segment of real-mode
+/// emulation on Intel (`KVM_SET_TSS_ADDR`), inside the hole, below the BIOS.
+pub const KVM_TSS_START: u64 = 0xFFFB_D000;
 /// End of the MMIO hole; RAM above 3 GiB is placed from here.
 pub const HIGH_RAM_START: u64 = 0x1_0000_0000;
 

@@ -1,94 +1,32 @@
-//! Guest RAM: anonymous `MAP_NORESERVE` mappings (vm-memory), so untouched guest
-//! memory costs the host nothing, registered with KVM as memory slots.
+//! Dirty tracking for pre-copy migration: KVM's dirty log of the guest's own
+//! writes plus vm-memory's per-region bitmaps of the VMM's writes.
 
-use abi::layout::ram_ranges;
+use super::ram::set_memslots;
+use abi::layout::PAGE_SIZE;
 use devices::GuestRam;
-use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
+use kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES;
 use kvm_ioctls::VmFd;
 use std::sync::Arc;
-use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 
-/// Errors creating guest memory.
+/// Errors of dirty tracking.
 #[derive(Debug, thiserror::Error)]
-pub enum MemoryError {
-    /// mmap failed.
-    #[error("cannot map {size} bytes of guest memory: {reason}; use a smaller --mem")]
-    Map {
-        /// Requested size.
-        size: u64,
-        /// Why.
-        reason: String,
-    },
-    /// KVM refused a memory slot.
-    #[error("KVM refused memory slot {slot} ({gpa:#x}, {size} bytes): {source}")]
-    Slot {
-        /// Slot number.
-        slot: u32,
-        /// Guest-physical base.
-        gpa: u64,
-        /// Size.
-        size: u64,
-        /// Why.
-        source: kvm_ioctls::Error,
-    },
+pub enum DirtyError {
+    /// Logging could not be switched on or off.
+    #[error("cannot switch KVM dirty logging: {0}")]
+    Slots(#[from] super::ram::MemoryError),
     /// KVM's dirty log could not be read.
     #[error("cannot read KVM's dirty log of memory slot {slot}: {source}; this KVM may not support dirty logging: migrate without --precopy-rounds")]
-    DirtyLog {
+    Log {
         /// Slot number.
         slot: u32,
         /// Why.
+        #[source]
         source: kvm_ioctls::Error,
     },
-}
-
-/// Guest page size.
-const PAGE: u64 = 4096;
-
-/// Maps `mem_size` bytes of guest RAM laid out by [`ram_ranges`].
-pub fn create_guest_memory(mem_size: u64) -> Result<GuestRam, MemoryError> {
-    let map_err = |reason: String| MemoryError::Map {
-        size: mem_size,
-        reason,
-    };
-    let ranges: Vec<(GuestAddress, usize)> = ram_ranges(mem_size)
-        .into_iter()
-        .filter(|&(_, len)| len > 0)
-        .map(|(start, len)| {
-            Ok((
-                GuestAddress(start),
-                usize::try_from(len).map_err(|e| map_err(e.to_string()))?,
-            ))
-        })
-        .collect::<Result<_, MemoryError>>()?;
-    GuestRam::from_ranges(&ranges).map_err(|e| map_err(e.to_string()))
-}
-
-/// Registers every region of `mem` with KVM (slot `i` is the `i`-th region).
-pub fn register_memslots(vm: &VmFd, mem: &GuestRam) -> Result<(), MemoryError> {
-    set_memslots(vm, mem, 0)
-}
-
-fn set_memslots(vm: &VmFd, mem: &GuestRam, flags: u32) -> Result<(), MemoryError> {
-    for (slot, region) in (0u32..).zip(mem.iter()) {
-        let gpa = region.start_addr().raw_value();
-        let size = region.len();
-        let region_desc = kvm_userspace_memory_region {
-            slot,
-            guest_phys_addr: gpa,
-            memory_size: size,
-            userspace_addr: region.as_ptr() as u64,
-            flags,
-        };
-        // SAFETY: the host range belongs to `mem`'s mapping, which the caller keeps
-        // alive (the VM holds a clone) for as long as the VM can run.
-        unsafe { vm.set_user_memory_region(region_desc) }.map_err(|source| MemoryError::Slot {
-            slot,
-            gpa,
-            size,
-            source,
-        })?;
-    }
-    Ok(())
+    /// A region is larger than this host's address space.
+    #[error("guest memory region of {0} bytes is too large for this host")]
+    TooLarge(u64),
 }
 
 /// Which guest pages were written since the last look, for pre-copy
@@ -105,7 +43,7 @@ pub struct DirtyTracker {
 impl DirtyTracker {
     /// Turns dirty logging on for every memory slot; nothing counts as
     /// written before this call.
-    pub fn start(vm: Arc<VmFd>, mem: GuestRam) -> Result<DirtyTracker, MemoryError> {
+    pub fn start(vm: Arc<VmFd>, mem: GuestRam) -> Result<DirtyTracker, DirtyError> {
         for r in mem.iter() {
             // The mapping's own bitmap (the region's `bitmap()` is a slice view).
             (**r).bitmap().reset();
@@ -116,19 +54,16 @@ impl DirtyTracker {
 
     /// The guest-physical addresses of the pages written since the last call
     /// (or [`start`](Self::start)), ascending; the log restarts empty.
-    pub fn take(&self) -> Result<Vec<u64>, MemoryError> {
+    pub fn take(&self) -> Result<Vec<u64>, DirtyError> {
         let mut pages = Vec::new();
         for (slot, r) in (0u32..).zip(self.mem.iter()) {
             let gpa = r.start_addr().raw_value();
             let size = r.len();
-            let len = usize::try_from(size).map_err(|e| MemoryError::Map {
-                size,
-                reason: e.to_string(),
-            })?;
+            let len = usize::try_from(size).map_err(|_| DirtyError::TooLarge(size))?;
             let kvm = self
                 .vm
                 .get_dirty_log(slot, len)
-                .map_err(|source| MemoryError::DirtyLog { slot, source })?;
+                .map_err(|source| DirtyError::Log { slot, source })?;
             // Read and cleared after KVM's log: a VMM write racing with this
             // call is seen now or next time, never lost.
             let vmm = (**r).bitmap().get_and_reset();
@@ -141,7 +76,7 @@ impl DirtyTracker {
                 while bits != 0 {
                     let b = u64::from(bits.trailing_zeros());
                     bits &= bits - 1;
-                    let off = (w as u64 * 64 + b) * PAGE;
+                    let off = (w as u64 * 64 + b) * PAGE_SIZE;
                     if off < size {
                         pages.push(gpa + off);
                     }
@@ -152,7 +87,7 @@ impl DirtyTracker {
     }
 
     /// Turns dirty logging off (also on drop).
-    pub fn stop(&mut self) -> Result<(), MemoryError> {
+    pub fn stop(&mut self) -> Result<(), DirtyError> {
         if std::mem::take(&mut self.on) {
             set_memslots(&self.vm, &self.mem, 0)?;
         }
@@ -172,6 +107,8 @@ impl Drop for DirtyTracker {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::memory::ram::{create_guest_memory, register_memslots};
+    use vm_memory::GuestAddress;
     use vm_memory::Bytes;
 
     /// The VMM's own writes reach the dirty set through vm-memory's bitmap
@@ -179,7 +116,7 @@ mod tests {
     /// migration test, which checks the guest's checksums).
     #[test]
     fn tracker_sees_vmm_writes_once_and_stops_logging() {
-        let kvm = crate::vm::open_kvm().unwrap();
+        let kvm = crate::kvm::open_kvm().unwrap();
         let vm = Arc::new(kvm.create_vm().unwrap());
         let mem = create_guest_memory(64 << 20).unwrap();
         register_memslots(&vm, &mem).unwrap();

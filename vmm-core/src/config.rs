@@ -3,11 +3,7 @@
 
 use abi::boot::{CMDLINE_MAX, MAX_VCPUS};
 use abi::layout::{MAX_MEM_SIZE, MIN_MEM_SIZE, PAGE_SIZE};
-use serde::Deserialize;
 use std::path::PathBuf;
-
-/// The defaults, `resources/vm.toml`, compiled in.
-pub const DEFAULT_CONFIG: &str = include_str!("../../resources/vm.toml");
 
 /// Errors in a VM configuration.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -47,14 +43,6 @@ pub enum ConfigError {
     /// Fault-around asked for plain anonymous memory.
     #[error("fault-around needs a lazily backed memory: add --mem-backend zero or --mem-backend file:PATH")]
     FaultAroundWithoutBackend,
-    /// A config file that cannot be read or parsed.
-    #[error("cannot use config file {path}: {reason}")]
-    File {
-        /// The file.
-        path: String,
-        /// What went wrong.
-        reason: String,
-    },
 }
 
 /// Which guest kernel to boot.
@@ -202,105 +190,7 @@ impl MemoryConfig {
     }
 }
 
-impl TryFrom<&ConfigFile> for MemoryConfig {
-    type Error = ConfigError;
-
-    fn try_from(f: &ConfigFile) -> Result<Self, ConfigError> {
-        let backend = f
-            .mem_backend
-            .as_deref()
-            .map_or(Ok(MemBackend::Anon), str::parse)?;
-        let cfg = MemoryConfig {
-            backend,
-            fault_around: f.fault_around,
-        };
-        cfg.validate()?;
-        Ok(cfg)
-    }
-}
-
-/// A configuration as written in a file: every field optional.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ConfigFile {
-    /// Path of a kernel ELF.
-    pub kernel: Option<PathBuf>,
-    /// vCPU count.
-    pub vcpus: Option<u32>,
-    /// Memory size (`"256M"`).
-    pub mem: Option<String>,
-    /// Command line.
-    pub cmdline: Option<String>,
-    /// Memory backend (`"anon"`, `"zero"`, `"file:PATH,offset=N"`).
-    pub mem_backend: Option<String>,
-    /// Fault-around window in pages.
-    pub fault_around: Option<u32>,
-}
-
-impl ConfigFile {
-    /// Parses TOML text; `origin` names it in errors.
-    pub fn parse(text: &str, origin: &str) -> Result<ConfigFile, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::File {
-            path: origin.into(),
-            reason: e.to_string(),
-        })
-    }
-
-    /// Reads a TOML file.
-    pub fn load(path: &std::path::Path) -> Result<ConfigFile, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
-            path: path.display().to_string(),
-            reason: e.to_string(),
-        })?;
-        Self::parse(&text, &path.display().to_string())
-    }
-
-    /// `other`'s fields where set, else ours.
-    pub fn overridden_by(self, other: ConfigFile) -> ConfigFile {
-        ConfigFile {
-            kernel: other.kernel.or(self.kernel),
-            vcpus: other.vcpus.or(self.vcpus),
-            mem: other.mem.or(self.mem),
-            cmdline: other.cmdline.or(self.cmdline),
-            mem_backend: other.mem_backend.or(self.mem_backend),
-            fault_around: other.fault_around.or(self.fault_around),
-        }
-    }
-
-    /// The built-in defaults.
-    pub fn defaults() -> ConfigFile {
-        // The file is compiled in and covered by a unit test.
-        Self::parse(DEFAULT_CONFIG, "resources/vm.toml").unwrap_or_default()
-    }
-}
-
-impl TryFrom<ConfigFile> for VmConfig {
-    type Error = ConfigError;
-
-    fn try_from(f: ConfigFile) -> Result<Self, ConfigError> {
-        let memory = MemoryConfig::try_from(&f)?;
-        let kernel = f.kernel.map_or(KernelSource::Bundled, KernelSource::File);
-        let vcpus = f.vcpus.unwrap_or(1);
-        let mem_size = parse_size(f.mem.as_deref().unwrap_or("256M"))?;
-        let cmdline = f.cmdline.unwrap_or_default();
-        let cfg = VmConfig {
-            kernel,
-            vcpus,
-            mem_size,
-            cmdline,
-            memory,
-        };
-        cfg.validate()?;
-        Ok(cfg)
-    }
-}
-
 impl VmConfig {
-    /// The defaults of `resources/vm.toml`.
-    pub fn bundled_default() -> Result<VmConfig, ConfigError> {
-        VmConfig::try_from(ConfigFile::defaults())
-    }
-
     /// Checks every field; the bundled kernel's command line is checked with the
     /// guest's own parser so a typo fails here, not in the guest.
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -345,15 +235,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn default_file_is_valid() {
-        let c = VmConfig::bundled_default().unwrap();
-        assert_eq!(c.vcpus, 1);
-        assert_eq!(c.mem_size, 256 << 20);
-        assert_eq!(c.kernel, KernelSource::Bundled);
-        assert!(c.cmdline.contains("workload="));
-    }
-
-    #[test]
     fn sizes_parse() {
         assert_eq!(parse_size("4096"), Ok(4096));
         assert_eq!(parse_size("64K"), Ok(64 << 10));
@@ -366,7 +247,14 @@ mod tests {
 
     #[test]
     fn bad_values_have_clear_messages() {
-        let mut c = VmConfig::bundled_default().unwrap();
+        let mut c = VmConfig {
+            kernel: KernelSource::Bundled,
+            vcpus: 1,
+            mem_size: 256 << 20,
+            cmdline: "workload=touch pages=256".into(),
+            memory: MemoryConfig::default(),
+        };
+        assert_eq!(c.validate(), Ok(()));
         c.mem_size = 0;
         assert_eq!(
             c.validate().unwrap_err().to_string(),
@@ -391,27 +279,6 @@ mod tests {
             Ok(()),
             "a custom kernel's command line is its own business"
         );
-    }
-
-    #[test]
-    fn files_override_defaults() {
-        let f = ConfigFile::parse("vcpus = 2\nmem = \"1G\"", "t").unwrap();
-        let c = VmConfig::try_from(ConfigFile::defaults().overridden_by(f)).unwrap();
-        assert_eq!((c.vcpus, c.mem_size), (2, 1 << 30));
-        assert!(
-            ConfigFile::parse("vcpu = 2", "t").is_err(),
-            "unknown keys are rejected"
-        );
-        let m = MemoryConfig::try_from(&ConfigFile::defaults()).unwrap();
-        assert_eq!(m, MemoryConfig::default(), "anon stays the default");
-        let f = ConfigFile::parse("mem_backend = \"zero\"\nfault_around = 4", "t").unwrap();
-        let m = MemoryConfig::try_from(&ConfigFile::defaults().overridden_by(f)).unwrap();
-        assert_eq!((m.backend, m.fault_around), (MemBackend::Zero, Some(4)));
-        let f = ConfigFile::parse("mem_backend = \"disk\"", "t").unwrap();
-        assert!(matches!(
-            MemoryConfig::try_from(&f),
-            Err(ConfigError::BadMemBackend(_))
-        ));
     }
 
     #[test]

@@ -7,11 +7,23 @@
 //! requester re-kicks until the vCPU acknowledges, because a single signal can be
 //! absorbed while the thread is in user space. A vCPU blocked in the host kernel
 //! on a guest page may only leave once that page is served (see
-//! `docs/boot-protocol.md` and PLATFORM notes): requesters never assume a bounded
-//! ack time without the page source making progress.
+//! `docs/retry-core.md`): requesters never assume a bounded ack time without
+//! the page source making progress ([`manager`] reports such a vCPU as
+//! blocked instead of waiting for it).
+//!
+//! - [`exit`]: what each KVM exit does (a free function, unit tested);
+//! - [`state`]: the vCPU's KVM state as a persistable component;
+//! - [`manager`]: all vCPUs of a VM: start, pause with blocked-fault
+//!   reporting, resume, state capture, stop.
 
-use crate::exit::{handle_exit, Exit, ExitAction, StopReason};
+pub mod exit;
+pub mod manager;
+pub mod state;
+
+use exit::{handle_exit, Exit, ExitAction, StopReason};
+use state::{complete_pending_io, CpuState, VcpuComponent, VcpuStateError};
 use kvm_ioctls::{VcpuExit, VcpuFd};
+use persist::Persist;
 use std::sync::atomic::{fence, AtomicI32, AtomicU64, AtomicU8, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::{Arc, Mutex, Once};
@@ -46,6 +58,18 @@ pub enum VcpuError {
     /// The vCPU thread has ended.
     #[error("vCPU {0} has already exited")]
     Gone(u32),
+    /// No such vCPU.
+    #[error("there is no vCPU {0}")]
+    NoSuchVcpu(u32),
+    /// Its state could not be saved.
+    #[error("vCPU {cpu}: {source}")]
+    State {
+        /// vCPU index.
+        cpu: u32,
+        /// Why.
+        #[source]
+        source: VcpuStateError,
+    },
 }
 
 /// The state of a vCPU.
@@ -59,8 +83,11 @@ pub enum VcpuState {
     Exited,
 }
 
-/// A closure run on the vCPU thread with its `VcpuFd` (state save, tests...).
+/// A closure run on the vCPU thread with its `VcpuFd` (tests, experiments).
 pub type VcpuFn = Box<dyn FnOnce(&mut VcpuFd) + Send>;
+
+/// Where a vCPU sends its saved state.
+pub type StateReply = std::sync::mpsc::Sender<Result<CpuState, VcpuStateError>>;
 
 /// A request to a vCPU.
 pub enum VcpuRequest {
@@ -70,6 +97,9 @@ pub enum VcpuRequest {
     Resume,
     /// End the thread.
     Stop,
+    /// Save the vCPU's state (on its own thread, where pending I/O can be
+    /// completed first) and send it; the MSRs to save are given.
+    SaveState(Arc<Vec<u32>>, StateReply),
     /// Run a closure on the vCPU thread, between two guest entries.
     Run(VcpuFn),
 }
@@ -80,6 +110,7 @@ impl VcpuRequest {
             VcpuRequest::Pause => "pause",
             VcpuRequest::Resume => "resume",
             VcpuRequest::Stop => "stop",
+            VcpuRequest::SaveState(..) => "save state",
             VcpuRequest::Run(_) => "run",
         }
     }
@@ -431,6 +462,17 @@ impl VcpuThread {
             VcpuRequest::Pause => VcpuState::Paused,
             VcpuRequest::Resume => VcpuState::Running,
             VcpuRequest::Stop => VcpuState::Exited,
+            VcpuRequest::SaveState(msrs, reply) => {
+                let saved = complete_pending_io(&mut self.fd).and_then(|()| {
+                    VcpuComponent {
+                        fd: &self.fd,
+                        msr_indices: &msrs,
+                    }
+                    .save()
+                });
+                let _ = reply.send(saved);
+                state
+            }
             VcpuRequest::Run(f) => {
                 f(&mut self.fd);
                 state

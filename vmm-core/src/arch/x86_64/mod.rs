@@ -1,5 +1,4 @@
 //! x86_64: long-mode entry state, boot page tables and GDT, CPUID.
 
 pub mod cpu;
-pub mod minimal;
 pub mod paging;

@@ -1,0 +1,342 @@
+//! Lazily served guest RAM: the regions registered with userfaultfd (MISSING
+//! mode), one retry core per region, and the "uffd-handler" thread that
+//! serves their faults from a page source (crate `vmm-memory`, see
+//! `docs/retry-core.md`).
+//!
+//! Registration happens after the loader (or an eager fill) has written guest
+//! memory: those pages are then present and never fault, so the VMM's own
+//! writes cannot block on a handler that does not run yet.
+
+use super::materialize::Materializer;
+use crate::event::{EventSink, MemoryEvent, VmEvent};
+use ::memory::{
+    CoreConfig, FaultError, FaultHandler, HandlerControl, HandlerError, PageSource, Region, RegisterMode,
+    RetryCore, Stats, Uffd,
+};
+use devices::GuestRam;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
+
+/// Errors setting up lazily served memory.
+#[derive(Debug, thiserror::Error)]
+pub enum LazyError {
+    /// userfaultfd is unavailable.
+    #[error("cannot use userfaultfd for lazily served guest memory ({backend}): {source}; run as root, set vm.unprivileged_userfaultfd=1, or use --mem-backend anon")]
+    Uffd {
+        /// The source's name.
+        backend: String,
+        /// Why.
+        #[source]
+        source: ::memory::UffdError,
+    },
+    /// A retry core refused a region.
+    #[error("guest memory region cannot be served lazily: {0}")]
+    Core(#[from] ::memory::CoreError),
+    /// The handler could not be built.
+    #[error(transparent)]
+    Handler(#[from] HandlerError),
+    /// A thread could not be started.
+    #[error("cannot start the {what} thread: {source}")]
+    Thread {
+        /// Which thread.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+pub use ::memory::BlockedFault;
+
+/// How lazily served memory is set up.
+#[derive(Debug, Clone)]
+pub struct LazyPlan {
+    /// Where page contents come from (indexed by guest-physical address).
+    pub source: Arc<dyn PageSource>,
+    /// Fault-around window in pages (0 = off).
+    pub fault_around: u32,
+    /// Guest-physical ranges `(gpa, len)` the source holds data for (prefetch
+    /// and fetching in full read those; the rest reads as zero).
+    pub data_ranges: Vec<(u64, u64)>,
+    /// Pin the handler thread to this CPU (the CPU of a lone vCPU, see
+    /// `docs/retry-core.md`).
+    pub handler_cpu: Option<usize>,
+    /// Fetch the data ranges in the background from the start.
+    pub prefetch: bool,
+}
+
+/// Statistics of lazily served memory, for `--stats`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct MemoryStats {
+    /// The page source (`zero`, `file:PATH`, `snapshot:PATH`, `migration`...).
+    pub backend: String,
+    /// Fault-around window in pages (0 = off).
+    pub fault_around: u32,
+    /// PAGEFAULT events read by the handler.
+    pub events: u64,
+    /// Events merged into an already parked fault of the same page.
+    pub merged_events: u64,
+    /// Failures reported by the handler (display form).
+    pub failures: Vec<String>,
+    /// All regions together.
+    pub total: Stats,
+    /// One entry per guest memory region, in guest-physical order.
+    pub regions: Vec<Stats>,
+}
+
+/// Guest RAM served through userfaultfd while the VM lives.
+#[derive(Debug)]
+pub struct LazyMemory {
+    backend: String,
+    fault_around: u32,
+    uffd: Arc<Uffd>,
+    control: HandlerControl,
+    regions: Vec<Region>,
+    thread: Option<JoinHandle<Result<(), HandlerError>>>,
+    data_ranges: Arc<Vec<(u64, u64)>>,
+    prefetch: Option<Prefetch>,
+}
+
+/// A running background prefetch.
+#[derive(Debug)]
+struct Prefetch {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<()>,
+}
+
+impl LazyMemory {
+    /// Registers every region of `mem` and starts the handler thread (and the
+    /// prefetch if planned). Call after the VMM's own writes to guest memory.
+    pub fn start(mem: &GuestRam, plan: LazyPlan, sink: EventSink) -> Result<LazyMemory, LazyError> {
+        let backend = plan.source.name().to_owned();
+        let uffd = Arc::new(Uffd::for_guest_memory().map_err(|source| LazyError::Uffd {
+            backend: backend.clone(),
+            source,
+        })?);
+        let config = CoreConfig {
+            fault_around: plan.fault_around as usize,
+            ..CoreConfig::default()
+        };
+        let mut cores = Vec::new();
+        let mut regions = Vec::new();
+        for r in mem.iter() {
+            // The source is indexed by guest-physical address.
+            let region = Region {
+                host_base: r.as_ptr() as u64,
+                size: r.len(),
+                guest_offset: r.start_addr().raw_value(),
+            };
+            cores.push(Arc::new(RetryCore::new(region, plan.source.clone(), config)?));
+            uffd.register(region.host_base, region.size, RegisterMode::MISSING)
+                .map_err(|source| LazyError::Uffd {
+                    backend: backend.clone(),
+                    source,
+                })?;
+            regions.push(region);
+        }
+        let mut handler = FaultHandler::new(uffd.clone(), cores)?;
+        let control = handler.control();
+        let handler_cpu = plan.handler_cpu;
+        let thread = std::thread::Builder::new()
+            .name("uffd-handler".into())
+            .spawn(move || {
+                if let Some(cpu) = handler_cpu {
+                    // Only slower if it fails: the scheduler places the thread.
+                    if let Err(e) = ::memory::pin_current_thread(cpu) {
+                        tracing::warn!("the userfault handler stays unpinned: {e}");
+                    }
+                }
+                let r = handler.run_until_stopped();
+                if let Err(e) = &r {
+                    tracing::error!("the userfault handler stopped: {e}");
+                    sink(VmEvent::Memory(MemoryEvent::HandlerStopped(e.to_string())));
+                }
+                r
+            })
+            .map_err(|source| LazyError::Thread {
+                what: "uffd-handler",
+                source,
+            })?;
+        let mut lazy = LazyMemory {
+            backend,
+            fault_around: plan.fault_around,
+            uffd,
+            control,
+            regions,
+            thread: Some(thread),
+            data_ranges: Arc::new(plan.data_ranges),
+            prefetch: None,
+        };
+        if plan.prefetch {
+            lazy.start_prefetch()?;
+        }
+        Ok(lazy)
+    }
+
+    /// See [`Materializer`].
+    pub fn materializer(&self) -> Materializer {
+        Materializer {
+            uffd: self.uffd.clone(),
+            cores: self.control.cores().to_vec(),
+            ranges: self.data_ranges.clone(),
+        }
+    }
+
+    /// Starts a background thread that fetches every page of the data ranges
+    /// not fetched yet, ahead of the guest's faults.
+    fn start_prefetch(&mut self) -> Result<(), LazyError> {
+        let m = self.materializer();
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("prefetch".into())
+            .spawn(move || {
+                if let Err(e) = m.run(&s, &AtomicU64::new(0)) {
+                    // The faulting vCPU reports it too; prefetch just stops.
+                    tracing::warn!("prefetch stopped: {e}");
+                }
+            })
+            .map_err(|source| LazyError::Thread {
+                what: "prefetch",
+                source,
+            })?;
+        self.prefetch = Some(Prefetch { stop, thread });
+        Ok(())
+    }
+
+    /// Stage-2 fault accounting per faulting thread (gettid).
+    pub fn per_thread(&self) -> std::collections::HashMap<u32, ::memory::ThreadStats> {
+        self.control.per_thread()
+    }
+
+    /// The faults the handler holds (not resolved yet).
+    pub fn blocked(&self) -> Vec<BlockedFault> {
+        self.control.blocked()
+    }
+
+    /// A cloneable view of the handler, for other threads.
+    pub fn control(&self) -> HandlerControl {
+        self.control.clone()
+    }
+
+    /// Faults that could not be served (the VM must not go on).
+    pub fn failures(&self) -> Vec<FaultError> {
+        self.control.failures()
+    }
+
+    /// Whether the handler thread ended on its own (a broken uffd).
+    pub fn handler_died(&self) -> bool {
+        self.thread.as_ref().is_some_and(JoinHandle::is_finished)
+    }
+
+    /// Unregisters every region: blocked faulters wake up and fault as plain
+    /// anonymous memory. Only for tearing down a VM that already ended (a vCPU
+    /// stuck on a page that cannot be served would otherwise never stop).
+    pub fn release_blocked(&self) {
+        for r in &self.regions {
+            if let Err(e) = self.uffd.unregister(r.host_base, r.size) {
+                tracing::warn!("cannot unregister guest memory at {:#x}: {e}", r.host_base);
+            }
+        }
+    }
+
+    /// A snapshot of the statistics.
+    pub fn stats(&self) -> MemoryStats {
+        let regions: Vec<Stats> = self.control.cores().iter().map(|c| c.stats()).collect();
+        let (events, merged_events) = self.control.events();
+        MemoryStats {
+            backend: self.backend.clone(),
+            fault_around: self.fault_around,
+            events,
+            merged_events,
+            failures: self.failures().iter().map(ToString::to_string).collect(),
+            total: merge(&regions),
+            regions,
+        }
+    }
+
+    /// Stops the handler thread and waits for it.
+    pub fn stop(&mut self) {
+        // The prefetch fills pages through the handler's cores: it goes first.
+        if let Some(p) = self.prefetch.take() {
+            p.stop.store(true, Ordering::Relaxed);
+            let _ = p.thread.join();
+        }
+        self.control.stop();
+        if let Some(t) = self.thread.take() {
+            match t.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!("the userfault handler had stopped: {e}"),
+                Err(_) => tracing::error!("the userfault handler thread panicked"),
+            }
+        }
+    }
+}
+
+impl Drop for LazyMemory {
+    fn drop(&mut self) {
+        // The handler fills pages of the guest mapping: it must end before the
+        // mapping is unmapped (the memory manager drops this before its RAM).
+        self.stop();
+    }
+}
+
+/// Sums the statistics of several cores (the maximum for `retries_max`).
+pub fn merge(stats: &[Stats]) -> Stats {
+    let mut t = Stats::default();
+    for s in stats {
+        if t.source.is_empty() {
+            t.source.clone_from(&s.source);
+        }
+        t.faults += s.faults;
+        t.attempts += s.attempts;
+        t.retries_total += s.retries_total;
+        t.retries_max = t.retries_max.max(s.retries_max);
+        t.failures += s.failures;
+        t.pages_copied += s.pages_copied;
+        t.pages_zeroed += s.pages_zeroed;
+        t.fault_around_pages += s.fault_around_pages;
+        t.fetches += s.fetches;
+        t.already_present += s.already_present;
+        t.eexist += s.eexist;
+        t.eagain += s.eagain;
+        t.stale_present += s.stale_present;
+        t.removes += s.removes;
+        t.pages_removed += s.pages_removed;
+        if t.latency_us_log2.len() < s.latency_us_log2.len() {
+            t.latency_us_log2.resize(s.latency_us_log2.len(), 0);
+        }
+        for (a, b) in t.latency_us_log2.iter_mut().zip(&s.latency_us_log2) {
+            *a += b;
+        }
+    }
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merge_sums_and_keeps_the_max() {
+        let a = Stats {
+            source: "zero".into(),
+            faults: 2,
+            retries_max: 3,
+            latency_us_log2: vec![1, 2],
+            ..Stats::default()
+        };
+        let b = Stats {
+            source: "zero".into(),
+            faults: 5,
+            retries_max: 1,
+            latency_us_log2: vec![0, 1, 4],
+            ..Stats::default()
+        };
+        let t = merge(&[a, b]);
+        assert_eq!((t.faults, t.retries_max, t.source.as_str()), (7, 3, "zero"));
+        assert_eq!(t.latency_us_log2, vec![1, 3, 4]);
+    }
+}

@@ -1,0 +1,306 @@
+//! The memory manager: guest RAM and how it is backed.
+//!
+//! It owns the RAM mappings and their KVM memory slots ([`ram`]), and one
+//! backing: plain anonymous memory (the kernel zero-fills), lazily served
+//! memory ([`lazy`]: userfaultfd, the retry core, a page source), or memory
+//! served by an external handler ([`external`]). It also offers what the
+//! layers above need from memory without knowing their formats: which pages
+//! exist ([`pages`]), dirty tracking ([`dirty`]), and fetching lazily served
+//! memory in full ([`materialize`]). Its own state (the layout) persists
+//! through [`Persist`]; the contents are saved by whoever saves memory.
+//!
+//! Phases: [`MemoryManager::new`] maps and registers RAM (anonymous, so the
+//! loader or an eager fill can write it); then at most once
+//! [`MemoryManager::serve_lazily`] or [`MemoryManager::serve_externally`]
+//! hands it to userfaultfd, after which the VMM never writes a missing page
+//! from a thread the handler would need.
+
+pub mod dirty;
+pub mod external;
+pub mod lazy;
+pub mod materialize;
+pub mod pages;
+pub mod ram;
+
+pub use dirty::{DirtyError, DirtyTracker};
+pub use external::{ExternalMemory, RegionMapping};
+pub use lazy::{BlockedFault, LazyError, LazyMemory, LazyPlan, MemoryStats};
+pub use materialize::{MaterializeError, Materializer};
+pub use ram::MemoryError;
+
+use crate::config::MemBackend;
+use crate::event::EventSink;
+use ::memory::{FileSource, PageSource, ThreadStats, ZeroSource};
+use abi::layout::{ram_ranges, PAGE_SIZE};
+use devices::GuestRam;
+use kvm_ioctls::VmFd;
+use persist::Persist;
+use std::collections::HashMap;
+use std::sync::Arc;
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
+
+/// Errors of the memory manager.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryManagerError {
+    /// RAM could not be mapped or registered.
+    #[error(transparent)]
+    Ram(#[from] MemoryError),
+    /// Lazily served memory could not be set up.
+    #[error(transparent)]
+    Lazy(#[from] LazyError),
+    /// The page source of `--mem-backend` cannot be opened.
+    #[error("cannot open the memory backend (--mem-backend file:PATH): {0}")]
+    Source(#[from] ::memory::SourceError),
+    /// An eventfd for a page source could not be created.
+    #[error("cannot create the page source's eventfd: {0}; raise the process's file descriptor limit")]
+    Notifier(#[source] std::io::Error),
+    /// userfaultfd for an external handler.
+    #[error("cannot set up userfaultfd for the external page-fault handler: {0}; run as root or set vm.unprivileged_userfaultfd=1")]
+    External(#[from] ::memory::UffdError),
+    /// The memory is already handed to userfaultfd.
+    #[error("guest memory is already served by {0}; it can be handed to userfaultfd only once")]
+    AlreadyServed(&'static str),
+    /// A saved layout does not fit this VMM.
+    #[error("saved guest memory layout does not fit: {0}")]
+    Layout(String),
+}
+
+/// How guest RAM is backed now.
+#[derive(Debug, Default)]
+enum Backing {
+    /// Plain anonymous memory.
+    #[default]
+    Anon,
+    /// Served through userfaultfd by the retry core.
+    Lazy(LazyMemory),
+    /// Registered with a userfaultfd served by another process.
+    External(ExternalMemory),
+}
+
+impl Backing {
+    fn name(&self) -> &'static str {
+        match self {
+            Backing::Anon => "anonymous memory",
+            Backing::Lazy(_) => "the retry core",
+            Backing::External(_) => "an external page-fault handler",
+        }
+    }
+}
+
+/// Guest RAM and its backing. See the module documentation.
+#[derive(Debug)]
+pub struct MemoryManager {
+    // Declared before `ram` so it drops first: its handler fills pages of that mapping.
+    backing: Backing,
+    ram: GuestRam,
+    mem_size: u64,
+    vm_fd: Arc<VmFd>,
+}
+
+/// The memory manager's own state: the layout (the contents are saved
+/// separately, by the snapshot or migration layer).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MemoryState {
+    /// Guest RAM bytes.
+    pub mem_size: u64,
+    /// The page size the contents are saved in.
+    pub page_size: u64,
+    /// The RAM regions `(gpa, len)`, in guest-physical order.
+    pub regions: Vec<(u64, u64)>,
+}
+
+impl MemoryManager {
+    /// Maps `mem_size` bytes of guest RAM (laid out by [`ram_ranges`]) and
+    /// registers it with the VM as memory slots; plain anonymous memory until
+    /// it is handed to userfaultfd.
+    pub fn new(vm_fd: Arc<VmFd>, mem_size: u64) -> Result<MemoryManager, MemoryManagerError> {
+        let ram = ram::create_guest_memory(mem_size)?;
+        ram::register_memslots(&vm_fd, &ram)?;
+        Ok(MemoryManager {
+            backing: Backing::Anon,
+            ram,
+            mem_size,
+            vm_fd,
+        })
+    }
+
+    /// Guest RAM.
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+
+    /// Guest RAM bytes.
+    pub fn mem_size(&self) -> u64 {
+        self.mem_size
+    }
+
+    /// Serves guest RAM through userfaultfd and the retry core from now on.
+    pub fn serve_lazily(&mut self, plan: LazyPlan, sink: EventSink) -> Result<(), MemoryManagerError> {
+        if !matches!(self.backing, Backing::Anon) {
+            return Err(MemoryManagerError::AlreadyServed(self.backing.name()));
+        }
+        self.backing = Backing::Lazy(LazyMemory::start(&self.ram, plan, sink)?);
+        Ok(())
+    }
+
+    /// Registers guest RAM with a userfaultfd for an external handler.
+    pub fn serve_externally(&mut self) -> Result<&ExternalMemory, MemoryManagerError> {
+        if !matches!(self.backing, Backing::Anon) {
+            return Err(MemoryManagerError::AlreadyServed(self.backing.name()));
+        }
+        self.backing = Backing::External(ExternalMemory::register(&self.ram)?);
+        match &self.backing {
+            Backing::External(e) => Ok(e),
+            _ => Err(MemoryManagerError::AlreadyServed("nothing")),
+        }
+    }
+
+    /// The lazily served memory, if that is the backing.
+    pub fn lazy(&self) -> Option<&LazyMemory> {
+        match &self.backing {
+            Backing::Lazy(l) => Some(l),
+            _ => None,
+        }
+    }
+
+    /// The external handler's memory, if that is the backing.
+    pub fn external(&self) -> Option<&ExternalMemory> {
+        match &self.backing {
+            Backing::External(e) => Some(e),
+            _ => None,
+        }
+    }
+
+    /// Whether pages not served yet live outside this process (an external
+    /// handler): then this process cannot save or send the whole memory.
+    pub fn is_external(&self) -> bool {
+        matches!(self.backing, Backing::External(_))
+    }
+
+    /// Fetches lazily served pages through the retry cores (none otherwise).
+    pub fn materializer(&self) -> Option<Materializer> {
+        self.lazy().map(LazyMemory::materializer)
+    }
+
+    /// The stage-2 faults the handler holds now.
+    pub fn blocked(&self) -> Vec<BlockedFault> {
+        self.lazy().map(LazyMemory::blocked).unwrap_or_default()
+    }
+
+    /// Stage-2 fault accounting per faulting thread (gettid).
+    pub fn per_thread(&self) -> HashMap<u32, ThreadStats> {
+        self.lazy().map(LazyMemory::per_thread).unwrap_or_default()
+    }
+
+    /// Every page-source failure so far, and whether the handler itself is
+    /// gone (which no repair can fix).
+    pub fn failures(&self) -> (Vec<String>, bool) {
+        match self.lazy() {
+            Some(l) => (
+                l.failures().iter().map(ToString::to_string).collect(),
+                l.handler_died(),
+            ),
+            None => (Vec::new(), false),
+        }
+    }
+
+    /// Statistics of lazily served memory.
+    pub fn stats(&self) -> Option<MemoryStats> {
+        self.lazy().map(LazyMemory::stats)
+    }
+
+    /// Wakes vCPUs stuck on pages that cannot be served by unregistering
+    /// guest RAM from userfaultfd (their pages then read as zero). Only for
+    /// tearing down a VM whose run is already void.
+    pub fn release_blocked(&self) {
+        if let Some(l) = self.lazy() {
+            l.release_blocked();
+        }
+    }
+
+    /// Stops the userfault handler (the end of a run).
+    pub fn stop(&mut self) {
+        if let Backing::Lazy(l) = &mut self.backing {
+            l.stop();
+        }
+    }
+
+    /// Starts dirty tracking (KVM's log and the VMM's own writes).
+    pub fn dirty_tracker(&self) -> Result<DirtyTracker, DirtyError> {
+        DirtyTracker::start(self.vm_fd.clone(), self.ram.clone())
+    }
+}
+
+/// The lazy plan of a configured backend: zero pages, or a memory file
+/// indexed by guest-physical address (`None` for plain anonymous memory).
+pub fn plan_for_backend(
+    backend: &MemBackend,
+    fault_around: u32,
+    mem_size: u64,
+) -> Result<Option<LazyPlan>, MemoryManagerError> {
+    let (source, data_ranges): (Arc<dyn PageSource>, Vec<(u64, u64)>) = match backend {
+        MemBackend::Anon => return Ok(None),
+        MemBackend::Zero => (
+            Arc::new(ZeroSource::new().map_err(MemoryManagerError::Notifier)?),
+            Vec::new(),
+        ),
+        MemBackend::File { path, offset } => {
+            let src = FileSource::open(path, *offset)?;
+            // A memory file holds data up to its end.
+            let file_len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+            let data_end = file_len.saturating_sub(*offset);
+            let ranges = ram_ranges(mem_size)
+                .into_iter()
+                .filter(|&(a, l)| l > 0 && a < data_end)
+                .map(|(a, l)| (a, l.min(data_end - a)))
+                .collect();
+            (Arc::new(src), ranges)
+        }
+    };
+    Ok(Some(LazyPlan {
+        source,
+        fault_around,
+        data_ranges,
+        handler_cpu: None,
+        prefetch: false,
+    }))
+}
+
+impl Persist for MemoryManager {
+    type State = MemoryState;
+    type ConstructorArgs = Arc<VmFd>;
+    type Error = MemoryManagerError;
+
+    fn save(&self) -> Result<MemoryState, MemoryManagerError> {
+        Ok(MemoryState {
+            mem_size: self.mem_size,
+            page_size: PAGE_SIZE,
+            regions: self
+                .ram
+                .iter()
+                .map(|r| (r.start_addr().raw_value(), r.len()))
+                .collect(),
+        })
+    }
+
+    /// Maps RAM with the saved layout (anonymous: the contents come next).
+    fn restore(vm_fd: Arc<VmFd>, state: &MemoryState) -> Result<MemoryManager, MemoryManagerError> {
+        if state.page_size != PAGE_SIZE {
+            return Err(MemoryManagerError::Layout(format!(
+                "saved in {}-byte pages, this VMM uses {PAGE_SIZE}",
+                state.page_size
+            )));
+        }
+        let expected: Vec<(u64, u64)> = ram_ranges(state.mem_size)
+            .into_iter()
+            .filter(|&(_, l)| l > 0)
+            .collect();
+        if state.regions != expected {
+            return Err(MemoryManagerError::Layout(format!(
+                "regions {:x?} are not the layout of {} bytes of RAM ({expected:x?})",
+                state.regions, state.mem_size
+            )));
+        }
+        MemoryManager::new(vm_fd, state.mem_size)
+    }
+}
