@@ -4,7 +4,7 @@
 //! its pages is fetched. A corrupted extent fails the fetch: the retry core
 //! never maps it, and the VMM pauses the VM with the error.
 
-use crate::snapshot::{Extent, Snapshot};
+use super::{Extent, Snapshot};
 use ::memory::{FetchOutcome, Notifier, PageSource, SourceError};
 use std::collections::BTreeMap;
 use std::fs::File;

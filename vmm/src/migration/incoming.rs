@@ -1,0 +1,665 @@
+//! The destination side of a migration, without the VM: accepting the
+//! source, reading what comes before post-copy (pre-copied pages, the state,
+//! the data extents), then, once the caller runs the VM, the session that
+//! receives pages on both connections, places pre-copied pages, notices a
+//! lost source and waits for its recovery. The session reports what its
+//! owner must do with the VM as [`MigrationEvent`]s: it never touches the VM
+//! itself.
+
+use super::outgoing::extents_of;
+use super::remote::{Progress, RemoteSource};
+use super::transport::{Conn, Endpoint, Listener, HEADER_WAIT};
+use super::wire::{decode, encode, read_header, write_header, Message, PAGE, PAGE64};
+use super::{io, lock, MigrationError};
+use crate::snapshot::{Extent, Snapshot};
+use crate::state::SavedVm;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use vmm_core::memory::Materializer;
+
+/// What the destination's VM must do, from the session's point of view.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MigrationEvent {
+    /// The source (or one of its connections) is lost before every page
+    /// arrived: pause the VM (no missing page is ever zero-filled; its
+    /// faults stay parked) and keep it paused until [`Recovered`](Self::Recovered).
+    SourceLost(String),
+    /// The source came back (`recover`): the VM may run again.
+    Recovered,
+    /// The lost source did not come back in time: end the run.
+    GaveUp,
+    /// Every page arrived.
+    Complete,
+}
+
+/// A `recover` request, from the controller to the incoming session.
+#[derive(Debug)]
+pub struct RecoverRequest {
+    /// Where to wait for the source.
+    pub from: Endpoint,
+    /// The address once listening, or why not.
+    pub reply: Sender<Result<Endpoint, MigrationError>>,
+}
+
+
+/// The destination's figures (`vmm receive --stats`).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct DestStats {
+    /// Source pause to the destination's `Resumed` as the source measured it
+    /// (0 when the migration did not complete).
+    pub downtime_ms: f64,
+    /// State received to vCPUs started, here.
+    pub resume_ms: f64,
+    /// Connection accepted to the last page.
+    pub total_ms: f64,
+    /// Pages received during pre-copy (each round's copy counts).
+    pub precopy_pages: u64,
+    /// Distinct pre-copied pages kept (not written again before the switchover).
+    pub precopy_kept: u64,
+    /// Data pages announced for post-copy.
+    pub data_pages: u64,
+    /// Pages this side requested.
+    pub pages_requested: u64,
+    /// Pages received as answers.
+    pub pages_answered: u64,
+    /// Pages received from the background push.
+    pub pages_pushed: u64,
+    /// Requested pages that arrived by the push first.
+    pub requests_met_by_push: u64,
+    /// Pages asked again after a failed fill.
+    pub resends: u64,
+    /// Pages received twice (dropped).
+    pub duplicates: u64,
+    /// Bytes of page messages received.
+    pub bytes: u64,
+    /// Request to arrival, bucket `i` = `[2^i, 2^(i+1))` us.
+    pub latency_us_log2: Vec<u64>,
+    /// Upper bound of the bucket holding the median / 99th percentile, us.
+    pub latency_p50_us: u64,
+    /// See `latency_p50_us`.
+    pub latency_p99_us: u64,
+    /// vCPU time blocked in stage-2 faults, all vCPUs.
+    pub vcpu_blocked_us: u64,
+    /// Faults answered Held while the source was lost.
+    pub held_after_loss: u64,
+    /// Times the source was lost and came back (`recover`).
+    pub recoveries: u32,
+}
+
+/// The percentile `p` (0..1) of a log2 histogram, as its bucket's upper bound in us.
+pub fn percentile_us(hist: &[u64], p: f64) -> u64 {
+    let total: u64 = hist.iter().sum();
+    if total == 0 {
+        return 0;
+    }
+    let mut seen = 0;
+    for (i, n) in hist.iter().enumerate() {
+        seen += n;
+        if seen as f64 >= p * total as f64 {
+            return 1u64 << (i + 1).min(63);
+        }
+    }
+    0
+}
+
+/// What arrives before post-copy.
+struct Prelude {
+    /// `state.json`.
+    state: Vec<u8>,
+    /// The RAM size announced for pre-copy.
+    mem_size: Option<u64>,
+    /// The pre-copied pages (the last copy of each).
+    pages: HashMap<u64, Vec<u8>>,
+}
+
+/// Reads the pre-copy pages (if the source sends any) up to the state.
+fn receive_precopy(conn: &mut Conn, progress: &Progress) -> Result<Prelude, MigrationError> {
+    let mut precopied = HashMap::new();
+    let mem_size = match decode(conn)? {
+        Message::State(state) => {
+            return Ok(Prelude {
+                state,
+                mem_size: None,
+                pages: precopied,
+            })
+        }
+        Message::PrecopyBegin { mem_size } if mem_size <= abi::layout::MAX_MEM_SIZE => mem_size,
+        Message::PrecopyBegin { mem_size } => {
+            return Err(MigrationError::Protocol(format!(
+                "the source announced {mem_size} bytes of guest RAM, more than the largest guest"
+            )))
+        }
+        _ => {
+            return Err(MigrationError::Protocol(
+                "the first message is neither the VM state nor the start of pre-copy".into(),
+            ))
+        }
+    };
+    let ranges = abi::layout::ram_ranges(mem_size);
+    loop {
+        match decode(conn)? {
+            Message::PrecopyPage { gpa, data } => {
+                if !ranges.iter().any(|&(s, l)| gpa >= s && gpa - s < l) {
+                    return Err(MigrationError::Protocol(format!(
+                        "the source sent page {gpa:#x}, outside guest RAM"
+                    )));
+                }
+                precopied.insert(gpa, data);
+                progress.precopy_pages.fetch_add(1, Ordering::Relaxed);
+            }
+            Message::State(state) => {
+                return Ok(Prelude {
+                    state,
+                    mem_size: Some(mem_size),
+                    pages: precopied,
+                })
+            }
+            other => {
+                return Err(MigrationError::Protocol(format!(
+                    "unexpected message during pre-copy: {other:?}"
+                )))
+            }
+        }
+    }
+}
+
+/// An accepted migration whose state has arrived; the VM is not built yet.
+#[derive(Debug)]
+pub struct Incoming {
+    conn: Conn,
+    answers: Conn,
+    accepted: Instant,
+    got_state: Instant,
+    state: SavedVm,
+    data_ranges: Vec<(u64, u64)>,
+    src: Arc<RemoteSource>,
+    to_place: Vec<u64>,
+    precopy_pages: u64,
+    precopy_kept: u64,
+    data_pages: u64,
+}
+
+impl Incoming {
+    /// Accepts one migration on `listener` and reads up to the data extents
+    /// (every check of the state and extents included); opens the answer
+    /// channel.
+    pub fn accept(listener: &Listener, progress: Arc<Progress>) -> Result<Incoming, MigrationError> {
+        let mut conn = listener.accept()?;
+        let accepted = Instant::now();
+        read_header(&mut conn)?;
+        write_header(&mut conn).map_err(io("sending the header"))?;
+        let Prelude {
+            state,
+            mem_size: precopy_mem,
+            pages: mut precopied,
+        } = receive_precopy(&mut conn, &progress)?;
+        let Message::Extents(pairs) = decode(&mut conn)? else {
+            return Err(MigrationError::Protocol(
+                "the message after the state is not the extent list".into(),
+            ));
+        };
+        let got_state = Instant::now();
+        let answers = accept_answers(listener)?;
+        let extents: Vec<Extent> = pairs
+            .iter()
+            .map(|&(gpa, len)| Extent { gpa, len, crc32: 0 })
+            .collect();
+        // Checks every extent: aligned, sorted, inside RAM, at most EXTENT_MAX.
+        let snap = Snapshot::from_parts(&state, extents)?;
+        if precopy_mem.is_some_and(|m| m != snap.state.vm.config.mem_size) {
+            return Err(MigrationError::Protocol(
+                "the VM state's RAM size differs from the one announced for pre-copy".into(),
+            ));
+        }
+        let data_pages: u64 = pairs.iter().map(|&(_, l)| l / PAGE64).sum();
+        let precopy_pages = progress.precopy_pages.load(Ordering::Relaxed);
+        // Pages written after their last pre-copy come again in post-copy.
+        for &(g, l) in &pairs {
+            for gpa in (g..g + l).step_by(PAGE) {
+                precopied.remove(&gpa);
+            }
+        }
+        let precopy_kept = precopied.len() as u64;
+        let mut to_place: Vec<u64> = precopied.keys().copied().collect();
+        to_place.sort_unstable();
+        // The VM's data ranges cover the kept pre-copied pages too, so that
+        // fetching its memory in full (a snapshot, a further migration) gets
+        // the ones not placed yet.
+        let mut all: Vec<u64> = pairs
+            .iter()
+            .flat_map(|&(g, l)| (g..g + l).step_by(PAGE))
+            .chain(to_place.iter().copied())
+            .collect();
+        all.sort_unstable();
+        let data_ranges = extents_of(&all).iter().map(|e| (e.gpa, e.len)).collect();
+        progress.data_pages.store(data_pages, Ordering::Relaxed);
+        let src = RemoteSource::new("migration".into(), pairs, conn.try_clone()?, precopied, progress)?;
+        Ok(Incoming {
+            conn,
+            answers,
+            accepted,
+            got_state,
+            state: snap.state,
+            data_ranges,
+            src,
+            to_place,
+            precopy_pages,
+            precopy_kept,
+            data_pages,
+        })
+    }
+
+    /// The VM's state.
+    pub fn state(&self) -> &SavedVm {
+        &self.state
+    }
+
+    /// The page source the VM's memory is served from.
+    pub fn source(&self) -> Arc<RemoteSource> {
+        self.src.clone()
+    }
+
+    /// The guest-physical ranges that hold data (the rest is zero).
+    pub fn data_ranges(&self) -> Vec<(u64, u64)> {
+        self.data_ranges.clone()
+    }
+
+    /// The VM runs here (its memory served from [`source`](Self::source)
+    /// through `materializer`'s retry cores): tells the source and starts
+    /// the session. `events` is called from the session's threads.
+    pub fn start(
+        self,
+        materializer: Materializer,
+        lost_wait: Duration,
+        events: impl Fn(MigrationEvent) + Send + Sync + 'static,
+    ) -> Result<IncomingSession, MigrationError> {
+        let resume_ms = self.got_state.elapsed().as_secs_f64() * 1e3;
+        let src = self.src;
+        src.send(Message::Resumed);
+        src.progress.running.store(true, Ordering::Release);
+        let events: Arc<dyn Fn(MigrationEvent) + Send + Sync> = Arc::new(events);
+        // Cleared when the session ends: the VM's memory is no longer to be filled.
+        let placing = Arc::new(AtomicBool::new(true));
+        let placer = {
+            let (src, m, placing, to_place) = (src.clone(), materializer.clone(), placing.clone(), self.to_place);
+            std::thread::Builder::new()
+                .name("migration-place".into())
+                .spawn(move || place_precopied(&src, &m, &placing, to_place))
+                .map_err(io("starting the placer thread"))?
+        };
+        let done_at = Arc::new(Mutex::new(None::<(Instant, u64)>));
+        let receivers = Receivers {
+            src: src.clone(),
+            done_at: done_at.clone(),
+            materializer,
+            events: events.clone(),
+        };
+        let handles = vec![receivers.spawn(&self.conn)?, receivers.spawn(&self.answers)?];
+        let (recover_tx, recover_rx) = mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut watch = Watch {
+            src: src.clone(),
+            conn: self.conn,
+            answers: self.answers,
+            receivers,
+            handles,
+            recover_rx,
+            stop: stop.clone(),
+            lost_wait,
+            events,
+        };
+        let watcher = std::thread::Builder::new()
+            .name("migration-watch".into())
+            .spawn(move || watch.run())
+            .map_err(io("starting the migration watcher"))?;
+        Ok(IncomingSession {
+            src,
+            recover_tx,
+            stop,
+            placing,
+            placer: Some(placer),
+            watcher: Some(watcher),
+            done_at,
+            accepted: self.accepted,
+            resume_ms,
+            precopy_pages: self.precopy_pages,
+            precopy_kept: self.precopy_kept,
+            data_pages: self.data_pages,
+        })
+    }
+}
+
+/// Places the kept pre-copied pages in the background (a fault on one is
+/// served from memory at once meanwhile).
+fn place_precopied(src: &RemoteSource, m: &Materializer, placing: &AtomicBool, to_place: Vec<u64>) {
+    for gpa in to_place {
+        if !placing.load(Ordering::Acquire) {
+            break;
+        }
+        if let Err(e) = m.resolve_page(gpa) {
+            if placing.load(Ordering::Acquire) {
+                tracing::warn!("placing pre-copied page {gpa:#x}: {e}");
+            }
+        }
+        // Dropped only once mapped: a fault's fill that is still in flight
+        // may not have fetched it yet (the copy then stays until the VM ends).
+        if m.is_present(gpa) {
+            lock(&src.precopied).remove(&gpa);
+        }
+    }
+}
+
+/// What a receiver thread needs.
+#[derive(Clone)]
+struct Receivers {
+    src: Arc<RemoteSource>,
+    done_at: Arc<Mutex<Option<(Instant, u64)>>>,
+    materializer: Materializer,
+    events: Arc<dyn Fn(MigrationEvent) + Send + Sync>,
+}
+
+impl Receivers {
+    /// One receiver per connection.
+    fn spawn(&self, conn: &Conn) -> Result<JoinHandle<()>, MigrationError> {
+        let r = self.clone();
+        let mut reader = conn.try_clone()?;
+        std::thread::Builder::new()
+            .name("migration-in".into())
+            .spawn(move || match receive_pages(&r.src, &mut reader, &r.materializer, &r.done_at) {
+                Ok(true) => (r.events)(MigrationEvent::Complete),
+                Ok(false) => {}
+                Err(e) => r.src.set_lost(e.to_string()),
+            })
+            .map_err(io("starting the receiver thread"))
+    }
+}
+
+/// The session's watcher: notices a lost source, serves `recover`
+/// requests, takes the source back, gives up after the lost wait.
+struct Watch {
+    src: Arc<RemoteSource>,
+    conn: Conn,
+    answers: Conn,
+    receivers: Receivers,
+    handles: Vec<JoinHandle<()>>,
+    recover_rx: Receiver<RecoverRequest>,
+    stop: Arc<AtomicBool>,
+    lost_wait: Duration,
+    events: Arc<dyn Fn(MigrationEvent) + Send + Sync>,
+}
+
+impl Watch {
+    /// Returns the number of recoveries.
+    fn run(&mut self) -> u32 {
+        let mut lost_deadline: Option<Instant> = None;
+        let mut gave_up = false;
+        let mut recoveries = 0;
+        let mut waiting: Option<Listener> = None;
+        while !self.stop.load(Ordering::Acquire) {
+            if let (None, Some(why)) = (lost_deadline, self.src.lost()) {
+                // Both connections go: the source must see the failure too
+                // (and keep its VM resumable) even if only one of them broke.
+                self.conn.shutdown();
+                self.answers.shutdown();
+                (self.events)(MigrationEvent::SourceLost(why));
+                lost_deadline = Some(Instant::now() + self.lost_wait);
+            }
+            while let Ok(req) = self.recover_rx.try_recv() {
+                let r = match self.src.lost() {
+                    None => Err(MigrationError::NotInterrupted),
+                    Some(_) => Listener::bind(&req.from).and_then(|l| {
+                        l.set_nonblocking()?;
+                        let at = l.endpoint()?;
+                        waiting = Some(l);
+                        // The operator now starts the source's side.
+                        lost_deadline = Some(Instant::now() + self.lost_wait);
+                        Ok(at)
+                    }),
+                };
+                let _ = req.reply.send(r);
+            }
+            let back = waiting.as_ref().map(Listener::try_accept);
+            match back {
+                Some(Ok(Some(new))) => {
+                    if let Some(l) = waiting.take() {
+                        match self.take_back(new, &l) {
+                            Ok(()) => {
+                                lost_deadline = None;
+                                recoveries += 1;
+                                tracing::info!("the migration source is back");
+                                (self.events)(MigrationEvent::Recovered);
+                            }
+                            Err(e) => {
+                                tracing::warn!("a peer connected to resume the migration but failed: {e}");
+                                waiting = Some(l);
+                            }
+                        }
+                    }
+                }
+                Some(Err(e)) => tracing::warn!("waiting for the source to come back: {e}"),
+                _ => {}
+            }
+            if !gave_up && lost_deadline.is_some_and(|d| Instant::now() >= d) {
+                gave_up = true;
+                (self.events)(MigrationEvent::GaveUp);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.conn.shutdown();
+        self.answers.shutdown();
+        for h in self.handles.drain(..) {
+            let _ = h.join();
+        }
+        recoveries
+    }
+
+    /// Takes back a source that connected to resume the migration.
+    fn take_back(&mut self, new: Conn, listener: &Listener) -> Result<(), MigrationError> {
+        // Nothing may arrive on the old connections once `Need` is computed
+        // (a page would come twice).
+        self.conn.shutdown();
+        self.answers.shutdown();
+        for h in self.handles.drain(..) {
+            let _ = h.join();
+        }
+        let (conn, answers) = resume_with(&self.src, new, listener)?;
+        self.conn = conn;
+        self.answers = answers;
+        // Requests and `Complete` go to the new connection before anything
+        // can arrive on it (a `Done` is answered at once).
+        self.src.reconnect(self.conn.try_clone()?);
+        self.handles = vec![self.receivers.spawn(&self.conn)?, self.receivers.spawn(&self.answers)?];
+        Ok(())
+    }
+}
+
+/// A running incoming migration.
+#[derive(Debug)]
+pub struct IncomingSession {
+    src: Arc<RemoteSource>,
+    recover_tx: Sender<RecoverRequest>,
+    stop: Arc<AtomicBool>,
+    placing: Arc<AtomicBool>,
+    placer: Option<JoinHandle<()>>,
+    watcher: Option<JoinHandle<u32>>,
+    done_at: Arc<Mutex<Option<(Instant, u64)>>>,
+    accepted: Instant,
+    resume_ms: f64,
+    precopy_pages: u64,
+    precopy_kept: u64,
+    data_pages: u64,
+}
+
+impl IncomingSession {
+    /// Where `recover` requests go (the controller's hook).
+    pub fn recover_requests(&self) -> Sender<RecoverRequest> {
+        self.recover_tx.clone()
+    }
+
+    /// Set while the source is lost (the VM's memory cannot be fetched in
+    /// full then): a stop flag for whoever fetches it.
+    pub fn lost_flag(&self) -> Arc<AtomicBool> {
+        self.src.progress.lost.clone()
+    }
+
+    /// Why the source was lost before every page arrived, if it was.
+    pub fn lost(&self) -> Option<String> {
+        self.src.lost()
+    }
+
+    /// Ends the session (the VM has ended) and returns its figures;
+    /// `vcpu_blocked_us` is the VM's stage-2 blocked time.
+    pub fn finish(mut self, vcpu_blocked_us: u64) -> DestStats {
+        self.placing.store(false, Ordering::Release);
+        self.stop.store(true, Ordering::Release);
+        let recoveries = self.watcher.take().and_then(|w| w.join().ok()).unwrap_or(0);
+        if let Some(p) = self.placer.take() {
+            let _ = p.join();
+        }
+        let c = lock(&self.src.counters);
+        let done = *lock(&self.done_at);
+        DestStats {
+            downtime_ms: done.map_or(0.0, |(_, us)| us as f64 / 1e3),
+            resume_ms: self.resume_ms,
+            total_ms: done.map_or(0.0, |(t, _)| (t - self.accepted).as_secs_f64() * 1e3),
+            precopy_pages: self.precopy_pages,
+            precopy_kept: self.precopy_kept,
+            data_pages: self.data_pages,
+            pages_requested: c.requested,
+            pages_answered: c.answered,
+            pages_pushed: c.pushed,
+            requests_met_by_push: c.requests_met_by_push,
+            resends: c.resends,
+            duplicates: c.duplicates,
+            bytes: c.bytes,
+            latency_p50_us: percentile_us(&c.latency_us_log2, 0.5),
+            latency_p99_us: percentile_us(&c.latency_us_log2, 0.99),
+            latency_us_log2: c.latency_us_log2.clone(),
+            vcpu_blocked_us,
+            held_after_loss: c.held_after_loss,
+            recoveries,
+        }
+    }
+}
+
+/// Accepts the source's answer channel on `listener` (its second
+/// connection, opened right after the extents or the `Need` list); a
+/// connection that is not one is dropped.
+fn accept_answers(listener: &Listener) -> Result<Conn, MigrationError> {
+    listener.set_nonblocking()?;
+    let deadline = Instant::now() + HEADER_WAIT;
+    let mut last = None;
+    while Instant::now() < deadline {
+        match listener.try_accept()? {
+            Some(mut c) => match greet(&mut c, &Message::Preempt, "its answer channel") {
+                Ok(()) => return Ok(c),
+                Err(e) => last = Some(e),
+            },
+            None => std::thread::sleep(Duration::from_micros(200)),
+        }
+    }
+    Err(last.unwrap_or_else(|| MigrationError::Protocol("the source did not open its answer channel".into())))
+}
+
+/// Exchanges headers on a new connection and checks that its first message
+/// is `expect` (the source opening `what`).
+fn greet(conn: &mut Conn, expect: &Message, what: &str) -> Result<(), MigrationError> {
+    conn.set_read_timeout(Some(HEADER_WAIT))?;
+    read_header(conn)?;
+    write_header(conn).map_err(io("sending the header"))?;
+    let m = decode(conn)?;
+    if &m != expect {
+        return Err(MigrationError::Protocol(format!(
+            "expected the source to open {what}, got {m:?}"
+        )));
+    }
+    conn.set_read_timeout(None)
+}
+
+/// The handshake with a source that comes back: headers, its `Resume`, the
+/// list of pages still missing here, and its new answer channel.
+fn resume_with(
+    src: &RemoteSource,
+    mut conn: Conn,
+    listener: &Listener,
+) -> Result<(Conn, Conn), MigrationError> {
+    greet(&mut conn, &Message::Resume, "the resumption of the migration")?;
+    encode(&mut conn, &Message::Need(src.need())).map_err(io("sending the missing pages"))?;
+    let answers = accept_answers(listener)?;
+    Ok((conn, answers))
+}
+
+/// Receives pages on one connection until `Done` (returns `true` once
+/// every page arrived) or the connection ends.
+fn receive_pages(
+    src: &RemoteSource,
+    r: &mut Conn,
+    m: &Materializer,
+    done_at: &Mutex<Option<(Instant, u64)>>,
+) -> Result<bool, MigrationError> {
+    loop {
+        match decode(r)? {
+            Message::Page { gpa, requested, data } => {
+                if let Some(asked) = src.arrive(gpa, requested, data)? {
+                    // Placed now: the retry core claims the page and copies it.
+                    if let Err(e) = m.resolve_page(gpa) {
+                        tracing::warn!("placing migrated page {gpa:#x}: {e}");
+                    }
+                    if m.is_present(gpa) {
+                        src.placed(gpa);
+                    }
+                    // A fault parked on it is retried (the copy may have lost
+                    // the claim to the handler's own attempt, which then saw
+                    // no data yet).
+                    if asked {
+                        src.notifier.notify();
+                    }
+                }
+            }
+            Message::Done { downtime_us, .. } => {
+                // Answers still on the answer channel arrive first: the
+                // source may end only once every page is here.
+                let deadline = Instant::now() + HEADER_WAIT;
+                while !src.all_arrived() {
+                    if let Some(why) = src.lost() {
+                        return Err(MigrationError::Protocol(format!(
+                            "pages were missing at the end of the migration: {why}"
+                        )));
+                    }
+                    if Instant::now() >= deadline {
+                        return Err(MigrationError::Protocol(
+                            "the source said every page was sent, but some never arrived".into(),
+                        ));
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                src.complete.store(true, Ordering::Release);
+                src.progress.complete.store(true, Ordering::Release);
+                *lock(done_at) = Some((Instant::now(), downtime_us));
+                src.send(Message::Complete);
+                return Ok(true);
+            }
+            other => {
+                return Err(MigrationError::Protocol(format!(
+                    "unexpected message from the source: {other:?}"
+                )))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_of_a_log2_histogram() {
+        assert_eq!(percentile_us(&[], 0.5), 0);
+        assert_eq!(percentile_us(&[0, 10, 0, 1], 0.5), 4);
+        assert_eq!(percentile_us(&[0, 10, 0, 1], 0.99), 16);
+    }
+}

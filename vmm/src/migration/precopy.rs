@@ -1,0 +1,166 @@
+//! Pre-copy: rounds of copying pages while the VM runs, with dirty logging
+//! (KVM's log of guest writes plus vm-memory's bitmaps of the VMM's own,
+//! devices included), then the switchover (the caller pauses the VM and
+//! captures its state), after which only the pages written since the last
+//! round go by post-copy.
+
+use super::outgoing::{extents_of, handshake, spawn_out, MigrateOptions, Outgoing, Resumable, SourceSummary, Stopped};
+use super::transport::{Conn, Endpoint};
+use super::wire::{encode, Message, PAGE, PAGE64};
+use super::{io, MigrationError};
+use crate::state::SavedVm;
+use devices::GuestRam;
+use kvm_ioctls::VmFd;
+use std::io::{BufWriter, Write};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+use vm_memory::{Bytes, GuestAddress};
+use vmm_core::memory::{DirtyTracker, Materializer};
+
+/// Pauses the VM and captures its state, on the controller, at the switchover.
+pub type Switchover = Box<dyn FnOnce() -> Result<(SavedVm, Instant), MigrationError> + Send>;
+
+/// What a pre-copy migration needs from the source VM.
+pub struct PrecopyCtx {
+    /// The VM (its memory slots get dirty logging).
+    pub vm_fd: Arc<VmFd>,
+    /// Guest RAM.
+    pub mem: GuestRam,
+    /// The guest's RAM size.
+    pub mem_size: u64,
+    /// Fetches lazily backed memory in full first (pages the guest never
+    /// wrote would otherwise be missing from the copy).
+    pub materializer: Option<Materializer>,
+    /// Set when the VM's own (incoming) migration source is lost: its
+    /// memory cannot be fetched in full then.
+    pub stop: Arc<AtomicBool>,
+    /// Pauses the VM and captures its state (on the controller).
+    pub switchover: Switchover,
+}
+
+impl std::fmt::Debug for PrecopyCtx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PrecopyCtx")
+            .field("mem_size", &self.mem_size)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Pre-copy rounds, switchover, then post-copy, on a new thread (the VM runs
+/// meanwhile); `on_end` as for [`Outgoing::spawn`].
+pub fn spawn_precopy(
+    to: Endpoint,
+    options: MigrateOptions,
+    ctx: PrecopyCtx,
+    on_end: impl FnOnce(Result<SourceSummary, Box<Stopped>>) + Send + 'static,
+) -> Result<(), MigrationError> {
+    spawn_out(move || precopy(&to, &options, ctx).and_then(Outgoing::serve), on_end)
+}
+
+fn precopy(to: &Endpoint, options: &MigrateOptions, ctx: PrecopyCtx) -> Result<Outgoing, Box<Stopped>> {
+    let start = Instant::now();
+    let early = |error: MigrationError| {
+        Box::new(Stopped {
+            error,
+            resumable: None,
+        })
+    };
+    if let Some(m) = &ctx.materializer {
+        m.run(&ctx.stop, &AtomicU64::new(0))
+            .map_err(|e| early(e.into()))?;
+        if ctx.stop.load(Ordering::Acquire) {
+            return Err(early(MigrationError::SourceLost));
+        }
+    }
+    let conn = handshake(to).map_err(early)?;
+    let mut w = BufWriter::with_capacity(64 << 10, conn.try_clone().map_err(early)?);
+    let mut summary = SourceSummary::default();
+    let mut bytes = 12 + 13;
+    encode(
+        &mut w,
+        &Message::PrecopyBegin {
+            mem_size: ctx.mem_size,
+        },
+    )
+    .map_err(|e| early(io("starting pre-copy")(e)))?;
+    // Logging starts before the first copy: a page written while (or after)
+    // it is copied is copied again.
+    let tracker = DirtyTracker::start(ctx.vm_fd.clone(), ctx.mem.clone()).map_err(|e| early(e.into()))?;
+    let mut buf = vec![0u8; PAGE];
+    // Volatile copies: the guest may be writing the page (it is then in the
+    // next round's log). A rewritten page goes even if now zero: the
+    // destination may hold an older copy.
+    let mut send = |w: &mut BufWriter<Conn>, gpa: u64, summary: &mut SourceSummary, skip_zero: bool| {
+        ctx.mem
+            .read_slice(&mut buf, GuestAddress(gpa))
+            .map_err(|source| MigrationError::ReadMemory { gpa, source })?;
+        if skip_zero && buf.iter().all(|&b| b == 0) {
+            return Ok(());
+        }
+        encode(
+            w,
+            &Message::PrecopyPage {
+                gpa,
+                data: buf.clone(),
+            },
+        )
+        .map_err(io("sending a page"))?;
+        summary.precopy_pages += 1;
+        Ok::<_, MigrationError>(())
+    };
+    // Round 1: every page that exists and holds data.
+    let existing = vmm_core::memory::pages::existing_guest_pages(&ctx.mem)
+        .map_err(|e| early(io("reading the page map")(e)))?;
+    for gpa in existing {
+        send(&mut w, gpa, &mut summary, true).map_err(early)?;
+    }
+    summary.precopy_rounds = 1;
+    // Later rounds: what the guest wrote meanwhile.
+    while summary.precopy_rounds < options.precopy_rounds {
+        let dirty = tracker.take().map_err(|e| early(e.into()))?;
+        summary.precopy_dirty.push(dirty.len() as u64);
+        summary.precopy_rounds += 1;
+        for &gpa in &dirty {
+            send(&mut w, gpa, &mut summary, false).map_err(early)?;
+        }
+        if dirty.is_empty() {
+            break;
+        }
+    }
+    w.flush().map_err(|e| early(io("sending pages")(e)))?;
+    drop(w);
+    bytes += summary.precopy_pages * (5 + 8 + PAGE64);
+    summary.precopy_ms = start.elapsed().as_secs_f64() * 1e3;
+    let (state, paused_at) = (ctx.switchover)().map_err(early)?;
+    // The VM is paused: what it wrote since the last round is the post-copy set.
+    let mut tracker = tracker;
+    let dirty = tracker.take().map_err(|e| early(e.into()))?;
+    if let Err(e) = tracker.stop() {
+        tracing::warn!("{e}");
+    }
+    summary.precopy_dirty.push(dirty.len() as u64);
+    let extents = extents_of(&dirty);
+    let resumable = Resumable {
+        extents: extents.clone(),
+        paused_at,
+        resumed_at: None,
+    };
+    Outgoing::postcopy(
+        to,
+        conn,
+        bytes,
+        &state,
+        extents,
+        ctx.mem,
+        paused_at,
+        options.push_delay,
+        summary,
+    )
+    .map_err(|error| {
+        Box::new(Stopped {
+            error,
+            resumable: Some(resumable),
+        })
+    })
+}
