@@ -56,7 +56,11 @@ pub fn dispatch(frame: &mut TrapFrame) {
             Some(Err(())) => Ret::Value(ESRCH),
             None => Ret::Restart,
         },
-        SYS_KILL => Ret::Value(if task::send_signal(a0 as usize, a1) { 0 } else { ESRCH }),
+        SYS_KILL => Ret::Value(if task::send_signal(a0 as usize, a1) {
+            0
+        } else {
+            ESRCH
+        }),
         SYS_SIGACTION => {
             let t = task::current();
             match t.handlers.get_mut(a0 as usize) {
@@ -124,13 +128,23 @@ fn sum(ptr: u64, len: u64) -> Ret {
 }
 
 fn spawn(role: u64, arg: u64, cpu: u64) -> Ret {
-    let Some(shared) = crate::SHARED.get() else { return Ret::Value(EINVAL) };
+    let Some(shared) = crate::SHARED.get() else {
+        return Ret::Value(EINVAL);
+    };
     let me = task::current();
     let cpu = if cpu == u64::MAX { me.cpu } else { cpu as u32 };
     if cpu >= shared.cpu_count || role < ROLE_USER {
         return Ret::Value(EINVAL);
     }
-    let spec = task::Spec { cpu, slot: 0, slots: 1, role, arg, parent: me.tid, top_level: false };
+    let spec = task::Spec {
+        cpu,
+        slot: 0,
+        slots: 1,
+        role,
+        arg,
+        parent: me.tid,
+        top_level: false,
+    };
     match task::create(spec, shared) {
         Ok(tid) => Ret::Value(tid as i64),
         Err(_) => Ret::Value(EAGAIN),
@@ -139,8 +153,12 @@ fn spawn(role: u64, arg: u64, cpu: u64) -> Ret {
 
 fn uffd_register(start: u64, len: u64) -> Ret {
     let t = task::current();
-    let Some(end) = start.checked_add(len) else { return Ret::Value(EINVAL) };
-    let Some(id) = crate::uffd::create(t.tid, t.space.root, start, end) else { return Ret::Value(EAGAIN) };
+    let Some(end) = start.checked_add(len) else {
+        return Ret::Value(EINVAL);
+    };
+    let Some(id) = crate::uffd::create(t.tid, t.space.root, start, end) else {
+        return Ret::Value(EAGAIN);
+    };
     match t.space.register_uffd(start, end, id) {
         Ok(()) => {
             task::forget_fast_region(t);
@@ -209,7 +227,11 @@ fn report(ptr: u64) -> Ret {
     } else {
         kprintln!(
             "guest-kernel: cpu {} checksum MISMATCH got {:#x} expected {:#x} (pages {} of {})",
-            a.cpu, user.checksum, expected, user.pages, a.pages
+            a.cpu,
+            user.checksum,
+            expected,
+            user.pages,
+            a.pages
         );
     }
     Ret::Value(0)

@@ -21,8 +21,8 @@ use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering
 use crate::abi::boot::MAX_VCPUS;
 use crate::abi::exit::ExitCode;
 use crate::abi::layout::{
-    LARGE_PAGE_SIZE, PAGE_SIZE, USER_ANON_BASE, USER_ANON_SIZE, USER_ARGS_ADDR, USER_SPACE_END, USER_SPACE_START,
-    USER_STACK_SIZE, USER_STACK_TOP, USER_STORE_BASE, USER_WORK_BASE,
+    LARGE_PAGE_SIZE, PAGE_SIZE, USER_ANON_BASE, USER_ANON_SIZE, USER_ARGS_ADDR, USER_SPACE_END,
+    USER_SPACE_START, USER_STACK_SIZE, USER_STACK_TOP, USER_STORE_BASE, USER_WORK_BASE,
 };
 use crate::abi::pv::store::PAGES as STORE_PAGES;
 use crate::abi::syscall::{sig, status, TaskArgs};
@@ -180,7 +180,12 @@ struct Table {
     failed: bool,
 }
 
-static SCHED: SpinLock<Table> = SpinLock::new(Table { t: [FREE; MAX_TASKS], count: 0, live_top: 0, failed: false });
+static SCHED: SpinLock<Table> = SpinLock::new(Table {
+    t: [FREE; MAX_TASKS],
+    count: 0,
+    live_top: 0,
+    failed: false,
+});
 static TASKS: [AtomicPtr<Task>; MAX_TASKS] = [const { AtomicPtr::new(core::ptr::null_mut()) }; MAX_TASKS];
 /// Each CPU's running task (NONE = idle).
 static CURRENT: [AtomicUsize; CPUS] = [const { AtomicUsize::new(NONE) }; CPUS];
@@ -252,14 +257,26 @@ impl FaultEnv for Env<'_> {
     fn store_page(&mut self, index: u64, f: u32) -> PageState {
         let tid = self.tid;
         crate::mm::store::page(index, || {
-            sleep_on(tid, crate::mm::store::WAIT_KEY, f & flags::INTERRUPTIBLE != 0, true, 0);
+            sleep_on(
+                tid,
+                crate::mm::store::WAIT_KEY,
+                f & flags::INTERRUPTIBLE != 0,
+                true,
+                0,
+            );
         })
     }
 
     fn userfault(&mut self, id: u32, va: u64, f: u32) -> PageState {
         let tid = self.tid;
         crate::uffd::fault(id, va, tid, || {
-            sleep_on(tid, crate::uffd::fault_key(id), f & flags::INTERRUPTIBLE != 0, true, 0);
+            sleep_on(
+                tid,
+                crate::uffd::fault_key(id),
+                f & flags::INTERRUPTIBLE != 0,
+                true,
+                0,
+            );
         })
     }
 
@@ -309,7 +326,11 @@ pub fn wake_all(key: u64) {
 /// restarts or completes the call).
 pub fn sleep_current(key: u64, ms: u64) {
     // +1: the next tick may be just about to come; sleep at least `ms`.
-    let wake_at = if ms > 0 { JIFFIES.load(Ordering::Relaxed) + ms.div_ceil(arch::apic::TICK_MS) + 1 } else { 0 };
+    let wake_at = if ms > 0 {
+        JIFFIES.load(Ordering::Relaxed) + ms.div_ceil(arch::apic::TICK_MS) + 1
+    } else {
+        0
+    };
     sleep_on(current_tid(), key, true, false, wake_at);
 }
 
@@ -318,7 +339,9 @@ pub fn wait_child(tid: usize) -> Option<Result<i64, ()>> {
     let me = current_tid();
     {
         let s = SCHED.lock();
-        let Some(t) = s.t.get(tid) else { return Some(Err(())) };
+        let Some(t) = s.t.get(tid) else {
+            return Some(Err(()));
+        };
         if t.parent != me {
             return Some(Err(()));
         }
@@ -336,7 +359,9 @@ pub fn send_signal(tid: usize, s: u64) -> bool {
         return false;
     }
     let mut table = SCHED.lock();
-    let Some(t) = table.t.get_mut(tid) else { return false };
+    let Some(t) = table.t.get_mut(tid) else {
+        return false;
+    };
     if matches!(t.state, State::Free | State::Dead) {
         return false;
     }
@@ -367,7 +392,8 @@ pub fn send_signal(tid: usize, s: u64) -> bool {
 /// Whether task `tid` sleeps in a page-fault wait on the page store.
 pub fn in_store_wait(tid: usize) -> bool {
     let s = SCHED.lock();
-    s.t.get(tid).is_some_and(|t| t.state == State::Sleeping && t.fault_wait && t.key == crate::mm::store::WAIT_KEY)
+    s.t.get(tid)
+        .is_some_and(|t| t.state == State::Sleeping && t.fault_wait && t.key == crate::mm::store::WAIT_KEY)
 }
 
 /// Sets the current task's blocked mask; returns the old one.
@@ -500,7 +526,9 @@ struct SigFrame {
 fn push_signal_frame(task: &mut Task, s: u64, handler: u64, frame: &mut TrapFrame) -> bool {
     let size = core::mem::size_of::<SigFrame>() as u64;
     // Below the red zone, 16-aligned, then -8 as if the restorer was `call`ed.
-    let Some(sp) = frame.rsp.checked_sub(128 + size).map(|a| (a & !15) - 8) else { return false };
+    let Some(sp) = frame.rsp.checked_sub(128 + size).map(|a| (a & !15) - 8) else {
+        return false;
+    };
     if prepare_user_range(sp, size, true).is_err() {
         return false;
     }
@@ -510,7 +538,11 @@ fn push_signal_frame(task: &mut Task, s: u64, handler: u64, frame: &mut TrapFram
         table.t[task.tid].blocked |= bit(s);
         old
     };
-    let sf = SigFrame { restorer: task.restorers[s as usize], regs: *frame, blocked };
+    let sf = SigFrame {
+        restorer: task.restorers[s as usize],
+        regs: *frame,
+        blocked,
+    };
     // SAFETY: the range is mapped user memory of the current task, writable
     // (checked above), in the loaded address space.
     unsafe { core::ptr::write_unaligned(sp as *mut SigFrame, sf) };
@@ -546,7 +578,11 @@ pub fn sigreturn(frame: &mut TrapFrame) -> bool {
 pub fn tick(frame: &mut TrapFrame) {
     let cpu = this_cpu();
     stats::TICKS.fetch_add(1, Ordering::Relaxed);
-    let now = if cpu == 0 { JIFFIES.fetch_add(1, Ordering::Relaxed) + 1 } else { JIFFIES.load(Ordering::Relaxed) };
+    let now = if cpu == 0 {
+        JIFFIES.fetch_add(1, Ordering::Relaxed) + 1
+    } else {
+        JIFFIES.load(Ordering::Relaxed)
+    };
     crate::mm::store::poll();
     let cur = CURRENT[cpu].load(Ordering::Relaxed);
     let others = {
@@ -636,7 +672,12 @@ fn fault(task: &mut Task, addr: u64, f: u32) -> VmFault {
     if outcome == VmFault::Done {
         // Remember a writable demand-zero region for the fast path.
         if let Some(v) = task.space.find(addr) {
-            if v.kind == VmaKind::AnonZero && v.uffd == 0 && v.perms.write && v.perms.user && !task.space.shared_tables {
+            if v.kind == VmaKind::AnonZero
+                && v.uffd == 0
+                && v.perms.write
+                && v.perms.user
+                && !task.space.shared_tables
+            {
                 task.fast = (v.start, v.end, v.perms);
             }
         }
@@ -662,7 +703,9 @@ pub enum UserAccess {
 /// wait, and a wait restarts the system call (no busy loop, see
 /// docs/guest-kernel.md).
 pub fn prepare_user_range(addr: u64, len: u64, write: bool) -> Result<(), UserAccess> {
-    let Some(end) = addr.checked_add(len) else { return Err(UserAccess::Fault) };
+    let Some(end) = addr.checked_add(len) else {
+        return Err(UserAccess::Fault);
+    };
     if addr < USER_SPACE_START || end > USER_SPACE_END {
         return Err(UserAccess::Fault);
     }
@@ -702,8 +745,16 @@ impl From<NoMemory> for CreateError {
     }
 }
 
-const USER_RW: Perms = Perms { write: true, exec: false, user: true };
-const USER_RO: Perms = Perms { write: false, exec: false, user: true };
+const USER_RW: Perms = Perms {
+    write: true,
+    exec: false,
+    user: true,
+};
+const USER_RO: Perms = Perms {
+    write: false,
+    exec: false,
+    user: true,
+};
 
 /// What a new task runs.
 #[derive(Debug, Clone, Copy)]
@@ -735,7 +786,11 @@ pub fn create(spec: Spec, shared: &Shared) -> Result<usize, CreateError> {
 
     let workload = spec.role == 0;
     let plan = task_plan(cfg, spec.slots, spec.slot);
-    let (first_page, pages) = if workload { (plan.first_page, plan.pages) } else { (0, 0) };
+    let (first_page, pages) = if workload {
+        (plan.first_page, plan.pages)
+    } else {
+        (0, 0)
+    };
     let args = TaskArgs {
         workload: cfg.kind as u32,
         cpu: spec.cpu,
@@ -761,17 +816,38 @@ pub fn create(spec: Spec, shared: &Shared) -> Result<usize, CreateError> {
     let store_end = USER_STORE_BASE + STORE_PAGES * PAGE_SIZE;
     let regions = [
         Vma::new(USER_ARGS_ADDR, USER_ARGS_ADDR + PAGE_SIZE, USER_RO, VmaKind::Args),
-        Vma::new(USER_STACK_TOP - USER_STACK_SIZE, USER_STACK_TOP, USER_RW, VmaKind::AnonZero),
-        Vma::new(USER_STORE_BASE, store_end, USER_RO, VmaKind::Store { first_page: 0 }),
-        Vma::new(USER_ANON_BASE, USER_ANON_BASE + USER_ANON_SIZE, USER_RW, VmaKind::AnonZero),
+        Vma::new(
+            USER_STACK_TOP - USER_STACK_SIZE,
+            USER_STACK_TOP,
+            USER_RW,
+            VmaKind::AnonZero,
+        ),
+        Vma::new(
+            USER_STORE_BASE,
+            store_end,
+            USER_RO,
+            VmaKind::Store { first_page: 0 },
+        ),
+        Vma::new(
+            USER_ANON_BASE,
+            USER_ANON_BASE + USER_ANON_SIZE,
+            USER_RW,
+            VmaKind::AnonZero,
+        ),
     ];
     for vma in regions {
         space.add(vma).map_err(|_| CreateError::BadLayout)?;
     }
     if pages > 0 {
         let start = USER_WORK_BASE + first_page * PAGE_SIZE;
-        let kind = if cfg.shared { VmaKind::Shared { first_page } } else { VmaKind::AnonZero };
-        space.add(Vma::new(start, start + pages * PAGE_SIZE, USER_RW, kind)).map_err(|_| CreateError::BadLayout)?;
+        let kind = if cfg.shared {
+            VmaKind::Shared { first_page }
+        } else {
+            VmaKind::AnonZero
+        };
+        space
+            .add(Vma::new(start, start + pages * PAGE_SIZE, USER_RW, kind))
+            .map_err(|_| CreateError::BadLayout)?;
         if cfg.populate {
             populate(root, start, pages, cfg.shared.then_some(first_page))?;
         }
@@ -832,7 +908,9 @@ fn populate(root: u64, start: u64, pages: u64, shared: Option<u64>) -> Result<()
                 // and a run never outlives the block (other tasks fill the next ones).
                 let index = first_page + (va - start) / PAGE_SIZE;
                 let mut table = shared_frames::lock();
-                arch::paging::map_block(root, va, n, USER_RW, |i| table.get_or_alloc(index + i, &mut run, n - i))?;
+                arch::paging::map_block(root, va, n, USER_RW, |i| {
+                    table.get_or_alloc(index + i, &mut run, n - i)
+                })?;
                 run.release();
             }
         }
@@ -861,7 +939,9 @@ pub fn forget_fast_region(task: &mut Task) {
 /// Resolves page `addr` of uffd `id` with a copy of the current task's page
 /// at `src` (0 = zero page).
 pub fn uffd_copy(id: u32, addr: u64, src: u64) -> Result<(), UserAccess> {
-    let Some((owner, root, page)) = crate::uffd::target(id, addr) else { return Err(UserAccess::Fault) };
+    let Some((owner, root, page)) = crate::uffd::target(id, addr) else {
+        return Err(UserAccess::Fault);
+    };
     if src != 0 {
         prepare_user_range(src, PAGE_SIZE, false)?;
     }
@@ -924,16 +1004,34 @@ pub fn exit_task(st: i64) -> ! {
     crate::uffd::task_died(tid);
     if top {
         if st & status::KILLED != 0 {
-            kprintln!("guest-kernel: cpu {} task {tid} ended by signal {}", task.cpu, st & 0xff);
+            kprintln!(
+                "guest-kernel: cpu {} task {tid} ended by signal {}",
+                task.cpu,
+                st & 0xff
+            );
         } else {
-            kprintln!("guest-kernel: cpu {} task exited with code {st} ({} faults)", task.cpu, task.faults);
+            kprintln!(
+                "guest-kernel: cpu {} task exited with code {st} ({} faults)",
+                task.cpu,
+                task.faults
+            );
         }
     }
     if top && last {
         let stats = guest_stats();
-        crate::pv::send_store(crate::abi::pv::store::STATS, [&stats as *const _ as u64, 0, 0, 0, 0, 0]);
-        kprintln!("guest-kernel: all tasks done: {}", if failed { "FAILURE" } else { "success" });
-        arch::exit_vm(if failed { ExitCode::Failure } else { ExitCode::Success })
+        crate::pv::send_store(
+            crate::abi::pv::store::STATS,
+            [&stats as *const _ as u64, 0, 0, 0, 0, 0],
+        );
+        kprintln!(
+            "guest-kernel: all tasks done: {}",
+            if failed { "FAILURE" } else { "success" }
+        );
+        arch::exit_vm(if failed {
+            ExitCode::Failure
+        } else {
+            ExitCode::Success
+        })
     }
     switch_away(cpu, tid)
 }

@@ -226,5 +226,8 @@ fn user_rflags() -> u64 {
 /// longer be taken, and blocked, on the vCPU thread. With IF=0 in user mode the
 /// tick is only taken in the idle loop, which is all one task per vCPU needs.
 pub fn set_user_preemptible(on: bool) {
-    USER_RFLAGS.store(if on { 0x202 } else { 0x2 }, core::sync::atomic::Ordering::Relaxed);
+    USER_RFLAGS.store(
+        if on { 0x202 } else { 0x2 },
+        core::sync::atomic::Ordering::Relaxed,
+    );
 }

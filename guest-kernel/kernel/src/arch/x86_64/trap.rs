@@ -8,8 +8,8 @@ const PAGE_FAULT: u64 = 14;
 
 fn exception_name(vector: u64) -> &'static str {
     const NAMES: [&str; 21] = [
-        "#DE", "#DB", "NMI", "#BP", "#OF", "#BR", "#UD", "#NM", "#DF", "#MF(old)", "#TS", "#NP", "#SS", "#GP", "#PF",
-        "reserved", "#MF", "#AC", "#MC", "#XM", "#VE",
+        "#DE", "#DB", "NMI", "#BP", "#OF", "#BR", "#UD", "#NM", "#DF", "#MF(old)", "#TS", "#NP", "#SS",
+        "#GP", "#PF", "reserved", "#MF", "#AC", "#MC", "#XM", "#VE",
     ];
     NAMES.get(vector as usize).copied().unwrap_or("exception")
 }
@@ -43,7 +43,10 @@ fn other_trap(frame: &mut TrapFrame) {
     }
     if frame.vector == PAGE_FAULT {
         let addr = cpu::cr2();
-        panic!("kernel page fault at {addr:#x}, rip {:#x}, error code {:#x}", frame.rip, frame.error_code);
+        panic!(
+            "kernel page fault at {addr:#x}, rip {:#x}, error code {:#x}",
+            frame.rip, frame.error_code
+        );
     }
     let name = exception_name(frame.vector);
     if frame.is_user_mode() {
