@@ -187,7 +187,7 @@ fn uffd_read(id: u64, ptr: u64) -> Ret {
 }
 
 fn stats(ptr: u64) -> Ret {
-    let s = task::guest_stats();
+    let s = task::stats::guest_stats();
     let size = core::mem::size_of_val(&s) as u64;
     if let Err(e) = task::prepare_user_range(ptr, size, true) {
         return e.into();

@@ -37,6 +37,10 @@ use crate::mm::{shared as shared_frames, NoMemory, Perms};
 use crate::sync::{SpinGuard, SpinLock};
 use crate::Shared;
 
+pub mod stats;
+
+use self::stats::FaultStats;
+
 /// Most tasks over the VM's life (ids are not reused).
 pub const MAX_TASKS: usize = 64;
 const NONE: usize = usize::MAX;
@@ -47,59 +51,6 @@ pub const SLEEP_KEY: u64 = 2;
 /// Wait key of `wait(tid)`.
 const fn child_key(tid: usize) -> u64 {
     0x1000 + tid as u64
-}
-
-/// Fault statistics (reported to the VMM, `abi::pv::store::GuestStats`).
-/// The per-fault figures are counted per task (no shared cache line, no
-/// locked instruction on the fault path) and summed when asked.
-pub mod stats {
-    use core::sync::atomic::AtomicU64;
-    pub static SIGNAL_INTERRUPTIONS: AtomicU64 = AtomicU64::new(0);
-    pub static USERFAULTS: AtomicU64 = AtomicU64::new(0);
-    pub static TICKS: AtomicU64 = AtomicU64::new(0);
-    pub static SWITCHES: AtomicU64 = AtomicU64::new(0);
-}
-
-/// The statistics as the ABI struct.
-pub fn guest_stats() -> crate::abi::pv::store::GuestStats {
-    use stats::*;
-    let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
-    let mut f = FaultStats::default();
-    for slot in &TASKS {
-        let ptr = slot.load(Ordering::Acquire);
-        if ptr.is_null() {
-            continue;
-        }
-        // SAFETY: tasks are never freed; the counters are plain words another
-        // CPU may be updating (a slightly stale sum is fine).
-        let t = unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*ptr).fstats)) };
-        f.faults += t.faults;
-        f.retries += t.retries;
-        f.max_retries = f.max_retries.max(t.max_retries);
-        for (a, b) in f.hist.iter_mut().zip(t.hist) {
-            *a += b;
-        }
-    }
-    crate::abi::pv::store::GuestStats {
-        faults: f.faults,
-        retries: f.retries,
-        max_retries: f.max_retries,
-        retry_hist: f.hist,
-        signal_interruptions: r(&SIGNAL_INTERRUPTIONS),
-        userfaults: r(&USERFAULTS),
-        store_reads: r(&crate::mm::store::READS),
-        ticks: r(&TICKS),
-        switches: r(&SWITCHES),
-    }
-}
-
-/// Fault figures of one task.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct FaultStats {
-    faults: u64,
-    retries: u64,
-    max_retries: u64,
-    hist: [u64; 8],
 }
 
 /// A task's private part (touched only by its CPU).
@@ -1018,7 +969,7 @@ pub fn exit_task(st: i64) -> ! {
         }
     }
     if top && last {
-        let stats = guest_stats();
+        let stats = stats::guest_stats();
         crate::pv::send_store(
             crate::abi::pv::store::STATS,
             [&stats as *const _ as u64, 0, 0, 0, 0, 0],
