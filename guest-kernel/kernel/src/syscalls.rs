@@ -47,11 +47,11 @@ pub fn dispatch(frame: &mut TrapFrame) {
         SYS_SLEEP => {
             // The result is set now: a woken sleep returns to after the call.
             entry::set_result(frame, 0);
-            task::sleep_current(task::SLEEP_KEY, a0.max(1));
+            task::wait::sleep_current(task::wait::SLEEP_KEY, a0.max(1));
             Ret::Frame
         }
         SYS_SPAWN => spawn(a0, a1, a2),
-        SYS_WAIT => match task::wait_child(a0 as usize) {
+        SYS_WAIT => match task::wait::wait_child(a0 as usize) {
             Some(Ok(st)) => Ret::Value(st),
             Some(Err(())) => Ret::Value(ESRCH),
             None => Ret::Restart,
@@ -90,7 +90,7 @@ pub fn dispatch(frame: &mut TrapFrame) {
         SYS_STORE_CTL => Ret::Value(match a0 {
             store_ctl::HOLD => crate::mm::store::hold(a1, true),
             store_ctl::RELEASE => crate::mm::store::hold(a1, false),
-            store_ctl::WAITING => i64::from(task::in_store_wait(a1 as usize)),
+            store_ctl::WAITING => i64::from(task::wait::in_store_wait(a1 as usize)),
             _ => EINVAL,
         }),
         _ => Ret::Value(EINVAL),
@@ -175,7 +175,9 @@ fn uffd_read(id: u64, ptr: u64) -> Ret {
     }
     let tid = task::current_tid();
     let id = id as u32;
-    match crate::uffd::read(id, tid, || task::sleep_current(crate::uffd::read_key(id), 0)) {
+    match crate::uffd::read(id, tid, || {
+        task::wait::sleep_current(crate::uffd::read_key(id), 0)
+    }) {
         crate::uffd::Read::Msg(m) => {
             // SAFETY: mapped, writable user memory of the current task (checked above).
             unsafe { core::ptr::write_unaligned(ptr as *mut UffdMsg, m) };

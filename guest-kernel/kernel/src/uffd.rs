@@ -84,7 +84,7 @@ pub fn fault(id: u32, va: u64, tid: usize, sleep: impl FnOnce()) -> PageState {
         PageState::Wait
     };
     if wake_reader {
-        crate::task::wake_all(read_key(id));
+        crate::task::wait::wake_all(read_key(id));
     }
     state
 }
@@ -133,7 +133,7 @@ pub fn resolved(id: u32, page: u64) {
             u.requested.retain(|&p| p != page);
         }
     }
-    crate::task::wake_all(fault_key(id));
+    crate::task::wait::wake_all(fault_key(id));
 }
 
 /// Task `tid` ended: the uffds it handled are dead; their waiters retry and
@@ -152,7 +152,7 @@ pub fn task_died(tid: usize) {
         }
     }
     for id in &dead[..n] {
-        crate::task::wake_all(fault_key(*id));
-        crate::task::wake_all(read_key(*id));
+        crate::task::wait::wake_all(fault_key(*id));
+        crate::task::wait::wake_all(read_key(*id));
     }
 }

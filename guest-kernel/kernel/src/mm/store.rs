@@ -129,6 +129,6 @@ pub fn poll() {
         }
     }
     if done {
-        crate::task::wake_all(WAIT_KEY);
+        crate::task::wait::wake_all(WAIT_KEY);
     }
 }

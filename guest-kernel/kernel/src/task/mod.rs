@@ -38,6 +38,7 @@ use crate::sync::{SpinGuard, SpinLock};
 use crate::Shared;
 
 pub mod stats;
+pub mod wait;
 
 use self::stats::FaultStats;
 
@@ -45,13 +46,6 @@ use self::stats::FaultStats;
 pub const MAX_TASKS: usize = 64;
 const NONE: usize = usize::MAX;
 const CPUS: usize = MAX_VCPUS as usize;
-
-/// Wait key of a timed sleep.
-pub const SLEEP_KEY: u64 = 2;
-/// Wait key of `wait(tid)`.
-const fn child_key(tid: usize) -> u64 {
-    0x1000 + tid as u64
-}
 
 /// A task's private part (touched only by its CPU).
 #[derive(Debug)]
@@ -208,7 +202,7 @@ impl FaultEnv for Env<'_> {
     fn store_page(&mut self, index: u64, f: u32) -> PageState {
         let tid = self.tid;
         crate::mm::store::page(index, || {
-            sleep_on(
+            wait::sleep_on(
                 tid,
                 crate::mm::store::WAIT_KEY,
                 f & flags::INTERRUPTIBLE != 0,
@@ -221,7 +215,7 @@ impl FaultEnv for Env<'_> {
     fn userfault(&mut self, id: u32, va: u64, f: u32) -> PageState {
         let tid = self.tid;
         crate::uffd::fault(id, va, tid, || {
-            sleep_on(
+            wait::sleep_on(
                 tid,
                 crate::uffd::fault_key(id),
                 f & flags::INTERRUPTIBLE != 0,
@@ -241,67 +235,6 @@ impl FaultEnv for Env<'_> {
     fn unlock_mm(&mut self) {
         self.guard = None;
     }
-}
-
-/// Queues `tid` (the current task of this CPU) on wait queue `key`, unless a
-/// signal that would end the wait is already pending. `wake_at` (ticks, 0 =
-/// none) bounds the sleep.
-fn sleep_on(tid: usize, key: u64, interruptible: bool, fault: bool, wake_at: u64) {
-    let mut s = SCHED.lock();
-    let t = &mut s.t[tid];
-    let deliverable = t.pending & (!t.blocked | UNBLOCKABLE);
-    if t.pending & bit(sig::SIGKILL) != 0 || (interruptible && deliverable != 0) {
-        return;
-    }
-    t.state = State::Sleeping;
-    t.key = key;
-    t.interruptible = interruptible;
-    t.fault_wait = fault;
-    t.wake_at = wake_at;
-    RESCHED[t.cpu as usize].store(true, Ordering::Relaxed);
-}
-
-/// Wakes every task waiting on `key` (any CPU; they run at their CPU's next
-/// tick or idle-loop pass).
-pub fn wake_all(key: u64) {
-    let mut s = SCHED.lock();
-    let n = s.count;
-    for t in &mut s.t[..n] {
-        if t.state == State::Sleeping && t.key == key {
-            t.state = State::Runnable;
-        }
-    }
-}
-
-/// Sleeps the current task interruptibly on `key` (system calls; the caller
-/// restarts or completes the call).
-pub fn sleep_current(key: u64, ms: u64) {
-    // +1: the next tick may be just about to come; sleep at least `ms`.
-    let wake_at = if ms > 0 {
-        JIFFIES.load(Ordering::Relaxed) + ms.div_ceil(arch::apic::TICK_MS) + 1
-    } else {
-        0
-    };
-    sleep_on(current_tid(), key, true, false, wake_at);
-}
-
-/// Sleeps until `tid` (a child of the current task) ends; its status if it has.
-pub fn wait_child(tid: usize) -> Option<Result<i64, ()>> {
-    let me = current_tid();
-    {
-        let s = SCHED.lock();
-        let Some(t) = s.t.get(tid) else {
-            return Some(Err(()));
-        };
-        if t.parent != me {
-            return Some(Err(()));
-        }
-        if t.state == State::Dead {
-            return Some(Ok(t.exit));
-        }
-    }
-    sleep_on(me, child_key(tid), true, false, 0);
-    None
 }
 
 /// Sends signal `s` to task `tid`.
@@ -338,13 +271,6 @@ pub fn send_signal(tid: usize, s: u64) -> bool {
     }
     ATTN[tid].store(true, Ordering::Release);
     true
-}
-
-/// Whether task `tid` sleeps in a page-fault wait on the page store.
-pub fn in_store_wait(tid: usize) -> bool {
-    let s = SCHED.lock();
-    s.t.get(tid)
-        .is_some_and(|t| t.state == State::Sleeping && t.fault_wait && t.key == crate::mm::store::WAIT_KEY)
 }
 
 /// Sets the current task's blocked mask; returns the old one.
@@ -951,7 +877,7 @@ pub fn exit_task(st: i64) -> ! {
         }
         (top, s.live_top == 0, s.failed)
     };
-    wake_all(child_key(tid));
+    wait::wake_all(wait::child_key(tid));
     crate::uffd::task_died(tid);
     if top {
         if st & status::KILLED != 0 {
