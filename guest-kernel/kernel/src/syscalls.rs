@@ -56,7 +56,7 @@ pub fn dispatch(frame: &mut TrapFrame) {
             Some(Err(())) => Ret::Value(ESRCH),
             None => Ret::Restart,
         },
-        SYS_KILL => Ret::Value(if task::send_signal(a0 as usize, a1) {
+        SYS_KILL => Ret::Value(if task::signal::send_signal(a0 as usize, a1) {
             0
         } else {
             ESRCH
@@ -72,9 +72,9 @@ pub fn dispatch(frame: &mut TrapFrame) {
                 _ => Ret::Value(EINVAL),
             }
         }
-        SYS_SIGMASK => Ret::Value(task::set_blocked(a0) as i64),
+        SYS_SIGMASK => Ret::Value(task::signal::set_blocked(a0) as i64),
         SYS_SIGRETURN => {
-            if !task::sigreturn(frame) {
+            if !task::signal::sigreturn(frame) {
                 task::kill(format_args!("bad signal frame"));
             }
             Ret::Frame

@@ -37,6 +37,7 @@ use crate::mm::{shared as shared_frames, NoMemory, Perms};
 use crate::sync::{SpinGuard, SpinLock};
 use crate::Shared;
 
+pub mod signal;
 pub mod stats;
 pub mod wait;
 
@@ -136,17 +137,10 @@ static TASKS: [AtomicPtr<Task>; MAX_TASKS] = [const { AtomicPtr::new(core::ptr::
 static CURRENT: [AtomicUsize; CPUS] = [const { AtomicUsize::new(NONE) }; CPUS];
 /// The CPU must look at its run queue on the way back to user mode.
 static RESCHED: [AtomicBool; CPUS] = [const { AtomicBool::new(false) }; CPUS];
-/// The task has a signal or state change to look at.
-static ATTN: [AtomicBool; MAX_TASKS] = [const { AtomicBool::new(false) }; MAX_TASKS];
 /// Per-task address-space locks (page-table changes).
 static MM_LOCKS: [SpinLock<()>; MAX_TASKS] = [const { SpinLock::new(()) }; MAX_TASKS];
 /// Ticks of CPU 0 since boot.
 static JIFFIES: AtomicU64 = AtomicU64::new(0);
-
-fn bit(s: u64) -> u64 {
-    1 << (s & 63)
-}
-const UNBLOCKABLE: u64 = (1 << sig::SIGKILL) | (1 << sig::SIGSTOP);
 
 fn this_cpu() -> usize {
     arch::entry::current_cpu().expect("kernel code on an unknown stack") as usize
@@ -226,61 +220,12 @@ impl FaultEnv for Env<'_> {
     }
 
     fn signal_pending(&mut self, f: u32) -> bool {
-        let s = SCHED.lock();
-        let t = &s.t[self.tid];
-        let fatal = t.pending & bit(sig::SIGKILL) != 0;
-        fatal || (f & flags::INTERRUPTIBLE != 0 && t.pending & !t.blocked != 0)
+        signal::fault_signal_pending(self.tid, f)
     }
 
     fn unlock_mm(&mut self) {
         self.guard = None;
     }
-}
-
-/// Sends signal `s` to task `tid`.
-pub fn send_signal(tid: usize, s: u64) -> bool {
-    if s == 0 || s > sig::MAX {
-        return false;
-    }
-    let mut table = SCHED.lock();
-    let Some(t) = table.t.get_mut(tid) else {
-        return false;
-    };
-    if matches!(t.state, State::Free | State::Dead) {
-        return false;
-    }
-    match s {
-        sig::SIGCONT => {
-            t.stopped = false;
-            t.pending &= !bit(sig::SIGSTOP);
-        }
-        sig::SIGSTOP => t.stopped = true,
-        _ => {
-            t.pending |= bit(s);
-            let fatal = s == sig::SIGKILL;
-            if fatal {
-                t.stopped = false;
-            }
-            if t.state == State::Sleeping && (fatal || (t.interruptible && t.blocked & bit(s) == 0)) {
-                t.state = State::Runnable;
-                if t.fault_wait {
-                    stats::SIGNAL_INTERRUPTIONS.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        }
-    }
-    ATTN[tid].store(true, Ordering::Release);
-    true
-}
-
-/// Sets the current task's blocked mask; returns the old one.
-pub fn set_blocked(mask: u64) -> u64 {
-    let tid = current_tid();
-    let mut s = SCHED.lock();
-    let old = s.t[tid].blocked;
-    s.t[tid].blocked = mask & !UNBLOCKABLE;
-    ATTN[tid].store(true, Ordering::Relaxed);
-    old
 }
 
 fn runnable(tid: usize) -> bool {
@@ -303,7 +248,7 @@ fn pick(cpu: usize, after: usize) -> Option<usize> {
 pub fn return_to_user(frame: &mut TrapFrame) {
     let cpu = this_cpu();
     let tid = CURRENT[cpu].load(Ordering::Relaxed);
-    if !RESCHED[cpu].load(Ordering::Relaxed) && !ATTN[tid].load(Ordering::Acquire) {
+    if !RESCHED[cpu].load(Ordering::Relaxed) && !signal::ATTN[tid].load(Ordering::Acquire) {
         return;
     }
     slow_return(cpu, tid, frame, false);
@@ -312,7 +257,7 @@ pub fn return_to_user(frame: &mut TrapFrame) {
 #[inline(never)]
 fn slow_return(cpu: usize, tid: usize, frame: &mut TrapFrame, preempt: bool) {
     RESCHED[cpu].store(false, Ordering::Relaxed);
-    deliver_signals(tid, frame);
+    signal::deliver_signals(tid, frame);
     if runnable(tid) && !preempt {
         return;
     }
@@ -336,7 +281,7 @@ fn switch_away(cpu: usize, prev: usize) -> ! {
             // SAFETY: the root comes from new_user_root, which shares the kernel map.
             unsafe { arch::paging::switch_to(t.space.root) };
             let mut ctx = t.ctx;
-            deliver_signals(next, &mut ctx);
+            signal::deliver_signals(next, &mut ctx);
             if runnable(next) {
                 let t = task_mut(next);
                 t.ctx = ctx;
@@ -354,101 +299,6 @@ fn switch_away(cpu: usize, prev: usize) -> ! {
         arch::idle_wait();
         crate::mm::store::poll();
     }
-}
-
-/// Delivers the current task's deliverable signals onto `frame` (its user
-/// state): handlers get a signal frame, default actions kill or stop.
-fn deliver_signals(tid: usize, frame: &mut TrapFrame) {
-    ATTN[tid].store(false, Ordering::Relaxed);
-    loop {
-        let s = {
-            let mut table = SCHED.lock();
-            let t = &mut table.t[tid];
-            if t.state != State::Runnable || t.stopped {
-                return;
-            }
-            let ready = t.pending & (!t.blocked | UNBLOCKABLE);
-            if ready == 0 {
-                return;
-            }
-            let s = u64::from(ready.trailing_zeros());
-            t.pending &= !bit(s);
-            s
-        };
-        let task = task_mut(tid);
-        let handler = task.handlers[s as usize];
-        match (s, handler) {
-            (sig::SIGKILL, _) | (_, 0) if s != sig::SIGCONT => exit_task(status::KILLED | s as i64),
-            (_, 1) | (sig::SIGCONT, _) => {}
-            _ => {
-                if !push_signal_frame(task, s, handler, frame) {
-                    exit_task(status::KILLED | sig::SIGSEGV as i64)
-                }
-                // One handler at a time: it runs with `s` blocked.
-                return;
-            }
-        }
-    }
-}
-
-/// Saved by a signal delivery on the user stack, restored by sigreturn.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct SigFrame {
-    restorer: u64,
-    regs: TrapFrame,
-    blocked: u64,
-}
-
-fn push_signal_frame(task: &mut Task, s: u64, handler: u64, frame: &mut TrapFrame) -> bool {
-    let size = core::mem::size_of::<SigFrame>() as u64;
-    // Below the red zone, 16-aligned, then -8 as if the restorer was `call`ed.
-    let Some(sp) = frame.rsp.checked_sub(128 + size).map(|a| (a & !15) - 8) else {
-        return false;
-    };
-    if prepare_user_range(sp, size, true).is_err() {
-        return false;
-    }
-    let blocked = {
-        let mut table = SCHED.lock();
-        let old = table.t[task.tid].blocked;
-        table.t[task.tid].blocked |= bit(s);
-        old
-    };
-    let sf = SigFrame {
-        restorer: task.restorers[s as usize],
-        regs: *frame,
-        blocked,
-    };
-    // SAFETY: the range is mapped user memory of the current task, writable
-    // (checked above), in the loaded address space.
-    unsafe { core::ptr::write_unaligned(sp as *mut SigFrame, sf) };
-    frame.rip = handler;
-    frame.rsp = sp;
-    frame.rdi = s;
-    true
-}
-
-/// SYS_SIGRETURN: restores the state saved by the signal delivery.
-pub fn sigreturn(frame: &mut TrapFrame) -> bool {
-    // The handler's `ret` popped the restorer's address.
-    let sp = frame.rsp.wrapping_sub(8);
-    let size = core::mem::size_of::<SigFrame>() as u64;
-    if prepare_user_range(sp, size, false).is_err() {
-        return false;
-    }
-    // SAFETY: mapped user memory of the current task (checked above).
-    let sf = unsafe { core::ptr::read_unaligned(sp as *const SigFrame) };
-    let user = |a: u64| (USER_SPACE_START..USER_SPACE_END).contains(&a);
-    if !user(sf.regs.rip) || !user(sf.regs.rsp) {
-        return false;
-    }
-    *frame = sf.regs;
-    frame.sanitize_user();
-    let tid = current_tid();
-    SCHED.lock().t[tid].blocked = sf.blocked & !UNBLOCKABLE;
-    ATTN[tid].store(true, Ordering::Relaxed);
-    true
 }
 
 /// The timer tick (any mode): store completions, timed sleepers, preemption.
@@ -523,7 +373,7 @@ fn page_fault_slow(task: &mut Task, frame: &mut TrapFrame, addr: u64, hw: u32) {
         }
         VmFault::SigBus => {
             task.retry.end();
-            send_signal(tid, sig::SIGBUS);
+            signal::send_signal(tid, sig::SIGBUS);
         }
         VmFault::Oom => out_of_memory(task.cpu, addr),
     }

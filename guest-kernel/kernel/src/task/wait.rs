@@ -16,7 +16,8 @@
 
 use core::sync::atomic::Ordering;
 
-use super::{bit, current_tid, State, JIFFIES, RESCHED, SCHED, UNBLOCKABLE};
+use super::signal::{bit, UNBLOCKABLE};
+use super::{current_tid, State, JIFFIES, RESCHED, SCHED};
 use crate::abi::syscall::sig;
 use crate::arch;
 
