@@ -119,7 +119,7 @@ pub extern "C" fn kmain(boot_info: u64, cpu: u64) -> ! {
             ),
         }
     }
-    task::start_cpu(cpu)
+    task::sched::start_cpu(cpu)
 }
 
 /// vCPU 0: console, boot information, command line, memory, shared tables.

@@ -16,7 +16,7 @@
 //! by the CPU it is pinned to.
 
 use alloc::boxed::Box;
-use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
 
 use crate::abi::boot::MAX_VCPUS;
 use crate::abi::exit::ExitCode;
@@ -37,6 +37,7 @@ use crate::mm::{shared as shared_frames, NoMemory, Perms};
 use crate::sync::{SpinGuard, SpinLock};
 use crate::Shared;
 
+pub mod sched;
 pub mod signal;
 pub mod stats;
 pub mod wait;
@@ -135,13 +136,8 @@ static SCHED: SpinLock<Table> = SpinLock::new(Table {
 static TASKS: [AtomicPtr<Task>; MAX_TASKS] = [const { AtomicPtr::new(core::ptr::null_mut()) }; MAX_TASKS];
 /// Each CPU's running task (NONE = idle).
 static CURRENT: [AtomicUsize; CPUS] = [const { AtomicUsize::new(NONE) }; CPUS];
-/// The CPU must look at its run queue on the way back to user mode.
-static RESCHED: [AtomicBool; CPUS] = [const { AtomicBool::new(false) }; CPUS];
 /// Per-task address-space locks (page-table changes).
 static MM_LOCKS: [SpinLock<()>; MAX_TASKS] = [const { SpinLock::new(()) }; MAX_TASKS];
-/// Ticks of CPU 0 since boot.
-static JIFFIES: AtomicU64 = AtomicU64::new(0);
-
 fn this_cpu() -> usize {
     arch::entry::current_cpu().expect("kernel code on an unknown stack") as usize
 }
@@ -228,116 +224,6 @@ impl FaultEnv for Env<'_> {
     }
 }
 
-fn runnable(tid: usize) -> bool {
-    let s = SCHED.lock();
-    s.t[tid].state == State::Runnable && !s.t[tid].stopped
-}
-
-/// The next runnable task of `cpu` after `after` (round robin), if any.
-fn pick(cpu: usize, after: usize) -> Option<usize> {
-    let s = SCHED.lock();
-    let n = s.count;
-    let start = if after == NONE { 0 } else { after + 1 };
-    (0..n)
-        .map(|i| (start + i) % n)
-        .find(|&i| s.t[i].cpu as usize == cpu && s.t[i].state == State::Runnable && !s.t[i].stopped)
-}
-
-/// The way back to user mode after any trap: a cheap check, then signals and
-/// scheduling if something happened.
-pub fn return_to_user(frame: &mut TrapFrame) {
-    let cpu = this_cpu();
-    let tid = CURRENT[cpu].load(Ordering::Relaxed);
-    if !RESCHED[cpu].load(Ordering::Relaxed) && !signal::ATTN[tid].load(Ordering::Acquire) {
-        return;
-    }
-    slow_return(cpu, tid, frame, false);
-}
-
-#[inline(never)]
-fn slow_return(cpu: usize, tid: usize, frame: &mut TrapFrame, preempt: bool) {
-    RESCHED[cpu].store(false, Ordering::Relaxed);
-    signal::deliver_signals(tid, frame);
-    if runnable(tid) && !preempt {
-        return;
-    }
-    match pick(cpu, tid) {
-        Some(next) if next == tid => return,
-        _ => {}
-    }
-    task_mut(tid).ctx = *frame;
-    switch_away(cpu, tid)
-}
-
-/// Runs the next runnable task of this CPU (after `prev`), idling until there
-/// is one. Abandons the kernel stack. Never returns.
-fn switch_away(cpu: usize, prev: usize) -> ! {
-    let mut after = prev;
-    loop {
-        if let Some(next) = pick(cpu, after) {
-            CURRENT[cpu].store(next, Ordering::Relaxed);
-            stats::SWITCHES.fetch_add(1, Ordering::Relaxed);
-            let t = task_mut(next);
-            // SAFETY: the root comes from new_user_root, which shares the kernel map.
-            unsafe { arch::paging::switch_to(t.space.root) };
-            let mut ctx = t.ctx;
-            signal::deliver_signals(next, &mut ctx);
-            if runnable(next) {
-                let t = task_mut(next);
-                t.ctx = ctx;
-                // SAFETY: a user frame of this task (built by `create` or saved
-                // at a trap, signal changes sanitized), its space is loaded; the
-                // Box outlives the iretq.
-                unsafe { arch::entry::enter_frame(&t.ctx) }
-            }
-            task_mut(next).ctx = ctx;
-            after = next;
-            continue;
-        }
-        CURRENT[cpu].store(NONE, Ordering::Relaxed);
-        after = NONE;
-        arch::idle_wait();
-        crate::mm::store::poll();
-    }
-}
-
-/// The timer tick (any mode): store completions, timed sleepers, preemption.
-pub fn tick(frame: &mut TrapFrame) {
-    let cpu = this_cpu();
-    stats::TICKS.fetch_add(1, Ordering::Relaxed);
-    let now = if cpu == 0 {
-        JIFFIES.fetch_add(1, Ordering::Relaxed) + 1
-    } else {
-        JIFFIES.load(Ordering::Relaxed)
-    };
-    crate::mm::store::poll();
-    let cur = CURRENT[cpu].load(Ordering::Relaxed);
-    let others = {
-        let mut s = SCHED.lock();
-        let n = s.count;
-        let mut others = false;
-        for (i, t) in s.t[..n].iter_mut().enumerate() {
-            if t.cpu as usize != cpu {
-                continue;
-            }
-            if t.state == State::Sleeping && t.wake_at != 0 && t.wake_at <= now {
-                t.state = State::Runnable;
-                t.wake_at = 0;
-            }
-            others |= i != cur && t.state == State::Runnable && !t.stopped;
-        }
-        others
-    };
-    if !frame.is_user_mode() || cur == NONE {
-        return; // the idle loop picks
-    }
-    if others {
-        slow_return(cpu, cur, frame, true);
-    } else {
-        return_to_user(frame);
-    }
-}
-
 /// A user page fault (`hw` = present/write/fetch flags from the error code).
 pub fn page_fault(frame: &mut TrapFrame, addr: u64, hw: u32) {
     let tid = current_tid();
@@ -351,7 +237,7 @@ pub fn page_fault(frame: &mut TrapFrame, addr: u64, hw: u32) {
                 task.faults += 1;
                 task.fstats.faults += 1;
                 task.fstats.hist[0] += 1;
-                return_to_user(frame);
+                sched::return_to_user(frame);
                 return;
             }
             task.frames.untake(pa);
@@ -377,7 +263,7 @@ fn page_fault_slow(task: &mut Task, frame: &mut TrapFrame, addr: u64, hw: u32) {
         }
         VmFault::Oom => out_of_memory(task.cpu, addr),
     }
-    return_to_user(frame);
+    sched::return_to_user(frame);
 }
 
 /// One pass of the fault core for `task`, with statistics.
@@ -652,12 +538,6 @@ pub fn expect_top_level(n: u32) {
     SCHED.lock().live_top = n;
 }
 
-/// Starts this CPU's scheduling (after boot): runs its tasks, or idles. Never
-/// returns.
-pub fn start_cpu(cpu: u32) -> ! {
-    switch_away(cpu as usize, NONE)
-}
-
 /// Forgets the fast-path region (its ranges may now belong to a uffd).
 pub fn forget_fast_region(task: &mut Task) {
     task.fast = (0, 0, USER_RW);
@@ -760,5 +640,5 @@ pub fn exit_task(st: i64) -> ! {
             ExitCode::Success
         })
     }
-    switch_away(cpu, tid)
+    sched::switch_away(cpu, tid)
 }

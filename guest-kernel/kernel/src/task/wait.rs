@@ -16,8 +16,9 @@
 
 use core::sync::atomic::Ordering;
 
+use super::sched::{JIFFIES, RESCHED};
 use super::signal::{bit, UNBLOCKABLE};
-use super::{current_tid, State, JIFFIES, RESCHED, SCHED};
+use super::{current_tid, State, SCHED};
 use crate::abi::syscall::sig;
 use crate::arch;
 

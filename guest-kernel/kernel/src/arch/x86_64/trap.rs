@@ -30,12 +30,12 @@ pub extern "C" fn trap_handler(frame: &mut TrapFrame) {
 fn other_trap(frame: &mut TrapFrame) {
     if syscall::is_syscall(frame) {
         crate::syscalls::dispatch(frame);
-        crate::task::return_to_user(frame);
+        crate::task::sched::return_to_user(frame);
         return;
     }
     if frame.vector == apic::TIMER_VECTOR {
         apic::eoi();
-        crate::task::tick(frame);
+        crate::task::sched::tick(frame);
         return;
     }
     if frame.vector == apic::SPURIOUS_VECTOR {
