@@ -10,7 +10,8 @@ use crate::abi::pv::{status, PvMessage, WorkloadReport};
 use crate::abi::syscall::*;
 use crate::arch::entry::TrapFrame;
 use crate::arch::syscall as entry;
-use crate::task::{self, UserAccess};
+use crate::mm::fault::{self, UserAccess};
+use crate::task;
 
 /// Longest SYS_WRITE, to bound time spent in the (emulated) kernel.
 const MAX_WRITE: u64 = 4096;
@@ -104,7 +105,7 @@ pub fn dispatch(frame: &mut TrapFrame) {
 
 fn write(ptr: u64, len: u64) -> Ret {
     let len = len.min(MAX_WRITE);
-    if let Err(e) = task::prepare_user_range(ptr, len, false) {
+    if let Err(e) = fault::prepare_user_range(ptr, len, false) {
         return e.into();
     }
     // SAFETY: the range is mapped user memory of the current task (checked above),
@@ -116,7 +117,7 @@ fn write(ptr: u64, len: u64) -> Ret {
 
 fn sum(ptr: u64, len: u64) -> Ret {
     let len = len.min(MAX_SUM) & !7;
-    if let Err(e) = task::prepare_user_range(ptr, len, false) {
+    if let Err(e) = fault::prepare_user_range(ptr, len, false) {
         return e.into();
     }
     let mut total = 0u64;
@@ -161,7 +162,7 @@ fn uffd_register(start: u64, len: u64) -> Ret {
     };
     match t.space.register_uffd(start, end, id) {
         Ok(()) => {
-            task::forget_fast_region(t);
+            fault::forget_fast_region(t);
             Ret::Value(i64::from(id))
         }
         Err(_) => Ret::Value(EINVAL),
@@ -170,7 +171,7 @@ fn uffd_register(start: u64, len: u64) -> Ret {
 
 fn uffd_read(id: u64, ptr: u64) -> Ret {
     let size = core::mem::size_of::<UffdMsg>() as u64;
-    if let Err(e) = task::prepare_user_range(ptr, size, true) {
+    if let Err(e) = fault::prepare_user_range(ptr, size, true) {
         return e.into();
     }
     let tid = task::current_tid();
@@ -191,7 +192,7 @@ fn uffd_read(id: u64, ptr: u64) -> Ret {
 fn stats(ptr: u64) -> Ret {
     let s = task::stats::guest_stats();
     let size = core::mem::size_of_val(&s) as u64;
-    if let Err(e) = task::prepare_user_range(ptr, size, true) {
+    if let Err(e) = fault::prepare_user_range(ptr, size, true) {
         return e.into();
     }
     // SAFETY: mapped, writable user memory of the current task (checked above).
@@ -201,7 +202,7 @@ fn stats(ptr: u64) -> Ret {
 
 fn report(ptr: u64) -> Ret {
     let size = core::mem::size_of::<UserReport>() as u64;
-    if let Err(e) = task::prepare_user_range(ptr, size, false) {
+    if let Err(e) = fault::prepare_user_range(ptr, size, false) {
         return e.into();
     }
     // SAFETY: as in `write`; read_unaligned copes with any user alignment.

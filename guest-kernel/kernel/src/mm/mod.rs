@@ -4,6 +4,7 @@
 //! kernel's identity map.
 
 pub mod core;
+pub mod fault;
 pub mod frame;
 pub mod heap;
 pub mod shared;

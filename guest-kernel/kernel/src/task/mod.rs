@@ -21,8 +21,8 @@ use core::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
 use crate::abi::boot::MAX_VCPUS;
 use crate::abi::exit::ExitCode;
 use crate::abi::layout::{
-    LARGE_PAGE_SIZE, PAGE_SIZE, USER_ANON_BASE, USER_ANON_SIZE, USER_ARGS_ADDR, USER_SPACE_END,
-    USER_SPACE_START, USER_STACK_SIZE, USER_STACK_TOP, USER_STORE_BASE, USER_WORK_BASE,
+    LARGE_PAGE_SIZE, PAGE_SIZE, USER_ANON_BASE, USER_ANON_SIZE, USER_ARGS_ADDR, USER_STACK_SIZE,
+    USER_STACK_TOP, USER_STORE_BASE, USER_WORK_BASE,
 };
 use crate::abi::pv::store::PAGES as STORE_PAGES;
 use crate::abi::syscall::{sig, status, TaskArgs};
@@ -30,11 +30,12 @@ use crate::abi::workload::task_plan;
 use crate::arch;
 use crate::arch::entry::TrapFrame;
 use crate::loader::{self, LoadError};
-use crate::mm::core::{flags, handle_mm_fault, FaultEnv, PageState, RetryTracker, VmFault};
+use crate::mm::core::RetryTracker;
+use crate::mm::fault::{prepare_user_range, UserAccess};
 use crate::mm::frame::{self, RunAlloc};
 use crate::mm::vma::{AddressSpace, Vma, VmaKind};
 use crate::mm::{shared as shared_frames, NoMemory, Perms};
-use crate::sync::{SpinGuard, SpinLock};
+use crate::sync::SpinLock;
 use crate::Shared;
 
 pub mod sched;
@@ -64,14 +65,14 @@ pub struct Task {
     /// Page faults completed for the task (kernel accesses included).
     pub faults: u64,
     pub retry: RetryTracker,
-    fstats: FaultStats,
+    pub(crate) fstats: FaultStats,
     /// Fast-path state of the task's own demand-zero faults: a batch of
     /// never-used frames and the last leaf table.
-    frames: RunAlloc,
-    leaf: arch::paging::LeafCache,
+    pub(crate) frames: RunAlloc,
+    pub(crate) leaf: arch::paging::LeafCache,
     /// The writable demand-zero region (no uffd) of the last fault the core
     /// resolved: `[start, end)`, perms. A cache of the core's decision.
-    fast: (u64, u64, Perms),
+    pub(crate) fast: (u64, u64, Perms),
     /// Checksum verdict of its SYS_REPORT, if it reported.
     pub checksum_ok: Option<bool>,
 }
@@ -137,7 +138,7 @@ static TASKS: [AtomicPtr<Task>; MAX_TASKS] = [const { AtomicPtr::new(core::ptr::
 /// Each CPU's running task (NONE = idle).
 static CURRENT: [AtomicUsize; CPUS] = [const { AtomicUsize::new(NONE) }; CPUS];
 /// Per-task address-space locks (page-table changes).
-static MM_LOCKS: [SpinLock<()>; MAX_TASKS] = [const { SpinLock::new(()) }; MAX_TASKS];
+pub(crate) static MM_LOCKS: [SpinLock<()>; MAX_TASKS] = [const { SpinLock::new(()) }; MAX_TASKS];
 fn this_cpu() -> usize {
     arch::entry::current_cpu().expect("kernel code on an unknown stack") as usize
 }
@@ -146,7 +147,7 @@ fn this_cpu() -> usize {
 ///
 /// Only its own CPU calls this (tasks are pinned), and traps on a CPU do not
 /// nest except the idle loop's tick, which touches no task: one reference at a time.
-fn task_mut(tid: usize) -> &'static mut Task {
+pub(crate) fn task_mut(tid: usize) -> &'static mut Task {
     let ptr = TASKS[tid].load(Ordering::Acquire);
     assert!(!ptr.is_null(), "no task {tid}");
     // SAFETY: set once from a leaked Box before the task is runnable; see above.
@@ -161,186 +162,6 @@ pub fn current_tid() -> usize {
 /// This CPU's task.
 pub fn current() -> &'static mut Task {
     task_mut(current_tid())
-}
-
-/// Maps fresh zero frames and store/shared/userfault pages for the fault core.
-struct Env<'a> {
-    tid: usize,
-    guard: Option<SpinGuard<'static, ()>>,
-    frames: &'a mut RunAlloc,
-    leaf: &'a mut arch::paging::LeafCache,
-}
-
-/// Frames a task takes from the allocator at once for its demand-zero faults.
-const FRAME_BATCH: u64 = 16;
-
-impl FaultEnv for Env<'_> {
-    fn map_zero(&mut self, root: u64, va: u64, perms: Perms) -> Result<(), NoMemory> {
-        let pa = self.frames.take(FRAME_BATCH).ok_or(NoMemory)?;
-        arch::paging::map_4k_cached(self.leaf, root, va, pa, perms)
-    }
-
-    fn map_shared(&mut self, root: u64, va: u64, index: u64, perms: Perms) -> Result<(), NoMemory> {
-        let pa = shared_frames::frame(index)?;
-        arch::paging::map_4k(root, va, pa, perms)
-    }
-
-    fn map_frame(&mut self, root: u64, va: u64, pa: u64, perms: Perms) -> Result<(), NoMemory> {
-        arch::paging::map_4k(root, va, pa, perms)
-    }
-
-    fn store_page(&mut self, index: u64, f: u32) -> PageState {
-        let tid = self.tid;
-        crate::mm::store::page(index, || {
-            wait::sleep_on(
-                tid,
-                crate::mm::store::WAIT_KEY,
-                f & flags::INTERRUPTIBLE != 0,
-                true,
-                0,
-            );
-        })
-    }
-
-    fn userfault(&mut self, id: u32, va: u64, f: u32) -> PageState {
-        let tid = self.tid;
-        crate::uffd::fault(id, va, tid, || {
-            wait::sleep_on(
-                tid,
-                crate::uffd::fault_key(id),
-                f & flags::INTERRUPTIBLE != 0,
-                true,
-                0,
-            );
-        })
-    }
-
-    fn signal_pending(&mut self, f: u32) -> bool {
-        signal::fault_signal_pending(self.tid, f)
-    }
-
-    fn unlock_mm(&mut self) {
-        self.guard = None;
-    }
-}
-
-/// A user page fault (`hw` = present/write/fetch flags from the error code).
-pub fn page_fault(frame: &mut TrapFrame, addr: u64, hw: u32) {
-    let tid = current_tid();
-    let task = task_mut(tid);
-    // Fast path (every instruction is emulated): a missing page of the
-    // demand-zero region the core served last, a frame left in the batch and
-    // the leaf table cached. Exactly what the core would do, minus the lookups.
-    if hw & !flags::WRITE == 0 && task.fast.0 <= addr && addr < task.fast.1 && task.retry.page == u64::MAX {
-        if let Some(pa) = task.frames.take_cached() {
-            if arch::paging::map_4k_if_cached(&task.leaf, addr & !(PAGE_SIZE - 1), pa, task.fast.2) {
-                task.faults += 1;
-                task.fstats.faults += 1;
-                task.fstats.hist[0] += 1;
-                sched::return_to_user(frame);
-                return;
-            }
-            task.frames.untake(pa);
-        }
-    }
-    page_fault_slow(task, frame, addr, hw);
-}
-
-#[inline(never)]
-fn page_fault_slow(task: &mut Task, frame: &mut TrapFrame, addr: u64, hw: u32) {
-    let tid = task.tid;
-    let f = hw | flags::USER_FAULT | task.retry.begin(addr);
-    let outcome = fault(task, addr, f);
-    match outcome {
-        VmFault::Done | VmFault::Retry => {}
-        VmFault::SigSegv => {
-            task.retry.end();
-            kill(format_args!("segfault at {addr:#x} rip {:#x}", frame.rip))
-        }
-        VmFault::SigBus => {
-            task.retry.end();
-            signal::send_signal(tid, sig::SIGBUS);
-        }
-        VmFault::Oom => out_of_memory(task.cpu, addr),
-    }
-    sched::return_to_user(frame);
-}
-
-/// One pass of the fault core for `task`, with statistics.
-fn fault(task: &mut Task, addr: u64, f: u32) -> VmFault {
-    task.fstats.faults += 1;
-    if f & flags::TRIED != 0 {
-        task.fstats.retries += 1;
-    }
-    let mut env = Env {
-        tid: task.tid,
-        // Only the task itself changes its tables unless a uffd handler may
-        // (a locked instruction costs ~25 us under the CPL0 emulator here).
-        guard: task.space.shared_tables.then(|| MM_LOCKS[task.tid].lock()),
-        frames: &mut task.frames,
-        leaf: &mut task.leaf,
-    };
-    let outcome = handle_mm_fault(&task.space, addr, f, &mut env);
-    drop(env);
-    if outcome == VmFault::Done {
-        // Remember a writable demand-zero region for the fast path.
-        if let Some(v) = task.space.find(addr) {
-            if v.kind == VmaKind::AnonZero
-                && v.uffd == 0
-                && v.perms.write
-                && v.perms.user
-                && !task.space.shared_tables
-            {
-                task.fast = (v.start, v.end, v.perms);
-            }
-        }
-        task.faults += 1;
-        let retries = task.retry.end();
-        let st = &mut task.fstats;
-        st.max_retries = st.max_retries.max(retries);
-        st.hist[crate::mm::core::retry_bucket(retries)] += 1;
-    }
-    outcome
-}
-
-/// Why a user range could not be made accessible to the kernel.
-pub enum UserAccess {
-    /// Not valid user memory (or the page can never come): -EFAULT.
-    Fault,
-    /// The task must wait for a page (queued): restart the system call.
-    Restart,
-}
-
-/// Makes `[addr, addr + len)` of the current task accessible to the kernel,
-/// faulting pages in with KERNEL_UACCESS flags: only a fatal signal ends a
-/// wait, and a wait restarts the system call (no busy loop, see
-/// docs/guest-kernel.md).
-pub fn prepare_user_range(addr: u64, len: u64, write: bool) -> Result<(), UserAccess> {
-    let Some(end) = addr.checked_add(len) else {
-        return Err(UserAccess::Fault);
-    };
-    if addr < USER_SPACE_START || end > USER_SPACE_END {
-        return Err(UserAccess::Fault);
-    }
-    let task = current();
-    let mut page = addr & !(PAGE_SIZE - 1);
-    while page < end {
-        if !arch::paging::is_user_mapped(task.space.root, page, write) {
-            let w = if write { flags::WRITE } else { 0 };
-            let f = flags::KERNEL_UACCESS | w | task.retry.begin(page);
-            match fault(task, page, f) {
-                VmFault::Done => {}
-                VmFault::Retry => return Err(UserAccess::Restart),
-                VmFault::SigSegv | VmFault::SigBus => {
-                    task.retry.end();
-                    return Err(UserAccess::Fault);
-                }
-                VmFault::Oom => out_of_memory(task.cpu, page),
-            }
-        }
-        page += PAGE_SIZE;
-    }
-    Ok(())
 }
 
 /// Why a task could not be created.
@@ -358,7 +179,7 @@ impl From<NoMemory> for CreateError {
     }
 }
 
-const USER_RW: Perms = Perms {
+pub(crate) const USER_RW: Perms = Perms {
     write: true,
     exec: false,
     user: true,
@@ -538,11 +359,6 @@ pub fn expect_top_level(n: u32) {
     SCHED.lock().live_top = n;
 }
 
-/// Forgets the fast-path region (its ranges may now belong to a uffd).
-pub fn forget_fast_region(task: &mut Task) {
-    task.fast = (0, 0, USER_RW);
-}
-
 /// Resolves page `addr` of uffd `id` with a copy of the current task's page
 /// at `src` (0 = zero page).
 pub fn uffd_copy(id: u32, addr: u64, src: u64) -> Result<(), UserAccess> {
@@ -566,12 +382,6 @@ pub fn uffd_copy(id: u32, addr: u64, src: u64) -> Result<(), UserAccess> {
     }
     crate::uffd::resolved(id, page);
     Ok(())
-}
-
-#[cold]
-fn out_of_memory(cpu: u32, addr: u64) -> ! {
-    kprintln!("guest-kernel: cpu {cpu} out of page frames (fault at {addr:#x})");
-    arch::exit_vm(ExitCode::OutOfMemory)
 }
 
 /// Kills the current task (SIGSEGV, a failure) with a reason.

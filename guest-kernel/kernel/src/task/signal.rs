@@ -16,11 +16,12 @@
 use core::sync::atomic::{AtomicBool, Ordering};
 
 use super::stats;
-use super::{current_tid, exit_task, prepare_user_range, task_mut, State, Task, MAX_TASKS, SCHED};
+use super::{current_tid, exit_task, task_mut, State, Task, MAX_TASKS, SCHED};
 use crate::abi::layout::{USER_SPACE_END, USER_SPACE_START};
 use crate::abi::syscall::{sig, status};
 use crate::arch::entry::TrapFrame;
 use crate::mm::core::flags;
+use crate::mm::fault::prepare_user_range;
 
 /// The task has a signal or state change to look at.
 pub(super) static ATTN: [AtomicBool; MAX_TASKS] = [const { AtomicBool::new(false) }; MAX_TASKS];

@@ -20,7 +20,7 @@ fn exception_name(vector: u64) -> &'static str {
 /// instruction here is emulated.
 pub extern "C" fn trap_handler(frame: &mut TrapFrame) {
     if frame.vector == PAGE_FAULT && frame.is_user_mode() {
-        crate::task::page_fault(frame, cpu::cr2(), paging::fault_flags(frame.error_code));
+        crate::mm::fault::page_fault(frame, cpu::cr2(), paging::fault_flags(frame.error_code));
         return;
     }
     other_trap(frame);
