@@ -8,10 +8,12 @@
 use crate::abi::layout::PAGE_SIZE;
 use crate::abi::pv::{status, PvMessage, WorkloadReport};
 use crate::abi::syscall::*;
+use crate::arch;
 use crate::arch::entry::TrapFrame;
 use crate::arch::syscall as entry;
 use crate::mm::fault::{self, UserAccess};
-use crate::task;
+use crate::mm::USER_RW;
+use crate::task::{self, MM_LOCKS};
 
 /// Longest SYS_WRITE, to bound time spent in the (emulated) kernel.
 const MAX_WRITE: u64 = 4096;
@@ -82,7 +84,7 @@ pub fn dispatch(frame: &mut TrapFrame) {
         }
         SYS_UFFD_REGISTER => uffd_register(a0, a1),
         SYS_UFFD_READ => uffd_read(a0, a1),
-        SYS_UFFD_COPY => match task::uffd_copy(a0 as u32, a1, a2) {
+        SYS_UFFD_COPY => match uffd_copy(a0 as u32, a1, a2) {
             Ok(()) => Ret::Value(0),
             Err(e) => e.into(),
         },
@@ -187,6 +189,31 @@ fn uffd_read(id: u64, ptr: u64) -> Ret {
         crate::uffd::Read::Empty => Ret::Restart,
         crate::uffd::Read::Invalid => Ret::Value(EINVAL),
     }
+}
+
+/// Resolves page `addr` of uffd `id` with a copy of the current task's page
+/// at `src` (0 = zero page).
+fn uffd_copy(id: u32, addr: u64, src: u64) -> Result<(), UserAccess> {
+    let Some((owner, root, page)) = crate::uffd::target(id, addr) else {
+        return Err(UserAccess::Fault);
+    };
+    if src != 0 {
+        fault::prepare_user_range(src, PAGE_SIZE, false)?;
+    }
+    let pa = crate::mm::frame::alloc_zeroed().ok_or(UserAccess::Fault)?;
+    if src != 0 {
+        // SAFETY: `src` is a mapped page of the current task (checked above) and
+        // `pa` a fresh identity-mapped frame we own.
+        unsafe { core::ptr::copy_nonoverlapping(src as *const u8, pa as *mut u8, PAGE_SIZE as usize) };
+    }
+    {
+        let _mm = MM_LOCKS[owner].lock();
+        if !arch::paging::is_user_mapped(root, page, false) {
+            arch::paging::map_4k(root, page, pa, USER_RW).map_err(|_| UserAccess::Fault)?;
+        }
+    }
+    crate::uffd::resolved(id, page);
+    Ok(())
 }
 
 fn stats(ptr: u64) -> Ret {

@@ -32,9 +32,9 @@ use crate::arch::entry::TrapFrame;
 use crate::mm::core::{flags, handle_mm_fault, FaultEnv, PageState, VmFault};
 use crate::mm::frame::RunAlloc;
 use crate::mm::vma::VmaKind;
-use crate::mm::{shared as shared_frames, NoMemory, Perms};
+use crate::mm::{shared as shared_frames, NoMemory, Perms, USER_RW};
 use crate::sync::SpinGuard;
-use crate::task::{current, current_tid, kill, task_mut, Task, MM_LOCKS, USER_RW};
+use crate::task::{current, current_tid, kill, task_mut, Task, MM_LOCKS};
 use crate::task::{sched, signal, wait};
 
 /// A user page fault (`hw` = present/write/fetch flags from the error code).

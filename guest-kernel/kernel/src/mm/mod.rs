@@ -12,6 +12,19 @@ pub mod store;
 
 pub use self::core::{NoMemory, Perms};
 
+/// Read-write user memory.
+pub const USER_RW: Perms = Perms {
+    write: true,
+    exec: false,
+    user: true,
+};
+/// Read-only user memory.
+pub const USER_RO: Perms = Perms {
+    write: false,
+    exec: false,
+    user: true,
+};
+
 /// Regions, as the rest of the kernel names them.
 pub mod vma {
     pub use super::core::{AddressSpace, Vma, VmaError, VmaKind};

@@ -31,10 +31,9 @@ use crate::arch;
 use crate::arch::entry::TrapFrame;
 use crate::loader::{self, LoadError};
 use crate::mm::core::RetryTracker;
-use crate::mm::fault::{prepare_user_range, UserAccess};
 use crate::mm::frame::{self, RunAlloc};
 use crate::mm::vma::{AddressSpace, Vma, VmaKind};
-use crate::mm::{shared as shared_frames, NoMemory, Perms};
+use crate::mm::{shared as shared_frames, NoMemory, Perms, USER_RO, USER_RW};
 use crate::sync::SpinLock;
 use crate::Shared;
 
@@ -178,17 +177,6 @@ impl From<NoMemory> for CreateError {
         CreateError::NoMemory
     }
 }
-
-pub(crate) const USER_RW: Perms = Perms {
-    write: true,
-    exec: false,
-    user: true,
-};
-const USER_RO: Perms = Perms {
-    write: false,
-    exec: false,
-    user: true,
-};
 
 /// What a new task runs.
 #[derive(Debug, Clone, Copy)]
@@ -357,31 +345,6 @@ fn populate(root: u64, start: u64, pages: u64, shared: Option<u64>) -> Result<()
 /// other CPUs start: a fast CPU must not see itself as the last one).
 pub fn expect_top_level(n: u32) {
     SCHED.lock().live_top = n;
-}
-
-/// Resolves page `addr` of uffd `id` with a copy of the current task's page
-/// at `src` (0 = zero page).
-pub fn uffd_copy(id: u32, addr: u64, src: u64) -> Result<(), UserAccess> {
-    let Some((owner, root, page)) = crate::uffd::target(id, addr) else {
-        return Err(UserAccess::Fault);
-    };
-    if src != 0 {
-        prepare_user_range(src, PAGE_SIZE, false)?;
-    }
-    let pa = frame::alloc_zeroed().ok_or(UserAccess::Fault)?;
-    if src != 0 {
-        // SAFETY: `src` is a mapped page of the current task (checked above) and
-        // `pa` a fresh identity-mapped frame we own.
-        unsafe { core::ptr::copy_nonoverlapping(src as *const u8, pa as *mut u8, PAGE_SIZE as usize) };
-    }
-    {
-        let _mm = MM_LOCKS[owner].lock();
-        if !arch::paging::is_user_mapped(root, page, false) {
-            arch::paging::map_4k(root, page, pa, USER_RW).map_err(|_| UserAccess::Fault)?;
-        }
-    }
-    crate::uffd::resolved(id, page);
-    Ok(())
 }
 
 /// Kills the current task (SIGSEGV, a failure) with a reason.
