@@ -1,6 +1,7 @@
-//! Generic memory management: frames, kernel heap, the fault core (regions and
-//! `handle_mm_fault`), the slow page store. Architecture details (page-table
-//! format, error codes) stay in arch; this code sees physical frames through the
+//! Generic memory management: frames, kernel heap, the fault glue from the trap
+//! to the core (`fault.rs`), the fault core (regions and `handle_mm_fault`,
+//! `core.rs`), the slow page store. Architecture details (page-table format,
+//! error codes) stay in arch; this code sees physical frames through the
 //! kernel's identity map.
 
 pub mod core;

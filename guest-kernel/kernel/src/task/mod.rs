@@ -1,4 +1,5 @@
-//! Tasks, the scheduler, wait queues, signals and the arch-facing fault path.
+//! Tasks: the [`Task`] (a task's private part), the task table ([`SCHED`]),
+//! finding the current task, creating tasks and ending them.
 //!
 //! Tasks are pinned to a vCPU; each vCPU round-robins its runnable tasks on the
 //! timer tick. The kernel is "stackless" per task: a task's whole kernel state
@@ -14,6 +15,22 @@
 //! Scheduler state that other CPUs change (state, signals, wait key) lives in
 //! [`SCHED`] under one spinlock; the rest of a task ([`Task`]) is only touched
 //! by the CPU it is pinned to.
+//!
+//! The rest of the subsystem, one file per job:
+//! - `sched.rs`: run queues, switching, the timer tick, the way back to user
+//!   mode;
+//! - `wait.rs`: wait queues (sleep, wake-up, timed sleep, wait for a child);
+//! - `signal.rs`: sending, masks, delivery to handlers, SIGKILL/SIGSTOP/SIGCONT;
+//! - `stats.rs`: the counters reported to the VMM.
+//!
+//! The page-fault path runs on top of them: arch trap (`arch/x86_64/trap.rs`)
+//! -> `mm/fault.rs` -> `mm/core.rs` -> the wait (`wait.rs`, `sched.rs`) -> the
+//! retry (the task re-faults with TRIED). It finds the current task here.
+
+pub mod sched;
+pub mod signal;
+pub mod stats;
+pub mod wait;
 
 use alloc::boxed::Box;
 use core::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
@@ -36,11 +53,6 @@ use crate::mm::vma::{AddressSpace, Vma, VmaKind};
 use crate::mm::{shared as shared_frames, NoMemory, Perms, USER_RO, USER_RW};
 use crate::sync::SpinLock;
 use crate::Shared;
-
-pub mod sched;
-pub mod signal;
-pub mod stats;
-pub mod wait;
 
 use self::stats::FaultStats;
 

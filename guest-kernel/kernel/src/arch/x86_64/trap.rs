@@ -1,5 +1,12 @@
 //! Decodes a trap and hands it to the generic code: system calls, page faults,
 //! the timer, other exceptions.
+//!
+//! Step 1 of the page-fault walk, after the stubs in `entry.rs` saved the
+//! registers: a #PF from user mode becomes neutral fault flags
+//! (`paging::fault_flags`) and goes to `mm/fault.rs` (then `mm/core.rs`, the
+//! wait in `task/wait.rs`, and the retry back here); a #PF in kernel mode
+//! panics. Returning from here resumes the saved frame (iretq), unless the
+//! scheduler (`task/sched.rs`) switched to another task.
 
 use super::entry::TrapFrame;
 use super::{apic, cpu, paging, syscall};
