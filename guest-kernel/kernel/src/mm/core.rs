@@ -292,7 +292,7 @@ pub const fn retry_bucket(retries: u64) -> usize {
     crate::abi::pv::store::hist_bucket(retries)
 }
 
-/// Per-fault retry bookkeeping of one task: the arch handler calls
+/// Per-fault retry bookkeeping of one task: the fault glue (`mm/fault.rs`) calls
 /// [`RetryTracker::begin`] on every fault and [`RetryTracker::end`] when it
 /// completes, and gets the flags (TRIED) and the retry count.
 #[derive(Debug, Clone, Copy)]
