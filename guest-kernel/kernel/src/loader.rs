@@ -34,7 +34,9 @@ impl From<NoMemory> for LoadError {
 fn read<const N: usize>(b: &[u8], off: u64) -> Result<[u8; N], LoadError> {
     let off = usize::try_from(off).map_err(|_| LoadError::Truncated)?;
     let end = off.checked_add(N).ok_or(LoadError::Truncated)?;
-    b.get(off..end).and_then(|s| s.try_into().ok()).ok_or(LoadError::Truncated)
+    b.get(off..end)
+        .and_then(|s| s.try_into().ok())
+        .ok_or(LoadError::Truncated)
 }
 fn u16_at(b: &[u8], off: u64) -> Result<u16, LoadError> {
     read::<2>(b, off).map(u16::from_le_bytes)
@@ -86,7 +88,11 @@ pub fn load(space: &mut AddressSpace, image: &[u8], image_pa: u64) -> Result<u64
         if file_end > image.len() as u64 {
             return Err(LoadError::Truncated);
         }
-        let perms = Perms { write: flags & PF_W != 0, exec: flags & PF_X != 0, user: true };
+        let perms = Perms {
+            write: flags & PF_W != 0,
+            exec: flags & PF_X != 0,
+            user: true,
+        };
         let start_page = vaddr & !(PAGE_SIZE - 1);
         let end_page = end.next_multiple_of(PAGE_SIZE);
         space
@@ -111,11 +117,16 @@ pub fn load(space: &mut AddressSpace, image: &[u8], image_pa: u64) -> Result<u64
                 let copy_start = page.max(vaddr);
                 let copy_end = page_end.min(data_end);
                 if copy_start < copy_end {
-                    let src = &image[(offset + (copy_start - vaddr)) as usize..(offset + (copy_end - vaddr)) as usize];
+                    let src = &image
+                        [(offset + (copy_start - vaddr)) as usize..(offset + (copy_end - vaddr)) as usize];
                     // SAFETY: `pa` is a fresh, identity-mapped frame we own; the
                     // copy stays inside it (copy_end - page <= PAGE_SIZE).
                     unsafe {
-                        core::ptr::copy_nonoverlapping(src.as_ptr(), (pa + (copy_start - page)) as *mut u8, src.len())
+                        core::ptr::copy_nonoverlapping(
+                            src.as_ptr(),
+                            (pa + (copy_start - page)) as *mut u8,
+                            src.len(),
+                        )
                     };
                 }
                 paging::map_4k(space.root, page, pa, perms)?;

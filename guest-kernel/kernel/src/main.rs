@@ -70,7 +70,10 @@ pub extern "C" fn kmain(boot_info: u64, cpu: u64) -> ! {
         boot_cpu(info);
     }
     let Some(shared) = SHARED.get() else {
-        fail(ExitCode::Panic, format_args!("guest-kernel: cpu {cpu} started before cpu 0 finished booting"))
+        fail(
+            ExitCode::Panic,
+            format_args!("guest-kernel: cpu {cpu} started before cpu 0 finished booting"),
+        )
     };
     arch::init_cpu(cpu);
     // SAFETY: the kernel tables identity-map all RAM, including this code, stack
@@ -85,25 +88,48 @@ pub extern "C" fn kmain(boot_info: u64, cpu: u64) -> ! {
         None => (0, cfg.tasks),
     };
     for k in 0..tasks {
-        let slots = if cfg.kind == WorkloadKind::Touch { shared.cpu_count } else { shared.cpu_count * cfg.tasks };
-        let slot = if cfg.kind == WorkloadKind::Touch { cpu } else { cpu * cfg.tasks + k };
-        let spec = task::Spec { cpu, slot, slots, role: roles, arg: 0, parent: usize::MAX, top_level: true };
+        let slots = if cfg.kind == WorkloadKind::Touch {
+            shared.cpu_count
+        } else {
+            shared.cpu_count * cfg.tasks
+        };
+        let slot = if cfg.kind == WorkloadKind::Touch {
+            cpu
+        } else {
+            cpu * cfg.tasks + k
+        };
+        let spec = task::Spec {
+            cpu,
+            slot,
+            slots,
+            role: roles,
+            arg: 0,
+            parent: usize::MAX,
+            top_level: true,
+        };
         match task::create(spec, shared) {
             Ok(_) => {}
-            Err(task::CreateError::NoMemory) => {
-                fail(ExitCode::OutOfMemory, format_args!("guest-kernel: cpu {cpu} out of memory creating its task"))
-            }
-            Err(e) => fail(ExitCode::Panic, format_args!("guest-kernel: cpu {cpu} cannot create its task: {e:?}")),
+            Err(task::CreateError::NoMemory) => fail(
+                ExitCode::OutOfMemory,
+                format_args!("guest-kernel: cpu {cpu} out of memory creating its task"),
+            ),
+            Err(e) => fail(
+                ExitCode::Panic,
+                format_args!("guest-kernel: cpu {cpu} cannot create its task: {e:?}"),
+            ),
         }
     }
-    task::start_cpu(cpu)
+    task::sched::start_cpu(cpu)
 }
 
 /// vCPU 0: console, boot information, command line, memory, shared tables.
 fn boot_cpu(info: &'static BootInfo) {
     arch::serial::init();
     if let Err(e) = info.validate() {
-        fail(ExitCode::Panic, format_args!("guest-kernel: invalid boot information: {e:?}"));
+        fail(
+            ExitCode::Panic,
+            format_args!("guest-kernel: invalid boot information: {e:?}"),
+        );
     }
     let cmdline = info.cmdline().unwrap_or("");
     let mem: u64 = info.regions().iter().map(|r| r.len).sum();
@@ -115,7 +141,10 @@ fn boot_cpu(info: &'static BootInfo) {
     );
     let config = match parse_cmdline(cmdline) {
         Ok(c) => c,
-        Err(e) => fail(ExitCode::BadCmdline, format_args!("guest-kernel: bad command line: {e}")),
+        Err(e) => fail(
+            ExitCode::BadCmdline,
+            format_args!("guest-kernel: bad command line: {e}"),
+        ),
     };
     if config.kind == WorkloadKind::TripleFault {
         kprintln!("guest-kernel: triple-faulting on purpose");
@@ -127,9 +156,15 @@ fn boot_cpu(info: &'static BootInfo) {
         && module.len > 0
         && module.len <= MODULE_MAX_SIZE
         && module.start % PAGE_SIZE == 0
-        && module.start.checked_add(module.len).is_some_and(|end| end <= FREE_RAM_START);
+        && module
+            .start
+            .checked_add(module.len)
+            .is_some_and(|end| end <= FREE_RAM_START);
     if !module_ok {
-        fail(ExitCode::Panic, format_args!("guest-kernel: no valid user program module ({module:?})"));
+        fail(
+            ExitCode::Panic,
+            format_args!("guest-kernel: no valid user program module ({module:?})"),
+        );
     }
     // SAFETY: checked above to lie in the module area, which the VMM filled and
     // nothing writes afterwards; identity-mapped by the boot and kernel tables.
@@ -145,38 +180,69 @@ fn boot_cpu(info: &'static BootInfo) {
         .map(|r| (r.start, r.len));
     let kernel_root = match arch::paging::build_kernel_tables(ram.chain([(0, FREE_RAM_START)])) {
         Ok(root) => root,
-        Err(_) => fail(ExitCode::OutOfMemory, format_args!("guest-kernel: out of memory building page tables")),
+        Err(_) => fail(
+            ExitCode::OutOfMemory,
+            format_args!("guest-kernel: out of memory building page tables"),
+        ),
     };
     match mm::frame::alloc_contiguous(HEAP_PAGES) {
         Some(start) => mm::heap::init(start, HEAP_PAGES * PAGE_SIZE),
-        None => fail(ExitCode::OutOfMemory, format_args!("guest-kernel: out of memory for the heap")),
+        None => fail(
+            ExitCode::OutOfMemory,
+            format_args!("guest-kernel: out of memory for the heap"),
+        ),
     }
     if config.kind == WorkloadKind::Touch && config.shared && mm::shared::init(config.pages).is_err() {
-        fail(ExitCode::OutOfMemory, format_args!("guest-kernel: out of memory for the shared page table"));
+        fail(
+            ExitCode::OutOfMemory,
+            format_args!("guest-kernel: out of memory for the shared page table"),
+        );
     }
     if arch::apic::needs_mmio() && arch::paging::map_mmio_2m(kernel_root, abi::layout::LAPIC_START).is_err() {
-        fail(ExitCode::OutOfMemory, format_args!("guest-kernel: out of memory mapping the APIC"));
+        fail(
+            ExitCode::OutOfMemory,
+            format_args!("guest-kernel: out of memory mapping the APIC"),
+        );
     }
     if config.kind == WorkloadKind::Touch && config.tasks != 1 {
-        fail(ExitCode::BadCmdline, format_args!("guest-kernel: bad command line: tasks= is for hello and tests"));
+        fail(
+            ExitCode::BadCmdline,
+            format_args!("guest-kernel: bad command line: tasks= is for hello and tests"),
+        );
     }
     mm::store::init(config.store_delay_us);
     // The lone benchmark runs one task: keep IF=0 in user mode there too, so it
     // measures the fault path without KVM's async page faults (see apic docs).
-    let bench = abi::workload::TESTS.iter().position(|t| *t == "bench-fault").map(|i| i as u64);
+    let bench = abi::workload::TESTS
+        .iter()
+        .position(|t| *t == "bench-fault")
+        .map(|i| i as u64);
     let lone_bench = config.test.is_some() && config.test == bench;
     arch::entry::set_user_preemptible((config.test.is_some() && !lone_bench) || config.tasks > 1);
-    task::expect_top_level(if config.test.is_some() { 1 } else { info.cpu_count * config.tasks });
+    task::expect_top_level(if config.test.is_some() {
+        1
+    } else {
+        info.cpu_count * config.tasks
+    });
     kprintln!("guest-kernel: {} MiB of free frames", free >> 20);
     arch::idt::init();
 
-    let shared = Shared { config, cpu_count: info.cpu_count, kernel_root, module: image, module_pa: module.start };
+    let shared = Shared {
+        config,
+        cpu_count: info.cpu_count,
+        kernel_root,
+        module: image,
+        module_pa: module.start,
+    };
     if SHARED.set(shared).is_err() {
         panic!("boot state set twice");
     }
     let st = pv::send(&PvMessage::StartCpus);
     if st != status::OK && info.cpu_count > 1 {
-        fail(ExitCode::Panic, format_args!("guest-kernel: the VMM refused to start the other vCPUs (status {st})"));
+        fail(
+            ExitCode::Panic,
+            format_args!("guest-kernel: the VMM refused to start the other vCPUs (status {st})"),
+        );
     }
 }
 

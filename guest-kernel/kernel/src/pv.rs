@@ -13,7 +13,14 @@ pub fn send(msg: &PvMessage) -> u32 {
 
 /// Sends a page-store request (`abi::pv::store`); returns the status.
 pub fn send_store(kind: u32, args: [u64; 6]) -> u32 {
-    send_raw(PAGE_STORE_PORT, PvRequest { kind, status: 0, args })
+    send_raw(
+        PAGE_STORE_PORT,
+        PvRequest {
+            kind,
+            status: 0,
+            args,
+        },
+    )
 }
 
 fn send_raw(port: u16, req: PvRequest) -> u32 {

@@ -19,7 +19,10 @@ unsafe impl<T: Send> Sync for SpinLock<T> {}
 impl<T> SpinLock<T> {
     /// An unlocked lock.
     pub const fn new(value: T) -> Self {
-        SpinLock { locked: AtomicBool::new(false), value: UnsafeCell::new(value) }
+        SpinLock {
+            locked: AtomicBool::new(false),
+            value: UnsafeCell::new(value),
+        }
     }
 
     /// Spins until the lock is free, then holds it until the guard drops.
@@ -81,12 +84,19 @@ const READY: u8 = 2;
 impl<T> SetOnce<T> {
     /// Empty.
     pub const fn new() -> Self {
-        SetOnce { state: AtomicU8::new(EMPTY), value: UnsafeCell::new(None) }
+        SetOnce {
+            state: AtomicU8::new(EMPTY),
+            value: UnsafeCell::new(None),
+        }
     }
 
     /// Stores the value; returns it back if one was already stored.
     pub fn set(&self, value: T) -> Result<(), T> {
-        if self.state.compare_exchange(EMPTY, WRITING, Ordering::Acquire, Ordering::Relaxed).is_err() {
+        if self
+            .state
+            .compare_exchange(EMPTY, WRITING, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
             return Err(value);
         }
         // SAFETY: the EMPTY -> WRITING transition makes this the only writer, and

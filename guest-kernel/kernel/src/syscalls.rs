@@ -8,9 +8,12 @@
 use crate::abi::layout::PAGE_SIZE;
 use crate::abi::pv::{status, PvMessage, WorkloadReport};
 use crate::abi::syscall::*;
+use crate::arch;
 use crate::arch::entry::TrapFrame;
 use crate::arch::syscall as entry;
-use crate::task::{self, UserAccess};
+use crate::mm::fault::{self, UserAccess};
+use crate::mm::USER_RW;
+use crate::task::{self, MM_LOCKS};
 
 /// Longest SYS_WRITE, to bound time spent in the (emulated) kernel.
 const MAX_WRITE: u64 = 4096;
@@ -47,16 +50,20 @@ pub fn dispatch(frame: &mut TrapFrame) {
         SYS_SLEEP => {
             // The result is set now: a woken sleep returns to after the call.
             entry::set_result(frame, 0);
-            task::sleep_current(task::SLEEP_KEY, a0.max(1));
+            task::wait::sleep_current(task::wait::SLEEP_KEY, a0.max(1));
             Ret::Frame
         }
         SYS_SPAWN => spawn(a0, a1, a2),
-        SYS_WAIT => match task::wait_child(a0 as usize) {
+        SYS_WAIT => match task::wait::wait_child(a0 as usize) {
             Some(Ok(st)) => Ret::Value(st),
             Some(Err(())) => Ret::Value(ESRCH),
             None => Ret::Restart,
         },
-        SYS_KILL => Ret::Value(if task::send_signal(a0 as usize, a1) { 0 } else { ESRCH }),
+        SYS_KILL => Ret::Value(if task::signal::send_signal(a0 as usize, a1) {
+            0
+        } else {
+            ESRCH
+        }),
         SYS_SIGACTION => {
             let t = task::current();
             match t.handlers.get_mut(a0 as usize) {
@@ -68,16 +75,16 @@ pub fn dispatch(frame: &mut TrapFrame) {
                 _ => Ret::Value(EINVAL),
             }
         }
-        SYS_SIGMASK => Ret::Value(task::set_blocked(a0) as i64),
+        SYS_SIGMASK => Ret::Value(task::signal::set_blocked(a0) as i64),
         SYS_SIGRETURN => {
-            if !task::sigreturn(frame) {
+            if !task::signal::sigreturn(frame) {
                 task::kill(format_args!("bad signal frame"));
             }
             Ret::Frame
         }
         SYS_UFFD_REGISTER => uffd_register(a0, a1),
         SYS_UFFD_READ => uffd_read(a0, a1),
-        SYS_UFFD_COPY => match task::uffd_copy(a0 as u32, a1, a2) {
+        SYS_UFFD_COPY => match uffd_copy(a0 as u32, a1, a2) {
             Ok(()) => Ret::Value(0),
             Err(e) => e.into(),
         },
@@ -86,7 +93,7 @@ pub fn dispatch(frame: &mut TrapFrame) {
         SYS_STORE_CTL => Ret::Value(match a0 {
             store_ctl::HOLD => crate::mm::store::hold(a1, true),
             store_ctl::RELEASE => crate::mm::store::hold(a1, false),
-            store_ctl::WAITING => i64::from(task::in_store_wait(a1 as usize)),
+            store_ctl::WAITING => i64::from(task::wait::in_store_wait(a1 as usize)),
             _ => EINVAL,
         }),
         _ => Ret::Value(EINVAL),
@@ -100,7 +107,7 @@ pub fn dispatch(frame: &mut TrapFrame) {
 
 fn write(ptr: u64, len: u64) -> Ret {
     let len = len.min(MAX_WRITE);
-    if let Err(e) = task::prepare_user_range(ptr, len, false) {
+    if let Err(e) = fault::prepare_user_range(ptr, len, false) {
         return e.into();
     }
     // SAFETY: the range is mapped user memory of the current task (checked above),
@@ -112,7 +119,7 @@ fn write(ptr: u64, len: u64) -> Ret {
 
 fn sum(ptr: u64, len: u64) -> Ret {
     let len = len.min(MAX_SUM) & !7;
-    if let Err(e) = task::prepare_user_range(ptr, len, false) {
+    if let Err(e) = fault::prepare_user_range(ptr, len, false) {
         return e.into();
     }
     let mut total = 0u64;
@@ -124,13 +131,23 @@ fn sum(ptr: u64, len: u64) -> Ret {
 }
 
 fn spawn(role: u64, arg: u64, cpu: u64) -> Ret {
-    let Some(shared) = crate::SHARED.get() else { return Ret::Value(EINVAL) };
+    let Some(shared) = crate::SHARED.get() else {
+        return Ret::Value(EINVAL);
+    };
     let me = task::current();
     let cpu = if cpu == u64::MAX { me.cpu } else { cpu as u32 };
     if cpu >= shared.cpu_count || role < ROLE_USER {
         return Ret::Value(EINVAL);
     }
-    let spec = task::Spec { cpu, slot: 0, slots: 1, role, arg, parent: me.tid, top_level: false };
+    let spec = task::Spec {
+        cpu,
+        slot: 0,
+        slots: 1,
+        role,
+        arg,
+        parent: me.tid,
+        top_level: false,
+    };
     match task::create(spec, shared) {
         Ok(tid) => Ret::Value(tid as i64),
         Err(_) => Ret::Value(EAGAIN),
@@ -139,11 +156,15 @@ fn spawn(role: u64, arg: u64, cpu: u64) -> Ret {
 
 fn uffd_register(start: u64, len: u64) -> Ret {
     let t = task::current();
-    let Some(end) = start.checked_add(len) else { return Ret::Value(EINVAL) };
-    let Some(id) = crate::uffd::create(t.tid, t.space.root, start, end) else { return Ret::Value(EAGAIN) };
+    let Some(end) = start.checked_add(len) else {
+        return Ret::Value(EINVAL);
+    };
+    let Some(id) = crate::uffd::create(t.tid, t.space.root, start, end) else {
+        return Ret::Value(EAGAIN);
+    };
     match t.space.register_uffd(start, end, id) {
         Ok(()) => {
-            task::forget_fast_region(t);
+            fault::forget_fast_region(t);
             Ret::Value(i64::from(id))
         }
         Err(_) => Ret::Value(EINVAL),
@@ -152,12 +173,14 @@ fn uffd_register(start: u64, len: u64) -> Ret {
 
 fn uffd_read(id: u64, ptr: u64) -> Ret {
     let size = core::mem::size_of::<UffdMsg>() as u64;
-    if let Err(e) = task::prepare_user_range(ptr, size, true) {
+    if let Err(e) = fault::prepare_user_range(ptr, size, true) {
         return e.into();
     }
     let tid = task::current_tid();
     let id = id as u32;
-    match crate::uffd::read(id, tid, || task::sleep_current(crate::uffd::read_key(id), 0)) {
+    match crate::uffd::read(id, tid, || {
+        task::wait::sleep_current(crate::uffd::read_key(id), 0)
+    }) {
         crate::uffd::Read::Msg(m) => {
             // SAFETY: mapped, writable user memory of the current task (checked above).
             unsafe { core::ptr::write_unaligned(ptr as *mut UffdMsg, m) };
@@ -168,10 +191,35 @@ fn uffd_read(id: u64, ptr: u64) -> Ret {
     }
 }
 
+/// Resolves page `addr` of uffd `id` with a copy of the current task's page
+/// at `src` (0 = zero page).
+fn uffd_copy(id: u32, addr: u64, src: u64) -> Result<(), UserAccess> {
+    let Some((owner, root, page)) = crate::uffd::target(id, addr) else {
+        return Err(UserAccess::Fault);
+    };
+    if src != 0 {
+        fault::prepare_user_range(src, PAGE_SIZE, false)?;
+    }
+    let pa = crate::mm::frame::alloc_zeroed().ok_or(UserAccess::Fault)?;
+    if src != 0 {
+        // SAFETY: `src` is a mapped page of the current task (checked above) and
+        // `pa` a fresh identity-mapped frame we own.
+        unsafe { core::ptr::copy_nonoverlapping(src as *const u8, pa as *mut u8, PAGE_SIZE as usize) };
+    }
+    {
+        let _mm = MM_LOCKS[owner].lock();
+        if !arch::paging::is_user_mapped(root, page, false) {
+            arch::paging::map_4k(root, page, pa, USER_RW).map_err(|_| UserAccess::Fault)?;
+        }
+    }
+    crate::uffd::resolved(id, page);
+    Ok(())
+}
+
 fn stats(ptr: u64) -> Ret {
-    let s = task::guest_stats();
+    let s = task::stats::guest_stats();
     let size = core::mem::size_of_val(&s) as u64;
-    if let Err(e) = task::prepare_user_range(ptr, size, true) {
+    if let Err(e) = fault::prepare_user_range(ptr, size, true) {
         return e.into();
     }
     // SAFETY: mapped, writable user memory of the current task (checked above).
@@ -181,7 +229,7 @@ fn stats(ptr: u64) -> Ret {
 
 fn report(ptr: u64) -> Ret {
     let size = core::mem::size_of::<UserReport>() as u64;
-    if let Err(e) = task::prepare_user_range(ptr, size, false) {
+    if let Err(e) = fault::prepare_user_range(ptr, size, false) {
         return e.into();
     }
     // SAFETY: as in `write`; read_unaligned copes with any user alignment.
@@ -209,7 +257,11 @@ fn report(ptr: u64) -> Ret {
     } else {
         kprintln!(
             "guest-kernel: cpu {} checksum MISMATCH got {:#x} expected {:#x} (pages {} of {})",
-            a.cpu, user.checksum, expected, user.pages, a.pages
+            a.cpu,
+            user.checksum,
+            expected,
+            user.pages,
+            a.pages
         );
     }
     Ret::Value(0)

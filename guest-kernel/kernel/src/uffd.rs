@@ -46,7 +46,16 @@ pub fn create(owner: usize, root: u64, start: u64, end: u64) -> Option<u32> {
     if u.len() >= MAX_UFFDS {
         return None;
     }
-    u.push(Uffd { owner, root, start, end, handler: usize::MAX, dead: false, requested: Vec::new(), queue: Vec::new() });
+    u.push(Uffd {
+        owner,
+        root,
+        start,
+        end,
+        handler: usize::MAX,
+        dead: false,
+        requested: Vec::new(),
+        queue: Vec::new(),
+    });
     Some(u.len() as u32)
 }
 
@@ -56,13 +65,18 @@ pub fn fault(id: u32, va: u64, tid: usize, sleep: impl FnOnce()) -> PageState {
     let mut wake_reader = false;
     let state = {
         let mut all = UFFDS.lock();
-        let Some(u) = all.get_mut(id as usize - 1) else { return PageState::Gone };
+        let Some(u) = all.get_mut(id as usize - 1) else {
+            return PageState::Gone;
+        };
         if u.dead {
             return PageState::Gone;
         }
         if !u.requested.contains(&va) {
             u.requested.push(va);
-            u.queue.push(UffdMsg { addr: va, tid: tid as u64 });
+            u.queue.push(UffdMsg {
+                addr: va,
+                tid: tid as u64,
+            });
             crate::task::stats::USERFAULTS.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
             wake_reader = true;
         }
@@ -70,7 +84,7 @@ pub fn fault(id: u32, va: u64, tid: usize, sleep: impl FnOnce()) -> PageState {
         PageState::Wait
     };
     if wake_reader {
-        crate::task::wake_all(read_key(id));
+        crate::task::wait::wake_all(read_key(id));
     }
     state
 }
@@ -86,7 +100,9 @@ pub enum Read {
 /// Takes the next message of uffd `id` for handler `tid`.
 pub fn read(id: u32, tid: usize, sleep: impl FnOnce()) -> Read {
     let mut all = UFFDS.lock();
-    let Some(u) = id.checked_sub(1).and_then(|i| all.get_mut(i as usize)) else { return Read::Invalid };
+    let Some(u) = id.checked_sub(1).and_then(|i| all.get_mut(i as usize)) else {
+        return Read::Invalid;
+    };
     if u.handler == usize::MAX {
         u.handler = tid;
     }
@@ -117,7 +133,7 @@ pub fn resolved(id: u32, page: u64) {
             u.requested.retain(|&p| p != page);
         }
     }
-    crate::task::wake_all(fault_key(id));
+    crate::task::wait::wake_all(fault_key(id));
 }
 
 /// Task `tid` ended: the uffds it handled are dead; their waiters retry and
@@ -136,7 +152,7 @@ pub fn task_died(tid: usize) {
         }
     }
     for id in &dead[..n] {
-        crate::task::wake_all(fault_key(*id));
-        crate::task::wake_all(read_key(*id));
+        crate::task::wait::wake_all(fault_key(*id));
+        crate::task::wait::wake_all(read_key(*id));
     }
 }

@@ -99,7 +99,11 @@ fn write_cpu_line(prefix: &[u8], cpu: u32, suffix: &[u8]) {
 
 fn hello(args: &TaskArgs) -> UserReport {
     write_cpu_line(b"hello from user mode on cpu ", args.cpu, b"\n");
-    UserReport { checksum: 0, pages: 0, cycles: 0 }
+    UserReport {
+        checksum: 0,
+        pages: 0,
+        cycles: 0,
+    }
 }
 
 fn touch(args: &TaskArgs) -> UserReport {
@@ -136,7 +140,11 @@ fn touch(args: &TaskArgs) -> UserReport {
         let value = unsafe { read_volatile(addr(page)) };
         sum = fold(sum, page, value);
     }
-    UserReport { checksum: sum, pages: plan.pages, cycles: rdtsc().wrapping_sub(start) }
+    UserReport {
+        checksum: sum,
+        pages: plan.pages,
+        cycles: rdtsc().wrapping_sub(start),
+    }
 }
 
 extern "C" fn user_main(args: *const TaskArgs) -> ! {

@@ -50,7 +50,12 @@ extern "C" fn on_signal(_sig: u64) {
 }
 
 fn install(sig: u64) {
-    syscall3(SYS_SIGACTION, sig, on_signal as *const () as u64, sig_restorer as *const () as u64);
+    syscall3(
+        SYS_SIGACTION,
+        sig,
+        on_signal as *const () as u64,
+        sig_restorer as *const () as u64,
+    );
 }
 
 fn sleep(ms: u64) {
@@ -157,7 +162,10 @@ struct Line {
 
 impl Line {
     fn new() -> Line {
-        Line { buf: [0; 160], len: 0 }
+        Line {
+            buf: [0; 160],
+            len: 0,
+        }
     }
     fn s(&mut self, t: &str) -> &mut Line {
         for &b in t.as_bytes() {
@@ -196,13 +204,20 @@ pub fn run(args: &TaskArgs) -> u64 {
             "stop-cont-in-fault" => stop_cont_in_fault(),
             "kernel-fault-signal" => kernel_fault_signal(),
             "uffd" => owner_ok("uffd", wait(spawn(R_UFFD_OWNER, 0, u64::MAX))),
-            "uffd-handler-death" => wait(spawn(R_UFFD_OWNER, 1, u64::MAX)) == status::KILLED | sig::SIGBUS as i64,
+            "uffd-handler-death" => {
+                wait(spawn(R_UFFD_OWNER, 1, u64::MAX)) == status::KILLED | sig::SIGBUS as i64
+            }
             "uffd-signal" => uffd_signal(),
             "smp" => smp(),
             "bench-fault" => bench_fault(),
             _ => false,
         };
-        Line::new().s("guest-test: ").s(name).s(" ... ").s(if ok { "ok" } else { "FAILED" }).print();
+        Line::new()
+            .s("guest-test: ")
+            .s(name)
+            .s(" ... ")
+            .s(if ok { "ok" } else { "FAILED" })
+            .print();
         failed += u64::from(!ok);
     }
     let s = stats();
@@ -218,7 +233,10 @@ pub fn run(args: &TaskArgs) -> u64 {
         .s(" userfaults ")
         .n(s.userfaults)
         .print();
-    Line::new().s("guest-test: ").s(if failed == 0 { "all passed" } else { "FAILURES" }).print();
+    Line::new()
+        .s("guest-test: ")
+        .s(if failed == 0 { "all passed" } else { "FAILURES" })
+        .print();
     u64::from(failed != 0)
 }
 
@@ -257,7 +275,9 @@ fn store_retries() -> bool {
     const PAGE: u64 = 100;
     const SIGNALS: u64 = 4;
     let before = stats().retries;
-    let Some(t) = held_fault(R_SIG_FAULT, PAGE) else { return false };
+    let Some(t) = held_fault(R_SIG_FAULT, PAGE) else {
+        return false;
+    };
     let interrupted = interrupt_store_wait(t, sig::SIGUSR1, SIGNALS);
     hold(PAGE, false);
     // The handler ran once per signal, the data is right, and the fault was
@@ -282,7 +302,9 @@ fn signal_handler() -> bool {
 
 fn signal_in_fault() -> bool {
     const PAGE: u64 = 101;
-    let Some(t) = held_fault(R_SIG_FAULT, PAGE) else { return false };
+    let Some(t) = held_fault(R_SIG_FAULT, PAGE) else {
+        return false;
+    };
     let interrupted = interrupt_store_wait(t, sig::SIGUSR1, 1);
     hold(PAGE, false);
     // Handler ran once, then the retried fault got the right data.
@@ -292,7 +314,9 @@ fn signal_in_fault() -> bool {
 
 fn fatal_in_fault() -> bool {
     const PAGE: u64 = 102;
-    let Some(t) = held_fault(R_PLAIN_FAULT, PAGE) else { return false };
+    let Some(t) = held_fault(R_PLAIN_FAULT, PAGE) else {
+        return false;
+    };
     // The page is still held: only the signal can end the wait, and it must
     // kill the task (no handler), not hand it a page.
     let killed = kill(t, sig::SIGTERM) == 0 && wait(t) == status::KILLED | sig::SIGTERM as i64;
@@ -304,7 +328,9 @@ fn fatal_in_fault() -> bool {
 
 fn stop_cont_in_fault() -> bool {
     const PAGE: u64 = 103;
-    let Some(t) = held_fault(R_PLAIN_FAULT, PAGE) else { return false };
+    let Some(t) = held_fault(R_PLAIN_FAULT, PAGE) else {
+        return false;
+    };
     // A stop does not end the wait.
     let stopped = kill(t, sig::SIGSTOP) == 0 && store_waiting(t);
     hold(PAGE, false);
@@ -317,7 +343,9 @@ fn stop_cont_in_fault() -> bool {
 
 fn kernel_fault_signal() -> bool {
     const PAGE: u64 = 104;
-    let Some(t) = held_fault(R_KSUM, PAGE) else { return false };
+    let Some(t) = held_fault(R_KSUM, PAGE) else {
+        return false;
+    };
     // A kernel-mode access waits uninterruptibly (only a fatal signal ends
     // it): the signal stays pending and the task keeps waiting.
     let before = stats().signal_interruptions;
@@ -436,7 +464,8 @@ pub fn child(args: &TaskArgs) -> u64 {
                 unsafe { write_volatile((base + i * PAGE_SIZE) as *mut u64, i ^ args.tid) };
             }
             // SAFETY: as above.
-            let anon = (0..100).all(|i| unsafe { read_volatile((base + i * PAGE_SIZE) as *const u64) } == i ^ args.tid);
+            let anon = (0..100)
+                .all(|i| unsafe { read_volatile((base + i * PAGE_SIZE) as *const u64) } == i ^ args.tid);
             u64::from(!(anon && store_page_ok(args.arg) && store_page_ok(args.arg + 1)))
         }
         _ => 1,
@@ -454,7 +483,11 @@ fn uffd_owner(args: &TaskArgs) -> u64 {
     if mode == 3 {
         install(sig::SIGUSR1);
     }
-    let cpu = if mode == 2 { u64::from(args.cpu) + 1 } else { u64::MAX };
+    let cpu = if mode == 2 {
+        u64::from(args.cpu) + 1
+    } else {
+        u64::MAX
+    };
     let mut h = spawn(R_UFFD_HANDLER, id as u64 | (mode << 16), cpu);
     if h < 0 && mode == 2 {
         h = spawn(R_UFFD_HANDLER, id as u64, u64::MAX); // one vCPU only

@@ -4,14 +4,17 @@
 //! comes through [`FaultEnv`], so the host test suite compiles this very file
 //! (tests/tests/guest_suite.rs, `#[path]`) and unit-tests it.
 //!
-//! A fault that must wait (slow page store, userfaultfd) asks the env to queue
-//! the task on a wait queue, drops the address-space lock and returns
-//! [`VmFault::Retry`]; the arch handler then sleeps (schedules) and, once the
-//! task runs again, retries the access with [`flags::TRIED`]. There is no cap
-//! on the number of retries. With a signal pending that the flags let
-//! interrupt the wait (INTERRUPTIBLE: any unblocked signal; KILLABLE: a fatal
-//! one), the fault returns Retry without waiting (Linux's
-//! `fault_signal_pending`): the signal is handled and the access re-executed.
+//! Step 3 of the page-fault walk: called by the fault glue (`mm/fault.rs`,
+//! after the arch trap), which turns the outcome into what the task sees. A
+//! fault that must wait (slow page store, userfaultfd) asks the env to queue
+//! the task on a wait queue (`task/wait.rs`), drops the address-space lock and
+//! returns [`VmFault::Retry`]; the task then sleeps (the scheduler runs
+//! another) and, once it runs again, re-executes the access, which faults
+//! again and retries with [`flags::TRIED`]. There is no cap on the number of
+//! retries. With a signal pending that the flags let interrupt the wait
+//! (INTERRUPTIBLE: any unblocked signal; KILLABLE: a fatal one), the fault
+//! returns Retry without waiting (Linux's `fault_signal_pending`): the signal
+//! is handled and the access re-executed.
 
 use alloc::vec::Vec;
 
@@ -289,7 +292,7 @@ pub const fn retry_bucket(retries: u64) -> usize {
     crate::abi::pv::store::hist_bucket(retries)
 }
 
-/// Per-fault retry bookkeeping of one task: the arch handler calls
+/// Per-fault retry bookkeeping of one task: the fault glue (`mm/fault.rs`) calls
 /// [`RetryTracker::begin`] on every fault and [`RetryTracker::end`] when it
 /// completes, and gets the flags (TRIED) and the retry count.
 #[derive(Debug, Clone, Copy)]

@@ -18,12 +18,20 @@ struct Arena {
 pub struct BumpHeap(SpinLock<Arena>);
 
 #[global_allocator]
-static HEAP: BumpHeap = BumpHeap(SpinLock::new(Arena { next: 0, end: 0, last: 0 }));
+static HEAP: BumpHeap = BumpHeap(SpinLock::new(Arena {
+    next: 0,
+    end: 0,
+    last: 0,
+}));
 
 /// Gives the heap `[start, start + len)` (identity-mapped, unused).
 pub fn init(start: u64, len: u64) {
     let mut a = HEAP.0.lock();
-    *a = Arena { next: start, end: start + len, last: 0 };
+    *a = Arena {
+        next: start,
+        end: start + len,
+        last: 0,
+    };
 }
 
 // SAFETY: allocations are disjoint ranges of the arena, aligned as requested;

@@ -37,7 +37,11 @@ impl Table {
     pub fn get_or_alloc(&mut self, index: u64, run: &mut RunAlloc, want: u64) -> Result<u64, NoMemory> {
         // Tasks map only their work region, which the table covers exactly; an
         // index beyond it would be a kernel bug.
-        assert!(index < self.len, "shared page {index} beyond the table ({})", self.len);
+        assert!(
+            index < self.len,
+            "shared page {index} beyond the table ({})",
+            self.len
+        );
         // SAFETY: `index < len`, the table's frames are reserved for it at boot
         // and identity-mapped, and the lock (held through `self`) serialises CPUs.
         let entry = unsafe { &mut *(self.base as *mut u64).add(index as usize) };

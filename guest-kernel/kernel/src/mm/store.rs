@@ -6,8 +6,8 @@
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use crate::abi::pv::store::{self, PAGES, SLOTS};
 use crate::abi::pv::status;
+use crate::abi::pv::store::{self, PAGES, SLOTS};
 use crate::mm::core::PageState;
 use crate::mm::frame;
 use crate::sync::SpinLock;
@@ -59,7 +59,9 @@ pub fn init(delay_us: u64) {
 /// slip in between the check and the sleep).
 pub fn page(index: u64, sleep: impl FnOnce()) -> PageState {
     let mut c = CACHE.lock();
-    let Some(&state) = c.pages.get(index as usize) else { return PageState::Gone };
+    let Some(&state) = c.pages.get(index as usize) else {
+        return PageState::Gone;
+    };
     if !c.ok {
         return PageState::Gone;
     }
@@ -67,7 +69,9 @@ pub fn page(index: u64, sleep: impl FnOnce()) -> PageState {
         0 => {
             // No free slot: wait for any completion and try again.
             if let Some(slot) = c.slot_id.iter().position(|&id| id == 0) {
-                let Some(f) = frame::alloc() else { return PageState::Gone };
+                let Some(f) = frame::alloc() else {
+                    return PageState::Gone;
+                };
                 let id = c.next_id;
                 c.next_id += 1;
                 c.slot_id[slot] = id;
@@ -78,7 +82,9 @@ pub fn page(index: u64, sleep: impl FnOnce()) -> PageState {
                 IN_FLIGHT.fetch_add(1, Ordering::AcqRel);
                 READS.fetch_add(1, Ordering::Relaxed);
                 let delay = DELAY_US.load(Ordering::Relaxed);
-                if crate::pv::send_store(store::READ, [index, f.addr, slot as u64, id, delay, 0]) != status::OK {
+                if crate::pv::send_store(store::READ, [index, f.addr, slot as u64, id, delay, 0])
+                    != status::OK
+                {
                     return PageState::Gone;
                 }
             }
@@ -123,6 +129,6 @@ pub fn poll() {
         }
     }
     if done {
-        crate::task::wake_all(WAIT_KEY);
+        crate::task::wait::wake_all(WAIT_KEY);
     }
 }

@@ -1,6 +1,11 @@
 //! Assembly entry points: `_start`, the exception/interrupt stubs and the
 //! return to user mode. Also the per-CPU boot stacks, which double as the CPUs'
 //! kernel (RSP0) stacks: once a CPU enters user mode nothing on it is live.
+//!
+//! Every trap, a page fault included, starts here: a stub saves the registers
+//! as a [`TrapFrame`] and calls `trap.rs` (next in the page-fault walk:
+//! `mm/fault.rs`). [`enter_frame`] is the way out when the scheduler switches
+//! to another task.
 
 use core::arch::{asm, global_asm};
 
@@ -226,5 +231,8 @@ fn user_rflags() -> u64 {
 /// longer be taken, and blocked, on the vCPU thread. With IF=0 in user mode the
 /// tick is only taken in the idle loop, which is all one task per vCPU needs.
 pub fn set_user_preemptible(on: bool) {
-    USER_RFLAGS.store(if on { 0x202 } else { 0x2 }, core::sync::atomic::Ordering::Relaxed);
+    USER_RFLAGS.store(
+        if on { 0x202 } else { 0x2 },
+        core::sync::atomic::Ordering::Relaxed,
+    );
 }

@@ -59,15 +59,24 @@ unsafe impl Sync for PerCpu {}
 
 const EMPTY_TABLES: CpuTables = CpuTables {
     gdt: [0; 7],
-    tss: Tss { reserved0: 0, rsp: [0; 3], reserved1: 0, ist: [0; 7], reserved2: 0, reserved3: 0, iomap_base: 0 },
+    tss: Tss {
+        reserved0: 0,
+        rsp: [0; 3],
+        reserved1: 0,
+        ist: [0; 7],
+        reserved2: 0,
+        reserved3: 0,
+        iomap_base: 0,
+    },
 };
 static TABLES: PerCpu = PerCpu(UnsafeCell::new([EMPTY_TABLES; MAX_VCPUS as usize]));
 
 struct PerCpuIst(UnsafeCell<[IstStacks; MAX_VCPUS as usize]>);
 // SAFETY: only the hardware uses these stacks; Rust code never references them.
 unsafe impl Sync for PerCpuIst {}
-static IST_STACKS: PerCpuIst =
-    PerCpuIst(UnsafeCell::new([const { IstStacks([[0; IST_STACK_SIZE]; IST_COUNT]) }; MAX_VCPUS as usize]));
+static IST_STACKS: PerCpuIst = PerCpuIst(UnsafeCell::new(
+    [const { IstStacks([[0; IST_STACK_SIZE]; IST_COUNT]) }; MAX_VCPUS as usize],
+));
 
 #[repr(C, packed)]
 struct DescriptorPointer {
@@ -98,9 +107,20 @@ pub fn init(cpu: u32, rsp0: u64) {
         | (0x89 << 40)
         | (((tss_limit >> 16) & 0xF) << 48)
         | (((tss_base >> 24) & 0xFF) << 56);
-    tables.gdt = [GDT_NULL, GDT_KERNEL_CODE, GDT_KERNEL_DATA, GDT_USER_DATA, GDT_USER_CODE, tss_low, tss_base >> 32];
+    tables.gdt = [
+        GDT_NULL,
+        GDT_KERNEL_CODE,
+        GDT_KERNEL_DATA,
+        GDT_USER_DATA,
+        GDT_USER_CODE,
+        tss_low,
+        tss_base >> 32,
+    ];
 
-    let ptr = DescriptorPointer { limit: (core::mem::size_of::<[u64; 7]>() - 1) as u16, base: tables.gdt.as_ptr() as u64 };
+    let ptr = DescriptorPointer {
+        limit: (core::mem::size_of::<[u64; 7]>() - 1) as u16,
+        base: tables.gdt.as_ptr() as u64,
+    };
     // SAFETY: the GDT is static and keeps the boot GDT's code/data selectors, so the
     // loaded CS/SS/DS stay valid; ltr marks our (per-CPU) TSS busy.
     unsafe {

@@ -20,7 +20,15 @@ struct Gate {
 }
 
 impl Gate {
-    const EMPTY: Gate = Gate { offset_low: 0, selector: 0, ist: 0, type_attr: 0, offset_mid: 0, offset_high: 0, reserved: 0 };
+    const EMPTY: Gate = Gate {
+        offset_low: 0,
+        selector: 0,
+        ist: 0,
+        type_attr: 0,
+        offset_mid: 0,
+        offset_high: 0,
+        reserved: 0,
+    };
 
     /// A present 64-bit interrupt gate (IF cleared on entry).
     fn interrupt(handler: u64, dpl: u8, ist: u8) -> Gate {
@@ -59,14 +67,21 @@ pub fn init() {
             18 => IST_MACHINE_CHECK,
             _ => 0,
         };
-        let dpl = if vector == syscall::ENTRY_VECTOR { syscall::ENTRY_GATE_DPL } else { 0 };
+        let dpl = if vector == syscall::ENTRY_VECTOR {
+            syscall::ENTRY_GATE_DPL
+        } else {
+            0
+        };
         *gate = Gate::interrupt(stub_address(vector), dpl, ist);
     }
 }
 
 /// Loads the shared IDT on this CPU.
 pub fn load() {
-    let ptr = DescriptorPointer { limit: (core::mem::size_of::<[Gate; STUB_COUNT]>() - 1) as u16, base: IDT.0.get() as u64 };
+    let ptr = DescriptorPointer {
+        limit: (core::mem::size_of::<[Gate; STUB_COUNT]>() - 1) as u16,
+        base: IDT.0.get() as u64,
+    };
     // SAFETY: the IDT is static and filled by `init` before any CPU loads it.
     unsafe { core::arch::asm!("lidt [{}]", in(reg) &ptr, options(nostack, preserves_flags)) };
 }

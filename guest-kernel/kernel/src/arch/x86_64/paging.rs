@@ -145,7 +145,13 @@ pub fn map_4k_if_cached(cache: &LeafCache, va: u64, pa: u64, perms: Perms) -> bo
 }
 
 /// Like [`map_4k`], through `cache` (which must only be used with `root`).
-pub fn map_4k_cached(cache: &mut LeafCache, root: u64, va: u64, pa: u64, perms: Perms) -> Result<(), NoMemory> {
+pub fn map_4k_cached(
+    cache: &mut LeafCache,
+    root: u64,
+    va: u64,
+    pa: u64,
+    perms: Perms,
+) -> Result<(), NoMemory> {
     let block = va & !(LARGE_PAGE - 1);
     if cache.table == 0 || cache.block != block {
         cache.table = leaf_table(root, va)?;

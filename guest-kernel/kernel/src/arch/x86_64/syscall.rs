@@ -26,7 +26,10 @@ pub fn is_syscall(frame: &TrapFrame) -> bool {
 
 /// The call in `frame` (RAX = number, RDI/RSI/RDX = arguments).
 pub fn args(frame: &TrapFrame) -> SyscallArgs {
-    SyscallArgs { nr: frame.rax, args: [frame.rdi, frame.rsi, frame.rdx] }
+    SyscallArgs {
+        nr: frame.rax,
+        args: [frame.rdi, frame.rsi, frame.rdx],
+    }
 }
 
 /// Sets the result the task sees in RAX.
