@@ -288,11 +288,17 @@ impl PageStoreHandle {
     /// needs its own resume. Requests the guest sends while the device is
     /// paused are accepted and queued as usual.
     pub fn pause(&self, timeout: Duration) -> Result<(), PageStoreError> {
-        let deadline = Instant::now() + timeout;
+        // No deadline past the end of time (`Duration::MAX`): wait as long as it takes.
+        let deadline = Instant::now().checked_add(timeout);
         let mut q = self.shared.lock();
         q.pauses += 1;
         q.clock.stop();
         while let Some(read) = q.serving {
+            let Some(deadline) = deadline else {
+                // Woken when the write is done.
+                q = self.shared.wait(q);
+                continue;
+            };
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 q.pauses -= 1;
@@ -1181,7 +1187,7 @@ mod tests {
         assert!(matches!(err, PageStoreError::NotPaused));
         assert!(err.to_string().contains("pause it first"), "{err}");
         h.pause(DEFAULT_PAUSE_TIMEOUT).unwrap();
-        h.pause(DEFAULT_PAUSE_TIMEOUT).unwrap();
+        h.pause(Duration::MAX).unwrap(); // no deadline: no overflow either
         h.resume();
         assert!(h.is_paused(), "one pause is still in force");
         assert!(dev.save().is_ok());
