@@ -1,10 +1,17 @@
-//! Devices of the microVM: a 16550 serial console, a debug-exit port and the
-//! paravirtual channel between the guest kernel and the VMM.
+//! Devices of the microVM: a 16550 serial console, a debug-exit port, the
+//! paravirtual channel between the guest kernel and the VMM, and the slow page
+//! store.
 //!
 //! Devices are port-I/O devices on a `vm_device::device_manager::IoManager`. They
 //! never block a vCPU: what the VMM must act on (the guest asked to exit, to start
 //! its other vCPUs, reported a result) leaves them as a [`DeviceEvent`] through a
 //! [`DeviceEventSink`].
+//!
+//! Every device persists itself through [`persist::Persist`], stateless ones as
+//! an empty state (a field added later then has its place in snapshots). The
+//! page store, the one device that acts on its own (a worker thread writes guest
+//! memory), must be paused through its [`page_store::PageStoreHandle`] before
+//! it is saved, and stay paused until guest memory is saved.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::cast_possible_truncation))]
 
 pub mod debug_exit;
