@@ -13,7 +13,10 @@ const GUEST_TARGET: &str = "x86_64-unknown-none";
 
 fn main() {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("set by cargo"));
-    let root = manifest_dir.parent().expect("vmm-core/ has a parent").to_path_buf();
+    let root = manifest_dir
+        .parent()
+        .expect("vmm-core/ has a parent")
+        .to_path_buf();
     let guest = root.join("guest-kernel");
     for p in [
         "guest-kernel/kernel",

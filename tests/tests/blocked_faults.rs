@@ -14,7 +14,8 @@ use memory::{TestSource, ZeroSource};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use vmm::config::MemoryConfig;
-use vmm::vm::{verify_reports, CustomSource};
+use vmm::controller::verify_reports;
+use vmm::CustomSource;
 use vmm::{GuestEnd, MemBackend, RunningVm, VcpuPause, VmConfig};
 use vmm_tests::{capture_options, config};
 
@@ -171,7 +172,7 @@ fn failed_source_pauses_the_vm_and_a_repair_lets_it_finish() {
     let source = Arc::new(memory::FileSource::open(&file.0, 0).unwrap());
     let (mut options, console) = capture_options();
     options.page_source = Some(CustomSource(source.clone()));
-    options.on_memory_fault = vmm::vm::MemoryFaultPolicy::Pause;
+    options.on_memory_fault = vmm::MemoryFaultPolicy::Pause;
     let vm = vmm::Vm::new(&cfg, options).unwrap().start().unwrap();
     wait_until("the user loop to start", || {
         console_text(&console).contains("touch: cpu 0 start")

@@ -76,13 +76,13 @@ fn triple_fault_is_reported_with_rip() {
     let GuestEnd::Crashed(stop) = &run.outcome.end else {
         panic!("expected a crash, got {:?}\n{}", run.outcome.end, run.console)
     };
-    assert_eq!(stop.reason, vmm::exit::StopReason::TripleFault);
+    assert_eq!(stop.reason, vmm_core::vcpu::exit::StopReason::TripleFault);
     let rip = stop.rip.expect("RIP read after the shutdown exit");
     assert!(
         (abi::layout::KERNEL_START..abi::layout::MODULE_START).contains(&rip),
         "RIP {rip:#x}"
     );
-    assert_eq!(run.outcome.exit_code(), vmm::vm::EXIT_CRASHED);
+    assert_eq!(run.outcome.exit_code(), vmm::EXIT_CRASHED);
 }
 
 #[test]

@@ -6,7 +6,7 @@
 use std::sync::mpsc;
 use std::time::Duration;
 use vmm::config::MemoryConfig;
-use vmm::vm::verify_reports;
+use vmm::controller::verify_reports;
 use vmm::{GuestEnd, MemBackend, VcpuPause, VmConfig};
 use vmm_tests::{capture_options, config};
 
@@ -112,7 +112,7 @@ fn stop_request_ends_the_run() {
     vm.stop();
     let outcome = vm.wait().unwrap();
     assert_eq!(outcome.end, GuestEnd::Stopped);
-    assert_eq!(outcome.exit_code(), vmm::vm::EXIT_STOPPED);
+    assert_eq!(outcome.exit_code(), vmm::EXIT_STOPPED);
 }
 
 #[test]

@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 use vmm::config::MemoryConfig;
-use vmm::vm::verify_reports;
+use vmm::controller::verify_reports;
 use vmm::{MemBackend, VmConfig};
 use vmm_tests::{boot, capture_options, config, run, Run, TempFile};
 
@@ -140,7 +140,7 @@ fn source_failure_stops_the_vm_with_a_clear_error() {
     let vmm::GuestEnd::MemoryFault(msg) = &run.outcome.end else {
         panic!("expected a memory fault, got {:?}", run.outcome.end)
     };
-    assert_eq!(run.outcome.exit_code(), vmm::vm::EXIT_MEMORY_FAULT);
+    assert_eq!(run.outcome.exit_code(), vmm::EXIT_MEMORY_FAULT);
     assert!(
         msg.contains("guest page 0x") && msg.contains("file:") && msg.contains("not zero-filled"),
         "{msg}"

@@ -10,8 +10,9 @@ use std::path::PathBuf;
 use std::sync::mpsc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
-use vmm::migration::{self, Endpoint, Listener, MigrateOptions, ReceiveOptions};
-use vmm::vm::verify_reports;
+use vmm::controller::verify_reports;
+use vmm::migration::{Endpoint, Listener, MigrateOptions};
+use vmm::receive::{self as migration, ReceiveOptions};
 use vmm::{GuestEnd, RunningVm, Vm, VmConfig};
 use vmm_tests::{capture_options, config};
 

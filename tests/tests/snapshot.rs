@@ -6,8 +6,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use vmm::controller::verify_reports;
 use vmm::snapshot::{self, AfterSnapshot, SnapshotError};
-use vmm::vm::{verify_reports, RestoreOptions};
+use vmm::RestoreOptions;
 use vmm::{GuestEnd, RunningVm, Vm, VmConfig, VmError};
 use vmm_tests::{capture_options, config};
 

@@ -6,7 +6,7 @@
 use abi::pv::WorkloadReport;
 use abi::workload::{self, Pattern};
 use vmm::config::MemoryConfig;
-use vmm::vm::verify_reports;
+use vmm::controller::verify_reports;
 use vmm::{GuestEnd, MemBackend, VmConfig};
 use vmm_tests::{boot, config, expected_touch, Run};
 

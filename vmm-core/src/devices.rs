@@ -7,10 +7,13 @@
 
 use crate::event::{EventSink, VmEvent};
 use abi::ports::{DEBUG_EXIT_PORT, PAGE_STORE_PORT, PV_CHANNEL_PORT, SERIAL_PORT, SERIAL_PORT_LEN};
-use devices::debug_exit::DebugExit;
-use devices::page_store::{GuestStatsCell, PageStore};
-use devices::pv_channel::PvChannel;
-use devices::serial::{SerialConsole, SerialOutput, SerialState};
+use devices::debug_exit::{DebugExit, DebugExitArgs, DebugExitState};
+use devices::page_store::{
+    GuestStatsCell, PageStore, PageStoreArgs, PageStoreError, PageStoreHandle, PageStoreState,
+    DEFAULT_PAUSE_TIMEOUT,
+};
+use devices::pv_channel::{PvChannel, PvChannelArgs, PvChannelState};
+use devices::serial::{SerialConsole, SerialConsoleArgs, SerialConsoleState, SerialError, SerialOutput};
 use devices::{DeviceEventSink, GuestRam};
 use kvm_ioctls::VmFd;
 use persist::Persist;
@@ -46,77 +49,30 @@ pub enum DeviceError {
         /// The bus's answer.
         reason: String,
     },
-    /// A device thread could not be started.
-    #[error("cannot start the {what} device: {source}")]
-    Start {
-        /// The device.
-        what: &'static str,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// A saved device state cannot be used.
-    #[error("the saved state of the {what} cannot be restored: {reason}")]
-    State {
-        /// The device.
-        what: &'static str,
-        /// Why.
-        reason: String,
-    },
+    /// The page store failed (start, pause, save or restore).
+    #[error("page store: {0}")]
+    PageStore(#[from] PageStoreError),
+    /// The serial console's saved state cannot be restored.
+    #[error("serial console: {0}")]
+    Serial(#[from] SerialError),
+    /// A device's lock is poisoned (a thread panicked while holding it).
+    #[error("the {0} is unusable: a thread panicked while using it")]
+    Poisoned(&'static str),
 }
 
-/// The serial UART (mirror of vm-superio's `SerialState`).
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
-pub struct SerialSnapshot {
-    /// DLL, DLM, IER, IIR, LCR, LSR, MCR, MSR, SCR.
-    pub registers: [u8; 9],
-    /// Receive FIFO.
-    pub in_buffer: Vec<u8>,
-}
-
-impl From<&SerialState> for SerialSnapshot {
-    fn from(s: &SerialState) -> Self {
-        SerialSnapshot {
-            registers: [
-                s.baud_divisor_low,
-                s.baud_divisor_high,
-                s.interrupt_enable,
-                s.interrupt_identification,
-                s.line_control,
-                s.line_status,
-                s.modem_control,
-                s.modem_status,
-                s.scratch,
-            ],
-            in_buffer: s.in_buffer.clone(),
-        }
-    }
-}
-
-impl SerialSnapshot {
-    /// The vm-superio state.
-    pub fn to_state(&self) -> SerialState {
-        let r = self.registers;
-        SerialState {
-            baud_divisor_low: r[0],
-            baud_divisor_high: r[1],
-            interrupt_enable: r[2],
-            interrupt_identification: r[3],
-            line_control: r[4],
-            line_status: r[5],
-            modem_control: r[6],
-            modem_status: r[7],
-            scratch: r[8],
-            in_buffer: self.in_buffer.clone(),
-        }
-    }
-}
-
-/// The devices' states.
+/// The devices' states, each saved by its device.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DevicesState {
     /// The serial console.
-    pub serial: SerialSnapshot,
+    pub serial: SerialConsoleState,
+    /// The debug-exit port.
+    pub debug_exit: DebugExitState,
+    /// The paravirtual channel.
+    pub pv_channel: PvChannelState,
+    /// The slow page store: its completion area, reads in flight (with their
+    /// remaining delays), held pages and reads, the guest's last statistics.
+    pub page_store: PageStoreState,
 }
 
 /// What building the devices needs besides a state.
@@ -144,6 +100,11 @@ impl std::fmt::Debug for DeviceArgs {
 pub struct DeviceManager {
     bus: Arc<IoManager>,
     serial: Arc<Mutex<SerialConsole>>,
+    debug_exit: Arc<Mutex<DebugExit>>,
+    pv_channel: Arc<Mutex<PvChannel>>,
+    page_store: Arc<Mutex<PageStore>>,
+    /// Pauses the page store's worker without taking the device's lock.
+    store_handle: PageStoreHandle,
     guest_stats: GuestStatsCell,
 }
 
@@ -167,6 +128,15 @@ fn range(what: &'static str, base: u16, len: u16) -> Result<PioRange, DeviceErro
     })
 }
 
+/// A device whose save and restore cannot fail.
+fn never(e: std::convert::Infallible) -> DeviceError {
+    match e {}
+}
+
+fn locked<'a, T>(m: &'a Mutex<T>, what: &'static str) -> Result<std::sync::MutexGuard<'a, T>, DeviceError> {
+    m.lock().map_err(|_| DeviceError::Poisoned(what))
+}
+
 impl DeviceManager {
     /// Builds the devices, fresh or from `state`, and their bus.
     fn build(args: DeviceArgs, state: Option<&DevicesState>) -> Result<DeviceManager, DeviceError> {
@@ -174,55 +144,72 @@ impl DeviceManager {
             let events = args.sink.clone();
             Arc::new(move |ev| events(VmEvent::Device(ev)))
         };
-        let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(|source| DeviceError::EventFd {
+        let irq = EventFd::new(EFD_NONBLOCK).map_err(|source| DeviceError::EventFd {
             what: "the serial console",
             source,
         })?;
         args.vm_fd
-            .register_irqfd(&serial_irq, SERIAL_IRQ)
+            .register_irqfd(&irq, SERIAL_IRQ)
             .map_err(DeviceError::Irqfd)?;
-        let serial = Arc::new(Mutex::new(match state {
-            None => SerialConsole::with_first_output(serial_irq, args.serial.clone(), args.first_output.clone()),
-            Some(s) => SerialConsole::from_state(
-                serial_irq,
-                args.serial.clone(),
-                args.first_output.clone(),
-                &s.serial.to_state(),
-            )
-            .map_err(|e| DeviceError::State {
-                what: "serial console",
-                reason: e.to_string(),
-            })?,
-        }));
-        let mut bus = IoManager::new();
-        bus.register_pio(range("the serial console", SERIAL_PORT, SERIAL_PORT_LEN)?, serial.clone())
-            .map_err(bus_err("the serial console"))?;
-        bus.register_pio(
-            range("the debug-exit port", DEBUG_EXIT_PORT, 4)?,
-            Arc::new(Mutex::new(DebugExit::new(sink.clone()))),
-        )
-        .map_err(bus_err("the debug-exit port"))?;
-        bus.register_pio(
-            range("the PV channel", PV_CHANNEL_PORT, 4)?,
-            Arc::new(Mutex::new(PvChannel::new(args.ram.clone(), sink.clone()))),
-        )
-        .map_err(bus_err("the PV channel"))?;
+        let serial_args = SerialConsoleArgs {
+            irq,
+            out: args.serial.clone(),
+            first_output: args.first_output.clone(),
+        };
+        let debug_args = DebugExitArgs { sink: sink.clone() };
+        let pv_args = PvChannelArgs {
+            mem: args.ram.clone(),
+            sink: sink.clone(),
+        };
         // The guest kernel's slow page store (answers asynchronously) and stats.
         let guest_stats = GuestStatsCell::default();
-        let store = PageStore::new(args.ram.clone(), sink, guest_stats.clone()).map_err(|source| {
-            DeviceError::Start {
-                what: "page store",
-                source,
-            }
-        })?;
+        let store_args = PageStoreArgs {
+            mem: args.ram.clone(),
+            sink,
+            stats: guest_stats.clone(),
+            start_paused: false,
+        };
+        let (serial, debug_exit, pv_channel, page_store) = match state {
+            None => (
+                SerialConsole::with_first_output(serial_args.irq, serial_args.out, serial_args.first_output),
+                DebugExit::new(debug_args.sink),
+                PvChannel::new(pv_args.mem, pv_args.sink),
+                PageStore::new(store_args.mem, store_args.sink, store_args.stats)?,
+            ),
+            Some(s) => (
+                SerialConsole::restore(serial_args, &s.serial)?,
+                DebugExit::restore(debug_args, &s.debug_exit).map_err(never)?,
+                PvChannel::restore(pv_args, &s.pv_channel).map_err(never)?,
+                PageStore::restore(store_args, &s.page_store)?,
+            ),
+        };
+        let store_handle = page_store.handle();
+        let serial = Arc::new(Mutex::new(serial));
+        let debug_exit = Arc::new(Mutex::new(debug_exit));
+        let pv_channel = Arc::new(Mutex::new(pv_channel));
+        let page_store = Arc::new(Mutex::new(page_store));
+        let mut bus = IoManager::new();
         bus.register_pio(
-            range("the page store", PAGE_STORE_PORT, 4)?,
-            Arc::new(Mutex::new(store)),
+            range("the serial console", SERIAL_PORT, SERIAL_PORT_LEN)?,
+            serial.clone(),
         )
-        .map_err(bus_err("the page store"))?;
+        .map_err(bus_err("the serial console"))?;
+        bus.register_pio(
+            range("the debug-exit port", DEBUG_EXIT_PORT, 4)?,
+            debug_exit.clone(),
+        )
+        .map_err(bus_err("the debug-exit port"))?;
+        bus.register_pio(range("the PV channel", PV_CHANNEL_PORT, 4)?, pv_channel.clone())
+            .map_err(bus_err("the PV channel"))?;
+        bus.register_pio(range("the page store", PAGE_STORE_PORT, 4)?, page_store.clone())
+            .map_err(bus_err("the page store"))?;
         Ok(DeviceManager {
             bus: Arc::new(bus),
             serial,
+            debug_exit,
+            pv_channel,
+            page_store,
+            store_handle,
             guest_stats,
         })
     }
@@ -248,13 +235,16 @@ impl DeviceManager {
     }
 
     /// Stops devices that act on their own (the page store's worker) from
-    /// touching guest memory until [`resume`](Self::resume).
+    /// touching guest memory until [`resume`](Self::resume); waits for a
+    /// write in progress (bounded: a clear error names it if it is stuck).
     pub fn pause(&self) -> Result<(), DeviceError> {
-        Ok(())
+        Ok(self.store_handle.pause(DEFAULT_PAUSE_TIMEOUT)?)
     }
 
-    /// Lets paused devices go on.
-    pub fn resume(&self) {}
+    /// Lets paused devices go on (one resume per successful pause).
+    pub fn resume(&self) {
+        self.store_handle.resume();
+    }
 }
 
 impl Persist for DeviceManager {
@@ -262,13 +252,16 @@ impl Persist for DeviceManager {
     type ConstructorArgs = DeviceArgs;
     type Error = DeviceError;
 
+    /// The devices must be paused ([`DeviceManager::pause`]) and stay so
+    /// until guest memory is saved too.
     fn save(&self) -> Result<DevicesState, DeviceError> {
-        let serial = self.serial.lock().map_err(|_| DeviceError::State {
-            what: "serial console",
-            reason: "its lock is poisoned".into(),
-        })?;
         Ok(DevicesState {
-            serial: (&serial.state()).into(),
+            serial: locked(&self.serial, "serial console")?.save()?,
+            debug_exit: locked(&self.debug_exit, "debug-exit port")?
+                .save()
+                .map_err(never)?,
+            pv_channel: locked(&self.pv_channel, "PV channel")?.save().map_err(never)?,
+            page_store: locked(&self.page_store, "page store")?.save()?,
         })
     }
 

@@ -39,7 +39,11 @@ pub fn open_regular(path: &Path) -> io::Result<File> {
     unsafe {
         let fl = libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&f), libc::F_GETFL);
         if fl >= 0 {
-            libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&f), libc::F_SETFL, fl & !libc::O_NONBLOCK);
+            libc::fcntl(
+                std::os::fd::AsRawFd::as_raw_fd(&f),
+                libc::F_SETFL,
+                fl & !libc::O_NONBLOCK,
+            );
         }
     }
     Ok(f)

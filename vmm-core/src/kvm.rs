@@ -74,9 +74,7 @@ pub fn open_kvm() -> Result<Kvm, KvmError> {
 pub fn create_vm(kvm: &Kvm) -> Result<VmFd, KvmError> {
     let vm_fd = kvm.create_vm().map_err(kvm_err("VM creation"))?;
     let tss = usize::try_from(KVM_TSS_START).map_err(|_| KvmError::MissingCap("a 64-bit host"))?;
-    vm_fd
-        .set_tss_address(tss)
-        .map_err(kvm_err("TSS address setup"))?;
+    vm_fd.set_tss_address(tss).map_err(kvm_err("TSS address setup"))?;
     vm_fd.create_irq_chip().map_err(kvm_err("irqchip creation"))?;
     let pit = kvm_pit_config {
         flags: KVM_PIT_SPEAKER_DUMMY,

@@ -45,7 +45,10 @@ impl ConfigState {
     /// The VM configuration, with guest RAM backed as `memory` says.
     pub fn config(&self, memory: MemoryConfig) -> Result<VmConfig, ConfigError> {
         let cfg = VmConfig {
-            kernel: self.kernel.clone().map_or(KernelSource::Bundled, KernelSource::File),
+            kernel: self
+                .kernel
+                .clone()
+                .map_or(KernelSource::Bundled, KernelSource::File),
             vcpus: self.vcpus,
             mem_size: self.mem_size,
             cmdline: self.cmdline.clone(),

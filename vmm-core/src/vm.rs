@@ -186,7 +186,12 @@ impl std::fmt::Debug for Vm {
 
 impl Vm {
     /// Builds a VM; see the module documentation for the phases.
-    pub fn build(config: &VmConfig, boot: Boot<'_>, memory: MemoryPlan<'_>, options: BuildOptions) -> Result<Vm, VmError> {
+    pub fn build(
+        config: &VmConfig,
+        boot: Boot<'_>,
+        memory: MemoryPlan<'_>,
+        options: BuildOptions,
+    ) -> Result<Vm, VmError> {
         let created = Instant::now();
         config.validate()?;
         if let Boot::Restore(state) = boot {
@@ -233,7 +238,9 @@ impl Vm {
         match memory {
             MemoryPlan::Configured => {
                 let fault_around = config.memory.effective_fault_around();
-                if let Some(mut plan) = memory::plan_for_backend(&config.memory.backend, fault_around, config.mem_size)? {
+                if let Some(mut plan) =
+                    memory::plan_for_backend(&config.memory.backend, fault_around, config.mem_size)?
+                {
                     plan.handler_cpu = colocate;
                     mm.serve_lazily(plan, options.sink.clone())?;
                 }
@@ -255,7 +262,9 @@ impl Vm {
         let mut fds = Vec::new();
         let mut tsc_khz = None;
         for i in 0..config.vcpus {
-            let fd = vm_fd.create_vcpu(u64::from(i)).map_err(kvm_err("vCPU creation"))?;
+            let fd = vm_fd
+                .create_vcpu(u64::from(i))
+                .map_err(kvm_err("vCPU creation"))?;
             let mut cpuid = supported.clone();
             cpu::patch_cpuid(&mut cpuid, i, config.vcpus);
             fd.set_cpuid2(&cpuid).map_err(kvm_err("CPUID setup"))?;
@@ -335,14 +344,8 @@ impl Vm {
         };
         KvmVmComponent::restore(&self.vm_fd, &state.kvm)?;
         for ((i, fd), s) in (0u32..).zip(fds).zip(&state.vcpus) {
-            VcpuComponent::restore(
-                VcpuComponent {
-                    fd,
-                    msr_indices: &[],
-                },
-                s,
-            )
-            .map_err(|source| VmError::VcpuState { cpu: i, source })?;
+            VcpuComponent::restore(VcpuComponent { fd, msr_indices: &[] }, s)
+                .map_err(|source| VmError::VcpuState { cpu: i, source })?;
         }
         self.devices = Some(DeviceManager::restore(self.device_args(), &state.devices)?);
         self.started.clone_from(&state.started);

@@ -179,14 +179,20 @@ pub fn execute(vm: &VmHandle, req: &Request) -> Response {
                 precopy_rounds: *precopy_rounds,
                 resume: *resume,
             };
-            match to.parse().and_then(|to| vm.migrate(&to, &options)) {
-                Ok(summary) => json(serde_json::to_value(summary)),
+            match to.parse::<crate::migration::Endpoint>() {
                 Err(e) => Response::err(e.to_string()),
+                Ok(to) => match vm.migrate(&to, &options) {
+                    Ok(summary) => json(serde_json::to_value(summary)),
+                    Err(e) => Response::err(e.to_string()),
+                },
             }
         }
-        Request::Recover { from } => match from.parse().and_then(|from| vm.recover(&from)) {
-            Ok(at) => Response::ok(serde_json::json!({ "listening": at.to_string() })),
+        Request::Recover { from } => match from.parse::<crate::migration::Endpoint>() {
             Err(e) => Response::err(e.to_string()),
+            Ok(from) => match vm.recover(&from) {
+                Ok(at) => Response::ok(serde_json::json!({ "listening": at.to_string() })),
+                Err(e) => Response::err(e.to_string()),
+            },
         },
     }
 }

@@ -1,36 +1,39 @@
-//! A minimal KVM VMM whose microVMs boot the bundled guest kernel.
+//! The orchestration of the VMM, above the mechanism (`vmm_core`): the
+//! snapshot format, live migration, the controller of a running VM, the
+//! control socket, the external page-fault handler handshake, benchmarks and
+//! stress. The `vmm` binary is the command line over it.
 //!
-//! Layers, from the outside in: [`config`] (typed configuration, the one door for
-//! the CLI, files and tests), [`vm`] (KVM VM, devices, controller), [`vcpu`]
-//! (the vCPU state machine and kick), [`exit`] (what each KVM exit does),
-//! [`loader`] and [`memory`] (guest image and RAM), [`arch`] (x86_64 entry state).
+//! - [`vm`]: building a VM (boot, restore, receive) and starting it;
+//! - [`controller`]: the running VM's event loop and lifecycle;
+//! - [`snapshot`]: the on-disk format and its page source;
+//! - [`migration`]: transport, wire format, source and destination;
+//! - [`receive`]: a migration destination, end to end;
+//! - [`control`]: the control socket; [`uffd_handler`]: Firecracker's handshake;
+//! - [`state`]: what snapshots and migrations carry;
+//! - [`bench`], [`stress`]: measurements and seeded stress.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::cast_possible_truncation))]
 
-pub mod arch;
 pub mod bench;
-pub mod config;
+pub mod config_file;
 pub mod control;
 pub mod controller;
-pub mod exit;
-pub mod guest;
-pub mod lazy;
-pub mod loader;
-pub mod memory;
 pub mod migration;
-pub mod plot;
+pub mod receive;
 pub mod signals;
 pub mod snapshot;
-pub mod snapshot_source;
+pub mod state;
 pub mod stress;
-pub mod uffd_backend;
-pub mod vcpu;
+pub mod uffd_handler;
 pub mod vm;
 
-pub use config::{ConfigError, KernelSource, MemBackend, MemoryConfig, VmConfig};
-pub use controller::{ControlError, PauseReport, RunningVm, VcpuPause, VmHandle};
-pub use vm::{GuestEnd, RunOutcome, Vm, VmError, VmOptions};
+pub use controller::{ControlError, GuestEnd, MemoryFaultPolicy, RunOutcome, RunningVm, VmHandle};
+pub use vm::{run_vm, CustomSource, RestoreOptions, Vm, VmError, VmOptions};
+pub use vmm_core::config::{self as config, ConfigError, KernelSource, MemBackend, MemoryConfig, VmConfig};
+pub use vmm_core::vcpu::manager::{PauseReport, VcpuPause};
 
-/// Builds and runs a VM with `config` until it ends.
-pub fn run_vm(config: &VmConfig, options: VmOptions) -> Result<RunOutcome, VmError> {
-    Vm::new(config, options)?.run()
-}
+/// Exit codes of the `vmm` process.
+pub use controller::outcome::{
+    EXIT_BAD_RESULT, EXIT_CRASHED, EXIT_MEMORY_FAULT, EXIT_STOPPED, EXIT_TIMED_OUT, EXIT_VMM_ERROR,
+};
+/// The bundled guest (kernel and user program ELFs).
+pub use vmm_core::guest;

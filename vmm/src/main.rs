@@ -7,9 +7,10 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode as ProcessExit;
 use std::time::Duration;
-use vmm::config::ConfigFile;
-use vmm::vm::{verify_reports, EXIT_BAD_RESULT, EXIT_VMM_ERROR};
+use vmm::config_file::ConfigFile;
+use vmm::controller::verify_reports;
 use vmm::{GuestEnd, VmConfig, VmOptions};
+use vmm::{EXIT_BAD_RESULT, EXIT_VMM_ERROR};
 
 #[derive(Parser, Debug)]
 #[command(name = "vmm", version, about = "A minimal KVM VMM for lazily backed microVMs")]
@@ -277,7 +278,7 @@ fn main() -> ProcessExit {
     ProcessExit::from(u8::try_from(code).unwrap_or(1))
 }
 
-fn config_from(args: &RunArgs) -> Result<VmConfig, vmm::ConfigError> {
+fn config_from(args: &RunArgs) -> Result<VmConfig, vmm::config_file::ConfigFileError> {
     let mut file = ConfigFile::defaults();
     if let Some(path) = &args.config {
         file = file.overridden_by(ConfigFile::load(path)?);
@@ -290,7 +291,7 @@ fn config_from(args: &RunArgs) -> Result<VmConfig, vmm::ConfigError> {
         mem_backend: args.mem_backend.clone(),
         fault_around: args.fault_around,
     };
-    VmConfig::try_from(file.overridden_by(flags))
+    Ok(file.overridden_by(flags).into_config()?)
 }
 
 fn run(args: RunArgs) -> i32 {
@@ -370,7 +371,7 @@ fn restore(args: RestoreArgs) -> i32 {
         shutdown_signals: true,
         ..Default::default()
     };
-    let how = vmm::vm::RestoreOptions {
+    let how = vmm::RestoreOptions {
         lazy: args.lazy,
         prefetch: args.prefetch,
         fault_around: args.fault_around,
@@ -408,7 +409,8 @@ fn restore(args: RestoreArgs) -> i32 {
 }
 
 fn receive(args: ReceiveArgs) -> i32 {
-    use vmm::migration::{Endpoint, Listener, ReceiveOptions};
+    use vmm::migration::{Endpoint, Listener};
+    use vmm::receive::ReceiveOptions;
     let timeout = match parse_timeout(args.timeout) {
         Ok(t) => t,
         Err(code) => return code,
@@ -441,7 +443,7 @@ fn receive(args: ReceiveArgs) -> i32 {
         .is_terminal()
         .then(|| progress_bar(options.progress.clone()));
     let mut server = None;
-    let out = vmm::migration::receive(&listener, options, |h| {
+    let out = vmm::receive::receive(&listener, options, |h| {
         eprintln!("vmm: the migrated VM runs here");
         if let Some(path) = &args.control {
             match vmm::control::ControlServer::start(path, h.clone()) {
@@ -475,7 +477,7 @@ fn receive(args: ReceiveArgs) -> i32 {
              (no missing page was zero-filled); the source still holds the whole VM: resume it there with `vmm ctl SOCKET resume`, or, while this VM waits, \
              resume the migration (`vmm ctl DEST recover --from ADDR`, then `vmm ctl SRC migrate --to ADDR --resume`)"
         );
-        code = vmm::vm::EXIT_MEMORY_FAULT;
+        code = vmm::EXIT_MEMORY_FAULT;
     }
     if let Some(path) = &args.stats {
         let mut json = out.run.stats_json();
@@ -735,7 +737,7 @@ fn bench(cmd: BenchCommand) -> i32 {
         }
         BenchCommand::All { args: a, plot } => vmm::bench::all(fault_opts, &mut progress).map(|r| {
             if let Some(dir) = plot {
-                match vmm::plot::write_all(&r, dir) {
+                match vmm::bench::plot::write_all(&r, dir) {
                     Ok(files) => {
                         for f in files {
                             eprintln!("vmm bench: wrote {}", f.display());

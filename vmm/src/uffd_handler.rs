@@ -74,8 +74,10 @@ pub fn hand_over(mem: &ExternalMemory, socket: &Path) -> Result<(), UffdHandlerE
     let body = serde_json::to_vec(&mappings(mem))
         .map_err(|e| sock_err("encoding the mappings")(std::io::Error::other(e)))?;
     let stream = UnixStream::connect(socket).map_err(sock_err("connect"))?;
-    stream.send_with_fd(&body[..], mem.uffd().as_raw_fd()).map_err(|e| {
-        sock_err("sending the mappings and the userfaultfd")(std::io::Error::from_raw_os_error(e.errno()))
-    })?;
+    stream
+        .send_with_fd(&body[..], mem.uffd().as_raw_fd())
+        .map_err(|e| {
+            sock_err("sending the mappings and the userfaultfd")(std::io::Error::from_raw_os_error(e.errno()))
+        })?;
     Ok(())
 }

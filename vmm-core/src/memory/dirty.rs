@@ -108,8 +108,8 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::memory::ram::{create_guest_memory, register_memslots};
-    use vm_memory::GuestAddress;
     use vm_memory::Bytes;
+    use vm_memory::GuestAddress;
 
     /// The VMM's own writes reach the dirty set through vm-memory's bitmap
     /// (guest writes through KVM's log are covered by the pre-copy

@@ -90,7 +90,14 @@ impl Vcpus {
                 VcpuState::Paused
             };
             let pin = if i == 0 { pin0 } else { None };
-            handles.push(VcpuHandle::spawn(i, fd, bus.clone(), initial, on_stop.clone(), pin)?);
+            handles.push(VcpuHandle::spawn(
+                i,
+                fd,
+                bus.clone(),
+                initial,
+                on_stop.clone(),
+                pin,
+            )?);
         }
         let mut started = started;
         started.resize(handles.len(), false);
@@ -300,10 +307,12 @@ impl Vcpus {
     pub fn stop_again(&mut self, stuck: Vec<(u32, VcpuError)>, patience: Duration) -> Vec<(u32, VcpuError)> {
         stuck
             .into_iter()
-            .filter_map(|(cpu, e)| match self.handles.iter_mut().find(|h| h.cpu() == cpu) {
-                Some(h) => h.stop(patience).err().map(|again| (cpu, again)),
-                None => Some((cpu, e)),
-            })
+            .filter_map(
+                |(cpu, e)| match self.handles.iter_mut().find(|h| h.cpu() == cpu) {
+                    Some(h) => h.stop(patience).err().map(|again| (cpu, again)),
+                    None => Some((cpu, e)),
+                },
+            )
             .collect()
     }
 }

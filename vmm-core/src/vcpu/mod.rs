@@ -21,9 +21,9 @@ pub mod manager;
 pub mod state;
 
 use exit::{handle_exit, Exit, ExitAction, StopReason};
-use state::{complete_pending_io, CpuState, VcpuComponent, VcpuStateError};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use persist::Persist;
+use state::{complete_pending_io, CpuState, VcpuComponent, VcpuStateError};
 use std::sync::atomic::{fence, AtomicI32, AtomicU64, AtomicU8, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::{Arc, Mutex, Once};

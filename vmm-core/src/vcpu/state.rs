@@ -201,8 +201,7 @@ fn read_msrs(fd: &VcpuFd, indices: &[u32]) -> Result<Vec<(u32, u64)>, VcpuStateE
                 ..Default::default()
             })
             .collect();
-        let mut msrs =
-            Msrs::from_entries(&entries).map_err(|_| VcpuStateError::MsrList(entries.len()))?;
+        let mut msrs = Msrs::from_entries(&entries).map_err(|_| VcpuStateError::MsrList(entries.len()))?;
         let n = fd.get_msrs(&mut msrs).map_err(save_err("MSR read"))?;
         out.extend(msrs.as_slice().iter().take(n).map(|e| (e.index, e.data)));
         rest = rest.get(n + 1..).unwrap_or_default();
@@ -249,8 +248,7 @@ fn restore_vcpu(fd: &VcpuFd, s: &CpuState) -> Result<(), VcpuStateError> {
         .collect();
     let mut rest = entries.as_slice();
     while !rest.is_empty() {
-        let msrs =
-            Msrs::from_entries(rest).map_err(|_| VcpuStateError::MsrList(rest.len()))?;
+        let msrs = Msrs::from_entries(rest).map_err(|_| VcpuStateError::MsrList(rest.len()))?;
         let n = fd.set_msrs(&msrs).map_err(restore_err("MSR write"))?;
         if let Some(bad) = rest.get(n) {
             // Read from this KVM's own list: one it refuses now is host specific.

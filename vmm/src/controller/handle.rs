@@ -62,9 +62,6 @@ pub enum ControlError {
     /// `--resume` with pre-copy rounds.
     #[error("--resume continues an interrupted post-copy; it takes no pre-copy rounds")]
     ResumeWithPrecopy,
-    /// `recover` on a VM that is not a migration destination.
-    #[error("this VM is not the destination of a migration: `recover` is for a `vmm receive` whose source was lost")]
-    NotDestination,
     /// The mechanism refused or failed.
     #[error(transparent)]
     Vm(#[from] vmm_core::VmError),
@@ -111,7 +108,11 @@ pub(crate) enum ControlRequest {
     Stats(Sender<LiveStats>),
     RunOnVcpu(u32, VcpuFn, Sender<Result<(), ControlError>>),
     Snapshot(PathBuf, AfterSnapshot, Sender<Result<SnapshotInfo, ControlError>>),
-    Migrate(Endpoint, MigrateOptions, Sender<Result<SourceSummary, ControlError>>),
+    Migrate(
+        Endpoint,
+        MigrateOptions,
+        Sender<Result<SourceSummary, ControlError>>,
+    ),
     /// Pre-copy is over: pause and capture the state for post-copy.
     Switchover(Sender<Result<(SavedVm, Instant), ControlError>>),
     /// The outgoing migration ended (the summary, or why it failed).
@@ -276,7 +277,9 @@ impl std::ops::Deref for RunningVm {
 
 /// The controller thread panicked (a bug): the run's results are lost.
 #[derive(Debug, thiserror::Error)]
-#[error("the VM controller thread panicked; the run's results are lost (a bug: please report it with the log)")]
+#[error(
+    "the VM controller thread panicked; the run's results are lost (a bug: please report it with the log)"
+)]
 pub struct ControllerPanicked;
 
 impl RunningVm {

@@ -1,7 +1,6 @@
 //! How a run ends: [`GuestEnd`], the process exit codes, the [`RunOutcome`]
 //! with every statistic, and the host's check of a workload's results.
 
-use vmm_core::vcpu::VcpuStopped;
 use abi::exit::ExitCode;
 use abi::pv::WorkloadReport;
 use abi::workload::{self, WorkloadKind};
@@ -9,6 +8,7 @@ use std::time::Duration;
 use vmm_core::config::{KernelSource, VmConfig};
 use vmm_core::memory::MemoryStats;
 use vmm_core::vcpu::VcpuStatsSnapshot;
+use vmm_core::vcpu::VcpuStopped;
 
 /// How a VM run ended.
 #[derive(Debug, Clone, PartialEq, Eq)]

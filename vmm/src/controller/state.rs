@@ -82,15 +82,39 @@ mod tests {
     use super::*;
     use RunState::*;
 
-    const ALL: [RunState; 8] = [Running, Paused, MemoryFault, Precopy, PrecopyPaused, Postcopy, SourceLost, Ended];
+    const ALL: [RunState; 8] = [
+        Running,
+        Paused,
+        MemoryFault,
+        Precopy,
+        PrecopyPaused,
+        Postcopy,
+        SourceLost,
+        Ended,
+    ];
 
     #[test]
     fn requests_get_the_errors_users_read() {
-        assert!(matches!(valid_transition(Paused, Paused), Err(ControlError::AlreadyPaused)));
-        assert!(matches!(valid_transition(Running, Running), Err(ControlError::NotPaused)));
-        assert!(matches!(valid_transition(Postcopy, Running), Err(ControlError::Migrating)));
-        assert!(matches!(valid_transition(SourceLost, Running), Err(ControlError::SourceLost)));
-        assert!(matches!(valid_transition(Ended, Running), Err(ControlError::Ended)));
+        assert!(matches!(
+            valid_transition(Paused, Paused),
+            Err(ControlError::AlreadyPaused)
+        ));
+        assert!(matches!(
+            valid_transition(Running, Running),
+            Err(ControlError::NotPaused)
+        ));
+        assert!(matches!(
+            valid_transition(Postcopy, Running),
+            Err(ControlError::Migrating)
+        ));
+        assert!(matches!(
+            valid_transition(SourceLost, Running),
+            Err(ControlError::SourceLost)
+        ));
+        assert!(matches!(
+            valid_transition(Ended, Running),
+            Err(ControlError::Ended)
+        ));
         assert!(matches!(valid_transition(Ended, Ended), Err(ControlError::Ended)));
         assert!(matches!(valid_transition(Precopy, Postcopy), Ok(())));
         assert!(matches!(valid_transition(PrecopyPaused, Precopy), Ok(())));

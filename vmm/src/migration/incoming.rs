@@ -45,7 +45,6 @@ pub struct RecoverRequest {
     pub reply: Sender<Result<Endpoint, MigrationError>>,
 }
 
-
 /// The destination's figures (`vmm receive --stats`).
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct DestStats {
@@ -285,7 +284,8 @@ impl Incoming {
         // Cleared when the session ends: the VM's memory is no longer to be filled.
         let placing = Arc::new(AtomicBool::new(true));
         let placer = {
-            let (src, m, placing, to_place) = (src.clone(), materializer.clone(), placing.clone(), self.to_place);
+            let (src, m, placing, to_place) =
+                (src.clone(), materializer.clone(), placing.clone(), self.to_place);
             std::thread::Builder::new()
                 .name("migration-place".into())
                 .spawn(move || place_precopied(&src, &m, &placing, to_place))
@@ -369,11 +369,13 @@ impl Receivers {
         let mut reader = conn.try_clone()?;
         std::thread::Builder::new()
             .name("migration-in".into())
-            .spawn(move || match receive_pages(&r.src, &mut reader, &r.materializer, &r.done_at) {
-                Ok(true) => (r.events)(MigrationEvent::Complete),
-                Ok(false) => {}
-                Err(e) => r.src.set_lost(e.to_string()),
-            })
+            .spawn(
+                move || match receive_pages(&r.src, &mut reader, &r.materializer, &r.done_at) {
+                    Ok(true) => (r.events)(MigrationEvent::Complete),
+                    Ok(false) => {}
+                    Err(e) => r.src.set_lost(e.to_string()),
+                },
+            )
             .map_err(io("starting the receiver thread"))
     }
 }
@@ -472,7 +474,10 @@ impl Watch {
         // Requests and `Complete` go to the new connection before anything
         // can arrive on it (a `Done` is answered at once).
         self.src.reconnect(self.conn.try_clone()?);
-        self.handles = vec![self.receivers.spawn(&self.conn)?, self.receivers.spawn(&self.answers)?];
+        self.handles = vec![
+            self.receivers.spawn(&self.conn)?,
+            self.receivers.spawn(&self.answers)?,
+        ];
         Ok(())
     }
 }

@@ -79,7 +79,9 @@ pub enum MigrationError {
     Materialize(#[from] vmm_core::memory::MaterializeError),
     /// The VM's own incoming migration source is lost: some of its memory
     /// is not here.
-    #[error("this VM's own migration source is lost and holds pages it never sent: resume that migration first")]
+    #[error(
+        "this VM's own migration source is lost and holds pages it never sent: resume that migration first"
+    )]
     SourceLost,
     /// The VM could not be paused for the switchover, or its state captured.
     #[error("the switchover failed: {0}")]
@@ -88,6 +90,9 @@ pub enum MigrationError {
     /// have every page already).
     #[error("the migration is not interrupted: there is nothing to recover")]
     NotInterrupted,
+    /// `recover` on a VM that is not a migration destination.
+    #[error("this VM is not the destination of a migration: `recover` is for a `vmm receive` whose source was lost")]
+    NotDestination,
     /// The migration on this side has already ended.
     #[error("the migration has already ended here")]
     Ended,

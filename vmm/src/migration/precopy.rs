@@ -4,7 +4,9 @@
 //! captures its state), after which only the pages written since the last
 //! round go by post-copy.
 
-use super::outgoing::{extents_of, handshake, spawn_out, MigrateOptions, Outgoing, Resumable, SourceSummary, Stopped};
+use super::outgoing::{
+    extents_of, handshake, spawn_out, MigrateOptions, Outgoing, Resumable, SourceSummary, Stopped,
+};
 use super::transport::{Conn, Endpoint};
 use super::wire::{encode, Message, PAGE, PAGE64};
 use super::{io, MigrationError};
@@ -55,7 +57,10 @@ pub fn spawn_precopy(
     ctx: PrecopyCtx,
     on_end: impl FnOnce(Result<SourceSummary, Box<Stopped>>) + Send + 'static,
 ) -> Result<(), MigrationError> {
-    spawn_out(move || precopy(&to, &options, ctx).and_then(Outgoing::serve), on_end)
+    spawn_out(
+        move || precopy(&to, &options, ctx).and_then(Outgoing::serve),
+        on_end,
+    )
 }
 
 fn precopy(to: &Endpoint, options: &MigrateOptions, ctx: PrecopyCtx) -> Result<Outgoing, Box<Stopped>> {

@@ -210,7 +210,12 @@ impl RemoteSource {
 
     /// Stores an arriving page: `None` for a duplicate, else whether a fault
     /// had asked for it; `Err` for a page the source may not send.
-    pub(super) fn arrive(&self, gpa: u64, requested: bool, data: Vec<u8>) -> Result<Option<bool>, MigrationError> {
+    pub(super) fn arrive(
+        &self,
+        gpa: u64,
+        requested: bool,
+        data: Vec<u8>,
+    ) -> Result<Option<bool>, MigrationError> {
         if !self.is_data(gpa) {
             return Err(MigrationError::Protocol(format!(
                 "the source sent page {gpa:#x}, outside the data it announced"

@@ -320,7 +320,6 @@ mod tests {
         assert!(matches!(&m[9], Message::PrecopyPage { gpa: 0x5000, data } if data[0] == 9));
     }
 
-
     #[test]
     fn bad_magic_version_and_lengths_are_errors() {
         let mut b = sample();
@@ -344,7 +343,6 @@ mod tests {
         assert!(matches!(decode(&mut r), Err(MigrationError::Protocol(_))));
     }
 
-
     #[test]
     fn truncations_and_random_mutations_never_panic() {
         let good = sample();
@@ -367,5 +365,4 @@ mod tests {
             let _ = decode_all(&b);
         }
     }
-
 }

@@ -2,8 +2,8 @@
 //! process and are not all zero), as extents with their CRC32, and the sparse
 //! memory file indexed by guest-physical address.
 
-use super::{io_err, MemoryEntry, SnapshotError, EXTENT_MAX, MEMORY};
 use super::Extent;
+use super::{io_err, MemoryEntry, SnapshotError, EXTENT_MAX, MEMORY};
 use abi::layout::{ram_ranges, PAGE_SIZE};
 use devices::GuestRam;
 use std::fs::File;
@@ -14,7 +14,6 @@ use vmm_core::memory::pages::Pagemap;
 
 /// The page size as a `usize`.
 const PAGE: usize = PAGE_SIZE as usize;
-
 
 /// One past the last byte of guest RAM (the memory file's length).
 pub fn ram_end(mem_size: u64) -> u64 {
@@ -38,7 +37,9 @@ pub fn data_extents(mem: &GuestRam) -> Result<Vec<Extent>, SnapshotError> {
         let host = r.as_ptr() as u64;
         let gpa0 = r.start_addr().raw_value();
         let size = r.len();
-        let exists = pagemap.existing(host, size).map_err(io_err(pagemap_path, "reading"))?;
+        let exists = pagemap
+            .existing(host, size)
+            .map_err(io_err(pagemap_path, "reading"))?;
         // SAFETY: `host..host + size` is the region's live mapping (kept by `mem`);
         // the vCPUs are paused, so nothing writes it while we read; only pages that
         // exist are read, so no read faults into a userfault handler.

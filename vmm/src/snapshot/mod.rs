@@ -136,7 +136,10 @@ pub enum SnapshotError {
     Encode(#[source] serde_json::Error),
 }
 
-pub(crate) fn io_err<'a>(path: &'a Path, what: &'static str) -> impl FnOnce(std::io::Error) -> SnapshotError + 'a {
+pub(crate) fn io_err<'a>(
+    path: &'a Path,
+    what: &'static str,
+) -> impl FnOnce(std::io::Error) -> SnapshotError + 'a {
     move |source| SnapshotError::Io {
         path: path.to_owned(),
         what,
@@ -205,8 +208,6 @@ impl Extent {
     }
 }
 
-/// The configuration part of `state.json`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 /// What a snapshot wrote.
 #[derive(Debug, Clone, Serialize)]
 pub struct SnapshotInfo {
@@ -236,7 +237,6 @@ pub enum AfterSnapshot {
 }
 
 // ---------------------------------------------------------------- saving
-
 
 /// Writes a snapshot directory from a state and the guest memory. The
 /// manifest goes last (by rename): a directory without it is incomplete.

@@ -1,0 +1,276 @@
+//! The controller's long operations: capturing the VM's state (for a
+//! snapshot or a migration), writing a snapshot, and the source side of a
+//! migration (start, switchover, end).
+
+use super::{vm_err, ControlError, ControlRequest, Controller, Event, GuestEnd, RunState};
+use crate::migration::{
+    spawn_precopy, Endpoint, MigrateOptions, MigrationError, Outgoing, PrecopyCtx, SourceSummary, Stopped,
+};
+use crate::snapshot::{self, AfterSnapshot, SnapshotInfo};
+use crate::state::{ControllerState, SavedVm};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Sender};
+use std::time::Instant;
+
+impl RunState {
+    /// Why a VM in this state cannot be snapshotted or start a migration
+    /// (`None`: it can, running or paused).
+    fn busy(self) -> Option<ControlError> {
+        match self {
+            RunState::Running | RunState::Paused => None,
+            RunState::Ended => Some(ControlError::Ended),
+            RunState::Postcopy => Some(ControlError::Migrating),
+            RunState::Precopy | RunState::PrecopyPaused => Some(ControlError::MigrationRunning),
+            RunState::SourceLost => Some(ControlError::SourceLost),
+            RunState::MemoryFault => Some(ControlError::MemoryFault),
+        }
+    }
+}
+
+impl Controller {
+    /// Pauses the VM (if running), saves a snapshot, then goes on as `after` says.
+    pub(super) fn snapshot(
+        &mut self,
+        dir: &Path,
+        after: AfterSnapshot,
+    ) -> Result<SnapshotInfo, ControlError> {
+        if let Some(e) = self.run.busy() {
+            return Err(e);
+        }
+        if self.vm.memory().is_external() {
+            return Err(ControlError::ExternalMemory);
+        }
+        let start = Instant::now();
+        let was_running = self.run == RunState::Running;
+        if was_running {
+            self.pause()?;
+        }
+        let result = self.save_to(dir, start);
+        let resume = match after {
+            AfterSnapshot::Resume => true,
+            AfterSnapshot::Restore => was_running,
+            AfterSnapshot::Pause => false,
+            // A failed snapshot leaves the VM as it was.
+            AfterSnapshot::Stop => result.is_err() && was_running,
+        };
+        if after == AfterSnapshot::Stop && result.is_ok() {
+            self.end(GuestEnd::Stopped);
+        } else if resume && self.run.paused() {
+            self.resume()?;
+        }
+        result
+    }
+
+    /// Saves the paused VM to `dir`.
+    fn save_to(&mut self, dir: &Path, start: Instant) -> Result<SnapshotInfo, ControlError> {
+        let state = self.capture()?;
+        let manifest = snapshot::write_snapshot(dir, &state, self.vm.memory().ram())?;
+        Ok(SnapshotInfo {
+            dir: dir.to_owned(),
+            memory_bytes: manifest.memory.extents.iter().map(|e| e.len).sum(),
+            extents: manifest.memory.extents.len(),
+            took_ms: start.elapsed().as_secs_f64() * 1e3,
+        })
+    }
+
+    /// The state of the paused VM (for a snapshot or a migration). Lazily
+    /// served memory is fetched in full first, and the devices are paused
+    /// (until the VM resumes), so that state and memory agree.
+    fn capture(&mut self) -> Result<SavedVm, ControlError> {
+        // What the vCPUs posted before they paused (a workload report,
+        // START_CPUS) is part of the state: handle it first. Control requests
+        // wait until the capture is over.
+        while let Ok(ev) = self.events_rx.try_recv() {
+            match ev {
+                Event::Control(req) => self.deferred.push(req),
+                Event::Vm(ev) => self.on_vm_event(ev),
+            }
+        }
+        if !self.deferred.is_empty() {
+            let _ = self.events_fd.write(1);
+        }
+        if let Some(m) = self.vm.memory().materializer() {
+            m.run(&self.source_lost, &AtomicU64::new(0))?;
+            // Stopped early: a page its lost migration source holds is missing.
+            if self.source_lost.load(Ordering::Acquire) {
+                return Err(ControlError::SourceLost);
+            }
+        }
+        self.pause_devices()?;
+        let vm = self.vm.save_state().map_err(vm_err)?;
+        Ok(SavedVm {
+            vm,
+            controller: ControllerState {
+                reports: self.reports.clone(),
+            },
+        })
+    }
+
+    /// Starts an outgoing migration: pre-copy on a thread (the VM runs), or
+    /// pause, capture and post-copy; or resumes an interrupted post-copy.
+    /// The result goes to `reply` when the migration ends.
+    pub(super) fn migrate(
+        &mut self,
+        to: &Endpoint,
+        options: &MigrateOptions,
+        reply: &Sender<Result<SourceSummary, ControlError>>,
+    ) -> Result<(), ControlError> {
+        if options.resume && options.precopy_rounds > 0 {
+            return Err(ControlError::ResumeWithPrecopy);
+        }
+        if let Some(e) = self.run.busy() {
+            return Err(e);
+        }
+        if self.vm.memory().is_external() {
+            return Err(ControlError::ExternalMemory);
+        }
+        let events = self.events.clone();
+        let on_end = move |r| {
+            events.send(Event::Control(ControlRequest::MigrationEnded(r)));
+        };
+        if options.resume {
+            let Some(from) = self.resumable.clone().filter(|_| self.run == RunState::Paused) else {
+                return Err(ControlError::NothingToResume);
+            };
+            let out = Outgoing::resume(
+                to,
+                &from,
+                self.vm.memory().ram().clone(),
+                self.vm.config().mem_size,
+                options.push_delay,
+            )?;
+            out.spawn(on_end)?;
+            self.set(RunState::Postcopy)?;
+            self.migration_reply = Some(reply.clone());
+            return Ok(());
+        }
+        if options.precopy_rounds > 0 {
+            let events = self.events.clone();
+            let ctx = PrecopyCtx {
+                vm_fd: self.vm.vm_fd().clone(),
+                mem: self.vm.memory().ram().clone(),
+                mem_size: self.vm.config().mem_size,
+                materializer: self.vm.memory().materializer(),
+                stop: self.source_lost.clone(),
+                switchover: Box::new(move || {
+                    let (tx, rx) = mpsc::channel();
+                    if !events.send(Event::Control(ControlRequest::Switchover(tx))) {
+                        return Err(MigrationError::Switchover(Box::new(ControlError::Ended)));
+                    }
+                    rx.recv()
+                        .map_err(|_| MigrationError::Switchover(Box::new(ControlError::Ended)))?
+                        .map_err(|e| MigrationError::Switchover(Box::new(e)))
+                }),
+            };
+            let to_state = if self.run == RunState::Running {
+                RunState::Precopy
+            } else {
+                RunState::PrecopyPaused
+            };
+            spawn_precopy(to.clone(), options.clone(), ctx, on_end)?;
+            self.set(to_state)?;
+            self.resumable = None;
+            self.migration_reply = Some(reply.clone());
+            return Ok(());
+        }
+        let paused_at = Instant::now();
+        let was_running = self.run == RunState::Running;
+        if was_running {
+            self.pause()?;
+        }
+        let out = self.capture().and_then(|state| {
+            let extents = snapshot::data_extents(self.vm.memory().ram())?;
+            Ok(Outgoing::connect(
+                to,
+                &state,
+                extents,
+                self.vm.memory().ram().clone(),
+                paused_at,
+                options.push_delay,
+            )?)
+        });
+        match out.and_then(|out| Ok(out.spawn(on_end)?)) {
+            Ok(()) => {
+                self.set(RunState::Postcopy)?;
+                self.resumable = None;
+                self.migration_reply = Some(reply.clone());
+                Ok(())
+            }
+            Err(e) => {
+                if was_running && self.run.paused() {
+                    let _ = self.resume();
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Pauses the VM at the end of pre-copy and captures its state; from
+    /// here on it must stay paused (the destination may run it).
+    pub(super) fn switchover(&mut self) -> Result<(SavedVm, Instant), ControlError> {
+        if !matches!(self.run, RunState::Precopy | RunState::PrecopyPaused) {
+            return Err(self.run.busy().unwrap_or(ControlError::InvalidTransition {
+                from: self.run,
+                to: RunState::Postcopy,
+            }));
+        }
+        let paused_at = Instant::now();
+        let was_running = self.run == RunState::Precopy;
+        if was_running {
+            self.pause()?;
+        }
+        match self.capture() {
+            Ok(state) => {
+                self.set(RunState::Postcopy)?;
+                Ok((state, paused_at))
+            }
+            Err(e) => {
+                if was_running {
+                    let _ = self.resume();
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The outgoing migration ended: the run ends (migrated), or the VM
+    /// stays here as it was (paused after the switchover, running or paused
+    /// during pre-copy), resumable if the destination may have run it.
+    pub(super) fn migration_ended(&mut self, r: Result<SourceSummary, Box<Stopped>>) {
+        let reply = self.migration_reply.take();
+        match r {
+            Ok(s) => {
+                self.resumable = None;
+                self.end(GuestEnd::Migrated(format!(
+                    "{} post-copy pages ({} pushed, {} requested) after {} pre-copy pages, downtime {:.1} ms, total {:.1} ms",
+                    s.data_pages, s.pages_pushed, s.pages_requested, s.precopy_pages, s.downtime_ms, s.total_ms
+                )));
+                if let Some(reply) = reply {
+                    let _ = reply.send(Ok(s));
+                }
+            }
+            Err(stopped) => {
+                let Stopped { error, resumable } = *stopped;
+                let back = match self.run {
+                    RunState::Precopy => RunState::Running,
+                    RunState::PrecopyPaused | RunState::Postcopy => RunState::Paused,
+                    other => other,
+                };
+                if self.set(back).is_ok() {
+                    if back == RunState::Paused {
+                        tracing::error!("migration failed, the VM stays paused here: {error}");
+                        if resumable.is_some() {
+                            self.resumable = resumable;
+                        }
+                    } else {
+                        tracing::error!("migration failed during pre-copy, the VM runs on here: {error}");
+                    }
+                }
+                if let Some(reply) = reply {
+                    let _ = reply.send(Err(ControlError::Migration(error)));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,111 @@
+//! `vmm receive`: a migration destination, wiring the incoming session
+//! (`migration::incoming`) to a VM built from the state it received and to
+//! that VM's controller: the session's events pause the VM when its source
+//! is lost, resume it when the source is back, and end it when the source
+//! does not come back in time.
+
+use crate::controller::{ControllerPanicked, RunOutcome, VmHandle};
+use crate::migration::{DestStats, Incoming, Listener, MigrationError, MigrationEvent, Progress};
+use crate::vm::{Vm, VmError, VmOptions};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use vmm_core::config::VmConfig;
+
+/// Errors of receiving a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiveError {
+    /// The migration failed before the VM ran.
+    #[error(transparent)]
+    Migration(#[from] MigrationError),
+    /// The destination VM cannot be built or started.
+    #[error("the destination VM cannot be built: {0}")]
+    Vm(#[from] VmError),
+    /// The destination VM's memory is not served lazily (a bug).
+    #[error("the destination VM's memory is not served lazily")]
+    NotLazy,
+    /// The controller thread panicked.
+    #[error(transparent)]
+    Panicked(#[from] ControllerPanicked),
+}
+
+/// Options of [`receive`].
+#[derive(Debug, Clone)]
+pub struct ReceiveOptions {
+    /// The VM's run-time options (the memory-fault policy is forced to `Pause`).
+    pub vm: VmOptions,
+    /// After the source is lost: how long the paused VM waits for a
+    /// `recover` (and, after one, for the source to come back) before the
+    /// run ends.
+    pub lost_wait: Duration,
+    /// Updated as pages arrive.
+    pub progress: Arc<Progress>,
+}
+
+/// The end of a received VM.
+#[derive(Debug)]
+pub struct ReceiveOutcome {
+    /// The run.
+    pub run: RunOutcome,
+    /// The VM's configuration (for `verify_reports`).
+    pub config: VmConfig,
+    /// Figures.
+    pub stats: DestStats,
+    /// The source was lost before every page arrived (the VM was paused).
+    pub lost: Option<String>,
+    /// The VM was paused because of it.
+    pub paused_on_loss: bool,
+}
+
+/// Accepts one migration on `listener`, runs the VM until it ends.
+/// `on_resumed` is called with a handle once the vCPUs run.
+pub fn receive(
+    listener: &Listener,
+    options: ReceiveOptions,
+    on_resumed: impl FnOnce(&VmHandle),
+) -> Result<ReceiveOutcome, ReceiveError> {
+    let incoming = Incoming::accept(listener, options.progress.clone())?;
+    let vm = Vm::incoming(
+        incoming.state(),
+        incoming.source(),
+        incoming.data_ranges(),
+        options.vm.clone(),
+    )?;
+    let config = vm.config().clone();
+    let materializer = vm.materializer().ok_or(ReceiveError::NotLazy)?;
+    let running = vm.start()?;
+    let handle = running.handle();
+    let paused_on_loss = Arc::new(AtomicBool::new(false));
+    let events = {
+        let (h, paused) = (handle.clone(), paused_on_loss.clone());
+        move |ev| match ev {
+            MigrationEvent::SourceLost(why) => {
+                tracing::warn!("the migration source is lost: {why}; the VM pauses until it is back");
+                match h.source_lost(true) {
+                    Ok(()) => paused.store(true, Ordering::Release),
+                    Err(e) => tracing::warn!("cannot pause after losing the source: {e}"),
+                }
+            }
+            MigrationEvent::Recovered => {
+                if let Err(e) = h.source_lost(false) {
+                    tracing::warn!("cannot resume after the source came back: {e}");
+                }
+            }
+            MigrationEvent::GaveUp => h.stop(),
+            MigrationEvent::Complete => {}
+        }
+    };
+    let session = incoming.start(materializer, options.lost_wait, events)?;
+    handle.set_recover_hook(session.recover_requests(), session.lost_flag());
+    on_resumed(&handle);
+    let run = running.wait()?;
+    let lost = session.lost();
+    let stats = session.finish(run.vcpu_stats.iter().map(|v| v.stage2_blocked_us).sum());
+    Ok(ReceiveOutcome {
+        run,
+        config,
+        stats,
+        lost,
+        paused_on_loss: paused_on_loss.load(Ordering::Acquire),
+    })
+}

@@ -1,0 +1,136 @@
+//! The seeded plan of one stress run: the guest command line, the
+//! fault-around window and the schedule of injected events.
+
+use abi::workload::mix64;
+use serde::Serialize;
+
+/// An injected event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum StormEvent {
+    /// Kick every vCPU this many times.
+    Kicks(u32),
+    /// Pause, stay paused this many milliseconds, resume.
+    PauseResume(u32),
+    /// Hold every page for this many milliseconds.
+    Hold(u32),
+    /// Snapshot the running VM (it goes on); after the run the snapshot is
+    /// restored lazily and must finish with the same checksums.
+    Snapshot,
+    /// Migrate the running VM (loopback Unix socket; pre-copy rounds with
+    /// dirty logging first, 0 to 3, then post-copy) to a destination VM in
+    /// this process, which must finish with the checksums.
+    Migrate {
+        /// Pre-copy rounds (0: post-copy only).
+        precopy_rounds: u32,
+        /// Cut both connections once this many KiB went to the destination
+        /// (0: never); if the destination runs the VM by then, the
+        /// migration is resumed (`recover`, then `migrate --resume`).
+        cut_after_kib: u32,
+    },
+}
+
+/// One VM run of a stress session.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunPlan {
+    /// The guest command line.
+    pub cmdline: String,
+    /// Fault-around window.
+    pub fault_around: u32,
+    /// Injected events, at milliseconds after the start.
+    pub schedule: Vec<(u32, StormEvent)>,
+}
+
+/// A deterministic random stream (SplitMix64).
+#[derive(Debug, Clone)]
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        mix64(self.0)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+/// The plan of run `index` of a session with `seed`.
+pub fn plan(seed: u64, index: u64, vcpus: u32) -> RunPlan {
+    let mut rng = Rng(mix64(seed ^ index.wrapping_mul(0x5851_f42d_4c95_7f2d)));
+    // One run in four is the guest's own test suite: stage-1 faults retried on a
+    // slow page store, in-guest userfaultfd handlers, signals (handled, fatal,
+    // stop/continue) during fault waits, all over lazily backed memory.
+    let suite = rng.below(4) == 0;
+    let store_delay_us = 500 + rng.below(20_000);
+    let pages = 500 + rng.below(5500);
+    let pattern = if rng.below(2) == 0 { "seq" } else { "rand" };
+    let write = rng.below(4) != 0;
+    let shared = vcpus > 1 && rng.below(3) == 0;
+    let populate = rng.below(2) == 0;
+    let fault_around = [0, 0, 16][usize::try_from(rng.below(3)).unwrap_or(0)];
+    let cmdline = if suite {
+        format!("test=all store_delay_us={store_delay_us}")
+    } else {
+        format!(
+            "workload=touch pages={pages} pattern={pattern} write={} shared={} populate={} seed={}",
+            u8::from(write),
+            u8::from(shared),
+            u8::from(populate),
+            rng.below(1 << 20)
+        )
+    };
+    let mut schedule: Vec<(u32, StormEvent)> = (0..4 + rng.below(12))
+        .map(|_| {
+            let at = u32::try_from(rng.below(1500)).unwrap_or(0);
+            let ev = match rng.below(3) {
+                0 => StormEvent::Kicks(1 + u32::try_from(rng.below(500)).unwrap_or(0)),
+                1 => StormEvent::PauseResume(u32::try_from(rng.below(20)).unwrap_or(0)),
+                _ => StormEvent::Hold(u32::try_from(rng.below(50)).unwrap_or(0)),
+            };
+            (at, ev)
+        })
+        .collect();
+    // The page store's in-flight reads are not part of a snapshot (see
+    // docs/snapshot.md), so only touch runs are snapshotted.
+    if !suite && rng.below(3) == 0 {
+        schedule.push((u32::try_from(rng.below(1000)).unwrap_or(0), StormEvent::Snapshot));
+    }
+    if !suite && rng.below(4) == 0 {
+        let precopy_rounds = u32::try_from(rng.below(4)).unwrap_or(0);
+        let cut_after_kib = if rng.below(3) == 0 {
+            u32::try_from(64 + rng.below(4096)).unwrap_or(0)
+        } else {
+            0
+        };
+        schedule.push((
+            u32::try_from(rng.below(1500)).unwrap_or(0),
+            StormEvent::Migrate {
+                precopy_rounds,
+                cut_after_kib,
+            },
+        ));
+    }
+    schedule.sort_by_key(|&(at, _)| at);
+    RunPlan {
+        cmdline,
+        fault_around,
+        schedule,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plans_are_reproducible_and_vary() {
+        assert_eq!(format!("{:?}", plan(7, 3, 2)), format!("{:?}", plan(7, 3, 2)));
+        assert_ne!(format!("{:?}", plan(7, 3, 2)), format!("{:?}", plan(8, 3, 2)));
+        assert_ne!(format!("{:?}", plan(7, 3, 2)), format!("{:?}", plan(7, 4, 2)));
+        let p = plan(1, 0, 1);
+        assert!(!p.cmdline.contains("shared=1"), "one vCPU never shares");
+        assert!(p.schedule.windows(2).all(|w| w[0].0 <= w[1].0));
+        abi::workload::parse_cmdline(&p.cmdline).unwrap();
+    }
+}
