@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::histogram::{AtomicLog2Histogram, Log2Histogram};
 use crate::source::{FetchOutcome, PageSource, RetryReason, SourceError};
 use crate::uffd::{CopyError, Uffd};
 
@@ -178,7 +179,9 @@ pub struct FaultReport {
     pub latency: Duration,
 }
 
-const LATENCY_BUCKETS: usize = 24;
+/// Buckets of the fault latency histogram: the last, `[2^23, ...)` us, counts
+/// every fault of 8.4 s or more.
+pub const LATENCY_BUCKETS: usize = 24;
 
 /// A snapshot of a core's counters.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -217,11 +220,19 @@ pub struct Stats {
     /// Pages marked removed.
     pub pages_removed: u64,
     /// Fault latency histogram: bucket `i` counts faults of `[2^i, 2^(i+1))` us
-    /// (bucket 0 includes < 1 us, the last bucket everything longer).
+    /// (bucket 0 includes < 1 us, the last bucket everything longer),
+    /// [`LATENCY_BUCKETS`] long from [`RetryCore::stats`]; see [`Stats::latency`].
     pub latency_us_log2: Vec<u64>,
 }
 
-#[derive(Debug, Default)]
+impl Stats {
+    /// `latency_us_log2` as a histogram (percentiles, merging several cores).
+    pub fn latency(&self) -> Log2Histogram {
+        Log2Histogram::from_buckets(self.latency_us_log2.clone())
+    }
+}
+
+#[derive(Debug)]
 struct Counters {
     faults: AtomicU64,
     attempts: AtomicU64,
@@ -238,7 +249,31 @@ struct Counters {
     stale_present: AtomicU64,
     removes: AtomicU64,
     pages_removed: AtomicU64,
-    latency: [AtomicU64; LATENCY_BUCKETS],
+    latency: AtomicLog2Histogram,
+}
+
+impl Default for Counters {
+    fn default() -> Counters {
+        let z = || AtomicU64::new(0);
+        Counters {
+            faults: z(),
+            attempts: z(),
+            retries_total: z(),
+            retries_max: z(),
+            failures: z(),
+            pages_copied: z(),
+            pages_zeroed: z(),
+            fault_around_pages: z(),
+            fetches: z(),
+            already_present: z(),
+            eexist: z(),
+            eagain: z(),
+            stale_present: z(),
+            removes: z(),
+            pages_removed: z(),
+            latency: AtomicLog2Histogram::new(LATENCY_BUCKETS),
+        }
+    }
 }
 
 fn bump(c: &AtomicU64, n: u64) {
@@ -685,9 +720,7 @@ impl RetryCore {
         self.counters
             .retries_max
             .fetch_max(u64::from(retries), Ordering::Relaxed);
-        let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX).max(1);
-        let bucket = (63 - us.leading_zeros() as usize).min(LATENCY_BUCKETS - 1);
-        bump(&self.counters.latency[bucket], 1);
+        self.counters.latency.record_duration(latency);
     }
 
     /// Applies a REMOVE event: pages of `[start, end)` in this region are gone.
@@ -732,7 +765,7 @@ impl RetryCore {
             stale_present: g(&c.stale_present),
             removes: g(&c.removes),
             pages_removed: g(&c.pages_removed),
-            latency_us_log2: c.latency.iter().map(g).collect(),
+            latency_us_log2: c.latency.buckets(),
         }
     }
 }

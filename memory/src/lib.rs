@@ -14,6 +14,7 @@ pub mod affinity;
 pub mod bench;
 pub mod core;
 pub mod handler;
+pub mod histogram;
 pub mod mmap;
 pub mod source;
 pub mod uffd;
@@ -28,6 +29,7 @@ pub use crate::core::{
     RetryCore, Stats,
 };
 pub use crate::handler::{BlockedFault, FaultHandler, HandlerControl, HandlerError, ThreadStats};
+pub use crate::histogram::{AtomicLog2Histogram, Log2Histogram};
 pub use crate::mmap::AnonMapping;
 pub use crate::source::{
     FetchOutcome, FileSource, Notifier, PageSource, RetryReason, Rule, SourceError, TestSource, ZeroSource,

@@ -321,6 +321,14 @@ fn stats_serialize() {
     d.core.record_fault(0, Duration::from_micros(48));
     let s = d.core.stats();
     assert_eq!(s.latency_us_log2[5], 1, "48 us falls in [32, 64)");
+    assert_eq!(s.latency_us_log2.len(), LATENCY_BUCKETS);
+    assert_eq!(s.latency().percentile_upper_bound_us(0.5), 64);
+    d.core.record_fault(0, Duration::from_secs(3600));
+    assert_eq!(
+        d.core.stats().latency_us_log2[LATENCY_BUCKETS - 1],
+        1,
+        "the last bucket counts every longer fault"
+    );
     let json = serde_json::to_string(&s).expect("serialize");
     assert!(
         json.contains("\"faults\":1") && json.contains("\"source\":\"test\""),
