@@ -1,15 +1,43 @@
-//! The userfault event loop: poll, read events, hand faults to the retry core.
+//! Step 2 of a fault's walk, the handler loop: userfault event ([`crate::uffd`])
+//! -> **handler loop** -> retry core ([`crate::core`]) -> page source
+//! ([`crate::source`]) -> fill ([`crate::uffd`]).
 //!
-//! One thread, never blocked on anything but `poll`: on the uffd (new events),
-//! a stop eventfd, and each source's notifier (pages that returned `Retry` may
-//! now be available). A fault that cannot be resolved now is parked, keyed by
-//! page, so later events for the same page merge into it and other faults keep
-//! flowing. The loop never waits for a vCPU: a vCPU blocked on a page is only
-//! ever released by filling that page.
+//! One thread, never blocked on anything but `poll`: on the uffd (new events,
+//! read with [`Uffd::read_event`]), a stop eventfd, and one [`Subscription`]
+//! per distinct source notifier (pages that returned `Retry` may now be
+//! available). Each `Event::PageFault` becomes one attempt,
+//! [`RetryCore::resolve_access`], whose [`FaultOutcome`] the loop acts on:
+//! - `Resolved { pages, by }`: done; the waiting threads are charged in
+//!   [`HandlerControl::per_thread`];
+//! - `Retry(reason)`: parked, keyed by page, so later events for the same page
+//!   merge into it and other faults keep flowing; retried when the source
+//!   notifies (`NotReady`, `Held`) or after 1 ms (`MappingChanged`);
+//! - `Failed(error)`: recorded in [`HandlerControl::failures`], reported at once
+//!   to the owner's event hook as [`HandlerEvent::Failed`], and kept parked:
+//!   the page is never zero-filled, a repaired source that notifies serves it.
+//!
+//! The loop never waits for a vCPU: a vCPU blocked on a page is only ever
+//! released by filling that page.
+//!
+//! **Events to the owner.** [`FaultHandler::set_event_hook`] installs a
+//! callback run on the handler thread for each new failure and once when the
+//! loop returns ([`HandlerEvent::Stopped`]: asked to stop, broken uffd, or a
+//! panic in the loop), so the owner needs no polling. The hook must not block
+//! (it delays every fault behind it): send into an unbounded channel and
+//! write an eventfd, nothing more.
+//!
+//! **Several handlers per VM.** Nothing here assumes one handler or one uffd
+//! per VM: cores may be shared (their CAS claim lets one fetch), each handler
+//! waits on sources through its own subscription, and [`HandlerGroup`] merges
+//! the controls of several handlers (`blocked`, `per_thread`, `failures`, ...).
+//! The rules are in `docs/retry-core.md` ("Several handler threads, several
+//! uffds").
 
 use std::collections::HashMap;
+use std::fmt;
 use std::io;
 use std::os::fd::AsRawFd;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
@@ -19,7 +47,7 @@ use serde::Serialize;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::core::{FaultError, FaultOutcome, RetryCore};
-use crate::source::RetryReason;
+use crate::source::{RetryReason, Subscription};
 use crate::uffd::{Event, Uffd, UffdError};
 
 /// Errors that stop the event loop.
@@ -34,6 +62,20 @@ pub enum HandlerError {
     /// Reading events failed.
     #[error("the fault handler cannot read userfaultfd events: {0}")]
     Uffd(#[from] UffdError),
+    /// poll(2) reports an error or hang-up on the uffd and nothing to read.
+    #[error("the userfaultfd is broken (poll revents {revents:#x}, no event to read); guest pages can no longer be served")]
+    Broken {
+        /// The poll revents bits of the uffd.
+        revents: i16,
+    },
+    /// Subscribing to a source's notifier failed.
+    #[error("cannot subscribe to the notifier of page source {source_name}: {error}; raise the process's file descriptor limit")]
+    Subscribe {
+        /// Name of the source.
+        source_name: String,
+        /// Why the eventfd could not be created.
+        error: io::Error,
+    },
     /// Two regions overlap.
     #[error("guest memory regions at host {a:#x} and {b:#x} overlap; give each host range to one core")]
     Overlap {
@@ -76,6 +118,64 @@ pub struct ThreadStats {
     pub retries: u64,
     /// Sum of fault latencies, from reading the event to resolution.
     pub blocked_ns: u64,
+}
+
+impl ThreadStats {
+    /// Adds `other` (the same thread's faults served by another handler).
+    pub fn merge(&mut self, other: &ThreadStats) {
+        self.faults = self.faults.saturating_add(other.faults);
+        self.retries = self.retries.saturating_add(other.retries);
+        self.blocked_ns = self.blocked_ns.saturating_add(other.blocked_ns);
+    }
+}
+
+/// What a [`FaultHandler`] tells its owner as it happens (see
+/// [`FaultHandler::set_event_hook`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HandlerEvent {
+    /// A fault failed (once per fault, however often it is retried; also in
+    /// [`HandlerControl::failures`], which already holds it when the hook
+    /// runs). The faulting thread stays blocked: pause the VM and report it.
+    Failed(FaultError),
+    /// The loop returned, so this handler serves no more faults. `None`: it
+    /// was asked to ([`HandlerControl::stop`]); `Some(message)`: it broke (the
+    /// [`HandlerError`] that `run_until_stopped` returns, or a panic in the
+    /// loop), and the VM cannot go on unless another handler serves its uffd.
+    Stopped(Option<String>),
+}
+
+/// The owner's callback for [`HandlerEvent`]s, run on the handler thread.
+pub type EventHook = Arc<dyn Fn(HandlerEvent) + Send + Sync>;
+
+/// Runs the hook; a panicking hook loses its event but not the handler.
+fn emit(hook: &EventHook, event: HandlerEvent) {
+    if std::panic::catch_unwind(AssertUnwindSafe(|| hook(event))).is_err() {
+        tracing::error!("the fault handler's event hook panicked; its event is lost");
+    }
+}
+
+/// Reports `Stopped` when `run_until_stopped` ends, by return or by unwinding.
+struct StopReport(Option<EventHook>);
+
+impl StopReport {
+    fn returned(mut self, result: &Result<(), HandlerError>) {
+        if let Some(hook) = self.0.take() {
+            emit(
+                &hook,
+                HandlerEvent::Stopped(result.as_ref().err().map(ToString::to_string)),
+            );
+        }
+    }
+}
+
+impl Drop for StopReport {
+    fn drop(&mut self) {
+        // Only reached armed when the loop panicked.
+        if let Some(hook) = self.0.take() {
+            let msg = "the fault handler loop panicked; guest pages can no longer be served";
+            emit(&hook, HandlerEvent::Stopped(Some(msg.into())));
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -236,16 +336,119 @@ impl HandlerControl {
     }
 }
 
+/// The controls of several handlers of one VM (several handler threads, or
+/// several uffds) seen as one. Each view merges the handlers' own: `blocked`
+/// interleaves their lists oldest first, `per_thread` adds up a thread's faults
+/// served by different handlers, `cores` lists a shared core once.
+///
+/// Two handlers reading one uffd may each take an event for the same page:
+/// that page is then listed (and, if its source fails, reported) by both,
+/// for their own waiting threads.
+#[derive(Debug, Clone, Default)]
+pub struct HandlerGroup {
+    controls: Vec<HandlerControl>,
+}
+
+impl HandlerGroup {
+    /// A group of these handlers' controls.
+    pub fn new(controls: Vec<HandlerControl>) -> HandlerGroup {
+        HandlerGroup { controls }
+    }
+
+    /// Adds a handler's control.
+    pub fn push(&mut self, control: HandlerControl) {
+        self.controls.push(control);
+    }
+
+    /// The controls, in the order given.
+    pub fn controls(&self) -> &[HandlerControl] {
+        &self.controls
+    }
+
+    /// Asks every loop to return.
+    pub fn stop(&self) {
+        self.controls.iter().for_each(HandlerControl::stop);
+    }
+
+    /// Every handler's failures, handler by handler.
+    pub fn failures(&self) -> Vec<FaultError> {
+        self.controls.iter().flat_map(HandlerControl::failures).collect()
+    }
+
+    /// Faults parked in all handlers.
+    pub fn pending(&self) -> u64 {
+        self.controls.iter().map(HandlerControl::pending).sum()
+    }
+
+    /// PAGEFAULT events read by all handlers, and how many merged into a parked fault.
+    pub fn events(&self) -> (u64, u64) {
+        self.controls
+            .iter()
+            .map(HandlerControl::events)
+            .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
+    }
+
+    /// Every core of the handlers, each shared core once.
+    pub fn cores(&self) -> Vec<Arc<RetryCore>> {
+        let mut v: Vec<Arc<RetryCore>> = Vec::new();
+        for c in self.controls.iter().flat_map(HandlerControl::cores) {
+            if !v.iter().any(|o| Arc::ptr_eq(o, c)) {
+                v.push(c.clone());
+            }
+        }
+        v
+    }
+
+    /// See [`HandlerControl::blocked`]: every handler's blocked threads, oldest first.
+    pub fn blocked(&self) -> Vec<BlockedFault> {
+        let mut v: Vec<BlockedFault> = self.controls.iter().flat_map(HandlerControl::blocked).collect();
+        v.sort_by_key(|b| (b.since, b.addr));
+        v
+    }
+
+    /// See [`HandlerControl::per_thread`]: summed over the handlers.
+    pub fn per_thread(&self) -> HashMap<u32, ThreadStats> {
+        let mut all: HashMap<u32, ThreadStats> = HashMap::new();
+        for c in &self.controls {
+            for (tid, s) in c.per_thread() {
+                all.entry(tid).or_default().merge(&s);
+            }
+        }
+        all
+    }
+}
+
 /// Owns a [`Uffd`] and the cores of its regions, and runs the event loop.
-#[derive(Debug)]
 pub struct FaultHandler {
     uffd: Arc<Uffd>,
     control: HandlerControl,
     pending: HashMap<u64, Pending>,
+    /// One per distinct source notifier of the cores.
+    subscriptions: Vec<Subscription>,
+    /// `core_subscription[i]`: index in `subscriptions` of core `i`'s notifier.
+    core_subscription: Vec<usize>,
+    hook: Option<EventHook>,
+}
+
+impl fmt::Debug for FaultHandler {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FaultHandler")
+            .field("uffd", &self.uffd)
+            .field("control", &self.control)
+            .field("pending", &self.pending)
+            .field("subscriptions", &self.subscriptions)
+            .field("hook", &self.hook.as_ref().map(|_| "set"))
+            .finish()
+    }
 }
 
 impl FaultHandler {
     /// A handler for `cores`, whose regions must already be registered on `uffd`.
+    ///
+    /// Any set of cores will do, and a core may be given to several handlers;
+    /// but every handler reading one uffd must be given every core registered
+    /// on it (any of them may read any of its events), and a core's region must
+    /// be registered whole on one uffd (see `docs/retry-core.md`).
     pub fn new(uffd: Arc<Uffd>, cores: Vec<Arc<RetryCore>>) -> Result<FaultHandler, HandlerError> {
         for (i, a) in cores.iter().enumerate() {
             for b in &cores[i + 1..] {
@@ -259,6 +462,27 @@ impl FaultHandler {
             }
         }
         let stop = EventFd::new(EFD_NONBLOCK).map_err(HandlerError::EventFd)?;
+        // Our own eventfd per notifier: another handler waiting on the same
+        // source clears its own, never ours.
+        let mut subscriptions = Vec::new();
+        let mut core_subscription = Vec::with_capacity(cores.len());
+        for (i, c) in cores.iter().enumerate() {
+            let notifier = c.source().notifier();
+            let same = cores[..i]
+                .iter()
+                .position(|o| std::ptr::eq(o.source().notifier(), notifier));
+            match same {
+                Some(j) => core_subscription.push(core_subscription[j]),
+                None => {
+                    let sub = notifier.subscribe().map_err(|error| HandlerError::Subscribe {
+                        source_name: c.source().name().to_owned(),
+                        error,
+                    })?;
+                    core_subscription.push(subscriptions.len());
+                    subscriptions.push(sub);
+                }
+            }
+        }
         Ok(FaultHandler {
             uffd,
             control: HandlerControl {
@@ -267,7 +491,25 @@ impl FaultHandler {
                 cores,
             },
             pending: HashMap::new(),
+            subscriptions,
+            core_subscription,
+            hook: None,
         })
+    }
+
+    /// Installs the callback that learns of new failures and of the loop's
+    /// end as they happen ([`HandlerEvent`]); it replaces any earlier one.
+    ///
+    /// It runs on the handler thread, between faults, with no handler lock
+    /// held (it may call [`HandlerControl`] methods). It must not block or
+    /// take long: every fault waits behind it, and a vCPU blocked from kernel
+    /// mode cannot be released by anything else (PLATFORM.md). Send into an
+    /// unbounded channel and write an eventfd (or set a flag); never a
+    /// bounded `send`, a lock a vCPU or the controller may hold, or I/O. A
+    /// panic in it is caught and logged (the event is lost); it must not
+    /// panic while the loop itself unwinds.
+    pub fn set_event_hook(&mut self, hook: EventHook) {
+        self.hook = Some(hook);
     }
 
     /// A handle to stop the loop and read its results.
@@ -276,8 +518,16 @@ impl FaultHandler {
     }
 
     /// Runs until [`HandlerControl::stop`]. Returns an error only if the uffd
-    /// itself is broken; fault failures are recorded, never fatal.
+    /// itself is broken; fault failures are recorded, never fatal. Either way
+    /// the event hook then gets [`HandlerEvent::Stopped`] (also on a panic).
     pub fn run_until_stopped(&mut self) -> Result<(), HandlerError> {
+        let report = StopReport(self.hook.clone());
+        let result = self.run_loop();
+        report.returned(&result);
+        result
+    }
+
+    fn run_loop(&mut self) -> Result<(), HandlerError> {
         let cores = self.control.cores.clone();
         let mut fds = vec![
             libc::pollfd {
@@ -291,8 +541,8 @@ impl FaultHandler {
                 revents: 0,
             },
         ];
-        fds.extend(cores.iter().map(|c| libc::pollfd {
-            fd: c.source().notifier().as_raw_fd(),
+        fds.extend(self.subscriptions.iter().map(|s| libc::pollfd {
+            fd: s.as_raw_fd(),
             events: libc::POLLIN,
             revents: 0,
         }));
@@ -325,16 +575,19 @@ impl FaultHandler {
                 let _ = self.control.stop.read();
                 return Ok(());
             }
-            let mut due = vec![false; cores.len()];
+            let mut notified = vec![false; self.subscriptions.len()];
             for (i, f) in fds[2..].iter().enumerate() {
                 if f.revents != 0 {
                     // Clear before retrying so a notify during the retry re-arms it.
-                    cores[i].source().notifier().clear_event();
-                    due[i] = true;
+                    self.subscriptions[i].clear();
+                    notified[i] = true;
                 }
             }
-            if fds[0].revents & (libc::POLLERR | libc::POLLHUP) != 0 && fds[0].revents & libc::POLLIN == 0 {
-                return Err(HandlerError::Poll(io::Error::from_raw_os_error(libc::EPIPE)));
+            let due: Vec<bool> = self.core_subscription.iter().map(|&s| notified[s]).collect();
+            let revents = fds[0].revents;
+            if revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 && revents & libc::POLLIN == 0
+            {
+                return Err(HandlerError::Broken { revents });
             }
             while let Some(ev) = self.uffd.read_event()? {
                 self.on_event(&cores, ev);
@@ -438,13 +691,17 @@ impl FaultHandler {
         }
     }
 
+    /// Lists a new failure, then tells the owner (the list already has it).
     fn record_failure(&self, e: FaultError) {
         self.control
             .shared
             .failures
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .push(e);
+            .push(e.clone());
+        if let Some(hook) = &self.hook {
+            emit(hook, HandlerEvent::Failed(e));
+        }
     }
 
     fn retry_pending(&mut self, cores: &[Arc<RetryCore>], due: &[bool]) {

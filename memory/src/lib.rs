@@ -28,11 +28,15 @@ pub use crate::core::{
     AfterRemove, CoreConfig, CoreError, FaultError, FaultOutcome, FaultReport, PageState, Region, ResolvedBy,
     RetryCore, Stats,
 };
-pub use crate::handler::{BlockedFault, FaultHandler, HandlerControl, HandlerError, ThreadStats};
+pub use crate::handler::{
+    BlockedFault, EventHook, FaultHandler, HandlerControl, HandlerError, HandlerEvent, HandlerGroup,
+    ThreadStats,
+};
 pub use crate::histogram::{AtomicLog2Histogram, Log2Histogram};
 pub use crate::mmap::AnonMapping;
 pub use crate::source::{
-    FetchOutcome, FileSource, Notifier, PageSource, RetryReason, Rule, SourceError, TestSource, ZeroSource,
+    FetchOutcome, FileSource, Notifier, PageSource, RetryReason, Rule, SourceError, Subscription, TestSource,
+    ZeroSource,
 };
 pub use crate::uffd::{CopyError, Event, FaultFlags, Features, OpenMethod, RegisterMode, Uffd, UffdError};
 

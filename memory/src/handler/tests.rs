@@ -1,11 +1,13 @@
 //! Unit tests of [`super`] (handler.rs), kept out of it so the module reads as one walk.
 
 use std::sync::atomic::AtomicBool;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use super::*;
 use crate::core::{AfterRemove, CoreConfig, PageState};
-use crate::source::{FileSource, Rule, TestSource, ZeroSource};
+use crate::source::{FileSource, PageSource, Rule, TestSource, ZeroSource};
 use crate::testutil::*;
 
 fn file_source(pages: u64) -> (PatternFile, Arc<TestSource>) {
@@ -356,4 +358,255 @@ fn blocked_shows_in_progress_and_failed_faults() {
     assert_eq!(join_within(bad, "repaired page"), pattern(2, 0));
     wait_for("nothing blocked", || fx.control.blocked().is_empty());
     assert_eq!(fx.control.per_thread()[&tid].faults, 1);
+}
+
+/// An event hook that sends every event, with the name of the thread it ran
+/// on, into a channel.
+fn channel_hook() -> (EventHook, mpsc::Receiver<(HandlerEvent, Option<String>)>) {
+    let (tx, rx) = mpsc::channel();
+    let tx = Mutex::new(tx);
+    let hook: EventHook = Arc::new(move |ev| {
+        let name = std::thread::current().name().map(str::to_owned);
+        let _ = tx.lock().expect("hook channel").send((ev, name));
+    });
+    (hook, rx)
+}
+
+/// The next hook event, waited for (5 s at most) without polling the handler.
+fn next_event(rx: &mpsc::Receiver<(HandlerEvent, Option<String>)>) -> HandlerEvent {
+    let (ev, thread) = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("no handler event within 5 s");
+    assert_eq!(
+        thread.as_deref(),
+        Some(HANDLER_THREAD),
+        "the hook runs on the handler thread"
+    );
+    ev
+}
+
+#[test]
+fn event_hook_reports_each_failure_at_once_and_the_stop() {
+    let (_f, src) = file_source(8);
+    src.set_rule(3 * ps(), Rule::Fail("sector unreadable".into()));
+    let (hook, rx) = channel_hook();
+    let mut fx = Fixture::start_with(8, src.clone(), NO_AROUND, 0, Some(hook));
+    let t = fx.touch(3, 7);
+    let HandlerEvent::Failed(e) = next_event(&rx) else {
+        panic!("expected a failure event")
+    };
+    assert!(
+        e.to_string()
+            .starts_with(&format!("guest page {:#x} (host {:#x})", 3 * ps(), fx.addr(3))),
+        "{e}"
+    );
+    assert!(e.to_string().contains("sector unreadable"), "{e}");
+    // The list holds the failure before the hook runs.
+    assert_eq!(fx.control.failures(), vec![e.clone()]);
+
+    // A retry that fails again is the same failure: no second event.
+    src.notifier().notify();
+    wait_for("the failed fault to be retried", || fx.core.stats().failures == 2);
+    // A new failure is a new event.
+    src.set_rule(5 * ps(), Rule::Fail("bad block".into()));
+    let t5 = fx.touch(5, 0);
+    let HandlerEvent::Failed(e5) = next_event(&rx) else {
+        panic!("expected the second failure event")
+    };
+    assert!(e5.to_string().contains("bad block"), "{e5}");
+    assert_eq!(fx.control.failures(), vec![e, e5]);
+
+    // Repaired: served, and nothing to report.
+    src.clear_rule(3 * ps());
+    src.clear_rule(5 * ps());
+    assert_eq!(join_within(t, "repaired page 3"), pattern(3, 7));
+    assert_eq!(join_within(t5, "repaired page 5"), pattern(5, 0));
+    assert!(matches!(rx.try_recv(), Err(mpsc::TryRecvError::Empty)));
+
+    fx.control.stop();
+    assert_eq!(next_event(&rx), HandlerEvent::Stopped(None));
+    fx.handler_result().expect("a requested stop is no error");
+    assert!(matches!(rx.try_recv(), Err(mpsc::TryRecvError::Disconnected)));
+}
+
+#[test]
+fn event_hook_reports_a_broken_uffd() {
+    let src = Arc::new(TestSource::new(Arc::new(ZeroSource::new().expect("eventfd"))).expect("eventfd"));
+    let (hook, rx) = channel_hook();
+    let mut fx = Fixture::start_with(4, src.clone(), NO_AROUND, 0, Some(hook));
+    // A userfaultfd without O_NONBLOCK polls as an error (fs/userfaultfd.c):
+    // the loop must give up on it and say so. No fault before this: the loop
+    // must not be reading events (a read would now block) but in poll, or
+    // about to be.
+    let fd = fx.uffd.as_raw_fd();
+    // SAFETY: F_GETFL/F_SETFL only read and change the file status flags of
+    // our own open descriptor; no memory is involved.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        assert!(flags >= 0);
+        assert_eq!(libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK), 0);
+    }
+    // Wake the loop (it sleeps in poll): it then sees the uffd's state.
+    src.notifier().notify();
+    let HandlerEvent::Stopped(Some(msg)) = next_event(&rx) else {
+        panic!("expected a stop with an error")
+    };
+    assert!(
+        msg.starts_with("the userfaultfd is broken (poll revents 0x")
+            && msg.ends_with("can no longer be served"),
+        "{msg}"
+    );
+    let err = fx
+        .handler_result()
+        .expect_err("a broken uffd ends the loop with an error");
+    assert_eq!(err.to_string(), msg);
+    assert!(matches!(err, HandlerError::Broken { revents } if revents & libc::POLLERR != 0));
+}
+
+#[test]
+fn a_panicking_hook_loses_its_event_not_the_handler() {
+    let (_f, src) = file_source(4);
+    src.set_rule(ps(), Rule::Fail("gone".into()));
+    let (tx, rx) = mpsc::channel();
+    let tx = Mutex::new(tx);
+    let hook: EventHook = Arc::new(move |ev| {
+        if let HandlerEvent::Failed(_) = ev {
+            panic!("a buggy hook");
+        }
+        let _ = tx.lock().expect("hook channel").send(ev);
+    });
+    let mut fx = Fixture::start_with(4, src.clone(), NO_AROUND, 0, Some(hook));
+    let t = fx.touch(1, 0);
+    wait_for("the failure to be listed", || !fx.control.failures().is_empty());
+    assert_eq!(fx.read(2, 3), pattern(2, 3), "the handler goes on");
+    src.clear_rule(ps());
+    assert_eq!(join_within(t, "repaired page"), pattern(1, 0));
+    fx.control.stop();
+    fx.handler_result().expect("stopped");
+    assert_eq!(rx.try_recv().ok(), Some(HandlerEvent::Stopped(None)));
+}
+
+/// Reads one byte at each address in turn on a new thread that first sends its tid.
+fn touch_in_turn(addrs: Vec<u64>, keep: Vec<Arc<crate::mmap::AnonMapping>>) -> (u32, JoinHandle<Vec<u8>>) {
+    let (tx, rx) = mpsc::channel();
+    let t = std::thread::spawn(move || {
+        let _keep = keep;
+        tx.send(gettid()).expect("send tid");
+        addrs
+            .iter()
+            // SAFETY: `_keep` holds every mapping alive while we read them.
+            .map(|&a| unsafe { std::ptr::read_volatile(a as *const u8) })
+            .collect()
+    });
+    (rx.recv().expect("toucher tid"), t)
+}
+
+/// Faults of the group parked as held (not merely listed: a first attempt
+/// in progress is listed too).
+fn held(group: &HandlerGroup) -> usize {
+    group
+        .blocked()
+        .iter()
+        .filter(|f| f.reason == Some(RetryReason::Held))
+        .count()
+}
+
+#[test]
+fn two_uffds_with_a_handler_each_merge_in_a_group() {
+    // One source for both (one VM), a uffd and handler per region.
+    let src = Arc::new(TestSource::new(Arc::new(ZeroSource::new().expect("eventfd"))).expect("eventfd"));
+    src.close_gate();
+    let a = Fixture::start_at(4, src.clone(), NO_AROUND, 0);
+    let b = Fixture::start_at(4, src.clone(), NO_AROUND, 4 * ps());
+    let group = HandlerGroup::new(vec![a.control.clone(), b.control.clone()]);
+    let maps = vec![a.map.clone(), b.map.clone()];
+    let (tid_a, ta) = touch_in_turn(vec![a.addr(1)], maps.clone());
+    wait_for("the first fault to be parked", || held(&group) == 1);
+    let (tid_b, tb) = touch_in_turn(vec![b.addr(2)], maps.clone());
+    wait_for("the second fault to be parked", || held(&group) == 2);
+    // This thread faults in both regions, one after the other.
+    let (tid_c, tc) = touch_in_turn(vec![a.addr(3), b.addr(3)], maps);
+    wait_for("the third fault to be parked", || held(&group) == 3);
+    let blocked = group.blocked();
+    assert_eq!(
+        blocked
+            .iter()
+            .map(|f| (f.tid, f.guest_offset))
+            .collect::<Vec<_>>(),
+        vec![
+            (Some(tid_a), ps()),
+            (Some(tid_b), 6 * ps()),
+            (Some(tid_c), 3 * ps())
+        ],
+        "oldest first across handlers"
+    );
+    assert!(blocked.iter().all(|f| f.reason == Some(RetryReason::Held)));
+    assert_eq!((a.control.blocked().len(), b.control.blocked().len()), (2, 1));
+    assert_eq!(group.pending(), 3);
+    assert_eq!(group.cores().len(), 2);
+
+    // One notify must wake both loops (each has its own subscription).
+    src.open_gate();
+    assert_eq!(join_within(ta, "toucher a"), vec![0]);
+    assert_eq!(join_within(tb, "toucher b"), vec![0]);
+    assert_eq!(join_within(tc, "toucher c"), vec![0, 0]);
+    wait_for("nothing blocked", || group.blocked().is_empty());
+    wait_for("every fault accounted", || {
+        group.per_thread().get(&tid_c).is_some_and(|s| s.faults == 2)
+    });
+    let per = group.per_thread();
+    assert_eq!((per[&tid_a].faults, per[&tid_b].faults), (1, 1));
+    let (ca, cb) = (a.control.per_thread()[&tid_c], b.control.per_thread()[&tid_c]);
+    assert_eq!((ca.faults, cb.faults), (1, 1), "one fault in each region");
+    assert_eq!(per[&tid_c].blocked_ns, ca.blocked_ns + cb.blocked_ns);
+    assert_eq!(group.events(), (4, 0));
+    assert!(group.failures().is_empty());
+}
+
+#[test]
+fn two_handlers_on_one_uffd_share_its_cores() {
+    let src = Arc::new(TestSource::new(Arc::new(ZeroSource::new().expect("eventfd"))).expect("eventfd"));
+    src.close_gate();
+    let pages = 8;
+    let map = Arc::new(crate::mmap::AnonMapping::new((pages * ps()) as usize).expect("mmap"));
+    let uffd = Arc::new(Uffd::for_guest_memory().expect("userfaultfd"));
+    uffd.register(map.addr(), map.len() as u64, crate::uffd::RegisterMode::MISSING)
+        .expect("register");
+    let region = crate::core::Region {
+        host_base: map.addr(),
+        size: map.len() as u64,
+        guest_offset: 0,
+    };
+    let core = Arc::new(RetryCore::new(region, src.clone(), NO_AROUND).expect("core"));
+    let mut group = HandlerGroup::default();
+    let mut threads = Vec::new();
+    for i in 0..2 {
+        let mut h = FaultHandler::new(uffd.clone(), vec![core.clone()]).expect("handler");
+        group.push(h.control());
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("uffd-handler-{i}"))
+                .spawn(move || h.run_until_stopped())
+                .expect("spawn handler"),
+        );
+    }
+    let touchers: Vec<_> = (0..pages)
+        .map(|p| touch_in_turn(vec![map.addr() + p * ps() + 1], vec![map.clone()]))
+        .collect();
+    wait_for("every fault parked by one of the handlers", || {
+        held(&group) == pages as usize
+    });
+    assert_eq!(group.cores().len(), 1, "a shared core is listed once");
+    src.open_gate();
+    for (tid, t) in touchers {
+        assert_eq!(join_within(t, "toucher"), vec![0], "thread {tid}");
+    }
+    wait_for("nothing blocked", || group.blocked().is_empty());
+    let per = group.per_thread();
+    assert_eq!(per.values().map(|s| s.faults).sum::<u64>(), pages);
+    assert_eq!(core.stats().pages_zeroed, pages);
+    group.stop();
+    for t in threads {
+        join_within(t, "handler").expect("handler loop");
+    }
 }
