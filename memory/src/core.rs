@@ -1,12 +1,31 @@
-//! The retry core: turns one userfault into one outcome.
+//! Step 3 of a fault's walk, the **retry core**: userfault event
+//! ([`crate::uffd`]) -> handler loop ([`crate::handler`]) -> **retry core** ->
+//! page source ([`crate::source`]) -> fill ([`crate::uffd`]). It turns one
+//! attempt at one userfault into one [`FaultOutcome`]:
+//! - `Resolved { pages, by }`: the faulting page is mapped ([`ResolvedBy`]:
+//!   `Copy`, `ZeroPage`, `AlreadyPresent`, `InFlightElsewhere`);
+//! - `Retry(reason)` ([`RetryReason`]): not now; wait for the source's
+//!   notifier (`NotReady`, `Held`), read pending events (`MappingChanged`), or
+//!   a bounded wait ended (`TimedOut`, from [`RetryCore::resolve_waiting`]);
+//! - `Failed(error)` ([`FaultError`]): the page cannot be provided; it was
+//!   not zero-filled and the faulting thread stays blocked.
 //!
-//! Per guest page it keeps a state byte (`Missing -> InFlight -> Present`, and
-//! `Removed` after a REMOVE event). A fault claims its page (and, for cheap bulk
-//! sources, a run of Missing neighbours) by compare-and-swap, fetches it from the
-//! [`PageSource`], and fills it with UFFDIO_COPY or UFFDIO_ZEROPAGE, which wake
-//! every thread blocked on the filled range. The core never zero-fills a page
-//! whose source failed, and never spins: a `Retry` is waited for on the source's
+//! The entry point is [`RetryCore::resolve_access`] (what the handler calls,
+//! with the event's write flag; [`RetryCore::resolve`] is the read-access
+//! shorthand). Per guest page the core keeps a state byte (`Missing ->
+//! InFlight -> Present`, and `Removed` after a REMOVE event). A fault claims
+//! its page (and, for cheap bulk sources, a run of Missing neighbours) by
+//! compare-and-swap, asks the [`PageSource`] for a [`FetchOutcome`]
+//! (`Ready`, `Zero`, `Retry(reason)`, `Failed(error)`), and fills with
+//! UFFDIO_COPY or UFFDIO_ZEROPAGE, which wake every thread blocked on the
+//! filled range. The core never zero-fills a page whose source failed, and
+//! never spins: a `Retry` is waited for on the source's
 //! [`Notifier`](crate::source::Notifier).
+//!
+//! A core holds no uffd: every call is given the one its region is registered
+//! on, so cores can be shared by several handler threads (the CAS claim lets
+//! one fetch; the others answer `InFlightElsewhere`). Its unit tests are in
+//! `core/tests.rs`.
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;

@@ -1,8 +1,19 @@
-//! The page-source seam: where the contents of guest pages come from.
+//! Step 4 of a fault's walk, the **page source**: userfault event
+//! ([`crate::uffd`]) -> handler loop ([`crate::handler`]) -> retry core
+//! ([`crate::core`]) -> **page source** -> fill ([`crate::uffd`]).
 //!
-//! A source answers one question per run of pages: here is the data (`Ready`),
-//! it is all zero (`Zero`), not yet (`Retry`, and it will call its [`Notifier`]
-//! when that may have changed), or never (`Failed`).
+//! The seam where the contents of guest pages come from. A [`PageSource`]
+//! answers one question per run of pages with a [`FetchOutcome`]:
+//! - `Ready`: the data is in the buffer (the core fills with UFFDIO_COPY);
+//! - `Zero`: it is all zero (UFFDIO_ZEROPAGE, nothing copied);
+//! - `Retry(reason)` ([`RetryReason`]: `NotReady`, `Held`): not yet; the
+//!   source calls its [`Notifier`] when that may have changed, and the core
+//!   or handler sleeps until then (no polling);
+//! - `Failed(error)` ([`SourceError`]): never; the core does not zero-fill the
+//!   page and reports `FaultOutcome::Failed`.
+//!
+//! Sources here: [`ZeroSource`] (fresh VM), [`FileSource`] (a memory file),
+//! [`TestSource`] (per-page rules and a gate around another source, for tests).
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
