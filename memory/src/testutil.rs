@@ -133,8 +133,14 @@ impl Fixture {
     /// Waits (5 s at most) for the handler loop to return on its own, and
     /// gives its result.
     pub fn handler_result(&mut self) -> Result<(), HandlerError> {
+        self.handler_join().expect("the handler thread panicked")
+    }
+
+    /// Like `handler_result`, also when the handler thread panicked.
+    pub fn handler_join(&mut self) -> std::thread::Result<Result<(), HandlerError>> {
         let t = self.thread.take().expect("the handler was not joined yet");
-        join_within(t, "the handler loop to return")
+        wait_for("the handler loop to return", || t.is_finished());
+        t.join()
     }
 
     /// Reads a byte on the calling thread.

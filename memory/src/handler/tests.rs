@@ -486,6 +486,44 @@ fn a_panicking_hook_loses_its_event_not_the_handler() {
     assert_eq!(rx.try_recv().ok(), Some(HandlerEvent::Stopped(None)));
 }
 
+/// A source with a bug: its fetch panics.
+#[derive(Debug)]
+struct PanickingSource(crate::source::Notifier);
+
+impl PageSource for PanickingSource {
+    fn name(&self) -> &str {
+        "panicking"
+    }
+    fn fetch(&self, _offset: u64, _buf: &mut [u8]) -> crate::source::FetchOutcome {
+        panic!("a buggy page source");
+    }
+    fn bulk_cheap(&self) -> bool {
+        false
+    }
+    fn notifier(&self) -> &crate::source::Notifier {
+        &self.0
+    }
+}
+
+#[test]
+fn a_panic_in_the_loop_is_reported_as_a_stop() {
+    let src = Arc::new(PanickingSource(crate::source::Notifier::new().expect("eventfd")));
+    let (hook, rx) = channel_hook();
+    let mut fx = Fixture::start_with(2, src, NO_AROUND, 0, Some(hook));
+    let t = fx.touch(1, 0);
+    let HandlerEvent::Stopped(Some(msg)) = next_event(&rx) else {
+        panic!("expected a stop with an error")
+    };
+    assert!(msg.contains("loop panicked"), "{msg}");
+    assert!(fx.handler_join().is_err(), "the handler thread panicked");
+    // Nobody serves the page now: unregistering wakes the toucher, which then
+    // faults as plain anonymous memory.
+    fx.uffd
+        .unregister(fx.map.addr(), fx.map.len() as u64)
+        .expect("unregister");
+    assert_eq!(join_within(t, "released toucher"), 0);
+}
+
 /// Reads one byte at each address in turn on a new thread that first sends its tid.
 fn touch_in_turn(addrs: Vec<u64>, keep: Vec<Arc<crate::mmap::AnonMapping>>) -> (u32, JoinHandle<Vec<u8>>) {
     let (tx, rx) = mpsc::channel();
