@@ -1,15 +1,43 @@
-//! The userfault event loop: poll, read events, hand faults to the retry core.
+//! Step 2 of a fault's walk, the handler loop: userfault event ([`crate::uffd`])
+//! -> **handler loop** -> retry core ([`crate::core`]) -> page source
+//! ([`crate::source`]) -> fill ([`crate::uffd`]).
 //!
-//! One thread, never blocked on anything but `poll`: on the uffd (new events),
-//! a stop eventfd, and each source's notifier (pages that returned `Retry` may
-//! now be available). A fault that cannot be resolved now is parked, keyed by
-//! page, so later events for the same page merge into it and other faults keep
-//! flowing. The loop never waits for a vCPU: a vCPU blocked on a page is only
-//! ever released by filling that page.
+//! One thread, never blocked on anything but `poll`: on the uffd (new events,
+//! read with [`Uffd::read_event`]), a stop eventfd, and one [`Subscription`]
+//! per distinct source notifier (pages that returned `Retry` may now be
+//! available). Each `Event::PageFault` becomes one attempt,
+//! [`RetryCore::resolve_access`], whose [`FaultOutcome`] the loop acts on:
+//! - `Resolved { pages, by }`: done; the waiting threads are charged in
+//!   [`HandlerControl::per_thread`];
+//! - `Retry(reason)`: parked, keyed by page, so later events for the same page
+//!   merge into it and other faults keep flowing; retried when the source
+//!   notifies (`NotReady`, `Held`) or after 1 ms (`MappingChanged`);
+//! - `Failed(error)`: recorded in [`HandlerControl::failures`], reported at once
+//!   to the owner's event hook as [`HandlerEvent::Failed`], and kept parked:
+//!   the page is never zero-filled, a repaired source that notifies serves it.
+//!
+//! The loop never waits for a vCPU: a vCPU blocked on a page is only ever
+//! released by filling that page.
+//!
+//! **Events to the owner.** [`FaultHandler::set_event_hook`] installs a
+//! callback run on the handler thread for each new failure and once when the
+//! loop returns ([`HandlerEvent::Stopped`]: asked to stop, broken uffd, or a
+//! panic in the loop), so the owner needs no polling. The hook must not block
+//! (it delays every fault behind it): send into an unbounded channel and
+//! write an eventfd, nothing more.
+//!
+//! **Several handlers per VM.** Nothing here assumes one handler or one uffd
+//! per VM: cores may be shared (their CAS claim lets one fetch), each handler
+//! waits on sources through its own subscription, and [`HandlerGroup`] merges
+//! the controls of several handlers (`blocked`, `per_thread`, `failures`, ...).
+//! The rules are in `docs/retry-core.md` ("Several handler threads, several
+//! uffds").
 
 use std::collections::HashMap;
+use std::fmt;
 use std::io;
 use std::os::fd::AsRawFd;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
@@ -19,7 +47,7 @@ use serde::Serialize;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::core::{FaultError, FaultOutcome, RetryCore};
-use crate::source::RetryReason;
+use crate::source::{RetryReason, Subscription};
 use crate::uffd::{Event, Uffd, UffdError};
 
 /// Errors that stop the event loop.
@@ -34,6 +62,20 @@ pub enum HandlerError {
     /// Reading events failed.
     #[error("the fault handler cannot read userfaultfd events: {0}")]
     Uffd(#[from] UffdError),
+    /// poll(2) reports an error or hang-up on the uffd and nothing to read.
+    #[error("the userfaultfd is broken (poll revents {revents:#x}, no event to read); guest pages can no longer be served")]
+    Broken {
+        /// The poll revents bits of the uffd.
+        revents: i16,
+    },
+    /// Subscribing to a source's notifier failed.
+    #[error("cannot subscribe to the notifier of page source {source_name}: {error}; raise the process's file descriptor limit")]
+    Subscribe {
+        /// Name of the source.
+        source_name: String,
+        /// Why the eventfd could not be created.
+        error: io::Error,
+    },
     /// Two regions overlap.
     #[error("guest memory regions at host {a:#x} and {b:#x} overlap; give each host range to one core")]
     Overlap {
@@ -76,6 +118,64 @@ pub struct ThreadStats {
     pub retries: u64,
     /// Sum of fault latencies, from reading the event to resolution.
     pub blocked_ns: u64,
+}
+
+impl ThreadStats {
+    /// Adds `other` (the same thread's faults served by another handler).
+    pub fn merge(&mut self, other: &ThreadStats) {
+        self.faults = self.faults.saturating_add(other.faults);
+        self.retries = self.retries.saturating_add(other.retries);
+        self.blocked_ns = self.blocked_ns.saturating_add(other.blocked_ns);
+    }
+}
+
+/// What a [`FaultHandler`] tells its owner as it happens (see
+/// [`FaultHandler::set_event_hook`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HandlerEvent {
+    /// A fault failed (once per fault, however often it is retried; also in
+    /// [`HandlerControl::failures`], which already holds it when the hook
+    /// runs). The faulting thread stays blocked: pause the VM and report it.
+    Failed(FaultError),
+    /// The loop returned, so this handler serves no more faults. `None`: it
+    /// was asked to ([`HandlerControl::stop`]); `Some(message)`: it broke (the
+    /// [`HandlerError`] that `run_until_stopped` returns, or a panic in the
+    /// loop), and the VM cannot go on unless another handler serves its uffd.
+    Stopped(Option<String>),
+}
+
+/// The owner's callback for [`HandlerEvent`]s, run on the handler thread.
+pub type EventHook = Arc<dyn Fn(HandlerEvent) + Send + Sync>;
+
+/// Runs the hook; a panicking hook loses its event but not the handler.
+fn emit(hook: &EventHook, event: HandlerEvent) {
+    if std::panic::catch_unwind(AssertUnwindSafe(|| hook(event))).is_err() {
+        tracing::error!("the fault handler's event hook panicked; its event is lost");
+    }
+}
+
+/// Reports `Stopped` when `run_until_stopped` ends, by return or by unwinding.
+struct StopReport(Option<EventHook>);
+
+impl StopReport {
+    fn returned(mut self, result: &Result<(), HandlerError>) {
+        if let Some(hook) = self.0.take() {
+            emit(
+                &hook,
+                HandlerEvent::Stopped(result.as_ref().err().map(ToString::to_string)),
+            );
+        }
+    }
+}
+
+impl Drop for StopReport {
+    fn drop(&mut self) {
+        // Only reached armed when the loop panicked.
+        if let Some(hook) = self.0.take() {
+            let msg = "the fault handler loop panicked; guest pages can no longer be served";
+            emit(&hook, HandlerEvent::Stopped(Some(msg.into())));
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -236,16 +336,119 @@ impl HandlerControl {
     }
 }
 
+/// The controls of several handlers of one VM (several handler threads, or
+/// several uffds) seen as one. Each view merges the handlers' own: `blocked`
+/// interleaves their lists oldest first, `per_thread` adds up a thread's faults
+/// served by different handlers, `cores` lists a shared core once.
+///
+/// Two handlers reading one uffd may each take an event for the same page:
+/// that page is then listed (and, if its source fails, reported) by both,
+/// for their own waiting threads.
+#[derive(Debug, Clone, Default)]
+pub struct HandlerGroup {
+    controls: Vec<HandlerControl>,
+}
+
+impl HandlerGroup {
+    /// A group of these handlers' controls.
+    pub fn new(controls: Vec<HandlerControl>) -> HandlerGroup {
+        HandlerGroup { controls }
+    }
+
+    /// Adds a handler's control.
+    pub fn push(&mut self, control: HandlerControl) {
+        self.controls.push(control);
+    }
+
+    /// The controls, in the order given.
+    pub fn controls(&self) -> &[HandlerControl] {
+        &self.controls
+    }
+
+    /// Asks every loop to return.
+    pub fn stop(&self) {
+        self.controls.iter().for_each(HandlerControl::stop);
+    }
+
+    /// Every handler's failures, handler by handler.
+    pub fn failures(&self) -> Vec<FaultError> {
+        self.controls.iter().flat_map(HandlerControl::failures).collect()
+    }
+
+    /// Faults parked in all handlers.
+    pub fn pending(&self) -> u64 {
+        self.controls.iter().map(HandlerControl::pending).sum()
+    }
+
+    /// PAGEFAULT events read by all handlers, and how many merged into a parked fault.
+    pub fn events(&self) -> (u64, u64) {
+        self.controls
+            .iter()
+            .map(HandlerControl::events)
+            .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
+    }
+
+    /// Every core of the handlers, each shared core once.
+    pub fn cores(&self) -> Vec<Arc<RetryCore>> {
+        let mut v: Vec<Arc<RetryCore>> = Vec::new();
+        for c in self.controls.iter().flat_map(HandlerControl::cores) {
+            if !v.iter().any(|o| Arc::ptr_eq(o, c)) {
+                v.push(c.clone());
+            }
+        }
+        v
+    }
+
+    /// See [`HandlerControl::blocked`]: every handler's blocked threads, oldest first.
+    pub fn blocked(&self) -> Vec<BlockedFault> {
+        let mut v: Vec<BlockedFault> = self.controls.iter().flat_map(HandlerControl::blocked).collect();
+        v.sort_by_key(|b| (b.since, b.addr));
+        v
+    }
+
+    /// See [`HandlerControl::per_thread`]: summed over the handlers.
+    pub fn per_thread(&self) -> HashMap<u32, ThreadStats> {
+        let mut all: HashMap<u32, ThreadStats> = HashMap::new();
+        for c in &self.controls {
+            for (tid, s) in c.per_thread() {
+                all.entry(tid).or_default().merge(&s);
+            }
+        }
+        all
+    }
+}
+
 /// Owns a [`Uffd`] and the cores of its regions, and runs the event loop.
-#[derive(Debug)]
 pub struct FaultHandler {
     uffd: Arc<Uffd>,
     control: HandlerControl,
     pending: HashMap<u64, Pending>,
+    /// One per distinct source notifier of the cores.
+    subscriptions: Vec<Subscription>,
+    /// `core_subscription[i]`: index in `subscriptions` of core `i`'s notifier.
+    core_subscription: Vec<usize>,
+    hook: Option<EventHook>,
+}
+
+impl fmt::Debug for FaultHandler {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FaultHandler")
+            .field("uffd", &self.uffd)
+            .field("control", &self.control)
+            .field("pending", &self.pending)
+            .field("subscriptions", &self.subscriptions)
+            .field("hook", &self.hook.as_ref().map(|_| "set"))
+            .finish()
+    }
 }
 
 impl FaultHandler {
     /// A handler for `cores`, whose regions must already be registered on `uffd`.
+    ///
+    /// Any set of cores will do, and a core may be given to several handlers;
+    /// but every handler reading one uffd must be given every core registered
+    /// on it (any of them may read any of its events), and a core's region must
+    /// be registered whole on one uffd (see `docs/retry-core.md`).
     pub fn new(uffd: Arc<Uffd>, cores: Vec<Arc<RetryCore>>) -> Result<FaultHandler, HandlerError> {
         for (i, a) in cores.iter().enumerate() {
             for b in &cores[i + 1..] {
@@ -259,6 +462,27 @@ impl FaultHandler {
             }
         }
         let stop = EventFd::new(EFD_NONBLOCK).map_err(HandlerError::EventFd)?;
+        // Our own eventfd per notifier: another handler waiting on the same
+        // source clears its own, never ours.
+        let mut subscriptions = Vec::new();
+        let mut core_subscription = Vec::with_capacity(cores.len());
+        for (i, c) in cores.iter().enumerate() {
+            let notifier = c.source().notifier();
+            let same = cores[..i]
+                .iter()
+                .position(|o| std::ptr::eq(o.source().notifier(), notifier));
+            match same {
+                Some(j) => core_subscription.push(core_subscription[j]),
+                None => {
+                    let sub = notifier.subscribe().map_err(|error| HandlerError::Subscribe {
+                        source_name: c.source().name().to_owned(),
+                        error,
+                    })?;
+                    core_subscription.push(subscriptions.len());
+                    subscriptions.push(sub);
+                }
+            }
+        }
         Ok(FaultHandler {
             uffd,
             control: HandlerControl {
@@ -267,7 +491,25 @@ impl FaultHandler {
                 cores,
             },
             pending: HashMap::new(),
+            subscriptions,
+            core_subscription,
+            hook: None,
         })
+    }
+
+    /// Installs the callback that learns of new failures and of the loop's
+    /// end as they happen ([`HandlerEvent`]); it replaces any earlier one.
+    ///
+    /// It runs on the handler thread, between faults, with no handler lock
+    /// held (it may call [`HandlerControl`] methods). It must not block or
+    /// take long: every fault waits behind it, and a vCPU blocked from kernel
+    /// mode cannot be released by anything else (PLATFORM.md). Send into an
+    /// unbounded channel and write an eventfd (or set a flag); never a
+    /// bounded `send`, a lock a vCPU or the controller may hold, or I/O. A
+    /// panic in it is caught and logged (the event is lost); it must not
+    /// panic while the loop itself unwinds.
+    pub fn set_event_hook(&mut self, hook: EventHook) {
+        self.hook = Some(hook);
     }
 
     /// A handle to stop the loop and read its results.
@@ -276,8 +518,16 @@ impl FaultHandler {
     }
 
     /// Runs until [`HandlerControl::stop`]. Returns an error only if the uffd
-    /// itself is broken; fault failures are recorded, never fatal.
+    /// itself is broken; fault failures are recorded, never fatal. Either way
+    /// the event hook then gets [`HandlerEvent::Stopped`] (also on a panic).
     pub fn run_until_stopped(&mut self) -> Result<(), HandlerError> {
+        let report = StopReport(self.hook.clone());
+        let result = self.run_loop();
+        report.returned(&result);
+        result
+    }
+
+    fn run_loop(&mut self) -> Result<(), HandlerError> {
         let cores = self.control.cores.clone();
         let mut fds = vec![
             libc::pollfd {
@@ -291,8 +541,8 @@ impl FaultHandler {
                 revents: 0,
             },
         ];
-        fds.extend(cores.iter().map(|c| libc::pollfd {
-            fd: c.source().notifier().as_raw_fd(),
+        fds.extend(self.subscriptions.iter().map(|s| libc::pollfd {
+            fd: s.as_raw_fd(),
             events: libc::POLLIN,
             revents: 0,
         }));
@@ -325,16 +575,19 @@ impl FaultHandler {
                 let _ = self.control.stop.read();
                 return Ok(());
             }
-            let mut due = vec![false; cores.len()];
+            let mut notified = vec![false; self.subscriptions.len()];
             for (i, f) in fds[2..].iter().enumerate() {
                 if f.revents != 0 {
                     // Clear before retrying so a notify during the retry re-arms it.
-                    cores[i].source().notifier().clear_event();
-                    due[i] = true;
+                    self.subscriptions[i].clear();
+                    notified[i] = true;
                 }
             }
-            if fds[0].revents & (libc::POLLERR | libc::POLLHUP) != 0 && fds[0].revents & libc::POLLIN == 0 {
-                return Err(HandlerError::Poll(io::Error::from_raw_os_error(libc::EPIPE)));
+            let due: Vec<bool> = self.core_subscription.iter().map(|&s| notified[s]).collect();
+            let revents = fds[0].revents;
+            if revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 && revents & libc::POLLIN == 0
+            {
+                return Err(HandlerError::Broken { revents });
             }
             while let Some(ev) = self.uffd.read_event()? {
                 self.on_event(&cores, ev);
@@ -438,13 +691,17 @@ impl FaultHandler {
         }
     }
 
+    /// Lists a new failure, then tells the owner (the list already has it).
     fn record_failure(&self, e: FaultError) {
         self.control
             .shared
             .failures
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .push(e);
+            .push(e.clone());
+        if let Some(hook) = &self.hook {
+            emit(hook, HandlerEvent::Failed(e));
+        }
     }
 
     fn retry_pending(&mut self, cores: &[Arc<RetryCore>], due: &[bool]) {
@@ -470,362 +727,4 @@ impl FaultHandler {
 
 #[cfg(test)]
 #[allow(clippy::cast_possible_truncation)] // test sizes are small
-mod tests {
-    use std::sync::atomic::AtomicBool;
-    use std::time::Duration;
-
-    use super::*;
-    use crate::core::{AfterRemove, CoreConfig, PageState};
-    use crate::source::{FileSource, Rule, TestSource, ZeroSource};
-    use crate::testutil::*;
-
-    fn file_source(pages: u64) -> (PatternFile, Arc<TestSource>) {
-        let f = PatternFile::new(pages);
-        let inner = Arc::new(FileSource::open(&f.0, 0).expect("open pattern file"));
-        (f, Arc::new(TestSource::new(inner).expect("test source")))
-    }
-
-    const NO_AROUND: CoreConfig = CoreConfig {
-        fault_around: 0,
-        after_remove: AfterRemove::Zero,
-    };
-
-    #[test]
-    fn zero_source_sequential_and_random() {
-        let src = Arc::new(TestSource::new(Arc::new(ZeroSource::new().expect("eventfd"))).expect("eventfd"));
-        let fx = Fixture::start(64, src.clone(), NO_AROUND);
-        for p in 0..32 {
-            assert_eq!(fx.read(p, 5), 0);
-        }
-        // A fixed shuffle of the upper half, touched from two threads.
-        let order: Vec<u64> = (0..32).map(|i| 32 + (i * 13) % 32).collect();
-        let ts: Vec<_> = order.iter().map(|&p| fx.touch(p, 1)).collect();
-        for t in ts {
-            assert_eq!(join_within(t, "random toucher"), 0);
-        }
-        wait_for("64 faults recorded", || fx.core.stats().faults == 64);
-        let s = fx.core.stats();
-        assert_eq!(s.pages_zeroed, 64);
-        assert_eq!(s.pages_copied, 0);
-        assert_eq!(s.faults, 64);
-        assert_eq!(src.max_fetches_per_page(), 1);
-        assert_eq!(s.latency_us_log2.iter().sum::<u64>(), 64);
-    }
-
-    #[test]
-    fn file_source_concurrent_touchers_fetch_each_page_once() {
-        let (_f, src) = file_source(32);
-        // Slow pages make the threads pile up on the same fault.
-        for p in (0..32).step_by(4) {
-            src.set_rule(p * ps(), Rule::Delay(Duration::from_millis(5)));
-        }
-        let fx = Fixture::start(32, src.clone(), NO_AROUND);
-        let threads: Vec<_> = (0..4u64)
-            .map(|t| {
-                let map = fx.map.clone();
-                std::thread::spawn(move || {
-                    for i in 0..32u64 {
-                        let p = if t % 2 == 0 { i } else { (i * 7 + t) % 32 };
-                        let off = (t * 97 + i) % ps();
-                        // SAFETY: `map` is alive for the whole thread.
-                        let v = unsafe { std::ptr::read_volatile(map.ptr().add((p * ps() + off) as usize)) };
-                        assert_eq!(v, pattern(p, off), "page {p} offset {off}");
-                    }
-                })
-            })
-            .collect();
-        for t in threads {
-            join_within(t, "concurrent toucher");
-        }
-        assert_eq!(src.max_fetches_per_page(), 1, "a page was fetched twice");
-        wait_for("32 pages copied", || fx.core.stats().pages_copied == 32);
-        assert!(fx.control.failures().is_empty());
-    }
-
-    #[test]
-    fn retry_then_serve_counts_retries() {
-        let (_f, src) = file_source(8);
-        src.set_rule(5 * ps(), Rule::RetryTimes(3));
-        let fx = Fixture::start(8, src.clone(), NO_AROUND);
-        assert_eq!(join_within(fx.touch(5, 9), "retried page"), pattern(5, 9));
-        wait_for("the fault to be recorded", || fx.core.stats().faults == 1);
-        let s = fx.core.stats();
-        assert_eq!(s.retries_max, 3);
-        assert_eq!(s.retries_total, 3);
-        assert_eq!(s.faults, 1);
-        assert_eq!(src.fetches_of(5 * ps()), 4);
-    }
-
-    #[test]
-    fn held_page_blocks_only_its_toucher_until_release() {
-        let (_f, src) = file_source(8);
-        src.set_rule(2 * ps(), Rule::Hold);
-        let fx = Fixture::start(8, src.clone(), NO_AROUND);
-        let done = Arc::new(AtomicBool::new(false));
-        let held = {
-            let (map, done) = (fx.map.clone(), done.clone());
-            std::thread::spawn(move || {
-                // SAFETY: `map` is alive for the whole thread.
-                let v = unsafe { std::ptr::read_volatile(map.ptr().add(2 * ps() as usize + 3)) };
-                done.store(true, Ordering::Release);
-                v
-            })
-        };
-        wait_for("the held fault to be parked", || fx.control.pending() == 1);
-        // Other faults keep flowing while one is held.
-        assert_eq!(join_within(fx.touch(3, 0), "neighbour"), pattern(3, 0));
-        std::thread::sleep(Duration::from_millis(50));
-        assert!(!done.load(Ordering::Acquire), "held page was served");
-        let calls = src.fetch_calls();
-        std::thread::sleep(Duration::from_millis(50));
-        assert_eq!(
-            src.fetch_calls(),
-            calls,
-            "a held page must be waited for, not polled"
-        );
-        src.release(2 * ps());
-        assert_eq!(join_within(held, "released page"), pattern(2, 3));
-        wait_for("no parked fault", || fx.control.pending() == 0);
-    }
-
-    #[test]
-    fn failed_page_is_reported_and_never_zero_filled() {
-        let (_f, src) = file_source(8);
-        src.set_rule(3 * ps(), Rule::Fail("sector unreadable".into()));
-        let fx = Fixture::start(8, src.clone(), NO_AROUND);
-        let t = fx.touch(3, 7);
-        wait_for("the failure to be reported", || !fx.control.failures().is_empty());
-        let failures = fx.control.failures();
-        let msg = failures[0].to_string();
-        assert!(
-            msg.starts_with(&format!("guest page {:#x} (host {:#x})", 3 * ps(), fx.addr(3))),
-            "{msg}"
-        );
-        assert!(
-            msg.contains("sector unreadable") && msg.contains("not zero-filled"),
-            "{msg}"
-        );
-        std::thread::sleep(Duration::from_millis(30));
-        assert!(!t.is_finished(), "the toucher must stay blocked");
-        assert_eq!(fx.core.page_state(fx.addr(3)), Some(PageState::Missing));
-        // Fix the source: the parked fault is retried and served with real data.
-        src.clear_rule(3 * ps());
-        assert_eq!(join_within(t, "repaired page"), pattern(3, 7));
-        assert_eq!(fx.control.failures().len(), 1);
-    }
-
-    #[test]
-    fn fault_around_needs_fewer_events_than_pages() {
-        let (_f, src) = file_source(64);
-        let config = CoreConfig {
-            fault_around: 16,
-            after_remove: AfterRemove::Zero,
-        };
-        let fx = Fixture::start(64, src.clone(), config);
-        for p in 0..64 {
-            assert_eq!(fx.read(p, p), pattern(p, p));
-        }
-        // Counters are updated after the fill wakes the toucher: wait for them.
-        wait_for("64 pages copied", || fx.core.stats().pages_copied == 64);
-        let (events, _) = fx.control.events();
-        assert_eq!(events, 4, "one event per 16-page window");
-        let s = fx.core.stats();
-        assert_eq!(s.fault_around_pages, 60);
-        assert_eq!(src.max_fetches_per_page(), 1);
-    }
-
-    #[test]
-    fn fault_around_skips_present_and_bad_neighbours() {
-        let (_f, src) = file_source(32);
-        src.set_rule(25 * ps(), Rule::Fail("bad neighbour".into()));
-        let config = CoreConfig {
-            fault_around: 16,
-            after_remove: AfterRemove::Zero,
-        };
-        let fx = Fixture::start(32, src.clone(), config);
-        // Page 4 mapped behind the core's back: the run copy stops there (EAGAIN
-        // with a partial count), EEXIST on it, and the rest is copied.
-        fx.uffd
-            .copy(fx.addr(4), &vec![0xEE; ps() as usize], false)
-            .expect("populate");
-        assert_eq!(fx.read(2, 1), pattern(2, 1));
-        assert_eq!(fx.read(4, 1), 0xEE, "an existing page must not be overwritten");
-        assert_eq!(fx.read(6, 1), pattern(6, 1));
-        wait_for("15 pages copied", || fx.core.stats().pages_copied == 15);
-        let s = fx.core.stats();
-        assert_eq!((s.eagain, s.eexist), (1, 1), "{s:?}");
-        assert_eq!(fx.control.events().0, 1);
-        // A failing neighbour in the window: the faulting page alone is served.
-        assert_eq!(fx.read(20, 1), pattern(20, 1));
-        assert!(
-            fx.control.failures().is_empty(),
-            "a bad neighbour must not fail the fault"
-        );
-        assert_eq!(fx.core.page_state(fx.addr(21)), Some(PageState::Missing));
-    }
-
-    #[test]
-    fn removed_pages_fault_again() {
-        let (_f, src) = file_source(8);
-        let fx = Fixture::start(8, src.clone(), NO_AROUND);
-        assert_eq!(fx.read(1, 0), pattern(1, 0));
-        fx.map.discard(ps() as usize, ps() as usize).expect("madvise");
-        // madvise returns once the event is read, maybe before it is applied.
-        wait_for("the REMOVE to apply", || {
-            fx.core.page_state(fx.addr(1)) == Some(PageState::Removed)
-        });
-        assert_eq!(fx.read(1, 0), 0, "DONTNEED memory reads zero");
-        assert_eq!(src.fetches_of(ps()), 1);
-
-        let (_f2, src2) = file_source(8);
-        let refetch = CoreConfig {
-            fault_around: 0,
-            after_remove: AfterRemove::Refetch,
-        };
-        let fx2 = Fixture::start(8, src2.clone(), refetch);
-        assert_eq!(fx2.read(1, 0), pattern(1, 0));
-        fx2.map.discard(ps() as usize, ps() as usize).expect("madvise");
-        assert_eq!(fx2.read(1, 0), pattern(1, 0));
-        assert_eq!(src2.fetches_of(ps()), 2);
-        wait_for("the REMOVE to be counted", || fx2.core.stats().removes == 1);
-    }
-
-    #[test]
-    fn overlapping_regions_are_refused() {
-        let src: Arc<dyn crate::source::PageSource> = Arc::new(ZeroSource::new().expect("eventfd"));
-        let r = crate::core::Region {
-            host_base: 0x10_0000,
-            size: 0x4000,
-            guest_offset: 0,
-        };
-        let a = Arc::new(RetryCore::new(r, src.clone(), NO_AROUND).expect("core"));
-        let r2 = crate::core::Region {
-            host_base: 0x10_2000,
-            ..r
-        };
-        let b = Arc::new(RetryCore::new(r2, src, NO_AROUND).expect("core"));
-        let uffd = Arc::new(Uffd::for_guest_memory().expect("uffd"));
-        let err = FaultHandler::new(uffd, vec![a, b]).expect_err("overlap");
-        assert!(err.to_string().contains("overlap"), "{err}");
-    }
-
-    /// Touches byte `off` of `page` on a new thread that first sends its tid.
-    fn touch_with_tid(fx: &Fixture, page: u64, off: u64) -> (u32, std::thread::JoinHandle<u8>) {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let addr = fx.addr(page) + off;
-        let map = fx.map.clone();
-        let t = std::thread::spawn(move || {
-            let _keep = map;
-            tx.send(gettid()).expect("send tid");
-            // SAFETY: `_keep` holds the mapping alive while we read it.
-            unsafe { std::ptr::read_volatile(addr as *const u8) }
-        });
-        (rx.recv().expect("toucher tid"), t)
-    }
-
-    #[test]
-    fn closed_gate_blocks_and_lists_threads_until_opened() {
-        let src = Arc::new(TestSource::new(Arc::new(ZeroSource::new().expect("eventfd"))).expect("eventfd"));
-        src.close_gate();
-        let guest_base = 0x10_0000;
-        let around = CoreConfig {
-            fault_around: 4,
-            after_remove: AfterRemove::Zero,
-        };
-        let fx = Fixture::start_at(8, src.clone(), around, guest_base);
-        let (tid_a, a) = touch_with_tid(&fx, 3, 5);
-        wait_for("the gated fault to be parked", || {
-            fx.control
-                .blocked()
-                .first()
-                .is_some_and(|b| b.reason == Some(RetryReason::Held))
-        });
-        let (tid_b, b) = touch_with_tid(&fx, 3, 9);
-        wait_for("the second thread to be listed", || {
-            fx.control.blocked().len() == 2
-        });
-        let blocked = fx.control.blocked();
-        assert_eq!(
-            blocked.iter().map(|b| b.tid).collect::<Vec<_>>(),
-            vec![Some(tid_a), Some(tid_b)],
-            "oldest first"
-        );
-        for f in &blocked {
-            assert_eq!((f.addr, f.guest_offset), (fx.addr(3), guest_base + 3 * ps()));
-            assert_eq!(f.failure, None);
-        }
-        assert_eq!(
-            src.held_pages(),
-            vec![guest_base + 3 * ps()],
-            "the faulting page only"
-        );
-        let calls = src.fetch_calls();
-        std::thread::sleep(Duration::from_millis(50));
-        assert!(
-            !a.is_finished() && !b.is_finished(),
-            "a closed gate served a page"
-        );
-        assert_eq!(
-            src.fetch_calls(),
-            calls,
-            "a closed gate must be waited for, not polled"
-        );
-        assert!(fx.control.per_thread().is_empty());
-
-        src.open_gate();
-        assert_eq!(join_within(a, "first toucher"), 0);
-        assert_eq!(join_within(b, "second toucher"), 0);
-        wait_for("nothing blocked", || fx.control.blocked().is_empty());
-        let per = fx.control.per_thread();
-        for tid in [tid_a, tid_b] {
-            let s = per.get(&tid).copied().unwrap_or_default();
-            assert_eq!((s.faults, s.retries), (1, 1), "thread {tid}: {s:?}");
-            assert!(s.blocked_ns >= 50_000_000, "thread {tid} waited >= 50 ms: {s:?}");
-        }
-        assert!(src.held_pages().is_empty());
-        assert_eq!(fx.control.events(), (2, 1));
-        let json = serde_json::to_string(&per[&tid_a]).expect("serialize");
-        assert!(
-            json.starts_with("{\"faults\":1,\"retries\":1,\"blocked_ns\":"),
-            "{json}"
-        );
-    }
-
-    #[test]
-    fn blocked_shows_in_progress_and_failed_faults() {
-        let (_f, src) = file_source(8);
-        src.set_rule(ps(), Rule::Delay(Duration::from_millis(300)));
-        src.set_rule(2 * ps(), Rule::Fail("bad sector".into()));
-        let fx = Fixture::start(8, src.clone(), NO_AROUND);
-        let (tid, slow) = touch_with_tid(&fx, 1, 0);
-        wait_for("the slow fault to be listed", || !fx.control.blocked().is_empty());
-        let b = &fx.control.blocked()[0];
-        assert_eq!(
-            (b.tid, b.addr, b.reason.clone()),
-            (Some(tid), fx.addr(1), None),
-            "in progress"
-        );
-        assert_eq!(join_within(slow, "slow page"), pattern(1, 0));
-        wait_for("the slow fault to be accounted", || {
-            fx.control.per_thread().contains_key(&tid)
-        });
-        let s = fx.control.per_thread()[&tid];
-        assert_eq!((s.faults, s.retries), (1, 0));
-        assert!(s.blocked_ns >= 300_000_000, "{s:?}");
-
-        let (tid, bad) = touch_with_tid(&fx, 2, 0);
-        wait_for("the failure to be listed", || {
-            fx.control.blocked().first().is_some_and(|b| b.failure.is_some())
-        });
-        let b = &fx.control.blocked()[0];
-        assert_eq!((b.tid, b.guest_offset), (Some(tid), 2 * ps()));
-        assert!(b
-            .failure
-            .as_ref()
-            .is_some_and(|e| e.to_string().contains("bad sector")));
-        src.clear_rule(2 * ps());
-        assert_eq!(join_within(bad, "repaired page"), pattern(2, 0));
-        wait_for("nothing blocked", || fx.control.blocked().is_empty());
-        assert_eq!(fx.control.per_thread()[&tid].faults, 1);
-    }
-}
+mod tests;

@@ -1,8 +1,19 @@
-//! The page-source seam: where the contents of guest pages come from.
+//! Step 4 of a fault's walk, the **page source**: userfault event
+//! ([`crate::uffd`]) -> handler loop ([`crate::handler`]) -> retry core
+//! ([`crate::core`]) -> **page source** -> fill ([`crate::uffd`]).
 //!
-//! A source answers one question per run of pages: here is the data (`Ready`),
-//! it is all zero (`Zero`), not yet (`Retry`, and it will call its [`Notifier`]
-//! when that may have changed), or never (`Failed`).
+//! The seam where the contents of guest pages come from. A [`PageSource`]
+//! answers one question per run of pages with a [`FetchOutcome`]:
+//! - `Ready`: the data is in the buffer (the core fills with UFFDIO_COPY);
+//! - `Zero`: it is all zero (UFFDIO_ZEROPAGE, nothing copied);
+//! - `Retry(reason)` ([`RetryReason`]: `NotReady`, `Held`): not yet; the
+//!   source calls its [`Notifier`] when that may have changed, and the core
+//!   or handler sleeps until then (no polling);
+//! - `Failed(error)` ([`SourceError`]): never; the core does not zero-fill the
+//!   page and reports `FaultOutcome::Failed`.
+//!
+//! Sources here: [`ZeroSource`] (fresh VM), [`FileSource`] (a memory file),
+//! [`TestSource`] (per-page rules and a gate around another source, for tests).
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
@@ -11,7 +22,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -107,14 +118,41 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// Wakes whoever waits for a source to make progress.
 ///
-/// Two ways to wait, both real sleeps: a blocking [`Notifier::wait_past`] on a
-/// generation counter (condvar), or polling [`Notifier::as_raw_fd`] (an eventfd,
-/// so an event loop can wait for the uffd, a stop signal and sources at once).
+/// Three ways to wait, all real sleeps: a blocking [`Notifier::wait_past`] on
+/// a generation counter (condvar, any number of waiters); polling
+/// [`Notifier::as_raw_fd`] (an eventfd, so an event loop can wait for the uffd,
+/// a stop signal and sources at once; one consumer only, since clearing it
+/// consumes the wake-up); or polling a [`Subscription`] of one's own, which is
+/// how several event loops (handler threads) wait on one source: each
+/// `notify` makes every subscription readable.
 #[derive(Debug)]
 pub struct Notifier {
     generation: Mutex<u64>,
     cond: Condvar,
     event: EventFd,
+    subscribers: Mutex<Vec<Weak<EventFd>>>,
+}
+
+/// An eventfd of its own that every [`Notifier::notify`] makes readable,
+/// cleared by its owner only: one per event loop waiting on a source.
+/// Dropping it unsubscribes.
+#[derive(Debug)]
+pub struct Subscription {
+    event: Arc<EventFd>,
+}
+
+impl Subscription {
+    /// Clears the eventfd after it polled readable (call before retrying, so a
+    /// notify that races with the retry keeps it readable).
+    pub fn clear(&self) {
+        let _ = self.event.read();
+    }
+}
+
+impl AsRawFd for Subscription {
+    fn as_raw_fd(&self) -> RawFd {
+        self.event.as_raw_fd()
+    }
 }
 
 impl Notifier {
@@ -124,7 +162,18 @@ impl Notifier {
             generation: Mutex::new(0),
             cond: Condvar::new(),
             event: EventFd::new(EFD_NONBLOCK)?,
+            subscribers: Mutex::new(Vec::new()),
         })
+    }
+
+    /// A new [`Subscription`]: an eventfd that every later `notify` makes
+    /// readable, independent of the other subscribers and of `as_raw_fd`.
+    pub fn subscribe(&self) -> io::Result<Subscription> {
+        let event = Arc::new(EventFd::new(EFD_NONBLOCK)?);
+        let mut subs = lock(&self.subscribers);
+        subs.retain(|w| w.strong_count() > 0);
+        subs.push(Arc::downgrade(&event));
+        Ok(Subscription { event })
     }
 
     /// The current generation; read it before a fetch, wait past it after a Retry.
@@ -139,6 +188,9 @@ impl Notifier {
         self.cond.notify_all();
         // Only fails if the counter would overflow, i.e. it is already readable.
         let _ = self.event.write(1);
+        for sub in lock(&self.subscribers).iter().filter_map(Weak::upgrade) {
+            let _ = sub.write(1);
+        }
     }
 
     /// Waits until the generation moves past `seen` or `timeout` elapses.
@@ -569,6 +621,37 @@ mod tests {
             );
         });
         assert_eq!(t.fetch(2 * ps, &mut buf), FetchOutcome::Zero);
+    }
+
+    fn readable(fd: &impl AsRawFd) -> bool {
+        let mut pfd = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: `pfd` is a valid pollfd for the call; timeout 0 never sleeps.
+        unsafe { libc::poll(&mut pfd, 1, 0) == 1 }
+    }
+
+    #[test]
+    fn every_subscription_sees_every_notify() {
+        let n = Notifier::new().expect("eventfd");
+        let (a, b) = (n.subscribe().expect("a"), n.subscribe().expect("b"));
+        assert!(!readable(&a) && !readable(&b) && !readable(&n));
+        n.notify();
+        assert!(readable(&a) && readable(&b) && readable(&n));
+        // One event loop clearing its wake-up must not take the other's.
+        a.clear();
+        assert!(
+            !readable(&a) && readable(&b),
+            "a clear consumed another loop's wake-up"
+        );
+        drop(b);
+        n.notify();
+        assert!(readable(&a));
+        assert_eq!(lock(&n.subscribers).len(), 2, "pruned on the next subscribe only");
+        let _c = n.subscribe().expect("c");
+        assert_eq!(lock(&n.subscribers).len(), 2);
     }
 
     #[test]

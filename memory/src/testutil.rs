@@ -9,7 +9,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::core::{CoreConfig, Region, RetryCore};
-use crate::handler::{FaultHandler, HandlerControl};
+use crate::handler::{EventHook, FaultHandler, HandlerControl, HandlerError};
 use crate::mmap::AnonMapping;
 use crate::source::PageSource;
 use crate::uffd::{Features, RegisterMode, Uffd};
@@ -57,8 +57,11 @@ pub struct Fixture {
     pub uffd: Arc<Uffd>,
     pub core: Arc<RetryCore>,
     pub control: HandlerControl,
-    thread: Option<JoinHandle<()>>,
+    thread: Option<JoinHandle<Result<(), HandlerError>>>,
 }
+
+/// The name of every fixture's handler thread.
+pub const HANDLER_THREAD: &str = "uffd-handler-test";
 
 impl Fixture {
     pub fn start(pages: u64, source: Arc<dyn PageSource>, config: CoreConfig) -> Fixture {
@@ -72,6 +75,17 @@ impl Fixture {
         config: CoreConfig,
         guest_offset: u64,
     ) -> Fixture {
+        Self::start_with(pages, source, config, guest_offset, None)
+    }
+
+    /// Like `start_at`, with an event hook on the handler.
+    pub fn start_with(
+        pages: u64,
+        source: Arc<dyn PageSource>,
+        config: CoreConfig,
+        guest_offset: u64,
+        hook: Option<EventHook>,
+    ) -> Fixture {
         let map = Arc::new(AnonMapping::new((pages * ps()) as usize).expect("mmap"));
         let uffd = Arc::new(Uffd::for_guest_memory().expect("userfaultfd"));
         uffd.register(map.addr(), map.len() as u64, RegisterMode::MISSING)
@@ -84,8 +98,14 @@ impl Fixture {
         };
         let core = Arc::new(RetryCore::new(region, source, config).expect("core"));
         let mut handler = FaultHandler::new(uffd.clone(), vec![core.clone()]).expect("handler");
+        if let Some(hook) = hook {
+            handler.set_event_hook(hook);
+        }
         let control = handler.control();
-        let thread = std::thread::spawn(move || handler.run_until_stopped().expect("handler loop"));
+        let thread = std::thread::Builder::new()
+            .name(HANDLER_THREAD.into())
+            .spawn(move || handler.run_until_stopped())
+            .expect("spawn the handler thread");
         Fixture {
             map,
             uffd,
@@ -108,6 +128,19 @@ impl Fixture {
             // SAFETY: `_keep` holds the mapping alive while we read it.
             unsafe { std::ptr::read_volatile(addr as *const u8) }
         })
+    }
+
+    /// Waits (5 s at most) for the handler loop to return on its own, and
+    /// gives its result.
+    pub fn handler_result(&mut self) -> Result<(), HandlerError> {
+        self.handler_join().expect("the handler thread panicked")
+    }
+
+    /// Like `handler_result`, also when the handler thread panicked.
+    pub fn handler_join(&mut self) -> std::thread::Result<Result<(), HandlerError>> {
+        let t = self.thread.take().expect("the handler was not joined yet");
+        wait_for("the handler loop to return", || t.is_finished());
+        t.join()
     }
 
     /// Reads a byte on the calling thread.

@@ -1,4 +1,16 @@
-//! A small typed layer over userfaultfd(2).
+//! Steps 1 and 5 of a fault's walk, the two ends: the **userfault event** and
+//! the **fill**. userfault event -> handler loop ([`crate::handler`]) -> retry
+//! core ([`crate::core`]) -> page source ([`crate::source`]) -> fill.
+//!
+//! A small typed layer over userfaultfd(2). In: [`Uffd::read_event`] (never
+//! blocks) gives an [`Event`]: `PageFault { addr, flags, thread_id }` (a thread
+//! is blocked on `addr`), `Remove { start, end }` (madvise dropped pages) or
+//! `Unknown(code)`. Out: [`Uffd::copy`] (UFFDIO_COPY) and [`Uffd::zeropage`]
+//! (UFFDIO_ZEROPAGE) fill missing pages and wake every thread blocked on
+//! them, answering a [`CopyError`] the retry core acts on: `Exists` (already
+//! mapped: resolved), `Again { copied }` (partial, or a REMOVE is pending:
+//! retry as `MappingChanged`), `NoMapping` / `ProcessGone` / `Os` (failed);
+//! [`Uffd::wake`] wakes without filling.
 //!
 //! The `userfaultfd` crate needs libclang at build time, so the kernel ABI
 //! (`include/uapi/linux/userfaultfd.h`) is mirrored here by hand, with a
