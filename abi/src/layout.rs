@@ -4,6 +4,9 @@
 
 /// Size of a base page (4 KiB).
 pub const PAGE_SIZE: u64 = 0x1000;
+/// [`PAGE_SIZE`] as a `usize`, for buffers.
+#[allow(clippy::cast_possible_truncation)] // 4096 fits every usize
+pub const PAGE_LEN: usize = PAGE_SIZE as usize;
 /// Size of a large page mapped by a page-directory entry (2 MiB).
 pub const LARGE_PAGE_SIZE: u64 = 0x20_0000;
 

@@ -29,7 +29,7 @@
 
 use crate::GuestRam;
 use crate::{DeviceEvent, DeviceEventSink};
-use abi::layout::PAGE_SIZE;
+use abi::layout::{PAGE_LEN as PAGE, PAGE_SIZE};
 use abi::pv::store::{self, GuestStats};
 use abi::pv::{status, PvRequest};
 use persist::Persist;
@@ -50,8 +50,6 @@ pub const MAX_DELAY: Duration = Duration::from_secs(10);
 /// write takes, short enough that a userfault nobody serves is reported.
 pub const DEFAULT_PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// A page, in bytes.
-const PAGE: usize = 4096;
 const _: () = assert!(PAGE_SIZE == PAGE as u64);
 /// The completion area, in bytes.
 const AREA_LEN: usize = store::SLOTS * 8;

@@ -130,8 +130,14 @@ impl std::fmt::Debug for Vm {
     }
 }
 
-/// The controller's channel, and the mechanism's sink into it.
-fn channel() -> Result<(EventSender, Receiver<Event>, EventSink), VmError> {
+/// The controller's channel: its two ends, and the mechanism's sink into it.
+struct Channel {
+    events: EventSender,
+    rx: Receiver<Event>,
+    sink: EventSink,
+}
+
+fn channel() -> Result<Channel, VmError> {
     let (tx, rx) = mpsc::channel();
     let fd = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(VmError::EventFd)?);
     let events = EventSender::new(tx, fd);
@@ -141,7 +147,7 @@ fn channel() -> Result<(EventSender, Receiver<Event>, EventSink), VmError> {
             events.send(Event::Vm(ev));
         })
     };
-    Ok((events, rx, sink))
+    Ok(Channel { events, rx, sink })
 }
 
 impl Vm {
@@ -151,10 +157,9 @@ impl Vm {
         plan: MemoryPlan<'_>,
         options: VmOptions,
         restored: ControllerState,
-        sink: EventSink,
-        events: EventSender,
-        rx: Receiver<Event>,
+        channel: Channel,
     ) -> Result<Vm, VmError> {
+        let Channel { events, rx, sink } = channel;
         let core = vmm_core::Vm::build(
             config,
             boot,
@@ -177,7 +182,7 @@ impl Vm {
     /// configuration says (or served from `options.page_source`).
     pub fn new(config: &VmConfig, options: VmOptions) -> Result<Vm, VmError> {
         config.validate()?;
-        let (events, rx, sink) = channel()?;
+        let ch = channel()?;
         let plan = match &options.page_source {
             None => MemoryPlan::Configured,
             Some(custom) => {
@@ -195,9 +200,7 @@ impl Vm {
             plan,
             options,
             ControllerState::default(),
-            sink,
-            events,
-            rx,
+            ch,
         )
     }
 
@@ -208,7 +211,7 @@ impl Vm {
     pub fn restore(dir: &Path, how: &RestoreOptions, options: VmOptions) -> Result<Vm, VmError> {
         let created = Instant::now();
         let snap = Snapshot::open(dir)?;
-        let (events, rx, sink) = channel()?;
+        let ch = channel()?;
         let restored = snap.state.controller.clone();
         let mut vm = if let Some(socket) = &how.uffd_socket {
             let config = snap.config(MemoryConfig::default())?;
@@ -218,9 +221,7 @@ impl Vm {
                 MemoryPlan::External,
                 options,
                 restored,
-                sink,
-                events,
-                rx,
+                ch,
             )?;
             let ext = vm.core.memory().external().ok_or(vmm_core::VmError::Phase(
                 "guest memory was not handed to userfaultfd",
@@ -250,23 +251,31 @@ impl Vm {
                 MemoryPlan::Lazy(plan),
                 options,
                 restored,
-                sink,
-                events,
-                rx,
+                ch,
             )?
         } else {
             let config = snap.config(MemoryConfig::default())?;
-            let mut fill = |ram: &devices::GuestRam| snap.fill_memory(ram).map_err(Into::into);
-            Self::assemble(
+            // The snapshot's own error (a bad extent) is the one to report.
+            let mut failed = None;
+            let mut fill = |ram: &devices::GuestRam| {
+                snap.fill_memory(ram).map_err(|e| {
+                    let msg = e.to_string();
+                    failed = Some(e);
+                    msg.into()
+                })
+            };
+            let built = Self::assemble(
                 &config,
                 Boot::Restore(&snap.state.vm),
                 MemoryPlan::Fill(&mut fill),
                 options,
                 restored,
-                sink,
-                events,
-                rx,
-            )?
+                ch,
+            );
+            match (built, failed) {
+                (Err(_), Some(e)) => return Err(e.into()),
+                (built, _) => built?,
+            }
         };
         vm.core.set_created(created);
         Ok(vm)
@@ -286,7 +295,7 @@ impl Vm {
             fault_around: Some(0),
         };
         let config = saved.vm.config.config(memory)?;
-        let (events, rx, sink) = channel()?;
+        let ch = channel()?;
         // A page its source has not sent is never zero-filled: the VM pauses
         // and waits (the source may come back).
         options.on_memory_fault = MemoryFaultPolicy::Pause;
@@ -303,9 +312,7 @@ impl Vm {
             MemoryPlan::Lazy(plan),
             options,
             saved.controller.clone(),
-            sink,
-            events,
-            rx,
+            ch,
         )
     }
 

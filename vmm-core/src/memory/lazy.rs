@@ -10,8 +10,8 @@
 use super::materialize::Materializer;
 use crate::event::{EventSink, MemoryEvent, VmEvent};
 use ::memory::{
-    CoreConfig, FaultError, FaultHandler, HandlerControl, HandlerError, PageSource, Region, RegisterMode,
-    RetryCore, Stats, Uffd,
+    CoreConfig, FaultError, FaultHandler, HandlerControl, HandlerError, HandlerEvent, PageSource, Region,
+    RegisterMode, RetryCore, Stats, Uffd,
 };
 use devices::GuestRam;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -137,6 +137,13 @@ impl LazyMemory {
             regions.push(region);
         }
         let mut handler = FaultHandler::new(uffd.clone(), cores)?;
+        // Failures reach the owner at once (it pauses the VM), never polled.
+        handler.set_event_hook(Arc::new(move |ev| match ev {
+            HandlerEvent::Failed(e) => sink(VmEvent::Memory(MemoryEvent::SourceFailed(e.to_string()))),
+            HandlerEvent::Stopped(Some(why)) => sink(VmEvent::Memory(MemoryEvent::HandlerStopped(why))),
+            // Stopped on request: the end of the VM.
+            HandlerEvent::Stopped(None) => {}
+        }));
         let control = handler.control();
         let handler_cpu = plan.handler_cpu;
         let thread = std::thread::Builder::new()
@@ -151,7 +158,6 @@ impl LazyMemory {
                 let r = handler.run_until_stopped();
                 if let Err(e) = &r {
                     tracing::error!("the userfault handler stopped: {e}");
-                    sink(VmEvent::Memory(MemoryEvent::HandlerStopped(e.to_string())));
                 }
                 r
             })

@@ -133,7 +133,6 @@ pub(crate) fn start(
         source_lost: Arc::new(AtomicBool::new(false)),
         before_loss: None,
         devices_paused: false,
-        failures_seen: 0,
     }));
     em.add_subscriber(controller.clone());
     if let (true, Some(serial)) = (options.stdin, serial) {
@@ -164,17 +163,18 @@ fn run_loop(
     timeout: Duration,
 ) -> RunOutcome {
     let end = loop {
-        {
-            let mut c = lock(controller);
-            c.poll_memory();
-            if let Some(end) = c.end.clone() {
-                break end;
-            }
+        if let Some(end) = lock(controller).end.clone() {
+            break end;
         }
-        if deadline.is_some_and(|d| Instant::now() >= d) {
-            break GuestEnd::TimedOut(timeout);
-        }
-        if let Err(e) = em.run_with_timeout(100) {
+        // Everything that can end the run is an event; only the deadline is a timeout.
+        let wait_ms = match deadline {
+            None => -1,
+            Some(d) => match d.checked_duration_since(Instant::now()) {
+                None => break GuestEnd::TimedOut(timeout),
+                Some(left) => i32::try_from(left.as_millis().saturating_add(1)).unwrap_or(i32::MAX),
+            },
+        };
+        if let Err(e) = em.run_with_timeout(wait_ms) {
             tracing::error!("the VM's event loop failed: {e:?}");
             break GuestEnd::Stopped;
         }
@@ -210,8 +210,6 @@ struct Controller {
     before_loss: Option<RunState>,
     /// Whether this controller paused the devices (for a capture).
     devices_paused: bool,
-    /// Page-source failures already acted on.
-    failures_seen: usize,
 }
 
 impl Controller {
@@ -262,23 +260,6 @@ impl Controller {
             self.bad_requests.push(msg);
         } else {
             self.bad_requests_dropped += 1;
-        }
-    }
-
-    /// Checks the memory manager for failures not acted on yet (and a
-    /// handler that stopped).
-    fn poll_memory(&mut self) {
-        let (failures, died) = self.vm.memory().failures();
-        if died {
-            self.end(GuestEnd::MemoryFault(
-                "the userfault handler stopped; guest pages can no longer be served".into(),
-            ));
-        }
-        if failures.len() > self.failures_seen {
-            self.failures_seen = failures.len();
-            if let Some(msg) = failures.last() {
-                self.memory_failed(msg.clone());
-            }
         }
     }
 

@@ -89,22 +89,6 @@ pub struct DestStats {
     pub recoveries: u32,
 }
 
-/// The percentile `p` (0..1) of a log2 histogram, as its bucket's upper bound in us.
-pub fn percentile_us(hist: &[u64], p: f64) -> u64 {
-    let total: u64 = hist.iter().sum();
-    if total == 0 {
-        return 0;
-    }
-    let mut seen = 0;
-    for (i, n) in hist.iter().enumerate() {
-        seen += n;
-        if seen as f64 >= p * total as f64 {
-            return 1u64 << (i + 1).min(63);
-        }
-    }
-    0
-}
-
 /// What arrives before post-copy.
 struct Prelude {
     /// `state.json`.
@@ -541,9 +525,9 @@ impl IncomingSession {
             resends: c.resends,
             duplicates: c.duplicates,
             bytes: c.bytes,
-            latency_p50_us: percentile_us(&c.latency_us_log2, 0.5),
-            latency_p99_us: percentile_us(&c.latency_us_log2, 0.99),
-            latency_us_log2: c.latency_us_log2.clone(),
+            latency_p50_us: c.latency.percentile_upper_bound_us(0.5),
+            latency_p99_us: c.latency.percentile_upper_bound_us(0.99),
+            latency_us_log2: c.latency.buckets(),
             vcpu_blocked_us,
             held_after_loss: c.held_after_loss,
             recoveries,
@@ -654,17 +638,5 @@ fn receive_pages(
                 )))
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn percentiles_of_a_log2_histogram() {
-        assert_eq!(percentile_us(&[], 0.5), 0);
-        assert_eq!(percentile_us(&[0, 10, 0, 1], 0.5), 4);
-        assert_eq!(percentile_us(&[0, 10, 0, 1], 0.99), 16);
     }
 }

@@ -12,7 +12,7 @@
 use super::transport::Conn;
 use super::wire::{encode, Message, PAGE, PAGE64};
 use super::{io, lock, MigrationError};
-use ::memory::{FetchOutcome, Notifier, PageSource, RetryReason, SourceError};
+use ::memory::{FetchOutcome, Log2Histogram, Notifier, PageSource, RetryReason, SourceError};
 use std::collections::HashMap;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -38,7 +38,7 @@ pub(super) struct Counters {
     pub(super) duplicates: u64,
     pub(super) bytes: u64,
     pub(super) held_after_loss: u64,
-    pub(super) latency_us_log2: Vec<u64>,
+    pub(super) latency: Log2Histogram,
 }
 
 /// Where an incoming migration stands, for a progress display; updated
@@ -237,12 +237,7 @@ impl RemoteSource {
             }
             Some(Slot::Requested(t)) => {
                 asked = true;
-                let us = u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX).max(1);
-                let b = (63 - us.leading_zeros()) as usize;
-                if c.latency_us_log2.len() <= b {
-                    c.latency_us_log2.resize(b + 1, 0);
-                }
-                c.latency_us_log2[b] += 1;
+                c.latency.record_duration(t.elapsed());
                 if !requested {
                     c.requests_met_by_push += 1;
                 }

@@ -15,10 +15,7 @@ use std::io::{Read, Write};
 pub const MAGIC: [u8; 8] = *b"VMMMIGR\0";
 /// Protocol version. 3: the state is a version-2 snapshot state.
 pub const VERSION: u32 = 3;
-/// Guest page size.
-pub const PAGE: usize = 4096;
-/// [`PAGE`] as a `u64`.
-pub const PAGE64: u64 = 4096;
+pub use abi::layout::{PAGE_LEN as PAGE, PAGE_SIZE as PAGE64};
 /// Length of a page message: address and data.
 pub const PAGE_MSG: u32 = 8 + 4096;
 /// Largest state message.

@@ -4,16 +4,13 @@
 
 use super::Extent;
 use super::{io_err, MemoryEntry, SnapshotError, EXTENT_MAX, MEMORY};
-use abi::layout::{ram_ranges, PAGE_SIZE};
+use abi::layout::{ram_ranges, PAGE_LEN as PAGE, PAGE_SIZE};
 use devices::GuestRam;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use vm_memory::{Address, Bytes, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_core::memory::pages::Pagemap;
-
-/// The page size as a `usize`.
-const PAGE: usize = PAGE_SIZE as usize;
 
 /// One past the last byte of guest RAM (the memory file's length).
 pub fn ram_end(mem_size: u64) -> u64 {
