@@ -312,3 +312,27 @@ fn a_vm_received_with_precopy_migrates_again_at_once() {
     assert!(matches!(sum, Ok(Some(_))), "{sum:?}");
     assert!(second.precopy_pages > 0, "{second:?}");
 }
+
+/// Page-store reads in flight at the switchover complete on the destination:
+/// the guest's `store` test (four reads of 1.2 s each) migrates mid-read by
+/// post-copy and passes there.
+#[test]
+fn page_store_reads_in_flight_complete_after_a_migration() {
+    let cfg = config(1, "256M", "test=store store_delay_us=1200000");
+    let listener = Listener::bind(&Endpoint::Unix(sock("store"))).unwrap();
+    let to = listener.endpoint().unwrap();
+    let (handle_tx, _handle_rx) = mpsc::channel();
+    let dest = destination_with_handle(listener, Duration::from_secs(1), handle_tx);
+    let (options, console) = capture_options();
+    let src = Vm::new(&cfg, options).unwrap().start().unwrap();
+    wait_for(&console, "guest-kernel: booting");
+    // Into the second of the four reads.
+    std::thread::sleep(Duration::from_millis(1800));
+    src.migrate(&to, &MigrateOptions::default()).unwrap();
+    assert!(matches!(src.wait().unwrap().end, GuestEnd::Migrated(_)));
+    let out = dest.join().unwrap();
+    assert_eq!(out.run.end, GuestEnd::Exited(0), "{:?}", out.lost);
+    assert_eq!(out.stats.page_store_reads_carried, 1, "{:?}", out.stats);
+    let guest = out.run.guest_stats.unwrap();
+    assert!(guest.store_reads >= 4, "{guest:?}");
+}

@@ -289,3 +289,39 @@ fn lazy_restore_of_a_large_guest_serves_only_touched_pages() {
         m.total
     );
 }
+
+/// Page-store reads in flight at a snapshot: the guest's `store` test reads
+/// four store pages that each take 1.2 s to arrive; a snapshot taken while
+/// one is in flight (its state lists it) restores lazily, the read completes
+/// after its remaining delay, and the test passes on the restored VM.
+#[test]
+fn page_store_reads_in_flight_complete_after_a_lazy_restore() {
+    let cfg = config(1, "256M", "test=store store_delay_us=1200000");
+    let dir = TempDir::new("store-in-flight");
+    let (options, console) = capture_options();
+    let vm = Vm::new(&cfg, options).unwrap().start().unwrap();
+    wait_for(&console, "guest-kernel: booting");
+    let start = Instant::now();
+    let in_flight = loop {
+        assert!(start.elapsed() < Duration::from_secs(30), "never a read in flight");
+        std::thread::sleep(Duration::from_millis(150));
+        vm.snapshot(&dir.0, AfterSnapshot::Pause).unwrap();
+        let state: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.0.join("state.json")).unwrap()).unwrap();
+        let n = state["vm"]["devices"]["page_store"]["in_flight"]
+            .as_array()
+            .map_or(0, Vec::len);
+        if n > 0 {
+            break n;
+        }
+        vm.resume().unwrap();
+    };
+    assert_eq!(in_flight, 1, "the test reads one page at a time");
+    vm.stop();
+    assert_eq!(vm.wait().unwrap().end, GuestEnd::Stopped);
+    let (vm, _, console) = restore(&dir.0, &lazy(false));
+    let out = vm.wait().unwrap();
+    let text = console_text(&console);
+    assert_eq!(out.end, GuestEnd::Exited(0), "console:\n{text}");
+    assert!(text.contains("guest-test: store ... ok"), "{text}");
+}

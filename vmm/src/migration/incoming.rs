@@ -87,6 +87,9 @@ pub struct DestStats {
     pub held_after_loss: u64,
     /// Times the source was lost and came back (`recover`).
     pub recoveries: u32,
+    /// Page-store reads (in flight or held) carried over in the VM state:
+    /// they complete here.
+    pub page_store_reads_carried: u64,
 }
 
 /// What arrives before post-copy.
@@ -164,6 +167,7 @@ pub struct Incoming {
     precopy_pages: u64,
     precopy_kept: u64,
     data_pages: u64,
+    reads_carried: u64,
 }
 
 impl Incoming {
@@ -221,6 +225,8 @@ impl Incoming {
         let data_ranges = extents_of(&all).iter().map(|e| (e.gpa, e.len)).collect();
         progress.data_pages.store(data_pages, Ordering::Relaxed);
         let src = RemoteSource::new("migration".into(), pairs, conn.try_clone()?, precopied, progress)?;
+        let store = &snap.state.vm.devices.page_store;
+        let reads_carried = (store.in_flight.len() + store.held_reads.len()) as u64;
         Ok(Incoming {
             conn,
             answers,
@@ -233,6 +239,7 @@ impl Incoming {
             precopy_pages,
             precopy_kept,
             data_pages,
+            reads_carried,
         })
     }
 
@@ -313,6 +320,7 @@ impl Incoming {
             precopy_pages: self.precopy_pages,
             precopy_kept: self.precopy_kept,
             data_pages: self.data_pages,
+            reads_carried: self.reads_carried,
         })
     }
 }
@@ -481,6 +489,7 @@ pub struct IncomingSession {
     precopy_pages: u64,
     precopy_kept: u64,
     data_pages: u64,
+    reads_carried: u64,
 }
 
 impl IncomingSession {
@@ -531,6 +540,7 @@ impl IncomingSession {
             vcpu_blocked_us,
             held_after_loss: c.held_after_loss,
             recoveries,
+            page_store_reads_carried: self.reads_carried,
         }
     }
 }

@@ -116,8 +116,12 @@ pub struct StressReport {
     pub holds: u64,
     /// Snapshots taken mid-run and restored lazily to completion.
     pub snapshot_restores: u64,
+    /// Of those, runs of the guest's suite (page-store reads in flight).
+    pub suite_snapshot_restores: u64,
     /// Post-copy migrations mid-run, the destination run to completion.
     pub migrations: u64,
+    /// Of those, runs of the guest's suite.
+    pub suite_migrations: u64,
     /// Of those, migrations whose connections were cut and that were resumed.
     pub migration_recoveries: u64,
     /// Source answers "retry" injected.
@@ -316,8 +320,10 @@ fn run_one(
             .integrity_errors
             .push(format!("run {index} ({}): migration failed: {e}", plan.cmdline));
     }
+    let suite = plan.cmdline.starts_with("test=");
     if let Some(Some(dest)) = moved {
         report.migrations += 1;
+        report.suite_migrations += u64::from(suite);
         if rig.recovered.load(Ordering::Relaxed) {
             report.migration_recoveries += 1;
         }
@@ -364,6 +370,7 @@ fn run_one(
                 ));
             }
             report.snapshot_restores += 1;
+            report.suite_snapshot_restores += u64::from(suite);
         }
         Some(Err(e)) => report
             .integrity_errors
@@ -424,12 +431,14 @@ impl std::fmt::Display for StressReport {
         )?;
         writeln!(
             f,
-            "  storms: {} kicks, {} pause/resume cycles, {} holds, {} snapshots restored, {} migrations ({} resumed after a cut); {} vCPU interruptions",
+            "  storms: {} kicks, {} pause/resume cycles, {} holds, {} snapshots restored ({} of the suite), {} migrations ({} of the suite, {} resumed after a cut); {} vCPU interruptions",
             self.kicks,
             self.pauses,
             self.holds,
             self.snapshot_restores,
+            self.suite_snapshot_restores,
             self.migrations,
+            self.suite_migrations,
             self.migration_recoveries,
             self.interruptions
         )?;

@@ -91,12 +91,12 @@ pub fn plan(seed: u64, index: u64, vcpus: u32) -> RunPlan {
             (at, ev)
         })
         .collect();
-    // The page store's in-flight reads are not part of a snapshot (see
-    // docs/snapshot.md), so only touch runs are snapshotted.
-    if !suite && rng.below(3) == 0 {
+    // Suite runs too: the page store's reads in flight are part of the
+    // state, and must complete on the restored or migrated VM.
+    if rng.below(3) == 0 {
         schedule.push((u32::try_from(rng.below(1000)).unwrap_or(0), StormEvent::Snapshot));
     }
-    if !suite && rng.below(4) == 0 {
+    if rng.below(4) == 0 {
         let precopy_rounds = u32::try_from(rng.below(4)).unwrap_or(0);
         let cut_after_kib = if rng.below(3) == 0 {
             u32::try_from(64 + rng.below(4096)).unwrap_or(0)
