@@ -303,7 +303,10 @@ fn page_store_reads_in_flight_complete_after_a_lazy_restore() {
     wait_for(&console, "guest-kernel: booting");
     let start = Instant::now();
     let in_flight = loop {
-        assert!(start.elapsed() < Duration::from_secs(30), "never a read in flight");
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "never a read in flight"
+        );
         std::thread::sleep(Duration::from_millis(150));
         vm.snapshot(&dir.0, AfterSnapshot::Pause).unwrap();
         let state: serde_json::Value =

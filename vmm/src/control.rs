@@ -129,17 +129,27 @@ impl Response {
     }
 }
 
-/// Decodes one request line; the error is the message sent back.
-pub fn decode(line: &[u8]) -> Result<Request, String> {
+/// A request line that is not a request (its message is sent back).
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// Longer than [`MAX_LINE`].
+    #[error("request longer than {MAX_LINE} bytes")]
+    TooLong,
+    /// Not UTF-8.
+    #[error("request is not UTF-8")]
+    NotUtf8,
+    /// Not a request of this protocol.
+    #[error("bad request: {0}; send one JSON object per line, e.g. {{\"cmd\":\"pause\"}} (cmd: pause, resume, stats, snapshot, migrate, recover)")]
+    Json(#[source] serde_json::Error),
+}
+
+/// Decodes one request line.
+pub fn decode(line: &[u8]) -> Result<Request, DecodeError> {
     if line.len() > MAX_LINE {
-        return Err(format!("request longer than {MAX_LINE} bytes"));
+        return Err(DecodeError::TooLong);
     }
-    let text = std::str::from_utf8(line).map_err(|_| "request is not UTF-8".to_string())?;
-    serde_json::from_str(text.trim()).map_err(|e| {
-        format!(
-            "bad request: {e}; send one JSON object per line, e.g. {{\"cmd\":\"pause\"}} (cmd: pause, resume, stats, snapshot, migrate, recover)"
-        )
-    })
+    let text = std::str::from_utf8(line).map_err(|_| DecodeError::NotUtf8)?;
+    serde_json::from_str(text.trim()).map_err(DecodeError::Json)
 }
 
 /// Carries out a request on the VM.
@@ -303,7 +313,7 @@ pub fn serve_client(stream: UnixStream, vm: &VmHandle) {
         } else {
             match decode(&line) {
                 Ok(req) => execute(vm, &req),
-                Err(msg) => Response::err(msg),
+                Err(e) => Response::err(e.to_string()),
             }
         };
         let mut text = serde_json::to_string(&resp)
@@ -353,29 +363,33 @@ pub fn request(path: &Path, req: &Request) -> Result<serde_json::Value, ControlS
 mod tests {
     use super::*;
 
+    fn decode_ok(line: &[u8]) -> Request {
+        decode(line).unwrap_or_else(|e| panic!("{e}"))
+    }
+
     #[test]
     fn requests_decode() {
-        assert_eq!(decode(br#"{"cmd":"pause"}"#), Ok(Request::Pause {}));
-        assert_eq!(decode(b" {\"cmd\":\"stats\"}\n"), Ok(Request::Stats {}));
+        assert_eq!(decode_ok(br#"{"cmd":"pause"}"#), Request::Pause {});
+        assert_eq!(decode_ok(b" {\"cmd\":\"stats\"}\n"), Request::Stats {});
         assert_eq!(
-            decode(br#"{"cmd":"snapshot","to":"/s","then":"stop"}"#),
-            Ok(Request::Snapshot {
+            decode_ok(br#"{"cmd":"snapshot","to":"/s","then":"stop"}"#),
+            Request::Snapshot {
                 to: "/s".into(),
                 then: AfterSnapshot::Stop
-            })
+            }
         );
         assert_eq!(
-            decode(br#"{"cmd":"snapshot","to":"/s"}"#),
-            Ok(Request::Snapshot {
+            decode_ok(br#"{"cmd":"snapshot","to":"/s"}"#),
+            Request::Snapshot {
                 to: "/s".into(),
                 then: AfterSnapshot::Restore
-            })
+            }
         );
         let r = Request::Snapshot {
             to: "/x".into(),
             then: AfterSnapshot::Resume,
         };
-        assert_eq!(decode(serde_json::to_string(&r).unwrap().as_bytes()), Ok(r));
+        assert_eq!(decode_ok(serde_json::to_string(&r).unwrap().as_bytes()), r);
     }
 
     #[test]
@@ -401,7 +415,7 @@ mod tests {
         ];
         for c in cases {
             let e = decode(c).unwrap_err();
-            assert!(!e.is_empty());
+            assert!(!e.to_string().is_empty());
         }
         // Pseudo-random bytes and mutations of a valid request.
         let mut x: u64 = 0x9e37_79b9_7f4a_7c15;

@@ -325,29 +325,29 @@ fn run(args: RunArgs) -> i32 {
     report(&config, &outcome, args.stats.as_deref())
 }
 
+/// Why a run could not go ahead.
+type RunError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Starts a built VM, serves the control socket while it runs, waits for the end.
 fn run_with_control(
     vm: Result<vmm::Vm, vmm::VmError>,
     control: Option<&Path>,
-) -> Result<vmm::RunOutcome, String> {
-    let running = vm
-        .map_err(|e| e.to_string())?
-        .start()
-        .map_err(|e| e.to_string())?;
+) -> Result<vmm::RunOutcome, RunError> {
+    let running = vm?.start()?;
     let server = match control {
         Some(path) => match vmm::control::ControlServer::start(path, running.handle()) {
             Ok(s) => Some(s),
             Err(e) => {
                 running.stop();
                 let _ = running.wait();
-                return Err(e.to_string());
+                return Err(e.into());
             }
         },
         None => None,
     };
-    let outcome = running.wait().map_err(|e| e.to_string());
+    let outcome = running.wait();
     drop(server);
-    outcome
+    Ok(outcome?)
 }
 
 fn parse_timeout(t: Option<f64>) -> Result<Option<Duration>, i32> {

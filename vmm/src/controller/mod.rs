@@ -13,6 +13,7 @@
 mod handle;
 mod ops;
 pub mod outcome;
+mod reports;
 pub mod state;
 
 pub use handle::{ControlError, ControllerPanicked, LiveStats, RunningVm, VmHandle};
@@ -23,10 +24,11 @@ pub use state::RunState;
 use crate::migration::{MigrationError, RecoverRequest, Resumable, SourceSummary};
 use crate::signals::ShutdownSignals;
 use crate::state::ControllerState;
-use abi::pv::WorkloadReport;
 use devices::serial::SerialConsole;
 use devices::DeviceEvent;
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use persist::Persist;
+use reports::GuestReports;
 use state::valid_transition;
 use std::io::Read;
 use std::os::fd::AsRawFd;
@@ -37,11 +39,6 @@ use std::time::{Duration, Instant};
 use vmm_core::{MemoryEvent, VmEvent};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
-
-/// Reports kept from the guest (a guest sending more is misbehaving).
-const MAX_REPORTS: usize = 4 * abi::boot::MAX_VCPUS as usize;
-/// Rejected guest requests kept as messages; later ones are only counted.
-const MAX_BAD_REQUESTS: usize = 100;
 
 /// What to do when a page source fails.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -119,9 +116,10 @@ pub(crate) fn start(
         run,
         end: None,
         memory_fault: None,
-        reports: options.restored.reports.clone(),
-        bad_requests: Vec::new(),
-        bad_requests_dropped: 0,
+        guest: match GuestReports::restore((), &options.restored) {
+            Ok(g) => g,
+            Err(never) => match never {},
+        },
         events_fd: events.fd.clone(),
         events_rx: rx,
         events: events.clone(),
@@ -189,9 +187,8 @@ struct Controller {
     end: Option<GuestEnd>,
     /// The last page-source failure (the VM was paused for it).
     memory_fault: Option<String>,
-    reports: Vec<WorkloadReport>,
-    bad_requests: Vec<String>,
-    bad_requests_dropped: u64,
+    /// What the guest reported (persists with the VM).
+    guest: GuestReports,
     events_fd: Arc<EventFd>,
     events_rx: Receiver<Event>,
     events: EventSender,
@@ -231,35 +228,19 @@ impl Controller {
                 let run_now = !self.run.paused();
                 match self.vm.start_secondaries(run_now) {
                     Ok(true) => {}
-                    Ok(false) => self.bad_request("the guest asked to start its vCPUs twice".into()),
+                    Ok(false) => self
+                        .guest
+                        .bad_request("the guest asked to start its vCPUs twice".into()),
                     Err(e) => tracing::warn!("cannot start the secondary vCPUs: {e}"),
                 }
             }
-            VmEvent::Device(DeviceEvent::Report(r)) => {
-                if self.reports.len() < MAX_REPORTS {
-                    self.reports.push(r);
-                } else {
-                    self.bad_request(format!(
-                        "workload report dropped: more than {MAX_REPORTS} reports"
-                    ));
-                }
-            }
-            VmEvent::Device(DeviceEvent::BadRequest(msg)) => self.bad_request(msg),
+            VmEvent::Device(DeviceEvent::Report(r)) => self.guest.report(r),
+            VmEvent::Device(DeviceEvent::BadRequest(msg)) => self.guest.bad_request(msg),
             VmEvent::VcpuStopped(s) => self.end(GuestEnd::Crashed(s)),
             VmEvent::Memory(MemoryEvent::SourceFailed(msg)) => self.memory_failed(msg),
             VmEvent::Memory(MemoryEvent::HandlerStopped(why)) => self.end(GuestEnd::MemoryFault(format!(
                 "the userfault handler stopped ({why}); guest pages can no longer be served"
             ))),
-        }
-    }
-
-    /// Keeps a rejected guest request, within bounds (a guest can send many).
-    fn bad_request(&mut self, msg: String) {
-        if self.bad_requests.len() < MAX_BAD_REQUESTS {
-            tracing::warn!("{msg}");
-            self.bad_requests.push(msg);
-        } else {
-            self.bad_requests_dropped += 1;
         }
     }
 
@@ -414,12 +395,7 @@ impl Controller {
         self.vm.stop(patience, true);
         let vcpu_stats = self.vm.vcpu_stats();
         self.vm.memory_mut().stop();
-        let mut reports = std::mem::take(&mut self.reports);
-        reports.sort_by_key(|r| r.cpu);
-        let mut bad_requests = std::mem::take(&mut self.bad_requests);
-        if self.bad_requests_dropped > 0 {
-            bad_requests.push(format!("... and {} more", self.bad_requests_dropped));
-        }
+        let (reports, bad_requests) = self.guest.take();
         let created = self.vm.created();
         RunOutcome {
             end,

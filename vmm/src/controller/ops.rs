@@ -7,7 +7,8 @@ use crate::migration::{
     spawn_precopy, Endpoint, MigrateOptions, MigrationError, Outgoing, PrecopyCtx, SourceSummary, Stopped,
 };
 use crate::snapshot::{self, AfterSnapshot, SnapshotInfo};
-use crate::state::{ControllerState, SavedVm};
+use crate::state::SavedVm;
+use persist::Persist;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Sender};
@@ -99,12 +100,11 @@ impl Controller {
         }
         self.pause_devices()?;
         let vm = self.vm.save_state().map_err(vm_err)?;
-        Ok(SavedVm {
-            vm,
-            controller: ControllerState {
-                reports: self.reports.clone(),
-            },
-        })
+        let controller = match self.guest.save() {
+            Ok(s) => s,
+            Err(never) => match never {},
+        };
+        Ok(SavedVm { vm, controller })
     }
 
     /// Starts an outgoing migration: pre-copy on a thread (the VM runs), or
