@@ -172,6 +172,10 @@ impl Destination {
         if let Endpoint::Unix(path) = at {
             let _ = std::fs::remove_file(path);
         }
-        moved.then(|| r.and_then(|o| o.map_err(|e| e.to_string())))
+        match r {
+            // A panic is an error whether or not the VM moved.
+            Err(panic) => Some(Err(panic)),
+            Ok(o) => moved.then(|| o.map_err(|e| e.to_string())),
+        }
     }
 }
