@@ -211,7 +211,11 @@ impl Vm {
 
         let kvm = kvm::open_kvm()?;
         let vm_fd = Arc::new(kvm::create_vm(&kvm)?);
-        let mut mm = MemoryManager::new(vm_fd.clone(), config.mem_size)?;
+        // A saved VM's memory manager restores its own layout (and checks it).
+        let mut mm = match boot {
+            Boot::Restore(state) => MemoryManager::restore(vm_fd.clone(), &state.memory)?,
+            Boot::Kernel | Boot::Incoming => MemoryManager::new(vm_fd.clone(), config.mem_size)?,
+        };
         let mut entry = 0;
         if let Some(image) = &kernel_image {
             let ram = mm.ram();
@@ -469,7 +473,7 @@ impl Vm {
 
     /// Stops and joins every vCPU at the end of a run. A vCPU blocked on a
     /// page that cannot be served ignores kicks (a kernel-mode access spins,
-    /// PLATFORM.md): with `void` (the run's results no longer matter) guest
+    /// docs/platform.md): with `void` (the run's results no longer matter) guest
     /// RAM is unregistered from userfaultfd to let such a vCPU see the stop.
     pub fn stop(&mut self, patience: Duration, void: bool) {
         let memory = &self.memory;

@@ -306,14 +306,18 @@ impl Vm {
             handler_cpu: None,
             prefetch: false,
         };
-        Self::assemble(
+        // Built in two phases, as a destination built before its state
+        // arrives would be: everything but the state, then the state.
+        let mut vm = Self::assemble(
             &config,
-            Boot::Restore(&saved.vm),
+            Boot::Incoming,
             MemoryPlan::Lazy(plan),
             options,
             saved.controller.clone(),
             ch,
-        )
+        )?;
+        vm.core.apply_state(&saved.vm)?;
+        Ok(vm)
     }
 
     /// Fetches pages through the retry cores (lazily backed memory only).

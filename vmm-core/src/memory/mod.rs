@@ -100,6 +100,7 @@ pub struct MemoryManager {
 /// The memory manager's own state: the layout (the contents are saved
 /// separately, by the snapshot or migration layer).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct MemoryState {
     /// Guest RAM bytes.
     pub mem_size: u64,

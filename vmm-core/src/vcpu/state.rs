@@ -50,6 +50,7 @@ fn restore_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuStat
 
 /// `kvm_fpu` (kvm-bindings has no serde for it).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
 pub struct FpuState {
     /// x87 registers.
     pub fpr: Vec<[u8; 16]>,
@@ -112,6 +113,7 @@ impl FpuState {
 
 /// One vCPU's KVM state.
 #[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct CpuState {
     /// General registers.
     pub regs: kvm_regs,
