@@ -24,6 +24,13 @@ use std::time::Duration;
 
 /// Longest request line accepted.
 pub const MAX_LINE: usize = 64 * 1024;
+/// Longest push delay a migration request may ask for (an hour).
+pub const MAX_PUSH_DELAY_MS: u64 = 3_600_000;
+/// Clients served at once; more wait in the listen queue (each holds a
+/// thread and two file descriptors).
+pub const MAX_CLIENTS: usize = 16;
+/// A client that sends no request for this long is disconnected.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Errors of the control socket.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +52,14 @@ pub enum ControlSocketError {
         what: &'static str,
         /// Why.
         source: std::io::Error,
+    },
+    /// No answer in time.
+    #[error("control socket {path}: no answer within {waited:?}; the VMM may be busy (a long snapshot or migration: raise `vmm ctl --timeout`) or not a vmm")]
+    NoAnswer {
+        /// The socket.
+        path: PathBuf,
+        /// How long we waited.
+        waited: Duration,
     },
     /// The VMM answered with an error.
     #[error("the VMM refused the request: {0}")]
@@ -155,6 +170,15 @@ pub fn decode(line: &[u8]) -> Result<Request, DecodeError> {
 
 /// Carries out a request on the VM.
 pub fn execute(vm: &VmHandle, req: &Request) -> Response {
+    if let Request::Snapshot { to, .. } = req {
+        // Relative to what? The VMM's working directory is no answer.
+        if !to.is_absolute() {
+            return Response::err(format!(
+                "snapshot directory `{}` is not an absolute path; give one (vmm ctl resolves relative paths itself)",
+                to.display()
+            ));
+        }
+    }
     let json = |v: Result<serde_json::Value, serde_json::Error>| match v {
         Ok(v) => Response::ok(v),
         Err(e) => Response::err(format!("cannot encode the result: {e}")),
@@ -185,6 +209,11 @@ pub fn execute(vm: &VmHandle, req: &Request) -> Response {
             precopy_rounds,
             resume,
         } => {
+            if *push_delay_ms > MAX_PUSH_DELAY_MS {
+                return Response::err(format!(
+                    "push_delay_ms {push_delay_ms} is more than the {MAX_PUSH_DELAY_MS} ms (an hour) accepted"
+                ));
+            }
             let options = MigrateOptions {
                 push_delay: Duration::from_millis(*push_delay_ms),
                 precopy_rounds: *precopy_rounds,
@@ -236,7 +265,15 @@ impl ControlServer {
             }
             std::fs::remove_file(path).map_err(io_err(path, "removing the stale socket"))?;
         }
-        let listener = UnixListener::bind(path).map_err(io_err(path, "bind"))?;
+        // Owner only, whatever the umask: guest control is for this user.
+        // SAFETY: umask has no preconditions; restored right after the bind.
+        let old = unsafe { libc::umask(0o177) };
+        let bound = UnixListener::bind(path);
+        // SAFETY: as above.
+        unsafe { libc::umask(old) };
+        let listener = bound.map_err(io_err(path, "bind"))?;
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .map_err(io_err(path, "restricting the socket to its owner"))?;
         listener
             .set_nonblocking(true)
             .map_err(io_err(path, "setting non-blocking mode"))?;
@@ -265,15 +302,35 @@ impl Drop for ControlServer {
 }
 
 fn serve(listener: &UnixListener, vm: &VmHandle, stop: &AtomicBool) {
+    let clients = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     while !stop.load(Ordering::Relaxed) {
+        if clients.load(Ordering::Acquire) >= MAX_CLIENTS {
+            // Bounded: the next ones wait in the kernel's listen queue.
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        }
         match listener.accept() {
             Ok((stream, _)) => {
+                if let Err(e) = crate::peer::check_same_user(&stream) {
+                    tracing::warn!("control socket: {e}");
+                    let _ = (&stream).write_all(
+                        format!("{}\n", serde_json::json!({"ok": false, "error": e.to_string()})).as_bytes(),
+                    );
+                    continue;
+                }
                 let vm = vm.clone();
-                // One thread per client: a slow client does not block others.
+                let count = clients.clone();
+                count.fetch_add(1, Ordering::AcqRel);
+                // One thread per client (at most MAX_CLIENTS): a slow client
+                // does not block others.
                 let spawned = std::thread::Builder::new()
                     .name("vmm-control-client".into())
-                    .spawn(move || serve_client(stream, &vm));
+                    .spawn(move || {
+                        serve_client(stream, &vm);
+                        count.fetch_sub(1, Ordering::AcqRel);
+                    });
                 if let Err(e) = spawned {
+                    clients.fetch_sub(1, Ordering::AcqRel);
                     tracing::warn!("control socket: cannot serve a client: {e}");
                 }
             }
@@ -291,6 +348,9 @@ fn serve(listener: &UnixListener, vm: &VmHandle, stop: &AtomicBool) {
 /// Answers each request line of one client until it hangs up.
 pub fn serve_client(stream: UnixStream, vm: &VmHandle) {
     let _ = stream.set_nonblocking(false);
+    // An idle client is disconnected (a request in progress, e.g. a
+    // migration, is not bounded by this: the timeout is on reads only).
+    let _ = stream.set_read_timeout(Some(IDLE_TIMEOUT));
     let Ok(mut out) = stream.try_clone() else {
         return;
     };
@@ -339,8 +399,16 @@ pub fn serve_client(stream: UnixStream, vm: &VmHandle) {
 }
 
 /// Sends one request to the socket at `path` and returns the result (`ctl`).
-pub fn request(path: &Path, req: &Request) -> Result<serde_json::Value, ControlSocketError> {
+pub fn request(
+    path: &Path,
+    req: &Request,
+    timeout: Duration,
+) -> Result<serde_json::Value, ControlSocketError> {
     let mut stream = UnixStream::connect(path).map_err(io_err(path, "connect"))?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .and_then(|()| stream.set_write_timeout(Some(timeout)))
+        .map_err(io_err(path, "setting a timeout"))?;
     let mut line = serde_json::to_string(req).map_err(|e| ControlSocketError::BadAnswer(e.to_string()))?;
     line.push('\n');
     stream.write_all(line.as_bytes()).map_err(io_err(path, "send"))?;
@@ -348,7 +416,13 @@ pub fn request(path: &Path, req: &Request) -> Result<serde_json::Value, ControlS
     BufReader::new(stream)
         .take(64 << 20)
         .read_line(&mut answer)
-        .map_err(io_err(path, "receive"))?;
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => ControlSocketError::NoAnswer {
+                path: path.to_owned(),
+                waited: timeout,
+            },
+            _ => io_err(path, "receive")(e),
+        })?;
     let resp: Response = serde_json::from_str(answer.trim())
         .map_err(|e| ControlSocketError::BadAnswer(format!("{e}: `{answer}`")))?;
     if resp.ok {

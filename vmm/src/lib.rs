@@ -18,6 +18,7 @@ pub mod config_file;
 pub mod control;
 pub mod controller;
 pub mod migration;
+pub mod peer;
 pub mod receive;
 pub mod signals;
 pub mod snapshot;
@@ -33,7 +34,8 @@ pub use vmm_core::vcpu::manager::{PauseReport, VcpuPause};
 
 /// Exit codes of the `vmm` process.
 pub use controller::outcome::{
-    EXIT_BAD_RESULT, EXIT_CRASHED, EXIT_MEMORY_FAULT, EXIT_STOPPED, EXIT_TIMED_OUT, EXIT_VMM_ERROR,
+    guest_exit_code, EXIT_BAD_RESULT, EXIT_CRASHED, EXIT_GUEST_BASE, EXIT_MEMORY_FAULT, EXIT_STOPPED,
+    EXIT_TIMED_OUT, EXIT_VMM_ERROR,
 };
 /// The bundled guest (kernel and user program ELFs).
 pub use vmm_core::guest;

@@ -64,8 +64,8 @@ pub struct VmOptions {
     pub stdin: bool,
     /// Give up after this long (a guard against hangs, not a performance goal).
     pub timeout: Option<Duration>,
-    /// End the run cleanly on SIGINT/SIGTERM/SIGHUP (read with a signalfd; the
-    /// caller must have blocked them with `signals::block_shutdown_signals`).
+    /// End the run cleanly on SIGINT/SIGTERM/SIGHUP (the process's signal
+    /// watcher, `signals::start_watcher`, must run).
     pub shutdown_signals: bool,
     /// What to do when a page source fails: the VM is paused either way (the
     /// page is never zero-filled); `End` then ends the run with the error.

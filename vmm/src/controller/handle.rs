@@ -125,6 +125,8 @@ pub(crate) enum ControlRequest {
     /// Destination: the source is lost (pause and stay paused) or back.
     SourceLost(bool, Sender<Result<(), ControlError>>),
     Stop,
+    /// A shutdown signal arrived (SIGINT, SIGTERM, SIGHUP).
+    Signal(i32),
 }
 
 /// Events reaching the controller.

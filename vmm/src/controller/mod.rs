@@ -22,7 +22,6 @@ pub use outcome::{verify_reports, GuestEnd, RunOutcome, VerifyError};
 pub use state::RunState;
 
 use crate::migration::{MigrationError, RecoverRequest, Resumable, SourceSummary};
-use crate::signals::ShutdownSignals;
 use crate::state::ControllerState;
 use devices::serial::SerialConsole;
 use devices::DeviceEvent;
@@ -58,8 +57,8 @@ pub struct ControllerOptions {
     pub stdin: bool,
     /// Give up after this long (a guard against hangs, not a performance goal).
     pub timeout: Option<Duration>,
-    /// End the run cleanly on SIGINT/SIGTERM/SIGHUP (read with a signalfd; the
-    /// caller must have blocked them with `signals::block_shutdown_signals`).
+    /// End the run cleanly on SIGINT/SIGTERM/SIGHUP (the process's signal
+    /// watcher, `signals::start_watcher`, tells the controller).
     pub shutdown_signals: bool,
     /// What to do when a page source fails: the VM is paused either way.
     pub on_memory_fault: MemoryFaultPolicy,
@@ -76,9 +75,6 @@ pub enum StartError {
     /// The event loop could not be set up.
     #[error("cannot set up the VM's event loop: {0}; raise the process's file descriptor limit")]
     EventLoop(String),
-    /// The shutdown signals cannot be read.
-    #[error("cannot read shutdown signals: {0}")]
-    Signals(#[source] std::io::Error),
     /// The controller thread could not be started.
     #[error("cannot start the controller thread: {0}")]
     Thread(#[source] std::io::Error),
@@ -100,11 +96,13 @@ pub(crate) fn start(
     vm.start()?;
     let mut em: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
         EventManager::new().map_err(|e| StartError::EventLoop(format!("{e:?}")))?;
-    let signals = if options.shutdown_signals {
-        Some(ShutdownSignals::new().map_err(StartError::Signals)?)
-    } else {
-        None
-    };
+    // A shutdown signal ends the run (the process's watcher calls this).
+    let on_signal = options.shutdown_signals.then(|| {
+        let events = events.clone();
+        crate::signals::on_shutdown(move |sig| {
+            events.send(Event::Control(ControlRequest::Signal(sig)));
+        })
+    });
     let serial = vm.devices().map(|d| d.serial().clone());
     let run = if vm.started().iter().any(|&s| s) {
         RunState::Running
@@ -136,17 +134,15 @@ pub(crate) fn start(
     if let (true, Some(serial)) = (options.stdin, serial) {
         em.add_subscriber(Arc::new(Mutex::new(StdinInput { serial })));
     }
-    if let Some(signals) = signals {
-        em.add_subscriber(Arc::new(Mutex::new(SignalInput {
-            signals,
-            controller: controller.clone(),
-        })));
-    }
     let deadline = options.timeout.and_then(|t| Instant::now().checked_add(t));
     let timeout = options.timeout.unwrap_or_default();
     let thread = std::thread::Builder::new()
         .name("vmm-controller".into())
-        .spawn(move || run_loop(&controller, &mut em, deadline, timeout))
+        .spawn(move || {
+            let outcome = run_loop(&controller, &mut em, deadline, timeout);
+            drop(on_signal);
+            outcome
+        })
         .map_err(StartError::Thread)?;
     Ok(RunningVm {
         handle: VmHandle { events },
@@ -312,6 +308,7 @@ impl Controller {
                 let _ = reply.send(self.source_lost(lost));
             }
             ControlRequest::Stop => self.end(GuestEnd::Stopped),
+            ControlRequest::Signal(sig) => self.end(GuestEnd::Signal(sig)),
         }
     }
 
@@ -435,26 +432,6 @@ impl MutEventSubscriber for Controller {
     fn init(&mut self, ops: &mut EventOps) {
         if let Err(e) = ops.add(Events::new(&*self.events_fd, EventSet::IN)) {
             tracing::error!("cannot watch VM events: {e:?}");
-        }
-    }
-}
-
-/// Ends the run on SIGINT, SIGTERM or SIGHUP.
-struct SignalInput {
-    signals: ShutdownSignals,
-    controller: Arc<Mutex<Controller>>,
-}
-
-impl MutEventSubscriber for SignalInput {
-    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
-        if let Some(sig) = self.signals.read() {
-            lock(&self.controller).end(GuestEnd::Signal(sig));
-        }
-    }
-
-    fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.signals, EventSet::IN)) {
-            tracing::error!("cannot watch shutdown signals: {e:?}");
         }
     }
 }
