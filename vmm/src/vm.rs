@@ -7,7 +7,7 @@ use crate::controller::{
     self, ControllerOptions, Event, EventSender, MemoryFaultPolicy, RunOutcome, RunningVm, StartError,
 };
 use crate::snapshot::source::SnapshotSource;
-use crate::snapshot::{Snapshot, SnapshotError};
+use crate::snapshot::{Snapshot, SnapshotError, SnapshotKey};
 use crate::state::{ControllerState, SavedVm};
 use crate::uffd_handler::{self, UffdHandlerError};
 use devices::serial::SerialOutput;
@@ -73,6 +73,9 @@ pub struct VmOptions {
     /// Serve lazily backed memory from this source instead of the backend's
     /// own (tests hold, delay or fail pages with `memory::TestSource`).
     pub page_source: Option<CustomSource>,
+    /// The snapshot key: snapshots this VM writes are authenticated with it,
+    /// and a restore checks its snapshot with it (`--snapshot-key FILE`).
+    pub snapshot_key: Option<SnapshotKey>,
 }
 
 /// A page source given at run time (see [`VmOptions::page_source`]).
@@ -94,6 +97,7 @@ impl Default for VmOptions {
             shutdown_signals: false,
             page_source: None,
             on_memory_fault: MemoryFaultPolicy::End,
+            snapshot_key: None,
         }
     }
 }
@@ -210,7 +214,7 @@ impl Vm {
     /// eager restore also checks every memory extent while copying it in.
     pub fn restore(dir: &Path, how: &RestoreOptions, options: VmOptions) -> Result<Vm, VmError> {
         let created = Instant::now();
-        let snap = Snapshot::open(dir)?;
+        let snap = Snapshot::open(dir, options.snapshot_key.as_ref())?;
         let ch = channel()?;
         let restored = snap.state.controller.clone();
         let mut vm = if let Some(socket) = &how.uffd_socket {
@@ -338,6 +342,7 @@ impl Vm {
             timeout: self.options.timeout,
             shutdown_signals: self.options.shutdown_signals,
             on_memory_fault: self.options.on_memory_fault,
+            snapshot_key: self.options.snapshot_key.clone(),
             restored: self.restored,
         };
         Ok(controller::start(self.core, self.events, self.rx, options)?)

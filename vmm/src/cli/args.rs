@@ -126,6 +126,10 @@ pub(crate) struct RunArgs {
     /// Serve a Unix control socket at PATH (`vmm ctl PATH ...`; JSON lines, see docs/snapshot.md).
     #[arg(long, value_name = "PATH")]
     pub(crate) control: Option<PathBuf>,
+    /// Snapshot key (32 raw bytes or 64 hex digits): snapshots are
+    /// authenticated with it (keyed BLAKE3) and restores check it.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) snapshot_key: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -214,6 +218,10 @@ pub(crate) struct ReceiveArgs {
     /// Serve a Unix control socket at PATH once the VM runs.
     #[arg(long, value_name = "PATH")]
     pub(crate) control: Option<PathBuf>,
+    /// Snapshot key (32 raw bytes or 64 hex digits): snapshots are
+    /// authenticated with it (keyed BLAKE3) and restores check it.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) snapshot_key: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -245,4 +253,8 @@ pub(crate) struct RestoreArgs {
     /// Serve a Unix control socket at PATH.
     #[arg(long, value_name = "PATH")]
     pub(crate) control: Option<PathBuf>,
+    /// Snapshot key (32 raw bytes or 64 hex digits): snapshots are
+    /// authenticated with it (keyed BLAKE3) and restores check it.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) snapshot_key: Option<PathBuf>,
 }

@@ -30,6 +30,16 @@ pub fn seconds(flag: &str, s: f64, zero_ok: bool) -> Result<Duration, String> {
     Duration::try_from_secs_f64(s).map_err(|e| format!("{flag} {s}: {e}"))
 }
 
+/// `--snapshot-key FILE`: prints the error and gives the exit code.
+pub fn snapshot_key(path: Option<&std::path::Path>) -> Result<Option<vmm::snapshot::SnapshotKey>, i32> {
+    path.map(vmm::snapshot::SnapshotKey::load)
+        .transpose()
+        .map_err(|e| {
+            eprintln!("vmm: error: {e}");
+            EXIT_VMM_ERROR
+        })
+}
+
 /// `--timeout`: positive seconds; prints the error and gives the exit code.
 pub fn parse_timeout(t: Option<f64>) -> Result<Option<Duration>, i32> {
     match t {

@@ -42,6 +42,10 @@ pub fn receive(args: ReceiveArgs) -> i32 {
             stdin: true,
             timeout,
             shutdown_signals: true,
+            snapshot_key: match super::snapshot_key(args.snapshot_key.as_deref()) {
+                Ok(k) => k,
+                Err(code) => return code,
+            },
             ..Default::default()
         },
         lost_wait,

@@ -40,6 +40,10 @@ pub fn run(args: RunArgs) -> i32 {
         stdin: true,
         timeout,
         shutdown_signals: true,
+        snapshot_key: match super::snapshot_key(args.snapshot_key.as_deref()) {
+            Ok(k) => k,
+            Err(code) => return code,
+        },
         ..Default::default()
     };
     let outcome = match run_with_control(vmm::Vm::new(&config, options), args.control.as_deref()) {
@@ -87,6 +91,10 @@ pub fn restore(args: RestoreArgs) -> i32 {
         stdin: true,
         timeout,
         shutdown_signals: true,
+        snapshot_key: match super::snapshot_key(args.snapshot_key.as_deref()) {
+            Ok(k) => k,
+            Err(code) => return code,
+        },
         ..Default::default()
     };
     let how = vmm::RestoreOptions {

@@ -64,6 +64,8 @@ pub struct ControllerOptions {
     pub on_memory_fault: MemoryFaultPolicy,
     /// The controller's restored state (reports received before a snapshot).
     pub restored: ControllerState,
+    /// Authenticates the snapshots this VM writes.
+    pub snapshot_key: Option<crate::snapshot::SnapshotKey>,
 }
 
 /// Errors starting the controller.
@@ -129,6 +131,7 @@ pub(crate) fn start(
         source_lost: Arc::new(AtomicBool::new(false)),
         before_loss: None,
         devices_paused: false,
+        snapshot_key: options.snapshot_key.clone(),
     }));
     em.add_subscriber(controller.clone());
     if let (true, Some(serial)) = (options.stdin, serial) {
@@ -203,6 +206,8 @@ struct Controller {
     before_loss: Option<RunState>,
     /// Whether this controller paused the devices (for a capture).
     devices_paused: bool,
+    /// Authenticates the snapshots written.
+    snapshot_key: Option<crate::snapshot::SnapshotKey>,
 }
 
 impl Controller {

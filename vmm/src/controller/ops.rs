@@ -66,9 +66,11 @@ impl Controller {
     /// Saves the paused VM to `dir`.
     fn save_to(&mut self, dir: &Path, start: Instant) -> Result<SnapshotInfo, ControlError> {
         let state = self.capture()?;
-        let manifest = snapshot::write_snapshot(dir, &state, self.vm.memory().ram())?;
+        let manifest =
+            snapshot::write_snapshot(dir, &state, self.vm.memory().ram(), self.snapshot_key.as_ref())?;
         Ok(SnapshotInfo {
             dir: dir.to_owned(),
+            id: manifest.id,
             memory_bytes: manifest.memory.extents.iter().map(|e| e.len).sum(),
             extents: manifest.memory.extents.len(),
             took_ms: start.elapsed().as_secs_f64() * 1e3,

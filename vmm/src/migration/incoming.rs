@@ -11,7 +11,7 @@ use super::remote::{Progress, RemoteSource};
 use super::transport::{Conn, Endpoint, Listener, HEADER_WAIT};
 use super::wire::{decode, encode, read_header, write_header, Message, PAGE, PAGE64};
 use super::{io, lock, MigrationError};
-use crate::snapshot::{Extent, Snapshot};
+use crate::snapshot::{check_received, Extent};
 use crate::state::SavedVm;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -191,13 +191,10 @@ impl Incoming {
         };
         let got_state = Instant::now();
         let answers = accept_answers(listener)?;
-        let extents: Vec<Extent> = pairs
-            .iter()
-            .map(|&(gpa, len)| Extent { gpa, len, crc32: 0 })
-            .collect();
+        let extents: Vec<Extent> = pairs.iter().map(|&(gpa, len)| Extent { gpa, len }).collect();
         // Checks every extent: aligned, sorted, inside RAM, at most EXTENT_MAX.
-        let snap = Snapshot::from_parts(&state, extents)?;
-        if precopy_mem.is_some_and(|m| m != snap.state.vm.config.mem_size) {
+        let saved = check_received(&state, &extents)?;
+        if precopy_mem.is_some_and(|m| m != saved.vm.config.mem_size) {
             return Err(MigrationError::Protocol(
                 "the VM state's RAM size differs from the one announced for pre-copy".into(),
             ));
@@ -225,14 +222,14 @@ impl Incoming {
         let data_ranges = extents_of(&all).iter().map(|e| (e.gpa, e.len)).collect();
         progress.data_pages.store(data_pages, Ordering::Relaxed);
         let src = RemoteSource::new("migration".into(), pairs, conn.try_clone()?, precopied, progress)?;
-        let store = &snap.state.vm.devices.page_store;
+        let store = &saved.vm.devices.page_store;
         let reads_carried = (store.in_flight.len() + store.held_reads.len()) as u64;
         Ok(Incoming {
             conn,
             answers,
             accepted,
             got_state,
-            state: snap.state,
+            state: saved,
             data_ranges,
             src,
             to_place,

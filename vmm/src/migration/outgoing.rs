@@ -107,11 +107,7 @@ pub fn extents_of(pages: &[u64]) -> Vec<Extent> {
     for &gpa in pages {
         match out.last_mut() {
             Some(e) if e.end() == gpa && !gpa.is_multiple_of(EXTENT_MAX) => e.len += PAGE64,
-            _ => out.push(Extent {
-                gpa,
-                len: PAGE64,
-                crc32: 0,
-            }),
+            _ => out.push(Extent { gpa, len: PAGE64 }),
         }
     }
     out
