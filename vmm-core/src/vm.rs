@@ -211,6 +211,25 @@ impl Vm {
 
         let kvm = kvm::open_kvm()?;
         let vm_fd = Arc::new(kvm::create_vm(&kvm)?);
+        // vCPUs first: the boot information carries their TSC frequency.
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("CPUID query"))?;
+        let mut fds = Vec::new();
+        let mut tsc_khz = None;
+        for i in 0..config.vcpus {
+            let fd = vm_fd
+                .create_vcpu(u64::from(i))
+                .map_err(kvm_err("vCPU creation"))?;
+            let mut cpuid = supported.clone();
+            cpu::patch_cpuid(&mut cpuid, i, config.vcpus);
+            fd.set_cpuid2(&cpuid).map_err(kvm_err("CPUID setup"))?;
+            if tsc_khz.is_none() {
+                tsc_khz = fd.get_tsc_khz().ok();
+            }
+            fds.push(fd);
+        }
+
         // A saved VM's memory manager restores its own layout (and checks it).
         let mut mm = match boot {
             Boot::Restore(state) => MemoryManager::restore(vm_fd.clone(), &state.memory)?,
@@ -223,7 +242,8 @@ impl Vm {
             let (e, _kernel_end) = loader::load_kernel(ram, config.mem_size, image)?;
             entry = e;
             let module = loader::load_module(ram, crate::guest::USER)?;
-            let info = loader::boot_info(config.mem_size, config.vcpus, &config.cmdline, module)?;
+            let mut info = loader::boot_info(config.mem_size, config.vcpus, &config.cmdline, module)?;
+            info.tsc_khz = tsc_khz.unwrap_or(0);
             loader::write_boot_info(ram, &info)?;
         }
 
@@ -260,23 +280,6 @@ impl Vm {
         }
         let fault_cpu = colocate.filter(|_| mm.lazy().is_some());
 
-        let supported = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm_err("CPUID query"))?;
-        let mut fds = Vec::new();
-        let mut tsc_khz = None;
-        for i in 0..config.vcpus {
-            let fd = vm_fd
-                .create_vcpu(u64::from(i))
-                .map_err(kvm_err("vCPU creation"))?;
-            let mut cpuid = supported.clone();
-            cpu::patch_cpuid(&mut cpuid, i, config.vcpus);
-            fd.set_cpuid2(&cpuid).map_err(kvm_err("CPUID setup"))?;
-            if tsc_khz.is_none() {
-                tsc_khz = fd.get_tsc_khz().ok();
-            }
-            fds.push(fd);
-        }
         let mut vm = Vm {
             config: config.clone(),
             vcpus: VcpuSet::Built(fds),

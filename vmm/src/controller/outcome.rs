@@ -2,7 +2,7 @@
 //! with every statistic, and the host's check of a workload's results.
 
 use abi::pv::WorkloadReport;
-use abi::workload::{self, WorkloadKind};
+use abi::workload;
 use std::time::Duration;
 use vmm_core::config::{KernelSource, VmConfig};
 use vmm_core::memory::MemoryStats;
@@ -179,7 +179,7 @@ pub fn verify_reports(config: &VmConfig, outcome: &RunOutcome) -> Result<Option<
         return Ok(None);
     }
     let wl = workload::parse_cmdline(&config.cmdline).map_err(|e| VerifyError::Cmdline(e.to_string()))?;
-    if wl.kind != WorkloadKind::Touch {
+    if !wl.kind.touches_pages() {
         return Ok(None);
     }
     let mut seen = vec![false; config.vcpus as usize];
@@ -194,7 +194,7 @@ pub fn verify_reports(config: &VmConfig, outcome: &RunOutcome) -> Result<Option<
     for cpu in 0..config.vcpus {
         let plan = workload::task_plan(&wl, config.vcpus, cpu);
         let (first, pages) = (plan.first_page, plan.pages);
-        let expected = plan.checksum(wl.pattern, wl.write, wl.seed);
+        let expected = workload::task_checksum(wl.kind, &plan, wl.pattern, wl.write, wl.seed);
         let r = outcome
             .reports
             .iter()
