@@ -36,6 +36,14 @@ enum Command {
     /// Seeded fault stress: VMs over lazily backed memory under kick, pause and
     /// hold storms, every page verified; non-zero exit on any error or stall.
     Stress(StressArgs),
+    /// The connection holder between the VMM and an external page-fault
+    /// handler (started by `vmm restore --mem-backend uffd:SOCKET`; not for
+    /// direct use).
+    #[command(name = "__uffd-peer", hide = true)]
+    UffdPeer {
+        /// The handler's socket.
+        socket: PathBuf,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -199,6 +207,14 @@ enum CtlRequest {
         #[arg(long, value_name = "ADDR")]
         from: String,
     },
+    /// For a VM restored with --mem-backend uffd:SOCKET whose page-fault
+    /// handler is gone (the VM is paused): connect to the new handler
+    /// listening at PATH, hand it the same userfaultfd and mappings, and
+    /// resume; every waiting fault reaches it.
+    AttachHandler {
+        /// The new handler's Unix socket.
+        path: PathBuf,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -238,10 +254,16 @@ struct RestoreArgs {
     #[arg(long, value_name = "PAGES", requires = "lazy")]
     fault_around: Option<u32>,
     /// `uffd:SOCKET`: hand guest memory to an external page-fault handler
-    /// (Firecracker's UFFD handshake: JSON mappings + the userfaultfd over SOCKET);
-    /// region offsets are guest-physical addresses in DIR/memory.bin.
+    /// (Firecracker's UFFD handshake: JSON mappings + the userfaultfd over
+    /// SOCKET, the connection held open for the VM's life); region offsets
+    /// are those of DIR/memory.bin (packed regions, as Firecracker's).
     #[arg(long, value_name = "uffd:SOCKET", conflicts_with = "lazy")]
     mem_backend: Option<String>,
+    /// With --mem-backend uffd:SOCKET: if the handler dies, seconds the
+    /// paused VM waits for a new one (`vmm ctl CTL attach-handler PATH`, or
+    /// a new socket at SOCKET) before the run ends with exit code 13.
+    #[arg(long, value_name = "SECS", default_value_t = 30.0, requires = "mem_backend")]
+    handler_grace: f64,
     /// Write run statistics as JSON to FILE, or `-` for stdout.
     #[arg(long, value_name = "FILE")]
     stats: Option<PathBuf>,
@@ -268,6 +290,7 @@ fn main() -> ProcessExit {
         .init();
     let cli = Cli::parse();
     let code = match cli.command {
+        Command::UffdPeer { socket } => vmm::uffd_handler::peer::main(&socket),
         Command::Run(args) => run(args),
         Command::Ctl(args) => ctl(args),
         Command::Restore(args) => restore(args),
@@ -371,7 +394,13 @@ fn restore(args: RestoreArgs) -> i32 {
         shutdown_signals: true,
         ..Default::default()
     };
+    if !(args.handler_grace.is_finite() && args.handler_grace >= 0.0) {
+        eprintln!("vmm: error: --handler-grace must be a non-negative number of seconds");
+        return EXIT_VMM_ERROR;
+    }
     let how = vmm::RestoreOptions {
+        peer_program: None,
+        handler_grace: Some(Duration::from_secs_f64(args.handler_grace)),
         lazy: args.lazy,
         prefetch: args.prefetch,
         fault_around: args.fault_around,
@@ -393,11 +422,15 @@ fn restore(args: RestoreArgs) -> i32 {
         }
     };
     let config = vm.config().clone();
+    let memory = match &how.uffd_socket {
+        Some(sock) => format!("memory served by the external page-fault handler at {}", sock.display()),
+        None if args.lazy => "lazy memory".into(),
+        None => "eager memory".into(),
+    };
     eprintln!(
-        "vmm: restored from {} in {:.1} ms ({} memory)",
+        "vmm: restored from {} in {:.1} ms ({memory})",
         args.from.display(),
         start.elapsed().as_secs_f64() * 1e3,
-        if args.lazy { "lazy" } else { "eager" }
     );
     match run_with_control(Ok(vm), args.control.as_deref()) {
         Ok(outcome) => report(&config, &outcome, args.stats.as_deref()),
@@ -571,6 +604,9 @@ fn ctl(args: CtlArgs) -> i32 {
             resume,
         },
         CtlRequest::Recover { from } => Request::Recover { from },
+        CtlRequest::AttachHandler { path } => Request::AttachHandler {
+            path: std::path::absolute(&path).unwrap_or(path),
+        },
         CtlRequest::Snapshot {
             to,
             resume,

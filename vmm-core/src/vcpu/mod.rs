@@ -337,10 +337,17 @@ impl VcpuHandle {
 
     /// Sends a request and kicks, without waiting.
     pub fn send(&mut self, req: VcpuRequest) -> Result<u64, VcpuError> {
+        let id = self.send_quiet(req)?;
+        self.kick.kick();
+        Ok(id)
+    }
+
+    /// Sends a request without a kick: the vCPU sees it at its next exit
+    /// (for a vCPU blocked in a fault that must not be signalled).
+    pub fn send_quiet(&mut self, req: VcpuRequest) -> Result<u64, VcpuError> {
         self.next_id += 1;
         let id = self.next_id;
         self.tx.send((id, req)).map_err(|_| VcpuError::Gone(self.cpu))?;
-        self.kick.kick();
         Ok(id)
     }
 

@@ -10,20 +10,24 @@
 //! - `state.json`: a [`SavedVm`]: configuration, memory layout, per-vCPU KVM
 //!   state, irqchip and PIT, devices (the page store's reads in flight
 //!   included), controller state;
-//! - `memory.bin`: guest RAM as a sparse file indexed by guest-physical address;
-//!   only pages that exist and are not all zero are written, in extents of at
-//!   most [`EXTENT_MAX`] bytes, each with its own CRC32 in the manifest, so a
+//! - `memory.bin`: guest RAM as a sparse file, its RAM regions packed back to
+//!   back (the layout, [`MemoryLayout`], is in the manifest; Firecracker's
+//!   page-fault handlers read this layout); only pages that exist and are not
+//!   all zero are written, in extents of at most [`EXTENT_MAX`] bytes keyed by
+//!   guest-physical address, each with its own CRC32 in the manifest, so a
 //!   lazy restore can check an extent when it is first used.
 //!
 //! Versioning ([`FORMAT_VERSION`]): any change to what a file holds or means
 //! (a field of `state.json` or of a component's state, the memory file's
-//! layout, the manifest) bumps the version. This VMM reads only its own
-//! version and refuses any other with a message naming both.
+//! layout, the manifest) bumps the version. This VMM writes its own version
+//! and reads it and version 2 (whose memory file is indexed by
+//! guest-physical address, with no layout in the manifest); it refuses any
+//! other with a message naming them.
 
 pub mod memory;
 pub mod source;
 
-pub use memory::{data_extents, ram_end, write_memory};
+pub use memory::{data_extents, ram_end, write_memory, FileRegion, LayoutKind, MemoryLayout};
 
 use crate::state::SavedVm;
 use abi::layout::{ram_ranges, PAGE_SIZE};
@@ -36,9 +40,14 @@ use std::path::{Path, PathBuf};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_core::config::{ConfigError, MemoryConfig, VmConfig};
 
-/// The format version this VMM writes and reads. Version 2: `state.json` is
-/// composed from the components' own states (the page store included).
-pub const FORMAT_VERSION: u32 = 2;
+/// The format version this VMM writes. Version 3: `memory.bin` holds the RAM
+/// regions packed back to back, and the manifest records the layout
+/// (`memory.layout`). Version 2: `state.json` is composed from the
+/// components' own states (the page store included); `memory.bin` is indexed
+/// by guest-physical address.
+pub const FORMAT_VERSION: u32 = 3;
+/// The oldest format version this VMM reads.
+pub const OLDEST_READABLE: u32 = 2;
 /// The manifest's magic string.
 pub const MAGIC: &str = "vmm-snapshot";
 /// Manifest file name.
@@ -105,7 +114,7 @@ pub enum SnapshotError {
         reason: String,
     },
     /// Another format version.
-    #[error("snapshot {path} has format version {found}; this vmm reads version {FORMAT_VERSION} only: restore it with the vmm that wrote it")]
+    #[error("snapshot {path} has format version {found}; this vmm reads versions {OLDEST_READABLE} to {FORMAT_VERSION}: restore it with the vmm that wrote it")]
     WrongVersion {
         /// The manifest.
         path: PathBuf,
@@ -153,7 +162,7 @@ pub(crate) fn io_err<'a>(
 pub struct Manifest {
     /// [`MAGIC`].
     pub magic: String,
-    /// [`FORMAT_VERSION`].
+    /// [`FORMAT_VERSION`] (or an older one this VMM reads).
     pub version: u32,
     /// The vmm version that wrote it (informative).
     pub writer: String,
@@ -181,24 +190,39 @@ pub struct FileEntry {
 pub struct MemoryEntry {
     /// File name inside the snapshot directory.
     pub name: String,
-    /// Logical length (end of the highest RAM range); the rest is holes.
+    /// Logical length (the layout's end); what no extent covers is holes.
     pub len: u64,
     /// Guest RAM size the file belongs to.
     pub mem_size: u64,
+    /// Where each RAM region lies in the file (version 3; version 2 has
+    /// none and means [`LayoutKind::Gpa`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layout: Option<MemoryLayout>,
     /// Data extents, sorted, page aligned, within one [`EXTENT_MAX`] block each.
     pub extents: Vec<Extent>,
 }
 
-/// A run of saved pages: file offset = guest-physical address.
+/// A run of saved pages, keyed by guest-physical address (the layout places
+/// it in the file).
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Extent {
-    /// Guest-physical address (and file offset).
+    /// Guest-physical address.
     pub gpa: u64,
     /// Bytes.
     pub len: u64,
     /// CRC32 of the bytes.
     pub crc32: u32,
+}
+
+impl MemoryEntry {
+    /// The file's layout: the recorded one, or (format 2) indexed by
+    /// guest-physical address.
+    pub fn layout(&self) -> MemoryLayout {
+        self.layout
+            .clone()
+            .unwrap_or_else(|| MemoryLayout::new(LayoutKind::Gpa, self.mem_size))
+    }
 }
 
 impl Extent {
@@ -251,7 +275,7 @@ pub fn write_snapshot(dir: &Path, state: &SavedVm, mem: &GuestRam) -> Result<Man
     let state_json = serde_json::to_vec(state).map_err(SnapshotError::Encode)?;
     let state_path = dir.join(STATE);
     std::fs::write(&state_path, &state_json).map_err(io_err(&state_path, "writing"))?;
-    let memory = write_memory(&dir.join(MEMORY), mem, state.vm.config.mem_size)?;
+    let memory = write_memory(&dir.join(MEMORY), mem, state.vm.config.mem_size, LayoutKind::Packed)?;
     let manifest = Manifest {
         magic: MAGIC.into(),
         version: FORMAT_VERSION,
@@ -352,7 +376,7 @@ impl Snapshot {
             });
         }
         let version = head.get("version").and_then(serde_json::Value::as_u64);
-        if version != Some(u64::from(FORMAT_VERSION)) {
+        if !version.is_some_and(|v| (u64::from(OLDEST_READABLE)..=u64::from(FORMAT_VERSION)).contains(&v)) {
             return Err(SnapshotError::WrongVersion {
                 path: mpath,
                 found: version.and_then(|v| u32::try_from(v).ok()).unwrap_or(u32::MAX),
@@ -419,7 +443,27 @@ impl Snapshot {
             )));
         }
         let ranges = ram_ranges(s.config.mem_size);
-        let end = ram_end(s.config.mem_size);
+        match (self.manifest.version, &m.layout) {
+            (2, None) | (FORMAT_VERSION, Some(_)) => {}
+            (v, _) => {
+                return Err(SnapshotError::Malformed {
+                    path: self.dir.join(MANIFEST),
+                    reason: if m.layout.is_some() {
+                        format!("format version {v} records no memory layout, but this manifest has one")
+                    } else {
+                        format!("format version {v} records the memory layout (`memory.layout`), this manifest has none")
+                    },
+                })
+            }
+        }
+        let layout = m.layout();
+        if !layout.fits(s.config.mem_size) {
+            return Err(self.mismatch(format!(
+                "the memory layout {:x?} is not the {:?} layout of {} bytes of RAM",
+                layout.regions, layout.kind, s.config.mem_size
+            )));
+        }
+        let end = layout.file_len();
         if m.len != end {
             return Err(self.mismatch(format!(
                 "memory file length {} does not match {} bytes of RAM (expected {end})",
@@ -471,11 +515,15 @@ impl Snapshot {
                     len: state_json.len() as u64,
                     crc32: crc32fast::hash(state_json),
                 },
-                memory: MemoryEntry {
-                    name: MEMORY.into(),
-                    len: ram_end(mem_size),
-                    mem_size,
-                    extents,
+                memory: {
+                    let layout = MemoryLayout::new(LayoutKind::Packed, mem_size);
+                    MemoryEntry {
+                        name: MEMORY.into(),
+                        len: layout.file_len(),
+                        mem_size,
+                        layout: Some(layout),
+                        extents,
+                    }
                 },
             },
             state,
@@ -517,14 +565,28 @@ impl Snapshot {
         self.state.vm.config.config(memory)
     }
 
+    /// The memory file's layout.
+    pub fn layout(&self) -> MemoryLayout {
+        self.manifest.memory.layout()
+    }
+
+    /// Where extent `e` lies in the memory file (checked by `open` to exist).
+    fn extent_offset(&self, layout: &MemoryLayout, e: &Extent) -> Result<u64, SnapshotError> {
+        layout
+            .file_offset(e.gpa, e.len)
+            .ok_or_else(|| self.mismatch(format!("extent {:#x} is outside guest RAM", e.gpa)))
+    }
+
     /// Checks every extent's CRC32 (reads all saved memory).
     pub fn verify_memory(&self) -> Result<(), SnapshotError> {
         let path = self.memory_path();
         let f = File::open(&path).map_err(io_err(&path, "opening"))?;
         let mut buf = vec![0u8; 1 << 20];
+        let layout = self.layout();
         for e in &self.manifest.memory.extents {
             let b = &mut buf[..usize::try_from(e.len).unwrap_or(0)];
-            f.read_exact_at(b, e.gpa).map_err(io_err(&path, "reading"))?;
+            f.read_exact_at(b, self.extent_offset(&layout, e)?)
+                .map_err(io_err(&path, "reading"))?;
             check_extent(&path, e, b)?;
         }
         Ok(())
@@ -534,7 +596,9 @@ impl Snapshot {
     pub fn fill_memory(&self, mem: &GuestRam) -> Result<(), SnapshotError> {
         let path = self.memory_path();
         let f = File::open(&path).map_err(io_err(&path, "opening"))?;
+        let layout = self.layout();
         for e in &self.manifest.memory.extents {
+            let at = self.extent_offset(&layout, e)?;
             let r = mem
                 .iter()
                 .find(|r| {
@@ -552,7 +616,7 @@ impl Snapshot {
                     usize::try_from(e.len).unwrap_or(0),
                 )
             };
-            f.read_exact_at(dst, e.gpa).map_err(io_err(&path, "reading"))?;
+            f.read_exact_at(dst, at).map_err(io_err(&path, "reading"))?;
             check_extent(&path, e, dst)?;
         }
         Ok(())

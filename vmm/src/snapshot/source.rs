@@ -1,10 +1,11 @@
-//! The page source of a lazy restore: the snapshot's memory file, served only
-//! where the manifest lists data (holes are zero pages, whatever the file
+//! The page source of a lazy restore: the snapshot's memory file (placed by
+//! its layout: packed regions, or indexed by guest-physical address), served
+//! only where the manifest lists data (holes are zero pages, whatever the file
 //! holds there), each extent checked against its CRC32 the first time one of
 //! its pages is fetched. A corrupted extent fails the fetch: the retry core
 //! never maps it, and the VMM pauses the VM with the error.
 
-use super::{Extent, Snapshot};
+use super::{Extent, MemoryLayout, Snapshot};
 use ::memory::{FetchOutcome, Notifier, PageSource, SourceError};
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -22,8 +23,9 @@ pub struct SnapshotSource {
     file: File,
     path: PathBuf,
     name: String,
-    // Keyed by guest-physical address; the value indexes `checked`.
-    extents: BTreeMap<u64, (Extent, usize)>,
+    // Keyed by guest-physical address; the values: the extent, its index
+    // in `checked`, its offset in the file.
+    extents: BTreeMap<u64, (Extent, usize, u64)>,
     checked: Vec<AtomicU8>,
     notifier: Notifier,
 }
@@ -31,23 +33,32 @@ pub struct SnapshotSource {
 impl SnapshotSource {
     /// Opens the memory file of `snap`.
     pub fn open(snap: &Snapshot) -> Result<SnapshotSource, SourceError> {
-        Self::with_extents(snap.memory_path(), &snap.manifest.memory.extents)
+        Self::with_extents(snap.memory_path(), &snap.manifest.memory.extents, &snap.layout())
     }
 
-    /// Opens memory file `path` holding data at `extents` (checked, sorted,
-    /// non-overlapping: see `Snapshot::open`).
-    pub fn with_extents(path: PathBuf, extents: &[Extent]) -> Result<SnapshotSource, SourceError> {
+    /// Opens memory file `path` laid out as `layout`, holding data at
+    /// `extents` (checked, sorted, non-overlapping, inside RAM: see
+    /// `Snapshot::open`).
+    pub fn with_extents(
+        path: PathBuf,
+        extents: &[Extent],
+        layout: &MemoryLayout,
+    ) -> Result<SnapshotSource, SourceError> {
         let open_err = |e: std::io::Error| SourceError::Open {
             path: path.clone(),
             message: e.to_string(),
         };
         let file = File::open(&path).map_err(open_err)?;
         let notifier = Notifier::new().map_err(open_err)?;
-        let extents: BTreeMap<u64, (Extent, usize)> = extents
-            .iter()
-            .enumerate()
-            .map(|(i, e)| (e.gpa, (*e, i)))
-            .collect();
+        let mut placed = BTreeMap::new();
+        for (i, e) in extents.iter().enumerate() {
+            let at = layout.file_offset(e.gpa, e.len).ok_or_else(|| SourceError::Open {
+                path: path.clone(),
+                message: format!("extent {:#x}+{:#x} lies outside guest RAM", e.gpa, e.len),
+            })?;
+            placed.insert(e.gpa, (*e, i, at));
+        }
+        let extents = placed;
         let checked = (0..extents.len()).map(|_| AtomicU8::new(UNCHECKED)).collect();
         Ok(SnapshotSource {
             file,
@@ -70,7 +81,7 @@ impl SnapshotSource {
     }
 
     /// Checks extent `i` once; a bad extent stays bad.
-    fn check(&self, e: &Extent, i: usize) -> Result<(), SourceError> {
+    fn check(&self, e: &Extent, i: usize, at: u64) -> Result<(), SourceError> {
         let state = &self.checked[i];
         match state.load(Ordering::Acquire) {
             GOOD => return Ok(()),
@@ -80,8 +91,8 @@ impl SnapshotSource {
         let len = usize::try_from(e.len).unwrap_or(0);
         let mut buf = vec![0u8; len];
         self.file
-            .read_exact_at(&mut buf, e.gpa)
-            .map_err(|err| self.io_err(e.gpa, len, &err))?;
+            .read_exact_at(&mut buf, at)
+            .map_err(|err| self.io_err(at, len, &err))?;
         if crc32fast::hash(&buf) == e.crc32 {
             state.store(GOOD, Ordering::Release);
             Ok(())
@@ -106,7 +117,7 @@ impl SnapshotSource {
 
     /// The data ranges `(gpa, len)`, for prefetch and materialization.
     pub fn data_ranges(&self) -> Vec<(u64, u64)> {
-        self.extents.values().map(|(e, _)| (e.gpa, e.len)).collect()
+        self.extents.values().map(|(e, _, _)| (e.gpa, e.len)).collect()
     }
 }
 
@@ -119,19 +130,19 @@ impl PageSource for SnapshotSource {
         let end = offset.saturating_add(buf.len() as u64);
         // Extents do not overlap and are sorted, so walking down from `end`
         // meets exactly the overlapping ones first.
-        let overlapping: Vec<(Extent, usize)> = self
+        let overlapping: Vec<(Extent, usize, u64)> = self
             .extents
             .range(..end)
             .rev()
-            .take_while(|(_, (e, _))| e.end() > offset)
+            .take_while(|(_, (e, _, _))| e.end() > offset)
             .map(|(_, v)| *v)
             .collect();
         if overlapping.is_empty() {
             return FetchOutcome::Zero;
         }
         buf.fill(0);
-        for (e, i) in overlapping {
-            if let Err(err) = self.check(&e, i) {
+        for (e, i, at) in overlapping {
+            if let Err(err) = self.check(&e, i, at) {
                 return FetchOutcome::Failed(err);
             }
             let lo = e.gpa.max(offset);
@@ -139,8 +150,9 @@ impl PageSource for SnapshotSource {
             let (Ok(a), Ok(b)) = (usize::try_from(lo - offset), usize::try_from(hi - offset)) else {
                 continue;
             };
-            if let Err(err) = self.file.read_exact_at(&mut buf[a..b], lo) {
-                return FetchOutcome::Failed(self.io_err(lo, b - a, &err));
+            let file_at = at + (lo - e.gpa);
+            if let Err(err) = self.file.read_exact_at(&mut buf[a..b], file_at) {
+                return FetchOutcome::Failed(self.io_err(file_at, b - a, &err));
             }
         }
         FetchOutcome::Ready
@@ -178,7 +190,8 @@ mod tests {
             len: 0x1000,
             crc32: crc32fast::hash(&data[4096..]) ^ 1,
         };
-        let src = SnapshotSource::with_extents(path.clone(), &[good, bad]).unwrap();
+        let layout = MemoryLayout::new(crate::snapshot::LayoutKind::Packed, 64 << 20);
+        let src = SnapshotSource::with_extents(path.clone(), &[good, bad], &layout).unwrap();
         let mut buf = vec![0xffu8; 4 * 4096];
         assert!(matches!(src.fetch(0x8000, &mut buf), FetchOutcome::Zero));
         assert!(matches!(src.fetch(0, &mut buf), FetchOutcome::Zero));
