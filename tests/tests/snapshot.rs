@@ -210,7 +210,7 @@ fn bad_snapshots_are_refused_before_the_guest_runs() {
         let m = std::fs::read_to_string(p.join("manifest.json")).unwrap();
         std::fs::write(
             p.join("manifest.json"),
-            m.replace("\"version\": 2", "\"version\": 99"),
+            m.replace("\"version\": 3", "\"version\": 99"),
         )
         .unwrap();
     });

@@ -423,7 +423,10 @@ fn restore(args: RestoreArgs) -> i32 {
     };
     let config = vm.config().clone();
     let memory = match &how.uffd_socket {
-        Some(sock) => format!("memory served by the external page-fault handler at {}", sock.display()),
+        Some(sock) => format!(
+            "memory served by the external page-fault handler at {}",
+            sock.display()
+        ),
         None if args.lazy => "lazy memory".into(),
         None => "eager memory".into(),
     };

@@ -237,7 +237,10 @@ impl Vm {
             }
             let events = ch.events.clone();
             let on_lost: LostHook = Arc::new(move |link, reason| {
-                events.send(Event::Vm(VmEvent::Memory(MemoryEvent::ExternalHandlerLost { link, reason })));
+                events.send(Event::Vm(VmEvent::Memory(MemoryEvent::ExternalHandlerLost {
+                    link,
+                    reason,
+                })));
             });
             let mut vm = Self::assemble(
                 &config,

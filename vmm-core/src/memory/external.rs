@@ -154,7 +154,9 @@ impl ExternalMemory {
         let path = format!("/proc/self/fdinfo/{}", self.uffd.as_raw_fd());
         let text = std::fs::read_to_string(&path)?;
         WaitingFaults::parse(&text).ok_or_else(|| {
-            std::io::Error::other(format!("{path} has no `pending:`/`total:` lines: not a userfaultfd?"))
+            std::io::Error::other(format!(
+                "{path} has no `pending:`/`total:` lines: not a userfaultfd?"
+            ))
         })
     }
 

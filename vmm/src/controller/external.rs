@@ -225,7 +225,10 @@ impl Controller {
         if h.link.as_ref().map(HandlerLink::id) != Some(link) {
             return; // a replaced attachment's late news
         }
-        let who = h.link.take().map_or_else(|| h.socket.display().to_string(), |l| l.describe());
+        let who = h
+            .link
+            .take()
+            .map_or_else(|| h.socket.display().to_string(), |l| l.describe());
         let grace = h.grace;
         let socket = h.socket.clone();
         // Faults the dead handler had read are never served: wake them, so
@@ -293,7 +296,8 @@ impl Controller {
         // and reaches it (the events parked here and those the dead handler
         // read are not replayed otherwise).
         let woken = ext.parked().len();
-        ext.wake_all().map_err(|e| ControlError::Vm(vmm_core::VmError::Memory(e.into())))?;
+        ext.wake_all()
+            .map_err(|e| ControlError::Vm(vmm_core::VmError::Memory(e.into())))?;
         let handler = link.describe();
         let before = match &mut self.external {
             Some(h) => {
@@ -361,7 +365,10 @@ impl Controller {
                 socket.display(),
                 info.handler
             ),
-            Err(e) => tracing::warn!("a socket appeared at {} but cannot be attached: {e}", socket.display()),
+            Err(e) => tracing::warn!(
+                "a socket appeared at {} but cannot be attached: {e}",
+                socket.display()
+            ),
         }
     }
 
@@ -411,4 +418,3 @@ impl Controller {
         }
     }
 }
-

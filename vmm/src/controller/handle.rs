@@ -49,7 +49,9 @@ pub enum ControlError {
     #[error("this VM's memory is not served by an external page-fault handler (vmm restore --mem-backend uffd:SOCKET): there is no handler to attach")]
     NotExternal,
     /// `attach-handler` while a handler serves.
-    #[error("the page-fault handler {0} is attached and serving; attach-handler replaces a handler that is gone")]
+    #[error(
+        "the page-fault handler {0} is attached and serving; attach-handler replaces a handler that is gone"
+    )]
     HandlerAttached(String),
     /// The new handler cannot be attached.
     #[error(transparent)]

@@ -19,8 +19,8 @@ pub mod outcome;
 mod reports;
 pub mod state;
 
-pub use external::{AttachInfo, HandlerStatus, WaitingPage, DEFAULT_GRACE};
 pub(crate) use external::ExternalHandler;
+pub use external::{AttachInfo, HandlerStatus, WaitingPage, DEFAULT_GRACE};
 pub use handle::{ControlError, ControllerPanicked, LiveStats, RunningVm, VmHandle};
 pub(crate) use handle::{ControlRequest, Event, EventSender};
 pub use outcome::{verify_reports, GuestEnd, RunOutcome, VerifyError};
@@ -261,7 +261,9 @@ impl Controller {
             VmEvent::Memory(MemoryEvent::HandlerStopped(why)) => self.end(GuestEnd::MemoryFault(format!(
                 "the userfault handler stopped ({why}); guest pages can no longer be served"
             ))),
-            VmEvent::Memory(MemoryEvent::ExternalHandlerLost { link, reason }) => self.handler_lost(link, &reason),
+            VmEvent::Memory(MemoryEvent::ExternalHandlerLost { link, reason }) => {
+                self.handler_lost(link, &reason)
+            }
         }
     }
 

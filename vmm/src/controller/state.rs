@@ -72,9 +72,10 @@ pub fn valid_transition(from: RunState, to: RunState) -> Result<(), ControlError
     }
     Err(match (from, to) {
         (Ended, _) => ControlError::Ended,
-        (Paused | PrecopyPaused | MemoryFault | Postcopy | SourceLost | HandlerLost, Paused | PrecopyPaused) => {
-            ControlError::AlreadyPaused
-        }
+        (
+            Paused | PrecopyPaused | MemoryFault | Postcopy | SourceLost | HandlerLost,
+            Paused | PrecopyPaused,
+        ) => ControlError::AlreadyPaused,
         (Running | Precopy, Running | Precopy) => ControlError::NotPaused,
         (Postcopy, _) => ControlError::Migrating,
         (SourceLost, _) => ControlError::SourceLost,
@@ -144,7 +145,15 @@ mod tests {
             valid_transition(HandlerLost, Precopy),
             Err(ControlError::HandlerLost)
         ));
-        for s in [MemoryFault, Precopy, PrecopyPaused, Postcopy, SourceLost, HandlerLost, Ended] {
+        for s in [
+            MemoryFault,
+            Precopy,
+            PrecopyPaused,
+            Postcopy,
+            SourceLost,
+            HandlerLost,
+            Ended,
+        ] {
             assert!(valid_transition(s, HandlerLost).is_err(), "{s:?}");
         }
         assert!(HandlerLost.paused());

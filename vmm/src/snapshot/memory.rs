@@ -200,7 +200,10 @@ mod tests {
     #[test]
     fn packed_regions_follow_each_other_and_gpa_regions_keep_the_hole() {
         let small = MemoryLayout::new(LayoutKind::Packed, 256 << 20);
-        assert_eq!(small, MemoryLayout::new(LayoutKind::Gpa, 256 << 20).with_kind(LayoutKind::Packed));
+        assert_eq!(
+            small,
+            MemoryLayout::new(LayoutKind::Gpa, 256 << 20).with_kind(LayoutKind::Packed)
+        );
         assert_eq!(small.file_len(), 256 << 20);
         let six = 6u64 << 30;
         let packed = MemoryLayout::new(LayoutKind::Packed, six);
@@ -208,14 +211,32 @@ mod tests {
         assert_eq!(
             packed.regions,
             vec![
-                FileRegion { gpa: 0, len: 3 << 30, offset: 0 },
-                FileRegion { gpa: 4 << 30, len: 3 << 30, offset: 3 << 30 },
+                FileRegion {
+                    gpa: 0,
+                    len: 3 << 30,
+                    offset: 0
+                },
+                FileRegion {
+                    gpa: 4 << 30,
+                    len: 3 << 30,
+                    offset: 3 << 30
+                },
             ]
         );
-        assert_eq!(packed.file_len(), six, "Firecracker's check: the sizes add up to the file");
+        assert_eq!(
+            packed.file_len(),
+            six,
+            "Firecracker's check: the sizes add up to the file"
+        );
         assert_eq!(gpa.file_len(), 7 << 30);
-        assert_eq!(packed.file_offset((4 << 30) + 0x5000, 0x1000), Some((3 << 30) + 0x5000));
-        assert_eq!(gpa.file_offset((4 << 30) + 0x5000, 0x1000), Some((4 << 30) + 0x5000));
+        assert_eq!(
+            packed.file_offset((4 << 30) + 0x5000, 0x1000),
+            Some((3 << 30) + 0x5000)
+        );
+        assert_eq!(
+            gpa.file_offset((4 << 30) + 0x5000, 0x1000),
+            Some((4 << 30) + 0x5000)
+        );
         // Inside the hole, or across a region's end: nowhere.
         assert_eq!(packed.file_offset(3 << 30, 0x1000), None);
         assert_eq!(packed.file_offset((3 << 30) - 0x1000, 0x2000), None);

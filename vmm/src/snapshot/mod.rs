@@ -275,7 +275,12 @@ pub fn write_snapshot(dir: &Path, state: &SavedVm, mem: &GuestRam) -> Result<Man
     let state_json = serde_json::to_vec(state).map_err(SnapshotError::Encode)?;
     let state_path = dir.join(STATE);
     std::fs::write(&state_path, &state_json).map_err(io_err(&state_path, "writing"))?;
-    let memory = write_memory(&dir.join(MEMORY), mem, state.vm.config.mem_size, LayoutKind::Packed)?;
+    let memory = write_memory(
+        &dir.join(MEMORY),
+        mem,
+        state.vm.config.mem_size,
+        LayoutKind::Packed,
+    )?;
     let manifest = Manifest {
         magic: MAGIC.into(),
         version: FORMAT_VERSION,

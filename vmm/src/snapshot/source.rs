@@ -52,10 +52,12 @@ impl SnapshotSource {
         let notifier = Notifier::new().map_err(open_err)?;
         let mut placed = BTreeMap::new();
         for (i, e) in extents.iter().enumerate() {
-            let at = layout.file_offset(e.gpa, e.len).ok_or_else(|| SourceError::Open {
-                path: path.clone(),
-                message: format!("extent {:#x}+{:#x} lies outside guest RAM", e.gpa, e.len),
-            })?;
+            let at = layout
+                .file_offset(e.gpa, e.len)
+                .ok_or_else(|| SourceError::Open {
+                    path: path.clone(),
+                    message: format!("extent {:#x}+{:#x} lies outside guest RAM", e.gpa, e.len),
+                })?;
             placed.insert(e.gpa, (*e, i, at));
         }
         let extents = placed;

@@ -24,7 +24,8 @@ use vmm_core::memory::ExternalMemory;
 /// v1.12.0 up to main (1.17.0-dev, commit 81b38b9d, August 2026), which is
 /// also what the handlers of v1.7 to v1.11 read (they know only
 /// `page_size_kib`, and ignore `page_size`).
-pub const FIRECRACKER_VERSIONS: &str = "v1.12.0 to 1.17.0-dev (main at 81b38b9d); read by the example handlers of v1.7.0 and later";
+pub const FIRECRACKER_VERSIONS: &str =
+    "v1.12.0 to 1.17.0-dev (main at 81b38b9d); read by the example handlers of v1.7.0 and later";
 
 /// The largest message Firecracker's example handlers receive (they read
 /// into a 1024-byte buffer); ours is about 130 bytes per region.
@@ -60,7 +61,9 @@ pub enum HandshakeError {
         layout: Vec<crate::snapshot::FileRegion>,
     },
     /// The message does not fit the handlers' receive buffer.
-    #[error("the handshake message is {0} bytes, more than the {MAX_MESSAGE} Firecracker's handlers receive")]
+    #[error(
+        "the handshake message is {0} bytes, more than the {MAX_MESSAGE} Firecracker's handlers receive"
+    )]
     TooLong(usize),
     /// JSON encoding.
     #[error("cannot encode the handshake message: {0}")]
@@ -73,10 +76,12 @@ pub fn mappings(mem: &ExternalMemory, layout: &MemoryLayout) -> Result<Vec<Mappi
     mem.mappings()
         .iter()
         .map(|m| {
-            let offset = layout.region_offset(m.gpa).ok_or_else(|| HandshakeError::NoRegion {
-                gpa: m.gpa,
-                layout: layout.regions.clone(),
-            })?;
+            let offset = layout
+                .region_offset(m.gpa)
+                .ok_or_else(|| HandshakeError::NoRegion {
+                    gpa: m.gpa,
+                    layout: layout.regions.clone(),
+                })?;
             Ok(Mapping {
                 base_host_virt_addr: m.host_addr,
                 size: m.size,
@@ -128,7 +133,12 @@ mod tests {
         // Firecracker's handlers check that the sizes add up to the memory
         // file (packed) and take the page size from the message.
         let v: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
-        assert_eq!(v.iter().map(|m| m["size"].as_u64().unwrap()).sum::<u64>(), 6 << 30);
-        assert!(v.iter().all(|m| m["page_size_kib"] == 4096 && m["page_size"] == 4096));
+        assert_eq!(
+            v.iter().map(|m| m["size"].as_u64().unwrap()).sum::<u64>(),
+            6 << 30
+        );
+        assert!(v
+            .iter()
+            .all(|m| m["page_size_kib"] == 4096 && m["page_size"] == 4096));
     }
 }

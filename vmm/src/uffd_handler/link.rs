@@ -97,7 +97,11 @@ fn read_line(s: &mut UnixStream) -> std::io::Result<Option<String>> {
             Ok(0) => return Ok(None),
             Ok(_) if b[0] == b'\n' => return Ok(Some(String::from_utf8_lossy(&line).into_owned())),
             Ok(_) if line.len() < 64 * 1024 => line.push(b[0]),
-            Ok(_) => return Err(std::io::Error::other("the connection holder sent a line too long")),
+            Ok(_) => {
+                return Err(std::io::Error::other(
+                    "the connection holder sent a line too long",
+                ))
+            }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
@@ -125,7 +129,8 @@ impl HandlerLink {
                 source,
             }
         };
-        let (mut vmm_end, holder_end) = UnixStream::pair().map_err(err("creating the holder's socket pair"))?;
+        let (mut vmm_end, holder_end) =
+            UnixStream::pair().map_err(err("creating the holder's socket pair"))?;
         let mut holder = Command::new(program)
             .arg(SUBCOMMAND)
             .arg(socket)
@@ -319,7 +324,10 @@ impl Watch {
                 if e.kind() == std::io::ErrorKind::Interrupted {
                     continue;
                 }
-                (self.on_lost)(self.id, format!("the VMM cannot watch its handler {}: {e}", self.handler));
+                (self.on_lost)(
+                    self.id,
+                    format!("the VMM cannot watch its handler {}: {e}", self.handler),
+                );
                 return;
             }
             if fds[0].revents != 0 {

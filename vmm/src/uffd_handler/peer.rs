@@ -57,14 +57,19 @@ pub enum PeerEvent {
 }
 
 fn say(vmm: &mut UnixStream, ev: &PeerEvent) -> bool {
-    let mut line = serde_json::to_string(ev).unwrap_or_else(|_| "{\"event\":\"failed\",\"error\":\"encoding\"}".into());
+    let mut line =
+        serde_json::to_string(ev).unwrap_or_else(|_| "{\"event\":\"failed\",\"error\":\"encoding\"}".into());
     line.push('\n');
     vmm.write_all(line.as_bytes()).is_ok()
 }
 
 /// The pid of the process that connected `stream`'s other end.
 pub fn peer_pid(stream: &UnixStream) -> std::io::Result<i32> {
-    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
     let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::ucred>()).unwrap_or(0);
     // SAFETY: `cred` and `len` are valid for writes and describe a `ucred`;
     // SO_PEERCRED writes at most `len` bytes into it.
@@ -180,7 +185,8 @@ fn hold(handler: &UnixStream, vmm: &mut UnixStream) -> i32 {
             // connection tells it the VM is gone. Anything the VMM sends
             // before that has no meaning.
             match vmm.read(&mut scratch) {
-                Ok(n) if n > 0 && fds[1].revents & (libc::POLLHUP | libc::POLLRDHUP | libc::POLLERR) == 0 => {}
+                Ok(n) if n > 0 && fds[1].revents & (libc::POLLHUP | libc::POLLRDHUP | libc::POLLERR) == 0 => {
+                }
                 _ => return 0,
             }
         }
@@ -206,7 +212,9 @@ mod tests {
     fn events_are_json_lines_the_vmm_decodes() {
         for ev in [
             PeerEvent::Connected { pid: 42 },
-            PeerEvent::Failed { error: "connect: refused".into() },
+            PeerEvent::Failed {
+                error: "connect: refused".into(),
+            },
             PeerEvent::Closed { reason: "eof".into() },
         ] {
             let text = serde_json::to_string(&ev).unwrap();

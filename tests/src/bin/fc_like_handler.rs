@@ -1,0 +1,337 @@
+//! A page-fault handler for the project's tests that behaves as
+//! Firecracker's example handlers do (`src/firecracker/examples/uffd/` of
+//! v1.7 to main: `uffd_utils.rs`, `on_demand_handler.rs`,
+//! `malicious_handler.rs`), written from their documented behaviour, not
+//! from their code:
+//!
+//! - binds SOCKET and accepts one connection; like v1.10 and later, reads
+//!   the peer's pid (`SO_PEERCRED`) and installs a panic hook that SIGKILLs
+//!   it (not in `malicious` mode: Firecracker's malicious handler has none);
+//! - maps MEMFILE read-only and private: its length is the backing size;
+//! - polls the connection and the userfaultfds without a timeout; a readable
+//!   connection is a new handshake: up to 1024 bytes with a file descriptor;
+//!   a read without one (EOF) or an error is retried 5 times, 100 ms apart,
+//!   then it panics (v1.12 and later; so a peer that closes the connection
+//!   is SIGKILLed);
+//! - checks the mappings as Firecracker's do: the sizes add up to the
+//!   backing size, the page size is a power of two. The page size is the
+//!   message's `page_size` (v1.12 and later) or, with `--field
+//!   page_size_kib`, that field (v1.7 to v1.11);
+//! - a page fault: the region holding the page, the source at
+//!   `offset + (page - base)` in the backing, `UFFDIO_COPY` of one page with
+//!   wake-up; EAGAIN defers the event, EEXIST is fine, any other error
+//!   panics (and so kills the peer). A page outside every region panics;
+//! - REMOVE events unregister the range (`on_demand_handler`).
+//!
+//! `fc_like_handler SOCKET MEMFILE [--mode serve|malicious|die-after:N] [--field page_size|page_size_kib]`
+//! - `serve` (default): as above;
+//! - `malicious`: panics at the first page fault, as Firecracker's;
+//! - `die-after:N`: panics after serving N faults (the peer is killed).
+//!
+//! It prints `served N` on stderr every 1000 faults and when it ends.
+#![allow(clippy::unwrap_used)]
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::time::Duration;
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+const UFFDIO_COPY: u64 = 0xC028_AA03;
+const UFFDIO_UNREGISTER: u64 = 0x8010_AA01;
+const EVENT_PAGEFAULT: u8 = 0x12;
+const EVENT_REMOVE: u8 = 0x15;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Serve,
+    Malicious,
+    DieAfter(u64),
+}
+
+#[derive(Clone, Copy)]
+struct Region {
+    base: u64,
+    size: u64,
+    offset: u64,
+}
+
+struct Handler {
+    uffd: OwnedFd,
+    regions: Vec<Region>,
+    page_size: u64,
+}
+
+#[repr(C)]
+struct UffdioCopy {
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: u64,
+    copy: i64,
+}
+
+#[repr(C)]
+struct UffdioRange {
+    start: u64,
+    len: u64,
+}
+
+fn peer_pid(stream: &UnixStream) -> i32 {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred`/`len` describe a writable ucred.
+    let r = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            std::ptr::from_mut(&mut cred).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(r, 0, "Failed to get peer process credentials");
+    cred.pid
+}
+
+fn install_panic_hook(pid: i32) {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        // SAFETY: kill takes plain values.
+        if unsafe { libc::kill(pid, libc::SIGKILL) } != 0 {
+            eprintln!("Failed to kill the VMM (pid {pid}) from the panic hook");
+        }
+        default(info);
+    }));
+}
+
+/// One handshake: the mappings and the userfaultfd, retried on EOF.
+fn receive(stream: &UnixStream, backing_len: u64, field: &str) -> Handler {
+    for _ in 1..=5 {
+        let mut buf = vec![0u8; 1024];
+        match stream.recv_with_fd(&mut buf) {
+            Ok((n, Some(file))) => {
+                let body = String::from_utf8(buf[..n].to_vec()).expect("body is not UTF-8");
+                let maps: Vec<serde_json::Value> = serde_json::from_str(&body)
+                    .unwrap_or_else(|_| panic!("Cannot deserialize memory mappings. Received body: {body}"));
+                let first = maps.first().unwrap_or_else(|| panic!("no mapping in {body}"));
+                let page_size = first[field]
+                    .as_u64()
+                    .unwrap_or_else(|| panic!("no `{field}` in {body}"));
+                let regions: Vec<Region> = maps
+                    .iter()
+                    .map(|m| Region {
+                        base: m["base_host_virt_addr"].as_u64().unwrap(),
+                        size: m["size"].as_u64().unwrap(),
+                        offset: m["offset"].as_u64().unwrap(),
+                    })
+                    .collect();
+                let memsize: u64 = regions.iter().map(|r| r.size).sum();
+                // Firecracker's consistency check.
+                assert_eq!(
+                    memsize, backing_len,
+                    "the regions do not add up to the memory file"
+                );
+                assert!(page_size.is_power_of_two(), "page size {page_size}");
+                // SAFETY: the descriptor just arrived by SCM_RIGHTS; it is ours.
+                let uffd = unsafe { OwnedFd::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(file)) };
+                return Handler {
+                    uffd,
+                    regions,
+                    page_size,
+                };
+            }
+            Ok((n, None)) => eprintln!("Didn't receive UFFD over socket ({n} bytes). Retrying..."),
+            Err(e) => eprintln!("Could not get UFFD and mapping: {e}. Retrying..."),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("Could not get UFFD and mappings after 5 retries");
+}
+
+impl Handler {
+    /// Serves one fault; `false` to try again later (EAGAIN).
+    fn serve(&self, addr: u64, backing: *const u8) -> bool {
+        let page = addr & !(self.page_size - 1);
+        let r = self
+            .regions
+            .iter()
+            .find(|r| page >= r.base && page < r.base + r.size)
+            .unwrap_or_else(|| panic!("Could not find addr: {addr:#x} within guest region mappings."));
+        let src = backing as u64 + r.offset + (page - r.base);
+        let mut copy = UffdioCopy {
+            dst: page,
+            src,
+            len: self.page_size,
+            mode: 0,
+            copy: 0,
+        };
+        // SAFETY: UFFDIO_COPY with a valid struct; `src` lies in the mapped backing.
+        let ret = unsafe { libc::ioctl(self.uffd.as_raw_fd(), UFFDIO_COPY as _, &mut copy) };
+        if ret == 0 {
+            assert!(copy.copy > 0, "UFFDIO_COPY copied nothing");
+            return true;
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EAGAIN) => false,
+            Some(libc::EEXIST) => true,
+            _ => panic!("Uffd copy failed: {e}"),
+        }
+    }
+
+    fn unregister(&self, start: u64, end: u64) {
+        let range = UffdioRange {
+            start,
+            len: end - start,
+        };
+        // SAFETY: UFFDIO_UNREGISTER reads a valid range.
+        let r = unsafe { libc::ioctl(self.uffd.as_raw_fd(), UFFDIO_UNREGISTER as _, &range) };
+        assert_eq!(r, 0, "range should be valid");
+    }
+
+    /// Reads every queued event: (kind, a, b).
+    fn read_events(&self) -> Vec<(u8, u64, u64)> {
+        let mut out = Vec::new();
+        loop {
+            let mut msg = [0u8; 32];
+            // SAFETY: reads at most 32 bytes into `msg`.
+            let n = unsafe { libc::read(self.uffd.as_raw_fd(), msg.as_mut_ptr().cast(), 32) };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                assert_eq!(
+                    e.raw_os_error(),
+                    Some(libc::EAGAIN),
+                    "Failed to read uffd_msg: {e}"
+                );
+                return out;
+            }
+            assert_eq!(n, 32, "short uffd_msg");
+            let word = |i: usize| u64::from_ne_bytes(msg[8 + 8 * i..16 + 8 * i].try_into().unwrap());
+            out.push((msg[0], word(0), word(1)));
+        }
+    }
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let socket = args.next().expect("No socket path given");
+    let memfile = args.next().expect("No memory file given");
+    let mut mode = Mode::Serve;
+    let mut field = "page_size".to_string();
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--mode" => {
+                let m = args.next().expect("--mode takes a value");
+                mode = match m.as_str() {
+                    "serve" => Mode::Serve,
+                    "malicious" => Mode::Malicious,
+                    other => Mode::DieAfter(
+                        other
+                            .strip_prefix("die-after:")
+                            .and_then(|n| n.parse().ok())
+                            .unwrap_or_else(|| panic!("unknown mode {other}")),
+                    ),
+                };
+            }
+            "--field" => field = args.next().expect("--field takes a value"),
+            other => panic!("unknown argument {other}"),
+        }
+    }
+    let file = File::open(&memfile).expect("Cannot open memfile");
+    let backing_len = file.metadata().unwrap().len();
+    // SAFETY: a private read-only mapping of the whole file.
+    let backing = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            usize::try_from(backing_len).unwrap(),
+            libc::PROT_READ,
+            libc::MAP_PRIVATE,
+            file.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(backing, libc::MAP_FAILED, "mmap on backing file failed");
+    let backing = backing.cast::<u8>().cast_const();
+
+    let listener = UnixListener::bind(&socket).expect("Cannot bind to socket path");
+    let (stream, _) = listener.accept().expect("Cannot listen on UDS socket");
+    if mode != Mode::Malicious {
+        install_panic_hook(peer_pid(&stream));
+    }
+    let mut handlers: Vec<Handler> = Vec::new();
+    let mut stream_open = true;
+    let mut served = 0u64;
+    let mut deferred: Vec<(usize, u64)> = Vec::new();
+    loop {
+        let mut fds: Vec<libc::pollfd> = Vec::new();
+        if stream_open {
+            fds.push(libc::pollfd {
+                fd: stream.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
+        for h in &handlers {
+            fds.push(libc::pollfd {
+                fd: h.uffd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
+        // SAFETY: `fds` is a valid array for the call.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        assert!(n >= 0, "Could not poll for events!");
+        for pfd in &fds {
+            if pfd.revents & libc::POLLIN == 0 {
+                continue;
+            }
+            if stream_open && pfd.fd == stream.as_raw_fd() {
+                // A new handshake (or the peer's EOF: retried, then panic).
+                handlers.push(receive(&stream, backing_len, &field));
+                if pfd.revents & (libc::POLLHUP | libc::POLLRDHUP) != 0 {
+                    stream_open = false;
+                }
+                continue;
+            }
+            let Some(i) = handlers
+                .iter()
+                .position(|h| h.uffd.as_raw_fd() == pfd.fd as RawFd)
+            else {
+                continue;
+            };
+            let mut events: Vec<(usize, u64)> = std::mem::take(&mut deferred);
+            for (kind, a, b) in handlers[i].read_events() {
+                match kind {
+                    EVENT_PAGEFAULT => {
+                        if mode == Mode::Malicious {
+                            panic!("Fear me! I am the malicious page fault handler.");
+                        }
+                        events.push((i, b));
+                    }
+                    EVENT_REMOVE => handlers[i].unregister(a, b),
+                    other => panic!("Unexpected event on userfaultfd: {other:#x}"),
+                }
+            }
+            for (h, addr) in events {
+                if handlers[h].serve(addr, backing) {
+                    served += 1;
+                    if served % 1000 == 0 {
+                        eprintln!("fc-like handler: served {served}");
+                    }
+                    if let Mode::DieAfter(n) = mode {
+                        if served >= n {
+                            panic!("fc-like handler: dying after {served} faults, as asked");
+                        }
+                    }
+                } else {
+                    deferred.push((h, addr));
+                }
+            }
+        }
+    }
+}
