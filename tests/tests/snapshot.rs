@@ -268,6 +268,69 @@ fn bad_snapshots_are_refused_before_the_guest_runs() {
     }
 }
 
+/// Rewrites a snapshot in format 2: the memory file indexed by
+/// guest-physical address, no layout in the manifest.
+fn to_format_2(dir: &Path) {
+    use snapshot::{LayoutKind, MemoryLayout};
+    use std::os::unix::fs::FileExt;
+    let mut m = snapshot::read_manifest(dir).unwrap();
+    let packed = m.memory.layout.take().unwrap();
+    assert_eq!(packed.kind, LayoutKind::Packed);
+    let gpa = MemoryLayout::new(LayoutKind::Gpa, m.memory.mem_size);
+    let from = std::fs::File::open(dir.join("memory.bin")).unwrap();
+    let tmp = dir.join("memory.bin.gpa");
+    let to = std::fs::File::create(&tmp).unwrap();
+    to.set_len(gpa.file_len()).unwrap();
+    for e in &m.memory.extents {
+        let mut buf = vec![0u8; usize::try_from(e.len).unwrap()];
+        from.read_exact_at(&mut buf, packed.file_offset(e.gpa, e.len).unwrap())
+            .unwrap();
+        to.write_all_at(&buf, e.gpa).unwrap();
+    }
+    std::fs::rename(&tmp, dir.join("memory.bin")).unwrap();
+    m.version = 2;
+    m.memory.len = gpa.file_len();
+    snapshot::write_manifest(dir, &m).unwrap();
+}
+
+/// Snapshots are written with packed regions (format 3: the memory file is
+/// as long as RAM, the layout is in the manifest); format 2 snapshots
+/// (indexed by guest-physical address) still restore, eagerly and lazily,
+/// for a guest with RAM on both sides of the MMIO hole.
+#[test]
+fn packed_and_format_2_snapshots_of_a_guest_above_3_gib_restore() {
+    let cfg = touch_cfg("3584M", 3000);
+    let dir = TempDir::new("packed");
+    snapshot_mid_run(&cfg, &dir.0);
+    let m = snapshot::read_manifest(&dir.0).unwrap();
+    assert_eq!(m.version, snapshot::FORMAT_VERSION);
+    assert_eq!(m.memory.len, 3584 << 20, "packed: no hole for the MMIO gap");
+    let layout = m.memory.layout.clone().unwrap();
+    assert_eq!(layout.regions.len(), 2);
+    assert_eq!(layout.regions[1].offset, 3 << 30);
+    let old = TempDir::new("format2");
+    copy_dir(&dir.0, &old.0);
+    to_format_2(&old.0);
+    assert_eq!(
+        std::fs::metadata(old.0.join("memory.bin")).unwrap().len(),
+        (4 << 30) + (512 << 20)
+    );
+    for d in [&dir.0, &old.0] {
+        for how in [RestoreOptions::default(), lazy(true)] {
+            let (vm, cfg, console) = restore(d, &how);
+            finish(vm, &cfg, &console);
+        }
+    }
+    // A version-3 manifest must name its layout; a version-2 one must not.
+    let bad = TempDir::new("nolayout");
+    copy_dir(&dir.0, &bad.0);
+    let mut m = snapshot::read_manifest(&bad.0).unwrap();
+    m.memory.layout = None;
+    snapshot::write_manifest(&bad.0, &m).unwrap();
+    let e = restore_err(&bad.0, &RestoreOptions::default());
+    assert!(e.to_string().contains("memory layout"), "{e}");
+}
+
 /// A lazy restore does no work proportional to memory size: a 4 GiB guest
 /// restored lazily brings in only the pages its workload touches (the time
 /// figures are `vmm bench restore`'s).

@@ -83,7 +83,7 @@ fn peer_pid(stream: &UnixStream) -> i32 {
         uid: 0,
         gid: 0,
     };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::ucred>()).unwrap();
     // SAFETY: `cred`/`len` describe a writable ucred.
     let r = unsafe {
         libc::getsockopt(
@@ -320,7 +320,7 @@ fn main() {
             for (h, addr) in events {
                 if handlers[h].serve(addr, backing) {
                     served += 1;
-                    if served % 1000 == 0 {
+                    if served.is_multiple_of(1000) {
                         eprintln!("fc-like handler: served {served}");
                     }
                     if let Mode::DieAfter(n) = mode {

@@ -79,6 +79,8 @@ fn socket_id(path: &Path) -> Option<FileId> {
 struct Lost {
     /// The whole message (what happened, what waits, what to do).
     message: String,
+    /// What happened: the handler and how it went.
+    what: String,
     deadline: Option<Instant>,
     /// The state before the loss (the VM goes back to it on attach).
     before: RunState,
@@ -255,10 +257,10 @@ impl Controller {
             self.run = RunState::HandlerLost;
         }
         self.park_faults();
+        let what = format!("the page-fault handler {who} is gone: {reason}");
         let message = format!(
-            "the page-fault handler {who} is gone: {reason}. The VM is paused; {}. \
-             Start a handler at {} or run `vmm ctl SOCKET attach-handler PATH` within {grace:?}, \
-             or the run ends with exit code 13",
+            "{what}. The VM is paused; {}. Start a handler at {} or run \
+             `vmm ctl SOCKET attach-handler PATH` within {grace:?}, or the run ends with exit code 13",
             self.describe_waiting(),
             socket.display()
         );
@@ -269,6 +271,7 @@ impl Controller {
         if let Some(h) = &mut self.external {
             h.lost = Some(Lost {
                 message,
+                what,
                 deadline: now.checked_add(grace),
                 before,
                 tried,
@@ -333,8 +336,8 @@ impl Controller {
         if lost.deadline.is_some_and(|d| now >= d) {
             let grace = self.external.as_ref().map(|h| h.grace).unwrap_or_default();
             let msg = format!(
-                "{}; no page-fault handler was attached within {grace:?} ({} now)",
-                lost.message,
+                "{}; no page-fault handler was attached within {grace:?}; {} (none of them was given a zero page)",
+                lost.what,
                 self.describe_waiting()
             );
             self.end(GuestEnd::MemoryFault(msg));

@@ -213,4 +213,37 @@ mod tests {
         assert_eq!(src.data_ranges(), vec![(0x4000, 0x1000), (0x5000, 0x1000)]);
         std::fs::remove_file(&path).unwrap();
     }
+
+    #[test]
+    fn the_layout_places_high_ram_after_low_ram_in_a_packed_file() {
+        use crate::snapshot::LayoutKind;
+        let path = std::env::temp_dir().join(format!("vmm-snapsrc-packed-{}", std::process::id()));
+        let f = File::create(&path).unwrap();
+        let mem = 6u64 << 30;
+        f.set_len(mem).unwrap();
+        let data = vec![0x5au8; 4096];
+        // Guest page 4 GiB + 8 KiB lies 3 GiB + 8 KiB into a packed file.
+        f.write_all_at(&data, (3 << 30) + 0x2000).unwrap();
+        let e = Extent {
+            gpa: (4 << 30) + 0x2000,
+            len: 0x1000,
+            crc32: crc32fast::hash(&data),
+        };
+        let packed = MemoryLayout::new(LayoutKind::Packed, mem);
+        let src = SnapshotSource::with_extents(path.clone(), &[e], &packed).unwrap();
+        let mut buf = vec![0u8; 4096];
+        assert!(matches!(src.fetch(e.gpa, &mut buf), FetchOutcome::Ready));
+        assert_eq!(buf, data);
+        // The same file read as indexed by guest-physical address finds a hole.
+        let gpa = MemoryLayout::new(LayoutKind::Gpa, mem);
+        let src = SnapshotSource::with_extents(path.clone(), &[e], &gpa).unwrap();
+        assert!(
+            matches!(src.fetch(e.gpa, &mut buf), FetchOutcome::Failed(_)),
+            "a bad CRC, not the data"
+        );
+        // An extent in the MMIO hole has no place in the file.
+        let hole = Extent { gpa: 3 << 30, ..e };
+        assert!(SnapshotSource::with_extents(path.clone(), &[hole], &packed).is_err());
+        std::fs::remove_file(&path).unwrap();
+    }
 }

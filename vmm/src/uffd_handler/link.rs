@@ -203,7 +203,6 @@ impl HandlerLink {
         let stop = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(err("creating an eventfd"))?);
         let watch = Watch {
             id,
-            handler: format!("pid {pid} ({comm})"),
             handler_fd: pidfd_open(pid),
             holder_pid: holder.id(),
             holder_fd: pidfd_open(i32::try_from(holder.id()).unwrap_or(0)),
@@ -281,7 +280,6 @@ impl Drop for HandlerLink {
 /// The watcher thread's state.
 struct Watch {
     id: u64,
-    handler: String,
     handler_fd: Option<OwnedFd>,
     holder_pid: u32,
     holder_fd: Option<OwnedFd>,
@@ -324,10 +322,7 @@ impl Watch {
                 if e.kind() == std::io::ErrorKind::Interrupted {
                     continue;
                 }
-                (self.on_lost)(
-                    self.id,
-                    format!("the VMM cannot watch its handler {}: {e}", self.handler),
-                );
+                (self.on_lost)(self.id, format!("the VMM cannot watch the handler: {e}"));
                 return;
             }
             if fds[0].revents != 0 {
@@ -336,13 +331,13 @@ impl Watch {
             let reason = if fds[1].revents != 0 {
                 match read_line(&mut self.vmm_end) {
                     Ok(Some(line)) => match serde_json::from_str::<PeerEvent>(&line) {
-                        Ok(PeerEvent::Closed { reason }) => format!("{reason} (handler {})", self.handler),
+                        Ok(PeerEvent::Closed { reason }) => reason,
                         _ => continue,
                     },
                     _ => self.holder_gone(),
                 }
             } else if fds[2].revents != 0 {
-                format!("the handler process {} ended", self.handler)
+                "the handler's process ended".to_string()
             } else if fds[3].revents != 0 {
                 self.holder_gone()
             } else {
@@ -369,9 +364,6 @@ impl Watch {
         } else {
             ""
         };
-        format!(
-            "the connection holder (pid {}) of handler {} {how}{hint}",
-            self.holder_pid, self.handler
-        )
+        format!("its connection holder (pid {}) {how}{hint}", self.holder_pid)
     }
 }
