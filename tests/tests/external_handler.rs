@@ -5,8 +5,8 @@
 //! either field; a malicious handler (the VM pauses with a clear error and
 //! the run ends with exit code 13 after the grace, without the host
 //! spinning); a handler killed mid-restore is replaced (by `attach_handler`,
-//! or by a new socket at its path) and the guest finishes with verified
-//! checksums.
+//! or by a new socket at its path), as is one that stops reading the
+//! userfaultfd, and the guest finishes with verified checksums.
 #![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
@@ -97,11 +97,21 @@ fn start_handler(sock: &Path, dir: &Path, mode: &str, field: &str) -> Handler {
 }
 
 fn restore(dir: &Path, sock: &Path, grace: Duration) -> (RunningVm, VmConfig, Arc<Mutex<Vec<u8>>>) {
+    restore_with(dir, sock, grace, None)
+}
+
+fn restore_with(
+    dir: &Path,
+    sock: &Path,
+    grace: Duration,
+    stall: Option<Duration>,
+) -> (RunningVm, VmConfig, Arc<Mutex<Vec<u8>>>) {
     let (options, console) = capture_options();
     let how = RestoreOptions {
         uffd_socket: Some(sock.to_owned()),
         peer_program: Some(PEER.into()),
         handler_grace: Some(grace),
+        handler_stall: stall,
         ..Default::default()
     };
     let vm = Vm::restore(dir, &how, options).unwrap_or_else(|e| panic!("restore failed: {e}"));
@@ -259,5 +269,23 @@ fn a_handler_killed_mid_restore_is_replaced_and_the_guest_finishes() {
     assert!(stats.memory_fault.unwrap().contains("is gone"));
     std::fs::remove_file(&sock).unwrap();
     let _replacement = start_handler(&sock, &dir.0, "serve", "page_size");
+    finish_verified(vm, &cfg, &console);
+
+    // 3. Alive and connected, but it stops reading the userfaultfd: taken
+    //    as gone once faults waited unread for the stall time; replaced.
+    let sock = dir.0.join("stall.sock");
+    let _stalled = start_handler(&sock, &dir.0, "stall-after:300", "page_size");
+    let (vm, cfg, console) = restore_with(
+        &dir.0,
+        &sock,
+        Duration::from_secs(60),
+        Some(Duration::from_secs(1)),
+    );
+    let stats = wait_lost(&vm);
+    let msg = stats.memory_fault.unwrap();
+    assert!(msg.contains("no longer reads the userfaultfd"), "{msg}");
+    let again = dir.0.join("after-stall.sock");
+    let _fresh = start_handler(&again, &dir.0, "serve", "page_size");
+    assert!(vm.attach_handler(&again).unwrap().resumed);
     finish_verified(vm, &cfg, &console);
 }

@@ -264,6 +264,11 @@ struct RestoreArgs {
     /// a new socket at SOCKET) before the run ends with exit code 13.
     #[arg(long, value_name = "SECS", default_value_t = 30.0, requires = "mem_backend")]
     handler_grace: f64,
+    /// With --mem-backend uffd:SOCKET: seconds faults may wait unread, with
+    /// nothing changing, before a handler that lives but no longer reads the
+    /// userfaultfd is taken as gone (0: never).
+    #[arg(long, value_name = "SECS", default_value_t = 30.0, requires = "mem_backend")]
+    handler_stall: f64,
     /// Write run statistics as JSON to FILE, or `-` for stdout.
     #[arg(long, value_name = "FILE")]
     stats: Option<PathBuf>,
@@ -394,13 +399,15 @@ fn restore(args: RestoreArgs) -> i32 {
         shutdown_signals: true,
         ..Default::default()
     };
-    if !(args.handler_grace.is_finite() && args.handler_grace >= 0.0) {
-        eprintln!("vmm: error: --handler-grace must be a non-negative number of seconds");
+    let secs_ok = |s: f64| s.is_finite() && (0.0..=1e9).contains(&s);
+    if !(secs_ok(args.handler_grace) && secs_ok(args.handler_stall)) {
+        eprintln!("vmm: error: --handler-grace and --handler-stall must be non-negative numbers of seconds");
         return EXIT_VMM_ERROR;
     }
     let how = vmm::RestoreOptions {
         peer_program: None,
         handler_grace: Some(Duration::from_secs_f64(args.handler_grace)),
+        handler_stall: Some(Duration::from_secs_f64(args.handler_stall)),
         lazy: args.lazy,
         prefetch: args.prefetch,
         fault_around: args.fault_around,

@@ -120,6 +120,11 @@ pub struct RestoreOptions {
     /// for a new one before the run ends with a memory fault (exit code 13);
     /// `None`: [`crate::controller::DEFAULT_GRACE`].
     pub handler_grace: Option<Duration>,
+    /// With `uffd_socket`: how long faults may wait unread, nothing
+    /// changing, before a handler that lives but no longer reads the
+    /// userfaultfd is taken as gone (zero: never); `None`:
+    /// [`crate::controller::external::DEFAULT_STALL`].
+    pub handler_stall: Option<Duration>,
 }
 
 /// A built, not yet running VM.
@@ -266,6 +271,7 @@ impl Vm {
                 program,
                 message,
                 how.handler_grace.unwrap_or(controller::DEFAULT_GRACE),
+                how.handler_stall.unwrap_or(controller::external::DEFAULT_STALL),
                 on_lost,
             ));
             vm

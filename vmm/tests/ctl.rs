@@ -1,7 +1,10 @@
 //! `vmm run --control`, `vmm ctl` and `vmm restore` as processes: pause,
 //! resume, stats, a hostile client, a snapshot that stops the run, and a lazy
 //! restore that finishes the workload with the right checksum; a migration
-//! with pre-copy rounds between two processes.
+//! with pre-copy rounds between two processes; restores served by external
+//! page-fault handlers, one of which dies (the VM pauses, `vmm ctl
+//! attach-handler` gives it a new one; without one the grace ends the run
+//! with exit code 13).
 #![allow(clippy::unwrap_used)]
 
 use std::io::{BufRead, BufReader, Read, Write};

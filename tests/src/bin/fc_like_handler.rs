@@ -23,10 +23,12 @@
 //!   panics (and so kills the peer). A page outside every region panics;
 //! - REMOVE events unregister the range (`on_demand_handler`).
 //!
-//! `fc_like_handler SOCKET MEMFILE [--mode serve|malicious|die-after:N] [--field page_size|page_size_kib]`
+//! `fc_like_handler SOCKET MEMFILE [--mode serve|malicious|die-after:N|stall-after:N] [--field page_size|page_size_kib]`
 //! - `serve` (default): as above;
 //! - `malicious`: panics at the first page fault, as Firecracker's;
-//! - `die-after:N`: panics after serving N faults (the peer is killed).
+//! - `die-after:N`: panics after serving N faults (the peer is killed);
+//! - `stall-after:N`: after serving N faults, lives on, connected, and never
+//!   reads the userfaultfd again.
 //!
 //! It prints `served N` on stderr every 1000 faults and when it ends.
 #![allow(clippy::unwrap_used)]
@@ -47,6 +49,7 @@ enum Mode {
     Serve,
     Malicious,
     DieAfter(u64),
+    StallAfter(u64),
 }
 
 #[derive(Clone, Copy)]
@@ -230,12 +233,14 @@ fn main() {
                 mode = match m.as_str() {
                     "serve" => Mode::Serve,
                     "malicious" => Mode::Malicious,
-                    other => Mode::DieAfter(
-                        other
-                            .strip_prefix("die-after:")
-                            .and_then(|n| n.parse().ok())
-                            .unwrap_or_else(|| panic!("unknown mode {other}")),
-                    ),
+                    other => {
+                        let n = |prefix: &str| other.strip_prefix(prefix).and_then(|n| n.parse().ok());
+                        match (n("die-after:"), n("stall-after:")) {
+                            (Some(n), _) => Mode::DieAfter(n),
+                            (_, Some(n)) => Mode::StallAfter(n),
+                            _ => panic!("unknown mode {other}"),
+                        }
+                    }
                 };
             }
             "--field" => field = args.next().expect("--field takes a value"),
@@ -323,10 +328,18 @@ fn main() {
                     if served.is_multiple_of(1000) {
                         eprintln!("fc-like handler: served {served}");
                     }
-                    if let Mode::DieAfter(n) = mode {
-                        if served >= n {
-                            panic!("fc-like handler: dying after {served} faults, as asked");
+                    match mode {
+                        Mode::DieAfter(n) if served >= n => {
+                            panic!("fc-like handler: dying after {served} faults, as asked")
                         }
+                        Mode::StallAfter(n) if served >= n => {
+                            // Alive, connected, and never reading again.
+                            eprintln!("fc-like handler: stalling after {served} faults, as asked");
+                            loop {
+                                std::thread::sleep(Duration::from_secs(3600));
+                            }
+                        }
+                        _ => {}
                     }
                 } else {
                     deferred.push((h, addr));

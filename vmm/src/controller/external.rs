@@ -11,6 +11,15 @@
 //!    are reported `BlockedInFault`, nobody kicks them in a loop;
 //! 3. goes to [`RunState::HandlerLost`] with a message naming the handler
 //!    and the pages waiting (logged, and in `stats` as `memory_fault`);
+//!
+//! A handler that lives and holds its connection but no longer reads the
+//! userfaultfd is taken as gone too, once faults have waited unread with
+//! nothing changing (the `fdinfo` counts and the handler's CPU time,
+//! sampled every second, none of its threads runnable) for the stall time
+//! (`--handler-stall`, default [`DEFAULT_STALL`]; zero: never).
+//! The steps are then the same; dropping its connection tells it (a
+//! Firecracker handler then panics).
+//!
 //! 4. waits, in the event loop (no periodic wake-up but a look at the
 //!    socket path every [`LOOK_EVERY`] and the grace's deadline), for a new
 //!    handler: `attach-handler PATH`, or a new socket at the handler's path;
@@ -23,6 +32,7 @@
 //! The VM then goes back to how it was (running, or paused).
 
 use super::{ControlError, Controller, GuestEnd, RunState};
+use crate::uffd_handler::link::activity;
 use crate::uffd_handler::{HandlerLink, LostHook};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -34,6 +44,11 @@ use vmm_core::memory::{ExternalMemory, WaitingFaults};
 pub const LOOK_EVERY: Duration = Duration::from_millis(250);
 /// Default grace for a new handler after one died.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(30);
+/// Default time faults may wait unread, nothing changing, before the
+/// handler is taken as gone.
+pub const DEFAULT_STALL: Duration = Duration::from_secs(30);
+/// How often the waiting faults are sampled for a stall.
+const STALL_SAMPLE: Duration = Duration::from_secs(1);
 /// How long the faults woken after a death get to fault again before the
 /// pause (they are parked as they come; a late one is parked later).
 const SETTLE: Duration = Duration::from_millis(100);
@@ -48,6 +63,11 @@ pub(crate) struct ExternalHandler {
     message: Vec<u8>,
     /// How long to wait for a new handler.
     grace: Duration,
+    /// How long faults may wait unread, nothing changing (zero: no limit).
+    stall: Duration,
+    /// The last sample (waiting faults, the handler's CPU ticks), since
+    /// when it is the same, and when to sample next.
+    sampled: Option<((WaitingFaults, u64), Instant, Instant)>,
     link: Option<HandlerLink>,
     /// The next attachment's number.
     next_id: u64,
@@ -136,6 +156,7 @@ impl ExternalHandler {
         program: PathBuf,
         message: Vec<u8>,
         grace: Duration,
+        stall: Duration,
         on_lost: LostHook,
     ) -> ExternalHandler {
         ExternalHandler {
@@ -143,6 +164,8 @@ impl ExternalHandler {
             program,
             message,
             grace,
+            stall,
+            sampled: None,
             next_id: link.id() + 1,
             link: Some(link),
             on_lost,
@@ -326,10 +349,50 @@ impl Controller {
         })
     }
 
+    /// While a handler serves: whether faults wait unread with nothing
+    /// changing for longer than the stall time (it no longer reads).
+    fn stall_tick(&mut self, now: Instant) {
+        let Some(h) = &mut self.external else {
+            return;
+        };
+        let (Some(link), false) = (&h.link, h.stall.is_zero()) else {
+            h.sampled = None;
+            return;
+        };
+        if h.sampled.is_some_and(|(_, _, next)| now < next) {
+            return;
+        }
+        let id = link.id();
+        let Some(w) = self.vm.memory().external().and_then(|e| e.waiting().ok()) else {
+            return;
+        };
+        // A handler that uses CPU, or waits for one, is working, if slowly.
+        let (ticks, runnable) = activity(link.pid()).unwrap_or((0, false));
+        let next = now + STALL_SAMPLE.min(h.stall);
+        let since = match h.sampled {
+            Some((last, since, _)) if last == (w, ticks) && w.unread > 0 && !runnable => since,
+            _ => now,
+        };
+        h.sampled = Some(((w, ticks), since, next));
+        if now.duration_since(since) >= h.stall {
+            let stall = h.stall;
+            h.sampled = None;
+            self.handler_lost(
+                id,
+                &format!(
+                    "it left {} page faults unread for {stall:?} (its process and connection live, but it no longer reads the userfaultfd)",
+                    w.unread
+                ),
+            );
+        }
+    }
+
     /// While no handler serves: the grace's end, and a new socket at the
-    /// handler's path. Called by the event loop after every wake-up.
+    /// handler's path; while one serves: a stall. Called by the event loop
+    /// after every wake-up.
     pub(super) fn handler_tick(&mut self) {
         let now = Instant::now();
+        self.stall_tick(now);
         let Some(lost) = self.external.as_ref().and_then(|h| h.lost.as_ref()) else {
             return;
         };
@@ -377,7 +440,14 @@ impl Controller {
 
     /// When the event loop must call [`Controller::handler_tick`].
     pub(super) fn handler_wakeup(&self) -> Option<Instant> {
-        let lost = self.external.as_ref()?.lost.as_ref()?;
+        let h = self.external.as_ref()?;
+        let Some(lost) = &h.lost else {
+            // A serving handler: the next stall sample (the first one at once).
+            return match (&h.link, h.stall.is_zero()) {
+                (Some(_), false) => Some(h.sampled.map_or_else(Instant::now, |(_, _, next)| next)),
+                _ => None,
+            };
+        };
         Some(lost.deadline.map_or(lost.next_look, |d| d.min(lost.next_look)))
     }
 

@@ -60,6 +60,29 @@ pub fn process_name(pid: i32) -> String {
         .unwrap_or_else(|_| "?".into())
 }
 
+/// What process `pid` is doing: the CPU time its threads have used (clock
+/// ticks) and whether any of them is running or runnable. A handler that
+/// works (even slowly, or starved of CPU) shows one or the other.
+pub fn activity(pid: i32) -> Option<(u64, bool)> {
+    let dir = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let mut ticks = 0u64;
+    let mut runnable = false;
+    for t in dir.filter_map(Result::ok) {
+        let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else {
+            continue;
+        };
+        // After the command name in parentheses: state, then fields 4.. (utime is 14, stime 15).
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+            continue;
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        runnable |= f.first() == Some(&"R");
+        let field = |i: usize| f.get(i - 3).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        ticks += field(14) + field(15);
+    }
+    Some((ticks, runnable))
+}
+
 /// How process `pid` (a child) ended, without reaping it.
 fn exit_of(pid: u32) -> Option<String> {
     let pid = libc::id_t::from(pid);
