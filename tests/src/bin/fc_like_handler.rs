@@ -97,7 +97,7 @@ fn peer_pid(stream: &UnixStream) -> i32 {
             &mut len,
         )
     };
-    assert_eq!(r, 0, "Failed to get peer process credentials");
+    assert_eq!(r, 0, "SO_PEERCRED of the connection failed");
     cred.pid
 }
 
@@ -106,7 +106,7 @@ fn install_panic_hook(pid: i32) {
     std::panic::set_hook(Box::new(move |info| {
         // SAFETY: kill takes plain values.
         if unsafe { libc::kill(pid, libc::SIGKILL) } != 0 {
-            eprintln!("Failed to kill the VMM (pid {pid}) from the panic hook");
+            eprintln!("fc-like handler: cannot SIGKILL its peer (pid {pid})");
         }
         default(info);
     }));
@@ -118,9 +118,9 @@ fn receive(stream: &UnixStream, backing_len: u64, field: &str) -> Handler {
         let mut buf = vec![0u8; 1024];
         match stream.recv_with_fd(&mut buf) {
             Ok((n, Some(file))) => {
-                let body = String::from_utf8(buf[..n].to_vec()).expect("body is not UTF-8");
+                let body = String::from_utf8(buf[..n].to_vec()).expect("the handshake is not UTF-8");
                 let maps: Vec<serde_json::Value> = serde_json::from_str(&body)
-                    .unwrap_or_else(|_| panic!("Cannot deserialize memory mappings. Received body: {body}"));
+                    .unwrap_or_else(|_| panic!("fc-like handler: the mappings do not parse: {body}"));
                 let first = maps.first().unwrap_or_else(|| panic!("no mapping in {body}"));
                 let page_size = first[field]
                     .as_u64()
@@ -148,12 +148,12 @@ fn receive(stream: &UnixStream, backing_len: u64, field: &str) -> Handler {
                     page_size,
                 };
             }
-            Ok((n, None)) => eprintln!("Didn't receive UFFD over socket ({n} bytes). Retrying..."),
-            Err(e) => eprintln!("Could not get UFFD and mapping: {e}. Retrying..."),
+            Ok((n, None)) => eprintln!("fc-like handler: {n} bytes and no userfaultfd; trying again"),
+            Err(e) => eprintln!("fc-like handler: receiving the handshake failed: {e}; trying again"),
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    panic!("Could not get UFFD and mappings after 5 retries");
+    panic!("fc-like handler: no userfaultfd after 5 attempts");
 }
 
 impl Handler {
@@ -164,7 +164,7 @@ impl Handler {
             .regions
             .iter()
             .find(|r| page >= r.base && page < r.base + r.size)
-            .unwrap_or_else(|| panic!("Could not find addr: {addr:#x} within guest region mappings."));
+            .unwrap_or_else(|| panic!("fc-like handler: {addr:#x} is in no region"));
         let src = backing as u64 + r.offset + (page - r.base);
         let mut copy = UffdioCopy {
             dst: page,
@@ -183,7 +183,7 @@ impl Handler {
         match e.raw_os_error() {
             Some(libc::EAGAIN) => false,
             Some(libc::EEXIST) => true,
-            _ => panic!("Uffd copy failed: {e}"),
+            _ => panic!("fc-like handler: UFFDIO_COPY failed: {e}"),
         }
     }
 
@@ -194,7 +194,7 @@ impl Handler {
         };
         // SAFETY: UFFDIO_UNREGISTER reads a valid range.
         let r = unsafe { libc::ioctl(self.uffd.as_raw_fd(), UFFDIO_UNREGISTER as _, &range) };
-        assert_eq!(r, 0, "range should be valid");
+        assert_eq!(r, 0, "fc-like handler: UFFDIO_UNREGISTER failed");
     }
 
     /// Reads every queued event: (kind, a, b).
@@ -209,7 +209,7 @@ impl Handler {
                 assert_eq!(
                     e.raw_os_error(),
                     Some(libc::EAGAIN),
-                    "Failed to read uffd_msg: {e}"
+                    "fc-like handler: reading the userfaultfd: {e}"
                 );
                 return out;
             }
@@ -222,8 +222,12 @@ impl Handler {
 
 fn main() {
     let mut args = std::env::args().skip(1);
-    let socket = args.next().expect("No socket path given");
-    let memfile = args.next().expect("No memory file given");
+    let socket = args
+        .next()
+        .expect("usage: fc_like_handler SOCKET MEMFILE [--mode M] [--field F]");
+    let memfile = args
+        .next()
+        .expect("usage: fc_like_handler SOCKET MEMFILE [--mode M] [--field F]");
     let mut mode = Mode::Serve;
     let mut field = "page_size".to_string();
     while let Some(a) = args.next() {
@@ -247,7 +251,7 @@ fn main() {
             other => panic!("unknown argument {other}"),
         }
     }
-    let file = File::open(&memfile).expect("Cannot open memfile");
+    let file = File::open(&memfile).expect("cannot open the memory file");
     let backing_len = file.metadata().unwrap().len();
     // SAFETY: a private read-only mapping of the whole file.
     let backing = unsafe {
@@ -260,11 +264,11 @@ fn main() {
             0,
         )
     };
-    assert_ne!(backing, libc::MAP_FAILED, "mmap on backing file failed");
+    assert_ne!(backing, libc::MAP_FAILED, "cannot map the memory file");
     let backing = backing.cast::<u8>().cast_const();
 
-    let listener = UnixListener::bind(&socket).expect("Cannot bind to socket path");
-    let (stream, _) = listener.accept().expect("Cannot listen on UDS socket");
+    let listener = UnixListener::bind(&socket).expect("cannot bind the socket");
+    let (stream, _) = listener.accept().expect("cannot accept a connection");
     if mode != Mode::Malicious {
         install_panic_hook(peer_pid(&stream));
     }
@@ -290,7 +294,7 @@ fn main() {
         }
         // SAFETY: `fds` is a valid array for the call.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
-        assert!(n >= 0, "Could not poll for events!");
+        assert!(n >= 0, "poll failed");
         for pfd in &fds {
             if pfd.revents & libc::POLLIN == 0 {
                 continue;
@@ -314,12 +318,12 @@ fn main() {
                 match kind {
                     EVENT_PAGEFAULT => {
                         if mode == Mode::Malicious {
-                            panic!("Fear me! I am the malicious page fault handler.");
+                            panic!("fc-like handler: malicious, panicking at the first page fault");
                         }
                         events.push((i, b));
                     }
                     EVENT_REMOVE => handlers[i].unregister(a, b),
-                    other => panic!("Unexpected event on userfaultfd: {other:#x}"),
+                    other => panic!("fc-like handler: unexpected userfaultfd event {other:#x}"),
                 }
             }
             for (h, addr) in events {
