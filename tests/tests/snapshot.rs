@@ -210,7 +210,10 @@ fn bad_snapshots_are_refused_before_the_guest_runs() {
         let m = std::fs::read_to_string(p.join("manifest.json")).unwrap();
         std::fs::write(
             p.join("manifest.json"),
-            m.replace("\"version\": 3", "\"version\": 99"),
+            m.replace(
+                &format!("\"version\": {}", snapshot::FORMAT_VERSION),
+                "\"version\": 99",
+            ),
         )
         .unwrap();
     });
@@ -292,6 +295,69 @@ fn bad_snapshots_are_refused_before_the_guest_runs() {
         GuestEnd::MemoryFault(m) => assert!(m.contains("do not match their hash"), "{m}"),
         other => panic!("a corrupted lazy snapshot ran to {other:?}"),
     }
+}
+
+/// Rewrites a snapshot's memory file indexed by guest-physical address
+/// (the hole below 4 GiB a hole in the file too), its layout recorded so.
+fn to_gpa_layout(dir: &Path) {
+    use snapshot::{LayoutKind, MemoryLayout};
+    use std::os::unix::fs::FileExt;
+    let mut m = snapshot::read_manifest(dir).unwrap();
+    let packed = m.memory.layout.clone();
+    assert_eq!(packed.kind, LayoutKind::Packed);
+    let gpa = MemoryLayout::new(LayoutKind::Gpa, m.memory.mem_size);
+    let from = std::fs::File::open(dir.join("memory.bin")).unwrap();
+    let tmp = dir.join("memory.bin.gpa");
+    let to = std::fs::File::create(&tmp).unwrap();
+    to.set_len(gpa.file_len()).unwrap();
+    for e in &m.memory.extents {
+        let mut buf = vec![0u8; usize::try_from(e.len).unwrap()];
+        from.read_exact_at(&mut buf, packed.file_offset(e.gpa, e.len).unwrap())
+            .unwrap();
+        to.write_all_at(&buf, e.gpa).unwrap();
+    }
+    std::fs::rename(&tmp, dir.join("memory.bin")).unwrap();
+    m.memory.layout = gpa.clone();
+    m.memory.len = gpa.file_len();
+    snapshot::write_manifest(dir, &m, None).unwrap();
+}
+
+/// Snapshots are written with packed regions (the memory file is as long
+/// as RAM, the layout is in the manifest); a memory file indexed by
+/// guest-physical address restores too, eagerly and lazily, for a guest
+/// with RAM on both sides of the MMIO hole, and a layout that does not fit
+/// the RAM is refused before anything runs.
+#[test]
+fn packed_and_gpa_indexed_snapshots_of_a_guest_above_3_gib_restore() {
+    let cfg = touch_cfg("3584M", 3000);
+    let dir = TempDir::new("packed");
+    snapshot_mid_run(&cfg, &dir.0);
+    let m = snapshot::read_manifest(&dir.0).unwrap();
+    assert_eq!(m.version, snapshot::FORMAT_VERSION);
+    assert_eq!(m.memory.len, 3584 << 20, "packed: no hole for the MMIO gap");
+    assert_eq!(m.memory.layout.regions.len(), 2);
+    assert_eq!(m.memory.layout.regions[1].offset, 3 << 30);
+    let old = TempDir::new("gpa-layout");
+    copy_dir(&dir.0, &old.0);
+    to_gpa_layout(&old.0);
+    assert_eq!(
+        std::fs::metadata(old.0.join("memory.bin")).unwrap().len(),
+        (4 << 30) + (512 << 20)
+    );
+    for d in [&dir.0, &old.0] {
+        for how in [RestoreOptions::default(), lazy(true)] {
+            let (vm, cfg, console) = restore(d, &how);
+            finish(vm, &cfg, &console);
+        }
+    }
+    // A layout for another RAM size.
+    let bad = TempDir::new("badlayout");
+    copy_dir(&dir.0, &bad.0);
+    let mut m = snapshot::read_manifest(&bad.0).unwrap();
+    m.memory.layout = snapshot::MemoryLayout::new(snapshot::LayoutKind::Packed, 2 << 30);
+    snapshot::write_manifest(&bad.0, &m, None).unwrap();
+    let e = restore_err(&bad.0, &RestoreOptions::default());
+    assert!(e.to_string().contains("memory layout"), "{e}");
 }
 
 /// A lazy restore does no work proportional to memory size: a 4 GiB guest

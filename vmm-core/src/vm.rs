@@ -399,6 +399,24 @@ impl Vm {
         Ok(v.pause(&|| memory.blocked())?)
     }
 
+    /// Pauses every started vCPU without signalling those blocked in a
+    /// userfault (faults nobody serves: see `Vcpus::pause_sparing_blocked`).
+    pub fn pause_sparing_blocked(&mut self) -> Result<PauseReport, VmError> {
+        let memory = &self.memory;
+        let VcpuSet::Running(v) = &mut self.vcpus else {
+            return Err(VmError::Phase("the VM's vCPUs are not running"));
+        };
+        Ok(v.pause_sparing_blocked(&|| memory.blocked())?)
+    }
+
+    /// The thread id of each vCPU (once its thread runs).
+    pub fn vcpu_tids(&self) -> Vec<Option<u32>> {
+        match &self.vcpus {
+            VcpuSet::Running(v) => v.stats().into_iter().map(|(_, tid)| tid).collect(),
+            _ => Vec::new(),
+        }
+    }
+
     /// Resumes every started vCPU.
     pub fn resume(&mut self) -> Result<(), VmError> {
         let memory = &self.memory;

@@ -4,7 +4,8 @@
 //! Protocol (`docs/snapshot.md`): one JSON object per line in each direction.
 //! Requests: `{"cmd":"pause"}`, `{"cmd":"resume"}`, `{"cmd":"stats"}`,
 //! `{"cmd":"snapshot","to":"DIR","then":"restore|resume|pause|stop"}`,
-//! `{"cmd":"migrate","to":"ADDR",...}`, `{"cmd":"recover","from":"ADDR"}`.
+//! `{"cmd":"migrate","to":"ADDR",...}`, `{"cmd":"recover","from":"ADDR"}`,
+//! `{"cmd":"attach_handler","path":"SOCKET"}`.
 //! Responses: `{"ok":true,"result":...}` or `{"ok":false,"error":"..."}`.
 //! Any input, however malformed, gets an error response (a line longer than
 //! [`MAX_LINE`] closes the connection after it); nothing crashes the VMM.
@@ -111,6 +112,13 @@ pub enum Request {
         /// `unix:PATH` or `tcp:ADDR:PORT`.
         from: String,
     },
+    /// A VM whose external page-fault handler is gone: connect to the
+    /// handler listening at `path` and resume (docs/external-handler.md).
+    #[serde(alias = "attach-handler")]
+    AttachHandler {
+        /// The new handler's socket.
+        path: PathBuf,
+    },
 }
 
 /// A response.
@@ -155,7 +163,7 @@ pub enum DecodeError {
     #[error("request is not UTF-8")]
     NotUtf8,
     /// Not a request of this protocol.
-    #[error("bad request: {0}; send one JSON object per line, e.g. {{\"cmd\":\"pause\"}} (cmd: pause, resume, stats, snapshot, migrate, recover)")]
+    #[error("bad request: {0}; send one JSON object per line, e.g. {{\"cmd\":\"pause\"}} (cmd: pause, resume, stats, snapshot, migrate, recover, attach_handler)")]
     Json(#[source] serde_json::Error),
 }
 
@@ -227,6 +235,10 @@ pub fn execute(vm: &VmHandle, req: &Request) -> Response {
                 },
             }
         }
+        Request::AttachHandler { path } => match vm.attach_handler(path) {
+            Ok(info) => json(serde_json::to_value(info)),
+            Err(e) => Response::err(e.to_string()),
+        },
         Request::Recover { from } => match from.parse::<crate::migration::Endpoint>() {
             Err(e) => Response::err(e.to_string()),
             Ok(from) => match vm.recover(&from) {
@@ -460,6 +472,17 @@ mod tests {
                 then: AfterSnapshot::Restore
             }
         );
+        assert_eq!(
+            decode_ok(br#"{"cmd":"attach_handler","path":"/run/h.sock"}"#),
+            Request::AttachHandler {
+                path: "/run/h.sock".into()
+            }
+        );
+        assert_eq!(
+            decode_ok(br#"{"cmd":"attach-handler","path":"/h"}"#),
+            Request::AttachHandler { path: "/h".into() }
+        );
+        assert!(decode(br#"{"cmd":"attach_handler"}"#).is_err());
         let r = Request::Snapshot {
             to: "/x".into(),
             then: AfterSnapshot::Resume,

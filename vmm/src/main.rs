@@ -30,6 +30,7 @@ fn main() -> ProcessExit {
         }
     };
     let code = match cli.command {
+        Command::UffdPeer { socket } => vmm::uffd_handler::peer::main(&socket),
         Command::Run(args) => cli::run::run(args),
         Command::Ctl(args) => cli::ctl::ctl(args),
         Command::Restore(args) => cli::run::restore(args),

@@ -263,7 +263,7 @@ pub fn fault(opts: FaultBenchOptions, progress: &mut dyn FnMut(&str)) -> Result<
 /// A snapshot page source over `path` whose every page (all zero here) has
 /// its hash, so each fetch reads and hashes its pages.
 fn hashed_source(path: &std::path::Path, len: u64) -> Result<Arc<dyn ::memory::PageSource>, BenchError> {
-    use crate::snapshot::{Extent, Hasher, PageHashes};
+    use crate::snapshot::{Extent, Hasher, LayoutKind, MemoryLayout, PageHashes};
     let h = Hasher::new(None);
     let zero = h.hash(&[0u8; crate::snapshot::memory::HASH_BLOCK_LEN]);
     let block = crate::snapshot::EXTENT_MAX;
@@ -275,7 +275,8 @@ fn hashed_source(path: &std::path::Path, len: u64) -> Result<Arc<dyn ::memory::P
         .collect();
     let blocks = extents.len() * usize::try_from(block / crate::snapshot::memory::HASH_BLOCK).unwrap_or(0);
     let hashes = zero.repeat(blocks);
-    let pages = Arc::new(PageHashes::new(&extents, hashes, h));
+    let layout = MemoryLayout::new(LayoutKind::Packed, len);
+    let pages = Arc::new(PageHashes::new(&extents, hashes, h, layout));
     let src = crate::snapshot::source::SnapshotSource::with_pages(path.to_owned(), pages).map_err(|e| {
         BenchError::File {
             path: path.display().to_string(),

@@ -27,6 +27,14 @@ pub(crate) enum Command {
     /// Seeded fault stress: VMs over lazily backed memory under kick, pause and
     /// hold storms, every page verified; non-zero exit on any error or stall.
     Stress(StressArgs),
+    /// The connection holder between the VMM and an external page-fault
+    /// handler (started by `vmm restore --mem-backend uffd:SOCKET`; not for
+    /// direct use).
+    #[command(name = "__uffd-peer", hide = true)]
+    UffdPeer {
+        /// The handler's socket.
+        socket: PathBuf,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -197,6 +205,14 @@ pub(crate) enum CtlRequest {
         #[arg(long, value_name = "ADDR")]
         from: String,
     },
+    /// For a VM restored with --mem-backend uffd:SOCKET whose page-fault
+    /// handler is gone (the VM is paused): connect to the new handler
+    /// listening at PATH, hand it the same userfaultfd and mappings, and
+    /// resume; every waiting fault reaches it.
+    AttachHandler {
+        /// The new handler's Unix socket.
+        path: PathBuf,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -240,10 +256,21 @@ pub(crate) struct RestoreArgs {
     #[arg(long, value_name = "PAGES", requires = "lazy")]
     pub(crate) fault_around: Option<u32>,
     /// `uffd:SOCKET`: hand guest memory to an external page-fault handler
-    /// (Firecracker's UFFD handshake: JSON mappings + the userfaultfd over SOCKET);
-    /// region offsets are guest-physical addresses in DIR/memory.bin.
+    /// (Firecracker's UFFD handshake: JSON mappings + the userfaultfd over
+    /// SOCKET, the connection held open for the VM's life); region offsets
+    /// are those of DIR/memory.bin (packed regions, as Firecracker's).
     #[arg(long, value_name = "uffd:SOCKET", conflicts_with = "lazy")]
     pub(crate) mem_backend: Option<String>,
+    /// With --mem-backend uffd:SOCKET: if the handler dies, seconds the
+    /// paused VM waits for a new one (`vmm ctl CTL attach-handler PATH`, or
+    /// a new socket at SOCKET) before the run ends with exit code 13.
+    #[arg(long, value_name = "SECS", default_value_t = 30.0, requires = "mem_backend")]
+    pub(crate) handler_grace: f64,
+    /// With --mem-backend uffd:SOCKET: seconds faults may wait unread, with
+    /// nothing changing, before a handler that lives but no longer reads the
+    /// userfaultfd is taken as gone (0: never).
+    #[arg(long, value_name = "SECS", default_value_t = 30.0, requires = "mem_backend")]
+    pub(crate) handler_stall: f64,
     /// Write run statistics as JSON to FILE, or `-` for stdout.
     #[arg(long, value_name = "FILE")]
     pub(crate) stats: Option<PathBuf>,

@@ -22,6 +22,9 @@ pub fn ctl(args: CtlArgs) -> i32 {
             resume,
         },
         CtlRequest::Recover { from } => Request::Recover { from },
+        CtlRequest::AttachHandler { path } => Request::AttachHandler {
+            path: std::path::absolute(&path).unwrap_or(path),
+        },
         CtlRequest::Snapshot {
             to,
             resume,

@@ -97,7 +97,19 @@ pub fn restore(args: RestoreArgs) -> i32 {
         },
         ..Default::default()
     };
+    let grace = super::seconds("--handler-grace", args.handler_grace, true);
+    let stall = super::seconds("--handler-stall", args.handler_stall, true);
+    let (handler_grace, handler_stall) = match (grace, stall) {
+        (Ok(g), Ok(s)) => (g, s),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("vmm: error: {e}");
+            return EXIT_VMM_ERROR;
+        }
+    };
     let how = vmm::RestoreOptions {
+        peer_program: None,
+        handler_grace: Some(handler_grace),
+        handler_stall: Some(handler_stall),
         lazy: args.lazy,
         prefetch: args.prefetch,
         fault_around: args.fault_around,
@@ -119,11 +131,18 @@ pub fn restore(args: RestoreArgs) -> i32 {
         }
     };
     let config = vm.config().clone();
+    let memory = match &how.uffd_socket {
+        Some(sock) => format!(
+            "memory served by the external page-fault handler at {}",
+            sock.display()
+        ),
+        None if args.lazy => "lazy memory".into(),
+        None => "eager memory".into(),
+    };
     eprintln!(
-        "vmm: restored from {} in {:.1} ms ({} memory)",
+        "vmm: restored from {} in {:.1} ms ({memory})",
         args.from.display(),
         start.elapsed().as_secs_f64() * 1e3,
-        if args.lazy { "lazy" } else { "eager" }
     );
     match run_with_control(Ok(vm), args.control.as_deref()) {
         Ok(outcome) => report(&config, &outcome, args.stats.as_deref()),

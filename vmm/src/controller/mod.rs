@@ -8,14 +8,19 @@
 //! - [`handle`]: the requests and the handles other threads hold;
 //! - [`state`]: the run state and its transitions;
 //! - [`ops`]: snapshot, migration and state capture;
-//! - [`outcome`]: how a run ends, its exit code and statistics.
+//! - [`outcome`]: how a run ends, its exit code and statistics;
+//! - [`external`]: an external page-fault handler's death, the pause, the
+//!   grace and the re-attach.
 
+pub mod external;
 mod handle;
 mod ops;
 pub mod outcome;
 mod reports;
 pub mod state;
 
+pub(crate) use external::ExternalHandler;
+pub use external::{AttachInfo, HandlerStatus, WaitingPage, DEFAULT_GRACE};
 pub use handle::{ControlError, ControllerPanicked, LiveStats, RunningVm, VmHandle};
 pub(crate) use handle::{ControlRequest, Event, EventSender};
 pub use outcome::{verify_reports, GuestEnd, RunOutcome, VerifyError};
@@ -94,6 +99,7 @@ pub(crate) fn start(
     events: EventSender,
     rx: Receiver<Event>,
     options: ControllerOptions,
+    external: Option<ExternalHandler>,
 ) -> Result<RunningVm, StartError> {
     vm.start()?;
     let mut em: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
@@ -132,6 +138,7 @@ pub(crate) fn start(
         before_loss: None,
         devices_paused: false,
         snapshot_key: options.snapshot_key.clone(),
+        external,
     }));
     em.add_subscriber(controller.clone());
     if let (true, Some(serial)) = (options.stdin, serial) {
@@ -160,16 +167,27 @@ fn run_loop(
     timeout: Duration,
 ) -> RunOutcome {
     let end = loop {
-        if let Some(end) = lock(controller).end.clone() {
-            break end;
+        let wakeup = {
+            let mut c = lock(controller);
+            c.handler_tick();
+            if let Some(end) = c.end.clone() {
+                break end;
+            }
+            c.handler_wakeup()
+        };
+        // Everything that can end the run is an event; only the deadline is
+        // a timeout (and, while no page-fault handler serves, the grace and
+        // a look at its socket path: `external`).
+        let now = Instant::now();
+        if deadline.is_some_and(|d| now >= d) {
+            break GuestEnd::TimedOut(timeout);
         }
-        // Everything that can end the run is an event; only the deadline is a timeout.
-        let wait_ms = match deadline {
+        let wait_ms = match [deadline, wakeup].into_iter().flatten().min() {
             None => -1,
-            Some(d) => match d.checked_duration_since(Instant::now()) {
-                None => break GuestEnd::TimedOut(timeout),
-                Some(left) => i32::try_from(left.as_millis().saturating_add(1)).unwrap_or(i32::MAX),
-            },
+            Some(d) => {
+                let left = d.saturating_duration_since(now);
+                i32::try_from(left.as_millis().saturating_add(1)).unwrap_or(i32::MAX)
+            }
         };
         if let Err(e) = em.run_with_timeout(wait_ms) {
             tracing::error!("the VM's event loop failed: {e:?}");
@@ -208,6 +226,8 @@ struct Controller {
     devices_paused: bool,
     /// Authenticates the snapshots written.
     snapshot_key: Option<crate::snapshot::SnapshotKey>,
+    /// The external page-fault handler, for memory it serves.
+    external: Option<ExternalHandler>,
 }
 
 impl Controller {
@@ -242,6 +262,9 @@ impl Controller {
             VmEvent::Memory(MemoryEvent::HandlerStopped(why)) => self.end(GuestEnd::MemoryFault(format!(
                 "the userfault handler stopped ({why}); guest pages can no longer be served"
             ))),
+            VmEvent::Memory(MemoryEvent::ExternalHandlerLost { link, reason }) => {
+                self.handler_lost(link, &reason)
+            }
         }
     }
 
@@ -272,12 +295,14 @@ impl Controller {
             }
             ControlRequest::Kick(cpu) => self.vm.kick(cpu),
             ControlRequest::Stats(reply) => {
+                let handler = self.handler_status();
                 let _ = reply.send(LiveStats {
                     vcpus: self.vm.vcpu_stats(),
                     blocked_faults: self.vm.memory().blocked().len(),
                     paused: self.run.paused(),
                     state: self.run,
                     memory_fault: self.memory_fault.clone(),
+                    handler,
                 });
             }
             ControlRequest::RunOnVcpu(cpu, f, reply) => {
@@ -312,6 +337,9 @@ impl Controller {
             ControlRequest::SourceLost(lost, reply) => {
                 let _ = reply.send(self.source_lost(lost));
             }
+            ControlRequest::AttachHandler(path, reply) => {
+                let _ = reply.send(self.attach_handler(&path));
+            }
             ControlRequest::Stop => self.end(GuestEnd::Stopped),
             ControlRequest::Signal(sig) => self.end(GuestEnd::Signal(sig)),
         }
@@ -320,6 +348,8 @@ impl Controller {
     fn pause(&mut self) -> Result<vmm_core::vcpu::manager::PauseReport, ControlError> {
         let to = match self.run {
             RunState::Precopy => RunState::PrecopyPaused,
+            // Paused already; only a new handler takes it out of this state.
+            RunState::HandlerLost => return Err(ControlError::AlreadyPaused),
             _ => RunState::Paused,
         };
         valid_transition(self.run, to)?;
@@ -331,6 +361,8 @@ impl Controller {
     fn resume(&mut self) -> Result<(), ControlError> {
         let to = match self.run {
             RunState::PrecopyPaused => RunState::Precopy,
+            // Nobody would serve its faults: only `attach-handler` resumes it.
+            RunState::HandlerLost => return Err(ControlError::HandlerLost),
             _ => RunState::Running,
         };
         valid_transition(self.run, to)?;
@@ -394,7 +426,9 @@ impl Controller {
         } else {
             Duration::from_secs(2)
         };
+        self.release_if_handler_lost();
         self.vm.stop(patience, true);
+        self.detach_handler();
         let vcpu_stats = self.vm.vcpu_stats();
         self.vm.memory_mut().stop();
         let (reports, bad_requests) = self.guest.take();

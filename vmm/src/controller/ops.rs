@@ -25,6 +25,7 @@ impl RunState {
             RunState::Precopy | RunState::PrecopyPaused => Some(ControlError::MigrationRunning),
             RunState::SourceLost => Some(ControlError::SourceLost),
             RunState::MemoryFault => Some(ControlError::MemoryFault),
+            RunState::HandlerLost => Some(ControlError::HandlerLost),
         }
     }
 }

@@ -6,6 +6,7 @@
 //! the digest are keyed (BLAKE3's keyed mode, a MAC): a snapshot from
 //! elsewhere then cannot have been written by anyone without the key.
 
+use super::memory::MemoryLayout;
 use super::{SnapshotError, FORMAT_VERSION, HASHES, MAGIC, MEMORY, STATE};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -52,21 +53,24 @@ pub struct FileEntry {
 pub struct MemoryEntry {
     /// File name inside the snapshot directory.
     pub name: String,
-    /// Logical length (end of the highest RAM range); the rest is holes.
+    /// Logical length (the layout's end); what no extent covers is holes.
     pub len: u64,
     /// Guest RAM size the file belongs to.
     pub mem_size: u64,
+    /// Where each RAM region lies in the file.
+    pub layout: MemoryLayout,
     /// Data extents, sorted, page aligned, within one `EXTENT_MAX` block each.
     pub extents: Vec<Extent>,
     /// One 32-byte hash per data page, in extent order.
     pub hashes: FileEntry,
 }
 
-/// A run of saved pages: file offset = guest-physical address.
+/// A run of saved pages, keyed by guest-physical address (the layout places
+/// it in the file).
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Extent {
-    /// Guest-physical address (and file offset).
+    /// Guest-physical address.
     pub gpa: u64,
     /// Bytes.
     pub len: u64,

@@ -10,9 +10,11 @@
 //! - `state.json`: a [`SavedVm`]: configuration, memory layout, per-vCPU KVM
 //!   state, irqchip and PIT, devices (the page store's reads in flight
 //!   included), controller state;
-//! - `memory.bin`: guest RAM as a sparse file indexed by guest-physical address;
-//!   only pages that exist and are not all zero are written, in extents of at
-//!   most [`EXTENT_MAX`] bytes;
+//! - `memory.bin`: guest RAM as a sparse file, its RAM regions packed back
+//!   to back (the layout, [`MemoryLayout`], is in the manifest; Firecracker's
+//!   page-fault handlers read this layout); only pages that exist and are not
+//!   all zero are written, in extents of at most [`EXTENT_MAX`] bytes keyed by
+//!   guest-physical address;
 //! - `memory.hashes`: one 32-byte BLAKE3 hash per data page, so every page
 //!   is checked whenever it is read, eagerly or lazily, at the cost of one
 //!   page hash.
@@ -34,16 +36,18 @@ pub mod source;
 pub mod write;
 
 pub use format::{Extent, FileEntry, Hasher, Manifest, MemoryEntry, SnapshotKey};
-pub use memory::{data_extents, ram_end, PageHashes};
+pub use memory::{data_extents, ram_end, FileRegion, LayoutKind, MemoryLayout, PageHashes};
 pub use open::{check_received, read_manifest, Snapshot};
 pub use write::{write_manifest, write_snapshot};
 
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
-/// The format version this VMM writes and reads. Version 3: BLAKE3 hashes
-/// of every page and file, a digest over the manifest, an identity.
-pub const FORMAT_VERSION: u32 = 3;
+/// The format version this VMM writes and reads. Version 4: the memory
+/// file's RAM regions are packed back to back and the manifest records the
+/// layout (`memory.layout`). Version 3: BLAKE3 hashes of every page block
+/// and file, a digest over the manifest, an identity.
+pub const FORMAT_VERSION: u32 = 4;
 /// The manifest's magic string.
 pub const MAGIC: &str = "vmm-snapshot";
 /// Manifest file name.

@@ -6,7 +6,7 @@
 //! source).
 
 use super::format::{Extent, Hasher, Manifest, SnapshotKey};
-use super::memory::{data_blocks, ram_end, PageHashes, HASH_BLOCK, HASH_BLOCK_LEN};
+use super::memory::{data_blocks, LayoutKind, MemoryLayout, PageHashes, HASH_BLOCK, HASH_BLOCK_LEN};
 use super::{io_err, SnapshotError, EXTENT_MAX, HASHES, MANIFEST, MEMORY, STATE, STATE_MAX};
 use crate::state::SavedVm;
 use abi::layout::{ram_ranges, PAGE_SIZE};
@@ -59,10 +59,16 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest, SnapshotError> {
     Manifest::parse(&text, &path)
 }
 
-/// Checks the state against the memory layout and the extents: counts,
-/// sizes, and every extent aligned, sorted, inside RAM, within one
-/// [`EXTENT_MAX`] block.
-fn check_layout(state: &SavedVm, mem_size: u64, len: u64, extents: &[Extent]) -> Result<(), String> {
+/// Checks the state against the memory file's layout and the extents:
+/// counts, sizes, the layout the one of its kind for this RAM, and every
+/// extent aligned, sorted, inside RAM, within one [`EXTENT_MAX`] block.
+fn check_layout(
+    state: &SavedVm,
+    mem_size: u64,
+    len: u64,
+    layout: &MemoryLayout,
+    extents: &[Extent],
+) -> Result<(), String> {
     let s = &state.vm;
     s.check().map_err(|e| e.0)?;
     if mem_size != s.config.mem_size {
@@ -71,7 +77,13 @@ fn check_layout(state: &SavedVm, mem_size: u64, len: u64, extents: &[Extent]) ->
             s.config.mem_size
         ));
     }
-    let end = ram_end(s.config.mem_size);
+    if !layout.fits(s.config.mem_size) {
+        return Err(format!(
+            "the memory layout {:x?} is not the {:?} layout of {} bytes of RAM",
+            layout.regions, layout.kind, s.config.mem_size
+        ));
+    }
+    let end = layout.file_len();
     if len != end {
         return Err(format!(
             "memory file length {len} does not match {} bytes of RAM (expected {end})",
@@ -112,7 +124,8 @@ pub fn check_received(state_json: &[u8], extents: &[Extent]) -> Result<SavedVm, 
         reason: e.to_string(),
     })?;
     let mem_size = state.vm.config.mem_size;
-    check_layout(&state, mem_size, ram_end(mem_size), extents)
+    let layout = MemoryLayout::new(LayoutKind::Packed, mem_size);
+    check_layout(&state, mem_size, layout.file_len(), &layout, extents)
         .map_err(|reason| SnapshotError::Mismatch { dir: path, reason })?;
     Ok(state)
 }
@@ -152,9 +165,11 @@ impl Snapshot {
             reason: e.to_string(),
         })?;
         let m = &manifest.memory;
-        check_layout(&state, m.mem_size, m.len, &m.extents).map_err(|reason| SnapshotError::Mismatch {
-            dir: dir.to_owned(),
-            reason,
+        check_layout(&state, m.mem_size, m.len, &m.layout, &m.extents).map_err(|reason| {
+            SnapshotError::Mismatch {
+                dir: dir.to_owned(),
+                reason,
+            }
         })?;
 
         let blocks = data_blocks(&m.extents).len() as u64;
@@ -200,13 +215,18 @@ impl Snapshot {
                 expected: m.len,
             });
         }
-        let pages = std::sync::Arc::new(PageHashes::new(&m.extents, hashes, h));
+        let pages = std::sync::Arc::new(PageHashes::new(&m.extents, hashes, h, m.layout.clone()));
         Ok(Snapshot {
             dir: dir.to_owned(),
             manifest,
             state,
             pages,
         })
+    }
+
+    /// The memory file's layout.
+    pub fn layout(&self) -> MemoryLayout {
+        self.manifest.memory.layout.clone()
     }
 
     /// The memory file.

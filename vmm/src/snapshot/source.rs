@@ -123,6 +123,7 @@ impl PageSource for SnapshotSource {
 #[cfg(test)]
 mod tests {
     use super::super::format::{Extent, Hasher};
+    use super::super::memory::{LayoutKind, MemoryLayout};
     use super::*;
     use std::os::unix::fs::FileExt;
 
@@ -143,7 +144,8 @@ mod tests {
         // The data block 0x4000..0x8000: two data pages, two zero pages.
         let mut block = vec![0u8; HASH_BLOCK_LEN];
         block[..8192].copy_from_slice(&data);
-        let pages = Arc::new(PageHashes::new(&extents, h.hash(&block).to_vec(), h));
+        let layout = MemoryLayout::new(LayoutKind::Packed, 64 << 20);
+        let pages = Arc::new(PageHashes::new(&extents, h.hash(&block).to_vec(), h, layout));
         let src = SnapshotSource::with_pages(path.clone(), pages).unwrap();
         let mut buf = vec![0xffu8; 4 * 4096];
         assert!(matches!(src.fetch(0x8000, &mut buf), FetchOutcome::Zero));
@@ -165,6 +167,39 @@ mod tests {
             }
         }
         assert_eq!(src.data_ranges(), vec![(0x4000, 0x2000)]);
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn the_layout_places_high_ram_after_low_ram_in_a_packed_file() {
+        let path = std::env::temp_dir().join(format!("vmm-snapsrc-packed-{}", std::process::id()));
+        let f = std::fs::File::create(&path).unwrap();
+        let mem = 6u64 << 30;
+        f.set_len(mem).unwrap();
+        let data = vec![0x5au8; 4096];
+        // Guest page 4 GiB + 16 KiB lies 3 GiB + 16 KiB into a packed file.
+        let gpa = (4u64 << 30) + 0x4000;
+        f.write_all_at(&data, (3 << 30) + 0x4000).unwrap();
+        let h = Hasher::new(None);
+        let extents = [Extent { gpa, len: 0x1000 }];
+        let mut block = vec![0u8; HASH_BLOCK_LEN];
+        block[..4096].copy_from_slice(&data);
+        let hash = h.hash(&block).to_vec();
+        let packed = MemoryLayout::new(LayoutKind::Packed, mem);
+        let pages = Arc::new(PageHashes::new(&extents, hash.clone(), h.clone(), packed));
+        let src = SnapshotSource::with_pages(path.clone(), pages).unwrap();
+        let mut buf = vec![0u8; 4096];
+        assert!(matches!(src.fetch(gpa, &mut buf), FetchOutcome::Ready));
+        assert_eq!(buf, data);
+        // The same file read as indexed by guest-physical address finds a
+        // hole there: the hash says so.
+        let by_gpa = MemoryLayout::new(LayoutKind::Gpa, mem);
+        let pages = Arc::new(PageHashes::new(&extents, hash, h, by_gpa));
+        let src = SnapshotSource::with_pages(path.clone(), pages).unwrap();
+        assert!(
+            matches!(src.fetch(gpa, &mut buf), FetchOutcome::Failed(_)),
+            "a bad hash, not the data"
+        );
         std::fs::remove_file(&path).unwrap();
     }
 }

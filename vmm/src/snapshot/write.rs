@@ -5,7 +5,7 @@
 //! afterwards). A failure leaves the target as it was.
 
 use super::format::{new_id, FileEntry, Hasher, Manifest, MemoryEntry, SnapshotKey};
-use super::memory::{create_file, data_extents, ram_end, write_hashes, write_memory};
+use super::memory::{create_file, data_extents, write_hashes, write_memory, LayoutKind, MemoryLayout};
 use super::{io_err, SnapshotError, FORMAT_VERSION, HASHES, MAGIC, MANIFEST, MEMORY, STATE, STATE_MAX};
 use crate::state::SavedVm;
 use devices::GuestRam;
@@ -93,7 +93,8 @@ fn write_files(tmp: &Path, state: &SavedVm, mem: &GuestRam, h: &Hasher) -> Resul
     f.sync_all().map_err(io_err(&state_path, "syncing"))?;
     let mem_size = state.vm.config.mem_size;
     let extents = data_extents(mem)?;
-    let hashes = write_memory(&tmp.join(MEMORY), mem, mem_size, &extents, h)?;
+    let layout = MemoryLayout::new(LayoutKind::Packed, mem_size);
+    let hashes = write_memory(&tmp.join(MEMORY), mem, &layout, &extents, h)?;
     write_hashes(&tmp.join(HASHES), &hashes)?;
     let mut manifest = Manifest {
         magic: MAGIC.into(),
@@ -108,8 +109,9 @@ fn write_files(tmp: &Path, state: &SavedVm, mem: &GuestRam, h: &Hasher) -> Resul
         },
         memory: MemoryEntry {
             name: MEMORY.into(),
-            len: ram_end(mem_size),
+            len: layout.file_len(),
             mem_size,
+            layout,
             extents,
             hashes: FileEntry {
                 name: HASHES.into(),
