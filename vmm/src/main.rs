@@ -30,6 +30,9 @@ enum Command {
     /// Receive a VM by live migration (`vmm ctl SRC migrate --to ...`)
     /// and run it until its guest exits.
     Receive(ReceiveArgs),
+    /// Create the TLS material of one migration end: a private key and a
+    /// self-signed certificate (--out DIR), or a pre-shared key (--psk FILE).
+    Keygen(KeygenArgs),
     /// Benchmarks, each with its baseline measured in the same run.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -137,6 +140,72 @@ struct RunArgs {
     control: Option<PathBuf>,
 }
 
+/// How a migration's connections are authenticated and encrypted
+/// (docs/migration.md, "Authentication and encryption").
+#[derive(clap::Args, Debug, Clone, Default)]
+struct TlsArgs {
+    /// TLS: this side's certificate (PEM; `vmm keygen --out DIR` writes DIR/cert.pem).
+    #[arg(long, value_name = "FILE", requires_all = ["tls_key", "tls_peer"])]
+    tls_cert: Option<PathBuf>,
+    /// TLS: this side's private key (PEM, mode 0600; DIR/key.pem).
+    #[arg(long, value_name = "FILE", requires_all = ["tls_cert", "tls_peer"])]
+    tls_key: Option<PathBuf>,
+    /// TLS: the peer's certificate (its cert.pem); only a peer that presents
+    /// exactly this certificate, and holds its key, is accepted.
+    #[arg(long, value_name = "FILE", requires_all = ["tls_cert", "tls_key"])]
+    tls_peer: Option<PathBuf>,
+    /// TLS: a pre-shared key file, the same on both ends (`vmm keygen --psk
+    /// FILE`, mode 0600), proved inside TLS; alone or with the certificates.
+    #[arg(long, value_name = "FILE")]
+    tls_psk: Option<PathBuf>,
+    /// Allow a migration over plain TCP: NOT authenticated nor encrypted
+    /// (anyone who reaches the port can feed or read the VM). For a trusted
+    /// network only; Unix sockets are plain and need no flag.
+    #[arg(long, conflicts_with_all = ["tls_cert", "tls_key", "tls_peer", "tls_psk"])]
+    insecure_plain_tcp: bool,
+}
+
+impl TlsArgs {
+    /// The files, made absolute (for a request that another process reads).
+    fn files(&self, absolute: bool) -> vmm::migration::TlsFiles {
+        let fix = |p: &Option<PathBuf>| {
+            p.clone().map(|p| {
+                if absolute {
+                    std::path::absolute(&p).unwrap_or(p)
+                } else {
+                    p
+                }
+            })
+        };
+        vmm::migration::TlsFiles {
+            cert: fix(&self.tls_cert),
+            key: fix(&self.tls_key),
+            peer: fix(&self.tls_peer),
+            psk: fix(&self.tls_psk),
+        }
+    }
+}
+
+#[derive(clap::Args, Debug)]
+struct KeygenArgs {
+    /// Write DIR/key.pem (mode 0600, stays on this machine) and DIR/cert.pem
+    /// (give it to the other end, which passes it as --tls-peer).
+    #[arg(
+        long,
+        value_name = "DIR",
+        required_unless_present = "psk",
+        conflicts_with = "psk"
+    )]
+    out: Option<PathBuf>,
+    /// Write a random pre-shared key to FILE (mode 0600); copy it to the
+    /// other end over a channel you trust; both pass it as --tls-psk.
+    #[arg(long, value_name = "FILE")]
+    psk: Option<PathBuf>,
+    /// Replace files that exist.
+    #[arg(long)]
+    force: bool,
+}
+
 #[derive(clap::Args, Debug)]
 struct CtlArgs {
     /// The control socket of the running VMM.
@@ -190,6 +259,9 @@ enum CtlRequest {
         /// (`vmm ctl DEST recover --from ADDR`), ADDR is the same.
         #[arg(long)]
         resume: bool,
+        /// TLS (paths are read by the VMM, made absolute here).
+        #[command(flatten)]
+        tls: TlsArgs,
     },
     /// On the destination of a post-copy whose source or connection was
     /// lost (the VM is paused there): listen at ADDR for the source, which
@@ -198,6 +270,10 @@ enum CtlRequest {
         /// unix:PATH or tcp:ADDR:PORT.
         #[arg(long, value_name = "ADDR")]
         from: String,
+        /// TLS for the source's new connections (default: the options
+        /// `vmm receive` was started with).
+        #[command(flatten)]
+        tls: TlsArgs,
     },
 }
 
@@ -209,9 +285,13 @@ struct ReceiveArgs {
     /// Write run and migration statistics as JSON to FILE, or `-` for stdout.
     #[arg(long, value_name = "FILE")]
     stats: Option<PathBuf>,
-    /// Give up after this many seconds (exit code 11).
+    /// Give up after this many seconds, the wait for the source included
+    /// (exit code 11).
     #[arg(long)]
     timeout: Option<f64>,
+    /// How the source must authenticate (TCP needs TLS or --insecure-plain-tcp).
+    #[command(flatten)]
+    tls: TlsArgs,
     /// If the source is lost mid-migration: seconds the paused VM waits for
     /// `vmm ctl DEST recover` (and, after one, for the source to come back)
     /// before the run ends with exit code 13.
@@ -272,6 +352,7 @@ fn main() -> ProcessExit {
         Command::Ctl(args) => ctl(args),
         Command::Restore(args) => restore(args),
         Command::Receive(args) => receive(args),
+        Command::Keygen(args) => keygen(&args),
         Command::Bench(b) => bench(b),
         Command::Stress(a) => stress(a),
     };
@@ -419,7 +500,19 @@ fn receive(args: ReceiveArgs) -> i32 {
         eprintln!("vmm: error: --lost-wait must be a non-negative number of seconds");
         return EXIT_VMM_ERROR;
     }
-    let listener = match args.listen.parse::<Endpoint>().and_then(|e| Listener::bind(&e)) {
+    let security =
+        match vmm::migration::Security::from_files(&args.tls.files(false), args.tls.insecure_plain_tcp) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("vmm: error: {e}");
+                return EXIT_VMM_ERROR;
+            }
+        };
+    let listener = match args
+        .listen
+        .parse::<Endpoint>()
+        .and_then(|e| Listener::bind_with(&e, security))
+    {
         Ok(l) => l,
         Err(e) => {
             eprintln!("vmm: error: {e}");
@@ -427,7 +520,10 @@ fn receive(args: ReceiveArgs) -> i32 {
         }
     };
     if let Ok(at) = listener.endpoint() {
-        eprintln!("vmm: waiting for a migration on {at}");
+        eprintln!(
+            "vmm: waiting for a migration on {at} ({})",
+            listener.security().describe(&at)
+        );
     }
     let options = ReceiveOptions {
         vm: VmOptions {
@@ -438,6 +534,7 @@ fn receive(args: ReceiveArgs) -> i32 {
         },
         lost_wait: Duration::from_secs_f64(args.lost_wait),
         progress: Default::default(),
+        wait: timeout,
     };
     let bar = std::io::stderr()
         .is_terminal()
@@ -461,7 +558,12 @@ fn receive(args: ReceiveArgs) -> i32 {
         Ok(o) => o,
         Err(e) => {
             eprintln!("vmm: error: {e}");
-            return EXIT_VMM_ERROR;
+            return match e {
+                vmm::receive::ReceiveError::Migration(vmm::migration::MigrationError::NoPeer { .. }) => {
+                    vmm::EXIT_TIMED_OUT
+                }
+                _ => EXIT_VMM_ERROR,
+            };
         }
     };
     let st = &out.stats;
@@ -564,13 +666,32 @@ fn ctl(args: CtlArgs) -> i32 {
             push_delay_ms,
             precopy_rounds,
             resume,
-        } => Request::Migrate {
-            to,
-            push_delay_ms,
-            precopy_rounds,
-            resume,
-        },
-        CtlRequest::Recover { from } => Request::Recover { from },
+            tls,
+        } => {
+            let f = tls.files(true);
+            Request::Migrate {
+                to,
+                push_delay_ms,
+                precopy_rounds,
+                resume,
+                tls_cert: f.cert,
+                tls_key: f.key,
+                tls_peer: f.peer,
+                tls_psk: f.psk,
+                insecure_plain_tcp: tls.insecure_plain_tcp,
+            }
+        }
+        CtlRequest::Recover { from, tls } => {
+            let f = tls.files(true);
+            Request::Recover {
+                from,
+                tls_cert: f.cert,
+                tls_key: f.key,
+                tls_peer: f.peer,
+                tls_psk: f.psk,
+                insecure_plain_tcp: tls.insecure_plain_tcp,
+            }
+        }
         CtlRequest::Snapshot {
             to,
             resume,
@@ -598,6 +719,45 @@ fn ctl(args: CtlArgs) -> i32 {
         Err(e) => {
             eprintln!("vmm: error: {e}");
             1
+        }
+    }
+}
+
+/// `vmm keygen`.
+fn keygen(args: &KeygenArgs) -> i32 {
+    use vmm::migration::tls;
+    if let Some(psk) = &args.psk {
+        return match tls::keygen_psk(psk, args.force) {
+            Ok(()) => {
+                println!(
+                    "vmm: wrote a pre-shared key to {} (mode 0600): copy it to the other end over a channel you trust; both pass --tls-psk",
+                    psk.display()
+                );
+                0
+            }
+            Err(e) => {
+                eprintln!("vmm: error: {e}");
+                EXIT_VMM_ERROR
+            }
+        };
+    }
+    let Some(dir) = &args.out else {
+        eprintln!("vmm: error: give --out DIR or --psk FILE");
+        return EXIT_VMM_ERROR;
+    };
+    match tls::keygen(dir, args.force) {
+        Ok(k) => {
+            println!("vmm: wrote {} (mode 0600, keep it here)", k.key.display());
+            println!(
+                "vmm: wrote {}: give it to the other end as its --tls-peer",
+                k.cert.display()
+            );
+            println!("vmm: certificate fingerprint {}", k.fingerprint);
+            0
+        }
+        Err(e) => {
+            eprintln!("vmm: error: {e}");
+            EXIT_VMM_ERROR
         }
     }
 }

@@ -80,6 +80,7 @@ pub fn migrate(repeats: u32, progress: &mut dyn FnMut(&str)) -> Result<MigrateBe
         let listener = Listener::bind(&Endpoint::Unix(sock.clone())).map_err(|e| bad(e.to_string()))?;
         let dest = std::thread::spawn(move || {
             let opts = ReceiveOptions {
+                wait: None,
                 vm: VmOptions {
                     serial: SerialOutput::Capture(Arc::new(Mutex::new(Vec::new()))),
                     timeout: Some(Duration::from_secs(300)),

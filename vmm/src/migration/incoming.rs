@@ -8,8 +8,10 @@
 
 use super::outgoing::extents_of;
 use super::remote::{Progress, RemoteSource};
-use super::transport::{Conn, Endpoint, Listener, HEADER_WAIT};
-use super::wire::{decode, encode, read_header, write_header, Message, PAGE, PAGE64};
+use super::transport::{
+    accept_authenticated, Admissions, Conn, Deadline, Endpoint, Listener, Security, HANDSHAKE_WAIT,
+};
+use super::wire::{decode, encode, Message, PAGE, PAGE64};
 use super::{io, lock, MigrationError};
 use crate::snapshot::{Extent, Snapshot};
 use crate::state::SavedVm;
@@ -41,6 +43,9 @@ pub enum MigrationEvent {
 pub struct RecoverRequest {
     /// Where to wait for the source.
     pub from: Endpoint,
+    /// How the source must authenticate there (`None`: as for the first
+    /// connection, the listener `vmm receive` was started with).
+    pub security: Option<Security>,
     /// The address once listening, or why not.
     pub reply: Sender<Result<Endpoint, MigrationError>>,
 }
@@ -103,6 +108,9 @@ struct Prelude {
 }
 
 /// Reads the pre-copy pages (if the source sends any) up to the state.
+/// Only the last copy of each page is kept, and only pages inside the RAM
+/// announced by `PrecopyBegin` (itself at most the largest guest): what is
+/// buffered is bounded by that size, whatever the source sends.
 fn receive_precopy(conn: &mut Conn, progress: &Progress) -> Result<Prelude, MigrationError> {
     let mut precopied = HashMap::new();
     let mem_size = match decode(conn)? {
@@ -158,6 +166,7 @@ fn receive_precopy(conn: &mut Conn, progress: &Progress) -> Result<Prelude, Migr
 pub struct Incoming {
     conn: Conn,
     answers: Conn,
+    security: Security,
     accepted: Instant,
     got_state: Instant,
     state: SavedVm,
@@ -171,14 +180,20 @@ pub struct Incoming {
 }
 
 impl Incoming {
-    /// Accepts one migration on `listener` and reads up to the data extents
-    /// (every check of the state and extents included); opens the answer
-    /// channel.
-    pub fn accept(listener: &Listener, progress: Arc<Progress>) -> Result<Incoming, MigrationError> {
-        let mut conn = listener.accept()?;
+    /// Accepts one migration on `listener`: waits (up to `wait`, forever if
+    /// `None`) for a source that authenticates, accepts its answer channel,
+    /// then reads up to the data extents (every check of the state and
+    /// extents included). Peers that fail to authenticate are refused and
+    /// logged; the wait goes on. Nothing of a peer's is buffered before it
+    /// has authenticated.
+    pub fn accept(
+        listener: &Listener,
+        progress: Arc<Progress>,
+        wait: Option<Duration>,
+    ) -> Result<Incoming, MigrationError> {
+        let mut conn = accept_authenticated(listener, None, wait.map(Deadline::after))?;
         let accepted = Instant::now();
-        read_header(&mut conn)?;
-        write_header(&mut conn).map_err(io("sending the header"))?;
+        let answers = accept_answers(listener)?;
         let Prelude {
             state,
             mem_size: precopy_mem,
@@ -190,7 +205,6 @@ impl Incoming {
             ));
         };
         let got_state = Instant::now();
-        let answers = accept_answers(listener)?;
         let extents: Vec<Extent> = pairs
             .iter()
             .map(|&(gpa, len)| Extent { gpa, len, crc32: 0 })
@@ -230,6 +244,7 @@ impl Incoming {
         Ok(Incoming {
             conn,
             answers,
+            security: listener.security().clone(),
             accepted,
             got_state,
             state: snap.state,
@@ -296,6 +311,8 @@ impl Incoming {
             src: src.clone(),
             conn: self.conn,
             answers: self.answers,
+            security: self.security,
+            admissions: Admissions::new(Some(Message::Resume)),
             receivers,
             handles,
             recover_rx,
@@ -378,6 +395,11 @@ struct Watch {
     src: Arc<RemoteSource>,
     conn: Conn,
     answers: Conn,
+    /// How a source that comes back must authenticate, unless the
+    /// `recover` request says otherwise.
+    security: Security,
+    /// Sources connecting to resume, authenticating.
+    admissions: Admissions,
     receivers: Receivers,
     handles: Vec<JoinHandle<()>>,
     recover_rx: Receiver<RecoverRequest>,
@@ -405,37 +427,36 @@ impl Watch {
             while let Ok(req) = self.recover_rx.try_recv() {
                 let r = match self.src.lost() {
                     None => Err(MigrationError::NotInterrupted),
-                    Some(_) => Listener::bind(&req.from).and_then(|l| {
-                        l.set_nonblocking()?;
-                        let at = l.endpoint()?;
-                        waiting = Some(l);
-                        // The operator now starts the source's side.
-                        lost_deadline = Some(Instant::now() + self.lost_wait);
-                        Ok(at)
-                    }),
+                    Some(_) => {
+                        Listener::bind_with(&req.from, req.security.unwrap_or_else(|| self.security.clone()))
+                            .and_then(|l| {
+                                let at = l.endpoint()?;
+                                waiting = Some(l);
+                                // The operator now starts the source's side.
+                                lost_deadline = Some(Instant::now() + self.lost_wait);
+                                Ok(at)
+                            })
+                    }
                 };
                 let _ = req.reply.send(r);
             }
-            let back = waiting.as_ref().map(Listener::try_accept);
-            match back {
-                Some(Ok(Some(new))) => {
-                    if let Some(l) = waiting.take() {
-                        match self.take_back(new, &l) {
-                            Ok(()) => {
-                                lost_deadline = None;
-                                recoveries += 1;
-                                tracing::info!("the migration source is back");
-                                (self.events)(MigrationEvent::Recovered);
-                            }
-                            Err(e) => {
-                                tracing::warn!("a peer connected to resume the migration but failed: {e}");
-                                waiting = Some(l);
-                            }
-                        }
+            let mut refused = None;
+            let back = waiting
+                .as_ref()
+                .and_then(|l| self.admissions.poll(l, Duration::ZERO, &mut refused));
+            if let (Some(new), Some(l)) = (back, waiting.take()) {
+                match self.take_back(new, &l) {
+                    Ok(()) => {
+                        lost_deadline = None;
+                        recoveries += 1;
+                        tracing::info!("the migration source is back");
+                        (self.events)(MigrationEvent::Recovered);
+                    }
+                    Err(e) => {
+                        tracing::warn!("a peer connected to resume the migration but failed: {e}");
+                        waiting = Some(l);
                     }
                 }
-                Some(Err(e)) => tracing::warn!("waiting for the source to come back: {e}"),
-                _ => {}
             }
             if !gave_up && lost_deadline.is_some_and(|d| Instant::now() >= d) {
                 gave_up = true;
@@ -545,48 +566,27 @@ impl IncomingSession {
     }
 }
 
-/// Accepts the source's answer channel on `listener` (its second
-/// connection, opened right after the extents or the `Need` list); a
-/// connection that is not one is dropped.
+/// Accepts the source's answer channel on `listener`: its second
+/// connection, opened right after the main one's headers (or after `Need`
+/// when resuming), whose first message is `Preempt`.
 fn accept_answers(listener: &Listener) -> Result<Conn, MigrationError> {
-    listener.set_nonblocking()?;
-    let deadline = Instant::now() + HEADER_WAIT;
-    let mut last = None;
-    while Instant::now() < deadline {
-        match listener.try_accept()? {
-            Some(mut c) => match greet(&mut c, &Message::Preempt, "its answer channel") {
-                Ok(()) => return Ok(c),
-                Err(e) => last = Some(e),
-            },
-            None => std::thread::sleep(Duration::from_micros(200)),
-        }
-    }
-    Err(last.unwrap_or_else(|| MigrationError::Protocol("the source did not open its answer channel".into())))
+    let wait = Deadline::after(listener.security().handshake_timeout);
+    accept_authenticated(listener, Some(Message::Preempt), Some(wait)).map_err(|e| match e {
+        MigrationError::NoPeer { secs, refused } => MigrationError::Protocol(format!(
+            "the source did not open its answer channel within {secs} s{}",
+            refused.map(|r| format!(" (refused: {r})")).unwrap_or_default()
+        )),
+        e => e,
+    })
 }
 
-/// Exchanges headers on a new connection and checks that its first message
-/// is `expect` (the source opening `what`).
-fn greet(conn: &mut Conn, expect: &Message, what: &str) -> Result<(), MigrationError> {
-    conn.set_read_timeout(Some(HEADER_WAIT))?;
-    read_header(conn)?;
-    write_header(conn).map_err(io("sending the header"))?;
-    let m = decode(conn)?;
-    if &m != expect {
-        return Err(MigrationError::Protocol(format!(
-            "expected the source to open {what}, got {m:?}"
-        )));
-    }
-    conn.set_read_timeout(None)
-}
-
-/// The handshake with a source that comes back: headers, its `Resume`, the
+/// With a source that came back (authenticated, its `Resume` read): the
 /// list of pages still missing here, and its new answer channel.
 fn resume_with(
     src: &RemoteSource,
     mut conn: Conn,
     listener: &Listener,
 ) -> Result<(Conn, Conn), MigrationError> {
-    greet(&mut conn, &Message::Resume, "the resumption of the migration")?;
     encode(&mut conn, &Message::Need(src.need())).map_err(io("sending the missing pages"))?;
     let answers = accept_answers(listener)?;
     Ok((conn, answers))
@@ -622,7 +622,7 @@ fn receive_pages(
             Message::Done { downtime_us, .. } => {
                 // Answers still on the answer channel arrive first: the
                 // source may end only once every page is here.
-                let deadline = Instant::now() + HEADER_WAIT;
+                let deadline = Instant::now() + HANDSHAKE_WAIT;
                 while !src.all_arrived() {
                     if let Some(why) = src.lost() {
                         return Err(MigrationError::Protocol(format!(
