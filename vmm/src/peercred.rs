@@ -47,7 +47,8 @@ pub fn peer_cred(sock: &impl AsFd) -> std::io::Result<PeerCred> {
         uid: 0,
         gid: 0,
     };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // 12 bytes: fits.
+    let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::ucred>()).unwrap_or(0);
     // SAFETY: SO_PEERCRED writes at most `len` bytes into `cred`, a live
     // ucred of exactly that size, and updates `len`; the fd is borrowed.
     let r = unsafe {

@@ -129,7 +129,7 @@ impl Controller {
             return Err(ControlError::ExternalMemory);
         }
         // Before anything starts: plain TCP needs the opt-in.
-        options.security.check(to).map_err(MigrationError::from)?;
+        options.security.check(to)?;
         let events = self.events.clone();
         let on_end = move |r| {
             events.send(Event::Control(ControlRequest::MigrationEnded(r)));

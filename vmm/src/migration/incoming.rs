@@ -444,7 +444,7 @@ impl Watch {
             let back = waiting
                 .as_ref()
                 .and_then(|l| self.admissions.poll(l, Duration::ZERO, &mut refused));
-            if let (Some(new), Some(l)) = (back, waiting.take()) {
+            if let Some((new, l)) = back.and_then(|new| waiting.take().map(|l| (new, l))) {
                 match self.take_back(new, &l) {
                     Ok(()) => {
                         lost_deadline = None;

@@ -742,7 +742,8 @@ fn handshake(sock: &Conn, state: &mut rustls::Connection, deadline: Instant) -> 
         }
         if let Err(e) = state.process_new_packets() {
             // Tell the peer why (its side then says so too).
-            let _ = state.write_tls(&mut RawWriter(sock));
+            while state.wants_write() && state.write_tls(&mut RawWriter(sock)).is_ok() {}
+            sock.close_gently();
             return Err(tls_io(e));
         }
     }
@@ -813,13 +814,14 @@ pub(super) fn connect(sock: Conn, tls: &Tls, peer: &str, deadline: Deadline) -> 
         .map_err(|e| handshake_error(e, peer, deadline.of))?;
     let mut theirs = [0u8; AUTH_LEN];
     read_exact_by(&mut conn, &mut theirs, deadline.at).map_err(|e| handshake_error(e, peer, deadline.of))?;
-    let s = lock(&stream.state);
-    tls.check_block(&s, &theirs, SERVER)
-        .map_err(|why| MigrationError::Auth {
+    let checked = tls.check_block(&lock(&stream.state), &theirs, SERVER);
+    if let Err(why) = checked {
+        conn.close_gently();
+        return Err(MigrationError::Auth {
             peer: peer.into(),
             why,
-        })?;
-    drop(s);
+        });
+    }
     Ok(conn)
 }
 
@@ -837,18 +839,20 @@ pub(super) fn accept(sock: Conn, tls: &Tls, peer: &str, deadline: Deadline) -> R
     let mut conn = Conn::Tls(stream.clone());
     let mut theirs = [0u8; AUTH_LEN];
     read_exact_by(&mut conn, &mut theirs, deadline.at).map_err(|e| handshake_error(e, peer, deadline.of))?;
-    let ours = {
-        let s = lock(&stream.state);
-        tls.check_block(&s, &theirs, CLIENT)
-            .map_err(|why| MigrationError::Auth {
-                peer: peer.into(),
-                why,
-            })?;
-        tls.auth_block(&s, SERVER).map_err(|source| MigrationError::Tls {
+    let checked = tls.check_block(&lock(&stream.state), &theirs, CLIENT);
+    if let Err(why) = checked {
+        conn.close_gently();
+        return Err(MigrationError::Auth {
+            peer: peer.into(),
+            why,
+        });
+    }
+    let ours = tls
+        .auth_block(&lock(&stream.state), SERVER)
+        .map_err(|source| MigrationError::Tls {
             peer: peer.into(),
             source,
-        })?
-    };
+        })?;
     conn.write_all(&ours)
         .map_err(|e| handshake_error(e, peer, deadline.of))?;
     Ok(conn)

@@ -240,6 +240,36 @@ impl Conn {
         };
     }
 
+    /// Closes after a refusal without resetting the connection: the peer
+    /// then reads the alert or the end of the stream that tells it why,
+    /// not a reset that may destroy it. What the peer still sends is read
+    /// and dropped (at most 64 KiB, 200 ms).
+    pub(super) fn close_gently(&self) {
+        let _ = match self.socket() {
+            Conn::Unix(s) => s.shutdown(Shutdown::Write),
+            Conn::Tcp(s) => s.shutdown(Shutdown::Write),
+            Conn::Tls(_) => Ok(()),
+        };
+        let until = Instant::now() + Duration::from_millis(200);
+        let mut buf = [0u8; 4096];
+        let mut left = 64usize << 10;
+        while left > 0 {
+            let Some(t) = until
+                .checked_duration_since(Instant::now())
+                .filter(|d| !d.is_zero())
+            else {
+                break;
+            };
+            if self.set_read_timeout_io(Some(t)).is_err() {
+                break;
+            }
+            match self.read_raw(&mut buf) {
+                Ok(n) if n > 0 => left = left.saturating_sub(n),
+                _ => break,
+            }
+        }
+    }
+
     /// Connects to `to` (a plain socket, nothing sent yet).
     fn connect_socket(to: &Endpoint, within: Duration) -> Result<Conn, MigrationError> {
         let c = match to {
