@@ -91,7 +91,14 @@ enum BenchCommand {
     /// Live migration of a running 1 GiB guest over loopback, post-copy only
     /// and after 3 pre-copy rounds: downtime, total time, page-request
     /// latency p50/p99 during the push.
-    Migrate(BenchArgs),
+    Migrate {
+        #[command(flatten)]
+        args: BenchArgs,
+        /// Over loopback TCP with TLS and pinned certificates instead of a
+        /// Unix socket (the cost of TLS).
+        #[arg(long)]
+        tls: bool,
+    },
     /// Everything, plus throughput by vCPU count and the fault latency
     /// histogram; `--plot DIR` writes SVG charts.
     All {
@@ -866,7 +873,7 @@ fn bench(cmd: BenchCommand) -> i32 {
         | BenchCommand::Fault(a)
         | BenchCommand::GuestFault(a)
         | BenchCommand::Restore(a)
-        | BenchCommand::Migrate(a)
+        | BenchCommand::Migrate { args: a, .. }
         | BenchCommand::All { args: a, .. } => a,
     };
     if args.pages == 0 || args.repeats == 0 {
@@ -886,8 +893,8 @@ fn bench(cmd: BenchCommand) -> i32 {
         BenchCommand::Restore(a) => {
             vmm::bench::restore(a.repeats, &mut progress).map(|r| print_result(&r, a.json))
         }
-        BenchCommand::Migrate(a) => {
-            vmm::bench::migrate(a.repeats, &mut progress).map(|r| print_result(&r, a.json))
+        BenchCommand::Migrate { args: a, tls } => {
+            vmm::bench::migrate_with(a.repeats, *tls, &mut progress).map(|r| print_result(&r, a.json))
         }
         BenchCommand::GuestFault(a) => {
             vmm::bench::guest_fault(a.repeats, &mut progress).map(|r| print_result(&r, a.json))

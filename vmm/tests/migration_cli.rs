@@ -24,7 +24,11 @@ fn text(b: &[u8]) -> String {
 }
 
 fn vmm(args: &[&str]) -> Output {
-    Command::new(VMM).args(args).stdin(Stdio::null()).output().unwrap()
+    Command::new(VMM)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
 }
 
 fn is_root() -> bool {
@@ -89,7 +93,7 @@ fn receiver(args: &[&str]) -> (Child, BufReader<std::process::ChildStderr>) {
 }
 
 /// The rest of a child's stderr after `err`, and its exit code.
-fn finish(mut child: Child, mut err: BufReader<std::process::ChildStderr>) -> (Option<i32>, String, String) {
+fn finish(child: Child, mut err: BufReader<std::process::ChildStderr>) -> (Option<i32>, String, String) {
     let mut e = String::new();
     err.read_to_string(&mut e).unwrap();
     let out = child.wait_with_output().unwrap();
@@ -102,8 +106,15 @@ fn keygen_then_a_tls_migration_between_processes() {
     for side in ["src", "dst"] {
         let o = vmm(&["keygen", "--out", dir.join(side).to_str().unwrap()]);
         assert!(o.status.success(), "{}", text(&o.stderr));
-        assert!(text(&o.stdout).contains("fingerprint sha256:"), "{}", text(&o.stdout));
-        let mode = std::fs::metadata(dir.join(side).join("key.pem")).unwrap().permissions().mode();
+        assert!(
+            text(&o.stdout).contains("fingerprint sha256:"),
+            "{}",
+            text(&o.stdout)
+        );
+        let mode = std::fs::metadata(dir.join(side).join("key.pem"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
     }
     // Again: refused, nothing replaced.
@@ -156,14 +167,20 @@ fn receive_refuses_plain_tcp_a_taken_port_and_gives_up_at_its_timeout() {
     let o = vmm(&["receive", "--listen", "tcp:127.0.0.1:0"]);
     assert_eq!(o.status.code(), Some(64));
     let e = text(&o.stderr);
-    assert!(e.contains("must be TLS") && e.contains("--insecure-plain-tcp"), "{e}");
+    assert!(
+        e.contains("must be TLS") && e.contains("--insecure-plain-tcp"),
+        "{e}"
+    );
 
     let squatter = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let at = format!("tcp:{}", squatter.local_addr().unwrap());
     let o = vmm(&["receive", "--listen", &at, "--insecure-plain-tcp"]);
     assert_eq!(o.status.code(), Some(64));
     let e = text(&o.stderr);
-    assert!(e.contains(&format!("address in use: another process listens on {at}")), "{e}");
+    assert!(
+        e.contains(&format!("address in use: another process listens on {at}")),
+        "{e}"
+    );
     drop(squatter);
 
     // Nobody comes: exit 11 at the timeout, not a wait forever.
@@ -174,7 +191,10 @@ fn receive_refuses_plain_tcp_a_taken_port_and_gives_up_at_its_timeout() {
     assert_eq!(o.status.code(), Some(11), "{}", text(&o.stderr));
     assert!(start.elapsed() < Duration::from_secs(8), "{:?}", start.elapsed());
     let e = text(&o.stderr);
-    assert!(e.contains("no migration source connected and authenticated within 2 s"), "{e}");
+    assert!(
+        e.contains("no migration source connected and authenticated within 2 s"),
+        "{e}"
+    );
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -188,13 +208,17 @@ fn binary_copy(dir: &Path) -> PathBuf {
 
 fn as_nobody(bin: &Path) -> Command {
     let mut c = Command::new("setpriv");
-    c.args(["--reuid=65534", "--regid=65534", "--clear-groups"]).arg(bin);
+    c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(bin);
     c
 }
 
 #[test]
 fn unix_peers_of_another_user_are_refused_on_both_ends() {
-    assert!(is_root(), "runs a peer as another user (uid 65534): needs root (CI runs as root)");
+    assert!(
+        is_root(),
+        "runs a peer as another user (uid 65534): needs root (CI runs as root)"
+    );
     let dir = base("uid");
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
     let copy = binary_copy(&dir);
@@ -205,11 +229,19 @@ fn unix_peers_of_another_user_are_refused_on_both_ends() {
     let (dst, dst_err) = receiver(&["--listen", &listen, "--timeout", "3"]);
     // Writable by all: only the credential check stands in the way.
     std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o777)).unwrap();
-    let o = as_nobody(&copy).arg("ctl").arg(&sock).arg("stats").output().unwrap();
+    let o = as_nobody(&copy)
+        .arg("ctl")
+        .arg(&sock)
+        .arg("stats")
+        .output()
+        .unwrap();
     assert!(!o.status.success());
     let (code, _, err) = finish(dst, dst_err);
     assert_eq!(code, Some(11), "{err}");
-    assert!(err.contains("runs as uid 65534") && err.contains("refused"), "{err}");
+    assert!(
+        err.contains("runs as uid 65534") && err.contains("refused"),
+        "{err}"
+    );
 
     // A destination of uid 65534, and a source of this user migrating to it.
     let theirs = dir.join("nobody.sock");

@@ -61,6 +61,9 @@ pub struct SourceSummary {
     pub precopy_dirty: Vec<u64>,
     /// Start of the migration to the switchover.
     pub precopy_ms: f64,
+    /// Opening the main connection and the answer channel, authentication
+    /// (TLS handshakes) included; before the pause, so not in the downtime.
+    pub connect_ms: f64,
     /// This run resumed an interrupted post-copy.
     pub resumed: bool,
 }
@@ -183,6 +186,7 @@ impl Outgoing {
         options: &MigrateOptions,
     ) -> Result<Outgoing, MigrationError> {
         let push_delay = options.push_delay;
+        let start = Instant::now();
         let mut conn = Conn::open(to, &options.security)?;
         encode(&mut conn, &Message::Resume).map_err(io("asking to resume"))?;
         conn.set_read_timeout(Some(HANDSHAKE_WAIT))?;
@@ -205,6 +209,7 @@ impl Outgoing {
         let ram_end = crate::snapshot::ram_end(mem_size);
         let summary = SourceSummary {
             resumed: true,
+            connect_ms: start.elapsed().as_secs_f64() * 1e3,
             ..Default::default()
         };
         let mut out = Outgoing::new(

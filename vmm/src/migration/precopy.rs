@@ -76,6 +76,7 @@ fn precopy(to: &Endpoint, options: &MigrateOptions, ctx: PrecopyCtx) -> Result<O
         })
     };
     let (conn, answers) = open_both(to, &options.security).map_err(early)?;
+    let connect_ms = start.elapsed().as_secs_f64() * 1e3;
     if options.precopy_rounds == 0 {
         // Post-copy only: every data page goes after the switchover.
         let (state, paused_at) = (ctx.switchover)().map_err(early)?;
@@ -101,7 +102,10 @@ fn precopy(to: &Endpoint, options: &MigrateOptions, ctx: PrecopyCtx) -> Result<O
             ctx.mem,
             paused_at,
             options.push_delay,
-            SourceSummary::default(),
+            SourceSummary {
+                connect_ms,
+                ..Default::default()
+            },
         )
         .map_err(|error| {
             Box::new(Stopped {
@@ -118,7 +122,10 @@ fn precopy(to: &Endpoint, options: &MigrateOptions, ctx: PrecopyCtx) -> Result<O
         }
     }
     let mut w = BufWriter::with_capacity(64 << 10, conn.try_clone().map_err(early)?);
-    let mut summary = SourceSummary::default();
+    let mut summary = SourceSummary {
+        connect_ms,
+        ..Default::default()
+    };
     let mut bytes = 12 + 13;
     encode(
         &mut w,
