@@ -4,7 +4,9 @@
 //! Protocol (`docs/snapshot.md`): one JSON object per line in each direction.
 //! Requests: `{"cmd":"pause"}`, `{"cmd":"resume"}`, `{"cmd":"stats"}`,
 //! `{"cmd":"snapshot","to":"DIR","then":"restore|resume|pause|stop"}`,
-//! `{"cmd":"migrate","to":"ADDR",...}`, `{"cmd":"recover","from":"ADDR"}`.
+//! `{"cmd":"migrate","to":"ADDR",...}`, `{"cmd":"recover","from":"ADDR"}`
+//! (both with optional `tls_cert`, `tls_key`, `tls_peer`, `tls_psk`: absolute
+//! paths, and `insecure_plain_tcp`).
 //! Responses: `{"ok":true,"result":...}` or `{"ok":false,"error":"..."}`.
 //! Any input, however malformed, gets an error response (a line longer than
 //! [`MAX_LINE`] closes the connection after it); nothing crashes the VMM.

@@ -29,7 +29,7 @@ pub enum PeerCredError {
     #[error("cannot read the peer's credentials (SO_PEERCRED): {0}")]
     Unknown(#[source] std::io::Error),
     /// Another user.
-    #[error("the peer (pid {pid}) runs as uid {uid}, neither this process's uid {ours} nor root: refused; run both ends as the same user")]
+    #[error("the peer (pid {pid}) runs as uid {uid}, neither as this process's user (uid {ours}) nor as root; run both ends as the same user")]
     OtherUser {
         /// The peer's pid.
         pid: i32,

@@ -111,9 +111,9 @@ struct Prelude {
 /// Only the last copy of each page is kept, and only pages inside the RAM
 /// announced by `PrecopyBegin` (itself at most the largest guest): what is
 /// buffered is bounded by that size, whatever the source sends.
-fn receive_precopy(conn: &mut Conn, progress: &Progress) -> Result<Prelude, MigrationError> {
+fn receive_precopy(conn: &mut Conn, head: Message, progress: &Progress) -> Result<Prelude, MigrationError> {
     let mut precopied = HashMap::new();
-    let mem_size = match decode(conn)? {
+    let mem_size = match head {
         Message::State(state) => {
             return Ok(Prelude {
                 state,
@@ -191,14 +191,23 @@ impl Incoming {
         progress: Arc<Progress>,
         wait: Option<Duration>,
     ) -> Result<Incoming, MigrationError> {
-        let mut conn = accept_authenticated(listener, None, wait.map(Deadline::after))?;
+        // One set of admissions for both connections: the source opens the
+        // main one first, but their admissions may end in either order.
+        let admissions = Admissions::new(None);
+        let first = admissions.next(listener, wait.map(Deadline::after))?;
         let accepted = Instant::now();
-        let answers = accept_answers(listener)?;
+        let second = admissions
+            .next(
+                listener,
+                Some(Deadline::after(listener.security().handshake_timeout)),
+            )
+            .map_err(no_answer_channel)?;
+        let (mut conn, answers, head) = main_and_answers(first, second)?;
         let Prelude {
             state,
             mem_size: precopy_mem,
             pages: mut precopied,
-        } = receive_precopy(&mut conn, &progress)?;
+        } = receive_precopy(&mut conn, head, &progress)?;
         let Message::Extents(pairs) = decode(&mut conn)? else {
             return Err(MigrationError::Protocol(
                 "the message after the state is not the extent list".into(),
@@ -566,18 +575,47 @@ impl IncomingSession {
     }
 }
 
-/// Accepts the source's answer channel on `listener`: its second
-/// connection, opened right after the main one's headers (or after `Need`
-/// when resuming), whose first message is `Preempt`.
-fn accept_answers(listener: &Listener) -> Result<Conn, MigrationError> {
-    let wait = Deadline::after(listener.security().handshake_timeout);
-    accept_authenticated(listener, Some(Message::Preempt), Some(wait)).map_err(|e| match e {
+/// The answer channel did not come in time.
+fn no_answer_channel(e: MigrationError) -> MigrationError {
+    match e {
         MigrationError::NoPeer { secs, refused } => MigrationError::Protocol(format!(
             "the source did not open its answer channel within {secs} s{}",
             refused.map(|r| format!(" (refused: {r})")).unwrap_or_default()
         )),
         e => e,
-    })
+    }
+}
+
+/// Tells the main connection from the answer channel by their first
+/// messages: `Preempt` on the answer channel (sent as it opens), the
+/// migration's first (`PrecopyBegin` or `State`) on the main connection.
+/// `second` is nearly always the answer channel; if it is the main
+/// connection, its first message comes at the latest at the switchover.
+/// Returns the main connection, the answer channel and the main one's
+/// first message.
+fn main_and_answers(mut first: Conn, mut second: Conn) -> Result<(Conn, Conn, Message), MigrationError> {
+    let both_main =
+        || MigrationError::Protocol("the source opened two main connections and no answer channel".into());
+    match decode(&mut second)? {
+        Message::Preempt => match decode(&mut first)? {
+            Message::Preempt => Err(MigrationError::Protocol(
+                "the source opened two answer channels and no main connection".into(),
+            )),
+            head => Ok((first, second, head)),
+        },
+        head => match decode(&mut first)? {
+            Message::Preempt => Ok((second, first, head)),
+            _ => Err(both_main()),
+        },
+    }
+}
+
+/// Accepts the source's answer channel on `listener` when it resumes: its
+/// second connection, opened right after `Need`, whose first message is
+/// `Preempt`.
+fn accept_answers(listener: &Listener) -> Result<Conn, MigrationError> {
+    let wait = Deadline::after(listener.security().handshake_timeout);
+    accept_authenticated(listener, Some(Message::Preempt), Some(wait)).map_err(no_answer_channel)
 }
 
 /// With a source that came back (authenticated, its `Resume` read): the
@@ -648,5 +686,70 @@ fn receive_pages(
                 )))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+
+    /// What a pre-copy keeps is bounded by the RAM it announced: one copy per
+    /// page, none outside that RAM, whatever the source sends.
+    #[test]
+    fn precopy_keeps_one_copy_per_page_inside_the_announced_ram() {
+        let (ours, peer) = UnixStream::pair().unwrap();
+        let mut conn = Conn::Unix(ours);
+        let progress = Progress::default();
+        let mem_size = 64u64 << 20;
+        let writer = std::thread::spawn(move || {
+            let mut w = std::io::BufWriter::new(peer);
+            encode(&mut w, &Message::PrecopyBegin { mem_size }).unwrap();
+            // The same 16 pages, 50 rounds each.
+            for round in 0..50u8 {
+                for i in 0..16u64 {
+                    let data = vec![round; PAGE];
+                    encode(
+                        &mut w,
+                        &Message::PrecopyPage {
+                            gpa: i * PAGE64,
+                            data,
+                        },
+                    )
+                    .unwrap();
+                }
+            }
+            encode(&mut w, &Message::State(b"{}".to_vec())).unwrap();
+            // A second stream: a page just past the announced RAM.
+            encode(&mut w, &Message::PrecopyBegin { mem_size }).unwrap();
+            let data = vec![1; PAGE];
+            encode(&mut w, &Message::PrecopyPage { gpa: mem_size, data }).unwrap();
+            w.flush().unwrap();
+        });
+        let head = decode(&mut conn).unwrap();
+        let p = receive_precopy(&mut conn, head, &progress).unwrap();
+        assert_eq!(p.mem_size, Some(mem_size));
+        assert_eq!(p.pages.len(), 16);
+        assert!(p.pages.values().all(|d| d.iter().all(|&b| b == 49)));
+        assert_eq!(progress.precopy_pages.load(Ordering::Relaxed), 800);
+        let head = decode(&mut conn).unwrap();
+        let e = receive_precopy(&mut conn, head, &progress)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("outside guest RAM"), "{e}");
+        writer.join().unwrap();
+        // A RAM size beyond the largest guest is refused before any page.
+        let (ours, mut peer) = UnixStream::pair().unwrap();
+        let mut conn = Conn::Unix(ours);
+        let huge = abi::layout::MAX_MEM_SIZE + PAGE64;
+        encode(&mut peer, &Message::PrecopyBegin { mem_size: huge }).unwrap();
+        let head = decode(&mut conn).unwrap();
+        let e = receive_precopy(&mut conn, head, &progress)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("more than the largest guest"), "{e}");
     }
 }

@@ -569,7 +569,9 @@ impl Admissions {
                 Ok(Some((c, peer))) => self.start(c, peer, listener),
                 Ok(None) => break,
                 Err(e) => {
+                    // EMFILE and the like: try again a little later.
                     tracing::warn!("waiting for a migration source: {e}");
+                    std::thread::sleep(Duration::from_millis(50));
                     break;
                 }
             }
@@ -586,6 +588,31 @@ impl Admissions {
     }
 }
 
+impl Admissions {
+    /// Waits for the next peer to connect to `listener` and be admitted,
+    /// until `deadline` (forever if `None`).
+    pub(super) fn next(
+        &self,
+        listener: &Listener,
+        deadline: Option<Deadline>,
+    ) -> Result<Conn, MigrationError> {
+        let mut refused = None;
+        loop {
+            if let Some(c) = self.poll(listener, Duration::from_millis(1), &mut refused) {
+                return Ok(c);
+            }
+            if let Some(d) = deadline {
+                if Instant::now() >= d.at {
+                    return Err(MigrationError::NoPeer {
+                        secs: d.of.as_secs_f64(),
+                        refused,
+                    });
+                }
+            }
+        }
+    }
+}
+
 /// Waits for a peer to connect to `listener` and authenticate (its first
 /// message `expect`, if given), until `deadline` (forever if `None`).
 pub(super) fn accept_authenticated(
@@ -593,21 +620,7 @@ pub(super) fn accept_authenticated(
     expect: Option<Message>,
     deadline: Option<Deadline>,
 ) -> Result<Conn, MigrationError> {
-    let admissions = Admissions::new(expect);
-    let mut refused = None;
-    loop {
-        if let Some(c) = admissions.poll(listener, Duration::from_millis(1), &mut refused) {
-            return Ok(c);
-        }
-        if let Some(d) = deadline {
-            if Instant::now() >= d.at {
-                return Err(MigrationError::NoPeer {
-                    secs: d.of.as_secs_f64(),
-                    refused,
-                });
-            }
-        }
-    }
+    Admissions::new(expect).next(listener, deadline)
 }
 
 #[cfg(test)]

@@ -136,7 +136,21 @@ pub fn check_header(h: &[u8; 12]) -> Result<(), MigrationError> {
 
 fn frame(w: &mut impl Write, kind: u8, parts: &[&[u8]]) -> std::io::Result<()> {
     let len: usize = parts.iter().map(|p| p.len()).sum();
+    let n = len;
     let len = u32::try_from(len).map_err(std::io::Error::other)?;
+    if n <= 64 {
+        // A small message (a request, `Resumed`, `Done`...) in one write:
+        // one segment, one TLS record, on an unbuffered connection.
+        let mut b = [0u8; 69];
+        b[0] = kind;
+        b[1..5].copy_from_slice(&len.to_le_bytes());
+        let mut at = 5;
+        for p in parts {
+            b[at..at + p.len()].copy_from_slice(p);
+            at += p.len();
+        }
+        return w.write_all(&b[..at]);
+    }
     w.write_all(&[kind])?;
     w.write_all(&len.to_le_bytes())?;
     for p in parts {

@@ -391,3 +391,103 @@ fn keygen_files_and_their_checks() {
     .to_string();
     assert!(e.contains("fewer than 32"), "{e}");
 }
+
+/// Not a check: the cost of TLS, printed. Run with
+/// `cargo test --release -p vmm --lib tls_cost -- --ignored --nocapture`.
+/// Handshake: both ends of one connection, authenticated and headers
+/// exchanged. Round trip: a 13-byte request one way and a page message
+/// back, on one connection per direction, as a page request and its answer
+/// on the answer channel.
+#[test]
+#[ignore]
+fn tls_cost() {
+    let d = keys("cost", &["src", "dst"]);
+    let d2 = tmp("cost-unix");
+    let plain_tcp = Security {
+        insecure_plain_tcp: true,
+        ..Security::default()
+    };
+    let cases: Vec<(&str, Endpoint, Security, Security)> = vec![
+        (
+            "unix",
+            Endpoint::Unix(d2.join("m.sock")),
+            Security::default(),
+            Security::default(),
+        ),
+        (
+            "tcp",
+            Endpoint::Tcp("127.0.0.1:0".into()),
+            plain_tcp.clone(),
+            plain_tcp,
+        ),
+        (
+            "tls",
+            Endpoint::Tcp("127.0.0.1:0".into()),
+            pinned(&d, "src", "dst"),
+            pinned(&d, "dst", "src"),
+        ),
+    ];
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    for (name, at, src, dst) in cases {
+        let l = Listener::bind_with(&at, dst).unwrap();
+        let to = l.endpoint().unwrap();
+        let l = std::sync::Arc::new(l);
+        let mut hs = Vec::new();
+        for _ in 0..30 {
+            let l2 = l.clone();
+            let t = Instant::now();
+            let dest = std::thread::spawn(move || accept_authenticated(&l2, None, None).unwrap());
+            let _c = Conn::open(&to, &src).unwrap();
+            let _d = dest.join().unwrap();
+            hs.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        // Requests on one connection, answers on another (both directions
+        // through the same pair of threads as the migration).
+        let l2 = l.clone();
+        let dest = std::thread::spawn(move || {
+            let a = accept_authenticated(&l2, None, None).unwrap();
+            let b = accept_authenticated(&l2, None, None).unwrap();
+            (a, b)
+        });
+        let mut req = Conn::open(&to, &src).unwrap();
+        let mut ans = Conn::open(&to, &src).unwrap();
+        let (mut dreq, dans) = dest.join().unwrap();
+        let server = std::thread::spawn(move || {
+            let mut w = std::io::BufWriter::new(dans.try_clone().unwrap());
+            let data = vec![7u8; 4096];
+            while let Ok(Message::Request(gpa)) = decode(&mut dreq) {
+                let m = Message::Page {
+                    gpa,
+                    requested: true,
+                    data: data.clone(),
+                };
+                encode(&mut w, &m).unwrap();
+                w.flush().unwrap();
+            }
+            dans.shutdown();
+        });
+        let mut rtt = Vec::new();
+        for i in 0..3000u64 {
+            let t = Instant::now();
+            encode(&mut req, &Message::Request(i * 4096)).unwrap();
+            req.flush().unwrap();
+            let m = decode(&mut ans).unwrap();
+            assert!(matches!(m, Message::Page { .. }));
+            rtt.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        req.shutdown();
+        server.join().unwrap();
+        let mut sorted = rtt.clone();
+        sorted.sort_by(f64::total_cmp);
+        let p99 = sorted[sorted.len() * 99 / 100];
+        eprintln!(
+            "{name}: handshake median {:.0} us; request->answer round trip median {:.1} us, p99 {:.1} us",
+            median(hs),
+            median(rtt),
+            p99
+        );
+    }
+}
