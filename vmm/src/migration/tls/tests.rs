@@ -448,8 +448,11 @@ fn tls_cost() {
         // through the same pair of threads as the migration).
         let l2 = l.clone();
         let dest = std::thread::spawn(move || {
-            let a = accept_authenticated(&l2, None, None).unwrap();
-            let b = accept_authenticated(&l2, None, None).unwrap();
+            // One set of admissions: the second connection may be accepted
+            // while the first is still being admitted.
+            let admissions = crate::migration::transport::Admissions::new(None);
+            let a = admissions.next(&l2, None).unwrap();
+            let b = admissions.next(&l2, None).unwrap();
             (a, b)
         });
         let mut req = Conn::open(&to, &src).unwrap();
