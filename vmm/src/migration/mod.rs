@@ -69,6 +69,15 @@ pub enum MigrationError {
         /// The wait.
         secs: f64,
     },
+    /// A peer connected to a destination and did not complete its side of
+    /// the handshake in time (dropped).
+    #[error("the peer at {peer} connected but did not complete the migration handshake within {secs} s: dropped (not a vmm migration source, or a stalled one)")]
+    SilentPeer {
+        /// Who.
+        peer: String,
+        /// The wait.
+        secs: f64,
+    },
     /// The peer closed the connection during the handshake.
     #[error("the peer at {peer} closed the connection during the migration handshake: it refused this side (its log says why: a certificate, a key, a user), or it is not a vmm receive")]
     Closed {

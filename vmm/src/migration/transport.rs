@@ -545,7 +545,12 @@ impl Admissions {
             .name("migration-auth".into())
             .spawn(move || {
                 let deadline = Deadline::after(sec.handshake_timeout);
-                let r = admit(conn, &peer, &sec, expect.as_ref(), deadline);
+                let r = admit(conn, &peer, &sec, expect.as_ref(), deadline).map_err(|e| match e {
+                    MigrationError::HandshakeTimeout { peer, secs } => {
+                        MigrationError::SilentPeer { peer, secs }
+                    }
+                    e => e,
+                });
                 in_flight.fetch_sub(1, Ordering::AcqRel);
                 let _ = tx.send(r);
             });
