@@ -4,14 +4,15 @@
 //! Protocol (`docs/snapshot.md`): one JSON object per line in each direction.
 //! Requests: `{"cmd":"pause"}`, `{"cmd":"resume"}`, `{"cmd":"stats"}`,
 //! `{"cmd":"snapshot","to":"DIR","then":"restore|resume|pause|stop"}`,
-//! `{"cmd":"migrate","to":"ADDR",...}`, `{"cmd":"recover","from":"ADDR"}`,
-//! `{"cmd":"attach_handler","path":"SOCKET"}`.
+//! `{"cmd":"migrate","to":"ADDR",...}`, `{"cmd":"recover","from":"ADDR"}`
+//! (both with optional `tls_cert`, `tls_key`, `tls_peer`, `tls_psk`: absolute
+//! paths, and `insecure_plain_tcp`), `{"cmd":"attach_handler","path":"SOCKET"}`.
 //! Responses: `{"ok":true,"result":...}` or `{"ok":false,"error":"..."}`.
 //! Any input, however malformed, gets an error response (a line longer than
 //! [`MAX_LINE`] closes the connection after it); nothing crashes the VMM.
 
 use crate::controller::VmHandle;
-use crate::migration::MigrateOptions;
+use crate::migration::{Endpoint, MigrateOptions, Security, TlsFiles};
 use crate::snapshot::AfterSnapshot;
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -30,7 +31,8 @@ pub const MAX_PUSH_DELAY_MS: u64 = 3_600_000;
 /// Clients served at once; more wait in the listen queue (each holds a
 /// thread and two file descriptors).
 pub const MAX_CLIENTS: usize = 16;
-/// A client that sends no request for this long is disconnected.
+/// A client that sends no request for this long is disconnected (a
+/// request being carried out, e.g. a migration, is not idle time).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Errors of the control socket.
@@ -95,6 +97,22 @@ pub enum Request {
     Migrate {
         /// The destination (`vmm receive --listen ...`).
         to: String,
+        /// TLS: this side's certificate, key, the destination's pinned
+        /// certificate, a pre-shared key file (absolute paths, read by the VMM).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tls_cert: Option<PathBuf>,
+        /// See `tls_cert`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tls_key: Option<PathBuf>,
+        /// See `tls_cert`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tls_peer: Option<PathBuf>,
+        /// See `tls_cert`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tls_psk: Option<PathBuf>,
+        /// Allow plain TCP (no authentication, no encryption).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        insecure_plain_tcp: bool,
         /// Milliseconds before the background push starts (0: at once).
         #[serde(default)]
         push_delay_ms: u64,
@@ -111,6 +129,22 @@ pub enum Request {
     Recover {
         /// `unix:PATH` or `tcp:ADDR:PORT`.
         from: String,
+        /// TLS for the source's new connections (absolute paths; none: the
+        /// settings `vmm receive` was started with).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tls_cert: Option<PathBuf>,
+        /// See `tls_cert`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tls_key: Option<PathBuf>,
+        /// See `tls_cert`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tls_peer: Option<PathBuf>,
+        /// See `tls_cert`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tls_psk: Option<PathBuf>,
+        /// Allow plain TCP (no authentication, no encryption).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        insecure_plain_tcp: bool,
     },
     /// A VM whose external page-fault handler is gone: connect to the
     /// handler listening at `path` and resume (docs/external-handler.md).
@@ -216,37 +250,86 @@ pub fn execute(vm: &VmHandle, req: &Request) -> Response {
             push_delay_ms,
             precopy_rounds,
             resume,
+            tls_cert,
+            tls_key,
+            tls_peer,
+            tls_psk,
+            insecure_plain_tcp,
         } => {
             if *push_delay_ms > MAX_PUSH_DELAY_MS {
                 return Response::err(format!(
                     "push_delay_ms {push_delay_ms} is more than the {MAX_PUSH_DELAY_MS} ms (an hour) accepted"
                 ));
             }
+            let files = TlsFiles {
+                cert: tls_cert.clone(),
+                key: tls_key.clone(),
+                peer: tls_peer.clone(),
+                psk: tls_psk.clone(),
+            };
+            let to = match to.parse::<Endpoint>() {
+                Ok(to) => to,
+                Err(e) => return Response::err(e.to_string()),
+            };
+            let security = match security(&files, *insecure_plain_tcp) {
+                Ok(s) => s,
+                Err(e) => return Response::err(e),
+            };
             let options = MigrateOptions {
                 push_delay: Duration::from_millis(*push_delay_ms),
                 precopy_rounds: *precopy_rounds,
                 resume: *resume,
+                security,
             };
-            match to.parse::<crate::migration::Endpoint>() {
+            match vm.migrate(&to, &options) {
+                Ok(summary) => json(serde_json::to_value(summary)),
                 Err(e) => Response::err(e.to_string()),
-                Ok(to) => match vm.migrate(&to, &options) {
-                    Ok(summary) => json(serde_json::to_value(summary)),
-                    Err(e) => Response::err(e.to_string()),
-                },
             }
         }
         Request::AttachHandler { path } => match vm.attach_handler(path) {
             Ok(info) => json(serde_json::to_value(info)),
             Err(e) => Response::err(e.to_string()),
         },
-        Request::Recover { from } => match from.parse::<crate::migration::Endpoint>() {
-            Err(e) => Response::err(e.to_string()),
-            Ok(from) => match vm.recover(&from) {
+        Request::Recover {
+            from,
+            tls_cert,
+            tls_key,
+            tls_peer,
+            tls_psk,
+            insecure_plain_tcp,
+        } => {
+            let files = TlsFiles {
+                cert: tls_cert.clone(),
+                key: tls_key.clone(),
+                peer: tls_peer.clone(),
+                psk: tls_psk.clone(),
+            };
+            let from = match from.parse::<Endpoint>() {
+                Ok(from) => from,
+                Err(e) => return Response::err(e.to_string()),
+            };
+            // Nothing given: as `vmm receive` was started.
+            let security = if files.is_empty() && !insecure_plain_tcp {
+                None
+            } else {
+                match security(&files, *insecure_plain_tcp) {
+                    Ok(s) => Some(s),
+                    Err(e) => return Response::err(e),
+                }
+            };
+            match vm.recover_with(&from, security) {
                 Ok(at) => Response::ok(serde_json::json!({ "listening": at.to_string() })),
                 Err(e) => Response::err(e.to_string()),
-            },
-        },
+            }
+        }
     }
+}
+
+/// The security of a migration request: its TLS files (absolute paths)
+/// loaded, or the opt-in for plain TCP.
+fn security(files: &TlsFiles, insecure_plain_tcp: bool) -> Result<Security, String> {
+    files.check_absolute().map_err(|e| e.to_string())?;
+    Security::from_files(files, insecure_plain_tcp).map_err(|e| e.to_string())
 }
 
 /// The socket's server thread; stops (and removes the socket) on drop.
@@ -323,7 +406,7 @@ fn serve(listener: &UnixListener, vm: &VmHandle, stop: &AtomicBool) {
         }
         match listener.accept() {
             Ok((stream, _)) => {
-                if let Err(e) = crate::peer::check_same_user(&stream) {
+                if let Err(e) = crate::peercred::check_peer(&stream) {
                     tracing::warn!("control socket: {e}");
                     let _ = (&stream).write_all(
                         format!("{}\n", serde_json::json!({"ok": false, "error": e.to_string()})).as_bytes(),
@@ -360,9 +443,11 @@ fn serve(listener: &UnixListener, vm: &VmHandle, stop: &AtomicBool) {
 /// Answers each request line of one client until it hangs up.
 pub fn serve_client(stream: UnixStream, vm: &VmHandle) {
     let _ = stream.set_nonblocking(false);
-    // An idle client is disconnected (a request in progress, e.g. a
-    // migration, is not bounded by this: the timeout is on reads only).
+    // A client that connects and sends nothing, or stops reading its
+    // answers, does not hold its thread forever (a request in progress,
+    // e.g. a migration, is not bounded by this: the timeouts are on IO).
     let _ = stream.set_read_timeout(Some(IDLE_TIMEOUT));
+    let _ = stream.set_write_timeout(Some(IDLE_TIMEOUT));
     let Ok(mut out) = stream.try_clone() else {
         return;
     };

@@ -9,6 +9,7 @@
 //! - [`migration`]: transport, wire format, source and destination;
 //! - [`receive`]: a migration destination, end to end;
 //! - [`control`]: the control socket; [`uffd_handler`]: Firecracker's handshake;
+//! - [`peercred`]: who is at the other end of a Unix socket (`SO_PEERCRED`);
 //! - [`state`]: what snapshots and migrations carry;
 //! - [`bench`], [`stress`]: measurements and seeded stress.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::cast_possible_truncation))]
@@ -18,7 +19,7 @@ pub mod config_file;
 pub mod control;
 pub mod controller;
 pub mod migration;
-pub mod peer;
+pub mod peercred;
 pub mod receive;
 pub mod signals;
 pub mod snapshot;

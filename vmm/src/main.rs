@@ -35,6 +35,7 @@ fn main() -> ProcessExit {
         Command::Ctl(args) => cli::ctl::ctl(args),
         Command::Restore(args) => cli::run::restore(args),
         Command::Receive(args) => cli::receive::receive(args),
+        Command::Keygen(args) => cli::keygen::keygen(&args),
         Command::Bench(b) => cli::bench::bench(b),
         Command::Stress(a) => cli::bench::stress(a),
     };

@@ -21,6 +21,9 @@ pub(crate) enum Command {
     /// Receive a VM by live migration (`vmm ctl SRC migrate --to ...`)
     /// and run it until its guest exits.
     Receive(ReceiveArgs),
+    /// Create the TLS material of one migration end: a private key and a
+    /// self-signed certificate (--out DIR), or a pre-shared key (--psk FILE).
+    Keygen(KeygenArgs),
     /// Benchmarks, each with its baseline measured in the same run.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -87,7 +90,14 @@ pub(crate) enum BenchCommand {
     /// Live migration of a running 1 GiB guest over loopback, post-copy only
     /// and after 3 pre-copy rounds: downtime, total time, page-request
     /// latency p50/p99 during the push.
-    Migrate(BenchArgs),
+    Migrate {
+        #[command(flatten)]
+        args: BenchArgs,
+        /// Over loopback TCP with TLS and pinned certificates instead of a
+        /// Unix socket (the cost of TLS).
+        #[arg(long)]
+        tls: bool,
+    },
     /// Everything, plus throughput by vCPU count and the fault latency
     /// histogram; `--plot DIR` writes SVG charts.
     All {
@@ -196,6 +206,9 @@ pub(crate) enum CtlRequest {
         /// (`vmm ctl DEST recover --from ADDR`), ADDR is the same.
         #[arg(long)]
         resume: bool,
+        /// TLS (paths are read by the VMM, made absolute here).
+        #[command(flatten)]
+        tls: TlsArgs,
     },
     /// On the destination of a post-copy whose source or connection was
     /// lost (the VM is paused there): listen at ADDR for the source, which
@@ -204,6 +217,10 @@ pub(crate) enum CtlRequest {
         /// unix:PATH or tcp:ADDR:PORT.
         #[arg(long, value_name = "ADDR")]
         from: String,
+        /// TLS for the source's new connections (default: the options
+        /// `vmm receive` was started with).
+        #[command(flatten)]
+        tls: TlsArgs,
     },
     /// For a VM restored with --mem-backend uffd:SOCKET whose page-fault
     /// handler is gone (the VM is paused): connect to the new handler
@@ -215,6 +232,73 @@ pub(crate) enum CtlRequest {
     },
 }
 
+/// How a migration's connections are authenticated and encrypted
+/// (docs/migration.md, "Authentication and encryption").
+#[derive(clap::Args, Debug, Clone, Default)]
+pub(crate) struct TlsArgs {
+    /// TLS: this side's certificate (PEM; `vmm keygen --out DIR` writes DIR/cert.pem).
+    #[arg(long, value_name = "FILE", requires_all = ["tls_key", "tls_peer"])]
+    pub(crate) tls_cert: Option<PathBuf>,
+    /// TLS: this side's private key (PEM, mode 0600; DIR/key.pem).
+    #[arg(long, value_name = "FILE", requires_all = ["tls_cert", "tls_peer"])]
+    pub(crate) tls_key: Option<PathBuf>,
+    /// TLS: the peer's certificate (its cert.pem); only a peer that presents
+    /// exactly this certificate, and holds its key, is accepted.
+    #[arg(long, value_name = "FILE", requires_all = ["tls_cert", "tls_key"])]
+    pub(crate) tls_peer: Option<PathBuf>,
+    /// TLS: a pre-shared key file, the same on both ends (`vmm keygen --psk
+    /// FILE`, mode 0600), proved inside TLS; alone or with the certificates.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) tls_psk: Option<PathBuf>,
+    /// Allow a migration over plain TCP: NOT authenticated nor encrypted
+    /// (anyone who reaches the port can feed or read the VM). For a trusted
+    /// network only; Unix sockets are plain and need no flag.
+    #[arg(long, conflicts_with_all = ["tls_cert", "tls_key", "tls_peer", "tls_psk"])]
+    pub(crate) insecure_plain_tcp: bool,
+}
+
+impl TlsArgs {
+    /// The files, made absolute when `absolute` (for a request that
+    /// another process reads).
+    pub(crate) fn files(&self, absolute: bool) -> vmm::migration::TlsFiles {
+        let fix = |p: &Option<PathBuf>| {
+            p.clone().map(|p| {
+                if absolute {
+                    std::path::absolute(&p).unwrap_or(p)
+                } else {
+                    p
+                }
+            })
+        };
+        vmm::migration::TlsFiles {
+            cert: fix(&self.tls_cert),
+            key: fix(&self.tls_key),
+            peer: fix(&self.tls_peer),
+            psk: fix(&self.tls_psk),
+        }
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub(crate) struct KeygenArgs {
+    /// Write DIR/key.pem (mode 0600, stays on this machine) and DIR/cert.pem
+    /// (give it to the other end, which passes it as --tls-peer).
+    #[arg(
+        long,
+        value_name = "DIR",
+        required_unless_present = "psk",
+        conflicts_with = "psk"
+    )]
+    pub(crate) out: Option<PathBuf>,
+    /// Write a random pre-shared key to FILE (mode 0600); copy it to the
+    /// other end over a channel you trust; both pass it as --tls-psk.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) psk: Option<PathBuf>,
+    /// Replace files that exist.
+    #[arg(long)]
+    pub(crate) force: bool,
+}
+
 #[derive(clap::Args, Debug)]
 pub(crate) struct ReceiveArgs {
     /// Where to listen: unix:PATH or tcp:ADDR:PORT.
@@ -223,9 +307,13 @@ pub(crate) struct ReceiveArgs {
     /// Write run and migration statistics as JSON to FILE, or `-` for stdout.
     #[arg(long, value_name = "FILE")]
     pub(crate) stats: Option<PathBuf>,
-    /// Give up after this many seconds (exit code 11).
+    /// Give up after this many seconds, the wait for the source included
+    /// (exit code 11).
     #[arg(long)]
     pub(crate) timeout: Option<f64>,
+    /// How the source must authenticate (TCP needs TLS or --insecure-plain-tcp).
+    #[command(flatten)]
+    pub(crate) tls: TlsArgs,
     /// If the source is lost mid-migration: seconds the paused VM waits for
     /// `vmm ctl DEST recover` (and, after one, for the source to come back)
     /// before the run ends with exit code 13.

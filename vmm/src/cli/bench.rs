@@ -11,7 +11,7 @@ pub fn bench(cmd: BenchCommand) -> i32 {
         | BenchCommand::Fault(a)
         | BenchCommand::GuestFault(a)
         | BenchCommand::Restore(a)
-        | BenchCommand::Migrate(a)
+        | BenchCommand::Migrate { args: a, .. }
         | BenchCommand::All { args: a, .. } => a,
     };
     if args.pages == 0 || args.repeats == 0 {
@@ -31,8 +31,8 @@ pub fn bench(cmd: BenchCommand) -> i32 {
         BenchCommand::Restore(a) => {
             vmm::bench::restore(a.repeats, &mut progress).map(|r| print_result(&r, a.json))
         }
-        BenchCommand::Migrate(a) => {
-            vmm::bench::migrate(a.repeats, &mut progress).map(|r| print_result(&r, a.json))
+        BenchCommand::Migrate { args: a, tls } => {
+            vmm::bench::migrate_with(a.repeats, *tls, &mut progress).map(|r| print_result(&r, a.json))
         }
         BenchCommand::GuestFault(a) => {
             vmm::bench::guest_fault(a.repeats, &mut progress).map(|r| print_result(&r, a.json))

@@ -15,13 +15,32 @@ pub fn ctl(args: CtlArgs) -> i32 {
             push_delay_ms,
             precopy_rounds,
             resume,
-        } => Request::Migrate {
-            to,
-            push_delay_ms,
-            precopy_rounds,
-            resume,
-        },
-        CtlRequest::Recover { from } => Request::Recover { from },
+            tls,
+        } => {
+            let f = tls.files(true);
+            Request::Migrate {
+                to,
+                push_delay_ms,
+                precopy_rounds,
+                resume,
+                tls_cert: f.cert,
+                tls_key: f.key,
+                tls_peer: f.peer,
+                tls_psk: f.psk,
+                insecure_plain_tcp: tls.insecure_plain_tcp,
+            }
+        }
+        CtlRequest::Recover { from, tls } => {
+            let f = tls.files(true);
+            Request::Recover {
+                from,
+                tls_cert: f.cert,
+                tls_key: f.key,
+                tls_peer: f.peer,
+                tls_psk: f.psk,
+                insecure_plain_tcp: tls.insecure_plain_tcp,
+            }
+        }
         CtlRequest::AttachHandler { path } => Request::AttachHandler {
             path: std::path::absolute(&path).unwrap_or(path),
         },

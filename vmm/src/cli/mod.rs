@@ -6,6 +6,7 @@
 pub mod args;
 pub mod bench;
 pub mod ctl;
+pub mod keygen;
 pub mod receive;
 pub mod report;
 pub mod run;

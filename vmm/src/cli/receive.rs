@@ -22,7 +22,19 @@ pub fn receive(args: ReceiveArgs) -> i32 {
             return EXIT_VMM_ERROR;
         }
     };
-    let listener = match args.listen.parse::<Endpoint>().and_then(|e| Listener::bind(&e)) {
+    let security =
+        match vmm::migration::Security::from_files(&args.tls.files(false), args.tls.insecure_plain_tcp) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("vmm: error: {e}");
+                return EXIT_VMM_ERROR;
+            }
+        };
+    let listener = match args
+        .listen
+        .parse::<Endpoint>()
+        .and_then(|e| Listener::bind_with(&e, security))
+    {
         Ok(l) => l,
         Err(e) => {
             eprintln!("vmm: error: {e}");
@@ -30,7 +42,10 @@ pub fn receive(args: ReceiveArgs) -> i32 {
         }
     };
     if let Ok(at) = listener.endpoint() {
-        eprintln!("vmm: waiting for a migration on {at}");
+        eprintln!(
+            "vmm: waiting for a migration on {at} ({})",
+            listener.security().describe(&at)
+        );
     }
     // A signal while waiting ends the process: its socket goes too.
     let _socket = match listener.endpoint() {
@@ -50,6 +65,7 @@ pub fn receive(args: ReceiveArgs) -> i32 {
         },
         lost_wait,
         progress: Default::default(),
+        wait: timeout,
     };
     let bar = std::io::stderr()
         .is_terminal()
@@ -73,7 +89,12 @@ pub fn receive(args: ReceiveArgs) -> i32 {
         Ok(o) => o,
         Err(e) => {
             eprintln!("vmm: error: {e}");
-            return EXIT_VMM_ERROR;
+            return match e {
+                vmm::receive::ReceiveError::Migration(vmm::migration::MigrationError::NoPeer { .. }) => {
+                    vmm::EXIT_TIMED_OUT
+                }
+                _ => EXIT_VMM_ERROR,
+            };
         }
     };
     let st = &out.stats;

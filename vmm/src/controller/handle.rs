@@ -4,7 +4,7 @@
 
 use super::outcome::RunOutcome;
 use super::state::RunState;
-use crate::migration::{Endpoint, MigrateOptions, MigrationError, RecoverRequest, SourceSummary};
+use crate::migration::{Endpoint, MigrateOptions, MigrationError, RecoverRequest, Security, SourceSummary};
 use crate::snapshot::{AfterSnapshot, SnapshotError, SnapshotInfo};
 use crate::state::SavedVm;
 use std::path::{Path, PathBuf};
@@ -135,7 +135,11 @@ pub(crate) enum ControlRequest {
     /// The outgoing migration ended (the summary, or why it failed).
     MigrationEnded(Result<SourceSummary, Box<crate::migration::Stopped>>),
     /// Destination: wait for the lost source to resume the migration.
-    Recover(Endpoint, Sender<Result<Endpoint, MigrationError>>),
+    Recover(
+        Endpoint,
+        Option<Security>,
+        Sender<Result<Endpoint, MigrationError>>,
+    ),
     /// Destination: where `Recover` requests go, and the flag set while the
     /// source is lost (a stop for fetching memory in full).
     SetRecoverHook(Sender<RecoverRequest>, Arc<AtomicBool>),
@@ -253,7 +257,17 @@ impl VmHandle {
     /// `resume`); returns the address once listening. The paused VM
     /// resumes when the source is back (`docs/migration.md`).
     pub fn recover(&self, from: &Endpoint) -> Result<Endpoint, ControlError> {
-        Ok(self.ask(|tx| ControlRequest::Recover(from.clone(), tx))??)
+        self.recover_with(from, None)
+    }
+
+    /// [`recover`](Self::recover), the source authenticating as `security`
+    /// says (`None`: as on the destination's first listener).
+    pub fn recover_with(
+        &self,
+        from: &Endpoint,
+        security: Option<Security>,
+    ) -> Result<Endpoint, ControlError> {
+        Ok(self.ask(|tx| ControlRequest::Recover(from.clone(), security, tx))??)
     }
 
     /// Destination: where `recover` requests go; `lost` is set while the

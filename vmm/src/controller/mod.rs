@@ -320,9 +320,13 @@ impl Controller {
                 let _ = reply.send(self.switchover());
             }
             ControlRequest::MigrationEnded(r) => self.migration_ended(r),
-            ControlRequest::Recover(from, reply) => match &self.recover_hook {
+            ControlRequest::Recover(from, security, reply) => match &self.recover_hook {
                 Some(hook) => {
-                    if let Err(mpsc::SendError(r)) = hook.send(RecoverRequest { from, reply }) {
+                    if let Err(mpsc::SendError(r)) = hook.send(RecoverRequest {
+                        from,
+                        security,
+                        reply,
+                    }) {
                         let _ = r.reply.send(Err(MigrationError::Ended));
                     }
                 }

@@ -16,9 +16,10 @@ pub enum RunState {
     /// Paused because a page source failed (the page was not zero-filled);
     /// a resume means the source was repaired.
     MemoryFault,
-    /// Outgoing migration: pages are copied while the VM runs.
+    /// Outgoing migration before the switchover, while the VM runs: the
+    /// connections open, then pre-copy rounds if any.
     Precopy,
-    /// Outgoing migration, paused on request during pre-copy.
+    /// The same, paused on request.
     PrecopyPaused,
     /// Outgoing migration after the switchover: the destination may run the
     /// VM, so it stays paused here unless the migration fails.

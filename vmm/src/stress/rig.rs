@@ -141,6 +141,7 @@ impl Destination {
         let serial = SerialOutput::Capture(console.clone());
         let thread = std::thread::spawn(move || {
             let opts = ReceiveOptions {
+                wait: None,
                 vm: VmOptions {
                     serial,
                     timeout: Some(Duration::from_secs(120)),
