@@ -688,6 +688,20 @@ fn receive_pages(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_stopped_listener_ends_a_wait_with_no_deadline() {
+        let path = std::env::temp_dir().join(format!("vmm-stop-{}.sock", std::process::id()));
+        let listener = Listener::bind(&super::super::Endpoint::Unix(path)).unwrap();
+        let stop = listener.stopper();
+        let t = std::thread::spawn(move || Incoming::accept(&listener, Default::default(), None).map(|_| ()));
+        std::thread::sleep(Duration::from_millis(50));
+        // No source came: the wait goes on until stopped.
+        assert!(!t.is_finished());
+        stop.stop();
+        let r = t.join().unwrap();
+        assert!(matches!(r, Err(MigrationError::Stopped)), "{r:?}");
+    }
     use super::*;
     use std::io::Write;
     use std::os::unix::net::UnixStream;

@@ -31,7 +31,7 @@ pub use outgoing::{MigrateOptions, Outgoing, Resumable, SourceSummary, Stopped};
 pub use precopy::{spawn_precopy, PrecopyCtx};
 pub use remote::{Progress, RemoteSource};
 pub use tls::{Tls, TlsError, TlsFiles};
-pub use transport::{Conn, Endpoint, Listener, Security};
+pub use transport::{Conn, Endpoint, Listener, ListenerStop, Security};
 pub use wire::{Message, VERSION};
 
 use crate::snapshot::SnapshotError;
@@ -118,6 +118,9 @@ pub enum MigrationError {
         /// Why the last peer that tried was refused.
         refused: Option<String>,
     },
+    /// The wait for a source was ended (`ListenerStop::stop`).
+    #[error("the wait for a migration source was stopped before one connected")]
+    Stopped,
     /// The TLS files cannot be used.
     #[error(transparent)]
     TlsSetup(#[from] TlsError),

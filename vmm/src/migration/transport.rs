@@ -9,7 +9,7 @@ use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -361,6 +361,20 @@ impl Write for Conn {
 pub struct Listener {
     sock: ListenSocket,
     security: Security,
+    stop: Arc<AtomicBool>,
+}
+
+/// Ends a [`Listener`]'s wait for a source from another thread (see
+/// [`Listener::stopper`]).
+#[derive(Debug, Clone)]
+pub struct ListenerStop(Arc<AtomicBool>);
+
+impl ListenerStop {
+    /// The wait ends with [`MigrationError::Stopped`]; a migration already
+    /// admitted goes on.
+    pub fn stop(&self) {
+        self.0.store(true, Ordering::Release);
+    }
 }
 
 #[derive(Debug)]
@@ -403,7 +417,11 @@ impl Listener {
             }
             Endpoint::Tcp(a) => ListenSocket::Tcp(TcpListener::bind(a).map_err(in_use)?),
         };
-        let l = Listener { sock, security };
+        let l = Listener {
+            sock,
+            security,
+            stop: Arc::new(AtomicBool::new(false)),
+        };
         // Accepts poll (a deadline, a stop flag): never block.
         match &l.sock {
             ListenSocket::Unix(s, _) => s.set_nonblocking(true),
@@ -419,6 +437,12 @@ impl Listener {
             ListenSocket::Unix(_, p) => Endpoint::Unix(p.clone()),
             ListenSocket::Tcp(l) => Endpoint::Tcp(l.local_addr().map_err(io("local address"))?.to_string()),
         })
+    }
+
+    /// A handle that ends the wait for a source (a destination nobody
+    /// will migrate to after all).
+    pub fn stopper(&self) -> ListenerStop {
+        ListenerStop(self.stop.clone())
     }
 
     /// How peers must authenticate.
@@ -605,6 +629,9 @@ impl Admissions {
         loop {
             if let Some(c) = self.poll(listener, Duration::from_millis(1), &mut refused) {
                 return Ok(c);
+            }
+            if listener.stop.load(Ordering::Acquire) {
+                return Err(MigrationError::Stopped);
             }
             if let Some(d) = deadline {
                 if Instant::now() >= d.at {
