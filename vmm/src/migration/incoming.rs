@@ -111,7 +111,12 @@ struct Prelude {
 /// Only the last copy of each page is kept, and only pages inside the RAM
 /// announced by `PrecopyBegin` (itself at most the largest guest): what is
 /// buffered is bounded by that size, whatever the source sends.
-fn receive_precopy(conn: &mut Conn, head: Message, progress: &Progress) -> Result<Prelude, MigrationError> {
+fn receive_precopy(
+    conn: &mut Conn,
+    head: Message,
+    progress: &Progress,
+    left: &dyn Fn() -> Option<Duration>,
+) -> Result<Prelude, MigrationError> {
     let mut precopied = HashMap::new();
     let mem_size = match head {
         Message::State(state) => {
@@ -135,6 +140,8 @@ fn receive_precopy(conn: &mut Conn, head: Message, progress: &Progress) -> Resul
     };
     let ranges = abi::layout::ram_ranges(mem_size);
     loop {
+        // The time left until `--timeout` (if any) bounds each read.
+        conn.set_read_timeout(left())?;
         match decode(conn)? {
             Message::PrecopyPage { gpa, data } => {
                 if !ranges.iter().any(|&(s, l)| gpa >= s && gpa - s < l) {
@@ -193,26 +200,53 @@ impl Incoming {
     ) -> Result<Incoming, MigrationError> {
         // One set of admissions for both connections: the source opens the
         // main one first, but their admissions may end in either order.
+        let end = wait.map(Deadline::after);
         let admissions = Admissions::new(None);
-        let first = admissions.next(listener, wait.map(Deadline::after))?;
+        let first = admissions.next(listener, end)?;
         let accepted = Instant::now();
+        let handshake = listener.security().handshake_timeout;
         let second = admissions
-            .next(
-                listener,
-                Some(Deadline::after(listener.security().handshake_timeout)),
-            )
+            .next(listener, Some(Deadline::after(handshake)))
             .map_err(no_answer_channel)?;
-        let (mut conn, answers, head) = main_and_answers(first, second)?;
+        // Every read below has a deadline: a source that opens both
+        // connections and then says nothing on one of them, or stalls its
+        // pre-copy, does not hold the destination past `--timeout` (nor its
+        // first messages past the handshake timeout), whatever it is.
+        let first_by = end.map_or(handshake, |e| e.left().unwrap_or(Duration::ZERO).min(handshake));
+        for c in [&first, &second] {
+            c.set_read_timeout(Some(first_by.max(Duration::from_millis(1))))?;
+        }
+        let (mut conn, answers, head) = main_and_answers(first, second).map_err(|e| {
+            timed_out(e, || {
+                MigrationError::Protocol(format!(
+                    "the source opened its connections and sent nothing on one of them within {} s",
+                    (first_by.as_secs_f64() * 10.0).round() / 10.0
+                ))
+            })
+        })?;
+        answers.set_read_timeout(None)?;
+        let left = || end.map(|e| e.left().unwrap_or(Duration::ZERO).max(Duration::from_millis(1)));
+        let late = |what: &'static str| {
+            move || MigrationError::TimedOut {
+                secs: wait.unwrap_or_default().as_secs_f64(),
+                what,
+            }
+        };
+        conn.set_read_timeout(left())?;
         let Prelude {
             state,
             mem_size: precopy_mem,
             pages: mut precopied,
-        } = receive_precopy(&mut conn, head, &progress)?;
-        let Message::Extents(pairs) = decode(&mut conn)? else {
+        } = receive_precopy(&mut conn, head, &progress, &left)
+            .map_err(|e| timed_out(e, late("its pre-copy pages or state")))?;
+        conn.set_read_timeout(left())?;
+        let Message::Extents(pairs) = decode(&mut conn).map_err(|e| timed_out(e, late("its extent list")))?
+        else {
             return Err(MigrationError::Protocol(
                 "the message after the state is not the extent list".into(),
             ));
         };
+        conn.set_read_timeout(None)?;
         let got_state = Instant::now();
         let extents: Vec<Extent> = pairs.iter().map(|&(gpa, len)| Extent { gpa, len }).collect();
         // Checks every extent: aligned, sorted, inside RAM, at most EXTENT_MAX.
@@ -569,6 +603,21 @@ impl IncomingSession {
             recoveries,
             page_store_reads_carried: self.reads_carried,
         }
+    }
+}
+
+/// `on_timeout()` if `e` is a read that timed out, else `e`.
+fn timed_out(e: MigrationError, on_timeout: impl FnOnce() -> MigrationError) -> MigrationError {
+    match &e {
+        MigrationError::Io { source, .. }
+            if matches!(
+                source.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            on_timeout()
+        }
+        _ => e,
     }
 }
 

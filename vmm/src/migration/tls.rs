@@ -426,14 +426,17 @@ fn read_file(path: &Path, what: &'static str) -> Result<Vec<u8>, TlsError> {
     })
 }
 
-/// A secret file must not be readable by group or others.
-fn check_private(path: &Path, what: &'static str) -> Result<(), TlsError> {
-    let meta = std::fs::metadata(path).map_err(|source| TlsError::Read {
+/// Reads a secret file: a regular file (checked first: the advice to
+/// `chmod` a device or FIFO would be wrong) that group and others can
+/// neither read nor write, checked on the file opened.
+fn read_secret(path: &Path, what: &'static str) -> Result<Vec<u8>, TlsError> {
+    let rerr = |source| TlsError::Read {
         what,
         path: path.to_owned(),
         source,
-    })?;
-    let mode = meta.permissions().mode() & 0o777;
+    };
+    let f = vmm_core::files::open_regular(path).map_err(rerr)?;
+    let mode = f.metadata().map_err(rerr)?.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
         return Err(TlsError::Exposed {
             what,
@@ -441,7 +444,15 @@ fn check_private(path: &Path, what: &'static str) -> Result<(), TlsError> {
             mode,
         });
     }
-    Ok(())
+    let mut buf = Vec::new();
+    f.take(MAX_FILE + 1).read_to_end(&mut buf).map_err(rerr)?;
+    if buf.len() as u64 > MAX_FILE {
+        return Err(rerr(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("it is more than the {MAX_FILE} bytes accepted"),
+        )));
+    }
+    Ok(buf)
 }
 
 fn read_certs(path: &Path, what: &'static str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
@@ -468,8 +479,7 @@ fn read_pinned(path: &Path) -> Result<Pinned, TlsError> {
 }
 
 fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    check_private(path, "--tls-key")?;
-    let pem = read_file(path, "--tls-key")?;
+    let pem = read_secret(path, "--tls-key")?;
     PrivateKeyDer::from_pem_slice(&pem).map_err(|_| TlsError::NoPem {
         what: "--tls-key",
         path: path.to_owned(),
@@ -478,8 +488,7 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
 }
 
 fn read_psk(path: &Path) -> Result<ring::hmac::Key, TlsError> {
-    check_private(path, "--tls-psk")?;
-    let raw = read_file(path, "--tls-psk")?;
+    let raw = read_secret(path, "--tls-psk")?;
     let key = raw.trim_ascii();
     if key.len() < MIN_PSK {
         return Err(TlsError::ShortPsk {

@@ -103,7 +103,7 @@ impl Deadline {
     }
 
     /// What is left, or a time-out error.
-    fn left(&self) -> std::io::Result<Duration> {
+    pub(super) fn left(&self) -> std::io::Result<Duration> {
         self.at
             .checked_duration_since(Instant::now())
             .filter(|d| !d.is_zero())
