@@ -475,7 +475,6 @@ fn snapshots_are_private_replaced_whole_and_authenticated_with_a_key() {
     let key_file = dir.0.join("key");
     std::fs::write(&key_file, [7u8; 32]).unwrap();
     // Readable by others (the umask's 0644): anyone could forge snapshots.
-    use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o640)).unwrap();
     let e = snapshot::SnapshotKey::load(&key_file).unwrap_err();
     assert!(

@@ -161,7 +161,8 @@ fn receive_precopy(
             }
             other => {
                 return Err(MigrationError::Protocol(format!(
-                    "unexpected message during pre-copy: {other:?}"
+                    "unexpected message during pre-copy: {}",
+                    other.summary()
                 )))
             }
         }
@@ -728,7 +729,8 @@ fn receive_pages(
             }
             other => {
                 return Err(MigrationError::Protocol(format!(
-                    "unexpected message from the source: {other:?}"
+                    "unexpected message from the source: {}",
+                    other.summary()
                 )))
             }
         }
@@ -754,6 +756,41 @@ mod tests {
     use super::*;
     use std::io::Write;
     use std::os::unix::net::UnixStream;
+
+    /// A source (any peer that passed the admission: same user, or plain
+    /// TCP) that opens both connections and goes silent on one, or stalls
+    /// its pre-copy, is dropped by the handshake timeout or `--timeout`.
+    #[test]
+    fn a_source_that_goes_silent_before_the_state_ends_the_wait_by_the_timeout() {
+        use super::super::wire::write_header;
+        let path = std::env::temp_dir().join(format!("vmm-silent-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let listener = Listener::bind(&super::super::Endpoint::Unix(path.clone())).unwrap();
+        let wait = Duration::from_millis(1500);
+        for answer_channel in [false, true] {
+            let connect = |first: Option<Message>| {
+                let mut s = UnixStream::connect(&path).unwrap();
+                write_header(&mut s).unwrap();
+                if let Some(m) = first {
+                    encode(&mut s, &m).unwrap();
+                }
+                s
+            };
+            let begin = Message::PrecopyBegin { mem_size: 64 << 20 };
+            let _main = connect(Some(begin));
+            // Without its first message (Preempt), or with it and no pre-copy after.
+            let _answers = connect(answer_channel.then_some(Message::Preempt));
+            let t = Instant::now();
+            let e = Incoming::accept(&listener, Default::default(), Some(wait)).unwrap_err();
+            assert!(t.elapsed() < wait + Duration::from_secs(5), "{:?}", t.elapsed());
+            if answer_channel {
+                assert!(matches!(e, MigrationError::TimedOut { .. }), "{e}");
+            } else {
+                assert!(e.to_string().contains("sent nothing on one of them"), "{e}");
+            }
+        }
+        let _ = std::fs::remove_file(&path);
+    }
 
     /// What a pre-copy keeps is bounded by the RAM it announced: one copy per
     /// page, none outside that RAM, whatever the source sends.
@@ -788,13 +825,13 @@ mod tests {
             w.flush().unwrap();
         });
         let head = decode(&mut conn).unwrap();
-        let p = receive_precopy(&mut conn, head, &progress).unwrap();
+        let p = receive_precopy(&mut conn, head, &progress, &|| None).unwrap();
         assert_eq!(p.mem_size, Some(mem_size));
         assert_eq!(p.pages.len(), 16);
         assert!(p.pages.values().all(|d| d.iter().all(|&b| b == 49)));
         assert_eq!(progress.precopy_pages.load(Ordering::Relaxed), 800);
         let head = decode(&mut conn).unwrap();
-        let e = receive_precopy(&mut conn, head, &progress)
+        let e = receive_precopy(&mut conn, head, &progress, &|| None)
             .err()
             .unwrap()
             .to_string();
@@ -806,7 +843,7 @@ mod tests {
         let huge = abi::layout::MAX_MEM_SIZE + PAGE64;
         encode(&mut peer, &Message::PrecopyBegin { mem_size: huge }).unwrap();
         let head = decode(&mut conn).unwrap();
-        let e = receive_precopy(&mut conn, head, &progress)
+        let e = receive_precopy(&mut conn, head, &progress, &|| None)
             .err()
             .unwrap()
             .to_string();

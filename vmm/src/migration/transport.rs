@@ -524,7 +524,9 @@ pub(super) fn admit(
         })?;
         if &m != expect {
             return Err(MigrationError::Protocol(format!(
-                "{peer} opened a connection with {m:?} where {expect:?} was expected"
+                "{peer} opened a connection with {} where {} was expected",
+                m.summary(),
+                expect.summary()
             )));
         }
     }
