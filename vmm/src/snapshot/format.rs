@@ -123,9 +123,9 @@ impl SnapshotKey {
             .read_to_end(&mut bytes)
             .map_err(|e| bad(e.to_string()))?;
         if bytes.len() > 4096 {
-            return Err(bad(format!(
-                "more than 4096 bytes; a key is 32 raw bytes or 64 hex digits (e.g. `head -c 32 /dev/urandom > KEY`)"
-            )));
+            return Err(bad(
+                "more than 4096 bytes; a key is 32 raw bytes or 64 hex digits (e.g. `head -c 32 /dev/urandom > KEY`)".into(),
+            ));
         }
         if let Ok(raw) = <[u8; 32]>::try_from(bytes.as_slice()) {
             return Ok(SnapshotKey(raw));
