@@ -293,6 +293,34 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest, SnapshotError> {
 
 // ---------------------------------------------------------------- loading
 
+/// Parses and checks `manifest.json`'s content as [`Snapshot::open`] does:
+/// the magic and the version first (so that another version is named as
+/// such), then the fields and the file names. `path` only names the file in
+/// errors. A pure function of its input, fuzzed by `fuzz/`'s
+/// `snapshot_manifest` target.
+pub fn parse_manifest(text: &[u8], path: &Path) -> Result<Manifest, SnapshotError> {
+    let malformed = |reason: String| SnapshotError::Malformed {
+        path: path.to_owned(),
+        reason,
+    };
+    let head: serde_json::Value = serde_json::from_slice(text).map_err(|e| malformed(e.to_string()))?;
+    if head.get("magic").and_then(|m| m.as_str()) != Some(MAGIC) {
+        return Err(malformed(format!("no `magic: \"{MAGIC}\"`")));
+    }
+    let version = head.get("version").and_then(serde_json::Value::as_u64);
+    if version != Some(u64::from(FORMAT_VERSION)) {
+        return Err(SnapshotError::WrongVersion {
+            path: path.to_owned(),
+            found: version.and_then(|v| u32::try_from(v).ok()).unwrap_or(u32::MAX),
+        });
+    }
+    let manifest: Manifest = serde_json::from_value(head).map_err(|e| malformed(e.to_string()))?;
+    if manifest.state.name != STATE || manifest.memory.name != MEMORY {
+        return Err(malformed("unexpected file names".into()));
+    }
+    Ok(manifest)
+}
+
 /// A snapshot whose manifest and state were read and checked.
 #[derive(Debug)]
 pub struct Snapshot {
@@ -339,38 +367,21 @@ impl Snapshot {
         }
         let mpath = dir.join(MANIFEST);
         let text = read_limited(&mpath, STATE_MAX, dir, MANIFEST)?;
-        // The magic and version first, so that another version is named as such.
-        let head: serde_json::Value =
-            serde_json::from_slice(&text).map_err(|e| SnapshotError::Malformed {
-                path: mpath.clone(),
-                reason: e.to_string(),
-            })?;
-        if head.get("magic").and_then(|m| m.as_str()) != Some(MAGIC) {
-            return Err(SnapshotError::Malformed {
-                path: mpath,
-                reason: format!("no `magic: \"{MAGIC}\"`"),
-            });
-        }
-        let version = head.get("version").and_then(serde_json::Value::as_u64);
-        if version != Some(u64::from(FORMAT_VERSION)) {
-            return Err(SnapshotError::WrongVersion {
-                path: mpath,
-                found: version.and_then(|v| u32::try_from(v).ok()).unwrap_or(u32::MAX),
-            });
-        }
-        let manifest: Manifest = serde_json::from_value(head).map_err(|e| SnapshotError::Malformed {
-            path: mpath.clone(),
-            reason: e.to_string(),
-        })?;
-        if manifest.state.name != STATE || manifest.memory.name != MEMORY {
-            return Err(SnapshotError::Malformed {
-                path: mpath,
-                reason: "unexpected file names".into(),
-            });
-        }
-
+        let manifest = parse_manifest(&text, &mpath)?;
         let spath = dir.join(STATE);
         let state_bytes = read_limited(&spath, STATE_MAX, dir, STATE)?;
+        let snap = Snapshot::from_files(dir, manifest, &state_bytes)?;
+        snap.check_consistency()?;
+        Ok(snap)
+    }
+
+    /// [`Snapshot::open`] without the reading: checks `state.json`'s content
+    /// against a manifest from [`parse_manifest`] (length, CRC32), parses it
+    /// and checks it against the manifest's memory extents; not the memory
+    /// file. `dir` only names the files in errors. A pure function of its
+    /// inputs, fuzzed by `fuzz/`'s `snapshot_manifest` target.
+    pub fn from_files(dir: &Path, manifest: Manifest, state_bytes: &[u8]) -> Result<Snapshot, SnapshotError> {
+        let spath = dir.join(STATE);
         if state_bytes.len() as u64 != manifest.state.len {
             return Err(SnapshotError::Truncated {
                 path: spath,
@@ -378,7 +389,7 @@ impl Snapshot {
                 expected: manifest.state.len,
             });
         }
-        let crc = crc32fast::hash(&state_bytes);
+        let crc = crc32fast::hash(state_bytes);
         if crc != manifest.state.crc32 {
             return Err(SnapshotError::Checksum {
                 path: spath,
@@ -387,7 +398,7 @@ impl Snapshot {
                 expected: manifest.state.crc32,
             });
         }
-        let state: SavedVm = serde_json::from_slice(&state_bytes).map_err(|e| SnapshotError::Malformed {
+        let state: SavedVm = serde_json::from_slice(state_bytes).map_err(|e| SnapshotError::Malformed {
             path: spath,
             reason: e.to_string(),
         })?;
@@ -396,7 +407,7 @@ impl Snapshot {
             manifest,
             state,
         };
-        snap.check_consistency()?;
+        snap.check_state()?;
         Ok(snap)
     }
 
@@ -452,7 +463,8 @@ impl Snapshot {
 
     /// A snapshot received over a migration stream: `state.json`'s content
     /// and the data extents, checked as [`Snapshot::open`] checks a
-    /// directory (but there is no memory file).
+    /// directory (but there is no memory file). The peer's data, fuzzed by
+    /// `fuzz/`'s `snapshot_state` and `migration_wire` targets.
     pub fn from_parts(state_json: &[u8], extents: Vec<Extent>) -> Result<Snapshot, SnapshotError> {
         let path = PathBuf::from("<migration stream>");
         let state: SavedVm = serde_json::from_slice(state_json).map_err(|e| SnapshotError::Malformed {
@@ -484,8 +496,9 @@ impl Snapshot {
         Ok(snap)
     }
 
+    /// Checks the memory file against the manifest (its length; the extents'
+    /// checksums are checked on use).
     fn check_consistency(&self) -> Result<(), SnapshotError> {
-        self.check_state()?;
         let m = &self.manifest.memory;
         let mpath = self.memory_path();
         let found = std::fs::metadata(&mpath)
