@@ -32,6 +32,9 @@ for t in "${targets[@]}"; do
   if [[ $no_leak_check == *" $t "* ]]; then
     extra+=(-detect_leaks=0)
   fi
+  if [ -f "dicts/$t.dict" ]; then
+    extra+=(-dict="dicts/$t.dict")
+  fi
   # A per-input timeout and a memory limit: a slow or greedy input is a
   # finding like a crash.
   if ! cargo +nightly fuzz run "$t" "$work/$t" "corpus/$t" -- \
