@@ -39,7 +39,7 @@ for t in "${targets[@]}"; do
   # finding like a crash.
   if ! cargo +nightly fuzz run "$t" "$work/$t" "corpus/$t" -- \
       -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 "${extra[@]}" \
-      >"$log" 2>&1; then
+      </dev/null >"$log" 2>&1; then
     tail -n 60 "$log"
     echo "fuzz: $t FAILED (log $log, input under fuzz/artifacts/$t/)"
     exit 1
