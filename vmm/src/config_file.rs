@@ -1,6 +1,6 @@
 //! The TOML configuration file of `vmm run --config FILE` and the built-in
 //! defaults (`resources/vm.toml`): every field optional, flags override it,
-//! and the result goes through the one typed door, [`VmConfig::try_from`].
+//! and the result goes through the one typed door, [`VmConfig::validate`].
 
 use serde::Deserialize;
 use std::path::PathBuf;

@@ -1,0 +1,67 @@
+//! The subcommands of the `vmm` binary, one file each, over the `vmm`
+//! library: [`args`] (the flags), [`run`] (`run`, `restore`), [`receive`],
+//! [`ctl`], [`bench`] (`bench`, `stress`), [`report`] (how a run is
+//! reported).
+
+pub mod args;
+pub mod bench;
+pub mod ctl;
+pub mod keygen;
+pub mod receive;
+pub mod report;
+pub mod run;
+
+use std::time::Duration;
+use vmm::EXIT_VMM_ERROR;
+
+/// Longest duration a flag accepts (about 31 years): beyond, a deadline
+/// could not be represented.
+const MAX_SECONDS: f64 = 1e9;
+
+/// A number of seconds from a flag: finite, positive (or zero when
+/// `zero_ok`), at most [`MAX_SECONDS`].
+pub fn seconds(flag: &str, s: f64, zero_ok: bool) -> Result<Duration, String> {
+    let ok = s.is_finite() && (s > 0.0 || (zero_ok && s == 0.0)) && s <= MAX_SECONDS;
+    if !ok {
+        let least = if zero_ok { "0" } else { "a positive number" };
+        return Err(format!(
+            "{flag} must be {least} to {MAX_SECONDS:e} seconds, not {s}"
+        ));
+    }
+    Duration::try_from_secs_f64(s).map_err(|e| format!("{flag} {s}: {e}"))
+}
+
+/// `--snapshot-key FILE`: prints the error and gives the exit code.
+pub fn snapshot_key(path: Option<&std::path::Path>) -> Result<Option<vmm::snapshot::SnapshotKey>, i32> {
+    path.map(vmm::snapshot::SnapshotKey::load)
+        .transpose()
+        .map_err(|e| {
+            eprintln!("vmm: error: {e}");
+            EXIT_VMM_ERROR
+        })
+}
+
+/// `--timeout`: positive seconds; prints the error and gives the exit code.
+pub fn parse_timeout(t: Option<f64>) -> Result<Option<Duration>, i32> {
+    match t {
+        None => Ok(None),
+        Some(s) => seconds("--timeout", s, false).map(Some).map_err(|e| {
+            eprintln!("vmm: error: {e}");
+            EXIT_VMM_ERROR
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn huge_and_odd_durations_are_errors_not_panics() {
+        for bad in [1e30, 1e19, f64::INFINITY, f64::NAN, -1.0, 0.0] {
+            assert!(seconds("--timeout", bad, false).is_err(), "{bad}");
+        }
+        assert!(seconds("--lost-wait", 0.0, true).is_ok());
+        assert_eq!(seconds("--timeout", 2.5, false), Ok(Duration::from_millis(2500)));
+    }
+}
