@@ -42,7 +42,10 @@ fn files(which: u8) -> TlsFiles {
 
 fn load(files: &TlsFiles, replaced: Option<(usize, &[u8])>) -> Result<Tls, TlsError> {
     Tls::load_with(files, |path: &Path, _what, _secret| {
-        let i = NAMES.iter().position(|n| Path::new(n) == path).expect("a fixture path");
+        let i = NAMES
+            .iter()
+            .position(|n| Path::new(n) == path)
+            .expect("a fixture path");
         Ok(match replaced {
             Some((r, data)) if r == i => data.to_vec(),
             _ => [CERT, KEY, PEER, PSK][i].to_vec(),
@@ -78,7 +81,13 @@ fuzz_target!(|data: &[u8]| {
             let r = load(&files(0b1111), Some((i, rest)));
             if i == 3 {
                 let long = rest.trim_ascii().len() >= MIN_PSK;
-                assert_eq!(r.is_ok(), long, "a PSK file of {} bytes: {:?}", rest.len(), r.err());
+                assert_eq!(
+                    r.is_ok(),
+                    long,
+                    "a PSK file of {} bytes: {:?}",
+                    rest.len(),
+                    r.err()
+                );
             }
         }
         4 => {

@@ -24,7 +24,12 @@ use vmm::uffd_handler::{message, parse_message};
 fuzz_target!(|data: &[u8]| {
     if let Ok(maps) = parse_message(data) {
         let sent = message(&maps).expect("decoded mappings encode within the limit");
-        assert!(sent.len() <= data.len(), "{} bytes encode as {}", data.len(), sent.len());
+        assert!(
+            sent.len() <= data.len(),
+            "{} bytes encode as {}",
+            data.len(),
+            sent.len()
+        );
         assert_eq!(parse_message(&sent).expect("an encoded message decodes"), maps);
     }
     let mut r = Cursor::new(data);

@@ -446,7 +446,6 @@ fn message(conn: &rustls::Connection, role: u8) -> Result<Vec<u8>, rustls::Error
     Ok(m)
 }
 
-
 /// `sha256:` and the hex SHA-256 of `der`.
 pub fn fingerprint(der: &[u8]) -> String {
     let d = ring::digest::digest(&ring::digest::SHA256, der);
@@ -481,7 +480,11 @@ fn check_private(path: &Path, what: &'static str) -> Result<(), TlsError> {
 }
 
 /// The certificates of a PEM file's contents (those that decode; at least one).
-fn parse_certs(pem: &[u8], path: &Path, what: &'static str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+fn parse_certs(
+    pem: &[u8],
+    path: &Path,
+    what: &'static str,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs: Vec<_> = CertificateDer::pem_slice_iter(pem)
         .filter_map(Result::ok)
         .collect();

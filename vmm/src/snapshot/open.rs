@@ -182,7 +182,12 @@ fn hashes_len(dir: &Path, manifest: &Manifest) -> Result<u64, SnapshotError> {
 }
 
 /// Checks the page hashes file's content against the manifest's hash of it.
-fn check_hashes_file(dir: &Path, manifest: &Manifest, h: &Hasher, hashes: &[u8]) -> Result<(), SnapshotError> {
+fn check_hashes_file(
+    dir: &Path,
+    manifest: &Manifest,
+    h: &Hasher,
+    hashes: &[u8],
+) -> Result<(), SnapshotError> {
     if h.hex(hashes) != manifest.memory.hashes.hash {
         return Err(SnapshotError::Checksum {
             path: dir.join(HASHES),

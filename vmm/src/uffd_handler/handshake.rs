@@ -141,7 +141,10 @@ mod tests {
         ];
         let text = String::from_utf8(message(&maps).unwrap()).unwrap();
         assert_eq!(parse_message(text.as_bytes()).unwrap(), maps);
-        assert!(parse_message(b"[{\"size\":1}]").is_err(), "every field is required");
+        assert!(
+            parse_message(b"[{\"size\":1}]").is_err(),
+            "every field is required"
+        );
         assert_eq!(
             text,
             "[{\"base_host_virt_addr\":139637976727552,\"size\":3221225472,\"offset\":0,\"page_size\":4096,\"page_size_kib\":4096},\
