@@ -213,12 +213,30 @@ impl Incoming {
         // connections and then says nothing on one of them, or stalls its
         // pre-copy, does not hold the destination past `--timeout` (nor its
         // first messages past the handshake timeout), whatever it is.
+        // `second` is the answer channel (the main connection finishes its
+        // admission before the source opens the other), whose first message
+        // (`Preempt`) is sent as it opens: the handshake timeout bounds it.
+        // The main connection's first message may come late (a lazily
+        // restored source fetches its memory in full first): only
+        // `--timeout` bounds it.
         let first_by = end.map_or(handshake, |e| e.left().unwrap_or(Duration::ZERO).min(handshake));
-        for c in [&first, &second] {
-            c.set_read_timeout(Some(first_by.max(Duration::from_millis(1))))?;
-        }
+        second.set_read_timeout(Some(first_by.max(Duration::from_millis(1))))?;
+        first.set_read_timeout(
+            end.map(|e| e.left().unwrap_or(Duration::ZERO).max(Duration::from_millis(1))),
+        )?;
+        let late = |what: &'static str| {
+            move || MigrationError::TimedOut {
+                secs: wait.unwrap_or_default().as_secs_f64(),
+                what,
+            }
+        };
+        let reading = Instant::now();
         let (mut conn, answers, head) = main_and_answers(first, second).map_err(|e| {
             timed_out(e, || {
+                if reading.elapsed() > first_by + Duration::from_millis(500) {
+                    // The main connection, silent until `--timeout`.
+                    return late("its first message")();
+                }
                 MigrationError::Protocol(format!(
                     "the source opened its connections and sent nothing on one of them within {} s",
                     (first_by.as_secs_f64() * 10.0).round() / 10.0
@@ -227,12 +245,6 @@ impl Incoming {
         })?;
         answers.set_read_timeout(None)?;
         let left = || end.map(|e| e.left().unwrap_or(Duration::ZERO).max(Duration::from_millis(1)));
-        let late = |what: &'static str| {
-            move || MigrationError::TimedOut {
-                secs: wait.unwrap_or_default().as_secs_f64(),
-                what,
-            }
-        };
         conn.set_read_timeout(left())?;
         let Prelude {
             state,
