@@ -153,6 +153,9 @@ pub enum Request {
         /// The new handler's socket.
         path: PathBuf,
     },
+    /// End the working-set recording window and write the file.
+    #[serde(alias = "working-set-end")]
+    WorkingSetEnd {},
 }
 
 /// A response.
@@ -197,7 +200,7 @@ pub enum DecodeError {
     #[error("request is not UTF-8")]
     NotUtf8,
     /// Not a request of this protocol.
-    #[error("bad request: {0}; send one JSON object per line, e.g. {{\"cmd\":\"pause\"}} (cmd: pause, resume, stats, snapshot, migrate, recover, attach_handler)")]
+    #[error("bad request: {0}; send one JSON object per line, e.g. {{\"cmd\":\"pause\"}} (cmd: pause, resume, stats, snapshot, migrate, recover, attach_handler, working_set_end)")]
     Json(#[source] serde_json::Error),
 }
 
@@ -286,6 +289,10 @@ pub fn execute(vm: &VmHandle, req: &Request) -> Response {
                 Err(e) => Response::err(e.to_string()),
             }
         }
+        Request::WorkingSetEnd {} => match vm.working_set_end() {
+            Ok(info) => json(serde_json::to_value(info)),
+            Err(e) => Response::err(e.to_string()),
+        },
         Request::AttachHandler { path } => match vm.attach_handler(path) {
             Ok(info) => json(serde_json::to_value(info)),
             Err(e) => Response::err(e.to_string()),
