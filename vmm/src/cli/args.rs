@@ -87,6 +87,11 @@ pub(crate) enum BenchCommand {
     /// Snapshot restore to running vCPUs for 64 MiB, 1 GiB and 4 GiB guests,
     /// lazily (memory through the retry core) and eagerly.
     Restore(BenchArgs),
+    /// A FaaS-like cold start (1 GiB guest, 64k state pages, one invocation
+    /// touching W = 5/25/50% of them, rand and zipf): eager, lazy on demand
+    /// (fault-around 16 and 0), working-set prefetch before and while
+    /// running, and the warm baseline, interleaved.
+    WorkingSet(BenchArgs),
     /// Live migration of a running 1 GiB guest over loopback, post-copy only
     /// and after 3 pre-copy rounds: downtime, total time, page-request
     /// latency p50/p99 during the push.
