@@ -125,7 +125,7 @@ pub struct WorkingSetBench {
 }
 
 fn cmdline(pattern: &str, w: u64) -> String {
-    format!("workload=faas pages={STATE_PAGES} pattern={pattern} invoke={w} seed=11")
+    format!("workload=faas pages={STATE_PAGES} pattern={pattern} invoke={w} seed=11 populate=1")
 }
 
 fn quiet(timeout: Duration) -> VmOptions {
