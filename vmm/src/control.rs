@@ -123,6 +123,9 @@ pub enum Request {
         /// for it (`recover`).
         #[serde(default)]
         resume: bool,
+        /// The background push's order: `address` (default) or `recency`.
+        #[serde(default)]
+        push_order: crate::migration::PushOrder,
     },
     /// Destination whose source was lost mid post-copy: listen at `from`
     /// for the source to resume the migration (answered once listening).
@@ -258,6 +261,7 @@ pub fn execute(vm: &VmHandle, req: &Request) -> Response {
             tls_peer,
             tls_psk,
             insecure_plain_tcp,
+            push_order,
         } => {
             if *push_delay_ms > MAX_PUSH_DELAY_MS {
                 return Response::err(format!(
@@ -283,6 +287,7 @@ pub fn execute(vm: &VmHandle, req: &Request) -> Response {
                 precopy_rounds: *precopy_rounds,
                 resume: *resume,
                 security,
+                push_order: *push_order,
             };
             match vm.migrate(&to, &options) {
                 Ok(summary) => json(serde_json::to_value(summary)),

@@ -223,6 +223,11 @@ pub(crate) enum CtlRequest {
         /// (`vmm ctl DEST recover --from ADDR`), ADDR is the same.
         #[arg(long)]
         resume: bool,
+        /// Order of the background push after the switchover: `address`,
+        /// or `recency` (the pages written in the latest pre-copy rounds
+        /// first; without pre-copy, those of a 100 ms dirty-log sample).
+        #[arg(long, value_name = "ORDER", default_value = "address")]
+        push_order: vmm::migration::PushOrder,
         /// TLS (paths are read by the VMM, made absolute here).
         #[command(flatten)]
         tls: TlsArgs,

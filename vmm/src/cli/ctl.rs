@@ -17,6 +17,7 @@ pub fn ctl(args: CtlArgs) -> i32 {
             precopy_rounds,
             resume,
             tls,
+            push_order,
         } => {
             let f = tls.files(true);
             Request::Migrate {
@@ -24,6 +25,7 @@ pub fn ctl(args: CtlArgs) -> i32 {
                 push_delay_ms,
                 precopy_rounds,
                 resume,
+                push_order,
                 tls_cert: f.cert,
                 tls_key: f.key,
                 tls_peer: f.peer,
