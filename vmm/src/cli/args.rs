@@ -100,8 +100,13 @@ pub(crate) enum BenchCommand {
         args: BenchArgs,
         /// Over loopback TCP with TLS and pinned certificates instead of a
         /// Unix socket (the cost of TLS).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "push_orders")]
         tls: bool,
+        /// Compare the push orders instead (a guest touching a hot set; the
+        /// push in address and in recency order, interleaved): faults after
+        /// the switchover and vCPU time blocked.
+        #[arg(long)]
+        push_orders: bool,
     },
     /// Everything, plus throughput by vCPU count and the fault latency
     /// histogram; `--plot DIR` writes SVG charts.

@@ -35,7 +35,12 @@ pub fn bench(cmd: BenchCommand) -> i32 {
         BenchCommand::WorkingSet(a) => {
             vmm::bench::working_set(a.repeats, &mut progress).map(|r| print_result(&r, a.json))
         }
-        BenchCommand::Migrate { args: a, tls } => {
+        BenchCommand::Migrate {
+            args: a,
+            push_orders: true,
+            ..
+        } => vmm::bench::migrate_push_orders(a.repeats, &mut progress).map(|r| print_result(&r, a.json)),
+        BenchCommand::Migrate { args: a, tls, .. } => {
             vmm::bench::migrate_with(a.repeats, *tls, &mut progress).map(|r| print_result(&r, a.json))
         }
         BenchCommand::GuestFault(a) => {
