@@ -69,7 +69,10 @@ impl WorkloadKind {
     /// Whether the workload's tasks touch pages of the work region (and
     /// report a checksum the host verifies).
     pub const fn touches_pages(self) -> bool {
-        matches!(self, WorkloadKind::Touch | WorkloadKind::Dirty | WorkloadKind::Faas)
+        matches!(
+            self,
+            WorkloadKind::Touch | WorkloadKind::Dirty | WorkloadKind::Faas
+        )
     }
 }
 
@@ -810,7 +813,11 @@ pub const fn invoked_value(seed: u64, page: u64) -> u64 {
 /// as long as it takes to meet `plan.accesses` distinct pages (at most
 /// [`MAX_ACCESSES`] draws).
 pub fn faas_order(plan: &TaskPlan, pattern: Pattern) -> AccessOrder {
-    let draws = if pattern.samples() { MAX_ACCESSES } else { plan.pages };
+    let draws = if pattern.samples() {
+        MAX_ACCESSES
+    } else {
+        plan.pages
+    };
     AccessOrder::new(plan.pages, pattern, plan.order_seed, draws)
 }
 

@@ -564,7 +564,14 @@ impl RetryCore {
         (lo, hi)
     }
 
-    fn fetch_and_fill(&self, uffd: &Uffd, idx: usize, around: bool, write: bool, origin: Origin) -> FaultOutcome {
+    fn fetch_and_fill(
+        &self,
+        uffd: &Uffd,
+        idx: usize,
+        around: bool,
+        write: bool,
+        origin: Origin,
+    ) -> FaultOutcome {
         let (lo, hi) = if around {
             self.claim_run(idx)
         } else {
@@ -600,7 +607,15 @@ impl RetryCore {
         }
     }
 
-    fn fill_copy(&self, uffd: &Uffd, idx: usize, lo: usize, hi: usize, buf: &[u8], kind: Fill) -> FaultOutcome {
+    fn fill_copy(
+        &self,
+        uffd: &Uffd,
+        idx: usize,
+        lo: usize,
+        hi: usize,
+        buf: &[u8],
+        kind: Fill,
+    ) -> FaultOutcome {
         let ps = self.ps;
         self.fill(
             idx,
@@ -657,6 +672,7 @@ impl RetryCore {
     /// with `op(i)` (which returns the bytes it filled from page `i`, at least
     /// one page), skipping pages the kernel already has. Every filled or found
     /// page becomes Present; the rest go back to Missing.
+    #[allow(clippy::too_many_arguments)]
     fn fill(
         &self,
         idx: usize,
@@ -773,7 +789,13 @@ impl RetryCore {
     }
 
     /// [`RetryCore::resolve_waiting`] on behalf of `origin` (see [`Origin`]).
-    pub fn resolve_waiting_from(&self, uffd: &Uffd, addr: u64, deadline: Instant, origin: Origin) -> FaultReport {
+    pub fn resolve_waiting_from(
+        &self,
+        uffd: &Uffd,
+        addr: u64,
+        deadline: Instant,
+        origin: Origin,
+    ) -> FaultReport {
         let start = Instant::now();
         let mut retries = 0u32;
         loop {

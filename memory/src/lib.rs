@@ -47,8 +47,8 @@ mod testutil;
 
 pub use crate::affinity::{colocation_cpu, current_cpu, pin_current_thread};
 pub use crate::core::{
-    AfterRemove, CoreConfig, CoreError, FaultError, FaultOutcome, FaultReport, FillObserver, Origin, PageState,
-    Region, ResolvedBy, RetryCore, Stats, PREFILL_RUN_MAX,
+    AfterRemove, CoreConfig, CoreError, FaultError, FaultOutcome, FaultReport, FillObserver, Origin,
+    PageState, Region, ResolvedBy, RetryCore, Stats, PREFILL_RUN_MAX,
 };
 pub use crate::handler::{
     BlockedFault, EventHook, FaultHandler, HandlerControl, HandlerError, HandlerEvent, HandlerGroup,

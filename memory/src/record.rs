@@ -74,7 +74,11 @@ impl FillRecorder {
 
     /// Pages recorded so far (duplicates of a removed and refilled page included).
     pub fn len(&self) -> usize {
-        self.window.lock().unwrap_or_else(PoisonError::into_inner).pages.len()
+        self.window
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pages
+            .len()
     }
 
     /// Whether nothing was recorded yet.
@@ -120,7 +124,13 @@ mod tests {
         let got: Vec<(u64, bool)> = pages.iter().map(|p| (p.gpa / ps, p.around)).collect();
         assert_eq!(
             got,
-            [(0x10, true), (0x11, false), (0x12, true), (0x13, true), (0x3, false)]
+            [
+                (0x10, true),
+                (0x11, false),
+                (0x12, true),
+                (0x13, true),
+                (0x3, false)
+            ]
         );
         r.filled(0x40 * ps, 1, None);
         assert_eq!(r.end().0.len(), 5, "nothing is recorded after the window");

@@ -499,6 +499,10 @@ fn recency_push_order_delivers_every_page_once_with_and_without_precopy() {
         );
         assert_eq!(s.duplicates, 0, "rounds {rounds}: {s:?}");
         assert_eq!(s.data_pages, summary.data_pages);
-        assert_eq!(s.pages_pushed + s.pages_answered, s.data_pages + s.resends, "{s:?}");
+        assert_eq!(
+            s.pages_pushed + s.pages_answered,
+            s.data_pages + s.resends,
+            "{s:?}"
+        );
     }
 }

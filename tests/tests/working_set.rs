@@ -81,8 +81,14 @@ fn a_recorded_working_set_is_prefetched_and_the_restore_then_barely_faults() {
     // Every page made present is in it, neighbours marked, each once.
     let filled = on_demand.memory.as_ref().unwrap().total.clone();
     assert_eq!(ws.pages.len() as u64, filled.pages_copied + filled.pages_zeroed);
-    assert_eq!(ws.pages.iter().filter(|p| p.around).count() as u64, filled.fault_around_pages);
-    assert!(ws.pages.windows(2).all(|w| w[0].t_us <= w[1].t_us), "first-touch order");
+    assert_eq!(
+        ws.pages.iter().filter(|p| p.around).count() as u64,
+        filled.fault_around_pages
+    );
+    assert!(
+        ws.pages.windows(2).all(|w| w[0].t_us <= w[1].t_us),
+        "first-touch order"
+    );
     assert!(faults > 20, "the on-demand restore must fault ({faults})");
 
     for before in [true, false] {
@@ -109,7 +115,10 @@ fn corrupted_foreign_unbound_and_missing_working_sets_are_refused() {
     snapshot_at_checkpoint(&dir.0);
     let path = dir.0.join(WORKING_SET);
     let e = restore(&dir.0, &lazy(Some(true), false)).unwrap_err();
-    assert!(matches!(e, VmError::WorkingSet(WorkingSetError::Missing(_))), "{e}");
+    assert!(
+        matches!(e, VmError::WorkingSet(WorkingSetError::Missing(_))),
+        "{e}"
+    );
     restore(&dir.0, &lazy(None, true)).unwrap();
     let good = std::fs::read(&path).unwrap();
 
@@ -135,7 +144,12 @@ fn corrupted_foreign_unbound_and_missing_working_sets_are_refused() {
     assert!(e.to_string().contains("belongs to another snapshot"), "{e}");
 
     // A plain run's recording is bound to no snapshot.
-    WorkingSet { digest: [0; 32], ..foreign }.write(&path, &Hasher::new(None)).unwrap();
+    WorkingSet {
+        digest: [0; 32],
+        ..foreign
+    }
+    .write(&path, &Hasher::new(None))
+    .unwrap();
     let e = restore(&dir.0, &lazy(Some(true), false)).unwrap_err();
     assert!(e.to_string().contains("a `vmm run` recording"), "{e}");
 
@@ -167,11 +181,22 @@ fn a_plain_run_records_where_told_and_the_window_can_end_early() {
     let vm = Vm::restore(&snap.0, &lazy(None, true), options).unwrap();
     let (options2, _c2) = capture_options();
     let e = Vm::restore(&snap.0, &lazy(None, true), options2).unwrap_err();
-    assert!(e.to_string().contains("another restore of this snapshot is recording"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("another restore of this snapshot is recording"),
+        "{e}"
+    );
     let running = vm.start().unwrap();
     let early = running.working_set_end().unwrap();
     let out = running.wait().unwrap();
-    assert_eq!(out.working_set.unwrap().unwrap(), early, "the file is written once");
+    assert_eq!(
+        out.working_set.unwrap().unwrap(),
+        early,
+        "the file is written once"
+    );
     let all = out.memory.unwrap().total;
-    assert!(early.pages < all.pages_copied + all.pages_zeroed, "{early:?} {all:?}");
+    assert!(
+        early.pages < all.pages_copied + all.pages_zeroed,
+        "{early:?} {all:?}"
+    );
 }

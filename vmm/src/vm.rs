@@ -241,12 +241,13 @@ impl Vm {
             (custom, _) => {
                 let fault_around = config.memory.effective_fault_around();
                 let mut plan =
-                    memory::plan_for_backend(&config.memory.backend, fault_around, config.mem_size)?
-                        .ok_or(if custom.is_some() {
+                    memory::plan_for_backend(&config.memory.backend, fault_around, config.mem_size)?.ok_or(
+                        if custom.is_some() {
                             VmError::SourceWithoutLazyMemory
                         } else {
                             VmError::RecordWithoutLazyMemory
-                        })?;
+                        },
+                    )?;
                 if let Some(custom) = custom {
                     plan.source = custom.0.clone();
                 }

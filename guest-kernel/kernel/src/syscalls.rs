@@ -255,7 +255,11 @@ fn report(ptr: u64) -> Ret {
     if a.workload == crate::abi::workload::WorkloadKind::Faas as u32 {
         // Its checksum needs the set of pages seen: the host checks it.
         t.checksum_ok = Some(user.pages == a.pages);
-        kprintln!("guest-kernel: cpu {} invocation done, checksum {:#x} (checked by the host)", a.cpu, user.checksum);
+        kprintln!(
+            "guest-kernel: cpu {} invocation done, checksum {:#x} (checked by the host)",
+            a.cpu,
+            user.checksum
+        );
         return Ret::Value(0);
     }
     // The plan in the args is task_plan's, so this is expected_task_checksum.

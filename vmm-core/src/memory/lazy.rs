@@ -10,8 +10,8 @@
 use super::materialize::Materializer;
 use crate::event::{EventSink, MemoryEvent, VmEvent};
 use ::memory::{
-    CoreConfig, FaultError, FaultHandler, FillObserver, HandlerControl, HandlerError, HandlerEvent, PageSource,
-    Region, RegisterMode, RetryCore, Stats, Uffd,
+    CoreConfig, FaultError, FaultHandler, FillObserver, HandlerControl, HandlerError, HandlerEvent,
+    PageSource, Region, RegisterMode, RetryCore, Stats, Uffd,
 };
 use abi::layout::PAGE_SIZE;
 use devices::GuestRam;
@@ -104,7 +104,12 @@ const PREFETCH_BATCH: usize = 2048;
 
 /// Fills `pages` (guest-physical) through the cores: sorted, deduplicated,
 /// in runs of contiguous pages, each run with one fetch and one fill.
-fn prefill_pages(uffd: &Uffd, cores: &[Arc<RetryCore>], pages: &mut [u64], stop: &AtomicBool) -> Result<(u64, u64), FaultError> {
+fn prefill_pages(
+    uffd: &Uffd,
+    cores: &[Arc<RetryCore>],
+    pages: &mut [u64],
+    stop: &AtomicBool,
+) -> Result<(u64, u64), FaultError> {
     pages.sort_unstable();
     let (mut filled, mut runs) = (0u64, 0u64);
     let mut i = 0;
@@ -140,7 +145,12 @@ fn prefill_pages(uffd: &Uffd, cores: &[Arc<RetryCore>], pages: &mut [u64], stop:
 
 /// Runs a working-set prefetch: all at once (before the vCPUs run) or batch
 /// by batch in first-touch order.
-fn run_page_prefetch(uffd: &Uffd, cores: &[Arc<RetryCore>], plan: &PagePrefetch, stop: &AtomicBool) -> Result<PrefetchReport, FaultError> {
+fn run_page_prefetch(
+    uffd: &Uffd,
+    cores: &[Arc<RetryCore>],
+    plan: &PagePrefetch,
+    stop: &AtomicBool,
+) -> Result<PrefetchReport, FaultError> {
     let start = std::time::Instant::now();
     let mut total = PrefetchReport::default();
     let batch = if plan.before_resume {
@@ -278,7 +288,12 @@ impl LazyMemory {
         if let Some(ws) = working_set.take_if(|w| w.before_resume) {
             // The handler serves the VMM's own faults meanwhile; no vCPU runs yet.
             match run_page_prefetch(&lazy.uffd, lazy.control.cores(), &ws, &AtomicBool::new(false)) {
-                Ok(r) => *lazy.prefetch_report.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(r),
+                Ok(r) => {
+                    *lazy
+                        .prefetch_report
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(r)
+                }
                 // The fault on that page reports it (the VM pauses then).
                 Err(e) => tracing::warn!("the working-set prefetch stopped: {e}"),
             }
@@ -383,7 +398,10 @@ impl LazyMemory {
             failures: self.failures().iter().map(ToString::to_string).collect(),
             total: merge(&regions),
             regions,
-            working_set_prefetch: *self.prefetch_report.lock().unwrap_or_else(std::sync::PoisonError::into_inner),
+            working_set_prefetch: *self
+                .prefetch_report
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
         }
     }
 

@@ -139,7 +139,11 @@ fn migrate_runs(
     };
     let mut runs = Vec::new();
     let cases: Vec<(u32, u32, crate::migration::PushOrder)> = (0..repeats.max(1))
-        .flat_map(|i| MIGRATE_ROUNDS.into_iter().flat_map(move |r| orders.iter().map(move |&o| (i, r, o))))
+        .flat_map(|i| {
+            MIGRATE_ROUNDS
+                .into_iter()
+                .flat_map(move |r| orders.iter().map(move |&o| (i, r, o)))
+        })
         .collect();
     for (i, precopy_rounds, push_order) in cases {
         progress(&format!(

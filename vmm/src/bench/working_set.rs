@@ -151,15 +151,17 @@ fn check(cfg: &VmConfig, out: &RunOutcome) -> Result<(), BenchError> {
 }
 
 /// One restore of `dir`: (total ms, ready ms, faults, prefetched pages).
-fn restore_once(dir: &Path, cfg: &VmConfig, how: &RestoreOptions) -> Result<(f64, f64, u64, u64), BenchError> {
+fn restore_once(
+    dir: &Path,
+    cfg: &VmConfig,
+    how: &RestoreOptions,
+) -> Result<(f64, f64, u64, u64), BenchError> {
     let t = Instant::now();
     let vm = crate::Vm::restore(dir, how, quiet(Duration::from_secs(300)))?.start()?;
     let ready = t.elapsed().as_secs_f64() * 1e3;
     let out = vm.wait()?;
     check(cfg, &out)?;
-    let total = out
-        .last_report
-        .map_or(f64::NAN, |d| d.as_secs_f64() * 1e3);
+    let total = out.last_report.map_or(f64::NAN, |d| d.as_secs_f64() * 1e3);
     let (faults, pre) = out.memory.as_ref().map_or((0, 0), |m| {
         (m.total.faults, m.working_set_prefetch.map_or(0, |p| p.pages))
     });
@@ -196,13 +198,18 @@ pub fn working_set_with(
                 cmdline: cmdline(pattern, w),
                 memory: MemoryConfig::default(),
             };
-            progress(&format!("{pattern} W={pct}%: building the state and snapshotting at the checkpoint"));
+            progress(&format!(
+                "{pattern} W={pct}%: building the state and snapshotting at the checkpoint"
+            ));
             let mut options = quiet(Duration::from_secs(600));
             options.snapshot_at_checkpoint = Some(dir.0.clone());
             let out = crate::Vm::new(&cfg, options)?.run()?;
             if !matches!(out.checkpoint, Some(Ok(_))) {
                 return Err(BenchError::BadRun {
-                    end: format!("no snapshot at the checkpoint ({}): {:?}", out.end, out.checkpoint),
+                    end: format!(
+                        "no snapshot at the checkpoint ({}): {:?}",
+                        out.end, out.checkpoint
+                    ),
                     console: String::new(),
                 });
             }
@@ -229,7 +236,10 @@ pub fn working_set_with(
                     })
                 }
             };
-            progress(&format!("{pattern} W={pct}%: {n} interleaved rounds of {} restores", Mode::ALL.len()));
+            progress(&format!(
+                "{pattern} W={pct}%: {n} interleaved rounds of {} restores",
+                Mode::ALL.len()
+            ));
             let mut samples: Vec<Vec<(f64, f64, u64, u64)>> = vec![Vec::new(); Mode::ALL.len()];
             let mut warm = Vec::new();
             for _ in 0..n {

@@ -82,7 +82,8 @@ fn precopy(to: &Endpoint, options: &MigrateOptions, ctx: PrecopyCtx) -> Result<O
     if options.precopy_rounds == 0 {
         if options.push_order == PushOrder::Recency {
             // No pre-copy log: sample the guest's writes for a moment.
-            let mut t = DirtyTracker::start(ctx.vm_fd.clone(), ctx.mem.clone()).map_err(|e| early(e.into()))?;
+            let mut t =
+                DirtyTracker::start(ctx.vm_fd.clone(), ctx.mem.clone()).map_err(|e| early(e.into()))?;
             std::thread::sleep(RECENCY_SAMPLE);
             let dirty = t.take().map_err(|e| early(e.into()))?;
             if let Err(e) = t.stop() {

@@ -145,7 +145,7 @@ impl WorkingSet {
         }
         out.extend_from_slice(&flags.to_le_bytes());
         out.extend_from_slice(&self.digest);
-        out.extend_from_slice(&(PAGE_SIZE as u32).to_le_bytes());
+        out.extend_from_slice(&u32::try_from(PAGE_SIZE).unwrap_or(u32::MAX).to_le_bytes());
         out.extend_from_slice(&0u32.to_le_bytes());
         out.extend_from_slice(&(self.pages.len() as u64).to_le_bytes());
         out.extend_from_slice(&self.window_us.to_le_bytes());
@@ -173,7 +173,10 @@ impl WorkingSet {
             reason,
         };
         if bytes.len() < HEADER + TRAILER {
-            return Err(bad(format!("{} bytes, shorter than any working-set file", bytes.len())));
+            return Err(bad(format!(
+                "{} bytes, shorter than any working-set file",
+                bytes.len()
+            )));
         }
         if &bytes[..8] != MAGIC {
             return Err(bad("no `vmm-wset` magic".into()));
@@ -219,17 +222,20 @@ impl WorkingSet {
             _ => {}
         }
         if u64::from(u32_at(48)) != PAGE_SIZE {
-            return Err(bad(format!("page size {}, this vmm uses {PAGE_SIZE}", u32_at(48))));
+            return Err(bad(format!(
+                "page size {}, this vmm uses {PAGE_SIZE}",
+                u32_at(48)
+            )));
         }
         let count = u64_at(56);
-        let want = (count.min(WS_MAX_PAGES + 1) as usize) * ENTRY;
+        let want = usize::try_from(count.min(WS_MAX_PAGES + 1)).unwrap_or(usize::MAX / ENTRY) * ENTRY;
         if count > WS_MAX_PAGES || body.len() - HEADER != want {
             return Err(bad(format!(
                 "{count} entries in {} bytes of entries",
                 body.len() - HEADER
             )));
         }
-        let mut pages = Vec::with_capacity(count as usize);
+        let mut pages = Vec::with_capacity(usize::try_from(count).unwrap_or(0));
         for e in body[HEADER..].chunks_exact(ENTRY) {
             let mut a = [0u8; 8];
             a.copy_from_slice(&e[..8]);
@@ -237,9 +243,10 @@ impl WorkingSet {
             let mut t = [0u8; 8];
             t.copy_from_slice(&e[8..]);
             let gpa = raw & !(PAGE_SIZE - 1);
-            if raw & (PAGE_SIZE - 1) & !1 != 0 || !abi::layout::ram_ranges(mem_size)
-                .iter()
-                .any(|&(s, l)| gpa >= s && gpa - s < l)
+            if raw & (PAGE_SIZE - 1) & !1 != 0
+                || !abi::layout::ram_ranges(mem_size)
+                    .iter()
+                    .any(|&(s, l)| gpa >= s && gpa - s < l)
             {
                 return Err(bad(format!("entry {raw:#x} is not a page of this VM's RAM")));
             }
@@ -285,9 +292,19 @@ impl WorkingSet {
                 source,
             }
         };
-        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let tmp = dir.join(format!(".{name}.tmp.{}.{}", std::process::id(), super::format::new_id()));
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let tmp = dir.join(format!(
+            ".{name}.tmp.{}.{}",
+            std::process::id(),
+            super::format::new_id()
+        ));
         let mut f = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -346,9 +363,21 @@ mod tests {
             digest: digest_bytes(&"ab".repeat(32)),
             window_us: 1234,
             pages: vec![
-                WsPage { gpa: 0x5000, t_us: 3, around: false },
-                WsPage { gpa: 0x6000, t_us: 3, around: true },
-                WsPage { gpa: 0x1000, t_us: 9, around: false },
+                WsPage {
+                    gpa: 0x5000,
+                    t_us: 3,
+                    around: false,
+                },
+                WsPage {
+                    gpa: 0x6000,
+                    t_us: 3,
+                    around: true,
+                },
+                WsPage {
+                    gpa: 0x1000,
+                    t_us: 9,
+                    around: false,
+                },
             ],
         }
     }
@@ -359,12 +388,18 @@ mod tests {
         let p = Path::new("ws");
         let d = "ab".repeat(32);
         let bytes = sample().encode(&h);
-        assert_eq!(WorkingSet::decode(&bytes, p, &h, Some(&d), 64 << 20).unwrap(), sample());
+        assert_eq!(
+            WorkingSet::decode(&bytes, p, &h, Some(&d), 64 << 20).unwrap(),
+            sample()
+        );
         // One flipped bit anywhere.
         for at in [0, 20, 80, bytes.len() - 1] {
             let mut b = bytes.clone();
             b[at] ^= 1;
-            assert!(WorkingSet::decode(&b, p, &h, Some(&d), 64 << 20).is_err(), "flip at {at}");
+            assert!(
+                WorkingSet::decode(&b, p, &h, Some(&d), 64 << 20).is_err(),
+                "flip at {at}"
+            );
         }
         let e = WorkingSet::decode(&bytes, p, &h, Some(&"cd".repeat(32)), 64 << 20).unwrap_err();
         assert!(matches!(e, WorkingSetError::Foreign { .. }), "{e}");
@@ -389,7 +424,10 @@ mod tests {
         sample().write(&path, &h).unwrap();
         let back = WorkingSet::load(&path, &h, Some(&"ab".repeat(32)), 64 << 20).unwrap();
         assert_eq!(back, sample());
-        let names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names.len(), 1, "no temporary file is left: {names:?}");
         let lock = RecorderLock::take(&dir).unwrap();
         assert!(matches!(RecorderLock::take(&dir), Err(WorkingSetError::Busy(_))));
@@ -449,7 +487,13 @@ impl Recording {
         Self::new(path.to_owned(), [0; 32], Hasher::new(None), None, mem_size)
     }
 
-    fn new(path: PathBuf, digest: [u8; 32], hasher: Hasher, lock: Option<RecorderLock>, mem_size: u64) -> Recording {
+    fn new(
+        path: PathBuf,
+        digest: [u8; 32],
+        hasher: Hasher,
+        lock: Option<RecorderLock>,
+        mem_size: u64,
+    ) -> Recording {
         let limit = usize::try_from(mem_size / PAGE_SIZE).unwrap_or(usize::MAX);
         Recording {
             recorder: std::sync::Arc::new(::memory::FillRecorder::new(limit)),
@@ -474,7 +518,10 @@ impl Recording {
     /// Closes the window and writes the file (the first call; later calls
     /// give the first one's answer).
     pub fn finish(&self) -> Result<RecordSummary, String> {
-        let mut done = self.done.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut done = self
+            .done
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(d) = done.as_ref() {
             return d.clone();
         }

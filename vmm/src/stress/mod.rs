@@ -389,7 +389,7 @@ fn run_one(
             // Every other snapshot: record its working set, then restore it
             // again with the working set prefetched (before resume or while
             // running, in turn).
-            let ws = index % 2 == 0;
+            let ws = index.is_multiple_of(2);
             let first = RestoreHow {
                 record: ws,
                 prefetch: None,
@@ -402,7 +402,7 @@ fn run_one(
                 Ok(()) if ws => {
                     let again = RestoreHow {
                         record: false,
-                        prefetch: Some(index % 4 == 0),
+                        prefetch: Some(index.is_multiple_of(4)),
                     };
                     if let Err(e) = restore_to_completion(&cfg, &snapshot_dir, again) {
                         report.integrity_errors.push(format!(
