@@ -82,7 +82,7 @@ pub fn migrate_with(
 }
 
 /// `vmm bench migrate --push-orders`: the same migrations of a guest
-/// touching a hot set (10% of 120000 pages take 90% of the accesses),
+/// touching a hot set (10% of 40000 pages take 90% of 400000 accesses),
 /// the push in address order and in recency order (interleaved): faults
 /// after the switchover (pages requested) and vCPU time blocked.
 pub fn migrate_push_orders(repeats: u32, progress: &mut dyn FnMut(&str)) -> Result<MigrateBench, BenchError> {
@@ -91,7 +91,7 @@ pub fn migrate_push_orders(repeats: u32, progress: &mut dyn FnMut(&str)) -> Resu
         repeats,
         false,
         &[PushOrder::Address, PushOrder::Recency],
-        "workload=touch pages=120000 pattern=hot:10:90 accesses=2000000",
+        "workload=touch pages=40000 pattern=hot:10:90 accesses=400000",
         progress,
     )
 }
