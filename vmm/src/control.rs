@@ -123,6 +123,9 @@ pub enum Request {
         /// for it (`recover`).
         #[serde(default)]
         resume: bool,
+        /// The background push's order: `address` (default) or `recency`.
+        #[serde(default)]
+        push_order: crate::migration::PushOrder,
     },
     /// Destination whose source was lost mid post-copy: listen at `from`
     /// for the source to resume the migration (answered once listening).
@@ -153,6 +156,9 @@ pub enum Request {
         /// The new handler's socket.
         path: PathBuf,
     },
+    /// End the working-set recording window and write the file.
+    #[serde(alias = "working-set-end")]
+    WorkingSetEnd {},
 }
 
 /// A response.
@@ -197,7 +203,7 @@ pub enum DecodeError {
     #[error("request is not UTF-8")]
     NotUtf8,
     /// Not a request of this protocol.
-    #[error("bad request: {0}; send one JSON object per line, e.g. {{\"cmd\":\"pause\"}} (cmd: pause, resume, stats, snapshot, migrate, recover, attach_handler)")]
+    #[error("bad request: {0}; send one JSON object per line, e.g. {{\"cmd\":\"pause\"}} (cmd: pause, resume, stats, snapshot, migrate, recover, attach_handler, working_set_end)")]
     Json(#[source] serde_json::Error),
 }
 
@@ -273,6 +279,7 @@ pub fn execute(vm: &VmHandle, req: &Request) -> Response {
             tls_peer,
             tls_psk,
             insecure_plain_tcp,
+            push_order,
         } => {
             if *push_delay_ms > MAX_PUSH_DELAY_MS {
                 return Response::err(format!(
@@ -298,12 +305,17 @@ pub fn execute(vm: &VmHandle, req: &Request) -> Response {
                 precopy_rounds: *precopy_rounds,
                 resume: *resume,
                 security,
+                push_order: *push_order,
             };
             match vm.migrate(&to, &options) {
                 Ok(summary) => json(serde_json::to_value(summary)),
                 Err(e) => Response::err(e.to_string()),
             }
         }
+        Request::WorkingSetEnd {} => match vm.working_set_end() {
+            Ok(info) => json(serde_json::to_value(info)),
+            Err(e) => Response::err(e.to_string()),
+        },
         Request::AttachHandler { path } => match vm.attach_handler(path) {
             Ok(info) => json(serde_json::to_value(info)),
             Err(e) => Response::err(e.to_string()),

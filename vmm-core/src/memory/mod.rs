@@ -24,7 +24,7 @@ pub mod ram;
 
 pub use dirty::{DirtyError, DirtyTracker};
 pub use external::{ExternalMemory, ParkedFault, RegionMapping, WaitingFaults};
-pub use lazy::{BlockedFault, LazyError, LazyMemory, LazyPlan, MemoryStats};
+pub use lazy::{BlockedFault, LazyError, LazyMemory, LazyPlan, MemoryStats, PagePrefetch, PrefetchReport};
 pub use materialize::{MaterializeError, Materializer};
 pub use ram::MemoryError;
 
@@ -272,6 +272,8 @@ pub fn plan_for_backend(
         data_ranges,
         handler_cpu: None,
         prefetch: false,
+        working_set: None,
+        observer: None,
     }))
 }
 

@@ -59,6 +59,44 @@ pub fn report(config: &VmConfig, outcome: &vmm::RunOutcome, stats: Option<&Path>
             m.backend, t.faults, t.pages_zeroed, t.pages_copied, t.fault_around_pages, t.retries_total
         );
     }
+    if let Some(m) = &outcome.memory {
+        if let Some(p) = &m.working_set_prefetch {
+            println!(
+                "vmm: working-set prefetch: {} pages in {} runs, {:.1} ms",
+                p.pages,
+                p.runs,
+                p.micros as f64 / 1e3
+            );
+        }
+    }
+    match &outcome.working_set {
+        Some(Ok(w)) => println!(
+            "vmm: working set of {} pages ({} fault-around neighbours, {} ms window) written to {}",
+            w.pages,
+            w.around,
+            w.window_ms,
+            w.path.display()
+        ),
+        Some(Err(e)) => {
+            eprintln!("vmm: error: the working set was not written: {e}");
+            if code == 0 {
+                code = EXIT_VMM_ERROR;
+            }
+        }
+        None => {}
+    }
+    match &outcome.checkpoint {
+        Some(Ok(info)) => println!(
+            "vmm: snapshot at the guest's checkpoint written to {} ({} bytes of memory)",
+            info.dir.display(),
+            info.memory_bytes
+        ),
+        Some(Err(e)) => {
+            eprintln!("vmm: error: the snapshot at the guest's checkpoint failed: {e}");
+            code = EXIT_VMM_ERROR;
+        }
+        None => {}
+    }
     let first = outcome
         .first_output
         .map_or("-".into(), |d| format!("{:.1} ms", d.as_secs_f64() * 1e3));

@@ -44,6 +44,11 @@ pub fn run(args: RunArgs) -> i32 {
             Ok(k) => k,
             Err(code) => return code,
         },
+        record_working_set: args.record_working_set.clone(),
+        snapshot_at_checkpoint: args
+            .snapshot_at_checkpoint
+            .as_ref()
+            .map(|d| std::path::absolute(d).unwrap_or_else(|_| d.clone())),
         ..Default::default()
     };
     let outcome = match run_with_control(vmm::Vm::new(&config, options), args.control.as_deref()) {
@@ -106,12 +111,28 @@ pub fn restore(args: RestoreArgs) -> i32 {
             return EXIT_VMM_ERROR;
         }
     };
+    let (prefetch, prefetch_working_set) = match args.prefetch.as_deref() {
+        None => (false, None),
+        Some("all") => (true, None),
+        Some("working-set") => (false, Some(!args.prefetch_while_running)),
+        Some("working-set,all" | "all,working-set") => (true, Some(!args.prefetch_while_running)),
+        Some(other) => {
+            eprintln!("vmm: error: --prefetch {other}: expected all, working-set or working-set,all");
+            return EXIT_VMM_ERROR;
+        }
+    };
+    if args.prefetch_while_running && prefetch_working_set.is_none() {
+        eprintln!("vmm: error: --prefetch-while-running goes with --prefetch working-set[,all]");
+        return EXIT_VMM_ERROR;
+    }
     let how = vmm::RestoreOptions {
         peer_program: None,
+        prefetch_working_set,
+        record_working_set: args.record_working_set,
         handler_grace: Some(handler_grace),
         handler_stall: Some(handler_stall),
         lazy: args.lazy,
-        prefetch: args.prefetch,
+        prefetch,
         fault_around: args.fault_around,
         uffd_socket: match args.mem_backend.as_deref().map(|b| b.strip_prefix("uffd:")) {
             None => None,

@@ -30,6 +30,8 @@ pub struct MigrateOptions {
     pub resume: bool,
     /// How the connections are authenticated and protected.
     pub security: Security,
+    /// The order of the background push after the switchover.
+    pub push_order: super::push_order::PushOrder,
 }
 
 /// What the source sent, printed by `vmm run` and returned to `vmm ctl migrate`.
@@ -260,6 +262,13 @@ impl Outgoing {
             sent: vec![0u8; usize::try_from(ram_end / PAGE64).unwrap_or(0)],
             summary,
         }
+    }
+
+    /// Reorders the pages still to push (before the push starts): `f`
+    /// gets them in address order and must return a permutation.
+    pub(super) fn reorder(&mut self, f: impl FnOnce(Vec<u64>) -> Vec<u64>) {
+        let pages = std::mem::take(&mut self.order);
+        self.order = f(pages);
     }
 
     fn mark(&mut self, gpa: u64, v: u8) {

@@ -9,6 +9,7 @@
 use super::outgoing::{
     extents_of, open_both, spawn_out, MigrateOptions, Outgoing, Resumable, SourceSummary, Stopped,
 };
+use super::push_order::{push_order, PageHistory, PushOrder, RECENCY_SAMPLE};
 use super::transport::{Conn, Endpoint};
 use super::wire::{encode, Message, PAGE, PAGE64};
 use super::{io, MigrationError};
@@ -77,7 +78,19 @@ fn precopy(to: &Endpoint, options: &MigrateOptions, ctx: PrecopyCtx) -> Result<O
     };
     let (conn, answers) = open_both(to, &options.security).map_err(early)?;
     let connect_ms = start.elapsed().as_secs_f64() * 1e3;
+    let mut history = PageHistory::default();
     if options.precopy_rounds == 0 {
+        if options.push_order == PushOrder::Recency {
+            // No pre-copy log: sample the guest's writes for a moment.
+            let mut t =
+                DirtyTracker::start(ctx.vm_fd.clone(), ctx.mem.clone()).map_err(|e| early(e.into()))?;
+            std::thread::sleep(RECENCY_SAMPLE);
+            let dirty = t.take().map_err(|e| early(e.into()))?;
+            if let Err(e) = t.stop() {
+                tracing::warn!("{e}");
+            }
+            history.note(1, &dirty);
+        }
         // Post-copy only: every data page goes after the switchover.
         let (state, paused_at) = (ctx.switchover)().map_err(early)?;
         let stopped = |error| {
@@ -107,6 +120,10 @@ fn precopy(to: &Endpoint, options: &MigrateOptions, ctx: PrecopyCtx) -> Result<O
                 ..Default::default()
             },
         )
+        .map(|mut out| {
+            out.reorder(|pages| push_order(pages, options.push_order, &history));
+            out
+        })
         .map_err(|error| {
             Box::new(Stopped {
                 error,
@@ -171,6 +188,7 @@ fn precopy(to: &Endpoint, options: &MigrateOptions, ctx: PrecopyCtx) -> Result<O
         let dirty = tracker.take().map_err(|e| early(e.into()))?;
         summary.precopy_dirty.push(dirty.len() as u64);
         summary.precopy_rounds += 1;
+        history.note(summary.precopy_rounds, &dirty);
         for &gpa in &dirty {
             send(&mut w, gpa, &mut summary, false).map_err(early)?;
         }
@@ -207,6 +225,10 @@ fn precopy(to: &Endpoint, options: &MigrateOptions, ctx: PrecopyCtx) -> Result<O
         options.push_delay,
         summary,
     )
+    .map(|mut out| {
+        out.reorder(|pages| push_order(pages, options.push_order, &history));
+        out
+    })
     .map_err(|error| {
         Box::new(Stopped {
             error,
