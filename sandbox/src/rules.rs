@@ -1,0 +1,482 @@
+//! What each thread class may do: the system calls, and for the dangerous
+//! ones the arguments (ioctl requests, socket families, mmap/mprotect
+//! protections, futex operations, clone flags, prctl options).
+//!
+//! The lists were found by running the test suite and `vmm stress` with
+//! the filters in log mode and under strace (`docs/seccomp.md`), and are
+//! kept current by every change that makes a thread do something new: a
+//! test that runs the new path with the filters on (the default) fails with
+//! the thread, its class and the call until the call is allowed here.
+
+use crate::ioctls::*;
+use crate::ThreadClass;
+use seccompiler::{
+    BackendError, BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
+use std::collections::BTreeMap;
+
+/// One argument check: `(arg[index] & mask) == value`, on the low 32 bits
+/// (`dword`, for `int` arguments and ioctl requests) or all 64.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ArgCheck {
+    /// The argument (0-5).
+    pub index: u8,
+    /// Compare the low 32 bits only.
+    pub dword: bool,
+    /// The bits compared.
+    pub mask: u64,
+    /// Their value.
+    pub value: u64,
+}
+
+/// `arg[index] == value` (32 bits).
+pub(crate) const fn eq(index: u8, value: u64) -> ArgCheck {
+    ArgCheck {
+        index,
+        dword: true,
+        mask: 0xffff_ffff,
+        value,
+    }
+}
+
+/// `arg[index] == value` (64 bits).
+const fn eq64(index: u8, value: u64) -> ArgCheck {
+    ArgCheck {
+        index,
+        dword: false,
+        mask: u64::MAX,
+        value,
+    }
+}
+
+/// `(arg[index] & mask) == 0` (32 bits): none of `mask`'s bits set.
+const fn none_of(index: u8, mask: u64) -> ArgCheck {
+    ArgCheck {
+        index,
+        dword: true,
+        mask,
+        value: 0,
+    }
+}
+
+/// How a system call is allowed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Allowed {
+    /// Whatever its arguments.
+    Always,
+    /// When all the checks of one of these alternatives hold.
+    When(Vec<Vec<ArgCheck>>),
+}
+
+/// A class's allowed system calls, by number.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Rules(BTreeMap<i64, Allowed>);
+
+impl Rules {
+    /// Allows `nrs` whatever their arguments.
+    fn allow(&mut self, nrs: &[libc::c_long]) -> &mut Self {
+        for &nr in nrs {
+            self.0.insert(nr, Allowed::Always);
+        }
+        self
+    }
+
+    /// Allows `nr` when all of `checks` hold (one more alternative).
+    fn allow_if(&mut self, nr: libc::c_long, checks: &[ArgCheck]) -> &mut Self {
+        match self.0.entry(nr).or_insert_with(|| Allowed::When(Vec::new())) {
+            Allowed::Always => {}
+            Allowed::When(alts) => {
+                if !alts.iter().any(|a| a == checks) {
+                    alts.push(checks.to_vec());
+                }
+            }
+        }
+        self
+    }
+
+    /// Allows `ioctl` with these requests (in this order: the first is
+    /// checked first, so the hot ones go first).
+    fn ioctls(&mut self, requests: &[u32]) -> &mut Self {
+        for &r in requests {
+            self.allow_if(libc::SYS_ioctl, &[eq(1, u64::from(r))]);
+        }
+        self
+    }
+
+    /// Adds everything `other` allows.
+    pub fn union(&mut self, other: &Rules) {
+        for (&nr, a) in &other.0 {
+            match a {
+                Allowed::Always => {
+                    self.0.insert(nr, Allowed::Always);
+                }
+                Allowed::When(alts) => {
+                    for alt in alts {
+                        self.allow_if(nr, alt);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether everything `other` allows is allowed here too; else the
+    /// first system call (and alternative) that is not.
+    pub fn covers(&self, other: &Rules) -> Result<(), (i64, Option<Vec<ArgCheck>>)> {
+        for (&nr, a) in &other.0 {
+            match (self.0.get(&nr), a) {
+                (Some(Allowed::Always), _) => {}
+                (None, Allowed::Always) | (Some(Allowed::When(_)), Allowed::Always) => return Err((nr, None)),
+                (mine, Allowed::When(alts)) => {
+                    for alt in alts {
+                        let ok = matches!(mine, Some(Allowed::When(m)) if m.contains(alt));
+                        if !ok {
+                            return Err((nr, Some(alt.clone())));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The allowed system calls: number and how.
+    pub fn iter(&self) -> impl Iterator<Item = (i64, &Allowed)> {
+        self.0.iter().map(|(&nr, a)| (nr, a))
+    }
+
+    /// Number of allowed system calls.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether nothing is allowed.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// How `nr` is allowed, if it is.
+    pub fn get(&self, nr: i64) -> Option<&Allowed> {
+        self.0.get(&nr)
+    }
+
+    /// The rules in seccompiler's form.
+    pub(crate) fn to_seccompiler(&self) -> BTreeMap<i64, Vec<SeccompRule>> {
+        self.0
+            .iter()
+            .map(|(&nr, a)| {
+                let rules = match a {
+                    Allowed::Always => Vec::new(),
+                    Allowed::When(alts) => alts.iter().filter_map(|alt| to_rule(alt)).collect(),
+                };
+                (nr, rules)
+            })
+            .collect()
+    }
+}
+
+fn to_rule(checks: &[ArgCheck]) -> Option<SeccompRule> {
+    let conds = checks
+        .iter()
+        .map(|c| {
+            let len = if c.dword {
+                SeccompCmpArgLen::Dword
+            } else {
+                SeccompCmpArgLen::Qword
+            };
+            let full = if c.dword { 0xffff_ffff } else { u64::MAX };
+            let op = if c.mask == full {
+                SeccompCmpOp::Eq
+            } else {
+                SeccompCmpOp::MaskedEq(c.mask)
+            };
+            SeccompCondition::new(c.index, len, op, c.value)
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .ok()?;
+    SeccompRule::new(conds).ok()
+}
+
+/// The filter that answers `clone3` with ENOSYS and allows everything else
+/// (stacked under the class filter of the classes that start threads).
+pub(crate) fn clone3_enosys() -> Result<BpfProgram, BackendError> {
+    let rules = [(libc::SYS_clone3, Vec::new())].into_iter().collect();
+    let f = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::ENOSYS.unsigned_abs()),
+        TargetArch::x86_64,
+    )?;
+    BpfProgram::try_from(f)
+}
+
+// ---- argument values --------------------------------------------------------
+
+const FUTEX_WAIT: u64 = 0;
+const FUTEX_WAKE: u64 = 1;
+const FUTEX_WAIT_BITSET: u64 = 9;
+const FUTEX_WAKE_BITSET: u64 = 10;
+const FUTEX_PRIVATE: u64 = 128;
+const FUTEX_CLOCK_REALTIME: u64 = 256;
+
+/// The flags glibc's pthread_create passes to `clone` (when `clone3` says
+/// ENOSYS): a thread in this process, never a new process.
+const THREAD_CLONE_FLAGS: u64 = (libc::CLONE_VM
+    | libc::CLONE_FS
+    | libc::CLONE_FILES
+    | libc::CLONE_SIGHAND
+    | libc::CLONE_THREAD
+    | libc::CLONE_SYSVSEM
+    | libc::CLONE_SETTLS
+    | libc::CLONE_PARENT_SETTID
+    | libc::CLONE_CHILD_CLEARTID) as u64;
+
+const PROT_EXEC: u64 = libc::PROT_EXEC as u64;
+
+fn c(v: libc::c_int) -> u64 {
+    u64::from(v.unsigned_abs())
+}
+
+// ---- groups -------------------------------------------------------------------
+
+/// What every thread needs: ending, synchronizing, allocating memory
+/// (never executable), returning from a signal handler, logging to stderr,
+/// and what a panic's abort does.
+fn base() -> Rules {
+    let mut r = Rules::default();
+    r.allow(&[
+        libc::SYS_exit,
+        libc::SYS_exit_group,
+        // Memory: glibc's malloc (brk, arenas, large blocks) and Rust's
+        // sigaltstack and thread stacks; never PROT_EXEC (see below).
+        libc::SYS_brk,
+        libc::SYS_munmap,
+        libc::SYS_mremap,
+        // Returning from the kick handler (vCPUs) or any handler; the thread
+        // end's signal mask and alternate stack teardown.
+        libc::SYS_rt_sigreturn,
+        libc::SYS_rt_sigprocmask,
+        libc::SYS_sigaltstack,
+        // Logging (stderr), eventfd notifications.
+        libc::SYS_write,
+        libc::SYS_close,
+        libc::SYS_sched_yield,
+        // std's hash maps seed themselves once per thread.
+        libc::SYS_getrandom,
+        libc::SYS_clock_gettime,
+        libc::SYS_gettid,
+        libc::SYS_getpid,
+    ]);
+    // W^X: nothing made executable at run time (no JIT, no dlopen).
+    r.allow_if(libc::SYS_mmap, &[none_of(2, PROT_EXEC)]);
+    r.allow_if(libc::SYS_mprotect, &[none_of(2, PROT_EXEC)]);
+    // glibc gives back freed memory and thread stacks.
+    r.allow_if(libc::SYS_madvise, &[eq(2, c(libc::MADV_DONTNEED))]);
+    // std's Mutex, Condvar, thread parking, once; glibc's locks and join.
+    // No requeue or priority-inheritance operations.
+    for op in [FUTEX_WAIT, FUTEX_WAKE, FUTEX_WAIT_BITSET, FUTEX_WAKE_BITSET] {
+        r.allow_if(libc::SYS_futex, &[eq(1, op | FUTEX_PRIVATE)]);
+        r.allow_if(libc::SYS_futex, &[eq(1, op)]);
+    }
+    r.allow_if(
+        libc::SYS_futex,
+        &[eq(1, FUTEX_WAIT_BITSET | FUTEX_PRIVATE | FUTEX_CLOCK_REALTIME)],
+    );
+    // abort() after a panic while panicking: SIGABRT only.
+    r.allow_if(libc::SYS_rt_sigaction, &[eq(0, c(libc::SIGABRT))]);
+    r.allow_if(libc::SYS_tgkill, &[eq(2, c(libc::SIGABRT))]);
+    r
+}
+
+/// What starting a thread takes, in the parent (`clone`) and in the child
+/// before its own filter is installed (it runs under the parent's): thread
+/// setup, its name, and installing its filter (which only ever narrows).
+fn starts_threads() -> Rules {
+    let mut r = Rules::default();
+    // Answered ENOSYS by the second filter (`clone3_enosys`), so glibc falls
+    // back to `clone`, whose flags are checked here.
+    r.allow(&[libc::SYS_clone3, libc::SYS_set_robust_list, libc::SYS_rseq]);
+    // std's stack guard setup reads the new thread's attributes, and glibc
+    // its CPU mask with them.
+    r.allow(&[libc::SYS_sched_getaffinity]);
+    r.allow_if(libc::SYS_clone, &[eq64(0, THREAD_CLONE_FLAGS)]);
+    r.allow_if(libc::SYS_prctl, &[eq(0, c(libc::PR_SET_NAME))]);
+    r.allow_if(libc::SYS_prctl, &[eq(0, c(libc::PR_SET_NO_NEW_PRIVS)), eq64(1, 1)]);
+    r.allow_if(libc::SYS_seccomp, &[eq(0, u64::from(libc::SECCOMP_SET_MODE_FILTER)), eq(1, 0)]);
+    r
+}
+
+/// Sleeping (`std::thread::sleep`) and polling with a timeout.
+fn sleeps() -> Rules {
+    let mut r = Rules::default();
+    r.allow(&[libc::SYS_clock_nanosleep, libc::SYS_nanosleep]);
+    r
+}
+
+/// Pinning the calling thread (`pid == 0`) to a CPU.
+fn pins_itself() -> Rules {
+    let mut r = Rules::default();
+    r.allow_if(libc::SYS_sched_setaffinity, &[eq(0, 0)]);
+    r
+}
+
+/// Filling guest memory through the retry core: userfaultfd fills and
+/// wakes, `mincore` to see what is present, the page source's reads
+/// (memory file, snapshot), eventfd reads of its notifier.
+fn fills_memory() -> Rules {
+    let mut r = Rules::default();
+    r.ioctls(&[UFFDIO_COPY, UFFDIO_ZEROPAGE, UFFDIO_WAKE]);
+    r.allow(&[libc::SYS_mincore, libc::SYS_pread64, libc::SYS_read]);
+    r
+}
+
+/// A connected stream socket (Unix or TCP): data, timeouts, shutdown,
+/// blocking mode, cloning the descriptor.
+fn uses_streams() -> Rules {
+    let mut r = Rules::default();
+    r.allow(&[
+        libc::SYS_read,
+        libc::SYS_recvfrom,
+        libc::SYS_sendto,
+        libc::SYS_shutdown,
+        libc::SYS_poll,
+        libc::SYS_setsockopt,
+        libc::SYS_getsockopt,
+        libc::SYS_getsockname,
+        libc::SYS_getpeername,
+    ]);
+    r.ioctls(&[FIONBIO]);
+    r.allow_if(libc::SYS_fcntl, &[eq(1, c(libc::F_DUPFD_CLOEXEC))]);
+    r.allow_if(libc::SYS_fcntl, &[eq(1, c(libc::F_GETFL))]);
+    r.allow_if(libc::SYS_fcntl, &[eq(1, c(libc::F_SETFL))]);
+    r
+}
+
+/// Opening stream sockets of the migration's families (Unix, TCP over IPv4
+/// or IPv6), and connecting them.
+fn connects() -> Rules {
+    let mut r = Rules::default();
+    for family in [libc::AF_UNIX, libc::AF_INET, libc::AF_INET6] {
+        r.allow_if(
+            libc::SYS_socket,
+            &[eq(0, c(family)), eq(1, c(libc::SOCK_STREAM | libc::SOCK_CLOEXEC))],
+        );
+    }
+    r.allow(&[libc::SYS_connect]);
+    r
+}
+
+// ---- classes ------------------------------------------------------------------
+
+/// The rules of `class` alone (without the classes it starts, which
+/// `crate::rules()` adds).
+pub(crate) fn own(class: ThreadClass) -> Rules {
+    let mut r = base();
+    match class {
+        ThreadClass::Vcpu => {
+            // KVM_RUN first: it is the hot one. The GETs save the vCPU's
+            // state (on its own thread, `vcpu::state`); the register read
+            // reports a crash's RIP.
+            r.ioctls(&[
+                KVM_RUN,
+                KVM_GET_REGS,
+                KVM_GET_SREGS,
+                KVM_GET_FPU,
+                KVM_GET_MSRS,
+                KVM_GET_LAPIC,
+                KVM_GET_XSAVE,
+                KVM_GET_XSAVE2,
+                KVM_GET_XCRS,
+                KVM_GET_VCPU_EVENTS,
+                KVM_GET_MP_STATE,
+                KVM_GET_DEBUGREGS,
+                KVM_GET_TSC_KHZ,
+                KVM_GET_CPUID2,
+            ]);
+            r.union(&pins_itself());
+        }
+        ThreadClass::FaultHandler => {
+            r.union(&fills_memory());
+            r.allow(&[libc::SYS_poll, libc::SYS_ppoll]);
+            // Test and stress page sources delay their answers.
+            r.union(&sleeps());
+            r.union(&pins_itself());
+        }
+        ThreadClass::PageStore => {
+            // Guest memory is plain memory to it; it waits on a condvar and
+            // posts events (an eventfd write).
+        }
+        ThreadClass::Controller => {
+            r.union(&starts_threads());
+            // The event loop: eventfds, the signalfd, stdin for the console.
+            r.allow(&[libc::SYS_epoll_wait, libc::SYS_epoll_pwait, libc::SYS_epoll_ctl, libc::SYS_read]);
+            // Kicks: SIGRTMIN to a vCPU thread of this process.
+            r.allow_if(libc::SYS_tgkill, &[eq(2, c(libc::SIGRTMIN()))]);
+            // The VM-wide state of a snapshot or migration.
+            r.ioctls(&[KVM_GET_IRQCHIP, KVM_GET_PIT2, KVM_GET_CLOCK]);
+            // Lazily served memory fetched in full before a capture; guest
+            // RAM released from userfaultfd when a run ends with stuck vCPUs.
+            r.union(&fills_memory());
+            r.ioctls(&[UFFDIO_UNREGISTER]);
+            // Snapshots: the directory, its files, their durability.
+            r.allow(&[
+                libc::SYS_openat,
+                libc::SYS_mkdir,
+                libc::SYS_mkdirat,
+                libc::SYS_rename,
+                libc::SYS_renameat,
+                libc::SYS_unlink,
+                libc::SYS_unlinkat,
+                libc::SYS_rmdir,
+                libc::SYS_getdents64,
+                libc::SYS_fsync,
+                libc::SYS_fdatasync,
+                libc::SYS_ftruncate,
+                libc::SYS_lseek,
+                libc::SYS_pwrite64,
+                libc::SYS_statx,
+                libc::SYS_newfstatat,
+                libc::SYS_fstat,
+            ]);
+            r.union(&sleeps());
+        }
+        ThreadClass::ControlServer => {
+            r.union(&starts_threads());
+            r.allow_if(libc::SYS_accept4, &[eq(3, c(libc::SOCK_CLOEXEC))]);
+            r.union(&sleeps());
+        }
+        ThreadClass::ControlClient => {
+            r.union(&uses_streams());
+        }
+        ThreadClass::MigrationSource => {
+            r.union(&starts_threads());
+            r.union(&uses_streams());
+            r.union(&connects());
+            // Pre-copy: the dirty log (and turning it on per memory slot).
+            r.ioctls(&[KVM_GET_DIRTY_LOG, KVM_SET_USER_MEMORY_REGION]);
+            // A lazily served source VM's memory is fetched in full first.
+            r.union(&fills_memory());
+            r.union(&sleeps());
+        }
+        ThreadClass::MigrationDest => {
+            r.union(&starts_threads());
+            r.union(&uses_streams());
+            // Recovery: a new listener (a stale Unix socket is probed and removed).
+            r.union(&connects());
+            r.allow(&[libc::SYS_bind, libc::SYS_listen, libc::SYS_unlink, libc::SYS_unlinkat]);
+            r.allow_if(libc::SYS_setsockopt, &[eq(1, c(libc::SOL_SOCKET)), eq(2, c(libc::SO_REUSEADDR))]);
+            r.allow_if(libc::SYS_accept4, &[eq(3, c(libc::SOCK_CLOEXEC))]);
+            // Pages placed through the retry core.
+            r.union(&fills_memory());
+            r.union(&sleeps());
+        }
+        ThreadClass::Main => {
+            // Waits for the run, reports it (stdout, the pre-opened statistics
+            // file), removes the socket files it created; the progress bar.
+            r.allow(&[libc::SYS_unlink, libc::SYS_unlinkat]);
+            r.ioctls(&[TIOCGWINSZ, TCGETS]);
+            r.union(&sleeps());
+        }
+    }
+    r
+}
