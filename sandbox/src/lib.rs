@@ -273,6 +273,13 @@ pub fn current() -> Option<(ThreadClass, SeccompMode)> {
     CURRENT.with(Cell::get)
 }
 
+/// The mode for a helper thread the calling thread starts for its own work:
+/// the calling thread's (its filter applies to the helper anyway), or `Off`
+/// if it is not sandboxed.
+pub fn inherited_mode() -> SeccompMode {
+    current().map_or(SeccompMode::Off, |(_, m)| m)
+}
+
 /// The class's rules: its own, and those of every class it starts.
 pub fn rules(class: ThreadClass) -> Rules {
     let mut r = rules::own(class);
@@ -294,16 +301,21 @@ fn actions(mode: SeccompMode) -> (SeccompAction, SeccompAction) {
 pub fn filter(class: ThreadClass, mode: SeccompMode) -> Result<BpfProgram, SandboxError> {
     let (mismatch, matched) = actions(mode);
     let compile = |source| SandboxError::Compile { class, source };
-    let f = SeccompFilter::new(rules(class).to_seccompiler(), mismatch, matched, TargetArch::x86_64)
-        .map_err(compile)?;
+    let f = SeccompFilter::new(
+        rules(class).to_seccompiler(),
+        mismatch,
+        matched,
+        TargetArch::x86_64,
+    )
+    .map_err(compile)?;
     BpfProgram::try_from(f).map_err(compile)
 }
 
-/// The programs a thread of `class` installs: its class's filter, and for
-/// the classes that start threads a second one that answers `clone3` with
-/// ENOSYS, so that glibc falls back to `clone`, whose flags the class filter
-/// checks (only threads, never processes: clone3 passes its flags in memory
-/// a filter cannot read).
+/// The programs a thread of `class` installs: its class's filter, and one
+/// per errno that answers the calls the class refuses (`openat` with
+/// EACCES where no file is opened; `clone3` with ENOSYS where threads are
+/// started, so that glibc falls back to `clone`, whose flags the class
+/// filter checks).
 fn programs(class: ThreadClass, mode: SeccompMode) -> Result<&'static [BpfProgram], SandboxError> {
     static CACHE: [[OnceLock<Vec<BpfProgram>>; 2]; ThreadClass::ALL.len()] =
         [const { [const { OnceLock::new() }; 2] }; ThreadClass::ALL.len()];
@@ -311,10 +323,12 @@ fn programs(class: ThreadClass, mode: SeccompMode) -> Result<&'static [BpfProgra
     if let Some(p) = slot.get() {
         return Ok(p);
     }
-    let mut progs = vec![filter(class, mode)?];
-    if class.starts_threads() {
-        progs.push(rules::clone3_enosys().map_err(|source| SandboxError::Compile { class, source })?);
-    }
+    // The class filter goes last: installing a filter takes prctl and
+    // seccomp, which it may not allow; the refusal filters allow them.
+    let mut progs = rules(class)
+        .refusal_filters()
+        .map_err(|source| SandboxError::Compile { class, source })?;
+    progs.push(filter(class, mode)?);
     Ok(slot.get_or_init(|| progs))
 }
 

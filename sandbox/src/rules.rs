@@ -69,22 +69,40 @@ pub enum Allowed {
     When(Vec<Vec<ArgCheck>>),
 }
 
-/// A class's allowed system calls, by number.
+/// A class's allowed system calls, by number, and the calls it answers
+/// with an error instead of stopping the thread (`refused`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Rules(BTreeMap<i64, Allowed>);
+pub struct Rules {
+    allowed: BTreeMap<i64, Allowed>,
+    refused: BTreeMap<i64, i32>,
+}
 
 impl Rules {
     /// Allows `nrs` whatever their arguments.
     fn allow(&mut self, nrs: &[libc::c_long]) -> &mut Self {
         for &nr in nrs {
-            self.0.insert(nr, Allowed::Always);
+            self.allowed.insert(nr, Allowed::Always);
+            self.refused.remove(&nr);
+        }
+        self
+    }
+
+    /// Answers `nr` with `errno` (the call is not made) unless it is allowed.
+    fn refuse(&mut self, nr: libc::c_long, errno: i32) -> &mut Self {
+        if !self.allowed.contains_key(&nr) {
+            self.refused.insert(nr, errno);
         }
         self
     }
 
     /// Allows `nr` when all of `checks` hold (one more alternative).
     fn allow_if(&mut self, nr: libc::c_long, checks: &[ArgCheck]) -> &mut Self {
-        match self.0.entry(nr).or_insert_with(|| Allowed::When(Vec::new())) {
+        self.refused.remove(&nr);
+        match self
+            .allowed
+            .entry(nr)
+            .or_insert_with(|| Allowed::When(Vec::new()))
+        {
             Allowed::Always => {}
             Allowed::When(alts) => {
                 if !alts.iter().any(|a| a == checks) {
@@ -104,12 +122,13 @@ impl Rules {
         self
     }
 
-    /// Adds everything `other` allows.
+    /// Adds everything `other` allows (a call one refuses and the other
+    /// allows is allowed).
     pub fn union(&mut self, other: &Rules) {
-        for (&nr, a) in &other.0 {
+        for (&nr, a) in &other.allowed {
             match a {
                 Allowed::Always => {
-                    self.0.insert(nr, Allowed::Always);
+                    self.allow(&[nr]);
                 }
                 Allowed::When(alts) => {
                     for alt in alts {
@@ -118,15 +137,27 @@ impl Rules {
                 }
             }
         }
+        for (&nr, &errno) in &other.refused {
+            self.refuse(nr, errno);
+        }
     }
 
-    /// Whether everything `other` allows is allowed here too; else the
-    /// first system call (and alternative) that is not.
+    /// Whether a thread under these rules can start one under `other`: every
+    /// call `other` allows is allowed here too, and every call it refuses is
+    /// allowed or refused here (not trapped); else the first call (and
+    /// alternative) that is not.
     pub fn covers(&self, other: &Rules) -> Result<(), (i64, Option<Vec<ArgCheck>>)> {
-        for (&nr, a) in &other.0 {
-            match (self.0.get(&nr), a) {
+        for &nr in other.refused.keys() {
+            if !matches!(self.allowed.get(&nr), Some(Allowed::Always)) && !self.refused.contains_key(&nr) {
+                return Err((nr, None));
+            }
+        }
+        for (&nr, a) in &other.allowed {
+            match (self.allowed.get(&nr), a) {
                 (Some(Allowed::Always), _) => {}
-                (None, Allowed::Always) | (Some(Allowed::When(_)), Allowed::Always) => return Err((nr, None)),
+                (None, Allowed::Always) | (Some(Allowed::When(_)), Allowed::Always) => {
+                    return Err((nr, None))
+                }
                 (mine, Allowed::When(alts)) => {
                     for alt in alts {
                         let ok = matches!(mine, Some(Allowed::When(m)) if m.contains(alt));
@@ -142,27 +173,40 @@ impl Rules {
 
     /// The allowed system calls: number and how.
     pub fn iter(&self) -> impl Iterator<Item = (i64, &Allowed)> {
-        self.0.iter().map(|(&nr, a)| (nr, a))
+        self.allowed.iter().map(|(&nr, a)| (nr, a))
+    }
+
+    /// The refused system calls and their errno.
+    pub fn refused(&self) -> impl Iterator<Item = (i64, i32)> + '_ {
+        self.refused.iter().map(|(&nr, &e)| (nr, e))
     }
 
     /// Number of allowed system calls.
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.allowed.len()
     }
 
     /// Whether nothing is allowed.
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.allowed.is_empty()
     }
 
     /// How `nr` is allowed, if it is.
     pub fn get(&self, nr: i64) -> Option<&Allowed> {
-        self.0.get(&nr)
+        self.allowed.get(&nr)
     }
 
-    /// The rules in seccompiler's form.
+    /// The errno `nr` is answered with, if it is refused.
+    pub fn refusal(&self, nr: i64) -> Option<i32> {
+        self.refused.get(&nr).copied()
+    }
+
+    /// The class filter in seccompiler's form: the allowed calls, and the
+    /// refused ones too (the refusal filters answer them; this one must not
+    /// trap them, since the strictest action of all filters wins).
     pub(crate) fn to_seccompiler(&self) -> BTreeMap<i64, Vec<SeccompRule>> {
-        self.0
+        let mut map: BTreeMap<i64, Vec<SeccompRule>> = self
+            .allowed
             .iter()
             .map(|(&nr, a)| {
                 let rules = match a {
@@ -170,6 +214,31 @@ impl Rules {
                     Allowed::When(alts) => alts.iter().filter_map(|alt| to_rule(alt)).collect(),
                 };
                 (nr, rules)
+            })
+            .collect();
+        for &nr in self.refused.keys() {
+            map.insert(nr, Vec::new());
+        }
+        map
+    }
+
+    /// One filter per errno that answers the refused calls with it and
+    /// allows everything else (stacked on the class filter).
+    pub(crate) fn refusal_filters(&self) -> Result<Vec<BpfProgram>, BackendError> {
+        let mut by_errno: BTreeMap<i32, BTreeMap<i64, Vec<SeccompRule>>> = BTreeMap::new();
+        for (&nr, &errno) in &self.refused {
+            by_errno.entry(errno).or_default().insert(nr, Vec::new());
+        }
+        by_errno
+            .into_iter()
+            .map(|(errno, rules)| {
+                let f = SeccompFilter::new(
+                    rules,
+                    SeccompAction::Allow,
+                    SeccompAction::Errno(errno.unsigned_abs()),
+                    TargetArch::x86_64,
+                )?;
+                BpfProgram::try_from(f)
             })
             .collect()
     }
@@ -195,19 +264,6 @@ fn to_rule(checks: &[ArgCheck]) -> Option<SeccompRule> {
         .collect::<Result<Vec<_>, _>>()
         .ok()?;
     SeccompRule::new(conds).ok()
-}
-
-/// The filter that answers `clone3` with ENOSYS and allows everything else
-/// (stacked under the class filter of the classes that start threads).
-pub(crate) fn clone3_enosys() -> Result<BpfProgram, BackendError> {
-    let rules = [(libc::SYS_clone3, Vec::new())].into_iter().collect();
-    let f = SeccompFilter::new(
-        rules,
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::ENOSYS.unsigned_abs()),
-        TargetArch::x86_64,
-    )?;
-    BpfProgram::try_from(f)
 }
 
 // ---- argument values --------------------------------------------------------
@@ -257,6 +313,11 @@ fn base() -> Rules {
         libc::SYS_rt_sigreturn,
         libc::SYS_rt_sigprocmask,
         libc::SYS_sigaltstack,
+        // A wait interrupted by a signal (a kick, SIGSTOP/SIGCONT) goes on.
+        libc::SYS_restart_syscall,
+        // glibc counts CPUs with it (malloc's arena limit) when it cannot
+        // read /sys (below); a read of the thread's own mask.
+        libc::SYS_sched_getaffinity,
         // Logging (stderr), eventfd notifications.
         libc::SYS_write,
         libc::SYS_close,
@@ -272,19 +333,30 @@ fn base() -> Rules {
     r.allow_if(libc::SYS_mprotect, &[none_of(2, PROT_EXEC)]);
     // glibc gives back freed memory and thread stacks.
     r.allow_if(libc::SYS_madvise, &[eq(2, c(libc::MADV_DONTNEED))]);
-    // std's Mutex, Condvar, thread parking, once; glibc's locks and join.
-    // No requeue or priority-inheritance operations.
+    // std's Mutex, Condvar, thread parking, once (private futexes); glibc's
+    // locks, and its pthread_join (a shared wait on the thread id, timed on
+    // CLOCK_REALTIME). No requeue, wake-op or priority-inheritance operation.
     for op in [FUTEX_WAIT, FUTEX_WAKE, FUTEX_WAIT_BITSET, FUTEX_WAKE_BITSET] {
-        r.allow_if(libc::SYS_futex, &[eq(1, op | FUTEX_PRIVATE)]);
-        r.allow_if(libc::SYS_futex, &[eq(1, op)]);
+        for flags in [FUTEX_PRIVATE, 0] {
+            r.allow_if(libc::SYS_futex, &[eq(1, op | flags)]);
+        }
     }
-    r.allow_if(
-        libc::SYS_futex,
-        &[eq(1, FUTEX_WAIT_BITSET | FUTEX_PRIVATE | FUTEX_CLOCK_REALTIME)],
-    );
+    for flags in [FUTEX_PRIVATE, 0] {
+        r.allow_if(
+            libc::SYS_futex,
+            &[eq(1, FUTEX_WAIT_BITSET | FUTEX_CLOCK_REALTIME | flags)],
+        );
+    }
     // abort() after a panic while panicking: SIGABRT only.
     r.allow_if(libc::SYS_rt_sigaction, &[eq(0, c(libc::SIGABRT))]);
     r.allow_if(libc::SYS_tgkill, &[eq(2, c(libc::SIGABRT))]);
+    // Opening a file fails with EACCES rather than stopping the VMM: glibc
+    // opens /sys and /proc files once per process, in whichever thread gets
+    // there first (malloc: /sys/devices/system/cpu/online for its arena
+    // limit, /proc/sys/vm/overcommit_memory on a heap trim), and copes with
+    // the failure, as does a panic's backtrace. Classes that open files
+    // allow it instead.
+    r.refuse(libc::SYS_openat, libc::EACCES);
     r
 }
 
@@ -293,16 +365,20 @@ fn base() -> Rules {
 /// setup, its name, and installing its filter (which only ever narrows).
 fn starts_threads() -> Rules {
     let mut r = Rules::default();
-    // Answered ENOSYS by the second filter (`clone3_enosys`), so glibc falls
-    // back to `clone`, whose flags are checked here.
-    r.allow(&[libc::SYS_clone3, libc::SYS_set_robust_list, libc::SYS_rseq]);
-    // std's stack guard setup reads the new thread's attributes, and glibc
-    // its CPU mask with them.
-    r.allow(&[libc::SYS_sched_getaffinity]);
+    // clone3 passes its flags in memory a filter cannot read: it is answered
+    // ENOSYS, and glibc falls back to `clone`, whose flags are checked.
+    r.refuse(libc::SYS_clone3, libc::ENOSYS);
+    r.allow(&[libc::SYS_set_robust_list, libc::SYS_rseq]);
     r.allow_if(libc::SYS_clone, &[eq64(0, THREAD_CLONE_FLAGS)]);
     r.allow_if(libc::SYS_prctl, &[eq(0, c(libc::PR_SET_NAME))]);
-    r.allow_if(libc::SYS_prctl, &[eq(0, c(libc::PR_SET_NO_NEW_PRIVS)), eq64(1, 1)]);
-    r.allow_if(libc::SYS_seccomp, &[eq(0, u64::from(libc::SECCOMP_SET_MODE_FILTER)), eq(1, 0)]);
+    r.allow_if(
+        libc::SYS_prctl,
+        &[eq(0, c(libc::PR_SET_NO_NEW_PRIVS)), eq64(1, 1)],
+    );
+    r.allow_if(
+        libc::SYS_seccomp,
+        &[eq(0, u64::from(libc::SECCOMP_SET_MODE_FILTER)), eq(1, 0)],
+    );
     r
 }
 
@@ -409,7 +485,12 @@ pub(crate) fn own(class: ThreadClass) -> Rules {
         ThreadClass::Controller => {
             r.union(&starts_threads());
             // The event loop: eventfds, the signalfd, stdin for the console.
-            r.allow(&[libc::SYS_epoll_wait, libc::SYS_epoll_pwait, libc::SYS_epoll_ctl, libc::SYS_read]);
+            r.allow(&[
+                libc::SYS_epoll_wait,
+                libc::SYS_epoll_pwait,
+                libc::SYS_epoll_ctl,
+                libc::SYS_read,
+            ]);
             // Kicks: SIGRTMIN to a vCPU thread of this process.
             r.allow_if(libc::SYS_tgkill, &[eq(2, c(libc::SIGRTMIN()))]);
             // The VM-wide state of a snapshot or migration.
@@ -463,8 +544,16 @@ pub(crate) fn own(class: ThreadClass) -> Rules {
             r.union(&uses_streams());
             // Recovery: a new listener (a stale Unix socket is probed and removed).
             r.union(&connects());
-            r.allow(&[libc::SYS_bind, libc::SYS_listen, libc::SYS_unlink, libc::SYS_unlinkat]);
-            r.allow_if(libc::SYS_setsockopt, &[eq(1, c(libc::SOL_SOCKET)), eq(2, c(libc::SO_REUSEADDR))]);
+            r.allow(&[
+                libc::SYS_bind,
+                libc::SYS_listen,
+                libc::SYS_unlink,
+                libc::SYS_unlinkat,
+            ]);
+            r.allow_if(
+                libc::SYS_setsockopt,
+                &[eq(1, c(libc::SOL_SOCKET)), eq(2, c(libc::SO_REUSEADDR))],
+            );
             r.allow_if(libc::SYS_accept4, &[eq(3, c(libc::SOCK_CLOEXEC))]);
             // Pages placed through the retry core.
             r.union(&fills_memory());

@@ -174,6 +174,9 @@ mod tests {
             ),
             "{text}"
         );
-        assert!(text.contains("--seccomp log") && text.ends_with("docs/seccomp.md\n"), "{text}");
+        assert!(
+            text.contains("--seccomp log") && text.ends_with("docs/seccomp.md\n"),
+            "{text}"
+        );
     }
 }

@@ -12,8 +12,27 @@ fn every_filter_compiles_for_x86_64_in_both_modes() {
             assert!(prog.len() < 4096, "{class}: {} instructions", prog.len());
             assert!(!rules(class).is_empty());
         }
+        assert!(!rules(class).refusal_filters().unwrap().is_empty());
     }
-    assert!(rules::clone3_enosys().is_ok());
+}
+
+#[test]
+fn refused_calls_fail_with_an_errno_instead_of_stopping_the_vmm() {
+    for class in ThreadClass::ALL {
+        let r = rules(class);
+        // Only the controller opens files (snapshots).
+        if class == ThreadClass::Controller {
+            assert!(matches!(r.get(libc::SYS_openat), Some(Allowed::Always)));
+            assert_eq!(r.refusal(libc::SYS_openat), None);
+        } else {
+            assert_eq!(r.refusal(libc::SYS_openat), Some(libc::EACCES), "{class}");
+        }
+        assert_eq!(
+            r.refusal(libc::SYS_clone3),
+            class.starts_threads().then_some(libc::ENOSYS),
+            "{class}"
+        );
+    }
 }
 
 #[test]
@@ -51,7 +70,11 @@ fn no_class_may_exec_fork_trace_or_map_executable_memory() {
     for class in ThreadClass::ALL {
         let r = rules(class);
         for nr in never {
-            assert!(r.get(nr).is_none(), "{class} allows {}", names::name(nr).unwrap_or("?"));
+            assert!(
+                r.get(nr).is_none(),
+                "{class} allows {}",
+                names::name(nr).unwrap_or("?")
+            );
         }
         for nr in [libc::SYS_mmap, libc::SYS_mprotect] {
             let Some(Allowed::When(alts)) = r.get(nr) else {
@@ -97,7 +120,12 @@ fn vcpu_threads_may_only_use_vcpu_ioctls() {
         assert_eq!((req >> 8) & 0xff, 0xAE, "{req:#x}");
         assert!(req & 0xff >= 0x80, "{req:#x} is not a vCPU ioctl");
     }
-    for nr in [libc::SYS_openat, libc::SYS_socket, libc::SYS_clone, libc::SYS_connect] {
+    for nr in [
+        libc::SYS_openat,
+        libc::SYS_socket,
+        libc::SYS_clone,
+        libc::SYS_connect,
+    ] {
         assert!(r.get(nr).is_none());
     }
 }
@@ -143,6 +171,14 @@ fn child() {
             let t = spawn(builder(), ThreadClass::Vcpu, SeccompMode::Kill, socket).unwrap();
             let _ = t.join();
             println!("the forbidden call went through");
+        }
+        "open" => {
+            let t = spawn(builder(), ThreadClass::Vcpu, SeccompMode::Kill, || {
+                std::fs::File::open("/proc/self/status").map_err(|e| e.raw_os_error())
+            })
+            .unwrap();
+            assert_eq!(t.join().unwrap().err(), Some(Some(libc::EACCES)));
+            println!("child ok");
         }
         "log" => {
             let t = spawn(builder(), ThreadClass::Vcpu, SeccompMode::Log, move || {
@@ -206,10 +242,26 @@ fn a_forbidden_call_stops_the_process_naming_thread_class_and_call() {
 }
 
 #[test]
+fn opening_a_file_where_none_is_opened_fails_with_eacces() {
+    let out = run_child("open");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("child ok"), "{stdout}");
+}
+
+#[test]
 fn log_mode_lets_the_call_through_with_the_filter_installed() {
     let out = run_child("log");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("child ok"), "{stdout}");
 }
 
@@ -217,6 +269,10 @@ fn log_mode_lets_the_call_through_with_the_filter_installed() {
 fn sandboxed_threads_start_threads_of_the_classes_they_may_start() {
     let out = run_child("spawn");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("child ok"), "{stdout}");
 }

@@ -11,6 +11,7 @@
 use crate::controller::VmHandle;
 use crate::migration::MigrateOptions;
 use crate::snapshot::AfterSnapshot;
+use sandbox::ThreadClass;
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::FileTypeExt;
@@ -241,10 +242,14 @@ impl ControlServer {
             .map_err(io_err(path, "setting non-blocking mode"))?;
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("vmm-control".into())
-            .spawn(move || serve(&listener, &vm, &s))
-            .map_err(io_err(path, "starting the server thread"))?;
+        let mode = vm.seccomp();
+        let thread = sandbox::spawn(
+            std::thread::Builder::new().name("vmm-control".into()),
+            ThreadClass::ControlServer,
+            mode,
+            move || serve(&listener, &vm, &s),
+        )
+        .map_err(|e| io_err(path, "starting the server thread")(e.into()))?;
         Ok(ControlServer {
             path: path.to_owned(),
             stop,
@@ -269,9 +274,13 @@ fn serve(listener: &UnixListener, vm: &VmHandle, stop: &AtomicBool) {
             Ok((stream, _)) => {
                 let vm = vm.clone();
                 // One thread per client: a slow client does not block others.
-                let spawned = std::thread::Builder::new()
-                    .name("vmm-control-client".into())
-                    .spawn(move || serve_client(stream, &vm));
+                // Sandboxed like this thread, whose filter it inherits.
+                let spawned = sandbox::spawn(
+                    std::thread::Builder::new().name("vmm-control-client".into()),
+                    ThreadClass::ControlClient,
+                    sandbox::inherited_mode(),
+                    move || serve_client(stream, &vm),
+                );
                 if let Err(e) = spawned {
                     tracing::warn!("control socket: cannot serve a client: {e}");
                 }

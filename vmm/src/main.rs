@@ -3,6 +3,7 @@
 
 use abi::exit::ExitCode;
 use clap::{Parser, Subcommand};
+use sandbox::{SeccompMode, ThreadClass};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode as ProcessExit;
@@ -126,7 +127,7 @@ struct RunArgs {
     /// Write run statistics (vCPUs, retry core, fault latency) as JSON to FILE, or `-` for stdout.
     #[arg(long, value_name = "FILE")]
     stats: Option<PathBuf>,
-    /// TOML file with any of: kernel, vcpus, mem, cmdline, mem_backend, fault_around (flags override it).
+    /// TOML file with any of: kernel, vcpus, mem, cmdline, mem_backend, fault_around, seccomp (flags override it).
     #[arg(long)]
     config: Option<PathBuf>,
     /// Give up after this many seconds (exit code 11).
@@ -135,6 +136,12 @@ struct RunArgs {
     /// Serve a Unix control socket at PATH (`vmm ctl PATH ...`; JSON lines, see docs/snapshot.md).
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
+    /// Sandbox the VMM's threads with seccomp filters: `kill` (a forbidden
+    /// system call stops the VMM, exit code 159, naming the thread and the
+    /// call), `log` (allowed, and logged by the kernel: `dmesg | grep
+    /// type=1326`) or `off`. Default: $VMM_SECCOMP, else kill.
+    #[arg(long, value_name = "MODE")]
+    seccomp: Option<SeccompMode>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -220,6 +227,12 @@ struct ReceiveArgs {
     /// Serve a Unix control socket at PATH once the VM runs.
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
+    /// Sandbox the VMM's threads with seccomp filters: `kill` (a forbidden
+    /// system call stops the VMM, exit code 159, naming the thread and the
+    /// call), `log` (allowed, and logged by the kernel: `dmesg | grep
+    /// type=1326`) or `off`. Default: $VMM_SECCOMP, else kill.
+    #[arg(long, value_name = "MODE")]
+    seccomp: Option<SeccompMode>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -251,6 +264,12 @@ struct RestoreArgs {
     /// Serve a Unix control socket at PATH.
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
+    /// Sandbox the VMM's threads with seccomp filters: `kill` (a forbidden
+    /// system call stops the VMM, exit code 159, naming the thread and the
+    /// call), `log` (allowed, and logged by the kernel: `dmesg | grep
+    /// type=1326`) or `off`. Default: $VMM_SECCOMP, else kill.
+    #[arg(long, value_name = "MODE")]
+    seccomp: Option<SeccompMode>,
 }
 
 fn main() -> ProcessExit {
@@ -278,7 +297,8 @@ fn main() -> ProcessExit {
     ProcessExit::from(u8::try_from(code).unwrap_or(1))
 }
 
-fn config_from(args: &RunArgs) -> Result<VmConfig, vmm::config_file::ConfigFileError> {
+/// The configuration and the sandbox mode the file or flags ask for.
+fn config_from(args: &RunArgs) -> Result<(VmConfig, Option<SeccompMode>), vmm::config_file::ConfigFileError> {
     let mut file = ConfigFile::defaults();
     if let Some(path) = &args.config {
         file = file.overridden_by(ConfigFile::load(path)?);
@@ -290,17 +310,84 @@ fn config_from(args: &RunArgs) -> Result<VmConfig, vmm::config_file::ConfigFileE
         cmdline: args.cmdline.clone(),
         mem_backend: args.mem_backend.clone(),
         fault_around: args.fault_around,
+        seccomp: args.seccomp,
     };
-    Ok(file.overridden_by(flags).into_config()?)
+    let merged = file.overridden_by(flags);
+    let seccomp = merged.seccomp();
+    Ok((merged.into_config()?, seccomp))
+}
+
+/// The sandbox mode: the one asked for (flag or config file), else
+/// `VMM_SECCOMP`'s, else kill.
+fn seccomp_mode(asked: Option<SeccompMode>) -> Result<SeccompMode, i32> {
+    match asked {
+        Some(m) => Ok(m),
+        None => SeccompMode::from_env()
+            .map(Option::unwrap_or_default)
+            .map_err(|e| {
+                eprintln!("vmm: error: {}: {e}", sandbox::MODE_ENV);
+                EXIT_VMM_ERROR
+            }),
+    }
+}
+
+/// Where `--stats` goes. A file is opened before the run: once the VM runs,
+/// the main thread's sandbox opens no file.
+enum StatsOut {
+    Stdout,
+    File(PathBuf, std::fs::File),
+}
+
+impl StatsOut {
+    fn open(path: Option<&Path>) -> Result<Option<StatsOut>, i32> {
+        match path {
+            None => Ok(None),
+            Some(p) if p.as_os_str() == "-" => Ok(Some(StatsOut::Stdout)),
+            Some(p) => match std::fs::File::create(p) {
+                Ok(f) => Ok(Some(StatsOut::File(p.to_owned(), f))),
+                Err(e) => {
+                    eprintln!("vmm: error: cannot write statistics to {}: {e}", p.display());
+                    Err(EXIT_VMM_ERROR)
+                }
+            },
+        }
+    }
+
+    fn write(&mut self, text: &str) -> Result<(), String> {
+        use std::io::Write;
+        match self {
+            StatsOut::Stdout => {
+                println!("{text}");
+                Ok(())
+            }
+            StatsOut::File(path, f) => f
+                .write_all(format!("{text}\n").as_bytes())
+                .map_err(|e| format!("cannot write statistics to {}: {e}", path.display())),
+        }
+    }
+}
+
+/// Sandboxes the main thread once the VM runs (it only waits and reports
+/// from here on).
+fn sandbox_main(mode: SeccompMode) -> Result<(), sandbox::SandboxError> {
+    sandbox::apply(ThreadClass::Main, mode)
 }
 
 fn run(args: RunArgs) -> i32 {
-    let config = match config_from(&args) {
+    let (config, asked) = match config_from(&args) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("vmm: error: {e}");
             return EXIT_VMM_ERROR;
         }
+    };
+    let seccomp = match seccomp_mode(asked) {
+        Ok(m) => m,
+        Err(code) => return code,
+    };
+    let mut stats = match StatsOut::open(args.stats.as_deref()) {
+        Ok(s) => s,
+        Err(code) => return code,
     };
     let timeout = match args.timeout {
         Some(s) if !(s.is_finite() && s > 0.0) => {
@@ -313,25 +400,28 @@ fn run(args: RunArgs) -> i32 {
         stdin: true,
         timeout,
         shutdown_signals: true,
+        seccomp,
         ..Default::default()
     };
-    let outcome = match run_with_control(vmm::Vm::new(&config, options), args.control.as_deref()) {
+    let outcome = match run_with_control(vmm::Vm::new(&config, options), args.control.as_deref(), seccomp) {
         Ok(o) => o,
         Err(e) => {
             eprintln!("vmm: error: {e}");
             return EXIT_VMM_ERROR;
         }
     };
-    report(&config, &outcome, args.stats.as_deref())
+    report(&config, &outcome, stats.as_mut())
 }
 
 /// Why a run could not go ahead.
 type RunError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Starts a built VM, serves the control socket while it runs, waits for the end.
+/// Starts a built VM, serves the control socket while it runs, sandboxes
+/// the main thread, waits for the end.
 fn run_with_control(
     vm: Result<vmm::Vm, vmm::VmError>,
     control: Option<&Path>,
+    seccomp: SeccompMode,
 ) -> Result<vmm::RunOutcome, RunError> {
     let running = vm?.start()?;
     let server = match control {
@@ -345,6 +435,11 @@ fn run_with_control(
         },
         None => None,
     };
+    if let Err(e) = sandbox_main(seccomp) {
+        running.stop();
+        let _ = running.wait();
+        return Err(e.into());
+    }
     let outcome = running.wait();
     drop(server);
     Ok(outcome?)
@@ -365,10 +460,19 @@ fn restore(args: RestoreArgs) -> i32 {
         Ok(t) => t,
         Err(code) => return code,
     };
+    let seccomp = match seccomp_mode(args.seccomp) {
+        Ok(m) => m,
+        Err(code) => return code,
+    };
+    let mut stats = match StatsOut::open(args.stats.as_deref()) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
     let options = VmOptions {
         stdin: true,
         timeout,
         shutdown_signals: true,
+        seccomp,
         ..Default::default()
     };
     let how = vmm::RestoreOptions {
@@ -399,8 +503,8 @@ fn restore(args: RestoreArgs) -> i32 {
         start.elapsed().as_secs_f64() * 1e3,
         if args.lazy { "lazy" } else { "eager" }
     );
-    match run_with_control(Ok(vm), args.control.as_deref()) {
-        Ok(outcome) => report(&config, &outcome, args.stats.as_deref()),
+    match run_with_control(Ok(vm), args.control.as_deref(), seccomp) {
+        Ok(outcome) => report(&config, &outcome, stats.as_mut()),
         Err(e) => {
             eprintln!("vmm: error: {e}");
             EXIT_VMM_ERROR
@@ -419,6 +523,14 @@ fn receive(args: ReceiveArgs) -> i32 {
         eprintln!("vmm: error: --lost-wait must be a non-negative number of seconds");
         return EXIT_VMM_ERROR;
     }
+    let seccomp = match seccomp_mode(args.seccomp) {
+        Ok(m) => m,
+        Err(code) => return code,
+    };
+    let mut stats = match StatsOut::open(args.stats.as_deref()) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
     let listener = match args.listen.parse::<Endpoint>().and_then(|e| Listener::bind(&e)) {
         Ok(l) => l,
         Err(e) => {
@@ -434,15 +546,19 @@ fn receive(args: ReceiveArgs) -> i32 {
             stdin: true,
             timeout,
             shutdown_signals: true,
+            seccomp,
             ..Default::default()
         },
         lost_wait: Duration::from_secs_f64(args.lost_wait),
         progress: Default::default(),
     };
-    let bar = std::io::stderr()
-        .is_terminal()
-        .then(|| progress_bar(options.progress.clone()));
+    let bar = if std::io::stderr().is_terminal() {
+        progress_bar(options.progress.clone(), seccomp)
+    } else {
+        None
+    };
     let mut server = None;
+    let mut unsandboxed = None;
     let out = vmm::receive::receive(&listener, options, |h| {
         eprintln!("vmm: the migrated VM runs here");
         if let Some(path) = &args.control {
@@ -450,6 +566,10 @@ fn receive(args: ReceiveArgs) -> i32 {
                 Ok(s) => server = Some(s),
                 Err(e) => eprintln!("vmm: warning: {e}"),
             }
+        }
+        if let Err(e) = sandbox_main(seccomp) {
+            h.stop();
+            unsandboxed = Some(e);
         }
     });
     drop(server);
@@ -464,6 +584,10 @@ fn receive(args: ReceiveArgs) -> i32 {
             return EXIT_VMM_ERROR;
         }
     };
+    if let Some(e) = unsandboxed {
+        eprintln!("vmm: error: {e}");
+        return EXIT_VMM_ERROR;
+    }
     let st = &out.stats;
     println!(
         "vmm: migration: downtime {:.1} ms, total {:.1} ms, {} pre-copy pages ({} kept), {} post-copy pages: {} requested ({} answered), {} pushed, {} bytes; page-request latency p50 <{} us p99 <{} us; vCPUs blocked {} us; {} recoveries",
@@ -479,77 +603,84 @@ fn receive(args: ReceiveArgs) -> i32 {
         );
         code = vmm::EXIT_MEMORY_FAULT;
     }
-    if let Some(path) = &args.stats {
+    if let Some(stats) = &mut stats {
         let mut json = out.run.stats_json();
         json["migration"] = serde_json::to_value(st).unwrap_or_default();
         json["migration"]["lost"] = serde_json::json!(out.lost);
         let text = serde_json::to_string_pretty(&json).unwrap_or_default();
-        let r = if path.as_os_str() == "-" {
-            println!("{text}");
-            Ok(())
-        } else {
-            std::fs::write(path, text + "\n")
-        };
-        if let Err(e) = r {
-            eprintln!("vmm: error: cannot write statistics to {}: {e}", path.display());
+        if let Err(e) = stats.write(&text) {
+            eprintln!("vmm: error: {e}");
         }
     }
     code
 }
 
-/// Draws the incoming migration's progress on the terminal until `stop`.
+/// Draws the incoming migration's progress on the terminal until `stop`
+/// (a thread sandboxed like the main thread).
 fn progress_bar(
     p: std::sync::Arc<vmm::migration::Progress>,
-) -> (
+    seccomp: SeccompMode,
+) -> Option<(
     std::sync::Arc<std::sync::atomic::AtomicBool>,
     std::thread::JoinHandle<()>,
-) {
+)> {
     use std::sync::atomic::Ordering::Relaxed;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let s = stop.clone();
-    let t = std::thread::spawn(move || {
-        let bar = indicatif::ProgressBar::new_spinner();
-        let spinner = indicatif::ProgressStyle::with_template("{spinner} {msg} {elapsed}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner());
-        let pages = indicatif::ProgressStyle::with_template(
-            "{spinner} {msg} [{bar:30}] {pos}/{len} pages ({percent}%), {elapsed}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-        .progress_chars("=> ");
-        bar.set_style(spinner);
-        bar.set_message("waiting for the source");
-        let mut counting = false;
-        while !s.load(Relaxed) {
-            if p.complete.load(Relaxed) {
-                bar.finish_with_message(format!(
-                    "migration complete: {} pre-copy and {} post-copy pages",
-                    p.precopy_pages.load(Relaxed),
-                    p.data_pages.load(Relaxed)
-                ));
-                return;
+    let spawned = sandbox::spawn(
+        std::thread::Builder::new().name("progress".into()),
+        ThreadClass::Main,
+        seccomp,
+        move || {
+            let bar = indicatif::ProgressBar::new_spinner();
+            let spinner = indicatif::ProgressStyle::with_template("{spinner} {msg} {elapsed}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner());
+            let pages = indicatif::ProgressStyle::with_template(
+                "{spinner} {msg} [{bar:30}] {pos}/{len} pages ({percent}%), {elapsed}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> ");
+            bar.set_style(spinner);
+            bar.set_message("waiting for the source");
+            let mut counting = false;
+            while !s.load(Relaxed) {
+                if p.complete.load(Relaxed) {
+                    bar.finish_with_message(format!(
+                        "migration complete: {} pre-copy and {} post-copy pages",
+                        p.precopy_pages.load(Relaxed),
+                        p.data_pages.load(Relaxed)
+                    ));
+                    return;
+                }
+                if p.running.load(Relaxed) && !counting {
+                    counting = true;
+                    bar.set_style(pages.clone());
+                    bar.set_length(p.data_pages.load(Relaxed));
+                }
+                bar.set_position(p.received.load(Relaxed));
+                let precopy = p.precopy_pages.load(Relaxed);
+                bar.set_message(if p.lost.load(Relaxed) {
+                    "source lost, VM paused: `vmm ctl DEST recover --from ADDR`".to_string()
+                } else if counting {
+                    "post-copy".to_string()
+                } else if precopy > 0 {
+                    format!("pre-copy: {precopy} pages received")
+                } else {
+                    "waiting for the source".to_string()
+                });
+                bar.tick();
+                std::thread::sleep(Duration::from_millis(100));
             }
-            if p.running.load(Relaxed) && !counting {
-                counting = true;
-                bar.set_style(pages.clone());
-                bar.set_length(p.data_pages.load(Relaxed));
-            }
-            bar.set_position(p.received.load(Relaxed));
-            let precopy = p.precopy_pages.load(Relaxed);
-            bar.set_message(if p.lost.load(Relaxed) {
-                "source lost, VM paused: `vmm ctl DEST recover --from ADDR`".to_string()
-            } else if counting {
-                "post-copy".to_string()
-            } else if precopy > 0 {
-                format!("pre-copy: {precopy} pages received")
-            } else {
-                "waiting for the source".to_string()
-            });
-            bar.tick();
-            std::thread::sleep(Duration::from_millis(100));
+            bar.finish_and_clear();
+        },
+    );
+    match spawned {
+        Ok(t) => Some((stop, t)),
+        Err(e) => {
+            eprintln!("vmm: warning: no progress bar: {e}");
+            None
         }
-        bar.finish_and_clear();
-    });
-    (stop, t)
+    }
 }
 
 fn ctl(args: CtlArgs) -> i32 {
@@ -603,7 +734,7 @@ fn ctl(args: CtlArgs) -> i32 {
 }
 
 /// Prints how the run went and checks the workload; returns the exit code.
-fn report(config: &VmConfig, outcome: &vmm::RunOutcome, stats: Option<&Path>) -> i32 {
+fn report(config: &VmConfig, outcome: &vmm::RunOutcome, stats: Option<&mut StatsOut>) -> i32 {
     for r in &outcome.reports {
         println!(
             "vmm: cpu{} workload result: pages {}..{} checksum {:#018x} guest faults {} ({} Mcycles)",
@@ -663,26 +794,18 @@ fn report(config: &VmConfig, outcome: &vmm::RunOutcome, stats: Option<&Path>) ->
         outcome.elapsed.as_secs_f64() * 1e3
     );
     // Last, so that with `--stats -` the JSON is the tail of stdout.
-    if let Some(path) = stats {
-        if let Err(e) = write_stats(path, outcome) {
-            eprintln!("vmm: error: cannot write statistics to {}: {e}", path.display());
+    if let Some(stats) = stats {
+        let written = serde_json::to_string_pretty(&outcome.stats_json())
+            .map_err(|e| format!("cannot encode the statistics: {e}"))
+            .and_then(|json| stats.write(&json));
+        if let Err(e) = written {
+            eprintln!("vmm: error: {e}");
             if code == 0 {
                 code = EXIT_VMM_ERROR;
             }
         }
     }
     code
-}
-
-/// Writes the run's statistics as JSON to `path` (`-` = stdout).
-fn write_stats(path: &std::path::Path, outcome: &vmm::RunOutcome) -> std::io::Result<()> {
-    let json = serde_json::to_string_pretty(&outcome.stats_json()).map_err(std::io::Error::other)?;
-    if path.as_os_str() == "-" {
-        println!("{json}");
-        Ok(())
-    } else {
-        std::fs::write(path, json + "\n")
-    }
 }
 
 fn print_result<T: serde::Serialize + std::fmt::Display>(r: &T, json: bool) -> i32 {

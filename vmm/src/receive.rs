@@ -64,7 +64,7 @@ pub fn receive(
     options: ReceiveOptions,
     on_resumed: impl FnOnce(&VmHandle),
 ) -> Result<ReceiveOutcome, ReceiveError> {
-    let incoming = Incoming::accept(listener, options.progress.clone())?;
+    let incoming = Incoming::accept(listener, options.progress.clone(), options.vm.seccomp)?;
     let vm = Vm::incoming(
         incoming.state(),
         incoming.source(),

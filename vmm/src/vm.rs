@@ -11,6 +11,7 @@ use crate::snapshot::{Snapshot, SnapshotError};
 use crate::state::{ControllerState, SavedVm};
 use crate::uffd_handler::{self, UffdHandlerError};
 use devices::serial::SerialOutput;
+use sandbox::SeccompMode;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver};
 use std::sync::Arc;
@@ -73,6 +74,9 @@ pub struct VmOptions {
     /// Serve lazily backed memory from this source instead of the backend's
     /// own (tests hold, delay or fail pages with `memory::TestSource`).
     pub page_source: Option<CustomSource>,
+    /// How the VM's threads are sandboxed (`docs/seccomp.md`); the default
+    /// is `kill`, or what `VMM_SECCOMP` says.
+    pub seccomp: SeccompMode,
 }
 
 /// A page source given at run time (see [`VmOptions::page_source`]).
@@ -94,6 +98,7 @@ impl Default for VmOptions {
             shutdown_signals: false,
             page_source: None,
             on_memory_fault: MemoryFaultPolicy::End,
+            seccomp: SeccompMode::process_default(),
         }
     }
 }
@@ -167,6 +172,7 @@ impl Vm {
             BuildOptions {
                 serial: options.serial.clone(),
                 sink,
+                seccomp: options.seccomp,
             },
         )?;
         Ok(Vm {
@@ -335,6 +341,7 @@ impl Vm {
             shutdown_signals: self.options.shutdown_signals,
             on_memory_fault: self.options.on_memory_fault,
             restored: self.restored,
+            seccomp: self.options.seccomp,
         };
         Ok(controller::start(self.core, self.events, self.rx, options)?)
     }

@@ -14,6 +14,7 @@ use ::memory::{
     RegisterMode, RetryCore, Stats, Uffd,
 };
 use devices::GuestRam;
+use sandbox::{SeccompMode, ThreadClass};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -37,14 +38,14 @@ pub enum LazyError {
     /// The handler could not be built.
     #[error(transparent)]
     Handler(#[from] HandlerError),
-    /// A thread could not be started.
+    /// A thread could not be started (or sandboxed).
     #[error("cannot start the {what} thread: {source}")]
     Thread {
         /// Which thread.
         what: &'static str,
         /// Why.
         #[source]
-        source: std::io::Error,
+        source: sandbox::SpawnError,
     },
 }
 
@@ -97,6 +98,7 @@ pub struct LazyMemory {
     thread: Option<JoinHandle<Result<(), HandlerError>>>,
     data_ranges: Arc<Vec<(u64, u64)>>,
     prefetch: Option<Prefetch>,
+    seccomp: SeccompMode,
 }
 
 /// A running background prefetch.
@@ -108,8 +110,14 @@ struct Prefetch {
 
 impl LazyMemory {
     /// Registers every region of `mem` and starts the handler thread (and the
-    /// prefetch if planned). Call after the VMM's own writes to guest memory.
-    pub fn start(mem: &GuestRam, plan: LazyPlan, sink: EventSink) -> Result<LazyMemory, LazyError> {
+    /// prefetch if planned), sandboxed in `seccomp` mode. Call after the
+    /// VMM's own writes to guest memory.
+    pub fn start(
+        mem: &GuestRam,
+        plan: LazyPlan,
+        sink: EventSink,
+        seccomp: SeccompMode,
+    ) -> Result<LazyMemory, LazyError> {
         let backend = plan.source.name().to_owned();
         let uffd = Arc::new(Uffd::for_guest_memory().map_err(|source| LazyError::Uffd {
             backend: backend.clone(),
@@ -146,9 +154,11 @@ impl LazyMemory {
         }));
         let control = handler.control();
         let handler_cpu = plan.handler_cpu;
-        let thread = std::thread::Builder::new()
-            .name("uffd-handler".into())
-            .spawn(move || {
+        let thread = sandbox::spawn(
+            std::thread::Builder::new().name("uffd-handler".into()),
+            ThreadClass::FaultHandler,
+            seccomp,
+            move || {
                 if let Some(cpu) = handler_cpu {
                     // Only slower if it fails: the scheduler places the thread.
                     if let Err(e) = ::memory::pin_current_thread(cpu) {
@@ -160,11 +170,12 @@ impl LazyMemory {
                     tracing::error!("the userfault handler stopped: {e}");
                 }
                 r
-            })
-            .map_err(|source| LazyError::Thread {
-                what: "uffd-handler",
-                source,
-            })?;
+            },
+        )
+        .map_err(|source| LazyError::Thread {
+            what: "uffd-handler",
+            source,
+        })?;
         let mut lazy = LazyMemory {
             backend,
             fault_around: plan.fault_around,
@@ -174,6 +185,7 @@ impl LazyMemory {
             thread: Some(thread),
             data_ranges: Arc::new(plan.data_ranges),
             prefetch: None,
+            seccomp,
         };
         if plan.prefetch {
             lazy.start_prefetch()?;
@@ -196,18 +208,21 @@ impl LazyMemory {
         let m = self.materializer();
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("prefetch".into())
-            .spawn(move || {
+        let thread = sandbox::spawn(
+            std::thread::Builder::new().name("prefetch".into()),
+            ThreadClass::FaultHandler,
+            self.seccomp,
+            move || {
                 if let Err(e) = m.run(&s, &AtomicU64::new(0)) {
                     // The faulting vCPU reports it too; prefetch just stops.
                     tracing::warn!("prefetch stopped: {e}");
                 }
-            })
-            .map_err(|source| LazyError::Thread {
-                what: "prefetch",
-                source,
-            })?;
+            },
+        )
+        .map_err(|source| LazyError::Thread {
+            what: "prefetch",
+            source,
+        })?;
         self.prefetch = Some(Prefetch { stop, thread });
         Ok(())
     }

@@ -210,8 +210,7 @@ fn read_msrs(fd: &VcpuFd, indices: &[u32]) -> Result<Vec<(u32, u64)>, VcpuStateE
 }
 
 /// The MSRs KVM can save, from its index list.
-pub fn msr_index_list() -> Result<Vec<u32>, VcpuStateError> {
-    let kvm = kvm_ioctls::Kvm::new().map_err(save_err("open /dev/kvm"))?;
+pub fn msr_index_list(kvm: &kvm_ioctls::Kvm) -> Result<Vec<u32>, VcpuStateError> {
     let list = kvm.get_msr_index_list().map_err(save_err("MSR index list"))?;
     Ok(list.as_slice().to_vec())
 }

@@ -29,6 +29,7 @@ use devices::DeviceEvent;
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use persist::Persist;
 use reports::GuestReports;
+use sandbox::{SeccompMode, ThreadClass};
 use state::valid_transition;
 use std::io::Read;
 use std::os::fd::AsRawFd;
@@ -65,6 +66,9 @@ pub struct ControllerOptions {
     pub on_memory_fault: MemoryFaultPolicy,
     /// The controller's restored state (reports received before a snapshot).
     pub restored: ControllerState,
+    /// How the controller thread (and the threads it starts: an outgoing
+    /// migration's) and the control socket's threads are sandboxed.
+    pub seccomp: SeccompMode,
 }
 
 /// Errors starting the controller.
@@ -79,9 +83,9 @@ pub enum StartError {
     /// The shutdown signals cannot be read.
     #[error("cannot read shutdown signals: {0}")]
     Signals(#[source] std::io::Error),
-    /// The controller thread could not be started.
+    /// The controller thread could not be started (or sandboxed).
     #[error("cannot start the controller thread: {0}")]
-    Thread(#[source] std::io::Error),
+    Thread(#[source] sandbox::SpawnError),
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -144,12 +148,18 @@ pub(crate) fn start(
     }
     let deadline = options.timeout.and_then(|t| Instant::now().checked_add(t));
     let timeout = options.timeout.unwrap_or_default();
-    let thread = std::thread::Builder::new()
-        .name("vmm-controller".into())
-        .spawn(move || run_loop(&controller, &mut em, deadline, timeout))
-        .map_err(StartError::Thread)?;
+    let thread = sandbox::spawn(
+        std::thread::Builder::new().name("vmm-controller".into()),
+        ThreadClass::Controller,
+        options.seccomp,
+        move || run_loop(&controller, &mut em, deadline, timeout),
+    )
+    .map_err(StartError::Thread)?;
     Ok(RunningVm {
-        handle: VmHandle { events },
+        handle: VmHandle {
+            events,
+            seccomp: options.seccomp,
+        },
         thread,
     })
 }

@@ -13,6 +13,7 @@ use super::wire::{decode, encode, read_header, write_header, Message, PAGE, PAGE
 use super::{io, lock, MigrationError};
 use crate::snapshot::{Extent, Snapshot};
 use crate::state::SavedVm;
+use sandbox::{SeccompMode, ThreadClass};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
@@ -168,13 +169,18 @@ pub struct Incoming {
     precopy_kept: u64,
     data_pages: u64,
     reads_carried: u64,
+    seccomp: SeccompMode,
 }
 
 impl Incoming {
     /// Accepts one migration on `listener` and reads up to the data extents
     /// (every check of the state and extents included); opens the answer
-    /// channel.
-    pub fn accept(listener: &Listener, progress: Arc<Progress>) -> Result<Incoming, MigrationError> {
+    /// channel. The session's threads are sandboxed in `seccomp` mode.
+    pub fn accept(
+        listener: &Listener,
+        progress: Arc<Progress>,
+        seccomp: SeccompMode,
+    ) -> Result<Incoming, MigrationError> {
         let mut conn = listener.accept()?;
         let accepted = Instant::now();
         read_header(&mut conn)?;
@@ -224,7 +230,14 @@ impl Incoming {
         all.sort_unstable();
         let data_ranges = extents_of(&all).iter().map(|e| (e.gpa, e.len)).collect();
         progress.data_pages.store(data_pages, Ordering::Relaxed);
-        let src = RemoteSource::new("migration".into(), pairs, conn.try_clone()?, precopied, progress)?;
+        let src = RemoteSource::new(
+            "migration".into(),
+            pairs,
+            conn.try_clone()?,
+            precopied,
+            progress,
+            seccomp,
+        )?;
         let store = &snap.state.vm.devices.page_store;
         let reads_carried = (store.in_flight.len() + store.held_reads.len()) as u64;
         Ok(Incoming {
@@ -240,6 +253,7 @@ impl Incoming {
             precopy_kept,
             data_pages,
             reads_carried,
+            seccomp,
         })
     }
 
@@ -277,10 +291,13 @@ impl Incoming {
         let placer = {
             let (src, m, placing, to_place) =
                 (src.clone(), materializer.clone(), placing.clone(), self.to_place);
-            std::thread::Builder::new()
-                .name("migration-place".into())
-                .spawn(move || place_precopied(&src, &m, &placing, to_place))
-                .map_err(io("starting the placer thread"))?
+            sandbox::spawn(
+                std::thread::Builder::new().name("migration-place".into()),
+                ThreadClass::MigrationDest,
+                self.seccomp,
+                move || place_precopied(&src, &m, &placing, to_place),
+            )
+            .map_err(|e| io("starting the placer thread")(e.into()))?
         };
         let done_at = Arc::new(Mutex::new(None::<(Instant, u64)>));
         let receivers = Receivers {
@@ -288,6 +305,7 @@ impl Incoming {
             done_at: done_at.clone(),
             materializer,
             events: events.clone(),
+            seccomp: self.seccomp,
         };
         let handles = vec![receivers.spawn(&self.conn)?, receivers.spawn(&self.answers)?];
         let (recover_tx, recover_rx) = mpsc::channel();
@@ -303,10 +321,13 @@ impl Incoming {
             lost_wait,
             events,
         };
-        let watcher = std::thread::Builder::new()
-            .name("migration-watch".into())
-            .spawn(move || watch.run())
-            .map_err(io("starting the migration watcher"))?;
+        let watcher = sandbox::spawn(
+            std::thread::Builder::new().name("migration-watch".into()),
+            ThreadClass::MigrationDest,
+            self.seccomp,
+            move || watch.run(),
+        )
+        .map_err(|e| io("starting the migration watcher")(e.into()))?;
         Ok(IncomingSession {
             src,
             recover_tx,
@@ -352,6 +373,7 @@ struct Receivers {
     done_at: Arc<Mutex<Option<(Instant, u64)>>>,
     materializer: Materializer,
     events: Arc<dyn Fn(MigrationEvent) + Send + Sync>,
+    seccomp: SeccompMode,
 }
 
 impl Receivers {
@@ -359,16 +381,17 @@ impl Receivers {
     fn spawn(&self, conn: &Conn) -> Result<JoinHandle<()>, MigrationError> {
         let r = self.clone();
         let mut reader = conn.try_clone()?;
-        std::thread::Builder::new()
-            .name("migration-in".into())
-            .spawn(
-                move || match receive_pages(&r.src, &mut reader, &r.materializer, &r.done_at) {
-                    Ok(true) => (r.events)(MigrationEvent::Complete),
-                    Ok(false) => {}
-                    Err(e) => r.src.set_lost(e.to_string()),
-                },
-            )
-            .map_err(io("starting the receiver thread"))
+        sandbox::spawn(
+            std::thread::Builder::new().name("migration-in".into()),
+            ThreadClass::MigrationDest,
+            self.seccomp,
+            move || match receive_pages(&r.src, &mut reader, &r.materializer, &r.done_at) {
+                Ok(true) => (r.events)(MigrationEvent::Complete),
+                Ok(false) => {}
+                Err(e) => r.src.set_lost(e.to_string()),
+            },
+        )
+        .map_err(|e| io("starting the receiver thread")(e.into()))
     }
 }
 
