@@ -4,9 +4,9 @@
 //! Each is checked against the number the kernel headers give.
 
 use kvm_bindings::{
-    kvm_clock_data, kvm_cpuid2, kvm_debugregs, kvm_dirty_log, kvm_fpu, kvm_irqchip, kvm_lapic_state,
-    kvm_mp_state, kvm_msrs, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_userspace_memory_region,
-    kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+    kvm_clock_data, kvm_debugregs, kvm_dirty_log, kvm_fpu, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
+    kvm_msrs, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_userspace_memory_region, kvm_vcpu_events, kvm_xcrs,
+    kvm_xsave,
 };
 use std::mem::size_of;
 
@@ -40,29 +40,15 @@ const KVMIO: u32 = 0xAE;
 // vCPU ioctls (include/uapi/linux/kvm.h).
 pub const KVM_RUN: u32 = io(KVMIO, 0x80);
 pub const KVM_GET_REGS: u32 = ior::<kvm_regs>(KVMIO, 0x81);
-pub const KVM_SET_REGS: u32 = iow::<kvm_regs>(KVMIO, 0x82);
 pub const KVM_GET_SREGS: u32 = ior::<kvm_sregs>(KVMIO, 0x83);
-pub const KVM_SET_SREGS: u32 = iow::<kvm_sregs>(KVMIO, 0x84);
 pub const KVM_GET_MSRS: u32 = iowr::<kvm_msrs>(KVMIO, 0x88);
-pub const KVM_SET_MSRS: u32 = iow::<kvm_msrs>(KVMIO, 0x89);
 pub const KVM_GET_FPU: u32 = ior::<kvm_fpu>(KVMIO, 0x8c);
-pub const KVM_SET_FPU: u32 = iow::<kvm_fpu>(KVMIO, 0x8d);
 pub const KVM_GET_LAPIC: u32 = ior::<kvm_lapic_state>(KVMIO, 0x8e);
-pub const KVM_SET_LAPIC: u32 = iow::<kvm_lapic_state>(KVMIO, 0x8f);
-pub const KVM_GET_CPUID2: u32 = iowr::<kvm_cpuid2>(KVMIO, 0x91);
 pub const KVM_GET_MP_STATE: u32 = ior::<kvm_mp_state>(KVMIO, 0x98);
-pub const KVM_SET_MP_STATE: u32 = iow::<kvm_mp_state>(KVMIO, 0x99);
 pub const KVM_GET_VCPU_EVENTS: u32 = ior::<kvm_vcpu_events>(KVMIO, 0x9f);
-pub const KVM_SET_VCPU_EVENTS: u32 = iow::<kvm_vcpu_events>(KVMIO, 0xa0);
 pub const KVM_GET_DEBUGREGS: u32 = ior::<kvm_debugregs>(KVMIO, 0xa1);
-pub const KVM_SET_DEBUGREGS: u32 = iow::<kvm_debugregs>(KVMIO, 0xa2);
-pub const KVM_GET_TSC_KHZ: u32 = io(KVMIO, 0xa3);
 pub const KVM_GET_XSAVE: u32 = ior::<kvm_xsave>(KVMIO, 0xa4);
-pub const KVM_SET_XSAVE: u32 = iow::<kvm_xsave>(KVMIO, 0xa5);
 pub const KVM_GET_XCRS: u32 = ior::<kvm_xcrs>(KVMIO, 0xa6);
-pub const KVM_SET_XCRS: u32 = iow::<kvm_xcrs>(KVMIO, 0xa7);
-pub const KVM_KVMCLOCK_CTRL: u32 = io(KVMIO, 0xad);
-pub const KVM_GET_XSAVE2: u32 = ior::<kvm_xsave>(KVMIO, 0xcf);
 
 // VM ioctls.
 pub const KVM_SET_USER_MEMORY_REGION: u32 = iow::<kvm_userspace_memory_region>(KVMIO, 0x46);
@@ -87,29 +73,15 @@ pub const TCGETS: u32 = 0x5401;
 // The numbers the kernel headers give (x86_64).
 const _: () = assert!(KVM_RUN == 0xAE80);
 const _: () = assert!(KVM_GET_REGS == 0x8090_AE81);
-const _: () = assert!(KVM_SET_REGS == 0x4090_AE82);
 const _: () = assert!(KVM_GET_SREGS == 0x8138_AE83);
-const _: () = assert!(KVM_SET_SREGS == 0x4138_AE84);
 const _: () = assert!(KVM_GET_MSRS == 0xC008_AE88);
-const _: () = assert!(KVM_SET_MSRS == 0x4008_AE89);
 const _: () = assert!(KVM_GET_FPU == 0x81A0_AE8C);
-const _: () = assert!(KVM_SET_FPU == 0x41A0_AE8D);
 const _: () = assert!(KVM_GET_LAPIC == 0x8400_AE8E);
-const _: () = assert!(KVM_SET_LAPIC == 0x4400_AE8F);
-const _: () = assert!(KVM_GET_CPUID2 == 0xC008_AE91);
 const _: () = assert!(KVM_GET_MP_STATE == 0x8004_AE98);
-const _: () = assert!(KVM_SET_MP_STATE == 0x4004_AE99);
 const _: () = assert!(KVM_GET_VCPU_EVENTS == 0x8040_AE9F);
-const _: () = assert!(KVM_SET_VCPU_EVENTS == 0x4040_AEA0);
 const _: () = assert!(KVM_GET_DEBUGREGS == 0x8080_AEA1);
-const _: () = assert!(KVM_SET_DEBUGREGS == 0x4080_AEA2);
-const _: () = assert!(KVM_GET_TSC_KHZ == 0xAEA3);
 const _: () = assert!(KVM_GET_XSAVE == 0x9000_AEA4);
-const _: () = assert!(KVM_SET_XSAVE == 0x5000_AEA5);
 const _: () = assert!(KVM_GET_XCRS == 0x8188_AEA6);
-const _: () = assert!(KVM_SET_XCRS == 0x4188_AEA7);
-const _: () = assert!(KVM_KVMCLOCK_CTRL == 0xAEAD);
-const _: () = assert!(KVM_GET_XSAVE2 == 0x9000_AECF);
 const _: () = assert!(KVM_SET_USER_MEMORY_REGION == 0x4020_AE46);
 const _: () = assert!(KVM_GET_DIRTY_LOG == 0x4010_AE42);
 const _: () = assert!(KVM_GET_IRQCHIP == 0xC208_AE62);

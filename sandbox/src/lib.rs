@@ -19,6 +19,7 @@
 //! they do. [`ThreadClass::spawns`] lists who may start whom; the rules of a
 //! class include those of the classes it starts, and [`spawn`] refuses a
 //! start the list does not allow instead of letting the child die later.
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::cast_possible_truncation))]
 
 pub mod names;
 

@@ -271,7 +271,6 @@ fn to_rule(checks: &[ArgCheck]) -> Option<SeccompRule> {
 const FUTEX_WAIT: u64 = 0;
 const FUTEX_WAKE: u64 = 1;
 const FUTEX_WAIT_BITSET: u64 = 9;
-const FUTEX_WAKE_BITSET: u64 = 10;
 const FUTEX_PRIVATE: u64 = 128;
 const FUTEX_CLOCK_REALTIME: u64 = 256;
 
@@ -288,6 +287,10 @@ const THREAD_CLONE_FLAGS: u64 = (libc::CLONE_VM
     | libc::CLONE_CHILD_CLEARTID) as u64;
 
 const PROT_EXEC: u64 = libc::PROT_EXEC as u64;
+/// The sharing and backing bits of mmap's flags, and their one allowed
+/// value: private anonymous memory.
+const MAP_KIND: u64 = (libc::MAP_SHARED | libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64;
+const MAP_PRIVATE_ANONYMOUS: u64 = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64;
 
 fn c(v: libc::c_int) -> u64 {
     u64::from(v.unsigned_abs())
@@ -296,15 +299,15 @@ fn c(v: libc::c_int) -> u64 {
 // ---- groups -------------------------------------------------------------------
 
 /// What every thread needs: ending, synchronizing, allocating memory
-/// (never executable), returning from a signal handler, logging to stderr,
-/// and what a panic's abort does.
+/// (private, anonymous, never executable), returning from a signal handler,
+/// logging to stderr, and what a panic's abort does.
 fn base() -> Rules {
     let mut r = Rules::default();
     r.allow(&[
         libc::SYS_exit,
         libc::SYS_exit_group,
         // Memory: glibc's malloc (brk, arenas, large blocks) and Rust's
-        // sigaltstack and thread stacks; never PROT_EXEC (see below).
+        // sigaltstack and thread stacks.
         libc::SYS_brk,
         libc::SYS_munmap,
         libc::SYS_mremap,
@@ -316,36 +319,51 @@ fn base() -> Rules {
         // A wait interrupted by a signal (a kick, SIGSTOP/SIGCONT) goes on.
         libc::SYS_restart_syscall,
         // glibc counts CPUs with it (malloc's arena limit) when it cannot
-        // read /sys (below); a read of the thread's own mask.
+        // read /sys (see openat below): a read of the thread's own mask.
         libc::SYS_sched_getaffinity,
-        // Logging (stderr), eventfd notifications.
+        // Logging (stderr), eventfd notifications, the console (stdout).
         libc::SYS_write,
         libc::SYS_close,
+        // std's channels back off with it.
         libc::SYS_sched_yield,
         // std's hash maps seed themselves once per thread.
         libc::SYS_getrandom,
+        // vDSO fallbacks.
         libc::SYS_clock_gettime,
         libc::SYS_gettid,
         libc::SYS_getpid,
     ]);
-    // W^X: nothing made executable at run time (no JIT, no dlopen).
-    r.allow_if(libc::SYS_mmap, &[none_of(2, PROT_EXEC)]);
+    // W^X: nothing made executable at run time (no JIT, no dlopen); and only
+    // private anonymous memory is mapped, no file, no shared memory: guest
+    // RAM and the vCPUs' kvm_run are mapped before any thread starts.
+    r.allow_if(
+        libc::SYS_mmap,
+        &[
+            none_of(2, PROT_EXEC),
+            ArgCheck {
+                index: 3,
+                dword: true,
+                mask: MAP_KIND,
+                value: MAP_PRIVATE_ANONYMOUS,
+            },
+        ],
+    );
     r.allow_if(libc::SYS_mprotect, &[none_of(2, PROT_EXEC)]);
     // glibc gives back freed memory and thread stacks.
     r.allow_if(libc::SYS_madvise, &[eq(2, c(libc::MADV_DONTNEED))]);
-    // std's Mutex, Condvar, thread parking, once (private futexes); glibc's
-    // locks, and its pthread_join (a shared wait on the thread id, timed on
+    // std's Mutex, Condvar, thread parking and once (private bitset waits,
+    // private wakes); glibc's locks (private waits and wakes) and its
+    // pthread_join (a shared bitset wait on the thread id, on
     // CLOCK_REALTIME). No requeue, wake-op or priority-inheritance operation.
-    for op in [FUTEX_WAIT, FUTEX_WAKE, FUTEX_WAIT_BITSET, FUTEX_WAKE_BITSET] {
-        for flags in [FUTEX_PRIVATE, 0] {
-            r.allow_if(libc::SYS_futex, &[eq(1, op | flags)]);
-        }
-    }
-    for flags in [FUTEX_PRIVATE, 0] {
-        r.allow_if(
-            libc::SYS_futex,
-            &[eq(1, FUTEX_WAIT_BITSET | FUTEX_CLOCK_REALTIME | flags)],
-        );
+    for op in [
+        FUTEX_WAIT_BITSET | FUTEX_PRIVATE,
+        FUTEX_WAKE | FUTEX_PRIVATE,
+        FUTEX_WAIT | FUTEX_PRIVATE,
+        FUTEX_WAIT_BITSET | FUTEX_CLOCK_REALTIME,
+        FUTEX_WAIT,
+        FUTEX_WAKE,
+    ] {
+        r.allow_if(libc::SYS_futex, &[eq(1, op)]);
     }
     // abort() after a panic while panicking: SIGABRT only.
     r.allow_if(libc::SYS_rt_sigaction, &[eq(0, c(libc::SIGABRT))]);
@@ -354,22 +372,22 @@ fn base() -> Rules {
     // opens /sys and /proc files once per process, in whichever thread gets
     // there first (malloc: /sys/devices/system/cpu/online for its arena
     // limit, /proc/sys/vm/overcommit_memory on a heap trim), and copes with
-    // the failure, as does a panic's backtrace. Classes that open files
-    // allow it instead.
+    // the failure, as does a panic's backtrace. The class that opens files
+    // (the controller's snapshots) allows it instead.
     r.refuse(libc::SYS_openat, libc::EACCES);
     r
 }
 
 /// What starting a thread takes, in the parent (`clone`) and in the child
 /// before its own filter is installed (it runs under the parent's): thread
-/// setup, its name, and installing its filter (which only ever narrows).
+/// setup, its name, and installing its filters (which only ever narrow).
 fn starts_threads() -> Rules {
     let mut r = Rules::default();
     // clone3 passes its flags in memory a filter cannot read: it is answered
     // ENOSYS, and glibc falls back to `clone`, whose flags are checked.
     r.refuse(libc::SYS_clone3, libc::ENOSYS);
-    r.allow(&[libc::SYS_set_robust_list, libc::SYS_rseq]);
     r.allow_if(libc::SYS_clone, &[eq64(0, THREAD_CLONE_FLAGS)]);
+    r.allow(&[libc::SYS_set_robust_list, libc::SYS_rseq]);
     r.allow_if(libc::SYS_prctl, &[eq(0, c(libc::PR_SET_NAME))]);
     r.allow_if(
         libc::SYS_prctl,
@@ -382,7 +400,7 @@ fn starts_threads() -> Rules {
     r
 }
 
-/// Sleeping (`std::thread::sleep`) and polling with a timeout.
+/// Sleeping (`std::thread::sleep`).
 fn sleeps() -> Rules {
     let mut r = Rules::default();
     r.allow(&[libc::SYS_clock_nanosleep, libc::SYS_nanosleep]);
@@ -406,8 +424,9 @@ fn fills_memory() -> Rules {
     r
 }
 
-/// A connected stream socket (Unix or TCP): data, timeouts, shutdown,
-/// blocking mode, cloning the descriptor.
+/// A connected stream socket (Unix or TCP; std reads and writes a Unix one
+/// with read/write, a TCP one with recvfrom/sendto): timeouts, TCP's
+/// no-delay, shutdown, blocking mode, cloning the descriptor.
 fn uses_streams() -> Rules {
     let mut r = Rules::default();
     r.allow(&[
@@ -415,21 +434,26 @@ fn uses_streams() -> Rules {
         libc::SYS_recvfrom,
         libc::SYS_sendto,
         libc::SYS_shutdown,
-        libc::SYS_poll,
-        libc::SYS_setsockopt,
-        libc::SYS_getsockopt,
-        libc::SYS_getsockname,
-        libc::SYS_getpeername,
     ]);
+    for (level, option) in [
+        (libc::SOL_SOCKET, libc::SO_RCVTIMEO),
+        (libc::SOL_SOCKET, libc::SO_SNDTIMEO),
+        (libc::IPPROTO_TCP, libc::TCP_NODELAY),
+    ] {
+        r.allow_if(libc::SYS_setsockopt, &[eq(1, c(level)), eq(2, c(option))]);
+    }
+    // A failed connect's error.
+    r.allow_if(
+        libc::SYS_getsockopt,
+        &[eq(1, c(libc::SOL_SOCKET)), eq(2, c(libc::SO_ERROR))],
+    );
     r.ioctls(&[FIONBIO]);
     r.allow_if(libc::SYS_fcntl, &[eq(1, c(libc::F_DUPFD_CLOEXEC))]);
-    r.allow_if(libc::SYS_fcntl, &[eq(1, c(libc::F_GETFL))]);
-    r.allow_if(libc::SYS_fcntl, &[eq(1, c(libc::F_SETFL))]);
     r
 }
 
 /// Opening stream sockets of the migration's families (Unix, TCP over IPv4
-/// or IPv6), and connecting them.
+/// or IPv6) and connecting them (a TCP connect with a timeout polls).
 fn connects() -> Rules {
     let mut r = Rules::default();
     for family in [libc::AF_UNIX, libc::AF_INET, libc::AF_INET6] {
@@ -438,7 +462,7 @@ fn connects() -> Rules {
             &[eq(0, c(family)), eq(1, c(libc::SOCK_STREAM | libc::SOCK_CLOEXEC))],
         );
     }
-    r.allow(&[libc::SYS_connect]);
+    r.allow(&[libc::SYS_connect, libc::SYS_poll]);
     r
 }
 
@@ -452,7 +476,8 @@ pub(crate) fn own(class: ThreadClass) -> Rules {
         ThreadClass::Vcpu => {
             // KVM_RUN first: it is the hot one. The GETs save the vCPU's
             // state (on its own thread, `vcpu::state`); the register read
-            // reports a crash's RIP.
+            // also reports a crash's RIP. Nothing sets state here: a restore
+            // writes it before the thread starts.
             r.ioctls(&[
                 KVM_RUN,
                 KVM_GET_REGS,
@@ -461,18 +486,17 @@ pub(crate) fn own(class: ThreadClass) -> Rules {
                 KVM_GET_MSRS,
                 KVM_GET_LAPIC,
                 KVM_GET_XSAVE,
-                KVM_GET_XSAVE2,
                 KVM_GET_XCRS,
                 KVM_GET_VCPU_EVENTS,
                 KVM_GET_MP_STATE,
                 KVM_GET_DEBUGREGS,
-                KVM_GET_TSC_KHZ,
-                KVM_GET_CPUID2,
             ]);
+            // vCPU 0 shares its CPU with the fault handler.
             r.union(&pins_itself());
         }
         ThreadClass::FaultHandler => {
             r.union(&fills_memory());
+            // The handler waits on the userfaultfd and its sources' eventfds.
             r.allow(&[libc::SYS_poll, libc::SYS_ppoll]);
             // Test and stress page sources delay their answers.
             r.union(&sleeps());
@@ -480,7 +504,7 @@ pub(crate) fn own(class: ThreadClass) -> Rules {
         }
         ThreadClass::PageStore => {
             // Guest memory is plain memory to it; it waits on a condvar and
-            // posts events (an eventfd write).
+            // posts events (an eventfd write): the base is all it needs.
         }
         ThreadClass::Controller => {
             r.union(&starts_threads());
@@ -499,7 +523,8 @@ pub(crate) fn own(class: ThreadClass) -> Rules {
             // RAM released from userfaultfd when a run ends with stuck vCPUs.
             r.union(&fills_memory());
             r.ioctls(&[UFFDIO_UNREGISTER]);
-            // Snapshots: the directory, its files, their durability.
+            // Snapshots: the directory (an older one replaced), its files,
+            // their durability; /proc/self/pagemap for the pages that exist.
             r.allow(&[
                 libc::SYS_openat,
                 libc::SYS_mkdir,
@@ -519,21 +544,27 @@ pub(crate) fn own(class: ThreadClass) -> Rules {
                 libc::SYS_newfstatat,
                 libc::SYS_fstat,
             ]);
+            // An outgoing migration connects here (then runs on its threads).
+            r.union(&uses_streams());
+            r.union(&connects());
             r.union(&sleeps());
         }
         ThreadClass::ControlServer => {
             r.union(&starts_threads());
+            // Non-blocking accepts, a short sleep when none is waiting.
             r.allow_if(libc::SYS_accept4, &[eq(3, c(libc::SOCK_CLOEXEC))]);
             r.union(&sleeps());
         }
         ThreadClass::ControlClient => {
+            // JSON lines on its socket; requests go to the controller over
+            // a channel and an eventfd.
             r.union(&uses_streams());
         }
         ThreadClass::MigrationSource => {
             r.union(&starts_threads());
             r.union(&uses_streams());
             r.union(&connects());
-            // Pre-copy: the dirty log (and turning it on per memory slot).
+            // Pre-copy: the dirty log, turned on per memory slot.
             r.ioctls(&[KVM_GET_DIRTY_LOG, KVM_SET_USER_MEMORY_REGION]);
             // A lazily served source VM's memory is fetched in full first.
             r.union(&fills_memory());
@@ -542,11 +573,13 @@ pub(crate) fn own(class: ThreadClass) -> Rules {
         ThreadClass::MigrationDest => {
             r.union(&starts_threads());
             r.union(&uses_streams());
-            // Recovery: a new listener (a stale Unix socket is probed and removed).
+            // Recovery: a new listener (a stale Unix socket is probed with a
+            // connect and removed), its address, the source's connections.
             r.union(&connects());
             r.allow(&[
                 libc::SYS_bind,
                 libc::SYS_listen,
+                libc::SYS_getsockname,
                 libc::SYS_unlink,
                 libc::SYS_unlinkat,
             ]);
@@ -560,8 +593,9 @@ pub(crate) fn own(class: ThreadClass) -> Rules {
             r.union(&sleeps());
         }
         ThreadClass::Main => {
-            // Waits for the run, reports it (stdout, the pre-opened statistics
-            // file), removes the socket files it created; the progress bar.
+            // Waits for the run and reports it (stdout, the statistics file
+            // opened before), removes the socket files it created; the
+            // progress bar draws on the terminal.
             r.allow(&[libc::SYS_unlink, libc::SYS_unlinkat]);
             r.ioctls(&[TIOCGWINSZ, TCGETS]);
             r.union(&sleeps());

@@ -35,5 +35,7 @@ pub use vmm_core::vcpu::manager::{PauseReport, VcpuPause};
 pub use controller::outcome::{
     EXIT_BAD_RESULT, EXIT_CRASHED, EXIT_MEMORY_FAULT, EXIT_STOPPED, EXIT_TIMED_OUT, EXIT_VMM_ERROR,
 };
+/// The sandbox's modes, and the exit code of a VMM it stopped.
+pub use sandbox::{SeccompMode, EXIT_SECCOMP};
 /// The bundled guest (kernel and user program ELFs).
 pub use vmm_core::guest;
