@@ -296,6 +296,12 @@ fn c(v: libc::c_int) -> u64 {
     u64::from(v.unsigned_abs())
 }
 
+/// `tgkill(this process, any of its threads, sig)`: the filters are built
+/// at run time, in the process they guard.
+fn tgkill_self(sig: libc::c_int) -> [ArgCheck; 2] {
+    [eq(0, u64::from(std::process::id())), eq(2, c(sig))]
+}
+
 // ---- groups -------------------------------------------------------------------
 
 /// What every thread needs: ending, synchronizing, allocating memory
@@ -367,7 +373,7 @@ fn base() -> Rules {
     }
     // abort() after a panic while panicking: SIGABRT only.
     r.allow_if(libc::SYS_rt_sigaction, &[eq(0, c(libc::SIGABRT))]);
-    r.allow_if(libc::SYS_tgkill, &[eq(2, c(libc::SIGABRT))]);
+    r.allow_if(libc::SYS_tgkill, &tgkill_self(libc::SIGABRT));
     // Opening a file fails with EACCES rather than stopping the VMM: glibc
     // opens /sys and /proc files once per process, in whichever thread gets
     // there first (malloc: /sys/devices/system/cpu/online for its arena
@@ -516,7 +522,7 @@ pub(crate) fn own(class: ThreadClass) -> Rules {
                 libc::SYS_read,
             ]);
             // Kicks: SIGRTMIN to a vCPU thread of this process.
-            r.allow_if(libc::SYS_tgkill, &[eq(2, c(libc::SIGRTMIN()))]);
+            r.allow_if(libc::SYS_tgkill, &tgkill_self(libc::SIGRTMIN()));
             // The VM-wide state of a snapshot or migration.
             r.ioctls(&[KVM_GET_IRQCHIP, KVM_GET_PIT2, KVM_GET_CLOCK]);
             // Lazily served memory fetched in full before a capture; guest

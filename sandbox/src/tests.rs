@@ -86,6 +86,24 @@ fn no_class_may_exec_fork_trace_or_map_executable_memory() {
                 );
             }
         }
+        // Signals only to this process, and only SIGABRT (a panic's abort)
+        // or, from the controller, SIGRTMIN (kicks).
+        let Some(Allowed::When(alts)) = r.get(libc::SYS_tgkill) else {
+            panic!("{class}: tgkill must be checked");
+        };
+        for alt in alts {
+            assert!(
+                alt.contains(&rules::eq(0, u64::from(std::process::id()))),
+                "{class}: {alt:?}"
+            );
+            let sig = alt.iter().find(|c| c.index == 2).unwrap().value;
+            assert!(
+                sig == 6
+                    || (class == ThreadClass::Controller
+                        && sig == u64::from(libc::SIGRTMIN().unsigned_abs())),
+                "{class}: {sig}"
+            );
+        }
         // Only threads, never a process: clone's flags are checked.
         if let Some(a) = r.get(libc::SYS_clone) {
             assert!(matches!(a, Allowed::When(_)), "{class}");
