@@ -302,13 +302,8 @@ fn actions(mode: SeccompMode) -> (SeccompAction, SeccompAction) {
 pub fn filter(class: ThreadClass, mode: SeccompMode) -> Result<BpfProgram, SandboxError> {
     let (mismatch, matched) = actions(mode);
     let compile = |source| SandboxError::Compile { class, source };
-    let f = SeccompFilter::new(
-        rules(class).to_seccompiler(),
-        mismatch,
-        matched,
-        TargetArch::x86_64,
-    )
-    .map_err(compile)?;
+    let rules = rules(class).to_seccompiler().map_err(compile)?;
+    let f = SeccompFilter::new(rules, mismatch, matched, TargetArch::x86_64).map_err(compile)?;
     BpfProgram::try_from(f).map_err(compile)
 }
 

@@ -96,7 +96,7 @@ impl Rules {
     }
 
     /// Allows `nr` when all of `checks` hold (one more alternative).
-    fn allow_if(&mut self, nr: libc::c_long, checks: &[ArgCheck]) -> &mut Self {
+    pub(crate) fn allow_if(&mut self, nr: libc::c_long, checks: &[ArgCheck]) -> &mut Self {
         self.refused.remove(&nr);
         match self
             .allowed
@@ -204,22 +204,21 @@ impl Rules {
     /// The class filter in seccompiler's form: the allowed calls, and the
     /// refused ones too (the refusal filters answer them; this one must not
     /// trap them, since the strictest action of all filters wins).
-    pub(crate) fn to_seccompiler(&self) -> BTreeMap<i64, Vec<SeccompRule>> {
-        let mut map: BTreeMap<i64, Vec<SeccompRule>> = self
-            .allowed
-            .iter()
-            .map(|(&nr, a)| {
-                let rules = match a {
-                    Allowed::Always => Vec::new(),
-                    Allowed::When(alts) => alts.iter().filter_map(|alt| to_rule(alt)).collect(),
-                };
-                (nr, rules)
-            })
-            .collect();
+    /// A check that does not build is an error: dropping it would allow
+    /// the call whatever its arguments.
+    pub(crate) fn to_seccompiler(&self) -> Result<BTreeMap<i64, Vec<SeccompRule>>, BackendError> {
+        let mut map = BTreeMap::new();
+        for (&nr, a) in &self.allowed {
+            let rules = match a {
+                Allowed::Always => Vec::new(),
+                Allowed::When(alts) => alts.iter().map(|alt| to_rule(alt)).collect::<Result<_, _>>()?,
+            };
+            map.insert(nr, rules);
+        }
         for &nr in self.refused.keys() {
             map.insert(nr, Vec::new());
         }
-        map
+        Ok(map)
     }
 
     /// One filter per errno that answers the refused calls with it and
@@ -244,7 +243,7 @@ impl Rules {
     }
 }
 
-fn to_rule(checks: &[ArgCheck]) -> Option<SeccompRule> {
+fn to_rule(checks: &[ArgCheck]) -> Result<SeccompRule, BackendError> {
     let conds = checks
         .iter()
         .map(|c| {
@@ -261,9 +260,8 @@ fn to_rule(checks: &[ArgCheck]) -> Option<SeccompRule> {
             };
             SeccompCondition::new(c.index, len, op, c.value)
         })
-        .collect::<Result<Vec<_>, _>>()
-        .ok()?;
-    SeccompRule::new(conds).ok()
+        .collect::<Result<Vec<_>, _>>()?;
+    SeccompRule::new(conds)
 }
 
 // ---- argument values --------------------------------------------------------

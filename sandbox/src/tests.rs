@@ -292,3 +292,19 @@ fn sandboxed_threads_start_threads_of_the_classes_they_may_start() {
     );
     assert!(stdout.contains("child ok"), "{stdout}");
 }
+
+#[test]
+fn a_check_that_does_not_build_fails_the_filter_instead_of_allowing_the_call() {
+    let mut r = Rules::default();
+    // Argument 7 does not exist: dropping the check would allow the call.
+    r.allow_if(
+        libc::SYS_socket,
+        &[rules::ArgCheck {
+            index: 7,
+            dword: true,
+            mask: u64::MAX,
+            value: 0,
+        }],
+    );
+    assert!(r.to_seccompiler().is_err());
+}

@@ -194,15 +194,21 @@ pub fn fault(opts: FaultBenchOptions, progress: &mut dyn FnMut(&str)) -> Result<
     progress("guest random touches over anonymous memory");
     let anon_rand = repeat(n, || guest_touch(pages, true, MemoryConfig::default(), on))?;
     progress("guest random touches through the retry core, seccomp kill and off interleaved");
+    // ABBA order, so that a drift of the host's load weighs on both alike.
     let (mut sandboxed, mut unsandboxed) = (Vec::new(), Vec::new());
-    for _ in 0..n.max(1) {
-        sandboxed.push(guest_touch(pages, true, lazy(MemBackend::Zero, 0), on)?);
-        unsandboxed.push(guest_touch(
-            pages,
-            true,
-            lazy(MemBackend::Zero, 0),
-            SeccompMode::Off,
-        )?);
+    for i in 0..n.max(1) {
+        let mut pair = [on, SeccompMode::Off];
+        if i % 2 == 1 {
+            pair.reverse();
+        }
+        for mode in pair {
+            let us = guest_touch(pages, true, lazy(MemBackend::Zero, 0), mode)?;
+            if mode == on {
+                sandboxed.push(us);
+            } else {
+                unsandboxed.push(us);
+            }
+        }
     }
     let (zero_rand, zero_rand_seccomp_off) = (Figure::of(sandboxed), Figure::of(unsandboxed));
     progress("guest sequential touches through the retry core");
