@@ -22,7 +22,7 @@
 /// `BootInfo::magic`: "VMMBOOT1" little-endian.
 pub const BOOT_INFO_MAGIC: u64 = u64::from_le_bytes(*b"VMMBOOT1");
 /// `BootInfo::version` of this definition.
-pub const BOOT_INFO_VERSION: u32 = 1;
+pub const BOOT_INFO_VERSION: u32 = 2;
 /// Capacity of `BootInfo::mem_regions`.
 pub const MAX_MEM_REGIONS: usize = 32;
 /// Capacity of `BootInfo::cmdline` in bytes.
@@ -80,6 +80,10 @@ pub struct BootInfo {
     pub mem_region_count: u32,
     /// Valid bytes in `cmdline` (UTF-8, no terminator).
     pub cmdline_len: u32,
+    /// The guest's TSC frequency in kHz as KVM runs it (0 if unknown).
+    pub tsc_khz: u32,
+    /// Zero.
+    pub reserved: u32,
     /// The user program ELF (the bundled `user` crate unless replaced).
     pub user_image: Module,
     /// The guest-physical memory map, sorted, non-overlapping.
@@ -91,7 +95,7 @@ pub struct BootInfo {
 const _: () = assert!(core::mem::size_of::<MemRegion>() == 24);
 const _: () = assert!(core::mem::size_of::<Module>() == 16);
 const _: () =
-    assert!(core::mem::size_of::<BootInfo>() == 8 + 4 * 4 + 16 + 24 * MAX_MEM_REGIONS + CMDLINE_MAX);
+    assert!(core::mem::size_of::<BootInfo>() == 8 + 4 * 6 + 16 + 24 * MAX_MEM_REGIONS + CMDLINE_MAX);
 const _: () = assert!(core::mem::size_of::<BootInfo>() as u64 <= crate::layout::PAGE_SIZE);
 
 crate::byte_valued!(MemRegion, Module, BootInfo);
@@ -104,6 +108,8 @@ impl Default for BootInfo {
             cpu_count: 0,
             mem_region_count: 0,
             cmdline_len: 0,
+            tsc_khz: 0,
+            reserved: 0,
             user_image: Module::default(),
             mem_regions: [MemRegion::default(); MAX_MEM_REGIONS],
             cmdline: [0; CMDLINE_MAX],

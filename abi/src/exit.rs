@@ -1,5 +1,6 @@
 //! Exit codes the guest writes to [`crate::ports::DEBUG_EXIT_PORT`]. The VMM
-//! process exits with the same number.
+//! process exits with 0 for 0 and with 32 + the code otherwise (its own
+//! codes stay apart: see the README).
 
 /// Why the guest ended the VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

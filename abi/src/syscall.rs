@@ -149,6 +149,16 @@ pub struct TaskArgs {
     pub test: u64,
     /// Task id.
     pub tid: u64,
+    /// Argument of the pattern ([`crate::workload::Pattern::encode`]).
+    pub pattern_arg: u64,
+    /// Accesses of a sampling pattern.
+    pub accesses: u64,
+    /// `dirty`: pages per second this task rewrites (0 = as fast as it can).
+    pub rate: u64,
+    /// `dirty`: how long it rewrites, in milliseconds.
+    pub duration_ms: u64,
+    /// The TSC frequency in kHz (from the boot information; 0 if unknown).
+    pub tsc_khz: u64,
 }
 
 /// `TaskArgs::role` of the in-guest test runner (`test=`).
@@ -165,21 +175,30 @@ impl TaskArgs {
             first_page: self.first_page,
             pages: self.pages,
             order_seed: self.order_seed,
+            accesses: self.accesses,
         }
     }
 
-    /// The task's page order pattern (anything but `Rand` reads as `Seq`).
-    pub fn pattern(&self) -> crate::workload::Pattern {
-        use crate::workload::Pattern;
-        if self.pattern == Pattern::Rand as u32 {
-            Pattern::Rand
-        } else {
-            Pattern::Seq
-        }
+    /// The checksum the task must report (`None` if the arguments are invalid).
+    pub fn expected_checksum(&self) -> Option<u64> {
+        let kind = crate::workload::WorkloadKind::from_raw(self.workload)?;
+        let pattern = self.pattern()?;
+        Some(crate::workload::task_checksum(
+            kind,
+            &self.plan(),
+            pattern,
+            self.write != 0,
+            self.seed,
+        ))
+    }
+
+    /// The task's page order pattern (`None` if the encoding is invalid).
+    pub fn pattern(&self) -> Option<crate::workload::Pattern> {
+        crate::workload::Pattern::decode(self.pattern, self.pattern_arg)
     }
 }
 
-const _: () = assert!(core::mem::size_of::<TaskArgs>() == 96);
+const _: () = assert!(core::mem::size_of::<TaskArgs>() == 136);
 
 /// What a user task reports with [`SYS_REPORT`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

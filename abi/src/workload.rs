@@ -30,6 +30,10 @@ pub enum WorkloadKind {
     Touch = 1,
     /// The kernel deliberately triple-faults (tests the VMM's crash report).
     TripleFault = 2,
+    /// Write every page of the region once, then keep rewriting them in
+    /// turn at a steady rate (`rate=` pages/s for `duration_ms=`), then read
+    /// them back: a steady dirty rate for pre-copy experiments.
+    Dirty = 3,
 }
 
 impl WorkloadKind {
@@ -39,6 +43,7 @@ impl WorkloadKind {
             WorkloadKind::Hello,
             WorkloadKind::Touch,
             WorkloadKind::TripleFault,
+            WorkloadKind::Dirty,
         ]
         .into_iter()
         .find(|k| *k as u32 == raw)
@@ -50,18 +55,113 @@ impl WorkloadKind {
             WorkloadKind::Hello => "hello",
             WorkloadKind::Touch => "touch",
             WorkloadKind::TripleFault => "triple-fault",
+            WorkloadKind::Dirty => "dirty",
         }
+    }
+
+    /// Whether the workload's tasks touch pages of the work region (and
+    /// report a checksum the host verifies).
+    pub const fn touches_pages(self) -> bool {
+        matches!(self, WorkloadKind::Touch | WorkloadKind::Dirty)
     }
 }
 
-/// Order in which a task touches its pages.
+/// Order in which a task touches its pages ([`AccessOrder`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u32)]
 pub enum Pattern {
-    /// Ascending.
-    Seq = 0,
-    /// A seeded pseudo-random permutation ([`PageOrder`]).
-    Rand = 1,
+    /// Ascending, each page once.
+    Seq,
+    /// A seeded pseudo-random permutation, each page once ([`PageOrder`]).
+    Rand,
+    /// Every `K`-th page, then again from the next page, each page once:
+    /// `0, K, 2K, .., 1, K+1, ..` (`stride:K`).
+    Stride(u64),
+    /// A hot set: `hot_pct` percent of the pages (scattered) take
+    /// `access_pct` percent of the accesses (`hot:H:A`); pages repeat.
+    Hot {
+        /// Percent of the pages in the hot set (1-99).
+        hot_pct: u32,
+        /// Percent of the accesses that go to the hot set (1-99).
+        access_pct: u32,
+    },
+    /// Zipf-like popularity: the page of rank `r` (scattered) is chosen with
+    /// probability about proportional to `1/(r+1)^theta` (`zipf:T`, theta in
+    /// thousandths, 0-2000); pages repeat. Sampled with integers only, by
+    /// octaves of ranks (each octave's weight exact, ranks uniform inside it).
+    Zipf {
+        /// Theta in thousandths (990 = 0.99).
+        theta_milli: u32,
+    },
+}
+
+impl Pattern {
+    /// `(kind, argument)` for [`crate::syscall::TaskArgs`].
+    pub const fn encode(self) -> (u32, u64) {
+        match self {
+            Pattern::Seq => (0, 0),
+            Pattern::Rand => (1, 0),
+            Pattern::Stride(k) => (2, k),
+            Pattern::Hot { hot_pct, access_pct } => (3, ((hot_pct as u64) << 32) | access_pct as u64),
+            Pattern::Zipf { theta_milli } => (4, theta_milli as u64),
+        }
+    }
+
+    /// The pattern of an encoded `(kind, argument)`.
+    pub fn decode(kind: u32, arg: u64) -> Option<Pattern> {
+        let p = match kind {
+            0 => Pattern::Seq,
+            1 => Pattern::Rand,
+            2 => Pattern::Stride(arg),
+            3 => Pattern::Hot {
+                hot_pct: u32::try_from(arg >> 32).ok()?,
+                access_pct: u32::try_from(arg & 0xffff_ffff).ok()?,
+            },
+            4 => Pattern::Zipf {
+                theta_milli: u32::try_from(arg).ok()?,
+            },
+            _ => return None,
+        };
+        p.valid().then_some(p)
+    }
+
+    /// Whether the parameters are in range.
+    pub fn valid(self) -> bool {
+        match self {
+            Pattern::Seq | Pattern::Rand => true,
+            Pattern::Stride(k) => (1..=MAX_TOUCH_PAGES).contains(&k),
+            Pattern::Hot { hot_pct, access_pct } => {
+                (1..=99).contains(&hot_pct) && (1..=99).contains(&access_pct)
+            }
+            Pattern::Zipf { theta_milli } => theta_milli <= 2000,
+        }
+    }
+
+    /// Whether pages repeat (the pattern samples `accesses` times) rather
+    /// than being visited once each.
+    pub const fn samples(self) -> bool {
+        matches!(self, Pattern::Hot { .. } | Pattern::Zipf { .. })
+    }
+
+    /// Parses `seq`, `rand`, `stride:K`, `hot:H:A` or `zipf:T`.
+    pub fn parse(s: &str) -> Option<Pattern> {
+        let p = match s.split_once(':') {
+            None if s == "seq" => Pattern::Seq,
+            None if s == "rand" => Pattern::Rand,
+            Some(("stride", k)) => Pattern::Stride(parse_u64(k)?),
+            Some(("hot", rest)) => {
+                let (h, a) = rest.split_once(':')?;
+                Pattern::Hot {
+                    hot_pct: u32::try_from(parse_u64(h)?).ok()?,
+                    access_pct: u32::try_from(parse_u64(a)?).ok()?,
+                }
+            }
+            Some(("zipf", t)) => Pattern::Zipf {
+                theta_milli: u32::try_from(parse_u64(t)?).ok()?,
+            },
+            _ => return None,
+        };
+        p.valid().then_some(p)
+    }
 }
 
 /// A parsed command line.
@@ -88,6 +188,12 @@ pub struct WorkloadConfig {
     pub store_delay_us: u64,
     /// `tasks=N` (hello only): tasks per vCPU, preemptively scheduled.
     pub tasks: u32,
+    /// `accesses=N` (touch with `hot`/`zipf`): accesses in all (0 = `pages`).
+    pub accesses: u64,
+    /// `rate=N` (dirty): pages written per second, all tasks together.
+    pub rate: u64,
+    /// `duration_ms=N` (dirty): how long the rewriting goes on.
+    pub duration_ms: u64,
 }
 
 /// The in-guest tests, in the order `test=all` runs them.
@@ -121,12 +227,17 @@ impl Default for WorkloadConfig {
             test: None,
             store_delay_us: 20_000,
             tasks: 1,
+            accesses: 0,
+            rate: 1000,
+            duration_ms: 1000,
         }
     }
 }
 
 /// Largest `pages=` value: the touch region's size.
 pub const MAX_TOUCH_PAGES: u64 = USER_WORK_MAX_SIZE / PAGE_SIZE;
+/// Largest `accesses=` value.
+pub const MAX_ACCESSES: u64 = 1 << 28;
 
 /// Why a command line was rejected. `Display` gives the message a user reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -152,7 +263,7 @@ impl core::fmt::Display for CmdlineError<'_> {
             CmdlineError::NotKeyValue(w) => write!(f, "`{w}` is not of the form key=value"),
             CmdlineError::UnknownKey(k) => write!(
                 f,
-                "unknown key `{k}` (known: workload, pages, pattern, write, seed, populate, shared, test, store_delay_us, tasks)"
+                "unknown key `{k}` (known: workload, pages, pattern, accesses, write, seed, populate, shared, test, store_delay_us, tasks, rate, duration_ms)"
             ),
             CmdlineError::BadValue { key, value, expected } => {
                 write!(f, "bad value `{value}` for `{key}`: expected {expected}")
@@ -189,7 +300,8 @@ pub fn parse_cmdline(cmdline: &str) -> Result<WorkloadConfig, CmdlineError<'_>> 
                     "hello" => WorkloadKind::Hello,
                     "touch" => WorkloadKind::Touch,
                     "triple-fault" => WorkloadKind::TripleFault,
-                    _ => return Err(bad("hello, touch or triple-fault")),
+                    "dirty" => WorkloadKind::Dirty,
+                    _ => return Err(bad("hello, touch, dirty or triple-fault")),
                 }
             }
             "pages" => {
@@ -198,11 +310,24 @@ pub fn parse_cmdline(cmdline: &str) -> Result<WorkloadConfig, CmdlineError<'_>> 
                     .ok_or(bad("a page count from 1 to 16777216"))?
             }
             "pattern" => {
-                cfg.pattern = match value {
-                    "seq" => Pattern::Seq,
-                    "rand" => Pattern::Rand,
-                    _ => return Err(bad("seq or rand")),
-                }
+                cfg.pattern = Pattern::parse(value).ok_or(bad(
+                    "seq, rand, stride:K (K pages), hot:H:A (H% of pages take A% of accesses, 1-99) or zipf:T (theta in thousandths, 0-2000)",
+                ))?
+            }
+            "accesses" => {
+                cfg.accesses = parse_u64(value)
+                    .filter(|a| (1..=MAX_ACCESSES).contains(a))
+                    .ok_or(bad("an access count from 1 to 268435456"))?
+            }
+            "rate" => {
+                cfg.rate = parse_u64(value)
+                    .filter(|r| (1..=10_000_000).contains(r))
+                    .ok_or(bad("pages per second from 1 to 10000000"))?
+            }
+            "duration_ms" => {
+                cfg.duration_ms = parse_u64(value)
+                    .filter(|d| *d <= 3_600_000)
+                    .ok_or(bad("milliseconds up to 3600000"))?
             }
             "write" => cfg.write = parse_bool(value).ok_or(bad("0 or 1"))?,
             "populate" => cfg.populate = parse_bool(value).ok_or(bad("0 or 1"))?,
@@ -273,7 +398,8 @@ pub const fn fold(sum: u64, page: u64, value: u64) -> u64 {
 }
 
 /// Visits `0 .. n` in a seeded pseudo-random order without memory: a full-period
-/// LCG modulo the next power of two, skipping values `>= n` (cycle walking).
+/// LCG modulo the next power of two, skipping values `>= n` (cycle walking);
+/// any pattern but `Rand` visits them in ascending order.
 #[derive(Debug, Clone)]
 pub struct PageOrder {
     n: u64,
@@ -307,9 +433,8 @@ impl Iterator for PageOrder {
         if self.emitted == self.n {
             return None;
         }
-        let out = match self.pattern {
-            Pattern::Seq => self.emitted,
-            Pattern::Rand => loop {
+        let out = if self.pattern == Pattern::Rand {
+            loop {
                 let v = self.state;
                 self.state = (self
                     .state
@@ -319,16 +444,238 @@ impl Iterator for PageOrder {
                 if v < self.n {
                     break v;
                 }
-            },
+            }
+        } else {
+            self.emitted
         };
         self.emitted += 1;
         Some(out)
     }
 }
 
-/// What one task of the `touch` workload does: global pages
-/// `first_page .. first_page + pages`, visited in `PageOrder::new(pages, pattern,
-/// order_seed)` (offsets from `first_page`).
+/// `2^(2^-j)` in Q32 for `j = 1..=32`: the factors of [`exp2_milli`].
+const EXP2_FRACTIONS: [u64; 32] = [
+    0x16a09e668,
+    0x1306fe0a3,
+    0x1172b83c8,
+    0x10b5586d0,
+    0x1059b0d31,
+    0x102c9a3e7,
+    0x10163daa0,
+    0x100b1afa6,
+    0x10058c86e,
+    0x1002c605e,
+    0x100162f39,
+    0x1000b175f,
+    0x100058ba0,
+    0x10002c5cc,
+    0x1000162e5,
+    0x10000b172,
+    0x1000058b9,
+    0x100002c5d,
+    0x10000162e,
+    0x100000b17,
+    0x10000058c,
+    0x1000002c6,
+    0x100000163,
+    0x1000000b1,
+    0x100000059,
+    0x10000002c,
+    0x100000016,
+    0x10000000b,
+    0x100000006,
+    0x100000003,
+    0x100000001,
+    0x100000001,
+];
+
+/// `2^(x / 1000)` in Q32 fixed point (`x` in thousandths, |x| <= 30000),
+/// with integers only (the guest has no floating point).
+pub fn exp2_milli(x: i64) -> u64 {
+    let q = x.div_euclid(1000);
+    let f = u64::try_from(x.rem_euclid(1000)).unwrap_or(0);
+    // The fraction in Q32, then the product of the factors of its bits.
+    let frac = (f << 32) / 1000;
+    let mut m: u64 = 1 << 32;
+    for (j, factor) in EXP2_FRACTIONS.iter().enumerate() {
+        if frac & (1 << (31 - j)) != 0 {
+            // Below 2^34: m < 2 and the factor < 2, both in Q32.
+            m = u64::try_from((u128::from(m) * u128::from(*factor)) >> 32).unwrap_or(u64::MAX);
+        }
+    }
+    if q >= 0 {
+        m << q.min(30)
+    } else {
+        m >> (-q).min(63)
+    }
+}
+
+/// A prime above [`MAX_TOUCH_PAGES`]: multiplying ranks by it modulo the page
+/// count is a bijection, which scatters a hot set over the pages.
+const SCATTER_PRIME: u64 = 16_777_259;
+const _: () = assert!(SCATTER_PRIME > MAX_TOUCH_PAGES);
+
+/// Octaves of ranks: enough for [`MAX_TOUCH_PAGES`].
+const OCTAVES: usize = 26;
+
+/// How a sampling pattern picks a rank.
+#[derive(Debug, Clone)]
+enum Sample {
+    Hot { hot: u64, access_pct: u64 },
+    Zipf { cum: [u64; OCTAVES], octaves: usize },
+}
+
+/// The page offsets (from the task's first page) a task visits, in order:
+/// each page once for `seq`, `rand` and `stride`, `accesses` samples for
+/// `hot` and `zipf`. The same sequence on the guest (which touches memory)
+/// and on the host (which computes the checksum).
+#[derive(Debug, Clone)]
+pub struct AccessOrder {
+    inner: Inner,
+}
+
+#[derive(Debug, Clone)]
+// The guest has no allocator: the zipf table lives inline (one order per task).
+#[allow(clippy::large_enum_variant)]
+enum Inner {
+    Perm(PageOrder),
+    Stride {
+        n: u64,
+        k: u64,
+        phase: u64,
+        next: u64,
+    },
+    Sample {
+        n: u64,
+        left: u64,
+        i: u64,
+        seed: u64,
+        mul: u64,
+        off: u64,
+        how: Sample,
+    },
+}
+
+impl AccessOrder {
+    /// The order of `n` pages under `pattern`; `accesses` samples for a
+    /// sampling pattern.
+    pub fn new(n: u64, pattern: Pattern, seed: u64, accesses: u64) -> AccessOrder {
+        let inner = match pattern {
+            Pattern::Seq | Pattern::Rand => Inner::Perm(PageOrder::new(n, pattern, seed)),
+            Pattern::Stride(k) => Inner::Stride {
+                n,
+                k: k.max(1),
+                phase: 0,
+                next: 0,
+            },
+            Pattern::Hot { hot_pct, access_pct } => Inner::Sample {
+                n,
+                left: if n == 0 { 0 } else { accesses },
+                i: 0,
+                seed,
+                mul: SCATTER_PRIME % n.max(1),
+                off: mix64(seed ^ 0x5343_4154) % n.max(1),
+                how: Sample::Hot {
+                    hot: (n * u64::from(hot_pct) / 100).max(1),
+                    access_pct: u64::from(access_pct),
+                },
+            },
+            Pattern::Zipf { theta_milli } => {
+                // Octave b holds ranks [2^b - 1, 2^(b+1) - 1); its weight is
+                // about 2^(b (1 - theta)) scaled to the part of it inside n.
+                let mut cum = [0u64; OCTAVES];
+                let mut total = 0u64;
+                let mut octaves = 0;
+                for (b, c) in cum.iter_mut().enumerate() {
+                    let start = (1u64 << b) - 1;
+                    if start >= n {
+                        break;
+                    }
+                    let size = (1u64 << b).min(n - start);
+                    let e = exp2_milli(b as i64 * (1000 - i64::from(theta_milli)));
+                    let w = u64::try_from((u128::from(e) * u128::from(size)) >> b).unwrap_or(u64::MAX >> 8);
+                    total += w.max(1);
+                    *c = total;
+                    octaves = b + 1;
+                }
+                Inner::Sample {
+                    n,
+                    left: if n == 0 { 0 } else { accesses },
+                    i: 0,
+                    seed,
+                    mul: SCATTER_PRIME % n.max(1),
+                    off: mix64(seed ^ 0x5343_4154) % n.max(1),
+                    how: Sample::Zipf { cum, octaves },
+                }
+            }
+        };
+        AccessOrder { inner }
+    }
+}
+
+impl Iterator for AccessOrder {
+    type Item = u64;
+
+    fn next(&mut self) -> Option<u64> {
+        match &mut self.inner {
+            Inner::Perm(o) => o.next(),
+            Inner::Stride { n, k, phase, next } => {
+                while *next >= *n {
+                    *phase += 1;
+                    if *phase >= *k || *phase >= *n {
+                        return None;
+                    }
+                    *next = *phase;
+                }
+                let out = *next;
+                *next += *k;
+                Some(out)
+            }
+            Inner::Sample {
+                n,
+                left,
+                i,
+                seed,
+                mul,
+                off,
+                how,
+            } => {
+                if *left == 0 {
+                    return None;
+                }
+                *left -= 1;
+                *i += 1;
+                let h = mix64(*seed ^ i.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+                let h2 = mix64(h ^ 0x5241_4e4b);
+                let rank = match how {
+                    Sample::Hot { hot, access_pct } => {
+                        if h % 100 < *access_pct || *hot >= *n {
+                            h2 % *hot
+                        } else {
+                            *hot + h2 % (*n - *hot)
+                        }
+                    }
+                    Sample::Zipf { cum, octaves } => {
+                        let total = cum[*octaves - 1];
+                        let u = h % total;
+                        let b = cum[..*octaves]
+                            .iter()
+                            .position(|&c| u < c)
+                            .unwrap_or(*octaves - 1);
+                        let start = (1u64 << b) - 1;
+                        let size = (1u64 << b).min(*n - start);
+                        start + h2 % size
+                    }
+                };
+                Some((rank * *mul + *off) % *n)
+            }
+        }
+    }
+}
+
+/// What one task of a page-touching workload does: global pages
+/// `first_page .. first_page + pages`, visited in `AccessOrder::new(pages,
+/// pattern, order_seed, accesses)` (offsets from `first_page`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TaskPlan {
     /// Global index of the first page.
@@ -337,12 +684,14 @@ pub struct TaskPlan {
     pub pages: u64,
     /// Seed of the task's page order (values always use the workload's seed).
     pub order_seed: u64,
+    /// Accesses of a sampling pattern (`hot`, `zipf`).
+    pub accesses: u64,
 }
 
 impl TaskPlan {
     /// The task's page order (offsets from `first_page`).
-    pub fn order(&self, pattern: Pattern) -> PageOrder {
-        PageOrder::new(self.pages, pattern, self.order_seed)
+    pub fn order(&self, pattern: Pattern) -> AccessOrder {
+        AccessOrder::new(self.pages, pattern, self.order_seed, self.accesses)
     }
 
     /// The checksum the task must report: the fold of the values it reads back,
@@ -354,6 +703,23 @@ impl TaskPlan {
             fold(sum, page, if write { page_value(seed, page) } else { 0 })
         })
     }
+
+    /// The number of distinct pages the task touches (host side: W of a
+    /// working set).
+    #[cfg(any(feature = "host", test))]
+    pub fn distinct_pages(&self, pattern: Pattern) -> u64 {
+        let mut seen = vec![false; usize::try_from(self.pages).unwrap_or(0)];
+        let mut n = 0;
+        for i in self.order(pattern) {
+            if let Some(s) = seen.get_mut(usize::try_from(i).unwrap_or(usize::MAX)) {
+                if !*s {
+                    *s = true;
+                    n += 1;
+                }
+            }
+        }
+        n
+    }
 }
 
 /// What task `cpu` of `cpus` does under `cfg` (no pages unless `touch`).
@@ -361,19 +727,26 @@ impl TaskPlan {
 /// pages, ordered by a seed mixed with the cpu, so the tasks reach the same
 /// pages at different times.
 pub fn task_plan(cfg: &WorkloadConfig, cpus: u32, cpu: u32) -> TaskPlan {
-    if cfg.kind != WorkloadKind::Touch {
+    if !cfg.kind.touches_pages() {
         return TaskPlan {
             first_page: 0,
             pages: 0,
             order_seed: cfg.seed,
+            accesses: 0,
         };
     }
+    let accesses = if cfg.accesses == 0 {
+        cfg.pages
+    } else {
+        cfg.accesses
+    };
     if cfg.shared {
         let order_seed = cfg.seed ^ mix64(u64::from(cpu).wrapping_add(0x5348_4152_4544));
         TaskPlan {
             first_page: 0,
             pages: cfg.pages,
             order_seed,
+            accesses,
         }
     } else {
         let (first_page, pages) = share(cfg.pages, cpus, cpu);
@@ -381,13 +754,29 @@ pub fn task_plan(cfg: &WorkloadConfig, cpus: u32, cpu: u32) -> TaskPlan {
             first_page,
             pages,
             order_seed: cfg.seed ^ first_page,
+            accesses: share(accesses, cpus, cpu).1,
         }
     }
 }
 
 /// The checksum task `cpu` of `cpus` must report under `cfg`.
 pub fn expected_task_checksum(cfg: &WorkloadConfig, cpus: u32, cpu: u32) -> u64 {
-    task_plan(cfg, cpus, cpu).checksum(cfg.pattern, cfg.write, cfg.seed)
+    task_checksum(
+        cfg.kind,
+        &task_plan(cfg, cpus, cpu),
+        cfg.pattern,
+        cfg.write,
+        cfg.seed,
+    )
+}
+
+/// The checksum of a task of `kind` with `plan`: `touch` folds its access
+/// order; `dirty` always writes and reads every page back in ascending order.
+pub fn task_checksum(kind: WorkloadKind, plan: &TaskPlan, pattern: Pattern, write: bool, seed: u64) -> u64 {
+    match kind {
+        WorkloadKind::Dirty => plan.checksum(Pattern::Seq, true, seed),
+        _ => plan.checksum(pattern, write, seed),
+    }
 }
 
 /// The checksum of a non-shared task with share `(first_page, pages)`; same as
@@ -397,6 +786,7 @@ pub fn expected_checksum(first_page: u64, pages: u64, pattern: Pattern, write: b
         first_page,
         pages,
         order_seed: seed ^ first_page,
+        accesses: pages,
     }
     .checksum(pattern, write, seed)
 }
@@ -555,5 +945,156 @@ mod tests {
         assert_ne!(good, expected_checksum(0, 64, Pattern::Rand, false, 9));
         assert_ne!(good, expected_checksum(1, 64, Pattern::Rand, true, 9));
         assert_ne!(good, expected_checksum(0, 64, Pattern::Seq, true, 9));
+    }
+
+    #[test]
+    fn exp2_in_fixed_point_is_accurate() {
+        for (x, want) in [
+            (0i64, 1.0f64),
+            (1000, 2.0),
+            (500, 2f64.sqrt()),
+            (-1000, 0.5),
+            (2500, 2f64.powf(2.5)),
+            (-12345, 2f64.powf(-12.345)),
+        ] {
+            let got = exp2_milli(x) as f64 / (1u64 << 32) as f64;
+            assert!(
+                (got / want - 1.0).abs() < 1e-6,
+                "2^({x}/1000) = {got}, want {want}"
+            );
+        }
+    }
+
+    #[test]
+    fn patterns_parse_encode_and_refuse_bad_parameters() {
+        for (text, p) in [
+            ("seq", Pattern::Seq),
+            ("rand", Pattern::Rand),
+            ("stride:7", Pattern::Stride(7)),
+            (
+                "hot:10:90",
+                Pattern::Hot {
+                    hot_pct: 10,
+                    access_pct: 90,
+                },
+            ),
+            ("zipf:990", Pattern::Zipf { theta_milli: 990 }),
+        ] {
+            assert_eq!(Pattern::parse(text), Some(p), "{text}");
+            let (k, a) = p.encode();
+            assert_eq!(Pattern::decode(k, a), Some(p));
+        }
+        for bad in [
+            "",
+            "stride:0",
+            "hot:0:50",
+            "hot:50:100",
+            "hot:5",
+            "zipf:2001",
+            "zipf:x",
+            "random",
+        ] {
+            assert_eq!(Pattern::parse(bad), None, "{bad}");
+        }
+        assert_eq!(Pattern::decode(9, 0), None);
+        let c = parse_cmdline("workload=touch pages=100 pattern=hot:20:80 accesses=5000").unwrap();
+        assert_eq!(
+            (c.pattern, c.accesses),
+            (
+                Pattern::Hot {
+                    hot_pct: 20,
+                    access_pct: 80
+                },
+                5000
+            )
+        );
+        assert!(parse_cmdline("workload=touch pattern=zipf:3000").is_err());
+        let d = parse_cmdline("workload=dirty pages=64 rate=500 duration_ms=200").unwrap();
+        assert_eq!((d.kind, d.rate, d.duration_ms), (WorkloadKind::Dirty, 500, 200));
+    }
+
+    #[test]
+    fn stride_visits_every_page_once() {
+        for (n, k) in [(10u64, 3u64), (64, 8), (7, 1), (5, 9), (1000, 37)] {
+            let order: Vec<u64> = AccessOrder::new(n, Pattern::Stride(k), 1, 0).collect();
+            let mut sorted = order.clone();
+            sorted.sort_unstable();
+            assert_eq!(sorted, (0..n).collect::<Vec<_>>(), "n {n} k {k}");
+            assert_eq!(order[1], if k < n { k } else { 1 }, "n {n} k {k}");
+        }
+    }
+
+    #[test]
+    fn hot_sets_take_their_share_of_accesses() {
+        let n = 10_000;
+        let order: Vec<u64> = AccessOrder::new(
+            n,
+            Pattern::Hot {
+                hot_pct: 10,
+                access_pct: 90,
+            },
+            5,
+            100_000,
+        )
+        .collect();
+        assert_eq!(order.len(), 100_000);
+        let mut count = vec![0u64; n as usize];
+        for &p in &order {
+            count[p as usize] += 1;
+        }
+        let mut sorted = count.clone();
+        sorted.sort_unstable_by(|a, b| b.cmp(a));
+        let hot: u64 = sorted[..1000].iter().sum();
+        let share = hot as f64 / 100_000.0;
+        assert!((0.88..0.92).contains(&share), "the top 10% took {share}");
+        // Scattered: the hot pages are not the first thousand.
+        let first: u64 = count[..1000].iter().sum();
+        assert!(first < 50_000, "{first}");
+        // Deterministic.
+        let again: Vec<u64> = AccessOrder::new(
+            n,
+            Pattern::Hot {
+                hot_pct: 10,
+                access_pct: 90,
+            },
+            5,
+            100_000,
+        )
+        .collect();
+        assert_eq!(order, again);
+    }
+
+    #[test]
+    fn zipf_is_skewed_by_theta() {
+        let n = 4096;
+        let top_share = |theta| {
+            let mut count = vec![0u64; n as usize];
+            for p in AccessOrder::new(n, Pattern::Zipf { theta_milli: theta }, 3, 200_000) {
+                count[p as usize] += 1;
+            }
+            count.sort_unstable_by(|a, b| b.cmp(a));
+            count[..41].iter().sum::<u64>() as f64 / 200_000.0
+        };
+        let (uniform, skewed, steep) = (top_share(0), top_share(990), top_share(1500));
+        assert!(uniform < 0.02, "theta 0 top 1%: {uniform}");
+        assert!(skewed > 0.3 && skewed < steep, "theta 0.99 {skewed}, 1.5 {steep}");
+        assert!(steep > 0.7, "{steep}");
+    }
+
+    #[test]
+    fn sampling_plans_count_distinct_pages_and_check_the_same_on_both_sides() {
+        let cfg = parse_cmdline("workload=touch pages=2000 pattern=zipf:990 accesses=3000 seed=4").unwrap();
+        let plan = task_plan(&cfg, 2, 1);
+        assert_eq!((plan.pages, plan.accesses), (1000, 1500));
+        let w = plan.distinct_pages(cfg.pattern);
+        assert!(w > 10 && w < 1000, "{w}");
+        assert_eq!(plan.order(cfg.pattern).count(), 1500);
+        assert_eq!(
+            plan.checksum(cfg.pattern, true, 4),
+            plan.checksum(cfg.pattern, true, 4)
+        );
+        // seq and rand keep today's plans (one access per page).
+        let t = parse_cmdline("workload=touch pages=100 pattern=rand").unwrap();
+        assert_eq!(task_plan(&t, 1, 0).distinct_pages(t.pattern), 100);
     }
 }

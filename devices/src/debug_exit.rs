@@ -32,6 +32,7 @@ impl DebugExit {
 
 /// The saved state of a [`DebugExit`]: empty, the device remembers nothing.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DebugExitState {}
 
 /// What a restored [`DebugExit`] needs: the new VM's event sink.

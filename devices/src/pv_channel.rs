@@ -76,6 +76,7 @@ impl PvChannel {
 
 /// The saved state of a [`PvChannel`]: empty, requests are synchronous.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PvChannelState {}
 
 /// What a restored [`PvChannel`] needs: the new VM's memory and event sink.

@@ -107,6 +107,7 @@ pub enum SerialError {
 /// (`{"registers": [9 bytes], "in_buffer": [..]}`), so it can replace the VMM's
 /// hand-written mirror without a format change.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SerialConsoleState {
     /// DLL, DLM, IER, IIR, LCR, LSR, MCR, MSR, SCR, in this order.
     pub registers: [u8; 9],

@@ -1,5 +1,5 @@
 //! Thread placement. Most of a userfault round trip here is the cross-CPU
-//! wake-up (PLATFORM.md: ~48 us cross-CPU vs ~7 us same-CPU), so where the
+//! wake-up (docs/platform.md: ~48 us cross-CPU vs ~7 us same-CPU), so where the
 //! handler thread runs relative to the vCPUs is a design choice the VMM makes.
 
 use std::io;

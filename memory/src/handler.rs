@@ -314,7 +314,7 @@ impl HandlerControl {
     /// Faults read from the uffd and not resolved yet (in progress, parked for
     /// a retry, held, or failed), one entry per blocked thread, oldest first.
     /// A thread that left its fault (a vCPU interrupted by a signal, see
-    /// PLATFORM.md) stays listed until the page is served: the kernel does not
+    /// docs/platform.md) stays listed until the page is served: the kernel does not
     /// tell the handler. Faults outside every region are only in `failures()`.
     pub fn blocked(&self) -> Vec<BlockedFault> {
         let mut v: Vec<BlockedFault> = self
@@ -503,7 +503,7 @@ impl FaultHandler {
     /// It runs on the handler thread, between faults, with no handler lock
     /// held (it may call [`HandlerControl`] methods). It must not block or
     /// take long: every fault waits behind it, and a vCPU blocked from kernel
-    /// mode cannot be released by anything else (PLATFORM.md). Send into an
+    /// mode cannot be released by anything else (docs/platform.md). Send into an
     /// unbounded channel and write an eventfd (or set a flag); never a
     /// bounded `send`, a lock a vCPU or the controller may hold, or I/O. A
     /// panic in it is caught and logged (the event is lost); it must not

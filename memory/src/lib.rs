@@ -33,6 +33,7 @@
 pub mod affinity;
 pub mod bench;
 pub mod core;
+pub mod files;
 pub mod handler;
 pub mod histogram;
 pub mod mmap;

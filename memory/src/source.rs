@@ -285,7 +285,8 @@ impl FileSource {
             path: path.to_owned(),
             message: e.to_string(),
         };
-        let file = File::open(path).map_err(open_err)?;
+        // A FIFO or a device would block or never end: regular files only.
+        let file = crate::files::open_regular(path).map_err(open_err)?;
         let file_len = file.metadata().map_err(open_err)?.len();
         Ok(FileSource {
             file,

@@ -9,6 +9,7 @@ fn assert_touch(vcpus: u32, mem: &str, pages: u64, pattern: Pattern, write: bool
     let pat = match pattern {
         Pattern::Seq => "seq",
         Pattern::Rand => "rand",
+        other => panic!("{other:?}: this test checks the once-each patterns"),
     };
     let cmdline = format!(
         "workload=touch pages={pages} pattern={pat} write={} seed={seed}",

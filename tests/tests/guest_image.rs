@@ -1,5 +1,5 @@
 //! The bundled guest kernel must not contain instructions that this project's KVM
-//! (PVM) refuses to emulate at CPL0 (see shared PLATFORM notes and
+//! (PVM) refuses to emulate at CPL0 (see docs/platform.md and
 //! docs/guest-kernel.md). Disassembles the embedded kernel with objdump.
 #![allow(clippy::unwrap_used)]
 

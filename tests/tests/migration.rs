@@ -1,9 +1,11 @@
 //! Live migration on real KVM, loopback only: a running workload migrates
-//! over a Unix socket and over TCP, with and without pre-copy rounds, and
-//! finishes on the destination with the right checksums, every page sent
-//! once or accounted; a connection cut mid post-copy pauses the destination
-//! with an error, and either the source resumes the VM or the destination
-//! recovers and the migration completes.
+//! over a Unix socket and over TCP with TLS (pinned certificates, a
+//! pre-shared key), with and without pre-copy rounds, and finishes on the
+//! destination with the right checksums, every page sent once or accounted;
+//! a connection cut mid post-copy pauses the destination with an error, and
+//! either the source resumes the VM or the destination recovers (over TLS
+//! too) and the migration completes; a destination with another certificate
+//! or plain TCP is refused before the source pauses, and its VM runs on.
 #![allow(clippy::unwrap_used)]
 
 use std::path::PathBuf;
@@ -11,7 +13,7 @@ use std::sync::mpsc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use vmm::controller::verify_reports;
-use vmm::migration::{Endpoint, Listener, MigrateOptions};
+use vmm::migration::{tls, Endpoint, Listener, MigrateOptions, Security, TlsFiles};
 use vmm::receive::{self as migration, ReceiveOptions};
 use vmm::{GuestEnd, RunningVm, Vm, VmConfig};
 use vmm_tests::{capture_options, config};
@@ -65,6 +67,7 @@ fn destination_with_handle(
             },
             lost_wait,
             progress: Default::default(),
+            wait: None,
         };
         let out = migration::receive(&listener, opts, |h| {
             let _ = handle.send(h.clone());
@@ -81,9 +84,32 @@ fn destination_with_handle(
     })
 }
 
-fn migrate_and_finish(listen: Endpoint) {
+/// Keys for a source and a destination (and a third party) under a fresh
+/// directory: `(dir, source's security, destination's security)`.
+fn pinned_pair(test: &str) -> (PathBuf, Security, Security) {
+    let dir = std::env::temp_dir().join(format!("vmm-mig-{}-{test}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    for side in ["src", "dst", "other"] {
+        tls::keygen(&dir.join(side), false).unwrap();
+    }
+    let (src, dst) = (pinned(&dir, "src", "dst"), pinned(&dir, "dst", "src"));
+    (dir, src, dst)
+}
+
+/// `me`'s certificate and key, `peer`'s certificate pinned.
+fn pinned(dir: &std::path::Path, me: &str, peer: &str) -> Security {
+    let files = TlsFiles {
+        cert: Some(dir.join(me).join("cert.pem")),
+        key: Some(dir.join(me).join("key.pem")),
+        peer: Some(dir.join(peer).join("cert.pem")),
+        psk: None,
+    };
+    Security::from_files(&files, false).unwrap()
+}
+
+fn migrate_and_finish(listen: Endpoint, dst: Security, src_security: Security) {
     let cfg = touch_cfg();
-    let listener = Listener::bind(&listen).unwrap();
+    let listener = Listener::bind_with(&listen, dst).unwrap();
     let to = listener.endpoint().unwrap();
     let dest = destination(listener, Duration::from_secs(1));
     // Long enough for thousands of data pages, so that the guest faults on
@@ -93,6 +119,7 @@ fn migrate_and_finish(listen: Endpoint) {
     // pages are served by requests.
     let options = MigrateOptions {
         push_delay: Duration::from_millis(300),
+        security: src_security,
         ..Default::default()
     };
     let summary = src.migrate(&to, &options).unwrap();
@@ -125,12 +152,104 @@ fn migrate_and_finish(listen: Endpoint) {
 #[test]
 fn migrate_a_running_workload_over_unix() {
     let p = sock("unix");
-    migrate_and_finish(Endpoint::Unix(p));
+    migrate_and_finish(Endpoint::Unix(p), Security::default(), Security::default());
 }
 
 #[test]
-fn migrate_a_running_workload_over_tcp() {
-    migrate_and_finish(Endpoint::Tcp("127.0.0.1:0".into()));
+fn migrate_a_running_workload_over_tcp_with_tls_and_pinned_certificates() {
+    let (dir, src, dst) = pinned_pair("tls");
+    migrate_and_finish(Endpoint::Tcp("127.0.0.1:0".into()), dst, src);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn migrate_with_precopy_over_tls_with_a_pre_shared_key() {
+    let dir = std::env::temp_dir().join(format!("vmm-mig-{}-psk", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = dir.join("psk");
+    tls::keygen_psk(&key, false).unwrap();
+    let files = TlsFiles {
+        psk: Some(key),
+        ..Default::default()
+    };
+    let sec = || Security::from_files(&files, false).unwrap();
+    let cfg = touch_cfg();
+    let listener = Listener::bind_with(&Endpoint::Tcp("127.0.0.1:0".into()), sec()).unwrap();
+    let to = listener.endpoint().unwrap();
+    let dest = destination(listener, Duration::from_secs(1));
+    let src = source(&cfg, Duration::from_millis(300));
+    let options = MigrateOptions {
+        precopy_rounds: 2,
+        security: sec(),
+        ..Default::default()
+    };
+    let summary = src.migrate(&to, &options).unwrap();
+    assert!(matches!(src.wait().unwrap().end, GuestEnd::Migrated(_)));
+    let out = dest.join().unwrap();
+    eprintln!("{summary:?}\n{:?}", out.stats);
+    assert_eq!(out.run.end, GuestEnd::Exited(0), "{:?}", out.lost);
+    let sum = verify_reports(&out.config, &out.run);
+    assert!(matches!(sum, Ok(Some(_))), "{sum:?}");
+    assert!(summary.precopy_pages > 0 && out.stats.precopy_pages == summary.precopy_pages);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Plain TCP without the opt-in, then a destination whose certificate is
+/// not the pinned one: both refused before the source pauses (its VM never
+/// stops running and finishes there), the destination refuses the source
+/// too and says why when it gives up waiting.
+#[test]
+fn refused_destinations_leave_the_source_running() {
+    let (dir, src_sec, _) = pinned_pair("refused");
+    let cfg = touch_cfg();
+    // The destination presents `other`'s certificate, not the `dst` one the
+    // source pins: the source refuses it, and the destination hears why.
+    let dst_sec = pinned(&dir, "other", "other");
+    let listener = Listener::bind_with(&Endpoint::Tcp("127.0.0.1:0".into()), dst_sec).unwrap();
+    let to = listener.endpoint().unwrap();
+    let dest = std::thread::spawn(move || {
+        let opts = ReceiveOptions {
+            vm: capture_options().0,
+            lost_wait: Duration::from_secs(1),
+            progress: Default::default(),
+            wait: Some(Duration::from_secs(4)),
+        };
+        migration::receive(&listener, opts, |_| {})
+            .map(|_| ())
+            .unwrap_err()
+    });
+    let src = source(&cfg, Duration::from_millis(50));
+    let plain = src
+        .migrate(&to, &MigrateOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        plain.contains("must be TLS") && plain.contains("--insecure-plain-tcp"),
+        "{plain}"
+    );
+    let options = MigrateOptions {
+        security: src_sec,
+        ..Default::default()
+    };
+    let e = src.migrate(&to, &options).unwrap_err().to_string();
+    assert!(
+        e.contains("presented certificate sha256:") && e.contains("--tls-peer"),
+        "{e}"
+    );
+    // Never paused: it runs on and can migrate later.
+    let stats = src.stats().unwrap();
+    assert!(!stats.paused, "{stats:?}");
+    let d = dest.join().unwrap().to_string();
+    assert!(
+        d.contains("no migration source connected and authenticated within 4 s")
+            && d.contains("refused this side's certificate"),
+        "{d}"
+    );
+    let run = src.wait().unwrap();
+    assert_eq!(run.end, GuestEnd::Exited(0));
+    assert!(matches!(verify_reports(&cfg, &run), Ok(Some(_))));
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
@@ -213,24 +332,39 @@ fn migrate_with_precopy_rounds_sends_only_the_last_writes_after_the_switchover()
 
 #[test]
 fn recover_after_a_lost_connection_completes_the_migration() {
+    let again = Endpoint::Unix(sock("rec-again"));
+    recover_after_a_cut("rec", Security::default(), Security::default(), again);
+}
+
+/// TLS over the Unix sockets of the cut connection, then over TCP for the
+/// source's return (the destination's own TLS settings by default).
+#[test]
+fn recover_over_tls_after_a_lost_connection() {
+    let (dir, src, dst) = pinned_pair("rec-tls");
+    recover_after_a_cut("rec-tls", src, dst, Endpoint::Tcp("127.0.0.1:0".into()));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+fn recover_after_a_cut(name: &str, src_sec: Security, dst_sec: Security, again: Endpoint) {
     let cfg = touch_cfg();
-    let back = sock("rec-back");
-    let front = sock("rec-front");
-    let again = sock("rec-again");
-    let listener = Listener::bind(&Endpoint::Unix(back.clone())).unwrap();
+    let back = sock(&format!("{name}-back"));
+    let front = sock(&format!("{name}-front"));
+    let listener = Listener::bind_with(&Endpoint::Unix(back.clone()), dst_sec).unwrap();
     let (htx, hrx) = mpsc::channel();
     let dest = destination_with_handle(listener, Duration::from_secs(30), htx);
     // The state and about a hundred pages, then the connection dies.
     vmm::stress::cutting_proxy(&front, &back, 400 << 10).unwrap();
     let src = source(&cfg, Duration::from_millis(50));
-    let err = src
-        .migrate(&Endpoint::Unix(front), &MigrateOptions::default())
-        .unwrap_err();
+    let first = MigrateOptions {
+        security: src_sec.clone(),
+        ..Default::default()
+    };
+    let err = src.migrate(&Endpoint::Unix(front), &first).unwrap_err();
     let dh = hrx.recv_timeout(Duration::from_secs(60)).unwrap();
     // Recover is refused until the destination has seen the loss.
     let start = Instant::now();
     let at = loop {
-        match dh.recover(&Endpoint::Unix(again.clone())) {
+        match dh.recover(&again) {
             Ok(at) => break at,
             Err(e) => {
                 assert!(start.elapsed() < Duration::from_secs(20), "{e} (source: {err})");
@@ -255,6 +389,7 @@ fn recover_after_a_lost_connection_completes_the_migration() {
     assert!(e.contains("source is lost"), "{e}");
     let options = MigrateOptions {
         resume: true,
+        security: src_sec,
         ..Default::default()
     };
     let summary = src.migrate(&at, &options).unwrap();

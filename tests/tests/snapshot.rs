@@ -171,7 +171,7 @@ fn bad_snapshots_are_refused_before_the_guest_runs() {
     let e = restore_err(Path::new("/nonexistent/vmm-snapshot"), &eager);
     assert!(matches!(e, SnapshotError::Missing { .. }), "{e}");
 
-    for file in ["manifest.json", "state.json", "memory.bin"] {
+    for file in ["manifest.json", "state.json", "memory.bin", "memory.hashes"] {
         let d = case("missing", &|p: &Path| std::fs::remove_file(p.join(file)).unwrap());
         let e = restore_err(&d.0, &eager);
         assert!(matches!(e, SnapshotError::Missing { .. }), "{file}: {e}");
@@ -210,7 +210,10 @@ fn bad_snapshots_are_refused_before_the_guest_runs() {
         let m = std::fs::read_to_string(p.join("manifest.json")).unwrap();
         std::fs::write(
             p.join("manifest.json"),
-            m.replace("\"version\": 2", "\"version\": 99"),
+            m.replace(
+                &format!("\"version\": {}", snapshot::FORMAT_VERSION),
+                "\"version\": 99",
+            ),
         )
         .unwrap();
     });
@@ -238,10 +241,36 @@ fn bad_snapshots_are_refused_before_the_guest_runs() {
         let mine = snapshot::read_manifest(p).unwrap();
         let mut theirs = snapshot::read_manifest(&other.0).unwrap();
         theirs.memory = mine.memory;
-        snapshot::write_manifest(p, &theirs).unwrap();
+        snapshot::write_manifest(p, &theirs, None).unwrap();
     });
     let e = restore_err(&d.0, &eager);
     assert!(matches!(e, SnapshotError::Mismatch { .. }), "{e}");
+    // The memory of another snapshot of the same guest: its pages do not
+    // match this manifest's page hashes (the hashes file's own hash).
+    let twin = TempDir::new("bad-twin");
+    snapshot_mid_run(&cfg, &twin.0);
+    let d = case("paired", &|p: &Path| {
+        std::fs::copy(twin.0.join("memory.bin"), p.join("memory.bin")).unwrap();
+        std::fs::copy(twin.0.join("memory.hashes"), p.join("memory.hashes")).unwrap();
+    });
+    let e = restore_err(&d.0, &eager);
+    assert!(
+        matches!(
+            e,
+            SnapshotError::Checksum { .. } | SnapshotError::Truncated { .. }
+        ),
+        "{e}"
+    );
+    // An extent entry deleted from the manifest (its data would read as
+    // zero): the manifest's digest no longer matches.
+    let d = case("extent-deleted", &|p: &Path| {
+        let text = std::fs::read_to_string(p.join("manifest.json")).unwrap();
+        let mut m: serde_json::Value = serde_json::from_str(&text).unwrap();
+        m["memory"]["extents"].as_array_mut().unwrap().remove(0);
+        std::fs::write(p.join("manifest.json"), serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+    });
+    let e = restore_err(&d.0, &lazy(false));
+    assert!(matches!(e, SnapshotError::Digest { .. }), "{e}");
 
     // A corrupted memory extent: eager restore refuses it up front; a lazy one
     // refuses the page when the guest needs it, pausing and ending the run
@@ -263,9 +292,72 @@ fn bad_snapshots_are_refused_before_the_guest_runs() {
     let (vm, _, _) = restore(&d.0, &lazy(false));
     let out = vm.wait().unwrap();
     match &out.end {
-        GuestEnd::MemoryFault(m) => assert!(m.contains("checksum mismatch"), "{m}"),
+        GuestEnd::MemoryFault(m) => assert!(m.contains("do not match their hash"), "{m}"),
         other => panic!("a corrupted lazy snapshot ran to {other:?}"),
     }
+}
+
+/// Rewrites a snapshot's memory file indexed by guest-physical address
+/// (the hole below 4 GiB a hole in the file too), its layout recorded so.
+fn to_gpa_layout(dir: &Path) {
+    use snapshot::{LayoutKind, MemoryLayout};
+    use std::os::unix::fs::FileExt;
+    let mut m = snapshot::read_manifest(dir).unwrap();
+    let packed = m.memory.layout.clone();
+    assert_eq!(packed.kind, LayoutKind::Packed);
+    let gpa = MemoryLayout::new(LayoutKind::Gpa, m.memory.mem_size);
+    let from = std::fs::File::open(dir.join("memory.bin")).unwrap();
+    let tmp = dir.join("memory.bin.gpa");
+    let to = std::fs::File::create(&tmp).unwrap();
+    to.set_len(gpa.file_len()).unwrap();
+    for e in &m.memory.extents {
+        let mut buf = vec![0u8; usize::try_from(e.len).unwrap()];
+        from.read_exact_at(&mut buf, packed.file_offset(e.gpa, e.len).unwrap())
+            .unwrap();
+        to.write_all_at(&buf, e.gpa).unwrap();
+    }
+    std::fs::rename(&tmp, dir.join("memory.bin")).unwrap();
+    m.memory.layout = gpa.clone();
+    m.memory.len = gpa.file_len();
+    snapshot::write_manifest(dir, &m, None).unwrap();
+}
+
+/// Snapshots are written with packed regions (the memory file is as long
+/// as RAM, the layout is in the manifest); a memory file indexed by
+/// guest-physical address restores too, eagerly and lazily, for a guest
+/// with RAM on both sides of the MMIO hole, and a layout that does not fit
+/// the RAM is refused before anything runs.
+#[test]
+fn packed_and_gpa_indexed_snapshots_of_a_guest_above_3_gib_restore() {
+    let cfg = touch_cfg("3584M", 3000);
+    let dir = TempDir::new("packed");
+    snapshot_mid_run(&cfg, &dir.0);
+    let m = snapshot::read_manifest(&dir.0).unwrap();
+    assert_eq!(m.version, snapshot::FORMAT_VERSION);
+    assert_eq!(m.memory.len, 3584 << 20, "packed: no hole for the MMIO gap");
+    assert_eq!(m.memory.layout.regions.len(), 2);
+    assert_eq!(m.memory.layout.regions[1].offset, 3 << 30);
+    let old = TempDir::new("gpa-layout");
+    copy_dir(&dir.0, &old.0);
+    to_gpa_layout(&old.0);
+    assert_eq!(
+        std::fs::metadata(old.0.join("memory.bin")).unwrap().len(),
+        (4 << 30) + (512 << 20)
+    );
+    for d in [&dir.0, &old.0] {
+        for how in [RestoreOptions::default(), lazy(true)] {
+            let (vm, cfg, console) = restore(d, &how);
+            finish(vm, &cfg, &console);
+        }
+    }
+    // A layout for another RAM size.
+    let bad = TempDir::new("badlayout");
+    copy_dir(&dir.0, &bad.0);
+    let mut m = snapshot::read_manifest(&bad.0).unwrap();
+    m.memory.layout = snapshot::MemoryLayout::new(snapshot::LayoutKind::Packed, 2 << 30);
+    snapshot::write_manifest(&bad.0, &m, None).unwrap();
+    let e = restore_err(&bad.0, &RestoreOptions::default());
+    assert!(e.to_string().contains("memory layout"), "{e}");
 }
 
 /// A lazy restore does no work proportional to memory size: a 4 GiB guest
@@ -327,4 +419,80 @@ fn page_store_reads_in_flight_complete_after_a_lazy_restore() {
     let text = console_text(&console);
     assert_eq!(out.end, GuestEnd::Exited(0), "console:\n{text}");
     assert!(text.contains("guest-test: store ... ok"), "{text}");
+}
+
+/// Snapshot files are owner-only and written safely: a new snapshot into a
+/// directory that holds an older one replaces it whole; a symlink or a
+/// directory of other files is refused; a keyed snapshot needs its key.
+#[test]
+fn snapshots_are_private_replaced_whole_and_authenticated_with_a_key() {
+    use std::os::unix::fs::PermissionsExt;
+    let cfg = touch_cfg("256M", 3000);
+    let dir = TempDir::new("safe");
+    let target = dir.0.join("snap");
+    snapshot_mid_run(&cfg, &target);
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&target), 0o700);
+    for f in ["manifest.json", "state.json", "memory.bin", "memory.hashes"] {
+        assert_eq!(mode(&target.join(f)), 0o600, "{f}");
+    }
+    let first = snapshot::read_manifest(&target).unwrap().id;
+    // Again into the same directory: replaced whole, nothing left beside it.
+    snapshot_mid_run(&cfg, &target);
+    assert_ne!(snapshot::read_manifest(&target).unwrap().id, first);
+    let names: Vec<_> = std::fs::read_dir(&dir.0)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        vec!["snap".to_string()],
+        "temporary directories left behind"
+    );
+
+    let (options, console) = capture_options();
+    let vm = Vm::new(&cfg, options).unwrap().start().unwrap();
+    wait_for(&console, "touch: cpu 0 start");
+    // A planted symlink is never followed.
+    let link = dir.0.join("link");
+    let elsewhere = dir.0.join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, &link).unwrap();
+    let e = vm.snapshot(&link, AfterSnapshot::Restore).unwrap_err();
+    assert!(e.to_string().contains("symbolic link"), "{e}");
+    assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0);
+    // A directory of other files is not a snapshot to replace.
+    let busy = dir.0.join("busy");
+    std::fs::create_dir(&busy).unwrap();
+    std::fs::write(busy.join("notes.txt"), b"mine").unwrap();
+    let e = vm.snapshot(&busy, AfterSnapshot::Restore).unwrap_err();
+    assert!(e.to_string().contains("holds other files"), "{e}");
+    assert_eq!(std::fs::read(busy.join("notes.txt")).unwrap(), b"mine");
+    vm.stop();
+    let _ = vm.wait();
+
+    // A keyed snapshot: refused without its key or with another one.
+    let key_file = dir.0.join("key");
+    std::fs::write(&key_file, [7u8; 32]).unwrap();
+    let key = snapshot::SnapshotKey::load(&key_file).unwrap();
+    let keyed = dir.0.join("keyed");
+    let (mut options, console) = capture_options();
+    options.snapshot_key = Some(key.clone());
+    let vm = Vm::new(&cfg, options).unwrap().start().unwrap();
+    wait_for(&console, "touch: cpu 0 start");
+    vm.snapshot(&keyed, AfterSnapshot::Stop).unwrap();
+    let _ = vm.wait();
+    let e = restore_err(&keyed, &RestoreOptions::default());
+    assert!(matches!(e, SnapshotError::KeyNeeded { .. }), "{e}");
+    let (mut options, _) = capture_options();
+    options.snapshot_key = Some(snapshot::SnapshotKey::new([8u8; 32]));
+    match Vm::restore(&keyed, &RestoreOptions::default(), options) {
+        Err(VmError::Snapshot(SnapshotError::Digest { keyed: true, .. })) => {}
+        other => panic!("a wrong key was accepted: {:?}", other.map(|_| ())),
+    }
+    let (mut options, console) = capture_options();
+    options.snapshot_key = Some(key);
+    let vm = Vm::restore(&keyed, &lazy(false), options).unwrap();
+    let rcfg = vm.config().clone();
+    finish(vm.start().unwrap(), &rcfg, &console);
 }

@@ -18,7 +18,7 @@ pub enum VmEvent {
     Memory(MemoryEvent),
 }
 
-/// A failure of lazily served guest memory.
+/// A failure of lazily served or externally served guest memory.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MemoryEvent {
     /// A page source failed for a page (the page was not zero-filled; the
@@ -26,6 +26,16 @@ pub enum MemoryEvent {
     SourceFailed(String),
     /// A userfault handler thread stopped: pages can no longer be served.
     HandlerStopped(String),
+    /// The external page-fault handler attached as `link` is gone (its
+    /// connection closed, its process or its connection's holder ended):
+    /// nobody serves the userfaultfd until another one is attached.
+    ExternalHandlerLost {
+        /// Which attachment (the owner numbers them; a late event of a
+        /// replaced one is ignored).
+        link: u64,
+        /// What was seen, in words.
+        reason: String,
+    },
 }
 
 /// Where the mechanism posts its events. Must not block.

@@ -86,6 +86,7 @@ pub fn create_vm(kvm: &Kvm) -> Result<VmFd, KvmError> {
 
 /// The VM-wide KVM state: PIC master, PIC slave, IOAPIC, PIT, kvmclock.
 #[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct KvmVmState {
     /// PIC master, PIC slave, IOAPIC.
     pub irqchip: Vec<kvm_irqchip>,

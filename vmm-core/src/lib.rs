@@ -17,7 +17,8 @@ pub mod arch;
 pub mod config;
 pub mod devices;
 pub mod event;
-pub mod files;
+/// Reading files a user names (kernel images, configs, snapshot parts) safely.
+pub use ::memory::files;
 pub mod guest;
 pub mod kvm;
 pub mod loader;

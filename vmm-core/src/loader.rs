@@ -175,6 +175,21 @@ pub fn load_kernel(mem: &GuestRam, mem_size: u64, image: &[u8]) -> Result<(u64, 
     {
         return Err(LoaderError::BadEntry(info.entry));
     }
+    // Each segment's memory is zeroed first, so its bss is zero whatever
+    // backs guest RAM (a memory file's pages would otherwise show through).
+    let zeros = vec![0u8; 64 << 10];
+    for &(start, len) in &info.segments {
+        let mut at = start;
+        while at < start + len {
+            let n = usize::try_from((start + len - at).min(zeros.len() as u64)).unwrap_or(zeros.len());
+            mem.write_slice(&zeros[..n], GuestAddress(at))
+                .map_err(|source| LoaderError::Write {
+                    what: "the kernel's zeroed memory (bss)",
+                    source,
+                })?;
+            at += n as u64;
+        }
+    }
     let result = Elf::load(
         mem,
         None,
@@ -287,6 +302,20 @@ mod tests {
         assert_eq!(end, KERNEL_START + 0x2000);
         let b: u8 = mem().read_obj(GuestAddress(0)).unwrap();
         assert_eq!(b, 0);
+    }
+
+    /// The bss is zero even where guest RAM held something before (a memory
+    /// file's pages).
+    #[test]
+    fn bss_is_zeroed_whatever_memory_held() {
+        let m = mem();
+        m.write_slice(&[0xaa; 0x2000], GuestAddress(KERNEL_START))
+            .unwrap();
+        load_kernel(&m, 64 << 20, &tiny_elf(KERNEL_START, 0x2000, EM_X86_64)).unwrap();
+        let mut seg = [0u8; 0x2000];
+        m.read_slice(&mut seg, GuestAddress(KERNEL_START)).unwrap();
+        assert_eq!(&seg[..8], &[0xf4; 8], "the file part");
+        assert!(seg[8..].iter().all(|&b| b == 0), "the bss");
     }
 
     #[test]

@@ -220,7 +220,30 @@ impl Vm {
         let kvm = kvm::open_kvm()?;
         let msrs = Arc::new(msr_index_list(&kvm).map_err(VmError::Msrs)?);
         let vm_fd = Arc::new(kvm::create_vm(&kvm)?);
-        let mut mm = MemoryManager::new(vm_fd.clone(), config.mem_size)?;
+        // vCPUs first: the boot information carries their TSC frequency.
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("CPUID query"))?;
+        let mut fds = Vec::new();
+        let mut tsc_khz = None;
+        for i in 0..config.vcpus {
+            let fd = vm_fd
+                .create_vcpu(u64::from(i))
+                .map_err(kvm_err("vCPU creation"))?;
+            let mut cpuid = supported.clone();
+            cpu::patch_cpuid(&mut cpuid, i, config.vcpus);
+            fd.set_cpuid2(&cpuid).map_err(kvm_err("CPUID setup"))?;
+            if tsc_khz.is_none() {
+                tsc_khz = fd.get_tsc_khz().ok();
+            }
+            fds.push(fd);
+        }
+
+        // A saved VM's memory manager restores its own layout (and checks it).
+        let mut mm = match boot {
+            Boot::Restore(state) => MemoryManager::restore(vm_fd.clone(), &state.memory)?,
+            Boot::Kernel | Boot::Incoming => MemoryManager::new(vm_fd.clone(), config.mem_size)?,
+        };
         let mut entry = 0;
         if let Some(image) = &kernel_image {
             let ram = mm.ram();
@@ -228,7 +251,8 @@ impl Vm {
             let (e, _kernel_end) = loader::load_kernel(ram, config.mem_size, image)?;
             entry = e;
             let module = loader::load_module(ram, crate::guest::USER)?;
-            let info = loader::boot_info(config.mem_size, config.vcpus, &config.cmdline, module)?;
+            let mut info = loader::boot_info(config.mem_size, config.vcpus, &config.cmdline, module)?;
+            info.tsc_khz = tsc_khz.unwrap_or(0);
             loader::write_boot_info(ram, &info)?;
         }
 
@@ -265,23 +289,6 @@ impl Vm {
         }
         let fault_cpu = colocate.filter(|_| mm.lazy().is_some());
 
-        let supported = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm_err("CPUID query"))?;
-        let mut fds = Vec::new();
-        let mut tsc_khz = None;
-        for i in 0..config.vcpus {
-            let fd = vm_fd
-                .create_vcpu(u64::from(i))
-                .map_err(kvm_err("vCPU creation"))?;
-            let mut cpuid = supported.clone();
-            cpu::patch_cpuid(&mut cpuid, i, config.vcpus);
-            fd.set_cpuid2(&cpuid).map_err(kvm_err("CPUID setup"))?;
-            if tsc_khz.is_none() {
-                tsc_khz = fd.get_tsc_khz().ok();
-            }
-            fds.push(fd);
-        }
         let mut vm = Vm {
             config: config.clone(),
             vcpus: VcpuSet::Built(fds),
@@ -410,6 +417,24 @@ impl Vm {
         Ok(v.pause(&|| memory.blocked())?)
     }
 
+    /// Pauses every started vCPU without signalling those blocked in a
+    /// userfault (faults nobody serves: see `Vcpus::pause_sparing_blocked`).
+    pub fn pause_sparing_blocked(&mut self) -> Result<PauseReport, VmError> {
+        let memory = &self.memory;
+        let VcpuSet::Running(v) = &mut self.vcpus else {
+            return Err(VmError::Phase("the VM's vCPUs are not running"));
+        };
+        Ok(v.pause_sparing_blocked(&|| memory.blocked())?)
+    }
+
+    /// The thread id of each vCPU (once its thread runs).
+    pub fn vcpu_tids(&self) -> Vec<Option<u32>> {
+        match &self.vcpus {
+            VcpuSet::Running(v) => v.stats().into_iter().map(|(_, tid)| tid).collect(),
+            _ => Vec::new(),
+        }
+    }
+
     /// Resumes every started vCPU.
     pub fn resume(&mut self) -> Result<(), VmError> {
         let memory = &self.memory;
@@ -480,7 +505,7 @@ impl Vm {
 
     /// Stops and joins every vCPU at the end of a run. A vCPU blocked on a
     /// page that cannot be served ignores kicks (a kernel-mode access spins,
-    /// PLATFORM.md): with `void` (the run's results no longer matter) guest
+    /// docs/platform.md): with `void` (the run's results no longer matter) guest
     /// RAM is unregistered from userfaultfd to let such a vCPU see the stop.
     pub fn stop(&mut self, patience: Duration, void: bool) {
         let memory = &self.memory;

@@ -1,6 +1,6 @@
 //! The TOML configuration file of `vmm run --config FILE` and the built-in
 //! defaults (`resources/vm.toml`): every field optional, flags override it,
-//! and the result goes through the one typed door, [`VmConfig::try_from`].
+//! and the result goes through the one typed door, [`VmConfig::validate`].
 //! `seccomp` is a run-time option, not part of the VM's configuration
 //! ([`ConfigFile::seccomp`]).
 

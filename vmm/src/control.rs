@@ -3,13 +3,16 @@
 //!
 //! Protocol (`docs/snapshot.md`): one JSON object per line in each direction.
 //! Requests: `{"cmd":"pause"}`, `{"cmd":"resume"}`, `{"cmd":"stats"}`,
-//! `{"cmd":"snapshot","to":"DIR","then":"restore|resume|pause|stop"}`.
+//! `{"cmd":"snapshot","to":"DIR","then":"restore|resume|pause|stop"}`,
+//! `{"cmd":"migrate","to":"ADDR",...}`, `{"cmd":"recover","from":"ADDR"}`
+//! (both with optional `tls_cert`, `tls_key`, `tls_peer`, `tls_psk`: absolute
+//! paths, and `insecure_plain_tcp`), `{"cmd":"attach_handler","path":"SOCKET"}`.
 //! Responses: `{"ok":true,"result":...}` or `{"ok":false,"error":"..."}`.
 //! Any input, however malformed, gets an error response (a line longer than
 //! [`MAX_LINE`] closes the connection after it); nothing crashes the VMM.
 
 use crate::controller::VmHandle;
-use crate::migration::MigrateOptions;
+use crate::migration::{Endpoint, MigrateOptions, Security, TlsFiles};
 use crate::snapshot::AfterSnapshot;
 use sandbox::ThreadClass;
 use serde::{Deserialize, Serialize};
@@ -24,6 +27,14 @@ use std::time::Duration;
 
 /// Longest request line accepted.
 pub const MAX_LINE: usize = 64 * 1024;
+/// Longest push delay a migration request may ask for (an hour).
+pub const MAX_PUSH_DELAY_MS: u64 = 3_600_000;
+/// Clients served at once; more wait in the listen queue (each holds a
+/// thread and two file descriptors).
+pub const MAX_CLIENTS: usize = 16;
+/// A client that sends no request for this long is disconnected (a
+/// request being carried out, e.g. a migration, is not idle time).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Errors of the control socket.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +56,14 @@ pub enum ControlSocketError {
         what: &'static str,
         /// Why.
         source: std::io::Error,
+    },
+    /// No answer in time.
+    #[error("control socket {path}: no answer within {waited:?}; the VMM may be busy (a long snapshot or migration: raise `vmm ctl --timeout`) or not a vmm")]
+    NoAnswer {
+        /// The socket.
+        path: PathBuf,
+        /// How long we waited.
+        waited: Duration,
     },
     /// The VMM answered with an error.
     #[error("the VMM refused the request: {0}")]
@@ -79,6 +98,22 @@ pub enum Request {
     Migrate {
         /// The destination (`vmm receive --listen ...`).
         to: String,
+        /// TLS: this side's certificate, key, the destination's pinned
+        /// certificate, a pre-shared key file (absolute paths, read by the VMM).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tls_cert: Option<PathBuf>,
+        /// See `tls_cert`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tls_key: Option<PathBuf>,
+        /// See `tls_cert`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tls_peer: Option<PathBuf>,
+        /// See `tls_cert`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tls_psk: Option<PathBuf>,
+        /// Allow plain TCP (no authentication, no encryption).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        insecure_plain_tcp: bool,
         /// Milliseconds before the background push starts (0: at once).
         #[serde(default)]
         push_delay_ms: u64,
@@ -95,6 +130,29 @@ pub enum Request {
     Recover {
         /// `unix:PATH` or `tcp:ADDR:PORT`.
         from: String,
+        /// TLS for the source's new connections (absolute paths; none: the
+        /// settings `vmm receive` was started with).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tls_cert: Option<PathBuf>,
+        /// See `tls_cert`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tls_key: Option<PathBuf>,
+        /// See `tls_cert`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tls_peer: Option<PathBuf>,
+        /// See `tls_cert`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tls_psk: Option<PathBuf>,
+        /// Allow plain TCP (no authentication, no encryption).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        insecure_plain_tcp: bool,
+    },
+    /// A VM whose external page-fault handler is gone: connect to the
+    /// handler listening at `path` and resume (docs/external-handler.md).
+    #[serde(alias = "attach-handler")]
+    AttachHandler {
+        /// The new handler's socket.
+        path: PathBuf,
     },
 }
 
@@ -140,7 +198,7 @@ pub enum DecodeError {
     #[error("request is not UTF-8")]
     NotUtf8,
     /// Not a request of this protocol.
-    #[error("bad request: {0}; send one JSON object per line, e.g. {{\"cmd\":\"pause\"}} (cmd: pause, resume, stats, snapshot, migrate, recover)")]
+    #[error("bad request: {0}; send one JSON object per line, e.g. {{\"cmd\":\"pause\"}} (cmd: pause, resume, stats, snapshot, migrate, recover, attach_handler)")]
     Json(#[source] serde_json::Error),
 }
 
@@ -155,6 +213,15 @@ pub fn decode(line: &[u8]) -> Result<Request, DecodeError> {
 
 /// Carries out a request on the VM.
 pub fn execute(vm: &VmHandle, req: &Request) -> Response {
+    if let Request::Snapshot { to, .. } = req {
+        // Relative to what? The VMM's working directory is no answer.
+        if !to.is_absolute() {
+            return Response::err(format!(
+                "snapshot directory `{}` is not an absolute path; give one (vmm ctl resolves relative paths itself)",
+                to.display()
+            ));
+        }
+    }
     let json = |v: Result<serde_json::Value, serde_json::Error>| match v {
         Ok(v) => Response::ok(v),
         Err(e) => Response::err(format!("cannot encode the result: {e}")),
@@ -184,28 +251,86 @@ pub fn execute(vm: &VmHandle, req: &Request) -> Response {
             push_delay_ms,
             precopy_rounds,
             resume,
+            tls_cert,
+            tls_key,
+            tls_peer,
+            tls_psk,
+            insecure_plain_tcp,
         } => {
+            if *push_delay_ms > MAX_PUSH_DELAY_MS {
+                return Response::err(format!(
+                    "push_delay_ms {push_delay_ms} is more than the {MAX_PUSH_DELAY_MS} ms (an hour) accepted"
+                ));
+            }
+            let files = TlsFiles {
+                cert: tls_cert.clone(),
+                key: tls_key.clone(),
+                peer: tls_peer.clone(),
+                psk: tls_psk.clone(),
+            };
+            let to = match to.parse::<Endpoint>() {
+                Ok(to) => to,
+                Err(e) => return Response::err(e.to_string()),
+            };
+            let security = match security(&files, *insecure_plain_tcp) {
+                Ok(s) => s,
+                Err(e) => return Response::err(e),
+            };
             let options = MigrateOptions {
                 push_delay: Duration::from_millis(*push_delay_ms),
                 precopy_rounds: *precopy_rounds,
                 resume: *resume,
+                security,
             };
-            match to.parse::<crate::migration::Endpoint>() {
+            match vm.migrate(&to, &options) {
+                Ok(summary) => json(serde_json::to_value(summary)),
                 Err(e) => Response::err(e.to_string()),
-                Ok(to) => match vm.migrate(&to, &options) {
-                    Ok(summary) => json(serde_json::to_value(summary)),
-                    Err(e) => Response::err(e.to_string()),
-                },
             }
         }
-        Request::Recover { from } => match from.parse::<crate::migration::Endpoint>() {
+        Request::AttachHandler { path } => match vm.attach_handler(path) {
+            Ok(info) => json(serde_json::to_value(info)),
             Err(e) => Response::err(e.to_string()),
-            Ok(from) => match vm.recover(&from) {
+        },
+        Request::Recover {
+            from,
+            tls_cert,
+            tls_key,
+            tls_peer,
+            tls_psk,
+            insecure_plain_tcp,
+        } => {
+            let files = TlsFiles {
+                cert: tls_cert.clone(),
+                key: tls_key.clone(),
+                peer: tls_peer.clone(),
+                psk: tls_psk.clone(),
+            };
+            let from = match from.parse::<Endpoint>() {
+                Ok(from) => from,
+                Err(e) => return Response::err(e.to_string()),
+            };
+            // Nothing given: as `vmm receive` was started.
+            let security = if files.is_empty() && !insecure_plain_tcp {
+                None
+            } else {
+                match security(&files, *insecure_plain_tcp) {
+                    Ok(s) => Some(s),
+                    Err(e) => return Response::err(e),
+                }
+            };
+            match vm.recover_with(&from, security) {
                 Ok(at) => Response::ok(serde_json::json!({ "listening": at.to_string() })),
                 Err(e) => Response::err(e.to_string()),
-            },
-        },
+            }
+        }
     }
+}
+
+/// The security of a migration request: its TLS files (absolute paths)
+/// loaded, or the opt-in for plain TCP.
+fn security(files: &TlsFiles, insecure_plain_tcp: bool) -> Result<Security, String> {
+    files.check_absolute().map_err(|e| e.to_string())?;
+    Security::from_files(files, insecure_plain_tcp).map_err(|e| e.to_string())
 }
 
 /// The socket's server thread; stops (and removes the socket) on drop.
@@ -236,7 +361,15 @@ impl ControlServer {
             }
             std::fs::remove_file(path).map_err(io_err(path, "removing the stale socket"))?;
         }
-        let listener = UnixListener::bind(path).map_err(io_err(path, "bind"))?;
+        // Owner only, whatever the umask: guest control is for this user.
+        // SAFETY: umask has no preconditions; restored right after the bind.
+        let old = unsafe { libc::umask(0o177) };
+        let bound = UnixListener::bind(path);
+        // SAFETY: as above.
+        unsafe { libc::umask(old) };
+        let listener = bound.map_err(io_err(path, "bind"))?;
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .map_err(io_err(path, "restricting the socket to its owner"))?;
         listener
             .set_nonblocking(true)
             .map_err(io_err(path, "setting non-blocking mode"))?;
@@ -269,19 +402,39 @@ impl Drop for ControlServer {
 }
 
 fn serve(listener: &UnixListener, vm: &VmHandle, stop: &AtomicBool) {
+    let clients = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     while !stop.load(Ordering::Relaxed) {
+        if clients.load(Ordering::Acquire) >= MAX_CLIENTS {
+            // Bounded: the next ones wait in the kernel's listen queue.
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        }
         match listener.accept() {
             Ok((stream, _)) => {
+                if let Err(e) = crate::peercred::check_peer(&stream) {
+                    tracing::warn!("control socket: {e}");
+                    let _ = (&stream).write_all(
+                        format!("{}\n", serde_json::json!({"ok": false, "error": e.to_string()})).as_bytes(),
+                    );
+                    continue;
+                }
                 let vm = vm.clone();
-                // One thread per client: a slow client does not block others.
-                // Sandboxed like this thread, whose filter it inherits.
+                let count = clients.clone();
+                count.fetch_add(1, Ordering::AcqRel);
+                // One thread per client (at most MAX_CLIENTS): a slow client
+                // does not block others. Sandboxed like this thread, whose
+                // filter it inherits.
                 let spawned = sandbox::spawn(
                     std::thread::Builder::new().name("vmm-control-client".into()),
                     ThreadClass::ControlClient,
                     sandbox::inherited_mode(),
-                    move || serve_client(stream, &vm),
+                    move || {
+                        serve_client(stream, &vm);
+                        count.fetch_sub(1, Ordering::AcqRel);
+                    },
                 );
                 if let Err(e) = spawned {
+                    clients.fetch_sub(1, Ordering::AcqRel);
                     tracing::warn!("control socket: cannot serve a client: {e}");
                 }
             }
@@ -299,6 +452,11 @@ fn serve(listener: &UnixListener, vm: &VmHandle, stop: &AtomicBool) {
 /// Answers each request line of one client until it hangs up.
 pub fn serve_client(stream: UnixStream, vm: &VmHandle) {
     let _ = stream.set_nonblocking(false);
+    // A client that connects and sends nothing, or stops reading its
+    // answers, does not hold its thread forever (a request in progress,
+    // e.g. a migration, is not bounded by this: the timeouts are on IO).
+    let _ = stream.set_read_timeout(Some(IDLE_TIMEOUT));
+    let _ = stream.set_write_timeout(Some(IDLE_TIMEOUT));
     let Ok(mut out) = stream.try_clone() else {
         return;
     };
@@ -347,8 +505,16 @@ pub fn serve_client(stream: UnixStream, vm: &VmHandle) {
 }
 
 /// Sends one request to the socket at `path` and returns the result (`ctl`).
-pub fn request(path: &Path, req: &Request) -> Result<serde_json::Value, ControlSocketError> {
+pub fn request(
+    path: &Path,
+    req: &Request,
+    timeout: Duration,
+) -> Result<serde_json::Value, ControlSocketError> {
     let mut stream = UnixStream::connect(path).map_err(io_err(path, "connect"))?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .and_then(|()| stream.set_write_timeout(Some(timeout)))
+        .map_err(io_err(path, "setting a timeout"))?;
     let mut line = serde_json::to_string(req).map_err(|e| ControlSocketError::BadAnswer(e.to_string()))?;
     line.push('\n');
     stream.write_all(line.as_bytes()).map_err(io_err(path, "send"))?;
@@ -356,7 +522,13 @@ pub fn request(path: &Path, req: &Request) -> Result<serde_json::Value, ControlS
     BufReader::new(stream)
         .take(64 << 20)
         .read_line(&mut answer)
-        .map_err(io_err(path, "receive"))?;
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => ControlSocketError::NoAnswer {
+                path: path.to_owned(),
+                waited: timeout,
+            },
+            _ => io_err(path, "receive")(e),
+        })?;
     let resp: Response = serde_json::from_str(answer.trim())
         .map_err(|e| ControlSocketError::BadAnswer(format!("{e}: `{answer}`")))?;
     if resp.ok {
@@ -394,6 +566,17 @@ mod tests {
                 then: AfterSnapshot::Restore
             }
         );
+        assert_eq!(
+            decode_ok(br#"{"cmd":"attach_handler","path":"/run/h.sock"}"#),
+            Request::AttachHandler {
+                path: "/run/h.sock".into()
+            }
+        );
+        assert_eq!(
+            decode_ok(br#"{"cmd":"attach-handler","path":"/h"}"#),
+            Request::AttachHandler { path: "/h".into() }
+        );
+        assert!(decode(br#"{"cmd":"attach_handler"}"#).is_err());
         let r = Request::Snapshot {
             to: "/x".into(),
             then: AfterSnapshot::Resume,

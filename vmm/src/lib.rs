@@ -9,6 +9,7 @@
 //! - [`migration`]: transport, wire format, source and destination;
 //! - [`receive`]: a migration destination, end to end;
 //! - [`control`]: the control socket; [`uffd_handler`]: Firecracker's handshake;
+//! - [`peercred`]: who is at the other end of a Unix socket (`SO_PEERCRED`);
 //! - [`state`]: what snapshots and migrations carry;
 //! - [`bench`], [`stress`]: measurements and seeded stress.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::cast_possible_truncation))]
@@ -18,6 +19,7 @@ pub mod config_file;
 pub mod control;
 pub mod controller;
 pub mod migration;
+pub mod peercred;
 pub mod receive;
 pub mod signals;
 pub mod snapshot;
@@ -33,7 +35,8 @@ pub use vmm_core::vcpu::manager::{PauseReport, VcpuPause};
 
 /// Exit codes of the `vmm` process.
 pub use controller::outcome::{
-    EXIT_BAD_RESULT, EXIT_CRASHED, EXIT_MEMORY_FAULT, EXIT_STOPPED, EXIT_TIMED_OUT, EXIT_VMM_ERROR,
+    guest_exit_code, EXIT_BAD_RESULT, EXIT_CRASHED, EXIT_GUEST_BASE, EXIT_MEMORY_FAULT, EXIT_STOPPED,
+    EXIT_TIMED_OUT, EXIT_VMM_ERROR,
 };
 /// The sandbox's modes, and the exit code of a VMM it stopped.
 pub use sandbox::{SeccompMode, EXIT_SECCOMP};

@@ -40,6 +40,10 @@ pub struct ReceiveOptions {
     pub lost_wait: Duration,
     /// Updated as pages arrive.
     pub progress: Arc<Progress>,
+    /// How long to wait for a source that authenticates (`None`: until one
+    /// comes). The time waited is taken off the VM's own timeout, if any:
+    /// `vmm receive --timeout S` bounds the whole receive.
+    pub wait: Option<Duration>,
 }
 
 /// The end of a received VM.
@@ -64,12 +68,19 @@ pub fn receive(
     options: ReceiveOptions,
     on_resumed: impl FnOnce(&VmHandle),
 ) -> Result<ReceiveOutcome, ReceiveError> {
-    let incoming = Incoming::accept(listener, options.progress.clone(), options.vm.seccomp)?;
+    let start = std::time::Instant::now();
+    let incoming = Incoming::accept(listener, options.progress.clone(), options.wait, options.vm.seccomp)?;
+    let mut vm_options = options.vm.clone();
+    if options.wait.is_some() {
+        vm_options.timeout = vm_options
+            .timeout
+            .map(|t| t.saturating_sub(start.elapsed()).max(Duration::from_millis(1)));
+    }
     let vm = Vm::incoming(
         incoming.state(),
         incoming.source(),
         incoming.data_ranges(),
-        options.vm.clone(),
+        vm_options,
     )?;
     let config = vm.config().clone();
     let materializer = vm.materializer().ok_or(ReceiveError::NotLazy)?;

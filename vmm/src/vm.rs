@@ -7,9 +7,9 @@ use crate::controller::{
     self, ControllerOptions, Event, EventSender, MemoryFaultPolicy, RunOutcome, RunningVm, StartError,
 };
 use crate::snapshot::source::SnapshotSource;
-use crate::snapshot::{Snapshot, SnapshotError};
+use crate::snapshot::{Snapshot, SnapshotError, SnapshotKey};
 use crate::state::{ControllerState, SavedVm};
-use crate::uffd_handler::{self, UffdHandlerError};
+use crate::uffd_handler::{self, HandlerLink, LostHook, UffdHandlerError};
 use devices::serial::SerialOutput;
 use sandbox::SeccompMode;
 use std::path::{Path, PathBuf};
@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vmm_core::config::{ConfigError, MemBackend, MemoryConfig, VmConfig};
 use vmm_core::memory::{self, LazyPlan, Materializer, MemoryManagerError};
-use vmm_core::{Boot, BuildOptions, EventSink, MemoryPlan};
+use vmm_core::{Boot, BuildOptions, EventSink, MemoryEvent, MemoryPlan, VmEvent};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Errors building or starting a VM.
@@ -65,8 +65,8 @@ pub struct VmOptions {
     pub stdin: bool,
     /// Give up after this long (a guard against hangs, not a performance goal).
     pub timeout: Option<Duration>,
-    /// End the run cleanly on SIGINT/SIGTERM/SIGHUP (read with a signalfd; the
-    /// caller must have blocked them with `signals::block_shutdown_signals`).
+    /// End the run cleanly on SIGINT/SIGTERM/SIGHUP (the process's signal
+    /// watcher, `signals::start_watcher`, must run).
     pub shutdown_signals: bool,
     /// What to do when a page source fails: the VM is paused either way (the
     /// page is never zero-filled); `End` then ends the run with the error.
@@ -77,6 +77,9 @@ pub struct VmOptions {
     /// How the VM's threads are sandboxed (`docs/seccomp.md`); the default
     /// is `kill`, or what `VMM_SECCOMP` says.
     pub seccomp: SeccompMode,
+    /// The snapshot key: snapshots this VM writes are authenticated with it,
+    /// and a restore checks its snapshot with it (`--snapshot-key FILE`).
+    pub snapshot_key: Option<SnapshotKey>,
 }
 
 /// A page source given at run time (see [`VmOptions::page_source`]).
@@ -99,6 +102,7 @@ impl Default for VmOptions {
             page_source: None,
             on_memory_fault: MemoryFaultPolicy::End,
             seccomp: SeccompMode::process_default(),
+            snapshot_key: None,
         }
     }
 }
@@ -116,6 +120,20 @@ pub struct RestoreOptions {
     /// Hand guest memory to an external page-fault handler listening on this
     /// Unix socket (Firecracker's UFFD handshake, `uffd_handler`) instead.
     pub uffd_socket: Option<PathBuf>,
+    /// With `uffd_socket`: the connection holder's program, run as
+    /// `PROGRAM __uffd-peer SOCKET` (`None`: this executable, which must be
+    /// the `vmm` binary or call `uffd_handler::peer::main` for that
+    /// subcommand).
+    pub peer_program: Option<PathBuf>,
+    /// With `uffd_socket`: how long a VM whose handler died waits, paused,
+    /// for a new one before the run ends with a memory fault (exit code 13);
+    /// `None`: [`crate::controller::DEFAULT_GRACE`].
+    pub handler_grace: Option<Duration>,
+    /// With `uffd_socket`: how long faults may wait unread, nothing
+    /// changing, before a handler that lives but no longer reads the
+    /// userfaultfd is taken as gone (zero: never); `None`:
+    /// [`crate::controller::external::DEFAULT_STALL`].
+    pub handler_stall: Option<Duration>,
 }
 
 /// A built, not yet running VM.
@@ -125,6 +143,7 @@ pub struct Vm {
     events: EventSender,
     rx: Receiver<Event>,
     restored: ControllerState,
+    external: Option<controller::ExternalHandler>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -181,6 +200,7 @@ impl Vm {
             events,
             rx,
             restored,
+            external: None,
         })
     }
 
@@ -216,12 +236,28 @@ impl Vm {
     /// eager restore also checks every memory extent while copying it in.
     pub fn restore(dir: &Path, how: &RestoreOptions, options: VmOptions) -> Result<Vm, VmError> {
         let created = Instant::now();
-        let snap = Snapshot::open(dir)?;
+        let snap = Snapshot::open(dir, options.snapshot_key.as_ref())?;
         let ch = channel()?;
         let restored = snap.state.controller.clone();
         let mut vm = if let Some(socket) = &how.uffd_socket {
             let config = snap.config(MemoryConfig::default())?;
-            let vm = Self::assemble(
+            let layout = snap.layout();
+            if layout.kind == crate::snapshot::LayoutKind::Gpa && layout.regions.len() > 1 {
+                tracing::warn!(
+                    "snapshot {}: its memory file is indexed by guest-physical address ({} bytes for {} of RAM); Firecracker's handlers refuse it (they want the regions packed): take the snapshot again with this vmm",
+                    dir.display(),
+                    layout.file_len(),
+                    snap.state.vm.config.mem_size
+                );
+            }
+            let events = ch.events.clone();
+            let on_lost: LostHook = Arc::new(move |link, reason| {
+                events.send(Event::Vm(VmEvent::Memory(MemoryEvent::ExternalHandlerLost {
+                    link,
+                    reason,
+                })));
+            });
+            let mut vm = Self::assemble(
                 &config,
                 Boot::Restore(&snap.state.vm),
                 MemoryPlan::External,
@@ -232,7 +268,22 @@ impl Vm {
             let ext = vm.core.memory().external().ok_or(vmm_core::VmError::Phase(
                 "guest memory was not handed to userfaultfd",
             ))?;
-            uffd_handler::hand_over(ext, socket)?;
+            let message = uffd_handler::mappings(ext, &layout)
+                .and_then(|m| uffd_handler::message(&m))
+                .map_err(UffdHandlerError::from)?;
+            let program = how
+                .peer_program
+                .clone()
+                .unwrap_or_else(uffd_handler::default_peer_program);
+            let link = HandlerLink::connect(1, socket, &program, &message, ext.uffd(), on_lost.clone())?;
+            vm.external = Some(controller::ExternalHandler::new(
+                link,
+                program,
+                message,
+                how.handler_grace.unwrap_or(controller::DEFAULT_GRACE),
+                how.handler_stall.unwrap_or(controller::external::DEFAULT_STALL),
+                on_lost,
+            ));
             vm
         } else if how.lazy {
             let memory = MemoryConfig {
@@ -312,14 +363,18 @@ impl Vm {
             handler_cpu: None,
             prefetch: false,
         };
-        Self::assemble(
+        // Built in two phases, as a destination built before its state
+        // arrives would be: everything but the state, then the state.
+        let mut vm = Self::assemble(
             &config,
-            Boot::Restore(&saved.vm),
+            Boot::Incoming,
             MemoryPlan::Lazy(plan),
             options,
             saved.controller.clone(),
             ch,
-        )
+        )?;
+        vm.core.apply_state(&saved.vm)?;
+        Ok(vm)
     }
 
     /// Fetches pages through the retry cores (lazily backed memory only).
@@ -340,10 +395,17 @@ impl Vm {
             timeout: self.options.timeout,
             shutdown_signals: self.options.shutdown_signals,
             on_memory_fault: self.options.on_memory_fault,
+            snapshot_key: self.options.snapshot_key.clone(),
             restored: self.restored,
             seccomp: self.options.seccomp,
         };
-        Ok(controller::start(self.core, self.events, self.rx, options)?)
+        Ok(controller::start(
+            self.core,
+            self.events,
+            self.rx,
+            options,
+            self.external,
+        )?)
     }
 
     /// Runs the VM until the guest exits, a vCPU crashes, a shutdown signal

@@ -129,7 +129,7 @@ fn triple_fault_reports_rip_and_reason() {
 fn guest_out_of_memory_is_its_exit_code() {
     // 100000 pages (390 MiB) cannot fit in 64 MiB of guest RAM.
     let o = vmm(&["run", "--mem", "64M", "--cmdline", "workload=touch pages=100000"]);
-    assert_eq!(o.status.code(), Some(4), "{}{}", stdout(&o), stderr(&o));
+    assert_eq!(o.status.code(), Some(32 + 4), "{}{}", stdout(&o), stderr(&o));
     assert!(stdout(&o).contains("guest ran out of memory"), "{}", stdout(&o));
 }
 

@@ -1,7 +1,10 @@
 //! `vmm run --control`, `vmm ctl` and `vmm restore` as processes: pause,
 //! resume, stats, a hostile client, a snapshot that stops the run, and a lazy
 //! restore that finishes the workload with the right checksum; a migration
-//! with pre-copy rounds between two processes.
+//! with pre-copy rounds between two processes; restores served by external
+//! page-fault handlers, one of which dies (the VM pauses, `vmm ctl
+//! attach-handler` gives it a new one; without one the grace ends the run
+//! with exit code 13).
 #![allow(clippy::unwrap_used)]
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -247,6 +250,198 @@ fn external_firecracker_style_handler_serves_a_restore() {
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("start the handler first"));
+    let _ = std::fs::remove_dir_all(&base);
+}
+
+/// A page-fault handler on a thread of the test: accepts one connection,
+/// serves faults from the memory file (packed regions) until the VMM closes
+/// the connection, or, with `limit`, dies (drops the connection and the
+/// userfaultfd) after that many faults. Returns the faults served.
+fn thread_handler(
+    listener: std::os::unix::net::UnixListener,
+    memfile: std::path::PathBuf,
+    limit: Option<u64>,
+) -> u64 {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+    let (stream, _) = listener.accept().unwrap();
+    let mut buf = vec![0u8; 1024];
+    let (n, uffd) = stream.recv_with_fd(&mut buf).unwrap();
+    let uffd = uffd.expect("the userfaultfd comes with the mappings");
+    let maps: Vec<serde_json::Value> = serde_json::from_slice(&buf[..n]).unwrap();
+    let maps: Vec<(u64, u64, u64)> = maps
+        .iter()
+        .map(|m| {
+            assert_eq!(m["page_size_kib"].as_u64(), Some(4096), "the page size in bytes");
+            (
+                m["base_host_virt_addr"].as_u64().unwrap(),
+                m["size"].as_u64().unwrap(),
+                m["offset"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let mem = std::fs::File::open(memfile).unwrap();
+    assert_eq!(
+        maps.iter().map(|m| m.1).sum::<u64>(),
+        mem.metadata().unwrap().len()
+    );
+    let mut page = vec![0u8; 4096];
+    let mut served = 0;
+    loop {
+        let mut pfd = [
+            libc::pollfd {
+                fd: uffd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: stream.as_raw_fd(),
+                events: libc::POLLIN | libc::POLLRDHUP,
+                revents: 0,
+            },
+        ];
+        // SAFETY: two valid pollfds.
+        unsafe { libc::poll(pfd.as_mut_ptr(), 2, 60_000) };
+        if pfd[1].revents != 0 {
+            return served; // the VM ended: the connection closed
+        }
+        let mut msg = [0u8; 32];
+        // SAFETY: reads at most 32 bytes into `msg`.
+        let n = unsafe { libc::read(uffd.as_raw_fd(), msg.as_mut_ptr().cast(), 32) };
+        if n != 32 || msg[0] != 0x12 {
+            continue;
+        }
+        let addr = u64::from_le_bytes(msg[16..24].try_into().unwrap()) & !4095;
+        let &(base, _, offset) = maps.iter().find(|&&(b, s, _)| addr >= b && addr < b + s).unwrap();
+        let _ = mem.read_at(&mut page, offset + (addr - base));
+        #[repr(C)]
+        struct UffdioCopy {
+            dst: u64,
+            src: u64,
+            len: u64,
+            mode: u64,
+            copy: i64,
+        }
+        let mut copy = UffdioCopy {
+            dst: addr,
+            src: page.as_ptr() as u64,
+            len: 4096,
+            mode: 0,
+            copy: 0,
+        };
+        // SAFETY: UFFDIO_COPY with a valid struct; `page` outlives the call.
+        unsafe { libc::ioctl(uffd.as_raw_fd(), 0xC028_AA03, &mut copy) };
+        served += 1;
+        if limit.is_some_and(|l| served >= l) {
+            return served; // dies: the connection and the userfaultfd close
+        }
+    }
+}
+
+/// Polls `vmm ctl sock stats` until the run state is `state`.
+fn wait_for_state(sock: &Path, state: &str) -> serde_json::Value {
+    let start = Instant::now();
+    loop {
+        let (ok, stdout, err) = ctl(sock, &["stats"]);
+        if ok {
+            let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+            if v["state"] == state {
+                return v;
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "never {state}: {stdout} {err}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_dead_handler_pauses_the_vm_attach_handler_resumes_it_and_the_grace_ends_it() {
+    let base = std::env::temp_dir().join(format!("vmm-uffd-dead-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    std::fs::create_dir_all(&base).unwrap();
+    let src_sock = base.join("src.sock");
+    let snap = base.join("snap");
+    let (mut child, _out, _) = touch_source(&src_sock, Stdio::null());
+    let (ok, _, err) = ctl(&src_sock, &["snapshot", "--to", snap.to_str().unwrap(), "--stop"]);
+    assert!(ok, "{err}");
+    assert_eq!(child.wait().unwrap().code(), Some(14));
+    let memfile = snap.join("memory.bin");
+    let restore = |handler: &Path, ctl_sock: &Path, grace: &str| {
+        Command::new(VMM)
+            .args(["restore", "--timeout", "120", "--from"])
+            .arg(&snap)
+            .arg("--mem-backend")
+            .arg(format!("uffd:{}", handler.display()))
+            .args(["--handler-grace", grace, "--control"])
+            .arg(ctl_sock)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+
+    // The handler dies after 200 faults: the VM pauses, says why, answers at once.
+    let (first, ctl_sock) = (base.join("first.sock"), base.join("ctl.sock"));
+    let l = std::os::unix::net::UnixListener::bind(&first).unwrap();
+    let m = memfile.clone();
+    let dying = std::thread::spawn(move || thread_handler(l, m, Some(200)));
+    let vm = restore(&first, &ctl_sock, "60");
+    wait_for_file(&ctl_sock);
+    let stats = wait_for_state(&ctl_sock, "handler_lost");
+    assert_eq!(dying.join().unwrap(), 200);
+    let msg = stats["memory_fault"].as_str().unwrap().to_string();
+    assert!(msg.contains("is gone") && msg.contains("attach-handler"), "{msg}");
+    assert!(stats["handler"]["lost"].is_string(), "{stats}");
+    let t = Instant::now();
+    let (ok, _, err) = ctl(&ctl_sock, &["pause"]);
+    assert!(!ok && err.contains("already paused"), "{err}");
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "pause took {:?}",
+        t.elapsed()
+    );
+
+    // A new handler: attach it; the guest finishes with verified checksums.
+    let second = base.join("second.sock");
+    let l = std::os::unix::net::UnixListener::bind(&second).unwrap();
+    let m = memfile.clone();
+    let serving = std::thread::spawn(move || thread_handler(l, m, None));
+    let (ok, stdout, err) = ctl(&ctl_sock, &["attach-handler", second.to_str().unwrap()]);
+    assert!(ok && stdout.contains("\"resumed\": true"), "{stdout} {err}");
+    let out = vm.wait_with_output().unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(0), "{stdout} {stderr}");
+    assert!(stdout.contains("verified on the host"), "{stdout}");
+    assert!(
+        stderr.contains("memory served by the external page-fault handler"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("eager memory"), "{stderr}");
+    assert!(serving.join().unwrap() > 0);
+
+    // Nobody attaches: the run ends after the grace with exit code 13.
+    let (third, ctl_sock) = (base.join("third.sock"), base.join("ctl2.sock"));
+    let l = std::os::unix::net::UnixListener::bind(&third).unwrap();
+    let m = memfile.clone();
+    let dying = std::thread::spawn(move || thread_handler(l, m, Some(100)));
+    let t = Instant::now();
+    let out = restore(&third, &ctl_sock, "1").wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(13), "{stderr}");
+    assert!(
+        stderr.contains("is gone") && stderr.contains("no page-fault handler was attached within"),
+        "{stderr}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+    assert_eq!(dying.join().unwrap(), 100);
     let _ = std::fs::remove_dir_all(&base);
 }
 

@@ -81,6 +81,7 @@ pub enum StateError {
 
 /// A read the worker answers after its delay, as saved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct InFlightRead {
     /// Store page.
     pub index: u64,
@@ -97,6 +98,7 @@ pub struct InFlightRead {
 
 /// A read of a held page, waiting for the page's `RELEASE`, as saved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct HeldRead {
     /// Store page (one of [`PageStoreState::held_pages`]).
     pub index: u64,
@@ -110,6 +112,7 @@ pub struct HeldRead {
 
 /// The saved state of a [`PageStore`].
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PageStoreState {
     /// Guest-physical address of the completion area (`INIT`), if the guest
     /// sent one.

@@ -49,6 +49,8 @@ pub struct Shared {
     /// The user program ELF (boot module) and its physical address.
     pub module: &'static [u8],
     pub module_pa: u64,
+    /// The TSC frequency in kHz the VMM measured (0 if unknown).
+    pub tsc_khz: u32,
 }
 
 pub(crate) static SHARED: SetOnce<Shared> = SetOnce::new();
@@ -88,12 +90,12 @@ pub extern "C" fn kmain(boot_info: u64, cpu: u64) -> ! {
         None => (0, cfg.tasks),
     };
     for k in 0..tasks {
-        let slots = if cfg.kind == WorkloadKind::Touch {
+        let slots = if cfg.kind.touches_pages() {
             shared.cpu_count
         } else {
             shared.cpu_count * cfg.tasks
         };
-        let slot = if cfg.kind == WorkloadKind::Touch {
+        let slot = if cfg.kind.touches_pages() {
             cpu
         } else {
             cpu * cfg.tasks + k
@@ -192,7 +194,7 @@ fn boot_cpu(info: &'static BootInfo) {
             format_args!("guest-kernel: out of memory for the heap"),
         ),
     }
-    if config.kind == WorkloadKind::Touch && config.shared && mm::shared::init(config.pages).is_err() {
+    if config.kind.touches_pages() && config.shared && mm::shared::init(config.pages).is_err() {
         fail(
             ExitCode::OutOfMemory,
             format_args!("guest-kernel: out of memory for the shared page table"),
@@ -204,7 +206,7 @@ fn boot_cpu(info: &'static BootInfo) {
             format_args!("guest-kernel: out of memory mapping the APIC"),
         );
     }
-    if config.kind == WorkloadKind::Touch && config.tasks != 1 {
+    if config.kind.touches_pages() && config.tasks != 1 {
         fail(
             ExitCode::BadCmdline,
             format_args!("guest-kernel: bad command line: tasks= is for hello and tests"),
@@ -233,6 +235,7 @@ fn boot_cpu(info: &'static BootInfo) {
         kernel_root,
         module: image,
         module_pa: module.start,
+        tsc_khz: info.tsc_khz,
     };
     if SHARED.set(shared).is_err() {
         panic!("boot state set twice");

@@ -11,7 +11,7 @@ use vmm_abi::layout::PAGE_SIZE;
 use vmm_abi::syscall::{TaskArgs, UserReport, ROLE_TEST, SYS_EXIT, SYS_REPORT, SYS_WRITE};
 
 mod suite;
-use vmm_abi::workload::{fold, page_value, value_offset, Pattern, WorkloadKind};
+use vmm_abi::workload::{fold, page_value, value_offset, WorkloadKind};
 
 // Entry: RDI = &TaskArgs, RSP = USER_STACK_TOP (16-byte aligned), so a plain
 // `call` gives user_main the SysV-aligned stack it expects.
@@ -107,11 +107,7 @@ fn hello(args: &TaskArgs) -> UserReport {
 }
 
 fn touch(args: &TaskArgs) -> UserReport {
-    let pattern = match args.pattern {
-        0 => Pattern::Seq,
-        1 => Pattern::Rand,
-        _ => exit(1),
-    };
+    let Some(pattern) = args.pattern() else { exit(1) };
     // The kernel built the args from abi::workload::task_plan.
     let plan = args.plan();
     let (first, seed) = (plan.first_page, args.seed);
@@ -147,6 +143,56 @@ fn touch(args: &TaskArgs) -> UserReport {
     }
 }
 
+/// `dirty`: writes every page once, then rewrites them in turn at
+/// `args.rate` pages/s (timed with the TSC) for `args.duration_ms`, then
+/// reads them back. The values depend only on the page, so the checksum
+/// does not depend on how many rounds ran: only the dirty rate does.
+fn dirty(args: &TaskArgs) -> UserReport {
+    let plan = args.plan();
+    let (first, seed) = (plan.first_page, args.seed);
+    let addr = |page: u64| (args.work_base + page * PAGE_SIZE + value_offset(page)) as *mut u64;
+    let write = |i: u64| {
+        let page = first + i;
+        // SAFETY: the page lies in the task's work region, mapped on first touch.
+        unsafe { write_volatile(addr(page), page_value(seed, page)) };
+    };
+    for i in 0..plan.pages {
+        write(i);
+    }
+    write_cpu_line(b"dirty: cpu ", args.cpu, b" start\n");
+    let start = rdtsc();
+    let cycles_per_ms = args.tsc_khz.max(1);
+    let end = start.wrapping_add(args.duration_ms.saturating_mul(cycles_per_ms));
+    // The interval between writes; 0 (unknown TSC or no rate) writes flat out.
+    let interval = match (args.tsc_khz, args.rate) {
+        (0, _) | (_, 0) => 0,
+        (khz, rate) => khz.saturating_mul(1000) / rate,
+    };
+    let mut next = start;
+    let mut i = 0;
+    while plan.pages > 0 && rdtsc() < end {
+        if rdtsc() >= next {
+            write(i % plan.pages);
+            i += 1;
+            next = next.wrapping_add(interval);
+        } else {
+            core::hint::spin_loop();
+        }
+    }
+    let mut sum = 0;
+    for i in 0..plan.pages {
+        let page = first + i;
+        // SAFETY: as above.
+        let value = unsafe { read_volatile(addr(page)) };
+        sum = fold(sum, page, value);
+    }
+    UserReport {
+        checksum: sum,
+        pages: plan.pages,
+        cycles: rdtsc().wrapping_sub(start),
+    }
+}
+
 extern "C" fn user_main(args: *const TaskArgs) -> ! {
     // SAFETY: the kernel maps a TaskArgs read-only at RDI before entry.
     let args = unsafe { &*args };
@@ -159,6 +205,7 @@ extern "C" fn user_main(args: *const TaskArgs) -> ! {
     let report = match WorkloadKind::from_raw(args.workload) {
         Some(WorkloadKind::Hello) => hello(args),
         Some(WorkloadKind::Touch) => touch(args),
+        Some(WorkloadKind::Dirty) => dirty(args),
         _ => exit(1),
     };
     syscall(SYS_REPORT, &report as *const UserReport as u64, 0);

@@ -23,7 +23,7 @@ pub mod pages;
 pub mod ram;
 
 pub use dirty::{DirtyError, DirtyTracker};
-pub use external::{ExternalMemory, RegionMapping};
+pub use external::{ExternalMemory, ParkedFault, RegionMapping, WaitingFaults};
 pub use lazy::{BlockedFault, LazyError, LazyMemory, LazyPlan, MemoryStats};
 pub use materialize::{MaterializeError, Materializer};
 pub use ram::MemoryError;
@@ -100,6 +100,7 @@ pub struct MemoryManager {
 /// The memory manager's own state: the layout (the contents are saved
 /// separately, by the snapshot or migration layer).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct MemoryState {
     /// Guest RAM bytes.
     pub mem_size: u64,
@@ -188,9 +189,15 @@ impl MemoryManager {
         self.lazy().map(LazyMemory::materializer)
     }
 
-    /// The stage-2 faults the handler holds now.
+    /// The stage-2 faults the handler holds now (for an external handler:
+    /// the threads of this process blocked in a userfault, see
+    /// [`ExternalMemory::blocked`]).
     pub fn blocked(&self) -> Vec<BlockedFault> {
-        self.lazy().map(LazyMemory::blocked).unwrap_or_default()
+        match &self.backing {
+            Backing::Lazy(l) => l.blocked(),
+            Backing::External(e) => e.blocked(),
+            Backing::Anon => Vec::new(),
+        }
     }
 
     /// Stage-2 fault accounting per faulting thread (gettid).
@@ -219,8 +226,10 @@ impl MemoryManager {
     /// guest RAM from userfaultfd (their pages then read as zero). Only for
     /// tearing down a VM whose run is already void.
     pub fn release_blocked(&self) {
-        if let Some(l) = self.lazy() {
-            l.release_blocked();
+        match &self.backing {
+            Backing::Lazy(l) => l.release_blocked(),
+            Backing::External(e) => e.release(),
+            Backing::Anon => {}
         }
     }
 

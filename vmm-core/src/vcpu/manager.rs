@@ -163,19 +163,32 @@ impl Vcpus {
     }
 
     /// Sends `make()` to the started vCPUs and waits until each has
-    /// acknowledged or is blocked in a fault.
+    /// acknowledged or is blocked in a fault. With `spare`, a vCPU blocked in
+    /// a fault is never kicked: it gets the request without a signal (see
+    /// [`Vcpus::pause_sparing_blocked`]).
     fn request_started(
         &mut self,
         name: &'static str,
         make: impl Fn() -> VcpuRequest,
         blocked: BlockedFn<'_>,
+        spare: bool,
     ) -> Result<Vec<Ack>, VcpuError> {
+        let spared: Vec<bool> = if spare {
+            let b = blocked();
+            (0..self.handles.len())
+                .map(|i| self.blocked_page(&b, i).is_some())
+                .collect()
+        } else {
+            vec![false; self.handles.len()]
+        };
         let mut acks: Vec<Ack> = Vec::with_capacity(self.handles.len());
         for (i, h) in self.handles.iter_mut().enumerate() {
-            acks.push(if self.started[i] {
-                h.send(make()).map_or(Ack::Gone, Ack::Waiting)
-            } else {
+            acks.push(if !self.started[i] {
                 Ack::Done(VcpuState::Paused)
+            } else if spared[i] {
+                h.send_quiet(make()).map_or(Ack::Gone, Ack::Blocked)
+            } else {
+                h.send(make()).map_or(Ack::Gone, Ack::Waiting)
             });
         }
         let start = Instant::now();
@@ -218,8 +231,10 @@ impl Vcpus {
                     });
                 }
             }
+            // With `spare`, only vCPUs not blocked in a fault are kicked.
+            let kickable = |a: &Ack| matches!(a, Ack::Waiting(_)) || (!spare && pending(a));
             for (h, a) in self.handles.iter().zip(&acks) {
-                if pending(a) {
+                if kickable(a) {
                     h.kick();
                 }
             }
@@ -239,8 +254,24 @@ impl Vcpus {
     /// Pauses every started vCPU; a vCPU blocked in a stage-2 fault is
     /// reported as such instead of waited for (see the module documentation).
     pub fn pause(&mut self, blocked: BlockedFn<'_>) -> Result<PauseReport, VcpuError> {
+        self.pause_with(blocked, false)
+    }
+
+    /// Pauses every started vCPU without ever signalling one that is
+    /// blocked in a userfault: for a VM whose faults nobody serves (its
+    /// external handler died). A signal pending on a thread blocked in a
+    /// host kernel-mode userfault makes the host spin at 100% CPU until the
+    /// page comes (PLATFORM.md); unsignalled, it sleeps. Such a vCPU gets the
+    /// request on its channel and is reported `BlockedInFault`; it honours
+    /// the request after its page is served. A vCPU that faults between the
+    /// check and its kick can still spin (a race this cannot close).
+    pub fn pause_sparing_blocked(&mut self, blocked: BlockedFn<'_>) -> Result<PauseReport, VcpuError> {
+        self.pause_with(blocked, true)
+    }
+
+    fn pause_with(&mut self, blocked: BlockedFn<'_>, spare: bool) -> Result<PauseReport, VcpuError> {
         let start = Instant::now();
-        let acks = self.request_started("pause", || VcpuRequest::Pause, blocked)?;
+        let acks = self.request_started("pause", || VcpuRequest::Pause, blocked, spare)?;
         let held = blocked();
         let vcpus = acks
             .iter()
@@ -262,7 +293,7 @@ impl Vcpus {
 
     /// Resumes every started vCPU.
     pub fn resume(&mut self, blocked: BlockedFn<'_>) -> Result<(), VcpuError> {
-        self.request_started("resume", || VcpuRequest::Resume, blocked)
+        self.request_started("resume", || VcpuRequest::Resume, blocked, false)
             .map(|_| ())
     }
 

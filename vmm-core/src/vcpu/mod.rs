@@ -166,6 +166,16 @@ pub struct VcpuStatsSnapshot {
     pub stage2_retries: u64,
     /// Time this vCPU spent blocked in them, in microseconds.
     pub stage2_blocked_us: u64,
+    /// CPU time the vCPU's thread has used, in microseconds (host and guest;
+    /// a vCPU blocked in a fault uses none, one spinning in the host shows).
+    pub cpu_time_us: u64,
+}
+
+/// CPU time thread `tid` of this process has used (`/proc/self/task/TID/schedstat`).
+fn thread_cpu_time_us(tid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat")).ok()?;
+    let ns: u64 = text.split_whitespace().next()?.parse().ok()?;
+    Some(ns / 1000)
 }
 
 /// The kick target: `kvm_run.immediate_exit` and the thread, while both live.
@@ -333,6 +343,7 @@ impl VcpuHandle {
             exits: self.stats.exits.load(Ordering::Relaxed),
             io_exits: self.stats.io_exits.load(Ordering::Relaxed),
             interruptions: self.stats.interruptions.load(Ordering::Relaxed),
+            cpu_time_us: self.tid().and_then(thread_cpu_time_us).unwrap_or(0),
             ..Default::default()
         }
     }
@@ -344,10 +355,17 @@ impl VcpuHandle {
 
     /// Sends a request and kicks, without waiting.
     pub fn send(&mut self, req: VcpuRequest) -> Result<u64, VcpuError> {
+        let id = self.send_quiet(req)?;
+        self.kick.kick();
+        Ok(id)
+    }
+
+    /// Sends a request without a kick: the vCPU sees it at its next exit
+    /// (for a vCPU blocked in a fault that must not be signalled).
+    pub fn send_quiet(&mut self, req: VcpuRequest) -> Result<u64, VcpuError> {
         self.next_id += 1;
         let id = self.next_id;
         self.tx.send((id, req)).map_err(|_| VcpuError::Gone(self.cpu))?;
-        self.kick.kick();
         Ok(id)
     }
 

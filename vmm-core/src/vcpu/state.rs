@@ -25,7 +25,7 @@ pub enum VcpuStateError {
         source: kvm_ioctls::Error,
     },
     /// The MSR list could not be built.
-    #[error("cannot build the MSR list of {0} entries (too many MSRs); this KVM lists more MSRs than kvm-bindings can carry")]
+    #[error("cannot build a list of {0} MSRs for KVM (a bug: batches are at most {MSR_BATCH})")]
     MsrList(usize),
     /// The vCPU ran guest code instead of only completing its pending I/O.
     #[error("a vCPU left KVM_RUN with {0} while completing its pending I/O; retry the snapshot")]
@@ -50,6 +50,7 @@ fn restore_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuStat
 
 /// `kvm_fpu` (kvm-bindings has no serde for it).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
 pub struct FpuState {
     /// x87 registers.
     pub fpr: Vec<[u8; 16]>,
@@ -112,6 +113,7 @@ impl FpuState {
 
 /// One vCPU's KVM state.
 #[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct CpuState {
     /// General registers.
     pub regs: kvm_regs,
@@ -194,7 +196,9 @@ fn read_msrs(fd: &VcpuFd, indices: &[u32]) -> Result<Vec<(u32, u64)>, VcpuStateE
     let mut out = Vec::with_capacity(indices.len());
     let mut rest = indices;
     while !rest.is_empty() {
-        let entries: Vec<kvm_msr_entry> = rest
+        // At most KVM_MAX_MSR_ENTRIES per call: KVM lists more MSRs than that.
+        let batch = &rest[..rest.len().min(MSR_BATCH)];
+        let entries: Vec<kvm_msr_entry> = batch
             .iter()
             .map(|&index| kvm_msr_entry {
                 index,
@@ -204,10 +208,15 @@ fn read_msrs(fd: &VcpuFd, indices: &[u32]) -> Result<Vec<(u32, u64)>, VcpuStateE
         let mut msrs = Msrs::from_entries(&entries).map_err(|_| VcpuStateError::MsrList(entries.len()))?;
         let n = fd.get_msrs(&mut msrs).map_err(save_err("MSR read"))?;
         out.extend(msrs.as_slice().iter().take(n).map(|e| (e.index, e.data)));
-        rest = rest.get(n + 1..).unwrap_or_default();
+        // A short count stops at an MSR KVM cannot read: skip it.
+        rest = &rest[(if n < batch.len() { n + 1 } else { n }).min(rest.len())..];
     }
     Ok(out)
 }
+
+/// MSRs per KVM_GET_MSRS / KVM_SET_MSRS call: KVM refuses 256 or more
+/// (MAX_IO_MSRS, E2BIG), below kvm-bindings' own limit.
+const MSR_BATCH: usize = kvm_bindings::KVM_MAX_MSR_ENTRIES - 1;
 
 /// The MSRs KVM can save, from its index list.
 pub fn msr_index_list(kvm: &kvm_ioctls::Kvm) -> Result<Vec<u32>, VcpuStateError> {
@@ -247,13 +256,14 @@ fn restore_vcpu(fd: &VcpuFd, s: &CpuState) -> Result<(), VcpuStateError> {
         .collect();
     let mut rest = entries.as_slice();
     while !rest.is_empty() {
-        let msrs = Msrs::from_entries(rest).map_err(|_| VcpuStateError::MsrList(rest.len()))?;
+        let batch = &rest[..rest.len().min(MSR_BATCH)];
+        let msrs = Msrs::from_entries(batch).map_err(|_| VcpuStateError::MsrList(batch.len()))?;
         let n = fd.set_msrs(&msrs).map_err(restore_err("MSR write"))?;
-        if let Some(bad) = rest.get(n) {
-            // Read from this KVM's own list: one it refuses now is host specific.
-            tracing::debug!("MSR {:#x} not restored", bad.index);
+        if n < batch.len() {
+            // Read from the saving KVM's own list: one this KVM refuses is host specific.
+            tracing::debug!("MSR {:#x} not restored", batch[n].index);
         }
-        rest = rest.get(n + 1..).unwrap_or_default();
+        rest = &rest[(if n < batch.len() { n + 1 } else { n }).min(rest.len())..];
     }
     fd.set_vcpu_events(&s.events)
         .map_err(restore_err("vCPU events write"))?;
@@ -263,6 +273,27 @@ fn restore_vcpu(fd: &VcpuFd, s: &CpuState) -> Result<(), VcpuStateError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A state with more MSRs than one KVM call carries saves and restores
+    /// in batches (a 256+ MSR state once failed to restore).
+    #[test]
+    fn states_with_more_msrs_than_one_call_carries_round_trip() {
+        let kvm = crate::kvm::open_kvm().unwrap();
+        let vm = crate::kvm::create_vm(&kvm).unwrap();
+        let fd = vm.create_vcpu(0).unwrap();
+        let mut indices = msr_index_list(&kvm).unwrap();
+        // Whatever this KVM lists, go past one call.
+        while indices.len() <= MSR_BATCH + 10 {
+            indices.extend_from_within(..indices.len().min(64));
+        }
+        let c = VcpuComponent {
+            fd: &fd,
+            msr_indices: &indices,
+        };
+        let state = c.save().unwrap();
+        assert!(state.msrs.len() > MSR_BATCH, "{} MSRs saved", state.msrs.len());
+        VcpuComponent::restore(c, &state).unwrap();
+    }
 
     #[test]
     fn fpu_round_trips() {

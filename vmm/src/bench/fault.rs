@@ -77,6 +77,11 @@ pub struct FaultBench {
     pub file_seq_fault_around: Vec<(u32, Figure)>,
     /// `file_seq_no_fault_around / best fault-around figure`.
     pub fault_around_speedup: f64,
+    /// Sequential restore from a snapshot's memory, every page read checked
+    /// against its hash (a lazy restore's source), one page per fault.
+    pub snapshot_seq_no_fault_around: Figure,
+    /// The same with fault-around 16.
+    pub snapshot_seq_fault_around_16: Figure,
 }
 
 fn pattern_name(rand: bool) -> &'static str {
@@ -94,7 +99,18 @@ fn guest_touch(
     memory: MemoryConfig,
     seccomp: SeccompMode,
 ) -> Result<f64, BenchError> {
-    let (outcome, khz) = guest_touch_run(1, pages, rand, memory, seccomp)?;
+    guest_touch_from(pages, rand, memory, None, seccomp)
+}
+
+/// [`guest_touch`] with memory served from `source`.
+fn guest_touch_from(
+    pages: u64,
+    rand: bool,
+    memory: MemoryConfig,
+    source: Option<Arc<dyn ::memory::PageSource>>,
+    seccomp: SeccompMode,
+) -> Result<f64, BenchError> {
+    let (outcome, khz) = guest_touch_run_from(1, pages, rand, memory, source, seccomp)?;
     let cycles: u64 = outcome.reports.iter().map(|r| r.cycles).sum();
     Ok(cycles as f64 / f64::from(khz) * 1e3 / pages as f64)
 }
@@ -106,6 +122,18 @@ pub(super) fn guest_touch_run(
     pages: u64,
     rand: bool,
     memory: MemoryConfig,
+    seccomp: SeccompMode,
+) -> Result<(crate::RunOutcome, u32), BenchError> {
+    guest_touch_run_from(vcpus, pages, rand, memory, None, seccomp)
+}
+
+/// [`guest_touch_run`] with memory served from `source`.
+fn guest_touch_run_from(
+    vcpus: u32,
+    pages: u64,
+    rand: bool,
+    memory: MemoryConfig,
+    source: Option<Arc<dyn ::memory::PageSource>>,
     seccomp: SeccompMode,
 ) -> Result<(crate::RunOutcome, u32), BenchError> {
     let mem_size = (pages * abi::layout::PAGE_SIZE * 2 + (128 << 20)).next_multiple_of(2 << 20);
@@ -124,6 +152,7 @@ pub(super) fn guest_touch_run(
         serial: SerialOutput::Capture(console.clone()),
         timeout: Some(Duration::from_secs(600)),
         seccomp,
+        page_source: source.map(crate::CustomSource),
         ..VmOptions::default()
     };
     let outcome = crate::run_vm(&cfg, options)?;
@@ -229,6 +258,17 @@ pub fn fault(opts: FaultBenchOptions, progress: &mut dyn FnMut(&str)) -> Result<
             repeat(n, || guest_touch(pages, false, lazy(file(), window), on))?,
         ));
     }
+    // The same image as a snapshot's memory, every page checked against its
+    // hash on each read (what a lazy restore does).
+    let image_len = std::fs::metadata(&image.0).map(|m| m.len()).unwrap_or(0);
+    let checked = |window: u32| -> Result<f64, BenchError> {
+        let src = hashed_source(&image.0, image_len)?;
+        guest_touch_from(pages, false, lazy(file(), window), Some(src), on)
+    };
+    progress("sequential restore from a snapshot (pages hashed), one page per fault");
+    let snapshot_seq_no_fault_around = repeat(n, || checked(0))?;
+    progress("sequential restore from a snapshot (pages hashed), fault-around 16");
+    let snapshot_seq_fault_around_16 = repeat(n, || checked(16))?;
     let best = file_seq_fault_around
         .iter()
         .map(|(_, f)| f.median_us)
@@ -251,7 +291,35 @@ pub fn fault(opts: FaultBenchOptions, progress: &mut dyn FnMut(&str)) -> Result<
         zero_seq,
         file_seq_no_fault_around,
         file_seq_fault_around,
+        snapshot_seq_no_fault_around,
+        snapshot_seq_fault_around_16,
     })
+}
+
+/// A snapshot page source over `path` whose every page (all zero here) has
+/// its hash, so each fetch reads and hashes its pages.
+fn hashed_source(path: &std::path::Path, len: u64) -> Result<Arc<dyn ::memory::PageSource>, BenchError> {
+    use crate::snapshot::{Extent, Hasher, LayoutKind, MemoryLayout, PageHashes};
+    let h = Hasher::new(None);
+    let zero = h.hash(&[0u8; crate::snapshot::memory::HASH_BLOCK_LEN]);
+    let block = crate::snapshot::EXTENT_MAX;
+    let extents: Vec<Extent> = (0..len / block)
+        .map(|i| Extent {
+            gpa: i * block,
+            len: block,
+        })
+        .collect();
+    let blocks = extents.len() * usize::try_from(block / crate::snapshot::memory::HASH_BLOCK).unwrap_or(0);
+    let hashes = zero.repeat(blocks);
+    let layout = MemoryLayout::new(LayoutKind::Packed, len);
+    let pages = Arc::new(PageHashes::new(&extents, hashes, h, layout));
+    let src = crate::snapshot::source::SnapshotSource::with_pages(path.to_owned(), pages).map_err(|e| {
+        BenchError::File {
+            path: path.display().to_string(),
+            source: std::io::Error::other(e),
+        }
+    })?;
+    Ok(Arc::new(src))
 }
 
 impl std::fmt::Display for FaultBench {
@@ -332,6 +400,27 @@ impl std::fmt::Display for FaultBench {
             f,
             "  fault-around speedup on sequential restore: {:.1}x",
             self.fault_around_speedup
+        )?;
+        row(
+            f,
+            "seq restore from a snapshot (pages hashed), one page",
+            &self.snapshot_seq_no_fault_around,
+        )?;
+        row(
+            f,
+            "seq restore from a snapshot (pages hashed), around 16",
+            &self.snapshot_seq_fault_around_16,
+        )?;
+        let around16 = self
+            .file_seq_fault_around
+            .iter()
+            .find(|(w, _)| *w == 16)
+            .map_or(f64::NAN, |(_, x)| x.median_us);
+        writeln!(
+            f,
+            "  page hashing on restore: {:.2}x one page per fault, {:.2}x with fault-around 16 (against the file)",
+            self.snapshot_seq_no_fault_around.median_us / self.file_seq_no_fault_around.median_us,
+            self.snapshot_seq_fault_around_16.median_us / around16
         )?;
         // demand_paging_test style (tools/testing/selftests/kvm).
         writeln!(

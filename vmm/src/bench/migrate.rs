@@ -1,5 +1,6 @@
 //! `vmm bench migrate`: live migration of a running 1 GiB guest over a
-//! loopback Unix socket, post-copy only and after pre-copy rounds.
+//! loopback Unix socket (or, `--tls`, TCP with TLS and pinned
+//! certificates), post-copy only and after pre-copy rounds.
 
 use super::{start_touch, BenchError};
 use crate::config::{KernelSource, MemoryConfig, VmConfig};
@@ -19,6 +20,8 @@ pub struct MigrateRun {
     pub precopy_pages: u64,
     /// Start of the migration to the switchover.
     pub precopy_ms: f64,
+    /// Opening both connections, TLS handshakes included (before the pause).
+    pub connect_ms: f64,
     /// Data pages sent after the switchover.
     pub data_pages: u64,
     /// Source pause to the destination running (source's clock, one trip included).
@@ -43,6 +46,8 @@ pub struct MigrateRun {
 pub struct MigrateBench {
     /// Guest RAM.
     pub mem_mib: u64,
+    /// "unix" or "tls" (TCP loopback, pinned certificates).
+    pub transport: String,
     /// Each run.
     pub runs: Vec<MigrateRun>,
 }
@@ -56,8 +61,41 @@ const MIGRATE_ROUNDS: [u32; 2] = [0, 3];
 /// (interleaved); the workload must finish on the destination with the right
 /// checksums.
 pub fn migrate(repeats: u32, progress: &mut dyn FnMut(&str)) -> Result<MigrateBench, BenchError> {
-    use crate::migration::{Endpoint, Listener};
+    migrate_with(repeats, false, progress)
+}
+
+/// [`migrate`], over TCP loopback with TLS and pinned certificates if `tls`.
+pub fn migrate_with(
+    repeats: u32,
+    tls: bool,
+    progress: &mut dyn FnMut(&str),
+) -> Result<MigrateBench, BenchError> {
+    use crate::migration::{Endpoint, Listener, Security, TlsFiles};
     use crate::receive::ReceiveOptions;
+    let bad = |end: String| BenchError::BadRun {
+        end,
+        console: String::new(),
+    };
+    // Keys for both ends, made here and removed at the end.
+    let keys = std::env::temp_dir().join(format!("vmm-bench-mig-{}-keys", std::process::id()));
+    let security = |me: &str, peer: &str| -> Result<Security, BenchError> {
+        if !tls {
+            return Ok(Security::default());
+        }
+        let files = TlsFiles {
+            cert: Some(keys.join(me).join("cert.pem")),
+            key: Some(keys.join(me).join("key.pem")),
+            peer: Some(keys.join(peer).join("cert.pem")),
+            psk: None,
+        };
+        Security::from_files(&files, false).map_err(|e| bad(e.to_string()))
+    };
+    if tls {
+        let _ = std::fs::remove_dir_all(&keys);
+        for side in ["src", "dst"] {
+            crate::migration::tls::keygen(&keys.join(side), false).map_err(|e| bad(e.to_string()))?;
+        }
+    }
     let mem_mib = 1024;
     let cfg = VmConfig {
         kernel: KernelSource::Bundled,
@@ -72,14 +110,17 @@ pub fn migrate(repeats: u32, progress: &mut dyn FnMut(&str)) -> Result<MigrateBe
             "migration {} of a {mem_mib} MiB guest, {precopy_rounds} pre-copy rounds",
             i + 1
         ));
-        let bad = |end: String| BenchError::BadRun {
-            end,
-            console: String::new(),
-        };
         let sock = std::env::temp_dir().join(format!("vmm-bench-mig-{}.sock", std::process::id()));
-        let listener = Listener::bind(&Endpoint::Unix(sock.clone())).map_err(|e| bad(e.to_string()))?;
+        let at = if tls {
+            Endpoint::Tcp("127.0.0.1:0".into())
+        } else {
+            Endpoint::Unix(sock)
+        };
+        let listener = Listener::bind_with(&at, security("dst", "src")?).map_err(|e| bad(e.to_string()))?;
+        let to = listener.endpoint().map_err(|e| bad(e.to_string()))?;
         let dest = std::thread::spawn(move || {
             let opts = ReceiveOptions {
+                wait: None,
                 vm: VmOptions {
                     serial: SerialOutput::Capture(Arc::new(Mutex::new(Vec::new()))),
                     timeout: Some(Duration::from_secs(300)),
@@ -95,9 +136,10 @@ pub fn migrate(repeats: u32, progress: &mut dyn FnMut(&str)) -> Result<MigrateBe
         std::thread::sleep(Duration::from_millis(4000));
         let summary = vm
             .migrate(
-                &Endpoint::Unix(sock),
+                &to,
                 &crate::migration::MigrateOptions {
                     precopy_rounds,
+                    security: security("src", "dst")?,
                     ..Default::default()
                 },
             )
@@ -116,6 +158,7 @@ pub fn migrate(repeats: u32, progress: &mut dyn FnMut(&str)) -> Result<MigrateBe
             precopy_rounds,
             precopy_pages: summary.precopy_pages,
             precopy_ms: summary.precopy_ms,
+            connect_ms: summary.connect_ms,
             data_pages: summary.data_pages,
             downtime_ms: summary.downtime_ms,
             total_ms: summary.total_ms,
@@ -126,15 +169,27 @@ pub fn migrate(repeats: u32, progress: &mut dyn FnMut(&str)) -> Result<MigrateBe
             vcpu_blocked_ms: s.vcpu_blocked_us as f64 / 1e3,
         });
     }
-    Ok(MigrateBench { mem_mib, runs })
+    if tls {
+        let _ = std::fs::remove_dir_all(&keys);
+    }
+    Ok(MigrateBench {
+        mem_mib,
+        transport: if tls { "tls" } else { "unix" }.into(),
+        runs,
+    })
 }
 
 impl std::fmt::Display for MigrateBench {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(
             f,
-            "migrate benchmark: live migration of a running {} MiB guest over a loopback Unix socket",
-            self.mem_mib
+            "migrate benchmark: live migration of a running {} MiB guest over {}",
+            self.mem_mib,
+            if self.transport == "tls" {
+                "loopback TCP with TLS (pinned certificates)"
+            } else {
+                "a loopback Unix socket"
+            }
         )?;
         for r in &self.runs {
             if r.precopy_rounds == 0 {
@@ -148,8 +203,9 @@ impl std::fmt::Display for MigrateBench {
             }
             writeln!(
                 f,
-                " {:>7} post-copy pages: downtime {:>6.1} ms, total {:>7.1} ms, {} requested / {} pushed, request latency p50 <{} us p99 <{} us, vCPUs blocked {:.1} ms",
+                " {:>7} post-copy pages: connect {:>5.1} ms, downtime {:>6.1} ms, total {:>7.1} ms, {} requested / {} pushed, request latency p50 <{} us p99 <{} us, vCPUs blocked {:.1} ms",
                 r.data_pages,
+                r.connect_ms,
                 r.downtime_ms,
                 r.total_ms,
                 r.pages_requested,

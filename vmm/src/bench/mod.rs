@@ -17,7 +17,7 @@ pub use all::{all, scaling, AllBench, Scaling};
 pub use boot::{boot, BootBench, BootBenchOptions};
 pub use fault::{fault, FaultBench, FaultBenchOptions};
 pub use guest_fault::{guest_fault, parse_guest_bench, GuestFaultBench};
-pub use migrate::{migrate, MigrateBench, MigrateRun};
+pub use migrate::{migrate, migrate_with, MigrateBench, MigrateRun};
 pub use restore::{restore, RestoreBench, RestoreFigure};
 
 use crate::config::VmConfig;

@@ -4,7 +4,7 @@
 
 use super::outcome::RunOutcome;
 use super::state::RunState;
-use crate::migration::{Endpoint, MigrateOptions, MigrationError, RecoverRequest, SourceSummary};
+use crate::migration::{Endpoint, MigrateOptions, MigrationError, RecoverRequest, Security, SourceSummary};
 use crate::snapshot::{AfterSnapshot, SnapshotError, SnapshotInfo};
 use crate::state::SavedVm;
 use std::path::{Path, PathBuf};
@@ -42,6 +42,20 @@ pub enum ControlError {
     /// Resume (or snapshot, migrate) a destination whose source is lost.
     #[error("this VM's migration source is lost and holds pages it never sent: resume the migration (`vmm ctl DEST recover --from ADDR`, then `vmm ctl SRC migrate --to ADDR --resume`), or resume the VM on the source")]
     SourceLost,
+    /// A request on a VM whose external page-fault handler is gone.
+    #[error("the VM is paused because its page-fault handler is gone: attach a new one with `vmm ctl SOCKET attach-handler PATH` (or start one at its socket path) before the grace ends, or stop the VM")]
+    HandlerLost,
+    /// `attach-handler` on a VM whose memory no external handler serves.
+    #[error("this VM's memory is not served by an external page-fault handler (vmm restore --mem-backend uffd:SOCKET): there is no handler to attach")]
+    NotExternal,
+    /// `attach-handler` while a handler serves.
+    #[error(
+        "the page-fault handler {0} is attached and serving; attach-handler replaces a handler that is gone"
+    )]
+    HandlerAttached(String),
+    /// The new handler cannot be attached.
+    #[error(transparent)]
+    Attach(#[from] crate::uffd_handler::UffdHandlerError),
     /// A request on a VM paused by a failing page source.
     #[error("the VM is paused because a page source failed; repair the source and resume it, or stop it")]
     MemoryFault,
@@ -96,8 +110,11 @@ pub struct LiveStats {
     pub paused: bool,
     /// Where the run stands.
     pub state: RunState,
-    /// The last page-source failure, which paused the VM.
+    /// The last page-source failure, or the external handler's death, which
+    /// paused the VM.
     pub memory_fault: Option<String>,
+    /// The external page-fault handler, if one serves (or served) memory.
+    pub handler: Option<super::HandlerStatus>,
 }
 
 /// A request to the controller.
@@ -118,13 +135,21 @@ pub(crate) enum ControlRequest {
     /// The outgoing migration ended (the summary, or why it failed).
     MigrationEnded(Result<SourceSummary, Box<crate::migration::Stopped>>),
     /// Destination: wait for the lost source to resume the migration.
-    Recover(Endpoint, Sender<Result<Endpoint, MigrationError>>),
+    Recover(
+        Endpoint,
+        Option<Security>,
+        Sender<Result<Endpoint, MigrationError>>,
+    ),
     /// Destination: where `Recover` requests go, and the flag set while the
     /// source is lost (a stop for fetching memory in full).
     SetRecoverHook(Sender<RecoverRequest>, Arc<AtomicBool>),
     /// Destination: the source is lost (pause and stay paused) or back.
     SourceLost(bool, Sender<Result<(), ControlError>>),
+    /// A new external page-fault handler at this socket.
+    AttachHandler(PathBuf, Sender<Result<super::AttachInfo, ControlError>>),
     Stop,
+    /// A shutdown signal arrived (SIGINT, SIGTERM, SIGHUP).
+    Signal(i32),
 }
 
 /// Events reaching the controller.
@@ -240,7 +265,17 @@ impl VmHandle {
     /// `resume`); returns the address once listening. The paused VM
     /// resumes when the source is back (`docs/migration.md`).
     pub fn recover(&self, from: &Endpoint) -> Result<Endpoint, ControlError> {
-        Ok(self.ask(|tx| ControlRequest::Recover(from.clone(), tx))??)
+        self.recover_with(from, None)
+    }
+
+    /// [`recover`](Self::recover), the source authenticating as `security`
+    /// says (`None`: as on the destination's first listener).
+    pub fn recover_with(
+        &self,
+        from: &Endpoint,
+        security: Option<Security>,
+    ) -> Result<Endpoint, ControlError> {
+        Ok(self.ask(|tx| ControlRequest::Recover(from.clone(), security, tx))??)
     }
 
     /// Destination: where `recover` requests go; `lost` is set while the
@@ -254,6 +289,14 @@ impl VmHandle {
     /// until it is back) or back.
     pub(crate) fn source_lost(&self, lost: bool) -> Result<(), ControlError> {
         self.ask(|tx| ControlRequest::SourceLost(lost, tx))?
+    }
+
+    /// Gives a VM whose external page-fault handler is gone a new one,
+    /// listening at `socket` (same userfaultfd, same mappings); every
+    /// blocked fault faults again and reaches it, and the VM goes back to
+    /// how it was (`docs/external-handler.md`).
+    pub fn attach_handler(&self, socket: &Path) -> Result<super::AttachInfo, ControlError> {
+        self.ask(|tx| ControlRequest::AttachHandler(socket.to_owned(), tx))?
     }
 
     /// Ends the run (the guest is stopped where it is).

@@ -8,21 +8,25 @@
 //! - [`handle`]: the requests and the handles other threads hold;
 //! - [`state`]: the run state and its transitions;
 //! - [`ops`]: snapshot, migration and state capture;
-//! - [`outcome`]: how a run ends, its exit code and statistics.
+//! - [`outcome`]: how a run ends, its exit code and statistics;
+//! - [`external`]: an external page-fault handler's death, the pause, the
+//!   grace and the re-attach.
 
+pub mod external;
 mod handle;
 mod ops;
 pub mod outcome;
 mod reports;
 pub mod state;
 
+pub(crate) use external::ExternalHandler;
+pub use external::{AttachInfo, HandlerStatus, WaitingPage, DEFAULT_GRACE};
 pub use handle::{ControlError, ControllerPanicked, LiveStats, RunningVm, VmHandle};
 pub(crate) use handle::{ControlRequest, Event, EventSender};
 pub use outcome::{verify_reports, GuestEnd, RunOutcome, VerifyError};
 pub use state::RunState;
 
 use crate::migration::{MigrationError, RecoverRequest, Resumable, SourceSummary};
-use crate::signals::ShutdownSignals;
 use crate::state::ControllerState;
 use devices::serial::SerialConsole;
 use devices::DeviceEvent;
@@ -59,8 +63,8 @@ pub struct ControllerOptions {
     pub stdin: bool,
     /// Give up after this long (a guard against hangs, not a performance goal).
     pub timeout: Option<Duration>,
-    /// End the run cleanly on SIGINT/SIGTERM/SIGHUP (read with a signalfd; the
-    /// caller must have blocked them with `signals::block_shutdown_signals`).
+    /// End the run cleanly on SIGINT/SIGTERM/SIGHUP (the process's signal
+    /// watcher, `signals::start_watcher`, tells the controller).
     pub shutdown_signals: bool,
     /// What to do when a page source fails: the VM is paused either way.
     pub on_memory_fault: MemoryFaultPolicy,
@@ -69,6 +73,8 @@ pub struct ControllerOptions {
     /// How the controller thread (and the threads it starts: an outgoing
     /// migration's) and the control socket's threads are sandboxed.
     pub seccomp: SeccompMode,
+    /// Authenticates the snapshots this VM writes.
+    pub snapshot_key: Option<crate::snapshot::SnapshotKey>,
 }
 
 /// Errors starting the controller.
@@ -80,9 +86,6 @@ pub enum StartError {
     /// The event loop could not be set up.
     #[error("cannot set up the VM's event loop: {0}; raise the process's file descriptor limit")]
     EventLoop(String),
-    /// The shutdown signals cannot be read.
-    #[error("cannot read shutdown signals: {0}")]
-    Signals(#[source] std::io::Error),
     /// The controller thread could not be started (or sandboxed).
     #[error("cannot start the controller thread: {0}")]
     Thread(#[source] sandbox::SpawnError),
@@ -100,15 +103,18 @@ pub(crate) fn start(
     events: EventSender,
     rx: Receiver<Event>,
     options: ControllerOptions,
+    external: Option<ExternalHandler>,
 ) -> Result<RunningVm, StartError> {
     vm.start()?;
     let mut em: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
         EventManager::new().map_err(|e| StartError::EventLoop(format!("{e:?}")))?;
-    let signals = if options.shutdown_signals {
-        Some(ShutdownSignals::new().map_err(StartError::Signals)?)
-    } else {
-        None
-    };
+    // A shutdown signal ends the run (the process's watcher calls this).
+    let on_signal = options.shutdown_signals.then(|| {
+        let events = events.clone();
+        crate::signals::on_shutdown(move |sig| {
+            events.send(Event::Control(ControlRequest::Signal(sig)));
+        })
+    });
     let serial = vm.devices().map(|d| d.serial().clone());
     let run = if vm.started().iter().any(|&s| s) {
         RunState::Running
@@ -135,16 +141,12 @@ pub(crate) fn start(
         source_lost: Arc::new(AtomicBool::new(false)),
         before_loss: None,
         devices_paused: false,
+        snapshot_key: options.snapshot_key.clone(),
+        external,
     }));
     em.add_subscriber(controller.clone());
     if let (true, Some(serial)) = (options.stdin, serial) {
         em.add_subscriber(Arc::new(Mutex::new(StdinInput { serial })));
-    }
-    if let Some(signals) = signals {
-        em.add_subscriber(Arc::new(Mutex::new(SignalInput {
-            signals,
-            controller: controller.clone(),
-        })));
     }
     let deadline = options.timeout.and_then(|t| Instant::now().checked_add(t));
     let timeout = options.timeout.unwrap_or_default();
@@ -152,7 +154,11 @@ pub(crate) fn start(
         std::thread::Builder::new().name("vmm-controller".into()),
         ThreadClass::Controller,
         options.seccomp,
-        move || run_loop(&controller, &mut em, deadline, timeout),
+        move || {
+            let outcome = run_loop(&controller, &mut em, deadline, timeout);
+            drop(on_signal);
+            outcome
+        },
     )
     .map_err(StartError::Thread)?;
     Ok(RunningVm {
@@ -171,16 +177,27 @@ fn run_loop(
     timeout: Duration,
 ) -> RunOutcome {
     let end = loop {
-        if let Some(end) = lock(controller).end.clone() {
-            break end;
+        let wakeup = {
+            let mut c = lock(controller);
+            c.handler_tick();
+            if let Some(end) = c.end.clone() {
+                break end;
+            }
+            c.handler_wakeup()
+        };
+        // Everything that can end the run is an event; only the deadline is
+        // a timeout (and, while no page-fault handler serves, the grace and
+        // a look at its socket path: `external`).
+        let now = Instant::now();
+        if deadline.is_some_and(|d| now >= d) {
+            break GuestEnd::TimedOut(timeout);
         }
-        // Everything that can end the run is an event; only the deadline is a timeout.
-        let wait_ms = match deadline {
+        let wait_ms = match [deadline, wakeup].into_iter().flatten().min() {
             None => -1,
-            Some(d) => match d.checked_duration_since(Instant::now()) {
-                None => break GuestEnd::TimedOut(timeout),
-                Some(left) => i32::try_from(left.as_millis().saturating_add(1)).unwrap_or(i32::MAX),
-            },
+            Some(d) => {
+                let left = d.saturating_duration_since(now);
+                i32::try_from(left.as_millis().saturating_add(1)).unwrap_or(i32::MAX)
+            }
         };
         if let Err(e) = em.run_with_timeout(wait_ms) {
             tracing::error!("the VM's event loop failed: {e:?}");
@@ -217,6 +234,10 @@ struct Controller {
     before_loss: Option<RunState>,
     /// Whether this controller paused the devices (for a capture).
     devices_paused: bool,
+    /// Authenticates the snapshots written.
+    snapshot_key: Option<crate::snapshot::SnapshotKey>,
+    /// The external page-fault handler, for memory it serves.
+    external: Option<ExternalHandler>,
 }
 
 impl Controller {
@@ -251,6 +272,9 @@ impl Controller {
             VmEvent::Memory(MemoryEvent::HandlerStopped(why)) => self.end(GuestEnd::MemoryFault(format!(
                 "the userfault handler stopped ({why}); guest pages can no longer be served"
             ))),
+            VmEvent::Memory(MemoryEvent::ExternalHandlerLost { link, reason }) => {
+                self.handler_lost(link, &reason)
+            }
         }
     }
 
@@ -281,12 +305,14 @@ impl Controller {
             }
             ControlRequest::Kick(cpu) => self.vm.kick(cpu),
             ControlRequest::Stats(reply) => {
+                let handler = self.handler_status();
                 let _ = reply.send(LiveStats {
                     vcpus: self.vm.vcpu_stats(),
                     blocked_faults: self.vm.memory().blocked().len(),
                     paused: self.run.paused(),
                     state: self.run,
                     memory_fault: self.memory_fault.clone(),
+                    handler,
                 });
             }
             ControlRequest::RunOnVcpu(cpu, f, reply) => {
@@ -304,9 +330,13 @@ impl Controller {
                 let _ = reply.send(self.switchover());
             }
             ControlRequest::MigrationEnded(r) => self.migration_ended(r),
-            ControlRequest::Recover(from, reply) => match &self.recover_hook {
+            ControlRequest::Recover(from, security, reply) => match &self.recover_hook {
                 Some(hook) => {
-                    if let Err(mpsc::SendError(r)) = hook.send(RecoverRequest { from, reply }) {
+                    if let Err(mpsc::SendError(r)) = hook.send(RecoverRequest {
+                        from,
+                        security,
+                        reply,
+                    }) {
                         let _ = r.reply.send(Err(MigrationError::Ended));
                     }
                 }
@@ -321,13 +351,19 @@ impl Controller {
             ControlRequest::SourceLost(lost, reply) => {
                 let _ = reply.send(self.source_lost(lost));
             }
+            ControlRequest::AttachHandler(path, reply) => {
+                let _ = reply.send(self.attach_handler(&path));
+            }
             ControlRequest::Stop => self.end(GuestEnd::Stopped),
+            ControlRequest::Signal(sig) => self.end(GuestEnd::Signal(sig)),
         }
     }
 
     fn pause(&mut self) -> Result<vmm_core::vcpu::manager::PauseReport, ControlError> {
         let to = match self.run {
             RunState::Precopy => RunState::PrecopyPaused,
+            // Paused already; only a new handler takes it out of this state.
+            RunState::HandlerLost => return Err(ControlError::AlreadyPaused),
             _ => RunState::Paused,
         };
         valid_transition(self.run, to)?;
@@ -339,6 +375,8 @@ impl Controller {
     fn resume(&mut self) -> Result<(), ControlError> {
         let to = match self.run {
             RunState::PrecopyPaused => RunState::Precopy,
+            // Nobody would serve its faults: only `attach-handler` resumes it.
+            RunState::HandlerLost => return Err(ControlError::HandlerLost),
             _ => RunState::Running,
         };
         valid_transition(self.run, to)?;
@@ -402,7 +440,9 @@ impl Controller {
         } else {
             Duration::from_secs(2)
         };
+        self.release_if_handler_lost();
         self.vm.stop(patience, true);
+        self.detach_handler();
         let vcpu_stats = self.vm.vcpu_stats();
         self.vm.memory_mut().stop();
         let (reports, bad_requests) = self.guest.take();
@@ -445,26 +485,6 @@ impl MutEventSubscriber for Controller {
     fn init(&mut self, ops: &mut EventOps) {
         if let Err(e) = ops.add(Events::new(&*self.events_fd, EventSet::IN)) {
             tracing::error!("cannot watch VM events: {e:?}");
-        }
-    }
-}
-
-/// Ends the run on SIGINT, SIGTERM or SIGHUP.
-struct SignalInput {
-    signals: ShutdownSignals,
-    controller: Arc<Mutex<Controller>>,
-}
-
-impl MutEventSubscriber for SignalInput {
-    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
-        if let Some(sig) = self.signals.read() {
-            lock(&self.controller).end(GuestEnd::Signal(sig));
-        }
-    }
-
-    fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.signals, EventSet::IN)) {
-            tracing::error!("cannot watch shutdown signals: {e:?}");
         }
     }
 }

@@ -3,8 +3,9 @@
 //! migration (start, switchover, end).
 
 use super::{vm_err, ControlError, ControlRequest, Controller, Event, GuestEnd, RunState};
+use crate::migration::outgoing::spawn_resume;
 use crate::migration::{
-    spawn_precopy, Endpoint, MigrateOptions, MigrationError, Outgoing, PrecopyCtx, SourceSummary, Stopped,
+    spawn_precopy, Endpoint, MigrateOptions, MigrationError, PrecopyCtx, SourceSummary, Stopped,
 };
 use crate::snapshot::{self, AfterSnapshot, SnapshotInfo};
 use crate::state::SavedVm;
@@ -26,6 +27,7 @@ impl RunState {
             RunState::Precopy | RunState::PrecopyPaused => Some(ControlError::MigrationRunning),
             RunState::SourceLost => Some(ControlError::SourceLost),
             RunState::MemoryFault => Some(ControlError::MemoryFault),
+            RunState::HandlerLost => Some(ControlError::HandlerLost),
         }
     }
 }
@@ -67,9 +69,11 @@ impl Controller {
     /// Saves the paused VM to `dir`.
     fn save_to(&mut self, dir: &Path, start: Instant) -> Result<SnapshotInfo, ControlError> {
         let state = self.capture()?;
-        let manifest = snapshot::write_snapshot(dir, &state, self.vm.memory().ram())?;
+        let manifest =
+            snapshot::write_snapshot(dir, &state, self.vm.memory().ram(), self.snapshot_key.as_ref())?;
         Ok(SnapshotInfo {
             dir: dir.to_owned(),
+            id: manifest.id,
             memory_bytes: manifest.memory.extents.iter().map(|e| e.len).sum(),
             extents: manifest.memory.extents.len(),
             took_ms: start.elapsed().as_secs_f64() * 1e3,
@@ -108,9 +112,11 @@ impl Controller {
         Ok(SavedVm { vm, controller })
     }
 
-    /// Starts an outgoing migration: pre-copy on a thread (the VM runs), or
-    /// pause, capture and post-copy; or resumes an interrupted post-copy.
-    /// The result goes to `reply` when the migration ends.
+    /// Starts an outgoing migration on a thread: it connects and
+    /// authenticates (the VM runs meanwhile), runs the pre-copy rounds if
+    /// any, then asks for the switchover (pause and capture) and goes on
+    /// with post-copy; or resumes an interrupted post-copy. The result goes
+    /// to `reply` when the migration ends.
     pub(super) fn migrate(
         &mut self,
         to: &Endpoint,
@@ -126,6 +132,8 @@ impl Controller {
         if self.vm.memory().is_external() {
             return Err(ControlError::ExternalMemory);
         }
+        // Before anything starts: plain TCP needs the opt-in.
+        options.security.check(to)?;
         let events = self.events.clone();
         let on_end = move |r| {
             events.send(Event::Control(ControlRequest::MigrationEnded(r)));
@@ -134,82 +142,50 @@ impl Controller {
             let Some(from) = self.resumable.clone().filter(|_| self.run == RunState::Paused) else {
                 return Err(ControlError::NothingToResume);
             };
-            let out = Outgoing::resume(
-                to,
-                &from,
+            spawn_resume(
+                to.clone(),
+                from,
                 self.vm.memory().ram().clone(),
                 self.vm.config().mem_size,
-                options.push_delay,
+                options.clone(),
+                on_end,
             )?;
-            out.spawn(on_end)?;
             self.set(RunState::Postcopy)?;
             self.migration_reply = Some(reply.clone());
             return Ok(());
         }
-        if options.precopy_rounds > 0 {
-            let events = self.events.clone();
-            let pagemap = Pagemap::open().map_err(|source| MigrationError::Io {
-                what: "opening /proc/self/pagemap",
-                source,
-            })?;
-            let ctx = PrecopyCtx {
-                pagemap,
-                vm_fd: self.vm.vm_fd().clone(),
-                mem: self.vm.memory().ram().clone(),
-                mem_size: self.vm.config().mem_size,
-                materializer: self.vm.memory().materializer(),
-                stop: self.source_lost.clone(),
-                switchover: Box::new(move || {
-                    let (tx, rx) = mpsc::channel();
-                    if !events.send(Event::Control(ControlRequest::Switchover(tx))) {
-                        return Err(MigrationError::Switchover(Box::new(ControlError::Ended)));
-                    }
-                    rx.recv()
-                        .map_err(|_| MigrationError::Switchover(Box::new(ControlError::Ended)))?
-                        .map_err(|e| MigrationError::Switchover(Box::new(e)))
-                }),
-            };
-            let to_state = if self.run == RunState::Running {
-                RunState::Precopy
-            } else {
-                RunState::PrecopyPaused
-            };
-            spawn_precopy(to.clone(), options.clone(), ctx, on_end)?;
-            self.set(to_state)?;
-            self.resumable = None;
-            self.migration_reply = Some(reply.clone());
-            return Ok(());
-        }
-        let paused_at = Instant::now();
-        let was_running = self.run == RunState::Running;
-        if was_running {
-            self.pause()?;
-        }
-        let out = self.capture().and_then(|state| {
-            let extents = snapshot::data_extents(self.vm.memory().ram())?;
-            Ok(Outgoing::connect(
-                to,
-                &state,
-                extents,
-                self.vm.memory().ram().clone(),
-                paused_at,
-                options.push_delay,
-            )?)
-        });
-        match out.and_then(|out| Ok(out.spawn(on_end)?)) {
-            Ok(()) => {
-                self.set(RunState::Postcopy)?;
-                self.resumable = None;
-                self.migration_reply = Some(reply.clone());
-                Ok(())
-            }
-            Err(e) => {
-                if was_running && self.run.paused() {
-                    let _ = self.resume();
+        let events = self.events.clone();
+        let pagemap = Pagemap::open().map_err(|source| MigrationError::Io {
+            what: "opening /proc/self/pagemap",
+            source,
+        })?;
+        let ctx = PrecopyCtx {
+            pagemap,
+            vm_fd: self.vm.vm_fd().clone(),
+            mem: self.vm.memory().ram().clone(),
+            mem_size: self.vm.config().mem_size,
+            materializer: self.vm.memory().materializer(),
+            stop: self.source_lost.clone(),
+            switchover: Box::new(move || {
+                let (tx, rx) = mpsc::channel();
+                if !events.send(Event::Control(ControlRequest::Switchover(tx))) {
+                    return Err(MigrationError::Switchover(Box::new(ControlError::Ended)));
                 }
-                Err(e)
-            }
-        }
+                rx.recv()
+                    .map_err(|_| MigrationError::Switchover(Box::new(ControlError::Ended)))?
+                    .map_err(|e| MigrationError::Switchover(Box::new(e)))
+            }),
+        };
+        let to_state = if self.run == RunState::Running {
+            RunState::Precopy
+        } else {
+            RunState::PrecopyPaused
+        };
+        spawn_precopy(to.clone(), options.clone(), ctx, on_end)?;
+        self.set(to_state)?;
+        self.resumable = None;
+        self.migration_reply = Some(reply.clone());
+        Ok(())
     }
 
     /// Pauses the VM at the end of pre-copy and captures its state; from

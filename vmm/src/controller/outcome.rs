@@ -1,9 +1,8 @@
 //! How a run ends: [`GuestEnd`], the process exit codes, the [`RunOutcome`]
 //! with every statistic, and the host's check of a workload's results.
 
-use abi::exit::ExitCode;
 use abi::pv::WorkloadReport;
-use abi::workload::{self, WorkloadKind};
+use abi::workload;
 use std::time::Duration;
 use vmm_core::config::{KernelSource, VmConfig};
 use vmm_core::memory::MemoryStats;
@@ -54,6 +53,20 @@ pub const EXIT_BAD_RESULT: i32 = 12;
 pub const EXIT_MEMORY_FAULT: i32 = 13;
 /// Process exit code when a control request stopped the run.
 pub const EXIT_STOPPED: i32 = 14;
+/// A guest's exit code `c` other than 0 becomes the process exit code
+/// `EXIT_GUEST_BASE + c` (`c` up to 31; larger codes give 63), so a guest's
+/// code is never mistaken for one of the VMM's own (10-14, 64, 128 + signal).
+pub const EXIT_GUEST_BASE: i32 = 32;
+
+/// The process exit code of a guest exit code (see [`EXIT_GUEST_BASE`]).
+pub fn guest_exit_code(code: u32) -> i32 {
+    match code {
+        0 => 0,
+        c @ 1..=31 => EXIT_GUEST_BASE + i32::try_from(c).unwrap_or(31),
+        _ => EXIT_GUEST_BASE + 31,
+    }
+}
+
 /// Process exit code for VMM errors (configuration, KVM, loading).
 pub const EXIT_VMM_ERROR: i32 = 64;
 
@@ -91,7 +104,7 @@ impl RunOutcome {
     /// The exit code the `vmm` process uses.
     pub fn exit_code(&self) -> i32 {
         match &self.end {
-            GuestEnd::Exited(code) => i32::try_from(*code).unwrap_or(ExitCode::Failure as i32),
+            GuestEnd::Exited(code) => guest_exit_code(*code),
             GuestEnd::Crashed(_) => EXIT_CRASHED,
             GuestEnd::TimedOut(_) => EXIT_TIMED_OUT,
             GuestEnd::MemoryFault(_) => EXIT_MEMORY_FAULT,
@@ -166,7 +179,7 @@ pub fn verify_reports(config: &VmConfig, outcome: &RunOutcome) -> Result<Option<
         return Ok(None);
     }
     let wl = workload::parse_cmdline(&config.cmdline).map_err(|e| VerifyError::Cmdline(e.to_string()))?;
-    if wl.kind != WorkloadKind::Touch {
+    if !wl.kind.touches_pages() {
         return Ok(None);
     }
     let mut seen = vec![false; config.vcpus as usize];
@@ -181,7 +194,7 @@ pub fn verify_reports(config: &VmConfig, outcome: &RunOutcome) -> Result<Option<
     for cpu in 0..config.vcpus {
         let plan = workload::task_plan(&wl, config.vcpus, cpu);
         let (first, pages) = (plan.first_page, plan.pages);
-        let expected = plan.checksum(wl.pattern, wl.write, wl.seed);
+        let expected = workload::task_checksum(wl.kind, &plan, wl.pattern, wl.write, wl.seed);
         let r = outcome
             .reports
             .iter()
@@ -206,4 +219,32 @@ pub fn verify_reports(config: &VmConfig, outcome: &RunOutcome) -> Result<Option<
         total = workload::combine(total, expected);
     }
     Ok(Some(total))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_codes_have_their_own_range() {
+        assert_eq!(guest_exit_code(0), 0);
+        assert_eq!(guest_exit_code(1), 33);
+        assert_eq!(guest_exit_code(4), 36);
+        assert_eq!(guest_exit_code(31), 63);
+        assert_eq!(guest_exit_code(u32::MAX), 63);
+        for c in 1..=1000 {
+            let p = guest_exit_code(c);
+            assert!((33..=63).contains(&p), "{c} -> {p}");
+            for own in [
+                EXIT_CRASHED,
+                EXIT_TIMED_OUT,
+                EXIT_BAD_RESULT,
+                EXIT_MEMORY_FAULT,
+                EXIT_STOPPED,
+                EXIT_VMM_ERROR,
+            ] {
+                assert_ne!(p, own);
+            }
+        }
+    }
 }

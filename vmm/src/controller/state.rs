@@ -16,9 +16,10 @@ pub enum RunState {
     /// Paused because a page source failed (the page was not zero-filled);
     /// a resume means the source was repaired.
     MemoryFault,
-    /// Outgoing migration: pages are copied while the VM runs.
+    /// Outgoing migration before the switchover, while the VM runs: the
+    /// connections open, then pre-copy rounds if any.
     Precopy,
-    /// Outgoing migration, paused on request during pre-copy.
+    /// The same, paused on request.
     PrecopyPaused,
     /// Outgoing migration after the switchover: the destination may run the
     /// VM, so it stays paused here unless the migration fails.
@@ -26,6 +27,9 @@ pub enum RunState {
     /// Incoming migration whose source is lost: paused, and it must stay so
     /// (its memory is incomplete) until the source is recovered.
     SourceLost,
+    /// The external page-fault handler is gone: paused, nobody serves its
+    /// faults, until a new handler is attached (or the grace ends the run).
+    HandlerLost,
     /// The run ended.
     Ended,
 }
@@ -58,6 +62,10 @@ pub fn valid_transition(from: RunState, to: RunState) -> Result<(), ControlError
         // A destination loses its source, and gets it back.
         (Running | Paused | MemoryFault, SourceLost) => true,
         (SourceLost, Paused) => true,
+        // An external handler dies, and a new one is attached (the VM goes
+        // to Paused, then back to running if it ran).
+        (Running | Paused, HandlerLost) => true,
+        (HandlerLost, Paused) => true,
         _ => false,
     };
     if ok {
@@ -65,12 +73,14 @@ pub fn valid_transition(from: RunState, to: RunState) -> Result<(), ControlError
     }
     Err(match (from, to) {
         (Ended, _) => ControlError::Ended,
-        (Paused | PrecopyPaused | MemoryFault | Postcopy | SourceLost, Paused | PrecopyPaused) => {
-            ControlError::AlreadyPaused
-        }
+        (
+            Paused | PrecopyPaused | MemoryFault | Postcopy | SourceLost | HandlerLost,
+            Paused | PrecopyPaused,
+        ) => ControlError::AlreadyPaused,
         (Running | Precopy, Running | Precopy) => ControlError::NotPaused,
         (Postcopy, _) => ControlError::Migrating,
         (SourceLost, _) => ControlError::SourceLost,
+        (HandlerLost, _) => ControlError::HandlerLost,
         (Precopy | PrecopyPaused, Precopy | PrecopyPaused | Postcopy) => ControlError::MigrationRunning,
         (MemoryFault, _) => ControlError::MemoryFault,
         _ => ControlError::InvalidTransition { from, to },
@@ -82,7 +92,7 @@ mod tests {
     use super::*;
     use RunState::*;
 
-    const ALL: [RunState; 8] = [
+    const ALL: [RunState; 9] = [
         Running,
         Paused,
         MemoryFault,
@@ -90,6 +100,7 @@ mod tests {
         PrecopyPaused,
         Postcopy,
         SourceLost,
+        HandlerLost,
         Ended,
     ];
 
@@ -120,6 +131,35 @@ mod tests {
         assert!(matches!(valid_transition(PrecopyPaused, Precopy), Ok(())));
         assert!(matches!(valid_transition(MemoryFault, Running), Ok(())));
         assert!(matches!(valid_transition(SourceLost, Paused), Ok(())));
+    }
+
+    #[test]
+    fn a_lost_handler_pauses_and_only_a_new_one_takes_the_vm_out() {
+        assert!(valid_transition(Running, HandlerLost).is_ok());
+        assert!(valid_transition(Paused, HandlerLost).is_ok());
+        assert!(valid_transition(HandlerLost, Paused).is_ok());
+        assert!(matches!(
+            valid_transition(HandlerLost, Running),
+            Err(ControlError::HandlerLost)
+        ));
+        assert!(matches!(
+            valid_transition(HandlerLost, Precopy),
+            Err(ControlError::HandlerLost)
+        ));
+        for s in [
+            MemoryFault,
+            Precopy,
+            PrecopyPaused,
+            Postcopy,
+            SourceLost,
+            HandlerLost,
+            Ended,
+        ] {
+            assert!(valid_transition(s, HandlerLost).is_err(), "{s:?}");
+        }
+        assert!(HandlerLost.paused());
+        let e = valid_transition(HandlerLost, Running).unwrap_err().to_string();
+        assert!(e.contains("attach-handler"), "{e}");
     }
 
     #[test]

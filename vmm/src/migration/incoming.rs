@@ -8,10 +8,12 @@
 
 use super::outgoing::extents_of;
 use super::remote::{Progress, RemoteSource};
-use super::transport::{Conn, Endpoint, Listener, HEADER_WAIT};
-use super::wire::{decode, encode, read_header, write_header, Message, PAGE, PAGE64};
+use super::transport::{
+    accept_authenticated, Admissions, Conn, Deadline, Endpoint, Listener, Security, HANDSHAKE_WAIT,
+};
+use super::wire::{decode, encode, Message, PAGE, PAGE64};
 use super::{io, lock, MigrationError};
-use crate::snapshot::{Extent, Snapshot};
+use crate::snapshot::{check_received, Extent};
 use crate::state::SavedVm;
 use sandbox::{SeccompMode, ThreadClass};
 use std::collections::HashMap;
@@ -42,6 +44,9 @@ pub enum MigrationEvent {
 pub struct RecoverRequest {
     /// Where to wait for the source.
     pub from: Endpoint,
+    /// How the source must authenticate there (`None`: as for the first
+    /// connection, the listener `vmm receive` was started with).
+    pub security: Option<Security>,
     /// The address once listening, or why not.
     pub reply: Sender<Result<Endpoint, MigrationError>>,
 }
@@ -104,9 +109,12 @@ struct Prelude {
 }
 
 /// Reads the pre-copy pages (if the source sends any) up to the state.
-fn receive_precopy(conn: &mut Conn, progress: &Progress) -> Result<Prelude, MigrationError> {
+/// Only the last copy of each page is kept, and only pages inside the RAM
+/// announced by `PrecopyBegin` (itself at most the largest guest): what is
+/// buffered is bounded by that size, whatever the source sends.
+fn receive_precopy(conn: &mut Conn, head: Message, progress: &Progress) -> Result<Prelude, MigrationError> {
     let mut precopied = HashMap::new();
-    let mem_size = match decode(conn)? {
+    let mem_size = match head {
         Message::State(state) => {
             return Ok(Prelude {
                 state,
@@ -159,6 +167,7 @@ fn receive_precopy(conn: &mut Conn, progress: &Progress) -> Result<Prelude, Migr
 pub struct Incoming {
     conn: Conn,
     answers: Conn,
+    security: Security,
     accepted: Instant,
     got_state: Instant,
     state: SavedVm,
@@ -173,37 +182,46 @@ pub struct Incoming {
 }
 
 impl Incoming {
-    /// Accepts one migration on `listener` and reads up to the data extents
-    /// (every check of the state and extents included); opens the answer
-    /// channel. The session's threads are sandboxed in `seccomp` mode.
+    /// Accepts one migration on `listener`: waits (up to `wait`, forever if
+    /// `None`) for a source that authenticates, accepts its answer channel,
+    /// then reads up to the data extents (every check of the state and
+    /// extents included). Peers that fail to authenticate are refused and
+    /// logged; the wait goes on. Nothing of a peer's is buffered before it
+    /// has authenticated. The session's threads are sandboxed in `seccomp`
+    /// mode.
     pub fn accept(
         listener: &Listener,
         progress: Arc<Progress>,
+        wait: Option<Duration>,
         seccomp: SeccompMode,
     ) -> Result<Incoming, MigrationError> {
-        let mut conn = listener.accept()?;
+        // One set of admissions for both connections: the source opens the
+        // main one first, but their admissions may end in either order.
+        let admissions = Admissions::new(None);
+        let first = admissions.next(listener, wait.map(Deadline::after))?;
         let accepted = Instant::now();
-        read_header(&mut conn)?;
-        write_header(&mut conn).map_err(io("sending the header"))?;
+        let second = admissions
+            .next(
+                listener,
+                Some(Deadline::after(listener.security().handshake_timeout)),
+            )
+            .map_err(no_answer_channel)?;
+        let (mut conn, answers, head) = main_and_answers(first, second)?;
         let Prelude {
             state,
             mem_size: precopy_mem,
             pages: mut precopied,
-        } = receive_precopy(&mut conn, &progress)?;
+        } = receive_precopy(&mut conn, head, &progress)?;
         let Message::Extents(pairs) = decode(&mut conn)? else {
             return Err(MigrationError::Protocol(
                 "the message after the state is not the extent list".into(),
             ));
         };
         let got_state = Instant::now();
-        let answers = accept_answers(listener)?;
-        let extents: Vec<Extent> = pairs
-            .iter()
-            .map(|&(gpa, len)| Extent { gpa, len, crc32: 0 })
-            .collect();
+        let extents: Vec<Extent> = pairs.iter().map(|&(gpa, len)| Extent { gpa, len }).collect();
         // Checks every extent: aligned, sorted, inside RAM, at most EXTENT_MAX.
-        let snap = Snapshot::from_parts(&state, extents)?;
-        if precopy_mem.is_some_and(|m| m != snap.state.vm.config.mem_size) {
+        let saved = check_received(&state, &extents)?;
+        if precopy_mem.is_some_and(|m| m != saved.vm.config.mem_size) {
             return Err(MigrationError::Protocol(
                 "the VM state's RAM size differs from the one announced for pre-copy".into(),
             ));
@@ -238,14 +256,15 @@ impl Incoming {
             progress,
             seccomp,
         )?;
-        let store = &snap.state.vm.devices.page_store;
+        let store = &saved.vm.devices.page_store;
         let reads_carried = (store.in_flight.len() + store.held_reads.len()) as u64;
         Ok(Incoming {
             conn,
             answers,
+            security: listener.security().clone(),
             accepted,
             got_state,
-            state: snap.state,
+            state: saved,
             data_ranges,
             src,
             to_place,
@@ -314,6 +333,8 @@ impl Incoming {
             src: src.clone(),
             conn: self.conn,
             answers: self.answers,
+            security: self.security,
+            admissions: Admissions::new(Some(Message::Resume)),
             receivers,
             handles,
             recover_rx,
@@ -401,6 +422,11 @@ struct Watch {
     src: Arc<RemoteSource>,
     conn: Conn,
     answers: Conn,
+    /// How a source that comes back must authenticate, unless the
+    /// `recover` request says otherwise.
+    security: Security,
+    /// Sources connecting to resume, authenticating.
+    admissions: Admissions,
     receivers: Receivers,
     handles: Vec<JoinHandle<()>>,
     recover_rx: Receiver<RecoverRequest>,
@@ -428,37 +454,36 @@ impl Watch {
             while let Ok(req) = self.recover_rx.try_recv() {
                 let r = match self.src.lost() {
                     None => Err(MigrationError::NotInterrupted),
-                    Some(_) => Listener::bind(&req.from).and_then(|l| {
-                        l.set_nonblocking()?;
-                        let at = l.endpoint()?;
-                        waiting = Some(l);
-                        // The operator now starts the source's side.
-                        lost_deadline = Some(Instant::now() + self.lost_wait);
-                        Ok(at)
-                    }),
+                    Some(_) => {
+                        Listener::bind_with(&req.from, req.security.unwrap_or_else(|| self.security.clone()))
+                            .and_then(|l| {
+                                let at = l.endpoint()?;
+                                waiting = Some(l);
+                                // The operator now starts the source's side.
+                                lost_deadline = Some(Instant::now() + self.lost_wait);
+                                Ok(at)
+                            })
+                    }
                 };
                 let _ = req.reply.send(r);
             }
-            let back = waiting.as_ref().map(Listener::try_accept);
-            match back {
-                Some(Ok(Some(new))) => {
-                    if let Some(l) = waiting.take() {
-                        match self.take_back(new, &l) {
-                            Ok(()) => {
-                                lost_deadline = None;
-                                recoveries += 1;
-                                tracing::info!("the migration source is back");
-                                (self.events)(MigrationEvent::Recovered);
-                            }
-                            Err(e) => {
-                                tracing::warn!("a peer connected to resume the migration but failed: {e}");
-                                waiting = Some(l);
-                            }
-                        }
+            let mut refused = None;
+            let back = waiting
+                .as_ref()
+                .and_then(|l| self.admissions.poll(l, Duration::ZERO, &mut refused));
+            if let Some((new, l)) = back.and_then(|new| waiting.take().map(|l| (new, l))) {
+                match self.take_back(new, &l) {
+                    Ok(()) => {
+                        lost_deadline = None;
+                        recoveries += 1;
+                        tracing::info!("the migration source is back");
+                        (self.events)(MigrationEvent::Recovered);
+                    }
+                    Err(e) => {
+                        tracing::warn!("a peer connected to resume the migration but failed: {e}");
+                        waiting = Some(l);
                     }
                 }
-                Some(Err(e)) => tracing::warn!("waiting for the source to come back: {e}"),
-                _ => {}
             }
             if !gave_up && lost_deadline.is_some_and(|d| Instant::now() >= d) {
                 gave_up = true;
@@ -568,48 +593,56 @@ impl IncomingSession {
     }
 }
 
-/// Accepts the source's answer channel on `listener` (its second
-/// connection, opened right after the extents or the `Need` list); a
-/// connection that is not one is dropped.
+/// The answer channel did not come in time.
+fn no_answer_channel(e: MigrationError) -> MigrationError {
+    match e {
+        MigrationError::NoPeer { secs, refused } => MigrationError::Protocol(format!(
+            "the source did not open its answer channel within {secs} s{}",
+            refused.map(|r| format!(" (refused: {r})")).unwrap_or_default()
+        )),
+        e => e,
+    }
+}
+
+/// Tells the main connection from the answer channel by their first
+/// messages: `Preempt` on the answer channel (sent as it opens), the
+/// migration's first (`PrecopyBegin` or `State`) on the main connection.
+/// `second` is nearly always the answer channel; if it is the main
+/// connection, its first message comes at the latest at the switchover.
+/// Returns the main connection, the answer channel and the main one's
+/// first message.
+fn main_and_answers(mut first: Conn, mut second: Conn) -> Result<(Conn, Conn, Message), MigrationError> {
+    let both_main =
+        || MigrationError::Protocol("the source opened two main connections and no answer channel".into());
+    match decode(&mut second)? {
+        Message::Preempt => match decode(&mut first)? {
+            Message::Preempt => Err(MigrationError::Protocol(
+                "the source opened two answer channels and no main connection".into(),
+            )),
+            head => Ok((first, second, head)),
+        },
+        head => match decode(&mut first)? {
+            Message::Preempt => Ok((second, first, head)),
+            _ => Err(both_main()),
+        },
+    }
+}
+
+/// Accepts the source's answer channel on `listener` when it resumes: its
+/// second connection, opened right after `Need`, whose first message is
+/// `Preempt`.
 fn accept_answers(listener: &Listener) -> Result<Conn, MigrationError> {
-    listener.set_nonblocking()?;
-    let deadline = Instant::now() + HEADER_WAIT;
-    let mut last = None;
-    while Instant::now() < deadline {
-        match listener.try_accept()? {
-            Some(mut c) => match greet(&mut c, &Message::Preempt, "its answer channel") {
-                Ok(()) => return Ok(c),
-                Err(e) => last = Some(e),
-            },
-            None => std::thread::sleep(Duration::from_micros(200)),
-        }
-    }
-    Err(last.unwrap_or_else(|| MigrationError::Protocol("the source did not open its answer channel".into())))
+    let wait = Deadline::after(listener.security().handshake_timeout);
+    accept_authenticated(listener, Some(Message::Preempt), Some(wait)).map_err(no_answer_channel)
 }
 
-/// Exchanges headers on a new connection and checks that its first message
-/// is `expect` (the source opening `what`).
-fn greet(conn: &mut Conn, expect: &Message, what: &str) -> Result<(), MigrationError> {
-    conn.set_read_timeout(Some(HEADER_WAIT))?;
-    read_header(conn)?;
-    write_header(conn).map_err(io("sending the header"))?;
-    let m = decode(conn)?;
-    if &m != expect {
-        return Err(MigrationError::Protocol(format!(
-            "expected the source to open {what}, got {m:?}"
-        )));
-    }
-    conn.set_read_timeout(None)
-}
-
-/// The handshake with a source that comes back: headers, its `Resume`, the
+/// With a source that came back (authenticated, its `Resume` read): the
 /// list of pages still missing here, and its new answer channel.
 fn resume_with(
     src: &RemoteSource,
     mut conn: Conn,
     listener: &Listener,
 ) -> Result<(Conn, Conn), MigrationError> {
-    greet(&mut conn, &Message::Resume, "the resumption of the migration")?;
     encode(&mut conn, &Message::Need(src.need())).map_err(io("sending the missing pages"))?;
     let answers = accept_answers(listener)?;
     Ok((conn, answers))
@@ -645,7 +678,7 @@ fn receive_pages(
             Message::Done { downtime_us, .. } => {
                 // Answers still on the answer channel arrive first: the
                 // source may end only once every page is here.
-                let deadline = Instant::now() + HEADER_WAIT;
+                let deadline = Instant::now() + HANDSHAKE_WAIT;
                 while !src.all_arrived() {
                     if let Some(why) = src.lost() {
                         return Err(MigrationError::Protocol(format!(
@@ -671,5 +704,84 @@ fn receive_pages(
                 )))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+
+    #[test]
+    fn a_stopped_listener_ends_a_wait_with_no_deadline() {
+        let path = std::env::temp_dir().join(format!("vmm-stop-{}.sock", std::process::id()));
+        let listener = Listener::bind(&super::super::Endpoint::Unix(path)).unwrap();
+        let stop = listener.stopper();
+        let t = std::thread::spawn(move || Incoming::accept(&listener, Default::default(), None, SeccompMode::process_default()).map(|_| ()));
+        std::thread::sleep(Duration::from_millis(50));
+        // No source came: the wait goes on until stopped.
+        assert!(!t.is_finished());
+        stop.stop();
+        let r = t.join().unwrap();
+        assert!(matches!(r, Err(MigrationError::Stopped)), "{r:?}");
+    }
+    use super::*;
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+
+    /// What a pre-copy keeps is bounded by the RAM it announced: one copy per
+    /// page, none outside that RAM, whatever the source sends.
+    #[test]
+    fn precopy_keeps_one_copy_per_page_inside_the_announced_ram() {
+        let (ours, peer) = UnixStream::pair().unwrap();
+        let mut conn = Conn::Unix(ours);
+        let progress = Progress::default();
+        let mem_size = 64u64 << 20;
+        let writer = std::thread::spawn(move || {
+            let mut w = std::io::BufWriter::new(peer);
+            encode(&mut w, &Message::PrecopyBegin { mem_size }).unwrap();
+            // The same 16 pages, 50 rounds each.
+            for round in 0..50u8 {
+                for i in 0..16u64 {
+                    let data = vec![round; PAGE];
+                    encode(
+                        &mut w,
+                        &Message::PrecopyPage {
+                            gpa: i * PAGE64,
+                            data,
+                        },
+                    )
+                    .unwrap();
+                }
+            }
+            encode(&mut w, &Message::State(b"{}".to_vec())).unwrap();
+            // A second stream: a page just past the announced RAM.
+            encode(&mut w, &Message::PrecopyBegin { mem_size }).unwrap();
+            let data = vec![1; PAGE];
+            encode(&mut w, &Message::PrecopyPage { gpa: mem_size, data }).unwrap();
+            w.flush().unwrap();
+        });
+        let head = decode(&mut conn).unwrap();
+        let p = receive_precopy(&mut conn, head, &progress).unwrap();
+        assert_eq!(p.mem_size, Some(mem_size));
+        assert_eq!(p.pages.len(), 16);
+        assert!(p.pages.values().all(|d| d.iter().all(|&b| b == 49)));
+        assert_eq!(progress.precopy_pages.load(Ordering::Relaxed), 800);
+        let head = decode(&mut conn).unwrap();
+        let e = receive_precopy(&mut conn, head, &progress)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("outside guest RAM"), "{e}");
+        writer.join().unwrap();
+        // A RAM size beyond the largest guest is refused before any page.
+        let (ours, mut peer) = UnixStream::pair().unwrap();
+        let mut conn = Conn::Unix(ours);
+        let huge = abi::layout::MAX_MEM_SIZE + PAGE64;
+        encode(&mut peer, &Message::PrecopyBegin { mem_size: huge }).unwrap();
+        let head = decode(&mut conn).unwrap();
+        let e = receive_precopy(&mut conn, head, &progress)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("more than the largest guest"), "{e}");
     }
 }

@@ -22,6 +22,7 @@ pub mod incoming;
 pub mod outgoing;
 pub mod precopy;
 pub mod remote;
+pub mod tls;
 pub mod transport;
 pub mod wire;
 
@@ -29,7 +30,8 @@ pub use incoming::{DestStats, Incoming, IncomingSession, MigrationEvent, Recover
 pub use outgoing::{MigrateOptions, Outgoing, Resumable, SourceSummary, Stopped};
 pub use precopy::{spawn_precopy, PrecopyCtx};
 pub use remote::{Progress, RemoteSource};
-pub use transport::{Conn, Endpoint, Listener};
+pub use tls::{Tls, TlsError, TlsFiles};
+pub use transport::{Conn, Endpoint, Listener, ListenerStop, Security};
 pub use wire::{Message, VERSION};
 
 use crate::snapshot::SnapshotError;
@@ -50,6 +52,78 @@ pub enum MigrationError {
         #[source]
         source: std::io::Error,
     },
+    /// Plain TCP without the opt-in.
+    #[error("{0} is TCP: a migration over TCP must be TLS (--tls-cert, --tls-key and --tls-peer, or --tls-psk; see `vmm keygen`), or give --insecure-plain-tcp to send the VM in clear text to anyone who reaches the port")]
+    PlainTcp(Endpoint),
+    /// Someone listens at the address already.
+    #[error("address in use: another process listens on {0}; stop it or choose another address")]
+    AddressInUse(Endpoint),
+    /// A Unix socket path that is not a socket.
+    #[error("cannot listen on {}: the path exists and is not a socket; choose another path", .0.display())]
+    PathTaken(std::path::PathBuf),
+    /// The peer did not complete its side of the handshake in time.
+    #[error("the peer at {peer} did not complete the migration handshake within {secs} s: it is not a vmm of this version at the other end (`vmm receive --listen` on a destination), or it is busy")]
+    HandshakeTimeout {
+        /// Who.
+        peer: String,
+        /// The wait.
+        secs: f64,
+    },
+    /// A peer connected to a destination and did not complete its side of
+    /// the handshake in time (dropped).
+    #[error("the peer at {peer} connected but did not complete the migration handshake within {secs} s: dropped (not a vmm migration source, or a stalled one)")]
+    SilentPeer {
+        /// Who.
+        peer: String,
+        /// The wait.
+        secs: f64,
+    },
+    /// The peer closed the connection during the handshake.
+    #[error("the peer at {peer} closed the connection during the migration handshake: it refused this side (its log says why: a certificate, a key, a user), or it is not a vmm receive")]
+    Closed {
+        /// Who.
+        peer: String,
+    },
+    /// TLS failed: a certificate not pinned, a peer without TLS, ...
+    #[error("TLS with {peer} failed: {}", tls::explain(.source))]
+    Tls {
+        /// Who.
+        peer: String,
+        /// Why.
+        #[source]
+        source: rustls::Error,
+    },
+    /// The pre-shared key check failed.
+    #[error("{peer} is refused: {why}")]
+    Auth {
+        /// Who.
+        peer: String,
+        /// Why.
+        why: String,
+    },
+    /// A Unix socket peer of another user.
+    #[error("the migration peer {peer} is refused: {source}")]
+    PeerCred {
+        /// Who.
+        peer: String,
+        /// Why.
+        #[source]
+        source: crate::peercred::PeerCredError,
+    },
+    /// Nobody connected and authenticated in time.
+    #[error("no migration source connected and authenticated within {secs} s{}", refused.as_ref().map(|r| format!(" (the last peer refused: {r})")).unwrap_or_default())]
+    NoPeer {
+        /// The wait.
+        secs: f64,
+        /// Why the last peer that tried was refused.
+        refused: Option<String>,
+    },
+    /// The wait for a source was ended (`ListenerStop::stop`).
+    #[error("the wait for a migration source was stopped before one connected")]
+    Stopped,
+    /// The TLS files cannot be used.
+    #[error(transparent)]
+    TlsSetup(#[from] TlsError),
     /// The peer sent something that is not this protocol.
     #[error("the migration stream is malformed: {0}; run the same vmm on both ends (a corrupted or hostile stream is refused)")]
     Protocol(String),

@@ -4,8 +4,8 @@
 //! resumption of an interrupted post-copy with a destination that waits for
 //! it (`recover`).
 
-use super::transport::{Conn, Endpoint, HEADER_WAIT};
-use super::wire::{decode, encode, read_header, write_header, Message, PAGE, PAGE64};
+use super::transport::{Conn, Endpoint, Security, HANDSHAKE_WAIT};
+use super::wire::{decode, encode, Message, PAGE, PAGE64};
 use super::{io, MigrationError};
 use crate::snapshot::{Extent, EXTENT_MAX};
 use crate::state::SavedVm;
@@ -29,6 +29,8 @@ pub struct MigrateOptions {
     /// Resume an interrupted post-copy with a destination that waits for it
     /// (`vmm ctl DEST recover --from ADDR`, then this with `--to ADDR`).
     pub resume: bool,
+    /// How the connections are authenticated and protected.
+    pub security: Security,
 }
 
 /// What the source sent, printed by `vmm run` and returned to `vmm ctl migrate`.
@@ -60,6 +62,9 @@ pub struct SourceSummary {
     pub precopy_dirty: Vec<u64>,
     /// Start of the migration to the switchover.
     pub precopy_ms: f64,
+    /// Opening the main connection and the answer channel, authentication
+    /// (TLS handshakes) included; before the pause, so not in the downtime.
+    pub connect_ms: f64,
     /// This run resumed an interrupted post-copy.
     pub resumed: bool,
 }
@@ -75,25 +80,22 @@ pub struct Resumable {
     pub resumed_at: Option<Instant>,
 }
 
-/// Connects to `to` and exchanges the stream headers.
-pub(super) fn handshake(to: &Endpoint) -> Result<Conn, MigrationError> {
-    let mut conn = Conn::connect(to)?;
-    write_header(&mut conn).map_err(io("sending the header"))?;
-    // The source may wait here with the VM paused: a peer that never
-    // answers must not hold it forever.
-    conn.set_read_timeout(Some(HEADER_WAIT))?;
-    read_header(&mut conn)?;
-    conn.set_read_timeout(None)?;
-    Ok(conn)
-}
-
 /// Opens the answer channel: answers to page requests go on their own
 /// connection, so they never queue behind pushed pages already in the main
 /// connection's buffers (QEMU's postcopy-preempt).
-fn open_answers(to: &Endpoint) -> Result<Conn, MigrationError> {
-    let mut c = handshake(to)?;
+fn open_answers(to: &Endpoint, sec: &Security) -> Result<Conn, MigrationError> {
+    let mut c = Conn::open(to, sec)?;
     encode(&mut c, &Message::Preempt).map_err(io("opening the answer channel"))?;
     Ok(c)
+}
+
+/// Opens the main connection and the answer channel (authenticated, the
+/// headers exchanged): before the VM pauses, so that no handshake lands in
+/// the downtime.
+pub(super) fn open_both(to: &Endpoint, sec: &Security) -> Result<(Conn, Conn), MigrationError> {
+    let conn = Conn::open(to, sec)?;
+    let answers = open_answers(to, sec)?;
+    Ok((conn, answers))
 }
 
 /// The guest-physical pages of `extents`, in order.
@@ -108,11 +110,7 @@ pub fn extents_of(pages: &[u64]) -> Vec<Extent> {
     for &gpa in pages {
         match out.last_mut() {
             Some(e) if e.end() == gpa && !gpa.is_multiple_of(EXTENT_MAX) => e.len += PAGE64,
-            _ => out.push(Extent {
-                gpa,
-                len: PAGE64,
-                crc32: 0,
-            }),
+            _ => out.push(Extent { gpa, len: PAGE64 }),
         }
     }
     out
@@ -139,35 +137,13 @@ pub struct Outgoing {
 }
 
 impl Outgoing {
-    /// Connects to `to` and sends the header, the state and the extents.
-    pub fn connect(
-        to: &Endpoint,
-        state: &SavedVm,
-        extents: Vec<Extent>,
-        mem: GuestRam,
-        paused_at: Instant,
-        push_delay: Duration,
-    ) -> Result<Outgoing, MigrationError> {
-        let conn = handshake(to)?;
-        Outgoing::postcopy(
-            to,
-            conn,
-            12,
-            state,
-            extents,
-            mem,
-            paused_at,
-            push_delay,
-            SourceSummary::default(),
-        )
-    }
-
     /// Sends the state and the extents on a connection whose headers (and
-    /// pre-copy: `bytes` so far) went already.
+    /// pre-copy: `bytes` so far) went already; `answers` is the answer
+    /// channel, open already.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn postcopy(
-        to: &Endpoint,
         conn: Conn,
+        answers: Conn,
         bytes: u64,
         state: &SavedVm,
         extents: Vec<Extent>,
@@ -182,7 +158,6 @@ impl Outgoing {
         let pairs = extents.iter().map(|e| (e.gpa, e.len)).collect();
         encode(&mut w, &Message::Extents(pairs)).map_err(io("sending the extents"))?;
         w.flush().map_err(io("sending the state"))?;
-        let answers = open_answers(to)?;
         let ram_end = crate::snapshot::ram_end(state.vm.config.mem_size);
         let mut out = Outgoing::new(
             conn, answers, mem, extents, ram_end, paused_at, push_delay, summary,
@@ -205,11 +180,13 @@ impl Outgoing {
         from: &Resumable,
         mem: GuestRam,
         mem_size: u64,
-        push_delay: Duration,
+        options: &MigrateOptions,
     ) -> Result<Outgoing, MigrationError> {
-        let mut conn = handshake(to)?;
+        let push_delay = options.push_delay;
+        let start = Instant::now();
+        let mut conn = Conn::open(to, &options.security)?;
         encode(&mut conn, &Message::Resume).map_err(io("asking to resume"))?;
-        conn.set_read_timeout(Some(HEADER_WAIT))?;
+        conn.set_read_timeout(Some(HANDSHAKE_WAIT))?;
         let Message::Need(bits) = decode(&mut conn)? else {
             return Err(MigrationError::Protocol(
                 "the destination did not say which pages it misses (is it waiting with `vmm ctl DEST recover`?)"
@@ -225,10 +202,11 @@ impl Outgoing {
                 pages.len()
             )));
         }
-        let answers = open_answers(to)?;
+        let answers = open_answers(to, &options.security)?;
         let ram_end = crate::snapshot::ram_end(mem_size);
         let summary = SourceSummary {
             resumed: true,
+            connect_ms: start.elapsed().as_secs_f64() * 1e3,
             ..Default::default()
         };
         let mut out = Outgoing::new(
@@ -487,6 +465,32 @@ pub struct Stopped {
     pub error: MigrationError,
     /// Whether (and how) the destination may resume it.
     pub resumable: Option<Resumable>,
+}
+
+/// Resumes an interrupted post-copy (see [`Outgoing::resume`]) on the
+/// `migration-out` thread; `on_end` as for [`Outgoing::spawn`]. If the
+/// destination cannot be reached, the post-copy stays resumable.
+pub fn spawn_resume(
+    to: Endpoint,
+    from: Resumable,
+    mem: GuestRam,
+    mem_size: u64,
+    options: MigrateOptions,
+    on_end: impl FnOnce(Result<SourceSummary, Box<Stopped>>) + Send + 'static,
+) -> Result<(), MigrationError> {
+    spawn_out(
+        move || {
+            Outgoing::resume(&to, &from, mem, mem_size, &options)
+                .map_err(|error| {
+                    Box::new(Stopped {
+                        error,
+                        resumable: Some(from.clone()),
+                    })
+                })
+                .and_then(Outgoing::serve)
+        },
+        on_end,
+    )
 }
 
 /// Runs an outgoing migration on the `migration-out` thread and reports its

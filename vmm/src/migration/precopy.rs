@@ -1,11 +1,13 @@
-//! Pre-copy: rounds of copying pages while the VM runs, with dirty logging
-//! (KVM's log of guest writes plus vm-memory's bitmaps of the VMM's own,
-//! devices included), then the switchover (the caller pauses the VM and
-//! captures its state), after which only the pages written since the last
-//! round go by post-copy.
+//! The source up to post-copy, on the `migration-out` thread while the VM
+//! runs: both connections open (authenticated), then optional pre-copy
+//! rounds of copying pages with dirty logging (KVM's log of guest writes
+//! plus vm-memory's bitmaps of the VMM's own, devices included), then the
+//! switchover (the caller pauses the VM and captures its state), after which
+//! only the pages written since the last round (or, without pre-copy, every
+//! data page) go by post-copy.
 
 use super::outgoing::{
-    extents_of, handshake, spawn_out, MigrateOptions, Outgoing, Resumable, SourceSummary, Stopped,
+    extents_of, open_both, spawn_out, MigrateOptions, Outgoing, Resumable, SourceSummary, Stopped,
 };
 use super::transport::{Conn, Endpoint};
 use super::wire::{encode, Message, PAGE, PAGE64};
@@ -24,7 +26,7 @@ use vmm_core::memory::{DirtyTracker, Materializer};
 /// Pauses the VM and captures its state, on the controller, at the switchover.
 pub type Switchover = Box<dyn FnOnce() -> Result<(SavedVm, Instant), MigrationError> + Send>;
 
-/// What a pre-copy migration needs from the source VM.
+/// What an outgoing migration needs from the source VM.
 pub struct PrecopyCtx {
     /// The VM (its memory slots get dirty logging).
     pub vm_fd: Arc<VmFd>,
@@ -53,8 +55,10 @@ impl std::fmt::Debug for PrecopyCtx {
     }
 }
 
-/// Pre-copy rounds, switchover, then post-copy, on a new thread (the VM runs
-/// meanwhile); `on_end` as for [`Outgoing::spawn`].
+/// Connections, pre-copy rounds (if `options` asks for some), switchover,
+/// then post-copy, on a new thread (the VM runs until the switchover);
+/// `on_end` as for [`Outgoing::spawn`]. A failure before the switchover
+/// leaves the VM as it was.
 pub fn spawn_precopy(
     to: Endpoint,
     options: MigrateOptions,
@@ -75,6 +79,45 @@ fn precopy(to: &Endpoint, options: &MigrateOptions, ctx: PrecopyCtx) -> Result<O
             resumable: None,
         })
     };
+    let (conn, answers) = open_both(to, &options.security).map_err(early)?;
+    let connect_ms = start.elapsed().as_secs_f64() * 1e3;
+    if options.precopy_rounds == 0 {
+        // Post-copy only: every data page goes after the switchover.
+        let (state, paused_at) = (ctx.switchover)().map_err(early)?;
+        let stopped = |error| {
+            Box::new(Stopped {
+                error,
+                resumable: None,
+            })
+        };
+        // The VM is paused: its memory does not change.
+        let extents = crate::snapshot::data_extents(&ctx.mem).map_err(|e| stopped(e.into()))?;
+        let resumable = Resumable {
+            extents: extents.clone(),
+            paused_at,
+            resumed_at: None,
+        };
+        return Outgoing::postcopy(
+            conn,
+            answers,
+            12,
+            &state,
+            extents,
+            ctx.mem,
+            paused_at,
+            options.push_delay,
+            SourceSummary {
+                connect_ms,
+                ..Default::default()
+            },
+        )
+        .map_err(|error| {
+            Box::new(Stopped {
+                error,
+                resumable: Some(resumable),
+            })
+        });
+    }
     if let Some(m) = &ctx.materializer {
         m.run(&ctx.stop, &AtomicU64::new(0))
             .map_err(|e| early(e.into()))?;
@@ -82,9 +125,11 @@ fn precopy(to: &Endpoint, options: &MigrateOptions, ctx: PrecopyCtx) -> Result<O
             return Err(early(MigrationError::SourceLost));
         }
     }
-    let conn = handshake(to).map_err(early)?;
     let mut w = BufWriter::with_capacity(64 << 10, conn.try_clone().map_err(early)?);
-    let mut summary = SourceSummary::default();
+    let mut summary = SourceSummary {
+        connect_ms,
+        ..Default::default()
+    };
     let mut bytes = 12 + 13;
     encode(
         &mut w,
@@ -156,8 +201,8 @@ fn precopy(to: &Endpoint, options: &MigrateOptions, ctx: PrecopyCtx) -> Result<O
         resumed_at: None,
     };
     Outgoing::postcopy(
-        to,
         conn,
+        answers,
         bytes,
         &state,
         extents,

@@ -13,8 +13,10 @@ use std::io::{Read, Write};
 
 /// Stream magic, sent by both ends first.
 pub const MAGIC: [u8; 8] = *b"VMMMIGR\0";
-/// Protocol version. 3: the state is a version-2 snapshot state.
-pub const VERSION: u32 = 3;
+/// Protocol version. 3: the state is a version-2 snapshot state. 4: the
+/// answer channel opens right after the main connection's headers (before
+/// pre-copy and the pause), and both may be TLS.
+pub const VERSION: u32 = 4;
 pub use abi::layout::{PAGE_LEN as PAGE, PAGE_SIZE as PAGE64};
 /// Length of a page message: address and data.
 pub const PAGE_MSG: u32 = 8 + 4096;
@@ -109,7 +111,19 @@ pub fn write_header(w: &mut impl Write) -> std::io::Result<()> {
 pub fn read_header(r: &mut impl Read) -> Result<(), MigrationError> {
     let mut h = [0u8; 12];
     r.read_exact(&mut h).map_err(io("reading the stream header"))?;
+    check_header(&h)
+}
+
+/// Checks a stream header.
+pub fn check_header(h: &[u8; 12]) -> Result<(), MigrationError> {
     if h[..8] != MAGIC {
+        // A TLS record (a handshake or an alert, version 3.x) where plain
+        // migration was expected.
+        if matches!(h[..2], [0x15 | 0x16, 0x03]) {
+            return Err(MigrationError::Protocol(
+                "the peer speaks TLS and this side does not: give this side TLS options too (--tls-cert, --tls-key and --tls-peer, or --tls-psk)".into(),
+            ));
+        }
         return Err(MigrationError::Protocol("no migration stream magic".into()));
     }
     let mut v = [0u8; 4];
@@ -122,7 +136,21 @@ pub fn read_header(r: &mut impl Read) -> Result<(), MigrationError> {
 
 fn frame(w: &mut impl Write, kind: u8, parts: &[&[u8]]) -> std::io::Result<()> {
     let len: usize = parts.iter().map(|p| p.len()).sum();
+    let n = len;
     let len = u32::try_from(len).map_err(std::io::Error::other)?;
+    if n <= 64 {
+        // A small message (a request, `Resumed`, `Done`...) in one write:
+        // one segment, one TLS record, on an unbuffered connection.
+        let mut b = [0u8; 69];
+        b[0] = kind;
+        b[1..5].copy_from_slice(&len.to_le_bytes());
+        let mut at = 5;
+        for p in parts {
+            b[at..at + p.len()].copy_from_slice(p);
+            at += p.len();
+        }
+        return w.write_all(&b[..at]);
+    }
     w.write_all(&[kind])?;
     w.write_all(&len.to_le_bytes())?;
     for p in parts {

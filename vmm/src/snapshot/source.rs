@@ -1,20 +1,16 @@
 //! The page source of a lazy restore: the snapshot's memory file, served only
 //! where the manifest lists data (holes are zero pages, whatever the file
-//! holds there), each extent checked against its CRC32 the first time one of
-//! its pages is fetched. A corrupted extent fails the fetch: the retry core
-//! never maps it, and the VMM pauses the VM with the error.
+//! holds there), every page checked against its hash each time it is read.
+//! A corrupted page fails the fetch: the retry core never maps it, and the
+//! VMM pauses the VM with the error.
 
-use super::{Extent, Snapshot};
+use super::memory::{PageHashes, HASH_BLOCK, HASH_BLOCK_LEN};
+use super::Snapshot;
 use ::memory::{FetchOutcome, Notifier, PageSource, SourceError};
-use std::collections::BTreeMap;
 use std::fs::File;
-use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicU8, Ordering};
 
-const UNCHECKED: u8 = 0;
-const GOOD: u8 = 1;
-const BAD: u8 = 2;
+use std::path::PathBuf;
+use std::sync::Arc;
 
 /// See the module documentation.
 #[derive(Debug)]
@@ -22,39 +18,29 @@ pub struct SnapshotSource {
     file: File,
     path: PathBuf,
     name: String,
-    // Keyed by guest-physical address; the value indexes `checked`.
-    extents: BTreeMap<u64, (Extent, usize)>,
-    checked: Vec<AtomicU8>,
+    pages: Arc<PageHashes>,
     notifier: Notifier,
 }
 
 impl SnapshotSource {
     /// Opens the memory file of `snap`.
     pub fn open(snap: &Snapshot) -> Result<SnapshotSource, SourceError> {
-        Self::with_extents(snap.memory_path(), &snap.manifest.memory.extents)
+        Self::with_pages(snap.memory_path(), snap.pages.clone())
     }
 
-    /// Opens memory file `path` holding data at `extents` (checked, sorted,
-    /// non-overlapping: see `Snapshot::open`).
-    pub fn with_extents(path: PathBuf, extents: &[Extent]) -> Result<SnapshotSource, SourceError> {
+    /// Opens memory file `path` whose data pages `pages` describes.
+    pub fn with_pages(path: PathBuf, pages: Arc<PageHashes>) -> Result<SnapshotSource, SourceError> {
         let open_err = |e: std::io::Error| SourceError::Open {
             path: path.clone(),
             message: e.to_string(),
         };
-        let file = File::open(&path).map_err(open_err)?;
+        let file = vmm_core::files::open_regular(&path).map_err(open_err)?;
         let notifier = Notifier::new().map_err(open_err)?;
-        let extents: BTreeMap<u64, (Extent, usize)> = extents
-            .iter()
-            .enumerate()
-            .map(|(i, e)| (e.gpa, (*e, i)))
-            .collect();
-        let checked = (0..extents.len()).map(|_| AtomicU8::new(UNCHECKED)).collect();
         Ok(SnapshotSource {
             file,
             name: format!("snapshot:{}", path.display()),
-            path: path.clone(),
-            extents,
-            checked,
+            path,
+            pages,
             notifier,
         })
     }
@@ -69,44 +55,22 @@ impl SnapshotSource {
         }
     }
 
-    /// Checks extent `i` once; a bad extent stays bad.
-    fn check(&self, e: &Extent, i: usize) -> Result<(), SourceError> {
-        let state = &self.checked[i];
-        match state.load(Ordering::Acquire) {
-            GOOD => return Ok(()),
-            BAD => return Err(self.corrupt(e)),
-            _ => {}
-        }
-        let len = usize::try_from(e.len).unwrap_or(0);
-        let mut buf = vec![0u8; len];
-        self.file
-            .read_exact_at(&mut buf, e.gpa)
-            .map_err(|err| self.io_err(e.gpa, len, &err))?;
-        if crc32fast::hash(&buf) == e.crc32 {
-            state.store(GOOD, Ordering::Release);
-            Ok(())
-        } else {
-            state.store(BAD, Ordering::Release);
-            Err(self.corrupt(e))
-        }
-    }
-
-    fn corrupt(&self, e: &Extent) -> SourceError {
+    fn corrupt(&self, gpa: u64) -> SourceError {
         SourceError::Io {
             path: self.path.clone(),
-            offset: e.gpa,
-            len: usize::try_from(e.len).unwrap_or(0),
+            offset: gpa,
+            len: HASH_BLOCK_LEN,
             errno: None,
             message: format!(
-                "checksum mismatch in extent {:#x}+{:#x}: the snapshot's memory file is corrupted",
-                e.gpa, e.len
+                "guest pages {gpa:#x}..{:#x} do not match their hash: the snapshot's memory file is corrupted or was changed",
+                gpa + HASH_BLOCK
             ),
         }
     }
 
     /// The data ranges `(gpa, len)`, for prefetch and materialization.
     pub fn data_ranges(&self) -> Vec<(u64, u64)> {
-        self.extents.values().map(|(e, _)| (e.gpa, e.len)).collect()
+        self.pages.data_ranges()
     }
 }
 
@@ -117,31 +81,32 @@ impl PageSource for SnapshotSource {
 
     fn fetch(&self, offset: u64, buf: &mut [u8]) -> FetchOutcome {
         let end = offset.saturating_add(buf.len() as u64);
-        // Extents do not overlap and are sorted, so walking down from `end`
-        // meets exactly the overlapping ones first.
-        let overlapping: Vec<(Extent, usize)> = self
-            .extents
-            .range(..end)
-            .rev()
-            .take_while(|(_, (e, _))| e.end() > offset)
-            .map(|(_, v)| *v)
-            .collect();
-        if overlapping.is_empty() {
+        if self.pages.overlapping(offset, end).is_empty() {
             return FetchOutcome::Zero;
         }
         buf.fill(0);
-        for (e, i) in overlapping {
-            if let Err(err) = self.check(&e, i) {
-                return FetchOutcome::Failed(err);
+        let mut block = vec![0u8; HASH_BLOCK_LEN];
+        let mut b = offset & !(HASH_BLOCK - 1);
+        while b < end {
+            // Every block, every time: the file may have changed since it was opened.
+            if !self.pages.overlapping(b, b + HASH_BLOCK).is_empty() {
+                match self.pages.read_checked(&self.file, b, &mut block) {
+                    Ok(true) => {}
+                    Ok(false) => return FetchOutcome::Failed(self.corrupt(b)),
+                    Err(e) => return FetchOutcome::Failed(self.io_err(b, HASH_BLOCK_LEN, &e)),
+                }
+                let lo = b.max(offset);
+                let hi = (b + HASH_BLOCK).min(end);
+                let (Ok(dst), Ok(src), Ok(len)) = (
+                    usize::try_from(lo - offset),
+                    usize::try_from(lo - b),
+                    usize::try_from(hi - lo),
+                ) else {
+                    return FetchOutcome::Failed(self.corrupt(b));
+                };
+                buf[dst..dst + len].copy_from_slice(&block[src..src + len]);
             }
-            let lo = e.gpa.max(offset);
-            let hi = e.end().min(end);
-            let (Ok(a), Ok(b)) = (usize::try_from(lo - offset), usize::try_from(hi - offset)) else {
-                continue;
-            };
-            if let Err(err) = self.file.read_exact_at(&mut buf[a..b], lo) {
-                return FetchOutcome::Failed(self.io_err(lo, b - a, &err));
-            }
+            b += HASH_BLOCK;
         }
         FetchOutcome::Ready
     }
@@ -157,45 +122,84 @@ impl PageSource for SnapshotSource {
 
 #[cfg(test)]
 mod tests {
+    use super::super::format::{Extent, Hasher};
+    use super::super::memory::{LayoutKind, MemoryLayout};
     use super::*;
+    use std::os::unix::fs::FileExt;
 
     #[test]
-    fn holes_are_zero_extents_are_checked_once_and_corruption_fails() {
+    fn holes_are_zero_pages_are_checked_every_time_and_corruption_fails() {
         let path = std::env::temp_dir().join(format!("vmm-snapsrc-{}", std::process::id()));
         let data: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8 + 1).collect();
-        let f = File::create(&path).unwrap();
+        let f = std::fs::File::create(&path).unwrap();
         f.set_len(64 << 10).unwrap();
         f.write_all_at(&data, 0x4000).unwrap();
         // Garbage in a hole must never be served.
         f.write_all_at(&[0xee; 4096], 0x8000).unwrap();
-        let good = Extent {
+        let h = Hasher::new(None);
+        let extents = [Extent {
             gpa: 0x4000,
-            len: 0x1000,
-            crc32: crc32fast::hash(&data[..4096]),
-        };
-        let bad = Extent {
-            gpa: 0x5000,
-            len: 0x1000,
-            crc32: crc32fast::hash(&data[4096..]) ^ 1,
-        };
-        let src = SnapshotSource::with_extents(path.clone(), &[good, bad]).unwrap();
+            len: 0x2000,
+        }];
+        // The data block 0x4000..0x8000: two data pages, two zero pages.
+        let mut block = vec![0u8; HASH_BLOCK_LEN];
+        block[..8192].copy_from_slice(&data);
+        let layout = MemoryLayout::new(LayoutKind::Packed, 64 << 20);
+        let pages = Arc::new(PageHashes::new(&extents, h.hash(&block).to_vec(), h, layout));
+        let src = SnapshotSource::with_pages(path.clone(), pages).unwrap();
         let mut buf = vec![0xffu8; 4 * 4096];
         assert!(matches!(src.fetch(0x8000, &mut buf), FetchOutcome::Zero));
         assert!(matches!(src.fetch(0, &mut buf), FetchOutcome::Zero));
-        // A run over a hole and the good extent: zero, then the data.
+        // A run over a hole and the data: zero, then the data.
         let mut two = vec![0xffu8; 2 * 4096];
         assert!(matches!(src.fetch(0x3000, &mut two), FetchOutcome::Ready));
         assert!(two[..4096].iter().all(|&b| b == 0));
         assert_eq!(&two[4096..], &data[..4096]);
-        // The bad extent fails, alone or in a run, every time.
+        // The file changes after the first read: the next read fails.
+        let mut one = vec![0u8; 4096];
+        assert!(matches!(src.fetch(0x5000, &mut one), FetchOutcome::Ready));
+        f.write_all_at(&[1], 0x5000 + 77).unwrap();
         for (off, len) in [(0x5000, 4096), (0x4000, 8192)] {
             let mut b = vec![0u8; len];
             match src.fetch(off, &mut b) {
-                FetchOutcome::Failed(e) => assert!(e.to_string().contains("checksum mismatch"), "{e}"),
-                other => panic!("corrupted extent served: {other:?}"),
+                FetchOutcome::Failed(e) => assert!(e.to_string().contains("do not match their hash"), "{e}"),
+                other => panic!("a corrupted page was served: {other:?}"),
             }
         }
-        assert_eq!(src.data_ranges(), vec![(0x4000, 0x1000), (0x5000, 0x1000)]);
+        assert_eq!(src.data_ranges(), vec![(0x4000, 0x2000)]);
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn the_layout_places_high_ram_after_low_ram_in_a_packed_file() {
+        let path = std::env::temp_dir().join(format!("vmm-snapsrc-packed-{}", std::process::id()));
+        let f = std::fs::File::create(&path).unwrap();
+        let mem = 6u64 << 30;
+        f.set_len(mem).unwrap();
+        let data = vec![0x5au8; 4096];
+        // Guest page 4 GiB + 16 KiB lies 3 GiB + 16 KiB into a packed file.
+        let gpa = (4u64 << 30) + 0x4000;
+        f.write_all_at(&data, (3 << 30) + 0x4000).unwrap();
+        let h = Hasher::new(None);
+        let extents = [Extent { gpa, len: 0x1000 }];
+        let mut block = vec![0u8; HASH_BLOCK_LEN];
+        block[..4096].copy_from_slice(&data);
+        let hash = h.hash(&block).to_vec();
+        let packed = MemoryLayout::new(LayoutKind::Packed, mem);
+        let pages = Arc::new(PageHashes::new(&extents, hash.clone(), h.clone(), packed));
+        let src = SnapshotSource::with_pages(path.clone(), pages).unwrap();
+        let mut buf = vec![0u8; 4096];
+        assert!(matches!(src.fetch(gpa, &mut buf), FetchOutcome::Ready));
+        assert_eq!(buf, data);
+        // The same file read as indexed by guest-physical address finds a
+        // hole there: the hash says so.
+        let by_gpa = MemoryLayout::new(LayoutKind::Gpa, mem);
+        let pages = Arc::new(PageHashes::new(&extents, hash, h, by_gpa));
+        let src = SnapshotSource::with_pages(path.clone(), pages).unwrap();
+        assert!(
+            matches!(src.fetch(gpa, &mut buf), FetchOutcome::Failed(_)),
+            "a bad hash, not the data"
+        );
         std::fs::remove_file(&path).unwrap();
     }
 }

@@ -130,6 +130,8 @@ pub struct StressReport {
     pub integrity_errors: Vec<String>,
     /// Runs that made no progress, with their state.
     pub stalls: Vec<String>,
+    /// The session was cut short by this shutdown signal.
+    pub interrupted_by: Option<i32>,
     /// The plan of the first runs (for reproduction).
     pub plans: Vec<RunPlan>,
 }
@@ -154,7 +156,14 @@ pub fn run(opts: StressOptions, progress: &mut dyn FnMut(&str)) -> Result<Stress
         ..StressReport::default()
     };
     let mut index = 0;
+    // A shutdown signal ends the running VMs (their controllers listen) and
+    // the session after the current run, with its report.
+    let _on_signal = crate::signals::on_shutdown(|_| {});
     while start.elapsed().as_secs_f64() < opts.seconds {
+        if let Some(sig) = crate::signals::received() {
+            report.interrupted_by = Some(sig);
+            break;
+        }
         let plan = plan(opts.seed, index, opts.vcpus);
         run_one(&opts, index, &plan, &mut report)?;
         progress(&format!(
@@ -196,6 +205,7 @@ fn run_one(
     let options = VmOptions {
         serial: SerialOutput::Capture(console.clone()),
         page_source: Some(CustomSource(source.clone())),
+        shutdown_signals: true,
         ..VmOptions::default()
     };
     let vm = Arc::new(crate::Vm::new(&cfg, options)?.start()?);
@@ -268,6 +278,15 @@ fn run_one(
     };
     let vm = Arc::try_unwrap(vm).map_err(|_| StressError::StormKeptVm)?;
     let outcome = vm.wait()?;
+    if let GuestEnd::Signal(sig) = outcome.end {
+        // Not an error of the run: the session is being shut down.
+        report.interrupted_by = Some(sig);
+        if let Some(d) = destination {
+            let _ = d.finish(&migrate_to, false);
+        }
+        let _ = std::fs::remove_dir_all(&snapshot_dir);
+        return Ok(());
+    }
     report.runs += 1;
     report.kicks += kicks;
     report.pauses += pauses;
@@ -412,6 +431,9 @@ fn restore_to_completion(cfg: &VmConfig, dir: &std::path::Path) -> Result<(), St
 impl std::fmt::Display for StressReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(f, "stress: seed {}, {} runs", self.seed, self.runs)?;
+        if let Some(sig) = self.interrupted_by {
+            writeln!(f, "  interrupted by signal {sig}")?;
+        }
         writeln!(
             f,
             "  faults: {} stage-2 (userfaults) + {} guest = {}",

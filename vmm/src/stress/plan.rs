@@ -64,7 +64,16 @@ pub fn plan(seed: u64, index: u64, vcpus: u32) -> RunPlan {
     let suite = rng.below(4) == 0;
     let store_delay_us = 500 + rng.below(20_000);
     let pages = 500 + rng.below(5500);
-    let pattern = if rng.below(2) == 0 { "seq" } else { "rand" };
+    // Every access pattern: each page once (seq, rand, stride) or sampled
+    // with repeats (a hot set, zipf), seeded and verified like the others.
+    let pattern = match rng.below(6) {
+        0 => "seq".to_string(),
+        1 | 2 => "rand".to_string(),
+        3 => format!("stride:{}", 1 + rng.below(64)),
+        4 => format!("hot:{}:{}", 1 + rng.below(30), 60 + rng.below(39)),
+        _ => format!("zipf:{}", rng.below(1600)),
+    };
+    let accesses = pages + rng.below(3 * pages);
     let write = rng.below(4) != 0;
     let shared = vcpus > 1 && rng.below(3) == 0;
     let populate = rng.below(2) == 0;
@@ -73,7 +82,7 @@ pub fn plan(seed: u64, index: u64, vcpus: u32) -> RunPlan {
         format!("test=all store_delay_us={store_delay_us}")
     } else {
         format!(
-            "workload=touch pages={pages} pattern={pattern} write={} shared={} populate={} seed={}",
+            "workload=touch pages={pages} pattern={pattern} accesses={accesses} write={} shared={} populate={} seed={}",
             u8::from(write),
             u8::from(shared),
             u8::from(populate),

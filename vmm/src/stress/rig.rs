@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 pub(super) struct Destination {
     thread: std::thread::JoinHandle<Result<ReceiveOutcome, ReceiveError>>,
     pub(super) console: Arc<Mutex<Vec<u8>>>,
+    stop: crate::migration::ListenerStop,
 }
 
 pub(super) fn console_of(c: &Mutex<Vec<u8>>) -> String {
@@ -136,11 +137,13 @@ impl Destination {
         at: &Endpoint,
     ) -> Result<(Destination, std::sync::mpsc::Receiver<VmHandle>), StressError> {
         let listener = Listener::bind(at)?;
+        let stop = listener.stopper();
         let (tx, rx) = std::sync::mpsc::channel();
         let console = Arc::new(Mutex::new(Vec::new()));
         let serial = SerialOutput::Capture(console.clone());
         let thread = std::thread::spawn(move || {
             let opts = ReceiveOptions {
+                wait: None,
                 vm: VmOptions {
                     serial,
                     timeout: Some(Duration::from_secs(120)),
@@ -154,16 +157,21 @@ impl Destination {
                 let _ = tx.send(h.clone());
             })
         });
-        Ok((Destination { thread, console }, rx))
+        Ok((
+            Destination {
+                thread,
+                console,
+                stop,
+            },
+            rx,
+        ))
     }
 
-    /// The destination's outcome if the VM moved; otherwise releases the
-    /// waiting listener (a connection that sends nothing) and returns `None`.
+    /// The destination's outcome if the VM moved; otherwise ends the
+    /// listener's wait and returns `None`.
     pub(super) fn finish(self, at: &Endpoint, moved: bool) -> Option<Result<ReceiveOutcome, String>> {
         if !moved {
-            if let Endpoint::Unix(path) = at {
-                drop(std::os::unix::net::UnixStream::connect(path));
-            }
+            self.stop.stop();
         }
         let r = self
             .thread

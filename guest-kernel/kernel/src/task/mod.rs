@@ -225,10 +225,16 @@ pub fn create(spec: Spec, shared: &Shared) -> Result<usize, CreateError> {
     } else {
         (0, 0)
     };
+    let (pattern, pattern_arg) = cfg.pattern.encode();
     let args = TaskArgs {
         workload: cfg.kind as u32,
         cpu: spec.cpu,
-        pattern: cfg.pattern as u32,
+        pattern,
+        pattern_arg,
+        accesses: plan.accesses,
+        rate: crate::abi::workload::share(cfg.rate, spec.slots, spec.slot).1,
+        duration_ms: cfg.duration_ms,
+        tsc_khz: u64::from(shared.tsc_khz),
         write: u32::from(cfg.write),
         first_page,
         pages,

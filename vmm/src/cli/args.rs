@@ -1,0 +1,394 @@
+//! The command line's flags (clap derive): one struct per subcommand.
+
+use clap::{Parser, Subcommand};
+use sandbox::SeccompMode;
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(name = "vmm", version, about = "A minimal KVM VMM for lazily backed microVMs")]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum Command {
+    /// Boot a microVM (the bundled guest kernel unless --kernel is given).
+    Run(RunArgs),
+    /// Send a request to the control socket of a `vmm run --control PATH`.
+    Ctl(CtlArgs),
+    /// Restore a microVM from a snapshot directory; the guest continues where it was.
+    Restore(RestoreArgs),
+    /// Receive a VM by live migration (`vmm ctl SRC migrate --to ...`)
+    /// and run it until its guest exits.
+    Receive(ReceiveArgs),
+    /// Create the TLS material of one migration end: a private key and a
+    /// self-signed certificate (--out DIR), or a pre-shared key (--psk FILE).
+    Keygen(KeygenArgs),
+    /// Benchmarks, each with its baseline measured in the same run.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+    /// Seeded fault stress: VMs over lazily backed memory under kick, pause and
+    /// hold storms, every page verified; non-zero exit on any error or stall.
+    Stress(StressArgs),
+    /// The connection holder between the VMM and an external page-fault
+    /// handler (started by `vmm restore --mem-backend uffd:SOCKET`; not for
+    /// direct use).
+    #[command(name = "__uffd-peer", hide = true)]
+    UffdPeer {
+        /// The handler's socket.
+        socket: PathBuf,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+pub(crate) struct StressArgs {
+    /// How long to run, in seconds.
+    #[arg(long, default_value_t = 60.0)]
+    pub(crate) seconds: f64,
+    /// Seed: the same seed gives the same runs and event schedule.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) seed: u64,
+    /// vCPUs per VM (1 to 8).
+    #[arg(long, default_value_t = 2)]
+    pub(crate) vcpus: u32,
+    /// Guest memory per VM.
+    #[arg(long, default_value = "512M")]
+    pub(crate) mem: String,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+/// Options shared by the benchmarks.
+#[derive(clap::Args, Debug)]
+pub(crate) struct BenchArgs {
+    /// Pages each guest run touches.
+    #[arg(long, default_value_t = 20000)]
+    pub(crate) pages: u64,
+    /// Runs of each case (median and spread are reported).
+    #[arg(long, default_value_t = 3)]
+    pub(crate) repeats: u32,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum BenchCommand {
+    /// Boot time to the guest's first line and whole runs by vCPU count, next
+    /// to the cost of the KVM objects alone.
+    Boot(BenchArgs),
+    /// Stage-2 fault cost through the retry core vs the raw userfaultfd round
+    /// trip, and fault-around on sequential restore from a file.
+    Fault(BenchArgs),
+    /// The guest kernel's demand-zero fault against its empty system-call
+    /// round trip, measured in the same guest run.
+    GuestFault(BenchArgs),
+    /// Snapshot restore to running vCPUs for 64 MiB, 1 GiB and 4 GiB guests,
+    /// lazily (memory through the retry core) and eagerly.
+    Restore(BenchArgs),
+    /// Live migration of a running 1 GiB guest over loopback, post-copy only
+    /// and after 3 pre-copy rounds: downtime, total time, page-request
+    /// latency p50/p99 during the push.
+    Migrate {
+        #[command(flatten)]
+        args: BenchArgs,
+        /// Over loopback TCP with TLS and pinned certificates instead of a
+        /// Unix socket (the cost of TLS).
+        #[arg(long)]
+        tls: bool,
+    },
+    /// Everything, plus throughput by vCPU count and the fault latency
+    /// histogram; `--plot DIR` writes SVG charts.
+    All {
+        #[command(flatten)]
+        args: BenchArgs,
+        /// Folder for the charts.
+        #[arg(long)]
+        plot: Option<PathBuf>,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+pub(crate) struct RunArgs {
+    /// Guest kernel ELF (x86_64, loaded at its physical addresses).
+    #[arg(long)]
+    pub(crate) kernel: Option<PathBuf>,
+    /// Number of vCPUs (1 to 8).
+    #[arg(long)]
+    pub(crate) vcpus: Option<u32>,
+    /// Guest memory size, e.g. 256M or 4G.
+    #[arg(long)]
+    pub(crate) mem: Option<String>,
+    /// Guest kernel command line, e.g. "workload=touch pages=1000 pattern=rand".
+    #[arg(long)]
+    pub(crate) cmdline: Option<String>,
+    /// What backs guest RAM: `anon` (plain memory, default), `zero` (demand-zero
+    /// pages served through userfaultfd) or `file:PATH[,offset=N]` (pages read
+    /// on first touch from a memory file indexed by guest-physical address).
+    #[arg(long, value_name = "BACKEND")]
+    pub(crate) mem_backend: Option<String>,
+    /// Fault-around window in pages for a lazy backend: 0 (off) or a power of
+    /// two up to 512. Default: 16 (one fill of 16 pages costs about one page).
+    #[arg(long, value_name = "PAGES")]
+    pub(crate) fault_around: Option<u32>,
+    /// Write run statistics (vCPUs, retry core, fault latency) as JSON to FILE, or `-` for stdout.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) stats: Option<PathBuf>,
+    /// TOML file with any of: kernel, vcpus, mem, cmdline, mem_backend, fault_around, seccomp (flags override it).
+    #[arg(long)]
+    pub(crate) config: Option<PathBuf>,
+    /// Give up after this many seconds (exit code 11).
+    #[arg(long)]
+    pub(crate) timeout: Option<f64>,
+    /// Serve a Unix control socket at PATH (`vmm ctl PATH ...`; JSON lines, see docs/snapshot.md).
+    #[arg(long, value_name = "PATH")]
+    pub(crate) control: Option<PathBuf>,
+    /// Snapshot key (32 raw bytes or 64 hex digits): snapshots are
+    /// authenticated with it (keyed BLAKE3) and restores check it.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) snapshot_key: Option<PathBuf>,
+    /// Sandbox the VMM's threads with seccomp filters: `kill` (a forbidden
+    /// system call stops the VMM, exit code 159, naming the thread and the
+    /// call), `log` (allowed, and logged by the kernel: `dmesg | grep
+    /// type=1326`) or `off`. Default: $VMM_SECCOMP, else kill.
+    #[arg(long, value_name = "MODE")]
+    pub(crate) seccomp: Option<SeccompMode>,
+}
+
+#[derive(clap::Args, Debug)]
+pub(crate) struct CtlArgs {
+    /// The control socket of the running VMM.
+    pub(crate) socket: PathBuf,
+    /// Give up waiting for the answer after this many seconds.
+    #[arg(long, default_value_t = 600.0)]
+    pub(crate) timeout: f64,
+    #[command(subcommand)]
+    pub(crate) request: CtlRequest,
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum CtlRequest {
+    /// Pause every vCPU.
+    Pause,
+    /// Resume the vCPUs.
+    Resume,
+    /// Print live statistics (JSON).
+    Stats,
+    /// Pause, save a snapshot to DIR, then go back to how the VM was
+    /// (or --resume / --stop / --pause).
+    Snapshot {
+        /// The snapshot directory (created; an older snapshot there is replaced).
+        #[arg(long, value_name = "DIR")]
+        to: PathBuf,
+        /// Resume the VM afterwards, even if it was paused.
+        #[arg(long, conflicts_with_all = ["stop", "pause"])]
+        resume: bool,
+        /// End the run once the snapshot is written.
+        #[arg(long, conflicts_with = "pause")]
+        stop: bool,
+        /// Stay paused afterwards.
+        #[arg(long)]
+        pause: bool,
+    },
+    /// Live migration: optional pre-copy rounds while the VM runs, then
+    /// pause, send the state to the destination (`vmm receive --listen
+    /// ...`), which resumes at once, then send the remaining pages
+    /// (post-copy); this VMM's run then ends with exit code 0.
+    Migrate {
+        /// unix:PATH or tcp:ADDR:PORT.
+        #[arg(long, value_name = "ADDR")]
+        to: String,
+        /// Hold the background push back this many milliseconds (pages move
+        /// on demand only until then; for experiments).
+        #[arg(long, value_name = "MS", default_value_t = 0)]
+        push_delay_ms: u64,
+        /// Copy pages while the VM runs first, in N rounds (KVM dirty log):
+        /// the first copies every data page, each later one the pages
+        /// written meanwhile; post-copy then sends only the last round's.
+        #[arg(long, value_name = "N", default_value_t = 0, conflicts_with = "resume")]
+        precopy_rounds: u32,
+        /// Resume an interrupted post-copy: the destination waits for it
+        /// (`vmm ctl DEST recover --from ADDR`), ADDR is the same.
+        #[arg(long)]
+        resume: bool,
+        /// TLS (paths are read by the VMM, made absolute here).
+        #[command(flatten)]
+        tls: TlsArgs,
+    },
+    /// On the destination of a post-copy whose source or connection was
+    /// lost (the VM is paused there): listen at ADDR for the source, which
+    /// resumes the migration with `vmm ctl SRC migrate --to ADDR --resume`.
+    Recover {
+        /// unix:PATH or tcp:ADDR:PORT.
+        #[arg(long, value_name = "ADDR")]
+        from: String,
+        /// TLS for the source's new connections (default: the options
+        /// `vmm receive` was started with).
+        #[command(flatten)]
+        tls: TlsArgs,
+    },
+    /// For a VM restored with --mem-backend uffd:SOCKET whose page-fault
+    /// handler is gone (the VM is paused): connect to the new handler
+    /// listening at PATH, hand it the same userfaultfd and mappings, and
+    /// resume; every waiting fault reaches it.
+    AttachHandler {
+        /// The new handler's Unix socket.
+        path: PathBuf,
+    },
+}
+
+/// How a migration's connections are authenticated and encrypted
+/// (docs/migration.md, "Authentication and encryption").
+#[derive(clap::Args, Debug, Clone, Default)]
+pub(crate) struct TlsArgs {
+    /// TLS: this side's certificate (PEM; `vmm keygen --out DIR` writes DIR/cert.pem).
+    #[arg(long, value_name = "FILE", requires_all = ["tls_key", "tls_peer"])]
+    pub(crate) tls_cert: Option<PathBuf>,
+    /// TLS: this side's private key (PEM, mode 0600; DIR/key.pem).
+    #[arg(long, value_name = "FILE", requires_all = ["tls_cert", "tls_peer"])]
+    pub(crate) tls_key: Option<PathBuf>,
+    /// TLS: the peer's certificate (its cert.pem); only a peer that presents
+    /// exactly this certificate, and holds its key, is accepted.
+    #[arg(long, value_name = "FILE", requires_all = ["tls_cert", "tls_key"])]
+    pub(crate) tls_peer: Option<PathBuf>,
+    /// TLS: a pre-shared key file, the same on both ends (`vmm keygen --psk
+    /// FILE`, mode 0600), proved inside TLS; alone or with the certificates.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) tls_psk: Option<PathBuf>,
+    /// Allow a migration over plain TCP: NOT authenticated nor encrypted
+    /// (anyone who reaches the port can feed or read the VM). For a trusted
+    /// network only; Unix sockets are plain and need no flag.
+    #[arg(long, conflicts_with_all = ["tls_cert", "tls_key", "tls_peer", "tls_psk"])]
+    pub(crate) insecure_plain_tcp: bool,
+}
+
+impl TlsArgs {
+    /// The files, made absolute when `absolute` (for a request that
+    /// another process reads).
+    pub(crate) fn files(&self, absolute: bool) -> vmm::migration::TlsFiles {
+        let fix = |p: &Option<PathBuf>| {
+            p.clone().map(|p| {
+                if absolute {
+                    std::path::absolute(&p).unwrap_or(p)
+                } else {
+                    p
+                }
+            })
+        };
+        vmm::migration::TlsFiles {
+            cert: fix(&self.tls_cert),
+            key: fix(&self.tls_key),
+            peer: fix(&self.tls_peer),
+            psk: fix(&self.tls_psk),
+        }
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub(crate) struct KeygenArgs {
+    /// Write DIR/key.pem (mode 0600, stays on this machine) and DIR/cert.pem
+    /// (give it to the other end, which passes it as --tls-peer).
+    #[arg(
+        long,
+        value_name = "DIR",
+        required_unless_present = "psk",
+        conflicts_with = "psk"
+    )]
+    pub(crate) out: Option<PathBuf>,
+    /// Write a random pre-shared key to FILE (mode 0600); copy it to the
+    /// other end over a channel you trust; both pass it as --tls-psk.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) psk: Option<PathBuf>,
+    /// Replace files that exist.
+    #[arg(long)]
+    pub(crate) force: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub(crate) struct ReceiveArgs {
+    /// Where to listen: unix:PATH or tcp:ADDR:PORT.
+    #[arg(long, value_name = "ADDR")]
+    pub(crate) listen: String,
+    /// Write run and migration statistics as JSON to FILE, or `-` for stdout.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) stats: Option<PathBuf>,
+    /// Give up after this many seconds, the wait for the source included
+    /// (exit code 11).
+    #[arg(long)]
+    pub(crate) timeout: Option<f64>,
+    /// How the source must authenticate (TCP needs TLS or --insecure-plain-tcp).
+    #[command(flatten)]
+    pub(crate) tls: TlsArgs,
+    /// If the source is lost mid-migration: seconds the paused VM waits for
+    /// `vmm ctl DEST recover` (and, after one, for the source to come back)
+    /// before the run ends with exit code 13.
+    #[arg(long, default_value_t = 60.0)]
+    pub(crate) lost_wait: f64,
+    /// Serve a Unix control socket at PATH once the VM runs.
+    #[arg(long, value_name = "PATH")]
+    pub(crate) control: Option<PathBuf>,
+    /// Snapshot key (32 raw bytes or 64 hex digits): snapshots are
+    /// authenticated with it (keyed BLAKE3) and restores check it.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) snapshot_key: Option<PathBuf>,
+    /// Sandbox the VMM's threads with seccomp filters: `kill` (a forbidden
+    /// system call stops the VMM, exit code 159, naming the thread and the
+    /// call), `log` (allowed, and logged by the kernel: `dmesg | grep
+    /// type=1326`) or `off`. Default: $VMM_SECCOMP, else kill.
+    #[arg(long, value_name = "MODE")]
+    pub(crate) seccomp: Option<SeccompMode>,
+}
+
+#[derive(clap::Args, Debug)]
+pub(crate) struct RestoreArgs {
+    /// The snapshot directory (written by `vmm ctl PATH snapshot --to DIR`).
+    #[arg(long, value_name = "DIR")]
+    pub(crate) from: PathBuf,
+    /// Serve guest memory lazily from the snapshot through the retry core
+    /// (start at once; pages are read on first touch, with fault-around).
+    #[arg(long)]
+    pub(crate) lazy: bool,
+    /// With --lazy: fetch the remaining pages in a background thread.
+    #[arg(long, requires = "lazy")]
+    pub(crate) prefetch: bool,
+    /// With --lazy: fault-around window in pages (0 = off, power of two up to 512).
+    #[arg(long, value_name = "PAGES", requires = "lazy")]
+    pub(crate) fault_around: Option<u32>,
+    /// `uffd:SOCKET`: hand guest memory to an external page-fault handler
+    /// (Firecracker's UFFD handshake: JSON mappings + the userfaultfd over
+    /// SOCKET, the connection held open for the VM's life); region offsets
+    /// are those of DIR/memory.bin (packed regions, as Firecracker's).
+    #[arg(long, value_name = "uffd:SOCKET", conflicts_with = "lazy")]
+    pub(crate) mem_backend: Option<String>,
+    /// With --mem-backend uffd:SOCKET: if the handler dies, seconds the
+    /// paused VM waits for a new one (`vmm ctl CTL attach-handler PATH`, or
+    /// a new socket at SOCKET) before the run ends with exit code 13.
+    #[arg(long, value_name = "SECS", default_value_t = 30.0, requires = "mem_backend")]
+    pub(crate) handler_grace: f64,
+    /// With --mem-backend uffd:SOCKET: seconds faults may wait unread, with
+    /// nothing changing, before a handler that lives but no longer reads the
+    /// userfaultfd is taken as gone (0: never).
+    #[arg(long, value_name = "SECS", default_value_t = 30.0, requires = "mem_backend")]
+    pub(crate) handler_stall: f64,
+    /// Write run statistics as JSON to FILE, or `-` for stdout.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) stats: Option<PathBuf>,
+    /// Give up after this many seconds (exit code 11).
+    #[arg(long)]
+    pub(crate) timeout: Option<f64>,
+    /// Serve a Unix control socket at PATH.
+    #[arg(long, value_name = "PATH")]
+    pub(crate) control: Option<PathBuf>,
+    /// Snapshot key (32 raw bytes or 64 hex digits): snapshots are
+    /// authenticated with it (keyed BLAKE3) and restores check it.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) snapshot_key: Option<PathBuf>,
+    /// Sandbox the VMM's threads with seccomp filters: `kill` (a forbidden
+    /// system call stops the VMM, exit code 159, naming the thread and the
+    /// call), `log` (allowed, and logged by the kernel: `dmesg | grep
+    /// type=1326`) or `off`. Default: $VMM_SECCOMP, else kill.
+    #[arg(long, value_name = "MODE")]
+    pub(crate) seccomp: Option<SeccompMode>,
+}

@@ -1,0 +1,110 @@
+//! `vmm bench` and `vmm stress`.
+
+use super::args::{BenchCommand, StressArgs};
+use super::report::print_result;
+use vmm::EXIT_VMM_ERROR;
+
+/// `vmm bench`.
+pub fn bench(cmd: BenchCommand) -> i32 {
+    let args = match &cmd {
+        BenchCommand::Boot(a)
+        | BenchCommand::Fault(a)
+        | BenchCommand::GuestFault(a)
+        | BenchCommand::Restore(a)
+        | BenchCommand::Migrate { args: a, .. }
+        | BenchCommand::All { args: a, .. } => a,
+    };
+    if args.pages == 0 || args.repeats == 0 {
+        eprintln!("vmm: error: --pages and --repeats must be at least 1");
+        return EXIT_VMM_ERROR;
+    }
+    let fault_opts = vmm::bench::FaultBenchOptions {
+        pages: args.pages,
+        repeats: args.repeats,
+    };
+    let mut progress = |what: &str| eprintln!("vmm bench: {what}...");
+    let result = match &cmd {
+        BenchCommand::Boot(a) => {
+            vmm::bench::boot(vmm::bench::BootBenchOptions { repeats: a.repeats }, &mut progress)
+                .map(|r| print_result(&r, a.json))
+        }
+        BenchCommand::Restore(a) => {
+            vmm::bench::restore(a.repeats, &mut progress).map(|r| print_result(&r, a.json))
+        }
+        BenchCommand::Migrate { args: a, tls } => {
+            vmm::bench::migrate_with(a.repeats, *tls, &mut progress).map(|r| print_result(&r, a.json))
+        }
+        BenchCommand::GuestFault(a) => {
+            vmm::bench::guest_fault(a.repeats, &mut progress).map(|r| print_result(&r, a.json))
+        }
+        BenchCommand::Fault(a) => {
+            vmm::bench::fault(fault_opts, &mut progress).map(|r| print_result(&r, a.json))
+        }
+        BenchCommand::All { args: a, plot } => vmm::bench::all(fault_opts, &mut progress).map(|r| {
+            if let Some(dir) = plot {
+                match vmm::bench::plot::write_all(&r, dir) {
+                    Ok(files) => {
+                        for f in files {
+                            eprintln!("vmm bench: wrote {}", f.display());
+                        }
+                    }
+                    Err(e) => {
+                        eprintln!("vmm: error: {e}");
+                        return EXIT_VMM_ERROR;
+                    }
+                }
+            }
+            print_result(&r, a.json)
+        }),
+    };
+    result.unwrap_or_else(|e| {
+        eprintln!("vmm: error: {e}");
+        EXIT_VMM_ERROR
+    })
+}
+
+/// `vmm stress`.
+pub fn stress(a: StressArgs) -> i32 {
+    let mem_size = match vmm::config::parse_size(&a.mem) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("vmm: error: {e}");
+            return EXIT_VMM_ERROR;
+        }
+    };
+    let positive = a.seconds.is_finite() && a.seconds > 0.0;
+    if !positive || !(1..=abi::boot::MAX_VCPUS).contains(&a.vcpus) {
+        eprintln!(
+            "vmm: error: --seconds must be positive and --vcpus 1 to {}",
+            abi::boot::MAX_VCPUS
+        );
+        return EXIT_VMM_ERROR;
+    }
+    let opts = vmm::stress::StressOptions {
+        seconds: a.seconds,
+        seed: a.seed,
+        vcpus: a.vcpus,
+        mem_size,
+        ..Default::default()
+    };
+    let report = match vmm::stress::run(opts, &mut |line| eprintln!("vmm stress: {line}")) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("vmm: error: {e}");
+            return EXIT_VMM_ERROR;
+        }
+    };
+    if a.json {
+        match serde_json::to_string_pretty(&report) {
+            Ok(s) => println!("{s}"),
+            Err(e) => eprintln!("vmm: error: cannot encode the report: {e}"),
+        }
+    } else {
+        print!("{report}");
+    }
+    match (report.ok(), report.interrupted_by) {
+        (false, _) => 1,
+        (true, Some(sig)) => 128 + sig,
+        (true, None) => 0,
+    }
+}

@@ -1,0 +1,83 @@
+//! `vmm ctl`: one request to a running VMM's control socket.
+
+use super::args::{CtlArgs, CtlRequest};
+
+/// `vmm ctl`.
+pub fn ctl(args: CtlArgs) -> i32 {
+    use vmm::control::Request;
+    use vmm::snapshot::AfterSnapshot;
+    let req = match args.request {
+        CtlRequest::Pause => Request::Pause {},
+        CtlRequest::Resume => Request::Resume {},
+        CtlRequest::Stats => Request::Stats {},
+        CtlRequest::Migrate {
+            to,
+            push_delay_ms,
+            precopy_rounds,
+            resume,
+            tls,
+        } => {
+            let f = tls.files(true);
+            Request::Migrate {
+                to,
+                push_delay_ms,
+                precopy_rounds,
+                resume,
+                tls_cert: f.cert,
+                tls_key: f.key,
+                tls_peer: f.peer,
+                tls_psk: f.psk,
+                insecure_plain_tcp: tls.insecure_plain_tcp,
+            }
+        }
+        CtlRequest::Recover { from, tls } => {
+            let f = tls.files(true);
+            Request::Recover {
+                from,
+                tls_cert: f.cert,
+                tls_key: f.key,
+                tls_peer: f.peer,
+                tls_psk: f.psk,
+                insecure_plain_tcp: tls.insecure_plain_tcp,
+            }
+        }
+        CtlRequest::AttachHandler { path } => Request::AttachHandler {
+            path: std::path::absolute(&path).unwrap_or(path),
+        },
+        CtlRequest::Snapshot {
+            to,
+            resume,
+            stop,
+            pause,
+        } => Request::Snapshot {
+            // Relative to the caller, not to the VMM's working directory.
+            to: std::path::absolute(&to).unwrap_or(to),
+            then: match (resume, stop, pause) {
+                (true, _, _) => AfterSnapshot::Resume,
+                (_, true, _) => AfterSnapshot::Stop,
+                (_, _, true) => AfterSnapshot::Pause,
+                _ => AfterSnapshot::Restore,
+            },
+        },
+    };
+    let timeout = match super::seconds("--timeout", args.timeout, false) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("vmm: error: {e}");
+            return vmm::EXIT_VMM_ERROR;
+        }
+    };
+    match vmm::control::request(&args.socket, &req, timeout) {
+        Ok(v) => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&v).unwrap_or_else(|_| v.to_string())
+            );
+            0
+        }
+        Err(e) => {
+            eprintln!("vmm: error: {e}");
+            1
+        }
+    }
+}
