@@ -130,11 +130,25 @@ pub enum ThreadClass {
     /// The CLI's main thread once the VM runs (it waits and reports), and
     /// its progress bar.
     Main,
+    /// The process's signal watcher (`vmm-signals`): reads SIGINT, SIGTERM
+    /// and SIGHUP from a signalfd, tells the running VMs, or removes the
+    /// sockets it was given and exits.
+    Signals,
+    /// The watcher of an external page-fault handler (`uffd-handler-watch`):
+    /// waits for the handler, its connection or its connection holder to go.
+    HandlerWatch,
+    /// The connection holder process (`vmm __uffd-peer`): connects to the
+    /// external handler, hands it the userfaultfd, holds the connection.
+    UffdPeer,
+    /// The holder launcher process (`vmm __uffd-launcher`): forks the
+    /// connection holders of handlers attached once the VMM is sandboxed
+    /// (a sandboxed VMM starts no program).
+    UffdLauncher,
 }
 
 impl ThreadClass {
     /// Every class.
-    pub const ALL: [ThreadClass; 9] = [
+    pub const ALL: [ThreadClass; 13] = [
         ThreadClass::Vcpu,
         ThreadClass::FaultHandler,
         ThreadClass::PageStore,
@@ -144,6 +158,10 @@ impl ThreadClass {
         ThreadClass::MigrationSource,
         ThreadClass::MigrationDest,
         ThreadClass::Main,
+        ThreadClass::Signals,
+        ThreadClass::HandlerWatch,
+        ThreadClass::UffdPeer,
+        ThreadClass::UffdLauncher,
     ];
 
     /// The class's name in messages and docs.
@@ -158,6 +176,10 @@ impl ThreadClass {
             ThreadClass::MigrationSource => "migration-source",
             ThreadClass::MigrationDest => "migration-dest",
             ThreadClass::Main => "main",
+            ThreadClass::Signals => "signals",
+            ThreadClass::HandlerWatch => "handler-watch",
+            ThreadClass::UffdPeer => "uffd-peer",
+            ThreadClass::UffdLauncher => "uffd-launcher",
         }
     }
 
@@ -166,7 +188,12 @@ impl ThreadClass {
     pub fn spawns(self) -> &'static [ThreadClass] {
         match self {
             // An outgoing migration starts on the controller's thread.
-            ThreadClass::Controller => &[ThreadClass::MigrationSource],
+            // An outgoing migration starts on the controller's thread; a
+            // re-attached page-fault handler's watcher too.
+            ThreadClass::Controller => &[ThreadClass::MigrationSource, ThreadClass::HandlerWatch],
+            // The launcher's children are connection holders (processes:
+            // they keep its filter and narrow it to theirs, `narrow`).
+            ThreadClass::UffdLauncher => &[ThreadClass::UffdPeer],
             ThreadClass::ControlServer => &[ThreadClass::ControlClient],
             // The migration classes start threads of their own class only
             // (migration-out its request reader, the destination's watcher
@@ -357,6 +384,27 @@ pub fn apply(class: ThreadClass, mode: SeccompMode) -> Result<(), SandboxError> 
             Err(SandboxError::AlreadySandboxed { current, class })
         };
     }
+    if mode == SeccompMode::Off {
+        return Ok(());
+    }
+    let progs = programs(class, mode)?;
+    if mode == SeccompMode::Kill {
+        sigsys::install().map_err(SandboxError::Handler)?;
+    }
+    sigsys::remember_thread(class);
+    install(class, mode, progs)
+}
+
+/// Narrows the calling thread, sandboxed or not, to `class`'s filter on
+/// top of what it has: a forked child (the launcher's connection holders)
+/// that inherited its parent's filter and thread-local class. The parent's
+/// class must start `class` (its filter allows installing one).
+pub fn narrow(class: ThreadClass, mode: SeccompMode) -> Result<(), SandboxError> {
+    let mode = match current() {
+        Some((parent, m)) if parent.spawns().contains(&class) => m,
+        Some((parent, _)) => return Err(SandboxError::NotSpawnable { parent, child: class }),
+        None => mode,
+    };
     if mode == SeccompMode::Off {
         return Ok(());
     }

@@ -290,6 +290,16 @@ const PROT_EXEC: u64 = libc::PROT_EXEC as u64;
 const MAP_KIND: u64 = (libc::MAP_SHARED | libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64;
 const MAP_PRIVATE_ANONYMOUS: u64 = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64;
 
+/// `openat` flags that write, create or truncate.
+const OPEN_WRITES: u64 = (libc::O_WRONLY | libc::O_RDWR | libc::O_CREAT | libc::O_TRUNC | libc::O_APPEND) as u64;
+/// `openat` flags of a new file that no existing path or link is taken for.
+const OPEN_NEW: u64 = (libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW) as u64;
+
+/// Glibc's `fork`: a new process that shares nothing (`SIGCHLD` to the
+/// parent when it ends; the thread id written and cleared in the child).
+const FORK_CLONE_FLAGS: u64 =
+    (libc::CLONE_CHILD_SETTID | libc::CLONE_CHILD_CLEARTID | libc::SIGCHLD) as u64;
+
 fn c(v: libc::c_int) -> u64 {
     u64::from(v.unsigned_abs())
 }
@@ -472,6 +482,74 @@ fn connects() -> Rules {
     r
 }
 
+/// `openat` that only reads (never writes, creates or truncates): the
+/// snapshots read, /proc files, directories to sync or list, TLS files.
+fn opens_to_read() -> Rules {
+    let mut r = Rules::default();
+    r.allow_if(libc::SYS_openat, &[none_of(2, OPEN_WRITES)]);
+    r.allow(&[libc::SYS_fstat, libc::SYS_newfstatat, libc::SYS_statx, libc::SYS_lseek]);
+    r
+}
+
+/// `openat` that creates a new file, never through an existing path or a
+/// symbolic link (`O_CREAT | O_EXCL | O_NOFOLLOW`, write-only): snapshot
+/// files.
+fn creates_files() -> Rules {
+    let mut r = Rules::default();
+    r.allow_if(
+        libc::SYS_openat,
+        &[ArgCheck {
+            index: 2,
+            dword: true,
+            mask: OPEN_WRITES | OPEN_NEW,
+            value: c(libc::O_WRONLY) | OPEN_NEW,
+        }],
+    );
+    r
+}
+
+/// Receiving and sending descriptors over Unix sockets (SCM_RIGHTS: the
+/// userfaultfd to an external handler's connection holder).
+fn passes_fds() -> Rules {
+    let mut r = Rules::default();
+    r.allow(&[libc::SYS_sendmsg, libc::SYS_recvmsg]);
+    r
+}
+
+/// The connection holder: a Unix socket to the handler, its peer's pid.
+fn holds_handler_connection() -> Rules {
+    let mut r = passes_fds();
+    r.allow_if(
+        libc::SYS_socket,
+        &[
+            eq(0, c(libc::AF_UNIX)),
+            eq(1, c(libc::SOCK_STREAM | libc::SOCK_CLOEXEC)),
+        ],
+    );
+    r.allow(&[libc::SYS_connect, libc::SYS_poll, libc::SYS_read]);
+    r.union(&peer_credentials());
+    r
+}
+
+/// `SO_PEERCRED` of a Unix socket: the process at its other end.
+fn peer_credentials() -> Rules {
+    let mut r = Rules::default();
+    r.allow_if(
+        libc::SYS_getsockopt,
+        &[eq(1, c(libc::SOL_SOCKET)), eq(2, c(libc::SO_PEERCRED))],
+    );
+    r
+}
+
+/// Watching a child process: `waitid(P_PID, ...)` (how it ended, without
+/// reaping it), `wait4` (reaping it).
+fn watches_children() -> Rules {
+    let mut r = Rules::default();
+    r.allow_if(libc::SYS_waitid, &[eq(0, c(libc::P_PID as libc::c_int))]);
+    r.allow(&[libc::SYS_wait4]);
+    r
+}
+
 // ---- classes ------------------------------------------------------------------
 
 /// The rules of `class` alone (without the classes it starts, which
@@ -529,12 +607,18 @@ pub(crate) fn own(class: ThreadClass) -> Rules {
             // RAM released from userfaultfd when a run ends with stuck vCPUs.
             r.union(&fills_memory());
             r.ioctls(&[UFFDIO_UNREGISTER]);
-            // Snapshots: the directory (an older one replaced), its files,
-            // their durability; /proc/self/pagemap for the pages that exist.
+            // Snapshots (written atomically: a new owner-only temporary
+            // directory, new files in it never opened through a link, synced,
+            // then renamed into place or exchanged with an older snapshot,
+            // which is then removed); /proc/self/pagemap for the pages that
+            // exist; /proc of an external handler's process (its name, its
+            // threads' activity).
+            r.union(&opens_to_read());
+            r.union(&creates_files());
+            r.allow_if(libc::SYS_mkdir, &[eq(1, 0o700)]);
+            r.allow_if(libc::SYS_mkdirat, &[eq(2, 0o700)]);
+            r.allow_if(libc::SYS_renameat2, &[eq(4, u64::from(libc::RENAME_EXCHANGE))]);
             r.allow(&[
-                libc::SYS_openat,
-                libc::SYS_mkdir,
-                libc::SYS_mkdirat,
                 libc::SYS_rename,
                 libc::SYS_renameat,
                 libc::SYS_unlink,
@@ -544,12 +628,25 @@ pub(crate) fn own(class: ThreadClass) -> Rules {
                 libc::SYS_fsync,
                 libc::SYS_fdatasync,
                 libc::SYS_ftruncate,
-                libc::SYS_lseek,
                 libc::SYS_pwrite64,
-                libc::SYS_statx,
-                libc::SYS_newfstatat,
-                libc::SYS_fstat,
             ]);
+            // An external page-fault handler attached while the VM runs
+            // (`attach-handler`): a socket pair to its connection holder,
+            // which the holder launcher forks (this thread starts no
+            // program), the userfaultfd and the handshake handed over, the
+            // holder watched, killed through a pidfd (never a process group),
+            // reaped.
+            r.allow_if(
+                libc::SYS_socketpair,
+                &[
+                    eq(0, c(libc::AF_UNIX)),
+                    eq(1, c(libc::SOCK_STREAM | libc::SOCK_CLOEXEC)),
+                ],
+            );
+            r.union(&passes_fds());
+            r.union(&watches_children());
+            r.allow_if(libc::SYS_pidfd_open, &[eq(1, 0)]);
+            r.allow_if(libc::SYS_pidfd_send_signal, &[eq(1, c(libc::SIGKILL))]);
             // An outgoing migration connects here (then runs on its threads).
             r.union(&uses_streams());
             r.union(&connects());
@@ -559,12 +656,16 @@ pub(crate) fn own(class: ThreadClass) -> Rules {
             r.union(&starts_threads());
             // Non-blocking accepts, a short sleep when none is waiting.
             r.allow_if(libc::SYS_accept4, &[eq(3, c(libc::SOCK_CLOEXEC))]);
+            // Only the VMM's user (or root) is served: the client's uid.
+            r.union(&peer_credentials());
             r.union(&sleeps());
         }
         ThreadClass::ControlClient => {
-            // JSON lines on its socket; requests go to the controller over
-            // a channel and an eventfd.
+            // JSON lines on its socket (an idle client times out); requests
+            // go to the controller over a channel and an eventfd. A
+            // migration or recovery request's TLS files are read here.
             r.union(&uses_streams());
+            r.union(&opens_to_read());
         }
         ThreadClass::MigrationSource => {
             r.union(&starts_threads());
@@ -605,6 +706,49 @@ pub(crate) fn own(class: ThreadClass) -> Rules {
             r.allow(&[libc::SYS_unlink, libc::SYS_unlinkat]);
             r.ioctls(&[TIOCGWINSZ, TCGETS]);
             r.union(&sleeps());
+        }
+        ThreadClass::Signals => {
+            // Waits on the signalfd and reads it; tells the running VMs (an
+            // eventfd write), or removes the sockets it was given and exits.
+            r.allow(&[
+                libc::SYS_poll,
+                libc::SYS_read,
+                libc::SYS_unlink,
+                libc::SYS_unlinkat,
+            ]);
+        }
+        ThreadClass::HandlerWatch => {
+            // Waits on the handler's pidfd, its holder's pidfd and socket
+            // (the holder's events), and its stop eventfd; how the holder
+            // ended.
+            r.allow(&[libc::SYS_poll, libc::SYS_read]);
+            r.union(&watches_children());
+            r.union(&sleeps());
+        }
+        ThreadClass::UffdPeer => {
+            // The handshake and the userfaultfd from the VMM, a connection
+            // to the handler, both handed over, then holding it.
+            r.union(&holds_handler_connection());
+        }
+        ThreadClass::UffdLauncher => {
+            // Per request (the handler's socket path and the holder's end of
+            // its socket pair): a fork, whose child forks the holder (the
+            // VMM, a child subreaper, adopts it) and says its pid through a
+            // pipe; the holder moves its socket to standard input and
+            // narrows this filter to its own.
+            r.union(&passes_fds());
+            r.allow(&[libc::SYS_read, libc::SYS_dup2, libc::SYS_dup3, libc::SYS_set_robust_list]);
+            r.allow_if(libc::SYS_pipe2, &[eq(1, c(libc::O_CLOEXEC))]);
+            r.allow_if(libc::SYS_clone, &[eq64(0, FORK_CLONE_FLAGS)]);
+            r.allow(&[libc::SYS_wait4]);
+            r.allow_if(
+                libc::SYS_prctl,
+                &[eq(0, c(libc::PR_SET_NO_NEW_PRIVS)), eq64(1, 1)],
+            );
+            r.allow_if(
+                libc::SYS_seccomp,
+                &[eq(0, u64::from(libc::SECCOMP_SET_MODE_FILTER)), eq(1, 0)],
+            );
         }
     }
     r

@@ -9,7 +9,7 @@ use crate::controller::{
 use crate::snapshot::source::SnapshotSource;
 use crate::snapshot::{Snapshot, SnapshotError, SnapshotKey};
 use crate::state::{ControllerState, SavedVm};
-use crate::uffd_handler::{self, HandlerLink, LostHook, UffdHandlerError};
+use crate::uffd_handler::{self, HandlerLink, Launcher, LostHook, UffdHandlerError};
 use devices::serial::SerialOutput;
 use sandbox::SeccompMode;
 use std::path::{Path, PathBuf};
@@ -275,7 +275,28 @@ impl Vm {
                 .peer_program
                 .clone()
                 .unwrap_or_else(uffd_handler::default_peer_program);
-            let link = HandlerLink::connect(1, socket, &program, &message, ext.uffd(), on_lost.clone())?;
+            let seccomp = vm.options.seccomp;
+            let link = HandlerLink::connect(
+                1,
+                socket,
+                &program,
+                &message,
+                ext.uffd(),
+                on_lost.clone(),
+                None,
+                seccomp,
+            )?;
+            // Later handlers are attached from the sandboxed controller,
+            // which starts no program: the launcher forks their holders.
+            let launcher = match seccomp {
+                SeccompMode::Off => None,
+                _ => Some(Launcher::start(&program, seccomp).map_err(|source| {
+                    UffdHandlerError::Holder {
+                        program: program.clone(),
+                        source,
+                    }
+                })?),
+            };
             vm.external = Some(controller::ExternalHandler::new(
                 link,
                 program,
@@ -283,6 +304,8 @@ impl Vm {
                 how.handler_grace.unwrap_or(controller::DEFAULT_GRACE),
                 how.handler_stall.unwrap_or(controller::external::DEFAULT_STALL),
                 on_lost,
+                launcher,
+                seccomp,
             ));
             vm
         } else if how.lazy {

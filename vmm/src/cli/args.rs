@@ -39,6 +39,11 @@ pub(crate) enum Command {
         /// The handler's socket.
         socket: PathBuf,
     },
+    /// Forks connection holders for a sandboxed VMM, which starts no
+    /// program once it runs (started by `vmm restore --mem-backend
+    /// uffd:SOCKET`; not for direct use).
+    #[command(name = "__uffd-launcher", hide = true)]
+    UffdLauncher,
 }
 
 #[derive(clap::Args, Debug)]

@@ -57,6 +57,25 @@ pub fn seccomp_mode(asked: Option<SeccompMode>) -> Result<SeccompMode, i32> {
     }
 }
 
+/// The sandbox mode of the signal watcher, started before the subcommand
+/// runs: the subcommand's (`--seccomp`, `run`'s configuration file), else
+/// `VMM_SECCOMP`'s, else kill (an invalid value is reported by the
+/// subcommand, and never weakens the sandbox).
+pub fn watcher_seccomp(command: &args::Command) -> SeccompMode {
+    let asked = match command {
+        args::Command::Run(a) => a.seccomp.or_else(|| {
+            a.config
+                .as_deref()
+                .and_then(|p| vmm::config_file::ConfigFile::load(p).ok())
+                .and_then(|f| f.seccomp())
+        }),
+        args::Command::Restore(a) => a.seccomp,
+        args::Command::Receive(a) => a.seccomp,
+        _ => None,
+    };
+    asked.unwrap_or_else(SeccompMode::process_default)
+}
+
 /// Sandboxes the main thread once the VM runs (it only waits and reports
 /// from here on).
 pub fn sandbox_main(mode: SeccompMode) -> Result<(), sandbox::SandboxError> {

@@ -197,7 +197,7 @@ impl Incoming {
     ) -> Result<Incoming, MigrationError> {
         // One set of admissions for both connections: the source opens the
         // main one first, but their admissions may end in either order.
-        let admissions = Admissions::new(None);
+        let admissions = Admissions::new(None).sandboxed(seccomp);
         let first = admissions.next(listener, wait.map(Deadline::after))?;
         let accepted = Instant::now();
         let second = admissions
@@ -334,7 +334,7 @@ impl Incoming {
             conn: self.conn,
             answers: self.answers,
             security: self.security,
-            admissions: Admissions::new(Some(Message::Resume)),
+            admissions: Admissions::new(Some(Message::Resume)).sandboxed(self.seccomp),
             receivers,
             handles,
             recover_rx,
