@@ -144,11 +144,13 @@ impl Rules {
 
     /// Whether a thread under these rules can start one under `other`: every
     /// call `other` allows is allowed here too, and every call it refuses is
-    /// allowed or refused here (not trapped); else the first call (and
-    /// alternative) that is not.
+    /// allowed (with some arguments at least) or refused here; else the
+    /// first call (and alternative) that is not.
     pub fn covers(&self, other: &Rules) -> Result<(), (i64, Option<Vec<ArgCheck>>)> {
+        // A call the child refuses that this class allows only with some
+        // arguments is refused (or trapped, for the others) in the child.
         for &nr in other.refused.keys() {
-            if !matches!(self.allowed.get(&nr), Some(Allowed::Always)) && !self.refused.contains_key(&nr) {
+            if !self.allowed.contains_key(&nr) && !self.refused.contains_key(&nr) {
                 return Err((nr, None));
             }
         }
@@ -526,14 +528,23 @@ fn holds_handler_connection() -> Rules {
             eq(1, c(libc::SOCK_STREAM | libc::SOCK_CLOEXEC)),
         ],
     );
-    r.allow(&[libc::SYS_connect, libc::SYS_poll, libc::SYS_read]);
+    // std reads and writes a Unix stream with recvfrom/sendto (no SIGPIPE).
+    r.allow(&[
+        libc::SYS_connect,
+        libc::SYS_poll,
+        libc::SYS_read,
+        libc::SYS_recvfrom,
+        libc::SYS_sendto,
+    ]);
     r.union(&peer_credentials());
     r
 }
 
-/// `SO_PEERCRED` of a Unix socket: the process at its other end.
+/// `SO_PEERCRED` of a Unix socket: the process at its other end (and
+/// this process's user, which it must match unless it is root).
 fn peer_credentials() -> Rules {
     let mut r = Rules::default();
+    r.allow(&[libc::SYS_geteuid, libc::SYS_getuid]);
     r.allow_if(
         libc::SYS_getsockopt,
         &[eq(1, c(libc::SOL_SOCKET)), eq(2, c(libc::SO_PEERCRED))],
@@ -615,6 +626,10 @@ pub(crate) fn own(class: ThreadClass) -> Rules {
             // threads' activity).
             r.union(&opens_to_read());
             r.union(&creates_files());
+            // Removing a directory tree (the old snapshot): glibc's
+            // fdopendir checks the descriptor's access mode.
+            r.allow_if(libc::SYS_fcntl, &[eq(1, c(libc::F_GETFL))]);
+            r.allow_if(libc::SYS_fcntl, &[eq(1, c(libc::F_SETFD)), eq(2, c(libc::FD_CLOEXEC))]);
             r.allow_if(libc::SYS_mkdir, &[eq(1, 0o700)]);
             r.allow_if(libc::SYS_mkdirat, &[eq(2, 0o700)]);
             r.allow_if(libc::SYS_renameat2, &[eq(4, u64::from(libc::RENAME_EXCHANGE))]);
@@ -645,10 +660,14 @@ pub(crate) fn own(class: ThreadClass) -> Rules {
             );
             r.union(&passes_fds());
             r.union(&watches_children());
+            // The watcher's stop eventfd.
+            r.allow_if(libc::SYS_eventfd2, &[eq(1, c(libc::EFD_NONBLOCK))]);
             r.allow_if(libc::SYS_pidfd_open, &[eq(1, 0)]);
             r.allow_if(libc::SYS_pidfd_send_signal, &[eq(1, c(libc::SIGKILL))]);
-            // An outgoing migration connects here (then runs on its threads).
+            // An outgoing migration connects here (then runs on its threads),
+            // authenticated before the pause (a Unix peer's credentials).
             r.union(&uses_streams());
+            r.union(&peer_credentials());
             r.union(&connects());
             r.union(&sleeps());
         }
@@ -670,6 +689,8 @@ pub(crate) fn own(class: ThreadClass) -> Rules {
         ThreadClass::MigrationSource => {
             r.union(&starts_threads());
             r.union(&uses_streams());
+            // A Unix socket's peer is checked (the VMM's user or root).
+            r.union(&peer_credentials());
             r.union(&connects());
             // Pre-copy: the dirty log, turned on per memory slot.
             r.ioctls(&[KVM_GET_DIRTY_LOG, KVM_SET_USER_MEMORY_REGION]);
@@ -680,6 +701,8 @@ pub(crate) fn own(class: ThreadClass) -> Rules {
         ThreadClass::MigrationDest => {
             r.union(&starts_threads());
             r.union(&uses_streams());
+            // A Unix socket's peer is checked (the VMM's user or root).
+            r.union(&peer_credentials());
             // Recovery: a new listener (a stale Unix socket is probed with a
             // connect and removed), its address, the source's connections.
             r.union(&connects());
@@ -689,6 +712,9 @@ pub(crate) fn own(class: ThreadClass) -> Rules {
                 libc::SYS_getsockname,
                 libc::SYS_unlink,
                 libc::SYS_unlinkat,
+                // Only a socket is removed: its type is checked first.
+                libc::SYS_statx,
+                libc::SYS_newfstatat,
             ]);
             r.allow_if(
                 libc::SYS_setsockopt,
@@ -721,7 +747,7 @@ pub(crate) fn own(class: ThreadClass) -> Rules {
             // Waits on the handler's pidfd, its holder's pidfd and socket
             // (the holder's events), and its stop eventfd; how the holder
             // ended.
-            r.allow(&[libc::SYS_poll, libc::SYS_read]);
+            r.allow(&[libc::SYS_poll, libc::SYS_read, libc::SYS_recvfrom]);
             r.union(&watches_children());
             r.union(&sleeps());
         }
@@ -737,7 +763,7 @@ pub(crate) fn own(class: ThreadClass) -> Rules {
             // pipe; the holder moves its socket to standard input and
             // narrows this filter to its own.
             r.union(&passes_fds());
-            r.allow(&[libc::SYS_read, libc::SYS_dup2, libc::SYS_dup3, libc::SYS_set_robust_list]);
+            r.allow(&[libc::SYS_read, libc::SYS_sendto, libc::SYS_dup2, libc::SYS_dup3, libc::SYS_set_robust_list]);
             r.allow_if(libc::SYS_pipe2, &[eq(1, c(libc::O_CLOEXEC))]);
             r.allow_if(libc::SYS_clone, &[eq64(0, FORK_CLONE_FLAGS)]);
             r.allow(&[libc::SYS_wait4]);

@@ -10,7 +10,11 @@ fn every_filter_compiles_for_x86_64_in_both_modes() {
             assert!(prog.len() < 4096, "{class}: {} instructions", prog.len());
             assert!(!rules(class).is_empty());
         }
-        assert!(!rules(class).refusal_filters().unwrap().is_empty());
+        let opens_files = matches!(
+            class,
+            ThreadClass::Controller | ThreadClass::ControlClient | ThreadClass::ControlServer
+        );
+        assert!(opens_files || !rules(class).refusal_filters().unwrap().is_empty());
     }
 }
 
@@ -18,9 +22,26 @@ fn every_filter_compiles_for_x86_64_in_both_modes() {
 fn refused_calls_fail_with_an_errno_instead_of_stopping_the_vmm() {
     for class in ThreadClass::ALL {
         let r = rules(class);
-        // Only the controller opens files (snapshots).
-        if class == ThreadClass::Controller {
-            assert!(matches!(r.get(libc::SYS_openat), Some(Allowed::Always)));
+        // Only the controller opens files (snapshots: read-only, or new
+        // files never through a link), and a control client (TLS files,
+        // read-only; its server allows what it does).
+        if matches!(
+            class,
+            ThreadClass::Controller | ThreadClass::ControlClient | ThreadClass::ControlServer
+        ) {
+            let Some(Allowed::When(alts)) = r.get(libc::SYS_openat) else {
+                panic!("{class}: openat must be checked");
+            };
+            let writes = (libc::O_WRONLY | libc::O_RDWR | libc::O_CREAT | libc::O_TRUNC) as u64;
+            let new = (libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW) as u64;
+            for alt in alts {
+                let flags = alt.iter().find(|c| c.index == 2).unwrap();
+                let read_only = flags.mask & writes == writes && flags.value & writes == 0;
+                let new_file = flags.mask & new == new && flags.value & new == new && flags.value & libc::O_TRUNC as u64 == 0
+                    && flags.mask & libc::O_TRUNC as u64 != 0;
+                assert!(read_only || new_file, "{class}: {alt:?}");
+            }
+            assert!(class == ThreadClass::Controller || alts.len() == 1, "{class}");
             assert_eq!(r.refusal(libc::SYS_openat), None);
         } else {
             assert_eq!(r.refusal(libc::SYS_openat), Some(libc::EACCES), "{class}");
@@ -43,7 +64,8 @@ fn a_class_that_starts_threads_allows_what_they_do() {
                     names::name(nr).unwrap_or("?")
                 );
             }
-            assert!(parent.starts_threads(), "{parent}");
+            // The launcher's children are processes (forks).
+            assert!(parent.starts_threads() || parent == ThreadClass::UffdLauncher, "{parent}");
         }
     }
 }
@@ -104,16 +126,32 @@ fn no_class_may_exec_fork_trace_or_map_executable_memory() {
                 "{class}: {sig}"
             );
         }
-        // Only threads, never a process: clone's flags are checked.
+        // Only threads, never a process (but the launcher's fork, which
+        // shares nothing): clone's flags are checked.
         if let Some(a) = r.get(libc::SYS_clone) {
-            assert!(matches!(a, Allowed::When(_)), "{class}");
+            let Allowed::When(alts) = a else {
+                panic!("{class}: clone must be checked");
+            };
+            for alt in alts {
+                let flags = alt.iter().find(|c| c.index == 0).unwrap().value;
+                let thread = flags & libc::CLONE_THREAD as u64 != 0;
+                let fork = flags & (libc::CLONE_VM | libc::CLONE_FILES | libc::CLONE_FS) as u64 == 0;
+                assert!(thread || (fork && class == ThreadClass::UffdLauncher), "{class}: {alt:?}");
+            }
         }
+        // No class signals another process, or a process group: the
+        // controller kills a connection holder through its pidfd only.
+        assert!(r.get(libc::SYS_kill).is_none(), "{class}");
         // A socket is only ever of the migration's families, and only where
         // a migration connects.
         if let Some(Allowed::When(alts)) = r.get(libc::SYS_socket) {
             assert!(matches!(
                 class,
-                ThreadClass::Controller | ThreadClass::MigrationSource | ThreadClass::MigrationDest
+                ThreadClass::Controller
+                    | ThreadClass::MigrationSource
+                    | ThreadClass::MigrationDest
+                    | ThreadClass::UffdPeer
+                    | ThreadClass::UffdLauncher
             ));
             assert!(alts.iter().all(|a| a.iter().any(|c| c.index == 0)));
         } else {
