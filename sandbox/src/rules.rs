@@ -293,14 +293,14 @@ const MAP_KIND: u64 = (libc::MAP_SHARED | libc::MAP_PRIVATE | libc::MAP_ANONYMOU
 const MAP_PRIVATE_ANONYMOUS: u64 = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64;
 
 /// `openat` flags that write, create or truncate.
-const OPEN_WRITES: u64 = (libc::O_WRONLY | libc::O_RDWR | libc::O_CREAT | libc::O_TRUNC | libc::O_APPEND) as u64;
+const OPEN_WRITES: u64 =
+    (libc::O_WRONLY | libc::O_RDWR | libc::O_CREAT | libc::O_TRUNC | libc::O_APPEND) as u64;
 /// `openat` flags of a new file that no existing path or link is taken for.
 const OPEN_NEW: u64 = (libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW) as u64;
 
 /// Glibc's `fork`: a new process that shares nothing (`SIGCHLD` to the
 /// parent when it ends; the thread id written and cleared in the child).
-const FORK_CLONE_FLAGS: u64 =
-    (libc::CLONE_CHILD_SETTID | libc::CLONE_CHILD_CLEARTID | libc::SIGCHLD) as u64;
+const FORK_CLONE_FLAGS: u64 = (libc::CLONE_CHILD_SETTID | libc::CLONE_CHILD_CLEARTID | libc::SIGCHLD) as u64;
 
 fn c(v: libc::c_int) -> u64 {
     u64::from(v.unsigned_abs())
@@ -489,7 +489,16 @@ fn connects() -> Rules {
 fn opens_to_read() -> Rules {
     let mut r = Rules::default();
     r.allow_if(libc::SYS_openat, &[none_of(2, OPEN_WRITES)]);
-    r.allow(&[libc::SYS_fstat, libc::SYS_newfstatat, libc::SYS_statx, libc::SYS_lseek]);
+    r.allow(&[
+        libc::SYS_fstat,
+        libc::SYS_newfstatat,
+        libc::SYS_statx,
+        libc::SYS_lseek,
+    ]);
+    // A user's file is opened non-blocking (a FIFO cannot block the open),
+    // then made blocking once it is known to be a regular file.
+    r.allow_if(libc::SYS_fcntl, &[eq(1, c(libc::F_GETFL))]);
+    r.allow_if(libc::SYS_fcntl, &[eq(1, c(libc::F_SETFL))]);
     r
 }
 
@@ -627,9 +636,11 @@ pub(crate) fn own(class: ThreadClass) -> Rules {
             r.union(&opens_to_read());
             r.union(&creates_files());
             // Removing a directory tree (the old snapshot): glibc's
-            // fdopendir checks the descriptor's access mode.
-            r.allow_if(libc::SYS_fcntl, &[eq(1, c(libc::F_GETFL))]);
-            r.allow_if(libc::SYS_fcntl, &[eq(1, c(libc::F_SETFD)), eq(2, c(libc::FD_CLOEXEC))]);
+            // fdopendir makes the descriptor close-on-exec.
+            r.allow_if(
+                libc::SYS_fcntl,
+                &[eq(1, c(libc::F_SETFD)), eq(2, c(libc::FD_CLOEXEC))],
+            );
             r.allow_if(libc::SYS_mkdir, &[eq(1, 0o700)]);
             r.allow_if(libc::SYS_mkdirat, &[eq(2, 0o700)]);
             r.allow_if(libc::SYS_renameat2, &[eq(4, u64::from(libc::RENAME_EXCHANGE))]);
@@ -763,7 +774,13 @@ pub(crate) fn own(class: ThreadClass) -> Rules {
             // pipe; the holder moves its socket to standard input and
             // narrows this filter to its own.
             r.union(&passes_fds());
-            r.allow(&[libc::SYS_read, libc::SYS_sendto, libc::SYS_dup2, libc::SYS_dup3, libc::SYS_set_robust_list]);
+            r.allow(&[
+                libc::SYS_read,
+                libc::SYS_sendto,
+                libc::SYS_dup2,
+                libc::SYS_dup3,
+                libc::SYS_set_robust_list,
+            ]);
             r.allow_if(libc::SYS_pipe2, &[eq(1, c(libc::O_CLOEXEC))]);
             r.allow_if(libc::SYS_clone, &[eq64(0, FORK_CLONE_FLAGS)]);
             r.allow(&[libc::SYS_wait4]);

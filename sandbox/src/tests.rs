@@ -37,7 +37,9 @@ fn refused_calls_fail_with_an_errno_instead_of_stopping_the_vmm() {
             for alt in alts {
                 let flags = alt.iter().find(|c| c.index == 2).unwrap();
                 let read_only = flags.mask & writes == writes && flags.value & writes == 0;
-                let new_file = flags.mask & new == new && flags.value & new == new && flags.value & libc::O_TRUNC as u64 == 0
+                let new_file = flags.mask & new == new
+                    && flags.value & new == new
+                    && flags.value & libc::O_TRUNC as u64 == 0
                     && flags.mask & libc::O_TRUNC as u64 != 0;
                 assert!(read_only || new_file, "{class}: {alt:?}");
             }
@@ -65,7 +67,10 @@ fn a_class_that_starts_threads_allows_what_they_do() {
                 );
             }
             // The launcher's children are processes (forks).
-            assert!(parent.starts_threads() || parent == ThreadClass::UffdLauncher, "{parent}");
+            assert!(
+                parent.starts_threads() || parent == ThreadClass::UffdLauncher,
+                "{parent}"
+            );
         }
     }
 }
@@ -136,7 +141,10 @@ fn no_class_may_exec_fork_trace_or_map_executable_memory() {
                 let flags = alt.iter().find(|c| c.index == 0).unwrap().value;
                 let thread = flags & libc::CLONE_THREAD as u64 != 0;
                 let fork = flags & (libc::CLONE_VM | libc::CLONE_FILES | libc::CLONE_FS) as u64 == 0;
-                assert!(thread || (fork && class == ThreadClass::UffdLauncher), "{class}: {alt:?}");
+                assert!(
+                    thread || (fork && class == ThreadClass::UffdLauncher),
+                    "{class}: {alt:?}"
+                );
             }
         }
         // No class signals another process, or a process group: the

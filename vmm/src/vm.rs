@@ -290,12 +290,12 @@ impl Vm {
             // which starts no program: the launcher forks their holders.
             let launcher = match seccomp {
                 SeccompMode::Off => None,
-                _ => Some(Launcher::start(&program, seccomp).map_err(|source| {
-                    UffdHandlerError::Holder {
+                _ => Some(
+                    Launcher::start(&program, seccomp).map_err(|source| UffdHandlerError::Holder {
                         program: program.clone(),
                         source,
-                    }
-                })?),
+                    })?,
+                ),
             };
             vm.external = Some(controller::ExternalHandler::new(
                 link,

@@ -1,8 +1,8 @@
 //! `vmm receive`: a migration destination, with a progress bar on a terminal.
 
 use super::args::ReceiveArgs;
-use super::{parse_timeout, sandbox_main, seccomp_mode, StatsOut};
 use super::report::report;
+use super::{parse_timeout, sandbox_main, seccomp_mode, StatsOut};
 use sandbox::{SeccompMode, ThreadClass};
 use std::io::IsTerminal;
 use std::time::Duration;

@@ -1,8 +1,8 @@
 //! How a run is reported: the workload results, the end, the host's check,
 //! memory statistics, and the JSON statistics file.
 
-use abi::exit::ExitCode;
 use super::StatsOut;
+use abi::exit::ExitCode;
 use vmm::controller::verify_reports;
 use vmm::{GuestEnd, VmConfig, EXIT_BAD_RESULT, EXIT_VMM_ERROR};
 

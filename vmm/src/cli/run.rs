@@ -1,8 +1,8 @@
 //! `vmm run` and `vmm restore`: build, run with the control socket, report.
 
 use super::args::{RestoreArgs, RunArgs};
-use super::{parse_timeout, sandbox_main, seccomp_mode, StatsOut};
 use super::report::report;
+use super::{parse_timeout, sandbox_main, seccomp_mode, StatsOut};
 use sandbox::SeccompMode;
 use std::path::{Path, PathBuf};
 use vmm::config_file::ConfigFile;

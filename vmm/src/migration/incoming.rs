@@ -715,7 +715,15 @@ mod tests {
         let path = std::env::temp_dir().join(format!("vmm-stop-{}.sock", std::process::id()));
         let listener = Listener::bind(&super::super::Endpoint::Unix(path)).unwrap();
         let stop = listener.stopper();
-        let t = std::thread::spawn(move || Incoming::accept(&listener, Default::default(), None, SeccompMode::process_default()).map(|_| ()));
+        let t = std::thread::spawn(move || {
+            Incoming::accept(
+                &listener,
+                Default::default(),
+                None,
+                SeccompMode::process_default(),
+            )
+            .map(|_| ())
+        });
         std::thread::sleep(Duration::from_millis(50));
         // No source came: the wait goes on until stopped.
         assert!(!t.is_finished());

@@ -91,7 +91,8 @@ fn precopy(to: &Endpoint, options: &MigrateOptions, ctx: PrecopyCtx) -> Result<O
             })
         };
         // The VM is paused: its memory does not change.
-        let extents = crate::snapshot::memory::data_extents_in(&ctx.pagemap, &ctx.mem).map_err(|e| stopped(e.into()))?;
+        let extents = crate::snapshot::memory::data_extents_in(&ctx.pagemap, &ctx.mem)
+            .map_err(|e| stopped(e.into()))?;
         let resumable = Resumable {
             extents: extents.clone(),
             paused_at,

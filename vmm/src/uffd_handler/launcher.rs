@@ -201,10 +201,12 @@ pub fn main() -> i32 {
     loop {
         let answer = match chan.recv_with_fd(&mut buf) {
             Ok((0, _)) => return 0,
-            Ok((n, Some(fd))) => match fork_holder(Path::new(OsStr::from_bytes(&buf[..n])), OwnedFd::from(fd), mode) {
-                Ok(pid) => Answer::Pid(pid),
-                Err(e) => Answer::Error(e.to_string()),
-            },
+            Ok((n, Some(fd))) => {
+                match fork_holder(Path::new(OsStr::from_bytes(&buf[..n])), OwnedFd::from(fd), mode) {
+                    Ok(pid) => Answer::Pid(pid),
+                    Err(e) => Answer::Error(e.to_string()),
+                }
+            }
             Ok((_, None)) => Answer::Error("the request carried no socket".into()),
             Err(e) if e.errno() == libc::EINTR => continue,
             Err(_) => return 1,

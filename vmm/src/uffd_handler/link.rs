@@ -8,8 +8,8 @@
 
 use super::launcher::{self, Launcher};
 use super::peer::{PeerEvent, SUBCOMMAND};
-use sandbox::{SeccompMode, ThreadClass};
 use super::UffdHandlerError;
+use sandbox::{SeccompMode, ThreadClass};
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;

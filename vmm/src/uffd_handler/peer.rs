@@ -92,7 +92,10 @@ pub fn peer_pid(stream: &UnixStream) -> std::io::Result<i32> {
 /// the process exit code. The process sandboxes itself first (class
 /// `uffd-peer`, in the mode `VMM_SECCOMP` says: the VMM sets it to its own).
 pub fn main(socket: &Path) -> i32 {
-    if let Err(e) = sandbox::apply(sandbox::ThreadClass::UffdPeer, sandbox::SeccompMode::process_default()) {
+    if let Err(e) = sandbox::apply(
+        sandbox::ThreadClass::UffdPeer,
+        sandbox::SeccompMode::process_default(),
+    ) {
         eprintln!("vmm {SUBCOMMAND}: {e}");
         return 1;
     }
