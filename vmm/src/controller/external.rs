@@ -157,6 +157,7 @@ pub struct AttachInfo {
 
 impl ExternalHandler {
     /// The supervision of `link`, the handler attached at restore.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         link: HandlerLink,
         program: PathBuf,
