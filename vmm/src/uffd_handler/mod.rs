@@ -21,7 +21,7 @@ pub mod launcher;
 pub mod link;
 pub mod peer;
 
-pub use handshake::{mappings, message, HandshakeError, Mapping, FIRECRACKER_VERSIONS};
+pub use handshake::{mappings, message, parse_message, HandshakeError, Mapping, FIRECRACKER_VERSIONS};
 pub use launcher::Launcher;
 pub use link::{HandlerLink, LostHook};
 
