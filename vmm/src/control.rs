@@ -14,6 +14,7 @@
 use crate::controller::VmHandle;
 use crate::migration::{Endpoint, MigrateOptions, Security, TlsFiles};
 use crate::snapshot::AfterSnapshot;
+use sandbox::ThreadClass;
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::FileTypeExt;
@@ -232,7 +233,7 @@ fn relative_path(req: &Request) -> Option<(&'static str, PathBuf)> {
         Request::AttachHandler { path } => ("handler socket", Some(path.clone())),
         Request::Migrate { to, .. } => ("migration socket", unix(to)),
         Request::Recover { from, .. } => ("migration socket", unix(from)),
-        Request::Pause {} | Request::Resume {} | Request::Stats {} => ("", None),
+        Request::Pause {} | Request::Resume {} | Request::Stats {} | Request::WorkingSetEnd {} => ("", None),
     };
     path.filter(|p| !p.is_absolute()).map(|p| (what, p))
 }
@@ -404,10 +405,14 @@ impl ControlServer {
             .map_err(io_err(path, "setting non-blocking mode"))?;
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("vmm-control".into())
-            .spawn(move || serve(&listener, &vm, &s))
-            .map_err(io_err(path, "starting the server thread"))?;
+        let mode = vm.seccomp();
+        let thread = sandbox::spawn(
+            std::thread::Builder::new().name("vmm-control".into()),
+            ThreadClass::ControlServer,
+            mode,
+            move || serve(&listener, &vm, &s),
+        )
+        .map_err(|e| io_err(path, "starting the server thread")(e.into()))?;
         Ok(ControlServer {
             path: path.to_owned(),
             stop,
@@ -447,13 +452,17 @@ fn serve(listener: &UnixListener, vm: &VmHandle, stop: &AtomicBool) {
                 let count = clients.clone();
                 count.fetch_add(1, Ordering::AcqRel);
                 // One thread per client (at most MAX_CLIENTS): a slow client
-                // does not block others.
-                let spawned = std::thread::Builder::new()
-                    .name("vmm-control-client".into())
-                    .spawn(move || {
+                // does not block others. Sandboxed like this thread, whose
+                // filter it inherits.
+                let spawned = sandbox::spawn(
+                    std::thread::Builder::new().name("vmm-control-client".into()),
+                    ThreadClass::ControlClient,
+                    sandbox::inherited_mode(),
+                    move || {
                         serve_client(stream, &vm);
                         count.fetch_sub(1, Ordering::AcqRel);
-                    });
+                    },
+                );
                 if let Err(e) = spawned {
                     clients.fetch_sub(1, Ordering::AcqRel);
                     tracing::warn!("control socket: cannot serve a client: {e}");

@@ -10,8 +10,9 @@ use crate::snapshot::source::SnapshotSource;
 use crate::snapshot::working_set::{Recording, WorkingSet, WorkingSetError, WORKING_SET};
 use crate::snapshot::{Hasher, Snapshot, SnapshotError, SnapshotKey};
 use crate::state::{ControllerState, SavedVm};
-use crate::uffd_handler::{self, HandlerLink, LostHook, UffdHandlerError};
+use crate::uffd_handler::{self, HandlerLink, Launcher, LostHook, UffdHandlerError};
 use devices::serial::SerialOutput;
+use sandbox::SeccompMode;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver};
 use std::sync::Arc;
@@ -83,6 +84,9 @@ pub struct VmOptions {
     /// Serve lazily backed memory from this source instead of the backend's
     /// own (tests hold, delay or fail pages with `memory::TestSource`).
     pub page_source: Option<CustomSource>,
+    /// How the VM's threads are sandboxed (`docs/seccomp.md`); the default
+    /// is `kill`, or what `VMM_SECCOMP` says.
+    pub seccomp: SeccompMode,
     /// The snapshot key: snapshots this VM writes are authenticated with it,
     /// and a restore checks its snapshot with it (`--snapshot-key FILE`).
     pub snapshot_key: Option<SnapshotKey>,
@@ -113,6 +117,7 @@ impl Default for VmOptions {
             shutdown_signals: false,
             page_source: None,
             on_memory_fault: MemoryFaultPolicy::End,
+            seccomp: SeccompMode::process_default(),
             snapshot_key: None,
             record_working_set: None,
             snapshot_at_checkpoint: None,
@@ -214,6 +219,7 @@ impl Vm {
             BuildOptions {
                 serial: options.serial.clone(),
                 sink,
+                seccomp: options.seccomp,
             },
         )?;
         Ok(Vm {
@@ -316,7 +322,28 @@ impl Vm {
                 .peer_program
                 .clone()
                 .unwrap_or_else(uffd_handler::default_peer_program);
-            let link = HandlerLink::connect(1, socket, &program, &message, ext.uffd(), on_lost.clone())?;
+            let seccomp = vm.options.seccomp;
+            let link = HandlerLink::connect(
+                1,
+                socket,
+                &program,
+                &message,
+                ext.uffd(),
+                on_lost.clone(),
+                None,
+                seccomp,
+            )?;
+            // Later handlers are attached from the sandboxed controller,
+            // which starts no program: the launcher forks their holders.
+            let launcher = match seccomp {
+                SeccompMode::Off => None,
+                _ => Some(
+                    Launcher::start(&program, seccomp).map_err(|source| UffdHandlerError::Holder {
+                        program: program.clone(),
+                        source,
+                    })?,
+                ),
+            };
             vm.external = Some(controller::ExternalHandler::new(
                 link,
                 program,
@@ -324,6 +351,8 @@ impl Vm {
                 how.handler_grace.unwrap_or(controller::DEFAULT_GRACE),
                 how.handler_stall.unwrap_or(controller::external::DEFAULT_STALL),
                 on_lost,
+                launcher,
+                seccomp,
             ));
             vm
         } else if how.lazy {
@@ -466,6 +495,7 @@ impl Vm {
             restored: self.restored,
             recording: self.recording,
             snapshot_at_checkpoint: self.options.snapshot_at_checkpoint.clone(),
+            seccomp: self.options.seccomp,
         };
         Ok(controller::start(
             self.core,

@@ -15,6 +15,7 @@ use ::memory::{
 };
 use abi::layout::PAGE_SIZE;
 use devices::GuestRam;
+use sandbox::{SeccompMode, ThreadClass};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -38,14 +39,14 @@ pub enum LazyError {
     /// The handler could not be built.
     #[error(transparent)]
     Handler(#[from] HandlerError),
-    /// A thread could not be started.
+    /// A thread could not be started (or sandboxed).
     #[error("cannot start the {what} thread: {source}")]
     Thread {
         /// Which thread.
         what: &'static str,
         /// Why.
         #[source]
-        source: std::io::Error,
+        source: sandbox::SpawnError,
     },
 }
 
@@ -201,6 +202,7 @@ pub struct LazyMemory {
     data_ranges: Arc<Vec<(u64, u64)>>,
     prefetch: Option<Prefetch>,
     prefetch_report: Arc<std::sync::Mutex<Option<PrefetchReport>>>,
+    seccomp: SeccompMode,
 }
 
 /// A running background prefetch.
@@ -212,8 +214,14 @@ struct Prefetch {
 
 impl LazyMemory {
     /// Registers every region of `mem` and starts the handler thread (and the
-    /// prefetch if planned). Call after the VMM's own writes to guest memory.
-    pub fn start(mem: &GuestRam, plan: LazyPlan, sink: EventSink) -> Result<LazyMemory, LazyError> {
+    /// prefetch if planned), sandboxed in `seccomp` mode. Call after the
+    /// VMM's own writes to guest memory.
+    pub fn start(
+        mem: &GuestRam,
+        plan: LazyPlan,
+        sink: EventSink,
+        seccomp: SeccompMode,
+    ) -> Result<LazyMemory, LazyError> {
         let backend = plan.source.name().to_owned();
         let uffd = Arc::new(Uffd::for_guest_memory().map_err(|source| LazyError::Uffd {
             backend: backend.clone(),
@@ -254,9 +262,11 @@ impl LazyMemory {
         }));
         let control = handler.control();
         let handler_cpu = plan.handler_cpu;
-        let thread = std::thread::Builder::new()
-            .name("uffd-handler".into())
-            .spawn(move || {
+        let thread = sandbox::spawn(
+            std::thread::Builder::new().name("uffd-handler".into()),
+            ThreadClass::FaultHandler,
+            seccomp,
+            move || {
                 if let Some(cpu) = handler_cpu {
                     // Only slower if it fails: the scheduler places the thread.
                     if let Err(e) = ::memory::pin_current_thread(cpu) {
@@ -268,11 +278,12 @@ impl LazyMemory {
                     tracing::error!("the userfault handler stopped: {e}");
                 }
                 r
-            })
-            .map_err(|source| LazyError::Thread {
-                what: "uffd-handler",
-                source,
-            })?;
+            },
+        )
+        .map_err(|source| LazyError::Thread {
+            what: "uffd-handler",
+            source,
+        })?;
         let mut lazy = LazyMemory {
             backend,
             fault_around: plan.fault_around,
@@ -283,6 +294,7 @@ impl LazyMemory {
             data_ranges: Arc::new(plan.data_ranges),
             prefetch: None,
             prefetch_report: Arc::default(),
+            seccomp,
         };
         let mut working_set = plan.working_set;
         if let Some(ws) = working_set.take_if(|w| w.before_resume) {
@@ -321,9 +333,11 @@ impl LazyMemory {
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
         let report = self.prefetch_report.clone();
-        let thread = std::thread::Builder::new()
-            .name("prefetch".into())
-            .spawn(move || {
+        let thread = sandbox::spawn(
+            std::thread::Builder::new().name("prefetch".into()),
+            ThreadClass::FaultHandler,
+            self.seccomp,
+            move || {
                 if let Some(ws) = pages {
                     match run_page_prefetch(&m.uffd, &m.cores, &ws, &s) {
                         Ok(r) => *report.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(r),
@@ -341,11 +355,12 @@ impl LazyMemory {
                     // The faulting vCPU reports it too; prefetch just stops.
                     tracing::warn!("prefetch stopped: {e}");
                 }
-            })
-            .map_err(|source| LazyError::Thread {
-                what: "prefetch",
-                source,
-            })?;
+            },
+        )
+        .map_err(|source| LazyError::Thread {
+            what: "prefetch",
+            source,
+        })?;
         self.prefetch = Some(Prefetch { stop, thread });
         Ok(())
     }

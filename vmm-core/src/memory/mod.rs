@@ -136,11 +136,17 @@ impl MemoryManager {
     }
 
     /// Serves guest RAM through userfaultfd and the retry core from now on.
-    pub fn serve_lazily(&mut self, plan: LazyPlan, sink: EventSink) -> Result<(), MemoryManagerError> {
+    /// Its threads (handler, prefetch) are sandboxed in `seccomp` mode.
+    pub fn serve_lazily(
+        &mut self,
+        plan: LazyPlan,
+        sink: EventSink,
+        seccomp: sandbox::SeccompMode,
+    ) -> Result<(), MemoryManagerError> {
         if !matches!(self.backing, Backing::Anon) {
             return Err(MemoryManagerError::AlreadyServed(self.backing.name()));
         }
-        self.backing = Backing::Lazy(LazyMemory::start(&self.ram, plan, sink)?);
+        self.backing = Backing::Lazy(LazyMemory::start(&self.ram, plan, sink, seccomp)?);
         Ok(())
     }
 

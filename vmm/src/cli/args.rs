@@ -1,6 +1,7 @@
 //! The command line's flags (clap derive): one struct per subcommand.
 
 use clap::{Parser, Subcommand};
+use sandbox::SeccompMode;
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
@@ -38,6 +39,11 @@ pub(crate) enum Command {
         /// The handler's socket.
         socket: PathBuf,
     },
+    /// Forks connection holders for a sandboxed VMM, which starts no
+    /// program once it runs (started by `vmm restore --mem-backend
+    /// uffd:SOCKET`; not for direct use).
+    #[command(name = "__uffd-launcher", hide = true)]
+    UffdLauncher,
 }
 
 #[derive(clap::Args, Debug)]
@@ -145,7 +151,7 @@ pub(crate) struct RunArgs {
     /// Write run statistics (vCPUs, retry core, fault latency) as JSON to FILE, or `-` for stdout.
     #[arg(long, value_name = "FILE")]
     pub(crate) stats: Option<PathBuf>,
-    /// TOML file with any of: kernel, vcpus, mem, cmdline, mem_backend, fault_around (flags override it).
+    /// TOML file with any of: kernel, vcpus, mem, cmdline, mem_backend, fault_around, seccomp (flags override it).
     #[arg(long)]
     pub(crate) config: Option<PathBuf>,
     /// Give up after this many seconds (exit code 11).
@@ -167,6 +173,12 @@ pub(crate) struct RunArgs {
     /// to DIR and end the run (exit code 14).
     #[arg(long, value_name = "DIR")]
     pub(crate) snapshot_at_checkpoint: Option<PathBuf>,
+    /// Sandbox the VMM's threads with seccomp filters: `kill` (a forbidden
+    /// system call stops the VMM, exit code 159, naming the thread and the
+    /// call), `log` (allowed, and logged by the kernel: `dmesg | grep
+    /// type=1326`) or `off`. Default: $VMM_SECCOMP, else kill.
+    #[arg(long, value_name = "MODE")]
+    pub(crate) seccomp: Option<SeccompMode>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -353,6 +365,12 @@ pub(crate) struct ReceiveArgs {
     /// authenticated with it (keyed BLAKE3) and restores check it.
     #[arg(long, value_name = "FILE")]
     pub(crate) snapshot_key: Option<PathBuf>,
+    /// Sandbox the VMM's threads with seccomp filters: `kill` (a forbidden
+    /// system call stops the VMM, exit code 159, naming the thread and the
+    /// call), `log` (allowed, and logged by the kernel: `dmesg | grep
+    /// type=1326`) or `off`. Default: $VMM_SECCOMP, else kill.
+    #[arg(long, value_name = "MODE")]
+    pub(crate) seccomp: Option<SeccompMode>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -412,4 +430,10 @@ pub(crate) struct RestoreArgs {
     /// authenticated with it (keyed BLAKE3) and restores check it.
     #[arg(long, value_name = "FILE")]
     pub(crate) snapshot_key: Option<PathBuf>,
+    /// Sandbox the VMM's threads with seccomp filters: `kill` (a forbidden
+    /// system call stops the VMM, exit code 159, naming the thread and the
+    /// call), `log` (allowed, and logged by the kernel: `dmesg | grep
+    /// type=1326`) or `off`. Default: $VMM_SECCOMP, else kill.
+    #[arg(long, value_name = "MODE")]
+    pub(crate) seccomp: Option<SeccompMode>,
 }

@@ -196,6 +196,8 @@ impl EventSender {
 #[derive(Clone)]
 pub struct VmHandle {
     pub(crate) events: EventSender,
+    /// The VM's sandbox mode, for the threads that serve it (control socket).
+    pub(crate) seccomp: sandbox::SeccompMode,
 }
 
 impl std::fmt::Debug for VmHandle {
@@ -211,6 +213,12 @@ impl VmHandle {
             return Err(ControlError::Ended);
         }
         rx.recv().map_err(|_| ControlError::Ended)
+    }
+
+    /// How the VM's threads are sandboxed (the control socket's threads
+    /// are sandboxed the same way).
+    pub fn seccomp(&self) -> sandbox::SeccompMode {
+        self.seccomp
     }
 
     /// Pauses every vCPU (see `vmm_core::vcpu::manager` for vCPUs blocked in faults).

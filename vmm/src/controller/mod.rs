@@ -33,6 +33,7 @@ use devices::DeviceEvent;
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use persist::Persist;
 use reports::GuestReports;
+use sandbox::{SeccompMode, ThreadClass};
 use state::valid_transition;
 use std::io::Read;
 use std::os::fd::AsRawFd;
@@ -69,6 +70,9 @@ pub struct ControllerOptions {
     pub on_memory_fault: MemoryFaultPolicy,
     /// The controller's restored state (reports received before a snapshot).
     pub restored: ControllerState,
+    /// How the controller thread (and the threads it starts: an outgoing
+    /// migration's) and the control socket's threads are sandboxed.
+    pub seccomp: SeccompMode,
     /// Authenticates the snapshots this VM writes.
     pub snapshot_key: Option<crate::snapshot::SnapshotKey>,
     /// A working-set recording: ended by `working-set-end` or the run's end.
@@ -87,9 +91,9 @@ pub enum StartError {
     /// The event loop could not be set up.
     #[error("cannot set up the VM's event loop: {0}; raise the process's file descriptor limit")]
     EventLoop(String),
-    /// The controller thread could not be started.
+    /// The controller thread could not be started (or sandboxed).
     #[error("cannot start the controller thread: {0}")]
-    Thread(#[source] std::io::Error),
+    Thread(#[source] sandbox::SpawnError),
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -155,16 +159,22 @@ pub(crate) fn start(
     }
     let deadline = options.timeout.and_then(|t| Instant::now().checked_add(t));
     let timeout = options.timeout.unwrap_or_default();
-    let thread = std::thread::Builder::new()
-        .name("vmm-controller".into())
-        .spawn(move || {
+    let thread = sandbox::spawn(
+        std::thread::Builder::new().name("vmm-controller".into()),
+        ThreadClass::Controller,
+        options.seccomp,
+        move || {
             let outcome = run_loop(&controller, &mut em, deadline, timeout);
             drop(on_signal);
             outcome
-        })
-        .map_err(StartError::Thread)?;
+        },
+    )
+    .map_err(StartError::Thread)?;
     Ok(RunningVm {
-        handle: VmHandle { events },
+        handle: VmHandle {
+            events,
+            seccomp: options.seccomp,
+        },
         thread,
     })
 }

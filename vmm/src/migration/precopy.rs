@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 use vm_memory::{Bytes, GuestAddress};
+use vmm_core::memory::pages::Pagemap;
 use vmm_core::memory::{DirtyTracker, Materializer};
 
 /// Pauses the VM and captures its state, on the controller, at the switchover.
@@ -42,6 +43,9 @@ pub struct PrecopyCtx {
     pub stop: Arc<AtomicBool>,
     /// Pauses the VM and captures its state (on the controller).
     pub switchover: Switchover,
+    /// This process's page map, opened by the caller: the pre-copy thread's
+    /// sandbox opens no file.
+    pub pagemap: Pagemap,
 }
 
 impl std::fmt::Debug for PrecopyCtx {
@@ -100,7 +104,8 @@ fn precopy(to: &Endpoint, options: &MigrateOptions, ctx: PrecopyCtx) -> Result<O
             })
         };
         // The VM is paused: its memory does not change.
-        let extents = crate::snapshot::data_extents(&ctx.mem).map_err(|e| stopped(e.into()))?;
+        let extents = crate::snapshot::memory::data_extents_in(&ctx.pagemap, &ctx.mem)
+            .map_err(|e| stopped(e.into()))?;
         let resumable = Resumable {
             extents: extents.clone(),
             paused_at,
@@ -177,7 +182,7 @@ fn precopy(to: &Endpoint, options: &MigrateOptions, ctx: PrecopyCtx) -> Result<O
         Ok::<_, MigrationError>(())
     };
     // Round 1: every page that exists and holds data.
-    let existing = vmm_core::memory::pages::existing_guest_pages(&ctx.mem)
+    let existing = vmm_core::memory::pages::existing_guest_pages_in(&ctx.pagemap, &ctx.mem)
         .map_err(|e| early(io("reading the page map")(e)))?;
     for gpa in existing {
         send(&mut w, gpa, &mut summary, true).map_err(early)?;
