@@ -84,6 +84,8 @@ pub enum Request {
     Resume {},
     /// Live statistics.
     Stats {},
+    /// Where the migration stands, live and after it ended (docs/migration.md, "Statistics").
+    Migration {},
     /// Snapshot to a directory.
     Snapshot {
         /// The directory.
@@ -239,6 +241,10 @@ pub fn execute(vm: &VmHandle, req: &Request) -> Response {
         },
         Request::Stats {} => match vm.stats() {
             Ok(s) => json(serde_json::to_value(s)),
+            Err(e) => Response::err(e.to_string()),
+        },
+        Request::Migration {} => match vm.migration() {
+            Ok(v) => Response::ok(v),
             Err(e) => Response::err(e.to_string()),
         },
         Request::Snapshot { to, then } => match vm.snapshot(to, *then) {
@@ -543,6 +549,7 @@ mod tests {
     fn requests_decode() {
         assert_eq!(decode_ok(br#"{"cmd":"pause"}"#), Request::Pause {});
         assert_eq!(decode_ok(b" {\"cmd\":\"stats\"}\n"), Request::Stats {});
+        assert_eq!(decode_ok(b"{\"cmd\":\"migration\"}\n"), Request::Migration {});
         assert_eq!(
             decode_ok(br#"{"cmd":"snapshot","to":"/s","then":"stop"}"#),
             Request::Snapshot {

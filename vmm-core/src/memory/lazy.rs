@@ -95,7 +95,7 @@ pub struct LazyMemory {
     control: HandlerControl,
     regions: Vec<Region>,
     thread: Option<JoinHandle<Result<(), HandlerError>>>,
-    data_ranges: Arc<Vec<(u64, u64)>>,
+    data_ranges: super::materialize::SharedRanges,
     prefetch: Option<Prefetch>,
 }
 
@@ -172,7 +172,7 @@ impl LazyMemory {
             control,
             regions,
             thread: Some(thread),
-            data_ranges: Arc::new(plan.data_ranges),
+            data_ranges: Arc::new(std::sync::RwLock::new(Arc::new(plan.data_ranges))),
             prefetch: None,
         };
         if plan.prefetch {

@@ -169,6 +169,10 @@ pub(crate) enum CtlRequest {
     Resume,
     /// Print live statistics (JSON).
     Stats,
+    /// Print where the migration stands (JSON; live during a migration, and
+    /// after it): status, pages and bytes per phase, downtime parts,
+    /// requests, blocktime (docs/migration.md, "Statistics").
+    Migration,
     /// Pause, save a snapshot to DIR, then go back to how the VM was
     /// (or --resume / --stop / --pause).
     Snapshot {

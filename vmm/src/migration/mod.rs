@@ -22,13 +22,15 @@ pub mod incoming;
 pub mod outgoing;
 pub mod precopy;
 pub mod remote;
+pub mod status;
 pub mod tls;
 pub mod transport;
 pub mod wire;
 
 pub use incoming::{DestStats, Incoming, IncomingSession, MigrationEvent, RecoverRequest};
-pub use outgoing::{MigrateOptions, Outgoing, Resumable, SourceSummary, Stopped};
-pub use precopy::{spawn_precopy, PrecopyCtx};
+pub use outgoing::{Downtime, MigrateOptions, Outgoing, Resumable, SourceSummary, Stopped};
+pub use precopy::{spawn_precopy, Paused, PrecopyCtx};
+pub use status::{Percentiles, Phase, SourceReport, SourceStatus};
 pub use remote::{Progress, RemoteSource};
 pub use tls::{Tls, TlsError, TlsFiles};
 pub use transport::{Conn, Endpoint, Listener, ListenerStop, Security};
