@@ -42,14 +42,21 @@ impl Materializer {
     /// Replaces the data ranges (`(gpa, len)`, sorted) for every clone and
     /// for the memory's later materializers.
     pub fn set_ranges(&self, ranges: Vec<(u64, u64)>) {
-        *self.ranges.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(ranges);
+        *self
+            .ranges
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(ranges);
     }
 
     /// Fetches the missing pages, counting the faults it resolved in `done`
     /// (a fault-around run is one). Stops early (`Ok`) when `stop` is set;
     /// fails on a page the source cannot give.
     pub fn run(&self, stop: &AtomicBool, done: &AtomicU64) -> Result<(), MaterializeError> {
-        let ranges = self.ranges.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        let ranges = self
+            .ranges
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
         for &(gpa, len) in ranges.iter() {
             let mut a = gpa;
             while a < gpa + len {

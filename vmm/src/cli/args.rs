@@ -87,9 +87,10 @@ pub(crate) enum BenchCommand {
     /// Snapshot restore to running vCPUs for 64 MiB, 1 GiB and 4 GiB guests,
     /// lazily (memory through the retry core) and eagerly.
     Restore(BenchArgs),
-    /// Live migration of a running 1 GiB guest over loopback, post-copy only
-    /// and after 3 pre-copy rounds: downtime, total time, page-request
-    /// latency p50/p99 during the push.
+    /// Live migration of running 1 GiB and 4 GiB guests over loopback,
+    /// post-copy only and after 3 pre-copy rounds: downtime by part, total
+    /// time; and post-copy of a guest rewriting its pages: exact page-request
+    /// latency p50/p99 while the push runs.
     Migrate {
         #[command(flatten)]
         args: BenchArgs,
@@ -97,6 +98,13 @@ pub(crate) enum BenchCommand {
         /// Unix socket (the cost of TLS).
         #[arg(long)]
         tls: bool,
+        /// Guest sizes in MiB, comma separated.
+        #[arg(long, value_delimiter = ',', default_values_t = vmm::bench::migrate::MIGRATE_MEM_MIB)]
+        mem_mib: Vec<u64>,
+        /// Folder for the charts (SVG and PNG): downtime parts by size,
+        /// request latency.
+        #[arg(long)]
+        plot: Option<PathBuf>,
     },
     /// Everything, plus throughput by vCPU count and the fault latency
     /// histogram; `--plot DIR` writes SVG charts.

@@ -31,9 +31,27 @@ pub fn bench(cmd: BenchCommand) -> i32 {
         BenchCommand::Restore(a) => {
             vmm::bench::restore(a.repeats, &mut progress).map(|r| print_result(&r, a.json))
         }
-        BenchCommand::Migrate { args: a, tls } => {
-            vmm::bench::migrate_with(a.repeats, *tls, &mut progress).map(|r| print_result(&r, a.json))
-        }
+        BenchCommand::Migrate {
+            args: a,
+            tls,
+            mem_mib,
+            plot,
+        } => vmm::bench::migrate_with(a.repeats, *tls, mem_mib, &mut progress).map(|r| {
+            if let Some(dir) = plot {
+                match vmm::bench::plot::write_migrate(&r, dir) {
+                    Ok(files) => {
+                        for f in files {
+                            eprintln!("vmm bench: wrote {}", f.display());
+                        }
+                    }
+                    Err(e) => {
+                        eprintln!("vmm: error: {e}");
+                        return EXIT_VMM_ERROR;
+                    }
+                }
+            }
+            print_result(&r, a.json)
+        }),
         BenchCommand::GuestFault(a) => {
             vmm::bench::guest_fault(a.repeats, &mut progress).map(|r| print_result(&r, a.json))
         }

@@ -8,13 +8,13 @@ use crate::migration::{
     spawn_precopy, Endpoint, MigrateOptions, MigrationError, Paused, PrecopyCtx, SourceStatus, SourceSummary,
     Stopped,
 };
-use std::sync::Arc;
 use crate::snapshot::{self, AfterSnapshot, SnapshotInfo};
 use crate::state::SavedVm;
 use persist::Persist;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Sender};
+use std::sync::Arc;
 use std::time::Instant;
 
 impl RunState {

@@ -8,12 +8,11 @@
 
 use super::outgoing::extents_of;
 use super::remote::{Progress, RemoteSource};
+use super::status::{Percentiles, Phase};
 use super::transport::{
     accept_authenticated, Admissions, Conn, Deadline, Endpoint, Listener, Security, HANDSHAKE_WAIT,
 };
-use super::status::{Percentiles, Phase};
 use super::wire::{bitmap_pages, decode, encode, Message, PAGE64};
-use vmm_core::state::ConfigState;
 use super::{io, lock, MigrationError};
 use crate::snapshot::check_received;
 use crate::state::SavedVm;
@@ -24,6 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use vmm_core::memory::Materializer;
+use vmm_core::state::ConfigState;
 
 /// What the destination's VM must do, from the session's point of view.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -392,8 +392,11 @@ impl Switched {
         events: impl Fn(MigrationEvent) + Send + Sync + 'static,
     ) -> Result<IncomingSession, MigrationError> {
         let src = self.src;
-        src.send(Message::Resumed);
-        let resume_ms = self.got_state.elapsed().as_secs_f64() * 1e3;
+        let took = self.got_state.elapsed();
+        src.send(Message::Resumed {
+            took_us: u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
+        });
+        let resume_ms = took.as_secs_f64() * 1e3;
         src.progress.running.store(true, Ordering::Release);
         src.progress.set_phase(Phase::Postcopy);
         let parts = DestDowntime {
@@ -419,7 +422,10 @@ impl Switched {
             materializer,
             events: events.clone(),
         };
-        let handles = vec![receivers.spawn(&self.conn)?, receivers.spawn(&self.answers)?];
+        let handles = vec![
+            receivers.spawn(&self.conn, true)?,
+            receivers.spawn(&self.answers, false)?,
+        ];
         let (recover_tx, recover_rx) = mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
         let mut watch = Watch {
@@ -464,6 +470,8 @@ impl Switched {
 /// Places the kept pre-copied pages in the background (a fault on one is
 /// served from memory at once meanwhile).
 fn place_precopied(src: &RemoteSource, m: &Materializer, placing: &AtomicBool, to_place: Vec<u64>) {
+    // Bulk work: faults and answers go first.
+    super::lower_priority();
     for gpa in to_place {
         if !placing.load(Ordering::Acquire) {
             break;
@@ -492,18 +500,23 @@ struct Receivers {
 
 impl Receivers {
     /// One receiver per connection.
-    fn spawn(&self, conn: &Conn) -> Result<JoinHandle<()>, MigrationError> {
+    /// `bulk`: the main connection (pushed pages), whose thread yields
+    /// the CPU to the answer channel's.
+    fn spawn(&self, conn: &Conn, bulk: bool) -> Result<JoinHandle<()>, MigrationError> {
         let r = self.clone();
         let mut reader = conn.try_clone()?;
         std::thread::Builder::new()
             .name("migration-in".into())
-            .spawn(
-                move || match receive_pages(&r.src, &mut reader, &r.materializer, &r.done_at) {
+            .spawn(move || {
+                if bulk {
+                    super::lower_priority();
+                }
+                match receive_pages(&r.src, &mut reader, &r.materializer, &r.done_at) {
                     Ok(true) => (r.events)(MigrationEvent::Complete),
                     Ok(false) => {}
                     Err(e) => r.src.set_lost(e.to_string()),
-                },
-            )
+                }
+            })
             .map_err(io("starting the receiver thread"))
     }
 }
@@ -612,8 +625,8 @@ impl Watch {
         // can arrive on it (a `Done` is answered at once).
         self.src.reconnect(self.conn.try_clone()?);
         self.handles = vec![
-            self.receivers.spawn(&self.conn)?,
-            self.receivers.spawn(&self.answers)?,
+            self.receivers.spawn(&self.conn, true)?,
+            self.receivers.spawn(&self.answers, false)?,
         ];
         Ok(())
     }

@@ -30,8 +30,8 @@ pub mod wire;
 pub use incoming::{DestStats, Incoming, IncomingSession, MigrationEvent, RecoverRequest};
 pub use outgoing::{Downtime, MigrateOptions, Outgoing, Resumable, SourceSummary, Stopped};
 pub use precopy::{spawn_precopy, Paused, PrecopyCtx};
-pub use status::{Percentiles, Phase, SourceReport, SourceStatus};
 pub use remote::{Progress, RemoteSource};
+pub use status::{Percentiles, Phase, SourceReport, SourceStatus};
 pub use tls::{Tls, TlsError, TlsFiles};
 pub use transport::{Conn, Endpoint, Listener, ListenerStop, Security};
 pub use wire::{Message, VERSION};
@@ -176,6 +176,25 @@ pub enum MigrationError {
 
 fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> MigrationError {
     move |source| MigrationError::Io { what, source }
+}
+
+/// Lowers the calling thread's scheduling priority (nice 10): bulk work
+/// (the push, placing pushed pages) yields the CPU to the page-request path
+/// and the vCPUs. Best effort: nothing changes if the kernel refuses.
+fn lower_priority() {
+    // SAFETY: gettid has no preconditions.
+    let tid = unsafe { libc::syscall(libc::SYS_gettid) };
+    let Ok(tid) = libc::id_t::try_from(tid) else {
+        return;
+    };
+    // SAFETY: setpriority only reads its arguments; a thread may lower its
+    // own priority.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, 10) } != 0 {
+        tracing::debug!(
+            "cannot lower the priority of a migration thread: {}",
+            std::io::Error::last_os_error()
+        );
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

@@ -4,14 +4,14 @@
 //! resumption of an interrupted post-copy with a destination that waits for
 //! it (`recover`).
 
+use super::status::{Phase, SourceStatus};
 use super::transport::{Conn, Endpoint, Security, HANDSHAKE_WAIT};
+use super::wire::page_bitmap;
 use super::wire::{decode, encode, is_zero, Message, PAGE, PAGE64};
 use super::{io, MigrationError};
 use crate::snapshot::{Extent, EXTENT_MAX};
 use crate::state::SavedVm;
 use devices::GuestRam;
-use super::status::{Phase, SourceStatus};
-use super::wire::page_bitmap;
 use std::io::{BufWriter, Write};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::mpsc::{self, TryRecvError};
@@ -93,9 +93,16 @@ pub struct Downtime {
     /// Encoding and writing the state and the page map.
     pub send_state_ms: f64,
     /// State sent to the destination's `Resumed` received: the destination
-    /// applies the state to its VM (built already) and starts the vCPUs,
-    /// plus one network trip.
+    /// applies the state to its VM (built already) and starts the vCPUs
+    /// (`destination_part_ms`), plus the trips both ways (`trips_ms`).
     pub destination_ms: f64,
+    /// The destination's own part, as it reported it in `Resumed`: the
+    /// state's arrival to its vCPUs started.
+    pub destination_part_ms: f64,
+    /// `destination_ms` less the destination's part: the state's trip there
+    /// and `Resumed`'s trip back, scheduling included (only the first is
+    /// downtime, but the two cannot be told apart without a shared clock).
+    pub trips_ms: f64,
     /// Pause to `Resumed` (the downtime).
     pub total_ms: f64,
 }
@@ -405,7 +412,9 @@ impl Outgoing {
                         Ok(()) => continue,
                         Err(e) => Err(e),
                     },
-                    other => other,
+                    // Timed here: the push loop may be busy writing.
+                    Ok(m) => Ok((Instant::now(), m)),
+                    Err(e) => Err(e),
                 };
                 let stop = m.is_err();
                 if tx.send(m).is_err() || stop {
@@ -416,6 +425,8 @@ impl Outgoing {
         let order = std::mem::take(&mut self.order);
         let conn = self.conn.try_clone()?;
         let mut w = BufWriter::with_capacity(64 << 10, conn);
+        // The push is bulk work: the answering thread (and the vCPUs) go first.
+        super::lower_priority();
         let mut next = 0;
         let mut done_sent = false;
         let mut buf = vec![0u8; PAGE];
@@ -452,15 +463,16 @@ impl Outgoing {
                 }
             };
             if let Some(m) = msg {
-                match m? {
-                    Message::Resumed => {
-                        let now = Instant::now();
+                let (at, m) = m?;
+                match m {
+                    Message::Resumed { took_us } => {
+                        let now = at;
                         self.resumed_at = Some(now);
                         let d = &mut self.summary.downtime;
                         d.total_ms = (now - self.paused_at).as_secs_f64() * 1e3;
-                        d.destination_ms = self
-                            .state_sent_at
-                            .map_or(0.0, |t| (now - t).as_secs_f64() * 1e3);
+                        d.destination_ms = self.state_sent_at.map_or(0.0, |t| (now - t).as_secs_f64() * 1e3);
+                        d.destination_part_ms = (took_us as f64 / 1e3).min(d.destination_ms);
+                        d.trips_ms = d.destination_ms - d.destination_part_ms;
                     }
                     Message::Complete => {
                         w.flush().map_err(io("flushing"))?;

@@ -9,6 +9,7 @@
 //! touches a socket. Requests go to a writer thread through a channel; a
 //! write that fails marks the source lost.
 
+use super::status::Phase;
 use super::transport::Conn;
 use super::wire::{encode, Message, PAGE, PAGE64};
 use super::{io, lock, MigrationError};
@@ -17,7 +18,6 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Sender};
-use super::status::Phase;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Instant;
 
@@ -122,7 +122,11 @@ impl std::fmt::Debug for RemoteSource {
 impl RemoteSource {
     /// A source asking for pages on `writer`; its data extents come at the
     /// switchover ([`switch`](Self::switch)).
-    pub fn new(name: String, writer: Conn, progress: Arc<Progress>) -> Result<Arc<RemoteSource>, MigrationError> {
+    pub fn new(
+        name: String,
+        writer: Conn,
+        progress: Arc<Progress>,
+    ) -> Result<Arc<RemoteSource>, MigrationError> {
         let (tx, rx) = mpsc::channel();
         let src = Arc::new(RemoteSource {
             name,
@@ -198,7 +202,8 @@ impl RemoteSource {
 
     /// Every post-copy data page has arrived.
     pub(super) fn all_arrived(&self) -> bool {
-        self.extents.get().is_some() && self.arrived.load(Ordering::Acquire) >= self.data_pages.load(Ordering::Acquire)
+        self.extents.get().is_some()
+            && self.arrived.load(Ordering::Acquire) >= self.data_pages.load(Ordering::Acquire)
     }
 
     /// Bit `i` set: the `i`-th data page (extent order) has not arrived.
@@ -397,7 +402,10 @@ mod tests {
         let src = RemoteSource::new("t".into(), Conn::Unix(ours), Arc::default()).unwrap();
         let mut buf = vec![0xffu8; PAGE];
         // Before the switchover nothing is served, not even a zero page.
-        assert_eq!(src.fetch(0x8000, &mut buf), FetchOutcome::Retry(RetryReason::Held));
+        assert_eq!(
+            src.fetch(0x8000, &mut buf),
+            FetchOutcome::Retry(RetryReason::Held)
+        );
         src.switch(vec![(0x1000, 0x2000)], HashMap::new());
         // Outside the data: a zero page, nothing asked.
         assert_eq!(src.fetch(0x8000, &mut buf), FetchOutcome::Zero);

@@ -215,7 +215,10 @@ mod tests {
     fn percentiles_are_exact_nearest_rank() {
         let s: Vec<u64> = (1..=1000).map(|i| i * 1000).collect();
         let p = Percentiles::of(&s);
-        assert_eq!((p.count, p.p50_us, p.p99_us, p.max_us), (1000, 500.0, 990.0, 1000.0));
+        assert_eq!(
+            (p.count, p.p50_us, p.p99_us, p.max_us),
+            (1000, 500.0, 990.0, 1000.0)
+        );
         assert_eq!(Percentiles::of(&[]).count, 0);
     }
 

@@ -19,7 +19,8 @@ pub const MAGIC: [u8; 8] = *b"VMMMIGR\0";
 /// configuration) opens the main connection so that the destination builds
 /// its VM before the pause; the post-copy page list is a bitmap over guest
 /// RAM (`PageMap`, replacing `Extents`); an all-zero page goes as its
-/// address alone (`ZeroRequested`, `ZeroPushed`).
+/// address alone (`ZeroRequested`, `ZeroPushed`); `Resumed` carries the
+/// destination's part of the downtime.
 pub const VERSION: u32 = 5;
 pub use abi::layout::{PAGE_LEN as PAGE, PAGE_SIZE as PAGE64};
 /// Length of a page message: address and data.
@@ -110,8 +111,12 @@ pub enum Message {
     Request(u64),
     /// Destination: send this page again (a fill failed after the data was taken).
     Resend(u64),
-    /// Destination: the VM runs here.
-    Resumed,
+    /// Destination: the VM runs here; `took_us` from the state's arrival
+    /// to the vCPUs started (the destination's part of the downtime).
+    Resumed {
+        /// Microseconds.
+        took_us: u64,
+    },
     /// Destination: every page arrived.
     Complete,
 }
@@ -216,7 +221,7 @@ pub fn encode(w: &mut impl Write, m: &Message) -> std::io::Result<()> {
         Message::Need(bits) => frame(w, T_NEED, &[bits]),
         Message::Request(g) => frame(w, T_REQUEST, &[&g.to_le_bytes()]),
         Message::Resend(g) => frame(w, T_RESEND, &[&g.to_le_bytes()]),
-        Message::Resumed => frame(w, T_RESUMED, &[]),
+        Message::Resumed { took_us } => frame(w, T_RESUMED, &[&took_us.to_le_bytes()]),
         Message::Complete => frame(w, T_COMPLETE, &[]),
     }
 }
@@ -316,8 +321,8 @@ pub fn decode(r: &mut impl Read) -> Result<Message, MigrationError> {
         T_ZERO_REQUESTED | T_ZERO_PUSHED => len == 8,
         T_PAGE_REQUESTED | T_PAGE_PUSHED | T_PRECOPY_PAGE => len == PAGE_MSG,
         T_DONE => len == 24,
-        T_REQUEST | T_RESEND | T_PRECOPY_BEGIN => len == 8,
-        T_RESUMED | T_COMPLETE | T_RESUME | T_PREEMPT => len == 0,
+        T_REQUEST | T_RESEND | T_PRECOPY_BEGIN | T_RESUMED => len == 8,
+        T_COMPLETE | T_RESUME | T_PREEMPT => len == 0,
         T_NEED => len <= MAX_NEED,
         other => return Err(MigrationError::Protocol(format!("unknown message type {other}"))),
     };
@@ -387,7 +392,9 @@ pub fn decode(r: &mut impl Read) -> Result<Message, MigrationError> {
                 Message::Resend(gpa)
             }
         }
-        T_RESUMED => Message::Resumed,
+        T_RESUMED => Message::Resumed {
+            took_us: u64_at(&b, 0),
+        },
         _ => Message::Complete,
     })
 }
@@ -409,7 +416,7 @@ mod tests {
             },
             Message::Request(0x2000),
             Message::Resend(0x3000),
-            Message::Resumed,
+            Message::Resumed { took_us: 1234 },
             Message::Done {
                 pushed: 1,
                 requested: 2,
@@ -451,7 +458,9 @@ mod tests {
         let m = decode_all(&sample()).unwrap();
         assert_eq!(m.len(), 15);
         // A zero page goes as its address only and comes back as zeros.
-        assert!(matches!(&m[14], Message::Page { gpa: 0x7000, requested: false, data } if data.len() == PAGE && is_zero(data)));
+        assert!(
+            matches!(&m[14], Message::Page { gpa: 0x7000, requested: false, data } if data.len() == PAGE && is_zero(data))
+        );
         assert_eq!(m[12], Message::Preempt);
         assert_eq!(m[3], Message::Request(0x2000));
         assert_eq!(m[11], Message::Need(vec![0b1010, 1]));
