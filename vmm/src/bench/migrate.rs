@@ -7,12 +7,12 @@ use crate::config::{KernelSource, MemoryConfig, VmConfig};
 use crate::controller::{verify_reports, GuestEnd};
 use crate::vm::VmOptions;
 use devices::serial::SerialOutput;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// One run of `vmm bench migrate`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MigrateRun {
     /// Guest RAM, MiB.
     pub mem_mib: u64,
@@ -52,7 +52,7 @@ pub struct MigrateRun {
 }
 
 /// `vmm bench migrate`: live migrations of running guests over loopback.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MigrateBench {
     /// Guest RAM sizes, MiB.
     pub mem_mib: Vec<u64>,

@@ -1,8 +1,56 @@
-//! Charts of `vmm bench all --plot DIR` (SVG, plotters).
+//! Charts of `vmm bench all --plot DIR` and `vmm bench migrate --plot DIR`
+//! (plotters): each chart as SVG and as PNG (drawn with the bundled DejaVu
+//! Sans, `vmm/resources/fonts/`, so that no system font is needed).
 
 use crate::bench::AllBench;
+use plotters::coord::Shift;
 use plotters::prelude::*;
 use std::path::{Path, PathBuf};
+
+/// The font of every chart (DejaVu Sans, its license next to it).
+static FONT: &[u8] = include_bytes!("../../resources/fonts/DejaVuSans.ttf");
+
+/// Registers the bundled font for the bitmap backend (once).
+fn register_font() -> Result<()> {
+    static DONE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let ok =
+        *DONE.get_or_init(|| plotters::style::register_font("sans-serif", FontStyle::Normal, FONT).is_ok());
+    if ok {
+        Ok(())
+    } else {
+        Err(PlotError::Draw {
+            chart: "the bundled font".into(),
+            reason: "DejaVu Sans cannot be loaded".into(),
+        })
+    }
+}
+
+/// Draws a chart of `size` into `path` (SVG) and next to it as PNG, with
+/// `svg` and `png` (the same drawing on each backend); returns both files.
+fn render(
+    path: &Path,
+    size: (u32, u32),
+    svg: impl FnOnce(DrawingArea<SVGBackend<'_>, Shift>) -> Result<()>,
+    png: impl FnOnce(DrawingArea<BitMapBackend<'_>, Shift>) -> Result<()>,
+) -> Result<Vec<PathBuf>> {
+    register_font()?;
+    svg(SVGBackend::new(path, size).into_drawing_area())?;
+    let png_path = path.with_extension("png");
+    let mut buf = vec![0u8; (size.0 as usize) * (size.1 as usize) * 3];
+    png(BitMapBackend::with_buffer(&mut buf, size).into_drawing_area())?;
+    let err = |e: String| PlotError::Draw {
+        chart: png_path.display().to_string(),
+        reason: e,
+    };
+    let file = std::fs::File::create(&png_path).map_err(|e| err(e.to_string()))?;
+    let mut enc = png::Encoder::new(std::io::BufWriter::new(file), size.0, size.1);
+    enc.set_color(png::ColorType::Rgb);
+    enc.set_depth(png::BitDepth::Eight);
+    let mut w = enc.write_header().map_err(|e| err(e.to_string()))?;
+    w.write_image_data(&buf).map_err(|e| err(e.to_string()))?;
+    w.finish().map_err(|e| err(e.to_string()))?;
+    Ok(vec![path.to_owned(), png_path])
+}
 
 /// Errors writing charts.
 #[derive(Debug, thiserror::Error)]
@@ -34,15 +82,29 @@ fn draw_err<E: std::fmt::Display>(chart: &Path) -> impl Fn(E) -> PlotError + '_ 
     }
 }
 
-/// A horizontal-label bar chart of `(label, value)`.
-fn bars(path: &Path, title: &str, unit: &str, data: &[(String, f64)]) -> Result<()> {
-    let err = draw_err(path);
+/// A horizontal-label bar chart of `(label, value)`, SVG and PNG; returns the files.
+fn bars(path: &Path, title: &str, unit: &str, data: &[(String, f64)]) -> Result<Vec<PathBuf>> {
     let height = 60 + 40 * u32::try_from(data.len()).unwrap_or(u32::MAX / 80).min(1000);
-    let root = SVGBackend::new(path, (900, height)).into_drawing_area();
+    render(
+        path,
+        (900, height),
+        |root| bars_on(&root, path, title, unit, data),
+        |root| bars_on(&root, path, title, unit, data),
+    )
+}
+
+fn bars_on<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    path: &Path,
+    title: &str,
+    unit: &str,
+    data: &[(String, f64)],
+) -> Result<()> {
+    let err = draw_err(path);
     root.fill(&WHITE).map_err(&err)?;
     let max = data.iter().map(|d| d.1).fold(0.0, f64::max).max(1e-9) * 1.15;
     let n = data.len();
-    let mut chart = ChartBuilder::on(&root)
+    let mut chart = ChartBuilder::on(root)
         .caption(title, ("sans-serif", 20))
         .margin(10)
         .x_label_area_size(30)
@@ -96,8 +158,12 @@ pub fn write_all(b: &AllBench, dir: &Path) -> Result<Vec<PathBuf>> {
         costs.push((format!("seq restore from file, fault-around {w}"), x.median_us));
     }
     let p = dir.join("fault_cost.svg");
-    bars(&p, "Cost per fault (median)", "microseconds per fault", &costs)?;
-    files.push(p);
+    files.extend(bars(
+        &p,
+        "Cost per fault (median)",
+        "microseconds per fault",
+        &costs,
+    )?);
 
     let hist: Vec<(String, f64)> = b
         .latency_us_log2
@@ -111,13 +177,12 @@ pub fn write_all(b: &AllBench, dir: &Path) -> Result<Vec<PathBuf>> {
         .map(|(i, n)| (format!("{}-{} us", (1u64 << i) >> 1, 1u64 << i), *n as f64))
         .collect();
     let p = dir.join("fault_latency_histogram.svg");
-    bars(
+    files.extend(bars(
         &p,
         "Stage-2 fault latency in the retry core (one run)",
         "faults",
         &hist,
-    )?;
-    files.push(p);
+    )?);
 
     let scaling: Vec<(String, f64)> = b
         .scaling
@@ -125,13 +190,12 @@ pub fn write_all(b: &AllBench, dir: &Path) -> Result<Vec<PathBuf>> {
         .map(|s| (format!("{} vCPUs", s.vcpus), s.pages_per_sec))
         .collect();
     let p = dir.join("throughput_vs_vcpus.svg");
-    bars(
+    files.extend(bars(
         &p,
         "Stage-2 fault throughput by vCPU count",
         "pages per second (all vCPUs)",
         &scaling,
-    )?;
-    files.push(p);
+    )?);
 
     let boots: Vec<(String, f64)> = b
         .boot
@@ -140,8 +204,7 @@ pub fn write_all(b: &AllBench, dir: &Path) -> Result<Vec<PathBuf>> {
         .map(|(v, x)| (format!("hello, {v} vCPUs"), x.median_us))
         .collect();
     let p = dir.join("boot_time.svg");
-    bars(&p, "Whole run of the hello guest", "milliseconds", &boots)?;
-    files.push(p);
+    files.extend(bars(&p, "Whole run of the hello guest", "milliseconds", &boots)?);
     let restore: Vec<(String, f64)> = b
         .restore
         .sizes
@@ -154,8 +217,12 @@ pub fn write_all(b: &AllBench, dir: &Path) -> Result<Vec<PathBuf>> {
         })
         .collect();
     let p = dir.join("restore_time_vs_memory.svg");
-    bars(&p, "Snapshot restore to running vCPUs", "milliseconds", &restore)?;
-    files.push(p);
+    files.extend(bars(
+        &p,
+        "Snapshot restore to running vCPUs",
+        "milliseconds",
+        &restore,
+    )?);
     Ok(files)
 }
 
@@ -179,12 +246,34 @@ const PART_COLORS: [RGBColor; 7] = [
 ];
 
 /// Horizontal stacked bars with min-max error bars and vertical reference
-/// lines `(label, x)`; rows only for the data given (no empty rows).
-fn stacked(path: &Path, title: &str, unit: &str, rows: &[Stack], refs: &[(String, f64)]) -> Result<()> {
+/// lines `(label, x)`; rows only for the data given (no empty rows); SVG
+/// and PNG.
+fn stacked(
+    path: &Path,
+    title: &str,
+    unit: &str,
+    rows: &[Stack],
+    refs: &[(String, f64)],
+) -> Result<Vec<PathBuf>> {
+    let n = u32::try_from(rows.len().max(1)).unwrap_or(100).min(100);
+    render(
+        path,
+        (1100, 150 + 48 * n),
+        |root| stacked_on(&root, path, title, unit, rows, refs),
+        |root| stacked_on(&root, path, title, unit, rows, refs),
+    )
+}
+
+fn stacked_on<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    path: &Path,
+    title: &str,
+    unit: &str,
+    rows: &[Stack],
+    refs: &[(String, f64)],
+) -> Result<()> {
     let err = draw_err(path);
     let n = rows.len().max(1);
-    let height = 110 + 48 * u32::try_from(n).unwrap_or(100).min(100);
-    let root = SVGBackend::new(path, (1000, height)).into_drawing_area();
     root.fill(&WHITE).map_err(&err)?;
     let top = rows
         .iter()
@@ -193,8 +282,8 @@ fn stacked(path: &Path, title: &str, unit: &str, rows: &[Stack], refs: &[(String
         .fold(0.0, f64::max)
         .max(1e-9)
         * 1.15;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 20))
+    let mut chart = ChartBuilder::on(root)
+        .caption(title, ("sans-serif", 18))
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(260)
@@ -327,14 +416,13 @@ pub fn write_migrate(b: &crate::bench::MigrateBench, dir: &Path) -> Result<Vec<P
         }
     }
     let p = dir.join("migration_downtime.svg");
-    stacked(
+    files.extend(stacked(
         &p,
         "Migration downtime by part (median run; black: min-max over the repeats)",
         "milliseconds",
         &rows,
         &[("target: 5 ms".to_string(), 5.0)],
-    )?;
-    files.push(p);
+    )?);
     let mut lat = Vec::new();
     for &m in &b.mem_mib {
         let rs = b.runs_of(m, "dirty", 0);
@@ -371,14 +459,13 @@ pub fn write_migrate(b: &crate::bench::MigrateBench, dir: &Path) -> Result<Vec<P
     }
     if !lat.is_empty() {
         let p = dir.join("migration_request_latency.svg");
-        stacked(
+        files.extend(stacked(
             &p,
             "Page-request latency while the push runs (exact, median run; black: min-max)",
             "microseconds",
             &lat,
             &[("target: 1 ms".to_string(), 1000.0)],
-        )?;
-        files.push(p);
+        )?);
     }
     Ok(files)
 }

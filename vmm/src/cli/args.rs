@@ -105,6 +105,10 @@ pub(crate) enum BenchCommand {
         /// request latency.
         #[arg(long)]
         plot: Option<PathBuf>,
+        /// Do not migrate: chart (and print) the runs of an earlier
+        /// `vmm bench migrate --json` saved in this file.
+        #[arg(long, value_name = "JSON", requires = "plot")]
+        from: Option<PathBuf>,
     },
     /// Everything, plus throughput by vCPU count and the fault latency
     /// histogram; `--plot DIR` writes SVG charts.

@@ -36,7 +36,20 @@ pub fn bench(cmd: BenchCommand) -> i32 {
             tls,
             mem_mib,
             plot,
-        } => vmm::bench::migrate_with(a.repeats, *tls, mem_mib, &mut progress).map(|r| {
+            from,
+        } => match from {
+            Some(file) => std::fs::read(file)
+                .map_err(|e| e.to_string())
+                .and_then(|b| {
+                    serde_json::from_slice::<vmm::bench::MigrateBench>(&b).map_err(|e| e.to_string())
+                })
+                .map_err(|e| vmm::bench::BenchError::BadRun {
+                    end: format!("cannot read the runs in {}: {e}", file.display()),
+                    console: String::new(),
+                }),
+            None => vmm::bench::migrate_with(a.repeats, *tls, mem_mib, &mut progress),
+        }
+        .map(|r| {
             if let Some(dir) = plot {
                 match vmm::bench::plot::write_migrate(&r, dir) {
                     Ok(files) => {

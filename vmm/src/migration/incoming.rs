@@ -113,7 +113,7 @@ pub struct DestStats {
 }
 
 /// The destination's part of the downtime (ms), from the state's arrival.
-#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
 pub struct DestDowntime {
     /// Decoding and checking the state and the page list.
     pub check_ms: f64,

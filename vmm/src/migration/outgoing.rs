@@ -81,7 +81,7 @@ pub struct SourceSummary {
 
 /// The source's downtime, part by part (ms): the sum of the parts is
 /// `total_ms`.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct Downtime {
     /// Asking the vCPUs to stop until all had stopped.
     pub pause_ms: f64,

@@ -170,7 +170,7 @@ impl SourceStatus {
 }
 
 /// Exact percentiles of latency samples (microseconds), not log2 bounds.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, serde::Deserialize)]
 pub struct Percentiles {
     /// Samples.
     pub count: u64,
