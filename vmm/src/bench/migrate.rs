@@ -33,8 +33,12 @@ pub struct MigrateRun {
     pub data_pages: u64,
     /// Of those, zero pages (sent as addresses).
     pub zero_pages: u64,
-    /// Source pause to the destination running (source's clock, one trip included).
+    /// Source pause to the destination's `Resumed` (source's clock, both trips included).
     pub downtime_ms: f64,
+    /// Source pause to the destination's vCPUs started (one host, one wall
+    /// clock): the downtime without `Resumed`'s trip back.
+    #[serde(default)]
+    pub downtime_to_vcpus_ms: f64,
     /// The source's downtime parts.
     pub downtime: crate::migration::Downtime,
     /// The destination's part, by part.
@@ -229,6 +233,10 @@ pub fn migrate_with(
             data_pages: summary.data_pages,
             zero_pages: summary.zero_pages,
             downtime_ms: summary.downtime_ms,
+            downtime_to_vcpus_ms: s
+                .vcpus_started_unix_us
+                .saturating_sub(summary.downtime.paused_unix_us) as f64
+                / 1e3,
             downtime: summary.downtime.clone(),
             destination: s.downtime_parts,
             total_ms: summary.total_ms,
@@ -333,6 +341,26 @@ impl std::fmt::Display for MigrateBench {
                 write!(
                     f,
                     "    {m:>5} MiB {label:<10} downtime {md:.2} ms ({lo:.2}-{hi:.2})"
+                )?;
+                if rs.iter().all(|r| r.downtime_to_vcpus_ms > 0.0) {
+                    let (vm, vl, vh) =
+                        median_min_max(&rs.iter().map(|r| r.downtime_to_vcpus_ms).collect::<Vec<_>>());
+                    write!(
+                        f,
+                        ", to the destination's vCPUs running {vm:.2} ms ({vl:.2}-{vh:.2})"
+                    )?;
+                }
+                let own: Vec<f64> = rs
+                    .iter()
+                    .map(|r| {
+                        let d = &r.downtime;
+                        d.page_list_ms + d.send_state_ms + d.destination_part_ms
+                    })
+                    .collect();
+                let (om, ol, oh) = median_min_max(&own);
+                write!(
+                    f,
+                    ", page list + state out + destination's part {om:.2} ms ({ol:.2}-{oh:.2})"
                 )?;
                 if workload == "dirty" {
                     let (p50, _, _) =

@@ -109,7 +109,7 @@ fn bars_on<DB: DrawingBackend>(
         .margin(10)
         .x_label_area_size(30)
         .y_label_area_size(330)
-        .build_cartesian_2d(0.0..max, (0..n).into_segmented())
+        .build_cartesian_2d(0.0..max, (0..n.saturating_sub(1)).into_segmented())
         .map_err(&err)?;
     chart
         .configure_mesh()
@@ -287,7 +287,7 @@ fn stacked_on<DB: DrawingBackend>(
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(260)
-        .build_cartesian_2d(0.0..top, (0..n).into_segmented())
+        .build_cartesian_2d(0.0..top, (0..n.saturating_sub(1)).into_segmented())
         .map_err(&err)?;
     chart
         .configure_mesh()

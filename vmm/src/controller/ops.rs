@@ -209,6 +209,7 @@ impl Controller {
             }));
         }
         let paused_at = Instant::now();
+        let paused_unix_us = crate::migration::unix_us();
         let was_running = self.run == RunState::Precopy;
         if was_running {
             self.pause()?;
@@ -221,6 +222,7 @@ impl Controller {
                 Ok(Paused {
                     state,
                     paused_at,
+                    paused_unix_us,
                     pause_ms,
                     capture_ms: t.elapsed().as_secs_f64() * 1e3,
                 })

@@ -110,6 +110,9 @@ pub struct DestStats {
     pub zero_pages: u64,
     /// Bytes received during pre-copy.
     pub precopy_bytes: u64,
+    /// When the vCPUs started here, on the wall clock (microseconds since
+    /// the Unix epoch; see the source's `downtime.paused_unix_us`).
+    pub vcpus_started_unix_us: u64,
 }
 
 /// The destination's part of the downtime (ms), from the state's arrival.
@@ -392,6 +395,7 @@ impl Switched {
         events: impl Fn(MigrationEvent) + Send + Sync + 'static,
     ) -> Result<IncomingSession, MigrationError> {
         let src = self.src;
+        let vcpus_started_unix_us = super::unix_us();
         let took = self.got_state.elapsed();
         src.send(Message::Resumed {
             took_us: u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
@@ -458,6 +462,7 @@ impl Switched {
                 resume_ms,
                 build_ms,
                 parts,
+                vcpus_started_unix_us,
                 precopy_pages: self.precopy_pages,
                 precopy_kept: self.precopy_kept,
                 data_pages: self.data_pages,
@@ -652,6 +657,7 @@ struct Fixed {
     resume_ms: f64,
     build_ms: f64,
     parts: DestDowntime,
+    vcpus_started_unix_us: u64,
     precopy_pages: u64,
     precopy_kept: u64,
     data_pages: u64,
@@ -695,6 +701,7 @@ fn dest_stats(
         requests: Percentiles::of(&c.samples),
         zero_pages: c.zero_pages,
         precopy_bytes: f.precopy_pages * (5 + 8 + PAGE64),
+        vcpus_started_unix_us: f.vcpus_started_unix_us,
     }
 }
 

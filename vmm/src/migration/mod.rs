@@ -197,6 +197,15 @@ fn lower_priority() {
     }
 }
 
+/// The wall clock now, microseconds since the Unix epoch (0 before it):
+/// both ends of a migration on one host (or with synchronized clocks) can
+/// compare such times.
+pub fn unix_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Counters and maps stay consistent even if a holder panicked.
     m.lock().unwrap_or_else(PoisonError::into_inner)

@@ -105,6 +105,11 @@ pub struct Downtime {
     pub trips_ms: f64,
     /// Pause to `Resumed` (the downtime).
     pub total_ms: f64,
+    /// When the pause began, on the wall clock (microseconds since the
+    /// Unix epoch): with the destination's `vcpus_started_unix_us`, the
+    /// downtime without the trip back, on one host or synchronized clocks.
+    #[serde(default)]
+    pub paused_unix_us: u64,
 }
 
 /// What a source keeps to resume an interrupted post-copy.

@@ -30,6 +30,8 @@ pub struct Paused {
     pub state: SavedVm,
     /// When the pause began.
     pub paused_at: Instant,
+    /// The same on the wall clock ([`super::unix_us`]).
+    pub paused_unix_us: u64,
     /// Asking the vCPUs to stop until every one had stopped.
     pub pause_ms: f64,
     /// Capturing the state (devices paused, KVM and device state saved).
@@ -202,6 +204,7 @@ fn precopy(to: &Endpoint, options: &MigrateOptions, ctx: PrecopyCtx) -> Result<O
         pause_ms: paused.pause_ms,
         capture_ms: paused.capture_ms,
         page_list_ms: listed.elapsed().as_secs_f64() * 1e3,
+        paused_unix_us: paused.paused_unix_us,
         ..Default::default()
     };
     let resumable = Resumable {
