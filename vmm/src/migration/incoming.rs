@@ -12,7 +12,7 @@ use super::status::{Percentiles, Phase};
 use super::transport::{
     accept_authenticated, Admissions, Conn, Deadline, Endpoint, Listener, Security, HANDSHAKE_WAIT,
 };
-use super::wire::{bitmap_pages, decode, encode, Message, PAGE64};
+use super::wire::{bitmap_pages, decode, encode, Message, PAGE, PAGE64};
 use super::{io, lock, MigrationError};
 use crate::snapshot::check_received;
 use crate::state::SavedVm;
@@ -816,7 +816,15 @@ fn receive_pages(
     done_at: &Mutex<Option<(Instant, u64)>>,
 ) -> Result<bool, MigrationError> {
     loop {
-        match decode(r)? {
+        let m = match decode(r)? {
+            Message::ZeroPage { gpa, requested } => Message::Page {
+                gpa,
+                requested,
+                data: vec![0; PAGE],
+            },
+            m => m,
+        };
+        match m {
             Message::Page { gpa, requested, data } => {
                 if let Some(asked) = src.arrive(gpa, requested, data)? {
                     // Placed now: the retry core claims the page and copies it.
@@ -884,7 +892,6 @@ mod tests {
         assert!(matches!(r, Err(MigrationError::Stopped)), "{r:?}");
     }
     use super::*;
-    use crate::migration::wire::PAGE;
     use std::io::Write;
     use std::os::unix::net::UnixStream;
 

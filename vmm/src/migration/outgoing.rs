@@ -555,10 +555,14 @@ fn write_page(
     mem.read_slice(buf, GuestAddress(gpa))
         .map_err(|source| MigrationError::ReadMemory { gpa, source })?;
     let zero = is_zero(buf);
-    let m = Message::Page {
-        gpa,
-        requested,
-        data: buf.to_vec(),
+    let m = if zero {
+        Message::ZeroPage { gpa, requested }
+    } else {
+        Message::Page {
+            gpa,
+            requested,
+            data: buf.to_vec(),
+        }
     };
     encode(w, &m).map_err(io("sending a page"))?;
     Ok(if zero { 5 + 8 } else { 5 + 8 + PAGE64 })
