@@ -816,15 +816,15 @@ fn receive_pages(
     done_at: &Mutex<Option<(Instant, u64)>>,
 ) -> Result<bool, MigrationError> {
     loop {
-        let m = match decode(r)? {
+        let msg = match decode(r)? {
             Message::ZeroPage { gpa, requested } => Message::Page {
                 gpa,
                 requested,
                 data: vec![0; PAGE],
             },
-            m => m,
+            msg => msg,
         };
-        match m {
+        match msg {
             Message::Page { gpa, requested, data } => {
                 if let Some(asked) = src.arrive(gpa, requested, data)? {
                     // Placed now: the retry core claims the page and copies it.
