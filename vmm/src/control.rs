@@ -3,6 +3,7 @@
 //!
 //! Protocol (`docs/snapshot.md`): one JSON object per line in each direction.
 //! Requests: `{"cmd":"pause"}`, `{"cmd":"resume"}`, `{"cmd":"stats"}`,
+//! `{"cmd":"migration"}`,
 //! `{"cmd":"snapshot","to":"DIR","then":"restore|resume|pause|stop"}`,
 //! `{"cmd":"migrate","to":"ADDR",...}`, `{"cmd":"recover","from":"ADDR"}`
 //! (both with optional `tls_cert`, `tls_key`, `tls_peer`, `tls_psk`: absolute
