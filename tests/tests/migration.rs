@@ -571,6 +571,7 @@ fn migration_status_in_every_phase() {
     let parts: f64 = [
         "pause_ms",
         "capture_ms",
+        "handoff_ms",
         "page_list_ms",
         "send_state_ms",
         "destination_ms",
@@ -579,7 +580,12 @@ fn migration_status_in_every_phase() {
     .map(|k| d[k].as_f64().unwrap())
     .sum();
     let total = d["total_ms"].as_f64().unwrap();
-    assert!(total > 0.0 && (parts - total).abs() < 0.5, "{d}");
+    // The parts follow each other: only the statements between two
+    // measurements (a preemption on a loaded host) are not in one.
+    assert!(
+        total > 0.0 && parts <= total + 0.01 && parts > total * 0.95 - 0.5,
+        "{d}"
+    );
     let d = dh.migration().unwrap();
     assert_eq!(d["status"], "complete", "{d}");
     assert!(d["downtime_parts"]["apply_ms"].as_f64().unwrap() > 0.0, "{d}");

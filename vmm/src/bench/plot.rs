@@ -235,7 +235,8 @@ struct Stack {
     max: f64,
 }
 
-const PART_COLORS: [RGBColor; 7] = [
+const PART_COLORS: [RGBColor; 8] = [
+    RGBColor(23, 190, 207),
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
     RGBColor(44, 160, 44),
@@ -401,6 +402,7 @@ pub fn write_migrate(b: &crate::bench::MigrateBench, dir: &Path) -> Result<Vec<P
                 parts: vec![
                     ("pause vCPUs", d.pause_ms),
                     ("capture state", d.capture_ms),
+                    ("hand-off", d.handoff_ms),
                     ("page list", d.page_list_ms),
                     ("send state", d.send_state_ms),
                     ("destination: check", r.destination.check_ms),

@@ -87,6 +87,10 @@ pub struct Downtime {
     pub pause_ms: f64,
     /// Capturing the state (devices paused, KVM, vCPU and device state saved).
     pub capture_ms: f64,
+    /// The controller handing the captured state back to the migration
+    /// thread (a thread wake-up).
+    #[serde(default)]
+    pub handoff_ms: f64,
     /// The page list: the dirty log since the scan (or the last round),
     /// merged into the scanned pages.
     pub page_list_ms: f64,

@@ -200,17 +200,19 @@ fn precopy(to: &Endpoint, options: &MigrateOptions, ctx: PrecopyCtx) -> Result<O
     };
     let extents = extents_of(&pages);
     drop(pages);
-    let downtime = Downtime {
-        pause_ms: paused.pause_ms,
-        capture_ms: paused.capture_ms,
-        page_list_ms: listed.elapsed().as_secs_f64() * 1e3,
-        paused_unix_us: paused.paused_unix_us,
-        ..Default::default()
-    };
     let resumable = Resumable {
         extents: extents.clone(),
         paused_at: paused.paused_at,
         resumed_at: None,
+    };
+    let since = |t: Instant, u: Instant| u.saturating_duration_since(t).as_secs_f64() * 1e3;
+    let downtime = Downtime {
+        pause_ms: paused.pause_ms,
+        capture_ms: paused.capture_ms,
+        handoff_ms: (since(paused.paused_at, listed) - paused.pause_ms - paused.capture_ms).max(0.0),
+        page_list_ms: listed.elapsed().as_secs_f64() * 1e3,
+        paused_unix_us: paused.paused_unix_us,
+        ..Default::default()
     };
     let out = Outgoing::postcopy(
         conn,
