@@ -499,7 +499,8 @@ impl Outgoing {
                     }
                     other => {
                         return Err(MigrationError::Protocol(format!(
-                            "unexpected message from the destination: {other:?}"
+                            "unexpected message from the destination: {}",
+                            other.summary()
                         )))
                     }
                 }
