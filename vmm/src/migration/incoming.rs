@@ -984,20 +984,33 @@ mod tests {
         let listener = Listener::bind(&super::super::Endpoint::Unix(path.clone())).unwrap();
         let wait = Duration::from_millis(1500);
         for answer_channel in [false, true] {
-            let connect = |first: Option<Message>| {
+            let connect = |first: Vec<Message>| {
                 let mut s = UnixStream::connect(&path).unwrap();
                 write_header(&mut s).unwrap();
-                if let Some(m) = first {
+                for m in first {
                     encode(&mut s, &m).unwrap();
                 }
                 s
             };
+            let config = ConfigState {
+                kernel: None,
+                vcpus: 1,
+                mem_size: 64 << 20,
+                cmdline: String::new(),
+            };
+            let setup = Message::Setup(serde_json::to_vec(&config).unwrap());
             let begin = Message::PrecopyBegin { mem_size: 64 << 20 };
-            let _main = connect(Some(begin));
+            let _main = connect(vec![setup, begin]);
             // Without its first message (Preempt), or with it and no pre-copy after.
-            let _answers = connect(answer_channel.then_some(Message::Preempt));
+            let _answers = connect(if answer_channel {
+                vec![Message::Preempt]
+            } else {
+                vec![]
+            });
             let t = Instant::now();
-            let e = Incoming::accept(&listener, Default::default(), Some(wait)).unwrap_err();
+            let e = Incoming::accept(&listener, Default::default(), Some(wait))
+                .and_then(Incoming::switchover)
+                .unwrap_err();
             assert!(t.elapsed() < wait + Duration::from_secs(5), "{:?}", t.elapsed());
             if answer_channel {
                 assert!(matches!(e, MigrationError::TimedOut { .. }), "{e}");
