@@ -1,10 +1,12 @@
 //! `vmm bench migrate`: live migration of a running 1 GiB guest over a
 //! loopback Unix socket (or, `--tls`, TCP with TLS and pinned
-//! certificates), post-copy only and after pre-copy rounds.
+//! certificates), post-copy only and after pre-copy rounds; and
+//! (`--push-orders`) the background push in address and in recency order.
 
 use super::{start_touch, start_until, BenchError};
 use crate::config::{KernelSource, MemoryConfig, VmConfig};
 use crate::controller::{verify_reports, GuestEnd};
+use crate::migration::PushOrder;
 use crate::vm::VmOptions;
 use devices::serial::SerialOutput;
 use serde::{Deserialize, Serialize};
@@ -16,8 +18,9 @@ use std::time::Duration;
 pub struct MigrateRun {
     /// Guest RAM, MiB.
     pub mem_mib: u64,
-    /// `touch` (downtime runs) or `dirty` (request-latency runs: the guest
-    /// rewrites its pages on the destination while the push runs).
+    /// `touch` (downtime runs), `dirty` (request-latency runs: the guest
+    /// rewrites its pages on the destination while the push runs) or `hot`
+    /// (push-order runs: the guest touches a hot set).
     pub workload: String,
     /// Pre-copy rounds asked for (0: pure post-copy).
     pub precopy_rounds: u32,
@@ -53,6 +56,9 @@ pub struct MigrateRun {
     pub requests: crate::migration::Percentiles,
     /// vCPU time blocked in stage-2 faults on the destination.
     pub vcpu_blocked_ms: f64,
+    /// The background push's order.
+    #[serde(default)]
+    pub push_order: PushOrder,
 }
 
 /// `vmm bench migrate`: live migrations of running guests over loopback.
@@ -78,13 +84,67 @@ pub fn migrate(repeats: u32, progress: &mut dyn FnMut(&str)) -> Result<MigrateBe
     migrate_with(repeats, false, &[1024], progress)
 }
 
+/// What the migrated guest does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Workload {
+    /// Touches pages at random (downtime runs).
+    Touch,
+    /// Rewrites its pages as fast as it can (request-latency runs).
+    Dirty,
+    /// Touches a hot set: 10% of 40000 pages take 90% of 400000 accesses
+    /// (push-order runs).
+    Hot,
+}
+
+impl Workload {
+    fn name(self) -> &'static str {
+        match self {
+            Workload::Touch => "touch",
+            Workload::Dirty => "dirty",
+            Workload::Hot => "hot",
+        }
+    }
+
+    fn cmdline(self) -> &'static str {
+        match self {
+            // Each vCPU writes 20000 pages, then rewrites them in turn as
+            // fast as it can: on the destination, every page not pushed
+            // yet is a request.
+            Workload::Dirty => "workload=dirty pages=40000 rate=10000000 duration_ms=3000",
+            Workload::Touch => "workload=touch pages=120000 pattern=rand",
+            Workload::Hot => "workload=touch pages=40000 pattern=hot:10:90 accesses=400000",
+        }
+    }
+}
+
 /// One migration to run.
 #[derive(Debug, Clone, Copy)]
 struct Plan {
     mem_mib: u64,
     precopy_rounds: u32,
-    /// The request-latency run.
-    dirty: bool,
+    workload: Workload,
+    push_order: PushOrder,
+}
+
+/// `vmm bench migrate --push-orders`: migrations of a 1 GiB guest touching
+/// a hot set, without and with pre-copy, the push in address order and in
+/// recency order (all interleaved): faults after the switchover (pages
+/// requested) and vCPU time blocked.
+pub fn migrate_push_orders(repeats: u32, progress: &mut dyn FnMut(&str)) -> Result<MigrateBench, BenchError> {
+    let mut plans = Vec::new();
+    for _ in 0..repeats.max(1) {
+        for precopy_rounds in MIGRATE_ROUNDS {
+            for push_order in [PushOrder::Address, PushOrder::Recency] {
+                plans.push(Plan {
+                    mem_mib: 1024,
+                    precopy_rounds,
+                    workload: Workload::Hot,
+                    push_order,
+                });
+            }
+        }
+    }
+    migrate_plans(plans, false, &[1024], progress)
 }
 
 /// Runs `vmm bench migrate`: for each size in `mems` (MiB), a guest
@@ -95,6 +155,38 @@ struct Plan {
 /// checksums. `tls`: over TCP with TLS and pinned certificates.
 pub fn migrate_with(
     repeats: u32,
+    tls: bool,
+    mems: &[u64],
+    progress: &mut dyn FnMut(&str),
+) -> Result<MigrateBench, BenchError> {
+    let mut plans = Vec::new();
+    for _ in 0..repeats.max(1) {
+        for &mem_mib in mems {
+            for precopy_rounds in MIGRATE_ROUNDS {
+                plans.push(Plan {
+                    mem_mib,
+                    precopy_rounds,
+                    workload: Workload::Touch,
+                    push_order: PushOrder::Address,
+                });
+            }
+        }
+        for &mem_mib in mems {
+            plans.push(Plan {
+                mem_mib,
+                precopy_rounds: 0,
+                workload: Workload::Dirty,
+                push_order: PushOrder::Address,
+            });
+        }
+    }
+    migrate_plans(plans, tls, mems, progress)
+}
+
+/// Runs `plans` in order (every workload must finish on the destination
+/// with the right checksums).
+fn migrate_plans(
+    plans: Vec<Plan>,
     tls: bool,
     mems: &[u64],
     progress: &mut dyn FnMut(&str),
@@ -125,52 +217,29 @@ pub fn migrate_with(
             crate::migration::tls::keygen(&keys.join(side), false).map_err(|e| bad(e.to_string()))?;
         }
     }
-    let mut plans = Vec::new();
-    for _ in 0..repeats.max(1) {
-        for &mem_mib in mems {
-            for precopy_rounds in MIGRATE_ROUNDS {
-                plans.push(Plan {
-                    mem_mib,
-                    precopy_rounds,
-                    dirty: false,
-                });
-            }
-        }
-        for &mem_mib in mems {
-            plans.push(Plan {
-                mem_mib,
-                precopy_rounds: 0,
-                dirty: true,
-            });
-        }
-    }
     let mut runs = Vec::new();
     for plan in plans {
         let Plan {
             mem_mib,
             precopy_rounds,
-            dirty,
+            workload,
+            push_order,
         } = plan;
+        let dirty = workload == Workload::Dirty;
         progress(&format!(
             "migration of a {mem_mib} MiB guest, {}",
-            if dirty {
-                "post-copy while the guest rewrites its pages (requests)".to_string()
-            } else {
-                format!("{precopy_rounds} pre-copy rounds")
+            match workload {
+                Workload::Dirty => "post-copy while the guest rewrites its pages (requests)".to_string(),
+                Workload::Touch => format!("{precopy_rounds} pre-copy rounds"),
+                Workload::Hot =>
+                    format!("hot set, {precopy_rounds} pre-copy rounds, push order {push_order:?}"),
             }
         ));
         let cfg = VmConfig {
             kernel: KernelSource::Bundled,
             vcpus: 2,
             mem_size: mem_mib << 20,
-            cmdline: if dirty {
-                // Each vCPU writes 20000 pages, then rewrites them in turn as
-                // fast as it can: on the destination, every page not pushed
-                // yet is a request.
-                "workload=dirty pages=40000 rate=10000000 duration_ms=3000".into()
-            } else {
-                "workload=touch pages=120000 pattern=rand".into()
-            },
+            cmdline: workload.cmdline().into(),
             memory: MemoryConfig::default(),
         };
         let sock = std::env::temp_dir().join(format!("vmm-bench-mig-{}.sock", std::process::id()));
@@ -208,6 +277,7 @@ pub fn migrate_with(
                 &crate::migration::MigrateOptions {
                     precopy_rounds,
                     security: security("src", "dst")?,
+                    push_order,
                     ..Default::default()
                 },
             )
@@ -224,7 +294,7 @@ pub fn migrate_with(
         let s = &out.stats;
         runs.push(MigrateRun {
             mem_mib,
-            workload: if dirty { "dirty" } else { "touch" }.into(),
+            workload: workload.name().into(),
             precopy_rounds,
             precopy_pages: summary.precopy_pages,
             precopy_ms: summary.precopy_ms,
@@ -244,6 +314,7 @@ pub fn migrate_with(
             pages_pushed: summary.pages_pushed,
             requests: s.requests,
             vcpu_blocked_ms: s.vcpu_blocked_us as f64 / 1e3,
+            push_order,
         });
     }
     if tls {
@@ -295,6 +366,7 @@ impl std::fmt::Display for MigrateBench {
         for r in &self.runs {
             let mode = match (r.workload.as_str(), r.precopy_rounds) {
                 ("dirty", _) => "post-copy, guest rewriting".to_string(),
+                ("hot", n) => format!("hot set, {n} rounds, {:?} push", r.push_order),
                 (_, 0) => "post-copy".to_string(),
                 (_, n) => format!("{n} rounds ({} pages)", r.precopy_pages),
             };
@@ -371,6 +443,26 @@ impl std::fmt::Display for MigrateBench {
                     write!(f, ", requests p50 {p50:.0} us, p99 {p99:.0} us ({l99:.0}-{h99:.0}), at least {n} per run")?;
                 }
                 writeln!(f)?;
+            }
+            for rounds in MIGRATE_ROUNDS {
+                for order in [PushOrder::Address, PushOrder::Recency] {
+                    let rs: Vec<&MigrateRun> = self
+                        .runs_of(m, "hot", rounds)
+                        .into_iter()
+                        .filter(|r| r.push_order == order)
+                        .collect();
+                    if rs.is_empty() {
+                        continue;
+                    }
+                    let (rq, rl, rh) =
+                        median_min_max(&rs.iter().map(|r| r.pages_requested as f64).collect::<Vec<_>>());
+                    let (bm, bl, bh) =
+                        median_min_max(&rs.iter().map(|r| r.vcpu_blocked_ms).collect::<Vec<_>>());
+                    writeln!(
+                        f,
+                        "    {m:>5} MiB hot set, {rounds} rounds, {order:?} push: {rq:.0} pages requested ({rl:.0}-{rh:.0}), vCPUs blocked {bm:.1} ms ({bl:.1}-{bh:.1})"
+                    )?;
+                }
             }
         }
         Ok(())

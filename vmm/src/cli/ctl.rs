@@ -11,12 +11,14 @@ pub fn ctl(args: CtlArgs) -> i32 {
         CtlRequest::Resume => Request::Resume {},
         CtlRequest::Stats => Request::Stats {},
         CtlRequest::Migration => Request::Migration {},
+        CtlRequest::WorkingSetEnd => Request::WorkingSetEnd {},
         CtlRequest::Migrate {
             to,
             push_delay_ms,
             precopy_rounds,
             resume,
             tls,
+            push_order,
         } => {
             let f = tls.files(true);
             Request::Migrate {
@@ -24,6 +26,7 @@ pub fn ctl(args: CtlArgs) -> i32 {
                 push_delay_ms,
                 precopy_rounds,
                 resume,
+                push_order,
                 tls_cert: f.cert,
                 tls_key: f.key,
                 tls_peer: f.peer,

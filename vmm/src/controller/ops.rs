@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::Arc;
 use std::time::Instant;
+use vmm_core::memory::pages::Pagemap;
 
 impl RunState {
     /// Why a VM in this state cannot be snapshotted or start a migration
@@ -168,9 +169,14 @@ impl Controller {
         let events = self.events.clone();
         let setup = serde_json::to_vec(&vmm_core::state::ConfigState::from(self.vm.config()))
             .map_err(|e| ControlError::Migration(MigrationError::Encode(e)))?;
+        let pagemap = Pagemap::open().map_err(|source| MigrationError::Io {
+            what: "opening /proc/self/pagemap",
+            source,
+        })?;
         let ctx = PrecopyCtx {
             setup,
             status: status.clone(),
+            pagemap,
             vm_fd: self.vm.vm_fd().clone(),
             mem: self.vm.memory().ram().clone(),
             mem_size: self.vm.config().mem_size,

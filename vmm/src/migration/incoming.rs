@@ -16,6 +16,7 @@ use super::wire::{bitmap_pages, decode, encode, Message, PAGE, PAGE64};
 use super::{io, lock, MigrationError};
 use crate::snapshot::check_received;
 use crate::state::SavedVm;
+use sandbox::{SeccompMode, ThreadClass};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
@@ -213,6 +214,8 @@ pub struct Incoming {
     /// `--timeout`: the deadline of every read before post-copy.
     end: Option<Deadline>,
     wait: Option<Duration>,
+    /// How the session's threads are sandboxed.
+    seccomp: SeccompMode,
 }
 
 /// A migration whose state has arrived (after [`Incoming::switchover`]).
@@ -232,6 +235,7 @@ pub struct Switched {
     data_pages: u64,
     reads_carried: u64,
     check_ms: f64,
+    seccomp: SeccompMode,
 }
 
 impl Incoming {
@@ -239,17 +243,19 @@ impl Incoming {
     /// `None`) for a source that authenticates, accepts its answer channel,
     /// then reads the VM's configuration (`Setup`). Peers that fail to
     /// authenticate are refused and logged; the wait goes on. Nothing of a
-    /// peer's is buffered before it has authenticated.
+    /// peer's is buffered before it has authenticated. The session's
+    /// threads are sandboxed in `seccomp` mode.
     pub fn accept(
         listener: &Listener,
         progress: Arc<Progress>,
         wait: Option<Duration>,
+        seccomp: SeccompMode,
     ) -> Result<Incoming, MigrationError> {
         progress.set_phase(Phase::Setup);
         // One set of admissions for both connections: the source opens the
         // main one first, but their admissions may end in either order.
         let end = wait.map(Deadline::after);
-        let admissions = Admissions::new(None);
+        let admissions = Admissions::new(None).sandboxed(seccomp);
         let first = admissions.next(listener, end)?;
         let accepted = Instant::now();
         let handshake = listener.security().handshake_timeout;
@@ -305,7 +311,7 @@ impl Incoming {
                 config.mem_size
             )));
         }
-        let src = RemoteSource::new("migration".into(), conn.try_clone()?, progress.clone())?;
+        let src = RemoteSource::new("migration".into(), conn.try_clone()?, progress.clone(), seccomp)?;
         Ok(Incoming {
             conn,
             answers,
@@ -316,6 +322,7 @@ impl Incoming {
             progress,
             end,
             wait,
+            seccomp,
         })
     }
 
@@ -345,6 +352,7 @@ impl Incoming {
             progress,
             end,
             wait,
+            seccomp,
         } = self;
         let late = |what: &'static str| {
             move || MigrationError::TimedOut {
@@ -430,6 +438,7 @@ impl Incoming {
             precopy_kept,
             data_pages,
             reads_carried,
+            seccomp,
         })
     }
 }
@@ -476,10 +485,13 @@ impl Switched {
         let placer = {
             let (src, m, placing, to_place) =
                 (src.clone(), materializer.clone(), placing.clone(), self.to_place);
-            std::thread::Builder::new()
-                .name("migration-place".into())
-                .spawn(move || place_precopied(&src, &m, &placing, to_place))
-                .map_err(io("starting the placer thread"))?
+            sandbox::spawn(
+                std::thread::Builder::new().name("migration-place".into()),
+                ThreadClass::MigrationDest,
+                self.seccomp,
+                move || place_precopied(&src, &m, &placing, to_place),
+            )
+            .map_err(|e| io("starting the placer thread")(e.into()))?
         };
         let done_at = Arc::new(Mutex::new(None::<(Instant, u64)>));
         let receivers = Receivers {
@@ -487,6 +499,7 @@ impl Switched {
             done_at: done_at.clone(),
             materializer,
             events: events.clone(),
+            seccomp: self.seccomp,
         };
         let handles = vec![
             receivers.spawn(&self.conn, true)?,
@@ -499,7 +512,7 @@ impl Switched {
             conn: self.conn,
             answers: self.answers,
             security: self.security,
-            admissions: Admissions::new(Some(Message::Resume)),
+            admissions: Admissions::new(Some(Message::Resume)).sandboxed(self.seccomp),
             receivers,
             handles,
             recover_rx,
@@ -507,10 +520,13 @@ impl Switched {
             lost_wait,
             events,
         };
-        let watcher = std::thread::Builder::new()
-            .name("migration-watch".into())
-            .spawn(move || watch.run())
-            .map_err(io("starting the migration watcher"))?;
+        let watcher = sandbox::spawn(
+            std::thread::Builder::new().name("migration-watch".into()),
+            ThreadClass::MigrationDest,
+            self.seccomp,
+            move || watch.run(),
+        )
+        .map_err(|e| io("starting the migration watcher")(e.into()))?;
         Ok(IncomingSession {
             src,
             recover_tx,
@@ -563,6 +579,7 @@ struct Receivers {
     done_at: Arc<Mutex<Option<(Instant, u64)>>>,
     materializer: Materializer,
     events: Arc<dyn Fn(MigrationEvent) + Send + Sync>,
+    seccomp: SeccompMode,
 }
 
 impl Receivers {
@@ -572,9 +589,11 @@ impl Receivers {
     fn spawn(&self, conn: &Conn, bulk: bool) -> Result<JoinHandle<()>, MigrationError> {
         let r = self.clone();
         let mut reader = conn.try_clone()?;
-        std::thread::Builder::new()
-            .name("migration-in".into())
-            .spawn(move || {
+        sandbox::spawn(
+            std::thread::Builder::new().name("migration-in".into()),
+            ThreadClass::MigrationDest,
+            self.seccomp,
+            move || {
                 if bulk {
                     super::lower_priority();
                 }
@@ -583,8 +602,9 @@ impl Receivers {
                     Ok(false) => {}
                     Err(e) => r.src.set_lost(e.to_string()),
                 }
-            })
-            .map_err(io("starting the receiver thread"))
+            },
+        )
+        .map_err(|e| io("starting the receiver thread")(e.into()))
     }
 }
 
@@ -961,7 +981,15 @@ mod tests {
         let path = std::env::temp_dir().join(format!("vmm-stop-{}.sock", std::process::id()));
         let listener = Listener::bind(&super::super::Endpoint::Unix(path)).unwrap();
         let stop = listener.stopper();
-        let t = std::thread::spawn(move || Incoming::accept(&listener, Default::default(), None).map(|_| ()));
+        let t = std::thread::spawn(move || {
+            Incoming::accept(
+                &listener,
+                Default::default(),
+                None,
+                SeccompMode::process_default(),
+            )
+            .map(|_| ())
+        });
         std::thread::sleep(Duration::from_millis(50));
         // No source came: the wait goes on until stopped.
         assert!(!t.is_finished());
@@ -1008,9 +1036,14 @@ mod tests {
                 vec![]
             });
             let t = Instant::now();
-            let e = Incoming::accept(&listener, Default::default(), Some(wait))
-                .and_then(Incoming::switchover)
-                .unwrap_err();
+            let e = Incoming::accept(
+                &listener,
+                Default::default(),
+                Some(wait),
+                SeccompMode::process_default(),
+            )
+            .and_then(Incoming::switchover)
+            .unwrap_err();
             assert!(t.elapsed() < wait + Duration::from_secs(5), "{:?}", t.elapsed());
             if answer_channel {
                 assert!(matches!(e, MigrationError::TimedOut { .. }), "{e}");

@@ -21,6 +21,7 @@
 pub mod incoming;
 pub mod outgoing;
 pub mod precopy;
+pub mod push_order;
 pub mod remote;
 pub mod status;
 pub mod tls;
@@ -30,6 +31,7 @@ pub mod wire;
 pub use incoming::{DestStats, Incoming, IncomingSession, MigrationEvent, RecoverRequest};
 pub use outgoing::{Downtime, MigrateOptions, Outgoing, Resumable, SourceSummary, Stopped};
 pub use precopy::{spawn_precopy, Paused, PrecopyCtx};
+pub use push_order::{push_order, PageHistory, PushOrder};
 pub use remote::{Progress, RemoteSource};
 pub use status::{Percentiles, Phase, SourceReport, SourceStatus};
 pub use tls::{Tls, TlsError, TlsFiles};
@@ -190,15 +192,15 @@ fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> MigrationError {
 /// Lowers the calling thread's scheduling priority (nice 10): bulk work
 /// (the push, placing pushed pages) yields the CPU to the page-request path
 /// and the vCPUs. Best effort: nothing changes if the kernel refuses.
+/// The nice value of bulk migration threads (the seccomp rules allow
+/// `setpriority` with exactly this value).
+pub const BULK_NICE: libc::c_int = 10;
+
 fn lower_priority() {
-    // SAFETY: gettid has no preconditions.
-    let tid = unsafe { libc::syscall(libc::SYS_gettid) };
-    let Ok(tid) = libc::id_t::try_from(tid) else {
-        return;
-    };
     // SAFETY: setpriority only reads its arguments; a thread may lower its
-    // own priority.
-    if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, 10) } != 0 {
+    // own priority. On Linux the nice value is per thread and `who` 0 is the
+    // calling thread (the one form the seccomp rules allow, with this value).
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, BULK_NICE) } != 0 {
         tracing::debug!(
             "cannot lower the priority of a migration thread: {}",
             std::io::Error::last_os_error()

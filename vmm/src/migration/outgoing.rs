@@ -12,6 +12,7 @@ use super::{io, MigrationError};
 use crate::snapshot::{Extent, EXTENT_MAX};
 use crate::state::SavedVm;
 use devices::GuestRam;
+use sandbox::ThreadClass;
 use std::io::{BufWriter, Write};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::mpsc::{self, TryRecvError};
@@ -34,6 +35,8 @@ pub struct MigrateOptions {
     pub resume: bool,
     /// How the connections are authenticated and protected.
     pub security: Security,
+    /// The order of the background push after the switchover.
+    pub push_order: super::push_order::PushOrder,
 }
 
 /// What the source sent, printed by `vmm run` and returned to `vmm ctl migrate`.
@@ -220,12 +223,6 @@ impl Sent {
     }
 }
 
-/// The order in which the background push sends the post-copy pages
-/// (`pages` ascending): ascending guest-physical address.
-fn push_order(pages: Vec<u64>) -> Vec<u64> {
-    pages
-}
-
 impl Outgoing {
     /// Sends the state and the extents on a connection whose headers (and
     /// pre-copy: `bytes` so far) went already; `answers` is the answer
@@ -258,7 +255,8 @@ impl Outgoing {
         out.summary.downtime.send_state_ms = t.elapsed().as_secs_f64() * 1e3;
         out.state_sent_at = Some(Instant::now());
         out.bytes += bytes + 5 + json.len() as u64 + 5 + map.len() as u64;
-        let order = push_order(extent_pages(&out.extents).collect());
+        // Address order; the caller may [`Outgoing::reorder`] it.
+        let order: Vec<u64> = extent_pages(&out.extents).collect();
         for &g in &order {
             out.mark(g, 1);
         }
@@ -335,7 +333,8 @@ impl Outgoing {
         out.summary.data_pages = order.len() as u64;
         out.status.data_pages.store(order.len() as u64, Ordering::Relaxed);
         out.status.set_phase(Phase::Postcopy);
-        out.order = push_order(order);
+        // Address order: the history of a push order by recency is gone.
+        out.order = order;
         Ok(out)
     }
 
@@ -367,6 +366,14 @@ impl Outgoing {
             summary,
             status,
         }
+    }
+
+    /// Reorders the pages still to push (before the push starts): `f`
+    /// gets them in address order and must return a permutation (the one
+    /// ordering function, [`super::push_order::push_order`]).
+    pub(super) fn reorder(&mut self, f: impl FnOnce(Vec<u64>) -> Vec<u64>) {
+        let pages = std::mem::take(&mut self.order);
+        self.order = f(pages);
     }
 
     fn mark(&mut self, gpa: u64, v: u8) {
@@ -413,9 +420,11 @@ impl Outgoing {
         // channel: an answer never waits behind the push (its buffers, or a
         // push write blocked on a full socket). Other messages go to the
         // push loop.
-        std::thread::Builder::new()
-            .name("migration-requests".into())
-            .spawn(move || loop {
+        sandbox::spawn(
+            std::thread::Builder::new().name("migration-requests".into()),
+            ThreadClass::MigrationSource,
+            sandbox::inherited_mode(),
+            move || loop {
                 let m = match decode(&mut reader) {
                     Ok(m @ (Message::Request(_) | Message::Resend(_))) => match answerer.answer(&m) {
                         Ok(()) => continue,
@@ -429,8 +438,9 @@ impl Outgoing {
                 if tx.send(m).is_err() || stop {
                     break;
                 }
-            })
-            .map_err(io("starting the request reader"))?;
+            },
+        )
+        .map_err(|e| io("starting the request reader")(e.into()))?;
         let order = std::mem::take(&mut self.order);
         let conn = self.conn.try_clone()?;
         let mut w = BufWriter::with_capacity(64 << 10, conn);
@@ -675,15 +685,19 @@ pub fn spawn_resume(
 }
 
 /// Runs an outgoing migration on the `migration-out` thread and reports its
-/// end to `on_end`.
+/// end to `on_end`. The thread is sandboxed like its starter (the VM's
+/// controller) and as a `migration-source` thread.
 pub(super) fn spawn_out(
     work: impl FnOnce() -> Result<SourceSummary, Box<Stopped>> + Send + 'static,
     on_end: impl FnOnce(Result<SourceSummary, Box<Stopped>>) + Send + 'static,
 ) -> Result<(), MigrationError> {
-    std::thread::Builder::new()
-        .name("migration-out".into())
-        .spawn(move || on_end(work()))
-        .map_err(io("starting the migration thread"))?;
+    sandbox::spawn(
+        std::thread::Builder::new().name("migration-out".into()),
+        ThreadClass::MigrationSource,
+        sandbox::inherited_mode(),
+        move || on_end(work()),
+    )
+    .map_err(|e| io("starting the migration thread")(e.into()))?;
     Ok(())
 }
 

@@ -9,6 +9,7 @@
 use super::outgoing::{
     extents_of, open_both, spawn_out, Downtime, MigrateOptions, Outgoing, Resumable, SourceSummary, Stopped,
 };
+use super::push_order::{push_order, PageHistory, PushOrder, RECENCY_SAMPLE};
 use super::status::{Phase, SourceStatus};
 use super::transport::{Conn, Endpoint};
 use super::wire::{encode, is_zero, Message, PAGE, PAGE64};
@@ -21,6 +22,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 use vm_memory::{Bytes, GuestAddress};
+use vmm_core::memory::pages::Pagemap;
 use vmm_core::memory::{DirtyTracker, Materializer};
 
 /// The VM as the switchover left it: paused, its state captured.
@@ -62,6 +64,9 @@ pub struct PrecopyCtx {
     pub setup: Vec<u8>,
     /// Where the migration stands (`vmm ctl SRC migration`).
     pub status: Arc<SourceStatus>,
+    /// This process's page map, opened by the caller: the pre-copy thread's
+    /// sandbox opens no file.
+    pub pagemap: Pagemap,
 }
 
 impl std::fmt::Debug for PrecopyCtx {
@@ -124,9 +129,16 @@ fn precopy(to: &Endpoint, options: &MigrateOptions, ctx: PrecopyCtx) -> Result<O
     let tracker = DirtyTracker::start(ctx.vm_fd.clone(), ctx.mem.clone()).map_err(|e| early(e.into()))?;
     // Every page that exists, found while the VM runs; the log keeps the
     // set current until the pause. Zero pages are told apart at the push.
-    let scanned = vmm_core::memory::pages::existing_guest_pages(&ctx.mem)
+    let scanned = vmm_core::memory::pages::existing_guest_pages_in(&ctx.pagemap, &ctx.mem)
         .map_err(|e| early(io("reading the page map")(e)))?;
     let postcopy_from_scan = options.precopy_rounds == 0;
+    // What the push order by recency goes by: the rounds' dirty logs.
+    let mut history = PageHistory::default();
+    if postcopy_from_scan && options.push_order == PushOrder::Recency {
+        // No pre-copy log: the log since the scan, read at the pause, is
+        // the sample; let the guest write for a moment first.
+        std::thread::sleep(RECENCY_SAMPLE);
+    }
     if !postcopy_from_scan {
         status.set_phase(Phase::Precopy(1));
         encode(
@@ -173,6 +185,7 @@ fn precopy(to: &Endpoint, options: &MigrateOptions, ctx: PrecopyCtx) -> Result<O
             summary.precopy_dirty.push(dirty.len() as u64);
             summary.precopy_rounds += 1;
             status.set_phase(Phase::Precopy(summary.precopy_rounds));
+            history.note(summary.precopy_rounds, &dirty);
             for &gpa in &dirty {
                 send(&mut w, gpa, &mut summary, false).map_err(early)?;
             }
@@ -194,6 +207,9 @@ fn precopy(to: &Endpoint, options: &MigrateOptions, ctx: PrecopyCtx) -> Result<O
     let dirty = tracker.take().map_err(|e| early(e.into()))?;
     summary.precopy_dirty.push(dirty.len() as u64);
     let pages = if postcopy_from_scan {
+        if options.push_order == PushOrder::Recency {
+            history.note(1, &dirty);
+        }
         merge_sorted(&scanned, &dirty)
     } else {
         dirty
@@ -227,6 +243,11 @@ fn precopy(to: &Endpoint, options: &MigrateOptions, ctx: PrecopyCtx) -> Result<O
         SourceSummary { downtime, ..summary },
         status,
     )
+    .map(|mut out| {
+        // After the state went: the destination resumes meanwhile.
+        out.reorder(|pages| push_order(pages, options.push_order, &history));
+        out
+    })
     .map_err(|error| {
         Box::new(Stopped {
             error,

@@ -14,6 +14,7 @@ use super::transport::Conn;
 use super::wire::{encode, Message, PAGE, PAGE64};
 use super::{io, lock, MigrationError};
 use ::memory::{FetchOutcome, Log2Histogram, Notifier, PageSource, RetryReason, SourceError};
+use sandbox::{SeccompMode, ThreadClass};
 use std::collections::HashMap;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -120,12 +121,14 @@ impl std::fmt::Debug for RemoteSource {
 }
 
 impl RemoteSource {
-    /// A source asking for pages on `writer`; its data extents come at the
-    /// switchover ([`switch`](Self::switch)).
+    /// A source asking for pages on `writer` (from a thread sandboxed in
+    /// `seccomp` mode); its data extents come at the switchover
+    /// ([`switch`](Self::switch)).
     pub fn new(
         name: String,
         writer: Conn,
         progress: Arc<Progress>,
+        seccomp: SeccompMode,
     ) -> Result<Arc<RemoteSource>, MigrationError> {
         let (tx, rx) = mpsc::channel();
         let src = Arc::new(RemoteSource {
@@ -143,10 +146,13 @@ impl RemoteSource {
             arrived: AtomicU64::new(0),
         });
         let weak = Arc::downgrade(&src);
-        std::thread::Builder::new()
-            .name("migration-requests-out".into())
-            .spawn(move || write_requests(writer, &rx, &weak))
-            .map_err(io("starting the request writer"))?;
+        sandbox::spawn(
+            std::thread::Builder::new().name("migration-requests-out".into()),
+            ThreadClass::MigrationDest,
+            seccomp,
+            move || write_requests(writer, &rx, &weak),
+        )
+        .map_err(|e| io("starting the request writer")(e.into()))?;
         Ok(src)
     }
 
@@ -399,7 +405,13 @@ mod tests {
     #[test]
     fn remote_source_requests_once_serves_arrivals_and_holds_after_loss() {
         let (ours, mut peer) = UnixStream::pair().unwrap();
-        let src = RemoteSource::new("t".into(), Conn::Unix(ours), Arc::default()).unwrap();
+        let src = RemoteSource::new(
+            "t".into(),
+            Conn::Unix(ours),
+            Arc::default(),
+            SeccompMode::process_default(),
+        )
+        .unwrap();
         let mut buf = vec![0xffu8; PAGE];
         // Before the switchover nothing is served, not even a zero page.
         assert_eq!(
@@ -438,7 +450,13 @@ mod tests {
         let pre = HashMap::from([(0x8000, vec![7u8; PAGE])]);
         let progress = Arc::new(Progress::default());
         // Post-copy data: pages 0x1000..0x4000 (three); 0x8000 was pre-copied.
-        let src = RemoteSource::new("t".into(), Conn::Unix(ours), progress.clone()).unwrap();
+        let src = RemoteSource::new(
+            "t".into(),
+            Conn::Unix(ours),
+            progress.clone(),
+            SeccompMode::process_default(),
+        )
+        .unwrap();
         src.switch(vec![(0x1000, 0x3000)], pre);
         let mut buf = vec![0u8; PAGE];
         // A pre-copied page is served from memory, and again (a fill may fail)
