@@ -192,15 +192,11 @@ fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> MigrationError {
 /// Lowers the calling thread's scheduling priority (nice 10): bulk work
 /// (the push, placing pushed pages) yields the CPU to the page-request path
 /// and the vCPUs. Best effort: nothing changes if the kernel refuses.
-/// The nice value of bulk migration threads (the seccomp rules allow
-/// `setpriority` with exactly this value).
-pub const BULK_NICE: libc::c_int = 10;
-
 fn lower_priority() {
     // SAFETY: setpriority only reads its arguments; a thread may lower its
     // own priority. On Linux the nice value is per thread and `who` 0 is the
     // calling thread (the one form the seccomp rules allow, with this value).
-    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, BULK_NICE) } != 0 {
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, sandbox::BULK_NICE) } != 0 {
         tracing::debug!(
             "cannot lower the priority of a migration thread: {}",
             std::io::Error::last_os_error()
