@@ -5,12 +5,11 @@
 //! through `wire::bitmap_pages` and `snapshot::check_received` as in
 //! `Incoming::switchover`.
 //!
-//! Seeds: captured streams of a real wire-version-4 migration over plain TCP
-//! (their headers patched to version 5: the messages after them are of
-//! version 4, partly refused, until new streams are captured)
-//! (the framing TLS carries: the same bytes inside the records) (the source's post-copy
-//! stream cut after three pages, the head of a pre-copy stream, the
-//! destination's answers, the answer channel's first message).
+//! Seeds: captured streams of a real wire-version-5 migration over plain
+//! TCP (the framing TLS carries: the same bytes inside the records): the
+//! source's post-copy and pre-copy streams with three pages of each kind
+//! kept, the destination's messages, both directions of the answer
+//! channel (`docs/fuzzing.md`).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
