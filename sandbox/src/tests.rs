@@ -389,7 +389,11 @@ fn migration_threads_may_lower_their_own_priority_to_the_bulk_value_only() {
             class,
             ThreadClass::MigrationSource | ThreadClass::MigrationDest | ThreadClass::Controller
         ) {
-            assert_eq!(r.get(libc::SYS_setpriority), Some(&Allowed::When(want.clone())), "{class}");
+            assert_eq!(
+                r.get(libc::SYS_setpriority),
+                Some(&Allowed::When(want.clone())),
+                "{class}"
+            );
         } else {
             assert!(r.get(libc::SYS_setpriority).is_none(), "{class}");
         }
@@ -405,5 +409,8 @@ fn migration_threads_may_lower_their_own_priority_to_the_bulk_value_only() {
     let out = run_child("renice");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(EXIT_SECCOMP), "{stderr}");
-    assert!(stderr.contains("made the forbidden system call setpriority"), "{stderr}");
+    assert!(
+        stderr.contains("made the forbidden system call setpriority"),
+        "{stderr}"
+    );
 }
