@@ -1,18 +1,20 @@
 //! The migration stream as either end reads it from its peer
 //! (`vmm::migration::wire`): the header, then messages until the input ends
 //! or one is refused. Each message decoded encodes back to the bytes it came
-//! from. A state and an extent list, as a destination receives them, go
-//! through `snapshot::check_received` as in `Incoming::accept`.
+//! from. A state and a page map, as a destination receives them, go
+//! through `wire::bitmap_pages` and `snapshot::check_received` as in
+//! `Incoming::switchover`.
 //!
-//! Seeds: captured streams of a real wire-version-4 migration over plain TCP
-//! (the framing TLS carries: the same bytes inside the records) (the source's post-copy
-//! stream cut after three pages, the head of a pre-copy stream, the
-//! destination's answers, the answer channel's first message).
+//! Seeds: captured streams of a real wire-version-5 migration over plain
+//! TCP (the framing TLS carries: the same bytes inside the records): the
+//! source's post-copy and pre-copy streams with three pages of each kind
+//! kept, the destination's messages, both directions of the answer
+//! channel (`docs/fuzzing.md`).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use std::io::Cursor;
-use vmm::migration::wire::{decode, encode, read_header, Message};
+use vmm::migration::wire::{bitmap_pages, decode, encode, read_header, Message};
 use vmm::snapshot::{check_received, Extent};
 
 fuzz_target!(|data: &[u8]| {
@@ -20,7 +22,7 @@ fuzz_target!(|data: &[u8]| {
     if read_header(&mut r).is_err() {
         return;
     }
-    let (mut state, mut extents) = (None, None);
+    let (mut state, mut map) = (None, None);
     loop {
         let start = r.position() as usize;
         let Ok(m) = decode(&mut r) else {
@@ -34,12 +36,21 @@ fuzz_target!(|data: &[u8]| {
         assert!(m.summary().len() < 64, "{}", m.summary());
         match m {
             Message::State(s) => state = Some(s),
-            Message::Extents(e) => extents = Some(e),
+            Message::PageMap(b) => map = Some(b),
             _ => {}
         }
     }
-    if let (Some(state), Some(pairs)) = (state, extents) {
-        let ext: Vec<Extent> = pairs.iter().map(|&(gpa, len)| Extent { gpa, len }).collect();
-        let _ = check_received(&state, &ext);
+    if let (Some(state), Some(bits)) = (state, map) {
+        // The destination knows the RAM size from `Setup`; here, from the
+        // state if it parses (else a small guest).
+        let mem_size = serde_json::from_slice::<serde_json::Value>(&state)
+            .ok()
+            .and_then(|v| v["vm"]["config"]["mem_size"].as_u64())
+            .filter(|&m| m <= 64 << 30)
+            .unwrap_or(64 << 20);
+        if let Ok(pages) = bitmap_pages(&bits, mem_size) {
+            let ext: Vec<Extent> = pages.iter().map(|&gpa| Extent { gpa, len: 4096 }).collect();
+            let _ = check_received(&state, &ext);
+        }
     }
 });

@@ -40,6 +40,12 @@ use std::thread::JoinHandle;
 /// `VMM_SECCOMP=log cargo test` runs the whole suite in log mode).
 pub const MODE_ENV: &str = "VMM_SECCOMP";
 
+/// The nice value the migration's bulk threads (the push, placing pushed
+/// pages, the main connection's receiver) give themselves: the one
+/// `setpriority` the migration classes may make, on the calling thread only
+/// (`PRIO_PROCESS`, `who` 0: on Linux the nice value is per thread).
+pub const BULK_NICE: i32 = 10;
+
 /// How the filters treat a system call their class does not allow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -432,6 +432,23 @@ fn pins_itself() -> Rules {
     r
 }
 
+/// Lowering the calling thread's own scheduling priority to
+/// [`crate::BULK_NICE`]: `setpriority(PRIO_PROCESS, 0, BULK_NICE)` only (`who`
+/// 0 is the calling thread; no other thread, process group or user, no other
+/// value, so never a raise).
+fn lowers_own_priority() -> Rules {
+    let mut r = Rules::default();
+    r.allow_if(
+        libc::SYS_setpriority,
+        &[
+            eq(0, c(libc::PRIO_PROCESS as libc::c_int)),
+            eq(1, 0),
+            eq(2, u64::from(crate::BULK_NICE.unsigned_abs())),
+        ],
+    );
+    r
+}
+
 /// Filling guest memory through the retry core: userfaultfd fills and
 /// wakes, `mincore` to see what is present, the page source's reads
 /// (memory file, snapshot), eventfd reads of its notifier.
@@ -708,6 +725,8 @@ pub(crate) fn own(class: ThreadClass) -> Rules {
             // A lazily served source VM's memory is fetched in full first.
             r.union(&fills_memory());
             r.union(&sleeps());
+            // The push is bulk work: it lowers its own priority.
+            r.union(&lowers_own_priority());
         }
         ThreadClass::MigrationDest => {
             r.union(&starts_threads());
@@ -735,6 +754,9 @@ pub(crate) fn own(class: ThreadClass) -> Rules {
             // Pages placed through the retry core.
             r.union(&fills_memory());
             r.union(&sleeps());
+            // Placing pre-copied pages and receiving pushed ones is bulk
+            // work: those threads lower their own priority.
+            r.union(&lowers_own_priority());
         }
         ThreadClass::Main => {
             // Waits for the run and reports it (stdout, the statistics file

@@ -286,6 +286,26 @@ fn child() {
             assert!(refused.contains("may not start a vcpu thread"), "{refused}");
             println!("child ok");
         }
+        "nice" => {
+            // The bulk migration threads' own priority: allowed.
+            let t = spawn(builder(), ThreadClass::MigrationDest, SeccompMode::Kill, || {
+                // SAFETY: setpriority only reads its arguments.
+                unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, BULK_NICE) }
+            })
+            .unwrap();
+            assert_eq!(t.join().unwrap(), 0);
+            println!("child ok");
+        }
+        "renice" => {
+            // Any other value (or thread) is not.
+            let t = spawn(builder(), ThreadClass::MigrationSource, SeccompMode::Kill, || {
+                // SAFETY: setpriority only reads its arguments.
+                unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, BULK_NICE + 1) }
+            })
+            .unwrap();
+            let _ = t.join();
+            println!("the forbidden call went through");
+        }
         other => panic!("unknown child {other}"),
     }
 }
@@ -353,4 +373,44 @@ fn a_check_that_does_not_build_fails_the_filter_instead_of_allowing_the_call() {
         }],
     );
     assert!(r.to_seccompiler().is_err());
+}
+
+#[test]
+fn migration_threads_may_lower_their_own_priority_to_the_bulk_value_only() {
+    let want = vec![vec![
+        rules::eq(0, 0),
+        rules::eq(1, 0),
+        rules::eq(2, u64::from(BULK_NICE.unsigned_abs())),
+    ]];
+    for class in ThreadClass::ALL {
+        let r = rules(class);
+        // The controller starts the source's threads: their rules are its.
+        if matches!(
+            class,
+            ThreadClass::MigrationSource | ThreadClass::MigrationDest | ThreadClass::Controller
+        ) {
+            assert_eq!(
+                r.get(libc::SYS_setpriority),
+                Some(&Allowed::When(want.clone())),
+                "{class}"
+            );
+        } else {
+            assert!(r.get(libc::SYS_setpriority).is_none(), "{class}");
+        }
+    }
+    let out = run_child("nice");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("child ok"), "{stdout}");
+    let out = run_child("renice");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(EXIT_SECCOMP), "{stderr}");
+    assert!(
+        stderr.contains("made the forbidden system call setpriority"),
+        "{stderr}"
+    );
 }

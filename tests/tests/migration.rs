@@ -360,6 +360,10 @@ fn recover_after_a_cut(name: &str, src_sec: Security, dst_sec: Security, again: 
         ..Default::default()
     };
     let err = src.migrate(&Endpoint::Unix(front), &first).unwrap_err();
+    // The source keeps its VM, paused, and says why.
+    let v = src.handle().migration().unwrap();
+    assert_eq!(v["status"], "paused", "{v}");
+    assert!(v["error"].is_string(), "{v}");
     let dh = hrx.recv_timeout(Duration::from_secs(60)).unwrap();
     // Recover is refused until the destination has seen the loss.
     let start = Instant::now();
@@ -376,6 +380,9 @@ fn recover_after_a_cut(name: &str, src_sec: Security, dst_sec: Security, again: 
         dh.stats().unwrap().paused,
         "the destination runs without its source"
     );
+    // Listening for the source's return.
+    let v = dh.migration().unwrap();
+    assert_eq!(v["status"], "recovering", "{v}");
     // It may not run, nor be copied, while pages are missing.
     let e = dh.resume().unwrap_err().to_string();
     assert!(e.contains("source is lost"), "{e}");
@@ -394,6 +401,13 @@ fn recover_after_a_cut(name: &str, src_sec: Security, dst_sec: Security, again: 
     };
     let summary = src.migrate(&at, &options).unwrap();
     assert!(summary.resumed && summary.data_pages > 0, "{summary:?}");
+    // The source's run has ended (migrated): the summary is its report.
+    let v = dh.migration().unwrap();
+    assert_eq!(
+        (v["status"].as_str(), v["recoveries"].as_u64()),
+        (Some("complete"), Some(1)),
+        "{v}"
+    );
     let end = src.wait().unwrap().end;
     assert!(matches!(end, GuestEnd::Migrated(_)), "{end:?}");
     let out = dest.join().unwrap();
@@ -470,6 +484,120 @@ fn page_store_reads_in_flight_complete_after_a_migration() {
     assert_eq!(out.stats.page_store_reads_carried, 1, "{:?}", out.stats);
     let guest = out.run.guest_stats.unwrap();
     assert!(guest.store_reads >= 4, "{guest:?}");
+}
+
+/// Polls `h.migration()` until `until` says stop, collecting each status
+/// when it changes.
+fn statuses(
+    h: &vmm::VmHandle,
+    until: impl Fn(&serde_json::Value) -> bool,
+) -> (Vec<String>, serde_json::Value) {
+    let mut seen: Vec<String> = Vec::new();
+    let start = Instant::now();
+    loop {
+        let v = match h.migration() {
+            Ok(v) => v,
+            // The `migrate` request may not have reached the VM yet.
+            Err(e) if seen.is_empty() && start.elapsed() < Duration::from_secs(10) => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(1));
+                continue;
+            }
+            Err(e) => panic!("{e} after {seen:?}"),
+        };
+        let s = v["status"].as_str().unwrap().to_string();
+        if seen.last() != Some(&s) {
+            seen.push(s);
+        }
+        if until(&v) {
+            return (seen, v);
+        }
+        assert!(start.elapsed() < Duration::from_secs(120), "{seen:?}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// `vmm ctl SOCK migration` on both sides through a whole migration:
+/// setup (held: the destination does not accept yet), pre-copy rounds,
+/// post-copy (held by the push delay), complete; then the final report's
+/// fields.
+#[test]
+fn migration_status_in_every_phase() {
+    let cfg = touch_cfg();
+    let listener = Listener::bind(&Endpoint::Unix(sock("status"))).unwrap();
+    let to = listener.endpoint().unwrap();
+    let src = source(&cfg, Duration::from_millis(200));
+    let sh = src.handle();
+    // Before any migration there is nothing to report.
+    let e = sh.migration().unwrap_err().to_string();
+    assert!(e.contains("has not migrated"), "{e}");
+    let mig = {
+        let sh = sh.clone();
+        std::thread::spawn(move || {
+            let options = MigrateOptions {
+                precopy_rounds: 2,
+                push_delay: Duration::from_millis(500),
+                ..Default::default()
+            };
+            sh.migrate(&to, &options)
+        })
+    };
+    // Nobody accepts yet: the source stays in setup, its VM running.
+    let (seen, _) = statuses(&sh, |v| v["status"] == "setup");
+    assert_eq!(seen.last().map(String::as_str), Some("setup"));
+    assert!(!sh.stats().unwrap().paused);
+    let (htx, hrx) = mpsc::channel();
+    let dest = destination_with_handle(listener, Duration::from_secs(5), htx);
+    let dh = {
+        let (seen, v) = statuses(&sh, |v| v["status"] == "post-copy");
+        assert!(seen.iter().any(|s| s == "pre-copy"), "{seen:?}");
+        assert!(v["precopy_pages"].as_u64().unwrap() > 0, "{v}");
+        let dh = hrx.recv_timeout(Duration::from_secs(60)).unwrap();
+        // The push waits: both sides are in post-copy.
+        let d = dh.migration().unwrap();
+        assert_eq!(
+            (d["role"].as_str(), d["status"].as_str()),
+            (Some("destination"), Some("post-copy")),
+            "{d}"
+        );
+        assert_eq!(d["blocktime"]["per_vcpu_us"].as_array().unwrap().len(), 2, "{d}");
+        dh
+    };
+    // The source's run ends with the migration: its summary is the final report.
+    let summary = mig.join().unwrap().unwrap();
+    let v = serde_json::to_value(&summary).unwrap();
+    assert_eq!(v["precopy_round_pages"].as_array().unwrap().len(), 2, "{v}");
+    let d = &v["downtime"];
+    let parts: f64 = [
+        "pause_ms",
+        "capture_ms",
+        "handoff_ms",
+        "page_list_ms",
+        "send_state_ms",
+        "destination_ms",
+    ]
+    .iter()
+    .map(|k| d[k].as_f64().unwrap())
+    .sum();
+    let total = d["total_ms"].as_f64().unwrap();
+    // The parts follow each other: only the statements between two
+    // measurements (a preemption on a loaded host) are not in one.
+    assert!(
+        total > 0.0 && parts <= total + 0.01 && parts > total * 0.95 - 0.5,
+        "{d}"
+    );
+    let d = dh.migration().unwrap();
+    assert_eq!(d["status"], "complete", "{d}");
+    assert!(d["downtime_parts"]["apply_ms"].as_f64().unwrap() > 0.0, "{d}");
+    assert!(d["build_ms"].as_f64().unwrap() > 0.0, "{d}");
+    assert!(
+        d["latency_us_log2"].is_array() && d["requests"]["count"].is_u64(),
+        "{d}"
+    );
+    assert!(d["fault_latency"]["vcpu"]["faults"].as_u64().unwrap() > 0, "{d}");
+    assert!(matches!(src.wait().unwrap().end, GuestEnd::Migrated(_)));
+    let out = dest.join().unwrap();
+    assert_eq!(out.run.end, GuestEnd::Exited(0), "{:?}", out.lost);
 }
 
 #[test]

@@ -3,6 +3,7 @@
 //!
 //! Protocol (`docs/snapshot.md`): one JSON object per line in each direction.
 //! Requests: `{"cmd":"pause"}`, `{"cmd":"resume"}`, `{"cmd":"stats"}`,
+//! `{"cmd":"migration"}`,
 //! `{"cmd":"snapshot","to":"DIR","then":"restore|resume|pause|stop"}`,
 //! `{"cmd":"migrate","to":"ADDR",...}`, `{"cmd":"recover","from":"ADDR"}`
 //! (both with optional `tls_cert`, `tls_key`, `tls_peer`, `tls_psk`: absolute
@@ -85,6 +86,8 @@ pub enum Request {
     Resume {},
     /// Live statistics.
     Stats {},
+    /// Where the migration stands, live and after it ended (docs/migration.md, "Statistics").
+    Migration {},
     /// Snapshot to a directory.
     Snapshot {
         /// The directory.
@@ -233,7 +236,11 @@ fn relative_path(req: &Request) -> Option<(&'static str, PathBuf)> {
         Request::AttachHandler { path } => ("handler socket", Some(path.clone())),
         Request::Migrate { to, .. } => ("migration socket", unix(to)),
         Request::Recover { from, .. } => ("migration socket", unix(from)),
-        Request::Pause {} | Request::Resume {} | Request::Stats {} | Request::WorkingSetEnd {} => ("", None),
+        Request::Pause {}
+        | Request::Resume {}
+        | Request::Stats {}
+        | Request::Migration {}
+        | Request::WorkingSetEnd {} => ("", None),
     };
     path.filter(|p| !p.is_absolute()).map(|p| (what, p))
 }
@@ -264,6 +271,10 @@ pub fn execute(vm: &VmHandle, req: &Request) -> Response {
         },
         Request::Stats {} => match vm.stats() {
             Ok(s) => json(serde_json::to_value(s)),
+            Err(e) => Response::err(e.to_string()),
+        },
+        Request::Migration {} => match vm.migration() {
+            Ok(v) => Response::ok(v),
             Err(e) => Response::err(e.to_string()),
         },
         Request::Snapshot { to, then } => match vm.snapshot(to, *then) {
@@ -589,6 +600,7 @@ mod tests {
     fn requests_decode() {
         assert_eq!(decode_ok(br#"{"cmd":"pause"}"#), Request::Pause {});
         assert_eq!(decode_ok(b" {\"cmd\":\"stats\"}\n"), Request::Stats {});
+        assert_eq!(decode_ok(b"{\"cmd\":\"migration\"}\n"), Request::Migration {});
         assert_eq!(
             decode_ok(br#"{"cmd":"snapshot","to":"/s","then":"stop"}"#),
             Request::Snapshot {

@@ -9,7 +9,7 @@ use crate::migration::{DestStats, Incoming, Listener, MigrationError, MigrationE
 use crate::vm::{Vm, VmError, VmOptions};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use vmm_core::config::VmConfig;
 
 /// Errors of receiving a VM.
@@ -81,12 +81,14 @@ pub fn receive(
             .timeout
             .map(|t| t.saturating_sub(start.elapsed()).max(Duration::from_millis(1)));
     }
-    let vm = Vm::incoming(
-        incoming.state(),
-        incoming.source(),
-        incoming.data_ranges(),
-        vm_options,
-    )?;
+    // Built while the source still runs: none of it is in the downtime.
+    let built = Instant::now();
+    let mut vm = Vm::incoming(incoming.config(), incoming.source(), vm_options)?;
+    let build_ms = built.elapsed().as_secs_f64() * 1e3;
+    let switched = incoming.switchover()?;
+    let applied = Instant::now();
+    vm.apply_incoming(switched.state(), switched.data_ranges())?;
+    let applied_ms = applied.elapsed().as_secs_f64() * 1e3;
     let config = vm.config().clone();
     let materializer = vm.materializer().ok_or(ReceiveError::NotLazy)?;
     let running = vm.start()?;
@@ -111,8 +113,9 @@ pub fn receive(
             MigrationEvent::Complete => {}
         }
     };
-    let session = incoming.start(materializer, options.lost_wait, events)?;
+    let session = switched.start(materializer, options.lost_wait, applied_ms, build_ms, events)?;
     handle.set_recover_hook(session.recover_requests(), session.lost_flag());
+    handle.set_migration_report(session.report_fn());
     on_resumed(&handle);
     let run = running.wait()?;
     let lost = session.lost();

@@ -432,20 +432,21 @@ impl Vm {
         Ok(vm)
     }
 
-    /// Builds a VM received by a migration: `saved` is the received state;
-    /// guest RAM is served through the retry core by `source` (one page at a
-    /// time), with `data_ranges` the ranges that hold data.
+    /// Builds the VM of an incoming migration before its state arrives
+    /// (KVM objects, memory registered, devices' places): `config` is the
+    /// source's configuration; guest RAM is served through the retry core by
+    /// `source` (one page at a time). [`apply_incoming`](Self::apply_incoming)
+    /// then gives it its state.
     pub fn incoming(
-        saved: &SavedVm,
+        config: &vmm_core::state::ConfigState,
         source: Arc<dyn ::memory::PageSource>,
-        data_ranges: Vec<(u64, u64)>,
         mut options: VmOptions,
     ) -> Result<Vm, VmError> {
         let memory = MemoryConfig {
             backend: MemBackend::Zero,
             fault_around: Some(0),
         };
-        let config = saved.vm.config.config(memory)?;
+        let config = config.config(memory)?;
         let ch = channel()?;
         // A page its source has not sent is never zero-filled: the VM pauses
         // and waits (the source may come back).
@@ -453,24 +454,32 @@ impl Vm {
         let plan = LazyPlan {
             source,
             fault_around: 0,
-            data_ranges,
+            // Known at the switchover.
+            data_ranges: Vec::new(),
             handler_cpu: None,
             prefetch: false,
             working_set: None,
             observer: None,
         };
-        // Built in two phases, as a destination built before its state
-        // arrives would be: everything but the state, then the state.
-        let mut vm = Self::assemble(
+        Self::assemble(
             &config,
             Boot::Incoming,
             MemoryPlan::Lazy(plan),
             options,
-            saved.controller.clone(),
+            ControllerState::default(),
             ch,
-        )?;
-        vm.core.apply_state(&saved.vm)?;
-        Ok(vm)
+        )
+    }
+
+    /// Gives a VM built by [`incoming`](Self::incoming) the received state;
+    /// `data_ranges` are the ranges that hold data.
+    pub fn apply_incoming(&mut self, saved: &SavedVm, data_ranges: Vec<(u64, u64)>) -> Result<(), VmError> {
+        self.core.apply_state(&saved.vm)?;
+        if let Some(m) = self.core.memory().materializer() {
+            m.set_ranges(data_ranges);
+        }
+        self.restored = saved.controller.clone();
+        Ok(())
     }
 
     /// Fetches pages through the retry cores (lazily backed memory only).

@@ -30,15 +30,34 @@ pub enum MaterializeError {
 pub struct Materializer {
     pub(super) uffd: Arc<Uffd>,
     pub(super) cores: Vec<Arc<RetryCore>>,
-    pub(super) ranges: Arc<Vec<(u64, u64)>>,
+    /// Shared with the memory: a migration destination built before its
+    /// state learns them at the switchover ([`set_ranges`](Self::set_ranges)).
+    pub(super) ranges: SharedRanges,
 }
 
+/// Data ranges `(gpa, len)` shared by a lazy memory and its materializers.
+pub(super) type SharedRanges = Arc<std::sync::RwLock<Arc<Vec<(u64, u64)>>>>;
+
 impl Materializer {
+    /// Replaces the data ranges (`(gpa, len)`, sorted) for every clone and
+    /// for the memory's later materializers.
+    pub fn set_ranges(&self, ranges: Vec<(u64, u64)>) {
+        *self
+            .ranges
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(ranges);
+    }
+
     /// Fetches the missing pages, counting the faults it resolved in `done`
     /// (a fault-around run is one). Stops early (`Ok`) when `stop` is set;
     /// fails on a page the source cannot give.
     pub fn run(&self, stop: &AtomicBool, done: &AtomicU64) -> Result<(), MaterializeError> {
-        for &(gpa, len) in self.ranges.iter() {
+        let ranges = self
+            .ranges
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        for &(gpa, len) in ranges.iter() {
             let mut a = gpa;
             while a < gpa + len {
                 if stop.load(Ordering::Relaxed) {

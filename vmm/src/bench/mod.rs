@@ -134,6 +134,15 @@ pub(crate) fn start_touch(
     cfg: &VmConfig,
     timeout: Duration,
 ) -> Result<(crate::RunningVm, Console), BenchError> {
+    start_until(cfg, timeout, "touch: cpu 0 start")
+}
+
+/// Starts `cfg` and waits until its console shows `marker`.
+pub(crate) fn start_until(
+    cfg: &VmConfig,
+    timeout: Duration,
+    marker: &str,
+) -> Result<(crate::RunningVm, Console), BenchError> {
     let console = Arc::new(Mutex::new(Vec::new()));
     let options = VmOptions {
         serial: SerialOutput::Capture(console.clone()),
@@ -148,7 +157,7 @@ pub(crate) fn start_touch(
             .unwrap_or_default()
     };
     let start = std::time::Instant::now();
-    while !text().contains("touch: cpu 0 start") {
+    while !text().contains(marker) {
         if vm.is_finished() || start.elapsed() > Duration::from_secs(60) {
             vm.stop();
             let end = vm

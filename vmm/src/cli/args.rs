@@ -98,9 +98,10 @@ pub(crate) enum BenchCommand {
     /// (fault-around 16 and 0), working-set prefetch before and while
     /// running, and the warm baseline, interleaved.
     WorkingSet(BenchArgs),
-    /// Live migration of a running 1 GiB guest over loopback, post-copy only
-    /// and after 3 pre-copy rounds: downtime, total time, page-request
-    /// latency p50/p99 during the push.
+    /// Live migration of running 1 GiB and 4 GiB guests over loopback,
+    /// post-copy only and after 3 pre-copy rounds: downtime by part, total
+    /// time; and post-copy of a guest rewriting its pages: exact page-request
+    /// latency p50/p99 while the push runs.
     Migrate {
         #[command(flatten)]
         args: BenchArgs,
@@ -108,10 +109,21 @@ pub(crate) enum BenchCommand {
         /// Unix socket (the cost of TLS).
         #[arg(long, conflicts_with = "push_orders")]
         tls: bool,
+        /// Guest sizes in MiB, comma separated.
+        #[arg(long, value_delimiter = ',', default_values_t = vmm::bench::migrate::MIGRATE_MEM_MIB)]
+        mem_mib: Vec<u64>,
+        /// Folder for the charts (SVG and PNG): downtime parts by size,
+        /// request latency.
+        #[arg(long, conflicts_with = "push_orders")]
+        plot: Option<PathBuf>,
+        /// Do not migrate: chart (and print) the runs of an earlier
+        /// `vmm bench migrate --json` saved in this file.
+        #[arg(long, value_name = "JSON", requires = "plot")]
+        from: Option<PathBuf>,
         /// Compare the push orders instead (a guest touching a hot set; the
         /// push in address and in recency order, interleaved): faults after
         /// the switchover and vCPU time blocked.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "mem_mib")]
         push_orders: bool,
     },
     /// Everything, plus throughput by vCPU count and the fault latency
@@ -200,6 +212,10 @@ pub(crate) enum CtlRequest {
     Resume,
     /// Print live statistics (JSON).
     Stats,
+    /// Print where the migration stands (JSON; live during a migration, and
+    /// after it): status, pages and bytes per phase, downtime parts,
+    /// requests, blocktime (docs/migration.md, "Statistics").
+    Migration,
     /// End the working-set recording window (--record-working-set) and
     /// write the file now; the VM runs on.
     WorkingSetEnd,

@@ -40,9 +40,41 @@ pub fn bench(cmd: BenchCommand) -> i32 {
             push_orders: true,
             ..
         } => vmm::bench::migrate_push_orders(a.repeats, &mut progress).map(|r| print_result(&r, a.json)),
-        BenchCommand::Migrate { args: a, tls, .. } => {
-            vmm::bench::migrate_with(a.repeats, *tls, &mut progress).map(|r| print_result(&r, a.json))
+        BenchCommand::Migrate {
+            args: a,
+            tls,
+            mem_mib,
+            plot,
+            from,
+            push_orders: false,
+        } => match from {
+            Some(file) => std::fs::read(file)
+                .map_err(|e| e.to_string())
+                .and_then(|b| {
+                    serde_json::from_slice::<vmm::bench::MigrateBench>(&b).map_err(|e| e.to_string())
+                })
+                .map_err(|e| vmm::bench::BenchError::BadRun {
+                    end: format!("cannot read the runs in {}: {e}", file.display()),
+                    console: String::new(),
+                }),
+            None => vmm::bench::migrate_with(a.repeats, *tls, mem_mib, &mut progress),
         }
+        .map(|r| {
+            if let Some(dir) = plot {
+                match vmm::bench::plot::write_migrate(&r, dir) {
+                    Ok(files) => {
+                        for f in files {
+                            eprintln!("vmm bench: wrote {}", f.display());
+                        }
+                    }
+                    Err(e) => {
+                        eprintln!("vmm: error: {e}");
+                        return EXIT_VMM_ERROR;
+                    }
+                }
+            }
+            print_result(&r, a.json)
+        }),
         BenchCommand::GuestFault(a) => {
             vmm::bench::guest_fault(a.repeats, &mut progress).map(|r| print_result(&r, a.json))
         }

@@ -10,6 +10,7 @@ pub fn ctl(args: CtlArgs) -> i32 {
         CtlRequest::Pause => Request::Pause {},
         CtlRequest::Resume => Request::Resume {},
         CtlRequest::Stats => Request::Stats {},
+        CtlRequest::Migration => Request::Migration {},
         CtlRequest::WorkingSetEnd => Request::WorkingSetEnd {},
         CtlRequest::Migrate {
             to,

@@ -6,13 +6,11 @@ use super::outcome::RunOutcome;
 use super::state::RunState;
 use crate::migration::{Endpoint, MigrateOptions, MigrationError, RecoverRequest, Security, SourceSummary};
 use crate::snapshot::{AfterSnapshot, SnapshotError, SnapshotInfo};
-use crate::state::SavedVm;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Instant;
 use vmm_core::vcpu::manager::PauseReport;
 use vmm_core::vcpu::{VcpuFn, VcpuStatsSnapshot};
 use vmm_core::VmEvent;
@@ -39,6 +37,9 @@ pub enum ControlError {
     /// A second migration, or a pause-sensitive request during pre-copy.
     #[error("a migration is already running")]
     MigrationRunning,
+    /// `migration` on a VM that neither sent nor received one.
+    #[error("this VM has not migrated: `vmm ctl SOCK migration` reports a migration started with `vmm ctl SOCK migrate` or received by `vmm receive`")]
+    NoMigration,
     /// Resume (or snapshot, migrate) a destination whose source is lost.
     #[error("this VM's migration source is lost and holds pages it never sent: resume the migration (`vmm ctl DEST recover --from ADDR`, then `vmm ctl SRC migrate --to ADDR --resume`), or resume the VM on the source")]
     SourceLost,
@@ -137,7 +138,11 @@ pub(crate) enum ControlRequest {
         Sender<Result<SourceSummary, ControlError>>,
     ),
     /// Pre-copy is over: pause and capture the state for post-copy.
-    Switchover(Sender<Result<(SavedVm, Instant), ControlError>>),
+    Switchover(Sender<Result<crate::migration::Paused, ControlError>>),
+    /// `vmm ctl SOCK migration`: where the migration stands.
+    Migration(Sender<Result<serde_json::Value, ControlError>>),
+    /// Destination: the incoming session's report.
+    SetMigrationReport(super::MigrationReportFn),
     /// The outgoing migration ended (the summary, or why it failed).
     MigrationEnded(Result<SourceSummary, Box<crate::migration::Stopped>>),
     /// Destination: wait for the lost source to resume the migration.
@@ -288,6 +293,18 @@ impl VmHandle {
 
     /// Destination: where `recover` requests go; `lost` is set while the
     /// source is lost.
+    /// Where the migration (outgoing or incoming) stands, live, and after it
+    /// ended (`vmm ctl SOCK migration`).
+    pub fn migration(&self) -> Result<serde_json::Value, ControlError> {
+        self.ask(ControlRequest::Migration)?
+    }
+
+    /// Destination: the incoming session's report, for [`migration`](Self::migration).
+    pub(crate) fn set_migration_report(&self, f: super::MigrationReportFn) {
+        self.events
+            .send(Event::Control(ControlRequest::SetMigrationReport(f)));
+    }
+
     pub(crate) fn set_recover_hook(&self, hook: Sender<RecoverRequest>, lost: Arc<AtomicBool>) {
         self.events
             .send(Event::Control(ControlRequest::SetRecoverHook(hook, lost)));

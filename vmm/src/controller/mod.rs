@@ -142,6 +142,8 @@ pub(crate) fn start(
         policy: options.on_memory_fault,
         resumable: None,
         migration_reply: None,
+        migration_status: None,
+        migration_report: None,
         recover_hook: None,
         source_lost: Arc::new(AtomicBool::new(false)),
         before_loss: None,
@@ -216,6 +218,9 @@ fn run_loop(
     lock(controller).finish(end)
 }
 
+/// Destination: the incoming session's report (JSON), called by the controller.
+pub type MigrationReportFn = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
+
 /// The state of the running VM that events and requests act on.
 struct Controller {
     vm: vmm_core::Vm,
@@ -235,6 +240,10 @@ struct Controller {
     resumable: Option<Resumable>,
     /// Who waits for the outgoing migration's result.
     migration_reply: Option<Sender<Result<SourceSummary, ControlError>>>,
+    /// Source: the outgoing migration's live status (kept after it ended).
+    migration_status: Option<Arc<crate::migration::SourceStatus>>,
+    /// Destination: the incoming session's report.
+    migration_report: Option<MigrationReportFn>,
     /// Destination: where `recover` requests go.
     recover_hook: Option<Sender<RecoverRequest>>,
     /// Destination: set while the migration source is lost.
@@ -350,6 +359,10 @@ impl Controller {
             ControlRequest::Switchover(reply) => {
                 let _ = reply.send(self.switchover());
             }
+            ControlRequest::Migration(reply) => {
+                let _ = reply.send(self.migration_json());
+            }
+            ControlRequest::SetMigrationReport(f) => self.migration_report = Some(f),
             ControlRequest::MigrationEnded(r) => self.migration_ended(r),
             ControlRequest::Recover(from, security, reply) => match &self.recover_hook {
                 Some(hook) => {

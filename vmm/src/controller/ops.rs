@@ -5,7 +5,8 @@
 use super::{vm_err, ControlError, ControlRequest, Controller, Event, GuestEnd, RunState};
 use crate::migration::outgoing::spawn_resume;
 use crate::migration::{
-    spawn_precopy, Endpoint, MigrateOptions, MigrationError, PrecopyCtx, SourceSummary, Stopped,
+    spawn_precopy, Endpoint, MigrateOptions, MigrationError, Paused, PrecopyCtx, SourceStatus, SourceSummary,
+    Stopped,
 };
 use crate::snapshot::{self, AfterSnapshot, SnapshotInfo};
 use crate::state::SavedVm;
@@ -13,6 +14,7 @@ use persist::Persist;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Sender};
+use std::sync::Arc;
 use std::time::Instant;
 use vmm_core::memory::pages::Pagemap;
 
@@ -135,8 +137,16 @@ impl Controller {
         // Before anything starts: plain TCP needs the opt-in.
         options.security.check(to)?;
         let events = self.events.clone();
-        let on_end = move |r| {
-            events.send(Event::Control(ControlRequest::MigrationEnded(r)));
+        let status = Arc::new(SourceStatus::default());
+        let on_end = {
+            let status = status.clone();
+            move |r: Result<SourceSummary, Box<Stopped>>| {
+                match &r {
+                    Ok(s) => status.ended(Ok(s), false),
+                    Err(stopped) => status.ended(Err(stopped.error.to_string()), stopped.resumable.is_some()),
+                }
+                events.send(Event::Control(ControlRequest::MigrationEnded(r)));
+            }
         };
         if options.resume {
             let Some(from) = self.resumable.clone().filter(|_| self.run == RunState::Paused) else {
@@ -148,18 +158,24 @@ impl Controller {
                 self.vm.memory().ram().clone(),
                 self.vm.config().mem_size,
                 options.clone(),
+                status.clone(),
                 on_end,
             )?;
+            self.migration_status = Some(status);
             self.set(RunState::Postcopy)?;
             self.migration_reply = Some(reply.clone());
             return Ok(());
         }
         let events = self.events.clone();
+        let setup = serde_json::to_vec(&vmm_core::state::ConfigState::from(self.vm.config()))
+            .map_err(|e| ControlError::Migration(MigrationError::Encode(e)))?;
         let pagemap = Pagemap::open().map_err(|source| MigrationError::Io {
             what: "opening /proc/self/pagemap",
             source,
         })?;
         let ctx = PrecopyCtx {
+            setup,
+            status: status.clone(),
             pagemap,
             vm_fd: self.vm.vm_fd().clone(),
             mem: self.vm.memory().ram().clone(),
@@ -182,6 +198,7 @@ impl Controller {
             RunState::PrecopyPaused
         };
         spawn_precopy(to.clone(), options.clone(), ctx, on_end)?;
+        self.migration_status = Some(status);
         self.set(to_state)?;
         self.resumable = None;
         self.migration_reply = Some(reply.clone());
@@ -190,7 +207,7 @@ impl Controller {
 
     /// Pauses the VM at the end of pre-copy and captures its state; from
     /// here on it must stay paused (the destination may run it).
-    pub(super) fn switchover(&mut self) -> Result<(SavedVm, Instant), ControlError> {
+    pub(super) fn switchover(&mut self) -> Result<Paused, ControlError> {
         if !matches!(self.run, RunState::Precopy | RunState::PrecopyPaused) {
             return Err(self.run.busy().unwrap_or(ControlError::InvalidTransition {
                 from: self.run,
@@ -198,14 +215,23 @@ impl Controller {
             }));
         }
         let paused_at = Instant::now();
+        let paused_unix_us = crate::migration::unix_us();
         let was_running = self.run == RunState::Precopy;
         if was_running {
             self.pause()?;
         }
+        let pause_ms = paused_at.elapsed().as_secs_f64() * 1e3;
+        let t = Instant::now();
         match self.capture() {
             Ok(state) => {
                 self.set(RunState::Postcopy)?;
-                Ok((state, paused_at))
+                Ok(Paused {
+                    state,
+                    paused_at,
+                    paused_unix_us,
+                    pause_ms,
+                    capture_ms: t.elapsed().as_secs_f64() * 1e3,
+                })
             }
             Err(e) => {
                 if was_running {
@@ -254,5 +280,47 @@ impl Controller {
                 }
             }
         }
+    }
+}
+
+impl super::Controller {
+    /// `vmm ctl SOCK migration`: the migration's report (source or
+    /// destination), with this VM's blocktime per vCPU and its stage-2 fault
+    /// latency split between vCPU threads and the others.
+    pub(super) fn migration_json(&self) -> Result<serde_json::Value, super::ControlError> {
+        let mut v = if let Some(s) = &self.migration_status {
+            serde_json::to_value(s.report()).unwrap_or_default()
+        } else if let Some(f) = &self.migration_report {
+            f()
+        } else {
+            return Err(super::ControlError::NoMigration);
+        };
+        let vcpus = self.vm.vcpu_stats();
+        let per_thread = self.vm.memory().per_thread();
+        let (all_faults, all_ns) = per_thread
+            .values()
+            .fold((0u64, 0u64), |(f, n), t| (f + t.faults, n + t.blocked_ns));
+        let vcpu_faults: u64 = vcpus.iter().map(|c| c.stage2_faults).sum();
+        let vcpu_us: u64 = vcpus.iter().map(|c| c.stage2_blocked_us).sum();
+        let mean = |us: f64, n: u64| if n == 0 { 0.0 } else { us / n as f64 };
+        let other_faults = all_faults.saturating_sub(vcpu_faults);
+        let other_us = (all_ns / 1000).saturating_sub(vcpu_us);
+        if let Some(o) = v.as_object_mut() {
+            o.insert(
+                "blocktime".into(),
+                serde_json::json!({
+                    "per_vcpu_us": vcpus.iter().map(|c| c.stage2_blocked_us).collect::<Vec<_>>(),
+                    "total_us": vcpu_us,
+                }),
+            );
+            o.insert(
+                "fault_latency".into(),
+                serde_json::json!({
+                    "vcpu": {"faults": vcpu_faults, "mean_us": mean(vcpu_us as f64, vcpu_faults)},
+                    "non_vcpu": {"faults": other_faults, "mean_us": mean(other_us as f64, other_faults)},
+                }),
+            );
+        }
+        Ok(v)
     }
 }

@@ -8,12 +8,13 @@
 
 use super::outgoing::extents_of;
 use super::remote::{Progress, RemoteSource};
+use super::status::{Percentiles, Phase};
 use super::transport::{
     accept_authenticated, Admissions, Conn, Deadline, Endpoint, Listener, Security, HANDSHAKE_WAIT,
 };
-use super::wire::{decode, encode, Message, PAGE, PAGE64};
+use super::wire::{bitmap_pages, decode, encode, Message, PAGE, PAGE64};
 use super::{io, lock, MigrationError};
-use crate::snapshot::{check_received, Extent};
+use crate::snapshot::check_received;
 use crate::state::SavedVm;
 use sandbox::{SeccompMode, ThreadClass};
 use std::collections::HashMap;
@@ -23,6 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use vmm_core::memory::Materializer;
+use vmm_core::state::ConfigState;
 
 /// What the destination's VM must do, from the session's point of view.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,6 +98,33 @@ pub struct DestStats {
     /// Page-store reads (in flight or held) carried over in the VM state:
     /// they complete here.
     pub page_store_reads_carried: u64,
+    /// Where the migration stands (see [`Phase::name`]).
+    pub status: &'static str,
+    /// Building the VM (KVM objects, memory registered, devices) when the
+    /// connection opened, before the source paused: not in the downtime.
+    pub build_ms: f64,
+    /// The downtime's parts on this side.
+    pub downtime_parts: DestDowntime,
+    /// Exact page-request latency (request to arrival), from every sample.
+    pub requests: Percentiles,
+    /// Pages received as zero pages (address only).
+    pub zero_pages: u64,
+    /// Bytes received during pre-copy.
+    pub precopy_bytes: u64,
+    /// When the vCPUs started here, on the wall clock (microseconds since
+    /// the Unix epoch; see the source's `downtime.paused_unix_us`).
+    pub vcpus_started_unix_us: u64,
+}
+
+/// The destination's part of the downtime (ms), from the state's arrival.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
+pub struct DestDowntime {
+    /// Decoding and checking the state and the page list.
+    pub check_ms: f64,
+    /// Applying the state to the VM built before (KVM, vCPU, device state).
+    pub apply_ms: f64,
+    /// Starting the vCPUs and sending `Resumed`.
+    pub start_ms: f64,
 }
 
 /// What arrives before post-copy.
@@ -170,9 +199,28 @@ fn receive_precopy(
     }
 }
 
-/// An accepted migration whose state has arrived; the VM is not built yet.
+/// An accepted migration whose configuration (`Setup`) has arrived: the VM
+/// can be built while the source still runs; then
+/// [`switchover`](Self::switchover) waits for its state.
 #[derive(Debug)]
 pub struct Incoming {
+    conn: Conn,
+    answers: Conn,
+    security: Security,
+    accepted: Instant,
+    config: ConfigState,
+    src: Arc<RemoteSource>,
+    progress: Arc<Progress>,
+    /// `--timeout`: the deadline of every read before post-copy.
+    end: Option<Deadline>,
+    wait: Option<Duration>,
+    /// How the session's threads are sandboxed.
+    seccomp: SeccompMode,
+}
+
+/// A migration whose state has arrived (after [`Incoming::switchover`]).
+#[derive(Debug)]
+pub struct Switched {
     conn: Conn,
     answers: Conn,
     security: Security,
@@ -186,23 +234,24 @@ pub struct Incoming {
     precopy_kept: u64,
     data_pages: u64,
     reads_carried: u64,
+    check_ms: f64,
     seccomp: SeccompMode,
 }
 
 impl Incoming {
     /// Accepts one migration on `listener`: waits (up to `wait`, forever if
     /// `None`) for a source that authenticates, accepts its answer channel,
-    /// then reads up to the data extents (every check of the state and
-    /// extents included). Peers that fail to authenticate are refused and
-    /// logged; the wait goes on. Nothing of a peer's is buffered before it
-    /// has authenticated. The session's threads are sandboxed in `seccomp`
-    /// mode.
+    /// then reads the VM's configuration (`Setup`). Peers that fail to
+    /// authenticate are refused and logged; the wait goes on. Nothing of a
+    /// peer's is buffered before it has authenticated. The session's
+    /// threads are sandboxed in `seccomp` mode.
     pub fn accept(
         listener: &Listener,
         progress: Arc<Progress>,
         wait: Option<Duration>,
         seccomp: SeccompMode,
     ) -> Result<Incoming, MigrationError> {
+        progress.set_phase(Phase::Setup);
         // One set of admissions for both connections: the source opens the
         // main one first, but their admissions may end in either order.
         let end = wait.map(Deadline::after);
@@ -235,7 +284,7 @@ impl Incoming {
             }
         };
         let reading = Instant::now();
-        let (mut conn, answers, head) = main_and_answers(first, second).map_err(|e| {
+        let (conn, answers, head) = main_and_answers(first, second).map_err(|e| {
             timed_out(e, || {
                 if reading.elapsed() > first_by + Duration::from_millis(500) {
                     // The main connection, silent until `--timeout`.
@@ -248,36 +297,111 @@ impl Incoming {
             })
         })?;
         answers.set_read_timeout(None)?;
+        conn.set_read_timeout(None)?;
+        let Message::Setup(json) = head else {
+            return Err(MigrationError::Protocol(
+                "the first message is not the VM's configuration (Setup)".into(),
+            ));
+        };
+        let config: ConfigState = serde_json::from_slice(&json)
+            .map_err(|e| MigrationError::Protocol(format!("the VM's configuration is malformed: {e}")))?;
+        if config.mem_size > abi::layout::MAX_MEM_SIZE {
+            return Err(MigrationError::Protocol(format!(
+                "the source announced {} bytes of guest RAM, more than the largest guest",
+                config.mem_size
+            )));
+        }
+        let src = RemoteSource::new("migration".into(), conn.try_clone()?, progress.clone(), seccomp)?;
+        Ok(Incoming {
+            conn,
+            answers,
+            security: listener.security().clone(),
+            accepted,
+            config,
+            src,
+            progress,
+            end,
+            wait,
+            seccomp,
+        })
+    }
+
+    /// The VM's configuration, as the source sent it.
+    pub fn config(&self) -> &ConfigState {
+        &self.config
+    }
+
+    /// The page source the VM's memory is served from (it answers nothing
+    /// before the switchover: no vCPU runs then).
+    pub fn source(&self) -> Arc<RemoteSource> {
+        self.src.clone()
+    }
+
+    /// Reads what comes up to post-copy: pre-copied pages (if the source
+    /// sends any), the state, the page map; checks them (the state against
+    /// the configuration received first); the source is paused from the
+    /// state on. Every read has the deadline of `--timeout` (if any).
+    pub fn switchover(self) -> Result<Switched, MigrationError> {
+        let Incoming {
+            mut conn,
+            answers,
+            security,
+            accepted,
+            config,
+            src,
+            progress,
+            end,
+            wait,
+            seccomp,
+        } = self;
+        let late = |what: &'static str| {
+            move || MigrationError::TimedOut {
+                secs: wait.unwrap_or_default().as_secs_f64(),
+                what,
+            }
+        };
         let left = || end.map(|e| e.left().unwrap_or(Duration::ZERO).max(Duration::from_millis(1)));
         conn.set_read_timeout(left())?;
+        let head = decode(&mut conn).map_err(|e| timed_out(e, late("its pre-copy or state")))?;
+        if matches!(head, Message::PrecopyBegin { .. }) {
+            progress.set_phase(Phase::Precopy(1));
+        }
         let Prelude {
             state,
             mem_size: precopy_mem,
             pages: mut precopied,
         } = receive_precopy(&mut conn, head, &progress, &left)
             .map_err(|e| timed_out(e, late("its pre-copy pages or state")))?;
+        progress.set_phase(Phase::Switchover);
         conn.set_read_timeout(left())?;
-        let Message::Extents(pairs) = decode(&mut conn).map_err(|e| timed_out(e, late("its extent list")))?
+        let Message::PageMap(bits) = decode(&mut conn).map_err(|e| timed_out(e, late("its page map")))?
         else {
             return Err(MigrationError::Protocol(
-                "the message after the state is not the extent list".into(),
+                "the message after the state is not the page map".into(),
             ));
         };
         conn.set_read_timeout(None)?;
         let got_state = Instant::now();
-        let extents: Vec<Extent> = pairs.iter().map(|&(gpa, len)| Extent { gpa, len }).collect();
+        let pages = bitmap_pages(&bits, config.mem_size)?;
+        let extents = extents_of(&pages);
         // Checks every extent: aligned, sorted, inside RAM, at most EXTENT_MAX.
         let saved = check_received(&state, &extents)?;
+        if saved.vm.config != config {
+            return Err(MigrationError::Protocol(
+                "the VM state's configuration differs from the one announced at setup".into(),
+            ));
+        }
         if precopy_mem.is_some_and(|m| m != saved.vm.config.mem_size) {
             return Err(MigrationError::Protocol(
                 "the VM state's RAM size differs from the one announced for pre-copy".into(),
             ));
         }
-        let data_pages: u64 = pairs.iter().map(|&(_, l)| l / PAGE64).sum();
+        let pairs: Vec<(u64, u64)> = extents.iter().map(|e| (e.gpa, e.len)).collect();
+        let data_pages = pages.len() as u64;
         let precopy_pages = progress.precopy_pages.load(Ordering::Relaxed);
         // Pages written after their last pre-copy come again in post-copy.
-        for &(g, l) in &pairs {
-            for gpa in (g..g + l).step_by(PAGE) {
+        if !precopied.is_empty() {
+            for &gpa in &pages {
                 precopied.remove(&gpa);
             }
         }
@@ -287,30 +411,25 @@ impl Incoming {
         // The VM's data ranges cover the kept pre-copied pages too, so that
         // fetching its memory in full (a snapshot, a further migration) gets
         // the ones not placed yet.
-        let mut all: Vec<u64> = pairs
-            .iter()
-            .flat_map(|&(g, l)| (g..g + l).step_by(PAGE))
-            .chain(to_place.iter().copied())
-            .collect();
-        all.sort_unstable();
-        let data_ranges = extents_of(&all).iter().map(|e| (e.gpa, e.len)).collect();
+        let data_ranges = if to_place.is_empty() {
+            pairs.clone()
+        } else {
+            let mut all = pages;
+            all.extend_from_slice(&to_place);
+            all.sort_unstable();
+            extents_of(&all).iter().map(|e| (e.gpa, e.len)).collect()
+        };
         progress.data_pages.store(data_pages, Ordering::Relaxed);
-        let src = RemoteSource::new(
-            "migration".into(),
-            pairs,
-            conn.try_clone()?,
-            precopied,
-            progress,
-            seccomp,
-        )?;
+        src.switch(pairs, precopied);
         let store = &saved.vm.devices.page_store;
         let reads_carried = (store.in_flight.len() + store.held_reads.len()) as u64;
-        Ok(Incoming {
+        Ok(Switched {
             conn,
             answers,
-            security: listener.security().clone(),
+            security,
             accepted,
             got_state,
+            check_ms: got_state.elapsed().as_secs_f64() * 1e3,
             state: saved,
             data_ranges,
             src,
@@ -322,15 +441,12 @@ impl Incoming {
             seccomp,
         })
     }
+}
 
+impl Switched {
     /// The VM's state.
     pub fn state(&self) -> &SavedVm {
         &self.state
-    }
-
-    /// The page source the VM's memory is served from.
-    pub fn source(&self) -> Arc<RemoteSource> {
-        self.src.clone()
     }
 
     /// The guest-physical ranges that hold data (the rest is zero).
@@ -345,12 +461,24 @@ impl Incoming {
         self,
         materializer: Materializer,
         lost_wait: Duration,
+        applied_ms: f64,
+        build_ms: f64,
         events: impl Fn(MigrationEvent) + Send + Sync + 'static,
     ) -> Result<IncomingSession, MigrationError> {
-        let resume_ms = self.got_state.elapsed().as_secs_f64() * 1e3;
         let src = self.src;
-        src.send(Message::Resumed);
+        let vcpus_started_unix_us = super::unix_us();
+        let took = self.got_state.elapsed();
+        src.send(Message::Resumed {
+            took_us: u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
+        });
+        let resume_ms = took.as_secs_f64() * 1e3;
         src.progress.running.store(true, Ordering::Release);
+        src.progress.set_phase(Phase::Postcopy);
+        let parts = DestDowntime {
+            check_ms: self.check_ms,
+            apply_ms: applied_ms,
+            start_ms: (resume_ms - self.check_ms - applied_ms).max(0.0),
+        };
         let events: Arc<dyn Fn(MigrationEvent) + Send + Sync> = Arc::new(events);
         // Cleared when the session ends: the VM's memory is no longer to be filled.
         let placing = Arc::new(AtomicBool::new(true));
@@ -373,7 +501,10 @@ impl Incoming {
             events: events.clone(),
             seccomp: self.seccomp,
         };
-        let handles = vec![receivers.spawn(&self.conn)?, receivers.spawn(&self.answers)?];
+        let handles = vec![
+            receivers.spawn(&self.conn, true)?,
+            receivers.spawn(&self.answers, false)?,
+        ];
         let (recover_tx, recover_rx) = mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
         let mut watch = Watch {
@@ -404,12 +535,17 @@ impl Incoming {
             placer: Some(placer),
             watcher: Some(watcher),
             done_at,
-            accepted: self.accepted,
-            resume_ms,
-            precopy_pages: self.precopy_pages,
-            precopy_kept: self.precopy_kept,
-            data_pages: self.data_pages,
-            reads_carried: self.reads_carried,
+            fixed: Fixed {
+                accepted: self.accepted,
+                resume_ms,
+                build_ms,
+                parts,
+                vcpus_started_unix_us,
+                precopy_pages: self.precopy_pages,
+                precopy_kept: self.precopy_kept,
+                data_pages: self.data_pages,
+                reads_carried: self.reads_carried,
+            },
         })
     }
 }
@@ -417,6 +553,8 @@ impl Incoming {
 /// Places the kept pre-copied pages in the background (a fault on one is
 /// served from memory at once meanwhile).
 fn place_precopied(src: &RemoteSource, m: &Materializer, placing: &AtomicBool, to_place: Vec<u64>) {
+    // Bulk work: faults and answers go first.
+    super::lower_priority();
     for gpa in to_place {
         if !placing.load(Ordering::Acquire) {
             break;
@@ -446,17 +584,24 @@ struct Receivers {
 
 impl Receivers {
     /// One receiver per connection.
-    fn spawn(&self, conn: &Conn) -> Result<JoinHandle<()>, MigrationError> {
+    /// `bulk`: the main connection (pushed pages), whose thread yields
+    /// the CPU to the answer channel's.
+    fn spawn(&self, conn: &Conn, bulk: bool) -> Result<JoinHandle<()>, MigrationError> {
         let r = self.clone();
         let mut reader = conn.try_clone()?;
         sandbox::spawn(
             std::thread::Builder::new().name("migration-in".into()),
             ThreadClass::MigrationDest,
             self.seccomp,
-            move || match receive_pages(&r.src, &mut reader, &r.materializer, &r.done_at) {
-                Ok(true) => (r.events)(MigrationEvent::Complete),
-                Ok(false) => {}
-                Err(e) => r.src.set_lost(e.to_string()),
+            move || {
+                if bulk {
+                    super::lower_priority();
+                }
+                match receive_pages(&r.src, &mut reader, &r.materializer, &r.done_at) {
+                    Ok(true) => (r.events)(MigrationEvent::Complete),
+                    Ok(false) => {}
+                    Err(e) => r.src.set_lost(e.to_string()),
+                }
             },
         )
         .map_err(|e| io("starting the receiver thread")(e.into()))
@@ -495,6 +640,7 @@ impl Watch {
                 // (and keep its VM resumable) even if only one of them broke.
                 self.conn.shutdown();
                 self.answers.shutdown();
+                self.src.progress.set_phase(Phase::Paused);
                 (self.events)(MigrationEvent::SourceLost(why));
                 lost_deadline = Some(Instant::now() + self.lost_wait);
             }
@@ -506,6 +652,7 @@ impl Watch {
                             .and_then(|l| {
                                 let at = l.endpoint()?;
                                 waiting = Some(l);
+                                self.src.progress.set_phase(Phase::Recovering);
                                 // The operator now starts the source's side.
                                 lost_deadline = Some(Instant::now() + self.lost_wait);
                                 Ok(at)
@@ -523,6 +670,8 @@ impl Watch {
                     Ok(()) => {
                         lost_deadline = None;
                         recoveries += 1;
+                        lock(&self.src.counters).recoveries = recoveries;
+                        self.src.progress.set_phase(Phase::Postcopy);
                         tracing::info!("the migration source is back");
                         (self.events)(MigrationEvent::Recovered);
                     }
@@ -534,6 +683,7 @@ impl Watch {
             }
             if !gave_up && lost_deadline.is_some_and(|d| Instant::now() >= d) {
                 gave_up = true;
+                self.src.progress.set_phase(Phase::Failed);
                 (self.events)(MigrationEvent::GaveUp);
             }
             std::thread::sleep(Duration::from_millis(5));
@@ -562,8 +712,8 @@ impl Watch {
         // can arrive on it (a `Done` is answered at once).
         self.src.reconnect(self.conn.try_clone()?);
         self.handles = vec![
-            self.receivers.spawn(&self.conn)?,
-            self.receivers.spawn(&self.answers)?,
+            self.receivers.spawn(&self.conn, true)?,
+            self.receivers.spawn(&self.answers, false)?,
         ];
         Ok(())
     }
@@ -579,12 +729,62 @@ pub struct IncomingSession {
     placer: Option<JoinHandle<()>>,
     watcher: Option<JoinHandle<u32>>,
     done_at: Arc<Mutex<Option<(Instant, u64)>>>,
+    fixed: Fixed,
+}
+
+/// The session's figures known at its start.
+#[derive(Debug, Clone, Copy)]
+struct Fixed {
     accepted: Instant,
     resume_ms: f64,
+    build_ms: f64,
+    parts: DestDowntime,
+    vcpus_started_unix_us: u64,
     precopy_pages: u64,
     precopy_kept: u64,
     data_pages: u64,
     reads_carried: u64,
+}
+
+/// The destination's figures now.
+fn dest_stats(
+    src: &RemoteSource,
+    done_at: &Mutex<Option<(Instant, u64)>>,
+    f: &Fixed,
+    recoveries: u32,
+    vcpu_blocked_us: u64,
+) -> DestStats {
+    let c = lock(&src.counters);
+    let done = *lock(done_at);
+    DestStats {
+        downtime_ms: done.map_or(0.0, |(_, us)| us as f64 / 1e3),
+        resume_ms: f.resume_ms,
+        total_ms: done.map_or(0.0, |(t, _)| (t - f.accepted).as_secs_f64() * 1e3),
+        precopy_pages: f.precopy_pages,
+        precopy_kept: f.precopy_kept,
+        data_pages: f.data_pages,
+        pages_requested: c.requested,
+        pages_answered: c.answered,
+        pages_pushed: c.pushed,
+        requests_met_by_push: c.requests_met_by_push,
+        resends: c.resends,
+        duplicates: c.duplicates,
+        bytes: c.bytes,
+        latency_p50_us: c.latency.percentile_upper_bound_us(0.5),
+        latency_p99_us: c.latency.percentile_upper_bound_us(0.99),
+        latency_us_log2: c.latency.buckets(),
+        vcpu_blocked_us,
+        held_after_loss: c.held_after_loss,
+        recoveries: recoveries.max(c.recoveries),
+        page_store_reads_carried: f.reads_carried,
+        status: src.progress.phase().name(),
+        build_ms: f.build_ms,
+        downtime_parts: f.parts,
+        requests: Percentiles::of(&c.samples),
+        zero_pages: c.zero_pages,
+        precopy_bytes: f.precopy_pages * (5 + 8 + PAGE64),
+        vcpus_started_unix_us: f.vcpus_started_unix_us,
+    }
 }
 
 impl IncomingSession {
@@ -613,30 +813,24 @@ impl IncomingSession {
         if let Some(p) = self.placer.take() {
             let _ = p.join();
         }
-        let c = lock(&self.src.counters);
-        let done = *lock(&self.done_at);
-        DestStats {
-            downtime_ms: done.map_or(0.0, |(_, us)| us as f64 / 1e3),
-            resume_ms: self.resume_ms,
-            total_ms: done.map_or(0.0, |(t, _)| (t - self.accepted).as_secs_f64() * 1e3),
-            precopy_pages: self.precopy_pages,
-            precopy_kept: self.precopy_kept,
-            data_pages: self.data_pages,
-            pages_requested: c.requested,
-            pages_answered: c.answered,
-            pages_pushed: c.pushed,
-            requests_met_by_push: c.requests_met_by_push,
-            resends: c.resends,
-            duplicates: c.duplicates,
-            bytes: c.bytes,
-            latency_p50_us: c.latency.percentile_upper_bound_us(0.5),
-            latency_p99_us: c.latency.percentile_upper_bound_us(0.99),
-            latency_us_log2: c.latency.buckets(),
-            vcpu_blocked_us,
-            held_after_loss: c.held_after_loss,
-            recoveries,
-            page_store_reads_carried: self.reads_carried,
+        if !self.src.progress.complete.load(Ordering::Acquire) {
+            self.src.progress.set_phase(Phase::Failed);
         }
+        dest_stats(&self.src, &self.done_at, &self.fixed, recoveries, vcpu_blocked_us)
+    }
+
+    /// The figures now, for `vmm ctl DEST migration` (as JSON; the caller
+    /// adds the VM's blocktime).
+    pub fn report_fn(&self) -> Arc<dyn Fn() -> serde_json::Value + Send + Sync> {
+        let (src, done_at, fixed) = (self.src.clone(), self.done_at.clone(), self.fixed);
+        Arc::new(move || {
+            let mut v = serde_json::to_value(dest_stats(&src, &done_at, &fixed, 0, 0)).unwrap_or_default();
+            if let Some(o) = v.as_object_mut() {
+                o.insert("role".into(), "destination".into());
+                o.remove("vcpu_blocked_us");
+            }
+            v
+        })
     }
 }
 
@@ -719,7 +913,15 @@ fn receive_pages(
     done_at: &Mutex<Option<(Instant, u64)>>,
 ) -> Result<bool, MigrationError> {
     loop {
-        match decode(r)? {
+        let msg = match decode(r)? {
+            Message::ZeroPage { gpa, requested } => Message::Page {
+                gpa,
+                requested,
+                data: vec![0; PAGE],
+            },
+            msg => msg,
+        };
+        match msg {
             Message::Page { gpa, requested, data } => {
                 if let Some(asked) = src.arrive(gpa, requested, data)? {
                     // Placed now: the retry core claims the page and copies it.
@@ -756,6 +958,7 @@ fn receive_pages(
                 }
                 src.complete.store(true, Ordering::Release);
                 src.progress.complete.store(true, Ordering::Release);
+                src.progress.set_phase(Phase::Complete);
                 *lock(done_at) = Some((Instant::now(), downtime_us));
                 src.send(Message::Complete);
                 return Ok(true);
@@ -809,18 +1012,29 @@ mod tests {
         let listener = Listener::bind(&super::super::Endpoint::Unix(path.clone())).unwrap();
         let wait = Duration::from_millis(1500);
         for answer_channel in [false, true] {
-            let connect = |first: Option<Message>| {
+            let connect = |first: Vec<Message>| {
                 let mut s = UnixStream::connect(&path).unwrap();
                 write_header(&mut s).unwrap();
-                if let Some(m) = first {
+                for m in first {
                     encode(&mut s, &m).unwrap();
                 }
                 s
             };
+            let config = ConfigState {
+                kernel: None,
+                vcpus: 1,
+                mem_size: 64 << 20,
+                cmdline: String::new(),
+            };
+            let setup = Message::Setup(serde_json::to_vec(&config).unwrap());
             let begin = Message::PrecopyBegin { mem_size: 64 << 20 };
-            let _main = connect(Some(begin));
+            let _main = connect(vec![setup, begin]);
             // Without its first message (Preempt), or with it and no pre-copy after.
-            let _answers = connect(answer_channel.then_some(Message::Preempt));
+            let _answers = connect(if answer_channel {
+                vec![Message::Preempt]
+            } else {
+                vec![]
+            });
             let t = Instant::now();
             let e = Incoming::accept(
                 &listener,
@@ -828,6 +1042,7 @@ mod tests {
                 Some(wait),
                 SeccompMode::process_default(),
             )
+            .and_then(Incoming::switchover)
             .unwrap_err();
             assert!(t.elapsed() < wait + Duration::from_secs(5), "{:?}", t.elapsed());
             if answer_channel {

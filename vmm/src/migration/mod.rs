@@ -23,15 +23,17 @@ pub mod outgoing;
 pub mod precopy;
 pub mod push_order;
 pub mod remote;
+pub mod status;
 pub mod tls;
 pub mod transport;
 pub mod wire;
 
 pub use incoming::{DestStats, Incoming, IncomingSession, MigrationEvent, RecoverRequest};
-pub use outgoing::{MigrateOptions, Outgoing, Resumable, SourceSummary, Stopped};
-pub use precopy::{spawn_precopy, PrecopyCtx};
+pub use outgoing::{Downtime, MigrateOptions, Outgoing, Resumable, SourceSummary, Stopped};
+pub use precopy::{spawn_precopy, Paused, PrecopyCtx};
 pub use push_order::{push_order, PageHistory, PushOrder};
 pub use remote::{Progress, RemoteSource};
+pub use status::{Percentiles, Phase, SourceReport, SourceStatus};
 pub use tls::{Tls, TlsError, TlsFiles};
 pub use transport::{Conn, Endpoint, Listener, ListenerStop, Security};
 pub use wire::{Message, VERSION};
@@ -185,6 +187,30 @@ pub enum MigrationError {
 
 fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> MigrationError {
     move |source| MigrationError::Io { what, source }
+}
+
+/// Lowers the calling thread's scheduling priority (nice 10): bulk work
+/// (the push, placing pushed pages) yields the CPU to the page-request path
+/// and the vCPUs. Best effort: nothing changes if the kernel refuses.
+fn lower_priority() {
+    // SAFETY: setpriority only reads its arguments; a thread may lower its
+    // own priority. On Linux the nice value is per thread and `who` 0 is the
+    // calling thread (the one form the seccomp rules allow, with this value).
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, sandbox::BULK_NICE) } != 0 {
+        tracing::debug!(
+            "cannot lower the priority of a migration thread: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// The wall clock now, microseconds since the Unix epoch (0 before it):
+/// both ends of a migration on one host (or with synchronized clocks) can
+/// compare such times.
+pub fn unix_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

@@ -4,15 +4,19 @@
 //! resumption of an interrupted post-copy with a destination that waits for
 //! it (`recover`).
 
+use super::status::{Phase, SourceStatus};
 use super::transport::{Conn, Endpoint, Security, HANDSHAKE_WAIT};
-use super::wire::{decode, encode, Message, PAGE, PAGE64};
+use super::wire::page_bitmap;
+use super::wire::{decode, encode, is_zero, Message, PAGE, PAGE64};
 use super::{io, MigrationError};
 use crate::snapshot::{Extent, EXTENT_MAX};
 use crate::state::SavedVm;
 use devices::GuestRam;
 use sandbox::ThreadClass;
 use std::io::{BufWriter, Write};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::mpsc::{self, TryRecvError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -69,6 +73,50 @@ pub struct SourceSummary {
     pub connect_ms: f64,
     /// This run resumed an interrupted post-copy.
     pub resumed: bool,
+    /// Pages sent in each pre-copy round (round 1: every data page).
+    pub precopy_round_pages: Vec<u64>,
+    /// Post-copy pages that went as zero pages (their address only: the
+    /// zero check is made at the push, not inside the pause).
+    pub zero_pages: u64,
+    /// The downtime, part by part, on this side's clock.
+    pub downtime: Downtime,
+}
+
+/// The source's downtime, part by part (ms): the sum of the parts is
+/// `total_ms`.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct Downtime {
+    /// Asking the vCPUs to stop until all had stopped.
+    pub pause_ms: f64,
+    /// Capturing the state (devices paused, KVM, vCPU and device state saved).
+    pub capture_ms: f64,
+    /// The controller handing the captured state back to the migration
+    /// thread (a thread wake-up).
+    #[serde(default)]
+    pub handoff_ms: f64,
+    /// The page list: the dirty log since the scan (or the last round),
+    /// merged into the scanned pages.
+    pub page_list_ms: f64,
+    /// Encoding and writing the state and the page map.
+    pub send_state_ms: f64,
+    /// State sent to the destination's `Resumed` received: the destination
+    /// applies the state to its VM (built already) and starts the vCPUs
+    /// (`destination_part_ms`), plus the trips both ways (`trips_ms`).
+    pub destination_ms: f64,
+    /// The destination's own part, as it reported it in `Resumed`: the
+    /// state's arrival to its vCPUs started.
+    pub destination_part_ms: f64,
+    /// `destination_ms` less the destination's part: the state's trip there
+    /// and `Resumed`'s trip back, scheduling included (only the first is
+    /// downtime, but the two cannot be told apart without a shared clock).
+    pub trips_ms: f64,
+    /// Pause to `Resumed` (the downtime).
+    pub total_ms: f64,
+    /// When the pause began, on the wall clock (microseconds since the
+    /// Unix epoch): with the destination's `vcpus_started_unix_us`, the
+    /// downtime without the trip back, on one host or synchronized clocks.
+    #[serde(default)]
+    pub paused_unix_us: u64,
 }
 
 /// What a source keeps to resume an interrupted post-copy.
@@ -134,8 +182,45 @@ pub struct Outgoing {
     /// Pages to push, in order.
     order: Vec<u64>,
     /// Per guest page: 0 no data, 1 data not sent, 2 sent.
-    sent: Vec<u8>,
+    sent: Arc<Sent>,
+    /// The state and page map went (the downtime's destination part starts).
+    state_sent_at: Option<Instant>,
     summary: SourceSummary,
+    status: Arc<SourceStatus>,
+}
+
+/// Per guest page: [`NO_DATA`], [`UNSENT`] or [`SENT`]; shared by the push
+/// loop and the answering thread, which claim a page (UNSENT to SENT)
+/// before sending it: each page goes once.
+#[derive(Debug)]
+struct Sent(Vec<AtomicU8>);
+
+const NO_DATA: u8 = 0;
+const UNSENT: u8 = 1;
+const SENT: u8 = 2;
+
+impl Sent {
+    fn slot(&self, gpa: u64) -> Option<&AtomicU8> {
+        usize::try_from(gpa / PAGE64).ok().and_then(|i| self.0.get(i))
+    }
+
+    fn get(&self, gpa: u64) -> u8 {
+        self.slot(gpa).map_or(NO_DATA, |s| s.load(Ordering::Acquire))
+    }
+
+    fn set(&self, gpa: u64, v: u8) {
+        if let Some(s) = self.slot(gpa) {
+            s.store(v, Ordering::Release);
+        }
+    }
+
+    /// Takes an unsent page for sending: `true` for the one caller that may.
+    fn claim(&self, gpa: u64) -> bool {
+        self.slot(gpa).is_some_and(|s| {
+            s.compare_exchange(UNSENT, SENT, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        })
+    }
 }
 
 impl Outgoing {
@@ -150,26 +235,34 @@ impl Outgoing {
         state: &SavedVm,
         extents: Vec<Extent>,
         mem: GuestRam,
+        mem_size: u64,
         paused_at: Instant,
         push_delay: Duration,
         summary: SourceSummary,
+        status: Arc<SourceStatus>,
     ) -> Result<Outgoing, MigrationError> {
+        let t = Instant::now();
         let json = serde_json::to_vec(state).map_err(MigrationError::Encode)?;
+        let map = page_bitmap(extent_pages(&extents), mem_size);
         let mut w = BufWriter::new(conn.try_clone()?);
         encode(&mut w, &Message::State(json.clone())).map_err(io("sending the state"))?;
-        let pairs = extents.iter().map(|e| (e.gpa, e.len)).collect();
-        encode(&mut w, &Message::Extents(pairs)).map_err(io("sending the extents"))?;
+        encode(&mut w, &Message::PageMap(map.clone())).map_err(io("sending the page map"))?;
         w.flush().map_err(io("sending the state"))?;
-        let ram_end = crate::snapshot::ram_end(state.vm.config.mem_size);
+        let ram_end = crate::snapshot::ram_end(mem_size);
         let mut out = Outgoing::new(
-            conn, answers, mem, extents, ram_end, paused_at, push_delay, summary,
+            conn, answers, mem, extents, ram_end, paused_at, push_delay, summary, status,
         );
-        out.bytes += bytes + 5 + json.len() as u64 + 5 + 16 * out.extents.len() as u64 + 12 + 5;
+        out.summary.downtime.send_state_ms = t.elapsed().as_secs_f64() * 1e3;
+        out.state_sent_at = Some(Instant::now());
+        out.bytes += bytes + 5 + json.len() as u64 + 5 + map.len() as u64;
+        // Address order; the caller may [`Outgoing::reorder`] it.
         let order: Vec<u64> = extent_pages(&out.extents).collect();
         for &g in &order {
             out.mark(g, 1);
         }
         out.summary.data_pages = order.len() as u64;
+        out.status.data_pages.store(order.len() as u64, Ordering::Relaxed);
+        out.status.set_phase(Phase::Postcopy);
         out.order = order;
         Ok(out)
     }
@@ -183,7 +276,9 @@ impl Outgoing {
         mem: GuestRam,
         mem_size: u64,
         options: &MigrateOptions,
+        status: Arc<SourceStatus>,
     ) -> Result<Outgoing, MigrationError> {
+        status.set_phase(Phase::Recovering);
         let push_delay = options.push_delay;
         let start = Instant::now();
         let mut conn = Conn::open(to, &options.security)?;
@@ -220,6 +315,7 @@ impl Outgoing {
             from.paused_at,
             push_delay,
             summary,
+            status,
         );
         out.resumed_at = from.resumed_at;
         out.bytes = 12 + 5 + 5 + bits.len() as u64 + 12 + 5;
@@ -235,6 +331,9 @@ impl Outgoing {
             }
         }
         out.summary.data_pages = order.len() as u64;
+        out.status.data_pages.store(order.len() as u64, Ordering::Relaxed);
+        out.status.set_phase(Phase::Postcopy);
+        // Address order: the history of a push order by recency is gone.
         out.order = order;
         Ok(out)
     }
@@ -249,7 +348,9 @@ impl Outgoing {
         paused_at: Instant,
         push_delay: Duration,
         summary: SourceSummary,
+        status: Arc<SourceStatus>,
     ) -> Outgoing {
+        let pages = usize::try_from(ram_end / PAGE64).unwrap_or(0);
         Outgoing {
             conn,
             answers,
@@ -257,28 +358,26 @@ impl Outgoing {
             extents,
             paused_at,
             resumed_at: None,
+            state_sent_at: None,
             push_delay,
             bytes: 0,
             order: Vec::new(),
-            sent: vec![0u8; usize::try_from(ram_end / PAGE64).unwrap_or(0)],
+            sent: Arc::new(Sent((0..pages).map(|_| AtomicU8::new(0)).collect())),
             summary,
+            status,
         }
     }
 
     /// Reorders the pages still to push (before the push starts): `f`
-    /// gets them in address order and must return a permutation.
+    /// gets them in address order and must return a permutation (the one
+    /// ordering function, [`super::push_order::push_order`]).
     pub(super) fn reorder(&mut self, f: impl FnOnce(Vec<u64>) -> Vec<u64>) {
         let pages = std::mem::take(&mut self.order);
         self.order = f(pages);
     }
 
     fn mark(&mut self, gpa: u64, v: u8) {
-        if let Some(s) = usize::try_from(gpa / PAGE64)
-            .ok()
-            .and_then(|i| self.sent.get_mut(i))
-        {
-            *s = v;
-        }
+        self.sent.set(gpa, v);
     }
 
     /// Serves requests and pushes every data page on a new thread; calls
@@ -308,14 +407,33 @@ impl Outgoing {
     fn run(&mut self) -> Result<SourceSummary, MigrationError> {
         let mut reader = self.conn.try_clone()?;
         let (tx, rx) = mpsc::channel();
-        // Requests are read on their own thread so that the push loop can
-        // check them between every page without blocking.
+        let counts = Arc::new(AnswerCounts::default());
+        let mut answerer = Answerer {
+            sent: self.sent.clone(),
+            mem: self.mem.clone(),
+            w: BufWriter::with_capacity(8 << 10, self.answers.try_clone()?),
+            buf: vec![0u8; PAGE],
+            counts: counts.clone(),
+            status: self.status.clone(),
+        };
+        // Requests are read and answered on their own thread, on the answer
+        // channel: an answer never waits behind the push (its buffers, or a
+        // push write blocked on a full socket). Other messages go to the
+        // push loop.
         sandbox::spawn(
             std::thread::Builder::new().name("migration-requests".into()),
             ThreadClass::MigrationSource,
             sandbox::inherited_mode(),
             move || loop {
-                let m = decode(&mut reader);
+                let m = match decode(&mut reader) {
+                    Ok(m @ (Message::Request(_) | Message::Resend(_))) => match answerer.answer(&m) {
+                        Ok(()) => continue,
+                        Err(e) => Err(e),
+                    },
+                    // Timed here: the push loop may be busy writing.
+                    Ok(m) => Ok((Instant::now(), m)),
+                    Err(e) => Err(e),
+                };
                 let stop = m.is_err();
                 if tx.send(m).is_err() || stop {
                     break;
@@ -326,7 +444,8 @@ impl Outgoing {
         let order = std::mem::take(&mut self.order);
         let conn = self.conn.try_clone()?;
         let mut w = BufWriter::with_capacity(64 << 10, conn);
-        let mut answers = BufWriter::with_capacity(8 << 10, self.answers.try_clone()?);
+        // The push is bulk work: the answering thread (and the vCPUs) go first.
+        super::lower_priority();
         let mut next = 0;
         let mut done_sent = false;
         let mut buf = vec![0u8; PAGE];
@@ -346,7 +465,7 @@ impl Outgoing {
                     }
                 }
             } else {
-                // Only requests to serve: sleep until one comes or the push may start.
+                // Nothing to push: sleep until a message comes or the push may start.
                 let wait = if pushing {
                     Duration::from_millis(100)
                 } else {
@@ -363,26 +482,17 @@ impl Outgoing {
                 }
             };
             if let Some(m) = msg {
-                match m? {
-                    Message::Request(gpa) | Message::Resend(gpa) if self.slot(gpa) == 0 => {
-                        return Err(MigrationError::Protocol(format!(
-                            "the destination asked for page {gpa:#x}, which holds no data or is outside guest RAM"
-                        )))
+                let (at, m) = m?;
+                match m {
+                    Message::Resumed { took_us } => {
+                        let now = at;
+                        self.resumed_at = Some(now);
+                        let d = &mut self.summary.downtime;
+                        d.total_ms = (now - self.paused_at).as_secs_f64() * 1e3;
+                        d.destination_ms = self.state_sent_at.map_or(0.0, |t| (now - t).as_secs_f64() * 1e3);
+                        d.destination_part_ms = (took_us as f64 / 1e3).min(d.destination_ms);
+                        d.trips_ms = d.destination_ms - d.destination_part_ms;
                     }
-                    Message::Request(gpa) if self.slot(gpa) == 2 => self.summary.requests_already_sent += 1,
-                    m @ (Message::Request(_) | Message::Resend(_)) => {
-                        let (Message::Request(gpa) | Message::Resend(gpa)) = m else { continue };
-                        if matches!(m, Message::Resend(_)) {
-                            self.summary.pages_resent += 1;
-                        } else {
-                            self.summary.pages_requested += 1;
-                        }
-                        // On the answer channel, flushed at once: it never
-                        // waits behind pushes.
-                        self.send_page(&mut answers, &mut buf, gpa, true)?;
-                        answers.flush().map_err(io("sending a page"))?;
-                    }
-                    Message::Resumed => self.resumed_at = Some(Instant::now()),
                     Message::Complete => {
                         w.flush().map_err(io("flushing"))?;
                         let mut s = std::mem::take(&mut self.summary);
@@ -390,12 +500,17 @@ impl Outgoing {
                             .resumed_at
                             .map_or(0.0, |r| (r - self.paused_at).as_secs_f64() * 1e3);
                         s.total_ms = self.paused_at.elapsed().as_secs_f64() * 1e3;
-                        s.bytes_sent = self.bytes;
+                        s.pages_requested = counts.requested.load(Ordering::Relaxed);
+                        s.requests_already_sent = counts.already_sent.load(Ordering::Relaxed);
+                        s.pages_resent = counts.resent.load(Ordering::Relaxed);
+                        s.zero_pages += counts.zero.load(Ordering::Relaxed);
+                        s.bytes_sent = self.bytes + counts.bytes.load(Ordering::Relaxed);
                         return Ok(s);
                     }
                     other => {
                         return Err(MigrationError::Protocol(format!(
-                            "unexpected message from the destination: {}", other.summary()
+                            "unexpected message from the destination: {}",
+                            other.summary()
                         )))
                     }
                 }
@@ -407,9 +522,10 @@ impl Outgoing {
             if next < order.len() {
                 let gpa = order[next];
                 next += 1;
-                if self.slot(gpa) == 1 {
+                if self.sent.claim(gpa) {
                     self.summary.pages_pushed += 1;
-                    self.send_page(&mut w, &mut buf, gpa, false)?;
+                    self.status.pages_pushed.fetch_add(1, Ordering::Relaxed);
+                    self.send_page(&mut w, &mut buf, gpa)?;
                 }
             } else if !done_sent && may_end {
                 let downtime_us = self.resumed_at.map_or(0, |r| {
@@ -417,7 +533,7 @@ impl Outgoing {
                 });
                 let done = Message::Done {
                     pushed: self.summary.pages_pushed,
-                    requested: self.summary.pages_requested,
+                    requested: counts.requested.load(Ordering::Relaxed),
                     downtime_us,
                 };
                 encode(&mut w, &done).map_err(io("sending Done"))?;
@@ -428,33 +544,98 @@ impl Outgoing {
         }
     }
 
-    fn slot(&self, gpa: u64) -> u8 {
-        usize::try_from(gpa / PAGE64)
-            .ok()
-            .and_then(|i| self.sent.get(i))
-            .copied()
-            .unwrap_or(0)
+    /// Pushes page `gpa` (claimed already).
+    fn send_page(&mut self, w: &mut impl Write, buf: &mut [u8], gpa: u64) -> Result<(), MigrationError> {
+        let n = write_page(&self.mem, w, buf, gpa, false)?;
+        if n < PAGE64 {
+            self.summary.zero_pages += 1;
+            self.status.zero_pages.fetch_add(1, Ordering::Relaxed);
+        }
+        self.bytes += n;
+        self.status.postcopy_bytes.fetch_add(n, Ordering::Relaxed);
+        Ok(())
     }
+}
 
-    fn send_page(
-        &mut self,
-        w: &mut impl Write,
-        buf: &mut [u8],
-        gpa: u64,
-        requested: bool,
-    ) -> Result<(), MigrationError> {
-        // The VM is paused here: its memory does not change.
-        self.mem
-            .read_slice(buf, GuestAddress(gpa))
-            .map_err(|source| MigrationError::ReadMemory { gpa, source })?;
-        let m = Message::Page {
+/// Reads page `gpa` and writes it (a zero page as its address only);
+/// returns the bytes written.
+fn write_page(
+    mem: &GuestRam,
+    w: &mut impl Write,
+    buf: &mut [u8],
+    gpa: u64,
+    requested: bool,
+) -> Result<u64, MigrationError> {
+    // The VM is paused here: its memory does not change.
+    mem.read_slice(buf, GuestAddress(gpa))
+        .map_err(|source| MigrationError::ReadMemory { gpa, source })?;
+    let zero = is_zero(buf);
+    let m = if zero {
+        Message::ZeroPage { gpa, requested }
+    } else {
+        Message::Page {
             gpa,
             requested,
             data: buf.to_vec(),
+        }
+    };
+    encode(w, &m).map_err(io("sending a page"))?;
+    Ok(if zero { 5 + 8 } else { 5 + 8 + PAGE64 })
+}
+
+/// What the answering thread counted.
+#[derive(Debug, Default)]
+struct AnswerCounts {
+    requested: AtomicU64,
+    already_sent: AtomicU64,
+    resent: AtomicU64,
+    zero: AtomicU64,
+    bytes: AtomicU64,
+}
+
+/// Answers page requests on the answer channel (the `migration-requests`
+/// thread).
+struct Answerer {
+    sent: Arc<Sent>,
+    mem: GuestRam,
+    w: BufWriter<Conn>,
+    buf: Vec<u8>,
+    counts: Arc<AnswerCounts>,
+    status: Arc<SourceStatus>,
+}
+
+impl Answerer {
+    fn answer(&mut self, m: &Message) -> Result<(), MigrationError> {
+        let (gpa, resend) = match *m {
+            Message::Request(g) => (g, false),
+            Message::Resend(g) => (g, true),
+            _ => return Ok(()),
         };
-        encode(w, &m).map_err(io("sending a page"))?;
-        self.bytes += 5 + 8 + PAGE64;
-        self.mark(gpa, 2);
+        if self.sent.get(gpa) == NO_DATA {
+            return Err(MigrationError::Protocol(format!(
+                "the destination asked for page {gpa:#x}, which holds no data or is outside guest RAM"
+            )));
+        }
+        if resend {
+            self.counts.resent.fetch_add(1, Ordering::Relaxed);
+            self.sent.set(gpa, SENT);
+        } else if self.sent.claim(gpa) {
+            self.counts.requested.fetch_add(1, Ordering::Relaxed);
+            self.status.pages_requested.fetch_add(1, Ordering::Relaxed);
+        } else {
+            // Pushed already: on its way.
+            self.counts.already_sent.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
+        // Flushed at once: it never waits behind pushes.
+        let n = write_page(&self.mem, &mut self.w, &mut self.buf, gpa, true)?;
+        self.w.flush().map_err(io("sending a page"))?;
+        if n < PAGE64 {
+            self.counts.zero.fetch_add(1, Ordering::Relaxed);
+            self.status.zero_pages.fetch_add(1, Ordering::Relaxed);
+        }
+        self.counts.bytes.fetch_add(n, Ordering::Relaxed);
+        self.status.postcopy_bytes.fetch_add(n, Ordering::Relaxed);
         Ok(())
     }
 }
@@ -485,11 +666,12 @@ pub fn spawn_resume(
     mem: GuestRam,
     mem_size: u64,
     options: MigrateOptions,
+    status: Arc<SourceStatus>,
     on_end: impl FnOnce(Result<SourceSummary, Box<Stopped>>) + Send + 'static,
 ) -> Result<(), MigrationError> {
     spawn_out(
         move || {
-            Outgoing::resume(&to, &from, mem, mem_size, &options)
+            Outgoing::resume(&to, &from, mem, mem_size, &options, status)
                 .map_err(|error| {
                     Box::new(Stopped {
                         error,

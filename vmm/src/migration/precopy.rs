@@ -7,11 +7,12 @@
 //! data page) go by post-copy.
 
 use super::outgoing::{
-    extents_of, open_both, spawn_out, MigrateOptions, Outgoing, Resumable, SourceSummary, Stopped,
+    extents_of, open_both, spawn_out, Downtime, MigrateOptions, Outgoing, Resumable, SourceSummary, Stopped,
 };
 use super::push_order::{push_order, PageHistory, PushOrder, RECENCY_SAMPLE};
+use super::status::{Phase, SourceStatus};
 use super::transport::{Conn, Endpoint};
-use super::wire::{encode, Message, PAGE, PAGE64};
+use super::wire::{encode, is_zero, Message, PAGE, PAGE64};
 use super::{io, MigrationError};
 use crate::state::SavedVm;
 use devices::GuestRam;
@@ -24,8 +25,23 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_core::memory::pages::Pagemap;
 use vmm_core::memory::{DirtyTracker, Materializer};
 
+/// The VM as the switchover left it: paused, its state captured.
+#[derive(Debug)]
+pub struct Paused {
+    /// The captured state.
+    pub state: SavedVm,
+    /// When the pause began.
+    pub paused_at: Instant,
+    /// The same on the wall clock ([`super::unix_us`]).
+    pub paused_unix_us: u64,
+    /// Asking the vCPUs to stop until every one had stopped.
+    pub pause_ms: f64,
+    /// Capturing the state (devices paused, KVM and device state saved).
+    pub capture_ms: f64,
+}
+
 /// Pauses the VM and captures its state, on the controller, at the switchover.
-pub type Switchover = Box<dyn FnOnce() -> Result<(SavedVm, Instant), MigrationError> + Send>;
+pub type Switchover = Box<dyn FnOnce() -> Result<Paused, MigrationError> + Send>;
 
 /// What an outgoing migration needs from the source VM.
 pub struct PrecopyCtx {
@@ -43,6 +59,11 @@ pub struct PrecopyCtx {
     pub stop: Arc<AtomicBool>,
     /// Pauses the VM and captures its state (on the controller).
     pub switchover: Switchover,
+    /// The VM's configuration (a `ConfigState` as JSON): `Setup`, sent
+    /// first, so that the destination builds its VM before the pause.
+    pub setup: Vec<u8>,
+    /// Where the migration stands (`vmm ctl SRC migration`).
+    pub status: Arc<SourceStatus>,
     /// This process's page map, opened by the caller: the pre-copy thread's
     /// sandbox opens no file.
     pub pagemap: Pagemap,
@@ -80,62 +101,18 @@ fn precopy(to: &Endpoint, options: &MigrateOptions, ctx: PrecopyCtx) -> Result<O
             resumable: None,
         })
     };
+    let status = ctx.status.clone();
+    status.set_phase(Phase::Setup);
     let (conn, answers) = open_both(to, &options.security).map_err(early)?;
     let connect_ms = start.elapsed().as_secs_f64() * 1e3;
-    let mut history = PageHistory::default();
-    if options.precopy_rounds == 0 {
-        if options.push_order == PushOrder::Recency {
-            // No pre-copy log: sample the guest's writes for a moment.
-            let mut t =
-                DirtyTracker::start(ctx.vm_fd.clone(), ctx.mem.clone()).map_err(|e| early(e.into()))?;
-            std::thread::sleep(RECENCY_SAMPLE);
-            let dirty = t.take().map_err(|e| early(e.into()))?;
-            if let Err(e) = t.stop() {
-                tracing::warn!("{e}");
-            }
-            history.note(1, &dirty);
-        }
-        // Post-copy only: every data page goes after the switchover.
-        let (state, paused_at) = (ctx.switchover)().map_err(early)?;
-        let stopped = |error| {
-            Box::new(Stopped {
-                error,
-                resumable: None,
-            })
-        };
-        // The VM is paused: its memory does not change.
-        let extents = crate::snapshot::memory::data_extents_in(&ctx.pagemap, &ctx.mem)
-            .map_err(|e| stopped(e.into()))?;
-        let resumable = Resumable {
-            extents: extents.clone(),
-            paused_at,
-            resumed_at: None,
-        };
-        return Outgoing::postcopy(
-            conn,
-            answers,
-            12,
-            &state,
-            extents,
-            ctx.mem,
-            paused_at,
-            options.push_delay,
-            SourceSummary {
-                connect_ms,
-                ..Default::default()
-            },
-        )
-        .map(|mut out| {
-            out.reorder(|pages| push_order(pages, options.push_order, &history));
-            out
-        })
-        .map_err(|error| {
-            Box::new(Stopped {
-                error,
-                resumable: Some(resumable),
-            })
-        });
-    }
+    let mut w = BufWriter::with_capacity(64 << 10, conn.try_clone().map_err(early)?);
+    // First: the destination builds its VM (KVM objects, memory, devices)
+    // while this one runs on.
+    encode(&mut w, &Message::Setup(ctx.setup.clone())).map_err(|e| early(io("sending the setup")(e)))?;
+    w.flush().map_err(|e| early(io("sending the setup")(e)))?;
+    let mut bytes = 12 + 5 + ctx.setup.len() as u64;
+    // Lazily backed memory is fetched in full while the VM runs: nothing is
+    // fetched inside the pause.
     if let Some(m) = &ctx.materializer {
         m.run(&ctx.stop, &AtomicU64::new(0))
             .map_err(|e| early(e.into()))?;
@@ -143,94 +120,131 @@ fn precopy(to: &Endpoint, options: &MigrateOptions, ctx: PrecopyCtx) -> Result<O
             return Err(early(MigrationError::SourceLost));
         }
     }
-    let mut w = BufWriter::with_capacity(64 << 10, conn.try_clone().map_err(early)?);
     let mut summary = SourceSummary {
         connect_ms,
         ..Default::default()
     };
-    let mut bytes = 12 + 13;
-    encode(
-        &mut w,
-        &Message::PrecopyBegin {
-            mem_size: ctx.mem_size,
-        },
-    )
-    .map_err(|e| early(io("starting pre-copy")(e)))?;
-    // Logging starts before the first copy: a page written while (or after)
-    // it is copied is copied again.
+    // Logging starts before the scan: a page written while (or after) it is
+    // scanned or copied is in the next log.
     let tracker = DirtyTracker::start(ctx.vm_fd.clone(), ctx.mem.clone()).map_err(|e| early(e.into()))?;
-    let mut buf = vec![0u8; PAGE];
-    // Volatile copies: the guest may be writing the page (it is then in the
-    // next round's log). A rewritten page goes even if now zero: the
-    // destination may hold an older copy.
-    let mut send = |w: &mut BufWriter<Conn>, gpa: u64, summary: &mut SourceSummary, skip_zero: bool| {
-        ctx.mem
-            .read_slice(&mut buf, GuestAddress(gpa))
-            .map_err(|source| MigrationError::ReadMemory { gpa, source })?;
-        if skip_zero && buf.iter().all(|&b| b == 0) {
-            return Ok(());
-        }
+    // Every page that exists, found while the VM runs; the log keeps the
+    // set current until the pause. Zero pages are told apart at the push.
+    let scanned = vmm_core::memory::pages::existing_guest_pages_in(&ctx.pagemap, &ctx.mem)
+        .map_err(|e| early(io("reading the page map")(e)))?;
+    let postcopy_from_scan = options.precopy_rounds == 0;
+    // What the push order by recency goes by: the rounds' dirty logs.
+    let mut history = PageHistory::default();
+    if postcopy_from_scan && options.push_order == PushOrder::Recency {
+        // No pre-copy log: the log since the scan, read at the pause, is
+        // the sample; let the guest write for a moment first.
+        std::thread::sleep(RECENCY_SAMPLE);
+    }
+    if !postcopy_from_scan {
+        status.set_phase(Phase::Precopy(1));
         encode(
-            w,
-            &Message::PrecopyPage {
-                gpa,
-                data: buf.clone(),
+            &mut w,
+            &Message::PrecopyBegin {
+                mem_size: ctx.mem_size,
             },
         )
-        .map_err(io("sending a page"))?;
-        summary.precopy_pages += 1;
-        Ok::<_, MigrationError>(())
-    };
-    // Round 1: every page that exists and holds data.
-    let existing = vmm_core::memory::pages::existing_guest_pages_in(&ctx.pagemap, &ctx.mem)
-        .map_err(|e| early(io("reading the page map")(e)))?;
-    for gpa in existing {
-        send(&mut w, gpa, &mut summary, true).map_err(early)?;
-    }
-    summary.precopy_rounds = 1;
-    // Later rounds: what the guest wrote meanwhile.
-    while summary.precopy_rounds < options.precopy_rounds {
-        let dirty = tracker.take().map_err(|e| early(e.into()))?;
-        summary.precopy_dirty.push(dirty.len() as u64);
-        summary.precopy_rounds += 1;
-        history.note(summary.precopy_rounds, &dirty);
-        for &gpa in &dirty {
-            send(&mut w, gpa, &mut summary, false).map_err(early)?;
+        .map_err(|e| early(io("starting pre-copy")(e)))?;
+        bytes += 13;
+        let mut buf = vec![0u8; PAGE];
+        // Volatile copies: the guest may be writing the page (it is then in the
+        // next round's log). A rewritten page goes even if now zero: the
+        // destination may hold an older copy.
+        let mut send = |w: &mut BufWriter<Conn>, gpa: u64, summary: &mut SourceSummary, skip_zero: bool| {
+            ctx.mem
+                .read_slice(&mut buf, GuestAddress(gpa))
+                .map_err(|source| MigrationError::ReadMemory { gpa, source })?;
+            if skip_zero && is_zero(&buf) {
+                return Ok(());
+            }
+            encode(
+                w,
+                &Message::PrecopyPage {
+                    gpa,
+                    data: buf.clone(),
+                },
+            )
+            .map_err(io("sending a page"))?;
+            summary.precopy_pages += 1;
+            status.precopy_sent(1);
+            Ok::<_, MigrationError>(())
+        };
+        // Round 1: every page that exists and holds data.
+        let before = summary.precopy_pages;
+        for &gpa in &scanned {
+            send(&mut w, gpa, &mut summary, true).map_err(early)?;
         }
-        if dirty.is_empty() {
-            break;
+        summary.precopy_round_pages.push(summary.precopy_pages - before);
+        summary.precopy_rounds = 1;
+        // Later rounds: what the guest wrote meanwhile.
+        while summary.precopy_rounds < options.precopy_rounds {
+            let dirty = tracker.take().map_err(|e| early(e.into()))?;
+            summary.precopy_dirty.push(dirty.len() as u64);
+            summary.precopy_rounds += 1;
+            status.set_phase(Phase::Precopy(summary.precopy_rounds));
+            history.note(summary.precopy_rounds, &dirty);
+            for &gpa in &dirty {
+                send(&mut w, gpa, &mut summary, false).map_err(early)?;
+            }
+            summary.precopy_round_pages.push(dirty.len() as u64);
+            if dirty.is_empty() {
+                break;
+            }
         }
+        bytes += summary.precopy_pages * (5 + 8 + PAGE64);
     }
     w.flush().map_err(|e| early(io("sending pages")(e)))?;
     drop(w);
-    bytes += summary.precopy_pages * (5 + 8 + PAGE64);
     summary.precopy_ms = start.elapsed().as_secs_f64() * 1e3;
-    let (state, paused_at) = (ctx.switchover)().map_err(early)?;
-    // The VM is paused: what it wrote since the last round is the post-copy set.
-    let mut tracker = tracker;
+    status.set_phase(Phase::Switchover);
+    let paused = (ctx.switchover)().map_err(early)?;
+    let listed = Instant::now();
+    // The VM is paused: what it wrote since the scan (or the last round)
+    // completes the post-copy set.
     let dirty = tracker.take().map_err(|e| early(e.into()))?;
-    if let Err(e) = tracker.stop() {
-        tracing::warn!("{e}");
-    }
     summary.precopy_dirty.push(dirty.len() as u64);
-    let extents = extents_of(&dirty);
+    let pages = if postcopy_from_scan {
+        if options.push_order == PushOrder::Recency {
+            history.note(1, &dirty);
+        }
+        merge_sorted(&scanned, &dirty)
+    } else {
+        dirty
+    };
+    let extents = extents_of(&pages);
+    drop(pages);
     let resumable = Resumable {
         extents: extents.clone(),
-        paused_at,
+        paused_at: paused.paused_at,
         resumed_at: None,
     };
-    Outgoing::postcopy(
+    let since = |t: Instant, u: Instant| u.saturating_duration_since(t).as_secs_f64() * 1e3;
+    let downtime = Downtime {
+        pause_ms: paused.pause_ms,
+        capture_ms: paused.capture_ms,
+        handoff_ms: (since(paused.paused_at, listed) - paused.pause_ms - paused.capture_ms).max(0.0),
+        page_list_ms: listed.elapsed().as_secs_f64() * 1e3,
+        paused_unix_us: paused.paused_unix_us,
+        ..Default::default()
+    };
+    let out = Outgoing::postcopy(
         conn,
         answers,
         bytes,
-        &state,
+        &paused.state,
         extents,
         ctx.mem,
-        paused_at,
+        ctx.mem_size,
+        paused.paused_at,
         options.push_delay,
-        summary,
+        SourceSummary { downtime, ..summary },
+        status,
     )
     .map(|mut out| {
+        // After the state went: the destination resumes meanwhile.
         out.reorder(|pages| push_order(pages, options.push_order, &history));
         out
     })
@@ -239,5 +253,54 @@ fn precopy(to: &Endpoint, options: &MigrateOptions, ctx: PrecopyCtx) -> Result<O
             error,
             resumable: Some(resumable),
         })
-    })
+    });
+    // After the state went: turning the log off costs nothing to the
+    // downtime here.
+    let mut tracker = tracker;
+    if let Err(e) = tracker.stop() {
+        tracing::warn!("{e}");
+    }
+    out
+}
+
+/// The union of two ascending lists of page addresses, ascending, no duplicates.
+fn merge_sorted(a: &[u64], b: &[u64]) -> Vec<u64> {
+    let mut out = Vec::with_capacity(a.len() + b.len());
+    let (mut i, mut j) = (0, 0);
+    while i < a.len() || j < b.len() {
+        let next = match (a.get(i), b.get(j)) {
+            (Some(&x), Some(&y)) if x == y => {
+                i += 1;
+                j += 1;
+                x
+            }
+            (Some(&x), Some(&y)) if x < y => {
+                i += 1;
+                x
+            }
+            (Some(_) | None, Some(&y)) => {
+                j += 1;
+                y
+            }
+            (Some(&x), None) => {
+                i += 1;
+                x
+            }
+            (None, None) => break,
+        };
+        out.push(next);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn merge_sorted_is_a_union() {
+        assert_eq!(
+            super::merge_sorted(&[0x1000, 0x3000, 0x5000], &[0x2000, 0x3000, 0x9000]),
+            vec![0x1000, 0x2000, 0x3000, 0x5000, 0x9000]
+        );
+        assert_eq!(super::merge_sorted(&[], &[0x1000]), vec![0x1000]);
+    }
 }

@@ -9,6 +9,7 @@
 //! touches a socket. Requests go to a writer thread through a channel; a
 //! write that fails marks the source lost.
 
+use super::status::Phase;
 use super::transport::Conn;
 use super::wire::{encode, Message, PAGE, PAGE64};
 use super::{io, lock, MigrationError};
@@ -18,7 +19,7 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Sender};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Instant;
 
 /// Where a data page stands.
@@ -40,7 +41,15 @@ pub(super) struct Counters {
     pub(super) bytes: u64,
     pub(super) held_after_loss: u64,
     pub(super) latency: Log2Histogram,
+    /// Every request's latency (ns), for exact percentiles (at most
+    /// [`MAX_SAMPLES`]).
+    pub(super) samples: Vec<u64>,
+    pub(super) zero_pages: u64,
+    pub(super) recoveries: u32,
 }
+
+/// Latency samples kept (8 MiB).
+const MAX_SAMPLES: usize = 1 << 20;
 
 /// Where an incoming migration stands, for a progress display; updated
 /// while the incoming session runs.
@@ -61,6 +70,19 @@ pub struct Progress {
     /// the VM's controller, which refuses to resume, snapshot or migrate it
     /// meanwhile.
     pub lost: Arc<AtomicBool>,
+    phase: Mutex<Option<Phase>>,
+}
+
+impl Progress {
+    /// Enters `p`.
+    pub fn set_phase(&self, p: Phase) {
+        *lock(&self.phase) = Some(p);
+    }
+
+    /// Where the migration stands.
+    pub fn phase(&self) -> Phase {
+        lock(&self.phase).unwrap_or(Phase::Setup)
+    }
 }
 
 /// What the writer thread does.
@@ -75,7 +97,8 @@ enum WriterCmd {
 pub struct RemoteSource {
     name: String,
     pub(super) notifier: Notifier,
-    extents: Vec<(u64, u64)>,
+    /// The post-copy data extents, known at the switchover (no vCPU runs before).
+    extents: OnceLock<Vec<(u64, u64)>>,
     writer: Mutex<Sender<WriterCmd>>,
     slots: Mutex<HashMap<u64, Slot>>,
     /// Pre-copied pages not placed yet.
@@ -85,7 +108,7 @@ pub struct RemoteSource {
     pub(super) complete: AtomicBool,
     pub(super) progress: Arc<Progress>,
     /// Post-copy data pages announced, and how many arrived.
-    data_pages: u64,
+    data_pages: AtomicU64,
     arrived: AtomicU64,
 }
 
@@ -98,31 +121,28 @@ impl std::fmt::Debug for RemoteSource {
 }
 
 impl RemoteSource {
-    /// A source for the data `extents` (sorted `(gpa, len)`), asking for
-    /// pages on `writer` (from a thread sandboxed in `seccomp` mode), with
-    /// the pre-copied pages kept in memory.
+    /// A source asking for pages on `writer` (from a thread sandboxed in
+    /// `seccomp` mode); its data extents come at the switchover
+    /// ([`switch`](Self::switch)).
     pub fn new(
         name: String,
-        extents: Vec<(u64, u64)>,
         writer: Conn,
-        precopied: HashMap<u64, Vec<u8>>,
         progress: Arc<Progress>,
         seccomp: SeccompMode,
     ) -> Result<Arc<RemoteSource>, MigrationError> {
-        let data_pages = extents.iter().map(|&(_, l)| l / PAGE64).sum();
         let (tx, rx) = mpsc::channel();
         let src = Arc::new(RemoteSource {
             name,
             notifier: Notifier::new().map_err(io("creating an eventfd"))?,
-            extents,
+            extents: OnceLock::new(),
             writer: Mutex::new(tx),
             slots: Mutex::new(HashMap::new()),
-            precopied: Mutex::new(precopied),
+            precopied: Mutex::new(HashMap::new()),
             counters: Mutex::new(Counters::default()),
             lost: Mutex::new(None),
             complete: AtomicBool::new(false),
             progress,
-            data_pages,
+            data_pages: AtomicU64::new(0),
             arrived: AtomicU64::new(0),
         });
         let weak = Arc::downgrade(&src);
@@ -136,9 +156,24 @@ impl RemoteSource {
         Ok(src)
     }
 
+    /// The switchover: the post-copy data `extents` (sorted `(gpa, len)`)
+    /// and the pre-copied pages kept in memory. Only the first call counts.
+    pub fn switch(&self, extents: Vec<(u64, u64)>, precopied: HashMap<u64, Vec<u8>>) {
+        let n = extents.iter().map(|&(_, l)| l / PAGE64).sum();
+        if self.extents.set(extents).is_ok() {
+            self.data_pages.store(n, Ordering::Release);
+            *lock(&self.precopied) = precopied;
+        }
+    }
+
+    fn extents(&self) -> &[(u64, u64)] {
+        self.extents.get().map_or(&[], Vec::as_slice)
+    }
+
     pub(super) fn is_data(&self, gpa: u64) -> bool {
-        let i = self.extents.partition_point(|&(g, _)| g <= gpa);
-        i > 0 && self.extents.get(i - 1).is_some_and(|&(g, l)| gpa < g + l)
+        let e = self.extents();
+        let i = e.partition_point(|&(g, _)| g <= gpa);
+        i > 0 && e.get(i - 1).is_some_and(|&(g, l)| gpa < g + l)
     }
 
     /// Queues a message to the source (never blocks).
@@ -173,13 +208,14 @@ impl RemoteSource {
 
     /// Every post-copy data page has arrived.
     pub(super) fn all_arrived(&self) -> bool {
-        self.arrived.load(Ordering::Acquire) >= self.data_pages
+        self.extents.get().is_some()
+            && self.arrived.load(Ordering::Acquire) >= self.data_pages.load(Ordering::Acquire)
     }
 
     /// Bit `i` set: the `i`-th data page (extent order) has not arrived.
     pub(super) fn need(&self) -> Vec<u8> {
         let slots = lock(&self.slots);
-        let pages = self.extents.iter().flat_map(|&(g, l)| (g..g + l).step_by(PAGE));
+        let pages = self.extents().iter().flat_map(|&(g, l)| (g..g + l).step_by(PAGE));
         let mut bits = Vec::new();
         for (i, gpa) in pages.enumerate() {
             if i % 8 == 0 {
@@ -228,7 +264,12 @@ impl RemoteSource {
             )));
         }
         let mut c = lock(&self.counters);
-        c.bytes += 5 + 8 + PAGE64;
+        if super::wire::is_zero(&data) {
+            c.zero_pages += 1;
+            c.bytes += 5 + 8;
+        } else {
+            c.bytes += 5 + 8 + PAGE64;
+        }
         if requested {
             c.answered += 1;
         } else {
@@ -243,7 +284,11 @@ impl RemoteSource {
             }
             Some(Slot::Requested(t)) => {
                 asked = true;
-                c.latency.record_duration(t.elapsed());
+                let d = t.elapsed();
+                c.latency.record_duration(d);
+                if c.samples.len() < MAX_SAMPLES {
+                    c.samples.push(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+                }
                 if !requested {
                     c.requests_met_by_push += 1;
                 }
@@ -269,6 +314,10 @@ impl PageSource for RemoteSource {
                 offset,
                 len: buf.len(),
             });
+        }
+        if self.extents.get().is_none() {
+            // Before the switchover no vCPU runs; nothing is known yet.
+            return FetchOutcome::Retry(RetryReason::Held);
         }
         if !self.is_data(offset) {
             // Kept until placed: a fill that fails (EAGAIN) fetches again.
@@ -358,14 +407,18 @@ mod tests {
         let (ours, mut peer) = UnixStream::pair().unwrap();
         let src = RemoteSource::new(
             "t".into(),
-            vec![(0x1000, 0x2000)],
             Conn::Unix(ours),
-            HashMap::new(),
             Arc::default(),
             SeccompMode::process_default(),
         )
         .unwrap();
         let mut buf = vec![0xffu8; PAGE];
+        // Before the switchover nothing is served, not even a zero page.
+        assert_eq!(
+            src.fetch(0x8000, &mut buf),
+            FetchOutcome::Retry(RetryReason::Held)
+        );
+        src.switch(vec![(0x1000, 0x2000)], HashMap::new());
         // Outside the data: a zero page, nothing asked.
         assert_eq!(src.fetch(0x8000, &mut buf), FetchOutcome::Zero);
         // A data page: one request, however often the core retries.
@@ -399,13 +452,12 @@ mod tests {
         // Post-copy data: pages 0x1000..0x4000 (three); 0x8000 was pre-copied.
         let src = RemoteSource::new(
             "t".into(),
-            vec![(0x1000, 0x3000)],
             Conn::Unix(ours),
-            pre,
             progress.clone(),
             SeccompMode::process_default(),
         )
         .unwrap();
+        src.switch(vec![(0x1000, 0x3000)], pre);
         let mut buf = vec![0u8; PAGE];
         // A pre-copied page is served from memory, and again (a fill may fail)
         // until it is placed; other pages outside the post-copy data are zero.

@@ -15,18 +15,23 @@ use std::io::{Read, Write};
 pub const MAGIC: [u8; 8] = *b"VMMMIGR\0";
 /// Protocol version. 3: the state is a version-2 snapshot state. 4: the
 /// answer channel opens right after the main connection's headers (before
-/// pre-copy and the pause), and both may be TLS.
-pub const VERSION: u32 = 4;
+/// pre-copy and the pause), and both may be TLS. 5: `Setup` (the VM's
+/// configuration) opens the main connection so that the destination builds
+/// its VM before the pause; the post-copy page list is a bitmap over guest
+/// RAM (`PageMap`, replacing `Extents`); an all-zero page goes as its
+/// address alone (`ZeroRequested`, `ZeroPushed`); `Resumed` carries the
+/// destination's part of the downtime.
+pub const VERSION: u32 = 5;
 pub use abi::layout::{PAGE_LEN as PAGE, PAGE_SIZE as PAGE64};
 /// Length of a page message: address and data.
 pub const PAGE_MSG: u32 = 8 + 4096;
 /// Largest state message.
 pub const MAX_STATE: u32 = 64 << 20;
-/// Largest number of extents in one message.
-pub const MAX_EXTENTS: u32 = 1 << 20;
+/// Largest `Setup` message.
+pub const MAX_SETUP: u32 = 64 << 10;
 
 const T_STATE: u8 = 1;
-const T_EXTENTS: u8 = 2;
+const T_PAGE_MAP: u8 = 2;
 const T_PAGE_REQUESTED: u8 = 3;
 const T_PAGE_PUSHED: u8 = 4;
 const T_DONE: u8 = 5;
@@ -34,6 +39,9 @@ const T_PRECOPY_BEGIN: u8 = 6;
 const T_PRECOPY_PAGE: u8 = 7;
 const T_RESUME: u8 = 8;
 const T_PREEMPT: u8 = 9;
+const T_SETUP: u8 = 10;
+const T_ZERO_REQUESTED: u8 = 11;
+const T_ZERO_PUSHED: u8 = 12;
 const T_REQUEST: u8 = 16;
 const T_RESEND: u8 = 17;
 const T_RESUMED: u8 = 18;
@@ -48,8 +56,22 @@ pub const MAX_NEED: u32 = 1 << 21;
 pub enum Message {
     /// Source: `state.json`'s content.
     State(Vec<u8>),
-    /// Source: the guest-physical extents that hold data `(gpa, len)`.
-    Extents(Vec<(u64, u64)>),
+    /// Source, first on the main connection: the VM's configuration (a
+    /// `ConfigState` as JSON), so that the destination builds its VM while
+    /// the source still runs.
+    Setup(Vec<u8>),
+    /// Source, after `State`: the post-copy pages, bit `i` (LSB first) for
+    /// the `i`-th page of guest RAM in guest-physical order (see
+    /// [`page_bitmap`]).
+    PageMap(Vec<u8>),
+    /// Source: an all-zero page, as its address only (the source checks
+    /// for zeros as it sends a page, not inside the pause).
+    ZeroPage {
+        /// Guest-physical address.
+        gpa: u64,
+        /// An answer to a request rather than a push.
+        requested: bool,
+    },
     /// Source: one page, answering a request (`requested`) or pushed.
     Page {
         /// Guest-physical address.
@@ -95,8 +117,12 @@ pub enum Message {
     Request(u64),
     /// Destination: send this page again (a fill failed after the data was taken).
     Resend(u64),
-    /// Destination: the VM runs here.
-    Resumed,
+    /// Destination: the VM runs here; `took_us` from the state's arrival
+    /// to the vCPUs started (the destination's part of the downtime).
+    Resumed {
+        /// Microseconds.
+        took_us: u64,
+    },
     /// Destination: every page arrived.
     Complete,
 }
@@ -108,7 +134,14 @@ impl Message {
     pub fn summary(&self) -> String {
         match self {
             Message::State(s) => format!("State ({} bytes)", s.len()),
-            Message::Extents(e) => format!("Extents ({} extents)", e.len()),
+            Message::Setup(s) => format!("Setup ({} bytes)", s.len()),
+            Message::PageMap(b) => format!("PageMap ({} bytes)", b.len()),
+            Message::ZeroPage { gpa, requested } => {
+                format!(
+                    "ZeroPage {gpa:#x} ({})",
+                    if *requested { "requested" } else { "pushed" }
+                )
+            }
             Message::Page { gpa, requested, .. } => {
                 format!(
                     "Page {gpa:#x} ({})",
@@ -123,7 +156,7 @@ impl Message {
             Message::Need(b) => format!("Need ({} bytes)", b.len()),
             Message::Request(g) => format!("Request {g:#x}"),
             Message::Resend(g) => format!("Resend {g:#x}"),
-            Message::Resumed => "Resumed".into(),
+            Message::Resumed { took_us } => format!("Resumed ({took_us} us)"),
             Message::Complete => "Complete".into(),
         }
     }
@@ -191,12 +224,15 @@ fn frame(w: &mut impl Write, kind: u8, parts: &[&[u8]]) -> std::io::Result<()> {
 pub fn encode(w: &mut impl Write, m: &Message) -> std::io::Result<()> {
     match m {
         Message::State(s) => frame(w, T_STATE, &[s]),
-        Message::Extents(e) => {
-            let b: Vec<u8> = e
-                .iter()
-                .flat_map(|(g, l)| g.to_le_bytes().into_iter().chain(l.to_le_bytes()))
-                .collect();
-            frame(w, T_EXTENTS, &[&b])
+        Message::Setup(s) => frame(w, T_SETUP, &[s]),
+        Message::PageMap(b) => frame(w, T_PAGE_MAP, &[b]),
+        Message::ZeroPage { gpa, requested } => {
+            let kind = if *requested {
+                T_ZERO_REQUESTED
+            } else {
+                T_ZERO_PUSHED
+            };
+            frame(w, kind, &[&gpa.to_le_bytes()])
         }
         Message::Page { gpa, requested, data } => {
             let kind = if *requested {
@@ -226,9 +262,84 @@ pub fn encode(w: &mut impl Write, m: &Message) -> std::io::Result<()> {
         Message::Need(bits) => frame(w, T_NEED, &[bits]),
         Message::Request(g) => frame(w, T_REQUEST, &[&g.to_le_bytes()]),
         Message::Resend(g) => frame(w, T_RESEND, &[&g.to_le_bytes()]),
-        Message::Resumed => frame(w, T_RESUMED, &[]),
+        Message::Resumed { took_us } => frame(w, T_RESUMED, &[&took_us.to_le_bytes()]),
         Message::Complete => frame(w, T_COMPLETE, &[]),
     }
+}
+
+/// Whether a page holds only zeros (word-wise: this runs once per pushed page).
+pub fn is_zero(data: &[u8]) -> bool {
+    let (head, words, tail) = {
+        // SAFETY: any bit pattern is a valid u64; `align_to` only hands out
+        // the aligned middle part.
+        unsafe { data.align_to::<u64>() }
+    };
+    head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
+}
+
+/// The bitmap of a `PageMap`: bit `i` for the `i`-th page of the RAM of a
+/// `mem_size` guest (its ranges in guest-physical order); `pages` ascending.
+pub fn page_bitmap(pages: impl Iterator<Item = u64>, mem_size: u64) -> Vec<u8> {
+    let ranges = abi::layout::ram_ranges(mem_size);
+    let total: u64 = ranges.iter().map(|&(_, l)| l / PAGE64).sum();
+    let mut bits = vec![0u8; usize::try_from(total.div_ceil(8)).unwrap_or(0)];
+    let mut r = 0;
+    let mut before = 0u64;
+    for gpa in pages {
+        while let Some(&(s, l)) = ranges.get(r) {
+            if gpa < s + l {
+                break;
+            }
+            before += l / PAGE64;
+            r += 1;
+        }
+        let Some(&(s, _)) = ranges.get(r) else { break };
+        if gpa < s {
+            continue;
+        }
+        let i = before + (gpa - s) / PAGE64;
+        if let Some(b) = usize::try_from(i / 8).ok().and_then(|i| bits.get_mut(i)) {
+            *b |= 1 << (i % 8);
+        }
+    }
+    bits
+}
+
+/// The pages of a `PageMap` bitmap for a `mem_size` guest, ascending;
+/// refuses a bitmap of another length or with bits past the last page.
+pub fn bitmap_pages(bits: &[u8], mem_size: u64) -> Result<Vec<u64>, MigrationError> {
+    let ranges = abi::layout::ram_ranges(mem_size);
+    let total: u64 = ranges.iter().map(|&(_, l)| l / PAGE64).sum();
+    if bits.len() as u64 != total.div_ceil(8) {
+        return Err(MigrationError::Protocol(format!(
+            "the page map has {} bytes for {total} pages of guest RAM",
+            bits.len()
+        )));
+    }
+    let low = ranges[0].1 / PAGE64;
+    let mut out = Vec::new();
+    for (byte, &b) in (0u64..).zip(bits) {
+        // Zero bytes (most of a sparse map) cost one test each.
+        if b == 0 {
+            continue;
+        }
+        for bit in 0..8 {
+            let i = byte * 8 + bit;
+            if b & (1 << bit) != 0 && i < total {
+                out.push(if i < low {
+                    ranges[0].0 + i * PAGE64
+                } else {
+                    ranges[1].0 + (i - low) * PAGE64
+                });
+            }
+        }
+    }
+    if !total.is_multiple_of(8) && bits.last().is_some_and(|&b| b >> (total % 8) != 0) {
+        return Err(MigrationError::Protocol(
+            "the page map has bits past the last page of guest RAM".into(),
+        ));
+    }
+    Ok(out)
 }
 
 fn u64_at(b: &[u8], i: usize) -> u64 {
@@ -246,11 +357,13 @@ pub fn decode(r: &mut impl Read) -> Result<Message, MigrationError> {
     let len = u32::from_le_bytes([h[1], h[2], h[3], h[4]]);
     let ok = match kind {
         T_STATE => len <= MAX_STATE,
-        T_EXTENTS => len % 16 == 0 && len / 16 <= MAX_EXTENTS,
+        T_SETUP => len <= MAX_SETUP,
+        T_PAGE_MAP => len <= MAX_NEED,
+        T_ZERO_REQUESTED | T_ZERO_PUSHED => len == 8,
         T_PAGE_REQUESTED | T_PAGE_PUSHED | T_PRECOPY_PAGE => len == PAGE_MSG,
         T_DONE => len == 24,
-        T_REQUEST | T_RESEND | T_PRECOPY_BEGIN => len == 8,
-        T_RESUMED | T_COMPLETE | T_RESUME | T_PREEMPT => len == 0,
+        T_REQUEST | T_RESEND | T_PRECOPY_BEGIN | T_RESUMED => len == 8,
+        T_COMPLETE | T_RESUME | T_PREEMPT => len == 0,
         T_NEED => len <= MAX_NEED,
         other => return Err(MigrationError::Protocol(format!("unknown message type {other}"))),
     };
@@ -263,11 +376,20 @@ pub fn decode(r: &mut impl Read) -> Result<Message, MigrationError> {
     r.read_exact(&mut b).map_err(io("reading a message"))?;
     Ok(match kind {
         T_STATE => Message::State(b),
-        T_EXTENTS => Message::Extents(
-            (0..b.len() / 16)
-                .map(|i| (u64_at(&b, 2 * i), u64_at(&b, 2 * i + 1)))
-                .collect(),
-        ),
+        T_SETUP => Message::Setup(b),
+        T_PAGE_MAP => Message::PageMap(b),
+        T_ZERO_REQUESTED | T_ZERO_PUSHED => {
+            let gpa = u64_at(&b, 0);
+            if !gpa.is_multiple_of(PAGE64) {
+                return Err(MigrationError::Protocol(format!(
+                    "page address {gpa:#x} is not aligned"
+                )));
+            }
+            Message::ZeroPage {
+                gpa,
+                requested: kind == T_ZERO_REQUESTED,
+            }
+        }
         T_PAGE_REQUESTED | T_PAGE_PUSHED | T_PRECOPY_PAGE => {
             let gpa = u64_at(&b, 0);
             if !gpa.is_multiple_of(PAGE64) {
@@ -310,7 +432,9 @@ pub fn decode(r: &mut impl Read) -> Result<Message, MigrationError> {
                 Message::Resend(gpa)
             }
         }
-        T_RESUMED => Message::Resumed,
+        T_RESUMED => Message::Resumed {
+            took_us: u64_at(&b, 0),
+        },
         _ => Message::Complete,
     })
 }
@@ -324,7 +448,7 @@ mod tests {
         write_header(&mut b).unwrap();
         for m in [
             Message::State(b"{\"x\":1}".to_vec()),
-            Message::Extents(vec![(0, 4096), (0x10000, 8192)]),
+            Message::PageMap(vec![0b1011, 0]),
             Message::Page {
                 gpa: 0x1000,
                 requested: true,
@@ -332,7 +456,7 @@ mod tests {
             },
             Message::Request(0x2000),
             Message::Resend(0x3000),
-            Message::Resumed,
+            Message::Resumed { took_us: 1234 },
             Message::Done {
                 pushed: 1,
                 requested: 2,
@@ -347,6 +471,11 @@ mod tests {
             Message::Resume,
             Message::Need(vec![0b1010, 1]),
             Message::Preempt,
+            Message::Setup(b"{}".to_vec()),
+            Message::ZeroPage {
+                gpa: 0x7000,
+                requested: false,
+            },
         ] {
             encode(&mut b, &m).unwrap();
         }
@@ -368,7 +497,8 @@ mod tests {
         for m in [
             Message::State(vec![b'x'; 64 << 20]),
             Message::Need(vec![0xff; 1 << 21]),
-            Message::Extents(vec![(0, 4096); 1 << 20]),
+            Message::PageMap(vec![0xff; 1 << 21]),
+            Message::Setup(vec![b'x'; 64 << 10]),
         ] {
             assert!(m.summary().len() < 40, "{}", m.summary());
         }
@@ -377,11 +507,29 @@ mod tests {
     #[test]
     fn round_trip() {
         let m = decode_all(&sample()).unwrap();
-        assert_eq!(m.len(), 13);
+        assert_eq!(m.len(), 15);
+        // A zero page goes as its address only.
+        assert_eq!(
+            m[14],
+            Message::ZeroPage {
+                gpa: 0x7000,
+                requested: false
+            }
+        );
         assert_eq!(m[12], Message::Preempt);
         assert_eq!(m[3], Message::Request(0x2000));
         assert_eq!(m[11], Message::Need(vec![0b1010, 1]));
         assert!(matches!(&m[9], Message::PrecopyPage { gpa: 0x5000, data } if data[0] == 9));
+    }
+
+    #[test]
+    fn page_map_round_trip_and_bad_lengths() {
+        let mem = 256u64 << 20;
+        let pages = vec![0, 0x1000, 0x9f000, 0x10_0000, mem - PAGE64];
+        let bits = page_bitmap(pages.iter().copied(), mem);
+        assert_eq!(bitmap_pages(&bits, mem).unwrap(), pages);
+        assert!(bitmap_pages(&bits[1..], mem).is_err());
+        assert!(!is_zero(&[0, 0, 1]) && is_zero(&[0; 4096]));
     }
 
     #[test]
