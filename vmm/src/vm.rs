@@ -286,6 +286,7 @@ impl Vm {
                     offset: 0,
                 },
                 fault_around: how.fault_around,
+                handlers: Default::default(),
             };
             let config = snap.config(memory)?;
             let src = SnapshotSource::open(&snap)?;
@@ -293,7 +294,9 @@ impl Vm {
                 data_ranges: src.data_ranges(),
                 source: Arc::new(src),
                 fault_around: config.memory.effective_fault_around(),
-                handler_cpu: None,
+                handler_cpus: Vec::new(),
+                spin_us: 0,
+                batch: false,
                 prefetch: how.prefetch,
             };
             Self::assemble(
@@ -344,6 +347,7 @@ impl Vm {
         let memory = MemoryConfig {
             backend: MemBackend::Zero,
             fault_around: Some(0),
+            handlers: Default::default(),
         };
         let config = saved.vm.config.config(memory)?;
         let ch = channel()?;
@@ -354,7 +358,9 @@ impl Vm {
             source,
             fault_around: 0,
             data_ranges,
-            handler_cpu: None,
+            handler_cpus: Vec::new(),
+            spin_us: 0,
+            batch: false,
             prefetch: false,
         };
         // Built in two phases, as a destination built before its state

@@ -270,7 +270,9 @@ pub fn plan_for_backend(
         source,
         fault_around,
         data_ranges,
-        handler_cpu: None,
+        handler_cpus: Vec::new(),
+        spin_us: 0,
+        batch: false,
         prefetch: false,
     }))
 }

@@ -74,13 +74,14 @@ pub struct Vcpus {
 
 impl Vcpus {
     /// Starts one thread per vCPU: those in `started` run, the others wait
-    /// paused. vCPU 0 is pinned to `pin0` if given (the fault handler's CPU).
+    /// paused. vCPU `i` is pinned to `pins[i]` if given (next to a fault
+    /// handler thread, see `crate::placement`).
     pub fn spawn(
         fds: Vec<VcpuFd>,
         bus: &Arc<IoManager>,
         started: Vec<bool>,
         on_stop: StopSink,
-        pin0: Option<usize>,
+        pins: &[Option<usize>],
     ) -> Result<Vcpus, VcpuError> {
         let mut handles = Vec::with_capacity(fds.len());
         for (i, fd) in (0u32..).zip(fds) {
@@ -89,7 +90,7 @@ impl Vcpus {
             } else {
                 VcpuState::Paused
             };
-            let pin = if i == 0 { pin0 } else { None };
+            let pin = pins.get(i as usize).copied().flatten();
             handles.push(VcpuHandle::spawn(
                 i,
                 fd,

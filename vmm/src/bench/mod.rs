@@ -12,6 +12,7 @@ pub mod migrate;
 pub mod minimal;
 pub mod plot;
 pub mod restore;
+pub mod scaling;
 
 pub use all::{all, scaling, AllBench, Scaling};
 pub use boot::{boot, BootBench, BootBenchOptions};

@@ -79,8 +79,20 @@ pub(crate) enum BenchCommand {
     /// to the cost of the KVM objects alone.
     Boot(BenchArgs),
     /// Stage-2 fault cost through the retry core vs the raw userfaultfd round
-    /// trip, and fault-around on sequential restore from a file.
-    Fault(BenchArgs),
+    /// trip, and fault-around on sequential restore from a file; with
+    /// `--vcpus`, fault throughput by vCPU count instead.
+    Fault {
+        #[command(flatten)]
+        args: BenchArgs,
+        /// Measure throughput with these vCPU counts (e.g. `1,2,4`), next to
+        /// its ceiling (two 1-vCPU VMs at once), instead of the fault cost.
+        #[arg(long, value_name = "LIST")]
+        vcpus: Option<String>,
+        /// With --vcpus: handler layouts to compare for each count above 1:
+        /// `default`, or THREADS:PINNING[:SPIN_US] (e.g. `1:none,2:cpu,2:vcpu:20`).
+        #[arg(long, value_name = "LIST", default_value = "default", requires = "vcpus")]
+        layouts: String,
+    },
     /// The guest kernel's demand-zero fault against its empty system-call
     /// round trip, measured in the same guest run.
     GuestFault(BenchArgs),
@@ -132,10 +144,28 @@ pub(crate) struct RunArgs {
     /// two up to 512. Default: 16 (one fill of 16 pages costs about one page).
     #[arg(long, value_name = "PAGES")]
     pub(crate) fault_around: Option<u32>,
+    /// Fault-handler threads for a lazy backend (1 to 16). Default: one per
+    /// CPU used (one with a single vCPU).
+    #[arg(long, value_name = "N")]
+    pub(crate) fault_handlers: Option<u32>,
+    /// Where handler and vCPU threads run: `auto` (default: `vcpu`), `none`
+    /// (the scheduler places them), `cpu` (handler i pinned to CPU i, vCPUs
+    /// free), `vcpu` (handler i and vCPU i pinned to CPU i, round robin).
+    #[arg(long, value_name = "MODE")]
+    pub(crate) handler_pinning: Option<String>,
+    /// Microseconds a handler thread keeps reading the userfaultfd after a
+    /// fault before it sleeps (0, default: sleep at once).
+    #[arg(long, value_name = "US")]
+    pub(crate) handler_spin_us: Option<u32>,
+    /// CPUs to pin handler and vCPU threads to, e.g. `0,1` (default: every
+    /// CPU this process may use).
+    #[arg(long, value_name = "LIST")]
+    pub(crate) cpus: Option<String>,
     /// Write run statistics (vCPUs, retry core, fault latency) as JSON to FILE, or `-` for stdout.
     #[arg(long, value_name = "FILE")]
     pub(crate) stats: Option<PathBuf>,
-    /// TOML file with any of: kernel, vcpus, mem, cmdline, mem_backend, fault_around (flags override it).
+    /// TOML file with any of: kernel, vcpus, mem, cmdline, mem_backend, fault_around,
+    /// fault_handlers, handler_pinning, handler_spin_us, cpus (flags override it).
     #[arg(long)]
     pub(crate) config: Option<PathBuf>,
     /// Give up after this many seconds (exit code 11).

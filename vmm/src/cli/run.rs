@@ -19,6 +19,10 @@ fn config_from(args: &RunArgs) -> Result<VmConfig, vmm::config_file::ConfigFileE
         cmdline: args.cmdline.clone(),
         mem_backend: args.mem_backend.clone(),
         fault_around: args.fault_around,
+        fault_handlers: args.fault_handlers,
+        handler_pinning: args.handler_pinning.clone(),
+        handler_spin_us: args.handler_spin_us,
+        cpus: args.cpus.clone(),
     };
     Ok(file.overridden_by(flags).into_config()?)
 }
