@@ -118,7 +118,11 @@ fn pause_with_faults_held_next_to_every_handler_thread() {
     source.open_gate();
     let outcome = finish_ok(&cfg, vm, &console);
     let m = outcome.memory.unwrap();
-    assert!(m.total.retries_total > 0, "the held faults were retried: {:?}", m.total);
+    assert!(
+        m.total.retries_total > 0,
+        "the held faults were retried: {:?}",
+        m.total
+    );
     assert_eq!(m.handler_threads.len(), 2);
     assert!(
         m.handler_threads.iter().all(|t| t.events > 0),

@@ -743,7 +743,10 @@ fn a_pool_fetches_each_shared_page_once_and_serves_real_data() {
     // Each resolved fault charged once per waiting thread, whichever
     // handler thread read its events.
     let charged: u64 = pool.control.per_thread().values().map(|s| s.faults).sum();
-    assert!(charged >= 64 && charged <= events, "{charged} charged for {events} events");
+    assert!(
+        charged >= 64 && charged <= events,
+        "{charged} charged for {events} events"
+    );
     pool.stop();
 }
 
@@ -800,7 +803,10 @@ fn a_pool_reports_a_failed_page_once_and_serves_it_after_repair() {
         .collect();
     let (ev, thread) = rx.recv_timeout(Duration::from_secs(5)).expect("a Failed event");
     assert!(matches!(ev, HandlerEvent::Failed(_)), "{ev:?}");
-    assert!(thread.is_some_and(|t| t.starts_with("uffd-pool-")), "the hook runs on a pool thread");
+    assert!(
+        thread.is_some_and(|t| t.starts_with("uffd-pool-")),
+        "the hook runs on a pool thread"
+    );
     wait_for("three waiters listed as failed", || {
         let b = pool.control.blocked();
         b.len() == 3 && b.iter().all(|f| f.failure.is_some())
@@ -809,7 +815,11 @@ fn a_pool_reports_a_failed_page_once_and_serves_it_after_repair() {
     // SAFETY: the mapping lives as long as `pool`.
     let v = unsafe { std::ptr::read_volatile((pool.addr(5) + 9) as *const u8) };
     assert_eq!(v, pattern(5, 9));
-    assert_eq!(pool.control.failures().len(), 1, "one failure for the page, not one per event");
+    assert_eq!(
+        pool.control.failures().len(),
+        1,
+        "one failure for the page, not one per event"
+    );
     assert!(rx.try_recv().is_err(), "no second Failed event");
     src.clear_rule(2 * ps());
     for (i, (_, t)) in touchers.into_iter().enumerate() {

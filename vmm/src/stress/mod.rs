@@ -198,7 +198,11 @@ fn run_one(
         memory: MemoryConfig {
             backend: MemBackend::Zero,
             fault_around: Some(plan.fault_around),
-            handlers: Default::default(),
+            handlers: crate::config::HandlerConfig {
+                threads: Some(plan.handler_threads),
+                pinning: plan.handler_pinning.parse().unwrap_or_default(),
+                ..crate::config::HandlerConfig::default()
+            },
         },
     };
     let source = Arc::new(ChaosSource::new(opts.seed ^ index).map_err(StressError::Source)?);
