@@ -7,13 +7,15 @@
 //! waiting handler is woken by each fault, so the one on the faulting vCPU's
 //! CPU (just freed by the blocked vCPU) reads the event first and serves it
 //! locally. The measured choice (docs/retry-core.md, "Several handler
-//! threads"): one handler thread per CPU used, pinned, and the vCPUs pinned
-//! round-robin to the same CPUs ([`HandlerPinning::Vcpu`]).
+//! threads: placement, measured"): one handler thread per CPU used, pinned,
+//! the vCPUs pinned round-robin to the same CPUs ([`HandlerPinning::Vcpu`]),
+//! and with several vCPUs the handlers under `SCHED_BATCH`.
 
 /// How handler and vCPU threads are pinned (`--handler-pinning`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum HandlerPinning {
-    /// The measured default: [`HandlerPinning::Vcpu`].
+    /// The measured default: [`HandlerPinning::Vcpu`], and with several
+    /// vCPUs the handler threads under `SCHED_BATCH`.
     #[default]
     Auto,
     /// Nothing pinned: the scheduler places every thread.
@@ -91,7 +93,7 @@ pub struct HandlerConfig {
     /// (starting at the one it runs on when there is one vCPU).
     pub cpus: Option<Vec<usize>>,
     /// Run handler threads under `SCHED_BATCH` (their wake-ups do not
-    /// preempt a running vCPU).
+    /// preempt a running vCPU); `Auto` pinning does with several vCPUs.
     pub batch: bool,
 }
 
@@ -132,8 +134,9 @@ impl Layout {
         } else {
             String::new()
         };
+        let batch = if self.batch { ", SCHED_BATCH" } else { "" };
         format!(
-            "{} handler thread{} on CPUs {}; vCPUs on CPUs {}{spin}",
+            "{} handler thread{} on CPUs {}; vCPUs on CPUs {}{spin}{batch}",
             self.handler_cpus.len(),
             if self.handler_cpus.len() == 1 { "" } else { "s" },
             list(&self.handler_cpus),
@@ -172,7 +175,10 @@ pub fn layout(cfg: &HandlerConfig, vcpus: u32, allowed: &[usize], here: Option<u
         handler_cpus: (0..threads).map(|i| cpu_of(i).filter(|_| handlers)).collect(),
         vcpu_cpus: (0..vcpus).map(|i| cpu_of(i).filter(|_| vcpu_pins)).collect(),
         spin_us: cfg.spin_us,
-        batch: cfg.batch,
+        // Measured: with several vCPUs a handler woken by another CPU's
+        // fault no longer takes the CPU from its running vCPU (0.76-0.80x
+        // -> 0.81-0.85x of the ceiling at 2 vCPUs, docs/retry-core.md).
+        batch: cfg.batch || (cfg.pinning == HandlerPinning::Auto && vcpus > 1),
     }
 }
 
@@ -189,12 +195,13 @@ mod tests {
         let two = layout(&cfg, 2, &[0, 1], Some(1));
         assert_eq!(two.handler_cpus, vec![Some(0), Some(1)]);
         assert_eq!(two.vcpu_cpus, vec![Some(0), Some(1)]);
+        assert!(two.batch && !one.batch, "SCHED_BATCH with several vCPUs only");
         let four = layout(&cfg, 4, &[0, 1], None);
         assert_eq!(four.handler_cpus, vec![Some(0), Some(1)]);
         assert_eq!(four.vcpu_cpus, vec![Some(0), Some(1), Some(0), Some(1)]);
         assert_eq!(
             four.describe(),
-            "2 handler threads on CPUs 0,1; vCPUs on CPUs 0,1,0,1"
+            "2 handler threads on CPUs 0,1; vCPUs on CPUs 0,1,0,1, SCHED_BATCH"
         );
     }
 

@@ -192,6 +192,8 @@ fn memory(handlers: HandlerConfig) -> MemoryConfig {
 }
 
 fn run(vcpus: u32, pages: u64, handlers: HandlerConfig) -> Result<Run, BenchError> {
+    let allowed = ::memory::affinity::allowed_cpus().unwrap_or_default();
+    let batch = vmm_core::placement::layout(&handlers, vcpus, &allowed, None).batch;
     let (o, khz) = guest_touch_run(vcpus, pages, true, memory(handlers))?;
     let secs = |cycles: u64| cycles as f64 / f64::from(khz) / 1e3;
     let per_vcpu: Vec<f64> = o
@@ -225,7 +227,7 @@ fn run(vcpus: u32, pages: u64, handlers: HandlerConfig) -> Result<Run, BenchErro
     }
     let list = |v: Vec<String>| v.join(",");
     let placement = format!(
-        "{} handler thread{} on CPUs {}; vCPUs on CPUs {}",
+        "{} handler thread{} on CPUs {}; vCPUs on CPUs {}{}",
         threads.len(),
         if threads.len() == 1 { "" } else { "s" },
         list(
