@@ -242,6 +242,7 @@ fn run(vcpus: u32, pages: u64, handlers: HandlerConfig) -> Result<Run, BenchErro
                 .map(|s| s.host_cpu.map_or("-".into(), |c| c.to_string()))
                 .collect()
         ),
+        if batch { ", SCHED_BATCH" } else { "" },
     );
     Ok(Run {
         pages,
