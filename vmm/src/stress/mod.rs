@@ -167,9 +167,11 @@ pub fn run(opts: StressOptions, progress: &mut dyn FnMut(&str)) -> Result<Stress
         let plan = plan(opts.seed, index, opts.vcpus);
         run_one(&opts, index, &plan, &mut report)?;
         progress(&format!(
-            "run {index}: {} ({} events) -> {} faults so far, {} errors",
+            "run {index}: {} ({} events, {} handler threads, pinning {}) -> {} faults so far, {} errors",
             plan.cmdline,
             plan.schedule.len(),
+            plan.handler_threads,
+            plan.handler_pinning,
             report.total_faults(),
             report.integrity_errors.len() + report.stalls.len()
         ));
