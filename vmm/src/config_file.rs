@@ -1,7 +1,10 @@
 //! The TOML configuration file of `vmm run --config FILE` and the built-in
 //! defaults (`resources/vm.toml`): every field optional, flags override it,
 //! and the result goes through the one typed door, [`VmConfig::validate`].
+//! `seccomp` is a run-time option, not part of the VM's configuration
+//! ([`ConfigFile::seccomp`]).
 
+use sandbox::SeccompMode;
 use serde::Deserialize;
 use std::path::PathBuf;
 use vmm_core::config::{
@@ -55,6 +58,8 @@ pub struct ConfigFile {
     pub handler_spin_us: Option<u32>,
     /// CPUs for handler and vCPU threads (`"0,1"`).
     pub cpus: Option<String>,
+    /// The sandbox: `"kill"`, `"log"` or `"off"` (`docs/seccomp.md`).
+    pub seccomp: Option<SeccompMode>,
 }
 
 impl ConfigFile {
@@ -90,7 +95,13 @@ impl ConfigFile {
             handler_pinning: other.handler_pinning.or(self.handler_pinning),
             handler_spin_us: other.handler_spin_us.or(self.handler_spin_us),
             cpus: other.cpus.or(self.cpus),
+            seccomp: other.seccomp.or(self.seccomp),
         }
+    }
+
+    /// The sandbox mode asked for, if any.
+    pub fn seccomp(&self) -> Option<SeccompMode> {
+        self.seccomp
     }
 
     /// The built-in defaults.
@@ -172,5 +183,27 @@ mod tests {
         assert_eq!((m.backend, m.fault_around), (MemBackend::Zero, Some(4)));
         let f = ConfigFile::parse("mem_backend = \"disk\"", "t").unwrap();
         assert!(matches!(f.memory(), Err(ConfigError::BadMemBackend(_))));
+    }
+
+    #[test]
+    fn the_sandbox_mode_comes_from_the_file_unless_a_flag_says_otherwise() {
+        assert_eq!(
+            ConfigFile::defaults().seccomp(),
+            None,
+            "the default is the process's"
+        );
+        let f = ConfigFile::parse("seccomp = \"log\"", "t").unwrap();
+        assert_eq!(f.seccomp(), Some(SeccompMode::Log));
+        let flags = ConfigFile {
+            seccomp: Some(SeccompMode::Off),
+            ..ConfigFile::default()
+        };
+        assert_eq!(f.clone().overridden_by(flags).seccomp(), Some(SeccompMode::Off));
+        assert_eq!(
+            f.overridden_by(ConfigFile::default()).seccomp(),
+            Some(SeccompMode::Log)
+        );
+        let e = ConfigFile::parse("seccomp = \"strict\"", "t").unwrap_err();
+        assert!(e.to_string().contains("kill"), "{e}");
     }
 }

@@ -24,7 +24,7 @@ pub mod ram;
 
 pub use dirty::{DirtyError, DirtyTracker};
 pub use external::{ExternalMemory, ParkedFault, RegionMapping, WaitingFaults};
-pub use lazy::{BlockedFault, LazyError, LazyMemory, LazyPlan, MemoryStats};
+pub use lazy::{BlockedFault, LazyError, LazyMemory, LazyPlan, MemoryStats, PagePrefetch, PrefetchReport};
 pub use materialize::{MaterializeError, Materializer};
 pub use ram::MemoryError;
 
@@ -136,11 +136,17 @@ impl MemoryManager {
     }
 
     /// Serves guest RAM through userfaultfd and the retry core from now on.
-    pub fn serve_lazily(&mut self, plan: LazyPlan, sink: EventSink) -> Result<(), MemoryManagerError> {
+    /// Its threads (handler, prefetch) are sandboxed in `seccomp` mode.
+    pub fn serve_lazily(
+        &mut self,
+        plan: LazyPlan,
+        sink: EventSink,
+        seccomp: sandbox::SeccompMode,
+    ) -> Result<(), MemoryManagerError> {
         if !matches!(self.backing, Backing::Anon) {
             return Err(MemoryManagerError::AlreadyServed(self.backing.name()));
         }
-        self.backing = Backing::Lazy(LazyMemory::start(&self.ram, plan, sink)?);
+        self.backing = Backing::Lazy(LazyMemory::start(&self.ram, plan, sink, seccomp)?);
         Ok(())
     }
 
@@ -274,6 +280,8 @@ pub fn plan_for_backend(
         spin_us: 0,
         batch: false,
         prefetch: false,
+        working_set: None,
+        observer: None,
     }))
 }
 

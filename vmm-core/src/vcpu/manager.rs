@@ -75,13 +75,15 @@ pub struct Vcpus {
 impl Vcpus {
     /// Starts one thread per vCPU: those in `started` run, the others wait
     /// paused. vCPU `i` is pinned to `pins[i]` if given (next to a fault
-    /// handler thread, see `crate::placement`).
+    /// handler thread, see `crate::placement`). Each thread is sandboxed in
+    /// `seccomp` mode before it runs the guest.
     pub fn spawn(
         fds: Vec<VcpuFd>,
         bus: &Arc<IoManager>,
         started: Vec<bool>,
         on_stop: StopSink,
         pins: &[Option<usize>],
+        seccomp: sandbox::SeccompMode,
     ) -> Result<Vcpus, VcpuError> {
         let mut handles = Vec::with_capacity(fds.len());
         for (i, fd) in (0u32..).zip(fds) {
@@ -98,6 +100,7 @@ impl Vcpus {
                 initial,
                 on_stop.clone(),
                 pin,
+                seccomp,
             )?);
         }
         let mut started = started;

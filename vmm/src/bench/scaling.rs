@@ -9,6 +9,7 @@
 use super::fault::guest_touch_run;
 use super::BenchError;
 use crate::config::{HandlerConfig, HandlerPinning, MemBackend, MemoryConfig};
+use sandbox::SeccompMode;
 use serde::Serialize;
 
 /// One handler layout to measure (`--layouts`): `default`, or
@@ -194,7 +195,7 @@ fn memory(handlers: HandlerConfig) -> MemoryConfig {
 fn run(vcpus: u32, pages: u64, handlers: HandlerConfig) -> Result<Run, BenchError> {
     let allowed = ::memory::affinity::allowed_cpus().unwrap_or_default();
     let batch = vmm_core::placement::layout(&handlers, vcpus, &allowed, None).batch;
-    let (o, khz) = guest_touch_run(vcpus, pages, true, memory(handlers))?;
+    let (o, khz) = guest_touch_run(vcpus, pages, true, memory(handlers), SeccompMode::Kill)?;
     let secs = |cycles: u64| cycles as f64 / f64::from(khz) / 1e3;
     let per_vcpu: Vec<f64> = o
         .reports
