@@ -654,6 +654,7 @@ fn two_handlers_on_one_uffd_share_its_cores() {
 struct Pool {
     map: Arc<crate::mmap::AnonMapping>,
     core: Arc<RetryCore>,
+    uffd: Arc<Uffd>,
     control: HandlerControl,
     threads: Vec<JoinHandle<Result<(), HandlerError>>>,
 }
@@ -670,7 +671,7 @@ impl Pool {
             guest_offset: 0,
         };
         let core = Arc::new(RetryCore::new(region, src, NO_AROUND).expect("core"));
-        let handlers = FaultHandler::pool(uffd, vec![core.clone()], threads).expect("pool");
+        let handlers = FaultHandler::pool(uffd.clone(), vec![core.clone()], threads).expect("pool");
         let control = handlers[0].control();
         let threads = handlers
             .into_iter()
@@ -687,6 +688,7 @@ impl Pool {
         Pool {
             map,
             core,
+            uffd,
             control,
             threads,
         }
@@ -826,5 +828,70 @@ fn a_pool_reports_a_failed_page_once_and_serves_it_after_repair() {
         assert_eq!(join_within(t, "repaired page"), vec![pattern(2, i as u64)]);
     }
     wait_for("nothing blocked", || pool.control.blocked().is_empty());
+    pool.stop();
+}
+
+/// Counts each guest page a fault filled, and whether it was the faulting one.
+#[derive(Debug, Default)]
+struct CountingObserver {
+    fills: std::sync::Mutex<std::collections::HashMap<u64, (u32, bool)>>,
+}
+
+impl crate::core::FillObserver for CountingObserver {
+    fn filled(&self, gpa: u64, pages: u64, fault: Option<u64>) {
+        let mut m = self.fills.lock().expect("observer lock");
+        for p in 0..pages {
+            let page = gpa + p * ps();
+            let e = m.entry(page).or_default();
+            e.0 += 1;
+            e.1 |= fault == Some(page);
+        }
+    }
+}
+
+#[test]
+fn a_pool_tells_the_observer_of_each_faulted_page_once_and_never_of_a_prefill() {
+    let (_f, src) = file_source(128);
+    for p in (0..128).step_by(5) {
+        src.set_rule(p * ps(), Rule::Delay(Duration::from_millis(2)));
+    }
+    let pool = Pool::start(128, src.clone(), 3, None);
+    let observer = Arc::new(CountingObserver::default());
+    assert!(pool.core.observe(observer.clone()));
+    // A working-set prefetch of the upper half races the touchers' faults.
+    let prefill = {
+        let (core, uffd, host) = (pool.core.clone(), pool.uffd.clone(), pool.addr(64));
+        std::thread::spawn(move || core.prefill(&uffd, host, 64).expect("prefill"))
+    };
+    let touchers: Vec<_> = (0..4u64)
+        .map(|t| {
+            let map = pool.map.clone();
+            std::thread::spawn(move || {
+                for i in 0..128u64 {
+                    let p = (i * (2 * t + 1) + 3 * t) % 128;
+                    let off = (t * 61 + i * 11) % ps();
+                    // SAFETY: `map` is alive for the whole thread.
+                    let v = unsafe { std::ptr::read_volatile(map.ptr().add((p * ps() + off) as usize)) };
+                    assert_eq!(v, pattern(p, off), "page {p} offset {off}");
+                }
+            })
+        })
+        .collect();
+    for t in touchers {
+        join_within(t, "toucher");
+    }
+    let prefilled = join_within(prefill, "prefill");
+    wait_for("128 pages copied", || pool.core.stats().pages_copied == 128);
+    assert_eq!(src.max_fetches_per_page(), 1, "a page was fetched twice");
+    let s = pool.core.stats();
+    assert_eq!(s.prefilled_pages, prefilled as u64);
+    let fills = observer.fills.lock().expect("observer lock").clone();
+    assert_eq!(fills.len() as u64 + s.prefilled_pages, 128, "{fills:?}");
+    for (gpa, (n, own)) in &fills {
+        assert_eq!(*n, 1, "page {gpa:#x} observed {n} times");
+        // No fault-around: every observed fill is its faulting page.
+        assert!(own, "page {gpa:#x} observed as a neighbour");
+    }
+    assert!(pool.control.failures().is_empty());
     pool.stop();
 }
