@@ -119,16 +119,23 @@ impl ConfigFile {
         let cfg = MemoryConfig {
             backend,
             fault_around: self.fault_around,
-            handlers: HandlerConfig {
-                threads: self.fault_handlers,
-                pinning: match &self.handler_pinning {
-                    Some(p) => p.parse()?,
-                    None => HandlerPinning::Auto,
-                },
-                spin_us: self.handler_spin_us.unwrap_or(0),
-                cpus: self.cpus.as_deref().map(parse_cpus).transpose()?,
-                batch: false,
+            handlers: self.handlers()?,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The fault-handler part, checked.
+    pub fn handlers(&self) -> Result<HandlerConfig, ConfigError> {
+        let cfg = HandlerConfig {
+            threads: self.fault_handlers,
+            pinning: match &self.handler_pinning {
+                Some(p) => p.parse()?,
+                None => HandlerPinning::Auto,
             },
+            spin_us: self.handler_spin_us.unwrap_or(0),
+            cpus: self.cpus.as_deref().map(parse_cpus).transpose()?,
+            batch: false,
         };
         cfg.validate()?;
         Ok(cfg)

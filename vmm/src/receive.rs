@@ -10,7 +10,7 @@ use crate::vm::{Vm, VmError, VmOptions};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use vmm_core::config::VmConfig;
+use vmm_core::config::{HandlerConfig, VmConfig};
 
 /// Errors of receiving a VM.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +34,9 @@ pub enum ReceiveError {
 pub struct ReceiveOptions {
     /// The VM's run-time options (the memory-fault policy is forced to `Pause`).
     pub vm: VmOptions,
+    /// The fault-handler threads serving the received memory and where
+    /// they run (the default: one per CPU used).
+    pub handlers: HandlerConfig,
     /// After the source is lost: how long the paused VM waits for a
     /// `recover` (and, after one, for the source to come back) before the
     /// run ends.
@@ -85,6 +88,7 @@ pub fn receive(
         incoming.state(),
         incoming.source(),
         incoming.data_ranges(),
+        options.handlers.clone(),
         vm_options,
     )?;
     let config = vm.config().clone();

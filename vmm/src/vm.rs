@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use vmm_core::config::{ConfigError, MemBackend, MemoryConfig, VmConfig};
+use vmm_core::config::{ConfigError, HandlerConfig, MemBackend, MemoryConfig, VmConfig};
 use vmm_core::memory::{self, LazyPlan, Materializer, MemoryManagerError, PagePrefetch};
 use vmm_core::{Boot, BuildOptions, EventSink, MemoryEvent, MemoryPlan, VmEvent};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -144,6 +144,9 @@ pub struct RestoreOptions {
     pub record_working_set: bool,
     /// With `lazy`: fault-around window (`None` = default).
     pub fault_around: Option<u32>,
+    /// With `lazy`: the fault-handler threads and where they run (the
+    /// default: one per CPU used, `vmm_core::placement`).
+    pub handlers: HandlerConfig,
     /// Hand guest memory to an external page-fault handler listening on this
     /// Unix socket (Firecracker's UFFD handshake, `uffd_handler`) instead.
     pub uffd_socket: Option<PathBuf>,
@@ -362,7 +365,7 @@ impl Vm {
                     offset: 0,
                 },
                 fault_around: how.fault_around,
-                handlers: Default::default(),
+                handlers: how.handlers.clone(),
             };
             let config = snap.config(memory)?;
             let src = SnapshotSource::open(&snap)?;
@@ -437,17 +440,19 @@ impl Vm {
 
     /// Builds a VM received by a migration: `saved` is the received state;
     /// guest RAM is served through the retry core by `source` (one page at a
-    /// time), with `data_ranges` the ranges that hold data.
+    /// time), with `data_ranges` the ranges that hold data, by the
+    /// fault-handler threads of `handlers`.
     pub fn incoming(
         saved: &SavedVm,
         source: Arc<dyn ::memory::PageSource>,
         data_ranges: Vec<(u64, u64)>,
+        handlers: HandlerConfig,
         mut options: VmOptions,
     ) -> Result<Vm, VmError> {
         let memory = MemoryConfig {
             backend: MemBackend::Zero,
             fault_around: Some(0),
-            handlers: Default::default(),
+            handlers,
         };
         let config = saved.vm.config.config(memory)?;
         let ch = channel()?;
