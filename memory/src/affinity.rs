@@ -35,6 +35,21 @@ pub fn pin_current_thread(cpu: usize) -> io::Result<()> {
     Ok(())
 }
 
+/// Puts the calling thread under `SCHED_BATCH`: the same CPU share as any
+/// normal thread, but its wake-ups do not preempt the running thread (a
+/// handler woken on a CPU where a vCPU runs waits for the vCPU to block or
+/// for the tick instead of taking the CPU from it).
+pub fn set_batch_policy() -> io::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: pid 0 is the calling thread; `param` is a valid sched_param
+    // read by the kernel only.
+    let ret = unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) };
+    if ret != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// The CPU the calling thread is running on right now, if the kernel says.
 pub fn current_cpu() -> Option<usize> {
     // SAFETY: sched_getcpu takes no arguments and touches no memory of ours.

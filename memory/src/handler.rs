@@ -33,14 +33,14 @@
 //! The rules are in `docs/retry-core.md` ("Several handler threads, several
 //! uffds").
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
@@ -186,6 +186,9 @@ struct Waiter {
     retries_at_join: u32,
 }
 
+/// An unresolved fault of one page, in the table every handler thread of a
+/// pool shares: the first event for a page creates it, later events (read by
+/// any thread of the pool) join its waiters.
 #[derive(Debug)]
 struct Pending {
     core: usize,
@@ -199,31 +202,123 @@ struct Pending {
     waiters: Vec<Waiter>,
     /// Some waiter's access is a write (see [`RetryCore::resolve_access`]).
     write: bool,
+    /// A handler thread is attempting it now: no other one starts an attempt.
+    busy: bool,
 }
 
-/// What [`HandlerControl::blocked`] and [`HandlerControl::per_thread`] read:
-/// a mirror of the loop's unresolved faults, updated once before and once
-/// after each attempt (uncontended locks, ~tens of ns against a ~10-50 us fault).
+impl Pending {
+    fn snapshot(&self) -> impl Iterator<Item = BlockedFault> + '_ {
+        self.waiters.iter().map(|w| BlockedFault {
+            tid: w.tid,
+            addr: self.addr,
+            guest_offset: self.guest,
+            since: w.since,
+            retries: u64::from(self.retries - w.retries_at_join),
+            reason: self.reason.clone(),
+            failure: self.failure.clone(),
+        })
+    }
+}
+
+/// What one handler thread of a pool did (see [`HandlerControl::thread_stats`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct HandlerThreadStats {
+    /// The thread's index in its pool.
+    pub index: usize,
+    /// The CPU it ran on when it last woke up (pinned threads stay on theirs).
+    pub cpu: Option<usize>,
+    /// Returns from `poll` (wake-ups).
+    pub wakeups: u64,
+    /// PAGEFAULT events it read.
+    pub events: u64,
+    /// Of those, events found by the short poll before sleeping (no wake-up).
+    pub spin_events: u64,
+    /// Resolution attempts it made (first tries and retries).
+    pub attempts: u64,
+    /// PAGEFAULT events it read, by faulting thread (gettid).
+    pub by_thread: BTreeMap<u32, u64>,
+}
+
+/// Lock-free counters of one handler thread.
+#[derive(Debug)]
+struct ThreadCounters {
+    wakeups: AtomicU64,
+    events: AtomicU64,
+    spin_events: AtomicU64,
+    attempts: AtomicU64,
+    /// `u64::MAX` = unknown.
+    cpu: AtomicU64,
+}
+
+impl Default for ThreadCounters {
+    fn default() -> ThreadCounters {
+        ThreadCounters {
+            wakeups: AtomicU64::new(0),
+            events: AtomicU64::new(0),
+            spin_events: AtomicU64::new(0),
+            attempts: AtomicU64::new(0),
+            cpu: AtomicU64::new(u64::MAX),
+        }
+    }
+}
+
+/// The unresolved faults of a pool and its per-thread accounting, behind one
+/// lock taken twice per fault (insert before the attempt, so in-progress
+/// faults are visible; settle after). Uncontended it costs tens of ns against
+/// a fault of tens of us; several handler threads take it at most once each
+/// per event.
 #[derive(Debug, Default)]
-struct Tracking {
-    blocked: HashMap<u64, Vec<BlockedFault>>,
+struct Table {
+    pending: HashMap<u64, Pending>,
+    /// Entries not being attempted (parked for a retry, or failed).
+    parked: u64,
+    /// Parked entries whose reason is `MappingChanged` (re-tried on a 1 ms timeout).
+    mapping: u64,
     threads: HashMap<u32, ThreadStats>,
+    /// `by_handler[i][tid]`: events of thread `tid` read by handler thread `i`.
+    by_handler: Vec<HashMap<u32, u64>>,
 }
 
-#[derive(Debug, Default)]
+impl Table {
+    fn park(&mut self, reason: Option<&RetryReason>) {
+        self.parked += 1;
+        if reason == Some(&RetryReason::MappingChanged) {
+            self.mapping += 1;
+        }
+    }
+
+    fn unpark(&mut self, reason: Option<&RetryReason>) {
+        self.parked = self.parked.saturating_sub(1);
+        if reason == Some(&RetryReason::MappingChanged) {
+            self.mapping = self.mapping.saturating_sub(1);
+        }
+    }
+}
+
+/// What every handler thread of a pool shares (one per pool).
+#[derive(Debug)]
 struct Shared {
+    /// One stop eventfd per thread of the pool.
+    stops: Vec<EventFd>,
     failures: Mutex<Vec<FaultError>>,
-    tracking: Mutex<Tracking>,
+    table: Mutex<Table>,
     pending: AtomicU64,
+    mapping: AtomicU64,
     events: AtomicU64,
     merged: AtomicU64,
+    counters: Vec<ThreadCounters>,
 }
 
 impl Shared {
-    fn tracking(&self) -> MutexGuard<'_, Tracking> {
-        // The mirror is rebuilt from the loop's own state on every update, so a
-        // panicked holder leaves nothing to repair.
-        self.tracking.lock().unwrap_or_else(PoisonError::into_inner)
+    fn table(&self) -> MutexGuard<'_, Table> {
+        // Every update leaves the table consistent before it can panic (no
+        // user code runs under the lock), so a poisoned lock holds valid data.
+        self.table.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn publish_counts(&self, t: &Table) {
+        self.pending.store(t.parked, Ordering::Relaxed);
+        self.mapping.store(t.mapping, Ordering::Relaxed);
     }
 }
 
@@ -231,57 +326,21 @@ fn nanos(d: std::time::Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
-impl Pending {
-    fn snapshot(&self) -> Vec<BlockedFault> {
-        self.waiters
-            .iter()
-            .map(|w| BlockedFault {
-                tid: w.tid,
-                addr: self.addr,
-                guest_offset: self.guest,
-                since: w.since,
-                retries: u64::from(self.retries - w.retries_at_join),
-                reason: self.reason.clone(),
-                failure: self.failure.clone(),
-            })
-            .collect()
-    }
-
-    /// Publishes this fault's current state (or, when `done`, removes it and
-    /// charges every waiting thread).
-    fn publish(&self, shared: &Shared, done: bool) {
-        let mut t = shared.tracking();
-        if !done {
-            t.blocked.insert(self.addr, self.snapshot());
-            return;
-        }
-        t.blocked.remove(&self.addr);
-        let now = Instant::now();
-        for w in &self.waiters {
-            if let Some(tid) = w.tid {
-                let s = t.threads.entry(tid).or_default();
-                s.faults += 1;
-                s.retries += u64::from(self.retries - w.retries_at_join);
-                s.blocked_ns = s
-                    .blocked_ns
-                    .saturating_add(nanos(now.saturating_duration_since(w.since)));
-            }
-        }
-    }
-}
-
-/// Controls a running [`FaultHandler`] from another thread.
+/// Controls a running [`FaultHandler`] (or every thread of a pool, see
+/// [`FaultHandler::pool`]) from another thread.
 #[derive(Debug, Clone)]
 pub struct HandlerControl {
-    stop: Arc<EventFd>,
     shared: Arc<Shared>,
     cores: Vec<Arc<RetryCore>>,
 }
 
 impl HandlerControl {
-    /// Asks the loop to return (it checks between batches of events).
+    /// Asks the loop (every thread of the pool) to return; each checks
+    /// between batches of events.
     pub fn stop(&self) {
-        let _ = self.stop.write(1);
+        for s in &self.shared.stops {
+            let _ = s.write(1);
+        }
     }
 
     /// Every fault that failed so far (the VMM pauses the VM and reports these).
@@ -298,7 +357,8 @@ impl HandlerControl {
         self.shared.pending.load(Ordering::Relaxed)
     }
 
-    /// PAGEFAULT events read, and how many of them merged into a parked fault.
+    /// PAGEFAULT events read, and how many of them merged into a fault
+    /// already known (parked, or being attempted by another thread of the pool).
     pub fn events(&self) -> (u64, u64) {
         (
             self.shared.events.load(Ordering::Relaxed),
@@ -311,19 +371,49 @@ impl HandlerControl {
         &self.cores
     }
 
+    /// Handler threads of the pool.
+    pub fn threads(&self) -> usize {
+        self.shared.stops.len()
+    }
+
+    /// What each handler thread of the pool did, by index.
+    pub fn thread_stats(&self) -> Vec<HandlerThreadStats> {
+        let by: Vec<HashMap<u32, u64>> = self.shared.table().by_handler.clone();
+        self.shared
+            .counters
+            .iter()
+            .enumerate()
+            .map(|(index, c)| {
+                let cpu = c.cpu.load(Ordering::Relaxed);
+                HandlerThreadStats {
+                    index,
+                    cpu: usize::try_from(cpu).ok().filter(|_| cpu != u64::MAX),
+                    wakeups: c.wakeups.load(Ordering::Relaxed),
+                    events: c.events.load(Ordering::Relaxed),
+                    spin_events: c.spin_events.load(Ordering::Relaxed),
+                    attempts: c.attempts.load(Ordering::Relaxed),
+                    by_thread: by
+                        .get(index)
+                        .map(|m| m.iter().map(|(&k, &v)| (k, v)).collect())
+                        .unwrap_or_default(),
+                }
+            })
+            .collect()
+    }
+
     /// Faults read from the uffd and not resolved yet (in progress, parked for
-    /// a retry, held, or failed), one entry per blocked thread, oldest first.
+    /// a retry, held, or failed), one entry per blocked thread, oldest first,
+    /// whichever thread of the pool read them.
     /// A thread that left its fault (a vCPU interrupted by a signal, see
     /// docs/platform.md) stays listed until the page is served: the kernel does not
     /// tell the handler. Faults outside every region are only in `failures()`.
     pub fn blocked(&self) -> Vec<BlockedFault> {
         let mut v: Vec<BlockedFault> = self
             .shared
-            .tracking()
-            .blocked
+            .table()
+            .pending
             .values()
-            .flatten()
-            .cloned()
+            .flat_map(Pending::snapshot)
             .collect();
         v.sort_by_key(|b| (b.since, b.addr));
         v
@@ -332,18 +422,20 @@ impl HandlerControl {
     /// Resolved faults per faulting thread (gettid). Empty unless the uffd
     /// negotiated `Features::THREAD_ID`.
     pub fn per_thread(&self) -> HashMap<u32, ThreadStats> {
-        self.shared.tracking().threads.clone()
+        self.shared.table().threads.clone()
     }
 }
 
-/// The controls of several handlers of one VM (several handler threads, or
-/// several uffds) seen as one. Each view merges the handlers' own: `blocked`
+/// The controls of several handlers of one VM (several uffds, or handlers
+/// built apart on one uffd) seen as one. Each view merges the handlers' own: `blocked`
 /// interleaves their lists oldest first, `per_thread` adds up a thread's faults
-/// served by different handlers, `cores` lists a shared core once.
+/// served by different handlers, `cores` lists a shared core once. The threads
+/// of one pool share one control, which the group keeps once.
 ///
-/// Two handlers reading one uffd may each take an event for the same page:
-/// that page is then listed (and, if its source fails, reported) by both,
-/// for their own waiting threads.
+/// Two handlers built apart (not one pool) that read one uffd may each take
+/// an event for the same page: that page is then listed (and, if its source
+/// fails, reported) by both, for their own waiting threads. A pool has one
+/// table for all its threads, so it lists every page once.
 #[derive(Debug, Clone, Default)]
 pub struct HandlerGroup {
     controls: Vec<HandlerControl>,
@@ -352,12 +444,20 @@ pub struct HandlerGroup {
 impl HandlerGroup {
     /// A group of these handlers' controls.
     pub fn new(controls: Vec<HandlerControl>) -> HandlerGroup {
-        HandlerGroup { controls }
+        let mut g = HandlerGroup::default();
+        controls.into_iter().for_each(|c| g.push(c));
+        g
     }
 
-    /// Adds a handler's control.
+    /// Adds a handler's control (once per pool).
     pub fn push(&mut self, control: HandlerControl) {
-        self.controls.push(control);
+        if !self
+            .controls
+            .iter()
+            .any(|c| Arc::ptr_eq(&c.shared, &control.shared))
+        {
+            self.controls.push(control);
+        }
     }
 
     /// The controls, in the order given.
@@ -418,16 +518,27 @@ impl HandlerGroup {
     }
 }
 
-/// Owns a [`Uffd`] and the cores of its regions, and runs the event loop.
+/// The result of one attempt, before it is settled in the table.
+enum Attempt {
+    Done,
+    Parked(RetryReason),
+    Failed(FaultError),
+}
+
+/// One handler thread: reads a [`Uffd`] and serves the faults of its regions'
+/// cores. Several threads over one uffd form a pool ([`FaultHandler::pool`]).
 pub struct FaultHandler {
     uffd: Arc<Uffd>,
     control: HandlerControl,
-    pending: HashMap<u64, Pending>,
+    /// This thread's index in its pool.
+    index: usize,
     /// One per distinct source notifier of the cores.
     subscriptions: Vec<Subscription>,
     /// `core_subscription[i]`: index in `subscriptions` of core `i`'s notifier.
     core_subscription: Vec<usize>,
     hook: Option<EventHook>,
+    /// How long to keep reading the uffd after an event before sleeping in poll.
+    spin: Duration,
 }
 
 impl fmt::Debug for FaultHandler {
@@ -435,9 +546,10 @@ impl fmt::Debug for FaultHandler {
         f.debug_struct("FaultHandler")
             .field("uffd", &self.uffd)
             .field("control", &self.control)
-            .field("pending", &self.pending)
+            .field("index", &self.index)
             .field("subscriptions", &self.subscriptions)
             .field("hook", &self.hook.as_ref().map(|_| "set"))
+            .field("spin", &self.spin)
             .finish()
     }
 }
@@ -450,6 +562,23 @@ impl FaultHandler {
     /// on it (any of them may read any of its events), and a core's region must
     /// be registered whole on one uffd (see `docs/retry-core.md`).
     pub fn new(uffd: Arc<Uffd>, cores: Vec<Arc<RetryCore>>) -> Result<FaultHandler, HandlerError> {
+        let mut v = FaultHandler::pool(uffd, cores, 1)?;
+        Ok(v.remove(0))
+    }
+
+    /// `threads` handlers (at least one) reading one `uffd` for `cores`, to
+    /// run on a thread each. They share one table of unresolved faults: an
+    /// event for a page another thread of the pool is attempting (or has
+    /// parked) joins that fault, so each page is attempted by one thread at
+    /// a time, listed once in `blocked`, and reported once if it fails. They
+    /// share one [`HandlerControl`] (`stop` stops them all). Each waits on the
+    /// sources through its own subscriptions.
+    pub fn pool(
+        uffd: Arc<Uffd>,
+        cores: Vec<Arc<RetryCore>>,
+        threads: usize,
+    ) -> Result<Vec<FaultHandler>, HandlerError> {
+        let threads = threads.max(1);
         for (i, a) in cores.iter().enumerate() {
             for b in &cores[i + 1..] {
                 let (ra, rb) = (a.region(), b.region());
@@ -461,40 +590,37 @@ impl FaultHandler {
                 }
             }
         }
-        let stop = EventFd::new(EFD_NONBLOCK).map_err(HandlerError::EventFd)?;
-        // Our own eventfd per notifier: another handler waiting on the same
-        // source clears its own, never ours.
-        let mut subscriptions = Vec::new();
-        let mut core_subscription = Vec::with_capacity(cores.len());
-        for (i, c) in cores.iter().enumerate() {
-            let notifier = c.source().notifier();
-            let same = cores[..i]
-                .iter()
-                .position(|o| std::ptr::eq(o.source().notifier(), notifier));
-            match same {
-                Some(j) => core_subscription.push(core_subscription[j]),
-                None => {
-                    let sub = notifier.subscribe().map_err(|error| HandlerError::Subscribe {
-                        source_name: c.source().name().to_owned(),
-                        error,
-                    })?;
-                    core_subscription.push(subscriptions.len());
-                    subscriptions.push(sub);
-                }
-            }
-        }
-        Ok(FaultHandler {
-            uffd,
-            control: HandlerControl {
-                stop: Arc::new(stop),
-                shared: Arc::default(),
-                cores,
-            },
-            pending: HashMap::new(),
-            subscriptions,
-            core_subscription,
-            hook: None,
-        })
+        let stops = (0..threads)
+            .map(|_| EventFd::new(EFD_NONBLOCK).map_err(HandlerError::EventFd))
+            .collect::<Result<Vec<_>, _>>()?;
+        let shared = Arc::new(Shared {
+            stops,
+            failures: Mutex::default(),
+            table: Mutex::new(Table {
+                by_handler: vec![HashMap::new(); threads],
+                ..Table::default()
+            }),
+            pending: AtomicU64::new(0),
+            mapping: AtomicU64::new(0),
+            events: AtomicU64::new(0),
+            merged: AtomicU64::new(0),
+            counters: (0..threads).map(|_| ThreadCounters::default()).collect(),
+        });
+        let control = HandlerControl { shared, cores };
+        (0..threads)
+            .map(|index| {
+                let (subscriptions, core_subscription) = subscribe(&control.cores)?;
+                Ok(FaultHandler {
+                    uffd: uffd.clone(),
+                    control: control.clone(),
+                    index,
+                    subscriptions,
+                    core_subscription,
+                    hook: None,
+                    spin: Duration::ZERO,
+                })
+            })
+            .collect()
     }
 
     /// Installs the callback that learns of new failures and of the loop's
@@ -507,14 +633,28 @@ impl FaultHandler {
     /// unbounded channel and write an eventfd (or set a flag); never a
     /// bounded `send`, a lock a vCPU or the controller may hold, or I/O. A
     /// panic in it is caught and logged (the event is lost); it must not
-    /// panic while the loop itself unwinds.
+    /// panic while the loop itself unwinds. In a pool, give every thread the
+    /// hook: a failure is reported once, by the thread that saw it first.
     pub fn set_event_hook(&mut self, hook: EventHook) {
         self.hook = Some(hook);
     }
 
-    /// A handle to stop the loop and read its results.
+    /// After serving events, keep reading the uffd for up to `spin` before
+    /// sleeping in `poll` (0, the default: sleep at once). A fault arriving
+    /// within it is read without a wake-up; an idle handler still sleeps
+    /// after one `spin`, so nothing busy-loops while nothing faults.
+    pub fn set_spin(&mut self, spin: Duration) {
+        self.spin = spin;
+    }
+
+    /// A handle to stop the loop and read its results (shared by the pool).
     pub fn control(&self) -> HandlerControl {
         self.control.clone()
+    }
+
+    /// This thread's index in its pool.
+    pub fn index(&self) -> usize {
+        self.index
     }
 
     /// Runs until [`HandlerControl::stop`]. Returns an error only if the uffd
@@ -527,6 +667,10 @@ impl FaultHandler {
         result
     }
 
+    fn counters(&self) -> &ThreadCounters {
+        &self.control.shared.counters[self.index]
+    }
+
     fn run_loop(&mut self) -> Result<(), HandlerError> {
         let cores = self.control.cores.clone();
         let mut fds = vec![
@@ -536,7 +680,7 @@ impl FaultHandler {
                 revents: 0,
             },
             libc::pollfd {
-                fd: self.control.stop.as_raw_fd(),
+                fd: self.control.shared.stops[self.index].as_raw_fd(),
                 events: libc::POLLIN,
                 revents: 0,
             },
@@ -550,11 +694,7 @@ impl FaultHandler {
             // A pending MappingChanged is cleared by the REMOVE reader's thread
             // right after we read its event, with no further wake-up for us:
             // re-check after 1 ms. Everything else sleeps until an fd is ready.
-            let timeout = if self
-                .pending
-                .values()
-                .any(|p| p.reason == Some(RetryReason::MappingChanged))
-            {
+            let timeout = if self.control.shared.mapping.load(Ordering::Relaxed) > 0 {
                 1
             } else {
                 -1
@@ -571,8 +711,13 @@ impl FaultHandler {
                 }
                 return Err(HandlerError::Poll(e));
             }
+            let c = self.counters();
+            c.wakeups.fetch_add(1, Ordering::Relaxed);
+            if let Some(cpu) = crate::affinity::current_cpu() {
+                c.cpu.store(cpu as u64, Ordering::Relaxed);
+            }
             if fds[1].revents != 0 {
-                let _ = self.control.stop.read();
+                let _ = self.control.shared.stops[self.index].read();
                 return Ok(());
             }
             let mut notified = vec![false; self.subscriptions.len()];
@@ -589,11 +734,33 @@ impl FaultHandler {
             {
                 return Err(HandlerError::Broken { revents });
             }
+            let mut served = false;
             while let Some(ev) = self.uffd.read_event()? {
                 self.on_event(&cores, ev);
+                served = true;
             }
             self.retry_pending(&cores, &due);
+            if served && !self.spin.is_zero() {
+                self.spin_for_events(&cores)?;
+            }
         }
+    }
+
+    /// The short poll before sleeping: reads the uffd until `spin` passes
+    /// without an event (each event restarts it).
+    fn spin_for_events(&mut self, cores: &[Arc<RetryCore>]) -> Result<(), HandlerError> {
+        let mut until = Instant::now() + self.spin;
+        while Instant::now() < until {
+            match self.uffd.read_event()? {
+                Some(ev) => {
+                    self.counters().spin_events.fetch_add(1, Ordering::Relaxed);
+                    self.on_event(cores, ev);
+                    until = Instant::now() + self.spin;
+                }
+                None => std::hint::spin_loop(),
+            }
+        }
+        Ok(())
     }
 
     fn on_event(&mut self, cores: &[Arc<RetryCore>], ev: Event) {
@@ -603,53 +770,63 @@ impl FaultHandler {
                 thread_id,
                 flags,
             } => {
-                self.control.shared.events.fetch_add(1, Ordering::Relaxed);
+                let shared = &self.control.shared;
+                shared.events.fetch_add(1, Ordering::Relaxed);
+                self.counters().events.fetch_add(1, Ordering::Relaxed);
                 let page = addr & !(crate::page_size() as u64 - 1);
-                if let Some(p) = self.pending.get_mut(&page) {
-                    self.control.shared.merged.fetch_add(1, Ordering::Relaxed);
+                let core = cores.iter().position(|c| c.contains(page));
+                let now = Instant::now();
+                let mut t = shared.table();
+                if let (Some(tid), Some(m)) = (thread_id, t.by_handler.get_mut(self.index)) {
+                    *m.entry(tid).or_default() += 1;
+                }
+                if let Some(p) = t.pending.get_mut(&page) {
+                    // Parked, or being attempted by another thread of the pool:
+                    // its fill wakes this thread too.
+                    shared.merged.fetch_add(1, Ordering::Relaxed);
                     p.write |= flags.write;
                     // A thread faulting again (after a signal) keeps its first
                     // `since`; its second event must not count as a second fault.
                     if thread_id.is_none() || !p.waiters.iter().any(|w| w.tid == thread_id) {
                         p.waiters.push(Waiter {
                             tid: thread_id,
-                            since: Instant::now(),
+                            since: now,
                             retries_at_join: p.retries,
                         });
-                        p.publish(&self.control.shared, false);
                     }
                     return;
                 }
-                let Some(ci) = cores.iter().position(|c| c.contains(page)) else {
+                let Some(ci) = core else {
+                    drop(t);
                     tracing::error!(addr, "userfault outside every region");
                     self.record_failure(FaultError::OutOfRegion { addr });
                     return;
                 };
-                let now = Instant::now();
                 let region = cores[ci].region();
-                let mut p = Pending {
-                    core: ci,
-                    addr: page,
-                    guest: region.guest_offset + (page - region.host_base),
-                    first: now,
-                    retries: 0,
-                    reason: None,
-                    failed: false,
-                    failure: None,
-                    waiters: vec![Waiter {
-                        tid: thread_id,
-                        since: now,
-                        retries_at_join: 0,
-                    }],
-                    write: flags.write,
-                };
                 // Visible as "in progress" while the source works on it.
-                p.publish(&self.control.shared, false);
-                let done = self.attempt(&cores[ci], &mut p);
-                p.publish(&self.control.shared, done);
-                if !done {
-                    self.pending.insert(page, p);
-                }
+                t.pending.insert(
+                    page,
+                    Pending {
+                        core: ci,
+                        addr: page,
+                        guest: region.guest_offset + (page - region.host_base),
+                        first: now,
+                        retries: 0,
+                        reason: None,
+                        failed: false,
+                        failure: None,
+                        waiters: vec![Waiter {
+                            tid: thread_id,
+                            since: now,
+                            retries_at_join: 0,
+                        }],
+                        write: flags.write,
+                        busy: true,
+                    },
+                );
+                drop(t);
+                let a = self.attempt(&cores[ci], page, flags.write, 0, now);
+                self.settle(page, a);
             }
             Event::Remove { start, end } => {
                 for c in cores {
@@ -658,36 +835,72 @@ impl FaultHandler {
             }
             Event::Unknown(code) => tracing::warn!(code, "ignoring unknown userfaultfd event"),
         }
-        self.control
-            .shared
-            .pending
-            .store(self.pending.len() as u64, Ordering::Relaxed);
     }
 
-    /// One attempt; returns whether the fault is finished.
-    fn attempt(&self, core: &RetryCore, p: &mut Pending) -> bool {
-        match core.resolve_access(&self.uffd, p.addr, p.write) {
+    /// One attempt (no lock held).
+    fn attempt(&self, core: &RetryCore, addr: u64, write: bool, retries: u32, first: Instant) -> Attempt {
+        self.counters().attempts.fetch_add(1, Ordering::Relaxed);
+        match core.resolve_access(&self.uffd, addr, write) {
             FaultOutcome::Resolved { .. } => {
-                core.record_fault(p.retries, p.first.elapsed());
-                true
+                core.record_fault(retries, first.elapsed());
+                Attempt::Done
             }
             FaultOutcome::Retry(reason) => {
-                tracing::debug!(addr = p.addr, ?reason, retries = p.retries, "fault parked");
+                tracing::debug!(addr, ?reason, retries, "fault parked");
+                Attempt::Parked(reason)
+            }
+            FaultOutcome::Failed(e) => Attempt::Failed(e),
+        }
+    }
+
+    /// Records an attempt's result in the table: a finished fault goes away
+    /// and every waiting thread is charged; anything else is parked.
+    fn settle(&self, page: u64, a: Attempt) {
+        let shared = &self.control.shared;
+        let mut t = shared.table();
+        let Some(p) = t.pending.get_mut(&page) else {
+            return;
+        };
+        p.busy = false;
+        let mut new_failure = None;
+        match a {
+            Attempt::Done => {
+                if let Some(p) = t.pending.remove(&page) {
+                    let now = Instant::now();
+                    for w in &p.waiters {
+                        if let Some(tid) = w.tid {
+                            let s = t.threads.entry(tid).or_default();
+                            s.faults += 1;
+                            s.retries += u64::from(p.retries - w.retries_at_join);
+                            s.blocked_ns = s
+                                .blocked_ns
+                                .saturating_add(nanos(now.saturating_duration_since(w.since)));
+                        }
+                    }
+                }
+            }
+            Attempt::Parked(reason) => {
                 p.reason = Some(reason);
                 // A failed page whose source now answers Retry is no longer failing.
                 p.failure = None;
-                false
+                let r = p.reason.clone();
+                t.park(r.as_ref());
             }
-            FaultOutcome::Failed(e) => {
+            Attempt::Failed(e) => {
                 if !p.failed {
                     tracing::error!(error = %e, "guest page fault failed");
-                    p.failure = Some(e.clone());
-                    self.record_failure(e);
+                    new_failure = Some(e.clone());
                     p.failed = true;
                 }
+                p.failure = Some(e);
                 p.reason = None;
-                false
+                t.park(None);
             }
+        }
+        shared.publish_counts(&t);
+        drop(t);
+        if let Some(e) = new_failure {
+            self.record_failure(e);
         }
     }
 
@@ -704,25 +917,65 @@ impl FaultHandler {
         }
     }
 
+    /// Retries the parked faults whose source notified (and every
+    /// `MappingChanged` one); a fault another thread of the pool is attempting
+    /// is left to it.
     fn retry_pending(&mut self, cores: &[Arc<RetryCore>], due: &[bool]) {
-        let mut pending = std::mem::take(&mut self.pending);
-        pending.retain(|_, p| {
-            let mapping = p.reason == Some(RetryReason::MappingChanged);
-            if !(due[p.core] || mapping) {
-                return true;
+        let shared = &self.control.shared;
+        if shared.pending.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let mut todo = Vec::new();
+        {
+            let mut t = shared.table();
+            let mut unparked = Vec::new();
+            for p in t.pending.values_mut() {
+                let mapping = p.reason == Some(RetryReason::MappingChanged);
+                if p.busy || !(due[p.core] || mapping) {
+                    continue;
+                }
+                p.busy = true;
+                p.retries += 1;
+                unparked.push(p.reason.clone());
+                todo.push((p.addr, p.core, p.write, p.retries, p.first));
             }
-            p.retries += 1;
-            cores[p.core].note_retry();
-            let done = self.attempt(&cores[p.core], p);
-            p.publish(&self.control.shared, done);
-            !done
-        });
-        self.pending = pending;
-        self.control
-            .shared
-            .pending
-            .store(self.pending.len() as u64, Ordering::Relaxed);
+            for r in unparked {
+                t.unpark(r.as_ref());
+            }
+            shared.publish_counts(&t);
+        }
+        for (addr, ci, write, retries, first) in todo {
+            cores[ci].note_retry();
+            let a = self.attempt(&cores[ci], addr, write, retries, first);
+            self.settle(addr, a);
+        }
     }
+}
+
+/// Our own eventfd per distinct notifier of `cores`: another handler waiting
+/// on the same source clears its own, never ours. Returns the subscriptions
+/// and, per core, the index of its notifier's.
+fn subscribe(cores: &[Arc<RetryCore>]) -> Result<(Vec<Subscription>, Vec<usize>), HandlerError> {
+    let mut subscriptions = Vec::new();
+    let mut core_subscription: Vec<usize> = Vec::with_capacity(cores.len());
+    for (i, c) in cores.iter().enumerate() {
+        let notifier = c.source().notifier();
+        let same = cores[..i]
+            .iter()
+            .position(|o| std::ptr::eq(o.source().notifier(), notifier));
+        match same {
+            Some(j) => core_subscription.push(core_subscription[j]),
+            None => {
+                let sub = notifier.subscribe().map_err(|error| HandlerError::Subscribe {
+                    source_name: c.source().name().to_owned(),
+                    error,
+                })?;
+                core_subscription.push(subscriptions.len());
+                subscriptions.push(sub);
+            }
+        }
+    }
+    Ok((subscriptions, core_subscription))
 }
 
 #[cfg(test)]

@@ -52,7 +52,7 @@ pub use crate::core::{
 };
 pub use crate::handler::{
     BlockedFault, EventHook, FaultHandler, HandlerControl, HandlerError, HandlerEvent, HandlerGroup,
-    ThreadStats,
+    HandlerThreadStats, ThreadStats,
 };
 pub use crate::histogram::{AtomicLog2Histogram, Log2Histogram};
 pub use crate::mmap::AnonMapping;

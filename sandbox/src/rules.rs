@@ -449,6 +449,20 @@ fn lowers_own_priority() -> Rules {
     r
 }
 
+/// Putting the calling thread (`pid == 0`) under `SCHED_BATCH` (a pool of
+/// fault handlers whose wake-ups do not preempt a running vCPU), no other
+/// policy; and reading which CPU it runs on (`sched_getcpu`: the vDSO or
+/// rseq, `getcpu` the fallback).
+fn batch_itself() -> Rules {
+    let mut r = Rules::default();
+    r.allow_if(
+        libc::SYS_sched_setscheduler,
+        &[eq(0, 0), eq(1, c(libc::SCHED_BATCH))],
+    );
+    r.allow(&[libc::SYS_getcpu]);
+    r
+}
+
 /// Filling guest memory through the retry core: userfaultfd fills and
 /// wakes, `mincore` to see what is present, the page source's reads
 /// (memory file, snapshot), eventfd reads of its notifier.
@@ -612,7 +626,7 @@ pub(crate) fn own(class: ThreadClass) -> Rules {
                 KVM_GET_MP_STATE,
                 KVM_GET_DEBUGREGS,
             ]);
-            // vCPU 0 shares its CPU with the fault handler.
+            // A vCPU pins itself next to its fault-handler thread.
             r.union(&pins_itself());
         }
         ThreadClass::FaultHandler => {
@@ -621,7 +635,10 @@ pub(crate) fn own(class: ThreadClass) -> Rules {
             r.allow(&[libc::SYS_poll, libc::SYS_ppoll]);
             // Test and stress page sources delay their answers.
             r.union(&sleeps());
+            // A pool's threads pin themselves next to their vCPUs, under
+            // SCHED_BATCH (`vmm_core::placement`), and count wake-ups per CPU.
             r.union(&pins_itself());
+            r.union(&batch_itself());
         }
         ThreadClass::PageStore => {
             // Guest memory is plain memory to it; it waits on a condvar and

@@ -306,6 +306,39 @@ fn child() {
             let _ = t.join();
             println!("the forbidden call went through");
         }
+        "batch" => {
+            // A pool's handler thread: SCHED_BATCH and a pin on itself, its CPU.
+            let t = spawn(builder(), ThreadClass::FaultHandler, SeccompMode::Kill, || {
+                let param = libc::sched_param { sched_priority: 0 };
+                // SAFETY: pid 0 is this thread; `param` is only read.
+                let batch = unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) };
+                // SAFETY: no arguments.
+                let cpu = unsafe { libc::sched_getcpu() };
+                // SAFETY: cpu_set_t is a plain bit array; all zeroes is the empty set.
+                let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+                // SAFETY: the kernel writes at most size_of::<cpu_set_t>() bytes.
+                let got = unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) };
+                // SAFETY: `set` is a valid mask of the size given, only read.
+                let pinned = unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) };
+                (batch, cpu, got, pinned)
+            })
+            .unwrap();
+            let (batch, cpu, got, pinned) = t.join().unwrap();
+            assert_eq!((batch, got, pinned), (0, 0, 0));
+            assert!(cpu >= 0);
+            println!("child ok");
+        }
+        "idle" => {
+            // Any other policy (SCHED_IDLE needs no privilege) stops the VMM.
+            let t = spawn(builder(), ThreadClass::FaultHandler, SeccompMode::Kill, || {
+                let param = libc::sched_param { sched_priority: 0 };
+                // SAFETY: pid 0 is this thread; `param` is only read.
+                unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) }
+            })
+            .unwrap();
+            let _ = t.join();
+            println!("the forbidden call went through");
+        }
         other => panic!("unknown child {other}"),
     }
 }
@@ -321,6 +354,25 @@ fn a_forbidden_call_stops_the_process_naming_thread_class_and_call() {
         "{stderr}"
     );
     assert!(!stdout.contains("went through"), "{stdout}");
+}
+
+#[test]
+fn a_fault_handler_may_batch_and_pin_itself_and_nothing_else() {
+    let out = run_child("batch");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("child ok"), "{stdout}");
+    let out = run_child("idle");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(EXIT_SECCOMP), "{stderr}");
+    assert!(
+        stderr.contains("(class fault-handler) made the forbidden system call sched_setscheduler"),
+        "{stderr}"
+    );
 }
 
 #[test]

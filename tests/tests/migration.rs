@@ -61,6 +61,7 @@ fn destination_with_handle(
     std::thread::spawn(move || {
         let (vm, console) = capture_options();
         let opts = ReceiveOptions {
+            handlers: Default::default(),
             vm: vmm::VmOptions {
                 timeout: Some(Duration::from_secs(120)),
                 ..vm
@@ -210,6 +211,7 @@ fn refused_destinations_leave_the_source_running() {
     let to = listener.endpoint().unwrap();
     let dest = std::thread::spawn(move || {
         let opts = ReceiveOptions {
+            handlers: Default::default(),
             vm: capture_options().0,
             lost_wait: Duration::from_secs(1),
             progress: Default::default(),

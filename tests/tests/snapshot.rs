@@ -104,11 +104,21 @@ fn restore_eagerly_and_lazily_and_finish_the_workload() {
         console_text(&console)
     );
 
-    let (vm, rcfg, console) = restore(&dir.0, &lazy(false));
+    // Lazily, by a pool of three unpinned fault-handler threads.
+    let pool = RestoreOptions {
+        handlers: vmm::config::HandlerConfig {
+            threads: Some(3),
+            pinning: vmm::config::HandlerPinning::None,
+            ..Default::default()
+        },
+        ..lazy(false)
+    };
+    let (vm, rcfg, console) = restore(&dir.0, &pool);
     let out = finish(vm, &rcfg, &console);
     let m = out.memory.unwrap();
     assert!(m.backend.starts_with("snapshot:"), "{}", m.backend);
     assert!(m.total.pages_copied > 0 && m.failures.is_empty(), "{m:?}");
+    assert_eq!(m.handler_threads.len(), 3, "{:?}", m.handler_threads);
 
     let (vm, rcfg, console) = restore(&dir.0, &lazy(true));
     finish(vm, &rcfg, &console);

@@ -5,6 +5,8 @@ use abi::boot::{CMDLINE_MAX, MAX_VCPUS};
 use abi::layout::{MAX_MEM_SIZE, MIN_MEM_SIZE, PAGE_SIZE};
 use std::path::PathBuf;
 
+pub use crate::placement::{HandlerConfig, HandlerPinning};
+
 /// Errors in a VM configuration.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
@@ -43,6 +45,9 @@ pub enum ConfigError {
     /// Fault-around asked for plain anonymous memory.
     #[error("fault-around needs a lazily backed memory: add --mem-backend zero or --mem-backend file:PATH")]
     FaultAroundWithoutBackend,
+    /// A handler-thread option out of range.
+    #[error(transparent)]
+    Placement(#[from] crate::placement::PlacementError),
 }
 
 /// Which guest kernel to boot.
@@ -167,6 +172,8 @@ pub struct MemoryConfig {
     pub backend: MemBackend,
     /// Fault-around window in pages (0 = off); `None` = the backend's default.
     pub fault_around: Option<u32>,
+    /// The fault-handler threads and where they and the vCPUs run.
+    pub handlers: HandlerConfig,
 }
 
 impl MemoryConfig {
@@ -175,6 +182,7 @@ impl MemoryConfig {
         MemoryConfig {
             backend,
             fault_around: None,
+            handlers: HandlerConfig::default(),
         }
     }
 
@@ -194,6 +202,7 @@ impl MemoryConfig {
                 return Err(ConfigError::FaultAroundWithoutBackend);
             }
         }
+        self.handlers.validate()?;
         Ok(())
     }
 }

@@ -23,6 +23,7 @@ pub mod guest;
 pub mod kvm;
 pub mod loader;
 pub mod memory;
+pub mod placement;
 pub mod state;
 pub mod vcpu;
 pub mod vm;

@@ -176,8 +176,8 @@ pub struct Vm {
     first_output: Arc<OnceLock<Instant>>,
     created: Instant,
     tsc_khz: Option<u32>,
-    /// The CPU vCPU 0 and the fault handler share (a lone vCPU with lazy memory).
-    fault_cpu: Option<usize>,
+    /// The CPU each vCPU is pinned to, next to its fault-handler thread (lazy memory only).
+    vcpu_cpus: Vec<Option<usize>>,
     /// The MSRs a state capture saves, listed while building (on /dev/kvm,
     /// which the controller's sandbox does not open).
     msrs: Arc<Vec<u32>>,
@@ -256,16 +256,19 @@ impl Vm {
             loader::write_boot_info(ram, &info)?;
         }
 
-        // A stage-2 userfault blocks the vCPU thread until the handler fills
-        // the page: on one CPU the two hand over directly, across CPUs each
-        // fault pays two remote wake-ups (docs/retry-core.md). With several
-        // vCPUs the handler stays unpinned: on a vCPU's CPU it would wait
-        // behind that running vCPU while another one's fault waits.
-        let colocate = if config.vcpus == 1 {
-            ::memory::colocation_cpu()
-        } else {
-            None
-        };
+        // A stage-2 userfault blocks the vCPU thread until a handler thread
+        // fills the page: on one CPU the two hand over directly, across CPUs
+        // each fault pays two remote wake-ups (docs/retry-core.md). By
+        // default one handler thread per CPU used, each next to the vCPUs
+        // pinned to its CPU (a lone vCPU and its handler on the CPU we run
+        // on); `crate::placement` has the choices.
+        let allowed = ::memory::affinity::allowed_cpus().unwrap_or_default();
+        let layout = crate::placement::layout(
+            &config.memory.handlers,
+            config.vcpus,
+            &allowed,
+            ::memory::colocation_cpu(),
+        );
         // Only now, with every page the VMM writes present, may RAM be handed
         // to userfaultfd: a VMM write to a missing page would block this thread.
         match memory {
@@ -274,20 +277,28 @@ impl Vm {
                 if let Some(mut plan) =
                     memory::plan_for_backend(&config.memory.backend, fault_around, config.mem_size)?
                 {
-                    plan.handler_cpu = colocate;
+                    plan.handler_cpus.clone_from(&layout.handler_cpus);
+                    plan.spin_us = layout.spin_us;
+                    plan.batch = layout.batch;
                     mm.serve_lazily(plan, options.sink.clone(), options.seccomp)?;
                 }
             }
             MemoryPlan::Fill(fill) => fill(mm.ram()).map_err(VmError::Fill)?,
             MemoryPlan::Lazy(mut plan) => {
-                plan.handler_cpu = plan.handler_cpu.or(colocate);
+                if plan.handler_cpus.is_empty() {
+                    plan.handler_cpus.clone_from(&layout.handler_cpus);
+                    plan.spin_us = layout.spin_us;
+                    plan.batch = layout.batch;
+                }
                 mm.serve_lazily(plan, options.sink.clone(), options.seccomp)?;
             }
             MemoryPlan::External => {
                 mm.serve_externally()?;
             }
         }
-        let fault_cpu = colocate.filter(|_| mm.lazy().is_some());
+        // vCPUs are pinned only next to handler threads of their own.
+        let lazy = mm.lazy().is_some();
+        let vcpu_cpus: Vec<Option<usize>> = layout.vcpu_cpus.iter().map(|c| c.filter(|_| lazy)).collect();
 
         let mut vm = Vm {
             config: config.clone(),
@@ -301,7 +312,7 @@ impl Vm {
             first_output: Arc::new(OnceLock::new()),
             created,
             tsc_khz,
-            fault_cpu,
+            vcpu_cpus,
             msrs,
             seccomp: options.seccomp,
         };
@@ -393,7 +404,7 @@ impl Vm {
             devices.bus(),
             self.started.clone(),
             on_stop,
-            self.fault_cpu,
+            &self.vcpu_cpus,
             self.seccomp,
         )?;
         self.vcpus = VcpuSet::Running(vcpus);
@@ -535,6 +546,7 @@ impl Vm {
         v.stats()
             .into_iter()
             .map(|(mut s, tid)| {
+                s.host_cpu = self.vcpu_cpus.get(s.cpu as usize).copied().flatten();
                 if let Some(t) = tid.and_then(|t| per_thread.get(&t)) {
                     s.stage2_faults = t.faults;
                     s.stage2_retries = t.retries;

@@ -7,7 +7,10 @@
 use sandbox::SeccompMode;
 use serde::Deserialize;
 use std::path::PathBuf;
-use vmm_core::config::{parse_size, ConfigError, KernelSource, MemBackend, MemoryConfig, VmConfig};
+use vmm_core::config::{
+    parse_size, ConfigError, HandlerConfig, HandlerPinning, KernelSource, MemBackend, MemoryConfig, VmConfig,
+};
+use vmm_core::placement::parse_cpus;
 
 /// The defaults, `resources/vm.toml`, compiled in.
 pub const DEFAULT_CONFIG: &str = include_str!("../../resources/vm.toml");
@@ -47,6 +50,14 @@ pub struct ConfigFile {
     pub mem_backend: Option<String>,
     /// Fault-around window in pages.
     pub fault_around: Option<u32>,
+    /// Fault-handler threads.
+    pub fault_handlers: Option<u32>,
+    /// Handler and vCPU pinning (`"auto"`, `"none"`, `"cpu"`, `"vcpu"`).
+    pub handler_pinning: Option<String>,
+    /// Short poll before a handler thread sleeps, microseconds.
+    pub handler_spin_us: Option<u32>,
+    /// CPUs for handler and vCPU threads (`"0,1"`).
+    pub cpus: Option<String>,
     /// The sandbox: `"kill"`, `"log"` or `"off"` (`docs/seccomp.md`).
     pub seccomp: Option<SeccompMode>,
 }
@@ -80,6 +91,10 @@ impl ConfigFile {
             cmdline: other.cmdline.or(self.cmdline),
             mem_backend: other.mem_backend.or(self.mem_backend),
             fault_around: other.fault_around.or(self.fault_around),
+            fault_handlers: other.fault_handlers.or(self.fault_handlers),
+            handler_pinning: other.handler_pinning.or(self.handler_pinning),
+            handler_spin_us: other.handler_spin_us.or(self.handler_spin_us),
+            cpus: other.cpus.or(self.cpus),
             seccomp: other.seccomp.or(self.seccomp),
         }
     }
@@ -104,6 +119,23 @@ impl ConfigFile {
         let cfg = MemoryConfig {
             backend,
             fault_around: self.fault_around,
+            handlers: self.handlers()?,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The fault-handler part, checked.
+    pub fn handlers(&self) -> Result<HandlerConfig, ConfigError> {
+        let cfg = HandlerConfig {
+            threads: self.fault_handlers,
+            pinning: match &self.handler_pinning {
+                Some(p) => p.parse()?,
+                None => HandlerPinning::Auto,
+            },
+            spin_us: self.handler_spin_us.unwrap_or(0),
+            cpus: self.cpus.as_deref().map(parse_cpus).transpose()?,
+            batch: false,
         };
         cfg.validate()?;
         Ok(cfg)

@@ -10,7 +10,7 @@ use crate::vm::{Vm, VmError, VmOptions};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use vmm_core::config::VmConfig;
+use vmm_core::config::{HandlerConfig, VmConfig};
 
 /// Errors of receiving a VM.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +34,9 @@ pub enum ReceiveError {
 pub struct ReceiveOptions {
     /// The VM's run-time options (the memory-fault policy is forced to `Pause`).
     pub vm: VmOptions,
+    /// The fault-handler threads serving the received memory and where
+    /// they run (the default: one per CPU used).
+    pub handlers: HandlerConfig,
     /// After the source is lost: how long the paused VM waits for a
     /// `recover` (and, after one, for the source to come back) before the
     /// run ends.
@@ -83,7 +86,12 @@ pub fn receive(
     }
     // Built while the source still runs: none of it is in the downtime.
     let built = Instant::now();
-    let mut vm = Vm::incoming(incoming.config(), incoming.source(), vm_options)?;
+    let mut vm = Vm::incoming(
+        incoming.config(),
+        incoming.source(),
+        options.handlers.clone(),
+        vm_options,
+    )?;
     let build_ms = built.elapsed().as_secs_f64() * 1e3;
     let switched = incoming.switchover()?;
     let applied = Instant::now();

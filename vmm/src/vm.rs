@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use vmm_core::config::{ConfigError, MemBackend, MemoryConfig, VmConfig};
+use vmm_core::config::{ConfigError, HandlerConfig, MemBackend, MemoryConfig, VmConfig};
 use vmm_core::memory::{self, LazyPlan, Materializer, MemoryManagerError, PagePrefetch};
 use vmm_core::{Boot, BuildOptions, EventSink, MemoryEvent, MemoryPlan, VmEvent};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -144,6 +144,9 @@ pub struct RestoreOptions {
     pub record_working_set: bool,
     /// With `lazy`: fault-around window (`None` = default).
     pub fault_around: Option<u32>,
+    /// With `lazy`: the fault-handler threads and where they run (the
+    /// default: one per CPU used, `vmm_core::placement`).
+    pub handlers: HandlerConfig,
     /// Hand guest memory to an external page-fault handler listening on this
     /// Unix socket (Firecracker's UFFD handshake, `uffd_handler`) instead.
     pub uffd_socket: Option<PathBuf>,
@@ -362,6 +365,7 @@ impl Vm {
                     offset: 0,
                 },
                 fault_around: how.fault_around,
+                handlers: how.handlers.clone(),
             };
             let config = snap.config(memory)?;
             let src = SnapshotSource::open(&snap)?;
@@ -390,7 +394,9 @@ impl Vm {
                 data_ranges: src.data_ranges(),
                 source: Arc::new(src),
                 fault_around: config.memory.effective_fault_around(),
-                handler_cpu: None,
+                handler_cpus: Vec::new(),
+                spin_us: 0,
+                batch: false,
                 prefetch: how.prefetch,
                 working_set,
                 observer: recording.as_ref().map(|r| r.observer()),
@@ -435,16 +441,18 @@ impl Vm {
     /// Builds the VM of an incoming migration before its state arrives
     /// (KVM objects, memory registered, devices' places): `config` is the
     /// source's configuration; guest RAM is served through the retry core by
-    /// `source` (one page at a time). [`apply_incoming`](Self::apply_incoming)
-    /// then gives it its state.
+    /// `source` (one page at a time), by the fault-handler threads of `handlers`.
+    /// [`apply_incoming`](Self::apply_incoming) then gives it its state.
     pub fn incoming(
         config: &vmm_core::state::ConfigState,
         source: Arc<dyn ::memory::PageSource>,
+        handlers: HandlerConfig,
         mut options: VmOptions,
     ) -> Result<Vm, VmError> {
         let memory = MemoryConfig {
             backend: MemBackend::Zero,
             fault_around: Some(0),
+            handlers,
         };
         let config = config.config(memory)?;
         let ch = channel()?;
@@ -456,7 +464,9 @@ impl Vm {
             fault_around: 0,
             // Known at the switchover.
             data_ranges: Vec::new(),
-            handler_cpu: None,
+            handler_cpus: Vec::new(),
+            spin_us: 0,
+            batch: false,
             prefetch: false,
             working_set: None,
             observer: None,

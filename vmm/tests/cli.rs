@@ -75,6 +75,50 @@ fn bad_vcpu_counts() {
 }
 
 #[test]
+fn bad_handler_flags_are_refused_by_run_restore_and_receive() {
+    let range = "fault-handler threads is out of range: use 1 to 16";
+    assert_error(
+        &["run", "--mem-backend", "zero", "--fault-handlers", "0"],
+        64,
+        &format!("0 {range}"),
+    );
+    assert_error(
+        &["run", "--handler-pinning", "tight"],
+        64,
+        "invalid handler pinning `tight`",
+    );
+    // Checked before the snapshot is opened or the socket bound.
+    assert_error(
+        &[
+            "restore",
+            "--from",
+            "/nonexistent",
+            "--lazy",
+            "--fault-handlers",
+            "17",
+        ],
+        64,
+        &format!("17 {range}"),
+    );
+    assert_error(
+        &["restore", "--from", "/nonexistent", "--lazy", "--cpus", "0,x"],
+        64,
+        "invalid CPU list `0,x`",
+    );
+    assert_error(
+        &[
+            "receive",
+            "--listen",
+            "unix:/nonexistent/sock",
+            "--handler-pinning",
+            "tight",
+        ],
+        64,
+        "invalid handler pinning `tight`",
+    );
+}
+
+#[test]
 fn bad_command_line_is_caught_before_boot() {
     assert_error(
         &["run", "--cmdline", "workload=dance"],

@@ -648,3 +648,250 @@ fn two_handlers_on_one_uffd_share_its_cores() {
         join_within(t, "handler").expect("handler loop");
     }
 }
+
+/// A pool of `threads` handler threads over one uffd and one core of `pages`
+/// pages served from `src`, each thread with `hook` if given.
+struct Pool {
+    map: Arc<crate::mmap::AnonMapping>,
+    core: Arc<RetryCore>,
+    uffd: Arc<Uffd>,
+    control: HandlerControl,
+    threads: Vec<JoinHandle<Result<(), HandlerError>>>,
+}
+
+impl Pool {
+    fn start(pages: u64, src: Arc<TestSource>, threads: usize, hook: Option<EventHook>) -> Pool {
+        let map = Arc::new(crate::mmap::AnonMapping::new((pages * ps()) as usize).expect("mmap"));
+        let uffd = Arc::new(Uffd::for_guest_memory().expect("userfaultfd"));
+        uffd.register(map.addr(), map.len() as u64, crate::uffd::RegisterMode::MISSING)
+            .expect("register");
+        let region = crate::core::Region {
+            host_base: map.addr(),
+            size: map.len() as u64,
+            guest_offset: 0,
+        };
+        let core = Arc::new(RetryCore::new(region, src, NO_AROUND).expect("core"));
+        let handlers = FaultHandler::pool(uffd.clone(), vec![core.clone()], threads).expect("pool");
+        let control = handlers[0].control();
+        let threads = handlers
+            .into_iter()
+            .map(|mut h| {
+                if let Some(hook) = &hook {
+                    h.set_event_hook(hook.clone());
+                }
+                std::thread::Builder::new()
+                    .name(format!("uffd-pool-{}", h.index()))
+                    .spawn(move || h.run_until_stopped())
+                    .expect("spawn handler")
+            })
+            .collect();
+        Pool {
+            map,
+            core,
+            uffd,
+            control,
+            threads,
+        }
+    }
+
+    fn addr(&self, page: u64) -> u64 {
+        self.map.addr() + page * ps()
+    }
+
+    fn stop(self) {
+        self.control.stop();
+        for t in self.threads {
+            join_within(t, "pool handler").expect("handler loop");
+        }
+    }
+}
+
+#[test]
+fn a_pool_fetches_each_shared_page_once_and_serves_real_data() {
+    let (_f, src) = file_source(64);
+    // Slow pages make touchers pile up on one fault while other threads of
+    // the pool read their events.
+    for p in (0..64).step_by(3) {
+        src.set_rule(p * ps(), Rule::Delay(Duration::from_millis(3)));
+    }
+    let pool = Pool::start(64, src.clone(), 3, None);
+    let touchers: Vec<_> = (0..6u64)
+        .map(|t| {
+            let map = pool.map.clone();
+            std::thread::spawn(move || {
+                for i in 0..64u64 {
+                    let p = (i * (2 * t + 1) + t) % 64;
+                    let off = (t * 131 + i * 7) % ps();
+                    // SAFETY: `map` is alive for the whole thread.
+                    let v = unsafe { std::ptr::read_volatile(map.ptr().add((p * ps() + off) as usize)) };
+                    assert_eq!(v, pattern(p, off), "page {p} offset {off}");
+                }
+            })
+        })
+        .collect();
+    for t in touchers {
+        join_within(t, "toucher");
+    }
+    assert_eq!(src.max_fetches_per_page(), 1, "a page was fetched twice");
+    wait_for("64 pages copied", || pool.core.stats().pages_copied == 64);
+    wait_for("nothing blocked", || pool.control.blocked().is_empty());
+    assert!(pool.control.failures().is_empty());
+    let stats = pool.control.thread_stats();
+    assert_eq!(stats.len(), 3);
+    let (events, _) = pool.control.events();
+    assert_eq!(stats.iter().map(|s| s.events).sum::<u64>(), events);
+    let by_thread: u64 = stats.iter().flat_map(|s| s.by_thread.values()).sum();
+    assert_eq!(by_thread, events, "every event is charged to a faulting thread");
+    // Each resolved fault charged once per waiting thread, whichever
+    // handler thread read its events.
+    let charged: u64 = pool.control.per_thread().values().map(|s| s.faults).sum();
+    assert!(
+        charged >= 64 && charged <= events,
+        "{charged} charged for {events} events"
+    );
+    pool.stop();
+}
+
+#[test]
+fn a_pool_lists_each_held_page_once_with_every_waiter() {
+    let src = Arc::new(TestSource::new(Arc::new(ZeroSource::new().expect("eventfd"))).expect("eventfd"));
+    src.close_gate();
+    let pool = Pool::start(4, src.clone(), 3, None);
+    // Three threads on page 0, one each on pages 1..4, read by any handler thread.
+    let mut touchers: Vec<(u32, JoinHandle<Vec<u8>>)> = (0..3)
+        .map(|_| touch_in_turn(vec![pool.addr(0) + 5], vec![pool.map.clone()]))
+        .collect();
+    touchers.extend((1..4).map(|p| touch_in_turn(vec![pool.addr(p) + 1], vec![pool.map.clone()])));
+    wait_for("six threads listed as held", || {
+        let b = pool.control.blocked();
+        b.len() == 6 && b.iter().all(|f| f.reason == Some(RetryReason::Held))
+    });
+    let blocked = pool.control.blocked();
+    let mut pages: Vec<u64> = blocked.iter().map(|b| b.addr).collect();
+    pages.dedup();
+    pages.sort_unstable();
+    pages.dedup();
+    assert_eq!(pages.len(), 4, "one fault per page across the pool: {blocked:?}");
+    assert_eq!(
+        blocked.iter().filter(|b| b.addr == pool.addr(0)).count(),
+        3,
+        "the shared page lists its three waiters"
+    );
+    assert_eq!(pool.control.pending(), 4);
+    let tids: Vec<Option<u32>> = touchers.iter().map(|(t, _)| Some(*t)).collect();
+    assert!(blocked.iter().all(|b| tids.contains(&b.tid)));
+    // One notify: whichever thread wakes first retries each fault once.
+    src.open_gate();
+    for (tid, t) in touchers {
+        let v = join_within(t, "toucher");
+        assert_eq!(v, vec![0], "thread {tid}");
+    }
+    wait_for("nothing blocked", || pool.control.blocked().is_empty());
+    assert_eq!(pool.control.pending(), 0);
+    assert_eq!(pool.core.stats().pages_zeroed, 4);
+    let per = pool.control.per_thread();
+    assert_eq!(per.values().map(|s| s.faults).sum::<u64>(), 6);
+    pool.stop();
+}
+
+#[test]
+fn a_pool_reports_a_failed_page_once_and_serves_it_after_repair() {
+    let (_f, src) = file_source(8);
+    src.set_rule(2 * ps(), Rule::Fail("chunk lost".into()));
+    let (hook, rx) = channel_hook();
+    let pool = Pool::start(8, src.clone(), 2, Some(hook));
+    let touchers: Vec<_> = (0..3)
+        .map(|i| touch_in_turn(vec![pool.addr(2) + i], vec![pool.map.clone()]))
+        .collect();
+    let (ev, thread) = rx.recv_timeout(Duration::from_secs(5)).expect("a Failed event");
+    assert!(matches!(ev, HandlerEvent::Failed(_)), "{ev:?}");
+    assert!(
+        thread.is_some_and(|t| t.starts_with("uffd-pool-")),
+        "the hook runs on a pool thread"
+    );
+    wait_for("three waiters listed as failed", || {
+        let b = pool.control.blocked();
+        b.len() == 3 && b.iter().all(|f| f.failure.is_some())
+    });
+    // Other pages keep flowing while the failed one is parked.
+    // SAFETY: the mapping lives as long as `pool`.
+    let v = unsafe { std::ptr::read_volatile((pool.addr(5) + 9) as *const u8) };
+    assert_eq!(v, pattern(5, 9));
+    assert_eq!(
+        pool.control.failures().len(),
+        1,
+        "one failure for the page, not one per event"
+    );
+    assert!(rx.try_recv().is_err(), "no second Failed event");
+    src.clear_rule(2 * ps());
+    for (i, (_, t)) in touchers.into_iter().enumerate() {
+        assert_eq!(join_within(t, "repaired page"), vec![pattern(2, i as u64)]);
+    }
+    wait_for("nothing blocked", || pool.control.blocked().is_empty());
+    pool.stop();
+}
+
+/// Counts each guest page a fault filled, and whether it was the faulting one.
+#[derive(Debug, Default)]
+struct CountingObserver {
+    fills: std::sync::Mutex<std::collections::HashMap<u64, (u32, bool)>>,
+}
+
+impl crate::core::FillObserver for CountingObserver {
+    fn filled(&self, gpa: u64, pages: u64, fault: Option<u64>) {
+        let mut m = self.fills.lock().expect("observer lock");
+        for p in 0..pages {
+            let page = gpa + p * ps();
+            let e = m.entry(page).or_default();
+            e.0 += 1;
+            e.1 |= fault == Some(page);
+        }
+    }
+}
+
+#[test]
+fn a_pool_tells_the_observer_of_each_faulted_page_once_and_never_of_a_prefill() {
+    let (_f, src) = file_source(128);
+    for p in (0..128).step_by(5) {
+        src.set_rule(p * ps(), Rule::Delay(Duration::from_millis(2)));
+    }
+    let pool = Pool::start(128, src.clone(), 3, None);
+    let observer = Arc::new(CountingObserver::default());
+    assert!(pool.core.observe(observer.clone()));
+    // A working-set prefetch of the upper half races the touchers' faults.
+    let prefill = {
+        let (core, uffd, host) = (pool.core.clone(), pool.uffd.clone(), pool.addr(64));
+        std::thread::spawn(move || core.prefill(&uffd, host, 64).expect("prefill"))
+    };
+    let touchers: Vec<_> = (0..4u64)
+        .map(|t| {
+            let map = pool.map.clone();
+            std::thread::spawn(move || {
+                for i in 0..128u64 {
+                    let p = (i * (2 * t + 1) + 3 * t) % 128;
+                    let off = (t * 61 + i * 11) % ps();
+                    // SAFETY: `map` is alive for the whole thread.
+                    let v = unsafe { std::ptr::read_volatile(map.ptr().add((p * ps() + off) as usize)) };
+                    assert_eq!(v, pattern(p, off), "page {p} offset {off}");
+                }
+            })
+        })
+        .collect();
+    for t in touchers {
+        join_within(t, "toucher");
+    }
+    let prefilled = join_within(prefill, "prefill");
+    wait_for("128 pages copied", || pool.core.stats().pages_copied == 128);
+    assert_eq!(src.max_fetches_per_page(), 1, "a page was fetched twice");
+    let s = pool.core.stats();
+    assert_eq!(s.prefilled_pages, prefilled as u64);
+    let fills = observer.fills.lock().expect("observer lock").clone();
+    assert_eq!(fills.len() as u64 + s.prefilled_pages, 128, "{fills:?}");
+    for (gpa, (n, own)) in &fills {
+        assert_eq!(*n, 1, "page {gpa:#x} observed {n} times");
+        // No fault-around: every observed fill is its faulting page.
+        assert!(own, "page {gpa:#x} observed as a neighbour");
+    }
+    assert!(pool.control.failures().is_empty());
+    pool.stop();
+}

@@ -62,9 +62,13 @@ pub struct LazyPlan {
     /// Guest-physical ranges `(gpa, len)` the source holds data for (prefetch
     /// and fetching in full read those; the rest reads as zero).
     pub data_ranges: Vec<(u64, u64)>,
-    /// Pin the handler thread to this CPU (the CPU of a lone vCPU, see
-    /// `docs/retry-core.md`).
-    pub handler_cpu: Option<usize>,
+    /// One entry per fault-handler thread: the CPU it is pinned to, if any
+    /// (empty = one unpinned thread; see `crate::placement`).
+    pub handler_cpus: Vec<Option<usize>>,
+    /// Short poll of the uffd before a handler thread sleeps, microseconds.
+    pub spin_us: u32,
+    /// Handler threads under `SCHED_BATCH` (see `crate::placement`).
+    pub batch: bool,
     /// Fetch the data ranges in the background from the start (after the
     /// working set, if there is one).
     pub prefetch: bool,
@@ -180,6 +184,8 @@ pub struct MemoryStats {
     pub events: u64,
     /// Events merged into an already parked fault of the same page.
     pub merged_events: u64,
+    /// What each fault-handler thread did (its CPU, wake-ups, events by faulting thread).
+    pub handler_threads: Vec<::memory::HandlerThreadStats>,
     /// Failures reported by the handler (display form).
     pub failures: Vec<String>,
     /// All regions together.
@@ -198,7 +204,7 @@ pub struct LazyMemory {
     uffd: Arc<Uffd>,
     control: HandlerControl,
     regions: Vec<Region>,
-    thread: Option<JoinHandle<Result<(), HandlerError>>>,
+    threads: Vec<JoinHandle<Result<(), HandlerError>>>,
     data_ranges: super::materialize::SharedRanges,
     prefetch: Option<Prefetch>,
     prefetch_report: Arc<std::sync::Mutex<Option<PrefetchReport>>>,
@@ -252,45 +258,74 @@ impl LazyMemory {
                 })?;
             regions.push(region);
         }
-        let mut handler = FaultHandler::new(uffd.clone(), cores)?;
+        let cpus = if plan.handler_cpus.is_empty() {
+            vec![None]
+        } else {
+            plan.handler_cpus.clone()
+        };
+        let handlers = FaultHandler::pool(uffd.clone(), cores, cpus.len())?;
+        let control = handlers[0].control();
         // Failures reach the owner at once (it pauses the VM), never polled.
-        handler.set_event_hook(Arc::new(move |ev| match ev {
+        let hook: ::memory::EventHook = Arc::new(move |ev| match ev {
             HandlerEvent::Failed(e) => sink(VmEvent::Memory(MemoryEvent::SourceFailed(e.to_string()))),
             HandlerEvent::Stopped(Some(why)) => sink(VmEvent::Memory(MemoryEvent::HandlerStopped(why))),
             // Stopped on request: the end of the VM.
             HandlerEvent::Stopped(None) => {}
-        }));
-        let control = handler.control();
-        let handler_cpu = plan.handler_cpu;
-        let thread = sandbox::spawn(
-            std::thread::Builder::new().name("uffd-handler".into()),
-            ThreadClass::FaultHandler,
-            seccomp,
-            move || {
-                if let Some(cpu) = handler_cpu {
-                    // Only slower if it fails: the scheduler places the thread.
-                    if let Err(e) = ::memory::pin_current_thread(cpu) {
-                        tracing::warn!("the userfault handler stays unpinned: {e}");
+        });
+        let mut threads = Vec::with_capacity(cpus.len());
+        for (mut handler, cpu) in handlers.into_iter().zip(cpus) {
+            handler.set_event_hook(hook.clone());
+            handler.set_spin(std::time::Duration::from_micros(u64::from(plan.spin_us)));
+            let name = if handler.index() == 0 {
+                "uffd-handler".to_string()
+            } else {
+                format!("uffd-handler-{}", handler.index())
+            };
+            let batch = plan.batch;
+            let spawned = sandbox::spawn(
+                std::thread::Builder::new().name(name),
+                ThreadClass::FaultHandler,
+                seccomp,
+                move || {
+                    if batch {
+                        if let Err(e) = ::memory::affinity::set_batch_policy() {
+                            tracing::warn!("the userfault handler stays under the normal policy: {e}");
+                        }
                     }
+                    if let Some(cpu) = cpu {
+                        // Only slower if it fails: the scheduler places the thread.
+                        if let Err(e) = ::memory::pin_current_thread(cpu) {
+                            tracing::warn!("the userfault handler stays unpinned: {e}");
+                        }
+                    }
+                    let r = handler.run_until_stopped();
+                    if let Err(e) = &r {
+                        tracing::error!("the userfault handler stopped: {e}");
+                    }
+                    r
+                },
+            );
+            match spawned {
+                Ok(t) => threads.push(t),
+                Err(source) => {
+                    control.stop();
+                    for t in threads {
+                        let _ = t.join();
+                    }
+                    return Err(LazyError::Thread {
+                        what: "uffd-handler",
+                        source,
+                    });
                 }
-                let r = handler.run_until_stopped();
-                if let Err(e) = &r {
-                    tracing::error!("the userfault handler stopped: {e}");
-                }
-                r
-            },
-        )
-        .map_err(|source| LazyError::Thread {
-            what: "uffd-handler",
-            source,
-        })?;
+            }
+        }
         let mut lazy = LazyMemory {
             backend,
             fault_around: plan.fault_around,
             uffd,
             control,
             regions,
-            thread: Some(thread),
+            threads,
             data_ranges: Arc::new(std::sync::RwLock::new(Arc::new(plan.data_ranges))),
             prefetch: None,
             prefetch_report: Arc::default(),
@@ -385,9 +420,9 @@ impl LazyMemory {
         self.control.failures()
     }
 
-    /// Whether the handler thread ended on its own (a broken uffd).
+    /// Whether a handler thread ended on its own (a broken uffd).
     pub fn handler_died(&self) -> bool {
-        self.thread.as_ref().is_some_and(JoinHandle::is_finished)
+        self.threads.iter().any(JoinHandle::is_finished)
     }
 
     /// Unregisters every region: blocked faulters wake up and fault as plain
@@ -410,6 +445,7 @@ impl LazyMemory {
             fault_around: self.fault_around,
             events,
             merged_events,
+            handler_threads: self.control.thread_stats(),
             failures: self.failures().iter().map(ToString::to_string).collect(),
             total: merge(&regions),
             regions,
@@ -420,7 +456,7 @@ impl LazyMemory {
         }
     }
 
-    /// Stops the handler thread and waits for it.
+    /// Stops the handler threads and waits for them.
     pub fn stop(&mut self) {
         // The prefetch fills pages through the handler's cores: it goes first.
         if let Some(p) = self.prefetch.take() {
@@ -428,7 +464,7 @@ impl LazyMemory {
             let _ = p.thread.join();
         }
         self.control.stop();
-        if let Some(t) = self.thread.take() {
+        for t in self.threads.drain(..) {
             match t.join() {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => tracing::warn!("the userfault handler had stopped: {e}"),

@@ -74,14 +74,15 @@ pub struct Vcpus {
 
 impl Vcpus {
     /// Starts one thread per vCPU: those in `started` run, the others wait
-    /// paused. vCPU 0 is pinned to `pin0` if given (the fault handler's CPU).
-    /// Each thread is sandboxed in `seccomp` mode before it runs the guest.
+    /// paused. vCPU `i` is pinned to `pins[i]` if given (next to a fault
+    /// handler thread, see `crate::placement`). Each thread is sandboxed in
+    /// `seccomp` mode before it runs the guest.
     pub fn spawn(
         fds: Vec<VcpuFd>,
         bus: &Arc<IoManager>,
         started: Vec<bool>,
         on_stop: StopSink,
-        pin0: Option<usize>,
+        pins: &[Option<usize>],
         seccomp: sandbox::SeccompMode,
     ) -> Result<Vcpus, VcpuError> {
         let mut handles = Vec::with_capacity(fds.len());
@@ -91,7 +92,7 @@ impl Vcpus {
             } else {
                 VcpuState::Paused
             };
-            let pin = if i == 0 { pin0 } else { None };
+            let pin = pins.get(i as usize).copied().flatten();
             handles.push(VcpuHandle::spawn(
                 i,
                 fd,

@@ -169,6 +169,10 @@ pub struct VcpuStatsSnapshot {
     /// CPU time the vCPU's thread has used, in microseconds (host and guest;
     /// a vCPU blocked in a fault uses none, one spinning in the host shows).
     pub cpu_time_us: u64,
+    /// The vCPU thread's kernel thread id, once it runs.
+    pub tid: Option<u32>,
+    /// The host CPU the vCPU thread is pinned to, if any (`crate::placement`).
+    pub host_cpu: Option<usize>,
 }
 
 /// CPU time thread `tid` of this process has used (`/proc/self/task/TID/schedstat`).
@@ -344,6 +348,7 @@ impl VcpuHandle {
             io_exits: self.stats.io_exits.load(Ordering::Relaxed),
             interruptions: self.stats.interruptions.load(Ordering::Relaxed),
             cpu_time_us: self.tid().and_then(thread_cpu_time_us).unwrap_or(0),
+            tid: self.tid(),
             ..Default::default()
         }
     }

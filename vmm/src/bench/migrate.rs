@@ -252,6 +252,7 @@ fn migrate_plans(
         let to = listener.endpoint().map_err(|e| bad(e.to_string()))?;
         let dest = std::thread::spawn(move || {
             let opts = ReceiveOptions {
+                handlers: Default::default(),
                 wait: None,
                 vm: VmOptions {
                     serial: SerialOutput::Capture(Arc::new(Mutex::new(Vec::new()))),

@@ -12,6 +12,7 @@ pub mod migrate;
 pub mod minimal;
 pub mod plot;
 pub mod restore;
+pub mod scaling;
 pub mod working_set;
 
 pub use all::{all, scaling, AllBench, Scaling};

@@ -85,8 +85,20 @@ pub(crate) enum BenchCommand {
     /// to the cost of the KVM objects alone.
     Boot(BenchArgs),
     /// Stage-2 fault cost through the retry core vs the raw userfaultfd round
-    /// trip, and fault-around on sequential restore from a file.
-    Fault(BenchArgs),
+    /// trip, and fault-around on sequential restore from a file; with
+    /// `--vcpus`, fault throughput by vCPU count instead.
+    Fault {
+        #[command(flatten)]
+        args: BenchArgs,
+        /// Measure throughput with these vCPU counts (e.g. `1,2,4`), next to
+        /// its ceiling (two 1-vCPU VMs at once), instead of the fault cost.
+        #[arg(long, value_name = "LIST")]
+        vcpus: Option<String>,
+        /// With --vcpus: handler layouts to compare for each count above 1:
+        /// `default`, or THREADS:PINNING[:SPIN_US] (e.g. `1:none,2:cpu,2:vcpu:20`).
+        #[arg(long, value_name = "LIST", default_value = "default", requires = "vcpus")]
+        layouts: String,
+    },
     /// The guest kernel's demand-zero fault against its empty system-call
     /// round trip, measured in the same guest run.
     GuestFault(BenchArgs),
@@ -160,10 +172,14 @@ pub(crate) struct RunArgs {
     /// two up to 512. Default: 16 (one fill of 16 pages costs about one page).
     #[arg(long, value_name = "PAGES")]
     pub(crate) fault_around: Option<u32>,
+    /// The fault-handler threads and their placement.
+    #[command(flatten)]
+    pub(crate) handlers: HandlerArgs,
     /// Write run statistics (vCPUs, retry core, fault latency) as JSON to FILE, or `-` for stdout.
     #[arg(long, value_name = "FILE")]
     pub(crate) stats: Option<PathBuf>,
-    /// TOML file with any of: kernel, vcpus, mem, cmdline, mem_backend, fault_around, seccomp (flags override it).
+    /// TOML file with any of: kernel, vcpus, mem, cmdline, mem_backend, fault_around,
+    /// fault_handlers, handler_pinning, handler_spin_us, cpus, seccomp (flags override it).
     #[arg(long)]
     pub(crate) config: Option<PathBuf>,
     /// Give up after this many seconds (exit code 11).
@@ -354,6 +370,47 @@ pub(crate) struct KeygenArgs {
     pub(crate) force: bool,
 }
 
+/// `--fault-handlers`, `--handler-pinning`, `--handler-spin-us`, `--cpus`
+/// (`vmm run`, `restore --lazy`, `receive`).
+#[derive(clap::Args, Debug, Default)]
+pub(crate) struct HandlerArgs {
+    /// Fault-handler threads for a lazy backend (1 to 16). Default: one per
+    /// CPU used (one with a single vCPU).
+    #[arg(long, value_name = "N")]
+    pub(crate) fault_handlers: Option<u32>,
+    /// Where handler and vCPU threads run: `auto` (default: `vcpu`), `none`
+    /// (the scheduler places them), `cpu` (handler i pinned to CPU i, vCPUs
+    /// free), `vcpu` (handler i and vCPU i pinned to CPU i, round robin).
+    #[arg(long, value_name = "MODE")]
+    pub(crate) handler_pinning: Option<String>,
+    /// Microseconds a handler thread keeps reading the userfaultfd after a
+    /// fault before it sleeps (0, default: sleep at once).
+    #[arg(long, value_name = "US")]
+    pub(crate) handler_spin_us: Option<u32>,
+    /// CPUs to pin handler and vCPU threads to, e.g. `0,1` (default: every
+    /// CPU this process may use).
+    #[arg(long, value_name = "LIST")]
+    pub(crate) cpus: Option<String>,
+}
+
+impl HandlerArgs {
+    /// The checked configuration (the defaults for flags not given).
+    pub(crate) fn config(&self) -> Result<vmm::config::HandlerConfig, vmm::config::ConfigError> {
+        self.as_file().handlers()
+    }
+
+    /// The flags as a configuration file's fields.
+    pub(crate) fn as_file(&self) -> vmm::config_file::ConfigFile {
+        vmm::config_file::ConfigFile {
+            fault_handlers: self.fault_handlers,
+            handler_pinning: self.handler_pinning.clone(),
+            handler_spin_us: self.handler_spin_us,
+            cpus: self.cpus.clone(),
+            ..Default::default()
+        }
+    }
+}
+
 #[derive(clap::Args, Debug)]
 pub(crate) struct ReceiveArgs {
     /// Where to listen: unix:PATH or tcp:ADDR:PORT.
@@ -369,6 +426,9 @@ pub(crate) struct ReceiveArgs {
     /// How the source must authenticate (TCP needs TLS or --insecure-plain-tcp).
     #[command(flatten)]
     pub(crate) tls: TlsArgs,
+    /// The fault-handler threads serving the received memory, and their placement.
+    #[command(flatten)]
+    pub(crate) handlers: HandlerArgs,
     /// If the source is lost mid-migration: seconds the paused VM waits for
     /// `vmm ctl DEST recover` (and, after one, for the source to come back)
     /// before the run ends with exit code 13.
@@ -417,6 +477,9 @@ pub(crate) struct RestoreArgs {
     /// With --lazy: fault-around window in pages (0 = off, power of two up to 512).
     #[arg(long, value_name = "PAGES", requires = "lazy")]
     pub(crate) fault_around: Option<u32>,
+    /// With --lazy: the fault-handler threads and their placement.
+    #[command(flatten)]
+    pub(crate) handlers: HandlerArgs,
     /// `uffd:SOCKET`: hand guest memory to an external page-fault handler
     /// (Firecracker's UFFD handshake: JSON mappings + the userfaultfd over
     /// SOCKET, the connection held open for the VM's life); region offsets

@@ -8,7 +8,7 @@ use vmm::EXIT_VMM_ERROR;
 pub fn bench(cmd: BenchCommand) -> i32 {
     let args = match &cmd {
         BenchCommand::Boot(a)
-        | BenchCommand::Fault(a)
+        | BenchCommand::Fault { args: a, .. }
         | BenchCommand::GuestFault(a)
         | BenchCommand::Restore(a)
         | BenchCommand::WorkingSet(a)
@@ -78,8 +78,37 @@ pub fn bench(cmd: BenchCommand) -> i32 {
         BenchCommand::GuestFault(a) => {
             vmm::bench::guest_fault(a.repeats, &mut progress).map(|r| print_result(&r, a.json))
         }
-        BenchCommand::Fault(a) => {
-            vmm::bench::fault(fault_opts, &mut progress).map(|r| print_result(&r, a.json))
+        BenchCommand::Fault {
+            args: a, vcpus: None, ..
+        } => vmm::bench::fault(fault_opts, &mut progress).map(|r| print_result(&r, a.json)),
+        BenchCommand::Fault {
+            args: a,
+            vcpus: Some(list),
+            layouts,
+        } => {
+            let vcpus: Result<Vec<u32>, _> = list.split(',').map(|v| v.trim().parse::<u32>()).collect();
+            let layouts: Result<Vec<vmm::bench::scaling::LayoutSpec>, String> =
+                layouts.split(',').map(str::parse).collect();
+            let (vcpus, layouts) = match (vcpus, layouts) {
+                (Ok(v), Ok(l)) if !v.is_empty() && v.iter().all(|&n| (1..=8).contains(&n)) => (v, l),
+                (_, Err(e)) => {
+                    eprintln!("vmm: error: {e}");
+                    return EXIT_VMM_ERROR;
+                }
+                _ => {
+                    eprintln!(
+                        "vmm: error: --vcpus takes vCPU counts from 1 to 8 separated by commas, e.g. 1,2,4"
+                    );
+                    return EXIT_VMM_ERROR;
+                }
+            };
+            let opts = vmm::bench::scaling::ScalingOptions {
+                vcpus,
+                pages: a.pages,
+                repeats: a.repeats,
+                layouts,
+            };
+            vmm::bench::scaling::scaling_bench(&opts, &mut progress).map(|r| print_result(&r, a.json))
         }
         BenchCommand::All { args: a, plot } => vmm::bench::all(fault_opts, &mut progress).map(|r| {
             if let Some(dir) = plot {

@@ -23,6 +23,13 @@ pub fn receive(args: ReceiveArgs) -> i32 {
             return EXIT_VMM_ERROR;
         }
     };
+    let handlers = match args.handlers.config() {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("vmm: error: {e}");
+            return EXIT_VMM_ERROR;
+        }
+    };
     let seccomp = match seccomp_mode(args.seccomp) {
         Ok(m) => m,
         Err(code) => return code,
@@ -73,6 +80,7 @@ pub fn receive(args: ReceiveArgs) -> i32 {
             },
             ..Default::default()
         },
+        handlers,
         lost_wait,
         progress: Default::default(),
         wait: timeout,

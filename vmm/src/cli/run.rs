@@ -22,6 +22,7 @@ fn config_from(args: &RunArgs) -> Result<(VmConfig, Option<SeccompMode>), vmm::c
         mem_backend: args.mem_backend.clone(),
         fault_around: args.fault_around,
         seccomp: args.seccomp,
+        ..args.handlers.as_file()
     };
     let merged = file.overridden_by(flags);
     let seccomp = merged.seccomp();
@@ -141,6 +142,13 @@ pub fn restore(args: RestoreArgs) -> i32 {
             return EXIT_VMM_ERROR;
         }
     };
+    let handlers = match args.handlers.config() {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("vmm: error: {e}");
+            return EXIT_VMM_ERROR;
+        }
+    };
     let (prefetch, prefetch_working_set) = match args.prefetch.as_deref() {
         None => (false, None),
         Some("all") => (true, None),
@@ -164,6 +172,7 @@ pub fn restore(args: RestoreArgs) -> i32 {
         lazy: args.lazy,
         prefetch,
         fault_around: args.fault_around,
+        handlers,
         uffd_socket: match args.mem_backend.as_deref().map(|b| b.strip_prefix("uffd:")) {
             None => None,
             Some(Some(path)) if !path.is_empty() => Some(PathBuf::from(path)),

@@ -171,9 +171,11 @@ pub fn run(opts: StressOptions, progress: &mut dyn FnMut(&str)) -> Result<Stress
         let plan = plan(opts.seed, index, opts.vcpus);
         run_one(&opts, index, &plan, &mut report)?;
         progress(&format!(
-            "run {index}: {} ({} events) -> {} faults so far, {} errors",
+            "run {index}: {} ({} events, {} handler threads, pinning {}) -> {} faults so far, {} errors",
             plan.cmdline,
             plan.schedule.len(),
+            plan.handler_threads,
+            plan.handler_pinning,
             report.total_faults(),
             report.integrity_errors.len() + report.stalls.len()
         ));
@@ -202,6 +204,11 @@ fn run_one(
         memory: MemoryConfig {
             backend: MemBackend::Zero,
             fault_around: Some(plan.fault_around),
+            handlers: crate::config::HandlerConfig {
+                threads: Some(plan.handler_threads),
+                pinning: plan.handler_pinning.parse().unwrap_or_default(),
+                ..crate::config::HandlerConfig::default()
+            },
         },
     };
     let source = Arc::new(ChaosSource::new(opts.seed ^ index).map_err(StressError::Source)?);

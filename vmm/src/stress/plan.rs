@@ -36,6 +36,10 @@ pub struct RunPlan {
     pub cmdline: String,
     /// Fault-around window.
     pub fault_around: u32,
+    /// Fault-handler threads of the VM (a pool over one userfaultfd).
+    pub handler_threads: u32,
+    /// Their pinning (`--handler-pinning`).
+    pub handler_pinning: String,
     /// Injected events, at milliseconds after the start.
     pub schedule: Vec<(u32, StormEvent)>,
 }
@@ -121,9 +125,18 @@ pub fn plan(seed: u64, index: u64, vcpus: u32) -> RunPlan {
         ));
     }
     schedule.sort_by_key(|&(at, _)| at);
+    // A stream of its own, so the rest of a seed's plan stays as it was.
+    let mut hr = Rng(mix64(
+        seed ^ index.wrapping_mul(0x2545_f491_4f6c_dd1d) ^ 0x68616e64,
+    ));
+    let handler_threads = 1 + u32::try_from(hr.below(3)).unwrap_or(0);
+    let handler_pinning =
+        ["auto", "none", "cpu", "vcpu"][usize::try_from(hr.below(4)).unwrap_or(0)].to_string();
     RunPlan {
         cmdline,
         fault_around,
+        handler_threads,
+        handler_pinning,
         schedule,
     }
 }

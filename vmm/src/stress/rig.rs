@@ -143,6 +143,7 @@ impl Destination {
         let serial = SerialOutput::Capture(console.clone());
         let thread = std::thread::spawn(move || {
             let opts = ReceiveOptions {
+                handlers: Default::default(),
                 wait: None,
                 vm: VmOptions {
                     serial,
