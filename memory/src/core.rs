@@ -164,6 +164,8 @@ pub enum ResolvedBy {
     Copy,
     /// UFFDIO_ZEROPAGE.
     ZeroPage,
+    /// UFFDIO_CONTINUE of pages the page cache holds (MINOR mode).
+    Continue,
     /// The page was already mapped (duplicate event or EEXIST); a WAKE was sent.
     AlreadyPresent,
     /// Another handler thread is filling it; its fill wakes this fault.
@@ -222,6 +224,8 @@ pub struct Stats {
     /// Pages filled with zeros: UFFDIO_ZEROPAGE, or for the page of a write
     /// fault a UFFDIO_COPY of a zeroed page (see [`RetryCore::resolve_access`]).
     pub pages_zeroed: u64,
+    /// Pages mapped from the page cache with UFFDIO_CONTINUE (MINOR mode).
+    pub pages_continued: u64,
     /// Of the filled pages, neighbours filled by fault-around.
     pub fault_around_pages: u64,
     /// `fetch` calls made to the source.
@@ -260,6 +264,7 @@ struct Counters {
     failures: AtomicU64,
     pages_copied: AtomicU64,
     pages_zeroed: AtomicU64,
+    pages_continued: AtomicU64,
     fault_around_pages: AtomicU64,
     fetches: AtomicU64,
     already_present: AtomicU64,
@@ -282,6 +287,7 @@ impl Default for Counters {
             failures: z(),
             pages_copied: z(),
             pages_zeroed: z(),
+            pages_continued: z(),
             fault_around_pages: z(),
             fetches: z(),
             already_present: z(),
@@ -530,6 +536,7 @@ impl RetryCore {
         match self.source.fetch(self.guest(lo), &mut buf) {
             FetchOutcome::Ready => self.fill_copy(uffd, idx, lo, hi, &buf),
             FetchOutcome::Zero => self.fill_zero(uffd, idx, lo, hi, write),
+            FetchOutcome::Cached => self.fill_continue(uffd, idx, lo, hi),
             FetchOutcome::Retry(reason) => {
                 self.set(lo..hi, PageState::Missing);
                 if hi - lo > 1 && self.claim(idx, PageState::Missing) {
@@ -562,6 +569,19 @@ impl RetryCore {
             hi,
             ResolvedBy::Copy,
             |i| uffd.copy(self.host(i), &buf[(i - lo) * ps..], false),
+            uffd,
+        )
+    }
+
+    /// Maps `[lo, hi)` from the page cache (UFFDIO_CONTINUE): the source
+    /// answered `Cached`, the data is in the shmem file already.
+    fn fill_continue(&self, uffd: &Uffd, idx: usize, lo: usize, hi: usize) -> FaultOutcome {
+        self.fill(
+            idx,
+            lo,
+            hi,
+            ResolvedBy::Continue,
+            |i| uffd.continue_range(self.host(i), (hi - i) as u64 * self.page_size, false),
             uffd,
         )
     }
@@ -658,10 +678,10 @@ impl RetryCore {
         if i < hi {
             self.set(i..hi, PageState::Missing);
         }
-        let counter = if by == ResolvedBy::Copy {
-            &self.counters.pages_copied
-        } else {
-            &self.counters.pages_zeroed
+        let counter = match by {
+            ResolvedBy::Copy => &self.counters.pages_copied,
+            ResolvedBy::Continue => &self.counters.pages_continued,
+            _ => &self.counters.pages_zeroed,
         };
         // pages_* last: tests wait on them to know the attempt is fully counted.
         bump(
@@ -776,6 +796,7 @@ impl RetryCore {
             failures: g(&c.failures),
             pages_copied: g(&c.pages_copied),
             pages_zeroed: g(&c.pages_zeroed),
+            pages_continued: g(&c.pages_continued),
             fault_around_pages: g(&c.fault_around_pages),
             fetches: g(&c.fetches),
             already_present: g(&c.already_present),

@@ -37,6 +37,7 @@ pub mod files;
 pub mod handler;
 pub mod histogram;
 pub mod mmap;
+pub mod page_cache;
 pub mod source;
 pub mod uffd;
 
@@ -54,7 +55,8 @@ pub use crate::handler::{
     ThreadStats,
 };
 pub use crate::histogram::{AtomicLog2Histogram, Log2Histogram};
-pub use crate::mmap::AnonMapping;
+pub use crate::mmap::{memfd, AnonMapping, MemfdMapping};
+pub use crate::page_cache::{PageCacheSource, Resident};
 pub use crate::source::{
     FetchOutcome, FileSource, Notifier, PageSource, RetryReason, Rule, SourceError, Subscription, TestSource,
     ZeroSource,

@@ -6,6 +6,8 @@
 //! answers one question per run of pages with a [`FetchOutcome`]:
 //! - `Ready`: the data is in the buffer (the core fills with UFFDIO_COPY);
 //! - `Zero`: it is all zero (UFFDIO_ZEROPAGE, nothing copied);
+//! - `Cached`: the page cache of the shmem file behind the mapping holds it
+//!   (UFFDIO_CONTINUE, nothing copied; [`crate::page_cache`]);
 //! - `Retry(reason)` ([`RetryReason`]: `NotReady`, `Held`): not yet; the
 //!   source calls its [`Notifier`] when that may have changed, and the core
 //!   or handler sleeps until then (no polling);
@@ -91,6 +93,12 @@ pub enum FetchOutcome {
     Ready,
     /// The pages are all zero: the core maps zero pages and copies nothing.
     Zero,
+    /// The pages are in the page cache of the shmem file behind the guest
+    /// mapping already (the source wrote them there, or they were there): the
+    /// core maps them with UFFDIO_CONTINUE and copies nothing into the
+    /// faulting mapping (MINOR mode, see [`crate::page_cache`]). `buf` is
+    /// not read.
+    Cached,
     /// Not available yet; the source will [`Notifier::notify`] when it may be.
     Retry(RetryReason),
     /// The pages cannot be provided. Never zero-filled by the core.

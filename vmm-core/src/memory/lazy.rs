@@ -303,6 +303,7 @@ pub fn merge(stats: &[Stats]) -> Stats {
         t.failures += s.failures;
         t.pages_copied += s.pages_copied;
         t.pages_zeroed += s.pages_zeroed;
+        t.pages_continued += s.pages_continued;
         t.fault_around_pages += s.fault_around_pages;
         t.fetches += s.fetches;
         t.already_present += s.already_present;
