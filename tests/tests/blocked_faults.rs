@@ -35,6 +35,7 @@ fn lazy_touch(vcpus: u32, cmdline: &str) -> VmConfig {
     cfg.memory = MemoryConfig {
         backend: MemBackend::Zero,
         fault_around: Some(0),
+        ..MemoryConfig::default()
     };
     cfg
 }

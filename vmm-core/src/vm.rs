@@ -232,8 +232,16 @@ impl Vm {
 
         // A saved VM's memory manager restores its own layout (and checks it).
         let mut mm = match boot {
-            Boot::Restore(state) => MemoryManager::restore(vm_fd.clone(), &state.memory)?,
-            Boot::Kernel | Boot::Incoming => MemoryManager::new(vm_fd.clone(), config.mem_size)?,
+            Boot::Restore(state) => MemoryManager::restore(
+                (vm_fd.clone(), config.memory.backing, config.memory.fault_mode),
+                &state.memory,
+            )?,
+            Boot::Kernel | Boot::Incoming => MemoryManager::with_backing(
+                vm_fd.clone(),
+                config.mem_size,
+                config.memory.backing,
+                config.memory.fault_mode,
+            )?,
         };
         let mut entry = 0;
         if let Some(image) = &kernel_image {

@@ -4,7 +4,9 @@
 
 use serde::Deserialize;
 use std::path::PathBuf;
-use vmm_core::config::{parse_size, ConfigError, KernelSource, MemBackend, MemoryConfig, VmConfig};
+use vmm_core::config::{
+    parse_size, ConfigError, FaultMode, KernelSource, MemBackend, MemBacking, MemoryConfig, VmConfig,
+};
 
 /// The defaults, `resources/vm.toml`, compiled in.
 pub const DEFAULT_CONFIG: &str = include_str!("../../resources/vm.toml");
@@ -44,6 +46,10 @@ pub struct ConfigFile {
     pub mem_backend: Option<String>,
     /// Fault-around window in pages.
     pub fault_around: Option<u32>,
+    /// Memory backing (`"anon"`, `"memfd"`, `"hugetlb:2M"`).
+    pub mem_backing: Option<String>,
+    /// Fault mode (`"missing"`, `"minor"`).
+    pub fault_mode: Option<String>,
 }
 
 impl ConfigFile {
@@ -75,6 +81,8 @@ impl ConfigFile {
             cmdline: other.cmdline.or(self.cmdline),
             mem_backend: other.mem_backend.or(self.mem_backend),
             fault_around: other.fault_around.or(self.fault_around),
+            mem_backing: other.mem_backing.or(self.mem_backing),
+            fault_mode: other.fault_mode.or(self.fault_mode),
         }
     }
 
@@ -93,6 +101,14 @@ impl ConfigFile {
         let cfg = MemoryConfig {
             backend,
             fault_around: self.fault_around,
+            backing: self
+                .mem_backing
+                .as_deref()
+                .map_or(Ok(MemBacking::Anon), str::parse)?,
+            fault_mode: self
+                .fault_mode
+                .as_deref()
+                .map_or(Ok(FaultMode::Missing), str::parse)?,
         };
         cfg.validate()?;
         Ok(cfg)

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use vmm_core::config::{ConfigError, MemBackend, MemoryConfig, VmConfig};
+use vmm_core::config::{ConfigError, FaultMode, MemBackend, MemBacking, MemoryConfig, VmConfig};
 use vmm_core::memory::{self, LazyPlan, Materializer, MemoryManagerError};
 use vmm_core::{Boot, BuildOptions, EventSink, MemoryEvent, MemoryPlan, VmEvent};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -76,6 +76,11 @@ pub struct VmOptions {
     /// The snapshot key: snapshots this VM writes are authenticated with it,
     /// and a restore checks its snapshot with it (`--snapshot-key FILE`).
     pub snapshot_key: Option<SnapshotKey>,
+    /// What memory guest RAM of a restored or received VM lives in
+    /// (`--mem-backing`; a boot takes its configuration's).
+    pub backing: MemBacking,
+    /// How its lazily served pages are resolved (`--fault-mode`).
+    pub fault_mode: FaultMode,
 }
 
 /// A page source given at run time (see [`VmOptions::page_source`]).
@@ -98,6 +103,8 @@ impl Default for VmOptions {
             page_source: None,
             on_memory_fault: MemoryFaultPolicy::End,
             snapshot_key: None,
+            backing: MemBacking::Anon,
+            fault_mode: FaultMode::Missing,
         }
     }
 }
@@ -233,8 +240,13 @@ impl Vm {
         let snap = Snapshot::open(dir, options.snapshot_key.as_ref())?;
         let ch = channel()?;
         let restored = snap.state.controller.clone();
+        // Eager and external restores copy, so they never serve MINOR faults.
+        let backed = MemoryConfig {
+            backing: options.backing,
+            ..MemoryConfig::default()
+        };
         let mut vm = if let Some(socket) = &how.uffd_socket {
-            let config = snap.config(MemoryConfig::default())?;
+            let config = snap.config(backed.clone())?;
             let layout = snap.layout();
             if layout.kind == crate::snapshot::LayoutKind::Gpa && layout.regions.len() > 1 {
                 tracing::warn!(
@@ -286,6 +298,8 @@ impl Vm {
                     offset: 0,
                 },
                 fault_around: how.fault_around,
+                backing: options.backing,
+                fault_mode: options.fault_mode,
             };
             let config = snap.config(memory)?;
             let src = SnapshotSource::open(&snap)?;
@@ -305,7 +319,7 @@ impl Vm {
                 ch,
             )?
         } else {
-            let config = snap.config(MemoryConfig::default())?;
+            let config = snap.config(backed)?;
             // The snapshot's own error (a bad extent) is the one to report.
             let mut failed = None;
             let mut fill = |ram: &devices::GuestRam| {
@@ -344,6 +358,8 @@ impl Vm {
         let memory = MemoryConfig {
             backend: MemBackend::Zero,
             fault_around: Some(0),
+            backing: options.backing,
+            fault_mode: options.fault_mode,
         };
         let config = saved.vm.config.config(memory)?;
         let ch = channel()?;

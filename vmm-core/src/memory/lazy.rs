@@ -107,9 +107,21 @@ struct Prefetch {
 }
 
 impl LazyMemory {
-    /// Registers every region of `mem` and starts the handler thread (and the
-    /// prefetch if planned). Call after the VMM's own writes to guest memory.
+    /// Registers every region of `mem` (MISSING mode) and starts the handler
+    /// thread (and the prefetch if planned). Call after the VMM's own writes
+    /// to guest memory.
     pub fn start(mem: &GuestRam, plan: LazyPlan, sink: EventSink) -> Result<LazyMemory, LazyError> {
+        Self::start_with_mode(mem, plan, sink, RegisterMode::MISSING)
+    }
+
+    /// [`LazyMemory::start`] registering with `mode` (MISSING|MINOR for a
+    /// memfd served from its page cache, see `super::backing`).
+    pub fn start_with_mode(
+        mem: &GuestRam,
+        plan: LazyPlan,
+        sink: EventSink,
+        mode: RegisterMode,
+    ) -> Result<LazyMemory, LazyError> {
         let backend = plan.source.name().to_owned();
         let uffd = Arc::new(Uffd::for_guest_memory().map_err(|source| LazyError::Uffd {
             backend: backend.clone(),
@@ -129,7 +141,7 @@ impl LazyMemory {
                 guest_offset: r.start_addr().raw_value(),
             };
             cores.push(Arc::new(RetryCore::new(region, plan.source.clone(), config)?));
-            uffd.register(region.host_base, region.size, RegisterMode::MISSING)
+            uffd.register(region.host_base, region.size, mode)
                 .map_err(|source| LazyError::Uffd {
                     backend: backend.clone(),
                     source,

@@ -15,6 +15,7 @@
 //! hands it to userfaultfd, after which the VMM never writes a missing page
 //! from a thread the handler would need.
 
+pub mod backing;
 pub mod dirty;
 pub mod external;
 pub mod lazy;
@@ -22,13 +23,14 @@ pub mod materialize;
 pub mod pages;
 pub mod ram;
 
+pub use backing::BackingError;
 pub use dirty::{DirtyError, DirtyTracker};
 pub use external::{ExternalMemory, ParkedFault, RegionMapping, WaitingFaults};
 pub use lazy::{BlockedFault, LazyError, LazyMemory, LazyPlan, MemoryStats};
 pub use materialize::{MaterializeError, Materializer};
 pub use ram::MemoryError;
 
-use crate::config::MemBackend;
+use crate::config::{FaultMode, MemBackend, MemBacking};
 use crate::event::EventSink;
 use ::memory::{FileSource, PageSource, ThreadStats, ZeroSource};
 use abi::layout::{ram_ranges, PAGE_SIZE};
@@ -45,6 +47,9 @@ pub enum MemoryManagerError {
     /// RAM could not be mapped or registered.
     #[error(transparent)]
     Ram(#[from] MemoryError),
+    /// The memfd or huge pages behind guest RAM.
+    #[error(transparent)]
+    Backing(#[from] BackingError),
     /// Lazily served memory could not be set up.
     #[error(transparent)]
     Lazy(#[from] LazyError),
@@ -95,6 +100,10 @@ pub struct MemoryManager {
     ram: GuestRam,
     mem_size: u64,
     vm_fd: Arc<VmFd>,
+    kind: MemBacking,
+    fault_mode: FaultMode,
+    /// The memfd behind guest RAM (memfd and hugetlb backings).
+    file: Option<Arc<std::fs::File>>,
 }
 
 /// The memory manager's own state: the layout (the contents are saved
@@ -115,14 +124,50 @@ impl MemoryManager {
     /// registers it with the VM as memory slots; plain anonymous memory until
     /// it is handed to userfaultfd.
     pub fn new(vm_fd: Arc<VmFd>, mem_size: u64) -> Result<MemoryManager, MemoryManagerError> {
-        let ram = ram::create_guest_memory(mem_size)?;
+        Self::with_backing(vm_fd, mem_size, MemBacking::Anon, FaultMode::Missing)
+    }
+
+    /// [`MemoryManager::new`] with guest RAM in `kind` of memory, lazily
+    /// served pages resolved as `fault_mode` says (see `backing`).
+    pub fn with_backing(
+        vm_fd: Arc<VmFd>,
+        mem_size: u64,
+        kind: MemBacking,
+        fault_mode: FaultMode,
+    ) -> Result<MemoryManager, MemoryManagerError> {
+        let (ram, file) = match kind {
+            MemBacking::Anon => (ram::create_guest_memory(mem_size)?, None),
+            _ => {
+                let b = backing::create(mem_size, kind)?;
+                (b.ram, b.file)
+            }
+        };
         ram::register_memslots(&vm_fd, &ram)?;
         Ok(MemoryManager {
             backing: Backing::Anon,
             ram,
             mem_size,
             vm_fd,
+            kind,
+            fault_mode,
+            file,
         })
+    }
+
+    /// What memory guest RAM lives in.
+    pub fn kind(&self) -> MemBacking {
+        self.kind
+    }
+
+    /// How lazily served pages are resolved.
+    pub fn fault_mode(&self) -> FaultMode {
+        self.fault_mode
+    }
+
+    /// The memfd behind guest RAM (laid out by guest-physical address), for
+    /// the memfd and hugetlb backings.
+    pub fn file(&self) -> Option<&Arc<std::fs::File>> {
+        self.file.as_ref()
     }
 
     /// Guest RAM.
@@ -136,11 +181,21 @@ impl MemoryManager {
     }
 
     /// Serves guest RAM through userfaultfd and the retry core from now on.
-    pub fn serve_lazily(&mut self, plan: LazyPlan, sink: EventSink) -> Result<(), MemoryManagerError> {
+    /// In MINOR mode the plan's source is wrapped in a
+    /// [`::memory::PageCacheSource`]: its pages go into the memfd and faults
+    /// are resolved with UFFDIO_CONTINUE (registered MISSING|MINOR).
+    pub fn serve_lazily(&mut self, mut plan: LazyPlan, sink: EventSink) -> Result<(), MemoryManagerError> {
         if !matches!(self.backing, Backing::Anon) {
             return Err(MemoryManagerError::AlreadyServed(self.backing.name()));
         }
-        self.backing = Backing::Lazy(LazyMemory::start(&self.ram, plan, sink)?);
+        let mode = match (self.fault_mode, &self.file) {
+            (FaultMode::Minor, Some(file)) => {
+                plan.source = Arc::new(::memory::PageCacheSource::new(plan.source, file.clone()));
+                ::memory::RegisterMode::MISSING_MINOR
+            }
+            _ => ::memory::RegisterMode::MISSING,
+        };
+        self.backing = Backing::Lazy(LazyMemory::start_with_mode(&self.ram, plan, sink, mode)?);
         Ok(())
     }
 
@@ -277,7 +332,9 @@ pub fn plan_for_backend(
 
 impl Persist for MemoryManager {
     type State = MemoryState;
-    type ConstructorArgs = Arc<VmFd>;
+    /// The VM, and the memory and fault mode guest RAM gets (a snapshot
+    /// restores into any backing).
+    type ConstructorArgs = (Arc<VmFd>, MemBacking, FaultMode);
     type Error = MemoryManagerError;
 
     fn save(&self) -> Result<MemoryState, MemoryManagerError> {
@@ -293,7 +350,10 @@ impl Persist for MemoryManager {
     }
 
     /// Maps RAM with the saved layout (anonymous: the contents come next).
-    fn restore(vm_fd: Arc<VmFd>, state: &MemoryState) -> Result<MemoryManager, MemoryManagerError> {
+    fn restore(
+        (vm_fd, kind, fault_mode): (Arc<VmFd>, MemBacking, FaultMode),
+        state: &MemoryState,
+    ) -> Result<MemoryManager, MemoryManagerError> {
         if state.page_size != PAGE_SIZE {
             return Err(MemoryManagerError::Layout(format!(
                 "saved in {}-byte pages, this VMM uses {PAGE_SIZE}",
@@ -310,6 +370,6 @@ impl Persist for MemoryManager {
                 state.regions, state.mem_size
             )));
         }
-        MemoryManager::new(vm_fd, state.mem_size)
+        MemoryManager::with_backing(vm_fd, state.mem_size, kind, fault_mode)
     }
 }

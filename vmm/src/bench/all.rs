@@ -28,6 +28,7 @@ pub fn scaling(pages: u64, progress: &mut dyn FnMut(&str)) -> Result<Vec<Scaling
         let memory = MemoryConfig {
             backend: MemBackend::Zero,
             fault_around: Some(0),
+            ..MemoryConfig::default()
         };
         let (o, khz) = guest_touch_run(vcpus, pages, true, memory)?;
         let secs = |cycles: u64| cycles as f64 / f64::from(khz) / 1e3;
@@ -82,6 +83,7 @@ pub fn all(fault_opts: FaultBenchOptions, progress: &mut dyn FnMut(&str)) -> Res
     let memory = MemoryConfig {
         backend: MemBackend::Zero,
         fault_around: Some(0),
+        ..MemoryConfig::default()
     };
     let (o, _) = guest_touch_run(1, fault_opts.pages, true, memory)?;
     let latency_us_log2 = o

@@ -195,6 +195,7 @@ pub fn fault(opts: FaultBenchOptions, progress: &mut dyn FnMut(&str)) -> Result<
     let lazy = |backend, fa| MemoryConfig {
         backend,
         fault_around: Some(fa),
+        ..MemoryConfig::default()
     };
     progress("raw userfaultfd round trip");
     let raw_uffd = raw(n, pages, None)?;

@@ -109,6 +109,43 @@ pub(crate) enum BenchCommand {
     },
 }
 
+/// What memory guest RAM lives in and how its lazily served pages are resolved.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub(crate) struct BackingArgs {
+    /// What memory guest RAM lives in: `anon` (private anonymous memory,
+    /// default), `memfd` (a shared mapping of a memfd: shmem page cache) or
+    /// `hugetlb[:2M|1G]` (huge pages; reserve them first). Orthogonal to
+    /// --mem-backend (where the contents come from); see docs/memory-backings.md.
+    #[arg(long, value_name = "BACKING")]
+    pub(crate) mem_backing: Option<String>,
+    /// How lazily served pages are resolved: `missing` (copied into guest
+    /// RAM with UFFDIO_COPY, default) or `minor` (written into the memfd's
+    /// page cache, mapped with UFFDIO_CONTINUE; needs --mem-backing memfd).
+    #[arg(long, value_name = "MODE")]
+    pub(crate) fault_mode: Option<String>,
+}
+
+impl BackingArgs {
+    /// The typed values (defaults where not given), checked together.
+    pub(crate) fn parse(&self) -> Result<(vmm_core::MemBacking, vmm_core::FaultMode), vmm_core::ConfigError> {
+        let backing = self
+            .mem_backing
+            .as_deref()
+            .map_or(Ok(vmm_core::MemBacking::Anon), str::parse)?;
+        let mode = self
+            .fault_mode
+            .as_deref()
+            .map_or(Ok(vmm_core::FaultMode::Missing), str::parse)?;
+        let memory = vmm_core::MemoryConfig {
+            backing,
+            fault_mode: mode,
+            ..vmm_core::MemoryConfig::default()
+        };
+        memory.validate()?;
+        Ok((backing, mode))
+    }
+}
+
 #[derive(clap::Args, Debug)]
 pub(crate) struct RunArgs {
     /// Guest kernel ELF (x86_64, loaded at its physical addresses).
@@ -132,10 +169,12 @@ pub(crate) struct RunArgs {
     /// two up to 512. Default: 16 (one fill of 16 pages costs about one page).
     #[arg(long, value_name = "PAGES")]
     pub(crate) fault_around: Option<u32>,
+    #[command(flatten)]
+    pub(crate) backing: BackingArgs,
     /// Write run statistics (vCPUs, retry core, fault latency) as JSON to FILE, or `-` for stdout.
     #[arg(long, value_name = "FILE")]
     pub(crate) stats: Option<PathBuf>,
-    /// TOML file with any of: kernel, vcpus, mem, cmdline, mem_backend, fault_around (flags override it).
+    /// TOML file with any of: kernel, vcpus, mem, cmdline, mem_backend, fault_around, mem_backing, fault_mode (flags override it).
     #[arg(long)]
     pub(crate) config: Option<PathBuf>,
     /// Give up after this many seconds (exit code 11).
@@ -322,6 +361,8 @@ pub(crate) struct ReceiveArgs {
     /// Serve a Unix control socket at PATH once the VM runs.
     #[arg(long, value_name = "PATH")]
     pub(crate) control: Option<PathBuf>,
+    #[command(flatten)]
+    pub(crate) backing: BackingArgs,
     /// Snapshot key (32 raw bytes or 64 hex digits): snapshots are
     /// authenticated with it (keyed BLAKE3) and restores check it.
     #[arg(long, value_name = "FILE")]
@@ -343,6 +384,8 @@ pub(crate) struct RestoreArgs {
     /// With --lazy: fault-around window in pages (0 = off, power of two up to 512).
     #[arg(long, value_name = "PAGES", requires = "lazy")]
     pub(crate) fault_around: Option<u32>,
+    #[command(flatten)]
+    pub(crate) backing: BackingArgs,
     /// `uffd:SOCKET`: hand guest memory to an external page-fault handler
     /// (Firecracker's UFFD handshake: JSON mappings + the userfaultfd over
     /// SOCKET, the connection held open for the VM's life); region offsets

@@ -55,8 +55,8 @@ pub fn report(config: &VmConfig, outcome: &vmm::RunOutcome, stats: Option<&Path>
     if let Some(m) = &outcome.memory {
         let t = &m.total;
         println!(
-            "vmm: memory {}: {} faults served ({} zero pages, {} copied, {} by fault-around), {} retries",
-            m.backend, t.faults, t.pages_zeroed, t.pages_copied, t.fault_around_pages, t.retries_total
+            "vmm: memory {}: {} faults served ({} zero pages, {} copied, {} continued from the page cache, {} by fault-around), {} retries",
+            m.backend, t.faults, t.pages_zeroed, t.pages_copied, t.pages_continued, t.fault_around_pages, t.retries_total
         );
     }
     let first = outcome

@@ -19,6 +19,8 @@ fn config_from(args: &RunArgs) -> Result<VmConfig, vmm::config_file::ConfigFileE
         cmdline: args.cmdline.clone(),
         mem_backend: args.mem_backend.clone(),
         fault_around: args.fault_around,
+        mem_backing: args.backing.mem_backing.clone(),
+        fault_mode: args.backing.fault_mode.clone(),
     };
     Ok(file.overridden_by(flags).into_config()?)
 }
@@ -96,6 +98,18 @@ pub fn restore(args: RestoreArgs) -> i32 {
             Err(code) => return code,
         },
         ..Default::default()
+    };
+    let (backing, fault_mode) = match args.backing.parse() {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("vmm: error: {e}");
+            return EXIT_VMM_ERROR;
+        }
+    };
+    let options = VmOptions {
+        backing,
+        fault_mode,
+        ..options
     };
     let grace = super::seconds("--handler-grace", args.handler_grace, true);
     let stall = super::seconds("--handler-stall", args.handler_stall, true);

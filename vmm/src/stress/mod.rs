@@ -198,6 +198,7 @@ fn run_one(
         memory: MemoryConfig {
             backend: MemBackend::Zero,
             fault_around: Some(plan.fault_around),
+            ..MemoryConfig::default()
         },
     };
     let source = Arc::new(ChaosSource::new(opts.seed ^ index).map_err(StressError::Source)?);
