@@ -537,6 +537,27 @@ impl RetryCore {
             FetchOutcome::Ready => self.fill_copy(uffd, idx, lo, hi, &buf),
             FetchOutcome::Zero => self.fill_zero(uffd, idx, lo, hi, write),
             FetchOutcome::Cached => self.fill_continue(uffd, idx, lo, hi),
+            FetchOutcome::Split => {
+                self.set(lo..hi, PageState::Missing);
+                if hi - lo > 1 {
+                    if self.claim(idx, PageState::Missing) {
+                        return self.fetch_and_fill(uffd, idx, false, write);
+                    }
+                    // Claimed by another attempt since: its fill wakes this fault.
+                    return FaultOutcome::Resolved {
+                        pages: 0,
+                        by: ResolvedBy::InFlightElsewhere,
+                    };
+                }
+                FaultOutcome::Failed(FaultError::Source {
+                    guest_addr: self.guest(idx),
+                    host_addr: self.host(idx),
+                    source_name: self.source.name().to_owned(),
+                    source: SourceError::Unsplittable {
+                        offset: self.guest(idx),
+                    },
+                })
+            }
             FetchOutcome::Retry(reason) => {
                 self.set(lo..hi, PageState::Missing);
                 if hi - lo > 1 && self.claim(idx, PageState::Missing) {

@@ -56,7 +56,7 @@ pub use crate::handler::{
 };
 pub use crate::histogram::{AtomicLog2Histogram, Log2Histogram};
 pub use crate::mmap::{memfd, AnonMapping, MemfdMapping};
-pub use crate::page_cache::{PageCacheSource, Resident};
+pub use crate::page_cache::{PageCacheSource, Resident, SharedFileSource};
 pub use crate::source::{
     FetchOutcome, FileSource, Notifier, PageSource, RetryReason, Rule, SourceError, Subscription, TestSource,
     ZeroSource,

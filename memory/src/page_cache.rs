@@ -115,6 +115,63 @@ impl PageSource for PageCacheSource {
     }
 }
 
+/// The pages of a shmem file that holds guest RAM already (a clone's
+/// shared snapshot memory, mapped privately): data pages are `Cached`
+/// (UFFDIO_CONTINUE maps the shared page-cache page; a write then copies
+/// it), holes are `Zero`, a run with both is `Split`. Never writes the file.
+#[derive(Debug)]
+pub struct SharedFileSource {
+    file: Arc<File>,
+    name: String,
+    notifier: Notifier,
+}
+
+impl SharedFileSource {
+    /// Serves from `file` (laid out by guest-physical address), named `name`.
+    pub fn new(file: Arc<File>, name: String) -> std::io::Result<SharedFileSource> {
+        Ok(SharedFileSource {
+            file,
+            name,
+            notifier: Notifier::new()?,
+        })
+    }
+
+    fn seek(&self, offset: u64, whence: libc::c_int) -> Option<u64> {
+        let off = i64::try_from(offset).ok()?;
+        // SAFETY: lseek on our own descriptor only moves its file offset.
+        let r = unsafe { libc::lseek(self.file.as_raw_fd(), off, whence) };
+        u64::try_from(r).ok()
+    }
+}
+
+impl PageSource for SharedFileSource {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn fetch(&self, offset: u64, buf: &mut [u8]) -> FetchOutcome {
+        let end = offset + buf.len() as u64;
+        // ENXIO (None): no data at or after `offset`.
+        match self.seek(offset, libc::SEEK_DATA) {
+            None => FetchOutcome::Zero,
+            Some(d) if d >= end => FetchOutcome::Zero,
+            Some(d) if d > offset => FetchOutcome::Split,
+            Some(_) => match self.seek(offset, libc::SEEK_HOLE) {
+                Some(h) if h >= end => FetchOutcome::Cached,
+                _ => FetchOutcome::Split,
+            },
+        }
+    }
+
+    fn bulk_cheap(&self) -> bool {
+        true
+    }
+
+    fn notifier(&self) -> &Notifier {
+        &self.notifier
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::cast_possible_truncation)] // test sizes are small
 mod tests {
@@ -122,7 +179,7 @@ mod tests {
     use crate::core::{CoreConfig, FaultOutcome, Region, ResolvedBy, RetryCore};
     use crate::handler::FaultHandler;
     use crate::mmap::MemfdMapping;
-    use crate::source::{FileSource, ZeroSource};
+    use crate::source::FileSource;
     use crate::testutil::{join_within, pattern, ps, PatternFile};
     use crate::uffd::{RegisterMode, Uffd};
 
@@ -195,13 +252,8 @@ mod tests {
         shared.file().write_all_at(&[7u8; 4096], 0).expect("pwrite");
         let clone =
             Arc::new(MemfdMapping::map(shared.file().clone(), shared.len(), false).expect("map private"));
-        let zero: Arc<dyn PageSource> = Arc::new(ZeroSource::new().expect("zero"));
-        let f = shared.file().clone();
-        let resident: Resident = Arc::new(move |off, _| {
-            let mut b = [0u8; 1];
-            f.read_exact_at(&mut b, off).is_ok() && b[0] != 0
-        });
-        let src = Arc::new(PageCacheSource::new(zero, shared.file().clone()).with_resident(resident));
+        // Page 0 holds data, page 1 is a hole: a run of both is split.
+        let src = Arc::new(SharedFileSource::new(shared.file().clone(), "shared".into()).expect("source"));
         let uffd = Arc::new(Uffd::for_guest_memory().expect("uffd"));
         uffd.register(clone.addr(), clone.len() as u64, RegisterMode::MISSING_MINOR)
             .expect("register");
@@ -211,13 +263,17 @@ mod tests {
             guest_offset: 0,
         };
         let config = CoreConfig {
-            fault_around: 0,
+            fault_around: 2,
             ..CoreConfig::default()
         };
         let core = Arc::new(RetryCore::new(region, src, config).expect("core"));
         let mut handler = FaultHandler::new(uffd.clone(), vec![core.clone()]).expect("handler");
         let control = handler.control();
         let t = std::thread::spawn(move || handler.run_until_stopped());
+        let c = clone.clone();
+        let h = std::thread::spawn(move || read_at(c.addr() + ps()));
+        assert_eq!(join_within(h, "a read of a hole"), 0);
+        assert_eq!(core.stats().pages_zeroed, 1, "{:?}", core.stats());
         let c = clone.clone();
         let h = std::thread::spawn(move || {
             let v = read_at(c.addr());

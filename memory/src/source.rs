@@ -76,6 +76,12 @@ pub enum SourceError {
         /// The configured message.
         message: String,
     },
+    /// A source answered `Split` for one page.
+    #[error("the page source answered Split for the single page at guest offset {offset:#x}; this is a page-source bug")]
+    Unsplittable {
+        /// Guest offset.
+        offset: u64,
+    },
     /// The buffer given to `fetch` is not page sized or aligned.
     #[error("fetch buffer of {len} bytes at guest offset {offset:#x} is not a page multiple; this is a retry-core bug")]
     BadRequest {
@@ -99,6 +105,9 @@ pub enum FetchOutcome {
     /// faulting mapping (MINOR mode, see [`crate::page_cache`]). `buf` is
     /// not read.
     Cached,
+    /// The run mixes kinds of pages (e.g. cached and holes): ask again for
+    /// the faulting page alone. Not an answer for a single page.
+    Split,
     /// Not available yet; the source will [`Notifier::notify`] when it may be.
     Retry(RetryReason),
     /// The pages cannot be provided. Never zero-filled by the core.
