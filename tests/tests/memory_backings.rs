@@ -284,3 +284,70 @@ fn post_copy_and_pre_copy_migrate_onto_and_from_a_memfd() {
         check_mode(&out.run, mode, &what);
     }
 }
+
+#[test]
+fn eight_clones_share_one_snapshot_and_copy_only_what_they_write() {
+    let mut cfg = config(1, "64M", "workload=touch pages=2500 pattern=rand");
+    cfg.memory = memfd(MemBackend::Anon, FaultMode::Missing);
+    let dir = TempDir::new("clones");
+    snapshot_mid_run(&cfg, &dir.0);
+    let clone_dir = PathBuf::from(format!("/dev/shm/vmm-test-clones-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&clone_dir);
+    // The test holds the shared memory too: its contents after the clones ran
+    // prove no clone's write reached it (the only path to another clone).
+    let snap = vmm::snapshot::Snapshot::open(&dir.0, None).unwrap();
+    let held = vmm::snapshot::shared::SharedMemory::open_or_load(&snap, &clone_dir).unwrap();
+    assert!(held.loaded_here);
+    let before = std::fs::read(format!(
+        "/proc/self/fd/{}",
+        std::os::fd::AsRawFd::as_raw_fd(&**held.file())
+    ))
+    .unwrap();
+    let how = RestoreOptions {
+        lazy: true,
+        clone_dir: Some(clone_dir.clone()),
+        ..Default::default()
+    };
+    let clones: Vec<_> = (0..8)
+        .map(|i| {
+            let (options, console) = capture_options();
+            let vm = Vm::restore(&dir.0, &how, options).unwrap_or_else(|e| panic!("clone {i}: {e}"));
+            let cfg = vm.config().clone();
+            (vm.start().unwrap(), cfg, console)
+        })
+        .collect();
+    for (i, (vm, cfg, console)) in clones.into_iter().enumerate() {
+        let out = vm.wait().unwrap();
+        assert_eq!(
+            out.end,
+            GuestEnd::Exited(0),
+            "clone {i}: {}",
+            console_text(&console)
+        );
+        let sum = verify_reports(&cfg, &out);
+        assert!(matches!(sum, Ok(Some(_))), "clone {i}: {sum:?}");
+        let m = out.memory.unwrap();
+        let s = m.sharing.unwrap();
+        eprintln!("clone {i}: {s:?}, {} pages continued", m.total.pages_continued);
+        assert!(
+            m.total.pages_continued > 0 && m.total.pages_copied == 0,
+            "clone {i}: {:?}",
+            m.total
+        );
+        assert!(s.shared_pages > 0 && s.private_pages > 0, "clone {i}: {s:?}");
+    }
+    let after = std::fs::read(format!(
+        "/proc/self/fd/{}",
+        std::os::fd::AsRawFd::as_raw_fd(&**held.file())
+    ))
+    .unwrap();
+    assert!(
+        before == after,
+        "a clone's write reached the shared snapshot memory"
+    );
+    let path = held.path().to_owned();
+    assert!(path.exists());
+    drop(held);
+    assert!(!path.exists(), "the last holder did not free the shared memory");
+    let _ = std::fs::remove_dir_all(&clone_dir);
+}

@@ -139,6 +139,9 @@ pub struct BuildOptions {
     pub serial: SerialOutput,
     /// Where devices, vCPUs and the memory manager post events.
     pub sink: EventSink,
+    /// A restored VM's RAM is a private mapping of this shared snapshot
+    /// memory (a clone, see [`MemoryManager::clone_of`]).
+    pub shared_ram: Option<memory::SharedRam>,
 }
 
 impl std::fmt::Debug for BuildOptions {
@@ -232,6 +235,13 @@ impl Vm {
 
         // A saved VM's memory manager restores its own layout (and checks it).
         let mut mm = match boot {
+            Boot::Restore(state) if options.shared_ram.is_some() => {
+                let shared = options
+                    .shared_ram
+                    .as_ref()
+                    .ok_or(VmError::Phase("no shared memory"))?;
+                MemoryManager::clone_of(vm_fd.clone(), &state.memory, shared)?
+            }
             Boot::Restore(state) => MemoryManager::restore(
                 (vm_fd.clone(), config.memory.backing, config.memory.fault_mode),
                 &state.memory,

@@ -6,6 +6,7 @@
 use crate::controller::{
     self, ControllerOptions, Event, EventSender, MemoryFaultPolicy, RunOutcome, RunningVm, StartError,
 };
+use crate::snapshot::shared::{SharedError, SharedMemory};
 use crate::snapshot::source::SnapshotSource;
 use crate::snapshot::{Snapshot, SnapshotError, SnapshotKey};
 use crate::state::{ControllerState, SavedVm};
@@ -41,6 +42,9 @@ pub enum VmError {
     /// The controller could not start.
     #[error(transparent)]
     Start(#[from] StartError),
+    /// A clone's shared snapshot memory.
+    #[error(transparent)]
+    Shared(#[from] SharedError),
     /// The page source of a lazy restore cannot be opened.
     #[error("cannot open the snapshot's memory file: {0}")]
     Source(#[from] ::memory::SourceError),
@@ -119,6 +123,10 @@ pub struct RestoreOptions {
     pub prefetch: bool,
     /// With `lazy`: fault-around window (`None` = default).
     pub fault_around: Option<u32>,
+    /// With `lazy`: start a clone: guest RAM is a private mapping of the
+    /// snapshot's memory loaded once into a shared file in this directory
+    /// (`crate::snapshot::shared`), served in MINOR mode.
+    pub clone_dir: Option<PathBuf>,
     /// Hand guest memory to an external page-fault handler listening on this
     /// Unix socket (Firecracker's UFFD handshake, `uffd_handler`) instead.
     pub uffd_socket: Option<PathBuf>,
@@ -185,6 +193,18 @@ impl Vm {
         restored: ControllerState,
         channel: Channel,
     ) -> Result<Vm, VmError> {
+        Self::assemble_with(config, boot, plan, options, restored, channel, None)
+    }
+
+    fn assemble_with(
+        config: &VmConfig,
+        boot: Boot<'_>,
+        plan: MemoryPlan<'_>,
+        options: VmOptions,
+        restored: ControllerState,
+        channel: Channel,
+        shared_ram: Option<memory::SharedRam>,
+    ) -> Result<Vm, VmError> {
         let Channel { events, rx, sink } = channel;
         let core = vmm_core::Vm::build(
             config,
@@ -193,6 +213,7 @@ impl Vm {
             BuildOptions {
                 serial: options.serial.clone(),
                 sink,
+                shared_ram,
             },
         )?;
         Ok(Vm {
@@ -291,6 +312,40 @@ impl Vm {
                 on_lost,
             ));
             vm
+        } else if let (true, Some(clone_dir)) = (how.lazy, &how.clone_dir) {
+            let shared = Arc::new(SharedMemory::open_or_load(&snap, clone_dir)?);
+            let memory = MemoryConfig {
+                backend: MemBackend::Zero,
+                fault_around: how.fault_around,
+                backing: MemBacking::Memfd,
+                fault_mode: FaultMode::Minor,
+            };
+            let config = snap.config(memory)?;
+            let src = ::memory::SharedFileSource::new(
+                shared.file().clone(),
+                format!("clone:{}", shared.path().display()),
+            )
+            .map_err(MemoryManagerError::Notifier)?;
+            let plan = LazyPlan {
+                data_ranges: crate::snapshot::source::SnapshotSource::open(&snap)?.data_ranges(),
+                source: Arc::new(src),
+                fault_around: config.memory.effective_fault_around(),
+                handler_cpu: None,
+                prefetch: false,
+            };
+            let shared_ram = memory::SharedRam {
+                file: shared.file().clone(),
+                owner: shared,
+            };
+            Self::assemble_with(
+                &config,
+                Boot::Restore(&snap.state.vm),
+                MemoryPlan::Lazy(plan),
+                options,
+                restored,
+                ch,
+                Some(shared_ram),
+            )?
         } else if how.lazy {
             let memory = MemoryConfig {
                 backend: MemBackend::File {

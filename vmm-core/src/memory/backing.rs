@@ -143,7 +143,6 @@ fn memfd(backing: MemBacking, size: u64) -> Result<File, BackingError> {
 /// Maps `mem_size` bytes of guest RAM laid out by [`ram_ranges`] in `backing`.
 /// Anonymous RAM is left to [`super::ram::create_guest_memory`].
 pub fn create(mem_size: u64, backing: MemBacking) -> Result<BackedRam, BackingError> {
-    let ranges: Vec<(u64, u64)> = ram_ranges(mem_size).into_iter().filter(|&(_, l)| l > 0).collect();
     if let MemBacking::Hugetlb(h) = backing {
         let page_size = h.bytes();
         if mem_size % page_size != 0 {
@@ -165,8 +164,34 @@ pub fn create(mem_size: u64, backing: MemBacking) -> Result<BackedRam, BackingEr
             });
         }
     }
-    let file_len = ranges.last().map_or(0, |&(a, l)| a + l);
-    let file = Arc::new(memfd(backing, file_len)?);
+    let file = Arc::new(memfd(backing, file_len(mem_size))?);
+    let ram = map_file(&file, mem_size, true, backing)?;
+    Ok(BackedRam {
+        ram,
+        file: Some(file),
+    })
+}
+
+/// The length of a file holding `mem_size` bytes of RAM by guest-physical
+/// address (the end of the last region).
+pub fn file_len(mem_size: u64) -> u64 {
+    ram_ranges(mem_size)
+        .into_iter()
+        .filter(|&(_, l)| l > 0)
+        .last()
+        .map_or(0, |(a, l)| a + l)
+}
+
+/// Maps the RAM regions of `mem_size` bytes from `file` (guest address `a`
+/// at file offset `a`), `shared` (writes reach the file) or private
+/// (copy-on-write over its page cache: a clone).
+pub fn map_file(
+    file: &Arc<File>,
+    mem_size: u64,
+    shared: bool,
+    backing: MemBacking,
+) -> Result<GuestRam, BackingError> {
+    let ranges: Vec<(u64, u64)> = ram_ranges(mem_size).into_iter().filter(|&(_, l)| l > 0).collect();
     let mut regions = Vec::new();
     for (gpa, len) in ranges {
         let map_err = |reason: String| BackingError::Map {
@@ -177,7 +202,11 @@ pub fn create(mem_size: u64, backing: MemBacking) -> Result<BackedRam, BackingEr
         };
         let size = usize::try_from(len).map_err(|e| map_err(e.to_string()))?;
         // A hugetlbfs memfd maps huge pages by itself.
-        let flags = libc::MAP_SHARED | libc::MAP_NORESERVE;
+        let flags = if shared {
+            libc::MAP_SHARED
+        } else {
+            libc::MAP_PRIVATE
+        } | libc::MAP_NORESERVE;
         let region = MmapRegion::build(
             Some(FileOffset::from_arc(file.clone(), gpa)),
             size,
@@ -189,14 +218,60 @@ pub fn create(mem_size: u64, backing: MemBacking) -> Result<BackedRam, BackingEr
             GuestRegionMmap::new(region, GuestAddress(gpa)).ok_or_else(|| map_err("overflows".into()))?,
         );
     }
-    let ram = GuestRam::from_regions(regions).map_err(|e| BackingError::Map {
+    GuestRam::from_regions(regions).map_err(|e| BackingError::Map {
         backing,
         gpa: 0,
         size: mem_size,
         reason: e.to_string(),
-    })?;
-    Ok(BackedRam {
-        ram,
-        file: Some(file),
     })
+}
+
+/// How the pages of guest RAM are shared, from `/proc/self/pagemap`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PageSharing {
+    /// Pages mapped from a page cache (a clone's shared snapshot pages, or
+    /// a memfd's pages).
+    pub shared_pages: u64,
+    /// Anonymous pages this mapping alone holds (a clone's copies of the
+    /// pages it wrote; all touched pages of anonymous RAM).
+    pub private_pages: u64,
+    /// Pages mapped to the kernel's zero page (cost nothing).
+    pub zero_pages: u64,
+}
+
+/// Counts [`PageSharing`] over `ram`.
+pub fn page_sharing(ram: &GuestRam) -> std::io::Result<PageSharing> {
+    use std::os::unix::fs::FileExt;
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    let pagemap = File::open("/proc/self/pagemap")?;
+    let mut out = PageSharing::default();
+    let mut buf = vec![0u8; 8 * 8192];
+    for r in ram.iter() {
+        let first = r.as_ptr() as u64 / 4096;
+        let pages = r.len() / 4096;
+        let mut done = 0u64;
+        while done < pages {
+            let n = (pages - done).min(8192);
+            let bytes = &mut buf[..usize::try_from(n * 8).unwrap_or(0)];
+            pagemap.read_exact_at(bytes, (first + done) * 8)?;
+            for e in bytes.chunks_exact(8) {
+                let mut w = [0u8; 8];
+                w.copy_from_slice(e);
+                let v = u64::from_le_bytes(w);
+                // Bit 63 present, 61 file page or shared anonymous, 56 mapped once.
+                if v & (1 << 63) == 0 {
+                    continue;
+                }
+                if v & (1 << 61) != 0 {
+                    out.shared_pages += 1;
+                } else if v & (1 << 56) != 0 {
+                    out.private_pages += 1;
+                } else {
+                    out.zero_pages += 1;
+                }
+            }
+            done += n;
+        }
+    }
+    Ok(out)
 }

@@ -84,6 +84,13 @@ pub struct MemoryStats {
     pub total: Stats,
     /// One entry per guest memory region, in guest-physical order.
     pub regions: Vec<Stats>,
+    /// What memory guest RAM lives in (`anon`, `memfd`, `hugetlb:2M`).
+    pub backing: String,
+    /// `missing` or `minor`.
+    pub fault_mode: String,
+    /// How guest RAM's pages are shared at the time of these statistics
+    /// (a clone: shared snapshot pages against its private copies).
+    pub sharing: Option<super::PageSharing>,
 }
 
 /// Guest RAM served through userfaultfd while the VM lives.
@@ -272,6 +279,9 @@ impl LazyMemory {
             failures: self.failures().iter().map(ToString::to_string).collect(),
             total: merge(&regions),
             regions,
+            backing: "anon".into(),
+            fault_mode: "missing".into(),
+            sharing: None,
         }
     }
 

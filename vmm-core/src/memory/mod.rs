@@ -23,7 +23,7 @@ pub mod materialize;
 pub mod pages;
 pub mod ram;
 
-pub use backing::BackingError;
+pub use backing::{BackingError, PageSharing};
 pub use dirty::{DirtyError, DirtyTracker};
 pub use external::{ExternalMemory, ParkedFault, RegionMapping, WaitingFaults};
 pub use lazy::{BlockedFault, LazyError, LazyMemory, LazyPlan, MemoryStats};
@@ -104,6 +104,22 @@ pub struct MemoryManager {
     fault_mode: FaultMode,
     /// The memfd behind guest RAM (memfd and hugetlb backings).
     file: Option<Arc<std::fs::File>>,
+    /// Guest RAM is a private mapping of `file` (a clone): its page cache
+    /// is shared and never written.
+    clone: bool,
+    /// Whoever owns a clone's shared file; dropped after `ram` is unmapped.
+    _owner: Option<Arc<dyn std::fmt::Debug + Send + Sync>>,
+}
+
+/// A shmem file holding a snapshot's memory by guest-physical address,
+/// shared by clones (see [`MemoryManager::clone_of`]).
+#[derive(Debug, Clone)]
+pub struct SharedRam {
+    /// The file (read-only to clones).
+    pub file: Arc<std::fs::File>,
+    /// Kept alive as long as guest RAM maps the file (it frees the file
+    /// when the last clone is gone).
+    pub owner: Arc<dyn std::fmt::Debug + Send + Sync>,
 }
 
 /// The memory manager's own state: the layout (the contents are saved
@@ -151,7 +167,45 @@ impl MemoryManager {
             kind,
             fault_mode,
             file,
+            clone: false,
+            _owner: None,
         })
+    }
+
+    /// Guest RAM as a private (copy-on-write) mapping of `file`, a shmem
+    /// file that holds a snapshot's memory by guest-physical address and is
+    /// shared with other clones; its faults are served in MINOR mode by a
+    /// [`::memory::SharedFileSource`] (see `vmm::snapshot::shared`).
+    pub fn clone_of(
+        vm_fd: Arc<VmFd>,
+        state: &MemoryState,
+        shared: &SharedRam,
+    ) -> Result<MemoryManager, MemoryManagerError> {
+        check_layout(state)?;
+        let file = shared.file.clone();
+        let ram = backing::map_file(&file, state.mem_size, false, MemBacking::Memfd)?;
+        ram::register_memslots(&vm_fd, &ram)?;
+        Ok(MemoryManager {
+            backing: Backing::Anon,
+            ram,
+            mem_size: state.mem_size,
+            vm_fd,
+            kind: MemBacking::Memfd,
+            fault_mode: FaultMode::Minor,
+            file: Some(file),
+            clone: true,
+            _owner: Some(shared.owner.clone()),
+        })
+    }
+
+    /// Whether guest RAM is a clone's private mapping of a shared file.
+    pub fn is_clone(&self) -> bool {
+        self.clone
+    }
+
+    /// How guest RAM's pages are shared now (`/proc/self/pagemap`).
+    pub fn sharing(&self) -> Option<PageSharing> {
+        backing::page_sharing(&self.ram).ok()
     }
 
     /// What memory guest RAM lives in.
@@ -188,7 +242,15 @@ impl MemoryManager {
         if !matches!(self.backing, Backing::Anon) {
             return Err(MemoryManagerError::AlreadyServed(self.backing.name()));
         }
+        if matches!(self.kind, MemBacking::Hugetlb(_)) {
+            return Err(MemoryManagerError::Layout(format!(
+                "lazily served guest RAM on {} is not supported yet: use --mem-backing memfd, or an eager restore (without --lazy) onto huge pages",
+                self.kind
+            )));
+        }
         let mode = match (self.fault_mode, &self.file) {
+            // A clone's source answers from the shared file itself.
+            (FaultMode::Minor, Some(_)) if self.clone => ::memory::RegisterMode::MISSING_MINOR,
             (FaultMode::Minor, Some(file)) => {
                 plan.source = Arc::new(::memory::PageCacheSource::new(plan.source, file.clone()));
                 ::memory::RegisterMode::MISSING_MINOR
@@ -266,9 +328,15 @@ impl MemoryManager {
         }
     }
 
-    /// Statistics of lazily served memory.
+    /// Statistics of lazily served memory (with how its pages are shared).
     pub fn stats(&self) -> Option<MemoryStats> {
-        self.lazy().map(LazyMemory::stats)
+        self.lazy().map(|l| {
+            let mut s = l.stats();
+            s.backing = self.kind.to_string();
+            s.fault_mode = self.fault_mode.to_string();
+            s.sharing = self.sharing();
+            s
+        })
     }
 
     /// Wakes vCPUs stuck on pages that cannot be served by unregistering
@@ -354,22 +422,28 @@ impl Persist for MemoryManager {
         (vm_fd, kind, fault_mode): (Arc<VmFd>, MemBacking, FaultMode),
         state: &MemoryState,
     ) -> Result<MemoryManager, MemoryManagerError> {
-        if state.page_size != PAGE_SIZE {
-            return Err(MemoryManagerError::Layout(format!(
-                "saved in {}-byte pages, this VMM uses {PAGE_SIZE}",
-                state.page_size
-            )));
-        }
-        let expected: Vec<(u64, u64)> = ram_ranges(state.mem_size)
-            .into_iter()
-            .filter(|&(_, l)| l > 0)
-            .collect();
-        if state.regions != expected {
-            return Err(MemoryManagerError::Layout(format!(
-                "regions {:x?} are not the layout of {} bytes of RAM ({expected:x?})",
-                state.regions, state.mem_size
-            )));
-        }
+        check_layout(state)?;
         MemoryManager::with_backing(vm_fd, state.mem_size, kind, fault_mode)
     }
+}
+
+/// Checks a saved layout against this VMM's.
+fn check_layout(state: &MemoryState) -> Result<(), MemoryManagerError> {
+    if state.page_size != PAGE_SIZE {
+        return Err(MemoryManagerError::Layout(format!(
+            "saved in {}-byte pages, this VMM uses {PAGE_SIZE}",
+            state.page_size
+        )));
+    }
+    let expected: Vec<(u64, u64)> = ram_ranges(state.mem_size)
+        .into_iter()
+        .filter(|&(_, l)| l > 0)
+        .collect();
+    if state.regions != expected {
+        return Err(MemoryManagerError::Layout(format!(
+            "regions {:x?} are not the layout of {} bytes of RAM ({expected:x?})",
+            state.regions, state.mem_size
+        )));
+    }
+    Ok(())
 }

@@ -384,6 +384,16 @@ pub(crate) struct RestoreArgs {
     /// With --lazy: fault-around window in pages (0 = off, power of two up to 512).
     #[arg(long, value_name = "PAGES", requires = "lazy")]
     pub(crate) fault_around: Option<u32>,
+    /// With --lazy: start a clone. The snapshot's memory is loaded once into
+    /// a shared file on tmpfs (by the first clone; freed by the last) and
+    /// every clone maps it privately: reads share its pages (MINOR faults),
+    /// writes copy them. `--stats` shows shared and private pages.
+    #[arg(long, requires = "lazy", conflicts_with_all = ["prefetch", "mem_backing", "fault_mode"])]
+    pub(crate) clone: bool,
+    /// With --clone: the owner-only directory of the shared files (default
+    /// /dev/shm/vmm-clones-UID).
+    #[arg(long, value_name = "DIR", requires = "clone")]
+    pub(crate) clone_dir: Option<PathBuf>,
     #[command(flatten)]
     pub(crate) backing: BackingArgs,
     /// `uffd:SOCKET`: hand guest memory to an external page-fault handler

@@ -127,6 +127,11 @@ pub fn restore(args: RestoreArgs) -> i32 {
         lazy: args.lazy,
         prefetch: args.prefetch,
         fault_around: args.fault_around,
+        clone_dir: args.clone.then(|| {
+            args.clone_dir
+                .clone()
+                .unwrap_or_else(vmm::snapshot::shared::default_dir)
+        }),
         uffd_socket: match args.mem_backend.as_deref().map(|b| b.strip_prefix("uffd:")) {
             None => None,
             Some(Some(path)) if !path.is_empty() => Some(PathBuf::from(path)),
@@ -150,6 +155,7 @@ pub fn restore(args: RestoreArgs) -> i32 {
             "memory served by the external page-fault handler at {}",
             sock.display()
         ),
+        None if args.clone => "a clone: shared snapshot memory".into(),
         None if args.lazy => "lazy memory".into(),
         None => "eager memory".into(),
     };
