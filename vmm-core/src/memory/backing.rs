@@ -177,8 +177,7 @@ pub fn create(mem_size: u64, backing: MemBacking) -> Result<BackedRam, BackingEr
 pub fn file_len(mem_size: u64) -> u64 {
     ram_ranges(mem_size)
         .into_iter()
-        .filter(|&(_, l)| l > 0)
-        .last()
+        .rfind(|&(_, l)| l > 0)
         .map_or(0, |(a, l)| a + l)
 }
 
