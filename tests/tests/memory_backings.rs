@@ -351,3 +351,93 @@ fn eight_clones_share_one_snapshot_and_copy_only_what_they_write() {
     assert!(!path.exists(), "the last holder did not free the shared memory");
     let _ = std::fs::remove_dir_all(&clone_dir);
 }
+
+/// Huge pages this test added to the 2 MiB pool (as root), given back on drop.
+struct HugePages(u64);
+
+const POOL: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages";
+
+impl HugePages {
+    fn reserve(n: u64) -> HugePages {
+        let cur: u64 = std::fs::read_to_string(POOL).unwrap().trim().parse().unwrap();
+        std::fs::write(POOL, format!("{}", cur + n)).expect("reserving huge pages needs root");
+        HugePages(n)
+    }
+}
+
+impl Drop for HugePages {
+    fn drop(&mut self) {
+        if let Ok(cur) = std::fs::read_to_string(POOL).map(|s| s.trim().parse::<u64>().unwrap_or(0)) {
+            let _ = std::fs::write(POOL, format!("{}", cur.saturating_sub(self.0)));
+        }
+    }
+}
+
+#[test]
+fn hugetlb_2m_boots_and_takes_a_4k_snapshot_eagerly_and_back() {
+    let huge = MemBacking::Hugetlb(vmm::config::HugePageSize::Size2M);
+    // Two VMs of 64 MiB at most at once.
+    let _pages = HugePages::reserve(64);
+    let mut cfg = config(1, "64M", "workload=touch pages=3000 pattern=rand");
+    cfg.memory = MemoryConfig {
+        backing: huge,
+        ..MemoryConfig::default()
+    };
+    let run = boot(&cfg);
+    assert_eq!(run.outcome.end, GuestEnd::Exited(0), "{}", run.console);
+    assert!(matches!(verify_reports(&cfg, &run.outcome), Ok(Some(_))));
+    // A snapshot of 4 KiB pages (from anonymous memory) onto huge pages,
+    // and one taken on huge pages back onto anonymous memory.
+    let mut anon = cfg.clone();
+    anon.memory = MemoryConfig::default();
+    let a = TempDir::new("huge-a");
+    snapshot_mid_run(&anon, &a.0);
+    restore_and_finish(&a.0, &RestoreOptions::default(), huge, FaultMode::Missing);
+    let b = TempDir::new("huge-b");
+    snapshot_mid_run(&cfg, &b.0);
+    restore_and_finish(
+        &b.0,
+        &RestoreOptions::default(),
+        MemBacking::Anon,
+        FaultMode::Missing,
+    );
+    // Lazy serving on huge pages is refused with a way out.
+    let (options, _console) = capture_options();
+    let options = VmOptions {
+        backing: huge,
+        ..options
+    };
+    let how = RestoreOptions {
+        lazy: true,
+        ..Default::default()
+    };
+    let e = Vm::restore(&b.0, &how, options).unwrap_err().to_string();
+    assert!(e.contains("without --lazy"), "{e}");
+}
+
+#[test]
+fn hugetlb_errors_say_what_to_do() {
+    let mut cfg = config(1, "66M", "workload=hello");
+    cfg.memory = MemoryConfig {
+        backing: MemBacking::Hugetlb(vmm::config::HugePageSize::Size1G),
+        ..MemoryConfig::default()
+    };
+    let (options, _) = capture_options();
+    let e = Vm::new(&cfg, options).unwrap_err().to_string();
+    assert!(e.contains("not a multiple of the 1024 MiB huge page"), "{e}");
+    // 1 GiB pages are rarely reserved: the error says how many and how.
+    let free1g = std::fs::read_to_string("/sys/kernel/mm/hugepages/hugepages-1048576kB/free_hugepages")
+        .map(|s| s.trim().parse::<u64>().unwrap_or(0))
+        .unwrap_or(0);
+    if free1g == 0 {
+        cfg.mem_size = 1 << 30;
+        let (options, _) = capture_options();
+        let e = Vm::new(&cfg, options).unwrap_err().to_string();
+        assert!(
+            e.contains("1 free huge pages of 1048576 kB are needed") && e.contains("nr_hugepages"),
+            "{e}"
+        );
+    } else {
+        eprintln!("1 GiB huge pages are free here: the no-pages error is not checked");
+    }
+}

@@ -307,15 +307,30 @@ fn per_backing(n: u32, pages: u64) -> Result<Vec<(String, Figure)>, BenchError> 
     };
     let mut variants = vec![
         ("anon, no userfault", MemoryConfig::default()),
-        ("anon, MISSING (UFFDIO_COPY/ZEROPAGE)", mem(MemBackend::Zero, MemBacking::Anon, FaultMode::Missing)),
-        ("memfd, no userfault", mem(MemBackend::Anon, MemBacking::Memfd, FaultMode::Missing)),
-        ("memfd, MISSING (UFFDIO_COPY/ZEROPAGE)", mem(MemBackend::Zero, MemBacking::Memfd, FaultMode::Missing)),
-        ("memfd, MINOR (fallocate + UFFDIO_CONTINUE)", mem(MemBackend::Zero, MemBacking::Memfd, FaultMode::Minor)),
+        (
+            "anon, MISSING (UFFDIO_COPY/ZEROPAGE)",
+            mem(MemBackend::Zero, MemBacking::Anon, FaultMode::Missing),
+        ),
+        (
+            "memfd, no userfault",
+            mem(MemBackend::Anon, MemBacking::Memfd, FaultMode::Missing),
+        ),
+        (
+            "memfd, MISSING (UFFDIO_COPY/ZEROPAGE)",
+            mem(MemBackend::Zero, MemBacking::Memfd, FaultMode::Missing),
+        ),
+        (
+            "memfd, MINOR (fallocate + UFFDIO_CONTINUE)",
+            mem(MemBackend::Zero, MemBacking::Memfd, FaultMode::Minor),
+        ),
     ];
     let huge = MemBacking::Hugetlb(HugePageSize::Size2M);
     let needed = (pages * abi::layout::PAGE_SIZE * 2 + (128 << 20)).next_multiple_of(2 << 20) >> 21;
     if vmm_core::memory::backing::huge_pool(HugePageSize::Size2M).is_some_and(|(_, free)| free >= needed) {
-        variants.push(("hugetlb 2M, no userfault", mem(MemBackend::Anon, huge, FaultMode::Missing)));
+        variants.push((
+            "hugetlb 2M, no userfault",
+            mem(MemBackend::Anon, huge, FaultMode::Missing),
+        ));
     }
     let mut samples: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
     for _ in 0..n.max(1) {
@@ -420,7 +435,10 @@ impl std::fmt::Display for FaultBench {
             self.snapshot_seq_no_fault_around.median_us / self.file_seq_no_fault_around.median_us,
             self.snapshot_seq_fault_around_16.median_us / around16
         )?;
-        writeln!(f, "  per backing, guest rand touch of demand-zero pages, fault-around off (interleaved):")?;
+        writeln!(
+            f,
+            "  per backing, guest rand touch of demand-zero pages, fault-around off (interleaved):"
+        )?;
         for (name, x) in &self.backings {
             row(f, &format!("  {name}"), x)?;
         }
