@@ -87,6 +87,10 @@ pub(crate) enum BenchCommand {
     /// Snapshot restore to running vCPUs for 64 MiB, 1 GiB and 4 GiB guests,
     /// lazily (memory through the retry core) and eagerly.
     Restore(BenchArgs),
+    /// Memory of N = 1, 2, 4, 8 clones of one 1 GiB snapshot (restore
+    /// --lazy --clone; the guest rewrites 16 MiB, reads back 256 MiB)
+    /// against the ideal measured in the same run, and /proc/meminfo deltas.
+    Clones(BenchArgs),
     /// Live migration of a running 1 GiB guest over loopback, post-copy only
     /// and after 3 pre-copy rounds: downtime, total time, page-request
     /// latency p50/p99 during the push.

@@ -11,6 +11,7 @@ pub fn bench(cmd: BenchCommand) -> i32 {
         | BenchCommand::Fault(a)
         | BenchCommand::GuestFault(a)
         | BenchCommand::Restore(a)
+        | BenchCommand::Clones(a)
         | BenchCommand::Migrate { args: a, .. }
         | BenchCommand::All { args: a, .. } => a,
     };
@@ -31,6 +32,7 @@ pub fn bench(cmd: BenchCommand) -> i32 {
         BenchCommand::Restore(a) => {
             vmm::bench::restore(a.repeats, &mut progress).map(|r| print_result(&r, a.json))
         }
+        BenchCommand::Clones(a) => vmm::bench::clones(&mut progress).map(|r| print_result(&r, a.json)),
         BenchCommand::Migrate { args: a, tls } => {
             vmm::bench::migrate_with(a.repeats, *tls, &mut progress).map(|r| print_result(&r, a.json))
         }

@@ -167,8 +167,10 @@ pub fn run(opts: StressOptions, progress: &mut dyn FnMut(&str)) -> Result<Stress
         let plan = plan(opts.seed, index, opts.vcpus);
         run_one(&opts, index, &plan, &mut report)?;
         progress(&format!(
-            "run {index}: {} ({} events) -> {} faults so far, {} errors",
+            "run {index}: {} on {} {} ({} events) -> {} faults so far, {} errors",
             plan.cmdline,
+            plan.backing.0,
+            plan.backing.1,
             plan.schedule.len(),
             report.total_faults(),
             report.integrity_errors.len() + report.stalls.len()
@@ -198,7 +200,8 @@ fn run_one(
         memory: MemoryConfig {
             backend: MemBackend::Zero,
             fault_around: Some(plan.fault_around),
-            ..MemoryConfig::default()
+            backing: plan.backing.0.parse().unwrap_or_default(),
+            fault_mode: plan.backing.1.parse().unwrap_or_default(),
         },
     };
     let source = Arc::new(ChaosSource::new(opts.seed ^ index).map_err(StressError::Source)?);
@@ -408,6 +411,8 @@ fn restore_to_completion(cfg: &VmConfig, dir: &std::path::Path) -> Result<(), St
     let options = VmOptions {
         serial: SerialOutput::Capture(console.clone()),
         timeout: Some(Duration::from_secs(120)),
+        backing: cfg.memory.backing,
+        fault_mode: cfg.memory.fault_mode,
         ..VmOptions::default()
     };
     let how = crate::vm::RestoreOptions {

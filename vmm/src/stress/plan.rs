@@ -36,6 +36,9 @@ pub struct RunPlan {
     pub cmdline: String,
     /// Fault-around window.
     pub fault_around: u32,
+    /// Guest RAM's backing (`anon`, `memfd`) and fault mode (`missing`,
+    /// `minor`), also for the restore of a snapshot taken in the run.
+    pub backing: (String, String),
     /// Injected events, at milliseconds after the start.
     pub schedule: Vec<(u32, StormEvent)>,
 }
@@ -121,9 +124,13 @@ pub fn plan(seed: u64, index: u64, vcpus: u32) -> RunPlan {
         ));
     }
     schedule.sort_by_key(|&(at, _)| at);
+    // Drawn last, so the plans of earlier seeds keep their other choices.
+    let (b, m) = [("anon", "missing"), ("memfd", "missing"), ("memfd", "minor")]
+        [usize::try_from(rng.below(3)).unwrap_or(0)];
     RunPlan {
         cmdline,
         fault_around,
+        backing: (b.into(), m.into()),
         schedule,
     }
 }
