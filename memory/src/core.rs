@@ -52,6 +52,9 @@ pub enum CoreError {
         /// What is wrong.
         why: &'static str,
     },
+    /// The page size is not a power-of-two multiple of the host page.
+    #[error("page size {0} bytes is not a power-of-two multiple of the host page size; use 0 (host pages), 2 MiB or 1 GiB")]
+    BadPageSize(usize),
     /// The fault-around window is not a power of two.
     #[error("fault_around = {0} pages is not a power of two; use 0 (off), 1, 2, 4, ... 512")]
     BadFaultAround(usize),
@@ -135,6 +138,11 @@ pub struct CoreConfig {
     pub fault_around: usize,
     /// What a REMOVE event means.
     pub after_remove: AfterRemove,
+    /// The unit the core tracks, fetches and fills, in bytes: 0 = the host
+    /// page size; a huge page size for hugetlbfs memory, which is filled
+    /// by whole huge pages and has no UFFDIO_ZEROPAGE (zero pages are then
+    /// copies of a zeroed huge page).
+    pub page_size: usize,
 }
 
 impl Default for CoreConfig {
@@ -142,6 +150,7 @@ impl Default for CoreConfig {
         CoreConfig {
             fault_around: 16,
             after_remove: AfterRemove::Zero,
+            page_size: 0,
         }
     }
 }
@@ -317,6 +326,8 @@ pub struct RetryCore {
     counters: Counters,
     /// One zeroed page: the UFFDIO_COPY source of a write fault on a zero page.
     zero_page: Box<[u8]>,
+    /// Huge pages: no UFFDIO_ZEROPAGE, zeros are copied.
+    copy_zeros: bool,
 }
 
 impl RetryCore {
@@ -326,7 +337,12 @@ impl RetryCore {
         source: Arc<dyn PageSource>,
         config: CoreConfig,
     ) -> Result<RetryCore, CoreError> {
-        let ps_usize = crate::page_size();
+        let host = crate::page_size();
+        let ps_usize = match config.page_size {
+            0 => host,
+            p if p.is_power_of_two() && p >= host => p,
+            p => return Err(CoreError::BadPageSize(p)),
+        };
         let ps = ps_usize as u64;
         let bad = |why| CoreError::BadRegion {
             host_base: region.host_base,
@@ -362,6 +378,7 @@ impl RetryCore {
             source,
             counters: Counters::default(),
             zero_page: vec![0u8; ps_usize].into_boxed_slice(),
+            copy_zeros: ps_usize != host,
         })
     }
 
@@ -616,7 +633,7 @@ impl RetryCore {
             hi,
             ResolvedBy::ZeroPage,
             |i| {
-                if write && i == idx {
+                if self.copy_zeros || write && i == idx {
                     return uffd.copy(self.host(i), &self.zero_page, false);
                 }
                 let end = if write && i < idx { idx } else { hi };

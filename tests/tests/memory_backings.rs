@@ -401,18 +401,26 @@ fn hugetlb_2m_boots_and_takes_a_4k_snapshot_eagerly_and_back() {
         MemBacking::Anon,
         FaultMode::Missing,
     );
-    // Lazy serving on huge pages is refused with a way out.
-    let (options, _console) = capture_options();
-    let options = VmOptions {
-        backing: huge,
-        ..options
-    };
+    // Lazily served on huge pages: demand-zero boot (zeros are copied
+    // zeroed huge pages), a lazy restore of the 4 KiB snapshot, both at
+    // huge-page granularity.
+    let mut lazy_cfg = cfg.clone();
+    lazy_cfg.memory.backend = MemBackend::Zero;
+    let run = boot(&lazy_cfg);
+    assert_eq!(run.outcome.end, GuestEnd::Exited(0), "{}", run.console);
+    assert!(matches!(verify_reports(&lazy_cfg, &run.outcome), Ok(Some(_))));
+    let t = run.outcome.memory.unwrap().total;
+    assert!(
+        t.pages_zeroed > 0 && t.pages_zeroed <= 32 && t.fault_around_pages == 0,
+        "{t:?}"
+    );
     let how = RestoreOptions {
         lazy: true,
         ..Default::default()
     };
-    let e = Vm::restore(&b.0, &how, options).unwrap_err().to_string();
-    assert!(e.contains("without --lazy"), "{e}");
+    let out = restore_and_finish(&a.0, &how, huge, FaultMode::Missing);
+    let t = out.memory.unwrap().total;
+    assert!(t.pages_copied > 0 && t.pages_copied <= 32, "2 MiB units: {t:?}");
 }
 
 #[test]

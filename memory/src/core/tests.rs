@@ -57,6 +57,7 @@ impl Direct {
 const OFF: CoreConfig = CoreConfig {
     fault_around: 0,
     after_remove: AfterRemove::Zero,
+    page_size: 0,
 };
 
 #[test]

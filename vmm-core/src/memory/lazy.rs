@@ -118,16 +118,19 @@ impl LazyMemory {
     /// thread (and the prefetch if planned). Call after the VMM's own writes
     /// to guest memory.
     pub fn start(mem: &GuestRam, plan: LazyPlan, sink: EventSink) -> Result<LazyMemory, LazyError> {
-        Self::start_with_mode(mem, plan, sink, RegisterMode::MISSING)
+        Self::start_with_mode(mem, plan, sink, RegisterMode::MISSING, 0)
     }
 
     /// [`LazyMemory::start`] registering with `mode` (MISSING|MINOR for a
-    /// memfd served from its page cache, see `super::backing`).
+    /// memfd served from its page cache, see `super::backing`), the cores
+    /// tracking pages of `page_size` bytes (0: host pages; huge pages on
+    /// hugetlbfs).
     pub fn start_with_mode(
         mem: &GuestRam,
         plan: LazyPlan,
         sink: EventSink,
         mode: RegisterMode,
+        page_size: usize,
     ) -> Result<LazyMemory, LazyError> {
         let backend = plan.source.name().to_owned();
         let uffd = Arc::new(Uffd::for_guest_memory().map_err(|source| LazyError::Uffd {
@@ -136,6 +139,7 @@ impl LazyMemory {
         })?);
         let config = CoreConfig {
             fault_around: plan.fault_around as usize,
+            page_size,
             ..CoreConfig::default()
         };
         let mut cores = Vec::new();

@@ -242,12 +242,15 @@ impl MemoryManager {
         if !matches!(self.backing, Backing::Anon) {
             return Err(MemoryManagerError::AlreadyServed(self.backing.name()));
         }
-        if matches!(self.kind, MemBacking::Hugetlb(_)) {
-            return Err(MemoryManagerError::Layout(format!(
-                "lazily served guest RAM on {} is not supported yet: use --mem-backing memfd, or an eager restore (without --lazy) onto huge pages",
-                self.kind
-            )));
-        }
+        // Huge pages: the cores track, fetch and fill whole huge pages (no
+        // fault-around: one is 512 small pages already).
+        let page_size = match self.kind {
+            MemBacking::Hugetlb(h) => {
+                plan.fault_around = 0;
+                usize::try_from(h.bytes()).unwrap_or(usize::MAX)
+            }
+            _ => 0,
+        };
         let mode = match (self.fault_mode, &self.file) {
             // A clone's source answers from the shared file itself.
             (FaultMode::Minor, Some(_)) if self.clone => ::memory::RegisterMode::MISSING_MINOR,
@@ -257,7 +260,9 @@ impl MemoryManager {
             }
             _ => ::memory::RegisterMode::MISSING,
         };
-        self.backing = Backing::Lazy(LazyMemory::start_with_mode(&self.ram, plan, sink, mode)?);
+        self.backing = Backing::Lazy(LazyMemory::start_with_mode(
+            &self.ram, plan, sink, mode, page_size,
+        )?);
         Ok(())
     }
 
