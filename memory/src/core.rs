@@ -28,7 +28,7 @@
 //! `core/tests.rs`.
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -181,6 +181,29 @@ pub enum ResolvedBy {
     InFlightElsewhere,
 }
 
+/// Who asks for a page: a fault (the guest, or the VMM touching guest
+/// memory) or a prefetch or materialization that fills ahead of the guest.
+/// Only faults are reported to a [`FillObserver`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// A userfault (or a caller standing in for one).
+    Fault,
+    /// A prefetch or a fetch-in-full: not a page the guest touched.
+    Prefetch,
+}
+
+/// Told of every page a fault made present, from the core's resolution path
+/// (the recording of a working set): `pages` host (4 KiB) pages from guest
+/// offset `gpa` were filled by one COPY, ZEROPAGE or CONTINUE (a huge page
+/// counts as its 4 KiB pages), `fault` is the faulting page (the start of the
+/// faulting core page) if it is among them (the others are fault-around
+/// neighbours). Called on the
+/// handler's thread: keep it short.
+pub trait FillObserver: Send + Sync + std::fmt::Debug {
+    /// See the trait documentation.
+    fn filled(&self, gpa: u64, pages: u64, fault: Option<u64>);
+}
+
 /// The result of one attempt at a fault.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FaultOutcome {
@@ -237,6 +260,11 @@ pub struct Stats {
     pub pages_continued: u64,
     /// Of the filled pages, neighbours filled by fault-around.
     pub fault_around_pages: u64,
+    /// Pages filled ahead of any fault by [`RetryCore::prefill`] (a
+    /// working-set prefetch), in `prefill_runs` runs (one fetch and one fill each).
+    pub prefilled_pages: u64,
+    /// Runs of [`RetryCore::prefill`].
+    pub prefill_runs: u64,
     /// `fetch` calls made to the source.
     pub fetches: u64,
     /// Faults on pages already mapped (duplicate events), answered with WAKE.
@@ -275,6 +303,8 @@ struct Counters {
     pages_zeroed: AtomicU64,
     pages_continued: AtomicU64,
     fault_around_pages: AtomicU64,
+    prefilled_pages: AtomicU64,
+    prefill_runs: AtomicU64,
     fetches: AtomicU64,
     already_present: AtomicU64,
     eexist: AtomicU64,
@@ -298,6 +328,8 @@ impl Default for Counters {
             pages_zeroed: z(),
             pages_continued: z(),
             fault_around_pages: z(),
+            prefilled_pages: z(),
+            prefill_runs: z(),
             fetches: z(),
             already_present: z(),
             eexist: z(),
@@ -328,6 +360,8 @@ pub struct RetryCore {
     zero_page: Box<[u8]>,
     /// Huge pages: no UFFDIO_ZEROPAGE, zeros are copied.
     copy_zeros: bool,
+    /// Told of every page a fault fills (set once).
+    observer: OnceLock<Arc<dyn FillObserver>>,
 }
 
 impl RetryCore {
@@ -379,12 +413,26 @@ impl RetryCore {
             counters: Counters::default(),
             zero_page: vec![0u8; ps_usize].into_boxed_slice(),
             copy_zeros: ps_usize != host,
+            observer: OnceLock::new(),
         })
     }
 
     /// The region.
     pub fn region(&self) -> Region {
         self.region
+    }
+
+    /// The size of the pages the core tracks and fills (host pages, or huge
+    /// pages, see [`CoreConfig::page_size`]).
+    pub fn page_size(&self) -> u64 {
+        self.page_size
+    }
+
+    /// Tells `observer` of every page a fault fills from now on (not the
+    /// pages of a prefetch or a materialization, [`Origin::Prefetch`]).
+    /// `false` if an observer was set already (there is one per core).
+    pub fn observe(&self, observer: Arc<dyn FillObserver>) -> bool {
+        self.observer.set(observer).is_ok()
     }
 
     /// The page source.
@@ -460,15 +508,21 @@ impl RetryCore {
     /// fault (about 25 us per fault on this platform, see docs/retry-core.md).
     /// Fault-around neighbours are still mapped to the zero page.
     pub fn resolve_access(&self, uffd: &Uffd, addr: u64, write: bool) -> FaultOutcome {
+        self.resolve_from(uffd, addr, write, Origin::Fault)
+    }
+
+    /// [`RetryCore::resolve_access`] on behalf of `origin`: the fills of an
+    /// [`Origin::Prefetch`] are not reported to the observer.
+    pub fn resolve_from(&self, uffd: &Uffd, addr: u64, write: bool, origin: Origin) -> FaultOutcome {
         bump(&self.counters.attempts, 1);
-        let out = self.resolve_inner(uffd, addr, write);
+        let out = self.resolve_inner(uffd, addr, write, origin);
         if matches!(out, FaultOutcome::Failed(_)) {
             bump(&self.counters.failures, 1);
         }
         out
     }
 
-    fn resolve_inner(&self, uffd: &Uffd, addr: u64, write: bool) -> FaultOutcome {
+    fn resolve_inner(&self, uffd: &Uffd, addr: u64, write: bool, origin: Origin) -> FaultOutcome {
         let Some(idx) = self.index(addr) else {
             return FaultOutcome::Failed(FaultError::OutOfRegion { addr });
         };
@@ -501,7 +555,7 @@ impl RetryCore {
                 }
                 PageState::Removed if self.config.after_remove == AfterRemove::Zero => {
                     if self.claim(idx, PageState::Removed) {
-                        return self.fill_zero(uffd, idx, idx, idx + 1, write);
+                        return self.fill_zero(uffd, idx, idx, idx + 1, write, origin);
                     }
                 }
                 PageState::Removed => {
@@ -514,7 +568,7 @@ impl RetryCore {
                 }
                 PageState::Missing => {
                     if self.claim(idx, PageState::Missing) {
-                        return self.fetch_and_fill(uffd, idx, self.source.bulk_cheap(), write);
+                        return self.fetch_and_fill(uffd, idx, self.source.bulk_cheap(), write, origin);
                     }
                 }
             }
@@ -541,7 +595,14 @@ impl RetryCore {
         (lo, hi)
     }
 
-    fn fetch_and_fill(&self, uffd: &Uffd, idx: usize, around: bool, write: bool) -> FaultOutcome {
+    fn fetch_and_fill(
+        &self,
+        uffd: &Uffd,
+        idx: usize,
+        around: bool,
+        write: bool,
+        origin: Origin,
+    ) -> FaultOutcome {
         let (lo, hi) = if around {
             self.claim_run(idx)
         } else {
@@ -551,14 +612,14 @@ impl RetryCore {
         let mut buf = vec![0u8; (hi - lo) * ps];
         bump(&self.counters.fetches, 1);
         match self.source.fetch(self.guest(lo), &mut buf) {
-            FetchOutcome::Ready => self.fill_copy(uffd, idx, lo, hi, &buf),
-            FetchOutcome::Zero => self.fill_zero(uffd, idx, lo, hi, write),
-            FetchOutcome::Cached => self.fill_continue(uffd, idx, lo, hi),
+            FetchOutcome::Ready => self.fill_copy(uffd, idx, lo, hi, &buf, Fill::Fault(origin)),
+            FetchOutcome::Zero => self.fill_zero(uffd, idx, lo, hi, write, origin),
+            FetchOutcome::Cached => self.fill_continue(uffd, idx, lo, hi, Fill::Fault(origin)),
             FetchOutcome::Split => {
                 self.set(lo..hi, PageState::Missing);
                 if hi - lo > 1 {
                     if self.claim(idx, PageState::Missing) {
-                        return self.fetch_and_fill(uffd, idx, false, write);
+                        return self.fetch_and_fill(uffd, idx, false, write, origin);
                     }
                     // Claimed by another attempt since: its fill wakes this fault.
                     return FaultOutcome::Resolved {
@@ -579,7 +640,7 @@ impl RetryCore {
                 self.set(lo..hi, PageState::Missing);
                 if hi - lo > 1 && self.claim(idx, PageState::Missing) {
                     // A neighbour may be the one not ready: the faulting page alone.
-                    return self.fetch_and_fill(uffd, idx, false, write);
+                    return self.fetch_and_fill(uffd, idx, false, write, origin);
                 }
                 FaultOutcome::Retry(reason)
             }
@@ -587,7 +648,7 @@ impl RetryCore {
                 self.set(lo..hi, PageState::Missing);
                 if hi - lo > 1 && self.claim(idx, PageState::Missing) {
                     // A neighbour may be the bad one: the faulting page alone.
-                    return self.fetch_and_fill(uffd, idx, false, write);
+                    return self.fetch_and_fill(uffd, idx, false, write, origin);
                 }
                 FaultOutcome::Failed(FaultError::Source {
                     guest_addr: self.guest(idx),
@@ -599,13 +660,22 @@ impl RetryCore {
         }
     }
 
-    fn fill_copy(&self, uffd: &Uffd, idx: usize, lo: usize, hi: usize, buf: &[u8]) -> FaultOutcome {
+    fn fill_copy(
+        &self,
+        uffd: &Uffd,
+        idx: usize,
+        lo: usize,
+        hi: usize,
+        buf: &[u8],
+        kind: Fill,
+    ) -> FaultOutcome {
         let ps = self.ps;
         self.fill(
             idx,
             lo,
             hi,
             ResolvedBy::Copy,
+            kind,
             |i| uffd.copy(self.host(i), &buf[(i - lo) * ps..], false),
             uffd,
         )
@@ -613,12 +683,13 @@ impl RetryCore {
 
     /// Maps `[lo, hi)` from the page cache (UFFDIO_CONTINUE): the source
     /// answered `Cached`, the data is in the shmem file already.
-    fn fill_continue(&self, uffd: &Uffd, idx: usize, lo: usize, hi: usize) -> FaultOutcome {
+    fn fill_continue(&self, uffd: &Uffd, idx: usize, lo: usize, hi: usize, kind: Fill) -> FaultOutcome {
         self.fill(
             idx,
             lo,
             hi,
             ResolvedBy::Continue,
+            kind,
             |i| uffd.continue_range(self.host(i), (hi - i) as u64 * self.page_size, false),
             uffd,
         )
@@ -626,12 +697,33 @@ impl RetryCore {
 
     /// Zero-fills `[lo, hi)`; with `write`, page `idx` by a copy of a zeroed
     /// page (see [`RetryCore::resolve_access`]) and its neighbours by ZEROPAGE.
-    fn fill_zero(&self, uffd: &Uffd, idx: usize, lo: usize, hi: usize, write: bool) -> FaultOutcome {
+    fn fill_zero(
+        &self,
+        uffd: &Uffd,
+        idx: usize,
+        lo: usize,
+        hi: usize,
+        write: bool,
+        origin: Origin,
+    ) -> FaultOutcome {
+        self.fill_zero_as(uffd, idx, lo, hi, write, Fill::Fault(origin))
+    }
+
+    fn fill_zero_as(
+        &self,
+        uffd: &Uffd,
+        idx: usize,
+        lo: usize,
+        hi: usize,
+        write: bool,
+        kind: Fill,
+    ) -> FaultOutcome {
         self.fill(
             idx,
             lo,
             hi,
             ResolvedBy::ZeroPage,
+            kind,
             |i| {
                 if self.copy_zeros || write && i == idx {
                     return uffd.copy(self.host(i), &self.zero_page, false);
@@ -647,15 +739,29 @@ impl RetryCore {
     /// with `op(i)` (which returns the bytes it filled from page `i`, at least
     /// one page), skipping pages the kernel already has. Every filled or found
     /// page becomes Present; the rest go back to Missing.
+    #[allow(clippy::too_many_arguments)]
     fn fill(
         &self,
         idx: usize,
         lo: usize,
         hi: usize,
         by: ResolvedBy,
+        kind: Fill,
         op: impl Fn(usize) -> Result<usize, CopyError>,
         uffd: &Uffd,
     ) -> FaultOutcome {
+        let observer = match kind {
+            Fill::Fault(Origin::Fault) => self.observer.get(),
+            _ => None,
+        };
+        // Observers count 4 KiB (host) pages, whatever the core's page size.
+        let per_page = (self.ps / crate::page_size()).max(1) as u64;
+        let note = |i: usize, k: usize| {
+            if let Some(o) = observer {
+                let fault = (i..i + k).contains(&idx).then(|| self.guest(idx));
+                o.filled(self.guest(i), k as u64 * per_page, fault);
+            }
+        };
         let ps = self.ps;
         let mut i = lo;
         let mut filled = 0usize;
@@ -668,6 +774,7 @@ impl RetryCore {
                 Ok(n) => {
                     let k = (n / ps).clamp(1, hi - i);
                     self.set(i..i + k, PageState::Present);
+                    note(i, k);
                     filled += k;
                     if (i..i + k).contains(&idx) {
                         fault_done = true;
@@ -680,6 +787,7 @@ impl RetryCore {
                     bump(&self.counters.eagain, 1);
                     let k = (copied / ps).min(hi - i);
                     self.set(i..i + k, PageState::Present);
+                    note(i, k);
                     filled += k;
                     if (i..i + k).contains(&idx) {
                         fault_done = true;
@@ -722,10 +830,14 @@ impl RetryCore {
             _ => &self.counters.pages_zeroed,
         };
         // pages_* last: tests wait on them to know the attempt is fully counted.
-        bump(
-            &self.counters.fault_around_pages,
-            (filled - usize::from(own)) as u64,
-        );
+        if matches!(kind, Fill::Prefill) {
+            bump(&self.counters.prefilled_pages, filled as u64);
+        } else {
+            bump(
+                &self.counters.fault_around_pages,
+                (filled - usize::from(own)) as u64,
+            );
+        }
         bump(counter, filled as u64);
         match result {
             Some(r) if !fault_done => r,
@@ -742,11 +854,22 @@ impl RetryCore {
     /// keep waiting, e.g. after checking a stop flag). `MappingChanged` is
     /// retried after 1 ms: someone else must be reading the uffd events.
     pub fn resolve_waiting(&self, uffd: &Uffd, addr: u64, deadline: Instant) -> FaultReport {
+        self.resolve_waiting_from(uffd, addr, deadline, Origin::Fault)
+    }
+
+    /// [`RetryCore::resolve_waiting`] on behalf of `origin` (see [`Origin`]).
+    pub fn resolve_waiting_from(
+        &self,
+        uffd: &Uffd,
+        addr: u64,
+        deadline: Instant,
+        origin: Origin,
+    ) -> FaultReport {
         let start = Instant::now();
         let mut retries = 0u32;
         loop {
             let seen = self.source.notifier().generation();
-            let outcome = self.resolve(uffd, addr);
+            let outcome = self.resolve_from(uffd, addr, false, origin);
             let reason = match outcome {
                 FaultOutcome::Retry(r) => r,
                 FaultOutcome::Resolved { .. } => {
@@ -800,6 +923,85 @@ impl RetryCore {
         self.counters.latency.record_duration(latency);
     }
 
+    /// Fills the Missing pages of the `pages` pages (of the core's page size)
+    /// from host address `host`
+    /// ahead of any fault (a working-set prefetch): each run of pages it can
+    /// claim is fetched with one `fetch` and mapped with one COPY (or
+    /// ZEROPAGE), at most [`PREFILL_RUN_MAX`] pages a run. Pages present, in
+    /// flight or removed are skipped; a run the source cannot give now
+    /// (`Retry`) is left to the faults. Returns the pages filled; a source
+    /// failure ends it (nothing was zero-filled). Not reported to the
+    /// observer: these are not pages the guest touched.
+    pub fn prefill(&self, uffd: &Uffd, host: u64, pages: usize) -> Result<usize, FaultError> {
+        let Some(first) = self.index(host) else {
+            return Err(FaultError::OutOfRegion { addr: host });
+        };
+        let end = first.saturating_add(pages).min(self.states.len());
+        let mut filled = 0;
+        let mut i = first;
+        // At most PREFILL_RUN_MAX 4 KiB pages (1 MiB) a run, at least one page
+        // (huge pages: one a run).
+        let run_max = (PREFILL_RUN_MAX * crate::page_size() / self.ps).max(1);
+        // Pages before this one are fetched one a run: the source split a run.
+        let mut single_until = first;
+        while i < end {
+            if !self.claim(i, PageState::Missing) {
+                i += 1;
+                continue;
+            }
+            let max = if i < single_until { 1 } else { run_max };
+            let mut j = i + 1;
+            while j < end && j - i < max && self.claim(j, PageState::Missing) {
+                j += 1;
+            }
+            let mut buf = vec![0u8; (j - i) * self.ps];
+            bump(&self.counters.fetches, 1);
+            bump(&self.counters.prefill_runs, 1);
+            let out = match self.source.fetch(self.guest(i), &mut buf) {
+                FetchOutcome::Ready => self.fill_copy(uffd, i, i, j, &buf, Fill::Prefill),
+                FetchOutcome::Zero => self.fill_zero_as(uffd, i, i, j, false, Fill::Prefill),
+                FetchOutcome::Cached => self.fill_continue(uffd, i, i, j, Fill::Prefill),
+                FetchOutcome::Split if j - i > 1 => {
+                    // Fetch these pages again one by one.
+                    self.set(i..j, PageState::Missing);
+                    single_until = j;
+                    continue;
+                }
+                FetchOutcome::Split => {
+                    self.set(i..j, PageState::Missing);
+                    return Err(FaultError::Source {
+                        guest_addr: self.guest(i),
+                        host_addr: self.host(i),
+                        source_name: self.source.name().to_owned(),
+                        source: SourceError::Unsplittable { offset: self.guest(i) },
+                    });
+                }
+                FetchOutcome::Retry(_) => {
+                    self.set(i..j, PageState::Missing);
+                    i = j;
+                    continue;
+                }
+                FetchOutcome::Failed(e) => {
+                    self.set(i..j, PageState::Missing);
+                    return Err(FaultError::Source {
+                        guest_addr: self.guest(i),
+                        host_addr: self.host(i),
+                        source_name: self.source.name().to_owned(),
+                        source: e,
+                    });
+                }
+            };
+            match out {
+                FaultOutcome::Resolved { pages, .. } => filled += pages,
+                FaultOutcome::Failed(e) => return Err(e),
+                // A REMOVE is being delivered: leave the rest to the faults.
+                FaultOutcome::Retry(_) => {}
+            }
+            i = j;
+        }
+        Ok(filled)
+    }
+
     /// Applies a REMOVE event: pages of `[start, end)` in this region are gone.
     pub fn handle_remove(&self, start: u64, end: u64) {
         let lo = start.max(self.region.host_base);
@@ -836,6 +1038,8 @@ impl RetryCore {
             pages_zeroed: g(&c.pages_zeroed),
             pages_continued: g(&c.pages_continued),
             fault_around_pages: g(&c.fault_around_pages),
+            prefilled_pages: g(&c.prefilled_pages),
+            prefill_runs: g(&c.prefill_runs),
             fetches: g(&c.fetches),
             already_present: g(&c.already_present),
             eexist: g(&c.eexist),
@@ -846,6 +1050,18 @@ impl RetryCore {
             latency_us_log2: c.latency.buckets(),
         }
     }
+}
+
+/// Most 4 KiB pages [`RetryCore::prefill`] fetches and fills at once (1 MiB;
+/// with huge pages, one huge page a run).
+pub const PREFILL_RUN_MAX: usize = 256;
+
+/// What a fill is for: a fault (counted as such, its fault-around
+/// neighbours included) or a prefill.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fill {
+    Fault(Origin),
+    Prefill,
 }
 
 #[cfg(test)]

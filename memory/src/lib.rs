@@ -38,6 +38,7 @@ pub mod handler;
 pub mod histogram;
 pub mod mmap;
 pub mod page_cache;
+pub mod record;
 pub mod source;
 pub mod uffd;
 
@@ -47,8 +48,8 @@ mod testutil;
 
 pub use crate::affinity::{colocation_cpu, current_cpu, pin_current_thread};
 pub use crate::core::{
-    AfterRemove, CoreConfig, CoreError, FaultError, FaultOutcome, FaultReport, PageState, Region, ResolvedBy,
-    RetryCore, Stats,
+    AfterRemove, CoreConfig, CoreError, FaultError, FaultOutcome, FaultReport, FillObserver, Origin,
+    PageState, Region, ResolvedBy, RetryCore, Stats, PREFILL_RUN_MAX,
 };
 pub use crate::handler::{
     BlockedFault, EventHook, FaultHandler, HandlerControl, HandlerError, HandlerEvent, HandlerGroup,
@@ -57,6 +58,7 @@ pub use crate::handler::{
 pub use crate::histogram::{AtomicLog2Histogram, Log2Histogram};
 pub use crate::mmap::{memfd, AnonMapping, MemfdMapping};
 pub use crate::page_cache::{PageCacheSource, Resident, SharedFileSource};
+pub use crate::record::{FillRecorder, RecordedPage};
 pub use crate::source::{
     FetchOutcome, FileSource, Notifier, PageSource, RetryReason, Rule, SourceError, Subscription, TestSource,
     ZeroSource,

@@ -25,6 +25,7 @@ use devices::GuestRam;
 use kvm_bindings::{kvm_mp_state, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE};
 use kvm_ioctls::{VcpuFd, VmFd};
 use persist::Persist;
+use sandbox::SeccompMode;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -142,12 +143,16 @@ pub struct BuildOptions {
     /// A restored VM's RAM is a private mapping of this shared snapshot
     /// memory (a clone, see [`MemoryManager::clone_of`]).
     pub shared_ram: Option<memory::SharedRam>,
+    /// How the VM's threads (vCPUs, fault handler, prefetch, page store)
+    /// are sandboxed; each installs its filter before it does anything.
+    pub seccomp: SeccompMode,
 }
 
 impl std::fmt::Debug for BuildOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BuildOptions")
             .field("serial", &self.serial)
+            .field("seccomp", &self.seccomp)
             .finish_non_exhaustive()
     }
 }
@@ -176,7 +181,10 @@ pub struct Vm {
     tsc_khz: Option<u32>,
     /// The CPU vCPU 0 and the fault handler share (a lone vCPU with lazy memory).
     fault_cpu: Option<usize>,
-    msrs: Option<Arc<Vec<u32>>>,
+    /// The MSRs a state capture saves, listed while building (on /dev/kvm,
+    /// which the controller's sandbox does not open).
+    msrs: Arc<Vec<u32>>,
+    seccomp: SeccompMode,
 }
 
 impl std::fmt::Debug for Vm {
@@ -213,6 +221,7 @@ impl Vm {
         };
 
         let kvm = kvm::open_kvm()?;
+        let msrs = Arc::new(msr_index_list(&kvm).map_err(VmError::Msrs)?);
         let vm_fd = Arc::new(kvm::create_vm(&kvm)?);
         // vCPUs first: the boot information carries their TSC frequency.
         let supported = kvm
@@ -284,13 +293,13 @@ impl Vm {
                     memory::plan_for_backend(&config.memory.backend, fault_around, config.mem_size)?
                 {
                     plan.handler_cpu = colocate;
-                    mm.serve_lazily(plan, options.sink.clone())?;
+                    mm.serve_lazily(plan, options.sink.clone(), options.seccomp)?;
                 }
             }
             MemoryPlan::Fill(fill) => fill(mm.ram()).map_err(VmError::Fill)?,
             MemoryPlan::Lazy(mut plan) => {
                 plan.handler_cpu = plan.handler_cpu.or(colocate);
-                mm.serve_lazily(plan, options.sink.clone())?;
+                mm.serve_lazily(plan, options.sink.clone(), options.seccomp)?;
             }
             MemoryPlan::External => {
                 mm.serve_externally()?;
@@ -311,7 +320,8 @@ impl Vm {
             created,
             tsc_khz,
             fault_cpu,
-            msrs: None,
+            msrs,
+            seccomp: options.seccomp,
         };
         match boot {
             Boot::Kernel => vm.boot_registers(entry)?,
@@ -328,6 +338,7 @@ impl Vm {
             sink: self.sink.clone(),
             serial: self.serial.clone(),
             first_output: self.first_output.clone(),
+            seccomp: self.seccomp,
         }
     }
 
@@ -395,7 +406,14 @@ impl Vm {
             let sink = self.sink.clone();
             Arc::new(move |s| sink(VmEvent::VcpuStopped(s)))
         };
-        let vcpus = Vcpus::spawn(fds, devices.bus(), self.started.clone(), on_stop, self.fault_cpu)?;
+        let vcpus = Vcpus::spawn(
+            fds,
+            devices.bus(),
+            self.started.clone(),
+            on_stop,
+            self.fault_cpu,
+            self.seccomp,
+        )?;
         self.vcpus = VcpuSet::Running(vcpus);
         Ok(())
     }
@@ -486,14 +504,7 @@ impl Vm {
     /// Captures the VM's state (not memory contents). The vCPUs must be
     /// paused and the devices paused ([`pause_devices`](Self::pause_devices)).
     pub fn save_state(&mut self) -> Result<VmState, VmError> {
-        let msrs = match &self.msrs {
-            Some(m) => m.clone(),
-            None => {
-                let m = Arc::new(msr_index_list().map_err(VmError::Msrs)?);
-                self.msrs = Some(m.clone());
-                m
-            }
-        };
+        let msrs = self.msrs.clone();
         let vcpus = self.running()?.save_states(&msrs)?;
         let devices = self
             .devices
@@ -605,6 +616,11 @@ impl Vm {
     /// The guest's TSC frequency in kHz.
     pub fn tsc_khz(&self) -> Option<u32> {
         self.tsc_khz
+    }
+
+    /// How the VM's threads are sandboxed.
+    pub fn seccomp(&self) -> SeccompMode {
+        self.seccomp
     }
 }
 

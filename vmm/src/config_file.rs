@@ -1,7 +1,10 @@
 //! The TOML configuration file of `vmm run --config FILE` and the built-in
 //! defaults (`resources/vm.toml`): every field optional, flags override it,
 //! and the result goes through the one typed door, [`VmConfig::validate`].
+//! `seccomp` is a run-time option, not part of the VM's configuration
+//! ([`ConfigFile::seccomp`]).
 
+use sandbox::SeccompMode;
 use serde::Deserialize;
 use std::path::PathBuf;
 use vmm_core::config::{
@@ -50,6 +53,8 @@ pub struct ConfigFile {
     pub mem_backing: Option<String>,
     /// Fault mode (`"missing"`, `"minor"`).
     pub fault_mode: Option<String>,
+    /// The sandbox: `"kill"`, `"log"` or `"off"` (`docs/seccomp.md`).
+    pub seccomp: Option<SeccompMode>,
 }
 
 impl ConfigFile {
@@ -83,7 +88,13 @@ impl ConfigFile {
             fault_around: other.fault_around.or(self.fault_around),
             mem_backing: other.mem_backing.or(self.mem_backing),
             fault_mode: other.fault_mode.or(self.fault_mode),
+            seccomp: other.seccomp.or(self.seccomp),
         }
+    }
+
+    /// The sandbox mode asked for, if any.
+    pub fn seccomp(&self) -> Option<SeccompMode> {
+        self.seccomp
     }
 
     /// The built-in defaults.
@@ -163,5 +174,27 @@ mod tests {
         assert_eq!((m.backend, m.fault_around), (MemBackend::Zero, Some(4)));
         let f = ConfigFile::parse("mem_backend = \"disk\"", "t").unwrap();
         assert!(matches!(f.memory(), Err(ConfigError::BadMemBackend(_))));
+    }
+
+    #[test]
+    fn the_sandbox_mode_comes_from_the_file_unless_a_flag_says_otherwise() {
+        assert_eq!(
+            ConfigFile::defaults().seccomp(),
+            None,
+            "the default is the process's"
+        );
+        let f = ConfigFile::parse("seccomp = \"log\"", "t").unwrap();
+        assert_eq!(f.seccomp(), Some(SeccompMode::Log));
+        let flags = ConfigFile {
+            seccomp: Some(SeccompMode::Off),
+            ..ConfigFile::default()
+        };
+        assert_eq!(f.clone().overridden_by(flags).seccomp(), Some(SeccompMode::Off));
+        assert_eq!(
+            f.overridden_by(ConfigFile::default()).seccomp(),
+            Some(SeccompMode::Log)
+        );
+        let e = ConfigFile::parse("seccomp = \"strict\"", "t").unwrap_err();
+        assert!(e.to_string().contains("kill"), "{e}");
     }
 }

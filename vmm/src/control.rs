@@ -14,6 +14,7 @@
 use crate::controller::VmHandle;
 use crate::migration::{Endpoint, MigrateOptions, Security, TlsFiles};
 use crate::snapshot::AfterSnapshot;
+use sandbox::ThreadClass;
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::FileTypeExt;
@@ -123,6 +124,9 @@ pub enum Request {
         /// for it (`recover`).
         #[serde(default)]
         resume: bool,
+        /// The background push's order: `address` (default) or `recency`.
+        #[serde(default)]
+        push_order: crate::migration::PushOrder,
     },
     /// Destination whose source was lost mid post-copy: listen at `from`
     /// for the source to resume the migration (answered once listening).
@@ -153,6 +157,9 @@ pub enum Request {
         /// The new handler's socket.
         path: PathBuf,
     },
+    /// End the working-set recording window and write the file.
+    #[serde(alias = "working-set-end")]
+    WorkingSetEnd {},
 }
 
 /// A response.
@@ -197,7 +204,7 @@ pub enum DecodeError {
     #[error("request is not UTF-8")]
     NotUtf8,
     /// Not a request of this protocol.
-    #[error("bad request: {0}; send one JSON object per line, e.g. {{\"cmd\":\"pause\"}} (cmd: pause, resume, stats, snapshot, migrate, recover, attach_handler)")]
+    #[error("bad request: {0}; send one JSON object per line, e.g. {{\"cmd\":\"pause\"}} (cmd: pause, resume, stats, snapshot, migrate, recover, attach_handler, working_set_end)")]
     Json(#[source] serde_json::Error),
 }
 
@@ -210,16 +217,34 @@ pub fn decode(line: &[u8]) -> Result<Request, DecodeError> {
     serde_json::from_str(text.trim()).map_err(DecodeError::Json)
 }
 
+/// The first path of `req` that is not absolute, and what it names.
+/// Relative to what? The VMM's working directory is no answer: every path a
+/// request names (a snapshot directory, a handler's socket, a Unix
+/// migration address) must be absolute (`vmm ctl` resolves relative paths
+/// itself).
+fn relative_path(req: &Request) -> Option<(&'static str, PathBuf)> {
+    let unix = |addr: &str| {
+        addr.strip_prefix("unix:")
+            .map(PathBuf::from)
+            .filter(|p| !p.as_os_str().is_empty())
+    };
+    let (what, path) = match req {
+        Request::Snapshot { to, .. } => ("snapshot directory", Some(to.clone())),
+        Request::AttachHandler { path } => ("handler socket", Some(path.clone())),
+        Request::Migrate { to, .. } => ("migration socket", unix(to)),
+        Request::Recover { from, .. } => ("migration socket", unix(from)),
+        Request::Pause {} | Request::Resume {} | Request::Stats {} | Request::WorkingSetEnd {} => ("", None),
+    };
+    path.filter(|p| !p.is_absolute()).map(|p| (what, p))
+}
+
 /// Carries out a request on the VM.
 pub fn execute(vm: &VmHandle, req: &Request) -> Response {
-    if let Request::Snapshot { to, .. } = req {
-        // Relative to what? The VMM's working directory is no answer.
-        if !to.is_absolute() {
-            return Response::err(format!(
-                "snapshot directory `{}` is not an absolute path; give one (vmm ctl resolves relative paths itself)",
-                to.display()
-            ));
-        }
+    if let Some((what, path)) = relative_path(req) {
+        return Response::err(format!(
+            "{what} `{}` is not an absolute path; give one (vmm ctl resolves relative paths itself)",
+            path.display()
+        ));
     }
     let json = |v: Result<serde_json::Value, serde_json::Error>| match v {
         Ok(v) => Response::ok(v),
@@ -255,6 +280,7 @@ pub fn execute(vm: &VmHandle, req: &Request) -> Response {
             tls_peer,
             tls_psk,
             insecure_plain_tcp,
+            push_order,
         } => {
             if *push_delay_ms > MAX_PUSH_DELAY_MS {
                 return Response::err(format!(
@@ -280,12 +306,17 @@ pub fn execute(vm: &VmHandle, req: &Request) -> Response {
                 precopy_rounds: *precopy_rounds,
                 resume: *resume,
                 security,
+                push_order: *push_order,
             };
             match vm.migrate(&to, &options) {
                 Ok(summary) => json(serde_json::to_value(summary)),
                 Err(e) => Response::err(e.to_string()),
             }
         }
+        Request::WorkingSetEnd {} => match vm.working_set_end() {
+            Ok(info) => json(serde_json::to_value(info)),
+            Err(e) => Response::err(e.to_string()),
+        },
         Request::AttachHandler { path } => match vm.attach_handler(path) {
             Ok(info) => json(serde_json::to_value(info)),
             Err(e) => Response::err(e.to_string()),
@@ -374,10 +405,14 @@ impl ControlServer {
             .map_err(io_err(path, "setting non-blocking mode"))?;
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("vmm-control".into())
-            .spawn(move || serve(&listener, &vm, &s))
-            .map_err(io_err(path, "starting the server thread"))?;
+        let mode = vm.seccomp();
+        let thread = sandbox::spawn(
+            std::thread::Builder::new().name("vmm-control".into()),
+            ThreadClass::ControlServer,
+            mode,
+            move || serve(&listener, &vm, &s),
+        )
+        .map_err(|e| io_err(path, "starting the server thread")(e.into()))?;
         Ok(ControlServer {
             path: path.to_owned(),
             stop,
@@ -417,13 +452,17 @@ fn serve(listener: &UnixListener, vm: &VmHandle, stop: &AtomicBool) {
                 let count = clients.clone();
                 count.fetch_add(1, Ordering::AcqRel);
                 // One thread per client (at most MAX_CLIENTS): a slow client
-                // does not block others.
-                let spawned = std::thread::Builder::new()
-                    .name("vmm-control-client".into())
-                    .spawn(move || {
+                // does not block others. Sandboxed like this thread, whose
+                // filter it inherits.
+                let spawned = sandbox::spawn(
+                    std::thread::Builder::new().name("vmm-control-client".into()),
+                    ThreadClass::ControlClient,
+                    sandbox::inherited_mode(),
+                    move || {
                         serve_client(stream, &vm);
                         count.fetch_sub(1, Ordering::AcqRel);
-                    });
+                    },
+                );
                 if let Err(e) = spawned {
                     clients.fetch_sub(1, Ordering::AcqRel);
                     tracing::warn!("control socket: cannot serve a client: {e}");
@@ -621,6 +660,33 @@ mod tests {
                 m.truncate((x >> 8) as usize % m.len());
             }
             let _ = decode(&m);
+        }
+    }
+
+    #[test]
+    fn every_path_a_request_names_must_be_absolute() {
+        let rel = [
+            r#"{"cmd":"snapshot","to":"snap"}"#,
+            r#"{"cmd":"snapshot","to":""}"#,
+            r#"{"cmd":"attach_handler","path":"h.sock"}"#,
+            r#"{"cmd":"attach_handler","path":""}"#,
+            r#"{"cmd":"migrate","to":"unix:dst.sock"}"#,
+            r#"{"cmd":"recover","from":"unix:./src.sock"}"#,
+        ];
+        for r in rel {
+            let (_, p) = relative_path(&decode_ok(r.as_bytes())).unwrap_or_else(|| panic!("{r}"));
+            assert!(!p.is_absolute(), "{r}");
+        }
+        let ok = [
+            r#"{"cmd":"snapshot","to":"/s"}"#,
+            r#"{"cmd":"attach_handler","path":"/run/h.sock"}"#,
+            r#"{"cmd":"migrate","to":"unix:/run/dst.sock"}"#,
+            r#"{"cmd":"migrate","to":"tcp:127.0.0.1:4444"}"#,
+            r#"{"cmd":"recover","from":"unix:/run/src.sock"}"#,
+            r#"{"cmd":"stats"}"#,
+        ];
+        for r in ok {
+            assert!(relative_path(&decode_ok(r.as_bytes())).is_none(), "{r}");
         }
     }
 

@@ -8,16 +8,18 @@ use crate::controller::{
 };
 use crate::snapshot::shared::{SharedError, SharedMemory};
 use crate::snapshot::source::SnapshotSource;
-use crate::snapshot::{Snapshot, SnapshotError, SnapshotKey};
+use crate::snapshot::working_set::{Recording, WorkingSet, WorkingSetError, WORKING_SET};
+use crate::snapshot::{Hasher, Snapshot, SnapshotError, SnapshotKey};
 use crate::state::{ControllerState, SavedVm};
-use crate::uffd_handler::{self, HandlerLink, LostHook, UffdHandlerError};
+use crate::uffd_handler::{self, HandlerLink, Launcher, LostHook, UffdHandlerError};
 use devices::serial::SerialOutput;
+use sandbox::SeccompMode;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vmm_core::config::{ConfigError, FaultMode, MemBackend, MemBacking, MemoryConfig, VmConfig};
-use vmm_core::memory::{self, LazyPlan, Materializer, MemoryManagerError};
+use vmm_core::memory::{self, LazyPlan, Materializer, MemoryManagerError, PagePrefetch};
 use vmm_core::{Boot, BuildOptions, EventSink, MemoryEvent, MemoryPlan, VmEvent};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -51,6 +53,15 @@ pub enum VmError {
     /// The page source of a lazy restore cannot be opened.
     #[error("cannot open the snapshot's memory file: {0}")]
     Source(#[from] ::memory::SourceError),
+    /// A working set cannot be read or recorded.
+    #[error(transparent)]
+    WorkingSet(#[from] WorkingSetError),
+    /// A working set needs a lazy restore.
+    #[error("a working set is recorded or prefetched by a lazy restore only: add --lazy")]
+    WorkingSetNeedsLazy,
+    /// `--record-working-set` on memory that is not served lazily.
+    #[error("--record-working-set needs lazily served memory: use --mem-backend zero or file:PATH")]
+    RecordWithoutLazyMemory,
     /// A custom page source for memory that is not served lazily.
     #[error("a custom page source needs lazily served memory: set memory.backend to zero or file:PATH")]
     SourceWithoutLazyMemory,
@@ -80,6 +91,9 @@ pub struct VmOptions {
     /// Serve lazily backed memory from this source instead of the backend's
     /// own (tests hold, delay or fail pages with `memory::TestSource`).
     pub page_source: Option<CustomSource>,
+    /// How the VM's threads are sandboxed (`docs/seccomp.md`); the default
+    /// is `kill`, or what `VMM_SECCOMP` says.
+    pub seccomp: SeccompMode,
     /// The snapshot key: snapshots this VM writes are authenticated with it,
     /// and a restore checks its snapshot with it (`--snapshot-key FILE`).
     pub snapshot_key: Option<SnapshotKey>,
@@ -88,6 +102,12 @@ pub struct VmOptions {
     pub backing: MemBacking,
     /// How its lazily served pages are resolved (`--fault-mode`).
     pub fault_mode: FaultMode,
+    /// A plain run over lazily backed memory: record its working set into
+    /// this file (bound to no snapshot; `vmm run --record-working-set FILE`).
+    pub record_working_set: Option<PathBuf>,
+    /// When the guest reaches its checkpoint (the `faas` workload's
+    /// `CHECKPOINT` request): snapshot to this directory and end the run.
+    pub snapshot_at_checkpoint: Option<PathBuf>,
 }
 
 /// A page source given at run time (see [`VmOptions::page_source`]).
@@ -109,9 +129,12 @@ impl Default for VmOptions {
             shutdown_signals: false,
             page_source: None,
             on_memory_fault: MemoryFaultPolicy::End,
+            seccomp: SeccompMode::process_default(),
             snapshot_key: None,
             backing: MemBacking::Anon,
             fault_mode: FaultMode::Missing,
+            record_working_set: None,
+            snapshot_at_checkpoint: None,
         }
     }
 }
@@ -122,8 +145,17 @@ pub struct RestoreOptions {
     /// Serve memory lazily from the snapshot's memory file through the retry
     /// core (each extent checked on first use) instead of copying it in.
     pub lazy: bool,
-    /// With `lazy`: a background thread fetches the remaining pages.
+    /// With `lazy`: a background thread fetches the remaining pages (after
+    /// the working set, with `prefetch_working_set`).
     pub prefetch: bool,
+    /// With `lazy`: fill the pages of `DIR/working-set` first, before the
+    /// vCPUs resume (`Some(true)`) or while they run (`Some(false)`); the
+    /// file must belong to this snapshot (`docs/working-set.md`).
+    pub prefetch_working_set: Option<bool>,
+    /// With `lazy`: record the pages the guest touches (every page a fault
+    /// makes present, neighbours marked) into `DIR/working-set`, until
+    /// `working-set-end` or the end of the run.
+    pub record_working_set: bool,
     /// With `lazy`: fault-around window (`None` = default).
     pub fault_around: Option<u32>,
     /// With `lazy`: start a clone: guest RAM is a private mapping of the
@@ -157,6 +189,7 @@ pub struct Vm {
     rx: Receiver<Event>,
     restored: ControllerState,
     external: Option<controller::ExternalHandler>,
+    recording: Option<Arc<Recording>>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -185,6 +218,37 @@ fn channel() -> Result<Channel, VmError> {
         })
     };
     Ok(Channel { events, rx, sink })
+}
+
+/// The working set a lazy restore prefetches (`DIR/working-set`, which must
+/// belong to this snapshot) and the recording it makes, as `how` asks.
+fn working_set_plan(
+    snap: &Snapshot,
+    key: Option<&SnapshotKey>,
+    how: &RestoreOptions,
+    mem_size: u64,
+) -> Result<(Option<PagePrefetch>, Option<Arc<Recording>>), VmError> {
+    let working_set = match how.prefetch_working_set {
+        None => None,
+        Some(before_resume) => {
+            let ws = WorkingSet::load(
+                &snap.dir.join(WORKING_SET),
+                &Hasher::new(key),
+                Some(&snap.manifest.digest),
+                mem_size,
+            )?;
+            Some(PagePrefetch {
+                pages: ws.pages.iter().map(|p| p.gpa).collect(),
+                before_resume,
+            })
+        }
+    };
+    let recording = if how.record_working_set {
+        Some(Arc::new(Recording::for_snapshot(snap, key)?))
+    } else {
+        None
+    };
+    Ok((working_set, recording))
 }
 
 impl Vm {
@@ -217,6 +281,7 @@ impl Vm {
                 serial: options.serial.clone(),
                 sink,
                 shared_ram,
+                seccomp: options.seccomp,
             },
         )?;
         Ok(Vm {
@@ -226,6 +291,7 @@ impl Vm {
             rx,
             restored,
             external: None,
+            recording: None,
         })
     }
 
@@ -234,25 +300,39 @@ impl Vm {
     pub fn new(config: &VmConfig, options: VmOptions) -> Result<Vm, VmError> {
         config.validate()?;
         let ch = channel()?;
-        let plan = match &options.page_source {
-            None => MemoryPlan::Configured,
-            Some(custom) => {
+        let recording = options
+            .record_working_set
+            .as_deref()
+            .map(|p| Arc::new(Recording::to_file(p, config.mem_size)));
+        let plan = match (&options.page_source, &recording) {
+            (None, None) => MemoryPlan::Configured,
+            (custom, _) => {
                 let fault_around = config.memory.effective_fault_around();
                 let mut plan =
-                    memory::plan_for_backend(&config.memory.backend, fault_around, config.mem_size)?
-                        .ok_or(VmError::SourceWithoutLazyMemory)?;
-                plan.source = custom.0.clone();
+                    memory::plan_for_backend(&config.memory.backend, fault_around, config.mem_size)?.ok_or(
+                        if custom.is_some() {
+                            VmError::SourceWithoutLazyMemory
+                        } else {
+                            VmError::RecordWithoutLazyMemory
+                        },
+                    )?;
+                if let Some(custom) = custom {
+                    plan.source = custom.0.clone();
+                }
+                plan.observer = recording.as_ref().map(|r| r.observer());
                 MemoryPlan::Lazy(plan)
             }
         };
-        Self::assemble(
+        let mut vm = Self::assemble(
             config,
             Boot::Kernel,
             plan,
             options,
             ControllerState::default(),
             ch,
-        )
+        )?;
+        vm.recording = recording;
+        Ok(vm)
     }
 
     /// Builds the VM saved in snapshot directory `dir` (see `docs/snapshot.md`):
@@ -269,6 +349,10 @@ impl Vm {
             backing: options.backing,
             ..MemoryConfig::default()
         };
+        if (how.record_working_set || how.prefetch_working_set.is_some()) && !how.lazy {
+            return Err(VmError::WorkingSetNeedsLazy);
+        }
+        let mut recording = None;
         let mut vm = if let Some(socket) = &how.uffd_socket {
             let config = snap.config(backed.clone())?;
             let layout = snap.layout();
@@ -305,7 +389,28 @@ impl Vm {
                 .peer_program
                 .clone()
                 .unwrap_or_else(uffd_handler::default_peer_program);
-            let link = HandlerLink::connect(1, socket, &program, &message, ext.uffd(), on_lost.clone())?;
+            let seccomp = vm.options.seccomp;
+            let link = HandlerLink::connect(
+                1,
+                socket,
+                &program,
+                &message,
+                ext.uffd(),
+                on_lost.clone(),
+                None,
+                seccomp,
+            )?;
+            // Later handlers are attached from the sandboxed controller,
+            // which starts no program: the launcher forks their holders.
+            let launcher = match seccomp {
+                SeccompMode::Off => None,
+                _ => Some(
+                    Launcher::start(&program, seccomp).map_err(|source| UffdHandlerError::Holder {
+                        program: program.clone(),
+                        source,
+                    })?,
+                ),
+            };
             vm.external = Some(controller::ExternalHandler::new(
                 link,
                 program,
@@ -313,6 +418,8 @@ impl Vm {
                 how.handler_grace.unwrap_or(controller::DEFAULT_GRACE),
                 how.handler_stall.unwrap_or(controller::external::DEFAULT_STALL),
                 on_lost,
+                launcher,
+                seccomp,
             ));
             vm
         } else if let (true, Some(clone_dir)) = (how.lazy, &how.clone_dir) {
@@ -324,6 +431,9 @@ impl Vm {
                 fault_mode: FaultMode::Minor,
             };
             let config = snap.config(memory)?;
+            let key = options.snapshot_key.as_ref();
+            let (working_set, rec) = working_set_plan(&snap, key, how, config.mem_size)?;
+            recording = rec;
             let src = ::memory::SharedFileSource::new(
                 shared.file().clone(),
                 format!("clone:{}", shared.path().display()),
@@ -335,6 +445,8 @@ impl Vm {
                 fault_around: config.memory.effective_fault_around(),
                 handler_cpu: None,
                 prefetch: false,
+                working_set,
+                observer: recording.as_ref().map(|r| r.observer()),
             };
             let shared_ram = memory::SharedRam {
                 file: shared.file().clone(),
@@ -361,12 +473,17 @@ impl Vm {
             };
             let config = snap.config(memory)?;
             let src = SnapshotSource::open(&snap)?;
+            let key = options.snapshot_key.as_ref();
+            let (working_set, rec) = working_set_plan(&snap, key, how, config.mem_size)?;
+            recording = rec;
             let plan = LazyPlan {
                 data_ranges: src.data_ranges(),
                 source: Arc::new(src),
                 fault_around: config.memory.effective_fault_around(),
                 handler_cpu: None,
                 prefetch: how.prefetch,
+                working_set,
+                observer: recording.as_ref().map(|r| r.observer()),
             };
             Self::assemble(
                 &config,
@@ -401,6 +518,7 @@ impl Vm {
             }
         };
         vm.core.set_created(created);
+        vm.recording = recording;
         Ok(vm)
     }
 
@@ -433,6 +551,8 @@ impl Vm {
             data_ranges,
             handler_cpu: None,
             prefetch: false,
+            working_set: None,
+            observer: None,
         };
         // Built in two phases, as a destination built before its state
         // arrives would be: everything but the state, then the state.
@@ -468,6 +588,9 @@ impl Vm {
             on_memory_fault: self.options.on_memory_fault,
             snapshot_key: self.options.snapshot_key.clone(),
             restored: self.restored,
+            recording: self.recording,
+            snapshot_at_checkpoint: self.options.snapshot_at_checkpoint.clone(),
+            seccomp: self.options.seccomp,
         };
         Ok(controller::start(
             self.core,

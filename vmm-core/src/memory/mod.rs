@@ -26,7 +26,7 @@ pub mod ram;
 pub use backing::{BackingError, PageSharing};
 pub use dirty::{DirtyError, DirtyTracker};
 pub use external::{ExternalMemory, ParkedFault, RegionMapping, WaitingFaults};
-pub use lazy::{BlockedFault, LazyError, LazyMemory, LazyPlan, MemoryStats};
+pub use lazy::{BlockedFault, LazyError, LazyMemory, LazyPlan, MemoryStats, PagePrefetch, PrefetchReport};
 pub use materialize::{MaterializeError, Materializer};
 pub use ram::MemoryError;
 
@@ -238,7 +238,13 @@ impl MemoryManager {
     /// In MINOR mode the plan's source is wrapped in a
     /// [`::memory::PageCacheSource`]: its pages go into the memfd and faults
     /// are resolved with UFFDIO_CONTINUE (registered MISSING|MINOR).
-    pub fn serve_lazily(&mut self, mut plan: LazyPlan, sink: EventSink) -> Result<(), MemoryManagerError> {
+    /// Its threads (handler, prefetch) are sandboxed in `seccomp` mode.
+    pub fn serve_lazily(
+        &mut self,
+        mut plan: LazyPlan,
+        sink: EventSink,
+        seccomp: sandbox::SeccompMode,
+    ) -> Result<(), MemoryManagerError> {
         if !matches!(self.backing, Backing::Anon) {
             return Err(MemoryManagerError::AlreadyServed(self.backing.name()));
         }
@@ -261,7 +267,7 @@ impl MemoryManager {
             _ => ::memory::RegisterMode::MISSING,
         };
         self.backing = Backing::Lazy(LazyMemory::start_with_mode(
-            &self.ram, plan, sink, mode, page_size,
+            &self.ram, plan, sink, seccomp, mode, page_size,
         )?);
         Ok(())
     }
@@ -400,6 +406,8 @@ pub fn plan_for_backend(
         data_ranges,
         handler_cpu: None,
         prefetch: false,
+        working_set: None,
+        observer: None,
     }))
 }
 

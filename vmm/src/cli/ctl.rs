@@ -10,19 +10,22 @@ pub fn ctl(args: CtlArgs) -> i32 {
         CtlRequest::Pause => Request::Pause {},
         CtlRequest::Resume => Request::Resume {},
         CtlRequest::Stats => Request::Stats {},
+        CtlRequest::WorkingSetEnd => Request::WorkingSetEnd {},
         CtlRequest::Migrate {
             to,
             push_delay_ms,
             precopy_rounds,
             resume,
             tls,
+            push_order,
         } => {
             let f = tls.files(true);
             Request::Migrate {
-                to,
+                to: absolute_endpoint(to),
                 push_delay_ms,
                 precopy_rounds,
                 resume,
+                push_order,
                 tls_cert: f.cert,
                 tls_key: f.key,
                 tls_peer: f.peer,
@@ -33,7 +36,7 @@ pub fn ctl(args: CtlArgs) -> i32 {
         CtlRequest::Recover { from, tls } => {
             let f = tls.files(true);
             Request::Recover {
-                from,
+                from: absolute_endpoint(from),
                 tls_cert: f.cert,
                 tls_key: f.key,
                 tls_peer: f.peer,
@@ -79,5 +82,17 @@ pub fn ctl(args: CtlArgs) -> i32 {
             eprintln!("vmm: error: {e}");
             1
         }
+    }
+}
+
+/// `unix:PATH` with PATH made absolute (relative to the caller, not to the
+/// VMM's working directory, which the VMM refuses); other addresses as given.
+fn absolute_endpoint(addr: String) -> String {
+    match addr.strip_prefix("unix:") {
+        Some(p) if !p.is_empty() => match std::path::absolute(p) {
+            Ok(abs) => format!("unix:{}", abs.display()),
+            Err(_) => addr,
+        },
+        _ => addr,
     }
 }

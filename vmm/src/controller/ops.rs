@@ -14,6 +14,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::time::Instant;
+use vmm_core::memory::pages::Pagemap;
 
 impl RunState {
     /// Why a VM in this state cannot be snapshotted or start a migration
@@ -154,7 +155,12 @@ impl Controller {
             return Ok(());
         }
         let events = self.events.clone();
+        let pagemap = Pagemap::open().map_err(|source| MigrationError::Io {
+            what: "opening /proc/self/pagemap",
+            source,
+        })?;
         let ctx = PrecopyCtx {
+            pagemap,
             vm_fd: self.vm.vm_fd().clone(),
             mem: self.vm.memory().ram().clone(),
             mem_size: self.vm.config().mem_size,

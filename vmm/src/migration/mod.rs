@@ -21,6 +21,7 @@
 pub mod incoming;
 pub mod outgoing;
 pub mod precopy;
+pub mod push_order;
 pub mod remote;
 pub mod tls;
 pub mod transport;
@@ -29,6 +30,7 @@ pub mod wire;
 pub use incoming::{DestStats, Incoming, IncomingSession, MigrationEvent, RecoverRequest};
 pub use outgoing::{MigrateOptions, Outgoing, Resumable, SourceSummary, Stopped};
 pub use precopy::{spawn_precopy, PrecopyCtx};
+pub use push_order::{push_order, PageHistory, PushOrder};
 pub use remote::{Progress, RemoteSource};
 pub use tls::{Tls, TlsError, TlsFiles};
 pub use transport::{Conn, Endpoint, Listener, ListenerStop, Security};
@@ -51,6 +53,15 @@ pub enum MigrationError {
         /// Why.
         #[source]
         source: std::io::Error,
+    },
+    /// `vmm receive --timeout` ran out while an authenticated source was
+    /// still sending what comes before the VM starts (pre-copy, state).
+    #[error("the migration did not start within {secs} s (--timeout): the source connected and then sent {what} too slowly or stopped; its VM is still whole there (`vmm ctl SRC resume`)")]
+    TimedOut {
+        /// The --timeout.
+        secs: f64,
+        /// What the source was sending.
+        what: &'static str,
     },
     /// Plain TCP without the opt-in.
     #[error("{0} is TCP: a migration over TCP must be TLS (--tls-cert, --tls-key and --tls-peer, or --tls-psk; see `vmm keygen`), or give --insecure-plain-tcp to send the VM in clear text to anyone who reaches the port")]
