@@ -973,7 +973,9 @@ impl RetryCore {
                         guest_addr: self.guest(i),
                         host_addr: self.host(i),
                         source_name: self.source.name().to_owned(),
-                        source: SourceError::Unsplittable { offset: self.guest(i) },
+                        source: SourceError::Unsplittable {
+                            offset: self.guest(i),
+                        },
                     });
                 }
                 FetchOutcome::Retry(_) => {

@@ -658,10 +658,7 @@ pub(crate) fn own(class: ThreadClass) -> Rules {
             // The last clone of a snapshot to end removes the shared file
             // of its memory (`snapshot/shared.rs`): an exclusive lock it
             // only tries for (another clone holds it shared).
-            r.allow_if(
-                libc::SYS_flock,
-                &[eq(1, c(libc::LOCK_EX | libc::LOCK_NB))],
-            );
+            r.allow_if(libc::SYS_flock, &[eq(1, c(libc::LOCK_EX | libc::LOCK_NB))]);
             r.allow_if(libc::SYS_mkdir, &[eq(1, 0o700)]);
             r.allow_if(libc::SYS_mkdirat, &[eq(2, 0o700)]);
             r.allow_if(libc::SYS_renameat2, &[eq(4, u64::from(libc::RENAME_EXCHANGE))]);

@@ -449,3 +449,65 @@ fn hugetlb_errors_say_what_to_do() {
         eprintln!("1 GiB huge pages are free here: the no-pages error is not checked");
     }
 }
+
+#[test]
+fn a_working_set_is_prefetched_onto_a_memfd_in_minor_mode_huge_pages_and_a_clone() {
+    // A faas guest snapshotted at its checkpoint; a lazy restore on
+    // anonymous memory records the pages its invocation makes present.
+    let cfg = config(
+        1,
+        "64M",
+        "workload=faas pages=2048 pattern=zipf:990 invoke=300 seed=5 populate=1",
+    );
+    let dir = TempDir::new("ws");
+    let snap = dir.0.join("snap");
+    let (mut options, _console) = capture_options();
+    options.snapshot_at_checkpoint = Some(snap.clone());
+    let out = Vm::new(&cfg, options).unwrap().run().unwrap();
+    assert!(matches!(out.checkpoint, Some(Ok(_))), "{:?}", out.checkpoint);
+    let record = RestoreOptions {
+        lazy: true,
+        record_working_set: true,
+        ..Default::default()
+    };
+    let on_demand = restore_and_finish(&snap, &record, MemBacking::Anon, FaultMode::Missing);
+    let faults = on_demand.memory.unwrap().total.faults;
+    assert!(faults > 20, "the on-demand restore must fault ({faults})");
+    let prefetch = RestoreOptions {
+        lazy: true,
+        prefetch_working_set: Some(true),
+        ..Default::default()
+    };
+    let check = |out: vmm::RunOutcome, what: &str| {
+        let m = out.memory.unwrap();
+        let pre = m.working_set_prefetch.unwrap();
+        assert!(pre.pages > 0 && pre.runs > 0, "{what}: {pre:?}");
+        assert!(
+            m.total.faults <= 2,
+            "{what}: {} faults after prefetching {pre:?} (on demand: {faults})",
+            m.total.faults
+        );
+        m.total
+    };
+    // MINOR: the prefetch writes the pages into the memfd and maps them.
+    let out = restore_and_finish(&snap, &prefetch, MemBacking::Memfd, FaultMode::Minor);
+    let t = check(out, "memfd minor");
+    assert!(t.pages_continued > 0 && t.pages_copied == 0, "{t:?}");
+    // Huge pages: whole huge pages, counted as their 4 KiB pages.
+    let huge = MemBacking::Hugetlb(vmm::config::HugePageSize::Size2M);
+    let _pages = HugePages::reserve(32);
+    let out = restore_and_finish(&snap, &prefetch, huge, FaultMode::Missing);
+    let pre = out.memory.as_ref().unwrap().working_set_prefetch.unwrap();
+    assert_eq!(pre.pages % 512, 0, "{pre:?}");
+    check(out, "hugetlb 2M");
+    // A clone: the pages are mapped from the shared snapshot memory.
+    let clone_dir = PathBuf::from(format!("/dev/shm/vmm-test-ws-clone-{}", std::process::id()));
+    let clone = RestoreOptions {
+        clone_dir: Some(clone_dir.clone()),
+        ..prefetch
+    };
+    let out = restore_and_finish(&snap, &clone, MemBacking::Memfd, FaultMode::Minor);
+    let t = check(out, "clone");
+    assert!(t.pages_continued > 0 && t.pages_copied == 0, "{t:?}");
+    let _ = std::fs::remove_dir_all(&clone_dir);
+}
