@@ -52,6 +52,9 @@ pub enum CoreError {
         /// What is wrong.
         why: &'static str,
     },
+    /// The page size is not a power-of-two multiple of the host page.
+    #[error("page size {0} bytes is not a power-of-two multiple of the host page size; use 0 (host pages), 2 MiB or 1 GiB")]
+    BadPageSize(usize),
     /// The fault-around window is not a power of two.
     #[error("fault_around = {0} pages is not a power of two; use 0 (off), 1, 2, 4, ... 512")]
     BadFaultAround(usize),
@@ -135,6 +138,11 @@ pub struct CoreConfig {
     pub fault_around: usize,
     /// What a REMOVE event means.
     pub after_remove: AfterRemove,
+    /// The unit the core tracks, fetches and fills, in bytes: 0 = the host
+    /// page size; a huge page size for hugetlbfs memory, which is filled
+    /// by whole huge pages and has no UFFDIO_ZEROPAGE (zero pages are then
+    /// copies of a zeroed huge page).
+    pub page_size: usize,
 }
 
 impl Default for CoreConfig {
@@ -142,6 +150,7 @@ impl Default for CoreConfig {
         CoreConfig {
             fault_around: 16,
             after_remove: AfterRemove::Zero,
+            page_size: 0,
         }
     }
 }
@@ -164,6 +173,8 @@ pub enum ResolvedBy {
     Copy,
     /// UFFDIO_ZEROPAGE.
     ZeroPage,
+    /// UFFDIO_CONTINUE of pages the page cache holds (MINOR mode).
+    Continue,
     /// The page was already mapped (duplicate event or EEXIST); a WAKE was sent.
     AlreadyPresent,
     /// Another handler thread is filling it; its fill wakes this fault.
@@ -182,9 +193,11 @@ pub enum Origin {
 }
 
 /// Told of every page a fault made present, from the core's resolution path
-/// (the recording of a working set): `pages` pages from guest offset `gpa`
-/// were filled by one COPY or ZEROPAGE, `fault` is the faulting page if it is
-/// among them (the others are fault-around neighbours). Called on the
+/// (the recording of a working set): `pages` host (4 KiB) pages from guest
+/// offset `gpa` were filled by one COPY, ZEROPAGE or CONTINUE (a huge page
+/// counts as its 4 KiB pages), `fault` is the faulting page (the start of the
+/// faulting core page) if it is among them (the others are fault-around
+/// neighbours). Called on the
 /// handler's thread: keep it short.
 pub trait FillObserver: Send + Sync + std::fmt::Debug {
     /// See the trait documentation.
@@ -243,6 +256,8 @@ pub struct Stats {
     /// Pages filled with zeros: UFFDIO_ZEROPAGE, or for the page of a write
     /// fault a UFFDIO_COPY of a zeroed page (see [`RetryCore::resolve_access`]).
     pub pages_zeroed: u64,
+    /// Pages mapped from the page cache with UFFDIO_CONTINUE (MINOR mode).
+    pub pages_continued: u64,
     /// Of the filled pages, neighbours filled by fault-around.
     pub fault_around_pages: u64,
     /// Pages filled ahead of any fault by [`RetryCore::prefill`] (a
@@ -286,6 +301,7 @@ struct Counters {
     failures: AtomicU64,
     pages_copied: AtomicU64,
     pages_zeroed: AtomicU64,
+    pages_continued: AtomicU64,
     fault_around_pages: AtomicU64,
     prefilled_pages: AtomicU64,
     prefill_runs: AtomicU64,
@@ -310,6 +326,7 @@ impl Default for Counters {
             failures: z(),
             pages_copied: z(),
             pages_zeroed: z(),
+            pages_continued: z(),
             fault_around_pages: z(),
             prefilled_pages: z(),
             prefill_runs: z(),
@@ -341,6 +358,8 @@ pub struct RetryCore {
     counters: Counters,
     /// One zeroed page: the UFFDIO_COPY source of a write fault on a zero page.
     zero_page: Box<[u8]>,
+    /// Huge pages: no UFFDIO_ZEROPAGE, zeros are copied.
+    copy_zeros: bool,
     /// Told of every page a fault fills (set once).
     observer: OnceLock<Arc<dyn FillObserver>>,
 }
@@ -352,7 +371,12 @@ impl RetryCore {
         source: Arc<dyn PageSource>,
         config: CoreConfig,
     ) -> Result<RetryCore, CoreError> {
-        let ps_usize = crate::page_size();
+        let host = crate::page_size();
+        let ps_usize = match config.page_size {
+            0 => host,
+            p if p.is_power_of_two() && p >= host => p,
+            p => return Err(CoreError::BadPageSize(p)),
+        };
         let ps = ps_usize as u64;
         let bad = |why| CoreError::BadRegion {
             host_base: region.host_base,
@@ -388,6 +412,7 @@ impl RetryCore {
             source,
             counters: Counters::default(),
             zero_page: vec![0u8; ps_usize].into_boxed_slice(),
+            copy_zeros: ps_usize != host,
             observer: OnceLock::new(),
         })
     }
@@ -395,6 +420,12 @@ impl RetryCore {
     /// The region.
     pub fn region(&self) -> Region {
         self.region
+    }
+
+    /// The size of the pages the core tracks and fills (host pages, or huge
+    /// pages, see [`CoreConfig::page_size`]).
+    pub fn page_size(&self) -> u64 {
+        self.page_size
     }
 
     /// Tells `observer` of every page a fault fills from now on (not the
@@ -583,6 +614,28 @@ impl RetryCore {
         match self.source.fetch(self.guest(lo), &mut buf) {
             FetchOutcome::Ready => self.fill_copy(uffd, idx, lo, hi, &buf, Fill::Fault(origin)),
             FetchOutcome::Zero => self.fill_zero(uffd, idx, lo, hi, write, origin),
+            FetchOutcome::Cached => self.fill_continue(uffd, idx, lo, hi, Fill::Fault(origin)),
+            FetchOutcome::Split => {
+                self.set(lo..hi, PageState::Missing);
+                if hi - lo > 1 {
+                    if self.claim(idx, PageState::Missing) {
+                        return self.fetch_and_fill(uffd, idx, false, write, origin);
+                    }
+                    // Claimed by another attempt since: its fill wakes this fault.
+                    return FaultOutcome::Resolved {
+                        pages: 0,
+                        by: ResolvedBy::InFlightElsewhere,
+                    };
+                }
+                FaultOutcome::Failed(FaultError::Source {
+                    guest_addr: self.guest(idx),
+                    host_addr: self.host(idx),
+                    source_name: self.source.name().to_owned(),
+                    source: SourceError::Unsplittable {
+                        offset: self.guest(idx),
+                    },
+                })
+            }
             FetchOutcome::Retry(reason) => {
                 self.set(lo..hi, PageState::Missing);
                 if hi - lo > 1 && self.claim(idx, PageState::Missing) {
@@ -628,6 +681,20 @@ impl RetryCore {
         )
     }
 
+    /// Maps `[lo, hi)` from the page cache (UFFDIO_CONTINUE): the source
+    /// answered `Cached`, the data is in the shmem file already.
+    fn fill_continue(&self, uffd: &Uffd, idx: usize, lo: usize, hi: usize, kind: Fill) -> FaultOutcome {
+        self.fill(
+            idx,
+            lo,
+            hi,
+            ResolvedBy::Continue,
+            kind,
+            |i| uffd.continue_range(self.host(i), (hi - i) as u64 * self.page_size, false),
+            uffd,
+        )
+    }
+
     /// Zero-fills `[lo, hi)`; with `write`, page `idx` by a copy of a zeroed
     /// page (see [`RetryCore::resolve_access`]) and its neighbours by ZEROPAGE.
     fn fill_zero(
@@ -658,7 +725,7 @@ impl RetryCore {
             ResolvedBy::ZeroPage,
             kind,
             |i| {
-                if write && i == idx {
+                if self.copy_zeros || write && i == idx {
                     return uffd.copy(self.host(i), &self.zero_page, false);
                 }
                 let end = if write && i < idx { idx } else { hi };
@@ -687,10 +754,12 @@ impl RetryCore {
             Fill::Fault(Origin::Fault) => self.observer.get(),
             _ => None,
         };
+        // Observers count 4 KiB (host) pages, whatever the core's page size.
+        let per_page = (self.ps / crate::page_size()).max(1) as u64;
         let note = |i: usize, k: usize| {
             if let Some(o) = observer {
                 let fault = (i..i + k).contains(&idx).then(|| self.guest(idx));
-                o.filled(self.guest(i), k as u64, fault);
+                o.filled(self.guest(i), k as u64 * per_page, fault);
             }
         };
         let ps = self.ps;
@@ -755,10 +824,10 @@ impl RetryCore {
         if i < hi {
             self.set(i..hi, PageState::Missing);
         }
-        let counter = if by == ResolvedBy::Copy {
-            &self.counters.pages_copied
-        } else {
-            &self.counters.pages_zeroed
+        let counter = match by {
+            ResolvedBy::Copy => &self.counters.pages_copied,
+            ResolvedBy::Continue => &self.counters.pages_continued,
+            _ => &self.counters.pages_zeroed,
         };
         // pages_* last: tests wait on them to know the attempt is fully counted.
         if matches!(kind, Fill::Prefill) {
@@ -854,7 +923,8 @@ impl RetryCore {
         self.counters.latency.record_duration(latency);
     }
 
-    /// Fills the Missing pages of the `pages` pages from host address `host`
+    /// Fills the Missing pages of the `pages` pages (of the core's page size)
+    /// from host address `host`
     /// ahead of any fault (a working-set prefetch): each run of pages it can
     /// claim is fetched with one `fetch` and mapped with one COPY (or
     /// ZEROPAGE), at most [`PREFILL_RUN_MAX`] pages a run. Pages present, in
@@ -869,13 +939,19 @@ impl RetryCore {
         let end = first.saturating_add(pages).min(self.states.len());
         let mut filled = 0;
         let mut i = first;
+        // At most PREFILL_RUN_MAX 4 KiB pages (1 MiB) a run, at least one page
+        // (huge pages: one a run).
+        let run_max = (PREFILL_RUN_MAX * crate::page_size() / self.ps).max(1);
+        // Pages before this one are fetched one a run: the source split a run.
+        let mut single_until = first;
         while i < end {
             if !self.claim(i, PageState::Missing) {
                 i += 1;
                 continue;
             }
+            let max = if i < single_until { 1 } else { run_max };
             let mut j = i + 1;
-            while j < end && j - i < PREFILL_RUN_MAX && self.claim(j, PageState::Missing) {
+            while j < end && j - i < max && self.claim(j, PageState::Missing) {
                 j += 1;
             }
             let mut buf = vec![0u8; (j - i) * self.ps];
@@ -884,6 +960,24 @@ impl RetryCore {
             let out = match self.source.fetch(self.guest(i), &mut buf) {
                 FetchOutcome::Ready => self.fill_copy(uffd, i, i, j, &buf, Fill::Prefill),
                 FetchOutcome::Zero => self.fill_zero_as(uffd, i, i, j, false, Fill::Prefill),
+                FetchOutcome::Cached => self.fill_continue(uffd, i, i, j, Fill::Prefill),
+                FetchOutcome::Split if j - i > 1 => {
+                    // Fetch these pages again one by one.
+                    self.set(i..j, PageState::Missing);
+                    single_until = j;
+                    continue;
+                }
+                FetchOutcome::Split => {
+                    self.set(i..j, PageState::Missing);
+                    return Err(FaultError::Source {
+                        guest_addr: self.guest(i),
+                        host_addr: self.host(i),
+                        source_name: self.source.name().to_owned(),
+                        source: SourceError::Unsplittable {
+                            offset: self.guest(i),
+                        },
+                    });
+                }
                 FetchOutcome::Retry(_) => {
                     self.set(i..j, PageState::Missing);
                     i = j;
@@ -944,6 +1038,7 @@ impl RetryCore {
             failures: g(&c.failures),
             pages_copied: g(&c.pages_copied),
             pages_zeroed: g(&c.pages_zeroed),
+            pages_continued: g(&c.pages_continued),
             fault_around_pages: g(&c.fault_around_pages),
             prefilled_pages: g(&c.prefilled_pages),
             prefill_runs: g(&c.prefill_runs),
@@ -959,7 +1054,8 @@ impl RetryCore {
     }
 }
 
-/// Most pages [`RetryCore::prefill`] fetches and fills at once (1 MiB).
+/// Most 4 KiB pages [`RetryCore::prefill`] fetches and fills at once (1 MiB;
+/// with huge pages, one huge page a run).
 pub const PREFILL_RUN_MAX: usize = 256;
 
 /// What a fill is for: a fault (counted as such, its fault-around

@@ -37,6 +37,7 @@ pub mod files;
 pub mod handler;
 pub mod histogram;
 pub mod mmap;
+pub mod page_cache;
 pub mod record;
 pub mod source;
 pub mod uffd;
@@ -55,7 +56,8 @@ pub use crate::handler::{
     HandlerThreadStats, ThreadStats,
 };
 pub use crate::histogram::{AtomicLog2Histogram, Log2Histogram};
-pub use crate::mmap::AnonMapping;
+pub use crate::mmap::{memfd, AnonMapping, MemfdMapping};
+pub use crate::page_cache::{PageCacheSource, Resident, SharedFileSource};
 pub use crate::record::{FillRecorder, RecordedPage};
 pub use crate::source::{
     FetchOutcome, FileSource, Notifier, PageSource, RetryReason, Rule, SourceError, Subscription, TestSource,

@@ -6,6 +6,8 @@
 //! answers one question per run of pages with a [`FetchOutcome`]:
 //! - `Ready`: the data is in the buffer (the core fills with UFFDIO_COPY);
 //! - `Zero`: it is all zero (UFFDIO_ZEROPAGE, nothing copied);
+//! - `Cached`: the page cache of the shmem file behind the mapping holds it
+//!   (UFFDIO_CONTINUE, nothing copied; [`crate::page_cache`]);
 //! - `Retry(reason)` ([`RetryReason`]: `NotReady`, `Held`): not yet; the
 //!   source calls its [`Notifier`] when that may have changed, and the core
 //!   or handler sleeps until then (no polling);
@@ -74,6 +76,12 @@ pub enum SourceError {
         /// The configured message.
         message: String,
     },
+    /// A source answered `Split` for one page.
+    #[error("the page source answered Split for the single page at guest offset {offset:#x}; this is a page-source bug")]
+    Unsplittable {
+        /// Guest offset.
+        offset: u64,
+    },
     /// The buffer given to `fetch` is not page sized or aligned.
     #[error("fetch buffer of {len} bytes at guest offset {offset:#x} is not a page multiple; this is a retry-core bug")]
     BadRequest {
@@ -91,6 +99,15 @@ pub enum FetchOutcome {
     Ready,
     /// The pages are all zero: the core maps zero pages and copies nothing.
     Zero,
+    /// The pages are in the page cache of the shmem file behind the guest
+    /// mapping already (the source wrote them there, or they were there): the
+    /// core maps them with UFFDIO_CONTINUE and copies nothing into the
+    /// faulting mapping (MINOR mode, see [`crate::page_cache`]). `buf` is
+    /// not read.
+    Cached,
+    /// The run mixes kinds of pages (e.g. cached and holes): ask again for
+    /// the faulting page alone. Not an answer for a single page.
+    Split,
     /// Not available yet; the source will [`Notifier::notify`] when it may be.
     Retry(RetryReason),
     /// The pages cannot be provided. Never zero-filled by the core.

@@ -174,6 +174,17 @@ const _: () = assert!(size_of::<UffdioCopy>() == 40);
 const _: () = assert!(size_of::<UffdioZeropage>() == 32);
 const _: () = assert!(size_of::<UffdMsg>() == 32);
 
+/// `struct uffdio_continue`: range, mode, bytes mapped (out).
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+struct UffdioContinue {
+    range: UffdioRange,
+    mode: u64,
+    mapped: i64,
+}
+
+const _: () = assert!(size_of::<UffdioContinue>() == 32);
+
 // _IOWR(UFFDIO, 0x3F, struct uffdio_api) etc.; the kernel's _UFFDIO_* numbers.
 const UFFDIO_API: u64 = ioc(IOC_READ | IOC_WRITE, UFFDIO, 0x3F, size_of::<UffdioApi>());
 const UFFDIO_REGISTER: u64 = ioc(IOC_READ | IOC_WRITE, UFFDIO, 0x00, size_of::<UffdioRegister>());
@@ -182,6 +193,8 @@ const UFFDIO_UNREGISTER: u64 = ioc(IOC_READ, UFFDIO, 0x01, size_of::<UffdioRange
 const UFFDIO_WAKE: u64 = ioc(IOC_READ, UFFDIO, 0x02, size_of::<UffdioRange>());
 const UFFDIO_COPY: u64 = ioc(IOC_READ | IOC_WRITE, UFFDIO, 0x03, size_of::<UffdioCopy>());
 const UFFDIO_ZEROPAGE: u64 = ioc(IOC_READ | IOC_WRITE, UFFDIO, 0x04, size_of::<UffdioZeropage>());
+const UFFDIO_CONTINUE: u64 = ioc(IOC_READ | IOC_WRITE, UFFDIO, 0x07, size_of::<UffdioContinue>());
+const _: () = assert!(UFFDIO_CONTINUE == 0xC020_AA07);
 /// `_IO(0xAA, 0x00)` on /dev/userfaultfd (Linux 6.1+).
 const USERFAULTFD_IOC_NEW: u64 = ioc(IOC_NONE, UFFDIO, 0x00, 0);
 
@@ -202,6 +215,7 @@ const UFFD_PAGEFAULT_FLAG_MINOR: u64 = 1 << 2;
 
 const UFFDIO_COPY_MODE_DONTWAKE: u64 = 1 << 0;
 const UFFDIO_ZEROPAGE_MODE_DONTWAKE: u64 = 1 << 0;
+const UFFDIO_CONTINUE_MODE_DONTWAKE: u64 = 1 << 0;
 
 /// userfaultfd feature bits (`UFFD_FEATURE_*`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -214,6 +228,8 @@ impl Features {
     pub const EVENT_REMOVE: Features = Features(1 << 3);
     /// `UFFD_FEATURE_MISSING_SHMEM`: MISSING mode on shmem/memfd.
     pub const MISSING_SHMEM: Features = Features(1 << 5);
+    /// `UFFD_FEATURE_MINOR_SHMEM`: MINOR mode on shmem/memfd (UFFDIO_CONTINUE).
+    pub const MINOR_SHMEM: Features = Features(1 << 10);
     /// `UFFD_FEATURE_THREAD_ID`: page faults carry the faulting thread id.
     pub const THREAD_ID: Features = Features(1 << 8);
     /// `UFFD_FEATURE_EXACT_ADDRESS`: the fault address is not page-masked.
@@ -246,6 +262,11 @@ pub struct RegisterMode(pub u64);
 impl RegisterMode {
     /// Faults on pages that are not present.
     pub const MISSING: RegisterMode = RegisterMode(1 << 0);
+    /// Faults on pages the page cache holds but this mapping does not map
+    /// (shmem/hugetlbfs; resolved with UFFDIO_CONTINUE).
+    pub const MINOR: RegisterMode = RegisterMode(1 << 2);
+    /// MISSING and MINOR together (memfd guest RAM served from its page cache).
+    pub const MISSING_MINOR: RegisterMode = RegisterMode(1 << 0 | 1 << 2);
 }
 
 /// Bitmask of the ioctls valid on a registered range (`1 << _UFFDIO_*`).
@@ -394,7 +415,7 @@ impl Uffd {
     pub fn for_guest_memory() -> Result<Uffd, UffdError> {
         Self::new(
             Features::EVENT_REMOVE,
-            Features::THREAD_ID | Features::MISSING_SHMEM,
+            Features::THREAD_ID | Features::MISSING_SHMEM | Features::MINOR_SHMEM,
         )
     }
 
@@ -528,6 +549,28 @@ impl Uffd {
         let ret = unsafe { ioctl_with_mut_ref(&self.fd, UFFDIO_ZEROPAGE as libc::c_ulong, &mut z) };
         let len = usize::try_from(len).unwrap_or(usize::MAX);
         fill_result("UFFDIO_ZEROPAGE", ret, z.zeropage, len)
+    }
+
+    /// Maps the pages of `[start, start+len)` that the page cache of the
+    /// backing shmem file already holds (UFFDIO_CONTINUE, a MINOR-mode
+    /// range) and, unless `dontwake`, wakes the threads blocked there.
+    /// Returns the bytes mapped (all of them on success).
+    pub fn continue_range(&self, start: u64, len: u64, dontwake: bool) -> Result<usize, CopyError> {
+        let mut c = UffdioContinue {
+            range: UffdioRange { start, len },
+            mode: if dontwake {
+                UFFDIO_CONTINUE_MODE_DONTWAKE
+            } else {
+                0
+            },
+            mapped: 0,
+        };
+        // SAFETY: `c` is a valid uffdio_continue that lives across the call; the
+        // kernel only maps page-cache pages into page-table entries that are
+        // empty (EEXIST otherwise), so no memory a Rust reference observes changes.
+        let ret = unsafe { ioctl_with_mut_ref(&self.fd, UFFDIO_CONTINUE as libc::c_ulong, &mut c) };
+        let len = usize::try_from(len).unwrap_or(usize::MAX);
+        fill_result("UFFDIO_CONTINUE", ret, c.mapped, len)
     }
 
     /// Reads one event without blocking; `Ok(None)` when none is queued.

@@ -58,12 +58,14 @@ pub const KVM_GET_CLOCK: u32 = ior::<kvm_clock_data>(KVMIO, 0x7c);
 pub const KVM_GET_PIT2: u32 = ior::<kvm_pit_state2>(KVMIO, 0x9f);
 
 // userfaultfd (include/uapi/linux/userfaultfd.h): struct uffdio_range is 16
-// bytes, uffdio_register 32, uffdio_copy 40, uffdio_zeropage 32.
+// bytes, uffdio_register 32, uffdio_copy 40, uffdio_zeropage 32,
+// uffdio_continue 32.
 const UFFDIO: u32 = 0xAA;
 pub const UFFDIO_UNREGISTER: u32 = ioc(IOC_READ, UFFDIO, 0x01, 16);
 pub const UFFDIO_WAKE: u32 = ioc(IOC_READ, UFFDIO, 0x02, 16);
 pub const UFFDIO_COPY: u32 = ioc(IOC_READ | IOC_WRITE, UFFDIO, 0x03, 40);
 pub const UFFDIO_ZEROPAGE: u32 = ioc(IOC_READ | IOC_WRITE, UFFDIO, 0x04, 32);
+pub const UFFDIO_CONTINUE: u32 = ioc(IOC_READ | IOC_WRITE, UFFDIO, 0x07, 32);
 
 // Sockets and terminals (include/uapi/asm-generic/ioctls.h).
 pub const FIONBIO: u32 = 0x5421;
@@ -91,3 +93,4 @@ const _: () = assert!(UFFDIO_UNREGISTER == 0x8010_AA01);
 const _: () = assert!(UFFDIO_WAKE == 0x8010_AA02);
 const _: () = assert!(UFFDIO_COPY == 0xC028_AA03);
 const _: () = assert!(UFFDIO_ZEROPAGE == 0xC020_AA04);
+const _: () = assert!(UFFDIO_CONTINUE == 0xC020_AA07);

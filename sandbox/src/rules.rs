@@ -465,11 +465,25 @@ fn batch_itself() -> Rules {
 
 /// Filling guest memory through the retry core: userfaultfd fills and
 /// wakes, `mincore` to see what is present, the page source's reads
-/// (memory file, snapshot), eventfd reads of its notifier.
+/// (memory file, snapshot), eventfd reads of its notifier; and guest RAM
+/// on a memfd in MINOR mode (`docs/memory-backings.md`): a fetched page
+/// written into the memfd (`pwrite64`; zeros: `fallocate` mode 0, which
+/// only allocates), a clone's shared file searched for data
+/// (`lseek` `SEEK_DATA`/`SEEK_HOLE` only), the page-cache page mapped
+/// (`UFFDIO_CONTINUE`).
 fn fills_memory() -> Rules {
     let mut r = Rules::default();
-    r.ioctls(&[UFFDIO_COPY, UFFDIO_ZEROPAGE, UFFDIO_WAKE]);
-    r.allow(&[libc::SYS_mincore, libc::SYS_pread64, libc::SYS_read]);
+    r.ioctls(&[UFFDIO_COPY, UFFDIO_ZEROPAGE, UFFDIO_CONTINUE, UFFDIO_WAKE]);
+    r.allow(&[
+        libc::SYS_mincore,
+        libc::SYS_pread64,
+        libc::SYS_read,
+        libc::SYS_pwrite64,
+    ]);
+    r.allow_if(libc::SYS_fallocate, &[eq(1, 0)]);
+    for whence in [libc::SEEK_DATA, libc::SEEK_HOLE] {
+        r.allow_if(libc::SYS_lseek, &[eq(2, c(whence))]);
+    }
     r
 }
 
@@ -675,6 +689,10 @@ pub(crate) fn own(class: ThreadClass) -> Rules {
                 libc::SYS_fcntl,
                 &[eq(1, c(libc::F_SETFD)), eq(2, c(libc::FD_CLOEXEC))],
             );
+            // The last clone of a snapshot to end removes the shared file
+            // of its memory (`snapshot/shared.rs`): an exclusive lock it
+            // only tries for (another clone holds it shared).
+            r.allow_if(libc::SYS_flock, &[eq(1, c(libc::LOCK_EX | libc::LOCK_NB))]);
             r.allow_if(libc::SYS_mkdir, &[eq(1, 0o700)]);
             r.allow_if(libc::SYS_mkdirat, &[eq(2, 0o700)]);
             r.allow_if(libc::SYS_renameat2, &[eq(4, u64::from(libc::RENAME_EXCHANGE))]);

@@ -35,7 +35,7 @@ fn lazy_touch(vcpus: u32, cmdline: &str) -> VmConfig {
     cfg.memory = MemoryConfig {
         backend: MemBackend::Zero,
         fault_around: Some(0),
-        handlers: Default::default(),
+        ..MemoryConfig::default()
     };
     cfg
 }

@@ -84,7 +84,7 @@ fn kick_storm_during_lazily_backed_workload() {
         MemoryConfig {
             backend: MemBackend::Zero,
             fault_around: Some(0),
-            handlers: Default::default(),
+            ..MemoryConfig::default()
         },
     );
     let (vm, console) = start(&cfg);

@@ -24,6 +24,7 @@ fn pooled(vcpus: u32, threads: u32, pinning: HandlerPinning, cmdline: &str) -> V
             pinning,
             ..HandlerConfig::default()
         },
+        ..MemoryConfig::default()
     };
     cfg
 }

@@ -39,7 +39,7 @@ fn zero_backend(vcpus: u32) {
         MemoryConfig {
             backend: MemBackend::Zero,
             fault_around: Some(0),
-            handlers: Default::default(),
+            ..MemoryConfig::default()
         },
     );
     let run = boot(&cfg);
@@ -125,7 +125,7 @@ fn source_failure_stops_the_vm_with_a_clear_error() {
                 offset: 0,
             },
             fault_around: Some(0),
-            handlers: Default::default(),
+            ..MemoryConfig::default()
         },
     );
     let (options, console) = capture_options();
@@ -169,7 +169,7 @@ fn vcpus_faulting_the_same_pages_get_each_page_filled_once() {
     cfg.memory = MemoryConfig {
         backend: MemBackend::Zero,
         fault_around: Some(0),
-        handlers: Default::default(),
+        ..MemoryConfig::default()
     };
     let run = boot(&cfg);
     check_verified(&cfg, &run);

@@ -85,7 +85,7 @@ fn populate_on_lazy_memory_leaves_first_touches_to_the_host() {
     cfg.memory = MemoryConfig {
         backend: MemBackend::Zero,
         fault_around: Some(0),
-        handlers: Default::default(),
+        ..MemoryConfig::default()
     };
     let (run, reports) = boot_ok(&cfg);
     assert_no_work_faults(&reports);
@@ -107,7 +107,7 @@ fn shared_four_vcpus_touch_the_same_frames() {
     cfg.memory = MemoryConfig {
         backend: MemBackend::Zero,
         fault_around: Some(0),
-        handlers: Default::default(),
+        ..MemoryConfig::default()
     };
     let (run, reports) = boot_ok(&cfg);
     assert_shared(&cfg, &reports, pages);

@@ -42,6 +42,15 @@ pub enum ConfigError {
         "fault-around window {0} pages is invalid: use 0 (off) or a power of two up to {MAX_FAULT_AROUND}"
     )]
     BadFaultAround(u32),
+    /// A `--mem-backing` value that does not parse.
+    #[error("invalid memory backing `{0}`: use `anon` (private anonymous memory, the default), `memfd` (a shared mapping of a memfd) or `hugetlb[:2M|1G]` (huge pages)")]
+    BadMemBacking(String),
+    /// A `--fault-mode` value that does not parse.
+    #[error("invalid fault mode `{0}`: use `missing` (pages copied into guest RAM, the default) or `minor` (pages written into the memfd's page cache and mapped with UFFDIO_CONTINUE; needs --mem-backing memfd)")]
+    BadFaultMode(String),
+    /// MINOR mode on a backing without a page cache.
+    #[error("--fault-mode minor needs guest RAM in a page cache: add --mem-backing memfd (backing `{0}` has none)")]
+    MinorWithoutPageCache(MemBacking),
     /// Fault-around asked for plain anonymous memory.
     #[error("fault-around needs a lazily backed memory: add --mem-backend zero or --mem-backend file:PATH")]
     FaultAroundWithoutBackend,
@@ -150,6 +159,98 @@ impl std::fmt::Display for MemBackend {
     }
 }
 
+/// Huge page sizes of the hugetlb backing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HugePageSize {
+    /// 2 MiB pages.
+    #[default]
+    Size2M,
+    /// 1 GiB pages.
+    Size1G,
+}
+
+impl HugePageSize {
+    /// Bytes.
+    pub fn bytes(self) -> u64 {
+        match self {
+            HugePageSize::Size2M => 2 << 20,
+            HugePageSize::Size1G => 1 << 30,
+        }
+    }
+}
+
+/// What memory guest RAM lives in (orthogonal to [`MemBackend`], which says
+/// where its contents come from). See `docs/memory-backings.md`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MemBacking {
+    /// Private anonymous memory (`MAP_PRIVATE | MAP_ANONYMOUS`).
+    #[default]
+    Anon,
+    /// A shared mapping of a memfd: guest RAM is the memfd's page cache
+    /// (shmem), so it can be served in MINOR mode.
+    Memfd,
+    /// Huge pages of hugetlbfs (a `MFD_HUGETLB` memfd).
+    Hugetlb(HugePageSize),
+}
+
+impl std::str::FromStr for MemBacking {
+    type Err = ConfigError;
+
+    /// Parses `anon`, `memfd`, `hugetlb`, `hugetlb:2M` or `hugetlb:1G`.
+    fn from_str(s: &str) -> Result<MemBacking, ConfigError> {
+        match s.trim() {
+            "anon" => Ok(MemBacking::Anon),
+            "memfd" | "shmem" => Ok(MemBacking::Memfd),
+            "hugetlb" | "hugetlb:2M" | "hugetlb:2m" => Ok(MemBacking::Hugetlb(HugePageSize::Size2M)),
+            "hugetlb:1G" | "hugetlb:1g" => Ok(MemBacking::Hugetlb(HugePageSize::Size1G)),
+            _ => Err(ConfigError::BadMemBacking(s.to_string())),
+        }
+    }
+}
+
+impl std::fmt::Display for MemBacking {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            MemBacking::Anon => "anon",
+            MemBacking::Memfd => "memfd",
+            MemBacking::Hugetlb(HugePageSize::Size2M) => "hugetlb:2M",
+            MemBacking::Hugetlb(HugePageSize::Size1G) => "hugetlb:1G",
+        })
+    }
+}
+
+/// How lazily served pages are resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FaultMode {
+    /// MISSING faults filled by UFFDIO_COPY / UFFDIO_ZEROPAGE into guest RAM.
+    #[default]
+    Missing,
+    /// The page goes into the memfd's page cache (pwrite, fallocate) and the
+    /// fault is resolved with UFFDIO_CONTINUE (registered MISSING|MINOR).
+    Minor,
+}
+
+impl std::str::FromStr for FaultMode {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<FaultMode, ConfigError> {
+        match s.trim() {
+            "missing" => Ok(FaultMode::Missing),
+            "minor" => Ok(FaultMode::Minor),
+            _ => Err(ConfigError::BadFaultMode(s.to_string())),
+        }
+    }
+}
+
+impl std::fmt::Display for FaultMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            FaultMode::Missing => "missing",
+            FaultMode::Minor => "minor",
+        })
+    }
+}
+
 /// A validated VM configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmConfig {
@@ -174,6 +275,10 @@ pub struct MemoryConfig {
     pub fault_around: Option<u32>,
     /// The fault-handler threads and where they and the vCPUs run.
     pub handlers: HandlerConfig,
+    /// What memory guest RAM lives in.
+    pub backing: MemBacking,
+    /// How lazily served pages are resolved.
+    pub fault_mode: FaultMode,
 }
 
 impl MemoryConfig {
@@ -181,8 +286,7 @@ impl MemoryConfig {
     pub fn lazy(backend: MemBackend) -> MemoryConfig {
         MemoryConfig {
             backend,
-            fault_around: None,
-            handlers: HandlerConfig::default(),
+            ..MemoryConfig::default()
         }
     }
 
@@ -194,6 +298,9 @@ impl MemoryConfig {
 
     /// Checks the fault-around window against the backend.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.fault_mode == FaultMode::Minor && self.backing != MemBacking::Memfd {
+            return Err(ConfigError::MinorWithoutPageCache(self.backing));
+        }
         if let Some(w) = self.fault_around {
             if w != 0 && (!w.is_power_of_two() || w > MAX_FAULT_AROUND) {
                 return Err(ConfigError::BadFaultAround(w));
@@ -354,6 +461,36 @@ mod tests {
             assert_eq!(b.to_string(), shown, "{value}");
             assert_eq!(shown.parse(), Ok(b), "{value}");
         }
+    }
+
+    #[test]
+    fn backings_and_fault_modes_parse() {
+        assert_eq!("anon".parse(), Ok(MemBacking::Anon));
+        assert_eq!("memfd".parse(), Ok(MemBacking::Memfd));
+        assert_eq!("hugetlb".parse(), Ok(MemBacking::Hugetlb(HugePageSize::Size2M)));
+        assert_eq!(
+            "hugetlb:1G".parse(),
+            Ok(MemBacking::Hugetlb(HugePageSize::Size1G))
+        );
+        for b in [
+            MemBacking::Anon,
+            MemBacking::Memfd,
+            MemBacking::Hugetlb(HugePageSize::Size1G),
+        ] {
+            assert_eq!(b.to_string().parse(), Ok(b));
+        }
+        let e = "tmpfs".parse::<MemBacking>().unwrap_err();
+        assert!(e.to_string().contains("hugetlb[:2M|1G]"), "{e}");
+        assert_eq!("minor".parse(), Ok(FaultMode::Minor));
+        assert!("major".parse::<FaultMode>().is_err());
+        let mut c = MemoryConfig::lazy(MemBackend::Zero);
+        c.fault_mode = FaultMode::Minor;
+        assert_eq!(
+            c.validate(),
+            Err(ConfigError::MinorWithoutPageCache(MemBacking::Anon))
+        );
+        c.backing = MemBacking::Memfd;
+        assert_eq!(c.validate(), Ok(()));
     }
 
     #[test]

@@ -28,7 +28,9 @@ pub mod state;
 pub mod vcpu;
 pub mod vm;
 
-pub use config::{ConfigError, KernelSource, MemBackend, MemoryConfig, VmConfig};
+pub use config::{
+    ConfigError, FaultMode, HugePageSize, KernelSource, MemBackend, MemBacking, MemoryConfig, VmConfig,
+};
 pub use event::{EventSink, MemoryEvent, VmEvent};
 pub use state::VmState;
 pub use vm::{Boot, BuildOptions, MemoryPlan, Vm, VmError};

@@ -140,6 +140,9 @@ pub struct BuildOptions {
     pub serial: SerialOutput,
     /// Where devices, vCPUs and the memory manager post events.
     pub sink: EventSink,
+    /// A restored VM's RAM is a private mapping of this shared snapshot
+    /// memory (a clone, see [`MemoryManager::clone_of`]).
+    pub shared_ram: Option<memory::SharedRam>,
     /// How the VM's threads (vCPUs, fault handler, prefetch, page store)
     /// are sandboxed; each installs its filter before it does anything.
     pub seccomp: SeccompMode,
@@ -241,8 +244,23 @@ impl Vm {
 
         // A saved VM's memory manager restores its own layout (and checks it).
         let mut mm = match boot {
-            Boot::Restore(state) => MemoryManager::restore(vm_fd.clone(), &state.memory)?,
-            Boot::Kernel | Boot::Incoming => MemoryManager::new(vm_fd.clone(), config.mem_size)?,
+            Boot::Restore(state) if options.shared_ram.is_some() => {
+                let shared = options
+                    .shared_ram
+                    .as_ref()
+                    .ok_or(VmError::Phase("no shared memory"))?;
+                MemoryManager::clone_of(vm_fd.clone(), &state.memory, shared)?
+            }
+            Boot::Restore(state) => MemoryManager::restore(
+                (vm_fd.clone(), config.memory.backing, config.memory.fault_mode),
+                &state.memory,
+            )?,
+            Boot::Kernel | Boot::Incoming => MemoryManager::with_backing(
+                vm_fd.clone(),
+                config.mem_size,
+                config.memory.backing,
+                config.memory.fault_mode,
+            )?,
         };
         let mut entry = 0;
         if let Some(image) = &kernel_image {

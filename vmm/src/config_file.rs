@@ -8,7 +8,8 @@ use sandbox::SeccompMode;
 use serde::Deserialize;
 use std::path::PathBuf;
 use vmm_core::config::{
-    parse_size, ConfigError, HandlerConfig, HandlerPinning, KernelSource, MemBackend, MemoryConfig, VmConfig,
+    parse_size, ConfigError, FaultMode, HandlerConfig, HandlerPinning, KernelSource, MemBackend, MemBacking,
+    MemoryConfig, VmConfig,
 };
 use vmm_core::placement::parse_cpus;
 
@@ -58,6 +59,10 @@ pub struct ConfigFile {
     pub handler_spin_us: Option<u32>,
     /// CPUs for handler and vCPU threads (`"0,1"`).
     pub cpus: Option<String>,
+    /// Memory backing (`"anon"`, `"memfd"`, `"hugetlb:2M"`).
+    pub mem_backing: Option<String>,
+    /// Fault mode (`"missing"`, `"minor"`).
+    pub fault_mode: Option<String>,
     /// The sandbox: `"kill"`, `"log"` or `"off"` (`docs/seccomp.md`).
     pub seccomp: Option<SeccompMode>,
 }
@@ -95,6 +100,8 @@ impl ConfigFile {
             handler_pinning: other.handler_pinning.or(self.handler_pinning),
             handler_spin_us: other.handler_spin_us.or(self.handler_spin_us),
             cpus: other.cpus.or(self.cpus),
+            mem_backing: other.mem_backing.or(self.mem_backing),
+            fault_mode: other.fault_mode.or(self.fault_mode),
             seccomp: other.seccomp.or(self.seccomp),
         }
     }
@@ -119,6 +126,14 @@ impl ConfigFile {
         let cfg = MemoryConfig {
             backend,
             fault_around: self.fault_around,
+            backing: self
+                .mem_backing
+                .as_deref()
+                .map_or(Ok(MemBacking::Anon), str::parse)?,
+            fault_mode: self
+                .fault_mode
+                .as_deref()
+                .map_or(Ok(FaultMode::Missing), str::parse)?,
             handlers: self.handlers()?,
         };
         cfg.validate()?;

@@ -6,6 +6,7 @@
 use crate::controller::{
     self, ControllerOptions, Event, EventSender, MemoryFaultPolicy, RunOutcome, RunningVm, StartError,
 };
+use crate::snapshot::shared::{SharedError, SharedMemory};
 use crate::snapshot::source::SnapshotSource;
 use crate::snapshot::working_set::{Recording, WorkingSet, WorkingSetError, WORKING_SET};
 use crate::snapshot::{Hasher, Snapshot, SnapshotError, SnapshotKey};
@@ -17,7 +18,9 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use vmm_core::config::{ConfigError, HandlerConfig, MemBackend, MemoryConfig, VmConfig};
+use vmm_core::config::{
+    ConfigError, FaultMode, HandlerConfig, MemBackend, MemBacking, MemoryConfig, VmConfig,
+};
 use vmm_core::memory::{self, LazyPlan, Materializer, MemoryManagerError, PagePrefetch};
 use vmm_core::{Boot, BuildOptions, EventSink, MemoryEvent, MemoryPlan, VmEvent};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -43,6 +46,12 @@ pub enum VmError {
     /// The controller could not start.
     #[error(transparent)]
     Start(#[from] StartError),
+    /// A migration destination on huge pages.
+    #[error("a migration destination cannot use --mem-backing hugetlb yet (pages move in 4 KiB units): use memfd or anon")]
+    HugeDestination,
+    /// A clone's shared snapshot memory.
+    #[error(transparent)]
+    Shared(#[from] SharedError),
     /// The page source of a lazy restore cannot be opened.
     #[error("cannot open the snapshot's memory file: {0}")]
     Source(#[from] ::memory::SourceError),
@@ -90,6 +99,11 @@ pub struct VmOptions {
     /// The snapshot key: snapshots this VM writes are authenticated with it,
     /// and a restore checks its snapshot with it (`--snapshot-key FILE`).
     pub snapshot_key: Option<SnapshotKey>,
+    /// What memory guest RAM of a restored or received VM lives in
+    /// (`--mem-backing`; a boot takes its configuration's).
+    pub backing: MemBacking,
+    /// How its lazily served pages are resolved (`--fault-mode`).
+    pub fault_mode: FaultMode,
     /// A plain run over lazily backed memory: record its working set into
     /// this file (bound to no snapshot; `vmm run --record-working-set FILE`).
     pub record_working_set: Option<PathBuf>,
@@ -119,6 +133,8 @@ impl Default for VmOptions {
             on_memory_fault: MemoryFaultPolicy::End,
             seccomp: SeccompMode::process_default(),
             snapshot_key: None,
+            backing: MemBacking::Anon,
+            fault_mode: FaultMode::Missing,
             record_working_set: None,
             snapshot_at_checkpoint: None,
         }
@@ -147,6 +163,10 @@ pub struct RestoreOptions {
     /// With `lazy`: the fault-handler threads and where they run (the
     /// default: one per CPU used, `vmm_core::placement`).
     pub handlers: HandlerConfig,
+    /// With `lazy`: start a clone: guest RAM is a private mapping of the
+    /// snapshot's memory loaded once into a shared file in this directory
+    /// (`crate::snapshot::shared`), served in MINOR mode.
+    pub clone_dir: Option<PathBuf>,
     /// Hand guest memory to an external page-fault handler listening on this
     /// Unix socket (Firecracker's UFFD handshake, `uffd_handler`) instead.
     pub uffd_socket: Option<PathBuf>,
@@ -205,6 +225,37 @@ fn channel() -> Result<Channel, VmError> {
     Ok(Channel { events, rx, sink })
 }
 
+/// The working set a lazy restore prefetches (`DIR/working-set`, which must
+/// belong to this snapshot) and the recording it makes, as `how` asks.
+fn working_set_plan(
+    snap: &Snapshot,
+    key: Option<&SnapshotKey>,
+    how: &RestoreOptions,
+    mem_size: u64,
+) -> Result<(Option<PagePrefetch>, Option<Arc<Recording>>), VmError> {
+    let working_set = match how.prefetch_working_set {
+        None => None,
+        Some(before_resume) => {
+            let ws = WorkingSet::load(
+                &snap.dir.join(WORKING_SET),
+                &Hasher::new(key),
+                Some(&snap.manifest.digest),
+                mem_size,
+            )?;
+            Some(PagePrefetch {
+                pages: ws.pages.iter().map(|p| p.gpa).collect(),
+                before_resume,
+            })
+        }
+    };
+    let recording = if how.record_working_set {
+        Some(Arc::new(Recording::for_snapshot(snap, key)?))
+    } else {
+        None
+    };
+    Ok((working_set, recording))
+}
+
 impl Vm {
     fn assemble(
         config: &VmConfig,
@@ -214,6 +265,18 @@ impl Vm {
         restored: ControllerState,
         channel: Channel,
     ) -> Result<Vm, VmError> {
+        Self::assemble_with(config, boot, plan, options, restored, channel, None)
+    }
+
+    fn assemble_with(
+        config: &VmConfig,
+        boot: Boot<'_>,
+        plan: MemoryPlan<'_>,
+        options: VmOptions,
+        restored: ControllerState,
+        channel: Channel,
+        shared_ram: Option<memory::SharedRam>,
+    ) -> Result<Vm, VmError> {
         let Channel { events, rx, sink } = channel;
         let core = vmm_core::Vm::build(
             config,
@@ -222,6 +285,7 @@ impl Vm {
             BuildOptions {
                 serial: options.serial.clone(),
                 sink,
+                shared_ram,
                 seccomp: options.seccomp,
             },
         )?;
@@ -285,12 +349,17 @@ impl Vm {
         let snap = Snapshot::open(dir, options.snapshot_key.as_ref())?;
         let ch = channel()?;
         let restored = snap.state.controller.clone();
+        // Eager and external restores copy, so they never serve MINOR faults.
+        let backed = MemoryConfig {
+            backing: options.backing,
+            ..MemoryConfig::default()
+        };
         if (how.record_working_set || how.prefetch_working_set.is_some()) && !how.lazy {
             return Err(VmError::WorkingSetNeedsLazy);
         }
         let mut recording = None;
         let mut vm = if let Some(socket) = &how.uffd_socket {
-            let config = snap.config(MemoryConfig::default())?;
+            let config = snap.config(backed.clone())?;
             let layout = snap.layout();
             if layout.kind == crate::snapshot::LayoutKind::Gpa && layout.regions.len() > 1 {
                 tracing::warn!(
@@ -358,6 +427,48 @@ impl Vm {
                 seccomp,
             ));
             vm
+        } else if let (true, Some(clone_dir)) = (how.lazy, &how.clone_dir) {
+            let shared = Arc::new(SharedMemory::open_or_load(&snap, clone_dir)?);
+            let memory = MemoryConfig {
+                backend: MemBackend::Zero,
+                fault_around: how.fault_around,
+                handlers: how.handlers.clone(),
+                backing: MemBacking::Memfd,
+                fault_mode: FaultMode::Minor,
+            };
+            let config = snap.config(memory)?;
+            let key = options.snapshot_key.as_ref();
+            let (working_set, rec) = working_set_plan(&snap, key, how, config.mem_size)?;
+            recording = rec;
+            let src = ::memory::SharedFileSource::new(
+                shared.file().clone(),
+                format!("clone:{}", shared.path().display()),
+            )
+            .map_err(MemoryManagerError::Notifier)?;
+            let plan = LazyPlan {
+                data_ranges: crate::snapshot::source::SnapshotSource::open(&snap)?.data_ranges(),
+                source: Arc::new(src),
+                fault_around: config.memory.effective_fault_around(),
+                handler_cpus: Vec::new(),
+                spin_us: 0,
+                batch: false,
+                prefetch: false,
+                working_set,
+                observer: recording.as_ref().map(|r| r.observer()),
+            };
+            let shared_ram = memory::SharedRam {
+                file: shared.file().clone(),
+                owner: shared,
+            };
+            Self::assemble_with(
+                &config,
+                Boot::Restore(&snap.state.vm),
+                MemoryPlan::Lazy(plan),
+                options,
+                restored,
+                ch,
+                Some(shared_ram),
+            )?
         } else if how.lazy {
             let memory = MemoryConfig {
                 backend: MemBackend::File {
@@ -366,30 +477,14 @@ impl Vm {
                 },
                 fault_around: how.fault_around,
                 handlers: how.handlers.clone(),
+                backing: options.backing,
+                fault_mode: options.fault_mode,
             };
             let config = snap.config(memory)?;
             let src = SnapshotSource::open(&snap)?;
             let key = options.snapshot_key.as_ref();
-            let working_set = match how.prefetch_working_set {
-                None => None,
-                Some(before_resume) => {
-                    let ws = WorkingSet::load(
-                        &snap.dir.join(WORKING_SET),
-                        &Hasher::new(key),
-                        Some(&snap.manifest.digest),
-                        config.mem_size,
-                    )?;
-                    Some(PagePrefetch {
-                        pages: ws.pages.iter().map(|p| p.gpa).collect(),
-                        before_resume,
-                    })
-                }
-            };
-            recording = if how.record_working_set {
-                Some(Arc::new(Recording::for_snapshot(&snap, key)?))
-            } else {
-                None
-            };
+            let (working_set, rec) = working_set_plan(&snap, key, how, config.mem_size)?;
+            recording = rec;
             let plan = LazyPlan {
                 data_ranges: src.data_ranges(),
                 source: Arc::new(src),
@@ -410,7 +505,7 @@ impl Vm {
                 ch,
             )?
         } else {
-            let config = snap.config(MemoryConfig::default())?;
+            let config = snap.config(backed)?;
             // The snapshot's own error (a bad extent) is the one to report.
             let mut failed = None;
             let mut fill = |ram: &devices::GuestRam| {
@@ -453,7 +548,12 @@ impl Vm {
             backend: MemBackend::Zero,
             fault_around: Some(0),
             handlers,
+            backing: options.backing,
+            fault_mode: options.fault_mode,
         };
+        if matches!(options.backing, MemBacking::Hugetlb(_)) {
+            return Err(VmError::HugeDestination);
+        }
         let config = config.config(memory)?;
         let ch = channel()?;
         // A page its source has not sent is never zero-filled: the VM pauses

@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::mmap::AnonMapping;
-use crate::source::{FileSource, Rule, TestSource, ZeroSource};
+use crate::source::{FileSource, Notifier, Rule, TestSource, ZeroSource};
 use crate::testutil::{pattern, ps, PatternFile};
 use crate::uffd::{Features, RegisterMode};
 
@@ -57,6 +57,7 @@ impl Direct {
 const OFF: CoreConfig = CoreConfig {
     fault_around: 0,
     after_remove: AfterRemove::Zero,
+    page_size: 0,
 };
 
 #[test]
@@ -334,4 +335,61 @@ fn stats_serialize() {
         json.contains("\"faults\":1") && json.contains("\"source\":\"test\""),
         "{json}"
     );
+}
+
+/// Answers `Split` for any run of more than one page, else as `inner`.
+#[derive(Debug)]
+struct SplitRuns {
+    inner: Arc<TestSource>,
+    splits: std::sync::atomic::AtomicU64,
+}
+
+impl PageSource for SplitRuns {
+    fn name(&self) -> &str {
+        "split-runs"
+    }
+    fn fetch(&self, offset: u64, buf: &mut [u8]) -> FetchOutcome {
+        if buf.len() as u64 > ps() {
+            self.splits.fetch_add(1, Ordering::Relaxed);
+            return FetchOutcome::Split;
+        }
+        self.inner.fetch(offset, buf)
+    }
+    fn bulk_cheap(&self) -> bool {
+        true
+    }
+    fn notifier(&self) -> &Notifier {
+        self.inner.notifier()
+    }
+}
+
+#[test]
+fn prefill_fills_runs_skips_present_pages_and_refetches_split_runs_page_by_page() {
+    let d = direct(8, OFF);
+    d.core.resolve(&d.uffd, d.addr(2));
+    assert_eq!(d.core.prefill(&d.uffd, d.addr(0), 8), Ok(7));
+    let s = d.core.stats();
+    assert_eq!(
+        (s.prefilled_pages, s.prefill_runs),
+        (7, 2),
+        "runs [0,2) and [3,8)"
+    );
+    for p in 0..8 {
+        assert_eq!(d.byte(p, 5), pattern(p, 5), "page {p}");
+    }
+    // A source that cannot give runs: the same pages, one fetch each.
+    let e = direct(8, OFF);
+    let split = Arc::new(SplitRuns {
+        inner: e.src.clone(),
+        splits: Default::default(),
+    });
+    let region = e.core.region();
+    let core = RetryCore::new(region, split.clone(), OFF).expect("core");
+    assert_eq!(core.prefill(&e.uffd, e.addr(0), 8), Ok(8));
+    assert_eq!(split.splits.load(Ordering::Relaxed), 1);
+    assert_eq!(core.stats().prefilled_pages, 8);
+    for p in 0..8 {
+        assert_eq!(e.byte(p, 9), pattern(p, 9), "page {p}");
+        assert_eq!(core.page_state(e.addr(p)), Some(PageState::Present));
+    }
 }

@@ -19,6 +19,7 @@ fn file_source(pages: u64) -> (PatternFile, Arc<TestSource>) {
 const NO_AROUND: CoreConfig = CoreConfig {
     fault_around: 0,
     after_remove: AfterRemove::Zero,
+    page_size: 0,
 };
 
 #[test]
@@ -151,6 +152,7 @@ fn fault_around_needs_fewer_events_than_pages() {
     let config = CoreConfig {
         fault_around: 16,
         after_remove: AfterRemove::Zero,
+        page_size: 0,
     };
     let fx = Fixture::start(64, src.clone(), config);
     for p in 0..64 {
@@ -172,6 +174,7 @@ fn fault_around_skips_present_and_bad_neighbours() {
     let config = CoreConfig {
         fault_around: 16,
         after_remove: AfterRemove::Zero,
+        page_size: 0,
     };
     let fx = Fixture::start(32, src.clone(), config);
     // Page 4 mapped behind the core's back: the run copy stops there (EAGAIN
@@ -212,6 +215,7 @@ fn removed_pages_fault_again() {
     let refetch = CoreConfig {
         fault_around: 0,
         after_remove: AfterRemove::Refetch,
+        page_size: 0,
     };
     let fx2 = Fixture::start(8, src2.clone(), refetch);
     assert_eq!(fx2.read(1, 0), pattern(1, 0));
@@ -262,6 +266,7 @@ fn closed_gate_blocks_and_lists_threads_until_opened() {
     let around = CoreConfig {
         fault_around: 4,
         after_remove: AfterRemove::Zero,
+        page_size: 0,
     };
     let fx = Fixture::start_at(8, src.clone(), around, guest_base);
     let (tid_a, a) = touch_with_tid(&fx, 3, 5);

@@ -139,10 +139,15 @@ fn prefill_pages(
             continue;
         };
         let r = core.region();
-        let left = (r.guest_offset + r.size - first) / PAGE_SIZE;
-        let n = usize::try_from(n.min(left)).unwrap_or(0);
+        // In the core's pages (huge pages cover many of these 4 KiB pages).
+        let cps = core.page_size();
+        let lo = (first - r.guest_offset) / cps * cps;
+        let hi = (first - r.guest_offset + n * PAGE_SIZE).div_ceil(cps) * cps;
+        let n = usize::try_from((hi.min(r.size) - lo) / cps).unwrap_or(0);
         let before = core.stats().prefill_runs;
-        filled += core.prefill(uffd, r.host_base + (first - r.guest_offset), n)? as u64;
+        let got = core.prefill(uffd, r.host_base + lo, n)? as u64;
+        // Counted in 4 KiB pages, as the working set lists them.
+        filled += got * (cps / PAGE_SIZE).max(1);
         runs += core.stats().prefill_runs - before;
     }
     Ok((filled, runs))
@@ -192,6 +197,13 @@ pub struct MemoryStats {
     pub total: Stats,
     /// One entry per guest memory region, in guest-physical order.
     pub regions: Vec<Stats>,
+    /// What memory guest RAM lives in (`anon`, `memfd`, `hugetlb:2M`).
+    pub backing: String,
+    /// `missing` or `minor`.
+    pub fault_mode: String,
+    /// How guest RAM's pages are shared at the time of these statistics
+    /// (a clone: shared snapshot pages against its private copies).
+    pub sharing: Option<super::PageSharing>,
     /// The working-set prefetch, once it finished.
     pub working_set_prefetch: Option<PrefetchReport>,
 }
@@ -219,14 +231,29 @@ struct Prefetch {
 }
 
 impl LazyMemory {
-    /// Registers every region of `mem` and starts the handler thread (and the
-    /// prefetch if planned), sandboxed in `seccomp` mode. Call after the
-    /// VMM's own writes to guest memory.
+    /// Registers every region of `mem` (MISSING mode) and starts the handler
+    /// thread (and the prefetch if planned), sandboxed in `seccomp` mode.
+    /// Call after the VMM's own writes to guest memory.
     pub fn start(
         mem: &GuestRam,
         plan: LazyPlan,
         sink: EventSink,
         seccomp: SeccompMode,
+    ) -> Result<LazyMemory, LazyError> {
+        Self::start_with_mode(mem, plan, sink, seccomp, RegisterMode::MISSING, 0)
+    }
+
+    /// [`LazyMemory::start`] registering with `mode` (MISSING|MINOR for a
+    /// memfd served from its page cache, see `super::backing`), the cores
+    /// tracking pages of `page_size` bytes (0: host pages; huge pages on
+    /// hugetlbfs).
+    pub fn start_with_mode(
+        mem: &GuestRam,
+        plan: LazyPlan,
+        sink: EventSink,
+        seccomp: SeccompMode,
+        mode: RegisterMode,
+        page_size: usize,
     ) -> Result<LazyMemory, LazyError> {
         let backend = plan.source.name().to_owned();
         let uffd = Arc::new(Uffd::for_guest_memory().map_err(|source| LazyError::Uffd {
@@ -235,6 +262,7 @@ impl LazyMemory {
         })?);
         let config = CoreConfig {
             fault_around: plan.fault_around as usize,
+            page_size,
             ..CoreConfig::default()
         };
         let mut cores = Vec::new();
@@ -251,7 +279,7 @@ impl LazyMemory {
                 core.observe(o.clone());
             }
             cores.push(core);
-            uffd.register(region.host_base, region.size, RegisterMode::MISSING)
+            uffd.register(region.host_base, region.size, mode)
                 .map_err(|source| LazyError::Uffd {
                     backend: backend.clone(),
                     source,
@@ -449,6 +477,9 @@ impl LazyMemory {
             failures: self.failures().iter().map(ToString::to_string).collect(),
             total: merge(&regions),
             regions,
+            backing: "anon".into(),
+            fault_mode: "missing".into(),
+            sharing: None,
             working_set_prefetch: *self
                 .prefetch_report
                 .lock()
@@ -496,6 +527,7 @@ pub fn merge(stats: &[Stats]) -> Stats {
         t.failures += s.failures;
         t.pages_copied += s.pages_copied;
         t.pages_zeroed += s.pages_zeroed;
+        t.pages_continued += s.pages_continued;
         t.fault_around_pages += s.fault_around_pages;
         t.prefilled_pages += s.prefilled_pages;
         t.prefill_runs += s.prefill_runs;

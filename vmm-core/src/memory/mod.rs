@@ -15,6 +15,7 @@
 //! hands it to userfaultfd, after which the VMM never writes a missing page
 //! from a thread the handler would need.
 
+pub mod backing;
 pub mod dirty;
 pub mod external;
 pub mod lazy;
@@ -22,13 +23,14 @@ pub mod materialize;
 pub mod pages;
 pub mod ram;
 
+pub use backing::{BackingError, PageSharing};
 pub use dirty::{DirtyError, DirtyTracker};
 pub use external::{ExternalMemory, ParkedFault, RegionMapping, WaitingFaults};
 pub use lazy::{BlockedFault, LazyError, LazyMemory, LazyPlan, MemoryStats, PagePrefetch, PrefetchReport};
 pub use materialize::{MaterializeError, Materializer};
 pub use ram::MemoryError;
 
-use crate::config::MemBackend;
+use crate::config::{FaultMode, MemBackend, MemBacking};
 use crate::event::EventSink;
 use ::memory::{FileSource, PageSource, ThreadStats, ZeroSource};
 use abi::layout::{ram_ranges, PAGE_SIZE};
@@ -45,6 +47,9 @@ pub enum MemoryManagerError {
     /// RAM could not be mapped or registered.
     #[error(transparent)]
     Ram(#[from] MemoryError),
+    /// The memfd or huge pages behind guest RAM.
+    #[error(transparent)]
+    Backing(#[from] BackingError),
     /// Lazily served memory could not be set up.
     #[error(transparent)]
     Lazy(#[from] LazyError),
@@ -95,6 +100,26 @@ pub struct MemoryManager {
     ram: GuestRam,
     mem_size: u64,
     vm_fd: Arc<VmFd>,
+    kind: MemBacking,
+    fault_mode: FaultMode,
+    /// The memfd behind guest RAM (memfd and hugetlb backings).
+    file: Option<Arc<std::fs::File>>,
+    /// Guest RAM is a private mapping of `file` (a clone): its page cache
+    /// is shared and never written.
+    clone: bool,
+    /// Whoever owns a clone's shared file; dropped after `ram` is unmapped.
+    _owner: Option<Arc<dyn std::fmt::Debug + Send + Sync>>,
+}
+
+/// A shmem file holding a snapshot's memory by guest-physical address,
+/// shared by clones (see [`MemoryManager::clone_of`]).
+#[derive(Debug, Clone)]
+pub struct SharedRam {
+    /// The file (read-only to clones).
+    pub file: Arc<std::fs::File>,
+    /// Kept alive as long as guest RAM maps the file (it frees the file
+    /// when the last clone is gone).
+    pub owner: Arc<dyn std::fmt::Debug + Send + Sync>,
 }
 
 /// The memory manager's own state: the layout (the contents are saved
@@ -115,14 +140,88 @@ impl MemoryManager {
     /// registers it with the VM as memory slots; plain anonymous memory until
     /// it is handed to userfaultfd.
     pub fn new(vm_fd: Arc<VmFd>, mem_size: u64) -> Result<MemoryManager, MemoryManagerError> {
-        let ram = ram::create_guest_memory(mem_size)?;
+        Self::with_backing(vm_fd, mem_size, MemBacking::Anon, FaultMode::Missing)
+    }
+
+    /// [`MemoryManager::new`] with guest RAM in `kind` of memory, lazily
+    /// served pages resolved as `fault_mode` says (see `backing`).
+    pub fn with_backing(
+        vm_fd: Arc<VmFd>,
+        mem_size: u64,
+        kind: MemBacking,
+        fault_mode: FaultMode,
+    ) -> Result<MemoryManager, MemoryManagerError> {
+        let (ram, file) = match kind {
+            MemBacking::Anon => (ram::create_guest_memory(mem_size)?, None),
+            _ => {
+                let b = backing::create(mem_size, kind)?;
+                (b.ram, b.file)
+            }
+        };
         ram::register_memslots(&vm_fd, &ram)?;
         Ok(MemoryManager {
             backing: Backing::Anon,
             ram,
             mem_size,
             vm_fd,
+            kind,
+            fault_mode,
+            file,
+            clone: false,
+            _owner: None,
         })
+    }
+
+    /// Guest RAM as a private (copy-on-write) mapping of `file`, a shmem
+    /// file that holds a snapshot's memory by guest-physical address and is
+    /// shared with other clones; its faults are served in MINOR mode by a
+    /// [`::memory::SharedFileSource`] (see `vmm::snapshot::shared`).
+    pub fn clone_of(
+        vm_fd: Arc<VmFd>,
+        state: &MemoryState,
+        shared: &SharedRam,
+    ) -> Result<MemoryManager, MemoryManagerError> {
+        check_layout(state)?;
+        let file = shared.file.clone();
+        let ram = backing::map_file(&file, state.mem_size, false, MemBacking::Memfd)?;
+        ram::register_memslots(&vm_fd, &ram)?;
+        Ok(MemoryManager {
+            backing: Backing::Anon,
+            ram,
+            mem_size: state.mem_size,
+            vm_fd,
+            kind: MemBacking::Memfd,
+            fault_mode: FaultMode::Minor,
+            file: Some(file),
+            clone: true,
+            _owner: Some(shared.owner.clone()),
+        })
+    }
+
+    /// Whether guest RAM is a clone's private mapping of a shared file.
+    pub fn is_clone(&self) -> bool {
+        self.clone
+    }
+
+    /// How guest RAM's pages are shared now (`/proc/self/pagemap`).
+    pub fn sharing(&self) -> Option<PageSharing> {
+        backing::page_sharing(&self.ram).ok()
+    }
+
+    /// What memory guest RAM lives in.
+    pub fn kind(&self) -> MemBacking {
+        self.kind
+    }
+
+    /// How lazily served pages are resolved.
+    pub fn fault_mode(&self) -> FaultMode {
+        self.fault_mode
+    }
+
+    /// The memfd behind guest RAM (laid out by guest-physical address), for
+    /// the memfd and hugetlb backings.
+    pub fn file(&self) -> Option<&Arc<std::fs::File>> {
+        self.file.as_ref()
     }
 
     /// Guest RAM.
@@ -136,17 +235,40 @@ impl MemoryManager {
     }
 
     /// Serves guest RAM through userfaultfd and the retry core from now on.
+    /// In MINOR mode the plan's source is wrapped in a
+    /// [`::memory::PageCacheSource`]: its pages go into the memfd and faults
+    /// are resolved with UFFDIO_CONTINUE (registered MISSING|MINOR).
     /// Its threads (handler, prefetch) are sandboxed in `seccomp` mode.
     pub fn serve_lazily(
         &mut self,
-        plan: LazyPlan,
+        mut plan: LazyPlan,
         sink: EventSink,
         seccomp: sandbox::SeccompMode,
     ) -> Result<(), MemoryManagerError> {
         if !matches!(self.backing, Backing::Anon) {
             return Err(MemoryManagerError::AlreadyServed(self.backing.name()));
         }
-        self.backing = Backing::Lazy(LazyMemory::start(&self.ram, plan, sink, seccomp)?);
+        // Huge pages: the cores track, fetch and fill whole huge pages (no
+        // fault-around: one is 512 small pages already).
+        let page_size = match self.kind {
+            MemBacking::Hugetlb(h) => {
+                plan.fault_around = 0;
+                usize::try_from(h.bytes()).unwrap_or(usize::MAX)
+            }
+            _ => 0,
+        };
+        let mode = match (self.fault_mode, &self.file) {
+            // A clone's source answers from the shared file itself.
+            (FaultMode::Minor, Some(_)) if self.clone => ::memory::RegisterMode::MISSING_MINOR,
+            (FaultMode::Minor, Some(file)) => {
+                plan.source = Arc::new(::memory::PageCacheSource::new(plan.source, file.clone()));
+                ::memory::RegisterMode::MISSING_MINOR
+            }
+            _ => ::memory::RegisterMode::MISSING,
+        };
+        self.backing = Backing::Lazy(LazyMemory::start_with_mode(
+            &self.ram, plan, sink, seccomp, mode, page_size,
+        )?);
         Ok(())
     }
 
@@ -217,9 +339,15 @@ impl MemoryManager {
         }
     }
 
-    /// Statistics of lazily served memory.
+    /// Statistics of lazily served memory (with how its pages are shared).
     pub fn stats(&self) -> Option<MemoryStats> {
-        self.lazy().map(LazyMemory::stats)
+        self.lazy().map(|l| {
+            let mut s = l.stats();
+            s.backing = self.kind.to_string();
+            s.fault_mode = self.fault_mode.to_string();
+            s.sharing = self.sharing();
+            s
+        })
     }
 
     /// Wakes vCPUs stuck on pages that cannot be served by unregistering
@@ -287,7 +415,9 @@ pub fn plan_for_backend(
 
 impl Persist for MemoryManager {
     type State = MemoryState;
-    type ConstructorArgs = Arc<VmFd>;
+    /// The VM, and the memory and fault mode guest RAM gets (a snapshot
+    /// restores into any backing).
+    type ConstructorArgs = (Arc<VmFd>, MemBacking, FaultMode);
     type Error = MemoryManagerError;
 
     fn save(&self) -> Result<MemoryState, MemoryManagerError> {
@@ -303,23 +433,32 @@ impl Persist for MemoryManager {
     }
 
     /// Maps RAM with the saved layout (anonymous: the contents come next).
-    fn restore(vm_fd: Arc<VmFd>, state: &MemoryState) -> Result<MemoryManager, MemoryManagerError> {
-        if state.page_size != PAGE_SIZE {
-            return Err(MemoryManagerError::Layout(format!(
-                "saved in {}-byte pages, this VMM uses {PAGE_SIZE}",
-                state.page_size
-            )));
-        }
-        let expected: Vec<(u64, u64)> = ram_ranges(state.mem_size)
-            .into_iter()
-            .filter(|&(_, l)| l > 0)
-            .collect();
-        if state.regions != expected {
-            return Err(MemoryManagerError::Layout(format!(
-                "regions {:x?} are not the layout of {} bytes of RAM ({expected:x?})",
-                state.regions, state.mem_size
-            )));
-        }
-        MemoryManager::new(vm_fd, state.mem_size)
+    fn restore(
+        (vm_fd, kind, fault_mode): (Arc<VmFd>, MemBacking, FaultMode),
+        state: &MemoryState,
+    ) -> Result<MemoryManager, MemoryManagerError> {
+        check_layout(state)?;
+        MemoryManager::with_backing(vm_fd, state.mem_size, kind, fault_mode)
     }
+}
+
+/// Checks a saved layout against this VMM's.
+fn check_layout(state: &MemoryState) -> Result<(), MemoryManagerError> {
+    if state.page_size != PAGE_SIZE {
+        return Err(MemoryManagerError::Layout(format!(
+            "saved in {}-byte pages, this VMM uses {PAGE_SIZE}",
+            state.page_size
+        )));
+    }
+    let expected: Vec<(u64, u64)> = ram_ranges(state.mem_size)
+        .into_iter()
+        .filter(|&(_, l)| l > 0)
+        .collect();
+    if state.regions != expected {
+        return Err(MemoryManagerError::Layout(format!(
+            "regions {:x?} are not the layout of {} bytes of RAM ({expected:x?})",
+            state.regions, state.mem_size
+        )));
+    }
+    Ok(())
 }

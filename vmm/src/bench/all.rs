@@ -29,7 +29,7 @@ pub fn scaling(pages: u64, progress: &mut dyn FnMut(&str)) -> Result<Vec<Scaling
         let memory = MemoryConfig {
             backend: MemBackend::Zero,
             fault_around: Some(0),
-            handlers: Default::default(),
+            ..MemoryConfig::default()
         };
         let (o, khz) = guest_touch_run(vcpus, pages, true, memory, SeccompMode::Kill)?;
         let secs = |cycles: u64| cycles as f64 / f64::from(khz) / 1e3;
@@ -84,7 +84,7 @@ pub fn all(fault_opts: FaultBenchOptions, progress: &mut dyn FnMut(&str)) -> Res
     let memory = MemoryConfig {
         backend: MemBackend::Zero,
         fault_around: Some(0),
-        handlers: Default::default(),
+        ..MemoryConfig::default()
     };
     let (o, _) = guest_touch_run(1, fault_opts.pages, true, memory, SeccompMode::Kill)?;
     let latency_us_log2 = o

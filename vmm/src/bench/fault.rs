@@ -82,6 +82,11 @@ pub struct FaultBench {
     pub snapshot_seq_no_fault_around: Figure,
     /// The same with fault-around 16.
     pub snapshot_seq_fault_around_16: Figure,
+    /// Guest random touches of demand-zero pages (fault-around off) per
+    /// memory backing and fault mode, runs interleaved across the variants:
+    /// `(backing/mode, figure)`; hugetlb only where 2 MiB pages are free
+    /// (without userfaults: lazy serving on hugetlb is not built yet).
+    pub backings: Vec<(String, Figure)>,
 }
 
 fn pattern_name(rand: bool) -> &'static str {
@@ -212,7 +217,7 @@ pub fn fault(opts: FaultBenchOptions, progress: &mut dyn FnMut(&str)) -> Result<
     let lazy = |backend, fa| MemoryConfig {
         backend,
         fault_around: Some(fa),
-        handlers: Default::default(),
+        ..MemoryConfig::default()
     };
     progress("raw userfaultfd round trip");
     let raw_uffd = raw(n, pages, None)?;
@@ -270,6 +275,8 @@ pub fn fault(opts: FaultBenchOptions, progress: &mut dyn FnMut(&str)) -> Result<
     let snapshot_seq_no_fault_around = repeat(n, || checked(0))?;
     progress("sequential restore from a snapshot (pages hashed), fault-around 16");
     let snapshot_seq_fault_around_16 = repeat(n, || checked(16))?;
+    progress("guest random touches per memory backing and fault mode");
+    let backings = per_backing(n, pages)?;
     let best = file_seq_fault_around
         .iter()
         .map(|(_, f)| f.median_us)
@@ -294,6 +301,7 @@ pub fn fault(opts: FaultBenchOptions, progress: &mut dyn FnMut(&str)) -> Result<
         file_seq_fault_around,
         snapshot_seq_no_fault_around,
         snapshot_seq_fault_around_16,
+        backings,
     })
 }
 
@@ -321,6 +329,57 @@ fn hashed_source(path: &std::path::Path, len: u64) -> Result<Arc<dyn ::memory::P
         }
     })?;
     Ok(Arc::new(src))
+}
+
+/// The variants of [`FaultBench::backings`], interleaved run by run so load
+/// from elsewhere falls on all of them alike.
+fn per_backing(n: u32, pages: u64) -> Result<Vec<(String, Figure)>, BenchError> {
+    use vmm_core::{FaultMode, HugePageSize, MemBacking};
+    let mem = |backend, backing, fault_mode| MemoryConfig {
+        backend,
+        fault_around: Some(0),
+        backing,
+        fault_mode,
+        ..MemoryConfig::default()
+    };
+    let mut variants = vec![
+        ("anon, no userfault", MemoryConfig::default()),
+        (
+            "anon, MISSING (UFFDIO_COPY/ZEROPAGE)",
+            mem(MemBackend::Zero, MemBacking::Anon, FaultMode::Missing),
+        ),
+        (
+            "memfd, no userfault",
+            mem(MemBackend::Anon, MemBacking::Memfd, FaultMode::Missing),
+        ),
+        (
+            "memfd, MISSING (UFFDIO_COPY/ZEROPAGE)",
+            mem(MemBackend::Zero, MemBacking::Memfd, FaultMode::Missing),
+        ),
+        (
+            "memfd, MINOR (fallocate + UFFDIO_CONTINUE)",
+            mem(MemBackend::Zero, MemBacking::Memfd, FaultMode::Minor),
+        ),
+    ];
+    let huge = MemBacking::Hugetlb(HugePageSize::Size2M);
+    let needed = (pages * abi::layout::PAGE_SIZE * 2 + (128 << 20)).next_multiple_of(2 << 20) >> 21;
+    if vmm_core::memory::backing::huge_pool(HugePageSize::Size2M).is_some_and(|(_, free)| free >= needed) {
+        variants.push((
+            "hugetlb 2M, no userfault",
+            mem(MemBackend::Anon, huge, FaultMode::Missing),
+        ));
+    }
+    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
+    for _ in 0..n.max(1) {
+        for (i, (_, m)) in variants.iter().enumerate() {
+            samples[i].push(guest_touch(pages, true, m.clone(), SeccompMode::Kill)?);
+        }
+    }
+    Ok(variants
+        .into_iter()
+        .zip(samples)
+        .map(|((name, _), s)| (name.to_owned(), Figure::of(s)))
+        .collect())
 }
 
 impl std::fmt::Display for FaultBench {
@@ -423,6 +482,13 @@ impl std::fmt::Display for FaultBench {
             self.snapshot_seq_no_fault_around.median_us / self.file_seq_no_fault_around.median_us,
             self.snapshot_seq_fault_around_16.median_us / around16
         )?;
+        writeln!(
+            f,
+            "  per backing, guest rand touch of demand-zero pages, fault-around off (interleaved):"
+        )?;
+        for (name, x) in &self.backings {
+            row(f, &format!("  {name}"), x)?;
+        }
         // demand_paging_test style (tools/testing/selftests/kvm).
         writeln!(
             f,

@@ -1,11 +1,12 @@
 //! `vmm bench`: benchmarks, each next to its baseline measured in the same
 //! run, one file per benchmark: [`fault`], [`boot`], [`guest_fault`],
-//! [`restore`], [`migrate`], and [`all`] (everything, plus throughput by vCPU
+//! [`restore`], [`migrate`], [`clones`], and [`all`] (everything, plus throughput by vCPU
 //! count); [`minimal`] is the minimal-VM baseline of the fault benchmark and
 //! [`plot`] draws the charts.
 
 pub mod all;
 pub mod boot;
+pub mod clones;
 pub mod fault;
 pub mod guest_fault;
 pub mod migrate;
@@ -17,6 +18,7 @@ pub mod working_set;
 
 pub use all::{all, scaling, AllBench, Scaling};
 pub use boot::{boot, BootBench, BootBenchOptions};
+pub use clones::{clones, CloneFigure, ClonesBench};
 pub use fault::{fault, FaultBench, FaultBenchOptions};
 pub use guest_fault::{guest_fault, parse_guest_bench, GuestFaultBench};
 pub use migrate::{migrate, migrate_push_orders, migrate_with, MigrateBench, MigrateRun};

@@ -189,6 +189,7 @@ fn memory(handlers: HandlerConfig) -> MemoryConfig {
         backend: MemBackend::Zero,
         fault_around: Some(0),
         handlers,
+        ..MemoryConfig::default()
     }
 }
 

@@ -105,6 +105,10 @@ pub(crate) enum BenchCommand {
     /// Snapshot restore to running vCPUs for 64 MiB, 1 GiB and 4 GiB guests,
     /// lazily (memory through the retry core) and eagerly.
     Restore(BenchArgs),
+    /// Memory of N = 1, 2, 4, 8 clones of one 1 GiB snapshot (restore
+    /// --lazy --clone; the guest rewrites 16 MiB, reads back 256 MiB)
+    /// against the ideal measured in the same run, and /proc/meminfo deltas.
+    Clones(BenchArgs),
     /// A FaaS-like cold start (1 GiB guest, 64k state pages, one invocation
     /// touching W = 5/25/50% of them, rand and zipf): eager, lazy on demand
     /// (fault-around 16 and 0), working-set prefetch before and while
@@ -149,6 +153,43 @@ pub(crate) enum BenchCommand {
     },
 }
 
+/// What memory guest RAM lives in and how its lazily served pages are resolved.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub(crate) struct BackingArgs {
+    /// What memory guest RAM lives in: `anon` (private anonymous memory,
+    /// default), `memfd` (a shared mapping of a memfd: shmem page cache) or
+    /// `hugetlb[:2M|1G]` (huge pages; reserve them first). Orthogonal to
+    /// --mem-backend (where the contents come from); see docs/memory-backings.md.
+    #[arg(long, value_name = "BACKING")]
+    pub(crate) mem_backing: Option<String>,
+    /// How lazily served pages are resolved: `missing` (copied into guest
+    /// RAM with UFFDIO_COPY, default) or `minor` (written into the memfd's
+    /// page cache, mapped with UFFDIO_CONTINUE; needs --mem-backing memfd).
+    #[arg(long, value_name = "MODE")]
+    pub(crate) fault_mode: Option<String>,
+}
+
+impl BackingArgs {
+    /// The typed values (defaults where not given), checked together.
+    pub(crate) fn parse(&self) -> Result<(vmm_core::MemBacking, vmm_core::FaultMode), vmm_core::ConfigError> {
+        let backing = self
+            .mem_backing
+            .as_deref()
+            .map_or(Ok(vmm_core::MemBacking::Anon), str::parse)?;
+        let mode = self
+            .fault_mode
+            .as_deref()
+            .map_or(Ok(vmm_core::FaultMode::Missing), str::parse)?;
+        let memory = vmm_core::MemoryConfig {
+            backing,
+            fault_mode: mode,
+            ..vmm_core::MemoryConfig::default()
+        };
+        memory.validate()?;
+        Ok((backing, mode))
+    }
+}
+
 #[derive(clap::Args, Debug)]
 pub(crate) struct RunArgs {
     /// Guest kernel ELF (x86_64, loaded at its physical addresses).
@@ -175,11 +216,14 @@ pub(crate) struct RunArgs {
     /// The fault-handler threads and their placement.
     #[command(flatten)]
     pub(crate) handlers: HandlerArgs,
+    #[command(flatten)]
+    pub(crate) backing: BackingArgs,
     /// Write run statistics (vCPUs, retry core, fault latency) as JSON to FILE, or `-` for stdout.
     #[arg(long, value_name = "FILE")]
     pub(crate) stats: Option<PathBuf>,
     /// TOML file with any of: kernel, vcpus, mem, cmdline, mem_backend, fault_around,
-    /// fault_handlers, handler_pinning, handler_spin_us, cpus, seccomp (flags override it).
+    /// fault_handlers, handler_pinning, handler_spin_us, cpus, mem_backing, fault_mode,
+    /// seccomp (flags override it).
     #[arg(long)]
     pub(crate) config: Option<PathBuf>,
     /// Give up after this many seconds (exit code 11).
@@ -437,6 +481,8 @@ pub(crate) struct ReceiveArgs {
     /// Serve a Unix control socket at PATH once the VM runs.
     #[arg(long, value_name = "PATH")]
     pub(crate) control: Option<PathBuf>,
+    #[command(flatten)]
+    pub(crate) backing: BackingArgs,
     /// Snapshot key (32 raw bytes or 64 hex digits): snapshots are
     /// authenticated with it (keyed BLAKE3) and restores check it.
     #[arg(long, value_name = "FILE")]
@@ -480,6 +526,18 @@ pub(crate) struct RestoreArgs {
     /// With --lazy: the fault-handler threads and their placement.
     #[command(flatten)]
     pub(crate) handlers: HandlerArgs,
+    /// With --lazy: start a clone. The snapshot's memory is loaded once into
+    /// a shared file on tmpfs (by the first clone; freed by the last) and
+    /// every clone maps it privately: reads share its pages (MINOR faults),
+    /// writes copy them. `--stats` shows shared and private pages.
+    #[arg(long, requires = "lazy", conflicts_with_all = ["prefetch", "mem_backing", "fault_mode"])]
+    pub(crate) clone: bool,
+    /// With --clone: the owner-only directory of the shared files (default
+    /// /dev/shm/vmm-clones-UID).
+    #[arg(long, value_name = "DIR", requires = "clone")]
+    pub(crate) clone_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub(crate) backing: BackingArgs,
     /// `uffd:SOCKET`: hand guest memory to an external page-fault handler
     /// (Firecracker's UFFD handshake: JSON mappings + the userfaultfd over
     /// SOCKET, the connection held open for the VM's life); region offsets

@@ -11,6 +11,7 @@ pub fn bench(cmd: BenchCommand) -> i32 {
         | BenchCommand::Fault { args: a, .. }
         | BenchCommand::GuestFault(a)
         | BenchCommand::Restore(a)
+        | BenchCommand::Clones(a)
         | BenchCommand::WorkingSet(a)
         | BenchCommand::Migrate { args: a, .. }
         | BenchCommand::All { args: a, .. } => a,
@@ -32,6 +33,7 @@ pub fn bench(cmd: BenchCommand) -> i32 {
         BenchCommand::Restore(a) => {
             vmm::bench::restore(a.repeats, &mut progress).map(|r| print_result(&r, a.json))
         }
+        BenchCommand::Clones(a) => vmm::bench::clones(&mut progress).map(|r| print_result(&r, a.json)),
         BenchCommand::WorkingSet(a) => {
             vmm::bench::working_set(a.repeats, &mut progress).map(|r| print_result(&r, a.json))
         }

@@ -68,8 +68,17 @@ pub fn receive(args: ReceiveArgs) -> i32 {
         Ok(vmm::migration::Endpoint::Unix(p)) => Some(vmm::signals::remove_on_exit(&p)),
         _ => None,
     };
+    let (backing, fault_mode) = match args.backing.parse() {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("vmm: error: {e}");
+            return EXIT_VMM_ERROR;
+        }
+    };
     let options = ReceiveOptions {
         vm: VmOptions {
+            backing,
+            fault_mode,
             stdin: true,
             timeout,
             shutdown_signals: true,

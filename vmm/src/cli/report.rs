@@ -55,9 +55,15 @@ pub fn report(config: &VmConfig, outcome: &vmm::RunOutcome, stats: Option<&mut S
     if let Some(m) = &outcome.memory {
         let t = &m.total;
         println!(
-            "vmm: memory {}: {} faults served ({} zero pages, {} copied, {} by fault-around), {} retries",
-            m.backend, t.faults, t.pages_zeroed, t.pages_copied, t.fault_around_pages, t.retries_total
+            "vmm: memory {}: {} faults served ({} zero pages, {} copied, {} continued from the page cache, {} by fault-around), {} retries",
+            m.backend, t.faults, t.pages_zeroed, t.pages_copied, t.pages_continued, t.fault_around_pages, t.retries_total
         );
+        if let Some(s) = &m.sharing {
+            println!(
+                "vmm: guest RAM ({}, {}): {} shared pages, {} private pages, {} zero pages",
+                m.backing, m.fault_mode, s.shared_pages, s.private_pages, s.zero_pages
+            );
+        }
     }
     if let Some(m) = &outcome.memory {
         if let Some(p) = &m.working_set_prefetch {

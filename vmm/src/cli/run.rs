@@ -21,6 +21,8 @@ fn config_from(args: &RunArgs) -> Result<(VmConfig, Option<SeccompMode>), vmm::c
         cmdline: args.cmdline.clone(),
         mem_backend: args.mem_backend.clone(),
         fault_around: args.fault_around,
+        mem_backing: args.backing.mem_backing.clone(),
+        fault_mode: args.backing.fault_mode.clone(),
         seccomp: args.seccomp,
         ..args.handlers.as_file()
     };
@@ -133,6 +135,18 @@ pub fn restore(args: RestoreArgs) -> i32 {
         },
         ..Default::default()
     };
+    let (backing, fault_mode) = match args.backing.parse() {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("vmm: error: {e}");
+            return EXIT_VMM_ERROR;
+        }
+    };
+    let options = VmOptions {
+        backing,
+        fault_mode,
+        ..options
+    };
     let grace = super::seconds("--handler-grace", args.handler_grace, true);
     let stall = super::seconds("--handler-stall", args.handler_stall, true);
     let (handler_grace, handler_stall) = match (grace, stall) {
@@ -173,6 +187,11 @@ pub fn restore(args: RestoreArgs) -> i32 {
         prefetch,
         fault_around: args.fault_around,
         handlers,
+        clone_dir: args.clone.then(|| {
+            args.clone_dir
+                .clone()
+                .unwrap_or_else(vmm::snapshot::shared::default_dir)
+        }),
         uffd_socket: match args.mem_backend.as_deref().map(|b| b.strip_prefix("uffd:")) {
             None => None,
             Some(Some(path)) if !path.is_empty() => Some(PathBuf::from(path)),
@@ -196,6 +215,7 @@ pub fn restore(args: RestoreArgs) -> i32 {
             "memory served by the external page-fault handler at {}",
             sock.display()
         ),
+        None if args.clone => "a clone: shared snapshot memory".into(),
         None if args.lazy => "lazy memory".into(),
         None => "eager memory".into(),
     };

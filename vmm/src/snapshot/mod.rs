@@ -32,6 +32,7 @@
 pub mod format;
 pub mod memory;
 pub mod open;
+pub mod shared;
 pub mod source;
 pub mod working_set;
 pub mod write;

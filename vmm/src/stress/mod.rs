@@ -171,8 +171,10 @@ pub fn run(opts: StressOptions, progress: &mut dyn FnMut(&str)) -> Result<Stress
         let plan = plan(opts.seed, index, opts.vcpus);
         run_one(&opts, index, &plan, &mut report)?;
         progress(&format!(
-            "run {index}: {} ({} events, {} handler threads, pinning {}) -> {} faults so far, {} errors",
+            "run {index}: {} on {} {} ({} events, {} handler threads, pinning {}) -> {} faults so far, {} errors",
             plan.cmdline,
+            plan.backing.0,
+            plan.backing.1,
             plan.schedule.len(),
             plan.handler_threads,
             plan.handler_pinning,
@@ -209,6 +211,8 @@ fn run_one(
                 pinning: plan.handler_pinning.parse().unwrap_or_default(),
                 ..crate::config::HandlerConfig::default()
             },
+            backing: plan.backing.0.parse().unwrap_or_default(),
+            fault_mode: plan.backing.1.parse().unwrap_or_default(),
         },
     };
     let source = Arc::new(ChaosSource::new(opts.seed ^ index).map_err(StressError::Source)?);
@@ -449,6 +453,8 @@ fn restore_to_completion(cfg: &VmConfig, dir: &std::path::Path, ws: RestoreHow) 
     let options = VmOptions {
         serial: SerialOutput::Capture(console.clone()),
         timeout: Some(Duration::from_secs(120)),
+        backing: cfg.memory.backing,
+        fault_mode: cfg.memory.fault_mode,
         ..VmOptions::default()
     };
     let how = crate::vm::RestoreOptions {

@@ -40,6 +40,9 @@ pub struct RunPlan {
     pub handler_threads: u32,
     /// Their pinning (`--handler-pinning`).
     pub handler_pinning: String,
+    /// Guest RAM's backing (`anon`, `memfd`) and fault mode (`missing`,
+    /// `minor`), also for the restore of a snapshot taken in the run.
+    pub backing: (String, String),
     /// Injected events, at milliseconds after the start.
     pub schedule: Vec<(u32, StormEvent)>,
 }
@@ -125,6 +128,9 @@ pub fn plan(seed: u64, index: u64, vcpus: u32) -> RunPlan {
         ));
     }
     schedule.sort_by_key(|&(at, _)| at);
+    // Drawn last, so the plans of earlier seeds keep their other choices.
+    let (b, m) = [("anon", "missing"), ("memfd", "missing"), ("memfd", "minor")]
+        [usize::try_from(rng.below(3)).unwrap_or(0)];
     // A stream of its own, so the rest of a seed's plan stays as it was.
     let mut hr = Rng(mix64(
         seed ^ index.wrapping_mul(0x2545_f491_4f6c_dd1d) ^ 0x68616e64,
@@ -137,6 +143,7 @@ pub fn plan(seed: u64, index: u64, vcpus: u32) -> RunPlan {
         fault_around,
         handler_threads,
         handler_pinning,
+        backing: (b.into(), m.into()),
         schedule,
     }
 }
