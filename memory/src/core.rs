@@ -168,6 +168,8 @@ pub enum ResolvedBy {
     AlreadyPresent,
     /// Another handler thread is filling it; its fill wakes this fault.
     InFlightElsewhere,
+    /// A write-protect fault: the page was saved, then unprotected (`wp`).
+    WriteUnprotected,
 }
 
 /// The result of one attempt at a fault.

@@ -39,6 +39,7 @@ pub mod histogram;
 pub mod mmap;
 pub mod source;
 pub mod uffd;
+pub mod wp;
 
 #[cfg(test)]
 #[allow(clippy::cast_possible_truncation)] // test sizes are small

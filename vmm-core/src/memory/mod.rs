@@ -18,6 +18,7 @@
 pub mod dirty;
 pub mod external;
 pub mod lazy;
+pub mod live;
 pub mod materialize;
 pub mod pages;
 pub mod ram;
@@ -25,6 +26,7 @@ pub mod ram;
 pub use dirty::{DirtyError, DirtyTracker};
 pub use external::{ExternalMemory, ParkedFault, RegionMapping, WaitingFaults};
 pub use lazy::{BlockedFault, LazyError, LazyMemory, LazyPlan, MemoryStats};
+pub use live::{LiveError, WpMode, WpSession};
 pub use materialize::{MaterializeError, Materializer};
 pub use ram::MemoryError;
 
@@ -92,6 +94,9 @@ impl Backing {
 pub struct MemoryManager {
     // Declared before `ram` so it drops first: its handler fills pages of that mapping.
     backing: Backing,
+    /// Write protection of a live snapshot in progress (its blocked writers
+    /// are reported with the backing's).
+    live: Option<Arc<WpSession>>,
     ram: GuestRam,
     mem_size: u64,
     vm_fd: Arc<VmFd>,
@@ -119,6 +124,7 @@ impl MemoryManager {
         ram::register_memslots(&vm_fd, &ram)?;
         Ok(MemoryManager {
             backing: Backing::Anon,
+            live: None,
             ram,
             mem_size,
             vm_fd,
@@ -187,10 +193,44 @@ impl MemoryManager {
     /// the threads of this process blocked in a userfault, see
     /// [`ExternalMemory::blocked`]).
     pub fn blocked(&self) -> Vec<BlockedFault> {
-        match &self.backing {
+        let mut b = match &self.backing {
             Backing::Lazy(l) => l.blocked(),
             Backing::External(e) => e.blocked(),
             Backing::Anon => Vec::new(),
+        };
+        if let Some(live) = &self.live {
+            b.extend(live.blocked());
+        }
+        b
+    }
+
+    /// Whether RAM is plain anonymous memory (what a live snapshot can
+    /// write-protect).
+    pub fn is_anonymous(&self) -> bool {
+        matches!(self.backing, Backing::Anon)
+    }
+
+    /// Starts write-protecting RAM for a live snapshot (see [`live`]); the
+    /// vCPUs and devices must be paused.
+    pub fn start_live(
+        &mut self,
+        mode: WpMode,
+        buffer_pages: usize,
+        sink: EventSink,
+    ) -> Result<Arc<WpSession>, LiveError> {
+        if let Some(old) = self.live.take() {
+            old.end();
+        }
+        let s = Arc::new(WpSession::start(&self.ram, mode, buffer_pages, sink)?);
+        self.live = Some(s.clone());
+        Ok(s)
+    }
+
+    /// Ends the live snapshot's write protection, if any (every blocked
+    /// writer goes on).
+    pub fn end_live(&mut self) {
+        if let Some(s) = self.live.take() {
+            s.end();
         }
     }
 
@@ -229,6 +269,7 @@ impl MemoryManager {
 
     /// Stops the userfault handler (the end of a run).
     pub fn stop(&mut self) {
+        self.end_live();
         if let Backing::Lazy(l) = &mut self.backing {
             l.stop();
         }
