@@ -40,7 +40,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::ioctl::ioctl_with_mut_ref;
 
@@ -73,7 +73,13 @@ const _: () = assert!(std::mem::size_of::<UffdioWriteprotect>() == 24);
 /// Protects (`protect`) or unprotects `[start, start + len)` (page aligned,
 /// registered with [`REGISTER_WP`]). Unprotecting wakes the threads blocked
 /// on the range unless `dontwake`.
-pub fn write_protect(uffd: &Uffd, start: u64, len: u64, protect: bool, dontwake: bool) -> Result<(), UffdError> {
+pub fn write_protect(
+    uffd: &Uffd,
+    start: u64,
+    len: u64,
+    protect: bool,
+    dontwake: bool,
+) -> Result<(), UffdError> {
     let mut mode = 0;
     if protect {
         mode |= UFFDIO_WRITEPROTECT_MODE_WP;
@@ -221,7 +227,8 @@ pub fn pagemap_scan_available() -> bool {
     let mut out = Vec::new();
     let probe = vec![0u8; 2 * crate::page_size()];
     let start = (probe.as_ptr() as u64).next_multiple_of(page);
-    p.scan(start, start + page, ScanQuery::default(), &mut out).is_ok()
+    p.scan(start, start + page, ScanQuery::default(), &mut out)
+        .is_ok()
 }
 
 const UNTRACKED: u8 = 0;
@@ -330,7 +337,10 @@ impl WpCore {
         self.regions.iter().enumerate().find_map(|(i, r)| {
             (gpa >= r.guest_offset && gpa - r.guest_offset < r.size).then(|| {
                 let off = (gpa - r.guest_offset) / page;
-                (self.first[i] + usize::try_from(off).unwrap_or(0), r.host_base + off * page)
+                (
+                    self.first[i] + usize::try_from(off).unwrap_or(0),
+                    r.host_base + off * page,
+                )
             })
         })
     }
@@ -382,14 +392,15 @@ impl WpCore {
                 message: format!("the live snapshot failed ({why}); the write stays blocked until the snapshot is abandoned"),
             });
         }
-        let unprotect = |by: ResolvedBy, pages: usize| match write_protect(uffd, host, self.page as u64, false, false) {
-            Ok(()) => FaultOutcome::Resolved { pages, by },
-            Err(e) => FaultOutcome::Failed(FaultError::Fill {
-                guest_addr: gpa,
-                host_addr: host,
-                message: e.to_string(),
-            }),
-        };
+        let unprotect =
+            |by: ResolvedBy, pages: usize| match write_protect(uffd, host, self.page as u64, false, false) {
+                Ok(()) => FaultOutcome::Resolved { pages, by },
+                Err(e) => FaultOutcome::Failed(FaultError::Fill {
+                    guest_addr: gpa,
+                    host_addr: host,
+                    message: e.to_string(),
+                }),
+            };
         match self.states[idx].load(Ordering::Acquire) {
             PENDING => {
                 let mut buf = lock(&self.buffer);
@@ -565,11 +576,7 @@ impl WpHandlerControl {
         let mut out: Vec<BlockedFault> = parked
             .iter()
             .flat_map(|(&addr, ws)| {
-                let guest = self
-                    .core
-                    .locate_host(addr)
-                    .map(|(_, _, g)| g)
-                    .unwrap_or(addr);
+                let guest = self.core.locate_host(addr).map(|(_, _, g)| g).unwrap_or(addr);
                 ws.iter().map(move |w| BlockedFault {
                     tid: w.tid,
                     addr,
@@ -588,7 +595,9 @@ impl WpHandlerControl {
 
 impl std::fmt::Debug for WpHandler {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WpHandler").field("core", &self.core).finish_non_exhaustive()
+        f.debug_struct("WpHandler")
+            .field("core", &self.core)
+            .finish_non_exhaustive()
     }
 }
 

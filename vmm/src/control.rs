@@ -91,6 +91,17 @@ pub enum Request {
         /// What to do after it (default: back to how the VM was).
         #[serde(default)]
         then: AfterSnapshot,
+        /// Live: pause only to capture the state and write-protect memory,
+        /// save memory while the guest runs (docs/live-snapshot.md).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        live: bool,
+        /// Live: how memory is write-protected (`present`, `unpopulated`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        wp_mode: Option<vmm_core::memory::WpMode>,
+        /// Live, consistency check: also write a stop-the-world snapshot
+        /// of the same instant here (absolute path).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reference: Option<PathBuf>,
     },
     /// Post-copy live migration to `unix:PATH` or `tcp:ADDR:PORT`
     /// (answered when every page is sent; docs/migration.md).
@@ -212,13 +223,15 @@ pub fn decode(line: &[u8]) -> Result<Request, DecodeError> {
 
 /// Carries out a request on the VM.
 pub fn execute(vm: &VmHandle, req: &Request) -> Response {
-    if let Request::Snapshot { to, .. } = req {
+    if let Request::Snapshot { to, reference, .. } = req {
         // Relative to what? The VMM's working directory is no answer.
-        if !to.is_absolute() {
-            return Response::err(format!(
-                "snapshot directory `{}` is not an absolute path; give one (vmm ctl resolves relative paths itself)",
-                to.display()
-            ));
+        for to in std::iter::once(to).chain(reference) {
+            if !to.is_absolute() {
+                return Response::err(format!(
+                    "snapshot directory `{}` is not an absolute path; give one (vmm ctl resolves relative paths itself)",
+                    to.display()
+                ));
+            }
         }
     }
     let json = |v: Result<serde_json::Value, serde_json::Error>| match v {
@@ -241,7 +254,31 @@ pub fn execute(vm: &VmHandle, req: &Request) -> Response {
             Ok(s) => json(serde_json::to_value(s)),
             Err(e) => Response::err(e.to_string()),
         },
-        Request::Snapshot { to, then } => match vm.snapshot(to, *then) {
+        Request::Snapshot {
+            to,
+            then,
+            live: true,
+            wp_mode,
+            reference,
+        } => {
+            let options = crate::controller::live::LiveOptions {
+                then: *then,
+                mode: wp_mode.unwrap_or_default(),
+                reference: reference.clone(),
+                ..Default::default()
+            };
+            match vm.snapshot_live(to, &options) {
+                Ok(info) => json(serde_json::to_value(info)),
+                Err(e) => Response::err(e.to_string()),
+            }
+        }
+        Request::Snapshot { wp_mode: Some(_), .. }
+        | Request::Snapshot {
+            reference: Some(_), ..
+        } => Response::err(
+            "wp_mode and reference apply to live snapshots only: add \"live\":true (vmm ctl: --live)",
+        ),
+        Request::Snapshot { to, then, .. } => match vm.snapshot(to, *then) {
             Ok(info) => json(serde_json::to_value(info)),
             Err(e) => Response::err(e.to_string()),
         },
@@ -547,14 +584,30 @@ mod tests {
             decode_ok(br#"{"cmd":"snapshot","to":"/s","then":"stop"}"#),
             Request::Snapshot {
                 to: "/s".into(),
-                then: AfterSnapshot::Stop
+                then: AfterSnapshot::Stop,
+                live: false,
+                wp_mode: None,
+                reference: None,
             }
         );
         assert_eq!(
             decode_ok(br#"{"cmd":"snapshot","to":"/s"}"#),
             Request::Snapshot {
                 to: "/s".into(),
-                then: AfterSnapshot::Restore
+                then: AfterSnapshot::Restore,
+                live: false,
+                wp_mode: None,
+                reference: None,
+            }
+        );
+        assert_eq!(
+            decode_ok(br#"{"cmd":"snapshot","to":"/s","live":true,"wp_mode":"unpopulated"}"#),
+            Request::Snapshot {
+                to: "/s".into(),
+                then: AfterSnapshot::Restore,
+                live: true,
+                wp_mode: Some(vmm_core::memory::WpMode::Unpopulated),
+                reference: None,
             }
         );
         assert_eq!(
@@ -571,6 +624,9 @@ mod tests {
         let r = Request::Snapshot {
             to: "/x".into(),
             then: AfterSnapshot::Resume,
+            live: true,
+            wp_mode: None,
+            reference: Some("/y".into()),
         };
         assert_eq!(decode_ok(serde_json::to_string(&r).unwrap().as_bytes()), r);
     }

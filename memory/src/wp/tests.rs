@@ -2,6 +2,7 @@
 use super::*;
 use crate::mmap::AnonMapping;
 use std::sync::mpsc;
+use std::time::Duration;
 
 /// A thread's write to a protected page blocks in a WP fault, the handler
 /// saves the page's old content and unprotects it; the saver then gets the
@@ -106,7 +107,11 @@ fn a_failed_session_keeps_the_write_blocked_and_reports_it() {
     assert_eq!(b.len(), 1, "{b:?}");
     assert!(b[0].failure.is_some());
     // SAFETY: reading page 0 does not fault (present, only write protected).
-    assert_eq!(unsafe { std::ptr::read_volatile(map.ptr()) }, 7, "the write did not go through");
+    assert_eq!(
+        unsafe { std::ptr::read_volatile(map.ptr()) },
+        7,
+        "the write did not go through"
+    );
     // Abandoning the session (unregister, then a wake: unregistering a
     // WP-only range wakes nobody) lets the write go on.
     uffd.unregister(map.addr(), (2 * ps) as u64).unwrap();
@@ -133,10 +138,16 @@ fn pagemap_scan_finds_present_pages() {
         report: category::PRESENT | category::SWAPPED,
         ..Default::default()
     };
-    scan.scan(map.addr(), map.addr() + (16 * ps) as u64, q, &mut out).unwrap();
+    scan.scan(map.addr(), map.addr() + (16 * ps) as u64, q, &mut out)
+        .unwrap();
     let got: Vec<(u64, u64)> = out
         .iter()
-        .map(|r| ((r.start - map.addr()) / ps as u64, (r.end - map.addr()) / ps as u64))
+        .map(|r| {
+            (
+                (r.start - map.addr()) / ps as u64,
+                (r.end - map.addr()) / ps as u64,
+            )
+        })
         .collect();
     assert_eq!(got, vec![(3, 5), (10, 11)]);
 }

@@ -88,7 +88,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl WpSession {
     /// Protects guest RAM as `mode` says and starts the handler (see the
     /// module documentation). Call with the vCPUs and devices paused.
-    pub fn start(ram: &GuestRam, mode: WpMode, buffer_pages: usize, sink: EventSink) -> Result<WpSession, LiveError> {
+    pub fn start(
+        ram: &GuestRam,
+        mode: WpMode,
+        buffer_pages: usize,
+        sink: EventSink,
+    ) -> Result<WpSession, LiveError> {
         let t0 = Instant::now();
         let mut required = wp::PAGEFAULT_FLAG_WP;
         if mode == WpMode::Unpopulated {

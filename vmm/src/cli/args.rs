@@ -184,6 +184,14 @@ pub(crate) enum CtlRequest {
         /// Stay paused afterwards.
         #[arg(long)]
         pause: bool,
+        /// Live: pause only to capture the state and write-protect guest
+        /// memory, then save memory while the guest runs.
+        #[arg(long)]
+        live: bool,
+        /// Live: write-protect only the pages present at the pause
+        /// (`present`, default) or all of RAM (`unpopulated`).
+        #[arg(long, value_name = "MODE", requires = "live", value_parser = ["present", "unpopulated"])]
+        wp_mode: Option<String>,
     },
     /// Live migration: optional pre-copy rounds while the VM runs, then
     /// pause, send the state to the destination (`vmm receive --listen

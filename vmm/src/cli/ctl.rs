@@ -49,7 +49,18 @@ pub fn ctl(args: CtlArgs) -> i32 {
             resume,
             stop,
             pause,
+            live,
+            wp_mode,
         } => Request::Snapshot {
+            live,
+            wp_mode: wp_mode.map(|m| {
+                if m == "unpopulated" {
+                    vmm_core::memory::WpMode::Unpopulated
+                } else {
+                    vmm_core::memory::WpMode::Present
+                }
+            }),
+            reference: None,
             // Relative to the caller, not to the VMM's working directory.
             to: std::path::absolute(&to).unwrap_or(to),
             then: match (resume, stop, pause) {

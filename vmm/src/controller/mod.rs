@@ -14,6 +14,7 @@
 
 pub mod external;
 mod handle;
+pub mod live;
 mod ops;
 pub mod outcome;
 mod reports;
@@ -139,6 +140,7 @@ pub(crate) fn start(
         devices_paused: false,
         snapshot_key: options.snapshot_key.clone(),
         external,
+        live: None,
     }));
     em.add_subscriber(controller.clone());
     if let (true, Some(serial)) = (options.stdin, serial) {
@@ -228,6 +230,8 @@ struct Controller {
     snapshot_key: Option<crate::snapshot::SnapshotKey>,
     /// The external page-fault handler, for memory it serves.
     external: Option<ExternalHandler>,
+    /// A live snapshot being written.
+    live: Option<live::LiveRun>,
 }
 
 impl Controller {
@@ -303,6 +307,7 @@ impl Controller {
                     state: self.run,
                     memory_fault: self.memory_fault.clone(),
                     handler,
+                    live_snapshot: self.live.is_some(),
                 });
             }
             ControlRequest::RunOnVcpu(cpu, f, reply) => {
@@ -311,6 +316,12 @@ impl Controller {
             ControlRequest::Snapshot(dir, after, reply) => {
                 let _ = reply.send(self.snapshot(&dir, after));
             }
+            ControlRequest::LiveSnapshot(dir, options, reply) => {
+                if let Err(e) = self.live_snapshot(&dir, options, reply.clone()) {
+                    let _ = reply.send(Err(e));
+                }
+            }
+            ControlRequest::LiveSnapshotDone(r) => self.live_done(r),
             ControlRequest::Migrate(to, options, reply) => {
                 if let Err(e) = self.migrate(&to, &options, &reply) {
                     let _ = reply.send(Err(e));
@@ -431,6 +442,7 @@ impl Controller {
             Duration::from_secs(2)
         };
         self.release_if_handler_lost();
+        self.abandon_live();
         self.vm.stop(patience, true);
         self.detach_handler();
         let vcpu_stats = self.vm.vcpu_stats();

@@ -18,7 +18,7 @@ use std::time::Instant;
 impl RunState {
     /// Why a VM in this state cannot be snapshotted or start a migration
     /// (`None`: it can, running or paused).
-    fn busy(self) -> Option<ControlError> {
+    pub(super) fn busy(self) -> Option<ControlError> {
         match self {
             RunState::Running | RunState::Paused => None,
             RunState::Ended => Some(ControlError::Ended),
@@ -38,6 +38,9 @@ impl Controller {
         dir: &Path,
         after: AfterSnapshot,
     ) -> Result<SnapshotInfo, ControlError> {
+        if self.live.is_some() {
+            return Err(ControlError::LiveRunning);
+        }
         if let Some(e) = self.run.busy() {
             return Err(e);
         }
@@ -82,7 +85,7 @@ impl Controller {
     /// The state of the paused VM (for a snapshot or a migration). Lazily
     /// served memory is fetched in full first, and the devices are paused
     /// (until the VM resumes), so that state and memory agree.
-    fn capture(&mut self) -> Result<SavedVm, ControlError> {
+    pub(super) fn capture(&mut self) -> Result<SavedVm, ControlError> {
         // What the vCPUs posted before they paused (a workload report,
         // START_CPUS) is part of the state: handle it first. Control requests
         // wait until the capture is over.
@@ -124,6 +127,9 @@ impl Controller {
     ) -> Result<(), ControlError> {
         if options.resume && options.precopy_rounds > 0 {
             return Err(ControlError::ResumeWithPrecopy);
+        }
+        if self.live.is_some() {
+            return Err(ControlError::LiveRunning);
         }
         if let Some(e) = self.run.busy() {
             return Err(e);
