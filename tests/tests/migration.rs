@@ -471,3 +471,30 @@ fn page_store_reads_in_flight_complete_after_a_migration() {
     let guest = out.run.guest_stats.unwrap();
     assert!(guest.store_reads >= 4, "{guest:?}");
 }
+
+/// Pre-copy rounds tracked with async userfaultfd write protection
+/// (`--dirty-tracking uffd-wp`) instead of KVM's log: every page the
+/// workload wrote arrives, the checksums are right.
+#[test]
+fn migrate_with_precopy_rounds_tracked_with_async_uffd_wp() {
+    let cfg = touch_cfg();
+    let listener = Listener::bind(&Endpoint::Unix(sock("pre-wp"))).unwrap();
+    let to = listener.endpoint().unwrap();
+    let dest = destination(listener, Duration::from_secs(1));
+    let src = source(&cfg, Duration::from_millis(400));
+    let options = MigrateOptions {
+        precopy_rounds: 3,
+        dirty_tracking: vmm::migration::DirtyTracking::UffdWp,
+        ..Default::default()
+    };
+    let summary = src.migrate(&to, &options).unwrap();
+    let end = src.wait().unwrap().end;
+    assert!(matches!(end, GuestEnd::Migrated(_)), "{end:?}");
+    let out = dest.join().unwrap();
+    assert_eq!(out.run.end, GuestEnd::Exited(0), "{:?}", out.lost);
+    let sum = verify_reports(&out.config, &out.run);
+    assert!(matches!(sum, Ok(Some(_))), "{sum:?}");
+    assert!(summary.precopy_pages > 0, "{summary:?}");
+    assert!(summary.precopy_dirty.iter().sum::<u64>() > 0, "{summary:?}");
+    assert_eq!(summary.precopy_dirty.last().copied(), Some(summary.data_pages));
+}

@@ -134,6 +134,10 @@ pub enum Request {
         /// for it (`recover`).
         #[serde(default)]
         resume: bool,
+        /// Dirty tracking of the pre-copy rounds: `kvm` (default) or
+        /// `uffd-wp` (async userfaultfd write protection).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        dirty_tracking: Option<crate::migration::DirtyTracking>,
     },
     /// Destination whose source was lost mid post-copy: listen at `from`
     /// for the source to resume the migration (answered once listening).
@@ -292,6 +296,7 @@ pub fn execute(vm: &VmHandle, req: &Request) -> Response {
             tls_peer,
             tls_psk,
             insecure_plain_tcp,
+            dirty_tracking,
         } => {
             if *push_delay_ms > MAX_PUSH_DELAY_MS {
                 return Response::err(format!(
@@ -317,6 +322,7 @@ pub fn execute(vm: &VmHandle, req: &Request) -> Response {
                 precopy_rounds: *precopy_rounds,
                 resume: *resume,
                 security,
+                dirty_tracking: dirty_tracking.unwrap_or_default(),
             };
             match vm.migrate(&to, &options) {
                 Ok(summary) => json(serde_json::to_value(summary)),

@@ -16,6 +16,7 @@
 //! from a thread the handler would need.
 
 pub mod dirty;
+pub mod dirty_wp;
 pub mod external;
 pub mod lazy;
 pub mod live;
@@ -273,6 +274,20 @@ impl MemoryManager {
         if let Backing::Lazy(l) = &mut self.backing {
             l.stop();
         }
+    }
+
+    /// Starts dirty tracking with async uffd-WP (plain anonymous RAM only).
+    pub fn wp_dirty_tracker(&self) -> Result<dirty_wp::WpDirtyTracker, DirtyError> {
+        if !self.is_anonymous() {
+            return Err(dirty_wp::WpDirtyError::Uffd(::memory::UffdError::Range {
+                op: "UFFDIO_REGISTER",
+                start: 0,
+                len: self.mem_size,
+                source: std::io::Error::from_raw_os_error(libc::EBUSY),
+            })
+            .into());
+        }
+        Ok(dirty_wp::WpDirtyTracker::start(&self.ram)?)
     }
 
     /// Starts dirty tracking (KVM's log and the VMM's own writes).

@@ -12,6 +12,7 @@ pub mod migrate;
 pub mod minimal;
 pub mod plot;
 pub mod restore;
+pub mod snapshot;
 
 pub use all::{all, scaling, AllBench, Scaling};
 pub use boot::{boot, BootBench, BootBenchOptions};
@@ -19,6 +20,7 @@ pub use fault::{fault, FaultBench, FaultBenchOptions};
 pub use guest_fault::{guest_fault, parse_guest_bench, GuestFaultBench};
 pub use migrate::{migrate, migrate_with, MigrateBench, MigrateRun};
 pub use restore::{restore, RestoreBench, RestoreFigure};
+pub use snapshot::{snapshot, SnapshotBench, SnapshotFigure};
 
 use crate::config::VmConfig;
 use crate::vm::VmOptions;

@@ -87,6 +87,9 @@ pub(crate) enum BenchCommand {
     /// Snapshot restore to running vCPUs for 64 MiB, 1 GiB and 4 GiB guests,
     /// lazily (memory through the retry core) and eagerly.
     Restore(BenchArgs),
+    /// Live against stop-the-world snapshots of 64 MiB, 1 GiB and 4 GiB
+    /// guests that wrote 48 MiB and keep writing: downtime and total time.
+    Snapshot(BenchArgs),
     /// Live migration of a running 1 GiB guest over loopback, post-copy only
     /// and after 3 pre-copy rounds: downtime, total time, page-request
     /// latency p50/p99 during the push.
@@ -210,6 +213,11 @@ pub(crate) enum CtlRequest {
         /// written meanwhile; post-copy then sends only the last round's.
         #[arg(long, value_name = "N", default_value_t = 0, conflicts_with = "resume")]
         precopy_rounds: u32,
+        /// Dirty tracking of the pre-copy rounds: `kvm` (KVM's dirty log)
+        /// or `uffd-wp` (async userfaultfd write protection + PAGEMAP_SCAN;
+        /// plain anonymous memory only).
+        #[arg(long, value_name = "HOW", value_parser = ["kvm", "uffd-wp"])]
+        dirty_tracking: Option<String>,
         /// Resume an interrupted post-copy: the destination waits for it
         /// (`vmm ctl DEST recover --from ADDR`), ADDR is the same.
         #[arg(long)]

@@ -11,6 +11,7 @@ pub fn bench(cmd: BenchCommand) -> i32 {
         | BenchCommand::Fault(a)
         | BenchCommand::GuestFault(a)
         | BenchCommand::Restore(a)
+        | BenchCommand::Snapshot(a)
         | BenchCommand::Migrate { args: a, .. }
         | BenchCommand::All { args: a, .. } => a,
     };
@@ -30,6 +31,9 @@ pub fn bench(cmd: BenchCommand) -> i32 {
         }
         BenchCommand::Restore(a) => {
             vmm::bench::restore(a.repeats, &mut progress).map(|r| print_result(&r, a.json))
+        }
+        BenchCommand::Snapshot(a) => {
+            vmm::bench::snapshot(a.repeats, &mut progress).map(|r| print_result(&r, a.json))
         }
         BenchCommand::Migrate { args: a, tls } => {
             vmm::bench::migrate_with(a.repeats, *tls, &mut progress).map(|r| print_result(&r, a.json))

@@ -16,9 +16,17 @@ pub fn ctl(args: CtlArgs) -> i32 {
             precopy_rounds,
             resume,
             tls,
+            dirty_tracking,
         } => {
             let f = tls.files(true);
             Request::Migrate {
+                dirty_tracking: dirty_tracking.map(|d| {
+                    if d == "uffd-wp" {
+                        vmm::migration::DirtyTracking::UffdWp
+                    } else {
+                        vmm::migration::DirtyTracking::Kvm
+                    }
+                }),
                 to,
                 push_delay_ms,
                 precopy_rounds,

@@ -27,7 +27,7 @@ pub mod transport;
 pub mod wire;
 
 pub use incoming::{DestStats, Incoming, IncomingSession, MigrationEvent, RecoverRequest};
-pub use outgoing::{MigrateOptions, Outgoing, Resumable, SourceSummary, Stopped};
+pub use outgoing::{DirtyTracking, MigrateOptions, Outgoing, Resumable, SourceSummary, Stopped};
 pub use precopy::{spawn_precopy, PrecopyCtx};
 pub use remote::{Progress, RemoteSource};
 pub use tls::{Tls, TlsError, TlsFiles};

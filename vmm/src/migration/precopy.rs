@@ -6,6 +6,7 @@
 //! only the pages written since the last round (or, without pre-copy, every
 //! data page) go by post-copy.
 
+use super::outgoing::DirtyTracking;
 use super::outgoing::{
     extents_of, open_both, spawn_out, MigrateOptions, Outgoing, Resumable, SourceSummary, Stopped,
 };
@@ -20,7 +21,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 use vm_memory::{Bytes, GuestAddress};
-use vmm_core::memory::{DirtyTracker, Materializer};
+use vmm_core::memory::dirty_wp::{AnyDirtyTracker, WpDirtyError, WpDirtyTracker};
+use vmm_core::memory::{DirtyError, DirtyTracker, Materializer};
 
 /// Pauses the VM and captures its state, on the controller, at the switchover.
 pub type Switchover = Box<dyn FnOnce() -> Result<(SavedVm, Instant), MigrationError> + Send>;
@@ -136,7 +138,25 @@ fn precopy(to: &Endpoint, options: &MigrateOptions, ctx: PrecopyCtx) -> Result<O
     .map_err(|e| early(io("starting pre-copy")(e)))?;
     // Logging starts before the first copy: a page written while (or after)
     // it is copied is copied again.
-    let tracker = DirtyTracker::start(ctx.vm_fd.clone(), ctx.mem.clone()).map_err(|e| early(e.into()))?;
+    let tracker = match options.dirty_tracking {
+        DirtyTracking::Kvm => AnyDirtyTracker::Kvm(
+            DirtyTracker::start(ctx.vm_fd.clone(), ctx.mem.clone()).map_err(|e| early(e.into()))?,
+        ),
+        DirtyTracking::UffdWp if ctx.materializer.is_some() => {
+            return Err(early(
+                DirtyError::from(WpDirtyError::Uffd(::memory::UffdError::Range {
+                    op: "UFFDIO_REGISTER",
+                    start: 0,
+                    len: ctx.mem_size,
+                    source: std::io::Error::from_raw_os_error(libc::EBUSY),
+                }))
+                .into(),
+            ))
+        }
+        DirtyTracking::UffdWp => AnyDirtyTracker::UffdWp(
+            WpDirtyTracker::start(&ctx.mem).map_err(|e| early(DirtyError::from(e).into()))?,
+        ),
+    };
     let mut buf = vec![0u8; PAGE];
     // Volatile copies: the guest may be writing the page (it is then in the
     // next round's log). A rewritten page goes even if now zero: the
