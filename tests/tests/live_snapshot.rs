@@ -83,7 +83,7 @@ fn same_memory(a: &Path, b: &Path) {
     let mut bb = vec![0u8; 1 << 20];
     for e in &ma.memory.extents {
         let at = ma.memory.layout.file_offset(e.gpa, e.len).unwrap();
-        let n = e.len as usize;
+        let n = usize::try_from(e.len).unwrap();
         fa.read_exact_at(&mut ba[..n], at).unwrap();
         fb.read_exact_at(&mut bb[..n], at).unwrap();
         assert!(

@@ -1,4 +1,4 @@
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 use super::*;
 use crate::mmap::AnonMapping;
 use std::sync::mpsc;
@@ -107,11 +107,8 @@ fn a_failed_session_keeps_the_write_blocked_and_reports_it() {
     assert_eq!(b.len(), 1, "{b:?}");
     assert!(b[0].failure.is_some());
     // SAFETY: reading page 0 does not fault (present, only write protected).
-    assert_eq!(
-        unsafe { std::ptr::read_volatile(map.ptr()) },
-        7,
-        "the write did not go through"
-    );
+    let now = unsafe { std::ptr::read_volatile(map.ptr()) };
+    assert_eq!(now, 7, "the write did not go through");
     // Abandoning the session (unregister, then a wake: unregistering a
     // WP-only range wakes nobody) lets the write go on.
     uffd.unregister(map.addr(), (2 * ps) as u64).unwrap();

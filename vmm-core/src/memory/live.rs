@@ -69,6 +69,21 @@ pub struct ProtectTimes {
     pub protect_us: f64,
 }
 
+/// Ranges closer than this are protected with one `UFFDIO_WRITEPROTECT`.
+const COALESCE_GAP: u64 = 64 << 20;
+
+/// `found` (ascending) as spans, merging neighbours less than `gap` apart.
+fn coalesce(found: &[wp::PageRegion], gap: u64) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for f in found {
+        match out.last_mut() {
+            Some(last) if f.start >= last.1 && f.start - last.1 < gap => last.1 = f.end,
+            _ => out.push((f.start, f.end)),
+        }
+    }
+    out
+}
+
 /// Write protection of guest RAM for one live snapshot.
 #[derive(Debug)]
 pub struct WpSession {
@@ -141,8 +156,13 @@ impl WpSession {
         let t2 = Instant::now();
         match mode {
             WpMode::Present => {
-                for f in &found {
-                    wp::write_protect(&uffd, f.start, f.end - f.start, true, false)?;
+                // Each UFFDIO_WRITEPROTECT costs an MMU-notifier round in KVM
+                // (measured: scattered ranges of a 4 GiB guest took 33 ms one
+                // by one), so nearby ranges are protected with one call: the
+                // pages between them are not present, and protecting a range
+                // leaves its empty ptes alone (no WP_UNPOPULATED here).
+                for (start, end) in coalesce(&found, COALESCE_GAP) {
+                    wp::write_protect(&uffd, start, end - start, true, false)?;
                 }
             }
             WpMode::Unpopulated => {

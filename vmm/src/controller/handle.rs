@@ -148,7 +148,7 @@ pub(crate) enum ControlRequest {
         Sender<Result<super::live::LiveInfo, ControlError>>,
     ),
     /// The live snapshot's writer ended.
-    LiveSnapshotDone(Result<crate::snapshot::Manifest, SnapshotError>),
+    LiveSnapshotDone(Box<Result<crate::snapshot::Manifest, SnapshotError>>),
     Migrate(
         Endpoint,
         MigrateOptions,

@@ -154,7 +154,7 @@ impl Controller {
                 .name("live-snapshot".into())
                 .spawn(move || {
                     let r = write_live(&dir, &state, &session, key.as_ref(), &abort, pace);
-                    events.send(Event::Control(ControlRequest::LiveSnapshotDone(r)));
+                    events.send(Event::Control(ControlRequest::LiveSnapshotDone(Box::new(r))));
                 })
                 .map_err(|e| ControlError::Live(vmm_core::memory::LiveError::Setup(e)))
         };

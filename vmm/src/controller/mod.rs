@@ -321,7 +321,7 @@ impl Controller {
                     let _ = reply.send(Err(e));
                 }
             }
-            ControlRequest::LiveSnapshotDone(r) => self.live_done(r),
+            ControlRequest::LiveSnapshotDone(r) => self.live_done(*r),
             ControlRequest::Migrate(to, options, reply) => {
                 if let Err(e) = self.migrate(&to, &options, &reply) {
                     let _ = reply.send(Err(e));
