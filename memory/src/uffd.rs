@@ -545,46 +545,49 @@ impl Uffd {
                 }
             }
             let n = usize::try_from(n).unwrap_or(0);
-            if n != msg.len() {
-                return Err(UffdError::ShortRead(n));
-            }
-            return Ok(Some(self.decode(&msg)));
+            let thread_id = self.features.contains(Features::THREAD_ID);
+            return decode_event(&msg[..n.min(msg.len())], thread_id).map(Some);
         }
     }
+}
 
-    fn decode(&self, raw: &[u8; 32]) -> Event {
-        let word = |i: usize| {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&raw[8 + 8 * i..16 + 8 * i]);
-            u64::from_ne_bytes(b)
-        };
-        match raw[0] {
-            UFFD_EVENT_PAGEFAULT => {
-                let f = word(0);
-                let thread_id = if self.features.contains(Features::THREAD_ID) {
-                    let mut b = [0u8; 4];
-                    b.copy_from_slice(&raw[24..28]);
-                    Some(u32::from_ne_bytes(b))
-                } else {
-                    None
-                };
-                Event::PageFault {
-                    addr: word(1),
-                    flags: FaultFlags {
-                        write: f & UFFD_PAGEFAULT_FLAG_WRITE != 0,
-                        wp: f & UFFD_PAGEFAULT_FLAG_WP != 0,
-                        minor: f & UFFD_PAGEFAULT_FLAG_MINOR != 0,
-                    },
-                    thread_id,
-                }
+/// Decodes one `struct uffd_msg` as read from a userfaultfd: exactly 32
+/// bytes (anything else is [`UffdError::ShortRead`]), the event byte first,
+/// then the union in native byte order. `thread_id` says whether
+/// `UFFD_FEATURE_THREAD_ID` was negotiated (then a page fault carries the
+/// faulting thread's id). A pure function of the bytes: [`Uffd::read_event`]
+/// uses it, and `fuzz/`'s `uffd_event` target feeds it arbitrary bytes.
+pub fn decode_event(raw: &[u8], thread_id: bool) -> Result<Event, UffdError> {
+    let raw: &[u8; size_of::<UffdMsg>()] = raw.try_into().map_err(|_| UffdError::ShortRead(raw.len()))?;
+    let word = |i: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&raw[8 + 8 * i..16 + 8 * i]);
+        u64::from_ne_bytes(b)
+    };
+    Ok(match raw[0] {
+        UFFD_EVENT_PAGEFAULT => {
+            let f = word(0);
+            let thread_id = thread_id.then(|| {
+                let mut b = [0u8; 4];
+                b.copy_from_slice(&raw[24..28]);
+                u32::from_ne_bytes(b)
+            });
+            Event::PageFault {
+                addr: word(1),
+                flags: FaultFlags {
+                    write: f & UFFD_PAGEFAULT_FLAG_WRITE != 0,
+                    wp: f & UFFD_PAGEFAULT_FLAG_WP != 0,
+                    minor: f & UFFD_PAGEFAULT_FLAG_MINOR != 0,
+                },
+                thread_id,
             }
-            UFFD_EVENT_REMOVE => Event::Remove {
-                start: word(0),
-                end: word(1),
-            },
-            other => Event::Unknown(other),
         }
-    }
+        UFFD_EVENT_REMOVE => Event::Remove {
+            start: word(0),
+            end: word(1),
+        },
+        other => Event::Unknown(other),
+    })
 }
 
 fn fill_result(op: &'static str, ret: i32, reported: i64, want: usize) -> Result<usize, CopyError> {
@@ -656,6 +659,40 @@ mod tests {
             .expect("register");
         assert!(ioctls.copy() && ioctls.zeropage() && ioctls.wake(), "{ioctls:?}");
         (map, u)
+    }
+
+    #[test]
+    fn decode_event_reads_the_kernel_layout() {
+        let mut raw = [0u8; 32];
+        raw[0] = UFFD_EVENT_PAGEFAULT;
+        raw[8..16].copy_from_slice(&(UFFD_PAGEFAULT_FLAG_WRITE | UFFD_PAGEFAULT_FLAG_MINOR).to_ne_bytes());
+        raw[16..24].copy_from_slice(&0x7f00_1000u64.to_ne_bytes());
+        raw[24..28].copy_from_slice(&4242u32.to_ne_bytes());
+        let fault = |thread_id| Event::PageFault {
+            addr: 0x7f00_1000,
+            flags: FaultFlags {
+                write: true,
+                wp: false,
+                minor: true,
+            },
+            thread_id,
+        };
+        assert_eq!(decode_event(&raw, true).expect("32 bytes"), fault(Some(4242)));
+        assert_eq!(decode_event(&raw, false).expect("32 bytes"), fault(None));
+        raw[0] = UFFD_EVENT_REMOVE;
+        assert_eq!(
+            decode_event(&raw, true).expect("32 bytes"),
+            Event::Remove {
+                start: u64::from_ne_bytes(raw[8..16].try_into().expect("8 bytes")),
+                end: 0x7f00_1000
+            }
+        );
+        raw[0] = 0x13;
+        assert_eq!(decode_event(&raw, true).expect("32 bytes"), Event::Unknown(0x13));
+        for n in [0, 1, 31, 33] {
+            let e = decode_event(&[0u8; 40][..n], true).expect_err("not 32 bytes");
+            assert!(matches!(e, UffdError::ShortRead(m) if m == n), "{e}");
+        }
     }
 
     #[test]

@@ -131,8 +131,16 @@ impl std::fmt::Display for MemBackend {
         match self {
             MemBackend::Anon => f.write_str("anon"),
             MemBackend::Zero => f.write_str("zero"),
-            MemBackend::File { path, offset: 0 } => write!(f, "file:{}", path.display()),
-            MemBackend::File { path, offset } => write!(f, "file:{},offset={offset}", path.display()),
+            MemBackend::File { path, offset } => {
+                let path = path.display().to_string();
+                // The short form only where it parses back to this backend: the
+                // parser trims the value and splits at the last `,offset=`.
+                if *offset == 0 && !path.contains(",offset=") && path.trim_end() == path {
+                    write!(f, "file:{path}")
+                } else {
+                    write!(f, "file:{path},offset={offset}")
+                }
+            }
         }
     }
 }
@@ -316,6 +324,27 @@ mod tests {
             offset: 8192,
         };
         assert_eq!(b.to_string().parse(), Ok(b));
+        assert_eq!(MemBackend::Zero.to_string(), "zero");
+    }
+
+    #[test]
+    fn mem_backends_show_as_values_that_parse_back() {
+        // Found by the `config` fuzz target: a path ending in whitespace, or
+        // holding `,offset=`, with offset 0 showed as a value naming another
+        // file (or none).
+        for (value, shown) in [
+            ("file: ,offset=0", "file: ,offset=0"),
+            ("file:/m ,offset=0", "file:/m ,offset=0"),
+            ("file:/a,offset=1,offset=0", "file:/a,offset=1,offset=0"),
+            ("file:/a,offset=1,offset=4K", "file:/a,offset=1,offset=4096"),
+            ("file:/m,offset=0", "file:/m"),
+            ("file: /m", "file: /m"),
+            ("anon", "anon"),
+        ] {
+            let b: MemBackend = value.parse().unwrap_or_else(|e| panic!("{value}: {e}"));
+            assert_eq!(b.to_string(), shown, "{value}");
+            assert_eq!(shown.parse(), Ok(b), "{value}");
+        }
     }
 
     #[test]

@@ -563,6 +563,13 @@ pub fn request(
             },
             _ => io_err(path, "receive")(e),
         })?;
+    decode_answer(&answer)
+}
+
+/// Decodes the server's answer line as `vmm ctl` reads it: the result of a
+/// request that succeeded, or why it was refused. Whatever listens at the
+/// socket sent it: `fuzz/`'s `control_request` target feeds it any bytes.
+pub fn decode_answer(answer: &str) -> Result<serde_json::Value, ControlSocketError> {
     let resp: Response = serde_json::from_str(answer.trim())
         .map_err(|e| ControlSocketError::BadAnswer(format!("{e}: `{answer}`")))?;
     if resp.ok {

@@ -296,11 +296,29 @@ impl std::fmt::Debug for Tls {
 impl Tls {
     /// Reads the files and builds the configurations.
     pub fn load(files: &TlsFiles) -> Result<Tls, TlsError> {
+        Tls::load_with(files, |path, what, secret| {
+            if secret {
+                check_private(path, what)?;
+            }
+            read_file(path, what)
+        })
+    }
+
+    /// [`Tls::load`] with the files' contents from `read(path, what,
+    /// secret)` (`secret`: a key, whose mode `load` checks first), checked
+    /// and used exactly as `load` does. `fuzz/`'s `migration_auth` target
+    /// gives it any contents.
+    pub fn load_with(
+        files: &TlsFiles,
+        mut read: impl FnMut(&Path, &'static str, bool) -> Result<Vec<u8>, TlsError>,
+    ) -> Result<Tls, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let (chain, key, pinned) = match (&files.cert, &files.key, &files.peer) {
-            (Some(c), Some(k), Some(p)) => {
-                (read_certs(c, "--tls-cert")?, read_key(k)?, Some(read_pinned(p)?))
-            }
+            (Some(c), Some(k), Some(p)) => (
+                parse_certs(&read(c, "--tls-cert", false)?, c, "--tls-cert")?,
+                parse_key(&read(k, "--tls-key", true)?, k)?,
+                Some(parse_pinned(&read(p, "--tls-peer", false)?, p)?),
+            ),
             (None, None, None) => {
                 let (chain, key) = throwaway_identity()?;
                 (chain, key, None)
@@ -312,7 +330,10 @@ impl Tls {
         if pinned.is_none() && files.psk.is_none() {
             return Err(TlsError::Incomplete("--tls-cert"));
         }
-        let psk = files.psk.as_deref().map(read_psk).transpose()?;
+        let psk = match files.psk.as_deref() {
+            Some(p) => Some(parse_psk(&read(p, "--tls-psk", true)?, p)?),
+            None => None,
+        };
         let is_pinned = pinned.is_some();
         let verifier = Arc::new(PeerVerifier {
             pinned,
@@ -354,18 +375,27 @@ impl Tls {
 
     /// The block this side sends after the handshake.
     fn auth_block(&self, conn: &rustls::Connection, role: u8) -> Result<[u8; AUTH_LEN], rustls::Error> {
-        let mut b = [0u8; AUTH_LEN];
-        b[..8].copy_from_slice(&AUTH_MAGIC);
-        if let Some(k) = &self.psk {
-            b[8] = 1;
-            let tag = proof(k, conn, role)?;
-            b[9..].copy_from_slice(&tag);
+        match &self.psk {
+            Some(_) => Ok(self.auth_block_over(&message(conn, role)?)),
+            None => Ok(self.auth_block_over(&[])),
         }
-        Ok(b)
     }
 
     /// Checks the peer's block (`role`: the peer's role byte).
     fn check_block(&self, conn: &rustls::Connection, block: &[u8; AUTH_LEN], role: u8) -> Result<(), String> {
+        self.check_auth(block, || message(conn, role).map_err(|e| e.to_string()))
+    }
+
+    /// Checks the peer's authentication block, read from the connection
+    /// right after the TLS handshake: the magic, the flag, and with a
+    /// pre-shared key the proof over `message()` (the peer's role and the
+    /// session's exporter value). `fuzz/`'s `migration_auth` target gives
+    /// it any block.
+    pub fn check_auth(
+        &self,
+        block: &[u8; AUTH_LEN],
+        message: impl FnOnce() -> Result<Vec<u8>, String>,
+    ) -> Result<(), String> {
         if block[..8] != AUTH_MAGIC {
             return Err(
                 "it sent no authentication block after the TLS handshake: run the same vmm on both ends"
@@ -383,7 +413,7 @@ impl Tls {
                     .into(),
             ),
             (Some(k), _) => {
-                let m = message(conn, role).map_err(|e| e.to_string())?;
+                let m = message()?;
                 // Constant time.
                 ring::hmac::verify(k, &m, &block[9..]).map_err(|_| {
                     "it does not know this side's pre-shared key (its --tls-psk file differs): give both ends the same file"
@@ -391,6 +421,18 @@ impl Tls {
                 })
             }
         }
+    }
+
+    /// The block a side with this configuration sends over `message` (see
+    /// [`Tls::check_auth`]): what a genuine peer sends.
+    pub fn auth_block_over(&self, message: &[u8]) -> [u8; AUTH_LEN] {
+        let mut b = [0u8; AUTH_LEN];
+        b[..8].copy_from_slice(&AUTH_MAGIC);
+        if let Some(k) = &self.psk {
+            b[8] = 1;
+            b[9..].copy_from_slice(ring::hmac::sign(k, message).as_ref());
+        }
+        b
     }
 }
 
@@ -402,13 +444,6 @@ fn message(conn: &rustls::Connection, role: u8) -> Result<Vec<u8>, rustls::Error
     m.push(role);
     m.extend_from_slice(&exporter);
     Ok(m)
-}
-
-fn proof(key: &ring::hmac::Key, conn: &rustls::Connection, role: u8) -> Result<[u8; 32], rustls::Error> {
-    let tag = ring::hmac::sign(key, &message(conn, role)?);
-    let mut out = [0u8; 32];
-    out.copy_from_slice(tag.as_ref());
-    Ok(out)
 }
 
 /// `sha256:` and the hex SHA-256 of `der`.
@@ -444,9 +479,13 @@ fn check_private(path: &Path, what: &'static str) -> Result<(), TlsError> {
     Ok(())
 }
 
-fn read_certs(path: &Path, what: &'static str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let pem = read_file(path, what)?;
-    let certs: Vec<_> = CertificateDer::pem_slice_iter(&pem)
+/// The certificates of a PEM file's contents (those that decode; at least one).
+fn parse_certs(
+    pem: &[u8],
+    path: &Path,
+    what: &'static str,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(pem)
         .filter_map(Result::ok)
         .collect();
     if certs.is_empty() {
@@ -459,27 +498,27 @@ fn read_certs(path: &Path, what: &'static str) -> Result<Vec<CertificateDer<'sta
     Ok(certs)
 }
 
-fn read_pinned(path: &Path) -> Result<Pinned, TlsError> {
-    let mut certs = read_certs(path, "--tls-peer")?;
+/// The pinned peer certificate: the first of the file's.
+fn parse_pinned(pem: &[u8], path: &Path) -> Result<Pinned, TlsError> {
+    let mut certs = parse_certs(pem, path, "--tls-peer")?;
     Ok(Pinned {
         der: certs.swap_remove(0).as_ref().to_vec(),
         path: path.to_owned(),
     })
 }
 
-fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    check_private(path, "--tls-key")?;
-    let pem = read_file(path, "--tls-key")?;
-    PrivateKeyDer::from_pem_slice(&pem).map_err(|_| TlsError::NoPem {
+/// The private key of a PEM file's contents.
+fn parse_key(pem: &[u8], path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_slice(pem).map_err(|_| TlsError::NoPem {
         what: "--tls-key",
         path: path.to_owned(),
         kind: "private key",
     })
 }
 
-fn read_psk(path: &Path) -> Result<ring::hmac::Key, TlsError> {
-    check_private(path, "--tls-psk")?;
-    let raw = read_file(path, "--tls-psk")?;
+/// The pre-shared key of a key file's contents (surrounding whitespace
+/// dropped; at least [`MIN_PSK`] bytes).
+fn parse_psk(raw: &[u8], path: &Path) -> Result<ring::hmac::Key, TlsError> {
     let key = raw.trim_ascii();
     if key.len() < MIN_PSK {
         return Err(TlsError::ShortPsk {

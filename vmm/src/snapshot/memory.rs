@@ -298,11 +298,24 @@ impl PageHashes {
     /// Reads the data block at `gpa` (aligned) from `file` into `block` and
     /// checks it; `false` if it does not match (or is not a data block).
     pub fn read_checked(&self, file: &File, gpa: u64, block: &mut [u8]) -> std::io::Result<bool> {
+        self.check_block(gpa, block, |dst, off| file.read_exact_at(dst, off))
+    }
+
+    /// [`PageHashes::read_checked`] with the memory file read by
+    /// `read_at(buf, offset)` (fills `buf` from the file at `offset`): the
+    /// block's data pages placed by the layout, zero elsewhere, and its
+    /// hash. `fuzz/`'s `snapshot_integrity` target reads a file in memory.
+    pub fn check_block(
+        &self,
+        gpa: u64,
+        block: &mut [u8],
+        mut read_at: impl FnMut(&mut [u8], u64) -> std::io::Result<()>,
+    ) -> std::io::Result<bool> {
         fill_block(&self.extents, gpa, block, |at, dst| {
             let off = self.layout.file_offset(at, dst.len() as u64).ok_or_else(|| {
                 std::io::Error::other(format!("guest page {at:#x} has no place in the memory file"))
             })?;
-            file.read_exact_at(dst, off)
+            read_at(dst, off)
         })?;
         let Ok(i) = self.blocks.binary_search(&gpa) else {
             return Ok(false);

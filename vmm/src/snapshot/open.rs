@@ -130,6 +130,73 @@ pub fn check_received(state_json: &[u8], extents: &[Extent]) -> Result<SavedVm, 
     Ok(state)
 }
 
+/// Checks `state.json`'s content against a verified manifest: its length,
+/// its hash, its parse, and the state against the memory layout and extents.
+fn check_state_file(
+    dir: &Path,
+    manifest: &Manifest,
+    h: &Hasher,
+    state_bytes: &[u8],
+) -> Result<SavedVm, SnapshotError> {
+    let spath = dir.join(STATE);
+    if state_bytes.len() as u64 != manifest.state.len {
+        return Err(SnapshotError::Truncated {
+            path: spath,
+            found: state_bytes.len() as u64,
+            expected: manifest.state.len,
+        });
+    }
+    if h.hex(state_bytes) != manifest.state.hash {
+        return Err(SnapshotError::Checksum {
+            path: spath,
+            at: String::new(),
+        });
+    }
+    let state: SavedVm = serde_json::from_slice(state_bytes).map_err(|e| SnapshotError::Malformed {
+        path: spath,
+        reason: e.to_string(),
+    })?;
+    let m = &manifest.memory;
+    check_layout(&state, m.mem_size, m.len, &m.layout, &m.extents).map_err(|reason| {
+        SnapshotError::Mismatch {
+            dir: dir.to_owned(),
+            reason,
+        }
+    })?;
+    Ok(state)
+}
+
+/// The length the page hashes file must have: 32 bytes per data block, as
+/// the manifest must say too.
+fn hashes_len(dir: &Path, manifest: &Manifest) -> Result<u64, SnapshotError> {
+    let m = &manifest.memory;
+    let blocks = data_blocks(&m.extents).len() as u64;
+    let want = blocks.saturating_mul(32);
+    if m.hashes.len != want {
+        return Err(SnapshotError::Mismatch {
+            dir: dir.to_owned(),
+            reason: format!("{} bytes of page hashes for {blocks} data blocks", m.hashes.len),
+        });
+    }
+    Ok(want)
+}
+
+/// Checks the page hashes file's content against the manifest's hash of it.
+fn check_hashes_file(
+    dir: &Path,
+    manifest: &Manifest,
+    h: &Hasher,
+    hashes: &[u8],
+) -> Result<(), SnapshotError> {
+    if h.hex(hashes) != manifest.memory.hashes.hash {
+        return Err(SnapshotError::Checksum {
+            path: dir.join(HASHES),
+            at: String::new(),
+        });
+    }
+    Ok(())
+}
+
 impl Snapshot {
     /// Reads `dir` and checks everything but the memory pages (see the
     /// module documentation); `key` is the snapshot key it was written with.
@@ -147,40 +214,10 @@ impl Snapshot {
 
         let spath = dir.join(STATE);
         let state_bytes = read_file(&spath, STATE_MAX, dir, STATE)?;
-        if state_bytes.len() as u64 != manifest.state.len {
-            return Err(SnapshotError::Truncated {
-                path: spath,
-                found: state_bytes.len() as u64,
-                expected: manifest.state.len,
-            });
-        }
-        if h.hex(&state_bytes) != manifest.state.hash {
-            return Err(SnapshotError::Checksum {
-                path: spath,
-                at: String::new(),
-            });
-        }
-        let state: SavedVm = serde_json::from_slice(&state_bytes).map_err(|e| SnapshotError::Malformed {
-            path: spath,
-            reason: e.to_string(),
-        })?;
-        let m = &manifest.memory;
-        check_layout(&state, m.mem_size, m.len, &m.layout, &m.extents).map_err(|reason| {
-            SnapshotError::Mismatch {
-                dir: dir.to_owned(),
-                reason,
-            }
-        })?;
+        let state = check_state_file(dir, &manifest, &h, &state_bytes)?;
 
-        let blocks = data_blocks(&m.extents).len() as u64;
+        let want = hashes_len(dir, &manifest)?;
         let hpath = dir.join(HASHES);
-        let want = blocks.saturating_mul(32);
-        if m.hashes.len != want {
-            return Err(SnapshotError::Mismatch {
-                dir: dir.to_owned(),
-                reason: format!("{} bytes of page hashes for {blocks} data blocks", m.hashes.len),
-            });
-        }
         let found = std::fs::metadata(&hpath).map(|md| md.len()).unwrap_or(0);
         if found != want && hpath.exists() {
             return Err(SnapshotError::Truncated {
@@ -190,13 +227,9 @@ impl Snapshot {
             });
         }
         let hashes = read_file(&hpath, want, dir, HASHES)?;
-        if h.hex(&hashes) != m.hashes.hash {
-            return Err(SnapshotError::Checksum {
-                path: hpath,
-                at: String::new(),
-            });
-        }
+        check_hashes_file(dir, &manifest, &h, &hashes)?;
 
+        let m = &manifest.memory;
         let mem_path = dir.join(MEMORY);
         let found = vmm_core::files::open_regular(&mem_path)
             .and_then(|f| f.metadata())
@@ -215,13 +248,50 @@ impl Snapshot {
                 expected: m.len,
             });
         }
+        Ok(Snapshot::assemble(dir, manifest, state, hashes, h))
+    }
+
+    /// [`Snapshot::open`] over the contents of `manifest.json`, `state.json`
+    /// and `memory.hashes`, with the same checks in the same order (the
+    /// digest and key, the state's length, hash, parse and layout, the page
+    /// hashes' length and hash); not the memory file, whose pages
+    /// [`PageHashes::check_block`] checks on each read. `dir` only names the
+    /// files in errors. A pure function of its inputs: `fuzz/`'s
+    /// `snapshot_manifest`, `snapshot_state` and `snapshot_integrity`
+    /// targets call it.
+    pub fn from_contents(
+        dir: &Path,
+        key: Option<&SnapshotKey>,
+        manifest_text: &[u8],
+        state_bytes: &[u8],
+        hashes: &[u8],
+    ) -> Result<Snapshot, SnapshotError> {
+        let h = Hasher::new(key);
+        let mpath = dir.join(MANIFEST);
+        let manifest = Manifest::parse(manifest_text, &mpath)?;
+        manifest.verify(&h, &mpath)?;
+        let state = check_state_file(dir, &manifest, &h, state_bytes)?;
+        let want = hashes_len(dir, &manifest)?;
+        if hashes.len() as u64 != want {
+            return Err(SnapshotError::Truncated {
+                path: dir.join(HASHES),
+                found: hashes.len() as u64,
+                expected: want,
+            });
+        }
+        check_hashes_file(dir, &manifest, &h, hashes)?;
+        Ok(Snapshot::assemble(dir, manifest, state, hashes.to_vec(), h))
+    }
+
+    fn assemble(dir: &Path, manifest: Manifest, state: SavedVm, hashes: Vec<u8>, h: Hasher) -> Snapshot {
+        let m = &manifest.memory;
         let pages = std::sync::Arc::new(PageHashes::new(&m.extents, hashes, h, m.layout.clone()));
-        Ok(Snapshot {
+        Snapshot {
             dir: dir.to_owned(),
             manifest,
             state,
             pages,
-        })
+        }
     }
 
     /// The memory file's layout.

@@ -68,6 +68,9 @@ pub enum HandshakeError {
     /// JSON encoding.
     #[error("cannot encode the handshake message: {0}")]
     Encode(#[source] serde_json::Error),
+    /// JSON decoding.
+    #[error("the handshake message is not a JSON array of Firecracker's GuestRegionUffdMapping: {0}")]
+    Decode(#[source] serde_json::Error),
 }
 
 /// The mappings of externally served memory whose contents are in a memory
@@ -102,6 +105,18 @@ pub fn message(mappings: &[Mapping]) -> Result<Vec<u8>, HandshakeError> {
     Ok(body)
 }
 
+/// Decodes a handshake message as a Firecracker handler of v1.12 or later
+/// reads it (`serde_json::from_slice::<Vec<GuestRegionUffdMapping>>`, every
+/// field required, none unknown), with the length limit of its receive
+/// buffer. What [`message`] writes decodes back to the same mappings;
+/// `fuzz/`'s `uffd_handshake` target checks that for any bytes.
+pub fn parse_message(bytes: &[u8]) -> Result<Vec<Mapping>, HandshakeError> {
+    if bytes.len() > MAX_MESSAGE {
+        return Err(HandshakeError::TooLong(bytes.len()));
+    }
+    serde_json::from_slice(bytes).map_err(HandshakeError::Decode)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -125,6 +140,11 @@ mod tests {
             },
         ];
         let text = String::from_utf8(message(&maps).unwrap()).unwrap();
+        assert_eq!(parse_message(text.as_bytes()).unwrap(), maps);
+        assert!(
+            parse_message(b"[{\"size\":1}]").is_err(),
+            "every field is required"
+        );
         assert_eq!(
             text,
             "[{\"base_host_virt_addr\":139637976727552,\"size\":3221225472,\"offset\":0,\"page_size\":4096,\"page_size_kib\":4096},\

@@ -6,9 +6,9 @@
 //! as Firecracker's handlers do when they panic). The watcher waits in
 //! `poll` without a timeout: nothing here polls periodically.
 
-use super::peer::{PeerEvent, SUBCOMMAND};
+use super::peer::{read_line, PeerEvent, SUBCOMMAND};
 use super::UffdHandlerError;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
@@ -110,27 +110,6 @@ fn exit_of(pid: u32) -> Option<String> {
     })
 }
 
-/// Reads one `\n`-terminated line (short: the holder's events), byte by
-/// byte so that nothing after it is consumed.
-fn read_line(s: &mut UnixStream) -> std::io::Result<Option<String>> {
-    let mut line = Vec::new();
-    let mut b = [0u8; 1];
-    loop {
-        match s.read(&mut b) {
-            Ok(0) => return Ok(None),
-            Ok(_) if b[0] == b'\n' => return Ok(Some(String::from_utf8_lossy(&line).into_owned())),
-            Ok(_) if line.len() < 64 * 1024 => line.push(b[0]),
-            Ok(_) => {
-                return Err(std::io::Error::other(
-                    "the connection holder sent a line too long",
-                ))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-}
-
 impl HandlerLink {
     /// Starts `program __uffd-peer socket` as the connection holder, hands
     /// it the handshake `message` and `uffd`, and waits (at most
@@ -182,7 +161,7 @@ impl HandlerLink {
         let answer = read_line(&mut vmm_end);
         let _ = vmm_end.set_read_timeout(None);
         let pid = match answer {
-            Ok(Some(line)) => match serde_json::from_str::<PeerEvent>(&line) {
+            Ok(Some(line)) => match PeerEvent::decode(&line) {
                 Ok(PeerEvent::Connected { pid }) => pid,
                 Ok(PeerEvent::Failed { error }) => {
                     kill(&mut holder);
@@ -353,7 +332,7 @@ impl Watch {
             }
             let reason = if fds[1].revents != 0 {
                 match read_line(&mut self.vmm_end) {
-                    Ok(Some(line)) => match serde_json::from_str::<PeerEvent>(&line) {
+                    Ok(Some(line)) => match PeerEvent::decode(&line) {
                         Ok(PeerEvent::Closed { reason }) => reason,
                         _ => continue,
                     },

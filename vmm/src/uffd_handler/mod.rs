@@ -18,7 +18,7 @@ pub mod handshake;
 pub mod link;
 pub mod peer;
 
-pub use handshake::{mappings, message, HandshakeError, Mapping, FIRECRACKER_VERSIONS};
+pub use handshake::{mappings, message, parse_message, HandshakeError, Mapping, FIRECRACKER_VERSIONS};
 pub use link::{HandlerLink, LostHook};
 
 use std::path::PathBuf;

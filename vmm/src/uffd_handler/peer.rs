@@ -56,6 +56,35 @@ pub enum PeerEvent {
     },
 }
 
+impl PeerEvent {
+    /// Decodes one line of the holder's (the VMM reads them from the
+    /// holder's socket; `fuzz/`'s `uffd_handshake` target feeds any).
+    pub fn decode(line: &str) -> Result<PeerEvent, serde_json::Error> {
+        serde_json::from_str(line)
+    }
+}
+
+/// Reads one `\n`-terminated line (short: the holder's events), byte by
+/// byte so that nothing after it is consumed; at most 64 KiB.
+pub fn read_line(s: &mut impl Read) -> std::io::Result<Option<String>> {
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    loop {
+        match s.read(&mut b) {
+            Ok(0) => return Ok(None),
+            Ok(_) if b[0] == b'\n' => return Ok(Some(String::from_utf8_lossy(&line).into_owned())),
+            Ok(_) if line.len() < 64 * 1024 => line.push(b[0]),
+            Ok(_) => {
+                return Err(std::io::Error::other(
+                    "the connection holder sent a line too long",
+                ))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 fn say(vmm: &mut UnixStream, ev: &PeerEvent) -> bool {
     let mut line =
         serde_json::to_string(ev).unwrap_or_else(|_| "{\"event\":\"failed\",\"error\":\"encoding\"}".into());

@@ -392,6 +392,72 @@ fn keygen_files_and_their_checks() {
     assert!(e.contains("fewer than 32"), "{e}");
 }
 
+#[test]
+fn load_with_reads_what_load_reads_and_auth_blocks_prove_the_key() {
+    let d = keys("load-with", &["a"]);
+    let psk = d.join("psk");
+    keygen_psk(&psk, false).unwrap();
+    let files = TlsFiles {
+        cert: Some(d.join("a/cert.pem")),
+        key: Some(d.join("a/key.pem")),
+        peer: Some(d.join("a/cert.pem")),
+        psk: Some(psk.clone()),
+    };
+    // The contents as given, secrets named as such, in load's order.
+    let mut asked = Vec::new();
+    let with = Tls::load_with(&files, |p, what, secret| {
+        asked.push((what, secret));
+        Ok(std::fs::read(p).unwrap())
+    })
+    .unwrap();
+    assert_eq!(
+        asked,
+        [
+            ("--tls-cert", false),
+            ("--tls-key", true),
+            ("--tls-peer", false),
+            ("--tls-psk", true)
+        ]
+    );
+    let e = Tls::load_with(&files, |p, _, _| {
+        Ok(if p == psk {
+            b"  short  ".to_vec()
+        } else {
+            std::fs::read(p).unwrap()
+        })
+    })
+    .unwrap_err();
+    assert!(e.to_string().contains("fewer than 32"), "{e}");
+    // The genuine block passes; a changed proof, flag or magic does not.
+    let m = b"vmm migration psk v1 c0123456789abcdef0123456789abcdef".to_vec();
+    let block = with.auth_block_over(&m);
+    assert!(with.check_auth(&block, || Ok(m.clone())).is_ok());
+    for i in [0, 8, 9, 40] {
+        let mut bad = block;
+        bad[i] ^= 1;
+        assert!(
+            with.check_auth(&bad, || Ok(m.clone())).is_err(),
+            "byte {i} changed"
+        );
+    }
+    let mut other = m.clone();
+    other[21] = b's';
+    assert!(
+        with.check_auth(&block, || Ok(other)).is_err(),
+        "another role's proof"
+    );
+    // A side without the key refuses a proof and takes a plain block.
+    let without = Tls::load(&TlsFiles {
+        psk: None,
+        ..files.clone()
+    })
+    .unwrap();
+    assert!(without.check_auth(&block, || Ok(m.clone())).is_err());
+    let plain = without.auth_block_over(&m);
+    assert!(without.check_auth(&plain, || Ok(m.clone())).is_ok());
+    assert!(with.check_auth(&plain, || Ok(m.clone())).is_err());
+}
+
 /// Not a check: the cost of TLS, printed. Run with
 /// `cargo test --release -p vmm --lib tls_cost -- --ignored --nocapture`.
 /// Handshake: both ends of one connection, authenticated and headers
