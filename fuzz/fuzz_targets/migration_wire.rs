@@ -30,6 +30,8 @@ fuzz_target!(|data: &[u8]| {
         let mut b = Vec::new();
         encode(&mut b, &m).expect("encoding into a Vec");
         assert_eq!(b, data[start..end], "{m:?} does not encode as it was read");
+        // What errors print of a peer's message stays short.
+        assert!(m.summary().len() < 64, "{}", m.summary());
         match m {
             Message::State(s) => state = Some(s),
             Message::Extents(e) => extents = Some(e),

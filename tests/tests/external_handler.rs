@@ -289,3 +289,77 @@ fn a_handler_killed_mid_restore_is_replaced_and_the_guest_finishes() {
     assert!(vm.attach_handler(&again).unwrap().resumed);
     finish_verified(vm, &cfg, &console);
 }
+
+/// Whether this process runs as root (the test below needs to run a
+/// handler as another user).
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+#[test]
+fn a_handler_of_another_user_never_gets_the_userfaultfd() {
+    // Whoever holds the userfaultfd writes into the VMM's memory and can
+    // register more of it: a socket bound by another user (a path in a
+    // shared directory taken first) must not receive it.
+    use std::os::unix::fs::PermissionsExt;
+    assert!(
+        is_root(),
+        "runs a handler as another user (uid 65534): needs root (CI runs as root)"
+    );
+    let dir = TempDir::new("other-user");
+    let cfg = config(1, "256M", "workload=touch pages=3000 pattern=rand");
+    snapshot_mid_run(&cfg, &dir.0);
+    // A directory every user may write, with the handler and a copy of the
+    // memory file it can read.
+    let shared = dir.0.join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let bin = shared.join("handler");
+    std::fs::copy(HANDLER, &bin).unwrap();
+    let mem = shared.join("memory.bin");
+    std::fs::copy(dir.0.join("memory.bin"), &mem).unwrap();
+    std::fs::set_permissions(&mem, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let sock = shared.join("uffd.sock");
+    let child = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&bin)
+        .arg(&sock)
+        .arg(&mem)
+        .args(["--mode", "serve", "--field", "page_size"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _handler = Handler(child);
+    let start = Instant::now();
+    while !sock.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the handler did not bind"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let (options, _console) = capture_options();
+    let how = RestoreOptions {
+        uffd_socket: Some(sock.clone()),
+        peer_program: Some(PEER.into()),
+        handler_grace: Some(Duration::from_secs(1)),
+        ..Default::default()
+    };
+    let e = match Vm::restore(&dir.0, &how, options) {
+        Err(e) => e.to_string(),
+        Ok(vm) => match vm.start() {
+            Err(e) => e.to_string(),
+            Ok(vm) => {
+                vm.stop();
+                panic!("the userfaultfd went to a handler of uid 65534")
+            }
+        },
+    };
+    assert!(
+        e.contains("runs as uid 65534") && e.contains("refused the handler"),
+        "{e}"
+    );
+}

@@ -474,6 +474,19 @@ fn snapshots_are_private_replaced_whole_and_authenticated_with_a_key() {
     // A keyed snapshot: refused without its key or with another one.
     let key_file = dir.0.join("key");
     std::fs::write(&key_file, [7u8; 32]).unwrap();
+    // Readable by others (the umask's 0644): anyone could forge snapshots.
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let e = snapshot::SnapshotKey::load(&key_file).unwrap_err();
+    assert!(
+        e.to_string().contains("other users (mode 640)") && e.to_string().contains("chmod 600"),
+        "{e}"
+    );
+    let e = snapshot::SnapshotKey::load(std::path::Path::new("/dev/zero")).unwrap_err();
+    assert!(
+        e.to_string().contains("a device") && !e.to_string().contains("chmod"),
+        "{e}"
+    );
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
     let key = snapshot::SnapshotKey::load(&key_file).unwrap();
     let keyed = dir.0.join("keyed");
     let (mut options, console) = capture_options();

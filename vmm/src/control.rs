@@ -225,17 +225,44 @@ pub fn decode(line: &[u8]) -> Result<Request, DecodeError> {
     serde_json::from_str(text.trim()).map_err(DecodeError::Json)
 }
 
+/// The first path of `req` that is not absolute, and what it names.
+/// Relative to what? The VMM's working directory is no answer: every path a
+/// request names (a snapshot directory, a handler's socket, a Unix
+/// migration address) must be absolute (`vmm ctl` resolves relative paths
+/// itself).
+fn relative_path(req: &Request) -> Option<(&'static str, PathBuf)> {
+    let unix = |addr: &str| {
+        addr.strip_prefix("unix:")
+            .map(PathBuf::from)
+            .filter(|p| !p.as_os_str().is_empty())
+    };
+    let (what, path) = match req {
+        Request::Snapshot { to, .. } => ("snapshot directory", Some(to.clone())),
+        Request::AttachHandler { path } => ("handler socket", Some(path.clone())),
+        Request::Migrate { to, .. } => ("migration socket", unix(to)),
+        Request::Recover { from, .. } => ("migration socket", unix(from)),
+        Request::Pause {} | Request::Resume {} | Request::Stats {} => ("", None),
+    };
+    path.filter(|p| !p.is_absolute()).map(|p| (what, p))
+}
+
 /// Carries out a request on the VM.
 pub fn execute(vm: &VmHandle, req: &Request) -> Response {
-    if let Request::Snapshot { to, reference, .. } = req {
-        // Relative to what? The VMM's working directory is no answer.
-        for to in std::iter::once(to).chain(reference) {
-            if !to.is_absolute() {
-                return Response::err(format!(
-                    "snapshot directory `{}` is not an absolute path; give one (vmm ctl resolves relative paths itself)",
-                    to.display()
-                ));
-            }
+    if let Some((what, path)) = relative_path(req) {
+        return Response::err(format!(
+            "{what} `{}` is not an absolute path; give one (vmm ctl resolves relative paths itself)",
+            path.display()
+        ));
+    }
+    if let Request::Snapshot {
+        reference: Some(r), ..
+    } = req
+    {
+        if !r.is_absolute() {
+            return Response::err(format!(
+                "reference snapshot directory `{}` is not an absolute path; give one",
+                r.display()
+            ));
         }
     }
     let json = |v: Result<serde_json::Value, serde_json::Error>| match v {
@@ -683,6 +710,33 @@ mod tests {
                 m.truncate((x >> 8) as usize % m.len());
             }
             let _ = decode(&m);
+        }
+    }
+
+    #[test]
+    fn every_path_a_request_names_must_be_absolute() {
+        let rel = [
+            r#"{"cmd":"snapshot","to":"snap"}"#,
+            r#"{"cmd":"snapshot","to":""}"#,
+            r#"{"cmd":"attach_handler","path":"h.sock"}"#,
+            r#"{"cmd":"attach_handler","path":""}"#,
+            r#"{"cmd":"migrate","to":"unix:dst.sock"}"#,
+            r#"{"cmd":"recover","from":"unix:./src.sock"}"#,
+        ];
+        for r in rel {
+            let (_, p) = relative_path(&decode_ok(r.as_bytes())).unwrap_or_else(|| panic!("{r}"));
+            assert!(!p.is_absolute(), "{r}");
+        }
+        let ok = [
+            r#"{"cmd":"snapshot","to":"/s"}"#,
+            r#"{"cmd":"attach_handler","path":"/run/h.sock"}"#,
+            r#"{"cmd":"migrate","to":"unix:/run/dst.sock"}"#,
+            r#"{"cmd":"migrate","to":"tcp:127.0.0.1:4444"}"#,
+            r#"{"cmd":"recover","from":"unix:/run/src.sock"}"#,
+            r#"{"cmd":"stats"}"#,
+        ];
+        for r in ok {
+            assert!(relative_path(&decode_ok(r.as_bytes())).is_none(), "{r}");
         }
     }
 

@@ -27,7 +27,7 @@ pub fn ctl(args: CtlArgs) -> i32 {
                         vmm::migration::DirtyTracking::Kvm
                     }
                 }),
-                to,
+                to: absolute_endpoint(to),
                 push_delay_ms,
                 precopy_rounds,
                 resume,
@@ -41,7 +41,7 @@ pub fn ctl(args: CtlArgs) -> i32 {
         CtlRequest::Recover { from, tls } => {
             let f = tls.files(true);
             Request::Recover {
-                from,
+                from: absolute_endpoint(from),
                 tls_cert: f.cert,
                 tls_key: f.key,
                 tls_peer: f.peer,
@@ -98,5 +98,17 @@ pub fn ctl(args: CtlArgs) -> i32 {
             eprintln!("vmm: error: {e}");
             1
         }
+    }
+}
+
+/// `unix:PATH` with PATH made absolute (relative to the caller, not to the
+/// VMM's working directory, which the VMM refuses); other addresses as given.
+fn absolute_endpoint(addr: String) -> String {
+    match addr.strip_prefix("unix:") {
+        Some(p) if !p.is_empty() => match std::path::absolute(p) {
+            Ok(abs) => format!("unix:{}", abs.display()),
+            Err(_) => addr,
+        },
+        _ => addr,
     }
 }

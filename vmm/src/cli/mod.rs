@@ -28,7 +28,15 @@ pub fn seconds(flag: &str, s: f64, zero_ok: bool) -> Result<Duration, String> {
             "{flag} must be {least} to {MAX_SECONDS:e} seconds, not {s}"
         ));
     }
-    Duration::try_from_secs_f64(s).map_err(|e| format!("{flag} {s}: {e}"))
+    let d = Duration::try_from_secs_f64(s).map_err(|e| format!("{flag} {s}: {e}"))?;
+    // A positive number below a nanosecond would be a zero duration, which
+    // means "no wait" to some callers and is refused by socket timeouts.
+    if d.is_zero() && s > 0.0 {
+        return Err(format!(
+            "{flag} {s} is less than a nanosecond; give at least 1e-9 seconds"
+        ));
+    }
+    Ok(d)
 }
 
 /// `--snapshot-key FILE`: prints the error and gives the exit code.
@@ -58,10 +66,12 @@ mod tests {
 
     #[test]
     fn huge_and_odd_durations_are_errors_not_panics() {
-        for bad in [1e30, 1e19, f64::INFINITY, f64::NAN, -1.0, 0.0] {
+        for bad in [1e30, 1e19, f64::INFINITY, f64::NAN, -1.0, 0.0, 1e-300, 5e-324] {
             assert!(seconds("--timeout", bad, false).is_err(), "{bad}");
         }
         assert!(seconds("--lost-wait", 0.0, true).is_ok());
+        assert!(seconds("--lost-wait", 1e-300, true).is_err());
+        assert_eq!(seconds("--timeout", 1e-9, false), Ok(Duration::from_nanos(1)));
         assert_eq!(seconds("--timeout", 2.5, false), Ok(Duration::from_millis(2500)));
     }
 }

@@ -90,9 +90,10 @@ pub fn receive(args: ReceiveArgs) -> i32 {
         Err(e) => {
             eprintln!("vmm: error: {e}");
             return match e {
-                vmm::receive::ReceiveError::Migration(vmm::migration::MigrationError::NoPeer { .. }) => {
-                    vmm::EXIT_TIMED_OUT
-                }
+                vmm::receive::ReceiveError::Migration(
+                    vmm::migration::MigrationError::NoPeer { .. }
+                    | vmm::migration::MigrationError::TimedOut { .. },
+                ) => vmm::EXIT_TIMED_OUT,
                 _ => EXIT_VMM_ERROR,
             };
         }

@@ -111,7 +111,12 @@ struct Prelude {
 /// Only the last copy of each page is kept, and only pages inside the RAM
 /// announced by `PrecopyBegin` (itself at most the largest guest): what is
 /// buffered is bounded by that size, whatever the source sends.
-fn receive_precopy(conn: &mut Conn, head: Message, progress: &Progress) -> Result<Prelude, MigrationError> {
+fn receive_precopy(
+    conn: &mut Conn,
+    head: Message,
+    progress: &Progress,
+    left: &dyn Fn() -> Option<Duration>,
+) -> Result<Prelude, MigrationError> {
     let mut precopied = HashMap::new();
     let mem_size = match head {
         Message::State(state) => {
@@ -135,6 +140,8 @@ fn receive_precopy(conn: &mut Conn, head: Message, progress: &Progress) -> Resul
     };
     let ranges = abi::layout::ram_ranges(mem_size);
     loop {
+        // The time left until `--timeout` (if any) bounds each read.
+        conn.set_read_timeout(left())?;
         match decode(conn)? {
             Message::PrecopyPage { gpa, data } => {
                 if !ranges.iter().any(|&(s, l)| gpa >= s && gpa - s < l) {
@@ -154,7 +161,8 @@ fn receive_precopy(conn: &mut Conn, head: Message, progress: &Progress) -> Resul
             }
             other => {
                 return Err(MigrationError::Protocol(format!(
-                    "unexpected message during pre-copy: {other:?}"
+                    "unexpected message during pre-copy: {}",
+                    other.summary()
                 )))
             }
         }
@@ -193,26 +201,65 @@ impl Incoming {
     ) -> Result<Incoming, MigrationError> {
         // One set of admissions for both connections: the source opens the
         // main one first, but their admissions may end in either order.
+        let end = wait.map(Deadline::after);
         let admissions = Admissions::new(None);
-        let first = admissions.next(listener, wait.map(Deadline::after))?;
+        let first = admissions.next(listener, end)?;
         let accepted = Instant::now();
+        let handshake = listener.security().handshake_timeout;
         let second = admissions
-            .next(
-                listener,
-                Some(Deadline::after(listener.security().handshake_timeout)),
-            )
+            .next(listener, Some(Deadline::after(handshake)))
             .map_err(no_answer_channel)?;
-        let (mut conn, answers, head) = main_and_answers(first, second)?;
+        // Every read below has a deadline: a source that opens both
+        // connections and then says nothing on one of them, or stalls its
+        // pre-copy, does not hold the destination past `--timeout` (nor its
+        // first messages past the handshake timeout), whatever it is.
+        // `second` is the answer channel (the main connection finishes its
+        // admission before the source opens the other), whose first message
+        // (`Preempt`) is sent as it opens: the handshake timeout bounds it.
+        // The main connection's first message may come late (a lazily
+        // restored source fetches its memory in full first): only
+        // `--timeout` bounds it.
+        let first_by = end.map_or(handshake, |e| e.left().unwrap_or(Duration::ZERO).min(handshake));
+        second.set_read_timeout(Some(first_by.max(Duration::from_millis(1))))?;
+        first.set_read_timeout(
+            end.map(|e| e.left().unwrap_or(Duration::ZERO).max(Duration::from_millis(1))),
+        )?;
+        let late = |what: &'static str| {
+            move || MigrationError::TimedOut {
+                secs: wait.unwrap_or_default().as_secs_f64(),
+                what,
+            }
+        };
+        let reading = Instant::now();
+        let (mut conn, answers, head) = main_and_answers(first, second).map_err(|e| {
+            timed_out(e, || {
+                if reading.elapsed() > first_by + Duration::from_millis(500) {
+                    // The main connection, silent until `--timeout`.
+                    return late("its first message")();
+                }
+                MigrationError::Protocol(format!(
+                    "the source opened its connections and sent nothing on one of them within {} s",
+                    (first_by.as_secs_f64() * 10.0).round() / 10.0
+                ))
+            })
+        })?;
+        answers.set_read_timeout(None)?;
+        let left = || end.map(|e| e.left().unwrap_or(Duration::ZERO).max(Duration::from_millis(1)));
+        conn.set_read_timeout(left())?;
         let Prelude {
             state,
             mem_size: precopy_mem,
             pages: mut precopied,
-        } = receive_precopy(&mut conn, head, &progress)?;
-        let Message::Extents(pairs) = decode(&mut conn)? else {
+        } = receive_precopy(&mut conn, head, &progress, &left)
+            .map_err(|e| timed_out(e, late("its pre-copy pages or state")))?;
+        conn.set_read_timeout(left())?;
+        let Message::Extents(pairs) = decode(&mut conn).map_err(|e| timed_out(e, late("its extent list")))?
+        else {
             return Err(MigrationError::Protocol(
                 "the message after the state is not the extent list".into(),
             ));
         };
+        conn.set_read_timeout(None)?;
         let got_state = Instant::now();
         let extents: Vec<Extent> = pairs.iter().map(|&(gpa, len)| Extent { gpa, len }).collect();
         // Checks every extent: aligned, sorted, inside RAM, at most EXTENT_MAX.
@@ -572,6 +619,21 @@ impl IncomingSession {
     }
 }
 
+/// `on_timeout()` if `e` is a read that timed out, else `e`.
+fn timed_out(e: MigrationError, on_timeout: impl FnOnce() -> MigrationError) -> MigrationError {
+    match &e {
+        MigrationError::Io { source, .. }
+            if matches!(
+                source.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            on_timeout()
+        }
+        _ => e,
+    }
+}
+
 /// The answer channel did not come in time.
 fn no_answer_channel(e: MigrationError) -> MigrationError {
     match e {
@@ -679,7 +741,8 @@ fn receive_pages(
             }
             other => {
                 return Err(MigrationError::Protocol(format!(
-                    "unexpected message from the source: {other:?}"
+                    "unexpected message from the source: {}",
+                    other.summary()
                 )))
             }
         }
@@ -705,6 +768,41 @@ mod tests {
     use super::*;
     use std::io::Write;
     use std::os::unix::net::UnixStream;
+
+    /// A source (any peer that passed the admission: same user, or plain
+    /// TCP) that opens both connections and goes silent on one, or stalls
+    /// its pre-copy, is dropped by the handshake timeout or `--timeout`.
+    #[test]
+    fn a_source_that_goes_silent_before_the_state_ends_the_wait_by_the_timeout() {
+        use super::super::wire::write_header;
+        let path = std::env::temp_dir().join(format!("vmm-silent-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let listener = Listener::bind(&super::super::Endpoint::Unix(path.clone())).unwrap();
+        let wait = Duration::from_millis(1500);
+        for answer_channel in [false, true] {
+            let connect = |first: Option<Message>| {
+                let mut s = UnixStream::connect(&path).unwrap();
+                write_header(&mut s).unwrap();
+                if let Some(m) = first {
+                    encode(&mut s, &m).unwrap();
+                }
+                s
+            };
+            let begin = Message::PrecopyBegin { mem_size: 64 << 20 };
+            let _main = connect(Some(begin));
+            // Without its first message (Preempt), or with it and no pre-copy after.
+            let _answers = connect(answer_channel.then_some(Message::Preempt));
+            let t = Instant::now();
+            let e = Incoming::accept(&listener, Default::default(), Some(wait)).unwrap_err();
+            assert!(t.elapsed() < wait + Duration::from_secs(5), "{:?}", t.elapsed());
+            if answer_channel {
+                assert!(matches!(e, MigrationError::TimedOut { .. }), "{e}");
+            } else {
+                assert!(e.to_string().contains("sent nothing on one of them"), "{e}");
+            }
+        }
+        let _ = std::fs::remove_file(&path);
+    }
 
     /// What a pre-copy keeps is bounded by the RAM it announced: one copy per
     /// page, none outside that RAM, whatever the source sends.
@@ -739,13 +837,13 @@ mod tests {
             w.flush().unwrap();
         });
         let head = decode(&mut conn).unwrap();
-        let p = receive_precopy(&mut conn, head, &progress).unwrap();
+        let p = receive_precopy(&mut conn, head, &progress, &|| None).unwrap();
         assert_eq!(p.mem_size, Some(mem_size));
         assert_eq!(p.pages.len(), 16);
         assert!(p.pages.values().all(|d| d.iter().all(|&b| b == 49)));
         assert_eq!(progress.precopy_pages.load(Ordering::Relaxed), 800);
         let head = decode(&mut conn).unwrap();
-        let e = receive_precopy(&mut conn, head, &progress)
+        let e = receive_precopy(&mut conn, head, &progress, &|| None)
             .err()
             .unwrap()
             .to_string();
@@ -757,7 +855,7 @@ mod tests {
         let huge = abi::layout::MAX_MEM_SIZE + PAGE64;
         encode(&mut peer, &Message::PrecopyBegin { mem_size: huge }).unwrap();
         let head = decode(&mut conn).unwrap();
-        let e = receive_precopy(&mut conn, head, &progress)
+        let e = receive_precopy(&mut conn, head, &progress, &|| None)
             .err()
             .unwrap()
             .to_string();

@@ -52,6 +52,15 @@ pub enum MigrationError {
         #[source]
         source: std::io::Error,
     },
+    /// `vmm receive --timeout` ran out while an authenticated source was
+    /// still sending what comes before the VM starts (pre-copy, state).
+    #[error("the migration did not start within {secs} s (--timeout): the source connected and then sent {what} too slowly or stopped; its VM is still whole there (`vmm ctl SRC resume`)")]
+    TimedOut {
+        /// The --timeout.
+        secs: f64,
+        /// What the source was sending.
+        what: &'static str,
+    },
     /// Plain TCP without the opt-in.
     #[error("{0} is TCP: a migration over TCP must be TLS (--tls-cert, --tls-key and --tls-peer, or --tls-psk; see `vmm keygen`), or give --insecure-plain-tcp to send the VM in clear text to anyone who reaches the port")]
     PlainTcp(Endpoint),

@@ -396,7 +396,7 @@ impl Outgoing {
                     }
                     other => {
                         return Err(MigrationError::Protocol(format!(
-                            "unexpected message from the destination: {other:?}"
+                            "unexpected message from the destination: {}", other.summary()
                         )))
                     }
                 }

@@ -298,9 +298,10 @@ impl Tls {
     pub fn load(files: &TlsFiles) -> Result<Tls, TlsError> {
         Tls::load_with(files, |path, what, secret| {
             if secret {
-                check_private(path, what)?;
+                read_secret(path, what)
+            } else {
+                read_file(path, what)
             }
-            read_file(path, what)
         })
     }
 
@@ -461,14 +462,17 @@ fn read_file(path: &Path, what: &'static str) -> Result<Vec<u8>, TlsError> {
     })
 }
 
-/// A secret file must not be readable by group or others.
-fn check_private(path: &Path, what: &'static str) -> Result<(), TlsError> {
-    let meta = std::fs::metadata(path).map_err(|source| TlsError::Read {
+/// Reads a secret file: a regular file (checked first: the advice to
+/// `chmod` a device or FIFO would be wrong) that group and others can
+/// neither read nor write, checked on the file opened.
+fn read_secret(path: &Path, what: &'static str) -> Result<Vec<u8>, TlsError> {
+    let rerr = |source| TlsError::Read {
         what,
         path: path.to_owned(),
         source,
-    })?;
-    let mode = meta.permissions().mode() & 0o777;
+    };
+    let f = vmm_core::files::open_regular(path).map_err(rerr)?;
+    let mode = f.metadata().map_err(rerr)?.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
         return Err(TlsError::Exposed {
             what,
@@ -476,7 +480,15 @@ fn check_private(path: &Path, what: &'static str) -> Result<(), TlsError> {
             mode,
         });
     }
-    Ok(())
+    let mut buf = Vec::new();
+    f.take(MAX_FILE + 1).read_to_end(&mut buf).map_err(rerr)?;
+    if buf.len() as u64 > MAX_FILE {
+        return Err(rerr(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("it is more than the {MAX_FILE} bytes accepted"),
+        )));
+    }
+    Ok(buf)
 }
 
 /// The certificates of a PEM file's contents (those that decode; at least one).

@@ -103,7 +103,7 @@ impl Deadline {
     }
 
     /// What is left, or a time-out error.
-    fn left(&self) -> std::io::Result<Duration> {
+    pub(super) fn left(&self) -> std::io::Result<Duration> {
         self.at
             .checked_duration_since(Instant::now())
             .filter(|d| !d.is_zero())
@@ -524,7 +524,9 @@ pub(super) fn admit(
         })?;
         if &m != expect {
             return Err(MigrationError::Protocol(format!(
-                "{peer} opened a connection with {m:?} where {expect:?} was expected"
+                "{peer} opened a connection with {} where {} was expected",
+                m.summary(),
+                expect.summary()
             )));
         }
     }

@@ -101,6 +101,34 @@ pub enum Message {
     Complete,
 }
 
+impl Message {
+    /// What the message is, in a few words (its payload's size, not its
+    /// bytes): for errors and logs, which a peer's multi-megabyte state or
+    /// bitmap must not flood.
+    pub fn summary(&self) -> String {
+        match self {
+            Message::State(s) => format!("State ({} bytes)", s.len()),
+            Message::Extents(e) => format!("Extents ({} extents)", e.len()),
+            Message::Page { gpa, requested, .. } => {
+                format!(
+                    "Page {gpa:#x} ({})",
+                    if *requested { "requested" } else { "pushed" }
+                )
+            }
+            Message::Done { .. } => "Done".into(),
+            Message::PrecopyBegin { mem_size } => format!("PrecopyBegin ({mem_size} bytes of RAM)"),
+            Message::PrecopyPage { gpa, .. } => format!("PrecopyPage {gpa:#x}"),
+            Message::Resume => "Resume".into(),
+            Message::Preempt => "Preempt".into(),
+            Message::Need(b) => format!("Need ({} bytes)", b.len()),
+            Message::Request(g) => format!("Request {g:#x}"),
+            Message::Resend(g) => format!("Resend {g:#x}"),
+            Message::Resumed => "Resumed".into(),
+            Message::Complete => "Complete".into(),
+        }
+    }
+}
+
 /// Writes the stream header.
 pub fn write_header(w: &mut impl Write) -> std::io::Result<()> {
     w.write_all(&MAGIC)?;
@@ -333,6 +361,17 @@ mod tests {
             out.push(decode(&mut r)?);
         }
         Ok(out)
+    }
+
+    #[test]
+    fn summaries_stay_short_whatever_the_payload() {
+        for m in [
+            Message::State(vec![b'x'; 64 << 20]),
+            Message::Need(vec![0xff; 1 << 21]),
+            Message::Extents(vec![(0, 4096); 1 << 20]),
+        ] {
+            assert!(m.summary().len() < 40, "{}", m.summary());
+        }
     }
 
     #[test]

@@ -9,6 +9,8 @@
 use super::memory::MemoryLayout;
 use super::{SnapshotError, FORMAT_VERSION, HASHES, MAGIC, MEMORY, STATE};
 use serde::{Deserialize, Serialize};
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 /// `manifest.json`.
@@ -105,7 +107,26 @@ impl SnapshotKey {
             path: path.to_owned(),
             reason,
         };
-        let bytes = vmm_core::files::read_regular(path, 4096).map_err(|e| bad(e.to_string()))?;
+        // Whoever can read the key can forge snapshots this user restores:
+        // like a TLS key, it must be this user's alone (checked on the file
+        // opened, after it proved to be a regular file).
+        let f = vmm_core::files::open_regular(path).map_err(|e| bad(e.to_string()))?;
+        let mode = f.metadata().map_err(|e| bad(e.to_string()))?.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(bad(format!(
+                "it can be read or written by other users (mode {mode:o}): run `chmod 600 {}`",
+                path.display()
+            )));
+        }
+        let mut bytes = Vec::new();
+        f.take(4097)
+            .read_to_end(&mut bytes)
+            .map_err(|e| bad(e.to_string()))?;
+        if bytes.len() > 4096 {
+            return Err(bad(
+                "more than 4096 bytes; a key is 32 raw bytes or 64 hex digits (e.g. `head -c 32 /dev/urandom > KEY`)".into(),
+            ));
+        }
         if let Ok(raw) = <[u8; 32]>::try_from(bytes.as_slice()) {
             return Ok(SnapshotKey(raw));
         }

@@ -13,7 +13,7 @@ use std::ffi::CString;
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 fn target_err(path: &Path, reason: impl Into<String>) -> SnapshotError {
@@ -37,6 +37,15 @@ fn check_target(dir: &Path) -> Result<bool, SnapshotError> {
             "it is a symbolic link; give the real directory (a snapshot is never written through a link)",
         )),
         Ok(m) if !m.is_dir() => Err(target_err(dir, "it exists and is not a directory")),
+        // Replacing a directory removes the old one: never another user's
+        // (root included: a snapshot over someone's directory destroys it).
+        Ok(m) if m.uid() != crate::peercred::our_uid() => Err(target_err(
+            dir,
+            format!(
+                "it belongs to another user (uid {}); give a new directory or one of your own",
+                m.uid()
+            ),
+        )),
         Ok(_) => {
             let mut entries =
                 std::fs::read_dir(dir).map_err(io_err(dir, "listing the snapshot directory"))?;
@@ -226,4 +235,30 @@ pub fn write_manifest(
     let _ = std::fs::remove_file(&tmp);
     write_manifest_file(&tmp, &m)?;
     std::fs::rename(&tmp, &path).map_err(io_err(&path, "renaming the manifest into place"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn another_users_directory_is_never_replaced() {
+        let base = std::env::temp_dir().join(format!("vmm-target-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let theirs = base.join("theirs");
+        std::fs::create_dir_all(&theirs).unwrap();
+        std::fs::write(theirs.join(MANIFEST), b"{}").unwrap();
+        // Ours, holding a snapshot: may be replaced.
+        assert!(check_target(&theirs).unwrap());
+        let other = if crate::peercred::our_uid() == 0 { 65534 } else { 0 };
+        let c = CString::new(theirs.as_os_str().as_bytes()).unwrap();
+        // SAFETY: chown reads a NUL-terminated path; ids by value.
+        if unsafe { libc::chown(c.as_ptr(), other, other) } == 0 {
+            let e = check_target(&theirs).unwrap_err().to_string();
+            assert!(e.contains("belongs to another user"), "{e}");
+        } else {
+            assert!(crate::peercred::our_uid() != 0, "root could not chown");
+        }
+        std::fs::remove_dir_all(&base).unwrap();
+    }
 }

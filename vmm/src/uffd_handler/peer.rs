@@ -159,7 +159,21 @@ pub fn main(socket: &Path) -> i32 {
             return 1;
         }
     };
-    let pid = peer_pid(&handler).unwrap_or(0);
+    // The userfaultfd lets its holder write into this VMM's memory (and
+    // register more of it): it goes only to a handler of this user or root,
+    // never to whoever bound the socket path first.
+    let pid = match crate::peercred::check_peer(&handler) {
+        Ok(cred) => cred.pid,
+        Err(e) => {
+            say(
+                &mut vmm,
+                &PeerEvent::Failed {
+                    error: format!("refused the handler at {}: {e}", socket.display()),
+                },
+            );
+            return 1;
+        }
+    };
     if let Err(e) = handler.send_with_fd(message, uffd.as_raw_fd()) {
         say(
             &mut vmm,

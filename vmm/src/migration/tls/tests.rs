@@ -355,6 +355,23 @@ fn keygen_files_and_their_checks() {
         e.contains("can be read by other users") && e.contains("chmod 600"),
         "{e}"
     );
+    // A device or FIFO as a secret: named as such, never "chmod it".
+    for special in ["/dev/zero", "/dev/null"] {
+        let e = Tls::load(&TlsFiles {
+            psk: Some(special.into()),
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("a device") && !e.contains("chmod"), "{e}");
+        let e = Tls::load(&TlsFiles {
+            key: Some(special.into()),
+            ..files.clone()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("a device") && !e.contains("chmod"), "{e}");
+    }
     // Incomplete options, relative paths, a certificate file that is not one.
     let e = Tls::load(&TlsFiles {
         cert: Some(k.cert.clone()),
