@@ -13,6 +13,10 @@ pub mod kind {
     pub const START_CPUS: u32 = 1;
     /// A user task finished a workload: [`super::WorkloadReport`].
     pub const REPORT: u32 = 2;
+    /// The guest is at its checkpoint (the `faas` workload built its
+    /// state): answered [`super::status::WAIT`] until the VM is a restored
+    /// (or migrated) copy, then [`super::status::OK`]. No arguments.
+    pub const CHECKPOINT: u32 = 3;
 }
 
 /// `PvRequest::status` values written by the VMM.
@@ -23,6 +27,8 @@ pub mod status {
     pub const OK: u32 = 1;
     /// The VMM rejected the request (unknown kind, bad arguments).
     pub const REJECTED: u32 = 2;
+    /// Not yet: ask again later ([`super::kind::CHECKPOINT`]).
+    pub const WAIT: u32 = 3;
 }
 
 /// One request: a kind, a status the VMM writes, and six argument words.
@@ -67,6 +73,8 @@ pub enum PvMessage {
     StartCpus,
     /// See [`kind::REPORT`].
     Report(WorkloadReport),
+    /// See [`kind::CHECKPOINT`].
+    Checkpoint,
 }
 
 /// A request the VMM cannot decode.
@@ -87,6 +95,11 @@ impl PvRequest {
     pub fn encode(msg: &PvMessage) -> PvRequest {
         match msg {
             PvMessage::StartCpus => Self::start_cpus(),
+            PvMessage::Checkpoint => PvRequest {
+                kind: kind::CHECKPOINT,
+                status: status::PENDING,
+                args: [0; 6],
+            },
             PvMessage::Report(r) => PvRequest {
                 kind: kind::REPORT,
                 status: status::PENDING,
@@ -106,6 +119,7 @@ impl PvRequest {
     pub fn decode(&self) -> Result<PvMessage, UnknownKind> {
         match self.kind {
             kind::START_CPUS => Ok(PvMessage::StartCpus),
+            kind::CHECKPOINT => Ok(PvMessage::Checkpoint),
             kind::REPORT => Ok(PvMessage::Report(WorkloadReport {
                 cpu: (self.args[0] & 0xffff_ffff) as u32,
                 workload: (self.args[0] >> 32) as u32,

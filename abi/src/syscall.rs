@@ -51,6 +51,10 @@ pub const SYS_SUM: u64 = 16;
 /// `store_ctl(op, arg)`: page-store test control ([`store_ctl`]), so tests
 /// wait for states instead of racing the store's delay.
 pub const SYS_STORE_CTL: u64 = 17;
+/// `checkpoint()`: tells the VMM the task is at its checkpoint (PV
+/// `CHECKPOINT`). Returns 0 when the VM is a restored copy (go on), 1 when
+/// it should wait and ask again.
+pub const SYS_CHECKPOINT: u64 = 18;
 
 /// Operations of `SYS_STORE_CTL`.
 pub mod store_ctl {

@@ -34,6 +34,11 @@ pub enum WorkloadKind {
     /// turn at a steady rate (`rate=` pages/s for `duration_ms=`), then read
     /// them back: a steady dirty rate for pre-copy experiments.
     Dirty = 3,
+    /// A FaaS-like function: build `pages` pages of state, wait at a
+    /// checkpoint until the VM is a restored copy (PV `CHECKPOINT`), then
+    /// run one invocation that touches `invoke` distinct pages of the state
+    /// chosen by `pattern` and `seed` ([`faas_invocation`]).
+    Faas = 4,
 }
 
 impl WorkloadKind {
@@ -44,6 +49,7 @@ impl WorkloadKind {
             WorkloadKind::Touch,
             WorkloadKind::TripleFault,
             WorkloadKind::Dirty,
+            WorkloadKind::Faas,
         ]
         .into_iter()
         .find(|k| *k as u32 == raw)
@@ -56,13 +62,17 @@ impl WorkloadKind {
             WorkloadKind::Touch => "touch",
             WorkloadKind::TripleFault => "triple-fault",
             WorkloadKind::Dirty => "dirty",
+            WorkloadKind::Faas => "faas",
         }
     }
 
     /// Whether the workload's tasks touch pages of the work region (and
     /// report a checksum the host verifies).
     pub const fn touches_pages(self) -> bool {
-        matches!(self, WorkloadKind::Touch | WorkloadKind::Dirty)
+        matches!(
+            self,
+            WorkloadKind::Touch | WorkloadKind::Dirty | WorkloadKind::Faas
+        )
     }
 }
 
@@ -194,6 +204,9 @@ pub struct WorkloadConfig {
     pub rate: u64,
     /// `duration_ms=N` (dirty): how long the rewriting goes on.
     pub duration_ms: u64,
+    /// `invoke=N` (faas): distinct state pages the invocation touches, all
+    /// tasks together (0 = a quarter of `pages`).
+    pub invoke: u64,
 }
 
 /// The in-guest tests, in the order `test=all` runs them.
@@ -230,6 +243,7 @@ impl Default for WorkloadConfig {
             accesses: 0,
             rate: 1000,
             duration_ms: 1000,
+            invoke: 0,
         }
     }
 }
@@ -263,7 +277,7 @@ impl core::fmt::Display for CmdlineError<'_> {
             CmdlineError::NotKeyValue(w) => write!(f, "`{w}` is not of the form key=value"),
             CmdlineError::UnknownKey(k) => write!(
                 f,
-                "unknown key `{k}` (known: workload, pages, pattern, accesses, write, seed, populate, shared, test, store_delay_us, tasks, rate, duration_ms)"
+                "unknown key `{k}` (known: workload, pages, pattern, accesses, write, seed, populate, shared, test, store_delay_us, tasks, rate, duration_ms, invoke)"
             ),
             CmdlineError::BadValue { key, value, expected } => {
                 write!(f, "bad value `{value}` for `{key}`: expected {expected}")
@@ -301,7 +315,8 @@ pub fn parse_cmdline(cmdline: &str) -> Result<WorkloadConfig, CmdlineError<'_>> 
                     "touch" => WorkloadKind::Touch,
                     "triple-fault" => WorkloadKind::TripleFault,
                     "dirty" => WorkloadKind::Dirty,
-                    _ => return Err(bad("hello, touch, dirty or triple-fault")),
+                    "faas" => WorkloadKind::Faas,
+                    _ => return Err(bad("hello, touch, dirty, faas or triple-fault")),
                 }
             }
             "pages" => {
@@ -323,6 +338,11 @@ pub fn parse_cmdline(cmdline: &str) -> Result<WorkloadConfig, CmdlineError<'_>> 
                 cfg.rate = parse_u64(value)
                     .filter(|r| (1..=10_000_000).contains(r))
                     .ok_or(bad("pages per second from 1 to 10000000"))?
+            }
+            "invoke" => {
+                cfg.invoke = parse_u64(value)
+                    .filter(|p| (1..=MAX_TOUCH_PAGES).contains(p))
+                    .ok_or(bad("a page count from 1 to 16777216"))?
             }
             "duration_ms" => {
                 cfg.duration_ms = parse_u64(value)
@@ -735,10 +755,12 @@ pub fn task_plan(cfg: &WorkloadConfig, cpus: u32, cpu: u32) -> TaskPlan {
             accesses: 0,
         };
     }
-    let accesses = if cfg.accesses == 0 {
-        cfg.pages
-    } else {
-        cfg.accesses
+    let accesses = match cfg.kind {
+        // faas: the invocation's distinct pages.
+        WorkloadKind::Faas if cfg.invoke == 0 => (cfg.pages / 4).max(1),
+        WorkloadKind::Faas => cfg.invoke.min(cfg.pages),
+        _ if cfg.accesses == 0 => cfg.pages,
+        _ => cfg.accesses,
     };
     if cfg.shared {
         let order_seed = cfg.seed ^ mix64(u64::from(cpu).wrapping_add(0x5348_4152_4544));
@@ -775,8 +797,63 @@ pub fn expected_task_checksum(cfg: &WorkloadConfig, cpus: u32, cpu: u32) -> u64 
 pub fn task_checksum(kind: WorkloadKind, plan: &TaskPlan, pattern: Pattern, write: bool, seed: u64) -> u64 {
     match kind {
         WorkloadKind::Dirty => plan.checksum(Pattern::Seq, true, seed),
+        WorkloadKind::Faas => faas_checksum(plan, pattern, seed),
         _ => plan.checksum(pattern, write, seed),
     }
+}
+
+/// The value a `faas` invocation writes over the state value of a page it
+/// touches (which marks the page as touched).
+pub const fn invoked_value(seed: u64, page: u64) -> u64 {
+    page_value(seed ^ 0x4641_4153, page) | 2
+}
+
+/// The order a `faas` invocation draws its pages in (offsets from the
+/// task's first page): the pattern's order, sampling patterns sampled for
+/// as long as it takes to meet `plan.accesses` distinct pages (at most
+/// [`MAX_ACCESSES`] draws).
+pub fn faas_order(plan: &TaskPlan, pattern: Pattern) -> AccessOrder {
+    let draws = if pattern.samples() {
+        MAX_ACCESSES
+    } else {
+        plan.pages
+    };
+    AccessOrder::new(plan.pages, pattern, plan.order_seed, draws)
+}
+
+/// The distinct global pages a `faas` invocation touches, in first-touch
+/// order (host side: the working set W).
+#[cfg(any(feature = "host", test))]
+pub fn faas_invocation(plan: &TaskPlan, pattern: Pattern) -> Vec<u64> {
+    let mut seen = vec![false; usize::try_from(plan.pages).unwrap_or(0)];
+    let mut out = Vec::new();
+    for i in faas_order(plan, pattern) {
+        if out.len() as u64 >= plan.accesses {
+            break;
+        }
+        if let Some(s) = seen.get_mut(usize::try_from(i).unwrap_or(usize::MAX)) {
+            if !*s {
+                *s = true;
+                out.push(plan.first_page + i);
+            }
+        }
+    }
+    out
+}
+
+/// The checksum of a `faas` task: the fold of the state values it read,
+/// in first-touch order. The guest cannot compute it without memory (it
+/// needs the set of pages seen): only the host checks it.
+#[cfg(any(feature = "host", test))]
+fn faas_checksum(plan: &TaskPlan, pattern: Pattern, seed: u64) -> u64 {
+    faas_invocation(plan, pattern)
+        .into_iter()
+        .fold(0, |sum, page| fold(sum, page, page_value(seed, page)))
+}
+
+#[cfg(not(any(feature = "host", test)))]
+fn faas_checksum(_: &TaskPlan, _: Pattern, _: u64) -> u64 {
+    0
 }
 
 /// The checksum of a non-shared task with share `(first_page, pages)`; same as

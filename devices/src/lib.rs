@@ -38,6 +38,9 @@ pub enum DeviceEvent {
     Report(WorkloadReport),
     /// The guest sent a request the VMM rejected (logged, the VM goes on).
     BadRequest(String),
+    /// The guest reached its checkpoint and waits to be restored (the
+    /// `faas` workload; sent once per VM).
+    Checkpoint,
 }
 
 /// Where devices send their events (the VMM's controller).

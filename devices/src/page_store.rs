@@ -42,6 +42,7 @@ use crate::{DeviceEvent, DeviceEventSink};
 use abi::layout::{PAGE_LEN as PAGE, PAGE_SIZE};
 use abi::pv::store::{self, GuestStats};
 use abi::pv::{status, PvRequest};
+use sandbox::{SeccompMode, ThreadClass};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 use vm_device::bus::{PioAddress, PioAddressOffset};
@@ -66,13 +67,11 @@ const AREA_LEN: usize = store::SLOTS * 8;
 #[derive(Debug, thiserror::Error)]
 pub enum PageStoreError {
     /// The worker thread could not be started.
-    #[error(
-        "cannot start the page-store worker thread: {source}; the host is short of threads or memory, free some and start the VM again"
-    )]
+    #[error("cannot start the page-store worker thread: {source}")]
     Spawn {
-        /// Why.
+        /// Why (no thread, or no seccomp filter for it).
         #[source]
-        source: std::io::Error,
+        source: sandbox::SpawnError,
     },
     /// The worker was still writing guest memory when the pause timed out.
     #[error(
@@ -378,8 +377,14 @@ impl std::fmt::Debug for PageStore {
 
 impl PageStore {
     /// A store over guest memory `mem`; statistics land in `stats`. Starts the
-    /// worker thread, which ends when the device is dropped.
-    pub fn new(mem: GuestRam, sink: DeviceEventSink, stats: GuestStatsCell) -> Result<Self, PageStoreError> {
+    /// worker thread (sandboxed in `seccomp` mode), which ends when the
+    /// device is dropped.
+    pub fn new(
+        mem: GuestRam,
+        sink: DeviceEventSink,
+        stats: GuestStatsCell,
+        seccomp: SeccompMode,
+    ) -> Result<Self, PageStoreError> {
         let queue = Queue {
             clock: Clock::new(false),
             completion: None,
@@ -388,7 +393,7 @@ impl PageStore {
             pauses: 0,
             stopped: false,
         };
-        PageStore::start(mem, sink, stats, queue, Held::default())
+        PageStore::start(mem, sink, stats, queue, Held::default(), seccomp)
     }
 
     fn start(
@@ -397,16 +402,20 @@ impl PageStore {
         stats: GuestStatsCell,
         queue: Queue,
         held: Held,
+        seccomp: SeccompMode,
     ) -> Result<Self, PageStoreError> {
         let shared = Arc::new(Shared {
             queue: Mutex::new(queue),
             changed: Condvar::new(),
         });
         let (m, sh) = (mem.clone(), shared.clone());
-        std::thread::Builder::new()
-            .name("page-store".into())
-            .spawn(move || worker(&m, &sh))
-            .map_err(|source| PageStoreError::Spawn { source })?;
+        sandbox::spawn(
+            std::thread::Builder::new().name("page-store".into()),
+            ThreadClass::PageStore,
+            seccomp,
+            move || worker(&m, &sh),
+        )
+        .map_err(|source| PageStoreError::Spawn { source })?;
         Ok(PageStore {
             mem,
             sink,

@@ -22,6 +22,11 @@ use vm_memory::{Address, Bytes, GuestAddress};
 pub struct PvChannel {
     mem: GuestRam,
     sink: DeviceEventSink,
+    /// Restored from a saved state (a snapshot or a migration): the
+    /// guest's checkpoint is passed.
+    restored: bool,
+    /// The checkpoint was reported (once per VM).
+    checkpoint_seen: bool,
 }
 
 impl std::fmt::Debug for PvChannel {
@@ -33,11 +38,16 @@ impl std::fmt::Debug for PvChannel {
 impl PvChannel {
     /// A channel over guest memory `mem` reporting to `sink`.
     pub fn new(mem: GuestRam, sink: DeviceEventSink) -> Self {
-        PvChannel { mem, sink }
+        PvChannel {
+            mem,
+            sink,
+            restored: false,
+            checkpoint_seen: false,
+        }
     }
 
     /// Handles the request at `gpa`; returns the status written back.
-    fn handle(&self, gpa: u64) -> u32 {
+    fn handle(&mut self, gpa: u64) -> u32 {
         let addr = GuestAddress(gpa);
         let req: PvRequest = match self.mem.read_obj(addr) {
             Ok(r) => r,
@@ -56,6 +66,15 @@ impl PvChannel {
             Ok(PvMessage::Report(r)) => {
                 (self.sink)(DeviceEvent::Report(r));
                 status::OK
+            }
+            // A restored copy goes on; the original waits at its checkpoint
+            // (and tells the VMM once, which may snapshot it there).
+            Ok(PvMessage::Checkpoint) if self.restored => status::OK,
+            Ok(PvMessage::Checkpoint) => {
+                if !std::mem::replace(&mut self.checkpoint_seen, true) {
+                    (self.sink)(DeviceEvent::Checkpoint);
+                }
+                status::WAIT
             }
             Err(k) => {
                 (self.sink)(DeviceEvent::BadRequest(format!(
@@ -101,13 +120,22 @@ impl Persist for PvChannel {
 
     fn save(&self) -> Result<PvChannelState, Infallible> {
         // Destructured so that a new field does not compile until it is saved.
-        let PvChannel { mem: _, sink: _ } = self;
+        // `restored` and `checkpoint_seen` describe this VM, not the guest:
+        // a restored channel is restored by definition.
+        let PvChannel {
+            mem: _,
+            sink: _,
+            restored: _,
+            checkpoint_seen: _,
+        } = self;
         Ok(PvChannelState {})
     }
 
     fn restore(args: PvChannelArgs, state: &PvChannelState) -> Result<Self, Infallible> {
         let PvChannelState {} = state;
-        Ok(PvChannel::new(args.mem, args.sink))
+        let mut dev = PvChannel::new(args.mem, args.sink);
+        dev.restored = true;
+        Ok(dev)
     }
 }
 

@@ -28,7 +28,7 @@
 //! `core/tests.rs`.
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -172,6 +172,27 @@ pub enum ResolvedBy {
     WriteUnprotected,
 }
 
+/// Who asks for a page: a fault (the guest, or the VMM touching guest
+/// memory) or a prefetch or materialization that fills ahead of the guest.
+/// Only faults are reported to a [`FillObserver`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// A userfault (or a caller standing in for one).
+    Fault,
+    /// A prefetch or a fetch-in-full: not a page the guest touched.
+    Prefetch,
+}
+
+/// Told of every page a fault made present, from the core's resolution path
+/// (the recording of a working set): `pages` pages from guest offset `gpa`
+/// were filled by one COPY or ZEROPAGE, `fault` is the faulting page if it is
+/// among them (the others are fault-around neighbours). Called on the
+/// handler's thread: keep it short.
+pub trait FillObserver: Send + Sync + std::fmt::Debug {
+    /// See the trait documentation.
+    fn filled(&self, gpa: u64, pages: u64, fault: Option<u64>);
+}
+
 /// The result of one attempt at a fault.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FaultOutcome {
@@ -226,6 +247,11 @@ pub struct Stats {
     pub pages_zeroed: u64,
     /// Of the filled pages, neighbours filled by fault-around.
     pub fault_around_pages: u64,
+    /// Pages filled ahead of any fault by [`RetryCore::prefill`] (a
+    /// working-set prefetch), in `prefill_runs` runs (one fetch and one fill each).
+    pub prefilled_pages: u64,
+    /// Runs of [`RetryCore::prefill`].
+    pub prefill_runs: u64,
     /// `fetch` calls made to the source.
     pub fetches: u64,
     /// Faults on pages already mapped (duplicate events), answered with WAKE.
@@ -263,6 +289,8 @@ struct Counters {
     pages_copied: AtomicU64,
     pages_zeroed: AtomicU64,
     fault_around_pages: AtomicU64,
+    prefilled_pages: AtomicU64,
+    prefill_runs: AtomicU64,
     fetches: AtomicU64,
     already_present: AtomicU64,
     eexist: AtomicU64,
@@ -285,6 +313,8 @@ impl Default for Counters {
             pages_copied: z(),
             pages_zeroed: z(),
             fault_around_pages: z(),
+            prefilled_pages: z(),
+            prefill_runs: z(),
             fetches: z(),
             already_present: z(),
             eexist: z(),
@@ -313,6 +343,8 @@ pub struct RetryCore {
     counters: Counters,
     /// One zeroed page: the UFFDIO_COPY source of a write fault on a zero page.
     zero_page: Box<[u8]>,
+    /// Told of every page a fault fills (set once).
+    observer: OnceLock<Arc<dyn FillObserver>>,
 }
 
 impl RetryCore {
@@ -358,12 +390,20 @@ impl RetryCore {
             source,
             counters: Counters::default(),
             zero_page: vec![0u8; ps_usize].into_boxed_slice(),
+            observer: OnceLock::new(),
         })
     }
 
     /// The region.
     pub fn region(&self) -> Region {
         self.region
+    }
+
+    /// Tells `observer` of every page a fault fills from now on (not the
+    /// pages of a prefetch or a materialization, [`Origin::Prefetch`]).
+    /// `false` if an observer was set already (there is one per core).
+    pub fn observe(&self, observer: Arc<dyn FillObserver>) -> bool {
+        self.observer.set(observer).is_ok()
     }
 
     /// The page source.
@@ -439,15 +479,21 @@ impl RetryCore {
     /// fault (about 25 us per fault on this platform, see docs/retry-core.md).
     /// Fault-around neighbours are still mapped to the zero page.
     pub fn resolve_access(&self, uffd: &Uffd, addr: u64, write: bool) -> FaultOutcome {
+        self.resolve_from(uffd, addr, write, Origin::Fault)
+    }
+
+    /// [`RetryCore::resolve_access`] on behalf of `origin`: the fills of an
+    /// [`Origin::Prefetch`] are not reported to the observer.
+    pub fn resolve_from(&self, uffd: &Uffd, addr: u64, write: bool, origin: Origin) -> FaultOutcome {
         bump(&self.counters.attempts, 1);
-        let out = self.resolve_inner(uffd, addr, write);
+        let out = self.resolve_inner(uffd, addr, write, origin);
         if matches!(out, FaultOutcome::Failed(_)) {
             bump(&self.counters.failures, 1);
         }
         out
     }
 
-    fn resolve_inner(&self, uffd: &Uffd, addr: u64, write: bool) -> FaultOutcome {
+    fn resolve_inner(&self, uffd: &Uffd, addr: u64, write: bool, origin: Origin) -> FaultOutcome {
         let Some(idx) = self.index(addr) else {
             return FaultOutcome::Failed(FaultError::OutOfRegion { addr });
         };
@@ -480,7 +526,7 @@ impl RetryCore {
                 }
                 PageState::Removed if self.config.after_remove == AfterRemove::Zero => {
                     if self.claim(idx, PageState::Removed) {
-                        return self.fill_zero(uffd, idx, idx, idx + 1, write);
+                        return self.fill_zero(uffd, idx, idx, idx + 1, write, origin);
                     }
                 }
                 PageState::Removed => {
@@ -493,7 +539,7 @@ impl RetryCore {
                 }
                 PageState::Missing => {
                     if self.claim(idx, PageState::Missing) {
-                        return self.fetch_and_fill(uffd, idx, self.source.bulk_cheap(), write);
+                        return self.fetch_and_fill(uffd, idx, self.source.bulk_cheap(), write, origin);
                     }
                 }
             }
@@ -520,7 +566,14 @@ impl RetryCore {
         (lo, hi)
     }
 
-    fn fetch_and_fill(&self, uffd: &Uffd, idx: usize, around: bool, write: bool) -> FaultOutcome {
+    fn fetch_and_fill(
+        &self,
+        uffd: &Uffd,
+        idx: usize,
+        around: bool,
+        write: bool,
+        origin: Origin,
+    ) -> FaultOutcome {
         let (lo, hi) = if around {
             self.claim_run(idx)
         } else {
@@ -530,13 +583,13 @@ impl RetryCore {
         let mut buf = vec![0u8; (hi - lo) * ps];
         bump(&self.counters.fetches, 1);
         match self.source.fetch(self.guest(lo), &mut buf) {
-            FetchOutcome::Ready => self.fill_copy(uffd, idx, lo, hi, &buf),
-            FetchOutcome::Zero => self.fill_zero(uffd, idx, lo, hi, write),
+            FetchOutcome::Ready => self.fill_copy(uffd, idx, lo, hi, &buf, Fill::Fault(origin)),
+            FetchOutcome::Zero => self.fill_zero(uffd, idx, lo, hi, write, origin),
             FetchOutcome::Retry(reason) => {
                 self.set(lo..hi, PageState::Missing);
                 if hi - lo > 1 && self.claim(idx, PageState::Missing) {
                     // A neighbour may be the one not ready: the faulting page alone.
-                    return self.fetch_and_fill(uffd, idx, false, write);
+                    return self.fetch_and_fill(uffd, idx, false, write, origin);
                 }
                 FaultOutcome::Retry(reason)
             }
@@ -544,7 +597,7 @@ impl RetryCore {
                 self.set(lo..hi, PageState::Missing);
                 if hi - lo > 1 && self.claim(idx, PageState::Missing) {
                     // A neighbour may be the bad one: the faulting page alone.
-                    return self.fetch_and_fill(uffd, idx, false, write);
+                    return self.fetch_and_fill(uffd, idx, false, write, origin);
                 }
                 FaultOutcome::Failed(FaultError::Source {
                     guest_addr: self.guest(idx),
@@ -556,13 +609,22 @@ impl RetryCore {
         }
     }
 
-    fn fill_copy(&self, uffd: &Uffd, idx: usize, lo: usize, hi: usize, buf: &[u8]) -> FaultOutcome {
+    fn fill_copy(
+        &self,
+        uffd: &Uffd,
+        idx: usize,
+        lo: usize,
+        hi: usize,
+        buf: &[u8],
+        kind: Fill,
+    ) -> FaultOutcome {
         let ps = self.ps;
         self.fill(
             idx,
             lo,
             hi,
             ResolvedBy::Copy,
+            kind,
             |i| uffd.copy(self.host(i), &buf[(i - lo) * ps..], false),
             uffd,
         )
@@ -570,12 +632,33 @@ impl RetryCore {
 
     /// Zero-fills `[lo, hi)`; with `write`, page `idx` by a copy of a zeroed
     /// page (see [`RetryCore::resolve_access`]) and its neighbours by ZEROPAGE.
-    fn fill_zero(&self, uffd: &Uffd, idx: usize, lo: usize, hi: usize, write: bool) -> FaultOutcome {
+    fn fill_zero(
+        &self,
+        uffd: &Uffd,
+        idx: usize,
+        lo: usize,
+        hi: usize,
+        write: bool,
+        origin: Origin,
+    ) -> FaultOutcome {
+        self.fill_zero_as(uffd, idx, lo, hi, write, Fill::Fault(origin))
+    }
+
+    fn fill_zero_as(
+        &self,
+        uffd: &Uffd,
+        idx: usize,
+        lo: usize,
+        hi: usize,
+        write: bool,
+        kind: Fill,
+    ) -> FaultOutcome {
         self.fill(
             idx,
             lo,
             hi,
             ResolvedBy::ZeroPage,
+            kind,
             |i| {
                 if write && i == idx {
                     return uffd.copy(self.host(i), &self.zero_page, false);
@@ -591,15 +674,27 @@ impl RetryCore {
     /// with `op(i)` (which returns the bytes it filled from page `i`, at least
     /// one page), skipping pages the kernel already has. Every filled or found
     /// page becomes Present; the rest go back to Missing.
+    #[allow(clippy::too_many_arguments)]
     fn fill(
         &self,
         idx: usize,
         lo: usize,
         hi: usize,
         by: ResolvedBy,
+        kind: Fill,
         op: impl Fn(usize) -> Result<usize, CopyError>,
         uffd: &Uffd,
     ) -> FaultOutcome {
+        let observer = match kind {
+            Fill::Fault(Origin::Fault) => self.observer.get(),
+            _ => None,
+        };
+        let note = |i: usize, k: usize| {
+            if let Some(o) = observer {
+                let fault = (i..i + k).contains(&idx).then(|| self.guest(idx));
+                o.filled(self.guest(i), k as u64, fault);
+            }
+        };
         let ps = self.ps;
         let mut i = lo;
         let mut filled = 0usize;
@@ -612,6 +707,7 @@ impl RetryCore {
                 Ok(n) => {
                     let k = (n / ps).clamp(1, hi - i);
                     self.set(i..i + k, PageState::Present);
+                    note(i, k);
                     filled += k;
                     if (i..i + k).contains(&idx) {
                         fault_done = true;
@@ -624,6 +720,7 @@ impl RetryCore {
                     bump(&self.counters.eagain, 1);
                     let k = (copied / ps).min(hi - i);
                     self.set(i..i + k, PageState::Present);
+                    note(i, k);
                     filled += k;
                     if (i..i + k).contains(&idx) {
                         fault_done = true;
@@ -666,10 +763,14 @@ impl RetryCore {
             &self.counters.pages_zeroed
         };
         // pages_* last: tests wait on them to know the attempt is fully counted.
-        bump(
-            &self.counters.fault_around_pages,
-            (filled - usize::from(own)) as u64,
-        );
+        if matches!(kind, Fill::Prefill) {
+            bump(&self.counters.prefilled_pages, filled as u64);
+        } else {
+            bump(
+                &self.counters.fault_around_pages,
+                (filled - usize::from(own)) as u64,
+            );
+        }
         bump(counter, filled as u64);
         match result {
             Some(r) if !fault_done => r,
@@ -686,11 +787,22 @@ impl RetryCore {
     /// keep waiting, e.g. after checking a stop flag). `MappingChanged` is
     /// retried after 1 ms: someone else must be reading the uffd events.
     pub fn resolve_waiting(&self, uffd: &Uffd, addr: u64, deadline: Instant) -> FaultReport {
+        self.resolve_waiting_from(uffd, addr, deadline, Origin::Fault)
+    }
+
+    /// [`RetryCore::resolve_waiting`] on behalf of `origin` (see [`Origin`]).
+    pub fn resolve_waiting_from(
+        &self,
+        uffd: &Uffd,
+        addr: u64,
+        deadline: Instant,
+        origin: Origin,
+    ) -> FaultReport {
         let start = Instant::now();
         let mut retries = 0u32;
         loop {
             let seen = self.source.notifier().generation();
-            let outcome = self.resolve(uffd, addr);
+            let outcome = self.resolve_from(uffd, addr, false, origin);
             let reason = match outcome {
                 FaultOutcome::Retry(r) => r,
                 FaultOutcome::Resolved { .. } => {
@@ -744,6 +856,62 @@ impl RetryCore {
         self.counters.latency.record_duration(latency);
     }
 
+    /// Fills the Missing pages of the `pages` pages from host address `host`
+    /// ahead of any fault (a working-set prefetch): each run of pages it can
+    /// claim is fetched with one `fetch` and mapped with one COPY (or
+    /// ZEROPAGE), at most [`PREFILL_RUN_MAX`] pages a run. Pages present, in
+    /// flight or removed are skipped; a run the source cannot give now
+    /// (`Retry`) is left to the faults. Returns the pages filled; a source
+    /// failure ends it (nothing was zero-filled). Not reported to the
+    /// observer: these are not pages the guest touched.
+    pub fn prefill(&self, uffd: &Uffd, host: u64, pages: usize) -> Result<usize, FaultError> {
+        let Some(first) = self.index(host) else {
+            return Err(FaultError::OutOfRegion { addr: host });
+        };
+        let end = first.saturating_add(pages).min(self.states.len());
+        let mut filled = 0;
+        let mut i = first;
+        while i < end {
+            if !self.claim(i, PageState::Missing) {
+                i += 1;
+                continue;
+            }
+            let mut j = i + 1;
+            while j < end && j - i < PREFILL_RUN_MAX && self.claim(j, PageState::Missing) {
+                j += 1;
+            }
+            let mut buf = vec![0u8; (j - i) * self.ps];
+            bump(&self.counters.fetches, 1);
+            bump(&self.counters.prefill_runs, 1);
+            let out = match self.source.fetch(self.guest(i), &mut buf) {
+                FetchOutcome::Ready => self.fill_copy(uffd, i, i, j, &buf, Fill::Prefill),
+                FetchOutcome::Zero => self.fill_zero_as(uffd, i, i, j, false, Fill::Prefill),
+                FetchOutcome::Retry(_) => {
+                    self.set(i..j, PageState::Missing);
+                    i = j;
+                    continue;
+                }
+                FetchOutcome::Failed(e) => {
+                    self.set(i..j, PageState::Missing);
+                    return Err(FaultError::Source {
+                        guest_addr: self.guest(i),
+                        host_addr: self.host(i),
+                        source_name: self.source.name().to_owned(),
+                        source: e,
+                    });
+                }
+            };
+            match out {
+                FaultOutcome::Resolved { pages, .. } => filled += pages,
+                FaultOutcome::Failed(e) => return Err(e),
+                // A REMOVE is being delivered: leave the rest to the faults.
+                FaultOutcome::Retry(_) => {}
+            }
+            i = j;
+        }
+        Ok(filled)
+    }
+
     /// Applies a REMOVE event: pages of `[start, end)` in this region are gone.
     pub fn handle_remove(&self, start: u64, end: u64) {
         let lo = start.max(self.region.host_base);
@@ -779,6 +947,8 @@ impl RetryCore {
             pages_copied: g(&c.pages_copied),
             pages_zeroed: g(&c.pages_zeroed),
             fault_around_pages: g(&c.fault_around_pages),
+            prefilled_pages: g(&c.prefilled_pages),
+            prefill_runs: g(&c.prefill_runs),
             fetches: g(&c.fetches),
             already_present: g(&c.already_present),
             eexist: g(&c.eexist),
@@ -789,6 +959,17 @@ impl RetryCore {
             latency_us_log2: c.latency.buckets(),
         }
     }
+}
+
+/// Most pages [`RetryCore::prefill`] fetches and fills at once (1 MiB).
+pub const PREFILL_RUN_MAX: usize = 256;
+
+/// What a fill is for: a fault (counted as such, its fault-around
+/// neighbours included) or a prefill.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fill {
+    Fault(Origin),
+    Prefill,
 }
 
 #[cfg(test)]

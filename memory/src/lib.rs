@@ -37,6 +37,7 @@ pub mod files;
 pub mod handler;
 pub mod histogram;
 pub mod mmap;
+pub mod record;
 pub mod source;
 pub mod uffd;
 pub mod wp;
@@ -47,8 +48,8 @@ mod testutil;
 
 pub use crate::affinity::{colocation_cpu, current_cpu, pin_current_thread};
 pub use crate::core::{
-    AfterRemove, CoreConfig, CoreError, FaultError, FaultOutcome, FaultReport, PageState, Region, ResolvedBy,
-    RetryCore, Stats,
+    AfterRemove, CoreConfig, CoreError, FaultError, FaultOutcome, FaultReport, FillObserver, Origin,
+    PageState, Region, ResolvedBy, RetryCore, Stats, PREFILL_RUN_MAX,
 };
 pub use crate::handler::{
     BlockedFault, EventHook, FaultHandler, HandlerControl, HandlerError, HandlerEvent, HandlerGroup,
@@ -56,6 +57,7 @@ pub use crate::handler::{
 };
 pub use crate::histogram::{AtomicLog2Histogram, Log2Histogram};
 pub use crate::mmap::AnonMapping;
+pub use crate::record::{FillRecorder, RecordedPage};
 pub use crate::source::{
     FetchOutcome, FileSource, Notifier, PageSource, RetryReason, Rule, SourceError, Subscription, TestSource,
     ZeroSource,

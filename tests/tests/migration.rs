@@ -498,3 +498,38 @@ fn migrate_with_precopy_rounds_tracked_with_async_uffd_wp() {
     assert!(summary.precopy_dirty.iter().sum::<u64>() > 0, "{summary:?}");
     assert_eq!(summary.precopy_dirty.last().copied(), Some(summary.data_pages));
 }
+
+#[test]
+fn recency_push_order_delivers_every_page_once_with_and_without_precopy() {
+    for rounds in [0, 2] {
+        let cfg = touch_cfg();
+        let listener = Listener::bind(&Endpoint::Unix(sock(&format!("recency{rounds}")))).unwrap();
+        let to = listener.endpoint().unwrap();
+        let dest = destination(listener, Duration::from_secs(1));
+        let src = source(&cfg, Duration::from_millis(300));
+        let options = MigrateOptions {
+            precopy_rounds: rounds,
+            push_order: vmm::migration::PushOrder::Recency,
+            ..Default::default()
+        };
+        let summary = src.migrate(&to, &options).unwrap();
+        assert!(matches!(src.wait().unwrap().end, GuestEnd::Migrated(_)));
+        let out = dest.join().unwrap();
+        assert_eq!(out.run.end, GuestEnd::Exited(0), "{:?}", out.lost);
+        let sum = verify_reports(&out.config, &out.run);
+        assert!(matches!(sum, Ok(Some(_))), "rounds {rounds}: {sum:?}");
+        let s = &out.stats;
+        assert_eq!(
+            summary.pages_pushed + summary.pages_requested,
+            summary.data_pages + summary.pages_resent,
+            "rounds {rounds}: {summary:?}"
+        );
+        assert_eq!(s.duplicates, 0, "rounds {rounds}: {s:?}");
+        assert_eq!(s.data_pages, summary.data_pages);
+        assert_eq!(
+            s.pages_pushed + s.pages_answered,
+            s.data_pages + s.resends,
+            "{s:?}"
+        );
+    }
+}

@@ -88,6 +88,8 @@ pub struct DeviceArgs {
     pub serial: SerialOutput,
     /// Set at the guest's first console byte.
     pub first_output: Arc<OnceLock<Instant>>,
+    /// How device threads (the page store's worker) are sandboxed.
+    pub seccomp: sandbox::SeccompMode,
 }
 
 impl std::fmt::Debug for DeviceArgs {
@@ -168,13 +170,19 @@ impl DeviceManager {
             sink,
             stats: guest_stats.clone(),
             start_paused: false,
+            seccomp: args.seccomp,
         };
         let (serial, debug_exit, pv_channel, page_store) = match state {
             None => (
                 SerialConsole::with_first_output(serial_args.irq, serial_args.out, serial_args.first_output),
                 DebugExit::new(debug_args.sink),
                 PvChannel::new(pv_args.mem, pv_args.sink),
-                PageStore::new(store_args.mem, store_args.sink, store_args.stats)?,
+                PageStore::new(
+                    store_args.mem,
+                    store_args.sink,
+                    store_args.stats,
+                    store_args.seccomp,
+                )?,
             ),
             Some(s) => (
                 SerialConsole::restore(serial_args, &s.serial)?,

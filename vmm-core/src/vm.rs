@@ -25,6 +25,7 @@ use devices::GuestRam;
 use kvm_bindings::{kvm_mp_state, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE};
 use kvm_ioctls::{VcpuFd, VmFd};
 use persist::Persist;
+use sandbox::SeccompMode;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -139,12 +140,16 @@ pub struct BuildOptions {
     pub serial: SerialOutput,
     /// Where devices, vCPUs and the memory manager post events.
     pub sink: EventSink,
+    /// How the VM's threads (vCPUs, fault handler, prefetch, page store)
+    /// are sandboxed; each installs its filter before it does anything.
+    pub seccomp: SeccompMode,
 }
 
 impl std::fmt::Debug for BuildOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BuildOptions")
             .field("serial", &self.serial)
+            .field("seccomp", &self.seccomp)
             .finish_non_exhaustive()
     }
 }
@@ -173,7 +178,10 @@ pub struct Vm {
     tsc_khz: Option<u32>,
     /// The CPU vCPU 0 and the fault handler share (a lone vCPU with lazy memory).
     fault_cpu: Option<usize>,
-    msrs: Option<Arc<Vec<u32>>>,
+    /// The MSRs a state capture saves, listed while building (on /dev/kvm,
+    /// which the controller's sandbox does not open).
+    msrs: Arc<Vec<u32>>,
+    seccomp: SeccompMode,
 }
 
 impl std::fmt::Debug for Vm {
@@ -210,6 +218,7 @@ impl Vm {
         };
 
         let kvm = kvm::open_kvm()?;
+        let msrs = Arc::new(msr_index_list(&kvm).map_err(VmError::Msrs)?);
         let vm_fd = Arc::new(kvm::create_vm(&kvm)?);
         // vCPUs first: the boot information carries their TSC frequency.
         let supported = kvm
@@ -266,13 +275,13 @@ impl Vm {
                     memory::plan_for_backend(&config.memory.backend, fault_around, config.mem_size)?
                 {
                     plan.handler_cpu = colocate;
-                    mm.serve_lazily(plan, options.sink.clone())?;
+                    mm.serve_lazily(plan, options.sink.clone(), options.seccomp)?;
                 }
             }
             MemoryPlan::Fill(fill) => fill(mm.ram()).map_err(VmError::Fill)?,
             MemoryPlan::Lazy(mut plan) => {
                 plan.handler_cpu = plan.handler_cpu.or(colocate);
-                mm.serve_lazily(plan, options.sink.clone())?;
+                mm.serve_lazily(plan, options.sink.clone(), options.seccomp)?;
             }
             MemoryPlan::External => {
                 mm.serve_externally()?;
@@ -293,7 +302,8 @@ impl Vm {
             created,
             tsc_khz,
             fault_cpu,
-            msrs: None,
+            msrs,
+            seccomp: options.seccomp,
         };
         match boot {
             Boot::Kernel => vm.boot_registers(entry)?,
@@ -310,6 +320,7 @@ impl Vm {
             sink: self.sink.clone(),
             serial: self.serial.clone(),
             first_output: self.first_output.clone(),
+            seccomp: self.seccomp,
         }
     }
 
@@ -377,7 +388,14 @@ impl Vm {
             let sink = self.sink.clone();
             Arc::new(move |s| sink(VmEvent::VcpuStopped(s)))
         };
-        let vcpus = Vcpus::spawn(fds, devices.bus(), self.started.clone(), on_stop, self.fault_cpu)?;
+        let vcpus = Vcpus::spawn(
+            fds,
+            devices.bus(),
+            self.started.clone(),
+            on_stop,
+            self.fault_cpu,
+            self.seccomp,
+        )?;
         self.vcpus = VcpuSet::Running(vcpus);
         Ok(())
     }
@@ -468,14 +486,7 @@ impl Vm {
     /// Captures the VM's state (not memory contents). The vCPUs must be
     /// paused and the devices paused ([`pause_devices`](Self::pause_devices)).
     pub fn save_state(&mut self) -> Result<VmState, VmError> {
-        let msrs = match &self.msrs {
-            Some(m) => m.clone(),
-            None => {
-                let m = Arc::new(msr_index_list().map_err(VmError::Msrs)?);
-                self.msrs = Some(m.clone());
-                m
-            }
-        };
+        let msrs = self.msrs.clone();
         let vcpus = self.running()?.save_states(&msrs)?;
         let devices = self
             .devices
@@ -587,6 +598,11 @@ impl Vm {
     /// The guest's TSC frequency in kHz.
     pub fn tsc_khz(&self) -> Option<u32> {
         self.tsc_khz
+    }
+
+    /// How the VM's threads are sandboxed.
+    pub fn seccomp(&self) -> SeccompMode {
+        self.seccomp
     }
 }
 

@@ -1,7 +1,10 @@
 //! The TOML configuration file of `vmm run --config FILE` and the built-in
 //! defaults (`resources/vm.toml`): every field optional, flags override it,
 //! and the result goes through the one typed door, [`VmConfig::validate`].
+//! `seccomp` is a run-time option, not part of the VM's configuration
+//! ([`ConfigFile::seccomp`]).
 
+use sandbox::SeccompMode;
 use serde::Deserialize;
 use std::path::PathBuf;
 use vmm_core::config::{parse_size, ConfigError, KernelSource, MemBackend, MemoryConfig, VmConfig};
@@ -44,6 +47,8 @@ pub struct ConfigFile {
     pub mem_backend: Option<String>,
     /// Fault-around window in pages.
     pub fault_around: Option<u32>,
+    /// The sandbox: `"kill"`, `"log"` or `"off"` (`docs/seccomp.md`).
+    pub seccomp: Option<SeccompMode>,
 }
 
 impl ConfigFile {
@@ -75,7 +80,13 @@ impl ConfigFile {
             cmdline: other.cmdline.or(self.cmdline),
             mem_backend: other.mem_backend.or(self.mem_backend),
             fault_around: other.fault_around.or(self.fault_around),
+            seccomp: other.seccomp.or(self.seccomp),
         }
+    }
+
+    /// The sandbox mode asked for, if any.
+    pub fn seccomp(&self) -> Option<SeccompMode> {
+        self.seccomp
     }
 
     /// The built-in defaults.
@@ -147,5 +158,27 @@ mod tests {
         assert_eq!((m.backend, m.fault_around), (MemBackend::Zero, Some(4)));
         let f = ConfigFile::parse("mem_backend = \"disk\"", "t").unwrap();
         assert!(matches!(f.memory(), Err(ConfigError::BadMemBackend(_))));
+    }
+
+    #[test]
+    fn the_sandbox_mode_comes_from_the_file_unless_a_flag_says_otherwise() {
+        assert_eq!(
+            ConfigFile::defaults().seccomp(),
+            None,
+            "the default is the process's"
+        );
+        let f = ConfigFile::parse("seccomp = \"log\"", "t").unwrap();
+        assert_eq!(f.seccomp(), Some(SeccompMode::Log));
+        let flags = ConfigFile {
+            seccomp: Some(SeccompMode::Off),
+            ..ConfigFile::default()
+        };
+        assert_eq!(f.clone().overridden_by(flags).seccomp(), Some(SeccompMode::Off));
+        assert_eq!(
+            f.overridden_by(ConfigFile::default()).seccomp(),
+            Some(SeccompMode::Log)
+        );
+        let e = ConfigFile::parse("seccomp = \"strict\"", "t").unwrap_err();
+        assert!(e.to_string().contains("kill"), "{e}");
     }
 }

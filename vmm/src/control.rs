@@ -14,6 +14,7 @@
 use crate::controller::VmHandle;
 use crate::migration::{Endpoint, MigrateOptions, Security, TlsFiles};
 use crate::snapshot::AfterSnapshot;
+use sandbox::ThreadClass;
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::FileTypeExt;
@@ -138,6 +139,9 @@ pub enum Request {
         /// `uffd-wp` (async userfaultfd write protection).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         dirty_tracking: Option<crate::migration::DirtyTracking>,
+        /// The background push's order: `address` (default) or `recency`.
+        #[serde(default)]
+        push_order: crate::migration::PushOrder,
     },
     /// Destination whose source was lost mid post-copy: listen at `from`
     /// for the source to resume the migration (answered once listening).
@@ -168,6 +172,9 @@ pub enum Request {
         /// The new handler's socket.
         path: PathBuf,
     },
+    /// End the working-set recording window and write the file.
+    #[serde(alias = "working-set-end")]
+    WorkingSetEnd {},
 }
 
 /// A response.
@@ -212,7 +219,7 @@ pub enum DecodeError {
     #[error("request is not UTF-8")]
     NotUtf8,
     /// Not a request of this protocol.
-    #[error("bad request: {0}; send one JSON object per line, e.g. {{\"cmd\":\"pause\"}} (cmd: pause, resume, stats, snapshot, migrate, recover, attach_handler)")]
+    #[error("bad request: {0}; send one JSON object per line, e.g. {{\"cmd\":\"pause\"}} (cmd: pause, resume, stats, snapshot, migrate, recover, attach_handler, working_set_end)")]
     Json(#[source] serde_json::Error),
 }
 
@@ -241,7 +248,7 @@ fn relative_path(req: &Request) -> Option<(&'static str, PathBuf)> {
         Request::AttachHandler { path } => ("handler socket", Some(path.clone())),
         Request::Migrate { to, .. } => ("migration socket", unix(to)),
         Request::Recover { from, .. } => ("migration socket", unix(from)),
-        Request::Pause {} | Request::Resume {} | Request::Stats {} => ("", None),
+        Request::Pause {} | Request::Resume {} | Request::Stats {} | Request::WorkingSetEnd {} => ("", None),
     };
     path.filter(|p| !p.is_absolute()).map(|p| (what, p))
 }
@@ -324,6 +331,7 @@ pub fn execute(vm: &VmHandle, req: &Request) -> Response {
             tls_psk,
             insecure_plain_tcp,
             dirty_tracking,
+            push_order,
         } => {
             if *push_delay_ms > MAX_PUSH_DELAY_MS {
                 return Response::err(format!(
@@ -350,12 +358,17 @@ pub fn execute(vm: &VmHandle, req: &Request) -> Response {
                 resume: *resume,
                 security,
                 dirty_tracking: dirty_tracking.unwrap_or_default(),
+                push_order: *push_order,
             };
             match vm.migrate(&to, &options) {
                 Ok(summary) => json(serde_json::to_value(summary)),
                 Err(e) => Response::err(e.to_string()),
             }
         }
+        Request::WorkingSetEnd {} => match vm.working_set_end() {
+            Ok(info) => json(serde_json::to_value(info)),
+            Err(e) => Response::err(e.to_string()),
+        },
         Request::AttachHandler { path } => match vm.attach_handler(path) {
             Ok(info) => json(serde_json::to_value(info)),
             Err(e) => Response::err(e.to_string()),
@@ -444,10 +457,14 @@ impl ControlServer {
             .map_err(io_err(path, "setting non-blocking mode"))?;
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("vmm-control".into())
-            .spawn(move || serve(&listener, &vm, &s))
-            .map_err(io_err(path, "starting the server thread"))?;
+        let mode = vm.seccomp();
+        let thread = sandbox::spawn(
+            std::thread::Builder::new().name("vmm-control".into()),
+            ThreadClass::ControlServer,
+            mode,
+            move || serve(&listener, &vm, &s),
+        )
+        .map_err(|e| io_err(path, "starting the server thread")(e.into()))?;
         Ok(ControlServer {
             path: path.to_owned(),
             stop,
@@ -487,13 +504,17 @@ fn serve(listener: &UnixListener, vm: &VmHandle, stop: &AtomicBool) {
                 let count = clients.clone();
                 count.fetch_add(1, Ordering::AcqRel);
                 // One thread per client (at most MAX_CLIENTS): a slow client
-                // does not block others.
-                let spawned = std::thread::Builder::new()
-                    .name("vmm-control-client".into())
-                    .spawn(move || {
+                // does not block others. Sandboxed like this thread, whose
+                // filter it inherits.
+                let spawned = sandbox::spawn(
+                    std::thread::Builder::new().name("vmm-control-client".into()),
+                    ThreadClass::ControlClient,
+                    sandbox::inherited_mode(),
+                    move || {
                         serve_client(stream, &vm);
                         count.fetch_sub(1, Ordering::AcqRel);
-                    });
+                    },
+                );
                 if let Err(e) = spawned {
                     clients.fetch_sub(1, Ordering::AcqRel);
                     tracing::warn!("control socket: cannot serve a client: {e}");

@@ -38,5 +38,7 @@ pub use controller::outcome::{
     guest_exit_code, EXIT_BAD_RESULT, EXIT_CRASHED, EXIT_GUEST_BASE, EXIT_MEMORY_FAULT, EXIT_STOPPED,
     EXIT_TIMED_OUT, EXIT_VMM_ERROR,
 };
+/// The sandbox's modes, and the exit code of a VMM it stopped.
+pub use sandbox::{SeccompMode, EXIT_SECCOMP};
 /// The bundled guest (kernel and user program ELFs).
 pub use vmm_core::guest;

@@ -10,7 +10,7 @@ use std::process::ExitCode as ProcessExit;
 fn main() -> ProcessExit {
     // Before any thread starts, so that every thread inherits the mask and the
     // controller alone receives these signals (through a signalfd).
-    if let Err(e) = vmm::signals::block_shutdown_signals().and_then(|()| vmm::signals::start_watcher()) {
+    if let Err(e) = vmm::signals::block_shutdown_signals() {
         eprintln!("vmm: error: cannot set up SIGINT/SIGTERM/SIGHUP for a clean shutdown: {e}");
         return ProcessExit::from(64);
     }
@@ -29,8 +29,21 @@ fn main() -> ProcessExit {
             return ProcessExit::from(if e.use_stderr() { 64 } else { 0 });
         }
     };
+    // The connection holder and its launcher are processes of their own,
+    // single-threaded (the launcher forks), sandboxed by themselves.
+    match &cli.command {
+        Command::UffdPeer { socket } => return exit(vmm::uffd_handler::peer::main(socket)),
+        Command::UffdLauncher => return exit(vmm::uffd_handler::launcher::main()),
+        _ => {}
+    }
+    // Sandboxed like the subcommand's own threads (signals that came
+    // meanwhile are pending, read once it runs).
+    if let Err(e) = vmm::signals::start_watcher(cli::watcher_seccomp(&cli.command)) {
+        eprintln!("vmm: error: cannot set up SIGINT/SIGTERM/SIGHUP for a clean shutdown: {e}");
+        return ProcessExit::from(64);
+    }
     let code = match cli.command {
-        Command::UffdPeer { socket } => vmm::uffd_handler::peer::main(&socket),
+        Command::UffdPeer { .. } | Command::UffdLauncher => 0,
         Command::Run(args) => cli::run::run(args),
         Command::Ctl(args) => cli::ctl::ctl(args),
         Command::Restore(args) => cli::run::restore(args),
@@ -39,5 +52,9 @@ fn main() -> ProcessExit {
         Command::Bench(b) => cli::bench::bench(b),
         Command::Stress(a) => cli::bench::stress(a),
     };
+    exit(code)
+}
+
+fn exit(code: i32) -> ProcessExit {
     ProcessExit::from(u8::try_from(code).unwrap_or(1))
 }

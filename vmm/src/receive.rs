@@ -69,7 +69,12 @@ pub fn receive(
     on_resumed: impl FnOnce(&VmHandle),
 ) -> Result<ReceiveOutcome, ReceiveError> {
     let start = std::time::Instant::now();
-    let incoming = Incoming::accept(listener, options.progress.clone(), options.wait)?;
+    let incoming = Incoming::accept(
+        listener,
+        options.progress.clone(),
+        options.wait,
+        options.vm.seccomp,
+    )?;
     let mut vm_options = options.vm.clone();
     if options.wait.is_some() {
         vm_options.timeout = vm_options

@@ -143,12 +143,17 @@ pub fn received() -> Option<libc::c_int> {
 }
 
 /// Starts the thread that reads the shutdown signals (see the module
-/// documentation). Call once, after [`block_shutdown_signals`].
-pub fn start_watcher() -> io::Result<()> {
+/// documentation), sandboxed in `seccomp` mode (class `signals`). Call
+/// once, after [`block_shutdown_signals`]; signals that arrive before are
+/// kept pending and read then.
+pub fn start_watcher(seccomp: sandbox::SeccompMode) -> io::Result<()> {
     let signals = ShutdownSignals::new()?;
-    std::thread::Builder::new()
-        .name("vmm-signals".into())
-        .spawn(move || watch(&signals))?;
+    sandbox::spawn(
+        std::thread::Builder::new().name("vmm-signals".into()),
+        sandbox::ThreadClass::Signals,
+        seccomp,
+        move || watch(&signals),
+    )?;
     Ok(())
 }
 

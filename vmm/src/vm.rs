@@ -7,16 +7,18 @@ use crate::controller::{
     self, ControllerOptions, Event, EventSender, MemoryFaultPolicy, RunOutcome, RunningVm, StartError,
 };
 use crate::snapshot::source::SnapshotSource;
-use crate::snapshot::{Snapshot, SnapshotError, SnapshotKey};
+use crate::snapshot::working_set::{Recording, WorkingSet, WorkingSetError, WORKING_SET};
+use crate::snapshot::{Hasher, Snapshot, SnapshotError, SnapshotKey};
 use crate::state::{ControllerState, SavedVm};
-use crate::uffd_handler::{self, HandlerLink, LostHook, UffdHandlerError};
+use crate::uffd_handler::{self, HandlerLink, Launcher, LostHook, UffdHandlerError};
 use devices::serial::SerialOutput;
+use sandbox::SeccompMode;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vmm_core::config::{ConfigError, MemBackend, MemoryConfig, VmConfig};
-use vmm_core::memory::{self, LazyPlan, Materializer, MemoryManagerError};
+use vmm_core::memory::{self, LazyPlan, Materializer, MemoryManagerError, PagePrefetch};
 use vmm_core::{Boot, BuildOptions, EventSink, MemoryEvent, MemoryPlan, VmEvent};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -44,6 +46,15 @@ pub enum VmError {
     /// The page source of a lazy restore cannot be opened.
     #[error("cannot open the snapshot's memory file: {0}")]
     Source(#[from] ::memory::SourceError),
+    /// A working set cannot be read or recorded.
+    #[error(transparent)]
+    WorkingSet(#[from] WorkingSetError),
+    /// A working set needs a lazy restore.
+    #[error("a working set is recorded or prefetched by a lazy restore only: add --lazy")]
+    WorkingSetNeedsLazy,
+    /// `--record-working-set` on memory that is not served lazily.
+    #[error("--record-working-set needs lazily served memory: use --mem-backend zero or file:PATH")]
+    RecordWithoutLazyMemory,
     /// A custom page source for memory that is not served lazily.
     #[error("a custom page source needs lazily served memory: set memory.backend to zero or file:PATH")]
     SourceWithoutLazyMemory,
@@ -73,9 +84,18 @@ pub struct VmOptions {
     /// Serve lazily backed memory from this source instead of the backend's
     /// own (tests hold, delay or fail pages with `memory::TestSource`).
     pub page_source: Option<CustomSource>,
+    /// How the VM's threads are sandboxed (`docs/seccomp.md`); the default
+    /// is `kill`, or what `VMM_SECCOMP` says.
+    pub seccomp: SeccompMode,
     /// The snapshot key: snapshots this VM writes are authenticated with it,
     /// and a restore checks its snapshot with it (`--snapshot-key FILE`).
     pub snapshot_key: Option<SnapshotKey>,
+    /// A plain run over lazily backed memory: record its working set into
+    /// this file (bound to no snapshot; `vmm run --record-working-set FILE`).
+    pub record_working_set: Option<PathBuf>,
+    /// When the guest reaches its checkpoint (the `faas` workload's
+    /// `CHECKPOINT` request): snapshot to this directory and end the run.
+    pub snapshot_at_checkpoint: Option<PathBuf>,
 }
 
 /// A page source given at run time (see [`VmOptions::page_source`]).
@@ -97,7 +117,10 @@ impl Default for VmOptions {
             shutdown_signals: false,
             page_source: None,
             on_memory_fault: MemoryFaultPolicy::End,
+            seccomp: SeccompMode::process_default(),
             snapshot_key: None,
+            record_working_set: None,
+            snapshot_at_checkpoint: None,
         }
     }
 }
@@ -108,8 +131,17 @@ pub struct RestoreOptions {
     /// Serve memory lazily from the snapshot's memory file through the retry
     /// core (each extent checked on first use) instead of copying it in.
     pub lazy: bool,
-    /// With `lazy`: a background thread fetches the remaining pages.
+    /// With `lazy`: a background thread fetches the remaining pages (after
+    /// the working set, with `prefetch_working_set`).
     pub prefetch: bool,
+    /// With `lazy`: fill the pages of `DIR/working-set` first, before the
+    /// vCPUs resume (`Some(true)`) or while they run (`Some(false)`); the
+    /// file must belong to this snapshot (`docs/working-set.md`).
+    pub prefetch_working_set: Option<bool>,
+    /// With `lazy`: record the pages the guest touches (every page a fault
+    /// makes present, neighbours marked) into `DIR/working-set`, until
+    /// `working-set-end` or the end of the run.
+    pub record_working_set: bool,
     /// With `lazy`: fault-around window (`None` = default).
     pub fault_around: Option<u32>,
     /// Hand guest memory to an external page-fault handler listening on this
@@ -139,6 +171,7 @@ pub struct Vm {
     rx: Receiver<Event>,
     restored: ControllerState,
     external: Option<controller::ExternalHandler>,
+    recording: Option<Arc<Recording>>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -186,6 +219,7 @@ impl Vm {
             BuildOptions {
                 serial: options.serial.clone(),
                 sink,
+                seccomp: options.seccomp,
             },
         )?;
         Ok(Vm {
@@ -195,6 +229,7 @@ impl Vm {
             rx,
             restored,
             external: None,
+            recording: None,
         })
     }
 
@@ -203,25 +238,39 @@ impl Vm {
     pub fn new(config: &VmConfig, options: VmOptions) -> Result<Vm, VmError> {
         config.validate()?;
         let ch = channel()?;
-        let plan = match &options.page_source {
-            None => MemoryPlan::Configured,
-            Some(custom) => {
+        let recording = options
+            .record_working_set
+            .as_deref()
+            .map(|p| Arc::new(Recording::to_file(p, config.mem_size)));
+        let plan = match (&options.page_source, &recording) {
+            (None, None) => MemoryPlan::Configured,
+            (custom, _) => {
                 let fault_around = config.memory.effective_fault_around();
                 let mut plan =
-                    memory::plan_for_backend(&config.memory.backend, fault_around, config.mem_size)?
-                        .ok_or(VmError::SourceWithoutLazyMemory)?;
-                plan.source = custom.0.clone();
+                    memory::plan_for_backend(&config.memory.backend, fault_around, config.mem_size)?.ok_or(
+                        if custom.is_some() {
+                            VmError::SourceWithoutLazyMemory
+                        } else {
+                            VmError::RecordWithoutLazyMemory
+                        },
+                    )?;
+                if let Some(custom) = custom {
+                    plan.source = custom.0.clone();
+                }
+                plan.observer = recording.as_ref().map(|r| r.observer());
                 MemoryPlan::Lazy(plan)
             }
         };
-        Self::assemble(
+        let mut vm = Self::assemble(
             config,
             Boot::Kernel,
             plan,
             options,
             ControllerState::default(),
             ch,
-        )
+        )?;
+        vm.recording = recording;
+        Ok(vm)
     }
 
     /// Builds the VM saved in snapshot directory `dir` (see `docs/snapshot.md`):
@@ -233,6 +282,10 @@ impl Vm {
         let snap = Snapshot::open(dir, options.snapshot_key.as_ref())?;
         let ch = channel()?;
         let restored = snap.state.controller.clone();
+        if (how.record_working_set || how.prefetch_working_set.is_some()) && !how.lazy {
+            return Err(VmError::WorkingSetNeedsLazy);
+        }
+        let mut recording = None;
         let mut vm = if let Some(socket) = &how.uffd_socket {
             let config = snap.config(MemoryConfig::default())?;
             let layout = snap.layout();
@@ -269,7 +322,28 @@ impl Vm {
                 .peer_program
                 .clone()
                 .unwrap_or_else(uffd_handler::default_peer_program);
-            let link = HandlerLink::connect(1, socket, &program, &message, ext.uffd(), on_lost.clone())?;
+            let seccomp = vm.options.seccomp;
+            let link = HandlerLink::connect(
+                1,
+                socket,
+                &program,
+                &message,
+                ext.uffd(),
+                on_lost.clone(),
+                None,
+                seccomp,
+            )?;
+            // Later handlers are attached from the sandboxed controller,
+            // which starts no program: the launcher forks their holders.
+            let launcher = match seccomp {
+                SeccompMode::Off => None,
+                _ => Some(
+                    Launcher::start(&program, seccomp).map_err(|source| UffdHandlerError::Holder {
+                        program: program.clone(),
+                        source,
+                    })?,
+                ),
+            };
             vm.external = Some(controller::ExternalHandler::new(
                 link,
                 program,
@@ -277,6 +351,8 @@ impl Vm {
                 how.handler_grace.unwrap_or(controller::DEFAULT_GRACE),
                 how.handler_stall.unwrap_or(controller::external::DEFAULT_STALL),
                 on_lost,
+                launcher,
+                seccomp,
             ));
             vm
         } else if how.lazy {
@@ -289,12 +365,35 @@ impl Vm {
             };
             let config = snap.config(memory)?;
             let src = SnapshotSource::open(&snap)?;
+            let key = options.snapshot_key.as_ref();
+            let working_set = match how.prefetch_working_set {
+                None => None,
+                Some(before_resume) => {
+                    let ws = WorkingSet::load(
+                        &snap.dir.join(WORKING_SET),
+                        &Hasher::new(key),
+                        Some(&snap.manifest.digest),
+                        config.mem_size,
+                    )?;
+                    Some(PagePrefetch {
+                        pages: ws.pages.iter().map(|p| p.gpa).collect(),
+                        before_resume,
+                    })
+                }
+            };
+            recording = if how.record_working_set {
+                Some(Arc::new(Recording::for_snapshot(&snap, key)?))
+            } else {
+                None
+            };
             let plan = LazyPlan {
                 data_ranges: src.data_ranges(),
                 source: Arc::new(src),
                 fault_around: config.memory.effective_fault_around(),
                 handler_cpu: None,
                 prefetch: how.prefetch,
+                working_set,
+                observer: recording.as_ref().map(|r| r.observer()),
             };
             Self::assemble(
                 &config,
@@ -329,6 +428,7 @@ impl Vm {
             }
         };
         vm.core.set_created(created);
+        vm.recording = recording;
         Ok(vm)
     }
 
@@ -356,6 +456,8 @@ impl Vm {
             data_ranges,
             handler_cpu: None,
             prefetch: false,
+            working_set: None,
+            observer: None,
         };
         // Built in two phases, as a destination built before its state
         // arrives would be: everything but the state, then the state.
@@ -391,6 +493,9 @@ impl Vm {
             on_memory_fault: self.options.on_memory_fault,
             snapshot_key: self.options.snapshot_key.clone(),
             restored: self.restored,
+            recording: self.recording,
+            snapshot_at_checkpoint: self.options.snapshot_at_checkpoint.clone(),
+            seccomp: self.options.seccomp,
         };
         Ok(controller::start(
             self.core,

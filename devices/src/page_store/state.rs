@@ -143,6 +143,8 @@ pub struct PageStoreArgs {
     /// written into guest memory before it (restore devices, then memory and
     /// vCPUs, then resume). `false` starts the delays at the restore.
     pub start_paused: bool,
+    /// How the worker thread is sandboxed.
+    pub seccomp: sandbox::SeccompMode,
 }
 
 impl std::fmt::Debug for PageStoreArgs {
@@ -246,7 +248,7 @@ impl Persist for PageStore {
                 .collect(),
         };
         *args.stats.lock().unwrap_or_else(PoisonError::into_inner) = state.stats;
-        PageStore::start(args.mem, args.sink, args.stats, queue, held)
+        PageStore::start(args.mem, args.sink, args.stats, queue, held, args.seccomp)
     }
 }
 

@@ -20,7 +20,10 @@ fn sink() -> (DeviceEventSink, Events) {
 
 fn device(mem: &GuestRam) -> (PageStore, Events) {
     let (sink, seen) = sink();
-    (PageStore::new(mem.clone(), sink, Arc::default()).unwrap(), seen)
+    (
+        PageStore::new(mem.clone(), sink, Arc::default(), SeccompMode::process_default()).unwrap(),
+        seen,
+    )
 }
 
 fn send(dev: &mut PageStore, mem: &GuestRam, kind: u32, args: [u64; 6]) -> u32 {
@@ -74,6 +77,7 @@ fn args(mem: &GuestRam, start_paused: bool) -> (PageStoreArgs, Events, GuestStat
         sink,
         stats: stats.clone(),
         start_paused,
+        seccomp: SeccompMode::process_default(),
     };
     (args, seen, stats)
 }
@@ -82,7 +86,13 @@ fn args(mem: &GuestRam, start_paused: bool) -> (PageStoreArgs, Events, GuestStat
 fn read_is_answered_later_with_the_page_and_the_id() {
     let mem = ram();
     let stats: GuestStatsCell = Arc::default();
-    let mut dev = PageStore::new(mem.clone(), Arc::new(|_| {}), stats.clone()).unwrap();
+    let mut dev = PageStore::new(
+        mem.clone(),
+        Arc::new(|_| {}),
+        stats.clone(),
+        SeccompMode::process_default(),
+    )
+    .unwrap();
     assert_eq!(
         send(&mut dev, &mem, store::INIT, [AREA, 0, 0, 0, 0, 0]),
         status::OK

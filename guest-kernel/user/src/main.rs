@@ -8,10 +8,10 @@
 
 use core::ptr::{read_volatile, write_volatile};
 use vmm_abi::layout::PAGE_SIZE;
-use vmm_abi::syscall::{TaskArgs, UserReport, ROLE_TEST, SYS_EXIT, SYS_REPORT, SYS_WRITE};
+use vmm_abi::syscall::{TaskArgs, UserReport, ROLE_TEST, SYS_CHECKPOINT, SYS_EXIT, SYS_REPORT, SYS_WRITE};
 
 mod suite;
-use vmm_abi::workload::{fold, page_value, value_offset, WorkloadKind};
+use vmm_abi::workload::{faas_order, fold, invoked_value, page_value, value_offset, WorkloadKind};
 
 // Entry: RDI = &TaskArgs, RSP = USER_STACK_TOP (16-byte aligned), so a plain
 // `call` gives user_main the SysV-aligned stack it expects.
@@ -193,6 +193,54 @@ fn dirty(args: &TaskArgs) -> UserReport {
     }
 }
 
+/// `faas`: builds the state (every page of the share written once), waits
+/// at the checkpoint until the VM is a restored copy, then runs one
+/// invocation: draws pages in the pattern's order until `plan.accesses`
+/// distinct ones were touched (a page not seen yet still holds its state
+/// value; the invocation overwrites it with its mark), folding the state
+/// values read. The cycles are the invocation's alone.
+fn faas(args: &TaskArgs) -> UserReport {
+    let Some(pattern) = args.pattern() else { exit(1) };
+    let plan = args.plan();
+    let (first, seed) = (plan.first_page, args.seed);
+    let addr = |page: u64| (args.work_base + page * PAGE_SIZE + value_offset(page)) as *mut u64;
+    for i in 0..plan.pages {
+        // SAFETY: the page lies in the task's work region, mapped on first touch.
+        unsafe { write_volatile(addr(first + i), page_value(seed, first + i)) };
+    }
+    write_cpu_line(b"faas: cpu ", args.cpu, b" at the checkpoint\n");
+    // Ask about once a millisecond (each ask is a trip through the kernel).
+    let pause = args.tsc_khz.max(100_000);
+    while syscall(SYS_CHECKPOINT, 0, 0) != 0 {
+        let t = rdtsc();
+        while rdtsc().wrapping_sub(t) < pause {
+            core::hint::spin_loop();
+        }
+    }
+    let start = rdtsc();
+    let (mut sum, mut n) = (0, 0);
+    for i in faas_order(&plan, pattern) {
+        if n >= plan.accesses {
+            break;
+        }
+        let page = first + i;
+        let mark = invoked_value(seed, page);
+        // SAFETY: as above; the page holds its state value (or the mark).
+        let v = unsafe { read_volatile(addr(page)) };
+        if v != mark {
+            sum = fold(sum, page, v);
+            // SAFETY: as above.
+            unsafe { write_volatile(addr(page), mark) };
+            n += 1;
+        }
+    }
+    UserReport {
+        checksum: sum,
+        pages: plan.pages,
+        cycles: rdtsc().wrapping_sub(start),
+    }
+}
+
 extern "C" fn user_main(args: *const TaskArgs) -> ! {
     // SAFETY: the kernel maps a TaskArgs read-only at RDI before entry.
     let args = unsafe { &*args };
@@ -206,6 +254,7 @@ extern "C" fn user_main(args: *const TaskArgs) -> ! {
         Some(WorkloadKind::Hello) => hello(args),
         Some(WorkloadKind::Touch) => touch(args),
         Some(WorkloadKind::Dirty) => dirty(args),
+        Some(WorkloadKind::Faas) => faas(args),
         _ => exit(1),
     };
     syscall(SYS_REPORT, &report as *const UserReport as u64, 0);

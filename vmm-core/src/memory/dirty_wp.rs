@@ -24,6 +24,7 @@ use ::memory::wp::{self, category, PagemapScan, ScanQuery};
 use ::memory::{Features, Uffd};
 use abi::layout::PAGE_SIZE;
 use devices::GuestRam;
+use std::sync::Arc;
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 
 /// Errors of uffd-WP dirty tracking.
@@ -36,13 +37,18 @@ pub enum WpDirtyError {
     /// PAGEMAP_SCAN failed.
     #[error("PAGEMAP_SCAN of guest memory failed: {0}; use --dirty-tracking kvm")]
     Scan(#[source] std::io::Error),
+    /// No userfaultfd for it was made before the sandbox.
+    #[error(
+        "cannot track dirty pages with async userfaultfd write protection: {0}; use --dirty-tracking kvm"
+    )]
+    Unavailable(String),
 }
 
 /// Dirty tracking with async uffd-WP (see the module documentation).
 /// Tracking stops on drop.
 #[derive(Debug)]
 pub struct WpDirtyTracker {
-    uffd: Uffd,
+    uffd: Arc<Uffd>,
     scan: PagemapScan,
     /// `(host, len, gpa)` per region.
     regions: Vec<(u64, u64, u64)>,
@@ -50,11 +56,20 @@ pub struct WpDirtyTracker {
 
 impl WpDirtyTracker {
     /// Protects all of `mem`; nothing counts as written before this call.
+    /// Makes its own userfaultfd: not on a sandboxed thread (see
+    /// [`start_with`](Self::start_with)).
     pub fn start(mem: &GuestRam) -> Result<WpDirtyTracker, WpDirtyError> {
         let uffd = Uffd::new(
             wp::PAGEFAULT_FLAG_WP | wp::WP_ASYNC | wp::WP_UNPOPULATED,
             Features::NONE,
         )?;
+        Self::start_with(Arc::new(uffd), mem)
+    }
+
+    /// As [`start`](Self::start) with `uffd`, negotiated with `WP_ASYNC |
+    /// WP_UNPOPULATED` and registered with nothing (the memory manager's
+    /// [`WpUse::AsyncDirty`](super::WpUse) one, made before the sandbox).
+    pub fn start_with(uffd: Arc<Uffd>, mem: &GuestRam) -> Result<WpDirtyTracker, WpDirtyError> {
         let regions: Vec<(u64, u64, u64)> = mem
             .iter()
             .map(|r| (r.as_ptr() as u64, r.len(), r.start_addr().raw_value()))

@@ -10,10 +10,12 @@
 use super::materialize::Materializer;
 use crate::event::{EventSink, MemoryEvent, VmEvent};
 use ::memory::{
-    CoreConfig, FaultError, FaultHandler, HandlerControl, HandlerError, HandlerEvent, PageSource, Region,
-    RegisterMode, RetryCore, Stats, Uffd,
+    CoreConfig, FaultError, FaultHandler, FillObserver, HandlerControl, HandlerError, HandlerEvent,
+    PageSource, Region, RegisterMode, RetryCore, Stats, Uffd,
 };
+use abi::layout::PAGE_SIZE;
 use devices::GuestRam;
+use sandbox::{SeccompMode, ThreadClass};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -37,14 +39,14 @@ pub enum LazyError {
     /// The handler could not be built.
     #[error(transparent)]
     Handler(#[from] HandlerError),
-    /// A thread could not be started.
+    /// A thread could not be started (or sandboxed).
     #[error("cannot start the {what} thread: {source}")]
     Thread {
         /// Which thread.
         what: &'static str,
         /// Why.
         #[source]
-        source: std::io::Error,
+        source: sandbox::SpawnError,
     },
 }
 
@@ -63,8 +65,108 @@ pub struct LazyPlan {
     /// Pin the handler thread to this CPU (the CPU of a lone vCPU, see
     /// `docs/retry-core.md`).
     pub handler_cpu: Option<usize>,
-    /// Fetch the data ranges in the background from the start.
+    /// Fetch the data ranges in the background from the start (after the
+    /// working set, if there is one).
     pub prefetch: bool,
+    /// Pages to fill first, before the vCPUs resume or while they run
+    /// (a recorded working set, [`PagePrefetch`]).
+    pub working_set: Option<PagePrefetch>,
+    /// Told of every page a fault makes present (a working-set recording).
+    pub observer: Option<Arc<dyn FillObserver>>,
+}
+
+/// A list of guest pages to fill ahead of the guest's faults.
+#[derive(Debug, Clone)]
+pub struct PagePrefetch {
+    /// Guest-physical page addresses, in the order the guest first touched
+    /// them (duplicates and pages outside RAM are skipped).
+    pub pages: Vec<u64>,
+    /// Fill them all before [`LazyMemory::start`] returns (so before any
+    /// vCPU runs), sorted by address in coalesced runs; otherwise a thread
+    /// fills them while the vCPUs run, batch by batch in first-touch order.
+    pub before_resume: bool,
+}
+
+/// What a working-set prefetch did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PrefetchReport {
+    /// Pages it filled (the others were present already or faulted first).
+    pub pages: u64,
+    /// Runs (one source read and one COPY or ZEROPAGE each).
+    pub runs: u64,
+    /// Time it took, microseconds.
+    pub micros: u64,
+}
+
+/// Pages of one first-touch batch of a prefetch while the vCPUs run: the
+/// first batches are what the guest needs first, each batch is sorted and
+/// coalesced.
+const PREFETCH_BATCH: usize = 2048;
+
+/// Fills `pages` (guest-physical) through the cores: sorted, deduplicated,
+/// in runs of contiguous pages, each run with one fetch and one fill.
+fn prefill_pages(
+    uffd: &Uffd,
+    cores: &[Arc<RetryCore>],
+    pages: &mut [u64],
+    stop: &AtomicBool,
+) -> Result<(u64, u64), FaultError> {
+    pages.sort_unstable();
+    let (mut filled, mut runs) = (0u64, 0u64);
+    let mut i = 0;
+    while i < pages.len() {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let first = pages[i];
+        let mut n = 1u64;
+        let mut j = i + 1;
+        while j < pages.len() && pages[j] <= first + n * PAGE_SIZE {
+            if pages[j] == first + n * PAGE_SIZE {
+                n += 1;
+            }
+            j += 1;
+        }
+        i = j;
+        let Some(core) = cores.iter().find(|c| {
+            let r = c.region();
+            first >= r.guest_offset && first - r.guest_offset < r.size
+        }) else {
+            continue;
+        };
+        let r = core.region();
+        let left = (r.guest_offset + r.size - first) / PAGE_SIZE;
+        let n = usize::try_from(n.min(left)).unwrap_or(0);
+        let before = core.stats().prefill_runs;
+        filled += core.prefill(uffd, r.host_base + (first - r.guest_offset), n)? as u64;
+        runs += core.stats().prefill_runs - before;
+    }
+    Ok((filled, runs))
+}
+
+/// Runs a working-set prefetch: all at once (before the vCPUs run) or batch
+/// by batch in first-touch order.
+fn run_page_prefetch(
+    uffd: &Uffd,
+    cores: &[Arc<RetryCore>],
+    plan: &PagePrefetch,
+    stop: &AtomicBool,
+) -> Result<PrefetchReport, FaultError> {
+    let start = std::time::Instant::now();
+    let mut total = PrefetchReport::default();
+    let batch = if plan.before_resume {
+        plan.pages.len().max(1)
+    } else {
+        PREFETCH_BATCH
+    };
+    for chunk in plan.pages.chunks(batch) {
+        let mut pages = chunk.to_vec();
+        let (p, r) = prefill_pages(uffd, cores, &mut pages, stop)?;
+        total.pages += p;
+        total.runs += r;
+    }
+    total.micros = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
+    Ok(total)
 }
 
 /// Statistics of lazily served memory, for `--stats`.
@@ -84,6 +186,8 @@ pub struct MemoryStats {
     pub total: Stats,
     /// One entry per guest memory region, in guest-physical order.
     pub regions: Vec<Stats>,
+    /// The working-set prefetch, once it finished.
+    pub working_set_prefetch: Option<PrefetchReport>,
 }
 
 /// Guest RAM served through userfaultfd while the VM lives.
@@ -97,6 +201,8 @@ pub struct LazyMemory {
     thread: Option<JoinHandle<Result<(), HandlerError>>>,
     data_ranges: Arc<Vec<(u64, u64)>>,
     prefetch: Option<Prefetch>,
+    prefetch_report: Arc<std::sync::Mutex<Option<PrefetchReport>>>,
+    seccomp: SeccompMode,
 }
 
 /// A running background prefetch.
@@ -108,8 +214,14 @@ struct Prefetch {
 
 impl LazyMemory {
     /// Registers every region of `mem` and starts the handler thread (and the
-    /// prefetch if planned). Call after the VMM's own writes to guest memory.
-    pub fn start(mem: &GuestRam, plan: LazyPlan, sink: EventSink) -> Result<LazyMemory, LazyError> {
+    /// prefetch if planned), sandboxed in `seccomp` mode. Call after the
+    /// VMM's own writes to guest memory.
+    pub fn start(
+        mem: &GuestRam,
+        plan: LazyPlan,
+        sink: EventSink,
+        seccomp: SeccompMode,
+    ) -> Result<LazyMemory, LazyError> {
         let backend = plan.source.name().to_owned();
         let uffd = Arc::new(Uffd::for_guest_memory().map_err(|source| LazyError::Uffd {
             backend: backend.clone(),
@@ -128,7 +240,11 @@ impl LazyMemory {
                 size: r.len(),
                 guest_offset: r.start_addr().raw_value(),
             };
-            cores.push(Arc::new(RetryCore::new(region, plan.source.clone(), config)?));
+            let core = Arc::new(RetryCore::new(region, plan.source.clone(), config)?);
+            if let Some(o) = &plan.observer {
+                core.observe(o.clone());
+            }
+            cores.push(core);
             uffd.register(region.host_base, region.size, RegisterMode::MISSING)
                 .map_err(|source| LazyError::Uffd {
                     backend: backend.clone(),
@@ -146,9 +262,11 @@ impl LazyMemory {
         }));
         let control = handler.control();
         let handler_cpu = plan.handler_cpu;
-        let thread = std::thread::Builder::new()
-            .name("uffd-handler".into())
-            .spawn(move || {
+        let thread = sandbox::spawn(
+            std::thread::Builder::new().name("uffd-handler".into()),
+            ThreadClass::FaultHandler,
+            seccomp,
+            move || {
                 if let Some(cpu) = handler_cpu {
                     // Only slower if it fails: the scheduler places the thread.
                     if let Err(e) = ::memory::pin_current_thread(cpu) {
@@ -160,11 +278,12 @@ impl LazyMemory {
                     tracing::error!("the userfault handler stopped: {e}");
                 }
                 r
-            })
-            .map_err(|source| LazyError::Thread {
-                what: "uffd-handler",
-                source,
-            })?;
+            },
+        )
+        .map_err(|source| LazyError::Thread {
+            what: "uffd-handler",
+            source,
+        })?;
         let mut lazy = LazyMemory {
             backend,
             fault_around: plan.fault_around,
@@ -174,9 +293,25 @@ impl LazyMemory {
             thread: Some(thread),
             data_ranges: Arc::new(plan.data_ranges),
             prefetch: None,
+            prefetch_report: Arc::default(),
+            seccomp,
         };
-        if plan.prefetch {
-            lazy.start_prefetch()?;
+        let mut working_set = plan.working_set;
+        if let Some(ws) = working_set.take_if(|w| w.before_resume) {
+            // The handler serves the VMM's own faults meanwhile; no vCPU runs yet.
+            match run_page_prefetch(&lazy.uffd, lazy.control.cores(), &ws, &AtomicBool::new(false)) {
+                Ok(r) => {
+                    *lazy
+                        .prefetch_report
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(r)
+                }
+                // The fault on that page reports it (the VM pauses then).
+                Err(e) => tracing::warn!("the working-set prefetch stopped: {e}"),
+            }
+        }
+        if plan.prefetch || working_set.is_some() {
+            lazy.start_prefetch(working_set, plan.prefetch)?;
         }
         Ok(lazy)
     }
@@ -190,24 +325,42 @@ impl LazyMemory {
         }
     }
 
-    /// Starts a background thread that fetches every page of the data ranges
-    /// not fetched yet, ahead of the guest's faults.
-    fn start_prefetch(&mut self) -> Result<(), LazyError> {
+    /// Starts a background thread that fills the working set `pages` (if
+    /// any), then with `all` every page of the data ranges not fetched yet,
+    /// ahead of the guest's faults.
+    fn start_prefetch(&mut self, pages: Option<PagePrefetch>, all: bool) -> Result<(), LazyError> {
         let m = self.materializer();
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("prefetch".into())
-            .spawn(move || {
+        let report = self.prefetch_report.clone();
+        let thread = sandbox::spawn(
+            std::thread::Builder::new().name("prefetch".into()),
+            ThreadClass::FaultHandler,
+            self.seccomp,
+            move || {
+                if let Some(ws) = pages {
+                    match run_page_prefetch(&m.uffd, &m.cores, &ws, &s) {
+                        Ok(r) => *report.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(r),
+                        Err(e) => {
+                            // The faulting vCPU reports it; the prefetch just stops.
+                            tracing::warn!("the working-set prefetch stopped: {e}");
+                            return;
+                        }
+                    }
+                }
+                if !all {
+                    return;
+                }
                 if let Err(e) = m.run(&s, &AtomicU64::new(0)) {
                     // The faulting vCPU reports it too; prefetch just stops.
                     tracing::warn!("prefetch stopped: {e}");
                 }
-            })
-            .map_err(|source| LazyError::Thread {
-                what: "prefetch",
-                source,
-            })?;
+            },
+        )
+        .map_err(|source| LazyError::Thread {
+            what: "prefetch",
+            source,
+        })?;
         self.prefetch = Some(Prefetch { stop, thread });
         Ok(())
     }
@@ -260,6 +413,10 @@ impl LazyMemory {
             failures: self.failures().iter().map(ToString::to_string).collect(),
             total: merge(&regions),
             regions,
+            working_set_prefetch: *self
+                .prefetch_report
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
         }
     }
 
@@ -304,6 +461,8 @@ pub fn merge(stats: &[Stats]) -> Stats {
         t.pages_copied += s.pages_copied;
         t.pages_zeroed += s.pages_zeroed;
         t.fault_around_pages += s.fault_around_pages;
+        t.prefilled_pages += s.prefilled_pages;
+        t.prefill_runs += s.prefill_runs;
         t.fetches += s.fetches;
         t.already_present += s.already_present;
         t.eexist += s.eexist;

@@ -43,6 +43,83 @@ pub enum LiveError {
     /// The handler thread could not be started.
     #[error("cannot start the write-protect handler: {0}")]
     Handler(#[from] wp::WpHandlerError),
+    /// The handler thread could not be started or sandboxed.
+    #[error("cannot start the write-protect handler thread: {0}")]
+    Spawn(#[source] sandbox::SpawnError),
+    /// No userfaultfd was made for this before the VMM's threads were
+    /// sandboxed, or making it failed then.
+    #[error("cannot write-protect guest memory with userfaultfd: {0}; a live snapshot needs Linux >= 5.7 (WP) and root or vm.unprivileged_userfaultfd=1; take a stop-the-world snapshot instead")]
+    Unavailable(String),
+}
+
+/// What a reserved userfaultfd is for (each negotiates its own features).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WpUse {
+    /// A live snapshot protecting the present pages (synchronous WP faults).
+    Present,
+    /// A live snapshot protecting all of RAM (`WP_UNPOPULATED`).
+    Unpopulated,
+    /// Async dirty tracking (`WP_ASYNC | WP_UNPOPULATED`).
+    AsyncDirty,
+}
+
+impl WpUse {
+    fn features(self) -> (Features, Features) {
+        match self {
+            WpUse::Present => (wp::PAGEFAULT_FLAG_WP, Features::THREAD_ID),
+            WpUse::Unpopulated => (wp::PAGEFAULT_FLAG_WP | wp::WP_UNPOPULATED, Features::THREAD_ID),
+            WpUse::AsyncDirty => (
+                wp::PAGEFAULT_FLAG_WP | wp::WP_ASYNC | wp::WP_UNPOPULATED,
+                Features::NONE,
+            ),
+        }
+    }
+}
+
+/// The userfaultfds of write protection, made before the VMM's threads are
+/// sandboxed (no sandboxed thread may create a userfaultfd): one per
+/// [`WpUse`], reused by each session (one at a time per VM: the
+/// controller refuses a live snapshot during another or during a pre-copy),
+/// which registers guest RAM and unregisters it all when it ends.
+#[derive(Debug, Default)]
+pub struct WpUffds {
+    slots: Mutex<[Slot; 3]>,
+}
+
+/// A reserved userfaultfd: not made yet, made, or why making it failed.
+type Slot = Option<Result<Arc<Uffd>, String>>;
+
+impl WpUffds {
+    /// Makes every one of them now (a failure is kept and reported on use).
+    pub fn prepare(&self) {
+        for u in [WpUse::Present, WpUse::Unpopulated, WpUse::AsyncDirty] {
+            let _ = self.get(u);
+        }
+    }
+
+    /// The userfaultfd for `u`: made now if this thread is not sandboxed.
+    pub fn get(&self, u: WpUse) -> Result<Arc<Uffd>, LiveError> {
+        let mut slots = lock(&self.slots);
+        let slot = &mut slots[u as usize];
+        if slot.is_none() {
+            if sandbox::current().is_some() {
+                return Err(LiveError::Unavailable(
+                    "none was made before this thread was sandboxed".into(),
+                ));
+            }
+            let (required, optional) = u.features();
+            *slot = Some(
+                Uffd::new(required, optional)
+                    .map(Arc::new)
+                    .map_err(|e| e.to_string()),
+            );
+        }
+        match slot {
+            Some(Ok(uffd)) => Ok(uffd.clone()),
+            Some(Err(e)) => Err(LiveError::Unavailable(e.clone())),
+            None => Err(LiveError::Unavailable("not made".into())),
+        }
+    }
 }
 
 /// How guest RAM is protected at the pause.
@@ -103,18 +180,19 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl WpSession {
     /// Protects guest RAM as `mode` says and starts the handler (see the
     /// module documentation). Call with the vCPUs and devices paused.
+    /// The userfaultfd comes from `uffds` (made before the sandbox).
     pub fn start(
         ram: &GuestRam,
+        uffds: &WpUffds,
         mode: WpMode,
         buffer_pages: usize,
         sink: EventSink,
     ) -> Result<WpSession, LiveError> {
         let t0 = Instant::now();
-        let mut required = wp::PAGEFAULT_FLAG_WP;
-        if mode == WpMode::Unpopulated {
-            required = required | wp::WP_UNPOPULATED;
-        }
-        let uffd = Arc::new(Uffd::new(required, Features::THREAD_ID)?);
+        let uffd = uffds.get(match mode {
+            WpMode::Present => WpUse::Present,
+            WpMode::Unpopulated => WpUse::Unpopulated,
+        })?;
         let regions: Vec<Region> = ram
             .iter()
             .map(|r| Region {
@@ -181,16 +259,21 @@ impl WpSession {
             }
         }));
         let control = handler.control();
-        let thread = std::thread::Builder::new()
-            .name("wp-handler".into())
-            .spawn(move || {
+        // A thread started by a sandboxed one takes its parent's mode.
+        let mode = sandbox::current().map_or(sandbox::SeccompMode::Off, |(_, m)| m);
+        let thread = sandbox::spawn(
+            std::thread::Builder::new().name("wp-handler".into()),
+            sandbox::ThreadClass::WpHandler,
+            mode,
+            move || {
                 let r = handler.run_until_stopped();
                 if let Err(e) = &r {
                     tracing::error!("the write-protect handler stopped: {e}");
                 }
                 r
-            })
-            .map_err(LiveError::Setup)?;
+            },
+        )
+        .map_err(LiveError::Spawn)?;
         let us = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e6;
         Ok(WpSession {
             uffd,

@@ -3,7 +3,7 @@
 //! snapshot or migration of lazily backed memory (pages not fetched yet would
 //! be missing from it), and a migration destination placing arrived pages.
 
-use ::memory::{FaultOutcome, PageState, RetryCore, RetryReason, Uffd};
+use ::memory::{FaultOutcome, Origin, PageState, RetryCore, RetryReason, Uffd};
 use abi::layout::PAGE_SIZE;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -55,10 +55,11 @@ impl Materializer {
                 loop {
                     match core.page_state(host) {
                         Some(PageState::Missing) => {
-                            let report = core.resolve_waiting(
+                            let report = core.resolve_waiting_from(
                                 &self.uffd,
                                 host,
                                 Instant::now() + Duration::from_millis(100),
+                                Origin::Prefetch,
                             );
                             match report.outcome {
                                 FaultOutcome::Resolved { .. } => done.fetch_add(1, Ordering::Relaxed),
@@ -114,7 +115,12 @@ impl Materializer {
             if core.page_state(host) != Some(PageState::Missing) {
                 return Ok(());
             }
-            let report = core.resolve_waiting(&self.uffd, host, Instant::now() + Duration::from_millis(100));
+            let report = core.resolve_waiting_from(
+                &self.uffd,
+                host,
+                Instant::now() + Duration::from_millis(100),
+                Origin::Prefetch,
+            );
             match report.outcome {
                 FaultOutcome::Resolved { .. } => return Ok(()),
                 FaultOutcome::Failed(e) => return Err(MaterializeError::Fault(e)),

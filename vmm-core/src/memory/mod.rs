@@ -26,8 +26,8 @@ pub mod ram;
 
 pub use dirty::{DirtyError, DirtyTracker};
 pub use external::{ExternalMemory, ParkedFault, RegionMapping, WaitingFaults};
-pub use lazy::{BlockedFault, LazyError, LazyMemory, LazyPlan, MemoryStats};
-pub use live::{LiveError, WpMode, WpSession};
+pub use lazy::{BlockedFault, LazyError, LazyMemory, LazyPlan, MemoryStats, PagePrefetch, PrefetchReport};
+pub use live::{LiveError, WpMode, WpSession, WpUffds, WpUse};
 pub use materialize::{MaterializeError, Materializer};
 pub use ram::MemoryError;
 
@@ -98,6 +98,8 @@ pub struct MemoryManager {
     /// Write protection of a live snapshot in progress (its blocked writers
     /// are reported with the backing's).
     live: Option<Arc<WpSession>>,
+    /// The userfaultfds of write protection, made before the sandbox.
+    wp_uffds: WpUffds,
     ram: GuestRam,
     mem_size: u64,
     vm_fd: Arc<VmFd>,
@@ -126,6 +128,7 @@ impl MemoryManager {
         Ok(MemoryManager {
             backing: Backing::Anon,
             live: None,
+            wp_uffds: WpUffds::default(),
             ram,
             mem_size,
             vm_fd,
@@ -143,11 +146,17 @@ impl MemoryManager {
     }
 
     /// Serves guest RAM through userfaultfd and the retry core from now on.
-    pub fn serve_lazily(&mut self, plan: LazyPlan, sink: EventSink) -> Result<(), MemoryManagerError> {
+    /// Its threads (handler, prefetch) are sandboxed in `seccomp` mode.
+    pub fn serve_lazily(
+        &mut self,
+        plan: LazyPlan,
+        sink: EventSink,
+        seccomp: sandbox::SeccompMode,
+    ) -> Result<(), MemoryManagerError> {
         if !matches!(self.backing, Backing::Anon) {
             return Err(MemoryManagerError::AlreadyServed(self.backing.name()));
         }
-        self.backing = Backing::Lazy(LazyMemory::start(&self.ram, plan, sink)?);
+        self.backing = Backing::Lazy(LazyMemory::start(&self.ram, plan, sink, seccomp)?);
         Ok(())
     }
 
@@ -222,9 +231,22 @@ impl MemoryManager {
         if let Some(old) = self.live.take() {
             old.end();
         }
-        let s = Arc::new(WpSession::start(&self.ram, mode, buffer_pages, sink)?);
+        let s = Arc::new(WpSession::start(
+            &self.ram,
+            &self.wp_uffds,
+            mode,
+            buffer_pages,
+            sink,
+        )?);
         self.live = Some(s.clone());
         Ok(s)
+    }
+
+    /// Makes the userfaultfds of live snapshots and uffd-WP dirty tracking
+    /// now, before the VMM's threads are sandboxed (a sandboxed thread may
+    /// not create one); a failure is reported when one is used.
+    pub fn prepare_wp(&self) {
+        self.wp_uffds.prepare();
     }
 
     /// Ends the live snapshot's write protection, if any (every blocked
@@ -287,7 +309,11 @@ impl MemoryManager {
             })
             .into());
         }
-        Ok(dirty_wp::WpDirtyTracker::start(&self.ram)?)
+        let uffd = self
+            .wp_uffds
+            .get(WpUse::AsyncDirty)
+            .map_err(|e| dirty_wp::WpDirtyError::Unavailable(e.to_string()))?;
+        Ok(dirty_wp::WpDirtyTracker::start_with(uffd, &self.ram)?)
     }
 
     /// Starts dirty tracking (KVM's log and the VMM's own writes).
@@ -328,6 +354,8 @@ pub fn plan_for_backend(
         data_ranges,
         handler_cpu: None,
         prefetch: false,
+        working_set: None,
+        observer: None,
     }))
 }
 

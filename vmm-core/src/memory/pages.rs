@@ -45,7 +45,12 @@ impl Pagemap {
 
 /// The guest-physical addresses of the pages of `mem` that exist, ascending.
 pub fn existing_guest_pages(mem: &GuestRam) -> io::Result<Vec<u64>> {
-    let pagemap = Pagemap::open()?;
+    existing_guest_pages_in(&Pagemap::open()?, mem)
+}
+
+/// [`existing_guest_pages`] from an open page map (a sandboxed thread that
+/// opens no file gets it from the thread that starts it).
+pub fn existing_guest_pages_in(pagemap: &Pagemap, mem: &GuestRam) -> io::Result<Vec<u64>> {
     let mut out = Vec::new();
     for r in mem.iter() {
         let gpa0 = r.start_addr().raw_value();

@@ -75,12 +75,14 @@ pub struct Vcpus {
 impl Vcpus {
     /// Starts one thread per vCPU: those in `started` run, the others wait
     /// paused. vCPU 0 is pinned to `pin0` if given (the fault handler's CPU).
+    /// Each thread is sandboxed in `seccomp` mode before it runs the guest.
     pub fn spawn(
         fds: Vec<VcpuFd>,
         bus: &Arc<IoManager>,
         started: Vec<bool>,
         on_stop: StopSink,
         pin0: Option<usize>,
+        seccomp: sandbox::SeccompMode,
     ) -> Result<Vcpus, VcpuError> {
         let mut handles = Vec::with_capacity(fds.len());
         for (i, fd) in (0u32..).zip(fds) {
@@ -97,6 +99,7 @@ impl Vcpus {
                 initial,
                 on_stop.clone(),
                 pin,
+                seccomp,
             )?);
         }
         let mut started = started;

@@ -23,6 +23,7 @@ pub mod state;
 use exit::{handle_exit, Exit, ExitAction, StopReason};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use persist::Persist;
+use sandbox::{SeccompMode, ThreadClass};
 use state::{complete_pending_io, CpuState, VcpuComponent, VcpuStateError};
 use std::sync::atomic::{fence, AtomicI32, AtomicU64, AtomicU8, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
@@ -34,13 +35,14 @@ use vm_device::device_manager::IoManager;
 /// Errors of vCPU control.
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
-    /// The thread could not be started.
+    /// The thread could not be started (or sandboxed).
     #[error("cannot start the thread of vCPU {cpu}: {source}")]
     Spawn {
         /// vCPU index.
         cpu: u32,
         /// Why.
-        source: std::io::Error,
+        #[source]
+        source: sandbox::SpawnError,
     },
     /// The kick signal handler could not be installed.
     #[error("cannot install the vCPU kick signal handler: {0}")]
@@ -277,7 +279,8 @@ const REKICK: Duration = Duration::from_millis(2);
 
 impl VcpuHandle {
     /// Starts the thread of `fd` in `initial` state (`Running` or `Paused`),
-    /// pinned to CPU `pin` if given.
+    /// pinned to CPU `pin` if given. The thread is sandboxed (class `vcpu`,
+    /// `seccomp` mode) before this returns, so before its first `KVM_RUN`.
     pub fn spawn(
         cpu: u32,
         fd: VcpuFd,
@@ -285,6 +288,7 @@ impl VcpuHandle {
         initial: VcpuState,
         on_stop: StopSink,
         pin: Option<usize>,
+        seccomp: SeccompMode,
     ) -> Result<VcpuHandle, VcpuError> {
         install_kick_handler()?;
         let (tx, rx) = mpsc::channel();
@@ -302,10 +306,13 @@ impl VcpuHandle {
             on_stop,
             pin,
         };
-        let thread = std::thread::Builder::new()
-            .name(format!("vcpu{cpu}"))
-            .spawn(move || vcpu.run(initial))
-            .map_err(|source| VcpuError::Spawn { cpu, source })?;
+        let thread = sandbox::spawn(
+            std::thread::Builder::new().name(format!("vcpu{cpu}")),
+            ThreadClass::Vcpu,
+            seccomp,
+            move || vcpu.run(initial),
+        )
+        .map_err(|source| VcpuError::Spawn { cpu, source })?;
         Ok(VcpuHandle {
             cpu,
             tx,

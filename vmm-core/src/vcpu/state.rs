@@ -219,8 +219,7 @@ fn read_msrs(fd: &VcpuFd, indices: &[u32]) -> Result<Vec<(u32, u64)>, VcpuStateE
 const MSR_BATCH: usize = kvm_bindings::KVM_MAX_MSR_ENTRIES - 1;
 
 /// The MSRs KVM can save, from its index list.
-pub fn msr_index_list() -> Result<Vec<u32>, VcpuStateError> {
-    let kvm = kvm_ioctls::Kvm::new().map_err(save_err("open /dev/kvm"))?;
+pub fn msr_index_list(kvm: &kvm_ioctls::Kvm) -> Result<Vec<u32>, VcpuStateError> {
     let list = kvm.get_msr_index_list().map_err(save_err("MSR index list"))?;
     Ok(list.as_slice().to_vec())
 }
@@ -282,7 +281,7 @@ mod tests {
         let kvm = crate::kvm::open_kvm().unwrap();
         let vm = crate::kvm::create_vm(&kvm).unwrap();
         let fd = vm.create_vcpu(0).unwrap();
-        let mut indices = msr_index_list().unwrap();
+        let mut indices = msr_index_list(&kvm).unwrap();
         // Whatever this KVM lists, go past one call.
         while indices.len() <= MSR_BATCH + 10 {
             indices.extend_from_within(..indices.len().min(64));

@@ -7,6 +7,7 @@ use super::{
     FaultBenchOptions, GuestFaultBench, MigrateBench, RestoreBench,
 };
 use crate::config::{MemBackend, MemoryConfig};
+use sandbox::SeccompMode;
 use serde::Serialize;
 
 /// Stage-2 fault throughput by vCPU count (demand_paging_test style).
@@ -29,7 +30,7 @@ pub fn scaling(pages: u64, progress: &mut dyn FnMut(&str)) -> Result<Vec<Scaling
             backend: MemBackend::Zero,
             fault_around: Some(0),
         };
-        let (o, khz) = guest_touch_run(vcpus, pages, true, memory)?;
+        let (o, khz) = guest_touch_run(vcpus, pages, true, memory, SeccompMode::Kill)?;
         let secs = |cycles: u64| cycles as f64 / f64::from(khz) / 1e3;
         let per_vcpu: Vec<f64> = o
             .reports
@@ -83,7 +84,7 @@ pub fn all(fault_opts: FaultBenchOptions, progress: &mut dyn FnMut(&str)) -> Res
         backend: MemBackend::Zero,
         fault_around: Some(0),
     };
-    let (o, _) = guest_touch_run(1, fault_opts.pages, true, memory)?;
+    let (o, _) = guest_touch_run(1, fault_opts.pages, true, memory, SeccompMode::Kill)?;
     let latency_us_log2 = o
         .memory
         .map(|m| m.total.latency_us_log2.to_vec())

@@ -5,13 +5,16 @@
 //! userfaultfd round trip of a host thread served by a minimal handler
 //! (unpinned, same CPU, cross CPU), the minimal VM, and the same guest loop
 //! over plain anonymous memory (no userfault at all). Fault-around is
-//! measured on sequential restore from a memory file.
+//! measured on sequential restore from a memory file. The VMs run
+//! sandboxed (`--seccomp kill`, `docs/seccomp.md`); the random-touch case
+//! also runs without filters, interleaved, for the sandbox's cost.
 
 use super::{minimal, repeat, BenchError, Figure};
 use crate::config::{KernelSource, MemBackend, MemoryConfig, VmConfig};
 use crate::controller::{verify_reports, GuestEnd};
 use crate::vm::VmOptions;
 use devices::serial::SerialOutput;
+use sandbox::SeccompMode;
 use serde::Serialize;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -58,6 +61,10 @@ pub struct FaultBench {
     pub anon_rand: Figure,
     /// Guest random touches, every page a userfault served by the retry core.
     pub zero_rand: Figure,
+    /// The same without seccomp filters (runs interleaved with `zero_rand`).
+    pub zero_rand_seccomp_off: Figure,
+    /// `zero_rand / zero_rand_seccomp_off`: what the sandbox costs a fault.
+    pub seccomp_ratio: f64,
     /// Guest sequential touches, every page a userfault.
     pub zero_seq: Figure,
     /// `zero_rand / raw_uffd`: the VMM's cost per fault against the raw round trip.
@@ -86,8 +93,13 @@ fn pattern_name(rand: bool) -> &'static str {
 }
 
 /// One guest run; microseconds per touched page as timed by the guest.
-fn guest_touch(pages: u64, rand: bool, memory: MemoryConfig) -> Result<f64, BenchError> {
-    guest_touch_from(pages, rand, memory, None)
+fn guest_touch(
+    pages: u64,
+    rand: bool,
+    memory: MemoryConfig,
+    seccomp: SeccompMode,
+) -> Result<f64, BenchError> {
+    guest_touch_from(pages, rand, memory, None, seccomp)
 }
 
 /// [`guest_touch`] with memory served from `source`.
@@ -96,20 +108,23 @@ fn guest_touch_from(
     rand: bool,
     memory: MemoryConfig,
     source: Option<Arc<dyn ::memory::PageSource>>,
+    seccomp: SeccompMode,
 ) -> Result<f64, BenchError> {
-    let (outcome, khz) = guest_touch_run_from(1, pages, rand, memory, source)?;
+    let (outcome, khz) = guest_touch_run_from(1, pages, rand, memory, source, seccomp)?;
     let cycles: u64 = outcome.reports.iter().map(|r| r.cycles).sum();
     Ok(cycles as f64 / f64::from(khz) * 1e3 / pages as f64)
 }
 
-/// One guest run of `pages` populated pages over `vcpus`; the outcome and the TSC kHz.
+/// One guest run of `pages` populated pages over `vcpus`, sandboxed in
+/// `seccomp` mode; the outcome and the TSC kHz.
 pub(super) fn guest_touch_run(
     vcpus: u32,
     pages: u64,
     rand: bool,
     memory: MemoryConfig,
+    seccomp: SeccompMode,
 ) -> Result<(crate::RunOutcome, u32), BenchError> {
-    guest_touch_run_from(vcpus, pages, rand, memory, None)
+    guest_touch_run_from(vcpus, pages, rand, memory, None, seccomp)
 }
 
 /// [`guest_touch_run`] with memory served from `source`.
@@ -119,6 +134,7 @@ fn guest_touch_run_from(
     rand: bool,
     memory: MemoryConfig,
     source: Option<Arc<dyn ::memory::PageSource>>,
+    seccomp: SeccompMode,
 ) -> Result<(crate::RunOutcome, u32), BenchError> {
     let mem_size = (pages * abi::layout::PAGE_SIZE * 2 + (128 << 20)).next_multiple_of(2 << 20);
     let cfg = VmConfig {
@@ -135,6 +151,7 @@ fn guest_touch_run_from(
     let options = VmOptions {
         serial: SerialOutput::Capture(console.clone()),
         timeout: Some(Duration::from_secs(600)),
+        seccomp,
         page_source: source.map(crate::CustomSource),
         ..VmOptions::default()
     };
@@ -202,12 +219,29 @@ pub fn fault(opts: FaultBenchOptions, progress: &mut dyn FnMut(&str)) -> Result<
     let raw_uffd_cross_cpu = raw(n, pages, Some(false)).ok();
     progress("a minimal VM's stage-2 userfaults");
     let minimal_vm_rand = repeat(n, || Ok(minimal::stage2_touch(pages)?.as_secs_f64() * 1e6))?;
+    let on = SeccompMode::Kill;
     progress("guest random touches over anonymous memory");
-    let anon_rand = repeat(n, || guest_touch(pages, true, MemoryConfig::default()))?;
-    progress("guest random touches through the retry core");
-    let zero_rand = repeat(n, || guest_touch(pages, true, lazy(MemBackend::Zero, 0)))?;
+    let anon_rand = repeat(n, || guest_touch(pages, true, MemoryConfig::default(), on))?;
+    progress("guest random touches through the retry core, seccomp kill and off interleaved");
+    // ABBA order, so that a drift of the host's load weighs on both alike.
+    let (mut sandboxed, mut unsandboxed) = (Vec::new(), Vec::new());
+    for i in 0..n.max(1) {
+        let mut pair = [on, SeccompMode::Off];
+        if i % 2 == 1 {
+            pair.reverse();
+        }
+        for mode in pair {
+            let us = guest_touch(pages, true, lazy(MemBackend::Zero, 0), mode)?;
+            if mode == on {
+                sandboxed.push(us);
+            } else {
+                unsandboxed.push(us);
+            }
+        }
+    }
+    let (zero_rand, zero_rand_seccomp_off) = (Figure::of(sandboxed), Figure::of(unsandboxed));
     progress("guest sequential touches through the retry core");
-    let zero_seq = repeat(n, || guest_touch(pages, false, lazy(MemBackend::Zero, 0)))?;
+    let zero_seq = repeat(n, || guest_touch(pages, false, lazy(MemBackend::Zero, 0), on))?;
 
     let image = TempImage::new((pages * abi::layout::PAGE_SIZE * 2 + (128 << 20)).next_multiple_of(2 << 20))?;
     let file = || MemBackend::File {
@@ -215,13 +249,13 @@ pub fn fault(opts: FaultBenchOptions, progress: &mut dyn FnMut(&str)) -> Result<
         offset: 0,
     };
     progress("sequential restore from a file, one page per fault");
-    let file_seq_no_fault_around = repeat(n, || guest_touch(pages, false, lazy(file(), 0)))?;
+    let file_seq_no_fault_around = repeat(n, || guest_touch(pages, false, lazy(file(), 0), on))?;
     let mut file_seq_fault_around = Vec::new();
     for window in [16, 64] {
         progress(&format!("sequential restore from a file, fault-around {window}"));
         file_seq_fault_around.push((
             window,
-            repeat(n, || guest_touch(pages, false, lazy(file(), window)))?,
+            repeat(n, || guest_touch(pages, false, lazy(file(), window), on))?,
         ));
     }
     // The same image as a snapshot's memory, every page checked against its
@@ -229,7 +263,7 @@ pub fn fault(opts: FaultBenchOptions, progress: &mut dyn FnMut(&str)) -> Result<
     let image_len = std::fs::metadata(&image.0).map(|m| m.len()).unwrap_or(0);
     let checked = |window: u32| -> Result<f64, BenchError> {
         let src = hashed_source(&image.0, image_len)?;
-        guest_touch_from(pages, false, lazy(file(), window), Some(src))
+        guest_touch_from(pages, false, lazy(file(), window), Some(src), on)
     };
     progress("sequential restore from a snapshot (pages hashed), one page per fault");
     let snapshot_seq_no_fault_around = repeat(n, || checked(0))?;
@@ -243,6 +277,8 @@ pub fn fault(opts: FaultBenchOptions, progress: &mut dyn FnMut(&str)) -> Result<
         pages,
         repeats: n,
         ratio_rand: zero_rand.median_us / raw_uffd.median_us,
+        seccomp_ratio: zero_rand.median_us / zero_rand_seccomp_off.median_us,
+        zero_rand_seccomp_off,
         ratio_to_minimal_vm: zero_rand.median_us / minimal_vm_rand.median_us,
         minimal_vm_rand,
         ratio_seq: zero_seq.median_us / raw_uffd.median_us,
@@ -328,6 +364,16 @@ impl std::fmt::Display for FaultBench {
             f,
             "guest rand touch, stage-2 userfault via retry core",
             &self.zero_rand,
+        )?;
+        row(
+            f,
+            "guest rand touch, the same without seccomp filters",
+            &self.zero_rand_seccomp_off,
+        )?;
+        writeln!(
+            f,
+            "  seccomp filters (kill) cost a stage-2 fault {:.3}x (interleaved runs)",
+            self.seccomp_ratio
         )?;
         row(
             f,

@@ -38,6 +38,8 @@ pub struct MigrateRun {
     pub request_p99_us: u64,
     /// vCPU time blocked in stage-2 faults on the destination.
     pub vcpu_blocked_ms: f64,
+    /// The background push's order.
+    pub push_order: crate::migration::PushOrder,
 }
 
 /// `vmm bench migrate`: post-copy migration of a running 1 GiB guest over a
@@ -68,6 +70,37 @@ pub fn migrate(repeats: u32, progress: &mut dyn FnMut(&str)) -> Result<MigrateBe
 pub fn migrate_with(
     repeats: u32,
     tls: bool,
+    progress: &mut dyn FnMut(&str),
+) -> Result<MigrateBench, BenchError> {
+    migrate_runs(
+        repeats,
+        tls,
+        &[crate::migration::PushOrder::Address],
+        "workload=touch pages=120000 pattern=rand",
+        progress,
+    )
+}
+
+/// `vmm bench migrate --push-orders`: the same migrations of a guest
+/// touching a hot set (10% of 40000 pages take 90% of 400000 accesses),
+/// the push in address order and in recency order (interleaved): faults
+/// after the switchover (pages requested) and vCPU time blocked.
+pub fn migrate_push_orders(repeats: u32, progress: &mut dyn FnMut(&str)) -> Result<MigrateBench, BenchError> {
+    use crate::migration::PushOrder;
+    migrate_runs(
+        repeats,
+        false,
+        &[PushOrder::Address, PushOrder::Recency],
+        "workload=touch pages=40000 pattern=hot:10:90 accesses=400000",
+        progress,
+    )
+}
+
+fn migrate_runs(
+    repeats: u32,
+    tls: bool,
+    orders: &[crate::migration::PushOrder],
+    cmdline: &str,
     progress: &mut dyn FnMut(&str),
 ) -> Result<MigrateBench, BenchError> {
     use crate::migration::{Endpoint, Listener, Security, TlsFiles};
@@ -101,13 +134,20 @@ pub fn migrate_with(
         kernel: KernelSource::Bundled,
         vcpus: 2,
         mem_size: mem_mib << 20,
-        cmdline: "workload=touch pages=120000 pattern=rand".into(),
+        cmdline: cmdline.into(),
         memory: MemoryConfig::default(),
     };
     let mut runs = Vec::new();
-    for (i, precopy_rounds) in (0..repeats.max(1)).flat_map(|i| MIGRATE_ROUNDS.map(|r| (i, r))) {
+    let cases: Vec<(u32, u32, crate::migration::PushOrder)> = (0..repeats.max(1))
+        .flat_map(|i| {
+            MIGRATE_ROUNDS
+                .into_iter()
+                .flat_map(move |r| orders.iter().map(move |&o| (i, r, o)))
+        })
+        .collect();
+    for (i, precopy_rounds, push_order) in cases {
         progress(&format!(
-            "migration {} of a {mem_mib} MiB guest, {precopy_rounds} pre-copy rounds",
+            "migration {} of a {mem_mib} MiB guest, {precopy_rounds} pre-copy rounds, push order {push_order:?}",
             i + 1
         ));
         let sock = std::env::temp_dir().join(format!("vmm-bench-mig-{}.sock", std::process::id()));
@@ -140,6 +180,7 @@ pub fn migrate_with(
                 &crate::migration::MigrateOptions {
                     precopy_rounds,
                     security: security("src", "dst")?,
+                    push_order,
                     ..Default::default()
                 },
             )
@@ -167,6 +208,7 @@ pub fn migrate_with(
             request_p50_us: s.latency_p50_us,
             request_p99_us: s.latency_p99_us,
             vcpu_blocked_ms: s.vcpu_blocked_us as f64 / 1e3,
+            push_order,
         });
     }
     if tls {
@@ -203,8 +245,9 @@ impl std::fmt::Display for MigrateBench {
             }
             writeln!(
                 f,
-                " {:>7} post-copy pages: connect {:>5.1} ms, downtime {:>6.1} ms, total {:>7.1} ms, {} requested / {} pushed, request latency p50 <{} us p99 <{} us, vCPUs blocked {:.1} ms",
+                " {:>7} post-copy pages ({:?} order): connect {:>5.1} ms, downtime {:>6.1} ms, total {:>7.1} ms, {} requested / {} pushed, request latency p50 <{} us p99 <{} us, vCPUs blocked {:.1} ms",
                 r.data_pages,
+                r.push_order,
                 r.connect_ms,
                 r.downtime_ms,
                 r.total_ms,

@@ -1,6 +1,7 @@
 //! The command line's flags (clap derive): one struct per subcommand.
 
 use clap::{Parser, Subcommand};
+use sandbox::SeccompMode;
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
@@ -38,6 +39,11 @@ pub(crate) enum Command {
         /// The handler's socket.
         socket: PathBuf,
     },
+    /// Forks connection holders for a sandboxed VMM, which starts no
+    /// program once it runs (started by `vmm restore --mem-backend
+    /// uffd:SOCKET`; not for direct use).
+    #[command(name = "__uffd-launcher", hide = true)]
+    UffdLauncher,
 }
 
 #[derive(clap::Args, Debug)]
@@ -90,6 +96,11 @@ pub(crate) enum BenchCommand {
     /// Live against stop-the-world snapshots of 64 MiB, 1 GiB and 4 GiB
     /// guests that wrote 48 MiB and keep writing: downtime and total time.
     Snapshot(BenchArgs),
+    /// A FaaS-like cold start (1 GiB guest, 64k state pages, one invocation
+    /// touching W = 5/25/50% of them, rand and zipf): eager, lazy on demand
+    /// (fault-around 16 and 0), working-set prefetch before and while
+    /// running, and the warm baseline, interleaved.
+    WorkingSet(BenchArgs),
     /// Live migration of a running 1 GiB guest over loopback, post-copy only
     /// and after 3 pre-copy rounds: downtime, total time, page-request
     /// latency p50/p99 during the push.
@@ -98,8 +109,13 @@ pub(crate) enum BenchCommand {
         args: BenchArgs,
         /// Over loopback TCP with TLS and pinned certificates instead of a
         /// Unix socket (the cost of TLS).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "push_orders")]
         tls: bool,
+        /// Compare the push orders instead (a guest touching a hot set; the
+        /// push in address and in recency order, interleaved): faults after
+        /// the switchover and vCPU time blocked.
+        #[arg(long)]
+        push_orders: bool,
     },
     /// Everything, plus throughput by vCPU count and the fault latency
     /// histogram; `--plot DIR` writes SVG charts.
@@ -138,7 +154,7 @@ pub(crate) struct RunArgs {
     /// Write run statistics (vCPUs, retry core, fault latency) as JSON to FILE, or `-` for stdout.
     #[arg(long, value_name = "FILE")]
     pub(crate) stats: Option<PathBuf>,
-    /// TOML file with any of: kernel, vcpus, mem, cmdline, mem_backend, fault_around (flags override it).
+    /// TOML file with any of: kernel, vcpus, mem, cmdline, mem_backend, fault_around, seccomp (flags override it).
     #[arg(long)]
     pub(crate) config: Option<PathBuf>,
     /// Give up after this many seconds (exit code 11).
@@ -151,6 +167,21 @@ pub(crate) struct RunArgs {
     /// authenticated with it (keyed BLAKE3) and restores check it.
     #[arg(long, value_name = "FILE")]
     pub(crate) snapshot_key: Option<PathBuf>,
+    /// With a lazy --mem-backend (zero, file:PATH): record the pages the
+    /// guest touches into FILE (docs/working-set.md), until `vmm ctl PATH
+    /// working-set-end` or the end of the run.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) record_working_set: Option<PathBuf>,
+    /// When the guest reaches its checkpoint (`workload=faas`): snapshot
+    /// to DIR and end the run (exit code 14).
+    #[arg(long, value_name = "DIR")]
+    pub(crate) snapshot_at_checkpoint: Option<PathBuf>,
+    /// Sandbox the VMM's threads with seccomp filters: `kill` (a forbidden
+    /// system call stops the VMM, exit code 159, naming the thread and the
+    /// call), `log` (allowed, and logged by the kernel: `dmesg | grep
+    /// type=1326`) or `off`. Default: $VMM_SECCOMP, else kill.
+    #[arg(long, value_name = "MODE")]
+    pub(crate) seccomp: Option<SeccompMode>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -172,6 +203,9 @@ pub(crate) enum CtlRequest {
     Resume,
     /// Print live statistics (JSON).
     Stats,
+    /// End the working-set recording window (--record-working-set) and
+    /// write the file now; the VM runs on.
+    WorkingSetEnd,
     /// Pause, save a snapshot to DIR, then go back to how the VM was
     /// (or --resume / --stop / --pause).
     Snapshot {
@@ -222,6 +256,11 @@ pub(crate) enum CtlRequest {
         /// (`vmm ctl DEST recover --from ADDR`), ADDR is the same.
         #[arg(long)]
         resume: bool,
+        /// Order of the background push after the switchover: `address`,
+        /// or `recency` (the pages written in the latest pre-copy rounds
+        /// first; without pre-copy, those of a 100 ms dirty-log sample).
+        #[arg(long, value_name = "ORDER", default_value = "address")]
+        push_order: vmm::migration::PushOrder,
         /// TLS (paths are read by the VMM, made absolute here).
         #[command(flatten)]
         tls: TlsArgs,
@@ -342,6 +381,12 @@ pub(crate) struct ReceiveArgs {
     /// authenticated with it (keyed BLAKE3) and restores check it.
     #[arg(long, value_name = "FILE")]
     pub(crate) snapshot_key: Option<PathBuf>,
+    /// Sandbox the VMM's threads with seccomp filters: `kill` (a forbidden
+    /// system call stops the VMM, exit code 159, naming the thread and the
+    /// call), `log` (allowed, and logged by the kernel: `dmesg | grep
+    /// type=1326`) or `off`. Default: $VMM_SECCOMP, else kill.
+    #[arg(long, value_name = "MODE")]
+    pub(crate) seccomp: Option<SeccompMode>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -353,9 +398,22 @@ pub(crate) struct RestoreArgs {
     /// (start at once; pages are read on first touch, with fault-around).
     #[arg(long)]
     pub(crate) lazy: bool,
-    /// With --lazy: fetch the remaining pages in a background thread.
+    /// With --lazy: `all` (the default when no value is given) fetches the
+    /// remaining pages in a background thread; `working-set` first fills
+    /// the pages of DIR/working-set (in coalesced reads and UFFDIO_COPY
+    /// runs), then serves the rest on demand; `working-set,all` adds the
+    /// background fill after it.
+    #[arg(long, requires = "lazy", num_args = 0..=1, default_missing_value = "all", value_name = "WHAT")]
+    pub(crate) prefetch: Option<String>,
+    /// With --prefetch working-set: fill the working set while the vCPUs
+    /// run (in first-touch order) instead of before they resume.
+    #[arg(long, requires = "prefetch")]
+    pub(crate) prefetch_while_running: bool,
+    /// With --lazy: record the pages the guest touches into
+    /// DIR/working-set (docs/working-set.md), until `vmm ctl PATH
+    /// working-set-end` or the end of the run.
     #[arg(long, requires = "lazy")]
-    pub(crate) prefetch: bool,
+    pub(crate) record_working_set: bool,
     /// With --lazy: fault-around window in pages (0 = off, power of two up to 512).
     #[arg(long, value_name = "PAGES", requires = "lazy")]
     pub(crate) fault_around: Option<u32>,
@@ -388,4 +446,10 @@ pub(crate) struct RestoreArgs {
     /// authenticated with it (keyed BLAKE3) and restores check it.
     #[arg(long, value_name = "FILE")]
     pub(crate) snapshot_key: Option<PathBuf>,
+    /// Sandbox the VMM's threads with seccomp filters: `kill` (a forbidden
+    /// system call stops the VMM, exit code 159, naming the thread and the
+    /// call), `log` (allowed, and logged by the kernel: `dmesg | grep
+    /// type=1326`) or `off`. Default: $VMM_SECCOMP, else kill.
+    #[arg(long, value_name = "MODE")]
+    pub(crate) seccomp: Option<SeccompMode>,
 }

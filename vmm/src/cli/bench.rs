@@ -12,6 +12,7 @@ pub fn bench(cmd: BenchCommand) -> i32 {
         | BenchCommand::GuestFault(a)
         | BenchCommand::Restore(a)
         | BenchCommand::Snapshot(a)
+        | BenchCommand::WorkingSet(a)
         | BenchCommand::Migrate { args: a, .. }
         | BenchCommand::All { args: a, .. } => a,
     };
@@ -35,7 +36,15 @@ pub fn bench(cmd: BenchCommand) -> i32 {
         BenchCommand::Snapshot(a) => {
             vmm::bench::snapshot(a.repeats, &mut progress).map(|r| print_result(&r, a.json))
         }
-        BenchCommand::Migrate { args: a, tls } => {
+        BenchCommand::WorkingSet(a) => {
+            vmm::bench::working_set(a.repeats, &mut progress).map(|r| print_result(&r, a.json))
+        }
+        BenchCommand::Migrate {
+            args: a,
+            push_orders: true,
+            ..
+        } => vmm::bench::migrate_push_orders(a.repeats, &mut progress).map(|r| print_result(&r, a.json)),
+        BenchCommand::Migrate { args: a, tls, .. } => {
             vmm::bench::migrate_with(a.repeats, *tls, &mut progress).map(|r| print_result(&r, a.json))
         }
         BenchCommand::GuestFault(a) => {

@@ -10,6 +10,7 @@ pub fn ctl(args: CtlArgs) -> i32 {
         CtlRequest::Pause => Request::Pause {},
         CtlRequest::Resume => Request::Resume {},
         CtlRequest::Stats => Request::Stats {},
+        CtlRequest::WorkingSetEnd => Request::WorkingSetEnd {},
         CtlRequest::Migrate {
             to,
             push_delay_ms,
@@ -17,6 +18,7 @@ pub fn ctl(args: CtlArgs) -> i32 {
             resume,
             tls,
             dirty_tracking,
+            push_order,
         } => {
             let f = tls.files(true);
             Request::Migrate {
@@ -31,6 +33,7 @@ pub fn ctl(args: CtlArgs) -> i32 {
                 push_delay_ms,
                 precopy_rounds,
                 resume,
+                push_order,
                 tls_cert: f.cert,
                 tls_key: f.key,
                 tls_peer: f.peer,

@@ -11,6 +11,8 @@ pub mod receive;
 pub mod report;
 pub mod run;
 
+use sandbox::{SeccompMode, ThreadClass};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 use vmm::EXIT_VMM_ERROR;
 
@@ -47,6 +49,85 @@ pub fn snapshot_key(path: Option<&std::path::Path>) -> Result<Option<vmm::snapsh
             eprintln!("vmm: error: {e}");
             EXIT_VMM_ERROR
         })
+}
+
+/// The sandbox mode: the one asked for (flag or config file), else
+/// `VMM_SECCOMP`'s, else kill; prints the error and gives the exit code.
+pub fn seccomp_mode(asked: Option<SeccompMode>) -> Result<SeccompMode, i32> {
+    match asked {
+        Some(m) => Ok(m),
+        None => SeccompMode::from_env()
+            .map(Option::unwrap_or_default)
+            .map_err(|e| {
+                eprintln!("vmm: error: {}: {e}", sandbox::MODE_ENV);
+                EXIT_VMM_ERROR
+            }),
+    }
+}
+
+/// The sandbox mode of the signal watcher, started before the subcommand
+/// runs: the subcommand's (`--seccomp`, `run`'s configuration file), else
+/// `VMM_SECCOMP`'s, else kill (an invalid value is reported by the
+/// subcommand, and never weakens the sandbox).
+pub fn watcher_seccomp(command: &args::Command) -> SeccompMode {
+    let asked = match command {
+        args::Command::Run(a) => a.seccomp.or_else(|| {
+            a.config
+                .as_deref()
+                .and_then(|p| vmm::config_file::ConfigFile::load(p).ok())
+                .and_then(|f| f.seccomp())
+        }),
+        args::Command::Restore(a) => a.seccomp,
+        args::Command::Receive(a) => a.seccomp,
+        _ => None,
+    };
+    asked.unwrap_or_else(SeccompMode::process_default)
+}
+
+/// Sandboxes the main thread once the VM runs (it only waits and reports
+/// from here on).
+pub fn sandbox_main(mode: SeccompMode) -> Result<(), sandbox::SandboxError> {
+    sandbox::apply(ThreadClass::Main, mode)
+}
+
+/// Where `--stats` goes. A file is opened before the run: once the VM runs,
+/// the main thread's sandbox opens no file.
+pub enum StatsOut {
+    /// `-`.
+    Stdout,
+    /// A file, created before the run.
+    File(PathBuf, std::fs::File),
+}
+
+impl StatsOut {
+    /// Opens `--stats` (prints the error and gives the exit code).
+    pub fn open(path: Option<&Path>) -> Result<Option<StatsOut>, i32> {
+        match path {
+            None => Ok(None),
+            Some(p) if p.as_os_str() == "-" => Ok(Some(StatsOut::Stdout)),
+            Some(p) => match std::fs::File::create(p) {
+                Ok(f) => Ok(Some(StatsOut::File(p.to_owned(), f))),
+                Err(e) => {
+                    eprintln!("vmm: error: cannot write statistics to {}: {e}", p.display());
+                    Err(EXIT_VMM_ERROR)
+                }
+            },
+        }
+    }
+
+    /// Writes `text` and a newline.
+    pub fn write(&mut self, text: &str) -> Result<(), String> {
+        use std::io::Write;
+        match self {
+            StatsOut::Stdout => {
+                println!("{text}");
+                Ok(())
+            }
+            StatsOut::File(path, f) => f
+                .write_all(format!("{text}\n").as_bytes())
+                .map_err(|e| format!("cannot write statistics to {}: {e}", path.display())),
+        }
+    }
 }
 
 /// `--timeout`: positive seconds; prints the error and gives the exit code.

@@ -1,8 +1,9 @@
 //! `vmm receive`: a migration destination, with a progress bar on a terminal.
 
 use super::args::ReceiveArgs;
-use super::parse_timeout;
 use super::report::report;
+use super::{parse_timeout, sandbox_main, seccomp_mode, StatsOut};
+use sandbox::{SeccompMode, ThreadClass};
 use std::io::IsTerminal;
 use std::time::Duration;
 use vmm::{VmOptions, EXIT_VMM_ERROR};
@@ -21,6 +22,14 @@ pub fn receive(args: ReceiveArgs) -> i32 {
             eprintln!("vmm: error: {e}");
             return EXIT_VMM_ERROR;
         }
+    };
+    let seccomp = match seccomp_mode(args.seccomp) {
+        Ok(m) => m,
+        Err(code) => return code,
+    };
+    let mut stats = match StatsOut::open(args.stats.as_deref()) {
+        Ok(s) => s,
+        Err(code) => return code,
     };
     let security =
         match vmm::migration::Security::from_files(&args.tls.files(false), args.tls.insecure_plain_tcp) {
@@ -57,6 +66,7 @@ pub fn receive(args: ReceiveArgs) -> i32 {
             stdin: true,
             timeout,
             shutdown_signals: true,
+            seccomp,
             snapshot_key: match super::snapshot_key(args.snapshot_key.as_deref()) {
                 Ok(k) => k,
                 Err(code) => return code,
@@ -67,10 +77,13 @@ pub fn receive(args: ReceiveArgs) -> i32 {
         progress: Default::default(),
         wait: timeout,
     };
-    let bar = std::io::stderr()
-        .is_terminal()
-        .then(|| progress_bar(options.progress.clone()));
+    let bar = if std::io::stderr().is_terminal() {
+        progress_bar(options.progress.clone(), seccomp)
+    } else {
+        None
+    };
     let mut server = None;
+    let mut unsandboxed = None;
     let out = vmm::receive::receive(&listener, options, |h| {
         eprintln!("vmm: the migrated VM runs here");
         if let Some(path) = &args.control {
@@ -78,6 +91,10 @@ pub fn receive(args: ReceiveArgs) -> i32 {
                 Ok(s) => server = Some(s),
                 Err(e) => eprintln!("vmm: warning: {e}"),
             }
+        }
+        if let Err(e) = sandbox_main(seccomp) {
+            h.stop();
+            unsandboxed = Some(e);
         }
     });
     drop(server);
@@ -98,6 +115,10 @@ pub fn receive(args: ReceiveArgs) -> i32 {
             };
         }
     };
+    if let Some(e) = unsandboxed {
+        eprintln!("vmm: error: {e}");
+        return EXIT_VMM_ERROR;
+    }
     let st = &out.stats;
     println!(
         "vmm: migration: downtime {:.1} ms, total {:.1} ms, {} pre-copy pages ({} kept), {} post-copy pages: {} requested ({} answered), {} pushed, {} bytes; page-request latency p50 <{} us p99 <{} us; vCPUs blocked {} us; {} recoveries",
@@ -113,75 +134,82 @@ pub fn receive(args: ReceiveArgs) -> i32 {
         );
         code = vmm::EXIT_MEMORY_FAULT;
     }
-    if let Some(path) = &args.stats {
+    if let Some(stats) = &mut stats {
         let mut json = out.run.stats_json();
         json["migration"] = serde_json::to_value(st).unwrap_or_default();
         json["migration"]["lost"] = serde_json::json!(out.lost);
         let text = serde_json::to_string_pretty(&json).unwrap_or_default();
-        let r = if path.as_os_str() == "-" {
-            println!("{text}");
-            Ok(())
-        } else {
-            std::fs::write(path, text + "\n")
-        };
-        if let Err(e) = r {
-            eprintln!("vmm: error: cannot write statistics to {}: {e}", path.display());
+        if let Err(e) = stats.write(&text) {
+            eprintln!("vmm: error: {e}");
         }
     }
     code
 }
 
-/// Draws the incoming migration's progress on the terminal until `stop`.
+/// Draws the incoming migration's progress on the terminal until `stop`
+/// (a thread sandboxed like the main thread).
 fn progress_bar(
     p: std::sync::Arc<vmm::migration::Progress>,
-) -> (
+    seccomp: SeccompMode,
+) -> Option<(
     std::sync::Arc<std::sync::atomic::AtomicBool>,
     std::thread::JoinHandle<()>,
-) {
+)> {
     use std::sync::atomic::Ordering::Relaxed;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let s = stop.clone();
-    let t = std::thread::spawn(move || {
-        let bar = indicatif::ProgressBar::new_spinner();
-        let spinner = indicatif::ProgressStyle::with_template("{spinner} {msg} {elapsed}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner());
-        let pages = indicatif::ProgressStyle::with_template(
-            "{spinner} {msg} [{bar:30}] {pos}/{len} pages ({percent}%), {elapsed}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-        .progress_chars("=> ");
-        bar.set_style(spinner);
-        bar.set_message("waiting for the source");
-        let mut counting = false;
-        while !s.load(Relaxed) {
-            if p.complete.load(Relaxed) {
-                bar.finish_with_message(format!(
-                    "migration complete: {} pre-copy and {} post-copy pages",
-                    p.precopy_pages.load(Relaxed),
-                    p.data_pages.load(Relaxed)
-                ));
-                return;
+    let spawned = sandbox::spawn(
+        std::thread::Builder::new().name("progress".into()),
+        ThreadClass::Main,
+        seccomp,
+        move || {
+            let bar = indicatif::ProgressBar::new_spinner();
+            let spinner = indicatif::ProgressStyle::with_template("{spinner} {msg} {elapsed}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner());
+            let pages = indicatif::ProgressStyle::with_template(
+                "{spinner} {msg} [{bar:30}] {pos}/{len} pages ({percent}%), {elapsed}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> ");
+            bar.set_style(spinner);
+            bar.set_message("waiting for the source");
+            let mut counting = false;
+            while !s.load(Relaxed) {
+                if p.complete.load(Relaxed) {
+                    bar.finish_with_message(format!(
+                        "migration complete: {} pre-copy and {} post-copy pages",
+                        p.precopy_pages.load(Relaxed),
+                        p.data_pages.load(Relaxed)
+                    ));
+                    return;
+                }
+                if p.running.load(Relaxed) && !counting {
+                    counting = true;
+                    bar.set_style(pages.clone());
+                    bar.set_length(p.data_pages.load(Relaxed));
+                }
+                bar.set_position(p.received.load(Relaxed));
+                let precopy = p.precopy_pages.load(Relaxed);
+                bar.set_message(if p.lost.load(Relaxed) {
+                    "source lost, VM paused: `vmm ctl DEST recover --from ADDR`".to_string()
+                } else if counting {
+                    "post-copy".to_string()
+                } else if precopy > 0 {
+                    format!("pre-copy: {precopy} pages received")
+                } else {
+                    "waiting for the source".to_string()
+                });
+                bar.tick();
+                std::thread::sleep(Duration::from_millis(100));
             }
-            if p.running.load(Relaxed) && !counting {
-                counting = true;
-                bar.set_style(pages.clone());
-                bar.set_length(p.data_pages.load(Relaxed));
-            }
-            bar.set_position(p.received.load(Relaxed));
-            let precopy = p.precopy_pages.load(Relaxed);
-            bar.set_message(if p.lost.load(Relaxed) {
-                "source lost, VM paused: `vmm ctl DEST recover --from ADDR`".to_string()
-            } else if counting {
-                "post-copy".to_string()
-            } else if precopy > 0 {
-                format!("pre-copy: {precopy} pages received")
-            } else {
-                "waiting for the source".to_string()
-            });
-            bar.tick();
-            std::thread::sleep(Duration::from_millis(100));
+            bar.finish_and_clear();
+        },
+    );
+    match spawned {
+        Ok(t) => Some((stop, t)),
+        Err(e) => {
+            eprintln!("vmm: warning: no progress bar: {e}");
+            None
         }
-        bar.finish_and_clear();
-    });
-    (stop, t)
+    }
 }

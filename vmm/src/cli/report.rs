@@ -1,13 +1,13 @@
 //! How a run is reported: the workload results, the end, the host's check,
 //! memory statistics, and the JSON statistics file.
 
+use super::StatsOut;
 use abi::exit::ExitCode;
-use std::path::Path;
 use vmm::controller::verify_reports;
 use vmm::{GuestEnd, VmConfig, EXIT_BAD_RESULT, EXIT_VMM_ERROR};
 
 /// Prints how the run went and checks the workload; returns the exit code.
-pub fn report(config: &VmConfig, outcome: &vmm::RunOutcome, stats: Option<&Path>) -> i32 {
+pub fn report(config: &VmConfig, outcome: &vmm::RunOutcome, stats: Option<&mut StatsOut>) -> i32 {
     for r in &outcome.reports {
         println!(
             "vmm: cpu{} workload result: pages {}..{} checksum {:#018x} guest faults {} ({} Mcycles)",
@@ -59,6 +59,44 @@ pub fn report(config: &VmConfig, outcome: &vmm::RunOutcome, stats: Option<&Path>
             m.backend, t.faults, t.pages_zeroed, t.pages_copied, t.fault_around_pages, t.retries_total
         );
     }
+    if let Some(m) = &outcome.memory {
+        if let Some(p) = &m.working_set_prefetch {
+            println!(
+                "vmm: working-set prefetch: {} pages in {} runs, {:.1} ms",
+                p.pages,
+                p.runs,
+                p.micros as f64 / 1e3
+            );
+        }
+    }
+    match &outcome.working_set {
+        Some(Ok(w)) => println!(
+            "vmm: working set of {} pages ({} fault-around neighbours, {} ms window) written to {}",
+            w.pages,
+            w.around,
+            w.window_ms,
+            w.path.display()
+        ),
+        Some(Err(e)) => {
+            eprintln!("vmm: error: the working set was not written: {e}");
+            if code == 0 {
+                code = EXIT_VMM_ERROR;
+            }
+        }
+        None => {}
+    }
+    match &outcome.checkpoint {
+        Some(Ok(info)) => println!(
+            "vmm: snapshot at the guest's checkpoint written to {} ({} bytes of memory)",
+            info.dir.display(),
+            info.memory_bytes
+        ),
+        Some(Err(e)) => {
+            eprintln!("vmm: error: the snapshot at the guest's checkpoint failed: {e}");
+            code = EXIT_VMM_ERROR;
+        }
+        None => {}
+    }
     let first = outcome
         .first_output
         .map_or("-".into(), |d| format!("{:.1} ms", d.as_secs_f64() * 1e3));
@@ -67,26 +105,18 @@ pub fn report(config: &VmConfig, outcome: &vmm::RunOutcome, stats: Option<&Path>
         outcome.elapsed.as_secs_f64() * 1e3
     );
     // Last, so that with `--stats -` the JSON is the tail of stdout.
-    if let Some(path) = stats {
-        if let Err(e) = write_stats(path, outcome) {
-            eprintln!("vmm: error: cannot write statistics to {}: {e}", path.display());
+    if let Some(stats) = stats {
+        let written = serde_json::to_string_pretty(&outcome.stats_json())
+            .map_err(|e| format!("cannot encode the statistics: {e}"))
+            .and_then(|json| stats.write(&json));
+        if let Err(e) = written {
+            eprintln!("vmm: error: {e}");
             if code == 0 {
                 code = EXIT_VMM_ERROR;
             }
         }
     }
     code
-}
-
-/// Writes the run's statistics as JSON to `path` (`-` = stdout).
-pub fn write_stats(path: &std::path::Path, outcome: &vmm::RunOutcome) -> std::io::Result<()> {
-    let json = serde_json::to_string_pretty(&outcome.stats_json()).map_err(std::io::Error::other)?;
-    if path.as_os_str() == "-" {
-        println!("{json}");
-        Ok(())
-    } else {
-        std::fs::write(path, json + "\n")
-    }
 }
 
 pub fn print_result<T: serde::Serialize + std::fmt::Display>(r: &T, json: bool) -> i32 {

@@ -1,13 +1,15 @@
 //! `vmm run` and `vmm restore`: build, run with the control socket, report.
 
 use super::args::{RestoreArgs, RunArgs};
-use super::parse_timeout;
 use super::report::report;
+use super::{parse_timeout, sandbox_main, seccomp_mode, StatsOut};
+use sandbox::SeccompMode;
 use std::path::{Path, PathBuf};
 use vmm::config_file::ConfigFile;
 use vmm::{VmConfig, VmOptions, EXIT_VMM_ERROR};
 
-fn config_from(args: &RunArgs) -> Result<VmConfig, vmm::config_file::ConfigFileError> {
+/// The configuration and the sandbox mode the file or flags ask for.
+fn config_from(args: &RunArgs) -> Result<(VmConfig, Option<SeccompMode>), vmm::config_file::ConfigFileError> {
     let mut file = ConfigFile::defaults();
     if let Some(path) = &args.config {
         file = file.overridden_by(ConfigFile::load(path)?);
@@ -19,13 +21,16 @@ fn config_from(args: &RunArgs) -> Result<VmConfig, vmm::config_file::ConfigFileE
         cmdline: args.cmdline.clone(),
         mem_backend: args.mem_backend.clone(),
         fault_around: args.fault_around,
+        seccomp: args.seccomp,
     };
-    Ok(file.overridden_by(flags).into_config()?)
+    let merged = file.overridden_by(flags);
+    let seccomp = merged.seccomp();
+    Ok((merged.into_config()?, seccomp))
 }
 
 /// `vmm run`.
 pub fn run(args: RunArgs) -> i32 {
-    let config = match config_from(&args) {
+    let (config, asked) = match config_from(&args) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("vmm: error: {e}");
@@ -36,33 +41,49 @@ pub fn run(args: RunArgs) -> i32 {
         Ok(t) => t,
         Err(code) => return code,
     };
+    let seccomp = match seccomp_mode(asked) {
+        Ok(m) => m,
+        Err(code) => return code,
+    };
+    let mut stats = match StatsOut::open(args.stats.as_deref()) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
     let options = VmOptions {
         stdin: true,
         timeout,
         shutdown_signals: true,
+        seccomp,
         snapshot_key: match super::snapshot_key(args.snapshot_key.as_deref()) {
             Ok(k) => k,
             Err(code) => return code,
         },
+        record_working_set: args.record_working_set.clone(),
+        snapshot_at_checkpoint: args
+            .snapshot_at_checkpoint
+            .as_ref()
+            .map(|d| std::path::absolute(d).unwrap_or_else(|_| d.clone())),
         ..Default::default()
     };
-    let outcome = match run_with_control(vmm::Vm::new(&config, options), args.control.as_deref()) {
+    let outcome = match run_with_control(vmm::Vm::new(&config, options), args.control.as_deref(), seccomp) {
         Ok(o) => o,
         Err(e) => {
             eprintln!("vmm: error: {e}");
             return EXIT_VMM_ERROR;
         }
     };
-    report(&config, &outcome, args.stats.as_deref())
+    report(&config, &outcome, stats.as_mut())
 }
 
 /// Why a run could not go ahead.
 type RunError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Starts a built VM, serves the control socket while it runs, waits for the end.
+/// Starts a built VM, serves the control socket while it runs, sandboxes
+/// the main thread, waits for the end.
 fn run_with_control(
     vm: Result<vmm::Vm, vmm::VmError>,
     control: Option<&Path>,
+    seccomp: SeccompMode,
 ) -> Result<vmm::RunOutcome, RunError> {
     let running = vm?.start()?;
     let server = match control {
@@ -76,6 +97,11 @@ fn run_with_control(
         },
         None => None,
     };
+    if let Err(e) = sandbox_main(seccomp) {
+        running.stop();
+        let _ = running.wait();
+        return Err(e.into());
+    }
     let outcome = running.wait();
     drop(server);
     Ok(outcome?)
@@ -87,10 +113,19 @@ pub fn restore(args: RestoreArgs) -> i32 {
         Ok(t) => t,
         Err(code) => return code,
     };
+    let seccomp = match seccomp_mode(args.seccomp) {
+        Ok(m) => m,
+        Err(code) => return code,
+    };
+    let mut stats = match StatsOut::open(args.stats.as_deref()) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
     let options = VmOptions {
         stdin: true,
         timeout,
         shutdown_signals: true,
+        seccomp,
         snapshot_key: match super::snapshot_key(args.snapshot_key.as_deref()) {
             Ok(k) => k,
             Err(code) => return code,
@@ -106,12 +141,28 @@ pub fn restore(args: RestoreArgs) -> i32 {
             return EXIT_VMM_ERROR;
         }
     };
+    let (prefetch, prefetch_working_set) = match args.prefetch.as_deref() {
+        None => (false, None),
+        Some("all") => (true, None),
+        Some("working-set") => (false, Some(!args.prefetch_while_running)),
+        Some("working-set,all" | "all,working-set") => (true, Some(!args.prefetch_while_running)),
+        Some(other) => {
+            eprintln!("vmm: error: --prefetch {other}: expected all, working-set or working-set,all");
+            return EXIT_VMM_ERROR;
+        }
+    };
+    if args.prefetch_while_running && prefetch_working_set.is_none() {
+        eprintln!("vmm: error: --prefetch-while-running goes with --prefetch working-set[,all]");
+        return EXIT_VMM_ERROR;
+    }
     let how = vmm::RestoreOptions {
         peer_program: None,
+        prefetch_working_set,
+        record_working_set: args.record_working_set,
         handler_grace: Some(handler_grace),
         handler_stall: Some(handler_stall),
         lazy: args.lazy,
-        prefetch: args.prefetch,
+        prefetch,
         fault_around: args.fault_around,
         uffd_socket: match args.mem_backend.as_deref().map(|b| b.strip_prefix("uffd:")) {
             None => None,
@@ -144,8 +195,8 @@ pub fn restore(args: RestoreArgs) -> i32 {
         args.from.display(),
         start.elapsed().as_secs_f64() * 1e3,
     );
-    match run_with_control(Ok(vm), args.control.as_deref()) {
-        Ok(outcome) => report(&config, &outcome, args.stats.as_deref()),
+    match run_with_control(Ok(vm), args.control.as_deref(), seccomp) {
+        Ok(outcome) => report(&config, &outcome, stats.as_mut()),
         Err(e) => {
             eprintln!("vmm: error: {e}");
             EXIT_VMM_ERROR

@@ -33,7 +33,8 @@
 
 use super::{ControlError, Controller, GuestEnd, RunState};
 use crate::uffd_handler::link::activity;
-use crate::uffd_handler::{HandlerLink, LostHook};
+use crate::uffd_handler::{HandlerLink, Launcher, LostHook};
+use sandbox::SeccompMode;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -73,6 +74,11 @@ pub(crate) struct ExternalHandler {
     next_id: u64,
     on_lost: LostHook,
     lost: Option<Lost>,
+    /// Forks the holders of handlers attached while the VM runs (when the
+    /// VMM is sandboxed: its threads start no program).
+    launcher: Option<Launcher>,
+    /// How the holders and watchers are sandboxed.
+    seccomp: SeccompMode,
 }
 
 impl std::fmt::Debug for ExternalHandler {
@@ -151,6 +157,7 @@ pub struct AttachInfo {
 
 impl ExternalHandler {
     /// The supervision of `link`, the handler attached at restore.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         link: HandlerLink,
         program: PathBuf,
@@ -158,6 +165,8 @@ impl ExternalHandler {
         grace: Duration,
         stall: Duration,
         on_lost: LostHook,
+        launcher: Option<Launcher>,
+        seccomp: SeccompMode,
     ) -> ExternalHandler {
         ExternalHandler {
             socket: link.socket().to_owned(),
@@ -170,6 +179,8 @@ impl ExternalHandler {
             link: Some(link),
             on_lost,
             lost: None,
+            launcher,
+            seccomp,
         }
     }
 }
@@ -317,7 +328,16 @@ impl Controller {
         // A new attachment number: a late loss report of the old one is ignored.
         let id = h.next_id;
         h.next_id += 1;
-        let link = HandlerLink::connect(id, path, &h.program, &h.message, ext.uffd(), h.on_lost.clone())?;
+        let link = HandlerLink::connect(
+            id,
+            path,
+            &h.program,
+            &h.message,
+            ext.uffd(),
+            h.on_lost.clone(),
+            h.launcher.as_ref(),
+            h.seccomp,
+        )?;
         // The handler has the userfaultfd: every blocked fault faults again
         // and reaches it (the events parked here and those the dead handler
         // read are not replayed otherwise).

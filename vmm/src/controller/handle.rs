@@ -70,6 +70,12 @@ pub enum ControlError {
     /// The memory lives with an external page-fault handler.
     #[error("guest memory is served by an external page-fault handler (--mem-backend uffd:SOCKET); pages it has not served yet are not in this process: snapshot or migrate VMs whose memory this VMM holds")]
     ExternalMemory,
+    /// `working-set-end` on a run that records none.
+    #[error("this run records no working set (vmm restore --lazy --record-working-set, or vmm run --record-working-set FILE)")]
+    NotRecording,
+    /// The working-set file could not be written.
+    #[error("the working set could not be written: {0}")]
+    WorkingSet(String),
     /// `--resume` without an interrupted post-copy.
     #[error("there is no interrupted post-copy to resume here (it completed, never started, or the VM was resumed here)")]
     NothingToResume,
@@ -171,6 +177,8 @@ pub(crate) enum ControlRequest {
     SourceLost(bool, Sender<Result<(), ControlError>>),
     /// A new external page-fault handler at this socket.
     AttachHandler(PathBuf, Sender<Result<super::AttachInfo, ControlError>>),
+    /// End the working-set recording window and write the file.
+    WorkingSetEnd(Sender<Result<crate::snapshot::working_set::RecordSummary, ControlError>>),
     Stop,
     /// A shutdown signal arrived (SIGINT, SIGTERM, SIGHUP).
     Signal(i32),
@@ -212,6 +220,8 @@ impl EventSender {
 #[derive(Clone)]
 pub struct VmHandle {
     pub(crate) events: EventSender,
+    /// The VM's sandbox mode, for the threads that serve it (control socket).
+    pub(crate) seccomp: sandbox::SeccompMode,
 }
 
 impl std::fmt::Debug for VmHandle {
@@ -227,6 +237,12 @@ impl VmHandle {
             return Err(ControlError::Ended);
         }
         rx.recv().map_err(|_| ControlError::Ended)
+    }
+
+    /// How the VM's threads are sandboxed (the control socket's threads
+    /// are sandboxed the same way).
+    pub fn seccomp(&self) -> sandbox::SeccompMode {
+        self.seccomp
     }
 
     /// Pauses every vCPU (see `vmm_core::vcpu::manager` for vCPUs blocked in faults).
@@ -324,6 +340,12 @@ impl VmHandle {
     /// how it was (`docs/external-handler.md`).
     pub fn attach_handler(&self, socket: &Path) -> Result<super::AttachInfo, ControlError> {
         self.ask(|tx| ControlRequest::AttachHandler(socket.to_owned(), tx))?
+    }
+
+    /// Ends the working-set recording window (`--record-working-set`) and
+    /// writes the file; the run goes on.
+    pub fn working_set_end(&self) -> Result<crate::snapshot::working_set::RecordSummary, ControlError> {
+        self.ask(ControlRequest::WorkingSetEnd)?
     }
 
     /// Ends the run (the guest is stopped where it is).

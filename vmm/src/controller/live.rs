@@ -150,13 +150,18 @@ impl Controller {
         let thread = {
             let (session, abort, events) = (session.clone(), abort.clone(), self.events.clone());
             let (dir, key, pace) = (dir.to_owned(), self.snapshot_key.clone(), options.pace);
-            std::thread::Builder::new()
-                .name("live-snapshot".into())
-                .spawn(move || {
+            // A thread started by a sandboxed one takes its parent's mode.
+            let mode = sandbox::current().map_or(sandbox::SeccompMode::Off, |(_, m)| m);
+            sandbox::spawn(
+                std::thread::Builder::new().name("live-snapshot".into()),
+                sandbox::ThreadClass::LiveSaver,
+                mode,
+                move || {
                     let r = write_live(&dir, &state, &session, key.as_ref(), &abort, pace);
                     events.send(Event::Control(ControlRequest::LiveSnapshotDone(Box::new(r))));
-                })
-                .map_err(|e| ControlError::Live(vmm_core::memory::LiveError::Setup(e)))
+                },
+            )
+            .map_err(|e| ControlError::Live(vmm_core::memory::LiveError::Spawn(e)))
         };
         let thread = match thread {
             Ok(t) => t,

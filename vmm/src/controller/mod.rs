@@ -34,6 +34,7 @@ use devices::DeviceEvent;
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use persist::Persist;
 use reports::GuestReports;
+use sandbox::{SeccompMode, ThreadClass};
 use state::valid_transition;
 use std::io::Read;
 use std::os::fd::AsRawFd;
@@ -70,8 +71,16 @@ pub struct ControllerOptions {
     pub on_memory_fault: MemoryFaultPolicy,
     /// The controller's restored state (reports received before a snapshot).
     pub restored: ControllerState,
+    /// How the controller thread (and the threads it starts: an outgoing
+    /// migration's) and the control socket's threads are sandboxed.
+    pub seccomp: SeccompMode,
     /// Authenticates the snapshots this VM writes.
     pub snapshot_key: Option<crate::snapshot::SnapshotKey>,
+    /// A working-set recording: ended by `working-set-end` or the run's end.
+    pub recording: Option<Arc<crate::snapshot::working_set::Recording>>,
+    /// Snapshot to this directory when the guest reaches its checkpoint,
+    /// then end the run.
+    pub snapshot_at_checkpoint: Option<std::path::PathBuf>,
 }
 
 /// Errors starting the controller.
@@ -83,9 +92,9 @@ pub enum StartError {
     /// The event loop could not be set up.
     #[error("cannot set up the VM's event loop: {0}; raise the process's file descriptor limit")]
     EventLoop(String),
-    /// The controller thread could not be started.
+    /// The controller thread could not be started (or sandboxed).
     #[error("cannot start the controller thread: {0}")]
-    Thread(#[source] std::io::Error),
+    Thread(#[source] sandbox::SpawnError),
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -103,6 +112,15 @@ pub(crate) fn start(
     external: Option<ExternalHandler>,
 ) -> Result<RunningVm, StartError> {
     vm.start()?;
+    // What a live snapshot or uffd-WP dirty tracking needs and a sandboxed
+    // controller may not do: make the userfaultfds, run the KVM probe (a VM
+    // of its own) once per process.
+    vm.memory().prepare_wp();
+    if options.seccomp != sandbox::SeccompMode::Off && sandbox::current().is_none() {
+        if let Err(e) = crate::snapshot::live::check_kvm() {
+            tracing::debug!("{e}");
+        }
+    }
     let mut em: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
         EventManager::new().map_err(|e| StartError::EventLoop(format!("{e:?}")))?;
     // A shutdown signal ends the run (the process's watcher calls this).
@@ -141,6 +159,10 @@ pub(crate) fn start(
         snapshot_key: options.snapshot_key.clone(),
         external,
         live: None,
+        recording: options.recording.clone(),
+        snapshot_at_checkpoint: options.snapshot_at_checkpoint.clone(),
+        checkpoint: None,
+        last_report: None,
     }));
     em.add_subscriber(controller.clone());
     if let (true, Some(serial)) = (options.stdin, serial) {
@@ -148,16 +170,22 @@ pub(crate) fn start(
     }
     let deadline = options.timeout.and_then(|t| Instant::now().checked_add(t));
     let timeout = options.timeout.unwrap_or_default();
-    let thread = std::thread::Builder::new()
-        .name("vmm-controller".into())
-        .spawn(move || {
+    let thread = sandbox::spawn(
+        std::thread::Builder::new().name("vmm-controller".into()),
+        ThreadClass::Controller,
+        options.seccomp,
+        move || {
             let outcome = run_loop(&controller, &mut em, deadline, timeout);
             drop(on_signal);
             outcome
-        })
-        .map_err(StartError::Thread)?;
+        },
+    )
+    .map_err(StartError::Thread)?;
     Ok(RunningVm {
-        handle: VmHandle { events },
+        handle: VmHandle {
+            events,
+            seccomp: options.seccomp,
+        },
         thread,
     })
 }
@@ -232,6 +260,14 @@ struct Controller {
     external: Option<ExternalHandler>,
     /// A live snapshot being written.
     live: Option<live::LiveRun>,
+    /// The working-set recording, if any.
+    recording: Option<Arc<crate::snapshot::working_set::Recording>>,
+    /// Where to snapshot at the guest's checkpoint.
+    snapshot_at_checkpoint: Option<std::path::PathBuf>,
+    /// The snapshot taken at the checkpoint (or why it failed).
+    checkpoint: Option<Result<crate::snapshot::SnapshotInfo, String>>,
+    /// When the last workload report arrived.
+    last_report: Option<Instant>,
 }
 
 impl Controller {
@@ -259,7 +295,11 @@ impl Controller {
                     Err(e) => tracing::warn!("cannot start the secondary vCPUs: {e}"),
                 }
             }
-            VmEvent::Device(DeviceEvent::Report(r)) => self.guest.report(r),
+            VmEvent::Device(DeviceEvent::Report(r)) => {
+                self.last_report = Some(Instant::now());
+                self.guest.report(r)
+            }
+            VmEvent::Device(DeviceEvent::Checkpoint) => self.at_checkpoint(),
             VmEvent::Device(DeviceEvent::BadRequest(msg)) => self.guest.bad_request(msg),
             VmEvent::VcpuStopped(s) => self.end(GuestEnd::Crashed(s)),
             VmEvent::Memory(MemoryEvent::SourceFailed(msg)) => self.memory_failed(msg),
@@ -355,6 +395,12 @@ impl Controller {
             ControlRequest::AttachHandler(path, reply) => {
                 let _ = reply.send(self.attach_handler(&path));
             }
+            ControlRequest::WorkingSetEnd(reply) => {
+                let _ = reply.send(match &self.recording {
+                    Some(r) => r.finish().map_err(ControlError::WorkingSet),
+                    None => Err(ControlError::NotRecording),
+                });
+            }
             ControlRequest::Stop => self.end(GuestEnd::Stopped),
             ControlRequest::Signal(sig) => self.end(GuestEnd::Signal(sig)),
         }
@@ -432,6 +478,21 @@ impl Controller {
         }
     }
 
+    /// The guest reached its checkpoint (the `faas` workload's state is
+    /// built): with `snapshot_at_checkpoint`, snapshot and end the run
+    /// (once; the guest asks again until a restored copy answers it).
+    fn at_checkpoint(&mut self) {
+        let Some(dir) = self.snapshot_at_checkpoint.take() else {
+            return;
+        };
+        let r = self.snapshot(&dir, crate::snapshot::AfterSnapshot::Stop);
+        if let Err(e) = &r {
+            tracing::error!("the snapshot at the guest's checkpoint failed: {e}");
+            self.end(GuestEnd::Stopped);
+        }
+        self.checkpoint = Some(r.map_err(|e| e.to_string()));
+    }
+
     /// Ends the run: stops the vCPUs and the fault handler, and gathers the outcome.
     fn finish(&mut self, end: GuestEnd) -> RunOutcome {
         // A vCPU blocked on a page that cannot be served ignores kicks: do
@@ -449,6 +510,8 @@ impl Controller {
         self.vm.memory_mut().stop();
         let (reports, bad_requests) = self.guest.take();
         let created = self.vm.created();
+        // The pages faulted until the end are in the recording.
+        let working_set = self.recording.as_ref().map(|r| r.finish());
         RunOutcome {
             end,
             reports,
@@ -459,6 +522,9 @@ impl Controller {
             memory: self.vm.memory_stats(),
             tsc_khz: self.vm.tsc_khz(),
             guest_stats: self.vm.devices().and_then(|d| d.guest_stats()),
+            working_set,
+            checkpoint: self.checkpoint.take(),
+            last_report: self.last_report.map(|t| t.saturating_duration_since(created)),
         }
     }
 }

@@ -14,6 +14,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::time::Instant;
+use vmm_core::memory::pages::Pagemap;
 
 impl RunState {
     /// Why a VM in this state cannot be snapshotted or start a migration
@@ -160,7 +161,19 @@ impl Controller {
             return Ok(());
         }
         let events = self.events.clone();
+        let pagemap = Pagemap::open().map_err(|source| MigrationError::Io {
+            what: "opening /proc/self/pagemap",
+            source,
+        })?;
+        // The uffd-WP tracker is set up here: the pre-copy thread's sandbox
+        // may not register memory with a userfaultfd or open the page map.
+        let wp_tracker = (options.dirty_tracking == crate::migration::DirtyTracking::UffdWp
+            && options.precopy_rounds > 0
+            && self.vm.memory().is_anonymous())
+        .then(|| self.vm.memory().wp_dirty_tracker());
         let ctx = PrecopyCtx {
+            pagemap,
+            wp_tracker,
             vm_fd: self.vm.vm_fd().clone(),
             mem: self.vm.memory().ram().clone(),
             mem_size: self.vm.config().mem_size,

@@ -91,6 +91,12 @@ pub struct RunOutcome {
     pub tsc_khz: Option<u32>,
     /// Guest kernel fault statistics (page-store device, `abi::pv::store::STATS`).
     pub guest_stats: Option<abi::pv::store::GuestStats>,
+    /// The working-set recording: what was written, or why it was not.
+    pub working_set: Option<Result<crate::snapshot::working_set::RecordSummary, String>>,
+    /// The snapshot taken at the guest's checkpoint (or why it failed).
+    pub checkpoint: Option<Result<crate::snapshot::SnapshotInfo, String>>,
+    /// Time from the start of VM creation to the last workload report.
+    pub last_report: Option<Duration>,
 }
 
 impl RunOutcome {
@@ -126,6 +132,11 @@ impl RunOutcome {
             "memory": self.memory,
             // Guest kernel's own (stage-1) fault figures, next to the host's.
             "guest": self.guest_stats,
+            "working_set": self.working_set.as_ref().map(|w| match w {
+                Ok(s) => serde_json::json!(s),
+                Err(e) => serde_json::json!({ "error": e }),
+            }),
+            "last_report_ms": self.last_report.map(|d| d.as_secs_f64() * 1e3),
         })
     }
 }

@@ -15,6 +15,7 @@ use super::wire::{decode, encode, Message, PAGE, PAGE64};
 use super::{io, lock, MigrationError};
 use crate::snapshot::{check_received, Extent};
 use crate::state::SavedVm;
+use sandbox::{SeccompMode, ThreadClass};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
@@ -185,6 +186,7 @@ pub struct Incoming {
     precopy_kept: u64,
     data_pages: u64,
     reads_carried: u64,
+    seccomp: SeccompMode,
 }
 
 impl Incoming {
@@ -193,16 +195,18 @@ impl Incoming {
     /// then reads up to the data extents (every check of the state and
     /// extents included). Peers that fail to authenticate are refused and
     /// logged; the wait goes on. Nothing of a peer's is buffered before it
-    /// has authenticated.
+    /// has authenticated. The session's threads are sandboxed in `seccomp`
+    /// mode.
     pub fn accept(
         listener: &Listener,
         progress: Arc<Progress>,
         wait: Option<Duration>,
+        seccomp: SeccompMode,
     ) -> Result<Incoming, MigrationError> {
         // One set of admissions for both connections: the source opens the
         // main one first, but their admissions may end in either order.
         let end = wait.map(Deadline::after);
-        let admissions = Admissions::new(None);
+        let admissions = Admissions::new(None).sandboxed(seccomp);
         let first = admissions.next(listener, end)?;
         let accepted = Instant::now();
         let handshake = listener.security().handshake_timeout;
@@ -291,7 +295,14 @@ impl Incoming {
         all.sort_unstable();
         let data_ranges = extents_of(&all).iter().map(|e| (e.gpa, e.len)).collect();
         progress.data_pages.store(data_pages, Ordering::Relaxed);
-        let src = RemoteSource::new("migration".into(), pairs, conn.try_clone()?, precopied, progress)?;
+        let src = RemoteSource::new(
+            "migration".into(),
+            pairs,
+            conn.try_clone()?,
+            precopied,
+            progress,
+            seccomp,
+        )?;
         let store = &saved.vm.devices.page_store;
         let reads_carried = (store.in_flight.len() + store.held_reads.len()) as u64;
         Ok(Incoming {
@@ -308,6 +319,7 @@ impl Incoming {
             precopy_kept,
             data_pages,
             reads_carried,
+            seccomp,
         })
     }
 
@@ -345,10 +357,13 @@ impl Incoming {
         let placer = {
             let (src, m, placing, to_place) =
                 (src.clone(), materializer.clone(), placing.clone(), self.to_place);
-            std::thread::Builder::new()
-                .name("migration-place".into())
-                .spawn(move || place_precopied(&src, &m, &placing, to_place))
-                .map_err(io("starting the placer thread"))?
+            sandbox::spawn(
+                std::thread::Builder::new().name("migration-place".into()),
+                ThreadClass::MigrationDest,
+                self.seccomp,
+                move || place_precopied(&src, &m, &placing, to_place),
+            )
+            .map_err(|e| io("starting the placer thread")(e.into()))?
         };
         let done_at = Arc::new(Mutex::new(None::<(Instant, u64)>));
         let receivers = Receivers {
@@ -356,6 +371,7 @@ impl Incoming {
             done_at: done_at.clone(),
             materializer,
             events: events.clone(),
+            seccomp: self.seccomp,
         };
         let handles = vec![receivers.spawn(&self.conn)?, receivers.spawn(&self.answers)?];
         let (recover_tx, recover_rx) = mpsc::channel();
@@ -365,7 +381,7 @@ impl Incoming {
             conn: self.conn,
             answers: self.answers,
             security: self.security,
-            admissions: Admissions::new(Some(Message::Resume)),
+            admissions: Admissions::new(Some(Message::Resume)).sandboxed(self.seccomp),
             receivers,
             handles,
             recover_rx,
@@ -373,10 +389,13 @@ impl Incoming {
             lost_wait,
             events,
         };
-        let watcher = std::thread::Builder::new()
-            .name("migration-watch".into())
-            .spawn(move || watch.run())
-            .map_err(io("starting the migration watcher"))?;
+        let watcher = sandbox::spawn(
+            std::thread::Builder::new().name("migration-watch".into()),
+            ThreadClass::MigrationDest,
+            self.seccomp,
+            move || watch.run(),
+        )
+        .map_err(|e| io("starting the migration watcher")(e.into()))?;
         Ok(IncomingSession {
             src,
             recover_tx,
@@ -422,6 +441,7 @@ struct Receivers {
     done_at: Arc<Mutex<Option<(Instant, u64)>>>,
     materializer: Materializer,
     events: Arc<dyn Fn(MigrationEvent) + Send + Sync>,
+    seccomp: SeccompMode,
 }
 
 impl Receivers {
@@ -429,16 +449,17 @@ impl Receivers {
     fn spawn(&self, conn: &Conn) -> Result<JoinHandle<()>, MigrationError> {
         let r = self.clone();
         let mut reader = conn.try_clone()?;
-        std::thread::Builder::new()
-            .name("migration-in".into())
-            .spawn(
-                move || match receive_pages(&r.src, &mut reader, &r.materializer, &r.done_at) {
-                    Ok(true) => (r.events)(MigrationEvent::Complete),
-                    Ok(false) => {}
-                    Err(e) => r.src.set_lost(e.to_string()),
-                },
-            )
-            .map_err(io("starting the receiver thread"))
+        sandbox::spawn(
+            std::thread::Builder::new().name("migration-in".into()),
+            ThreadClass::MigrationDest,
+            self.seccomp,
+            move || match receive_pages(&r.src, &mut reader, &r.materializer, &r.done_at) {
+                Ok(true) => (r.events)(MigrationEvent::Complete),
+                Ok(false) => {}
+                Err(e) => r.src.set_lost(e.to_string()),
+            },
+        )
+        .map_err(|e| io("starting the receiver thread")(e.into()))
     }
 }
 
@@ -757,7 +778,15 @@ mod tests {
         let path = std::env::temp_dir().join(format!("vmm-stop-{}.sock", std::process::id()));
         let listener = Listener::bind(&super::super::Endpoint::Unix(path)).unwrap();
         let stop = listener.stopper();
-        let t = std::thread::spawn(move || Incoming::accept(&listener, Default::default(), None).map(|_| ()));
+        let t = std::thread::spawn(move || {
+            Incoming::accept(
+                &listener,
+                Default::default(),
+                None,
+                SeccompMode::process_default(),
+            )
+            .map(|_| ())
+        });
         std::thread::sleep(Duration::from_millis(50));
         // No source came: the wait goes on until stopped.
         assert!(!t.is_finished());
@@ -793,7 +822,13 @@ mod tests {
             // Without its first message (Preempt), or with it and no pre-copy after.
             let _answers = connect(answer_channel.then_some(Message::Preempt));
             let t = Instant::now();
-            let e = Incoming::accept(&listener, Default::default(), Some(wait)).unwrap_err();
+            let e = Incoming::accept(
+                &listener,
+                Default::default(),
+                Some(wait),
+                SeccompMode::process_default(),
+            )
+            .unwrap_err();
             assert!(t.elapsed() < wait + Duration::from_secs(5), "{:?}", t.elapsed());
             if answer_channel {
                 assert!(matches!(e, MigrationError::TimedOut { .. }), "{e}");

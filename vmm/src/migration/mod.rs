@@ -21,6 +21,7 @@
 pub mod incoming;
 pub mod outgoing;
 pub mod precopy;
+pub mod push_order;
 pub mod remote;
 pub mod tls;
 pub mod transport;
@@ -29,6 +30,7 @@ pub mod wire;
 pub use incoming::{DestStats, Incoming, IncomingSession, MigrationEvent, RecoverRequest};
 pub use outgoing::{DirtyTracking, MigrateOptions, Outgoing, Resumable, SourceSummary, Stopped};
 pub use precopy::{spawn_precopy, PrecopyCtx};
+pub use push_order::{push_order, PageHistory, PushOrder};
 pub use remote::{Progress, RemoteSource};
 pub use tls::{Tls, TlsError, TlsFiles};
 pub use transport::{Conn, Endpoint, Listener, ListenerStop, Security};

@@ -10,6 +10,7 @@ use super::{io, MigrationError};
 use crate::snapshot::{Extent, EXTENT_MAX};
 use crate::state::SavedVm;
 use devices::GuestRam;
+use sandbox::ThreadClass;
 use std::io::{BufWriter, Write};
 use std::sync::mpsc::{self, TryRecvError};
 use std::time::{Duration, Instant};
@@ -30,6 +31,8 @@ pub struct MigrateOptions {
     pub resume: bool,
     /// How the connections are authenticated and protected.
     pub security: Security,
+    /// The order of the background push after the switchover.
+    pub push_order: super::push_order::PushOrder,
     /// Dirty tracking of the pre-copy rounds.
     pub dirty_tracking: DirtyTracking,
 }
@@ -276,6 +279,13 @@ impl Outgoing {
         }
     }
 
+    /// Reorders the pages still to push (before the push starts): `f`
+    /// gets them in address order and must return a permutation.
+    pub(super) fn reorder(&mut self, f: impl FnOnce(Vec<u64>) -> Vec<u64>) {
+        let pages = std::mem::take(&mut self.order);
+        self.order = f(pages);
+    }
+
     fn mark(&mut self, gpa: u64, v: u8) {
         if let Some(s) = usize::try_from(gpa / PAGE64)
             .ok()
@@ -314,16 +324,19 @@ impl Outgoing {
         let (tx, rx) = mpsc::channel();
         // Requests are read on their own thread so that the push loop can
         // check them between every page without blocking.
-        std::thread::Builder::new()
-            .name("migration-requests".into())
-            .spawn(move || loop {
+        sandbox::spawn(
+            std::thread::Builder::new().name("migration-requests".into()),
+            ThreadClass::MigrationSource,
+            sandbox::inherited_mode(),
+            move || loop {
                 let m = decode(&mut reader);
                 let stop = m.is_err();
                 if tx.send(m).is_err() || stop {
                     break;
                 }
-            })
-            .map_err(io("starting the request reader"))?;
+            },
+        )
+        .map_err(|e| io("starting the request reader")(e.into()))?;
         let order = std::mem::take(&mut self.order);
         let conn = self.conn.try_clone()?;
         let mut w = BufWriter::with_capacity(64 << 10, conn);
@@ -504,15 +517,19 @@ pub fn spawn_resume(
 }
 
 /// Runs an outgoing migration on the `migration-out` thread and reports its
-/// end to `on_end`.
+/// end to `on_end`. The thread is sandboxed like its starter (the VM's
+/// controller) and as a `migration-source` thread.
 pub(super) fn spawn_out(
     work: impl FnOnce() -> Result<SourceSummary, Box<Stopped>> + Send + 'static,
     on_end: impl FnOnce(Result<SourceSummary, Box<Stopped>>) + Send + 'static,
 ) -> Result<(), MigrationError> {
-    std::thread::Builder::new()
-        .name("migration-out".into())
-        .spawn(move || on_end(work()))
-        .map_err(io("starting the migration thread"))?;
+    sandbox::spawn(
+        std::thread::Builder::new().name("migration-out".into()),
+        ThreadClass::MigrationSource,
+        sandbox::inherited_mode(),
+        move || on_end(work()),
+    )
+    .map_err(|e| io("starting the migration thread")(e.into()))?;
     Ok(())
 }
 

@@ -10,6 +10,7 @@ use super::outgoing::DirtyTracking;
 use super::outgoing::{
     extents_of, open_both, spawn_out, MigrateOptions, Outgoing, Resumable, SourceSummary, Stopped,
 };
+use super::push_order::{push_order, PageHistory, PushOrder, RECENCY_SAMPLE};
 use super::transport::{Conn, Endpoint};
 use super::wire::{encode, Message, PAGE, PAGE64};
 use super::{io, MigrationError};
@@ -22,6 +23,7 @@ use std::sync::Arc;
 use std::time::Instant;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_core::memory::dirty_wp::{AnyDirtyTracker, WpDirtyError, WpDirtyTracker};
+use vmm_core::memory::pages::Pagemap;
 use vmm_core::memory::{DirtyError, DirtyTracker, Materializer};
 
 /// Pauses the VM and captures its state, on the controller, at the switchover.
@@ -43,6 +45,13 @@ pub struct PrecopyCtx {
     pub stop: Arc<AtomicBool>,
     /// Pauses the VM and captures its state (on the controller).
     pub switchover: Switchover,
+    /// This process's page map, opened by the caller: the pre-copy thread's
+    /// sandbox opens no file.
+    pub pagemap: Pagemap,
+    /// The uffd-WP dirty tracker (`--dirty-tracking uffd-wp` with pre-copy
+    /// rounds, plain anonymous RAM), started by the caller: the pre-copy
+    /// thread's sandbox may not register memory with a userfaultfd.
+    pub wp_tracker: Option<Result<WpDirtyTracker, DirtyError>>,
 }
 
 impl std::fmt::Debug for PrecopyCtx {
@@ -69,7 +78,7 @@ pub fn spawn_precopy(
     )
 }
 
-fn precopy(to: &Endpoint, options: &MigrateOptions, ctx: PrecopyCtx) -> Result<Outgoing, Box<Stopped>> {
+fn precopy(to: &Endpoint, options: &MigrateOptions, mut ctx: PrecopyCtx) -> Result<Outgoing, Box<Stopped>> {
     let start = Instant::now();
     let early = |error: MigrationError| {
         Box::new(Stopped {
@@ -79,7 +88,19 @@ fn precopy(to: &Endpoint, options: &MigrateOptions, ctx: PrecopyCtx) -> Result<O
     };
     let (conn, answers) = open_both(to, &options.security).map_err(early)?;
     let connect_ms = start.elapsed().as_secs_f64() * 1e3;
+    let mut history = PageHistory::default();
     if options.precopy_rounds == 0 {
+        if options.push_order == PushOrder::Recency {
+            // No pre-copy log: sample the guest's writes for a moment.
+            let mut t =
+                DirtyTracker::start(ctx.vm_fd.clone(), ctx.mem.clone()).map_err(|e| early(e.into()))?;
+            std::thread::sleep(RECENCY_SAMPLE);
+            let dirty = t.take().map_err(|e| early(e.into()))?;
+            if let Err(e) = t.stop() {
+                tracing::warn!("{e}");
+            }
+            history.note(1, &dirty);
+        }
         // Post-copy only: every data page goes after the switchover.
         let (state, paused_at) = (ctx.switchover)().map_err(early)?;
         let stopped = |error| {
@@ -89,7 +110,8 @@ fn precopy(to: &Endpoint, options: &MigrateOptions, ctx: PrecopyCtx) -> Result<O
             })
         };
         // The VM is paused: its memory does not change.
-        let extents = crate::snapshot::data_extents(&ctx.mem).map_err(|e| stopped(e.into()))?;
+        let extents = crate::snapshot::memory::data_extents_in(&ctx.pagemap, &ctx.mem)
+            .map_err(|e| stopped(e.into()))?;
         let resumable = Resumable {
             extents: extents.clone(),
             paused_at,
@@ -109,6 +131,10 @@ fn precopy(to: &Endpoint, options: &MigrateOptions, ctx: PrecopyCtx) -> Result<O
                 ..Default::default()
             },
         )
+        .map(|mut out| {
+            out.reorder(|pages| push_order(pages, options.push_order, &history));
+            out
+        })
         .map_err(|error| {
             Box::new(Stopped {
                 error,
@@ -153,9 +179,17 @@ fn precopy(to: &Endpoint, options: &MigrateOptions, ctx: PrecopyCtx) -> Result<O
                 .into(),
             ))
         }
-        DirtyTracking::UffdWp => AnyDirtyTracker::UffdWp(
-            WpDirtyTracker::start(&ctx.mem).map_err(|e| early(DirtyError::from(e).into()))?,
-        ),
+        DirtyTracking::UffdWp => match ctx.wp_tracker.take() {
+            Some(t) => AnyDirtyTracker::UffdWp(t.map_err(|e| early(e.into()))?),
+            None => {
+                return Err(early(
+                    DirtyError::from(WpDirtyError::Unavailable(
+                        "the tracker was not started before the pre-copy".into(),
+                    ))
+                    .into(),
+                ))
+            }
+        },
     };
     let mut buf = vec![0u8; PAGE];
     // Volatile copies: the guest may be writing the page (it is then in the
@@ -180,7 +214,7 @@ fn precopy(to: &Endpoint, options: &MigrateOptions, ctx: PrecopyCtx) -> Result<O
         Ok::<_, MigrationError>(())
     };
     // Round 1: every page that exists and holds data.
-    let existing = vmm_core::memory::pages::existing_guest_pages(&ctx.mem)
+    let existing = vmm_core::memory::pages::existing_guest_pages_in(&ctx.pagemap, &ctx.mem)
         .map_err(|e| early(io("reading the page map")(e)))?;
     for gpa in existing {
         send(&mut w, gpa, &mut summary, true).map_err(early)?;
@@ -191,6 +225,7 @@ fn precopy(to: &Endpoint, options: &MigrateOptions, ctx: PrecopyCtx) -> Result<O
         let dirty = tracker.take().map_err(|e| early(e.into()))?;
         summary.precopy_dirty.push(dirty.len() as u64);
         summary.precopy_rounds += 1;
+        history.note(summary.precopy_rounds, &dirty);
         for &gpa in &dirty {
             send(&mut w, gpa, &mut summary, false).map_err(early)?;
         }
@@ -227,6 +262,10 @@ fn precopy(to: &Endpoint, options: &MigrateOptions, ctx: PrecopyCtx) -> Result<O
         options.push_delay,
         summary,
     )
+    .map(|mut out| {
+        out.reorder(|pages| push_order(pages, options.push_order, &history));
+        out
+    })
     .map_err(|error| {
         Box::new(Stopped {
             error,

@@ -13,6 +13,7 @@ use super::transport::Conn;
 use super::wire::{encode, Message, PAGE, PAGE64};
 use super::{io, lock, MigrationError};
 use ::memory::{FetchOutcome, Log2Histogram, Notifier, PageSource, RetryReason, SourceError};
+use sandbox::{SeccompMode, ThreadClass};
 use std::collections::HashMap;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -98,13 +99,15 @@ impl std::fmt::Debug for RemoteSource {
 
 impl RemoteSource {
     /// A source for the data `extents` (sorted `(gpa, len)`), asking for
-    /// pages on `writer`, with the pre-copied pages kept in memory.
+    /// pages on `writer` (from a thread sandboxed in `seccomp` mode), with
+    /// the pre-copied pages kept in memory.
     pub fn new(
         name: String,
         extents: Vec<(u64, u64)>,
         writer: Conn,
         precopied: HashMap<u64, Vec<u8>>,
         progress: Arc<Progress>,
+        seccomp: SeccompMode,
     ) -> Result<Arc<RemoteSource>, MigrationError> {
         let data_pages = extents.iter().map(|&(_, l)| l / PAGE64).sum();
         let (tx, rx) = mpsc::channel();
@@ -123,10 +126,13 @@ impl RemoteSource {
             arrived: AtomicU64::new(0),
         });
         let weak = Arc::downgrade(&src);
-        std::thread::Builder::new()
-            .name("migration-requests-out".into())
-            .spawn(move || write_requests(writer, &rx, &weak))
-            .map_err(io("starting the request writer"))?;
+        sandbox::spawn(
+            std::thread::Builder::new().name("migration-requests-out".into()),
+            ThreadClass::MigrationDest,
+            seccomp,
+            move || write_requests(writer, &rx, &weak),
+        )
+        .map_err(|e| io("starting the request writer")(e.into()))?;
         Ok(src)
     }
 
@@ -356,6 +362,7 @@ mod tests {
             Conn::Unix(ours),
             HashMap::new(),
             Arc::default(),
+            SeccompMode::process_default(),
         )
         .unwrap();
         let mut buf = vec![0xffu8; PAGE];
@@ -396,6 +403,7 @@ mod tests {
             Conn::Unix(ours),
             pre,
             progress.clone(),
+            SeccompMode::process_default(),
         )
         .unwrap();
         let mut buf = vec![0u8; PAGE];

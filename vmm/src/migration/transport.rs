@@ -4,6 +4,7 @@
 use super::tls::{self, Tls, TlsError, TlsFiles};
 use super::wire::{check_header, decode, write_header, Message};
 use super::{io, MigrationError};
+use sandbox::{SeccompMode, ThreadClass};
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::unix::fs::FileTypeExt;
@@ -542,10 +543,14 @@ pub(super) struct Admissions {
     rx: Receiver<Result<Conn, MigrationError>>,
     in_flight: Arc<AtomicUsize>,
     expect: Option<Message>,
+    seccomp: SeccompMode,
 }
 
 impl Admissions {
     /// Admissions whose first message must be `expect` (if any).
+    /// Their threads are sandboxed in the default mode
+    /// ([`SeccompMode::process_default`]), or as the calling thread if it
+    /// is sandboxed.
     pub(super) fn new(expect: Option<Message>) -> Admissions {
         let (tx, rx) = mpsc::channel();
         Admissions {
@@ -553,7 +558,15 @@ impl Admissions {
             rx,
             in_flight: Arc::default(),
             expect,
+            seccomp: SeccompMode::process_default(),
         }
+    }
+
+    /// The admissions' threads (class `migration-dest`) are sandboxed in
+    /// `mode` (unless the thread that starts them is sandboxed: then as it).
+    pub(super) fn sandboxed(mut self, mode: SeccompMode) -> Admissions {
+        self.seccomp = mode;
+        self
     }
 
     /// Starts admitting a connection that `listener` accepted.
@@ -567,9 +580,11 @@ impl Admissions {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         let (tx, in_flight, expect) = (self.tx.clone(), self.in_flight.clone(), self.expect.clone());
         let sec = listener.security.clone();
-        let spawned = std::thread::Builder::new()
-            .name("migration-auth".into())
-            .spawn(move || {
+        let spawned = sandbox::spawn(
+            std::thread::Builder::new().name("migration-auth".into()),
+            ThreadClass::MigrationDest,
+            self.seccomp,
+            move || {
                 let deadline = Deadline::after(sec.handshake_timeout);
                 let r = admit(conn, &peer, &sec, expect.as_ref(), deadline).map_err(|e| match e {
                     MigrationError::HandshakeTimeout { peer, secs } => {
@@ -579,7 +594,8 @@ impl Admissions {
                 });
                 in_flight.fetch_sub(1, Ordering::AcqRel);
                 let _ = tx.send(r);
-            });
+            },
+        );
         if let Err(e) = spawned {
             self.in_flight.fetch_sub(1, Ordering::AcqRel);
             tracing::warn!("cannot authenticate a migration connection: {e}");

@@ -116,8 +116,14 @@ impl MemoryLayout {
 /// Pages not yet fetched by a lazy source do not exist: fetch them first.
 /// The vCPUs (and devices) must be paused.
 pub fn data_extents(mem: &GuestRam) -> Result<Vec<Extent>, SnapshotError> {
+    let pagemap = Pagemap::open().map_err(io_err(Path::new("/proc/self/pagemap"), "opening"))?;
+    data_extents_in(&pagemap, mem)
+}
+
+/// [`data_extents`] from an open page map (a sandboxed migration thread
+/// opens no file: its starter opens the map).
+pub fn data_extents_in(pagemap: &Pagemap, mem: &GuestRam) -> Result<Vec<Extent>, SnapshotError> {
     let pagemap_path = Path::new("/proc/self/pagemap");
-    let pagemap = Pagemap::open().map_err(io_err(pagemap_path, "opening"))?;
     let mut extents: Vec<Extent> = Vec::new();
     for r in mem.iter() {
         let host = r.as_ptr() as u64;

@@ -34,6 +34,7 @@ pub mod live;
 pub mod memory;
 pub mod open;
 pub mod source;
+pub mod working_set;
 pub mod write;
 
 pub use format::{Extent, FileEntry, Hasher, Manifest, MemoryEntry, SnapshotKey};

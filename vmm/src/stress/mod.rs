@@ -118,6 +118,10 @@ pub struct StressReport {
     pub snapshot_restores: u64,
     /// Of those, runs of the guest's suite (page-store reads in flight).
     pub suite_snapshot_restores: u64,
+    /// Snapshots whose first restore recorded the working set and that were
+    /// restored again with it prefetched (before or while the vCPUs run),
+    /// to completion with the same checksums.
+    pub working_set_restores: u64,
     /// Post-copy migrations mid-run, the destination run to completion.
     pub migrations: u64,
     /// Of those, runs of the guest's suite.
@@ -382,11 +386,33 @@ fn run_one(
     let taken = snapshot.lock().map(|mut slot| slot.take()).unwrap_or(None);
     match taken {
         Some(Ok(())) => {
-            if let Err(e) = restore_to_completion(&cfg, &snapshot_dir) {
-                report.integrity_errors.push(format!(
+            // Every other snapshot: record its working set, then restore it
+            // again with the working set prefetched (before resume or while
+            // running, in turn).
+            let ws = index.is_multiple_of(2);
+            let first = RestoreHow {
+                record: ws,
+                prefetch: None,
+            };
+            match restore_to_completion(&cfg, &snapshot_dir, first) {
+                Err(e) => report.integrity_errors.push(format!(
                     "run {index} ({}), restored from its snapshot: {e}",
                     plan.cmdline
-                ));
+                )),
+                Ok(()) if ws => {
+                    let again = RestoreHow {
+                        record: false,
+                        prefetch: Some(index.is_multiple_of(4)),
+                    };
+                    if let Err(e) = restore_to_completion(&cfg, &snapshot_dir, again) {
+                        report.integrity_errors.push(format!(
+                            "run {index} ({}), restored with its working set: {e}",
+                            plan.cmdline
+                        ));
+                    }
+                    report.working_set_restores += 1;
+                }
+                Ok(()) => {}
             }
             report.snapshot_restores += 1;
             report.suite_snapshot_restores += u64::from(suite);
@@ -400,9 +426,18 @@ fn run_one(
     Ok(())
 }
 
+/// What a stress restore does with the working set.
+#[derive(Debug, Clone, Copy)]
+struct RestoreHow {
+    /// Record it.
+    record: bool,
+    /// Prefetch it, before the vCPUs resume (`true`) or while they run.
+    prefetch: Option<bool>,
+}
+
 /// Restores a snapshot lazily and runs it to the end; the guest must finish
 /// with the checksums of `cfg`.
-fn restore_to_completion(cfg: &VmConfig, dir: &std::path::Path) -> Result<(), String> {
+fn restore_to_completion(cfg: &VmConfig, dir: &std::path::Path, ws: RestoreHow) -> Result<(), String> {
     let console = Arc::new(Mutex::new(Vec::new()));
     let options = VmOptions {
         serial: SerialOutput::Capture(console.clone()),
@@ -411,11 +446,16 @@ fn restore_to_completion(cfg: &VmConfig, dir: &std::path::Path) -> Result<(), St
     };
     let how = crate::vm::RestoreOptions {
         lazy: true,
+        record_working_set: ws.record,
+        prefetch_working_set: ws.prefetch,
         ..Default::default()
     };
     let outcome = crate::Vm::restore(dir, &how, options)
         .and_then(crate::Vm::run)
         .map_err(|e| e.to_string())?;
+    if let Some(Err(e)) = &outcome.working_set {
+        return Err(format!("the working set was not written: {e}"));
+    }
     if outcome.end != GuestEnd::Exited(0) {
         let text = console
             .lock()
@@ -453,12 +493,13 @@ impl std::fmt::Display for StressReport {
         )?;
         writeln!(
             f,
-            "  storms: {} kicks, {} pause/resume cycles, {} holds, {} snapshots restored ({} of the suite), {} migrations ({} of the suite, {} resumed after a cut); {} vCPU interruptions",
+            "  storms: {} kicks, {} pause/resume cycles, {} holds, {} snapshots restored ({} of the suite, {} again with their working set), {} migrations ({} of the suite, {} resumed after a cut); {} vCPU interruptions",
             self.kicks,
             self.pauses,
             self.holds,
             self.snapshot_restores,
             self.suite_snapshot_restores,
+            self.working_set_restores,
             self.migrations,
             self.suite_migrations,
             self.migration_recoveries,

@@ -6,17 +6,19 @@
 //! as Firecracker's handlers do when they panic). The watcher waits in
 //! `poll` without a timeout: nothing here polls periodically.
 
+use super::launcher::{self, Launcher};
 use super::peer::{read_line, PeerEvent, SUBCOMMAND};
 use super::UffdHandlerError;
+use sandbox::{SeccompMode, ThreadClass};
 use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
@@ -35,7 +37,9 @@ pub struct HandlerLink {
     socket: PathBuf,
     pid: i32,
     comm: String,
-    holder: Child,
+    /// The connection holder: a child of this process (started here, or
+    /// forked by the launcher and adopted).
+    holder: u32,
     /// Our end of the socket pair; its close ends the holder.
     vmm_end: Option<UnixStream>,
     stop: Arc<EventFd>,
@@ -115,7 +119,10 @@ impl HandlerLink {
     /// it the handshake `message` and `uffd`, and waits (at most
     /// [`CONNECT_TIMEOUT`]) until it has connected to the handler at
     /// `socket` and handed both over. `on_lost` is called once if the
-    /// handler goes while the link lives.
+    /// handler goes while the link lives. A sandboxed thread (which may not
+    /// start a program) has the holder forked by `launcher`; the holder and
+    /// the watcher thread are sandboxed in `seccomp` mode.
+    #[allow(clippy::too_many_arguments)]
     pub fn connect(
         id: u64,
         socket: &Path,
@@ -123,6 +130,8 @@ impl HandlerLink {
         message: &[u8],
         uffd: &impl AsRawFd,
         on_lost: LostHook,
+        launcher: Option<&Launcher>,
+        seccomp: SeccompMode,
     ) -> Result<HandlerLink, UffdHandlerError> {
         let err = |what: &'static str| {
             move |source: std::io::Error| UffdHandlerError::Socket {
@@ -133,26 +142,37 @@ impl HandlerLink {
         };
         let (mut vmm_end, holder_end) =
             UnixStream::pair().map_err(err("creating the holder's socket pair"))?;
-        let mut holder = Command::new(program)
-            .arg(SUBCOMMAND)
-            .arg(socket)
-            .stdin(Stdio::from(OwnedFd::from(holder_end)))
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            // Its own process group: a terminal's ^C goes to the VMM, which
-            // ends the run cleanly, not to the holder.
-            .process_group(0)
-            .spawn()
-            .map_err(|source| UffdHandlerError::Holder {
-                program: program.to_owned(),
-                source,
-            })?;
-        let kill = |holder: &mut Child| {
-            let _ = holder.kill();
-            let _ = holder.wait();
+        let holder_err = |source| UffdHandlerError::Holder {
+            program: program.to_owned(),
+            source,
+        };
+        let holder = match (launcher, sandbox::current()) {
+            (Some(l), Some(_)) => l.launch(socket, OwnedFd::from(holder_end)).map_err(holder_err)?,
+            (None, Some((class, _))) => {
+                return Err(holder_err(std::io::Error::other(format!(
+                    "a sandboxed {class} thread starts no program, and no connection holder launcher runs"
+                ))))
+            }
+            (_, None) => Command::new(program)
+                .arg(SUBCOMMAND)
+                .arg(socket)
+                .stdin(Stdio::from(OwnedFd::from(holder_end)))
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .env(sandbox::MODE_ENV, seccomp.to_string())
+                // Its own process group: a terminal's ^C goes to the VMM, which
+                // ends the run cleanly, not to the holder.
+                .process_group(0)
+                .spawn()
+                .map_err(holder_err)?
+                .id(),
+        };
+        let kill = |holder: u32| {
+            launcher::kill(holder);
+            launcher::end_child(holder);
         };
         if let Err(e) = vmm_end.send_with_fd(message, uffd.as_raw_fd()) {
-            kill(&mut holder);
+            kill(holder);
             return Err(err("handing the userfaultfd to the connection holder")(
                 std::io::Error::from_raw_os_error(e.errno()),
             ));
@@ -164,21 +184,21 @@ impl HandlerLink {
             Ok(Some(line)) => match PeerEvent::decode(&line) {
                 Ok(PeerEvent::Connected { pid }) => pid,
                 Ok(PeerEvent::Failed { error }) => {
-                    kill(&mut holder);
+                    kill(holder);
                     return Err(UffdHandlerError::Handover {
                         path: socket.to_owned(),
                         error,
                     });
                 }
                 Ok(PeerEvent::Closed { reason }) => {
-                    kill(&mut holder);
+                    kill(holder);
                     return Err(UffdHandlerError::Handover {
                         path: socket.to_owned(),
                         error: reason,
                     });
                 }
                 Err(e) => {
-                    kill(&mut holder);
+                    kill(holder);
                     return Err(UffdHandlerError::Handover {
                         path: socket.to_owned(),
                         error: format!("the connection holder's answer `{line}` is not valid: {e}"),
@@ -186,8 +206,8 @@ impl HandlerLink {
                 }
             },
             Ok(None) => {
-                let how = exit_of(holder.id()).unwrap_or_else(|| "ended".into());
-                kill(&mut holder);
+                let how = exit_of(holder).unwrap_or_else(|| "ended".into());
+                kill(holder);
                 return Err(UffdHandlerError::Handover {
                     path: socket.to_owned(),
                     error: format!(
@@ -197,7 +217,7 @@ impl HandlerLink {
                 });
             }
             Err(e) => {
-                kill(&mut holder);
+                kill(holder);
                 return Err(err("waiting for the connection holder")(e));
             }
         };
@@ -206,16 +226,19 @@ impl HandlerLink {
         let watch = Watch {
             id,
             handler_fd: pidfd_open(pid),
-            holder_pid: holder.id(),
-            holder_fd: pidfd_open(i32::try_from(holder.id()).unwrap_or(0)),
+            holder_pid: holder,
+            holder_fd: pidfd_open(i32::try_from(holder).unwrap_or(0)),
             vmm_end: vmm_end.try_clone().map_err(err("watching the connection"))?,
             stop: stop.clone(),
             on_lost,
         };
-        let watcher = std::thread::Builder::new()
-            .name("uffd-handler-watch".into())
-            .spawn(move || watch.run())
-            .map_err(err("starting the watcher thread"))?;
+        let watcher = sandbox::spawn(
+            std::thread::Builder::new().name("uffd-handler-watch".into()),
+            ThreadClass::HandlerWatch,
+            seccomp,
+            move || watch.run(),
+        )
+        .map_err(|e| err("starting the watcher thread")(e.into()))?;
         Ok(HandlerLink {
             id,
             socket: socket.to_owned(),
@@ -250,7 +273,7 @@ impl HandlerLink {
 
     /// The connection holder's process id.
     pub fn holder_pid(&self) -> u32 {
-        self.holder.id()
+        self.holder
     }
 }
 
@@ -264,18 +287,7 @@ impl Drop for HandlerLink {
         if let Some(mut s) = self.vmm_end.take() {
             let _ = s.flush();
         }
-        let deadline = Instant::now() + Duration::from_secs(1);
-        loop {
-            match self.holder.try_wait() {
-                Ok(Some(_)) | Err(_) => return,
-                Ok(None) if Instant::now() >= deadline => {
-                    let _ = self.holder.kill();
-                    let _ = self.holder.wait();
-                    return;
-                }
-                Ok(None) => std::thread::sleep(Duration::from_millis(5)),
-            }
-        }
+        launcher::end_child(self.holder);
     }
 }
 

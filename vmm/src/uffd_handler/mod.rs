@@ -7,7 +7,9 @@
 //!   userfaultfd over and holds the connection open for the VM's life (a
 //!   panicking Firecracker handler SIGKILLs it, not the VMM);
 //! - [`link`]: the VMM's side of one attachment: starting the holder, and a
-//!   watcher that reports the handler's death once.
+//!   watcher that reports the handler's death once;
+//! - [`launcher`]: the process that forks the holders of handlers attached
+//!   while the VM runs (a sandboxed VMM starts no program).
 //!
 //! The memory manager registers guest RAM with the userfaultfd
 //! (`vmm_core::memory::ExternalMemory`); from the handover on, the handler
@@ -15,10 +17,12 @@
 //! grace, re-attach) is the controller's (`controller::external`).
 
 pub mod handshake;
+pub mod launcher;
 pub mod link;
 pub mod peer;
 
 pub use handshake::{mappings, message, parse_message, HandshakeError, Mapping, FIRECRACKER_VERSIONS};
+pub use launcher::Launcher;
 pub use link::{HandlerLink, LostHook};
 
 use std::path::PathBuf;

@@ -118,8 +118,21 @@ pub fn peer_pid(stream: &UnixStream) -> std::io::Result<i32> {
 }
 
 /// The holder's main: `vmm` stdin is the socket pair to the VMM. Returns
-/// the process exit code.
+/// the process exit code. The process sandboxes itself first (class
+/// `uffd-peer`, in the mode `VMM_SECCOMP` says: the VMM sets it to its own).
 pub fn main(socket: &Path) -> i32 {
+    if let Err(e) = sandbox::apply(
+        sandbox::ThreadClass::UffdPeer,
+        sandbox::SeccompMode::process_default(),
+    ) {
+        eprintln!("vmm {SUBCOMMAND}: {e}");
+        return 1;
+    }
+    serve(socket)
+}
+
+/// [`main`] once sandboxed (the launcher's holders narrow its filter).
+pub(crate) fn serve(socket: &Path) -> i32 {
     // SAFETY: the VMM starts this process with its end of a Unix socket pair
     // as standard input; nothing else in this process uses fd 0.
     let vmm_end = unsafe { OwnedFd::from_raw_fd(0) };
