@@ -32,7 +32,7 @@
 
 use crate::core::{FaultError, FaultOutcome, Region, ResolvedBy};
 use crate::handler::{BlockedFault, EventHook, HandlerEvent};
-use crate::source::{Notifier, RetryReason};
+use crate::source::{Notifier, RetryReason, Subscription};
 use crate::uffd::{Event, Features, RegisterMode, Uffd, UffdError};
 use std::collections::HashMap;
 use std::fs::File;
@@ -551,6 +551,9 @@ pub struct WpHandler {
     stopped: Arc<AtomicBool>,
     parked: Arc<Mutex<HashMap<u64, Vec<Waiting>>>>,
     hook: Option<EventHook>,
+    /// The saver's notifications, subscribed here so that the loop's thread
+    /// (sandboxed: `wp-handler`) creates no eventfd.
+    sub: Subscription,
 }
 
 /// Controls a [`WpHandler`] from other threads.
@@ -606,11 +609,12 @@ impl WpHandler {
     pub fn new(uffd: Arc<Uffd>, core: Arc<WpCore>) -> Result<WpHandler, WpHandlerError> {
         Ok(WpHandler {
             uffd,
-            core,
             stop: Arc::new(EventFd::new(EFD_NONBLOCK).map_err(WpHandlerError::Setup)?),
             stopped: Arc::new(AtomicBool::new(false)),
             parked: Arc::new(Mutex::new(HashMap::new())),
             hook: None,
+            sub: core.notifier().subscribe().map_err(WpHandlerError::Setup)?,
+            core,
         })
     }
 
@@ -662,7 +666,6 @@ impl WpHandler {
 
     /// Serves WP faults until [`WpHandlerControl::stop`].
     pub fn run_until_stopped(&mut self) -> Result<(), WpHandlerError> {
-        let sub = self.core.notifier().subscribe().map_err(WpHandlerError::Setup)?;
         let page_mask = !(crate::page_size() as u64 - 1);
         loop {
             if self.stopped.load(Ordering::Acquire) {
@@ -680,7 +683,7 @@ impl WpHandler {
                     revents: 0,
                 },
                 libc::pollfd {
-                    fd: sub.as_raw_fd(),
+                    fd: self.sub.as_raw_fd(),
                     events: libc::POLLIN,
                     revents: 0,
                 },
@@ -698,7 +701,7 @@ impl WpHandler {
                 return Err(WpHandlerError::Poll(e));
             }
             if fds[2].revents != 0 || n == 0 {
-                sub.clear();
+                self.sub.clear();
                 let parked = std::mem::take(&mut *lock(&self.parked));
                 for (addr, ws) in parked {
                     self.attempt(addr, ws);
