@@ -111,16 +111,17 @@ pub(crate) fn start(
     options: ControllerOptions,
     external: Option<ExternalHandler>,
 ) -> Result<RunningVm, StartError> {
-    vm.start()?;
     // What a live snapshot or uffd-WP dirty tracking needs and a sandboxed
     // controller may not do: make the userfaultfds, run the KVM probe (a VM
-    // of its own) once per process.
+    // of its own) once per process. Before the vCPUs run, so that the run
+    // starts as it did (signals, timeouts).
     vm.memory().prepare_wp();
     if options.seccomp != sandbox::SeccompMode::Off && sandbox::current().is_none() {
         if let Err(e) = crate::snapshot::live::check_kvm() {
             tracing::debug!("{e}");
         }
     }
+    vm.start()?;
     let mut em: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
         EventManager::new().map_err(|e| StartError::EventLoop(format!("{e:?}")))?;
     // A shutdown signal ends the run (the process's watcher calls this).
