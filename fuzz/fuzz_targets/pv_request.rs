@@ -57,8 +57,13 @@ fuzz_target!(|data: &[u8]| {
     let mem = ram(&[(0, 0x1_0000), (0x10_0000, 0x1_0000)]);
     match mode % 4 {
         0 => {
-            let mut dev = PageStore::new(mem.clone(), no_events(), GuestStatsCell::default())
-                .expect("the page store starts");
+            let mut dev = PageStore::new(
+                mem.clone(),
+                no_events(),
+                GuestStatsCell::default(),
+                sandbox::SeccompMode::Off,
+            )
+            .expect("the page store starts");
             send(&mut dev, abi::ports::PAGE_STORE_PORT, &mem, data);
             let saved = save_page_store(&dev);
             if restore_page_store(&mem, &saved, true).is_none() {

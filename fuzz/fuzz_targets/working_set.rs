@@ -31,7 +31,11 @@ fuzz_target!(|data: &[u8]| {
             if let Ok(ws) = ws {
                 assert_eq!(ws.digest, digest_bytes(DIGEST), "bound to its snapshot");
                 // What decodes encodes back to exactly the same bytes.
-                assert_eq!(ws.encode(&h), input, "a decoded working set re-encodes to its bytes");
+                assert_eq!(
+                    ws.encode(&h),
+                    input,
+                    "a decoded working set re-encodes to its bytes"
+                );
             }
         }
     }

@@ -42,6 +42,8 @@ pub fn restore_page_store(mem: &GuestRam, state: &PageStoreState, start_paused: 
         sink: no_events(),
         stats: GuestStatsCell::default(),
         start_paused,
+        // Fuzzing runs no filter: the fuzzer's own threads would need rules.
+        seccomp: sandbox::SeccompMode::Off,
     };
     let dev = PageStore::restore(args, state).ok()?;
     let saved = save_page_store(&dev);
@@ -50,6 +52,7 @@ pub fn restore_page_store(mem: &GuestRam, state: &PageStoreState, start_paused: 
         sink: no_events(),
         stats: GuestStatsCell::default(),
         start_paused: true,
+        seccomp: sandbox::SeccompMode::Off,
     };
     if let Err(e) = PageStore::restore(again, &saved) {
         panic!("a page-store state saved from a restored device does not restore: {e}\nsaved: {saved:?}\nfrom: {state:?}");
