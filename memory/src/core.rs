@@ -179,6 +179,8 @@ pub enum ResolvedBy {
     AlreadyPresent,
     /// Another handler thread is filling it; its fill wakes this fault.
     InFlightElsewhere,
+    /// A write-protect fault: the page was saved, then unprotected (`wp`).
+    WriteUnprotected,
 }
 
 /// Who asks for a page: a fault (the guest, or the VMM touching guest

@@ -41,6 +41,7 @@ pub mod page_cache;
 pub mod record;
 pub mod source;
 pub mod uffd;
+pub mod wp;
 
 #[cfg(test)]
 #[allow(clippy::cast_possible_truncation)] // test sizes are small

@@ -66,6 +66,13 @@ pub const UFFDIO_WAKE: u32 = ioc(IOC_READ, UFFDIO, 0x02, 16);
 pub const UFFDIO_COPY: u32 = ioc(IOC_READ | IOC_WRITE, UFFDIO, 0x03, 40);
 pub const UFFDIO_ZEROPAGE: u32 = ioc(IOC_READ | IOC_WRITE, UFFDIO, 0x04, 32);
 pub const UFFDIO_CONTINUE: u32 = ioc(IOC_READ | IOC_WRITE, UFFDIO, 0x07, 32);
+// Write protection (live snapshots, uffd-WP dirty tracking): struct
+// uffdio_register is 32 bytes, uffdio_writeprotect 24.
+pub const UFFDIO_REGISTER: u32 = ioc(IOC_READ | IOC_WRITE, UFFDIO, 0x00, 32);
+pub const UFFDIO_WRITEPROTECT: u32 = ioc(IOC_READ | IOC_WRITE, UFFDIO, 0x06, 24);
+// /proc/PID/pagemap's PAGEMAP_SCAN (include/uapi/linux/fs.h: _IOWR('f', 16,
+// struct pm_scan_arg), 96 bytes).
+pub const PAGEMAP_SCAN: u32 = ioc(IOC_READ | IOC_WRITE, b'f' as u32, 16, 96);
 
 // Sockets and terminals (include/uapi/asm-generic/ioctls.h).
 pub const FIONBIO: u32 = 0x5421;
@@ -94,3 +101,6 @@ const _: () = assert!(UFFDIO_WAKE == 0x8010_AA02);
 const _: () = assert!(UFFDIO_COPY == 0xC028_AA03);
 const _: () = assert!(UFFDIO_ZEROPAGE == 0xC020_AA04);
 const _: () = assert!(UFFDIO_CONTINUE == 0xC020_AA07);
+const _: () = assert!(UFFDIO_REGISTER == 0xC020_AA00);
+const _: () = assert!(UFFDIO_WRITEPROTECT == 0xC018_AA06);
+const _: () = assert!(PAGEMAP_SCAN == 0xC060_6610);

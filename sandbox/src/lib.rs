@@ -150,11 +150,18 @@ pub enum ThreadClass {
     /// connection holders of handlers attached once the VMM is sandboxed
     /// (a sandboxed VMM starts no program).
     UffdLauncher,
+    /// A live snapshot's write-protect handler (`wp-handler`): saves a page
+    /// a guest write is about to change into the bounded buffer, then
+    /// removes its protection.
+    WpHandler,
+    /// A live snapshot's saver (`live-snapshot`): writes the snapshot files
+    /// while the VM runs, removing the protection window by window.
+    LiveSaver,
 }
 
 impl ThreadClass {
     /// Every class.
-    pub const ALL: [ThreadClass; 13] = [
+    pub const ALL: [ThreadClass; 15] = [
         ThreadClass::Vcpu,
         ThreadClass::FaultHandler,
         ThreadClass::PageStore,
@@ -168,6 +175,8 @@ impl ThreadClass {
         ThreadClass::HandlerWatch,
         ThreadClass::UffdPeer,
         ThreadClass::UffdLauncher,
+        ThreadClass::WpHandler,
+        ThreadClass::LiveSaver,
     ];
 
     /// The class's name in messages and docs.
@@ -186,6 +195,8 @@ impl ThreadClass {
             ThreadClass::HandlerWatch => "handler-watch",
             ThreadClass::UffdPeer => "uffd-peer",
             ThreadClass::UffdLauncher => "uffd-launcher",
+            ThreadClass::WpHandler => "wp-handler",
+            ThreadClass::LiveSaver => "live-snapshot",
         }
     }
 
@@ -193,10 +204,15 @@ impl ThreadClass {
     /// own). Its filter is stacked on theirs, so its rules include theirs.
     pub fn spawns(self) -> &'static [ThreadClass] {
         match self {
-            // An outgoing migration starts on the controller's thread.
             // An outgoing migration starts on the controller's thread; a
-            // re-attached page-fault handler's watcher too.
-            ThreadClass::Controller => &[ThreadClass::MigrationSource, ThreadClass::HandlerWatch],
+            // re-attached page-fault handler's watcher too, and a live
+            // snapshot's handler and saver.
+            ThreadClass::Controller => &[
+                ThreadClass::MigrationSource,
+                ThreadClass::HandlerWatch,
+                ThreadClass::WpHandler,
+                ThreadClass::LiveSaver,
+            ],
             // The launcher's children are connection holders (processes:
             // they keep its filter and narrow it to theirs, `narrow`).
             ThreadClass::UffdLauncher => &[ThreadClass::UffdPeer],

@@ -564,6 +564,36 @@ fn creates_files() -> Rules {
     r
 }
 
+/// Writing a snapshot atomically: a new owner-only temporary directory,
+/// new files in it never opened through a link, synced, then renamed into
+/// place or exchanged with an older snapshot, which is then removed.
+fn writes_snapshots() -> Rules {
+    let mut r = opens_to_read();
+    r.union(&creates_files());
+    // Removing a directory tree (the old snapshot): glibc's fdopendir makes
+    // the descriptor close-on-exec.
+    r.allow_if(
+        libc::SYS_fcntl,
+        &[eq(1, c(libc::F_SETFD)), eq(2, c(libc::FD_CLOEXEC))],
+    );
+    r.allow_if(libc::SYS_mkdir, &[eq(1, 0o700)]);
+    r.allow_if(libc::SYS_mkdirat, &[eq(2, 0o700)]);
+    r.allow_if(libc::SYS_renameat2, &[eq(4, u64::from(libc::RENAME_EXCHANGE))]);
+    r.allow(&[
+        libc::SYS_rename,
+        libc::SYS_renameat,
+        libc::SYS_unlink,
+        libc::SYS_unlinkat,
+        libc::SYS_rmdir,
+        libc::SYS_getdents64,
+        libc::SYS_fsync,
+        libc::SYS_fdatasync,
+        libc::SYS_ftruncate,
+        libc::SYS_pwrite64,
+    ]);
+    r
+}
+
 /// Receiving and sending descriptors over Unix sockets (SCM_RIGHTS: the
 /// userfaultfd to an external handler's connection holder).
 fn passes_fds() -> Rules {
@@ -675,39 +705,19 @@ pub(crate) fn own(class: ThreadClass) -> Rules {
             // RAM released from userfaultfd when a run ends with stuck vCPUs.
             r.union(&fills_memory());
             r.ioctls(&[UFFDIO_UNREGISTER]);
-            // Snapshots (written atomically: a new owner-only temporary
-            // directory, new files in it never opened through a link, synced,
-            // then renamed into place or exchanged with an older snapshot,
-            // which is then removed); /proc/self/pagemap for the pages that
-            // exist; /proc of an external handler's process (its name, its
-            // threads' activity).
-            r.union(&opens_to_read());
-            r.union(&creates_files());
-            // Removing a directory tree (the old snapshot): glibc's
-            // fdopendir makes the descriptor close-on-exec.
-            r.allow_if(
-                libc::SYS_fcntl,
-                &[eq(1, c(libc::F_SETFD)), eq(2, c(libc::FD_CLOEXEC))],
-            );
+            // Snapshots; /proc/self/pagemap for the pages that exist; /proc
+            // of an external handler's process (its name, its threads'
+            // activity).
+            r.union(&writes_snapshots());
             // The last clone of a snapshot to end removes the shared file
             // of its memory (`snapshot/shared.rs`): an exclusive lock it
             // only tries for (another clone holds it shared).
             r.allow_if(libc::SYS_flock, &[eq(1, c(libc::LOCK_EX | libc::LOCK_NB))]);
-            r.allow_if(libc::SYS_mkdir, &[eq(1, 0o700)]);
-            r.allow_if(libc::SYS_mkdirat, &[eq(2, 0o700)]);
-            r.allow_if(libc::SYS_renameat2, &[eq(4, u64::from(libc::RENAME_EXCHANGE))]);
-            r.allow(&[
-                libc::SYS_rename,
-                libc::SYS_renameat,
-                libc::SYS_unlink,
-                libc::SYS_unlinkat,
-                libc::SYS_rmdir,
-                libc::SYS_getdents64,
-                libc::SYS_fsync,
-                libc::SYS_fdatasync,
-                libc::SYS_ftruncate,
-                libc::SYS_pwrite64,
-            ]);
+            // A live snapshot's write protection (the userfaultfd is made
+            // before this thread starts): guest RAM registered in WP mode,
+            // protected, the present pages found with PAGEMAP_SCAN; the
+            // same for uffd-WP dirty tracking before a pre-copy starts.
+            r.ioctls(&[UFFDIO_REGISTER, UFFDIO_WRITEPROTECT, PAGEMAP_SCAN]);
             // An external page-fault handler attached while the VM runs
             // (`attach-handler`): a socket pair to its connection holder,
             // which the holder launcher forks (this thread starts no
@@ -762,6 +772,11 @@ pub(crate) fn own(class: ThreadClass) -> Rules {
             r.union(&sleeps());
             // The push is bulk work: it lowers its own priority.
             r.union(&lowers_own_priority());
+            // Pre-copy with --dirty-tracking uffd-wp: the tracker (its
+            // userfaultfd registered and protected, /proc/self/pagemap
+            // opened, by the controller) reports and re-protects the written
+            // pages with PAGEMAP_SCAN; it unregisters when it ends.
+            r.ioctls(&[PAGEMAP_SCAN, UFFDIO_UNREGISTER]);
         }
         ThreadClass::MigrationDest => {
             r.union(&starts_threads());
@@ -849,6 +864,22 @@ pub(crate) fn own(class: ThreadClass) -> Rules {
                 libc::SYS_seccomp,
                 &[eq(0, u64::from(libc::SECCOMP_SET_MODE_FILTER)), eq(1, 0)],
             );
+        }
+        ThreadClass::WpHandler => {
+            // Waits on the userfaultfd and its stop and buffer eventfds,
+            // reads the WP faults, unprotects a page once saved (or wakes a
+            // writer); guest memory is plain memory to it.
+            r.allow(&[libc::SYS_poll, libc::SYS_ppoll, libc::SYS_read]);
+            r.ioctls(&[UFFDIO_WRITEPROTECT]);
+        }
+        ThreadClass::LiveSaver => {
+            // Writes the snapshot as the controller would (the same files,
+            // atomically), removing the protection of each window once
+            // saved; an optional pace between windows; its end goes to the
+            // controller (a channel and an eventfd write).
+            r.union(&writes_snapshots());
+            r.ioctls(&[UFFDIO_WRITEPROTECT]);
+            r.union(&sleeps());
         }
     }
     r

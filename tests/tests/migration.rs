@@ -602,6 +602,33 @@ fn migration_status_in_every_phase() {
     assert_eq!(out.run.end, GuestEnd::Exited(0), "{:?}", out.lost);
 }
 
+/// Pre-copy rounds tracked with async userfaultfd write protection
+/// (`--dirty-tracking uffd-wp`) instead of KVM's log: every page the
+/// workload wrote arrives, the checksums are right.
+#[test]
+fn migrate_with_precopy_rounds_tracked_with_async_uffd_wp() {
+    let cfg = touch_cfg();
+    let listener = Listener::bind(&Endpoint::Unix(sock("pre-wp"))).unwrap();
+    let to = listener.endpoint().unwrap();
+    let dest = destination(listener, Duration::from_secs(1));
+    let src = source(&cfg, Duration::from_millis(400));
+    let options = MigrateOptions {
+        precopy_rounds: 3,
+        dirty_tracking: vmm::migration::DirtyTracking::UffdWp,
+        ..Default::default()
+    };
+    let summary = src.migrate(&to, &options).unwrap();
+    let end = src.wait().unwrap().end;
+    assert!(matches!(end, GuestEnd::Migrated(_)), "{end:?}");
+    let out = dest.join().unwrap();
+    assert_eq!(out.run.end, GuestEnd::Exited(0), "{:?}", out.lost);
+    let sum = verify_reports(&out.config, &out.run);
+    assert!(matches!(sum, Ok(Some(_))), "{sum:?}");
+    assert!(summary.precopy_pages > 0, "{summary:?}");
+    assert!(summary.precopy_dirty.iter().sum::<u64>() > 0, "{summary:?}");
+    assert_eq!(summary.precopy_dirty.last().copied(), Some(summary.data_pages));
+}
+
 #[test]
 fn recency_push_order_delivers_every_page_once_with_and_without_precopy() {
     for rounds in [0, 2] {

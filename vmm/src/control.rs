@@ -95,6 +95,17 @@ pub enum Request {
         /// What to do after it (default: back to how the VM was).
         #[serde(default)]
         then: AfterSnapshot,
+        /// Live: pause only to capture the state and write-protect memory,
+        /// save memory while the guest runs (docs/live-snapshot.md).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        live: bool,
+        /// Live: how memory is write-protected (`present`, `unpopulated`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        wp_mode: Option<vmm_core::memory::WpMode>,
+        /// Live, consistency check: also write a stop-the-world snapshot
+        /// of the same instant here (absolute path).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reference: Option<PathBuf>,
     },
     /// Post-copy live migration to `unix:PATH` or `tcp:ADDR:PORT`
     /// (answered when every page is sent; docs/migration.md).
@@ -127,6 +138,10 @@ pub enum Request {
         /// for it (`recover`).
         #[serde(default)]
         resume: bool,
+        /// Dirty tracking of the pre-copy rounds: `kvm` (default) or
+        /// `uffd-wp` (async userfaultfd write protection).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        dirty_tracking: Option<crate::migration::DirtyTracking>,
         /// The background push's order: `address` (default) or `recency`.
         #[serde(default)]
         push_order: crate::migration::PushOrder,
@@ -253,6 +268,17 @@ pub fn execute(vm: &VmHandle, req: &Request) -> Response {
             path.display()
         ));
     }
+    if let Request::Snapshot {
+        reference: Some(r), ..
+    } = req
+    {
+        if !r.is_absolute() {
+            return Response::err(format!(
+                "reference snapshot directory `{}` is not an absolute path; give one",
+                r.display()
+            ));
+        }
+    }
     let json = |v: Result<serde_json::Value, serde_json::Error>| match v {
         Ok(v) => Response::ok(v),
         Err(e) => Response::err(format!("cannot encode the result: {e}")),
@@ -277,7 +303,31 @@ pub fn execute(vm: &VmHandle, req: &Request) -> Response {
             Ok(v) => Response::ok(v),
             Err(e) => Response::err(e.to_string()),
         },
-        Request::Snapshot { to, then } => match vm.snapshot(to, *then) {
+        Request::Snapshot {
+            to,
+            then,
+            live: true,
+            wp_mode,
+            reference,
+        } => {
+            let options = crate::controller::live::LiveOptions {
+                then: *then,
+                mode: wp_mode.unwrap_or_default(),
+                reference: reference.clone(),
+                ..Default::default()
+            };
+            match vm.snapshot_live(to, &options) {
+                Ok(info) => json(serde_json::to_value(info)),
+                Err(e) => Response::err(e.to_string()),
+            }
+        }
+        Request::Snapshot { wp_mode: Some(_), .. }
+        | Request::Snapshot {
+            reference: Some(_), ..
+        } => Response::err(
+            "wp_mode and reference apply to live snapshots only: add \"live\":true (vmm ctl: --live)",
+        ),
+        Request::Snapshot { to, then, .. } => match vm.snapshot(to, *then) {
             Ok(info) => json(serde_json::to_value(info)),
             Err(e) => Response::err(e.to_string()),
         },
@@ -291,6 +341,7 @@ pub fn execute(vm: &VmHandle, req: &Request) -> Response {
             tls_peer,
             tls_psk,
             insecure_plain_tcp,
+            dirty_tracking,
             push_order,
         } => {
             if *push_delay_ms > MAX_PUSH_DELAY_MS {
@@ -317,6 +368,7 @@ pub fn execute(vm: &VmHandle, req: &Request) -> Response {
                 precopy_rounds: *precopy_rounds,
                 resume: *resume,
                 security,
+                dirty_tracking: dirty_tracking.unwrap_or_default(),
                 push_order: *push_order,
             };
             match vm.migrate(&to, &options) {
@@ -605,14 +657,30 @@ mod tests {
             decode_ok(br#"{"cmd":"snapshot","to":"/s","then":"stop"}"#),
             Request::Snapshot {
                 to: "/s".into(),
-                then: AfterSnapshot::Stop
+                then: AfterSnapshot::Stop,
+                live: false,
+                wp_mode: None,
+                reference: None,
             }
         );
         assert_eq!(
             decode_ok(br#"{"cmd":"snapshot","to":"/s"}"#),
             Request::Snapshot {
                 to: "/s".into(),
-                then: AfterSnapshot::Restore
+                then: AfterSnapshot::Restore,
+                live: false,
+                wp_mode: None,
+                reference: None,
+            }
+        );
+        assert_eq!(
+            decode_ok(br#"{"cmd":"snapshot","to":"/s","live":true,"wp_mode":"unpopulated"}"#),
+            Request::Snapshot {
+                to: "/s".into(),
+                then: AfterSnapshot::Restore,
+                live: true,
+                wp_mode: Some(vmm_core::memory::WpMode::Unpopulated),
+                reference: None,
             }
         );
         assert_eq!(
@@ -629,6 +697,9 @@ mod tests {
         let r = Request::Snapshot {
             to: "/x".into(),
             then: AfterSnapshot::Resume,
+            live: true,
+            wp_mode: None,
+            reference: Some("/y".into()),
         };
         assert_eq!(decode_ok(serde_json::to_string(&r).unwrap().as_bytes()), r);
     }

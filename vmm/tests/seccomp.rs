@@ -179,8 +179,20 @@ fn threads(pid: u32) -> Vec<(String, u32)> {
 fn threads_of_a_run(name: &str, extra: &[&str], sandboxed: bool) -> Vec<(String, u32)> {
     let sock = temp(name);
     let mut child = start(&sock, extra);
-    // A client connection gets its thread.
-    let mut client = UnixStream::connect(&sock).unwrap();
+    // A client connection gets its thread. The socket file exists from the
+    // VMM's bind, a moment before its listen (refused meanwhile).
+    let start_connect = Instant::now();
+    let mut client = loop {
+        match UnixStream::connect(&sock) {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::ConnectionRefused
+                    && start_connect.elapsed() < Duration::from_secs(10) =>
+            {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            r => break r.unwrap(),
+        }
+    };
     client.write_all(b"{\"cmd\":\"stats\"}\n").unwrap();
     let mut answer = String::new();
     BufReader::new(client.try_clone().unwrap())

@@ -27,6 +27,9 @@ pub enum DirtyError {
     /// A region is larger than this host's address space.
     #[error("guest memory region of {0} bytes is too large for this host")]
     TooLarge(u64),
+    /// uffd-WP dirty tracking failed.
+    #[error(transparent)]
+    UffdWp(#[from] super::dirty_wp::WpDirtyError),
 }
 
 /// Which guest pages were written since the last look, for pre-copy

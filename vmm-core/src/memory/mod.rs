@@ -17,8 +17,10 @@
 
 pub mod backing;
 pub mod dirty;
+pub mod dirty_wp;
 pub mod external;
 pub mod lazy;
+pub mod live;
 pub mod materialize;
 pub mod pages;
 pub mod ram;
@@ -27,6 +29,7 @@ pub use backing::{BackingError, PageSharing};
 pub use dirty::{DirtyError, DirtyTracker};
 pub use external::{ExternalMemory, ParkedFault, RegionMapping, WaitingFaults};
 pub use lazy::{BlockedFault, LazyError, LazyMemory, LazyPlan, MemoryStats, PagePrefetch, PrefetchReport};
+pub use live::{LiveError, WpMode, WpSession, WpUffds, WpUse};
 pub use materialize::{MaterializeError, Materializer};
 pub use ram::MemoryError;
 
@@ -97,6 +100,11 @@ impl Backing {
 pub struct MemoryManager {
     // Declared before `ram` so it drops first: its handler fills pages of that mapping.
     backing: Backing,
+    /// Write protection of a live snapshot in progress (its blocked writers
+    /// are reported with the backing's).
+    live: Option<Arc<WpSession>>,
+    /// The userfaultfds of write protection, made before the sandbox.
+    wp_uffds: WpUffds,
     ram: GuestRam,
     mem_size: u64,
     vm_fd: Arc<VmFd>,
@@ -161,6 +169,8 @@ impl MemoryManager {
         ram::register_memslots(&vm_fd, &ram)?;
         Ok(MemoryManager {
             backing: Backing::Anon,
+            live: None,
+            wp_uffds: WpUffds::default(),
             ram,
             mem_size,
             vm_fd,
@@ -187,6 +197,8 @@ impl MemoryManager {
         ram::register_memslots(&vm_fd, &ram)?;
         Ok(MemoryManager {
             backing: Backing::Anon,
+            live: None,
+            wp_uffds: WpUffds::default(),
             ram,
             mem_size: state.mem_size,
             vm_fd,
@@ -315,10 +327,67 @@ impl MemoryManager {
     /// the threads of this process blocked in a userfault, see
     /// [`ExternalMemory::blocked`]).
     pub fn blocked(&self) -> Vec<BlockedFault> {
-        match &self.backing {
+        let mut b = match &self.backing {
             Backing::Lazy(l) => l.blocked(),
             Backing::External(e) => e.blocked(),
             Backing::Anon => Vec::new(),
+        };
+        if let Some(live) = &self.live {
+            b.extend(live.blocked());
+        }
+        b
+    }
+
+    /// Whether RAM is plain anonymous memory (what a live snapshot can
+    /// write-protect).
+    pub fn is_anonymous(&self) -> bool {
+        matches!(self.backing, Backing::Anon)
+    }
+
+    /// Starts write-protecting RAM for a live snapshot (see [`live`]); the
+    /// vCPUs and devices must be paused.
+    pub fn start_live(
+        &mut self,
+        mode: WpMode,
+        buffer_pages: usize,
+        sink: EventSink,
+    ) -> Result<Arc<WpSession>, LiveError> {
+        // Shared memfd and hugetlb mappings would need WP_HUGETLBFS_SHMEM
+        // and a write-protect handler that knows their page sizes.
+        if self.kind != MemBacking::Anon || self.clone {
+            let what = if self.clone {
+                "a clone's mapping of a shared file".to_string()
+            } else {
+                self.kind.to_string()
+            };
+            return Err(LiveError::Backing(what));
+        }
+        if let Some(old) = self.live.take() {
+            old.end();
+        }
+        let s = Arc::new(WpSession::start(
+            &self.ram,
+            &self.wp_uffds,
+            mode,
+            buffer_pages,
+            sink,
+        )?);
+        self.live = Some(s.clone());
+        Ok(s)
+    }
+
+    /// Makes the userfaultfds of live snapshots and uffd-WP dirty tracking
+    /// now, before the VMM's threads are sandboxed (a sandboxed thread may
+    /// not create one); a failure is reported when one is used.
+    pub fn prepare_wp(&self) {
+        self.wp_uffds.prepare();
+    }
+
+    /// Ends the live snapshot's write protection, if any (every blocked
+    /// writer goes on).
+    pub fn end_live(&mut self) {
+        if let Some(s) = self.live.take() {
+            s.end();
         }
     }
 
@@ -363,9 +432,36 @@ impl MemoryManager {
 
     /// Stops the userfault handler (the end of a run).
     pub fn stop(&mut self) {
+        self.end_live();
         if let Backing::Lazy(l) = &mut self.backing {
             l.stop();
         }
+    }
+
+    /// Starts dirty tracking with async uffd-WP (plain anonymous RAM only).
+    pub fn wp_dirty_tracker(&self) -> Result<dirty_wp::WpDirtyTracker, DirtyError> {
+        if !self.is_anonymous() {
+            return Err(dirty_wp::WpDirtyError::Uffd(::memory::UffdError::Range {
+                op: "UFFDIO_REGISTER",
+                start: 0,
+                len: self.mem_size,
+                source: std::io::Error::from_raw_os_error(libc::EBUSY),
+            })
+            .into());
+        }
+        if self.kind != MemBacking::Anon || self.clone {
+            return Err(dirty_wp::WpDirtyError::Unavailable(format!(
+                "guest RAM is {} (--mem-backing{}): uffd-WP dirty tracking needs private anonymous RAM; use --dirty-tracking kvm",
+                self.kind,
+                if self.clone { ", a clone" } else { "" }
+            ))
+            .into());
+        }
+        let uffd = self
+            .wp_uffds
+            .get(WpUse::AsyncDirty)
+            .map_err(|e| dirty_wp::WpDirtyError::Unavailable(e.to_string()))?;
+        Ok(dirty_wp::WpDirtyTracker::start_with(uffd, &self.ram)?)
     }
 
     /// Starts dirty tracking (KVM's log and the VMM's own writes).

@@ -14,6 +14,7 @@ pub mod minimal;
 pub mod plot;
 pub mod restore;
 pub mod scaling;
+pub mod snapshot;
 pub mod working_set;
 
 pub use all::{all, scaling, AllBench, Scaling};
@@ -23,6 +24,7 @@ pub use fault::{fault, FaultBench, FaultBenchOptions};
 pub use guest_fault::{guest_fault, parse_guest_bench, GuestFaultBench};
 pub use migrate::{migrate, migrate_push_orders, migrate_with, MigrateBench, MigrateRun};
 pub use restore::{restore, RestoreBench, RestoreFigure};
+pub use snapshot::{snapshot, SnapshotBench, SnapshotFigure};
 pub use working_set::{working_set, working_set_with, WorkingSetBench};
 
 use crate::config::VmConfig;

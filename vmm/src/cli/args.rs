@@ -109,6 +109,9 @@ pub(crate) enum BenchCommand {
     /// --lazy --clone; the guest rewrites 16 MiB, reads back 256 MiB)
     /// against the ideal measured in the same run, and /proc/meminfo deltas.
     Clones(BenchArgs),
+    /// Live against stop-the-world snapshots of 64 MiB, 1 GiB and 4 GiB
+    /// guests that wrote 48 MiB and keep writing: downtime and total time.
+    Snapshot(BenchArgs),
     /// A FaaS-like cold start (1 GiB guest, 64k state pages, one invocation
     /// touching W = 5/25/50% of them, rand and zipf): eager, lazy on demand
     /// (fault-around 16 and 0), working-set prefetch before and while
@@ -294,6 +297,14 @@ pub(crate) enum CtlRequest {
         /// Stay paused afterwards.
         #[arg(long)]
         pause: bool,
+        /// Live: pause only to capture the state and write-protect guest
+        /// memory, then save memory while the guest runs.
+        #[arg(long)]
+        live: bool,
+        /// Live: write-protect only the pages present at the pause
+        /// (`present`, default) or all of RAM (`unpopulated`).
+        #[arg(long, value_name = "MODE", requires = "live", value_parser = ["present", "unpopulated"])]
+        wp_mode: Option<String>,
     },
     /// Live migration: optional pre-copy rounds while the VM runs, then
     /// pause, send the state to the destination (`vmm receive --listen
@@ -312,6 +323,11 @@ pub(crate) enum CtlRequest {
         /// written meanwhile; post-copy then sends only the last round's.
         #[arg(long, value_name = "N", default_value_t = 0, conflicts_with = "resume")]
         precopy_rounds: u32,
+        /// Dirty tracking of the pre-copy rounds: `kvm` (KVM's dirty log)
+        /// or `uffd-wp` (async userfaultfd write protection + PAGEMAP_SCAN;
+        /// plain anonymous memory only).
+        #[arg(long, value_name = "HOW", value_parser = ["kvm", "uffd-wp"])]
+        dirty_tracking: Option<String>,
         /// Resume an interrupted post-copy: the destination waits for it
         /// (`vmm ctl DEST recover --from ADDR`), ADDR is the same.
         #[arg(long)]

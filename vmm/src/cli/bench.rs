@@ -12,6 +12,7 @@ pub fn bench(cmd: BenchCommand) -> i32 {
         | BenchCommand::GuestFault(a)
         | BenchCommand::Restore(a)
         | BenchCommand::Clones(a)
+        | BenchCommand::Snapshot(a)
         | BenchCommand::WorkingSet(a)
         | BenchCommand::Migrate { args: a, .. }
         | BenchCommand::All { args: a, .. } => a,
@@ -34,6 +35,9 @@ pub fn bench(cmd: BenchCommand) -> i32 {
             vmm::bench::restore(a.repeats, &mut progress).map(|r| print_result(&r, a.json))
         }
         BenchCommand::Clones(a) => vmm::bench::clones(&mut progress).map(|r| print_result(&r, a.json)),
+        BenchCommand::Snapshot(a) => {
+            vmm::bench::snapshot(a.repeats, &mut progress).map(|r| print_result(&r, a.json))
+        }
         BenchCommand::WorkingSet(a) => {
             vmm::bench::working_set(a.repeats, &mut progress).map(|r| print_result(&r, a.json))
         }

@@ -18,10 +18,18 @@ pub fn ctl(args: CtlArgs) -> i32 {
             precopy_rounds,
             resume,
             tls,
+            dirty_tracking,
             push_order,
         } => {
             let f = tls.files(true);
             Request::Migrate {
+                dirty_tracking: dirty_tracking.map(|d| {
+                    if d == "uffd-wp" {
+                        vmm::migration::DirtyTracking::UffdWp
+                    } else {
+                        vmm::migration::DirtyTracking::Kvm
+                    }
+                }),
                 to: absolute_endpoint(to),
                 push_delay_ms,
                 precopy_rounds,
@@ -53,7 +61,18 @@ pub fn ctl(args: CtlArgs) -> i32 {
             resume,
             stop,
             pause,
+            live,
+            wp_mode,
         } => Request::Snapshot {
+            live,
+            wp_mode: wp_mode.map(|m| {
+                if m == "unpopulated" {
+                    vmm_core::memory::WpMode::Unpopulated
+                } else {
+                    vmm_core::memory::WpMode::Present
+                }
+            }),
+            reference: None,
             // Relative to the caller, not to the VMM's working directory.
             to: std::path::absolute(&to).unwrap_or(to),
             then: match (resume, stop, pause) {

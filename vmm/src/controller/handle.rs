@@ -95,6 +95,20 @@ pub enum ControlError {
     /// The migration failed.
     #[error(transparent)]
     Migration(#[from] MigrationError),
+    /// A live snapshot is being written.
+    #[error(
+        "a live snapshot is being written; wait for its answer before taking another snapshot or migrating"
+    )]
+    LiveRunning,
+    /// Live snapshots write-protect plain anonymous memory only.
+    #[error("a live snapshot needs guest memory in plain anonymous memory; this VM's memory is served lazily or by an external handler (a range belongs to one userfaultfd): take a stop-the-world snapshot (without --live), which fetches it in full")]
+    LiveNeedsAnonymous,
+    /// This host cannot take live snapshots.
+    #[error(transparent)]
+    LiveUnsupported(#[from] crate::snapshot::live::LiveUnsupported),
+    /// Write protection could not be set up.
+    #[error(transparent)]
+    Live(vmm_core::memory::LiveError),
 }
 
 impl From<vmm_core::vcpu::VcpuError> for ControlError {
@@ -122,6 +136,8 @@ pub struct LiveStats {
     pub memory_fault: Option<String>,
     /// The external page-fault handler, if one serves (or served) memory.
     pub handler: Option<super::HandlerStatus>,
+    /// Whether a live snapshot is being written.
+    pub live_snapshot: bool,
 }
 
 /// A request to the controller.
@@ -132,6 +148,14 @@ pub(crate) enum ControlRequest {
     Stats(Sender<LiveStats>),
     RunOnVcpu(u32, VcpuFn, Sender<Result<(), ControlError>>),
     Snapshot(PathBuf, AfterSnapshot, Sender<Result<SnapshotInfo, ControlError>>),
+    /// A live snapshot (`controller/live.rs`); answered once written.
+    LiveSnapshot(
+        PathBuf,
+        super::live::LiveOptions,
+        Sender<Result<super::live::LiveInfo, ControlError>>,
+    ),
+    /// The live snapshot's writer ended.
+    LiveSnapshotDone(Box<Result<crate::snapshot::Manifest, SnapshotError>>),
     Migrate(
         Endpoint,
         MigrateOptions,
@@ -262,6 +286,17 @@ impl VmHandle {
     /// snapshot does not depend on the page source.
     pub fn snapshot(&self, dir: &Path, after: AfterSnapshot) -> Result<SnapshotInfo, ControlError> {
         self.ask(|tx| ControlRequest::Snapshot(dir.to_owned(), after, tx))?
+    }
+
+    /// A live snapshot to `dir` (`docs/live-snapshot.md`): the VM pauses
+    /// only to capture its state and write-protect its memory, and runs on
+    /// while memory is saved; returns once the snapshot is in place.
+    pub fn snapshot_live(
+        &self,
+        dir: &Path,
+        options: &super::live::LiveOptions,
+    ) -> Result<super::live::LiveInfo, ControlError> {
+        self.ask(|tx| ControlRequest::LiveSnapshot(dir.to_owned(), options.clone(), tx))?
     }
 
     /// Live migration to `to` (`docs/migration.md`): optional pre-copy

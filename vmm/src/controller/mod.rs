@@ -14,6 +14,7 @@
 
 pub mod external;
 mod handle;
+pub mod live;
 mod ops;
 pub mod outcome;
 mod reports;
@@ -110,6 +111,16 @@ pub(crate) fn start(
     options: ControllerOptions,
     external: Option<ExternalHandler>,
 ) -> Result<RunningVm, StartError> {
+    // What a live snapshot or uffd-WP dirty tracking needs and a sandboxed
+    // controller may not do: make the userfaultfds, run the KVM probe (a VM
+    // of its own) once per process. Before the vCPUs run, so that the run
+    // starts as it did (signals, timeouts).
+    vm.memory().prepare_wp();
+    if options.seccomp != sandbox::SeccompMode::Off && sandbox::current().is_none() {
+        if let Err(e) = crate::snapshot::live::check_kvm() {
+            tracing::debug!("{e}");
+        }
+    }
     vm.start()?;
     let mut em: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
         EventManager::new().map_err(|e| StartError::EventLoop(format!("{e:?}")))?;
@@ -150,6 +161,7 @@ pub(crate) fn start(
         devices_paused: false,
         snapshot_key: options.snapshot_key.clone(),
         external,
+        live: None,
         recording: options.recording.clone(),
         snapshot_at_checkpoint: options.snapshot_at_checkpoint.clone(),
         checkpoint: None,
@@ -256,6 +268,8 @@ struct Controller {
     snapshot_key: Option<crate::snapshot::SnapshotKey>,
     /// The external page-fault handler, for memory it serves.
     external: Option<ExternalHandler>,
+    /// A live snapshot being written.
+    live: Option<live::LiveRun>,
     /// The working-set recording, if any.
     recording: Option<Arc<crate::snapshot::working_set::Recording>>,
     /// Where to snapshot at the guest's checkpoint.
@@ -343,6 +357,7 @@ impl Controller {
                     state: self.run,
                     memory_fault: self.memory_fault.clone(),
                     handler,
+                    live_snapshot: self.live.is_some(),
                 });
             }
             ControlRequest::RunOnVcpu(cpu, f, reply) => {
@@ -351,6 +366,12 @@ impl Controller {
             ControlRequest::Snapshot(dir, after, reply) => {
                 let _ = reply.send(self.snapshot(&dir, after));
             }
+            ControlRequest::LiveSnapshot(dir, options, reply) => {
+                if let Err(e) = self.live_snapshot(&dir, options, reply.clone()) {
+                    let _ = reply.send(Err(e));
+                }
+            }
+            ControlRequest::LiveSnapshotDone(r) => self.live_done(*r),
             ControlRequest::Migrate(to, options, reply) => {
                 if let Err(e) = self.migrate(&to, &options, &reply) {
                     let _ = reply.send(Err(e));
@@ -496,6 +517,7 @@ impl Controller {
             Duration::from_secs(2)
         };
         self.release_if_handler_lost();
+        self.abandon_live();
         self.vm.stop(patience, true);
         self.detach_handler();
         let vcpu_stats = self.vm.vcpu_stats();

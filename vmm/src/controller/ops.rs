@@ -21,7 +21,7 @@ use vmm_core::memory::pages::Pagemap;
 impl RunState {
     /// Why a VM in this state cannot be snapshotted or start a migration
     /// (`None`: it can, running or paused).
-    fn busy(self) -> Option<ControlError> {
+    pub(super) fn busy(self) -> Option<ControlError> {
         match self {
             RunState::Running | RunState::Paused => None,
             RunState::Ended => Some(ControlError::Ended),
@@ -41,6 +41,9 @@ impl Controller {
         dir: &Path,
         after: AfterSnapshot,
     ) -> Result<SnapshotInfo, ControlError> {
+        if self.live.is_some() {
+            return Err(ControlError::LiveRunning);
+        }
         if let Some(e) = self.run.busy() {
             return Err(e);
         }
@@ -85,7 +88,7 @@ impl Controller {
     /// The state of the paused VM (for a snapshot or a migration). Lazily
     /// served memory is fetched in full first, and the devices are paused
     /// (until the VM resumes), so that state and memory agree.
-    fn capture(&mut self) -> Result<SavedVm, ControlError> {
+    pub(super) fn capture(&mut self) -> Result<SavedVm, ControlError> {
         // What the vCPUs posted before they paused (a workload report,
         // START_CPUS) is part of the state: handle it first. Control requests
         // wait until the capture is over.
@@ -127,6 +130,9 @@ impl Controller {
     ) -> Result<(), ControlError> {
         if options.resume && options.precopy_rounds > 0 {
             return Err(ControlError::ResumeWithPrecopy);
+        }
+        if self.live.is_some() {
+            return Err(ControlError::LiveRunning);
         }
         if let Some(e) = self.run.busy() {
             return Err(e);
@@ -173,10 +179,17 @@ impl Controller {
             what: "opening /proc/self/pagemap",
             source,
         })?;
+        // The uffd-WP tracker is set up here: the pre-copy thread's sandbox
+        // may not register memory with a userfaultfd or open the page map.
+        let wp_tracker = (options.dirty_tracking == crate::migration::DirtyTracking::UffdWp
+            && options.precopy_rounds > 0
+            && self.vm.memory().is_anonymous())
+        .then(|| self.vm.memory().wp_dirty_tracker());
         let ctx = PrecopyCtx {
             setup,
             status: status.clone(),
             pagemap,
+            wp_tracker,
             vm_fd: self.vm.vm_fd().clone(),
             mem: self.vm.memory().ram().clone(),
             mem_size: self.vm.config().mem_size,

@@ -29,7 +29,7 @@ pub mod transport;
 pub mod wire;
 
 pub use incoming::{DestStats, Incoming, IncomingSession, MigrationEvent, RecoverRequest};
-pub use outgoing::{Downtime, MigrateOptions, Outgoing, Resumable, SourceSummary, Stopped};
+pub use outgoing::{DirtyTracking, Downtime, MigrateOptions, Outgoing, Resumable, SourceSummary, Stopped};
 pub use precopy::{spawn_precopy, Paused, PrecopyCtx};
 pub use push_order::{push_order, PageHistory, PushOrder};
 pub use remote::{Progress, RemoteSource};

@@ -37,6 +37,20 @@ pub struct MigrateOptions {
     pub security: Security,
     /// The order of the background push after the switchover.
     pub push_order: super::push_order::PushOrder,
+    /// Dirty tracking of the pre-copy rounds.
+    pub dirty_tracking: DirtyTracking,
+}
+
+/// How pre-copy rounds find the pages written meanwhile.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DirtyTracking {
+    /// KVM's dirty log plus vm-memory's bitmaps of the VMM's writes.
+    #[default]
+    Kvm,
+    /// Async userfaultfd write protection and PAGEMAP_SCAN
+    /// (`vmm_core::memory::dirty_wp`).
+    UffdWp,
 }
 
 /// What the source sent, printed by `vmm run` and returned to `vmm ctl migrate`.

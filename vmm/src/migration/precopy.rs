@@ -6,6 +6,7 @@
 //! only the pages written since the last round (or, without pre-copy, every
 //! data page) go by post-copy.
 
+use super::outgoing::DirtyTracking;
 use super::outgoing::{
     extents_of, open_both, spawn_out, Downtime, MigrateOptions, Outgoing, Resumable, SourceSummary, Stopped,
 };
@@ -22,8 +23,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 use vm_memory::{Bytes, GuestAddress};
+use vmm_core::memory::dirty_wp::{AnyDirtyTracker, WpDirtyError, WpDirtyTracker};
 use vmm_core::memory::pages::Pagemap;
-use vmm_core::memory::{DirtyTracker, Materializer};
+use vmm_core::memory::{DirtyError, DirtyTracker, Materializer};
 
 /// The VM as the switchover left it: paused, its state captured.
 #[derive(Debug)]
@@ -67,6 +69,10 @@ pub struct PrecopyCtx {
     /// This process's page map, opened by the caller: the pre-copy thread's
     /// sandbox opens no file.
     pub pagemap: Pagemap,
+    /// The uffd-WP dirty tracker (`--dirty-tracking uffd-wp` with pre-copy
+    /// rounds, plain anonymous RAM), started by the caller: the pre-copy
+    /// thread's sandbox may not register memory with a userfaultfd.
+    pub wp_tracker: Option<Result<WpDirtyTracker, DirtyError>>,
 }
 
 impl std::fmt::Debug for PrecopyCtx {
@@ -93,7 +99,7 @@ pub fn spawn_precopy(
     )
 }
 
-fn precopy(to: &Endpoint, options: &MigrateOptions, ctx: PrecopyCtx) -> Result<Outgoing, Box<Stopped>> {
+fn precopy(to: &Endpoint, options: &MigrateOptions, mut ctx: PrecopyCtx) -> Result<Outgoing, Box<Stopped>> {
     let start = Instant::now();
     let early = |error: MigrationError| {
         Box::new(Stopped {
@@ -125,8 +131,37 @@ fn precopy(to: &Endpoint, options: &MigrateOptions, ctx: PrecopyCtx) -> Result<O
         ..Default::default()
     };
     // Logging starts before the scan: a page written while (or after) it is
-    // scanned or copied is in the next log.
-    let tracker = DirtyTracker::start(ctx.vm_fd.clone(), ctx.mem.clone()).map_err(|e| early(e.into()))?;
+    // scanned or copied is in the next log. uffd-WP tracks pre-copy rounds
+    // (`--dirty-tracking uffd-wp`); KVM's log otherwise, and for the pages
+    // written between the scan and the pause of a migration without rounds.
+    let rounds = options.precopy_rounds > 0;
+    let tracker = match options.dirty_tracking {
+        DirtyTracking::UffdWp if rounds && ctx.materializer.is_some() => {
+            return Err(early(
+                DirtyError::from(WpDirtyError::Uffd(::memory::UffdError::Range {
+                    op: "UFFDIO_REGISTER",
+                    start: 0,
+                    len: ctx.mem_size,
+                    source: std::io::Error::from_raw_os_error(libc::EBUSY),
+                }))
+                .into(),
+            ))
+        }
+        DirtyTracking::UffdWp if rounds => match ctx.wp_tracker.take() {
+            Some(t) => AnyDirtyTracker::UffdWp(t.map_err(|e| early(e.into()))?),
+            None => {
+                return Err(early(
+                    DirtyError::from(WpDirtyError::Unavailable(
+                        "the tracker was not started before the pre-copy".into(),
+                    ))
+                    .into(),
+                ))
+            }
+        },
+        _ => AnyDirtyTracker::Kvm(
+            DirtyTracker::start(ctx.vm_fd.clone(), ctx.mem.clone()).map_err(|e| early(e.into()))?,
+        ),
+    };
     // Every page that exists, found while the VM runs; the log keeps the
     // set current until the pause. Zero pages are told apart at the push.
     let scanned = vmm_core::memory::pages::existing_guest_pages_in(&ctx.pagemap, &ctx.mem)

@@ -30,6 +30,7 @@
 //! version and refuses any other with a message naming both.
 
 pub mod format;
+pub mod live;
 pub mod memory;
 pub mod open;
 pub mod shared;
@@ -185,6 +186,17 @@ pub enum SnapshotError {
     /// The state cannot be encoded.
     #[error("cannot encode the VM state: {0}")]
     Encode(#[source] serde_json::Error),
+    /// A live snapshot could not save guest memory.
+    #[error("live snapshot: saving guest memory at {gpa:#x} failed: {reason}; the VM was paused and the snapshot was not written: resume it and take the snapshot again (or without --live)")]
+    LiveSave {
+        /// Where.
+        gpa: u64,
+        /// Why.
+        reason: String,
+    },
+    /// A live snapshot was abandoned before it was written.
+    #[error("live snapshot abandoned: {0}; the snapshot was not written")]
+    LiveAborted(String),
 }
 
 pub(crate) fn io_err<'a>(

@@ -4,7 +4,7 @@
 //! (exchanged atomically with an older snapshot there, which is removed only
 //! afterwards). A failure leaves the target as it was.
 
-use super::format::{new_id, FileEntry, Hasher, Manifest, MemoryEntry, SnapshotKey};
+use super::format::{new_id, Extent, FileEntry, Hasher, Manifest, MemoryEntry, SnapshotKey};
 use super::memory::{create_file, data_extents, write_hashes, write_memory, LayoutKind, MemoryLayout};
 use super::{io_err, SnapshotError, FORMAT_VERSION, HASHES, MAGIC, MANIFEST, MEMORY, STATE, STATE_MAX};
 use crate::state::SavedVm;
@@ -88,8 +88,18 @@ fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
     }
 }
 
+/// Writes the memory file at the path given, laid out as the layout given,
+/// and returns its data extents and block hashes (ascending).
+pub(super) type MemoryWriter<'a> =
+    dyn FnOnce(&Path, &MemoryLayout, &Hasher) -> Result<(Vec<Extent>, Vec<u8>), SnapshotError> + 'a;
+
 /// Writes the files into `tmp` and returns the manifest.
-fn write_files(tmp: &Path, state: &SavedVm, mem: &GuestRam, h: &Hasher) -> Result<Manifest, SnapshotError> {
+fn write_files(
+    tmp: &Path,
+    state: &SavedVm,
+    memory: Box<MemoryWriter<'_>>,
+    h: &Hasher,
+) -> Result<Manifest, SnapshotError> {
     let state_json = serde_json::to_vec(state).map_err(SnapshotError::Encode)?;
     if state_json.len() as u64 > STATE_MAX {
         return Err(SnapshotError::TooLarge {
@@ -101,9 +111,8 @@ fn write_files(tmp: &Path, state: &SavedVm, mem: &GuestRam, h: &Hasher) -> Resul
     f.write_all(&state_json).map_err(io_err(&state_path, "writing"))?;
     f.sync_all().map_err(io_err(&state_path, "syncing"))?;
     let mem_size = state.vm.config.mem_size;
-    let extents = data_extents(mem)?;
     let layout = MemoryLayout::new(LayoutKind::Packed, mem_size);
-    let hashes = write_memory(&tmp.join(MEMORY), mem, &layout, &extents, h)?;
+    let (extents, hashes) = memory(&tmp.join(MEMORY), &layout, h)?;
     write_hashes(&tmp.join(HASHES), &hashes)?;
     let mut manifest = Manifest {
         magic: MAGIC.into(),
@@ -151,6 +160,25 @@ pub fn write_snapshot(
     mem: &GuestRam,
     key: Option<&SnapshotKey>,
 ) -> Result<Manifest, SnapshotError> {
+    write_snapshot_with(
+        dir,
+        state,
+        key,
+        Box::new(|path, layout, h| {
+            let extents = data_extents(mem)?;
+            let hashes = write_memory(path, mem, layout, &extents, h)?;
+            Ok((extents, hashes))
+        }),
+    )
+}
+
+/// [`write_snapshot`] with the memory file written by `memory`.
+pub(super) fn write_snapshot_with(
+    dir: &Path,
+    state: &SavedVm,
+    key: Option<&SnapshotKey>,
+    memory: Box<MemoryWriter<'_>>,
+) -> Result<Manifest, SnapshotError> {
     let exists = check_target(dir)?;
     let name = dir
         .file_name()
@@ -170,7 +198,7 @@ pub fn write_snapshot(
         .create(&tmp)
         .map_err(io_err(&tmp, "creating the temporary snapshot directory"))?;
     let h = Hasher::new(key);
-    let result = write_files(&tmp, state, mem, &h).and_then(|manifest| {
+    let result = write_files(&tmp, state, memory, &h).and_then(|manifest| {
         if exists {
             // The old snapshot moves to `tmp`, the new one into place.
             exchange(&tmp, dir).map_err(io_err(dir, "replacing the older snapshot"))?;
