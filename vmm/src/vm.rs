@@ -46,9 +46,6 @@ pub enum VmError {
     /// The controller could not start.
     #[error(transparent)]
     Start(#[from] StartError),
-    /// A migration destination on huge pages.
-    #[error("a migration destination cannot use --mem-backing hugetlb yet (pages move in 4 KiB units): use memfd or anon")]
-    HugeDestination,
     /// A clone's shared snapshot memory.
     #[error(transparent)]
     Shared(#[from] SharedError),
@@ -551,9 +548,6 @@ impl Vm {
             backing: options.backing,
             fault_mode: options.fault_mode,
         };
-        if matches!(options.backing, MemBacking::Hugetlb(_)) {
-            return Err(VmError::HugeDestination);
-        }
         let config = config.config(memory)?;
         let ch = channel()?;
         // A page its source has not sent is never zero-filled: the VM pauses
