@@ -543,7 +543,10 @@ fn post_copy_and_pre_copy_migrate_onto_2m_huge_pages() {
         }
         // Placed in whole huge pages: at most 32 fills of 2 MiB for 64 MiB.
         let t = out.run.memory.unwrap().total;
-        assert!(t.pages_copied + t.pages_zeroed <= 32, "{what}: 2 MiB units: {t:?}");
+        assert!(
+            t.pages_copied + t.pages_zeroed <= 32,
+            "{what}: 2 MiB units: {t:?}"
+        );
     }
 }
 
