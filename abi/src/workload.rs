@@ -1099,6 +1099,10 @@ mod tests {
             )
         );
         assert!(parse_cmdline("workload=touch pattern=zipf:3000").is_err());
+        let f = parse_cmdline("workload=faas pages=64 invoke=64 writes=8").unwrap();
+        assert_eq!((f.kind, f.invoke, f.writes), (WorkloadKind::Faas, 64, 8));
+        assert_eq!(parse_cmdline("workload=faas").unwrap().writes, u64::MAX);
+        assert!(parse_cmdline("writes=99999999").is_err());
         let d = parse_cmdline("workload=dirty pages=64 rate=500 duration_ms=200").unwrap();
         assert_eq!((d.kind, d.rate, d.duration_ms), (WorkloadKind::Dirty, 500, 200));
     }
