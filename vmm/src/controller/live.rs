@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 use vmm_core::memory::live::ProtectTimes;
-use vmm_core::memory::{WpMode, WpSession};
+use vmm_core::memory::{ReleaseReport, WpMode, WpSession};
 
 /// How to take a live snapshot.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -55,6 +55,9 @@ pub struct LiveInfo {
     pub capture_ms: f64,
     /// Of the downtime: write-protecting memory.
     pub protect: ProtectTimes,
+    /// Lazily served memory fetched in full and handed back to the kernel
+    /// before the pause (not downtime), if it was lazily served.
+    pub released: Option<ReleaseReport>,
     /// How memory was protected.
     pub mode: WpMode,
     /// Fault and saver counters.
@@ -73,6 +76,7 @@ pub(super) struct LiveRun {
     downtime_ms: f64,
     pause_ms: f64,
     capture_ms: f64,
+    released: Option<ReleaseReport>,
     session: Arc<WpSession>,
     abort: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -92,11 +96,29 @@ impl Controller {
         if let Some(e) = self.run.busy() {
             return Err(e);
         }
-        if !self.vm.memory().is_anonymous() {
-            return Err(ControlError::LiveNeedsAnonymous);
+        if self.vm.memory().is_external() {
+            return Err(ControlError::LiveExternal);
         }
+        self.vm.memory().check_live().map_err(ControlError::Live)?;
         check_kvm()?;
         let start = Instant::now();
+        // Lazily served memory: fetched in full while the guest runs and
+        // handed back to the kernel (docs/live-snapshot.md), so it can be
+        // write-protected on a userfaultfd of its own.
+        let released = match self.vm.memory_mut().release_lazy(&self.source_lost) {
+            Ok(r) => r,
+            Err(e) => {
+                use vmm_core::memory::MemoryManagerError as M;
+                if matches!(e, M::Stranded(_) | M::Unregister(_)) && !self.run.paused() {
+                    // Its handler is gone: the guest must not run on.
+                    if let Err(p) = self.pause() {
+                        tracing::warn!("cannot pause after a failed release of lazy memory: {p}");
+                    }
+                }
+                return Err(ControlError::LiveLazy(e));
+            }
+        };
+        let start_pause = Instant::now();
         let was_running = self.run == RunState::Running;
         if was_running {
             self.pause()?;
@@ -145,7 +167,7 @@ impl Controller {
             }
         }
         // The reference copy is a test aid: it is not downtime.
-        let downtime = start.elapsed() - (before_protect - captured);
+        let downtime = start_pause.elapsed() - (before_protect - captured);
         let abort = Arc::new(AtomicBool::new(false));
         let thread = {
             let (session, abort, events) = (session.clone(), abort.clone(), self.events.clone());
@@ -174,7 +196,8 @@ impl Controller {
             dir: dir.to_owned(),
             start,
             downtime_ms: downtime.as_secs_f64() * 1e3,
-            pause_ms: ms(start, paused),
+            pause_ms: ms(start_pause, paused),
+            released,
             capture_ms: ms(paused, captured),
             session,
             abort,
@@ -206,6 +229,7 @@ impl Controller {
                     downtime_ms: run.downtime_ms,
                     pause_ms: run.pause_ms,
                     capture_ms: run.capture_ms,
+                    released: run.released,
                     protect,
                     mode: run.options.mode,
                     wp,
