@@ -579,7 +579,9 @@ fn writes_snapshots() -> Rules {
     r.allow_if(libc::SYS_mkdir, &[eq(1, 0o700)]);
     r.allow_if(libc::SYS_mkdirat, &[eq(2, 0o700)]);
     r.allow_if(libc::SYS_renameat2, &[eq(4, u64::from(libc::RENAME_EXCHANGE))]);
+    // An existing target directory must be this user's (`geteuid`).
     r.allow(&[
+        libc::SYS_geteuid,
         libc::SYS_rename,
         libc::SYS_renameat,
         libc::SYS_unlink,

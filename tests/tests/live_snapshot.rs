@@ -262,7 +262,9 @@ fn live_snapshots_of_lazily_served_memory_fetch_it_first_and_restore() {
         info.released.is_some(),
         "lazily served memory was not released: {info:?}"
     );
-    // The memory is plain anonymous now: a second live snapshot needs no release.
+    // The memory is plain anonymous now: a second live snapshot needs no
+    // release. It replaces a snapshot (its saver checks the directory's owner).
+    vm.snapshot(&dir.join("live1"), AfterSnapshot::Restore).unwrap();
     let again = live_with_reference(&vm, &dir.join("live1"), &dir.join("ref1"));
     assert!(again.released.is_none(), "{again:?}");
     finish(vm, &cfg, &console);

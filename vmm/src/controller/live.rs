@@ -104,7 +104,13 @@ impl Controller {
         let start = Instant::now();
         // Lazily served memory: fetched in full while the guest runs and
         // handed back to the kernel (docs/live-snapshot.md), so it can be
-        // write-protected on a userfaultfd of its own.
+        // write-protected on a userfaultfd of its own. A working-set
+        // recording ends here: later touches fault no more.
+        if self.vm.memory().lazy().is_some() {
+            if let Some(Err(e)) = self.recording.as_ref().map(|r| r.finish()) {
+                tracing::warn!("the working-set recording ended by the live snapshot failed: {e}");
+            }
+        }
         let released = match self.vm.memory_mut().release_lazy(&self.source_lost) {
             Ok(r) => r,
             Err(e) => {
