@@ -32,6 +32,11 @@ pub struct SnapshotFigure {
     pub live_pause_ms: Figure,
     /// Of it: capturing vCPU, KVM and device state, ms.
     pub live_capture_ms: Figure,
+    /// Of it: starting the protection in all (protect, the page-state
+    /// table, the handler thread), ms.
+    pub live_start_ms: Figure,
+    /// Of it: resuming, ms.
+    pub live_resume_ms: Figure,
     /// Live: request to snapshot in place, ms.
     pub live_total_ms: Figure,
     /// Live, all of RAM protected with WP_UNPOPULATED: downtime, ms.
@@ -182,7 +187,7 @@ pub fn snapshot_with(
         };
         let (mut live_d, mut live_p, mut live_t, mut unp_d, mut unp_p, mut stw, mut faults) =
             (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
-        let (mut live_pause, mut live_cap) = (vec![], vec![]);
+        let (mut live_pause, mut live_cap, mut live_start, mut live_res) = (vec![], vec![], vec![], vec![]);
         let mut bytes = 0;
         let (mut parts, mut unp_parts) = ([0.0; 3], [0.0; 3]);
         progress(&format!("snapshots of the {mem_mib} MiB guest"));
@@ -212,6 +217,8 @@ pub fn snapshot_with(
                     live_p.push(protect);
                     live_pause.push(info.pause_ms);
                     live_cap.push(info.capture_ms);
+                    live_start.push(info.start_live_ms);
+                    live_res.push(info.resume_ms);
                     live_t.push(total);
                     faults.push(info.wp.faults_saved);
                     bytes = info.memory_bytes;
@@ -233,6 +240,8 @@ pub fn snapshot_with(
             live_protect_ms: Figure::of(live_p),
             live_pause_ms: Figure::of(live_pause),
             live_capture_ms: Figure::of(live_cap),
+            live_start_ms: Figure::of(live_start),
+            live_resume_ms: Figure::of(live_res),
             live_total_ms: Figure::of(live_t),
             unpopulated_downtime_ms: Figure::of(unp_d),
             unpopulated_protect_ms: Figure::of(unp_p),
@@ -268,7 +277,7 @@ impl std::fmt::Display for SnapshotBench {
         for s in &self.sizes {
             writeln!(
                 f,
-                "  {:>5} MiB ({:>5.1} MiB saved): live downtime {:.2} ({:.2}-{:.2}) [pause {:.2} ({:.2}-{:.2}), capture {:.2} ({:.2}-{:.2}), protect {:.2} ({:.2}-{:.2}) = register/scan/protect {:.2}/{:.2}/{:.2}], total {:.1} ({:.1}-{:.1}), {} WP faults; \
+                "  {:>5} MiB ({:>5.1} MiB saved): live downtime {:.2} ({:.2}-{:.2}) [pause {:.2} ({:.2}-{:.2}), capture {:.2} ({:.2}-{:.2}), protection started {:.2} ({:.2}-{:.2}) of which protect {:.2} ({:.2}-{:.2}) = register/scan/protect {:.2}/{:.2}/{:.2}, resume {:.2} ({:.2}-{:.2})], total {:.1} ({:.1}-{:.1}), {} WP faults; \
                  unpopulated downtime {:.2} ({:.2}-{:.2}) [protect {:.2}]; stop-the-world {:.1} ({:.1}-{:.1})",
                 s.mem_mib,
                 s.memory_bytes as f64 / f64::from(1u32 << 20),
@@ -281,12 +290,18 @@ impl std::fmt::Display for SnapshotBench {
                 s.live_capture_ms.median_us,
                 s.live_capture_ms.min_us,
                 s.live_capture_ms.max_us,
+                s.live_start_ms.median_us,
+                s.live_start_ms.min_us,
+                s.live_start_ms.max_us,
                 s.live_protect_ms.median_us,
                 s.live_protect_ms.min_us,
                 s.live_protect_ms.max_us,
                 s.live_protect_parts_us[0] / 1e3,
                 s.live_protect_parts_us[1] / 1e3,
                 s.live_protect_parts_us[2] / 1e3,
+                s.live_resume_ms.median_us,
+                s.live_resume_ms.min_us,
+                s.live_resume_ms.max_us,
                 s.live_total_ms.median_us,
                 s.live_total_ms.min_us,
                 s.live_total_ms.max_us,

@@ -55,6 +55,11 @@ pub struct LiveInfo {
     pub capture_ms: f64,
     /// Of the downtime: write-protecting memory.
     pub protect: ProtectTimes,
+    /// Of the downtime: starting the write protection in all (`protect`,
+    /// plus the page-state table and the `wp-handler` thread), ms.
+    pub start_live_ms: f64,
+    /// Of the downtime: resuming the vCPUs and devices, ms.
+    pub resume_ms: f64,
     /// Lazily served memory fetched in full and handed back to the kernel
     /// before the pause (not downtime), if it was lazily served.
     pub released: Option<ReleaseReport>,
@@ -76,6 +81,8 @@ pub(super) struct LiveRun {
     downtime_ms: f64,
     pause_ms: f64,
     capture_ms: f64,
+    start_live_ms: f64,
+    resume_ms: f64,
     released: Option<ReleaseReport>,
     session: Arc<WpSession>,
     abort: Arc<AtomicBool>,
@@ -162,6 +169,7 @@ impl Controller {
             Ok(s) => s,
             Err(e) => return back(self, ControlError::Live(e)),
         };
+        let protected = Instant::now();
         let resume = match options.then {
             AfterSnapshot::Resume => true,
             AfterSnapshot::Restore => was_running,
@@ -172,6 +180,7 @@ impl Controller {
                 return back(self, e);
             }
         }
+        let resumed = Instant::now();
         // The reference copy is a test aid: it is not downtime.
         let downtime = start_pause.elapsed() - (before_protect - captured);
         let abort = Arc::new(AtomicBool::new(false));
@@ -203,6 +212,8 @@ impl Controller {
             start,
             downtime_ms: downtime.as_secs_f64() * 1e3,
             pause_ms: ms(start_pause, paused),
+            start_live_ms: ms(before_protect, protected),
+            resume_ms: ms(protected, resumed),
             released,
             capture_ms: ms(paused, captured),
             session,
@@ -235,6 +246,8 @@ impl Controller {
                     downtime_ms: run.downtime_ms,
                     pause_ms: run.pause_ms,
                     capture_ms: run.capture_ms,
+                    start_live_ms: run.start_live_ms,
+                    resume_ms: run.resume_ms,
                     released: run.released,
                     protect,
                     mode: run.options.mode,
