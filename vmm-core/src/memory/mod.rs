@@ -76,7 +76,7 @@ pub enum MemoryManagerError {
     /// Lazily served memory could not be fetched in full (to turn it into
     /// plain anonymous memory).
     #[error("cannot fetch the lazily served guest memory in full: {0}; the VM goes on lazily served; repair the page source and try again, or take a stop-the-world snapshot")]
-    Fetch(#[source] MaterializeError),
+    Fetch(#[source] Box<MaterializeError>),
     /// The page source was lost while its memory was being fetched.
     #[error("the page source was lost while guest memory was being fetched in full; nothing was changed")]
     FetchStopped,
@@ -87,7 +87,7 @@ pub enum MemoryManagerError {
     #[error(
         "cannot fetch a lazily served page after its handler stopped: {0}; the VM cannot go on (stop it)"
     )]
-    Stranded(#[source] MaterializeError),
+    Stranded(#[source] Box<MaterializeError>),
     /// Guest RAM could not be unregistered from the retry core's userfaultfd.
     #[error("cannot hand lazily served guest memory back to the kernel: {0}; the VM cannot go on (stop it)")]
     Unregister(#[source] ::memory::UffdError),
@@ -399,7 +399,8 @@ impl MemoryManager {
         let start = Instant::now();
         let m = lazy.materializer();
         let fetched = AtomicU64::new(0);
-        m.run(stop, &fetched).map_err(MemoryManagerError::Fetch)?;
+        m.run(stop, &fetched)
+            .map_err(|e| MemoryManagerError::Fetch(Box::new(e)))?;
         if stop.load(Ordering::Acquire) {
             return Err(MemoryManagerError::FetchStopped);
         }
@@ -409,7 +410,7 @@ impl MemoryManager {
         // A fill the handler had parked when it stopped (none expected: every
         // data page is present), filled from this thread.
         m.run(&AtomicBool::new(false), &fetched)
-            .map_err(MemoryManagerError::Stranded)?;
+            .map_err(|e| MemoryManagerError::Stranded(Box::new(e)))?;
         let mut stats = lazy.stats();
         stats.backing = self.kind.to_string();
         stats.fault_mode = self.fault_mode.to_string();
@@ -445,9 +446,10 @@ impl MemoryManager {
         Ok(())
     }
 
-    /// Starts write-protecting RAM for a live snapshot (see [`live`]); the
-    /// vCPUs and devices must be paused.
-    pub fn start_live(
+    /// Prepares write-protecting RAM for a live snapshot (see [`live`]):
+    /// registers it and starts the handler while the guest runs; protect
+    /// with [`WpSession::protect`] once the vCPUs and devices are paused.
+    pub fn prepare_live(
         &mut self,
         mode: WpMode,
         buffer_pages: usize,
@@ -457,7 +459,7 @@ impl MemoryManager {
         if let Some(old) = self.live.take() {
             old.end();
         }
-        let s = Arc::new(WpSession::start(
+        let s = Arc::new(WpSession::prepare(
             &self.ram,
             &self.wp_uffds,
             mode,

@@ -32,8 +32,7 @@ pub struct SnapshotFigure {
     pub live_pause_ms: Figure,
     /// Of it: capturing vCPU, KVM and device state, ms.
     pub live_capture_ms: Figure,
-    /// Of it: starting the protection in all (protect, the page-state
-    /// table, the handler thread), ms.
+    /// Of it: write-protecting in all, ms.
     pub live_start_ms: Figure,
     /// Of it: resuming, ms.
     pub live_resume_ms: Figure,
@@ -47,10 +46,11 @@ pub struct SnapshotFigure {
     pub stw_ms: Figure,
     /// Guest writes that waited in a WP fault (median per live snapshot).
     pub wp_faults: u64,
-    /// Of the live protect time (last run): register, scan, protect, us.
-    pub live_protect_parts_us: [f64; 3],
+    /// Of the live protect time (last run): register, scan, protect, and
+    /// all of preparing (register included; before the pause), us.
+    pub live_protect_parts_us: [f64; 4],
     /// The same in unpopulated mode.
-    pub unpopulated_protect_parts_us: [f64; 3],
+    pub unpopulated_protect_parts_us: [f64; 4],
 }
 
 /// Results of `vmm bench snapshot`.
@@ -189,7 +189,7 @@ pub fn snapshot_with(
             (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
         let (mut live_pause, mut live_cap, mut live_start, mut live_res) = (vec![], vec![], vec![], vec![]);
         let mut bytes = 0;
-        let (mut parts, mut unp_parts) = ([0.0; 3], [0.0; 3]);
+        let (mut parts, mut unp_parts) = ([0.0; 4], [0.0; 4]);
         progress(&format!("snapshots of the {mem_mib} MiB guest"));
         for _ in 0..n {
             for mode in [WpMode::Present, WpMode::Unpopulated] {
@@ -204,12 +204,12 @@ pub fn snapshot_with(
                     )
                     .map_err(bad)?;
                 let total = t.elapsed().as_secs_f64() * 1e3;
-                let protect =
-                    (info.protect.scan_us + info.protect.protect_us + info.protect.register_us) / 1e3;
+                let protect = (info.protect.scan_us + info.protect.protect_us) / 1e3;
                 let p = [
                     info.protect.register_us,
                     info.protect.scan_us,
                     info.protect.protect_us,
+                    info.protect.prepare_us,
                 ];
                 if mode == WpMode::Present {
                     parts = p;
@@ -277,7 +277,7 @@ impl std::fmt::Display for SnapshotBench {
         for s in &self.sizes {
             writeln!(
                 f,
-                "  {:>5} MiB ({:>5.1} MiB saved): live downtime {:.2} ({:.2}-{:.2}) [pause {:.2} ({:.2}-{:.2}), capture {:.2} ({:.2}-{:.2}), protection started {:.2} ({:.2}-{:.2}) of which protect {:.2} ({:.2}-{:.2}) = register/scan/protect {:.2}/{:.2}/{:.2}, resume {:.2} ({:.2}-{:.2})], total {:.1} ({:.1}-{:.1}), {} WP faults; \
+                "  {:>5} MiB ({:>5.1} MiB saved): live downtime {:.2} ({:.2}-{:.2}) [pause {:.2} ({:.2}-{:.2}), capture {:.2} ({:.2}-{:.2}), protect {:.2} ({:.2}-{:.2}) [scan+protect {:.2} ({:.2}-{:.2}) = scan/protect {:.2}/{:.2}; before the pause: register {:.2}, all of preparing {:.2}], resume {:.2} ({:.2}-{:.2})], total {:.1} ({:.1}-{:.1}), {} WP faults; \
                  unpopulated downtime {:.2} ({:.2}-{:.2}) [protect {:.2}]; stop-the-world {:.1} ({:.1}-{:.1})",
                 s.mem_mib,
                 s.memory_bytes as f64 / f64::from(1u32 << 20),
@@ -296,9 +296,10 @@ impl std::fmt::Display for SnapshotBench {
                 s.live_protect_ms.median_us,
                 s.live_protect_ms.min_us,
                 s.live_protect_ms.max_us,
-                s.live_protect_parts_us[0] / 1e3,
                 s.live_protect_parts_us[1] / 1e3,
                 s.live_protect_parts_us[2] / 1e3,
+                s.live_protect_parts_us[0] / 1e3,
+                s.live_protect_parts_us[3] / 1e3,
                 s.live_resume_ms.median_us,
                 s.live_resume_ms.min_us,
                 s.live_resume_ms.max_us,

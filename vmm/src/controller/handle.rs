@@ -108,7 +108,7 @@ pub enum ControlError {
     #[error(
         "a live snapshot first fetches lazily served memory in full and hands it back to the kernel: {0}"
     )]
-    LiveLazy(#[source] vmm_core::memory::MemoryManagerError),
+    LiveLazy(#[source] Box<vmm_core::memory::MemoryManagerError>),
     /// This host cannot take live snapshots.
     #[error(transparent)]
     LiveUnsupported(#[from] crate::snapshot::live::LiveUnsupported),

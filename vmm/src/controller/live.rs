@@ -55,8 +55,8 @@ pub struct LiveInfo {
     pub capture_ms: f64,
     /// Of the downtime: write-protecting memory.
     pub protect: ProtectTimes,
-    /// Of the downtime: starting the write protection in all (`protect`,
-    /// plus the page-state table and the `wp-handler` thread), ms.
+    /// Of the downtime: write-protecting memory in all (`protect`'s scan and
+    /// protect; its registration and handler thread come before the pause), ms.
     pub start_live_ms: f64,
     /// Of the downtime: resuming the vCPUs and devices, ms.
     pub resume_ms: f64,
@@ -128,13 +128,27 @@ impl Controller {
                         tracing::warn!("cannot pause after a failed release of lazy memory: {p}");
                     }
                 }
-                return Err(ControlError::LiveLazy(e));
+                return Err(ControlError::LiveLazy(Box::new(e)));
             }
         };
+        // Registering RAM and starting the handler protect nothing yet: done
+        // while the guest runs.
+        let events = self.events.clone();
+        let sink: vmm_core::event::EventSink = Arc::new(move |ev| {
+            events.send(Event::Vm(ev));
+        });
+        let session = self
+            .vm
+            .memory_mut()
+            .prepare_live(options.mode, options.buffer_pages.unwrap_or(BUFFER_PAGES), sink)
+            .map_err(ControlError::Live)?;
         let start_pause = Instant::now();
         let was_running = self.run == RunState::Running;
         if was_running {
-            self.pause()?;
+            if let Err(e) = self.pause() {
+                self.vm.memory_mut().end_live();
+                return Err(e);
+            }
         }
         let paused = Instant::now();
         let back = |c: &mut Controller, e: ControlError| {
@@ -157,18 +171,9 @@ impl Controller {
             }
         }
         let before_protect = Instant::now();
-        let events = self.events.clone();
-        let sink: vmm_core::event::EventSink = Arc::new(move |ev| {
-            events.send(Event::Vm(ev));
-        });
-        let session = match self.vm.memory_mut().start_live(
-            options.mode,
-            options.buffer_pages.unwrap_or(BUFFER_PAGES),
-            sink,
-        ) {
-            Ok(s) => s,
-            Err(e) => return back(self, ControlError::Live(e)),
-        };
+        if let Err(e) = session.protect() {
+            return back(self, ControlError::Live(e));
+        }
         let protected = Instant::now();
         let resume = match options.then {
             AfterSnapshot::Resume => true,
