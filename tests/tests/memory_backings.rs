@@ -402,6 +402,21 @@ fn hugetlb_2m_boots_and_takes_a_4k_snapshot_eagerly_and_back() {
         MemBacking::Anon,
         FaultMode::Missing,
     );
+    // An external handler (Firecracker's handshake: 4 KiB pages) cannot
+    // fill huge pages: refused before anything is built.
+    let (vm, _) = capture_options();
+    let how = RestoreOptions {
+        uffd_socket: Some(b.0.join("no-handler.sock")),
+        ..Default::default()
+    };
+    let e = Vm::restore(&b.0, &how, VmOptions { backing: huge, ..vm })
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        e.contains("serves 4 KiB pages") && e.contains("--mem-backing anon or memfd"),
+        "{e}"
+    );
     // Lazily served on huge pages: demand-zero boot (zeros are copied
     // zeroed huge pages), a lazy restore of the 4 KiB snapshot, both at
     // huge-page granularity.

@@ -49,6 +49,9 @@ pub enum VmError {
     /// A migration destination on huge pages.
     #[error("a migration destination cannot use --mem-backing hugetlb yet (pages move in 4 KiB units): use memfd or anon")]
     HugeDestination,
+    /// An external page-fault handler on huge pages.
+    #[error("an external page-fault handler (--mem-backend uffd:SOCKET) serves 4 KiB pages, which a hugetlb mapping refuses: use --mem-backing anon or memfd")]
+    HugeExternal,
     /// A clone's shared snapshot memory.
     #[error(transparent)]
     Shared(#[from] SharedError),
@@ -359,6 +362,10 @@ impl Vm {
         }
         let mut recording = None;
         let mut vm = if let Some(socket) = &how.uffd_socket {
+            // Firecracker's handshake and handlers know 4 KiB pages only.
+            if matches!(options.backing, MemBacking::Hugetlb(_)) {
+                return Err(VmError::HugeExternal);
+            }
             let config = snap.config(backed.clone())?;
             let layout = snap.layout();
             if layout.kind == crate::snapshot::LayoutKind::Gpa && layout.regions.len() > 1 {

@@ -10,7 +10,7 @@ pub mod clones;
 pub mod fault;
 pub mod guest_fault;
 pub mod migrate;
-pub mod minimal;
+pub use vmm_core::arch::x86_64::minimal_vm as minimal;
 pub mod plot;
 pub mod restore;
 pub mod scaling;

@@ -115,6 +115,9 @@ pub enum ControlError {
     /// Write protection could not be set up.
     #[error(transparent)]
     Live(vmm_core::memory::LiveError),
+    /// uffd-WP dirty tracking on a KVM that may let guest writes through.
+    #[error("--dirty-tracking uffd-wp is refused: {0}; migrate with --dirty-tracking kvm")]
+    WpDirtyUnsupported(#[source] crate::snapshot::live::LiveUnsupported),
 }
 
 impl From<vmm_core::vcpu::VcpuError> for ControlError {

@@ -179,12 +179,18 @@ impl Controller {
             what: "opening /proc/self/pagemap",
             source,
         })?;
+        let wp_rounds =
+            options.dirty_tracking == crate::migration::DirtyTracking::UffdWp && options.precopy_rounds > 0;
+        // A guest write that bypassed the protection would be missing from
+        // every round (and from the post-copy set): the live snapshot's
+        // probe decides (run once, cached).
+        if wp_rounds {
+            crate::snapshot::live::check_kvm().map_err(ControlError::WpDirtyUnsupported)?;
+        }
         // The uffd-WP tracker is set up here: the pre-copy thread's sandbox
         // may not register memory with a userfaultfd or open the page map.
-        let wp_tracker = (options.dirty_tracking == crate::migration::DirtyTracking::UffdWp
-            && options.precopy_rounds > 0
-            && self.vm.memory().is_anonymous())
-        .then(|| self.vm.memory().wp_dirty_tracker());
+        let wp_tracker =
+            (wp_rounds && self.vm.memory().is_anonymous()).then(|| self.vm.memory().wp_dirty_tracker());
         let ctx = PrecopyCtx {
             setup,
             status: status.clone(),

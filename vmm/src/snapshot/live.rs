@@ -46,7 +46,7 @@ pub enum LiveUnsupported {
 pub fn check_kvm() -> Result<(), LiveUnsupported> {
     static PROBE: OnceLock<Result<(), LiveUnsupported>> = OnceLock::new();
     PROBE
-        .get_or_init(|| match crate::bench::minimal::wp_probe(256) {
+        .get_or_init(|| match vmm_core::arch::x86_64::minimal_vm::wp_probe(256) {
             Ok(p) if p.honoured() => Ok(()),
             Ok(p) => Err(LiveUnsupported::Bypassed(format!(
                 "{} of {} protected guest writes raised a WP fault, {} went through first, {} lost",

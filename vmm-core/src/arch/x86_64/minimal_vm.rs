@@ -78,11 +78,7 @@ fn put(low: &mut [u8], at: usize, v: u64) {
 pub fn stage2_touch(pages: u64) -> Result<Duration, MinimalVmError> {
     // At most the mapped GiB; not a multiple of 7919, so every page is written.
     let pages = pages.clamp(1, 512 * 512);
-    let pages = if pages.is_multiple_of(7919) {
-        pages + 1
-    } else {
-        pages
-    };
+    let pages = if pages % 7919 == 0 { pages + 1 } else { pages };
     let cpu = ::memory::colocation_cpu();
     std::thread::Builder::new()
         .name("minimal-vcpu".into())
@@ -245,11 +241,7 @@ impl WpProbe {
 /// unprotects it.
 pub fn wp_probe(pages: u64) -> Result<WpProbe, MinimalVmError> {
     let pages = pages.clamp(1, 4096);
-    let pages = if pages.is_multiple_of(7919) {
-        pages + 1
-    } else {
-        pages
-    };
+    let pages = if pages % 7919 == 0 { pages + 1 } else { pages };
     std::thread::Builder::new()
         .name("wp-probe".into())
         .spawn(move || run_wp_probe(pages))
