@@ -240,7 +240,7 @@ fn run_one(
         .iter()
         .any(|&(_, e)| matches!(e, StormEvent::Migrate { .. }))
     {
-        let (d, h) = Destination::listen(&migrate_to)?;
+        let (d, h) = Destination::listen(&migrate_to, &cfg.memory)?;
         (Some(d), Some(h))
     } else {
         (None, None)
@@ -464,6 +464,7 @@ fn restore_to_completion(cfg: &VmConfig, dir: &std::path::Path, ws: RestoreHow) 
         lazy: true,
         record_working_set: ws.record,
         prefetch_working_set: ws.prefetch,
+        handlers: cfg.memory.handlers.clone(),
         ..Default::default()
     };
     let outcome = crate::Vm::restore(dir, &how, options)
