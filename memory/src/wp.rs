@@ -291,8 +291,18 @@ impl WpCore {
             first.push(total);
             total += usize::try_from(r.size).map_err(io::Error::other)? / page;
         }
-        let mut states = Vec::with_capacity(total);
-        states.resize_with(total, || AtomicU8::new(UNTRACKED));
+        // Zeroed memory from the allocator (UNTRACKED is 0): no per-page
+        // loop inside the live pause (1M pages for 4 GiB).
+        let states: Vec<AtomicU8> = {
+            const _: () = assert!(UNTRACKED == 0);
+            let mut v = std::mem::ManuallyDrop::new(vec![0u8; total]);
+            let (ptr, len, cap) = (v.as_mut_ptr(), v.len(), v.capacity());
+            // SAFETY: AtomicU8 has the size, alignment and bit validity of
+            // u8 (its documentation guarantees it), so the allocation of a
+            // Vec<u8> is a valid Vec<AtomicU8> of the same length and
+            // capacity; `v` is never dropped, so it is owned once.
+            unsafe { Vec::from_raw_parts(ptr.cast::<AtomicU8>(), len, cap) }
+        };
         Ok(WpCore {
             regions,
             first,

@@ -226,3 +226,96 @@ fn requests_during_a_live_snapshot_and_a_vcpu_held_in_a_wp_fault() {
     assert_eq!(vm.wait().unwrap().end, GuestEnd::Stopped);
     assert!(!snap2.exists(), "an abandoned live snapshot leaves nothing");
 }
+
+/// Takes a live snapshot of `vm` with a reference written inside its pause,
+/// and checks that the two hold the same memory.
+fn live_with_reference(vm: &RunningVm, live: &Path, reference: &Path) -> LiveInfo {
+    let info: LiveInfo = vm
+        .snapshot_live(
+            live,
+            &LiveOptions {
+                reference: Some(reference.to_owned()),
+                pace: Some(Duration::from_millis(2)),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert!(info.memory_bytes > 0 && info.wp.protected > 0, "{info:?}");
+    same_memory(live, reference);
+    info
+}
+
+#[test]
+fn live_snapshots_of_lazily_served_memory_fetch_it_first_and_restore() {
+    let dir = TempDir::new("lazy");
+    // 1. Demand-zero memory through the retry core (--mem-backend zero).
+    let mut cfg = config(2, "256M", "workload=touch pages=12000 pattern=rand");
+    cfg.memory = vmm::config::MemoryConfig::lazy(vmm::config::MemBackend::Zero);
+    let (options, console) = capture_options();
+    let vm = Vm::new(&cfg, options).unwrap().start().unwrap();
+    wait_for(&console, "touch: cpu 1 start");
+    std::thread::sleep(Duration::from_millis(30));
+    // A stop-the-world snapshot first (restored lazily below).
+    vm.snapshot(&dir.join("stw"), AfterSnapshot::Restore).unwrap();
+    let info = live_with_reference(&vm, &dir.join("live0"), &dir.join("ref0"));
+    assert!(
+        info.released.is_some(),
+        "lazily served memory was not released: {info:?}"
+    );
+    // The memory is plain anonymous now: a second live snapshot needs no
+    // release. It replaces a snapshot (its saver checks the directory's owner).
+    vm.snapshot(&dir.join("live1"), AfterSnapshot::Restore).unwrap();
+    let again = live_with_reference(&vm, &dir.join("live1"), &dir.join("ref1"));
+    assert!(again.released.is_none(), "{again:?}");
+    finish(vm, &cfg, &console);
+
+    // 2. A lazy restore (a file source with data ranges), nothing prefetched:
+    // the pages the guest did not touch yet are fetched before the pause.
+    let (options, console) = capture_options();
+    let restored = Vm::restore(
+        &dir.join("stw"),
+        &RestoreOptions {
+            lazy: true,
+            ..Default::default()
+        },
+        options,
+    )
+    .unwrap();
+    let rcfg = restored.config().clone();
+    let restored = restored.start().unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    let info = live_with_reference(&restored, &dir.join("live2"), &dir.join("ref2"));
+    let released = info.released.unwrap();
+    assert!(released.fetched > 0, "no page was left to fetch: {info:?}");
+    finish(restored, &rcfg, &console);
+
+    // Both kinds of live snapshot restore and finish right.
+    restore_and_finish(&dir.join("live2"), &RestoreOptions::default());
+    restore_and_finish(
+        &dir.join("live0"),
+        &RestoreOptions {
+            lazy: true,
+            ..Default::default()
+        },
+    );
+}
+
+#[test]
+fn live_snapshots_refuse_lazy_memory_they_cannot_protect_and_leave_it_served() {
+    let dir = TempDir::new("refuse");
+    let mut cfg = config(1, "64M", "workload=touch pages=3000 pattern=rand");
+    cfg.memory = vmm::config::MemoryConfig {
+        backing: vmm::config::MemBacking::Memfd,
+        ..vmm::config::MemoryConfig::lazy(vmm::config::MemBackend::Zero)
+    };
+    let (options, console) = capture_options();
+    let vm = Vm::new(&cfg, options).unwrap().start().unwrap();
+    wait_for(&console, "touch: cpu 0 start");
+    let e = vm
+        .snapshot_live(&dir.join("snap"), &LiveOptions::default())
+        .unwrap_err();
+    assert!(e.to_string().contains("memfd"), "{e}");
+    assert!(!dir.join("snap").exists());
+    // Refused before anything changed: it runs on and finishes right.
+    finish(vm, &cfg, &console);
+}

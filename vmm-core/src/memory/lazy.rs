@@ -379,6 +379,22 @@ impl LazyMemory {
         Ok(lazy)
     }
 
+    /// The page source's name (`zero`, `file:PATH`, `migration`...).
+    pub fn backend(&self) -> &str {
+        &self.backend
+    }
+
+    /// Unregisters every region from the userfaultfd for good: RAM becomes
+    /// plain anonymous memory (a page not present faults in as zero, and a
+    /// vCPU waiting on one wakes up). The handler must be stopped first
+    /// ([`LazyMemory::stop`]), or its next fill fails with ENOENT.
+    pub fn unregister(&self) -> Result<(), ::memory::UffdError> {
+        for r in &self.regions {
+            self.uffd.unregister(r.host_base, r.size)?;
+        }
+        Ok(())
+    }
+
     /// See [`Materializer`].
     pub fn materializer(&self) -> Materializer {
         Materializer {

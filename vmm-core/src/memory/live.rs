@@ -1,13 +1,13 @@
 //! Write protection of guest RAM for a live snapshot (mechanism; the
 //! snapshot format and the saver are the `vmm` crate's).
 //!
-//! [`WpSession::start`], called while the vCPUs and devices are paused,
-//! registers every RAM region with a userfaultfd of its own in WP mode,
-//! finds the pages present at that instant (`PAGEMAP_SCAN`), marks them
+//! [`WpSession::prepare`], called while the guest runs, registers every
+//! RAM region with a userfaultfd of its own in WP mode and starts the
+//! `wp-handler` thread; [`WpSession::protect`], called while the vCPUs and
+//! devices are paused, finds the pages present at that instant (`PAGEMAP_SCAN`), marks them
 //! pending in a [`WpCore`] and write-protects them ([`WpMode::Present`]), or
 //! write-protects the whole of RAM including unpopulated pages
-//! ([`WpMode::Unpopulated`], `UFFD_FEATURE_WP_UNPOPULATED`), and starts the
-//! `wp-handler` thread. Pages not present at the pause were zero then: they
+//! ([`WpMode::Unpopulated`], `UFFD_FEATURE_WP_UNPOPULATED`). Pages not present at the pause were zero then: they
 //! are not saved and never block. From then on any write to a pending page,
 //! by a vCPU through KVM or by a VMM thread (the page store, a device), blocks
 //! in a WP fault until the retry core's WP seam saved the page into its
@@ -138,11 +138,15 @@ pub enum WpMode {
     Unpopulated,
 }
 
-/// What starting a session cost, inside the pause.
+/// What starting a session cost: `scan_us` and `protect_us` inside the
+/// pause, the rest before it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
 pub struct ProtectTimes {
-    /// Registering the regions, us.
+    /// Registering the regions (before the pause), us.
     pub register_us: f64,
+    /// All of [`WpSession::prepare`] (before the pause: registering, the
+    /// page-state table, the handler thread), us.
+    pub prepare_us: f64,
     /// Finding the present pages, us.
     pub scan_us: f64,
     /// Write-protecting, us.
@@ -172,8 +176,10 @@ pub struct WpSession {
     control: WpHandlerControl,
     thread: Mutex<Option<JoinHandle<Result<(), wp::WpHandlerError>>>>,
     regions: Vec<Region>,
-    present: Vec<(u64, u64)>,
-    times: ProtectTimes,
+    mode: WpMode,
+    scan: PagemapScan,
+    present: std::sync::OnceLock<Vec<(u64, u64)>>,
+    times: Mutex<ProtectTimes>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -181,10 +187,27 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl WpSession {
-    /// Protects guest RAM as `mode` says and starts the handler (see the
-    /// module documentation). Call with the vCPUs and devices paused.
-    /// The userfaultfd comes from `uffds` (made before the sandbox).
+    /// [`WpSession::prepare`] then [`WpSession::protect`]: call with the
+    /// vCPUs and devices paused.
     pub fn start(
+        ram: &GuestRam,
+        uffds: &WpUffds,
+        mode: WpMode,
+        buffer_pages: usize,
+        sink: EventSink,
+    ) -> Result<WpSession, LiveError> {
+        let s = Self::prepare(ram, uffds, mode, buffer_pages, sink)?;
+        s.protect()?;
+        Ok(s)
+    }
+
+    /// What can be done before the pause, while the guest runs (none of it
+    /// protects anything, so no write blocks yet): registers RAM in WP mode,
+    /// allocates the page-state table, opens the page map and starts the
+    /// `wp-handler` thread (waiting for its sandbox: under load that alone
+    /// took milliseconds inside the pause). The userfaultfd comes from
+    /// `uffds` (made before the sandbox).
+    pub fn prepare(
         ram: &GuestRam,
         uffds: &WpUffds,
         mode: WpMode,
@@ -208,52 +231,32 @@ impl WpSession {
             uffd.register(r.host_base, r.size, wp::REGISTER_WP)?;
         }
         let t1 = Instant::now();
-        let core = Arc::new(WpCore::new(regions.clone(), buffer_pages).map_err(LiveError::Setup)?);
-        let scan = PagemapScan::open().map_err(LiveError::Scan)?;
-        let mut found = Vec::new();
-        let q = ScanQuery {
-            anyof: category::PRESENT | category::SWAPPED,
-            // The shared zero page reads zero: nothing to save.
-            inverted: category::PFNZERO,
-            required: category::PFNZERO,
-            report: category::PRESENT | category::SWAPPED,
-            ..Default::default()
+        let unregister = |uffd: &Uffd| {
+            for r in &regions {
+                let _ = uffd.unregister(r.host_base, r.size);
+            }
         };
-        for r in &regions {
-            scan.scan(r.host_base, r.host_base + r.size, q, &mut found)
-                .map_err(LiveError::Scan)?;
-        }
-        let mut present = Vec::with_capacity(found.len());
-        for f in &found {
-            core.track(f.start, f.end);
-            if let Some(r) = regions
-                .iter()
-                .find(|r| f.start >= r.host_base && f.start < r.host_base + r.size)
-            {
-                present.push((r.guest_offset + (f.start - r.host_base), f.end - f.start));
+        let core = match WpCore::new(regions.clone(), buffer_pages) {
+            Ok(c) => Arc::new(c),
+            Err(e) => {
+                unregister(&uffd);
+                return Err(LiveError::Setup(e));
             }
-        }
-        present.sort_unstable();
-        let t2 = Instant::now();
-        match mode {
-            WpMode::Present => {
-                // Each UFFDIO_WRITEPROTECT costs an MMU-notifier round in KVM
-                // (measured: scattered ranges of a 4 GiB guest took 33 ms one
-                // by one), so nearby ranges are protected with one call: the
-                // pages between them are not present, and protecting a range
-                // leaves its empty ptes alone (no WP_UNPOPULATED here).
-                for (start, end) in coalesce(&found, COALESCE_GAP) {
-                    wp::write_protect(&uffd, start, end - start, true, false)?;
-                }
+        };
+        let scan = match PagemapScan::open() {
+            Ok(s) => s,
+            Err(e) => {
+                unregister(&uffd);
+                return Err(LiveError::Scan(e));
             }
-            WpMode::Unpopulated => {
-                for r in &regions {
-                    wp::write_protect(&uffd, r.host_base, r.size, true, false)?;
-                }
+        };
+        let mut handler = match WpHandler::new(uffd.clone(), core.clone()) {
+            Ok(h) => h,
+            Err(e) => {
+                unregister(&uffd);
+                return Err(e.into());
             }
-        }
-        let t3 = Instant::now();
-        let mut handler = WpHandler::new(uffd.clone(), core.clone())?;
+        };
         handler.set_event_hook(Arc::new(move |ev| {
             if let HandlerEvent::Failed(e) = ev {
                 sink(VmEvent::Memory(MemoryEvent::SourceFailed(format!(
@@ -263,11 +266,11 @@ impl WpSession {
         }));
         let control = handler.control();
         // A thread started by a sandboxed one takes its parent's mode.
-        let mode = sandbox::current().map_or(sandbox::SeccompMode::Off, |(_, m)| m);
+        let seccomp = sandbox::current().map_or(sandbox::SeccompMode::Off, |(_, m)| m);
         let thread = sandbox::spawn(
             std::thread::Builder::new().name("wp-handler".into()),
             sandbox::ThreadClass::WpHandler,
-            mode,
+            seccomp,
             move || {
                 let r = handler.run_until_stopped();
                 if let Err(e) = &r {
@@ -275,8 +278,14 @@ impl WpSession {
                 }
                 r
             },
-        )
-        .map_err(LiveError::Spawn)?;
+        );
+        let thread = match thread {
+            Ok(t) => t,
+            Err(e) => {
+                unregister(&uffd);
+                return Err(LiveError::Spawn(e));
+            }
+        };
         let us = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e6;
         Ok(WpSession {
             uffd,
@@ -284,23 +293,83 @@ impl WpSession {
             control,
             thread: Mutex::new(Some(thread)),
             regions,
-            present,
-            times: ProtectTimes {
+            mode,
+            scan,
+            present: std::sync::OnceLock::new(),
+            times: Mutex::new(ProtectTimes {
                 register_us: us(t0, t1),
-                scan_us: us(t1, t2),
-                protect_us: us(t2, t3),
-            },
+                prepare_us: us(t0, Instant::now()),
+                ..ProtectTimes::default()
+            }),
         })
     }
 
-    /// The guest-physical ranges present at the pause `(gpa, len)`, ascending.
+    /// Protects guest RAM as the session's mode says (see the module
+    /// documentation). Call once, with the vCPUs and devices paused.
+    pub fn protect(&self) -> Result<(), LiveError> {
+        let t1 = Instant::now();
+        let mut found = Vec::new();
+        let q = ScanQuery {
+            anyof: category::PRESENT | category::SWAPPED,
+            // The shared zero page reads zero: nothing to save.
+            inverted: category::PFNZERO,
+            required: category::PFNZERO,
+            report: category::PRESENT | category::SWAPPED,
+            ..Default::default()
+        };
+        for r in &self.regions {
+            self.scan
+                .scan(r.host_base, r.host_base + r.size, q, &mut found)
+                .map_err(LiveError::Scan)?;
+        }
+        let mut present = Vec::with_capacity(found.len());
+        for f in &found {
+            self.core.track(f.start, f.end);
+            if let Some(r) = self
+                .regions
+                .iter()
+                .find(|r| f.start >= r.host_base && f.start < r.host_base + r.size)
+            {
+                present.push((r.guest_offset + (f.start - r.host_base), f.end - f.start));
+            }
+        }
+        present.sort_unstable();
+        let t2 = Instant::now();
+        match self.mode {
+            WpMode::Present => {
+                // Each UFFDIO_WRITEPROTECT costs an MMU-notifier round in KVM
+                // (measured: scattered ranges of a 4 GiB guest took 33 ms one
+                // by one), so nearby ranges are protected with one call: the
+                // pages between them are not present, and protecting a range
+                // leaves its empty ptes alone (no WP_UNPOPULATED here).
+                for (start, end) in coalesce(&found, COALESCE_GAP) {
+                    wp::write_protect(&self.uffd, start, end - start, true, false)?;
+                }
+            }
+            WpMode::Unpopulated => {
+                for r in &self.regions {
+                    wp::write_protect(&self.uffd, r.host_base, r.size, true, false)?;
+                }
+            }
+        }
+        let t3 = Instant::now();
+        let _ = self.present.set(present);
+        let us = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e6;
+        let mut t = lock(&self.times);
+        t.scan_us = us(t1, t2);
+        t.protect_us = us(t2, t3);
+        Ok(())
+    }
+
+    /// The guest-physical ranges present at the pause `(gpa, len)`, ascending
+    /// (empty before [`protect`](Self::protect)).
     pub fn present(&self) -> &[(u64, u64)] {
-        &self.present
+        self.present.get().map_or(&[], Vec::as_slice)
     }
 
     /// What protecting cost.
     pub fn times(&self) -> ProtectTimes {
-        self.times
+        *lock(&self.times)
     }
 
     /// The saver's step: the content at the snapshot instant of the guest

@@ -41,7 +41,9 @@ use devices::GuestRam;
 use kvm_ioctls::VmFd;
 use persist::Persist;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 
 /// Errors of the memory manager.
@@ -71,6 +73,39 @@ pub enum MemoryManagerError {
     /// A saved layout does not fit this VMM.
     #[error("saved guest memory layout does not fit: {0}")]
     Layout(String),
+    /// Lazily served memory could not be fetched in full (to turn it into
+    /// plain anonymous memory).
+    #[error("cannot fetch the lazily served guest memory in full: {0}; the VM goes on lazily served; repair the page source and try again, or take a stop-the-world snapshot")]
+    Fetch(#[source] Box<MaterializeError>),
+    /// The page source was lost while its memory was being fetched.
+    #[error("the page source was lost while guest memory was being fetched in full; nothing was changed")]
+    FetchStopped,
+    /// Lazily served memory is a migration destination's in post-copy.
+    #[error("guest memory is still served by the migration source (post-copy): wait until the migration has ended")]
+    Postcopy,
+    /// A page could not be fetched after the handler stopped.
+    #[error(
+        "cannot fetch a lazily served page after its handler stopped: {0}; the VM cannot go on (stop it)"
+    )]
+    Stranded(#[source] Box<MaterializeError>),
+    /// Guest RAM could not be unregistered from the retry core's userfaultfd.
+    #[error("cannot hand lazily served guest memory back to the kernel: {0}; the VM cannot go on (stop it)")]
+    Unregister(#[source] ::memory::UffdError),
+}
+
+/// What turning lazily served RAM into plain anonymous memory took
+/// ([`MemoryManager::release_lazy`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct ReleaseReport {
+    /// Fetching every page of the source's data ranges not fetched yet,
+    /// while the guest ran, ms.
+    pub fetch_ms: f64,
+    /// Faults (or fault-around runs) that fetch resolved.
+    pub fetched: u64,
+    /// Stopping the handler, the check that nothing is left, and
+    /// unregistering RAM, ms (the guest runs; a fault in this window waits
+    /// for the unregister).
+    pub release_ms: f64,
 }
 
 /// How guest RAM is backed now.
@@ -117,6 +152,9 @@ pub struct MemoryManager {
     clone: bool,
     /// Whoever owns a clone's shared file; dropped after `ram` is unmapped.
     _owner: Option<Arc<dyn std::fmt::Debug + Send + Sync>>,
+    /// The last statistics of lazily served memory handed back to the
+    /// kernel ([`MemoryManager::release_lazy`]).
+    released: Option<MemoryStats>,
 }
 
 /// A shmem file holding a snapshot's memory by guest-physical address,
@@ -179,6 +217,7 @@ impl MemoryManager {
             file,
             clone: false,
             _owner: None,
+            released: None,
         })
     }
 
@@ -207,6 +246,7 @@ impl MemoryManager {
             file: Some(file),
             clone: true,
             _owner: Some(shared.owner.clone()),
+            released: None,
         })
     }
 
@@ -338,20 +378,61 @@ impl MemoryManager {
         b
     }
 
+    /// Turns lazily served RAM into plain anonymous memory, while the guest
+    /// runs (a live snapshot's first step, `docs/live-snapshot.md`): fetches
+    /// every page of the source's data ranges not fetched yet through the
+    /// retry cores (as a fault would), stops the handler, checks (and
+    /// fetches) again, then unregisters RAM from the userfaultfd. A page
+    /// outside the data ranges and never faulted in is zero to the source,
+    /// and an unregistered fault gives exactly that; a vCPU waiting on one
+    /// when the handler stops wakes at the unregister. `None`: RAM was not
+    /// lazily served. On an error before the handler stops nothing changed.
+    /// Refused for a migration destination's memory (its source holds the
+    /// pages until the migration ends).
+    pub fn release_lazy(&mut self, stop: &AtomicBool) -> Result<Option<ReleaseReport>, MemoryManagerError> {
+        let Backing::Lazy(lazy) = &mut self.backing else {
+            return Ok(None);
+        };
+        if lazy.backend() == "migration" {
+            return Err(MemoryManagerError::Postcopy);
+        }
+        let start = Instant::now();
+        let m = lazy.materializer();
+        let fetched = AtomicU64::new(0);
+        m.run(stop, &fetched)
+            .map_err(|e| MemoryManagerError::Fetch(Box::new(e)))?;
+        if stop.load(Ordering::Acquire) {
+            return Err(MemoryManagerError::FetchStopped);
+        }
+        let fetch_ms = start.elapsed().as_secs_f64() * 1e3;
+        let t = Instant::now();
+        lazy.stop();
+        // A fill the handler had parked when it stopped (none expected: every
+        // data page is present), filled from this thread.
+        m.run(&AtomicBool::new(false), &fetched)
+            .map_err(|e| MemoryManagerError::Stranded(Box::new(e)))?;
+        let mut stats = lazy.stats();
+        stats.backing = self.kind.to_string();
+        stats.fault_mode = self.fault_mode.to_string();
+        lazy.unregister().map_err(MemoryManagerError::Unregister)?;
+        self.released = Some(stats);
+        self.backing = Backing::Anon;
+        Ok(Some(ReleaseReport {
+            fetch_ms,
+            fetched: fetched.load(Ordering::Relaxed),
+            release_ms: t.elapsed().as_secs_f64() * 1e3,
+        }))
+    }
+
     /// Whether RAM is plain anonymous memory (what a live snapshot can
     /// write-protect).
     pub fn is_anonymous(&self) -> bool {
         matches!(self.backing, Backing::Anon)
     }
 
-    /// Starts write-protecting RAM for a live snapshot (see [`live`]); the
-    /// vCPUs and devices must be paused.
-    pub fn start_live(
-        &mut self,
-        mode: WpMode,
-        buffer_pages: usize,
-        sink: EventSink,
-    ) -> Result<Arc<WpSession>, LiveError> {
+    /// Whether RAM's kind of memory can be write-protected for a live
+    /// snapshot (private anonymous memory, not a clone).
+    pub fn check_live(&self) -> Result<(), LiveError> {
         // Shared memfd and hugetlb mappings would need WP_HUGETLBFS_SHMEM
         // and a write-protect handler that knows their page sizes.
         if self.kind != MemBacking::Anon || self.clone {
@@ -362,10 +443,23 @@ impl MemoryManager {
             };
             return Err(LiveError::Backing(what));
         }
+        Ok(())
+    }
+
+    /// Prepares write-protecting RAM for a live snapshot (see [`live`]):
+    /// registers it and starts the handler while the guest runs; protect
+    /// with [`WpSession::protect`] once the vCPUs and devices are paused.
+    pub fn prepare_live(
+        &mut self,
+        mode: WpMode,
+        buffer_pages: usize,
+        sink: EventSink,
+    ) -> Result<Arc<WpSession>, LiveError> {
+        self.check_live()?;
         if let Some(old) = self.live.take() {
             old.end();
         }
-        let s = Arc::new(WpSession::start(
+        let s = Arc::new(WpSession::prepare(
             &self.ram,
             &self.wp_uffds,
             mode,
@@ -408,8 +502,12 @@ impl MemoryManager {
         }
     }
 
-    /// Statistics of lazily served memory (with how its pages are shared).
+    /// Statistics of lazily served memory (with how its pages are shared);
+    /// their last state once it was handed back to the kernel.
     pub fn stats(&self) -> Option<MemoryStats> {
+        if self.lazy().is_none() {
+            return self.released.clone();
+        }
         self.lazy().map(|l| {
             let mut s = l.stats();
             s.backing = self.kind.to_string();

@@ -24,7 +24,7 @@ pub use fault::{fault, FaultBench, FaultBenchOptions};
 pub use guest_fault::{guest_fault, parse_guest_bench, GuestFaultBench};
 pub use migrate::{migrate, migrate_push_orders, migrate_with, MigrateBench, MigrateRun};
 pub use restore::{restore, restore_with, RestoreBench, RestoreFigure, RESTORE_MEM_MIB};
-pub use snapshot::{snapshot, SnapshotBench, SnapshotFigure};
+pub use snapshot::{snapshot, snapshot_with, SnapshotBench, SnapshotFigure};
 pub use working_set::{working_set, working_set_with, WorkingSetBench};
 
 use crate::config::VmConfig;

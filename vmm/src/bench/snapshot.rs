@@ -28,6 +28,14 @@ pub struct SnapshotFigure {
     pub live_downtime_ms: Figure,
     /// Of it: write-protecting (scan + protect), ms.
     pub live_protect_ms: Figure,
+    /// Of it: pausing the vCPUs, ms.
+    pub live_pause_ms: Figure,
+    /// Of it: capturing vCPU, KVM and device state, ms.
+    pub live_capture_ms: Figure,
+    /// Of it: write-protecting in all, ms.
+    pub live_start_ms: Figure,
+    /// Of it: resuming, ms.
+    pub live_resume_ms: Figure,
     /// Live: request to snapshot in place, ms.
     pub live_total_ms: Figure,
     /// Live, all of RAM protected with WP_UNPOPULATED: downtime, ms.
@@ -38,10 +46,11 @@ pub struct SnapshotFigure {
     pub stw_ms: Figure,
     /// Guest writes that waited in a WP fault (median per live snapshot).
     pub wp_faults: u64,
-    /// Of the live protect time (last run): register, scan, protect, us.
-    pub live_protect_parts_us: [f64; 3],
+    /// Of the live protect time (last run): register, scan, protect, and
+    /// all of preparing (register included; before the pause), us.
+    pub live_protect_parts_us: [f64; 4],
     /// The same in unpopulated mode.
-    pub unpopulated_protect_parts_us: [f64; 3],
+    pub unpopulated_protect_parts_us: [f64; 4],
 }
 
 /// Results of `vmm bench snapshot`.
@@ -120,11 +129,24 @@ fn median_u64(mut v: Vec<u64>) -> u64 {
     v.get(v.len() / 2).copied().unwrap_or(0)
 }
 
+/// The guest sizes of `vmm bench snapshot`, MiB.
+pub const SNAPSHOT_MEM_MIB: [u64; 3] = [64, 1024, 4096];
+
 /// Runs `vmm bench snapshot`.
 pub fn snapshot(repeats: u32, progress: &mut dyn FnMut(&str)) -> Result<SnapshotBench, BenchError> {
+    snapshot_with(repeats, &SNAPSHOT_MEM_MIB, progress)
+}
+
+/// `vmm bench snapshot` with guests of `mem_mib` MiB (none: only the
+/// dirty-tracking rounds).
+pub fn snapshot_with(
+    repeats: u32,
+    mem_mib: &[u64],
+    progress: &mut dyn FnMut(&str),
+) -> Result<SnapshotBench, BenchError> {
     let n = repeats.max(1);
     let mut sizes = Vec::new();
-    for mem_mib in [64u64, 1024, 4096] {
+    for &mem_mib in mem_mib {
         progress(&format!("a {mem_mib} MiB guest writing 24 MiB"));
         let cfg = VmConfig {
             kernel: KernelSource::Bundled,
@@ -165,8 +187,9 @@ pub fn snapshot(repeats: u32, progress: &mut dyn FnMut(&str)) -> Result<Snapshot
         };
         let (mut live_d, mut live_p, mut live_t, mut unp_d, mut unp_p, mut stw, mut faults) =
             (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+        let (mut live_pause, mut live_cap, mut live_start, mut live_res) = (vec![], vec![], vec![], vec![]);
         let mut bytes = 0;
-        let (mut parts, mut unp_parts) = ([0.0; 3], [0.0; 3]);
+        let (mut parts, mut unp_parts) = ([0.0; 4], [0.0; 4]);
         progress(&format!("snapshots of the {mem_mib} MiB guest"));
         for _ in 0..n {
             for mode in [WpMode::Present, WpMode::Unpopulated] {
@@ -181,17 +204,21 @@ pub fn snapshot(repeats: u32, progress: &mut dyn FnMut(&str)) -> Result<Snapshot
                     )
                     .map_err(bad)?;
                 let total = t.elapsed().as_secs_f64() * 1e3;
-                let protect =
-                    (info.protect.scan_us + info.protect.protect_us + info.protect.register_us) / 1e3;
+                let protect = (info.protect.scan_us + info.protect.protect_us) / 1e3;
                 let p = [
                     info.protect.register_us,
                     info.protect.scan_us,
                     info.protect.protect_us,
+                    info.protect.prepare_us,
                 ];
                 if mode == WpMode::Present {
                     parts = p;
                     live_d.push(info.downtime_ms);
                     live_p.push(protect);
+                    live_pause.push(info.pause_ms);
+                    live_cap.push(info.capture_ms);
+                    live_start.push(info.start_live_ms);
+                    live_res.push(info.resume_ms);
                     live_t.push(total);
                     faults.push(info.wp.faults_saved);
                     bytes = info.memory_bytes;
@@ -211,6 +238,10 @@ pub fn snapshot(repeats: u32, progress: &mut dyn FnMut(&str)) -> Result<Snapshot
             memory_bytes: bytes,
             live_downtime_ms: Figure::of(live_d),
             live_protect_ms: Figure::of(live_p),
+            live_pause_ms: Figure::of(live_pause),
+            live_capture_ms: Figure::of(live_cap),
+            live_start_ms: Figure::of(live_start),
+            live_resume_ms: Figure::of(live_res),
             live_total_ms: Figure::of(live_t),
             unpopulated_downtime_ms: Figure::of(unp_d),
             unpopulated_protect_ms: Figure::of(unp_p),
@@ -246,17 +277,32 @@ impl std::fmt::Display for SnapshotBench {
         for s in &self.sizes {
             writeln!(
                 f,
-                "  {:>5} MiB ({:>5.1} MiB saved): live downtime {:.2} ({:.2}-{:.2}) [protect {:.2} = register/scan/protect {:.2}/{:.2}/{:.2}], total {:.1} ({:.1}-{:.1}), {} WP faults; \
+                "  {:>5} MiB ({:>5.1} MiB saved): live downtime {:.2} ({:.2}-{:.2}) [pause {:.2} ({:.2}-{:.2}), capture {:.2} ({:.2}-{:.2}), protect {:.2} ({:.2}-{:.2}) [scan+protect {:.2} ({:.2}-{:.2}) = scan/protect {:.2}/{:.2}; before the pause: register {:.2}, all of preparing {:.2}], resume {:.2} ({:.2}-{:.2})], total {:.1} ({:.1}-{:.1}), {} WP faults; \
                  unpopulated downtime {:.2} ({:.2}-{:.2}) [protect {:.2}]; stop-the-world {:.1} ({:.1}-{:.1})",
                 s.mem_mib,
                 s.memory_bytes as f64 / f64::from(1u32 << 20),
                 s.live_downtime_ms.median_us,
                 s.live_downtime_ms.min_us,
                 s.live_downtime_ms.max_us,
+                s.live_pause_ms.median_us,
+                s.live_pause_ms.min_us,
+                s.live_pause_ms.max_us,
+                s.live_capture_ms.median_us,
+                s.live_capture_ms.min_us,
+                s.live_capture_ms.max_us,
+                s.live_start_ms.median_us,
+                s.live_start_ms.min_us,
+                s.live_start_ms.max_us,
                 s.live_protect_ms.median_us,
-                s.live_protect_parts_us[0] / 1e3,
+                s.live_protect_ms.min_us,
+                s.live_protect_ms.max_us,
                 s.live_protect_parts_us[1] / 1e3,
                 s.live_protect_parts_us[2] / 1e3,
+                s.live_protect_parts_us[0] / 1e3,
+                s.live_protect_parts_us[3] / 1e3,
+                s.live_resume_ms.median_us,
+                s.live_resume_ms.min_us,
+                s.live_resume_ms.max_us,
                 s.live_total_ms.median_us,
                 s.live_total_ms.min_us,
                 s.live_total_ms.max_us,

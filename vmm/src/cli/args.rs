@@ -121,8 +121,19 @@ pub(crate) enum BenchCommand {
     /// against the ideal measured in the same run, and /proc/meminfo deltas.
     Clones(BenchArgs),
     /// Live against stop-the-world snapshots of 64 MiB, 1 GiB and 4 GiB
-    /// guests that wrote 48 MiB and keep writing: downtime and total time.
-    Snapshot(BenchArgs),
+    /// guests that wrote 24 MiB and keep writing: downtime (pause, capture,
+    /// protect) and total time; then dirty tracking, one pre-copy round
+    /// over 1 GiB, KVM log against uffd-WP, interleaved.
+    Snapshot {
+        #[command(flatten)]
+        args: BenchArgs,
+        /// Guest sizes in MiB, comma separated.
+        #[arg(long, value_delimiter = ',', default_values_t = vmm::bench::snapshot::SNAPSHOT_MEM_MIB)]
+        mem_mib: Vec<u64>,
+        /// Only the dirty-tracking rounds (no guests).
+        #[arg(long)]
+        dirty_only: bool,
+    },
     /// A FaaS-like cold start (1 GiB guest, 64k state pages, one invocation
     /// touching W = 5/25/50% of them, rand and zipf): eager, lazy on demand
     /// (fault-around 16 and 0), working-set prefetch before and while

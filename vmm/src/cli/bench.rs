@@ -24,7 +24,7 @@ pub fn bench(cmd: BenchCommand) -> i32 {
         | BenchCommand::GuestFault(a)
         | BenchCommand::Restore { args: a, .. }
         | BenchCommand::Clones(a)
-        | BenchCommand::Snapshot(a)
+        | BenchCommand::Snapshot { args: a, .. }
         | BenchCommand::WorkingSet(a)
         | BenchCommand::Migrate { args: a, .. }
         | BenchCommand::All { args: a, .. } => a,
@@ -53,8 +53,13 @@ pub fn bench(cmd: BenchCommand) -> i32 {
             Err(code) => return code,
         },
         BenchCommand::Clones(a) => vmm::bench::clones(&mut progress).map(|r| print_result(&r, a.json)),
-        BenchCommand::Snapshot(a) => {
-            vmm::bench::snapshot(a.repeats, &mut progress).map(|r| print_result(&r, a.json))
+        BenchCommand::Snapshot {
+            args: a,
+            mem_mib,
+            dirty_only,
+        } => {
+            let sizes: &[u64] = if *dirty_only { &[] } else { mem_mib };
+            vmm::bench::snapshot_with(a.repeats, sizes, &mut progress).map(|r| print_result(&r, a.json))
         }
         BenchCommand::WorkingSet(a) => {
             vmm::bench::working_set(a.repeats, &mut progress).map(|r| print_result(&r, a.json))

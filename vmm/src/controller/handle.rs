@@ -100,9 +100,15 @@ pub enum ControlError {
         "a live snapshot is being written; wait for its answer before taking another snapshot or migrating"
     )]
     LiveRunning,
-    /// Live snapshots write-protect plain anonymous memory only.
-    #[error("a live snapshot needs guest memory in plain anonymous memory; this VM's memory is served lazily or by an external handler (a range belongs to one userfaultfd): take a stop-the-world snapshot (without --live), which fetches it in full")]
-    LiveNeedsAnonymous,
+    /// Live snapshots cannot write-protect an external handler's memory.
+    #[error("a live snapshot cannot write-protect memory an external page-fault handler serves (--mem-backend uffd:SOCKET: a range belongs to one userfaultfd, and pages it has not served are not in this process)")]
+    LiveExternal,
+    /// Lazily served memory could not become plain anonymous memory for a
+    /// live snapshot.
+    #[error(
+        "a live snapshot first fetches lazily served memory in full and hands it back to the kernel: {0}"
+    )]
+    LiveLazy(#[source] Box<vmm_core::memory::MemoryManagerError>),
     /// This host cannot take live snapshots.
     #[error(transparent)]
     LiveUnsupported(#[from] crate::snapshot::live::LiveUnsupported),

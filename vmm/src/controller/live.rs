@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 use vmm_core::memory::live::ProtectTimes;
-use vmm_core::memory::{WpMode, WpSession};
+use vmm_core::memory::{ReleaseReport, WpMode, WpSession};
 
 /// How to take a live snapshot.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -55,6 +55,14 @@ pub struct LiveInfo {
     pub capture_ms: f64,
     /// Of the downtime: write-protecting memory.
     pub protect: ProtectTimes,
+    /// Of the downtime: write-protecting memory in all (`protect`'s scan and
+    /// protect; its registration and handler thread come before the pause), ms.
+    pub start_live_ms: f64,
+    /// Of the downtime: resuming the vCPUs and devices, ms.
+    pub resume_ms: f64,
+    /// Lazily served memory fetched in full and handed back to the kernel
+    /// before the pause (not downtime), if it was lazily served.
+    pub released: Option<ReleaseReport>,
     /// How memory was protected.
     pub mode: WpMode,
     /// Fault and saver counters.
@@ -73,6 +81,9 @@ pub(super) struct LiveRun {
     downtime_ms: f64,
     pause_ms: f64,
     capture_ms: f64,
+    start_live_ms: f64,
+    resume_ms: f64,
+    released: Option<ReleaseReport>,
     session: Arc<WpSession>,
     abort: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -92,14 +103,52 @@ impl Controller {
         if let Some(e) = self.run.busy() {
             return Err(e);
         }
-        if !self.vm.memory().is_anonymous() {
-            return Err(ControlError::LiveNeedsAnonymous);
+        if self.vm.memory().is_external() {
+            return Err(ControlError::LiveExternal);
         }
+        self.vm.memory().check_live().map_err(ControlError::Live)?;
         check_kvm()?;
         let start = Instant::now();
+        // Lazily served memory: fetched in full while the guest runs and
+        // handed back to the kernel (docs/live-snapshot.md), so it can be
+        // write-protected on a userfaultfd of its own. A working-set
+        // recording ends here: later touches fault no more.
+        if self.vm.memory().lazy().is_some() {
+            if let Some(Err(e)) = self.recording.as_ref().map(|r| r.finish()) {
+                tracing::warn!("the working-set recording ended by the live snapshot failed: {e}");
+            }
+        }
+        let released = match self.vm.memory_mut().release_lazy(&self.source_lost) {
+            Ok(r) => r,
+            Err(e) => {
+                use vmm_core::memory::MemoryManagerError as M;
+                if matches!(e, M::Stranded(_) | M::Unregister(_)) && !self.run.paused() {
+                    // Its handler is gone: the guest must not run on.
+                    if let Err(p) = self.pause() {
+                        tracing::warn!("cannot pause after a failed release of lazy memory: {p}");
+                    }
+                }
+                return Err(ControlError::LiveLazy(Box::new(e)));
+            }
+        };
+        // Registering RAM and starting the handler protect nothing yet: done
+        // while the guest runs.
+        let events = self.events.clone();
+        let sink: vmm_core::event::EventSink = Arc::new(move |ev| {
+            events.send(Event::Vm(ev));
+        });
+        let session = self
+            .vm
+            .memory_mut()
+            .prepare_live(options.mode, options.buffer_pages.unwrap_or(BUFFER_PAGES), sink)
+            .map_err(ControlError::Live)?;
+        let start_pause = Instant::now();
         let was_running = self.run == RunState::Running;
         if was_running {
-            self.pause()?;
+            if let Err(e) = self.pause() {
+                self.vm.memory_mut().end_live();
+                return Err(e);
+            }
         }
         let paused = Instant::now();
         let back = |c: &mut Controller, e: ControlError| {
@@ -122,18 +171,10 @@ impl Controller {
             }
         }
         let before_protect = Instant::now();
-        let events = self.events.clone();
-        let sink: vmm_core::event::EventSink = Arc::new(move |ev| {
-            events.send(Event::Vm(ev));
-        });
-        let session = match self.vm.memory_mut().start_live(
-            options.mode,
-            options.buffer_pages.unwrap_or(BUFFER_PAGES),
-            sink,
-        ) {
-            Ok(s) => s,
-            Err(e) => return back(self, ControlError::Live(e)),
-        };
+        if let Err(e) = session.protect() {
+            return back(self, ControlError::Live(e));
+        }
+        let protected = Instant::now();
         let resume = match options.then {
             AfterSnapshot::Resume => true,
             AfterSnapshot::Restore => was_running,
@@ -144,8 +185,9 @@ impl Controller {
                 return back(self, e);
             }
         }
+        let resumed = Instant::now();
         // The reference copy is a test aid: it is not downtime.
-        let downtime = start.elapsed() - (before_protect - captured);
+        let downtime = start_pause.elapsed() - (before_protect - captured);
         let abort = Arc::new(AtomicBool::new(false));
         let thread = {
             let (session, abort, events) = (session.clone(), abort.clone(), self.events.clone());
@@ -174,7 +216,10 @@ impl Controller {
             dir: dir.to_owned(),
             start,
             downtime_ms: downtime.as_secs_f64() * 1e3,
-            pause_ms: ms(start, paused),
+            pause_ms: ms(start_pause, paused),
+            start_live_ms: ms(before_protect, protected),
+            resume_ms: ms(protected, resumed),
+            released,
             capture_ms: ms(paused, captured),
             session,
             abort,
@@ -206,6 +251,9 @@ impl Controller {
                     downtime_ms: run.downtime_ms,
                     pause_ms: run.pause_ms,
                     capture_ms: run.capture_ms,
+                    start_live_ms: run.start_live_ms,
+                    resume_ms: run.resume_ms,
+                    released: run.released,
                     protect,
                     mode: run.options.mode,
                     wp,

@@ -118,6 +118,8 @@ pub struct StressReport {
     pub snapshot_restores: u64,
     /// Of those, runs of the guest's suite (page-store reads in flight).
     pub suite_snapshot_restores: u64,
+    /// Of those, live snapshots (taken while the guest ran on).
+    pub live_snapshot_restores: u64,
     /// Snapshots whose first restore recorded the working set and that were
     /// restored again with it prefetched (before or while the vCPUs run),
     /// to completion with the same checksums.
@@ -238,7 +240,7 @@ fn run_one(
         .iter()
         .any(|&(_, e)| matches!(e, StormEvent::Migrate { .. }))
     {
-        let (d, h) = Destination::listen(&migrate_to)?;
+        let (d, h) = Destination::listen(&migrate_to, &cfg.memory)?;
         (Some(d), Some(h))
     } else {
         (None, None)
@@ -396,7 +398,8 @@ fn run_one(
     }
     let taken = snapshot.lock().map(|mut slot| slot.take()).unwrap_or(None);
     match taken {
-        Some(Ok(())) => {
+        Some(Ok(live)) => {
+            report.live_snapshot_restores += u64::from(live);
             // Every other snapshot: record its working set, then restore it
             // again with the working set prefetched (before resume or while
             // running, in turn).
@@ -461,6 +464,7 @@ fn restore_to_completion(cfg: &VmConfig, dir: &std::path::Path, ws: RestoreHow) 
         lazy: true,
         record_working_set: ws.record,
         prefetch_working_set: ws.prefetch,
+        handlers: cfg.memory.handlers.clone(),
         ..Default::default()
     };
     let outcome = crate::Vm::restore(dir, &how, options)
@@ -506,11 +510,12 @@ impl std::fmt::Display for StressReport {
         )?;
         writeln!(
             f,
-            "  storms: {} kicks, {} pause/resume cycles, {} holds, {} snapshots restored ({} of the suite, {} again with their working set), {} migrations ({} of the suite, {} resumed after a cut); {} vCPU interruptions",
+            "  storms: {} kicks, {} pause/resume cycles, {} holds, {} snapshots restored ({} live, {} of the suite, {} again with their working set), {} migrations ({} of the suite, {} resumed after a cut); {} vCPU interruptions",
             self.kicks,
             self.pauses,
             self.holds,
             self.snapshot_restores,
+            self.live_snapshot_restores,
             self.suite_snapshot_restores,
             self.working_set_restores,
             self.migrations,

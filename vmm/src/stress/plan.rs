@@ -15,7 +15,13 @@ pub enum StormEvent {
     Hold(u32),
     /// Snapshot the running VM (it goes on); after the run the snapshot is
     /// restored lazily and must finish with the same checksums.
-    Snapshot,
+    Snapshot {
+        /// A live snapshot (`--live`: the VM pauses only to capture its
+        /// state and write-protect memory; its lazily served memory is
+        /// fetched in full first). Only on anonymous RAM (live snapshots
+        /// refuse memfd RAM).
+        live: bool,
+    },
     /// Migrate the running VM (loopback Unix socket; pre-copy rounds with
     /// dirty logging first, 0 to 3, then post-copy) to a destination VM in
     /// this process, which must finish with the checksums.
@@ -110,7 +116,10 @@ pub fn plan(seed: u64, index: u64, vcpus: u32) -> RunPlan {
     // Suite runs too: the page store's reads in flight are part of the
     // state, and must complete on the restored or migrated VM.
     if rng.below(3) == 0 {
-        schedule.push((u32::try_from(rng.below(1000)).unwrap_or(0), StormEvent::Snapshot));
+        schedule.push((
+            u32::try_from(rng.below(1000)).unwrap_or(0),
+            StormEvent::Snapshot { live: false },
+        ));
     }
     if rng.below(4) == 0 {
         let precopy_rounds = u32::try_from(rng.below(4)).unwrap_or(0);
@@ -138,6 +147,15 @@ pub fn plan(seed: u64, index: u64, vcpus: u32) -> RunPlan {
     let handler_threads = 1 + u32::try_from(hr.below(3)).unwrap_or(0);
     let handler_pinning =
         ["auto", "none", "cpu", "vcpu"][usize::try_from(hr.below(4)).unwrap_or(0)].to_string();
+    // Live snapshots on anonymous RAM, half of them (a stream of its own too).
+    let mut lr = Rng(mix64(
+        seed ^ index.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x6c69_7665,
+    ));
+    for (_, ev) in &mut schedule {
+        if let StormEvent::Snapshot { live } = ev {
+            *live = b == "anon" && lr.below(2) == 0;
+        }
+    }
     RunPlan {
         cmdline,
         fault_around,
@@ -161,5 +179,24 @@ mod tests {
         assert!(!p.cmdline.contains("shared=1"), "one vCPU never shares");
         assert!(p.schedule.windows(2).all(|w| w[0].0 <= w[1].0));
         abi::workload::parse_cmdline(&p.cmdline).unwrap();
+    }
+
+    #[test]
+    fn live_snapshots_are_drawn_on_anonymous_ram_only() {
+        let (mut live, mut stw) = (0, 0);
+        for i in 0..400 {
+            let p = plan(11, i, 2);
+            for (_, ev) in &p.schedule {
+                if let StormEvent::Snapshot { live: l } = ev {
+                    if *l {
+                        assert_eq!(p.backing.0, "anon", "{p:?}");
+                        live += 1;
+                    } else {
+                        stw += 1;
+                    }
+                }
+            }
+        }
+        assert!(live > 0 && stw > 0, "{live} live, {stw} stop-the-world");
     }
 }

@@ -133,9 +133,13 @@ pub fn cutting_proxy(front: &Path, back: &Path, limit: usize) -> std::io::Result
 impl Destination {
     /// Listens on `at` and receives at most one VM on a thread; the VM's
     /// handle comes on the channel once it runs.
+    /// Its guest RAM takes the backing, fault mode and handler pool of
+    /// `memory` (the source's).
     pub(super) fn listen(
         at: &Endpoint,
+        memory: &crate::config::MemoryConfig,
     ) -> Result<(Destination, std::sync::mpsc::Receiver<VmHandle>), StressError> {
+        let (handlers, backing, fault_mode) = (memory.handlers.clone(), memory.backing, memory.fault_mode);
         let listener = Listener::bind(at)?;
         let stop = listener.stopper();
         let (tx, rx) = std::sync::mpsc::channel();
@@ -143,11 +147,13 @@ impl Destination {
         let serial = SerialOutput::Capture(console.clone());
         let thread = std::thread::spawn(move || {
             let opts = ReceiveOptions {
-                handlers: Default::default(),
+                handlers,
                 wait: None,
                 vm: VmOptions {
                     serial,
                     timeout: Some(Duration::from_secs(120)),
+                    backing,
+                    fault_mode,
                     ..VmOptions::default()
                 },
                 // Time for the storm to resume a cut migration.

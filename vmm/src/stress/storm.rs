@@ -17,7 +17,7 @@ pub(super) fn storm(
     source: &ChaosSource,
     schedule: &[(u32, StormEvent)],
     snapshot_dir: &std::path::Path,
-    snapshot: &Mutex<Option<Result<(), String>>>,
+    snapshot: &Mutex<Option<Result<bool, String>>>,
     rig: &MigrationRig,
 ) -> (u64, u64, u64) {
     let start = Instant::now();
@@ -55,8 +55,14 @@ pub(super) fn storm(
                 source.release();
                 holds += 1;
             }
-            StormEvent::Snapshot => {
-                let r = vm.snapshot(snapshot_dir, crate::snapshot::AfterSnapshot::Restore);
+            StormEvent::Snapshot { live } => {
+                let r = if live {
+                    let options = crate::controller::live::LiveOptions::default();
+                    vm.snapshot_live(snapshot_dir, &options).map(|_| ())
+                } else {
+                    vm.snapshot(snapshot_dir, crate::snapshot::AfterSnapshot::Restore)
+                        .map(|_| ())
+                };
                 let ended = crate::ControlError::Ended.to_string();
                 if r.as_ref().is_err_and(|e| e.to_string().contains(&ended)) {
                     // The guest exited just before the request: the run ends
@@ -74,7 +80,7 @@ pub(super) fn storm(
                     return (kicks, pauses, holds);
                 }
                 if let Ok(mut slot) = snapshot.lock() {
-                    *slot = Some(r.map(|_| ()).map_err(|e| e.to_string()));
+                    *slot = Some(r.map(|()| live).map_err(|e| e.to_string()));
                 }
             }
             StormEvent::Migrate {
