@@ -163,6 +163,9 @@ pub struct TaskArgs {
     pub duration_ms: u64,
     /// The TSC frequency in kHz (from the boot information; 0 if unknown).
     pub tsc_khz: u64,
+    /// `faas`: how many of the invocation's distinct pages this task
+    /// overwrites (`u64::MAX` = all; [`crate::workload::WorkloadConfig::writes`]).
+    pub writes: u64,
 }
 
 /// `TaskArgs::role` of the in-guest test runner (`test=`).
@@ -202,7 +205,7 @@ impl TaskArgs {
     }
 }
 
-const _: () = assert!(core::mem::size_of::<TaskArgs>() == 136);
+const _: () = assert!(core::mem::size_of::<TaskArgs>() == 144);
 
 /// What a user task reports with [`SYS_REPORT`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -207,6 +207,13 @@ pub struct WorkloadConfig {
     /// `invoke=N` (faas): distinct state pages the invocation touches, all
     /// tasks together (0 = a quarter of `pages`).
     pub invoke: u64,
+    /// `writes=N` (faas with a pattern that visits each page once: seq,
+    /// rand, stride): how many of the invocation's distinct pages it
+    /// overwrites with its mark, all tasks together (the first it touches);
+    /// the rest it only reads. `u64::MAX` (the default) = every page it
+    /// touches. Sampling patterns (hot, zipf) always write every page (the
+    /// mark is how they tell a page seen before).
+    pub writes: u64,
 }
 
 /// The in-guest tests, in the order `test=all` runs them.
@@ -244,6 +251,7 @@ impl Default for WorkloadConfig {
             rate: 1000,
             duration_ms: 1000,
             invoke: 0,
+            writes: u64::MAX,
         }
     }
 }
@@ -277,7 +285,7 @@ impl core::fmt::Display for CmdlineError<'_> {
             CmdlineError::NotKeyValue(w) => write!(f, "`{w}` is not of the form key=value"),
             CmdlineError::UnknownKey(k) => write!(
                 f,
-                "unknown key `{k}` (known: workload, pages, pattern, accesses, write, seed, populate, shared, test, store_delay_us, tasks, rate, duration_ms, invoke)"
+                "unknown key `{k}` (known: workload, pages, pattern, accesses, write, seed, populate, shared, test, store_delay_us, tasks, rate, duration_ms, invoke, writes)"
             ),
             CmdlineError::BadValue { key, value, expected } => {
                 write!(f, "bad value `{value}` for `{key}`: expected {expected}")
@@ -343,6 +351,11 @@ pub fn parse_cmdline(cmdline: &str) -> Result<WorkloadConfig, CmdlineError<'_>> 
                 cfg.invoke = parse_u64(value)
                     .filter(|p| (1..=MAX_TOUCH_PAGES).contains(p))
                     .ok_or(bad("a page count from 1 to 16777216"))?
+            }
+            "writes" => {
+                cfg.writes = parse_u64(value)
+                    .filter(|p| *p <= MAX_TOUCH_PAGES)
+                    .ok_or(bad("a page count from 0 to 16777216"))?
             }
             "duration_ms" => {
                 cfg.duration_ms = parse_u64(value)
@@ -1086,6 +1099,10 @@ mod tests {
             )
         );
         assert!(parse_cmdline("workload=touch pattern=zipf:3000").is_err());
+        let f = parse_cmdline("workload=faas pages=64 invoke=64 writes=8").unwrap();
+        assert_eq!((f.kind, f.invoke, f.writes), (WorkloadKind::Faas, 64, 8));
+        assert_eq!(parse_cmdline("workload=faas").unwrap().writes, u64::MAX);
+        assert!(parse_cmdline("writes=99999999").is_err());
         let d = parse_cmdline("workload=dirty pages=64 rate=500 duration_ms=200").unwrap();
         assert_eq!((d.kind, d.rate, d.duration_ms), (WorkloadKind::Dirty, 500, 200));
     }

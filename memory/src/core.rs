@@ -490,9 +490,15 @@ impl RetryCore {
     fn kernel_has_page(&self, idx: usize) -> bool {
         let mut vec = [0u8; 1];
         let addr = self.host(idx) as *mut libc::c_void;
+        // The length is one byte: mincore writes one byte per 4 KiB page of
+        // the range, so asking for a whole huge page (512 bytes) would
+        // overrun `vec` (it did: the stack of a hugetlb migration
+        // destination's handler was smashed). The first 4 KiB of a huge page
+        // is mapped exactly when the huge page is.
         // SAFETY: mincore only reads page tables for this page-aligned address
-        // of our registered region and writes one byte into `vec`.
-        let ret = unsafe { libc::mincore(addr, self.ps, vec.as_mut_ptr()) };
+        // of our registered region and writes one byte (length 1 is one
+        // page) into `vec`.
+        let ret = unsafe { libc::mincore(addr, 1, vec.as_mut_ptr()) };
         ret == 0 && vec[0] & 1 != 0
     }
 

@@ -527,3 +527,80 @@ fn a_working_set_is_prefetched_onto_a_memfd_in_minor_mode_huge_pages_and_a_clone
     assert!(t.pages_continued > 0 && t.pages_copied == 0, "{t:?}");
     let _ = std::fs::remove_dir_all(&clone_dir);
 }
+
+#[test]
+fn post_copy_and_pre_copy_migrate_onto_2m_huge_pages() {
+    let huge = MemBacking::Hugetlb(vmm::config::HugePageSize::Size2M);
+    // One destination of 64 MiB at once.
+    let _pages = HugePages::reserve(32);
+    for rounds in [0u32, 2] {
+        let what = format!("destination on 2 MiB pages, {rounds} pre-copy rounds");
+        let cfg = config(2, "64M", "workload=touch pages=6000 pattern=rand");
+        let listener = Listener::bind(&Endpoint::Unix(sock(&format!("huge{rounds}")))).unwrap();
+        let to = listener.endpoint().unwrap();
+        let dest = destination(listener, huge, FaultMode::Missing);
+        let src = source(&cfg);
+        let options = MigrateOptions {
+            precopy_rounds: rounds,
+            push_delay: Duration::from_millis(100),
+            ..Default::default()
+        };
+        let summary = src.migrate(&to, &options).unwrap();
+        assert!(matches!(src.wait().unwrap().end, GuestEnd::Migrated(_)), "{what}");
+        let out = dest.join().unwrap();
+        assert_eq!(out.run.end, GuestEnd::Exited(0), "{what}: {:?}", out.lost);
+        assert_eq!(out.config.memory.backing, huge, "{what}");
+        let sum = verify_reports(&out.config, &out.run);
+        assert!(matches!(sum, Ok(Some(_))), "{what}: {sum:?}");
+        assert_eq!(out.stats.duplicates, 0, "{what}: {:?}", out.stats);
+        if rounds > 0 {
+            assert!(summary.precopy_pages > 0, "{what}: {summary:?}");
+        }
+        // Placed in whole huge pages: at most 32 fills of 2 MiB for 64 MiB.
+        let t = out.run.memory.unwrap().total;
+        assert!(
+            t.pages_copied + t.pages_zeroed <= 32,
+            "{what}: 2 MiB units: {t:?}"
+        );
+    }
+}
+
+const POOL_1G: &str = "/sys/kernel/mm/hugepages/hugepages-1048576kB/nr_hugepages";
+
+#[test]
+fn one_gib_huge_pages_where_the_pool_allows() {
+    // Reserving a 1 GiB page needs 1 GiB of contiguous free memory: often
+    // impossible on a busy machine. Say so plainly rather than fail.
+    let Ok(cur) = std::fs::read_to_string(POOL_1G).map(|s| s.trim().parse::<u64>().unwrap_or(0)) else {
+        eprintln!("SKIPPED: no 1 GiB huge-page pool here ({POOL_1G})");
+        return;
+    };
+    let _ = std::fs::write(POOL_1G, format!("{}", cur + 1));
+    struct Release(u64);
+    impl Drop for Release {
+        fn drop(&mut self) {
+            let _ = std::fs::write(POOL_1G, format!("{}", self.0));
+        }
+    }
+    let _release = Release(cur);
+    let free: u64 = std::fs::read_to_string("/sys/kernel/mm/hugepages/hugepages-1048576kB/free_hugepages")
+        .map(|s| s.trim().parse().unwrap_or(0))
+        .unwrap_or(0);
+    if free == 0 {
+        eprintln!("SKIPPED: a 1 GiB huge page could not be reserved here (no 1 GiB of contiguous free memory); 2 MiB tests ran");
+        return;
+    }
+    let huge = MemBacking::Hugetlb(vmm::config::HugePageSize::Size1G);
+    let mut cfg = config(1, "1G", "workload=touch pages=3000 pattern=rand");
+    cfg.memory = MemoryConfig {
+        backing: huge,
+        backend: MemBackend::Zero,
+        ..MemoryConfig::default()
+    };
+    // Demand-zero on one 1 GiB page: one zeroed 1 GiB copy.
+    let run = boot(&cfg);
+    assert_eq!(run.outcome.end, GuestEnd::Exited(0), "{}", run.console);
+    assert!(matches!(verify_reports(&cfg, &run.outcome), Ok(Some(_))));
+    let t = run.outcome.memory.unwrap().total;
+    assert!(t.pages_zeroed + t.pages_copied <= 1, "1 GiB units: {t:?}");
+}

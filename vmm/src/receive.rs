@@ -92,6 +92,11 @@ pub fn receive(
         options.handlers.clone(),
         vm_options,
     )?;
+    // On huge pages the 4 KiB pages received are assembled into whole huge
+    // pages before they are placed.
+    if let Some(m) = vm.materializer() {
+        incoming.source().set_unit(m.page_size());
+    }
     let build_ms = built.elapsed().as_secs_f64() * 1e3;
     let switched = incoming.switchover()?;
     let applied = Instant::now();

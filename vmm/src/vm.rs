@@ -46,9 +46,6 @@ pub enum VmError {
     /// The controller could not start.
     #[error(transparent)]
     Start(#[from] StartError),
-    /// A migration destination on huge pages.
-    #[error("a migration destination cannot use --mem-backing hugetlb yet (pages move in 4 KiB units): use memfd or anon")]
-    HugeDestination,
     /// An external page-fault handler on huge pages.
     #[error("an external page-fault handler (--mem-backend uffd:SOCKET) serves 4 KiB pages, which a hugetlb mapping refuses: use --mem-backing anon or memfd")]
     HugeExternal,
@@ -558,9 +555,6 @@ impl Vm {
             backing: options.backing,
             fault_mode: options.fault_mode,
         };
-        if matches!(options.backing, MemBacking::Hugetlb(_)) {
-            return Err(VmError::HugeDestination);
-        }
         let config = config.config(memory)?;
         let ch = channel()?;
         // A page its source has not sent is never zero-filled: the VM pauses

@@ -109,6 +109,15 @@ impl Materializer {
 }
 
 impl Materializer {
+    /// The page size the retry cores fill in (4 KiB, or the huge page).
+    pub fn page_size(&self) -> u64 {
+        self.cores
+            .iter()
+            .map(|c| c.page_size())
+            .max()
+            .unwrap_or(PAGE_SIZE)
+    }
+
     /// Whether guest page `gpa` is mapped (not missing, not being filled).
     pub fn is_present(&self, gpa: u64) -> bool {
         self.cores.iter().any(|c| {

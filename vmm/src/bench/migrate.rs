@@ -4,7 +4,7 @@
 //! (`--push-orders`) the background push in address and in recency order.
 
 use super::{start_touch, start_until, BenchError};
-use crate::config::{KernelSource, MemoryConfig, VmConfig};
+use crate::config::{KernelSource, MemBacking, MemoryConfig, VmConfig};
 use crate::controller::{verify_reports, GuestEnd};
 use crate::migration::PushOrder;
 use crate::vm::VmOptions;
@@ -59,6 +59,9 @@ pub struct MigrateRun {
     /// The background push's order.
     #[serde(default)]
     pub push_order: PushOrder,
+    /// The destination's `--mem-backing` (`anon`, `memfd`, `hugetlb:2M`..).
+    #[serde(default)]
+    pub backing: String,
 }
 
 /// `vmm bench migrate`: live migrations of running guests over loopback.
@@ -81,7 +84,7 @@ pub const MIGRATE_MEM_MIB: [u64; 2] = [1024, 4096];
 
 /// Runs `vmm bench migrate` at 1 GiB only (as part of `vmm bench all`).
 pub fn migrate(repeats: u32, progress: &mut dyn FnMut(&str)) -> Result<MigrateBench, BenchError> {
-    migrate_with(repeats, false, &[1024], progress)
+    migrate_with(repeats, false, &[1024], &[MemBacking::Anon], progress)
 }
 
 /// What the migrated guest does.
@@ -121,6 +124,7 @@ impl Workload {
 #[derive(Debug, Clone, Copy)]
 struct Plan {
     mem_mib: u64,
+    backing: MemBacking,
     precopy_rounds: u32,
     workload: Workload,
     push_order: PushOrder,
@@ -137,6 +141,7 @@ pub fn migrate_push_orders(repeats: u32, progress: &mut dyn FnMut(&str)) -> Resu
             for push_order in [PushOrder::Address, PushOrder::Recency] {
                 plans.push(Plan {
                     mem_mib: 1024,
+                    backing: MemBacking::Anon,
                     precopy_rounds,
                     workload: Workload::Hot,
                     push_order,
@@ -152,32 +157,42 @@ pub fn migrate_push_orders(repeats: u32, progress: &mut dyn FnMut(&str)) -> Resu
 /// without and with pre-copy (all interleaved), and once per repeat a guest
 /// that rewrites its pages is migrated by post-copy (its requests while the
 /// push runs); every workload must finish on the destination with the right
-/// checksums. `tls`: over TCP with TLS and pinned certificates.
+/// checksums. `tls`: over TCP with TLS and pinned certificates. Each run
+/// is made once per destination backing in `backings`, interleaved (on
+/// huge pages the destination assembles the 4 KiB pages it receives into
+/// whole huge pages; reserve them first).
 pub fn migrate_with(
     repeats: u32,
     tls: bool,
     mems: &[u64],
+    backings: &[MemBacking],
     progress: &mut dyn FnMut(&str),
 ) -> Result<MigrateBench, BenchError> {
     let mut plans = Vec::new();
     for _ in 0..repeats.max(1) {
         for &mem_mib in mems {
             for precopy_rounds in MIGRATE_ROUNDS {
-                plans.push(Plan {
-                    mem_mib,
-                    precopy_rounds,
-                    workload: Workload::Touch,
-                    push_order: PushOrder::Address,
-                });
+                for &backing in backings {
+                    plans.push(Plan {
+                        mem_mib,
+                        backing,
+                        precopy_rounds,
+                        workload: Workload::Touch,
+                        push_order: PushOrder::Address,
+                    });
+                }
             }
         }
         for &mem_mib in mems {
-            plans.push(Plan {
-                mem_mib,
-                precopy_rounds: 0,
-                workload: Workload::Dirty,
-                push_order: PushOrder::Address,
-            });
+            for &backing in backings {
+                plans.push(Plan {
+                    mem_mib,
+                    backing,
+                    precopy_rounds: 0,
+                    workload: Workload::Dirty,
+                    push_order: PushOrder::Address,
+                });
+            }
         }
     }
     migrate_plans(plans, tls, mems, progress)
@@ -221,13 +236,14 @@ fn migrate_plans(
     for plan in plans {
         let Plan {
             mem_mib,
+            backing,
             precopy_rounds,
             workload,
             push_order,
         } = plan;
         let dirty = workload == Workload::Dirty;
         progress(&format!(
-            "migration of a {mem_mib} MiB guest, {}",
+            "migration of a {mem_mib} MiB guest onto {backing}, {}",
             match workload {
                 Workload::Dirty => "post-copy while the guest rewrites its pages (requests)".to_string(),
                 Workload::Touch => format!("{precopy_rounds} pre-copy rounds"),
@@ -257,6 +273,7 @@ fn migrate_plans(
                 vm: VmOptions {
                     serial: SerialOutput::Capture(Arc::new(Mutex::new(Vec::new()))),
                     timeout: Some(Duration::from_secs(300)),
+                    backing,
                     ..VmOptions::default()
                 },
                 lost_wait: Duration::from_secs(1),
@@ -316,6 +333,7 @@ fn migrate_plans(
             requests: s.requests,
             vcpu_blocked_ms: s.vcpu_blocked_us as f64 / 1e3,
             push_order,
+            backing: backing.to_string(),
         });
     }
     if tls {
@@ -375,8 +393,9 @@ impl std::fmt::Display for MigrateBench {
             let t = &r.destination;
             writeln!(
                 f,
-                "  {:>5} MiB {:<28} {:>6} post-copy pages ({} zero): downtime {:>6.2} ms = pause {:.2} + capture {:.2} + page list {:.2} + state out {:.2} + destination {:.2} (check {:.2}, apply {:.2}, start {:.2}); built before: {:.1} ms; total {:>7.1} ms; {} requested / {} pushed; request latency p50 {:.0} us p99 {:.0} us ({} samples); vCPUs blocked {:.1} ms",
+                "  {:>5} MiB {:<10} {:<28} {:>6} post-copy pages ({} zero): downtime {:>6.2} ms = pause {:.2} + capture {:.2} + page list {:.2} + state out {:.2} + destination {:.2} (check {:.2}, apply {:.2}, start {:.2}); built before: {:.1} ms; total {:>7.1} ms; {} requested / {} pushed; request latency p50 {:.0} us p99 {:.0} us ({} samples); vCPUs blocked {:.1} ms",
                 r.mem_mib,
+                if r.backing.is_empty() { "anon" } else { &r.backing },
                 mode,
                 r.data_pages,
                 r.zero_pages,

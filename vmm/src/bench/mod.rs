@@ -23,7 +23,7 @@ pub use clones::{clones, CloneFigure, ClonesBench};
 pub use fault::{fault, FaultBench, FaultBenchOptions};
 pub use guest_fault::{guest_fault, parse_guest_bench, GuestFaultBench};
 pub use migrate::{migrate, migrate_push_orders, migrate_with, MigrateBench, MigrateRun};
-pub use restore::{restore, RestoreBench, RestoreFigure};
+pub use restore::{restore, restore_with, RestoreBench, RestoreFigure, RESTORE_MEM_MIB};
 pub use snapshot::{snapshot, snapshot_with, SnapshotBench, SnapshotFigure};
 pub use working_set::{working_set, working_set_with, WorkingSetBench};
 

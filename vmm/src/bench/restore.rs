@@ -2,7 +2,7 @@
 //! and 4 GiB guests, lazily and eagerly (interleaved).
 
 use super::{start_touch, BenchError, Figure, TempDir};
-use crate::config::{KernelSource, MemoryConfig, VmConfig};
+use crate::config::{KernelSource, MemBacking, MemoryConfig, VmConfig};
 use crate::vm::VmOptions;
 use devices::serial::SerialOutput;
 use serde::Serialize;
@@ -14,6 +14,8 @@ use std::time::Duration;
 pub struct RestoreFigure {
     /// Guest memory in MiB.
     pub mem_mib: u64,
+    /// What the restored RAM lives in (`--mem-backing`).
+    pub backing: String,
     /// Bytes of guest memory in the snapshot (pages that exist).
     pub snapshot_bytes: u64,
     /// `Vm::restore` plus vCPU start, lazily.
@@ -61,23 +63,40 @@ fn snapshot_mid_run(mem_size: u64, dir: &std::path::Path) -> Result<u64, BenchEr
     Ok(info.memory_bytes)
 }
 
+/// Guest sizes of `vmm bench restore`, MiB.
+pub const RESTORE_MEM_MIB: [u64; 3] = [64, 1024, 4096];
+
 /// Runs `vmm bench restore`: time from `Vm::restore` to running vCPUs for a
 /// 64 MiB, 1 GiB and 4 GiB guest, lazily and eagerly.
 pub fn restore(repeats: u32, progress: &mut dyn FnMut(&str)) -> Result<RestoreBench, BenchError> {
+    restore_with(repeats, &RESTORE_MEM_MIB, &[MemBacking::Anon], progress)
+}
+
+/// [`restore`] for guests of `mems` MiB, restored onto each of `backings`
+/// (the snapshot is taken on anonymous memory, 4 KiB pages; on huge pages
+/// the restore reads it in whole huge pages). Lazy, eager and the
+/// backings are interleaved.
+pub fn restore_with(
+    repeats: u32,
+    mems: &[u64],
+    backings: &[MemBacking],
+    progress: &mut dyn FnMut(&str),
+) -> Result<RestoreBench, BenchError> {
     let n = repeats.max(1);
     let mut sizes = Vec::new();
-    for mem_mib in [64u64, 1024, 4096] {
+    for &mem_mib in mems {
         progress(&format!("snapshot of a {mem_mib} MiB guest"));
         let dir =
             TempDir(std::env::temp_dir().join(format!("vmm-bench-snap-{}-{mem_mib}", std::process::id())));
         let snapshot_bytes = snapshot_mid_run(mem_mib << 20, &dir.0)?;
-        let time = |lazy: bool| -> Result<f64, BenchError> {
+        let time = |lazy: bool, backing: MemBacking| -> Result<f64, BenchError> {
             let how = crate::vm::RestoreOptions {
                 lazy,
                 ..Default::default()
             };
             let options = VmOptions {
                 serial: SerialOutput::Capture(Arc::new(Mutex::new(Vec::new()))),
+                backing,
                 ..VmOptions::default()
             };
             let t = std::time::Instant::now();
@@ -88,18 +107,27 @@ pub fn restore(repeats: u32, progress: &mut dyn FnMut(&str)) -> Result<RestoreBe
             Ok(took)
         };
         progress(&format!("restores of the {mem_mib} MiB guest"));
-        let (mut lazy, mut eager) = (Vec::new(), Vec::new());
-        // Interleaved, so both see the same host conditions.
+        let mut times: Vec<(Vec<f64>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); backings.len()];
+        // Interleaved, so all see the same host conditions.
         for _ in 0..n {
-            lazy.push(time(true)?);
-            eager.push(time(false)?);
+            for (i, &b) in backings.iter().enumerate() {
+                let lazy = time(true, b)?;
+                let eager = time(false, b)?;
+                if let Some(t) = times.get_mut(i) {
+                    t.0.push(lazy);
+                    t.1.push(eager);
+                }
+            }
         }
-        sizes.push(RestoreFigure {
-            mem_mib,
-            snapshot_bytes,
-            lazy_ms: Figure::of(lazy),
-            eager_ms: Figure::of(eager),
-        });
+        for (&b, (lazy, eager)) in backings.iter().zip(times) {
+            sizes.push(RestoreFigure {
+                mem_mib,
+                backing: b.to_string(),
+                snapshot_bytes,
+                lazy_ms: Figure::of(lazy),
+                eager_ms: Figure::of(eager),
+            });
+        }
     }
     let (ratio, ratio_min) = match (sizes.first(), sizes.last()) {
         (Some(a), Some(b)) => (
@@ -126,8 +154,9 @@ impl std::fmt::Display for RestoreBench {
         for s in &self.sizes {
             writeln!(
                 f,
-                "  {:>5} MiB guest ({:>6.1} MiB in the snapshot): lazy {:>6.2} ms ({:.2}-{:.2}), eager {:>6.2} ms ({:.2}-{:.2})",
+                "  {:>5} MiB guest on {:<10} ({:>6.1} MiB in the snapshot): lazy {:>6.2} ms ({:.2}-{:.2}), eager {:>6.2} ms ({:.2}-{:.2})",
                 s.mem_mib,
+                s.backing,
                 s.snapshot_bytes as f64 / f64::from(1u32 << 20),
                 s.lazy_ms.median_us,
                 s.lazy_ms.min_us,

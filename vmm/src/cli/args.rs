@@ -104,7 +104,18 @@ pub(crate) enum BenchCommand {
     GuestFault(BenchArgs),
     /// Snapshot restore to running vCPUs for 64 MiB, 1 GiB and 4 GiB guests,
     /// lazily (memory through the retry core) and eagerly.
-    Restore(BenchArgs),
+    Restore {
+        #[command(flatten)]
+        args: BenchArgs,
+        /// Guest sizes in MiB, comma separated.
+        #[arg(long, value_delimiter = ',', default_values_t = vmm::bench::RESTORE_MEM_MIB)]
+        mem_mib: Vec<u64>,
+        /// What the restored RAM lives in, comma separated (`anon`, `memfd`,
+        /// `hugetlb:2M`, `hugetlb:1G`), interleaved; huge pages must be
+        /// reserved first.
+        #[arg(long, value_delimiter = ',', default_value = "anon", value_name = "BACKINGS")]
+        mem_backing: Vec<String>,
+    },
     /// Memory of N = 1, 2, 4, 8 clones of one 1 GiB snapshot (restore
     /// --lazy --clone; the guest rewrites 16 MiB, reads back 256 MiB)
     /// against the ideal measured in the same run, and /proc/meminfo deltas.
@@ -155,6 +166,17 @@ pub(crate) enum BenchCommand {
         /// the switchover and vCPU time blocked.
         #[arg(long, conflicts_with = "mem_mib")]
         push_orders: bool,
+        /// The destination's RAM, comma separated (`anon`, `memfd`,
+        /// `hugetlb:2M`, `hugetlb:1G`), interleaved run by run; huge pages
+        /// must be reserved first.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "anon",
+            value_name = "BACKINGS",
+            conflicts_with = "push_orders"
+        )]
+        mem_backing: Vec<String>,
     },
     /// Everything, plus throughput by vCPU count and the fault latency
     /// histogram; `--plot DIR` writes SVG charts.

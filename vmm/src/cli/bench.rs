@@ -4,13 +4,25 @@ use super::args::{BenchCommand, StressArgs};
 use super::report::print_result;
 use vmm::EXIT_VMM_ERROR;
 
+/// The `--mem-backing` list of a benchmark, or the exit code of a bad one.
+fn parse_backings(list: &[String]) -> Result<Vec<vmm_core::MemBacking>, i32> {
+    list.iter()
+        .map(|b| {
+            b.parse::<vmm_core::MemBacking>().map_err(|e| {
+                eprintln!("vmm: error: --mem-backing {b}: {e}");
+                EXIT_VMM_ERROR
+            })
+        })
+        .collect()
+}
+
 /// `vmm bench`.
 pub fn bench(cmd: BenchCommand) -> i32 {
     let args = match &cmd {
         BenchCommand::Boot(a)
         | BenchCommand::Fault { args: a, .. }
         | BenchCommand::GuestFault(a)
-        | BenchCommand::Restore(a)
+        | BenchCommand::Restore { args: a, .. }
         | BenchCommand::Clones(a)
         | BenchCommand::Snapshot { args: a, .. }
         | BenchCommand::WorkingSet(a)
@@ -31,9 +43,15 @@ pub fn bench(cmd: BenchCommand) -> i32 {
             vmm::bench::boot(vmm::bench::BootBenchOptions { repeats: a.repeats }, &mut progress)
                 .map(|r| print_result(&r, a.json))
         }
-        BenchCommand::Restore(a) => {
-            vmm::bench::restore(a.repeats, &mut progress).map(|r| print_result(&r, a.json))
-        }
+        BenchCommand::Restore {
+            args: a,
+            mem_mib,
+            mem_backing,
+        } => match parse_backings(mem_backing) {
+            Ok(b) => vmm::bench::restore_with(a.repeats, mem_mib, &b, &mut progress)
+                .map(|r| print_result(&r, a.json)),
+            Err(code) => return code,
+        },
         BenchCommand::Clones(a) => vmm::bench::clones(&mut progress).map(|r| print_result(&r, a.json)),
         BenchCommand::Snapshot {
             args: a,
@@ -58,6 +76,7 @@ pub fn bench(cmd: BenchCommand) -> i32 {
             plot,
             from,
             push_orders: false,
+            mem_backing,
         } => match from {
             Some(file) => std::fs::read(file)
                 .map_err(|e| e.to_string())
@@ -68,7 +87,10 @@ pub fn bench(cmd: BenchCommand) -> i32 {
                     end: format!("cannot read the runs in {}: {e}", file.display()),
                     console: String::new(),
                 }),
-            None => vmm::bench::migrate_with(a.repeats, *tls, mem_mib, &mut progress),
+            None => match parse_backings(mem_backing) {
+                Ok(b) => vmm::bench::migrate_with(a.repeats, *tls, mem_mib, &b, &mut progress),
+                Err(code) => return code,
+            },
         }
         .map(|r| {
             if let Some(dir) = plot {

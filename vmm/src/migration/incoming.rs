@@ -555,10 +555,20 @@ impl Switched {
 fn place_precopied(src: &RemoteSource, m: &Materializer, placing: &AtomicBool, to_place: Vec<u64>) {
     // Bulk work: faults and answers go first.
     super::lower_priority();
+    let unit = src.unit();
+    let mut last_unit = u64::MAX;
     for gpa in to_place {
         if !placing.load(Ordering::Acquire) {
             break;
         }
+        // Huge pages: a unit once (its pages come sorted), and only when
+        // complete; else its last post-copied page places it on arrival.
+        let base = gpa - gpa % unit;
+        if unit > PAGE64 && (base == last_unit || !src.unit_ready(base)) {
+            last_unit = base;
+            continue;
+        }
+        last_unit = base;
         if let Err(e) = m.resolve_page(gpa) {
             if placing.load(Ordering::Acquire) {
                 tracing::warn!("placing pre-copied page {gpa:#x}: {e}");
@@ -567,7 +577,10 @@ fn place_precopied(src: &RemoteSource, m: &Materializer, placing: &AtomicBool, t
         // Dropped only once mapped: a fault's fill that is still in flight
         // may not have fetched it yet (the copy then stays until the VM ends).
         if m.is_present(gpa) {
-            lock(&src.precopied).remove(&gpa);
+            let mut kept = lock(&src.precopied);
+            for g in (base..base + unit).step_by(PAGE) {
+                kept.remove(&g);
+            }
         }
     }
 }
@@ -924,12 +937,15 @@ fn receive_pages(
         match msg {
             Message::Page { gpa, requested, data } => {
                 if let Some(asked) = src.arrive(gpa, requested, data)? {
-                    // Placed now: the retry core claims the page and copies it.
-                    if let Err(e) = m.resolve_page(gpa) {
-                        tracing::warn!("placing migrated page {gpa:#x}: {e}");
-                    }
-                    if m.is_present(gpa) {
-                        src.placed(gpa);
+                    // Placed now: the retry core claims the page and copies
+                    // it (on huge pages: once the whole huge page is here).
+                    if src.unit_ready(gpa) {
+                        if let Err(e) = m.resolve_page(gpa) {
+                            tracing::warn!("placing migrated page {gpa:#x}: {e}");
+                        }
+                        if m.is_present(gpa) {
+                            src.placed_unit(gpa);
+                        }
                     }
                     // A fault parked on it is retried (the copy may have lost
                     // the claim to the handler's own attempt, which then saw

@@ -110,6 +110,10 @@ pub struct RemoteSource {
     /// Post-copy data pages announced, and how many arrived.
     data_pages: AtomicU64,
     arrived: AtomicU64,
+    /// The destination RAM's page size (4 KiB, or a huge page): the unit
+    /// the retry cores fill, so a fault asks for all its 4 KiB pages and a
+    /// unit is placed only once every one of them is here.
+    unit: AtomicU64,
 }
 
 impl std::fmt::Debug for RemoteSource {
@@ -144,6 +148,7 @@ impl RemoteSource {
             progress,
             data_pages: AtomicU64::new(0),
             arrived: AtomicU64::new(0),
+            unit: AtomicU64::new(PAGE64),
         });
         let weak = Arc::downgrade(&src);
         sandbox::spawn(
@@ -164,6 +169,93 @@ impl RemoteSource {
             self.data_pages.store(n, Ordering::Release);
             *lock(&self.precopied) = precopied;
         }
+    }
+
+    /// Sets the destination RAM's page size (before the switchover): on
+    /// huge pages the received 4 KiB pages are assembled into whole huge
+    /// pages before one UFFDIO_COPY places them.
+    pub fn set_unit(&self, unit: u64) {
+        self.unit.store(unit.max(PAGE64), Ordering::Release);
+    }
+
+    /// The unit pages are placed in ([`set_unit`](Self::set_unit)).
+    pub(super) fn unit(&self) -> u64 {
+        self.unit.load(Ordering::Acquire)
+    }
+
+    /// The unit holding `gpa` is complete: each of its pages is a non-data
+    /// page or has arrived (always true for 4 KiB units: the caller asks
+    /// right after an arrival or for a pre-copied page).
+    pub(super) fn unit_ready(&self, gpa: u64) -> bool {
+        let unit = self.unit();
+        if unit == PAGE64 {
+            return true;
+        }
+        let base = gpa - gpa % unit;
+        let slots = lock(&self.slots);
+        (base..base + unit)
+            .step_by(PAGE)
+            .all(|g| !self.is_data(g) || matches!(slots.get(&g), Some(Slot::Arrived(_) | Slot::Taken)))
+    }
+
+    /// Marks every page of the unit holding `gpa` as mapped.
+    pub(super) fn placed_unit(&self, gpa: u64) {
+        let unit = self.unit();
+        let base = gpa - gpa % unit;
+        let mut slots = lock(&self.slots);
+        for g in (base..base + unit).step_by(PAGE) {
+            if let Some(slot @ Slot::Arrived(_)) = slots.get_mut(&g) {
+                *slot = Slot::Taken;
+            }
+        }
+    }
+
+    /// One 4 KiB page of a fetch into `buf`: `Ready` (data copied),
+    /// `Zero` (`buf` untouched), or `Retry`, after asking the source for
+    /// it when it was not asked yet.
+    fn fetch_page(&self, offset: u64, buf: &mut [u8], lost: bool) -> FetchOutcome {
+        if !self.is_data(offset) {
+            // Kept until placed: a fill that fails (EAGAIN) fetches again.
+            return match lock(&self.precopied).get(&offset) {
+                Some(d) => {
+                    buf.copy_from_slice(d);
+                    FetchOutcome::Ready
+                }
+                None => FetchOutcome::Zero,
+            };
+        }
+        let mut slots = lock(&self.slots);
+        let ask = match slots.get_mut(&offset) {
+            // Kept until mapped (`placed`): a fill that fails fetches again,
+            // even after the source has gone.
+            Some(Slot::Arrived(d)) => {
+                buf.copy_from_slice(d);
+                return FetchOutcome::Ready;
+            }
+            Some(Slot::Requested(_)) => None,
+            Some(Slot::Taken) => Some(Message::Resend(offset)),
+            None => Some(Message::Request(offset)),
+        };
+        if lost {
+            // Lock order: counters before slots (as in `arrive`).
+            drop(slots);
+            lock(&self.counters).held_after_loss += 1;
+            // Never a zero page for a page not received: the fault stays parked.
+            return FetchOutcome::Retry(RetryReason::Held);
+        }
+        if let Some(m) = ask {
+            slots.insert(offset, Slot::Requested(Instant::now()));
+            drop(slots);
+            let mut c = lock(&self.counters);
+            if matches!(m, Message::Resend(_)) {
+                c.resends += 1;
+            } else {
+                c.requested += 1;
+            }
+            drop(c);
+            self.send(m);
+        }
+        FetchOutcome::Retry(RetryReason::NotReady)
     }
 
     fn extents(&self) -> &[(u64, u64)] {
@@ -197,13 +289,6 @@ impl RemoteSource {
     /// Why the connection to the source was lost before every page arrived.
     pub fn lost(&self) -> Option<String> {
         lock(&self.lost).clone()
-    }
-
-    /// Page `gpa` is mapped: its data can go.
-    pub(super) fn placed(&self, gpa: u64) {
-        if let Some(slot @ Slot::Arrived(_)) = lock(&self.slots).get_mut(&gpa) {
-            *slot = Slot::Taken;
-        }
     }
 
     /// Every post-copy data page has arrived.
@@ -308,8 +393,10 @@ impl PageSource for RemoteSource {
     }
 
     fn fetch(&self, offset: u64, buf: &mut [u8]) -> FetchOutcome {
-        if buf.len() != PAGE {
-            // bulk_cheap() is false: the core asks one page at a time.
+        let unit = usize::try_from(self.unit()).unwrap_or(PAGE);
+        // bulk_cheap() is false: the core asks one unit at a time (a 4 KiB
+        // page, or on huge pages a whole huge page).
+        if buf.len() != PAGE && buf.len() != unit {
             return FetchOutcome::Failed(SourceError::BadRequest {
                 offset,
                 len: buf.len(),
@@ -319,49 +406,32 @@ impl PageSource for RemoteSource {
             // Before the switchover no vCPU runs; nothing is known yet.
             return FetchOutcome::Retry(RetryReason::Held);
         }
-        if !self.is_data(offset) {
-            // Kept until placed: a fill that fails (EAGAIN) fetches again.
-            return match lock(&self.precopied).get(&offset) {
-                Some(d) => {
-                    buf.copy_from_slice(d);
-                    FetchOutcome::Ready
-                }
-                None => FetchOutcome::Zero,
-            };
-        }
         let lost = lock(&self.lost).is_some();
-        let mut slots = lock(&self.slots);
-        let ask = match slots.get_mut(&offset) {
-            // Kept until mapped (`placed`): a fill that fails fetches again,
-            // even after the source has gone.
-            Some(Slot::Arrived(d)) => {
-                buf.copy_from_slice(d);
-                return FetchOutcome::Ready;
-            }
-            Some(Slot::Requested(_)) => None,
-            Some(Slot::Taken) => Some(Message::Resend(offset)),
-            None => Some(Message::Request(offset)),
-        };
-        if lost {
-            // Lock order: counters before slots (as in `arrive`).
-            drop(slots);
-            lock(&self.counters).held_after_loss += 1;
-            // Never a zero page for a page not received: the fault stays parked.
-            return FetchOutcome::Retry(RetryReason::Held);
+        if buf.len() == PAGE {
+            return self.fetch_page(offset, buf, lost);
         }
-        if let Some(m) = ask {
-            slots.insert(offset, Slot::Requested(Instant::now()));
-            drop(slots);
-            let mut c = lock(&self.counters);
-            if matches!(m, Message::Resend(_)) {
-                c.resends += 1;
-            } else {
-                c.requested += 1;
+        // A huge page: every 4 KiB page of it, each missing one asked for
+        // (all at once, so one round trip's worth of waiting per huge page).
+        let (mut zeros, mut retry) = (true, None);
+        for (i, chunk) in buf.chunks_exact_mut(PAGE).enumerate() {
+            let gpa = offset + (i * PAGE) as u64;
+            match self.fetch_page(gpa, chunk, lost) {
+                FetchOutcome::Ready => zeros = false,
+                FetchOutcome::Zero => chunk.fill(0),
+                FetchOutcome::Retry(r) => {
+                    // Held (source lost) wins over NotReady.
+                    if retry != Some(RetryReason::Held) {
+                        retry = Some(r);
+                    }
+                }
+                other => return other,
             }
-            drop(c);
-            self.send(m);
         }
-        FetchOutcome::Retry(RetryReason::NotReady)
+        match retry {
+            Some(r) => FetchOutcome::Retry(r),
+            None if zeros => FetchOutcome::Zero,
+            None => FetchOutcome::Ready,
+        }
     }
 
     fn bulk_cheap(&self) -> bool {

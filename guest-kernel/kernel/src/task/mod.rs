@@ -234,6 +234,10 @@ pub fn create(spec: Spec, shared: &Shared) -> Result<usize, CreateError> {
         accesses: plan.accesses,
         rate: crate::abi::workload::share(cfg.rate, spec.slots, spec.slot).1,
         duration_ms: cfg.duration_ms,
+        writes: match cfg.writes {
+            u64::MAX => u64::MAX,
+            w => crate::abi::workload::share(w, spec.slots, spec.slot).1,
+        },
         tsc_khz: u64::from(shared.tsc_khz),
         write: u32::from(cfg.write),
         first_page,
