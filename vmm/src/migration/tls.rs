@@ -404,6 +404,11 @@ impl Tls {
             );
         }
         match (&self.psk, block[8]) {
+            // Found by fuzzing (migration_auth): any non-zero flag used to
+            // count as "proves a key", so one proof had 255 encodings.
+            (_, flag @ 2..) => Err(format!(
+                "it sent an authentication block of an unknown kind ({flag}): run the same vmm on both ends"
+            )),
             (None, 0) => Ok(()),
             (None, _) => Err(
                 "it proves a pre-shared key and this side has none: give both ends the same --tls-psk FILE"
