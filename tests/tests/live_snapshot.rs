@@ -150,7 +150,17 @@ fn a_live_snapshot_of_a_writing_guest_equals_stop_the_world_and_restores() {
 #[test]
 fn requests_during_a_live_snapshot_and_a_vcpu_held_in_a_wp_fault() {
     let dir = TempDir::new("requests");
-    let (vm, cfg, console) = touch_vm(12000);
+    // A guest that keeps writing for 10 s: the live snapshot (slowed on
+    // purpose below) ends well before it, however loaded the host (a touch
+    // workload could finish first and end the VM under the requests).
+    let cfg = config(
+        2,
+        "256M",
+        "workload=dirty pages=12000 rate=100000 duration_ms=10000",
+    );
+    let (options, console) = capture_options();
+    let vm = Vm::new(&cfg, options).unwrap().start().unwrap();
+    wait_for(&console, "dirty: cpu 1 start");
     let handle = vm.handle();
     let snap = dir.join("snap");
     let t = {
