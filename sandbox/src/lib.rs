@@ -136,8 +136,8 @@ pub enum ThreadClass {
     /// The CLI's main thread once the VM runs (it waits and reports), and
     /// its progress bar.
     Main,
-    /// The process's signal watcher (`vmm-signals`): reads SIGINT, SIGTERM
-    /// and SIGHUP from a signalfd, tells the running VMs, or removes the
+    /// The process's signal watcher (`vmm-signals`): waits for SIGINT, SIGTERM
+    /// and SIGHUP (`sigwaitinfo`), tells the running VMs, or removes the
     /// sockets it was given and exits.
     Signals,
     /// The watcher of an external page-fault handler (`uffd-handler-watch`):

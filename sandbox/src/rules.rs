@@ -692,7 +692,7 @@ pub(crate) fn own(class: ThreadClass) -> Rules {
         }
         ThreadClass::Controller => {
             r.union(&starts_threads());
-            // The event loop: eventfds, the signalfd, stdin for the console.
+            // The event loop: eventfds, stdin for the console.
             r.allow(&[
                 libc::SYS_epoll_wait,
                 libc::SYS_epoll_pwait,
@@ -819,14 +819,10 @@ pub(crate) fn own(class: ThreadClass) -> Rules {
             r.union(&sleeps());
         }
         ThreadClass::Signals => {
-            // Waits on the signalfd and reads it; tells the running VMs (an
-            // eventfd write), or removes the sockets it was given and exits.
-            r.allow(&[
-                libc::SYS_poll,
-                libc::SYS_read,
-                libc::SYS_unlink,
-                libc::SYS_unlinkat,
-            ]);
+            // Waits for the shutdown signals (`sigwaitinfo`); tells the
+            // running VMs (an eventfd write), or removes the sockets it was
+            // given and exits.
+            r.allow(&[libc::SYS_rt_sigtimedwait, libc::SYS_unlink, libc::SYS_unlinkat]);
         }
         ThreadClass::HandlerWatch => {
             // Waits on the handler's pidfd, its holder's pidfd and socket

@@ -9,7 +9,7 @@ use std::process::ExitCode as ProcessExit;
 
 fn main() -> ProcessExit {
     // Before any thread starts, so that every thread inherits the mask and the
-    // controller alone receives these signals (through a signalfd).
+    // signal watcher alone receives these signals (`vmm::signals`).
     if let Err(e) = vmm::signals::block_shutdown_signals() {
         eprintln!("vmm: error: cannot set up SIGINT/SIGTERM/SIGHUP for a clean shutdown: {e}");
         return ProcessExit::from(64);

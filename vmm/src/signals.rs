@@ -1,7 +1,7 @@
 //! Clean shutdown on SIGINT, SIGTERM and SIGHUP, in every subcommand and at
 //! any point: the signals are blocked in every thread (call
 //! [`block_shutdown_signals`] first thing in `main`, before any thread
-//! starts, so all inherit the mask) and read from a signalfd by one watcher
+//! starts, so all inherit the mask) and waited for (`sigwaitinfo`) by one watcher
 //! thread ([`start_watcher`]). On a signal the watcher runs the registered
 //! hooks ([`on_shutdown`]): each running VM's controller ends its run
 //! (stopping the vCPUs and the fault handler and reporting the run), and a
@@ -13,7 +13,6 @@
 //! was, and a vCPU interrupted in `KVM_RUN` re-enters it.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -38,37 +37,24 @@ pub fn block_shutdown_signals() -> io::Result<()> {
     }
 }
 
-/// A signalfd for the shutdown signals.
-#[derive(Debug)]
-pub struct ShutdownSignals(OwnedFd);
-
-impl ShutdownSignals {
-    /// Opens the signalfd (non-blocking).
-    pub fn new() -> io::Result<ShutdownSignals> {
-        let set = shutdown_set()?;
-        // SAFETY: a valid signal set; -1 asks for a new descriptor, which we own.
-        let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
+/// Waits for the next shutdown signal (all threads block them, so one
+/// pending for the process waits here). `sigwaitinfo` rather than a
+/// signalfd: the kernel wakes every reader of a signalfd on *any* signal
+/// to the process, so each vCPU kick (a real-time signal to one thread)
+/// woke this thread too, a context switch on the kicker's CPU just when the
+/// kicked vCPU should get it (seen in a trace of a migration's pause).
+fn next_shutdown_signal(set: &libc::sigset_t) -> Option<libc::c_int> {
+    loop {
+        // SAFETY: an all-zero siginfo_t is a valid value to be overwritten.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `set` is a valid signal set and `info` a writable siginfo_t.
+        let sig = unsafe { libc::sigwaitinfo(set, &mut info) };
+        if sig > 0 {
+            return Some(sig);
         }
-        // SAFETY: `fd` is a fresh descriptor nobody else owns.
-        Ok(ShutdownSignals(unsafe { OwnedFd::from_raw_fd(fd) }))
-    }
-
-    /// The next pending signal, if any.
-    pub fn read(&self) -> Option<libc::c_int> {
-        // SAFETY: an all-zero signalfd_siginfo is a valid value.
-        let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
-        let size = std::mem::size_of::<libc::signalfd_siginfo>();
-        // SAFETY: `info` is a writable buffer of `size` bytes.
-        let n = unsafe { libc::read(self.0.as_raw_fd(), std::ptr::addr_of_mut!(info).cast(), size) };
-        (usize::try_from(n) == Ok(size)).then(|| libc::c_int::try_from(info.ssi_signo).unwrap_or(0))
-    }
-}
-
-impl AsRawFd for ShutdownSignals {
-    fn as_raw_fd(&self) -> RawFd {
-        self.0.as_raw_fd()
+        if io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            return None;
+        }
     }
 }
 
@@ -147,47 +133,32 @@ pub fn received() -> Option<libc::c_int> {
 /// once, after [`block_shutdown_signals`]; signals that arrive before are
 /// kept pending and read then.
 pub fn start_watcher(seccomp: sandbox::SeccompMode) -> io::Result<()> {
-    let signals = ShutdownSignals::new()?;
+    let set = shutdown_set()?;
     sandbox::spawn(
         std::thread::Builder::new().name("vmm-signals".into()),
         sandbox::ThreadClass::Signals,
         seccomp,
-        move || watch(&signals),
+        move || watch(&set),
     )?;
     Ok(())
 }
 
-fn watch(signals: &ShutdownSignals) {
-    loop {
-        let mut fds = [libc::pollfd {
-            fd: signals.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        }];
-        // SAFETY: `fds` is a valid array of one pollfd for the call.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 1, -1) };
-        if n < 0 {
-            if io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
-                continue;
+fn watch(set: &libc::sigset_t) {
+    while let Some(sig) = next_shutdown_signal(set) {
+        let _ = REGISTRY
+            .received
+            .compare_exchange(0, sig, Ordering::AcqRel, Ordering::Acquire);
+        let hooks = lock(&REGISTRY.hooks);
+        if hooks.is_empty() {
+            drop(hooks);
+            for (_, p) in lock(&REGISTRY.paths).iter() {
+                let _ = std::fs::remove_file(p);
             }
-            return;
+            eprintln!("vmm: ended by signal {sig}");
+            std::process::exit(128 + sig);
         }
-        while let Some(sig) = signals.read() {
-            let _ = REGISTRY
-                .received
-                .compare_exchange(0, sig, Ordering::AcqRel, Ordering::Acquire);
-            let hooks = lock(&REGISTRY.hooks);
-            if hooks.is_empty() {
-                drop(hooks);
-                for (_, p) in lock(&REGISTRY.paths).iter() {
-                    let _ = std::fs::remove_file(p);
-                }
-                eprintln!("vmm: ended by signal {sig}");
-                std::process::exit(128 + sig);
-            }
-            for (_, h) in hooks.iter() {
-                h(sig);
-            }
+        for (_, h) in hooks.iter() {
+            h(sig);
         }
     }
 }
