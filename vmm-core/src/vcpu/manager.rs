@@ -310,12 +310,19 @@ impl Vcpus {
 
     /// Saves every vCPU's state, each on its own thread (the vCPUs must be
     /// paused, or blocked in a fault that the handler can serve).
+    /// All requests go out first: the threads save at once rather than one
+    /// after the other, each a wake-up that may wait for a CPU, inside a
+    /// snapshot's or a switchover's pause.
     pub fn save_states(&mut self, msrs: &Arc<Vec<u32>>) -> Result<Vec<CpuState>, VcpuError> {
-        let mut out = Vec::with_capacity(self.handles.len());
+        let mut sent = Vec::with_capacity(self.handles.len());
         for h in &mut self.handles {
-            let cpu = h.cpu();
             let (tx, rx) = std::sync::mpsc::channel();
-            h.request(VcpuRequest::SaveState(msrs.clone(), tx), ACK_TIMEOUT)?;
+            sent.push((h.send(VcpuRequest::SaveState(msrs.clone(), tx))?, rx));
+        }
+        let mut out = Vec::with_capacity(sent.len());
+        for (h, (id, rx)) in self.handles.iter_mut().zip(sent) {
+            let cpu = h.cpu();
+            h.wait_ack(id, "save state", ACK_TIMEOUT)?;
             let state = rx
                 .recv()
                 .map_err(|_| VcpuError::Gone(cpu))?
