@@ -231,6 +231,42 @@ fn source(cfg: &VmConfig) -> RunningVm {
     vm
 }
 
+/// Migrates a guest started from `cfg` to a destination on `backing` in
+/// `mode` (`rounds` pre-copy rounds first) and checks what every
+/// migration must: the source ends migrated, the destination's guest
+/// exits 0 with the right checksums, no page is placed twice, pre-copy
+/// sent pages.
+fn migrate_and_check(
+    cfg: &VmConfig,
+    name: &str,
+    backing: MemBacking,
+    mode: FaultMode,
+    rounds: u32,
+    what: &str,
+) -> migration::ReceiveOutcome {
+    let listener = Listener::bind(&Endpoint::Unix(sock(name))).unwrap();
+    let to = listener.endpoint().unwrap();
+    let dest = destination(listener, backing, mode);
+    let src = source(cfg);
+    let options = MigrateOptions {
+        precopy_rounds: rounds,
+        push_delay: Duration::from_millis(100),
+        ..Default::default()
+    };
+    let summary = src.migrate(&to, &options).unwrap();
+    assert!(matches!(src.wait().unwrap().end, GuestEnd::Migrated(_)), "{what}");
+    let out = dest.join().unwrap();
+    assert_eq!(out.run.end, GuestEnd::Exited(0), "{what}: {:?}", out.lost);
+    assert_eq!(out.config.memory.backing, backing, "{what}");
+    let sum = verify_reports(&out.config, &out.run);
+    assert!(matches!(sum, Ok(Some(_))), "{what}: {sum:?}");
+    assert_eq!(out.stats.duplicates, 0, "{what}: {:?}", out.stats);
+    if rounds > 0 {
+        assert!(summary.precopy_pages > 0, "{what}: {summary:?}");
+    }
+    out
+}
+
 #[test]
 fn post_copy_and_pre_copy_migrate_onto_and_from_a_memfd() {
     // (source memory, destination backing and mode, pre-copy rounds)
@@ -257,30 +293,8 @@ fn post_copy_and_pre_copy_migrate_onto_and_from_a_memfd() {
         );
         let mut cfg = config(2, "256M", "workload=touch pages=8000 pattern=rand");
         cfg.memory = src_mem;
-        let listener = Listener::bind(&Endpoint::Unix(sock(&format!("mig{i}")))).unwrap();
-        let to = listener.endpoint().unwrap();
-        let dest = destination(listener, backing, mode);
-        let src = source(&cfg);
-        let options = MigrateOptions {
-            precopy_rounds: rounds,
-            push_delay: Duration::from_millis(100),
-            ..Default::default()
-        };
-        let summary = src.migrate(&to, &options).unwrap();
-        assert!(matches!(src.wait().unwrap().end, GuestEnd::Migrated(_)), "{what}");
-        let out = dest.join().unwrap();
-        assert_eq!(out.run.end, GuestEnd::Exited(0), "{what}: {:?}", out.lost);
-        assert_eq!(
-            (out.config.memory.backing, out.config.memory.fault_mode),
-            (backing, mode),
-            "{what}"
-        );
-        let sum = verify_reports(&out.config, &out.run);
-        assert!(matches!(sum, Ok(Some(_))), "{what}: {sum:?}");
-        assert_eq!(out.stats.duplicates, 0, "{what}: {:?}", out.stats);
-        if rounds > 0 {
-            assert!(summary.precopy_pages > 0, "{what}: {summary:?}");
-        }
+        let out = migrate_and_check(&cfg, &format!("mig{i}"), backing, mode, rounds, &what);
+        assert_eq!(out.config.memory.fault_mode, mode, "{what}");
         // A migration destination serves every page lazily.
         check_mode(&out.run, mode, &what);
     }
@@ -536,26 +550,8 @@ fn post_copy_and_pre_copy_migrate_onto_2m_huge_pages() {
     for rounds in [0u32, 2] {
         let what = format!("destination on 2 MiB pages, {rounds} pre-copy rounds");
         let cfg = config(2, "64M", "workload=touch pages=6000 pattern=rand");
-        let listener = Listener::bind(&Endpoint::Unix(sock(&format!("huge{rounds}")))).unwrap();
-        let to = listener.endpoint().unwrap();
-        let dest = destination(listener, huge, FaultMode::Missing);
-        let src = source(&cfg);
-        let options = MigrateOptions {
-            precopy_rounds: rounds,
-            push_delay: Duration::from_millis(100),
-            ..Default::default()
-        };
-        let summary = src.migrate(&to, &options).unwrap();
-        assert!(matches!(src.wait().unwrap().end, GuestEnd::Migrated(_)), "{what}");
-        let out = dest.join().unwrap();
-        assert_eq!(out.run.end, GuestEnd::Exited(0), "{what}: {:?}", out.lost);
-        assert_eq!(out.config.memory.backing, huge, "{what}");
-        let sum = verify_reports(&out.config, &out.run);
-        assert!(matches!(sum, Ok(Some(_))), "{what}: {sum:?}");
-        assert_eq!(out.stats.duplicates, 0, "{what}: {:?}", out.stats);
-        if rounds > 0 {
-            assert!(summary.precopy_pages > 0, "{what}: {summary:?}");
-        }
+        let name = format!("huge{rounds}");
+        let out = migrate_and_check(&cfg, &name, huge, FaultMode::Missing, rounds, &what);
         // Placed in whole huge pages: at most 32 fills of 2 MiB for 64 MiB.
         let t = out.run.memory.unwrap().total;
         assert!(

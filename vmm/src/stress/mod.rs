@@ -61,6 +61,9 @@ pub enum StressError {
 pub struct StressOptions {
     /// How long to keep starting runs.
     pub seconds: f64,
+    /// Runs to make at least, however long they take (a test's fixed
+    /// amount of work on a slow or loaded host).
+    pub min_runs: u32,
     /// Seed of everything random.
     pub seed: u64,
     /// vCPUs per VM.
@@ -75,6 +78,7 @@ impl Default for StressOptions {
     fn default() -> Self {
         StressOptions {
             seconds: 10.0,
+            min_runs: 0,
             seed: 1,
             vcpus: 2,
             mem_size: 512 << 20,
@@ -165,7 +169,7 @@ pub fn run(opts: StressOptions, progress: &mut dyn FnMut(&str)) -> Result<Stress
     // A shutdown signal ends the running VMs (their controllers listen) and
     // the session after the current run, with its report.
     let _on_signal = crate::signals::on_shutdown(|_| {});
-    while start.elapsed().as_secs_f64() < opts.seconds {
+    while start.elapsed().as_secs_f64() < opts.seconds || index < u64::from(opts.min_runs) {
         if let Some(sig) = crate::signals::received() {
             report.interrupted_by = Some(sig);
             break;
@@ -227,11 +231,15 @@ fn run_one(
     };
     let vm = Arc::new(crate::Vm::new(&cfg, options)?.start()?);
 
-    let snapshot_dir = std::env::temp_dir().join(format!("vmm-stress-{}-{index}", std::process::id()));
+    // Unique in the process: two sessions at once (tests do that) must not
+    // share run 0's snapshot directory or sockets.
+    static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let run_id = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let snapshot_dir = std::env::temp_dir().join(format!("vmm-stress-{}-{run_id}", std::process::id()));
     let snapshot = Arc::new(Mutex::new(None));
     let sock = |what: &str| {
         Endpoint::Unix(
-            std::env::temp_dir().join(format!("vmm-stress-{}-{index}-{what}.sock", std::process::id())),
+            std::env::temp_dir().join(format!("vmm-stress-{}-{run_id}-{what}.sock", std::process::id())),
         )
     };
     let migrate_to = sock("dst");
