@@ -572,14 +572,18 @@ impl Vm {
             working_set: None,
             observer: None,
         };
-        Self::assemble(
+        let vm = Self::assemble(
             &config,
             Boot::Incoming,
             MemoryPlan::Lazy(plan),
             options,
             ControllerState::default(),
             ch,
-        )
+        )?;
+        // Here, while the source still runs, not at `start` inside the
+        // downtime.
+        crate::controller::prepare(&vm.core, vm.options.seccomp, true);
+        Ok(vm)
     }
 
     /// Gives a VM built by [`incoming`](Self::incoming) the received state;

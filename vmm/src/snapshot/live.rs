@@ -41,10 +41,38 @@ pub enum LiveUnsupported {
     Bypassed(String),
 }
 
+/// The probe's answer, once it ran.
+static PROBE: OnceLock<Result<(), LiveUnsupported>> = OnceLock::new();
+/// A probe was started (here or on its own thread).
+static PROBE_STARTED: AtomicBool = AtomicBool::new(false);
+
+/// Whether the probe ran or runs already.
+pub fn probe_started() -> bool {
+    PROBE_STARTED.load(Ordering::Acquire)
+}
+
+/// Starts the probe on a thread of its own (unsandboxed: call it from an
+/// unsandboxed thread), so that a migration destination does not wait ~40
+/// ms for it while the source heads for its pause; a later
+/// [`check_kvm`] waits for its answer.
+pub fn check_kvm_in_background() {
+    if PROBE_STARTED.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let spawned = std::thread::Builder::new().name("kvm-probe".into()).spawn(|| {
+        let _ = check_kvm();
+    });
+    if let Err(e) = spawned {
+        // Then the first live snapshot runs it (or, sandboxed, is refused).
+        tracing::debug!("cannot start the write-protect probe's thread: {e}");
+    }
+}
+
 /// Runs the KVM write-protect probe once per process (256 guest writes on
-/// the minimal VM, a few ms) and answers from then on.
+/// the minimal VM, ~40 ms of emulated guest code on PVM) and answers from
+/// then on.
 pub fn check_kvm() -> Result<(), LiveUnsupported> {
-    static PROBE: OnceLock<Result<(), LiveUnsupported>> = OnceLock::new();
+    PROBE_STARTED.store(true, Ordering::Release);
     PROBE
         .get_or_init(|| match vmm_core::arch::x86_64::minimal_vm::wp_probe(256) {
             Ok(p) if p.honoured() => Ok(()),
