@@ -401,6 +401,15 @@ impl WpSession {
         let Some(thread) = lock(&self.thread).take() else {
             return;
         };
+        // The handler stops first: unregistering under it made a WP fault it
+        // was resolving fail (UFFDIO_WRITEPROTECT of an unregistered range is
+        // ENOENT), which it reported as the session's failure and the VM
+        // paused on an error after a successful snapshot (seen once in CI).
+        // A write that faults between the two is woken below.
+        self.control.stop();
+        if thread.join().is_err() {
+            tracing::error!("the write-protect handler panicked");
+        }
         for r in &self.regions {
             if let Err(e) = self.uffd.unregister(r.host_base, r.size) {
                 tracing::warn!("cannot unregister guest memory from write protection: {e}");
@@ -411,10 +420,6 @@ impl WpSession {
             if let Err(e) = self.uffd.wake(r.host_base, r.size) {
                 tracing::warn!("cannot wake writers blocked on write protection: {e}");
             }
-        }
-        self.control.stop();
-        if thread.join().is_err() {
-            tracing::error!("the write-protect handler panicked");
         }
     }
 }
