@@ -126,7 +126,14 @@ pub fn receive(
             MigrationEvent::Complete => {}
         }
     };
-    let session = switched.start(materializer, options.lost_wait, applied_ms, build_ms, events)?;
+    let session = switched.start(
+        materializer,
+        options.lost_wait,
+        applied_ms,
+        running.vcpus_ms(),
+        build_ms,
+        events,
+    )?;
     handle.set_recover_hook(session.recover_requests(), session.lost_flag());
     handle.set_migration_report(session.report_fn());
     on_resumed(&handle);

@@ -393,7 +393,7 @@ impl std::fmt::Display for MigrateBench {
             let t = &r.destination;
             writeln!(
                 f,
-                "  {:>5} MiB {:<10} {:<28} {:>6} post-copy pages ({} zero): downtime {:>6.2} ms = pause {:.2} + capture {:.2} + page list {:.2} + state out {:.2} + destination {:.2} (check {:.2}, apply {:.2}, start {:.2}); built before: {:.1} ms; total {:>7.1} ms; {} requested / {} pushed; request latency p50 {:.0} us p99 {:.0} us ({} samples); vCPUs blocked {:.1} ms",
+                "  {:>5} MiB {:<10} {:<28} {:>6} post-copy pages ({} zero): downtime {:>6.2} ms = pause {:.2} + capture {:.2} + page list {:.2} + state out {:.2} + destination {:.2} (check {:.2}, apply {:.2}, start {:.2} of which vCPUs {:.2}); built before: {:.1} ms; total {:>7.1} ms; {} requested / {} pushed; request latency p50 {:.0} us p99 {:.0} us ({} samples); vCPUs blocked {:.1} ms",
                 r.mem_mib,
                 if r.backing.is_empty() { "anon" } else { &r.backing },
                 mode,
@@ -408,6 +408,7 @@ impl std::fmt::Display for MigrateBench {
                 t.check_ms,
                 t.apply_ms,
                 t.start_ms,
+                t.vcpus_ms,
                 r.build_ms,
                 r.total_ms,
                 r.pages_requested,

@@ -134,7 +134,9 @@ pub(crate) fn start(
     external: Option<ExternalHandler>,
 ) -> Result<RunningVm, StartError> {
     prepare(&vm, options.seccomp, false);
+    let t0 = Instant::now();
     vm.start()?;
+    let vcpus_ms = t0.elapsed().as_secs_f64() * 1e3;
     let mut em: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
         EventManager::new().map_err(|e| StartError::EventLoop(format!("{e:?}")))?;
     // A shutdown signal ends the run (the process's watcher calls this).
@@ -203,6 +205,7 @@ pub(crate) fn start(
             seccomp: options.seccomp,
         },
         thread,
+        vcpus_ms,
     })
 }
 

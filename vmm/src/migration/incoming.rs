@@ -123,8 +123,12 @@ pub struct DestDowntime {
     pub check_ms: f64,
     /// Applying the state to the VM built before (KVM, vCPU, device state).
     pub apply_ms: f64,
-    /// Starting the vCPUs and sending `Resumed`.
+    /// Starting the vCPUs and the controller and sending `Resumed`.
     pub start_ms: f64,
+    /// The part of `start_ms` spent starting the vCPU threads (each installs
+    /// its seccomp filter before its first `KVM_RUN`).
+    #[serde(default)]
+    pub vcpus_ms: f64,
 }
 
 /// What arrives before post-copy.
@@ -462,6 +466,7 @@ impl Switched {
         materializer: Materializer,
         lost_wait: Duration,
         applied_ms: f64,
+        vcpus_ms: f64,
         build_ms: f64,
         events: impl Fn(MigrationEvent) + Send + Sync + 'static,
     ) -> Result<IncomingSession, MigrationError> {
@@ -478,6 +483,7 @@ impl Switched {
             check_ms: self.check_ms,
             apply_ms: applied_ms,
             start_ms: (resume_ms - self.check_ms - applied_ms).max(0.0),
+            vcpus_ms,
         };
         let events: Arc<dyn Fn(MigrationEvent) + Send + Sync> = Arc::new(events);
         // Cleared when the session ends: the VM's memory is no longer to be filled.
