@@ -377,6 +377,17 @@ fn programs(class: ThreadClass, mode: SeccompMode) -> Result<&'static [BpfProgra
     Ok(slot.get_or_init(|| progs))
 }
 
+/// Compiles the programs of `class` in `mode` now (they are compiled once
+/// per process, at the first thread of the class otherwise): for a thread
+/// whose start must be quick, such as a migration destination's controller,
+/// started inside the switchover's downtime.
+pub fn precompile(class: ThreadClass, mode: SeccompMode) -> Result<(), SandboxError> {
+    if mode == SeccompMode::Off {
+        return Ok(());
+    }
+    programs(class, mode).map(|_| ())
+}
+
 fn check_parent(class: ThreadClass, requested: SeccompMode) -> Result<SeccompMode, SandboxError> {
     match current() {
         // The parent's filter applies to the child anyway: the child takes its mode.

@@ -19,7 +19,7 @@ use crate::memory::{self, LazyPlan, MemoryManager, MemoryManagerError, MemorySta
 use crate::state::{ConfigState, StateMismatch, VmState};
 use crate::vcpu::manager::{PauseReport, Vcpus};
 use crate::vcpu::state::{msr_index_list, VcpuComponent, VcpuStateError};
-use crate::vcpu::{StopSink, VcpuError, VcpuFn, VcpuStatsSnapshot};
+use crate::vcpu::{ParkedThread, StopSink, VcpuError, VcpuFn, VcpuStatsSnapshot};
 use devices::serial::SerialOutput;
 use devices::GuestRam;
 use kvm_bindings::{kvm_mp_state, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE};
@@ -185,6 +185,9 @@ pub struct Vm {
     /// which the controller's sandbox does not open).
     msrs: Arc<Vec<u32>>,
     seccomp: SeccompMode,
+    /// vCPU threads started ahead (an incoming VM's): [`Vm::start`] hands
+    /// them their vCPUs instead of starting threads in the downtime.
+    parked: Vec<ParkedThread>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -333,7 +336,14 @@ impl Vm {
             vcpu_cpus,
             msrs,
             seccomp: options.seccomp,
+            parked: Vec::new(),
         };
+        if let Boot::Incoming = boot {
+            // The threads (and their filters) now, not after the source paused.
+            for i in 0..config.vcpus {
+                vm.parked.push(ParkedThread::spawn(i, vm.seccomp)?);
+            }
+        }
         match boot {
             Boot::Kernel => vm.boot_registers(entry)?,
             Boot::Restore(state) => vm.apply_state(state)?,
@@ -424,6 +434,7 @@ impl Vm {
             on_stop,
             &self.vcpu_cpus,
             self.seccomp,
+            std::mem::take(&mut self.parked),
         )?;
         self.vcpus = VcpuSet::Running(vcpus);
         Ok(())

@@ -10,7 +10,9 @@
 //! manager's); nothing here waits for a page.
 
 use super::state::{CpuState, VcpuStateError};
-use super::{StopSink, VcpuError, VcpuFn, VcpuHandle, VcpuRequest, VcpuState, VcpuStatsSnapshot};
+use super::{
+    ParkedThread, StopSink, VcpuError, VcpuFn, VcpuHandle, VcpuRequest, VcpuState, VcpuStatsSnapshot,
+};
 use ::memory::BlockedFault;
 use kvm_ioctls::VcpuFd;
 use std::sync::Arc;
@@ -76,7 +78,8 @@ impl Vcpus {
     /// Starts one thread per vCPU: those in `started` run, the others wait
     /// paused. vCPU `i` is pinned to `pins[i]` if given (next to a fault
     /// handler thread, see `crate::placement`). Each thread is sandboxed in
-    /// `seccomp` mode before it runs the guest.
+    /// `seccomp` mode before it runs the guest. A vCPU with a thread in
+    /// `parked` (started before, see [`ParkedThread`]) runs on it.
     pub fn spawn(
         fds: Vec<VcpuFd>,
         bus: &Arc<IoManager>,
@@ -84,6 +87,7 @@ impl Vcpus {
         on_stop: StopSink,
         pins: &[Option<usize>],
         seccomp: sandbox::SeccompMode,
+        mut parked: Vec<ParkedThread>,
     ) -> Result<Vcpus, VcpuError> {
         let mut handles = Vec::with_capacity(fds.len());
         for (i, fd) in (0u32..).zip(fds) {
@@ -93,6 +97,10 @@ impl Vcpus {
                 VcpuState::Paused
             };
             let pin = pins.get(i as usize).copied().flatten();
+            let thread = parked
+                .iter()
+                .position(|p| p.cpu() == i)
+                .map(|k| parked.swap_remove(k));
             handles.push(VcpuHandle::spawn(
                 i,
                 fd,
@@ -101,6 +109,7 @@ impl Vcpus {
                 on_stop.clone(),
                 pin,
                 seccomp,
+                thread,
             )?);
         }
         let mut started = started;

@@ -110,10 +110,17 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// as it did: signals, timeouts); a migration destination calls it while
 /// it is built with `background` true: the probe then runs beside the
 /// migration instead of inside its downtime (it was 45 of a 49 ms
-/// downtime of `vmm receive`).
+/// downtime of `vmm receive`), and the controller's seccomp filter is
+/// compiled then too.
 pub(crate) fn prepare(vm: &vmm_core::Vm, seccomp: sandbox::SeccompMode, background: bool) {
     use crate::snapshot::live;
     vm.memory().prepare_wp();
+    if background {
+        // Compiled now, not when the controller starts in the downtime.
+        if let Err(e) = sandbox::precompile(ThreadClass::Controller, seccomp) {
+            tracing::debug!("{e}");
+        }
+    }
     if seccomp == sandbox::SeccompMode::Off || sandbox::current().is_some() || live::probe_started() {
         return;
     }

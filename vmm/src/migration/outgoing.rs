@@ -6,7 +6,7 @@
 
 use super::status::{Phase, SourceStatus};
 use super::transport::{Conn, Endpoint, Security, HANDSHAKE_WAIT};
-use super::wire::page_bitmap;
+use super::wire::page_bitmap_of_runs;
 use super::wire::{decode, encode, is_zero, Message, PAGE, PAGE64};
 use super::{io, MigrationError};
 use crate::snapshot::{Extent, EXTENT_MAX};
@@ -180,6 +180,49 @@ pub fn extents_of(pages: &[u64]) -> Vec<Extent> {
     out
 }
 
+/// Appends the pages `[gpa, end)` to `out`, ascending, as [`extents_of`]
+/// would (an extent grows while contiguous, within its [`EXTENT_MAX`] block).
+fn push_range(out: &mut Vec<Extent>, mut gpa: u64, end: u64) {
+    while gpa < end {
+        let stop = end.min((gpa / EXTENT_MAX + 1) * EXTENT_MAX);
+        match out.last_mut() {
+            Some(e) if e.end() == gpa && !gpa.is_multiple_of(EXTENT_MAX) => e.len += stop - gpa,
+            _ => out.push(Extent { gpa, len: stop - gpa }),
+        }
+        gpa = stop;
+    }
+}
+
+/// The extents of the union of `extents` (as [`extents_of`] makes them) and
+/// the ascending pages `pages`: equal to `extents_of` of the merged page
+/// list, in time linear in extents and pages, not in the pages the extents
+/// cover (the source lists its pages before the pause and adds only what
+/// the dirty log has at the switchover).
+pub fn union_extents(extents: &[Extent], pages: &[u64]) -> Vec<Extent> {
+    let mut out: Vec<Extent> = Vec::with_capacity(extents.len() + pages.len());
+    let (mut i, mut j) = (0, 0);
+    loop {
+        let (start, end) = match (extents.get(i), pages.get(j)) {
+            (Some(e), Some(&p)) if e.gpa <= p => {
+                i += 1;
+                (e.gpa, e.end())
+            }
+            (_, Some(&p)) => {
+                j += 1;
+                (p, p + PAGE64)
+            }
+            (Some(e), None) => {
+                i += 1;
+                (e.gpa, e.end())
+            }
+            (None, None) => break,
+        };
+        let covered = out.last().map_or(0, Extent::end);
+        push_range(&mut out, start.max(covered), end);
+    }
+    out
+}
+
 /// A source connected to its destination, the state already sent.
 #[derive(Debug)]
 pub struct Outgoing {
@@ -257,7 +300,7 @@ impl Outgoing {
     ) -> Result<Outgoing, MigrationError> {
         let t = Instant::now();
         let json = serde_json::to_vec(state).map_err(MigrationError::Encode)?;
-        let map = page_bitmap(extent_pages(&extents), mem_size);
+        let map = page_bitmap_of_runs(extents.iter().map(|e| (e.gpa, e.len)), mem_size);
         let mut w = BufWriter::new(conn.try_clone()?);
         encode(&mut w, &Message::State(json.clone())).map_err(io("sending the state"))?;
         encode(&mut w, &Message::PageMap(map.clone())).map_err(io("sending the page map"))?;
@@ -718,6 +761,46 @@ pub(super) fn spawn_out(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_union_of_extents_and_pages_is_the_extents_of_the_merged_pages() {
+        // Seeded pages around 1 MiB block boundaries, runs and gaps.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for round in 0..200 {
+            let span = if round % 2 == 0 { 64 } else { 1024 };
+            let mut pick = |n: usize| {
+                let mut v: Vec<u64> = (0..n).map(|_| (next() % span) * PAGE64 + 0xf_0000).collect();
+                v.sort_unstable();
+                v.dedup();
+                v
+            };
+            let (a, b) = (pick(round % 300), pick(round % 7));
+            let mut merged: Vec<u64> = a.iter().chain(&b).copied().collect();
+            merged.sort_unstable();
+            merged.dedup();
+            let want: Vec<_> = extents_of(&merged).iter().map(|e| (e.gpa, e.len)).collect();
+            let got: Vec<_> = union_extents(&extents_of(&a), &b)
+                .iter()
+                .map(|e| (e.gpa, e.len))
+                .collect();
+            assert_eq!(got, want, "round {round}");
+        }
+        // A whole run of blocks at once, and nothing.
+        let run: Vec<u64> = (0..1024).map(|i| i * PAGE64).collect();
+        let want: Vec<_> = extents_of(&run).iter().map(|e| (e.gpa, e.len)).collect();
+        let got: Vec<_> = union_extents(&extents_of(&run), &[0x3000])
+            .iter()
+            .map(|e| (e.gpa, e.len))
+            .collect();
+        assert_eq!(got, want);
+        assert!(union_extents(&[], &[]).is_empty());
+    }
 
     #[test]
     fn extents_cover_pages_within_one_block_each() {

@@ -8,7 +8,8 @@
 
 use super::outgoing::DirtyTracking;
 use super::outgoing::{
-    extents_of, open_both, spawn_out, Downtime, MigrateOptions, Outgoing, Resumable, SourceSummary, Stopped,
+    extents_of, open_both, spawn_out, union_extents, Downtime, MigrateOptions, Outgoing, Resumable,
+    SourceSummary, Stopped,
 };
 use super::push_order::{push_order, PageHistory, PushOrder, RECENCY_SAMPLE};
 use super::status::{Phase, SourceStatus};
@@ -167,6 +168,13 @@ fn precopy(to: &Endpoint, options: &MigrateOptions, mut ctx: PrecopyCtx) -> Resu
     let scanned = vmm_core::memory::pages::existing_guest_pages_in(&ctx.pagemap, &ctx.mem)
         .map_err(|e| early(io("reading the page map")(e)))?;
     let postcopy_from_scan = options.precopy_rounds == 0;
+    // Listed now, while the VM runs: at the pause only the log's pages are
+    // added (a merge of every page was 1.5 ms of a 4 GiB guest's downtime).
+    let scanned_extents = if postcopy_from_scan {
+        extents_of(&scanned)
+    } else {
+        Vec::new()
+    };
     // What the push order by recency goes by: the rounds' dirty logs.
     let mut history = PageHistory::default();
     if postcopy_from_scan && options.push_order == PushOrder::Recency {
@@ -241,16 +249,14 @@ fn precopy(to: &Endpoint, options: &MigrateOptions, mut ctx: PrecopyCtx) -> Resu
     // completes the post-copy set.
     let dirty = tracker.take().map_err(|e| early(e.into()))?;
     summary.precopy_dirty.push(dirty.len() as u64);
-    let pages = if postcopy_from_scan {
+    let extents = if postcopy_from_scan {
         if options.push_order == PushOrder::Recency {
             history.note(1, &dirty);
         }
-        merge_sorted(&scanned, &dirty)
+        union_extents(&scanned_extents, &dirty)
     } else {
-        dirty
+        extents_of(&dirty)
     };
-    let extents = extents_of(&pages);
-    drop(pages);
     let resumable = Resumable {
         extents: extents.clone(),
         paused_at: paused.paused_at,
@@ -296,46 +302,4 @@ fn precopy(to: &Endpoint, options: &MigrateOptions, mut ctx: PrecopyCtx) -> Resu
         tracing::warn!("{e}");
     }
     out
-}
-
-/// The union of two ascending lists of page addresses, ascending, no duplicates.
-fn merge_sorted(a: &[u64], b: &[u64]) -> Vec<u64> {
-    let mut out = Vec::with_capacity(a.len() + b.len());
-    let (mut i, mut j) = (0, 0);
-    while i < a.len() || j < b.len() {
-        let next = match (a.get(i), b.get(j)) {
-            (Some(&x), Some(&y)) if x == y => {
-                i += 1;
-                j += 1;
-                x
-            }
-            (Some(&x), Some(&y)) if x < y => {
-                i += 1;
-                x
-            }
-            (Some(_) | None, Some(&y)) => {
-                j += 1;
-                y
-            }
-            (Some(&x), None) => {
-                i += 1;
-                x
-            }
-            (None, None) => break,
-        };
-        out.push(next);
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn merge_sorted_is_a_union() {
-        assert_eq!(
-            super::merge_sorted(&[0x1000, 0x3000, 0x5000], &[0x2000, 0x3000, 0x9000]),
-            vec![0x1000, 0x2000, 0x3000, 0x5000, 0x9000]
-        );
-        assert_eq!(super::merge_sorted(&[], &[0x1000]), vec![0x1000]);
-    }
 }
