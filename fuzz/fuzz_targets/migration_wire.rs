@@ -2,7 +2,8 @@
 //! (`vmm::migration::wire`): the header, then messages until the input ends
 //! or one is refused. Each message decoded encodes back to the bytes it came
 //! from. A state and a page map, as a destination receives them, go
-//! through `wire::bitmap_pages` and `snapshot::check_received` as in
+//! through `wire::bitmap_runs` (which must give `wire::bitmap_pages`'s
+//! pages, and refuse what it refuses) and `snapshot::check_received` as in
 //! `Incoming::switchover`.
 //!
 //! Seeds: captured streams of a real wire-version-5 migration over plain
@@ -14,7 +15,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use std::io::Cursor;
-use vmm::migration::wire::{bitmap_pages, decode, encode, read_header, Message};
+use vmm::migration::wire::{bitmap_pages, bitmap_runs, decode, encode, read_header, Message};
 use vmm::snapshot::{check_received, Extent};
 
 fuzz_target!(|data: &[u8]| {
@@ -48,6 +49,16 @@ fuzz_target!(|data: &[u8]| {
             .and_then(|v| v["vm"]["config"]["mem_size"].as_u64())
             .filter(|&m| m <= 64 << 30)
             .unwrap_or(64 << 20);
+        // The destination decodes the map as runs: the same pages, refused alike.
+        let runs = bitmap_runs(&bits, mem_size);
+        match (&runs, bitmap_pages(&bits, mem_size)) {
+            (Ok(runs), Ok(pages)) => {
+                let flat: Vec<u64> = runs.iter().flat_map(|&(g, l)| (g..g + l).step_by(4096)).collect();
+                assert_eq!(flat, pages, "bitmap_runs and bitmap_pages disagree");
+            }
+            (Err(_), Err(_)) => {}
+            (r, p) => panic!("bitmap_runs {:?} but bitmap_pages {:?}", r.is_ok(), p.is_ok()),
+        }
         if let Ok(pages) = bitmap_pages(&bits, mem_size) {
             let ext: Vec<Extent> = pages.iter().map(|&gpa| Extent { gpa, len: 4096 }).collect();
             let _ = check_received(&state, &ext);

@@ -193,6 +193,16 @@ fn push_range(out: &mut Vec<Extent>, mut gpa: u64, end: u64) {
     }
 }
 
+/// Extents (as [`extents_of`] makes them) of the ascending,
+/// non-overlapping runs `(gpa, len)` of whole pages.
+pub fn extents_of_runs(runs: &[(u64, u64)]) -> Vec<Extent> {
+    let mut out = Vec::with_capacity(runs.len());
+    for &(gpa, len) in runs {
+        push_range(&mut out, gpa, gpa.saturating_add(len));
+    }
+    out
+}
+
 /// The extents of the union of `extents` (as [`extents_of`] makes them) and
 /// the ascending pages `pages`: equal to `extents_of` of the merged page
 /// list, in time linear in extents and pages, not in the pages the extents

@@ -389,6 +389,58 @@ pub fn bitmap_pages(bits: &[u8], mem_size: u64) -> Result<Vec<u64>, MigrationErr
     Ok(out)
 }
 
+/// The pages of a `PageMap` bitmap as maximal runs `(gpa, len)` of
+/// contiguous guest-physical pages, ascending: [`bitmap_pages`] without a
+/// list of every page (a whole byte at a time where it is full; the
+/// destination decodes it inside the downtime); refuses the same bitmaps.
+pub fn bitmap_runs(bits: &[u8], mem_size: u64) -> Result<Vec<(u64, u64)>, MigrationError> {
+    let ranges = abi::layout::ram_ranges(mem_size);
+    let total: u64 = ranges.iter().map(|&(_, l)| l / PAGE64).sum();
+    if bits.len() as u64 != total.div_ceil(8) {
+        return Err(MigrationError::Protocol(format!(
+            "the page map has {} bytes for {total} pages of guest RAM",
+            bits.len()
+        )));
+    }
+    if !total.is_multiple_of(8) && bits.last().is_some_and(|&b| b >> (total % 8) != 0) {
+        return Err(MigrationError::Protocol(
+            "the page map has bits past the last page of guest RAM".into(),
+        ));
+    }
+    // Runs of page indices first, then split where RAM's ranges split.
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    let mut add = |i: u64, n: u64| match runs.last_mut() {
+        Some((a, len)) if *a + *len == i => *len += n,
+        _ => runs.push((i, n)),
+    };
+    for (byte, &b) in (0u64..).zip(bits) {
+        match b {
+            0 => {}
+            0xff => add(byte * 8, 8),
+            _ => {
+                for bit in (0..8).filter(|bit| b & (1 << bit) != 0) {
+                    add(byte * 8 + bit, 1);
+                }
+            }
+        }
+    }
+    let mut out = Vec::with_capacity(runs.len() + 1);
+    for (i, n) in runs {
+        let (mut i, end) = (i, (i + n).min(total));
+        let mut before = 0u64;
+        for &(s, l) in &ranges {
+            let pages = l / PAGE64;
+            if i < end && i < before + pages {
+                let stop = end.min(before + pages);
+                out.push((s + (i - before) * PAGE64, (stop - i) * PAGE64));
+                i = stop;
+            }
+            before += pages;
+        }
+    }
+    Ok(out)
+}
+
 fn u64_at(b: &[u8], i: usize) -> u64 {
     let mut w = [0u8; 8];
     w.copy_from_slice(&b[i * 8..i * 8 + 8]);
@@ -577,6 +629,33 @@ mod tests {
         assert_eq!(bitmap_pages(&bits, mem).unwrap(), pages);
         assert!(bitmap_pages(&bits[1..], mem).is_err());
         assert!(!is_zero(&[0, 0, 1]) && is_zero(&[0; 4096]));
+    }
+
+    #[test]
+    fn bitmap_runs_are_the_bitmap_pages_in_runs() {
+        for mem in [256u64 << 20, 5 << 30] {
+            let end = abi::layout::ram_ranges(mem).last().map_or(0, |&(s, l)| s + l);
+            let runs = [
+                (0, 9 * PAGE64),
+                (0x10_0000, 1 << 20),
+                (0xbfff_0000, 0x4_0000),
+                (end - 3 * PAGE64, 3 * PAGE64),
+            ];
+            let bits = page_bitmap_of_runs(runs.iter().copied(), mem);
+            let got = bitmap_runs(&bits, mem).unwrap();
+            let flat: Vec<u64> = got.iter().flat_map(|&(g, l)| (g..g + l).step_by(PAGE)).collect();
+            assert_eq!(flat, bitmap_pages(&bits, mem).unwrap(), "{mem}");
+            // Maximal runs: none touches the next.
+            assert!(got.windows(2).all(|w| w[0].0 + w[0].1 < w[1].0), "{got:x?}");
+            assert!(bitmap_runs(&bits[1..], mem).is_err());
+        }
+        let mut bits = page_bitmap(std::iter::empty(), 64 << 20);
+        assert_eq!(bitmap_runs(&bits, 64 << 20).unwrap(), vec![]);
+        bits[0] = 0b1011_0110;
+        assert_eq!(
+            bitmap_runs(&bits, 64 << 20).unwrap(),
+            vec![(0x1000, 0x2000), (0x4000, 0x2000), (0x7000, 0x1000)]
+        );
     }
 
     #[test]
