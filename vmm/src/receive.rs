@@ -72,7 +72,7 @@ pub fn receive(
     on_resumed: impl FnOnce(&VmHandle),
 ) -> Result<ReceiveOutcome, ReceiveError> {
     let start = std::time::Instant::now();
-    let incoming = Incoming::accept(
+    let mut incoming = Incoming::accept(
         listener,
         options.progress.clone(),
         options.wait,
@@ -98,6 +98,8 @@ pub fn receive(
         incoming.source().set_unit(m.page_size());
     }
     let build_ms = built.elapsed().as_secs_f64() * 1e3;
+    // The source pauses once it has this.
+    incoming.ready()?;
     let switched = incoming.switchover()?;
     let applied = Instant::now();
     vm.apply_incoming(switched.state(), switched.data_ranges())?;

@@ -330,6 +330,12 @@ impl Incoming {
         })
     }
 
+    /// Tells the source the VM is built: it pauses only after this.
+    pub fn ready(&mut self) -> Result<(), MigrationError> {
+        encode(&mut self.conn, &Message::Ready).map_err(io("telling the source the VM is built"))?;
+        std::io::Write::flush(&mut self.conn).map_err(io("telling the source the VM is built"))
+    }
+
     /// The VM's configuration, as the source sent it.
     pub fn config(&self) -> &ConfigState {
         &self.config

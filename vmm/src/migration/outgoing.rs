@@ -85,6 +85,9 @@ pub struct SourceSummary {
     /// Opening the main connection and the answer channel, authentication
     /// (TLS handshakes) included; before the pause, so not in the downtime.
     pub connect_ms: f64,
+    /// How long the source, ready to pause, waited for the destination's
+    /// `Ready` (its VM built); 0 when it had come already.
+    pub ready_wait_ms: f64,
     /// This run resumed an interrupted post-copy.
     pub resumed: bool,
     /// Pages sent in each pre-copy round (round 1: every data page).
@@ -560,6 +563,8 @@ impl Outgoing {
                         d.destination_part_ms = (took_us as f64 / 1e3).min(d.destination_ms);
                         d.trips_ms = d.destination_ms - d.destination_part_ms;
                     }
+                    // Late: the source stopped waiting for it (`precopy::wait_ready`).
+                    Message::Ready => {}
                     Message::Complete => {
                         w.flush().map_err(io("flushing"))?;
                         let mut s = std::mem::take(&mut self.summary);

@@ -14,7 +14,7 @@ use super::outgoing::{
 use super::push_order::{push_order, PageHistory, PushOrder, RECENCY_SAMPLE};
 use super::status::{Phase, SourceStatus};
 use super::transport::{Conn, Endpoint};
-use super::wire::{encode, is_zero, Message, PAGE, PAGE64};
+use super::wire::{decode, encode, is_zero, Message, PAGE, PAGE64};
 use super::{io, MigrationError};
 use crate::state::SavedVm;
 use devices::GuestRam;
@@ -22,7 +22,7 @@ use kvm_ioctls::VmFd;
 use std::io::{BufWriter, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_core::memory::dirty_wp::{AnyDirtyTracker, WpDirtyError, WpDirtyTracker};
 use vmm_core::memory::pages::Pagemap;
@@ -242,6 +242,7 @@ fn precopy(to: &Endpoint, options: &MigrateOptions, mut ctx: PrecopyCtx) -> Resu
     w.flush().map_err(|e| early(io("sending pages")(e)))?;
     drop(w);
     summary.precopy_ms = start.elapsed().as_secs_f64() * 1e3;
+    summary.ready_wait_ms = wait_ready(&conn).map_err(early)?;
     status.set_phase(Phase::Switchover);
     let paused = (ctx.switchover)().map_err(early)?;
     let listed = Instant::now();
@@ -302,4 +303,68 @@ fn precopy(to: &Endpoint, options: &MigrateOptions, mut ctx: PrecopyCtx) -> Resu
         tracing::warn!("{e}");
     }
     out
+}
+
+/// How long a source ready to pause waits for the destination's `Ready`
+/// before it pauses anyway (a late `Ready` is then ignored).
+const READY_WAIT: Duration = Duration::from_secs(10);
+
+/// Waits for the destination's `Ready` (its VM built): a pause before it
+/// would put the rest of the destination's build in the downtime (it was
+/// most of a 1 GiB guest's, whose pre-pause scan is quicker than the
+/// build). Returns the time waited, ms. A destination that ends the
+/// connection instead (its build failed) fails the migration before the
+/// pause: the VM runs on here.
+fn wait_ready(conn: &Conn) -> Result<f64, MigrationError> {
+    let t = Instant::now();
+    let mut r = conn.try_clone()?;
+    r.set_read_timeout(Some(READY_WAIT))?;
+    let got = decode(&mut r);
+    r.set_read_timeout(None)?;
+    let waited = t.elapsed().as_secs_f64() * 1e3;
+    match got {
+        Ok(Message::Ready) => Ok(waited),
+        Ok(other) => Err(MigrationError::Protocol(format!(
+            "the destination sent {} where its Ready was expected",
+            other.summary()
+        ))),
+        Err(MigrationError::Io { source, .. })
+            if matches!(
+                source.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            tracing::warn!(
+                "the destination did not report its VM built within {READY_WAIT:?}; pausing anyway (its build is then in the downtime)"
+            );
+            Ok(waited)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn the_source_pauses_after_ready_and_not_on_an_ended_or_confused_destination() {
+        // Ready: the time waited comes back.
+        let (a, mut b) = UnixStream::pair().unwrap();
+        encode(&mut b, &Message::Ready).unwrap();
+        assert!(wait_ready(&Conn::Unix(a)).unwrap() >= 0.0);
+        // A destination that ended (its build failed): no pause.
+        let (a, b) = UnixStream::pair().unwrap();
+        drop(b);
+        assert!(matches!(
+            wait_ready(&Conn::Unix(a)),
+            Err(MigrationError::Io { .. })
+        ));
+        // Anything else first: a protocol error, no pause.
+        let (a, mut b) = UnixStream::pair().unwrap();
+        encode(&mut b, &Message::Complete).unwrap();
+        let e = wait_ready(&Conn::Unix(a)).unwrap_err();
+        assert!(e.to_string().contains("where its Ready was expected"), "{e}");
+    }
 }

@@ -21,7 +21,7 @@ pub const MAGIC: [u8; 8] = *b"VMMMIGR\0";
 /// RAM (`PageMap`, replacing `Extents`); an all-zero page goes as its
 /// address alone (`ZeroRequested`, `ZeroPushed`); `Resumed` carries the
 /// destination's part of the downtime.
-pub const VERSION: u32 = 5;
+pub const VERSION: u32 = 6;
 pub use abi::layout::{PAGE_LEN as PAGE, PAGE_SIZE as PAGE64};
 /// Length of a page message: address and data.
 pub const PAGE_MSG: u32 = 8 + 4096;
@@ -47,6 +47,7 @@ const T_RESEND: u8 = 17;
 const T_RESUMED: u8 = 18;
 const T_COMPLETE: u8 = 19;
 const T_NEED: u8 = 20;
+const T_READY: u8 = 21;
 
 /// Largest `Need` bitmap: one bit per page of the largest guest (64 GiB).
 pub const MAX_NEED: u32 = 1 << 21;
@@ -125,6 +126,10 @@ pub enum Message {
     },
     /// Destination: every page arrived.
     Complete,
+    /// Destination, on the main connection once its VM is built (memory
+    /// registered, devices, vCPU threads started): the source pauses only
+    /// after it, so that no part of the build lands in the downtime.
+    Ready,
 }
 
 impl Message {
@@ -158,6 +163,7 @@ impl Message {
             Message::Resend(g) => format!("Resend {g:#x}"),
             Message::Resumed { took_us } => format!("Resumed ({took_us} us)"),
             Message::Complete => "Complete".into(),
+            Message::Ready => "Ready".into(),
         }
     }
 }
@@ -264,6 +270,7 @@ pub fn encode(w: &mut impl Write, m: &Message) -> std::io::Result<()> {
         Message::Resend(g) => frame(w, T_RESEND, &[&g.to_le_bytes()]),
         Message::Resumed { took_us } => frame(w, T_RESUMED, &[&took_us.to_le_bytes()]),
         Message::Complete => frame(w, T_COMPLETE, &[]),
+        Message::Ready => frame(w, T_READY, &[]),
     }
 }
 
@@ -462,7 +469,7 @@ pub fn decode(r: &mut impl Read) -> Result<Message, MigrationError> {
         T_PAGE_REQUESTED | T_PAGE_PUSHED | T_PRECOPY_PAGE => len == PAGE_MSG,
         T_DONE => len == 24,
         T_REQUEST | T_RESEND | T_PRECOPY_BEGIN | T_RESUMED => len == 8,
-        T_COMPLETE | T_RESUME | T_PREEMPT => len == 0,
+        T_COMPLETE | T_RESUME | T_PREEMPT | T_READY => len == 0,
         T_NEED => len <= MAX_NEED,
         other => return Err(MigrationError::Protocol(format!("unknown message type {other}"))),
     };
@@ -534,6 +541,7 @@ pub fn decode(r: &mut impl Read) -> Result<Message, MigrationError> {
         T_RESUMED => Message::Resumed {
             took_us: u64_at(&b, 0),
         },
+        T_READY => Message::Ready,
         _ => Message::Complete,
     })
 }
@@ -575,6 +583,7 @@ mod tests {
                 gpa: 0x7000,
                 requested: false,
             },
+            Message::Ready,
         ] {
             encode(&mut b, &m).unwrap();
         }
@@ -606,7 +615,7 @@ mod tests {
     #[test]
     fn round_trip() {
         let m = decode_all(&sample()).unwrap();
-        assert_eq!(m.len(), 15);
+        assert_eq!(m.len(), 16);
         // A zero page goes as its address only.
         assert_eq!(
             m[14],
@@ -616,6 +625,7 @@ mod tests {
             }
         );
         assert_eq!(m[12], Message::Preempt);
+        assert_eq!(m[15], Message::Ready);
         assert_eq!(m[3], Message::Request(0x2000));
         assert_eq!(m[11], Message::Need(vec![0b1010, 1]));
         assert!(matches!(&m[9], Message::PrecopyPage { gpa: 0x5000, data } if data[0] == 9));
