@@ -30,6 +30,9 @@ pub struct MigrateRun {
     pub precopy_ms: f64,
     /// Opening both connections, TLS handshakes included (before the pause).
     pub connect_ms: f64,
+    /// The source, ready to pause, waiting for the destination's `Ready`.
+    #[serde(default)]
+    pub ready_wait_ms: f64,
     /// Building the destination VM (before the pause).
     pub build_ms: f64,
     /// Data pages sent after the switchover.
@@ -317,6 +320,7 @@ fn migrate_plans(
             precopy_pages: summary.precopy_pages,
             precopy_ms: summary.precopy_ms,
             connect_ms: summary.connect_ms,
+            ready_wait_ms: summary.ready_wait_ms,
             build_ms: s.build_ms,
             data_pages: summary.data_pages,
             zero_pages: summary.zero_pages,
@@ -393,7 +397,7 @@ impl std::fmt::Display for MigrateBench {
             let t = &r.destination;
             writeln!(
                 f,
-                "  {:>5} MiB {:<10} {:<28} {:>6} post-copy pages ({} zero): downtime {:>6.2} ms = pause {:.2} + capture {:.2} + page list {:.2} + state out {:.2} + destination {:.2} (check {:.2}, apply {:.2}, start {:.2} of which vCPUs {:.2}); built before: {:.1} ms; total {:>7.1} ms; {} requested / {} pushed; request latency p50 {:.0} us p99 {:.0} us ({} samples); vCPUs blocked {:.1} ms",
+                "  {:>5} MiB {:<10} {:<28} {:>6} post-copy pages ({} zero): downtime {:>6.2} ms = pause {:.2} + capture {:.2} + page list {:.2} + state out {:.2} + destination {:.2} (check {:.2}, apply {:.2}, start {:.2} of which vCPUs {:.2}); built before: {:.1} ms (waited for {:.1}); total {:>7.1} ms; {} requested / {} pushed; request latency p50 {:.0} us p99 {:.0} us ({} samples); vCPUs blocked {:.1} ms",
                 r.mem_mib,
                 if r.backing.is_empty() { "anon" } else { &r.backing },
                 mode,
@@ -410,6 +414,7 @@ impl std::fmt::Display for MigrateBench {
                 t.start_ms,
                 t.vcpus_ms,
                 r.build_ms,
+                r.ready_wait_ms,
                 r.total_ms,
                 r.pages_requested,
                 r.pages_pushed,
