@@ -106,10 +106,7 @@ pub fn receive(
     let applied_ms = applied.elapsed().as_secs_f64() * 1e3;
     let config = vm.config().clone();
     let materializer = vm.materializer().ok_or(ReceiveError::NotLazy)?;
-    // `Resumed` goes as soon as the vCPUs run, before the controller's
-    // thread starts: that is the end of the downtime.
-    let mut resumed = None;
-    let running = vm.start_with(|| resumed = Some(switched.resumed()))?;
+    let running = vm.start()?;
     let handle = running.handle();
     let paused_on_loss = Arc::new(AtomicBool::new(false));
     let events = {
@@ -132,7 +129,6 @@ pub fn receive(
         }
     };
     let session = switched.start(
-        resumed,
         materializer,
         options.lost_wait,
         applied_ms,

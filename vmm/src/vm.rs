@@ -610,13 +610,6 @@ impl Vm {
     /// Starts the vCPUs and the controller; the VM can then be paused, resumed,
     /// kicked and stopped through the returned handle.
     pub fn start(self) -> Result<RunningVm, VmError> {
-        self.start_with(|| {})
-    }
-
-    /// [`start`](Self::start), calling `on_running` as soon as the vCPUs
-    /// run, before the controller's thread starts (a migration destination
-    /// ends its downtime there).
-    pub fn start_with(self, on_running: impl FnOnce()) -> Result<RunningVm, VmError> {
         let options = ControllerOptions {
             stdin: self.options.stdin,
             timeout: self.options.timeout,
@@ -634,7 +627,6 @@ impl Vm {
             self.rx,
             options,
             self.external,
-            on_running,
         )?)
     }
 

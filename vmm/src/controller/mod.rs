@@ -131,22 +131,19 @@ pub(crate) fn prepare(vm: &vmm_core::Vm, seccomp: sandbox::SeccompMode, backgrou
     }
 }
 
-/// Starts the vCPUs and the controller thread (`on_running` is called in
-/// between). `events` is the sender the mechanism was built with, `rx` its
-/// receiving end.
+/// Starts the vCPUs and the controller thread. `events` is the sender the
+/// mechanism was built with, `rx` its receiving end.
 pub(crate) fn start(
     mut vm: vmm_core::Vm,
     events: EventSender,
     rx: Receiver<Event>,
     options: ControllerOptions,
     external: Option<ExternalHandler>,
-    on_running: impl FnOnce(),
 ) -> Result<RunningVm, StartError> {
     prepare(&vm, options.seccomp, false);
     let t0 = Instant::now();
     vm.start()?;
     let vcpus_ms = t0.elapsed().as_secs_f64() * 1e3;
-    on_running();
     let mut em: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
         EventManager::new().map_err(|e| StartError::EventLoop(format!("{e:?}")))?;
     // A shutdown signal ends the run (the process's watcher calls this).

@@ -123,22 +123,12 @@ pub struct DestDowntime {
     pub check_ms: f64,
     /// Applying the state to the VM built before (KVM, vCPU, device state).
     pub apply_ms: f64,
-    /// Starting the vCPUs and sending `Resumed` (the controller's thread
-    /// starts after it).
+    /// Starting the vCPUs and the controller and sending `Resumed`.
     pub start_ms: f64,
     /// The part of `start_ms` spent starting the vCPU threads (each installs
     /// its seccomp filter before its first `KVM_RUN`).
     #[serde(default)]
     pub vcpus_ms: f64,
-}
-
-/// When the destination told its source the vCPUs run ([`Switched::resumed`]).
-#[derive(Debug, Clone, Copy)]
-pub struct ResumedAt {
-    /// The state's arrival to `Resumed`.
-    took: Duration,
-    /// The vCPUs running, microseconds since the Unix epoch.
-    vcpus_started_unix_us: u64,
 }
 
 /// What arrives before post-copy.
@@ -474,28 +464,11 @@ impl Switched {
         self.data_ranges.clone()
     }
 
-    /// The vCPUs run here: tells the source (`Resumed`, the end of the
-    /// downtime), at once, before the rest of the VM's threads start.
-    pub fn resumed(&self) -> ResumedAt {
-        let vcpus_started_unix_us = super::unix_us();
-        let took = self.got_state.elapsed();
-        self.src.send(Message::Resumed {
-            took_us: u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
-        });
-        ResumedAt {
-            took,
-            vcpus_started_unix_us,
-        }
-    }
-
     /// The VM runs here (its memory served from [`source`](Self::source)
-    /// through `materializer`'s retry cores) and the source was told
-    /// ([`resumed`](Self::resumed), or now if `resumed` is `None`): starts
+    /// through `materializer`'s retry cores): tells the source and starts
     /// the session. `events` is called from the session's threads.
-    #[allow(clippy::too_many_arguments)]
     pub fn start(
         self,
-        resumed: Option<ResumedAt>,
         materializer: Materializer,
         lost_wait: Duration,
         applied_ms: f64,
@@ -503,11 +476,12 @@ impl Switched {
         build_ms: f64,
         events: impl Fn(MigrationEvent) + Send + Sync + 'static,
     ) -> Result<IncomingSession, MigrationError> {
-        let ResumedAt {
-            took,
-            vcpus_started_unix_us,
-        } = resumed.unwrap_or_else(|| self.resumed());
         let src = self.src;
+        let vcpus_started_unix_us = super::unix_us();
+        let took = self.got_state.elapsed();
+        src.send(Message::Resumed {
+            took_us: u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
+        });
         let resume_ms = took.as_secs_f64() * 1e3;
         src.progress.running.store(true, Ordering::Release);
         src.progress.set_phase(Phase::Postcopy);
