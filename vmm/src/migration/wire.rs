@@ -359,9 +359,9 @@ pub fn page_bitmap_of_runs(runs: impl Iterator<Item = (u64, u64)>, mem_size: u64
     bits
 }
 
-/// The pages of a `PageMap` bitmap for a `mem_size` guest, ascending;
-/// refuses a bitmap of another length or with bits past the last page.
-pub fn bitmap_pages(bits: &[u8], mem_size: u64) -> Result<Vec<u64>, MigrationError> {
+/// RAM's ranges and page count for a `mem_size` guest, if `bits` is a
+/// `PageMap` bitmap of it: one bit per page, none past the last.
+fn check_bitmap(bits: &[u8], mem_size: u64) -> Result<([(u64, u64); 2], u64), MigrationError> {
     let ranges = abi::layout::ram_ranges(mem_size);
     let total: u64 = ranges.iter().map(|&(_, l)| l / PAGE64).sum();
     if bits.len() as u64 != total.div_ceil(8) {
@@ -370,6 +370,18 @@ pub fn bitmap_pages(bits: &[u8], mem_size: u64) -> Result<Vec<u64>, MigrationErr
             bits.len()
         )));
     }
+    if !total.is_multiple_of(8) && bits.last().is_some_and(|&b| b >> (total % 8) != 0) {
+        return Err(MigrationError::Protocol(
+            "the page map has bits past the last page of guest RAM".into(),
+        ));
+    }
+    Ok((ranges, total))
+}
+
+/// The pages of a `PageMap` bitmap for a `mem_size` guest, ascending;
+/// refuses a bitmap of another length or with bits past the last page.
+pub fn bitmap_pages(bits: &[u8], mem_size: u64) -> Result<Vec<u64>, MigrationError> {
+    let (ranges, total) = check_bitmap(bits, mem_size)?;
     let low = ranges[0].1 / PAGE64;
     let mut out = Vec::new();
     for (byte, &b) in (0u64..).zip(bits) {
@@ -388,11 +400,6 @@ pub fn bitmap_pages(bits: &[u8], mem_size: u64) -> Result<Vec<u64>, MigrationErr
             }
         }
     }
-    if !total.is_multiple_of(8) && bits.last().is_some_and(|&b| b >> (total % 8) != 0) {
-        return Err(MigrationError::Protocol(
-            "the page map has bits past the last page of guest RAM".into(),
-        ));
-    }
     Ok(out)
 }
 
@@ -401,19 +408,7 @@ pub fn bitmap_pages(bits: &[u8], mem_size: u64) -> Result<Vec<u64>, MigrationErr
 /// list of every page (a whole byte at a time where it is full; the
 /// destination decodes it inside the downtime); refuses the same bitmaps.
 pub fn bitmap_runs(bits: &[u8], mem_size: u64) -> Result<Vec<(u64, u64)>, MigrationError> {
-    let ranges = abi::layout::ram_ranges(mem_size);
-    let total: u64 = ranges.iter().map(|&(_, l)| l / PAGE64).sum();
-    if bits.len() as u64 != total.div_ceil(8) {
-        return Err(MigrationError::Protocol(format!(
-            "the page map has {} bytes for {total} pages of guest RAM",
-            bits.len()
-        )));
-    }
-    if !total.is_multiple_of(8) && bits.last().is_some_and(|&b| b >> (total % 8) != 0) {
-        return Err(MigrationError::Protocol(
-            "the page map has bits past the last page of guest RAM".into(),
-        ));
-    }
+    let (ranges, total) = check_bitmap(bits, mem_size)?;
     // Runs of page indices first, then split where RAM's ranges split.
     let mut runs: Vec<(u64, u64)> = Vec::new();
     let mut add = |i: u64, n: u64| match runs.last_mut() {
