@@ -1012,6 +1012,48 @@ impl RetryCore {
         Ok(filled)
     }
 
+    /// [`RetryCore::prefill`] with the contents given instead of fetched:
+    /// fills the Missing pages of `[host, host + data.len())` from `data`
+    /// (the caller checked it: a working set's verified copy of the pages),
+    /// one COPY per run of pages it can claim. The source is not asked, so it
+    /// suits copy-filled memory only (MISSING registration: the caller does
+    /// not use it where pages come from a page cache, MINOR); a core of huge
+    /// pages answers `Ok(None)` and the caller prefills from the source
+    /// instead. Pages present, in flight or removed are skipped, as by
+    /// `prefill`; a `data` of a partial page ignores that page.
+    pub fn prefill_from(&self, uffd: &Uffd, host: u64, data: &[u8]) -> Result<Option<usize>, FaultError> {
+        if self.ps != crate::page_size() {
+            return Ok(None);
+        }
+        let ps = self.ps;
+        let Some(first) = self.index(host) else {
+            return Err(FaultError::OutOfRegion { addr: host });
+        };
+        let end = first.saturating_add(data.len() / ps).min(self.states.len());
+        let mut filled = 0;
+        let mut i = first;
+        while i < end {
+            if !self.claim(i, PageState::Missing) {
+                i += 1;
+                continue;
+            }
+            let mut j = i + 1;
+            while j < end && self.claim(j, PageState::Missing) {
+                j += 1;
+            }
+            bump(&self.counters.prefill_runs, 1);
+            let at = (i - first) * ps;
+            let run = &data[at..at + (j - i) * ps];
+            match self.fill_copy(uffd, i, i, j, run, Fill::Prefill) {
+                FaultOutcome::Resolved { pages, .. } => filled += pages,
+                FaultOutcome::Failed(e) => return Err(e),
+                FaultOutcome::Retry(_) => {}
+            }
+            i = j;
+        }
+        Ok(Some(filled))
+    }
+
     /// Applies a REMOVE event: pages of `[start, end)` in this region are gone.
     pub fn handle_remove(&self, start: u64, end: u64) {
         let lo = start.max(self.region.host_base);

@@ -90,6 +90,10 @@ fn a_recorded_working_set_is_prefetched_and_the_restore_then_barely_faults() {
         "first-touch order"
     );
     assert!(faults > 20, "the on-demand restore must fault ({faults})");
+    assert!(
+        ws.chunk_hashes.is_some(),
+        "a snapshot's recording holds the pages' contents"
+    );
 
     for before in [true, false] {
         let out = restore(&dir.0, &lazy(Some(before), false)).unwrap();
@@ -99,10 +103,14 @@ fn a_recorded_working_set_is_prefetched_and_the_restore_then_barely_faults() {
         // was there before it asked. While running, the guest may overtake
         // the prefetch on a few pages.
         assert!(pre.pages > 0 && pre.runs > 0 && pre.runs < pre.pages, "{pre:?}");
+        // Before resume from the recorded contents, none from the snapshot;
+        // while running from the snapshot (docs/working-set.md).
+        let from_contents = if before { pre.pages } else { 0 };
+        assert_eq!((pre.from_contents, pre.bad_chunks), (from_contents, 0), "{pre:?}");
         let limit = if before { 2 } else { faults / 2 };
         assert!(
             m.total.faults <= limit,
-            "before={before}: {} faults after prefetching {} pages (on demand: {faults})",
+            "before={before}: {} faults after prefetching {} pages (on demand: {faults}): {pre:?}",
             m.total.faults,
             pre.pages
         );
@@ -122,12 +130,23 @@ fn corrupted_foreign_unbound_and_missing_working_sets_are_refused() {
     restore(&dir.0, &lazy(None, true)).unwrap();
     let good = std::fs::read(&path).unwrap();
 
+    // A flipped bit in an entry: the whole file is refused.
     let mut bad = good.clone();
-    let mid = bad.len() / 2;
-    bad[mid] ^= 0x10;
+    bad[100] ^= 0x10;
     std::fs::write(&path, &bad).unwrap();
     let e = restore(&dir.0, &lazy(Some(true), false)).unwrap_err();
     assert!(e.to_string().contains("checksum mismatch"), "{e}");
+
+    // A flipped bit in the recorded contents: that chunk is not used, its
+    // pages come from the snapshot (checked there), the checksums hold.
+    let mut bad = good.clone();
+    let last = bad.len() - 100;
+    bad[last] ^= 0x10;
+    std::fs::write(&path, &bad).unwrap();
+    let out = restore(&dir.0, &lazy(Some(true), false)).unwrap();
+    let pre = out.memory.unwrap().working_set_prefetch.unwrap();
+    assert_eq!(pre.bad_chunks, 1, "{pre:?}");
+    assert!(pre.from_contents > 0 && pre.from_contents < pre.pages, "{pre:?}");
 
     // Another snapshot's recording (the digest it is bound to differs).
     let foreign = WorkingSet {
@@ -138,6 +157,7 @@ fn corrupted_foreign_unbound_and_missing_working_sets_are_refused() {
             t_us: 0,
             around: false,
         }],
+        chunk_hashes: None,
     };
     foreign.write(&path, &Hasher::new(None)).unwrap();
     let e = restore(&dir.0, &lazy(Some(false), false)).unwrap_err();

@@ -8,7 +8,7 @@ use crate::controller::{
 };
 use crate::snapshot::shared::{SharedError, SharedMemory};
 use crate::snapshot::source::SnapshotSource;
-use crate::snapshot::working_set::{Recording, WorkingSet, WorkingSetError, WORKING_SET};
+use crate::snapshot::working_set::{Recording, WorkingSet, WorkingSetError, WsContents, WORKING_SET};
 use crate::snapshot::{Hasher, Snapshot, SnapshotError, SnapshotKey};
 use crate::state::{ControllerState, SavedVm};
 use crate::uffd_handler::{self, HandlerLink, Launcher, LostHook, UffdHandlerError};
@@ -236,15 +236,16 @@ fn working_set_plan(
     let working_set = match how.prefetch_working_set {
         None => None,
         Some(before_resume) => {
-            let ws = WorkingSet::load(
-                &snap.dir.join(WORKING_SET),
-                &Hasher::new(key),
-                Some(&snap.manifest.digest),
-                mem_size,
-            )?;
+            let path = snap.dir.join(WORKING_SET);
+            let h = Hasher::new(key);
+            let (ws, file) = WorkingSet::open(&path, &h, Some(&snap.manifest.digest), mem_size)?;
+            let pages = ws.pages.iter().map(|p| p.gpa).collect();
+            let contents = WsContents::new(ws, file, &path, &h)
+                .map(|c| Arc::new(c) as Arc<dyn vmm_core::memory::PrefetchContents>);
             Some(PagePrefetch {
-                pages: ws.pages.iter().map(|p| p.gpa).collect(),
+                pages,
                 before_resume,
+                contents,
             })
         }
     };

@@ -393,3 +393,33 @@ fn prefill_fills_runs_skips_present_pages_and_refetches_split_runs_page_by_page(
         assert_eq!(core.page_state(e.addr(p)), Some(PageState::Present));
     }
 }
+
+#[test]
+fn prefill_from_copies_the_given_contents_skips_present_pages_and_asks_no_source() {
+    let d = direct(8, OFF);
+    d.core.resolve(&d.uffd, d.addr(2));
+    let fetches = d.core.stats().fetches;
+    let ps = crate::page_size();
+    // Contents that differ from the source's: the given ones must be mapped.
+    let data: Vec<u8> = (0..8 * ps).map(|i| (i / ps) as u8 ^ 0xa5).collect();
+    assert_eq!(d.core.prefill_from(&d.uffd, d.addr(0), &data), Ok(Some(7)));
+    let s = d.core.stats();
+    assert_eq!(s.fetches, fetches, "no source fetch");
+    assert_eq!(
+        (s.prefilled_pages, s.prefill_runs),
+        (7, 2),
+        "runs [0,2) and [3,8)"
+    );
+    for p in 0..8u64 {
+        let want = if p == 2 { pattern(p, 5) } else { p as u8 ^ 0xa5 };
+        assert_eq!(d.byte(p, 5), want, "page {p}");
+        assert_eq!(d.core.page_state(d.addr(p)), Some(PageState::Present));
+    }
+    // All present now: nothing to do.
+    assert_eq!(d.core.prefill_from(&d.uffd, d.addr(0), &data), Ok(Some(0)));
+    // Outside the region: an error, not a fill.
+    assert!(d
+        .core
+        .prefill_from(&d.uffd, d.addr(0) + 64 * ps as u64, &data)
+        .is_err());
+}

@@ -86,9 +86,26 @@ pub struct PagePrefetch {
     /// them (duplicates and pages outside RAM are skipped).
     pub pages: Vec<u64>,
     /// Fill them all before [`LazyMemory::start`] returns (so before any
-    /// vCPU runs), sorted by address in coalesced runs; otherwise a thread
+    /// vCPU runs), by several threads in coalesced runs; otherwise a thread
     /// fills them while the vCPUs run, batch by batch in first-touch order.
     pub before_resume: bool,
+    /// A checked copy of the pages' contents (a working-set file's): the
+    /// prefetch copies from it instead of reading and checking the page
+    /// source page by page; `None` fetches every page from the source.
+    pub contents: Option<Arc<dyn PrefetchContents>>,
+}
+
+/// The contents of a [`PagePrefetch`]'s pages, in its order, in chunks that
+/// their owner reads and checks (a working-set file: a hash per chunk,
+/// `docs/working-set.md`). A chunk that fails its check is not used: the
+/// prefetch fills its pages from the page source instead.
+pub trait PrefetchContents: Send + Sync + std::fmt::Debug {
+    /// Pages per chunk (the last one may be shorter).
+    fn chunk_pages(&self) -> usize;
+    /// Reads chunk `chunk` (pages `chunk * chunk_pages()..` of the plan)
+    /// into `buf` (exactly that chunk's pages) and checks it; an error says
+    /// why it cannot be used.
+    fn read_chunk(&self, chunk: usize, buf: &mut [u8]) -> Result<(), String>;
 }
 
 /// What a working-set prefetch did.
@@ -96,16 +113,32 @@ pub struct PagePrefetch {
 pub struct PrefetchReport {
     /// Pages it filled (the others were present already or faulted first).
     pub pages: u64,
-    /// Runs (one source read and one COPY or ZEROPAGE each).
+    /// Of those, pages copied from the prefetch's own contents (the rest
+    /// were read from the page source).
+    pub from_contents: u64,
+    /// Runs (one COPY or ZEROPAGE each, and one source read for those not
+    /// filled from the contents).
     pub runs: u64,
+    /// Chunks of the contents that failed their check (their pages came
+    /// from the page source).
+    pub bad_chunks: u64,
+    /// Threads that filled (before resume: one per CPU, at most
+    /// [`PREFETCH_WORKERS_MAX`]).
+    pub threads: u32,
     /// Time it took, microseconds.
     pub micros: u64,
 }
 
-/// Pages of one first-touch batch of a prefetch while the vCPUs run: the
-/// first batches are what the guest needs first, each batch is sorted and
-/// coalesced.
+/// Pages of one batch of a prefetch: while the vCPUs run the first batches
+/// are what the guest needs first; each batch is sorted and coalesced.
 const PREFETCH_BATCH: usize = 2048;
+/// Most threads a before-resume prefetch uses.
+pub const PREFETCH_WORKERS_MAX: usize = 4;
+/// [`PAGE_SIZE`] as a `usize` (4096 fits every target).
+#[allow(clippy::cast_possible_truncation)]
+const PS: usize = PAGE_SIZE as usize;
+/// Most pages one COPY of a prefetch from contents maps.
+const CONTENTS_RUN_MAX: u64 = 256;
 
 /// Fills `pages` (guest-physical) through the cores: sorted, deduplicated,
 /// in runs of contiguous pages, each run with one fetch and one fill.
@@ -132,10 +165,7 @@ fn prefill_pages(
             j += 1;
         }
         i = j;
-        let Some(core) = cores.iter().find(|c| {
-            let r = c.region();
-            first >= r.guest_offset && first - r.guest_offset < r.size
-        }) else {
+        let Some(core) = core_of(cores, first) else {
             continue;
         };
         let r = core.region();
@@ -153,27 +183,231 @@ fn prefill_pages(
     Ok((filled, runs))
 }
 
-/// Runs a working-set prefetch: all at once (before the vCPUs run) or batch
-/// by batch in first-touch order.
+fn core_of(cores: &[Arc<RetryCore>], gpa: u64) -> Option<&Arc<RetryCore>> {
+    cores.iter().find(|c| {
+        let r = c.region();
+        gpa >= r.guest_offset && gpa - r.guest_offset < r.size
+    })
+}
+
+/// What a prefetch works with.
+#[derive(Debug, Clone)]
+struct PrefetchJob {
+    uffd: Arc<Uffd>,
+    cores: Arc<[Arc<RetryCore>]>,
+    pages: Arc<[u64]>,
+    contents: Option<Arc<dyn PrefetchContents>>,
+    stop: Arc<AtomicBool>,
+    /// The next batch to take (workers share it).
+    next: Arc<std::sync::atomic::AtomicUsize>,
+    /// Pages per batch (a multiple of the contents' chunk).
+    batch: usize,
+}
+
+impl PrefetchJob {
+    fn new(
+        uffd: Arc<Uffd>,
+        cores: &[Arc<RetryCore>],
+        plan: &PagePrefetch,
+        stop: Arc<AtomicBool>,
+        copy: bool,
+    ) -> PrefetchJob {
+        // Copying given contents suits MISSING registrations only (MINOR
+        // pages come from a page cache the source fills), and pays before
+        // the vCPUs resume: every CPU reads, checks and copies its chunks.
+        // While they run, one thread beside them races the guest, and
+        // fetching runs from the source in address order kept it ahead more
+        // often (measured, docs/working-set.md).
+        let contents = plan.contents.clone().filter(|_| copy && plan.before_resume);
+        // Before resume, a batch with contents is one chunk: its buffer,
+        // reused, stays small (a fresh page is a host fault).
+        let batch = match &contents {
+            Some(c) => c.chunk_pages().max(1),
+            None => PREFETCH_BATCH,
+        };
+        PrefetchJob {
+            uffd,
+            cores: cores.into(),
+            pages: plan.pages.clone().into(),
+            contents,
+            stop,
+            next: Arc::default(),
+            batch,
+        }
+    }
+
+    /// Takes batches until there are none left (or the prefetch stops).
+    fn work(&self) -> Result<PrefetchReport, FaultError> {
+        let mut total = PrefetchReport {
+            threads: 1,
+            ..PrefetchReport::default()
+        };
+        // Zeroed by the allocator (fresh pages), not written: cheap in a
+        // debug build too.
+        let mut buf = if self.contents.is_some() {
+            vec![0u8; self.batch * PS]
+        } else {
+            Vec::new()
+        };
+        let mut stage = Vec::new();
+        loop {
+            if self.stop.load(Ordering::Relaxed) {
+                break;
+            }
+            let b = self.next.fetch_add(1, Ordering::Relaxed);
+            let lo = b.saturating_mul(self.batch);
+            if lo >= self.pages.len() {
+                break;
+            }
+            let hi = (lo + self.batch).min(self.pages.len());
+            let mut fallback = match &self.contents {
+                Some(c) => self.copy_batch(c.as_ref(), lo, hi, &mut buf, &mut stage, &mut total)?,
+                None => self.pages[lo..hi].to_vec(),
+            };
+            let (p, r) = prefill_pages(&self.uffd, &self.cores, &mut fallback, &self.stop)?;
+            total.pages += p;
+            total.runs += r;
+        }
+        Ok(total)
+    }
+
+    /// Fills pages `lo..hi` of the plan from the contents, in address order,
+    /// each chunk read and checked when its first page comes (so the first
+    /// COPY follows the first read, however large the batch); returns the
+    /// pages to fetch from the source instead (those of chunks that failed
+    /// their check, and those a core cannot fill from contents).
+    fn copy_batch(
+        &self,
+        contents: &dyn PrefetchContents,
+        lo: usize,
+        hi: usize,
+        buf: &mut [u8],
+        stage: &mut Vec<u8>,
+        total: &mut PrefetchReport,
+    ) -> Result<Vec<u64>, FaultError> {
+        let ps = PS;
+        let cp = contents.chunk_pages().max(1);
+        let pages = &self.pages[lo..hi];
+        // The batch starts on a chunk boundary (its size is a multiple of one).
+        let first_chunk = lo / cp;
+        let mut loaded: Vec<Option<bool>> = vec![None; (hi - lo).div_ceil(cp)];
+        let mut load = |i: usize, buf: &mut [u8], total: &mut PrefetchReport| -> bool {
+            let k = i / cp;
+            if let Some(ok) = loaded[k] {
+                return ok;
+            }
+            let (a, e) = (k * cp, ((k + 1) * cp).min(hi - lo));
+            let ok = match contents.read_chunk(first_chunk + k, &mut buf[a * ps..e * ps]) {
+                Ok(()) => true,
+                Err(why) => {
+                    tracing::warn!(
+                        "working-set prefetch: chunk {} of the recorded contents is not used ({why}); its pages are read from the snapshot",
+                        first_chunk + k
+                    );
+                    total.bad_chunks += 1;
+                    false
+                }
+            };
+            loaded[k] = Some(ok);
+            ok
+        };
+        let mut order: Vec<usize> = (0..hi - lo).collect();
+        order.sort_unstable_by_key(|&i| pages[i]);
+        order.dedup_by_key(|i| pages[*i]);
+        let mut fallback = Vec::new();
+        let mut k = 0;
+        while k < order.len() {
+            if self.stop.load(Ordering::Relaxed) {
+                break;
+            }
+            let first = pages[order[k]];
+            if !load(order[k], buf, total) {
+                fallback.push(first);
+                k += 1;
+                continue;
+            }
+            let Some(core) = core_of(&self.cores, first) else {
+                k += 1;
+                continue;
+            };
+            let r = core.region();
+            let room = (r.guest_offset + r.size - first) / PAGE_SIZE;
+            let mut n = 1;
+            while k + n < order.len()
+                && (n as u64) < CONTENTS_RUN_MAX.min(room)
+                && pages[order[k + n]] == first + n as u64 * PAGE_SIZE
+                && load(order[k + n], buf, total)
+            {
+                n += 1;
+            }
+            let run = &order[k..k + n];
+            let data: &[u8] = if n == 1 {
+                &buf[run[0] * ps..(run[0] + 1) * ps]
+            } else {
+                stage.clear();
+                for &i in run {
+                    stage.extend_from_slice(&buf[i * ps..(i + 1) * ps]);
+                }
+                stage
+            };
+            let host = r.host_base + (first - r.guest_offset);
+            match core.prefill_from(&self.uffd, host, data)? {
+                Some(f) => {
+                    total.pages += f as u64;
+                    total.from_contents += f as u64;
+                    total.runs += 1;
+                }
+                None => fallback.extend(run.iter().map(|&i| pages[i])),
+            }
+            k += n;
+        }
+        Ok(fallback)
+    }
+}
+
+/// Runs a working-set prefetch: all at once before the vCPUs run (on
+/// `workers` threads, this one included), or batch by batch in first-touch
+/// order on this thread.
 fn run_page_prefetch(
-    uffd: &Uffd,
-    cores: &[Arc<RetryCore>],
-    plan: &PagePrefetch,
-    stop: &AtomicBool,
+    job: &PrefetchJob,
+    workers: usize,
+    seccomp: SeccompMode,
 ) -> Result<PrefetchReport, FaultError> {
     let start = std::time::Instant::now();
-    let mut total = PrefetchReport::default();
-    let batch = if plan.before_resume {
-        plan.pages.len().max(1)
-    } else {
-        PREFETCH_BATCH
-    };
-    for chunk in plan.pages.chunks(batch) {
-        let mut pages = chunk.to_vec();
-        let (p, r) = prefill_pages(uffd, cores, &mut pages, stop)?;
-        total.pages += p;
-        total.runs += r;
+    let mut helpers = Vec::new();
+    for w in 1..workers {
+        let j = job.clone();
+        match sandbox::spawn(
+            std::thread::Builder::new().name(format!("prefetch-{w}")),
+            ThreadClass::FaultHandler,
+            seccomp,
+            move || j.work(),
+        ) {
+            Ok(t) => helpers.push(t),
+            // Fewer threads: slower, not wrong.
+            Err(e) => tracing::warn!("the working-set prefetch runs on fewer threads: {e}"),
+        }
     }
+    let mut total = job.work();
+    for t in helpers {
+        let Ok(r) = t.join() else {
+            // Its pages not filled yet fault as usual.
+            tracing::warn!("a working-set prefetch thread panicked");
+            continue;
+        };
+        total = match (total, r) {
+            (Ok(a), Ok(b)) => Ok(PrefetchReport {
+                pages: a.pages + b.pages,
+                from_contents: a.from_contents + b.from_contents,
+                runs: a.runs + b.runs,
+                bad_chunks: a.bad_chunks + b.bad_chunks,
+                threads: a.threads + b.threads,
+                micros: 0,
+            }),
+            (Err(e), _) | (_, Err(e)) => Err(e),
+        };
+    }
+    let mut total = total?;
     total.micros = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
     Ok(total)
 }
@@ -221,6 +455,8 @@ pub struct LazyMemory {
     prefetch: Option<Prefetch>,
     prefetch_report: Arc<std::sync::Mutex<Option<PrefetchReport>>>,
     seccomp: SeccompMode,
+    /// Registered MISSING only: a prefetch may copy given contents.
+    copy_prefill: bool,
 }
 
 /// A running background prefetch.
@@ -358,11 +594,23 @@ impl LazyMemory {
             prefetch: None,
             prefetch_report: Arc::default(),
             seccomp,
+            copy_prefill: mode == RegisterMode::MISSING,
         };
         let mut working_set = plan.working_set;
         if let Some(ws) = working_set.take_if(|w| w.before_resume) {
-            // The handler serves the VMM's own faults meanwhile; no vCPU runs yet.
-            match run_page_prefetch(&lazy.uffd, lazy.control.cores(), &ws, &AtomicBool::new(false)) {
+            // The handler serves the VMM's own faults meanwhile; no vCPU runs
+            // yet, so every CPU may fill.
+            let job = PrefetchJob::new(
+                lazy.uffd.clone(),
+                lazy.control.cores(),
+                &ws,
+                Arc::default(),
+                lazy.copy_prefill,
+            );
+            let workers = std::thread::available_parallelism()
+                .map_or(1, std::num::NonZeroUsize::get)
+                .min(PREFETCH_WORKERS_MAX);
+            match run_page_prefetch(&job, workers, seccomp) {
                 Ok(r) => {
                     *lazy
                         .prefetch_report
@@ -412,13 +660,15 @@ impl LazyMemory {
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
         let report = self.prefetch_report.clone();
+        let (copy, seccomp) = (self.copy_prefill, self.seccomp);
         let thread = sandbox::spawn(
             std::thread::Builder::new().name("prefetch".into()),
             ThreadClass::FaultHandler,
             self.seccomp,
             move || {
                 if let Some(ws) = pages {
-                    match run_page_prefetch(&m.uffd, &m.cores, &ws, &s) {
+                    let job = PrefetchJob::new(m.uffd.clone(), &m.cores, &ws, s.clone(), copy);
+                    match run_page_prefetch(&job, 1, seccomp) {
                         Ok(r) => *report.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(r),
                         Err(e) => {
                             // The faulting vCPU reports it; the prefetch just stops.

@@ -28,7 +28,10 @@ pub mod ram;
 pub use backing::{BackingError, PageSharing};
 pub use dirty::{DirtyError, DirtyTracker};
 pub use external::{ExternalMemory, ParkedFault, RegionMapping, WaitingFaults};
-pub use lazy::{BlockedFault, LazyError, LazyMemory, LazyPlan, MemoryStats, PagePrefetch, PrefetchReport};
+pub use lazy::{
+    BlockedFault, LazyError, LazyMemory, LazyPlan, MemoryStats, PagePrefetch, PrefetchContents,
+    PrefetchReport, PREFETCH_WORKERS_MAX,
+};
 pub use live::{LiveError, WpMode, WpSession, WpUffds, WpUse};
 pub use materialize::{MaterializeError, Materializer};
 pub use ram::MemoryError;
