@@ -213,16 +213,19 @@ impl PrefetchJob {
         copy: bool,
     ) -> PrefetchJob {
         // Copying given contents suits MISSING registrations only (MINOR
-        // pages come from a page cache the source fills), and pays before
-        // the vCPUs resume: every CPU reads, checks and copies its chunks.
-        // While they run, one thread beside them races the guest, and
-        // fetching runs from the source in address order kept it ahead more
-        // often (measured, docs/working-set.md).
-        let contents = plan.contents.clone().filter(|_| copy && plan.before_resume);
-        // Before resume, a batch with contents is one chunk: its buffer,
-        // reused, stays small (a fresh page is a host fault).
+        // pages come from a page cache the source fills).
+        let contents = plan.contents.clone().filter(|_| copy);
+        // With contents, before the vCPUs resume a batch is one chunk: its
+        // buffer, reused, stays small (a fresh page is a host fault). While
+        // they run, a batch of first-touch order is filled in address
+        // order, so that the prefetch works ahead of the guest rather than
+        // racing it on the pages it touches next.
         let batch = match &contents {
-            Some(c) => c.chunk_pages().max(1),
+            Some(c) => {
+                let cp = c.chunk_pages().max(1);
+                let pages = if plan.before_resume { cp } else { PREFETCH_BATCH };
+                pages.div_ceil(cp) * cp
+            }
             None => PREFETCH_BATCH,
         };
         PrefetchJob {
@@ -355,7 +358,8 @@ impl PrefetchJob {
                 Some(f) => {
                     total.pages += f as u64;
                     total.from_contents += f as u64;
-                    total.runs += 1;
+                    // A run the guest filled first is no run of ours.
+                    total.runs += u64::from(f > 0);
                 }
                 None => fallback.extend(run.iter().map(|&i| pages[i])),
             }

@@ -68,11 +68,19 @@ pub fn report(config: &VmConfig, outcome: &vmm::RunOutcome, stats: Option<&mut S
     if let Some(m) = &outcome.memory {
         if let Some(p) = &m.working_set_prefetch {
             println!(
-                "vmm: working-set prefetch: {} pages in {} runs, {:.1} ms",
+                "vmm: working-set prefetch: {} pages ({} from the recorded contents) in {} runs on {} thread(s), {:.1} ms",
                 p.pages,
+                p.from_contents,
                 p.runs,
+                p.threads,
                 p.micros as f64 / 1e3
             );
+            if p.bad_chunks > 0 {
+                println!(
+                    "vmm: working-set prefetch: {} chunk(s) of the recorded contents failed their hash; their pages were read from the snapshot (record the working set again)",
+                    p.bad_chunks
+                );
+            }
         }
     }
     match &outcome.working_set {
