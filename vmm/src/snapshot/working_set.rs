@@ -381,12 +381,8 @@ impl WorkingSet {
     /// Whether `data` is chunk `chunk` of this working set's contents (its
     /// pages, exactly).
     pub fn check_chunk(&self, h: &Hasher, chunk: usize, data: &[u8]) -> bool {
-        let cp = WS_CHUNK_PAGES as usize;
-        let pages = self.pages.len().saturating_sub(chunk * cp).min(cp);
-        match self.chunk_hashes.as_ref().and_then(|c| c.get(chunk)) {
-            Some(want) => pages > 0 && data.len() == pages * PS && h.hash(data) == *want,
-            None => false,
-        }
+        let hashes = self.chunk_hashes.as_deref().unwrap_or(&[]);
+        chunk_matches(h, hashes, self.pages.len(), chunk, data)
     }
 
     /// Reads and checks `path` (see [`WorkingSet::decode`]): its entries and
@@ -513,6 +509,16 @@ impl WorkingSet {
     }
 }
 
+/// Whether `data` is chunk `chunk` of the contents of `count` pages hashed
+/// as `hashes`.
+fn chunk_matches(h: &Hasher, hashes: &[[u8; 32]], count: usize, chunk: usize, data: &[u8]) -> bool {
+    let cp = WS_CHUNK_PAGES as usize;
+    let pages = count.saturating_sub(chunk.saturating_mul(cp)).min(cp);
+    hashes
+        .get(chunk)
+        .is_some_and(|want| pages > 0 && data.len() == pages * PS && h.hash(data) == *want)
+}
+
 /// A working-set file's contents, read chunk by chunk and checked against
 /// its chunk hashes, for the prefetch (`vmm_core::memory::PrefetchContents`).
 #[derive(Debug)]
@@ -520,7 +526,8 @@ pub struct WsContents {
     file: File,
     path: PathBuf,
     hasher: Hasher,
-    ws: WorkingSet,
+    hashes: Vec<[u8; 32]>,
+    count: usize,
     at: u64,
 }
 
@@ -528,13 +535,13 @@ impl WsContents {
     /// The contents of `ws`, read from `file` (opened by
     /// [`WorkingSet::open`]), checked with `h`; `None` if it holds none.
     pub fn new(ws: WorkingSet, file: File, path: &Path, h: &Hasher) -> Option<WsContents> {
-        ws.chunk_hashes.as_ref()?;
         let at = ws.encode(h).len() as u64;
         Some(WsContents {
             file,
             path: path.to_owned(),
             hasher: h.clone(),
-            ws,
+            count: ws.pages.len(),
+            hashes: ws.chunk_hashes?,
             at,
         })
     }
@@ -551,7 +558,7 @@ impl vmm_core::memory::PrefetchContents for WsContents {
             .read_exact_at(buf, self.at + off)
             .map_err(|e| format!("reading {}: {e}", self.path.display()))?;
         // Checked after the read, in our own buffer: the file may change.
-        if self.ws.check_chunk(&self.hasher, chunk, buf) {
+        if chunk_matches(&self.hasher, &self.hashes, self.count, chunk, buf) {
             Ok(())
         } else {
             Err(format!(
