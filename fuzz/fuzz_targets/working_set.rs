@@ -58,6 +58,9 @@ fn ws_meta_end(b: &[u8]) -> Option<usize> {
     let flags = u32::from_le_bytes(b.get(12..16)?.try_into().ok()?);
     let count = u64::from_le_bytes(b.get(56..64)?.try_into().ok()?);
     let hashes = if flags & 4 != 0 { count.div_ceil(u64::from(WS_CHUNK_PAGES)) } else { 0 };
-    let end = 72u64.checked_add(count.checked_mul(16)?)?.checked_add(hashes * 32)? + 32;
+    let end = 72u64
+        .checked_add(count.checked_mul(16)?)?
+        .checked_add(hashes.checked_mul(32)?)?
+        .checked_add(32)?;
     usize::try_from(end).ok().filter(|&e| e <= b.len())
 }
