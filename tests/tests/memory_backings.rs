@@ -512,6 +512,9 @@ fn a_working_set_is_prefetched_onto_a_memfd_in_minor_mode_huge_pages_and_a_clone
         let m = out.memory.unwrap();
         let pre = m.working_set_prefetch.unwrap();
         assert!(pre.pages > 0 && pre.runs > 0, "{what}: {pre:?}");
+        // The working set's copy of the pages suits copy-filled 4 KiB pages
+        // only: here every page comes from the snapshot.
+        assert_eq!(pre.from_contents, 0, "{what}: {pre:?}");
         assert!(
             m.total.faults <= 2,
             "{what}: {} faults after prefetching {pre:?} (on demand: {faults})",

@@ -214,7 +214,10 @@ impl PrefetchJob {
     ) -> PrefetchJob {
         // Copying given contents suits MISSING registrations only (MINOR
         // pages come from a page cache the source fills).
-        let contents = plan.contents.clone().filter(|_| copy);
+        // Nor huge pages (filled whole, from the source): the contents would
+        // be read and checked for nothing.
+        let host_pages = cores.iter().all(|c| c.page_size() == PAGE_SIZE);
+        let contents = plan.contents.clone().filter(|_| copy && host_pages);
         // With contents, before the vCPUs resume a batch is one chunk: its
         // buffer, reused, stays small (a fresh page is a host fault). While
         // they run, a batch of first-touch order is filled in address
